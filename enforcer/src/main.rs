@@ -1,0 +1,39 @@
+//! `tessera`: the node agent and its command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Zero-trust NetworkPolicy enforcement for containers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Offline what-if analysis of NetworkPolicies.
+    #[command(subcommand)]
+    Policy(cli::policy::PolicyCommand),
+    /// Certificates and keys for PKI mode, without openssl.
+    #[command(subcommand)]
+    Pki(cli::pki::PkiCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Policy(cmd) => cli::policy::run(cmd),
+        Command::Pki(cmd) => cli::pki::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tessera: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

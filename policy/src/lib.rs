@@ -1,0 +1,26 @@
+//! Kubernetes `networking.k8s.io/v1` NetworkPolicy, evaluated exactly.
+//!
+//! Pure: no I/O, no async, no clock. Objects go in (k8s-openapi types, or [`Workload`]s built by
+//! the agent), decisions come out. The [`Engine`] validates and compiles every policy once and
+//! keeps an index from each workload to the policies that select it, so a decision looks only at
+//! the policies that select the local workload, never at every policy.
+//!
+//! Vocabulary: the *local* workload is the one the agent enforces and the decision is about; the
+//! *peer* is the other end. For [`Direction::Ingress`] the peer is the source and the local
+//! workload the destination; for [`Direction::Egress`] the local workload is the source and the
+//! peer the destination. A connection is allowed iff egress of its source AND ingress of its
+//! destination allow it ([`matrix::evaluate`] combines both).
+
+mod engine;
+mod error;
+pub mod matrix;
+mod model;
+mod selector;
+mod validate;
+
+pub use engine::Engine;
+pub use error::PolicyError;
+pub use model::{
+    Connection, ContainerPort, Decision, Direction, Labels, NamespaceKey, Peer, PolicyKey, PodKey,
+    Protocol, Reason, RuleRef, Workload, WorkloadIdentity,
+};

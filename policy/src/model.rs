@@ -1,0 +1,151 @@
+//! The vocabulary of decisions: workloads, peers, ports, verdicts and their reasons.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Labels as Kubernetes has them: sorted, unique keys.
+pub type Labels = BTreeMap<String, String>;
+
+/// A transport protocol that NetworkPolicy distinguishes. TCP, UDP and SCTP never match each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// Which side of the connection the local workload is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The peer connects to the local workload (the local workload is the destination).
+    Ingress,
+    /// The local workload connects to the peer (the local workload is the source).
+    Egress,
+}
+
+/// `namespace/name` of a pod or workload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// `namespace/name` of a NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Name of a namespace.
+pub type NamespaceKey = String;
+
+/// A port a container declares (`spec.containers[].ports[]`): what named ports resolve against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A workload the engine knows: a pod, a Docker container, or an entry of a static inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub key: PodKey,
+    pub labels: Labels,
+    pub ports: Vec<ContainerPort>,
+    pub ips: Vec<IpAddr>,
+    /// hostNetwork workloads are never policy targets, and as peers they are IP-only endpoints.
+    pub host_network: bool,
+}
+
+/// A peer's identity as the handshake proved it (or as the engine knows it, offline).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadIdentity {
+    pub namespace: String,
+    /// The namespace's labels, including `kubernetes.io/metadata.name`.
+    pub namespace_labels: Labels,
+    pub labels: Labels,
+}
+
+/// The other end of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// An enforced workload whose identity was verified. Pod/namespace selectors and ipBlocks
+    /// (against its IP) can match it.
+    Workload(WorkloadIdentity),
+    /// Known only by its IP: external, host network, a node without agent. Only ipBlocks match it.
+    IpOnly,
+}
+
+/// One decision's question.
+#[derive(Clone, Debug)]
+pub struct Connection<'a> {
+    /// The local workload, which must be known to the engine.
+    pub local: &'a PodKey,
+    pub direction: Direction,
+    pub peer: &'a Peer,
+    /// The peer's IP, matched against ipBlocks. `None`: no ipBlock can match.
+    pub peer_ip: Option<IpAddr>,
+    /// Destination port number.
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Egress only: the name of `port`/`protocol` among the destination workload's container
+    /// ports, as the destination's handshake carried it (or as known offline). Named ports in
+    /// egress rules match only through this. Ignored for ingress, where the engine resolves names
+    /// on the local workload.
+    pub dest_port_name: Option<&'a str>,
+}
+
+/// Where a rule lives: the policy, the direction and the index in `spec.ingress` / `spec.egress`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RuleRef {
+    pub policy: PolicyKey,
+    pub direction: Direction,
+    pub index: usize,
+}
+
+/// Why a decision came out as it did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No policy selects the local workload for this direction.
+    NotIsolated,
+    /// The local workload uses the host network: never a policy target.
+    HostNetwork,
+    /// The first rule (in policy key order, then rule order) that allows the connection.
+    AllowedBy(RuleRef),
+    /// The policies that isolate the local workload in this direction; none of their rules allow it.
+    Isolated(Vec<PolicyKey>),
+    /// The local workload is not known to the engine.
+    UnknownWorkload(PodKey),
+}
+
+/// Verdict for one direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Reason,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}

@@ -1,0 +1,1 @@
+//! Validation and defaulting, as the API server does it.
