@@ -15,6 +15,7 @@ mod engine;
 mod error;
 pub mod matrix;
 mod model;
+pub mod objects;
 mod selector;
 mod validate;
 
