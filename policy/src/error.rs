@@ -12,3 +12,11 @@ pub struct PolicyError {
     pub field: String,
     pub message: String,
 }
+
+/// A `--probe` value that is not `PORT[/PROTOCOL]`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid probe {input:?}: {message} (expected PORT[/PROTOCOL], e.g. 80/TCP)")]
+pub struct ProbeParseError {
+    pub input: String,
+    pub message: String,
+}

@@ -11,6 +11,7 @@
 //! peer the destination. A connection is allowed iff egress of its source AND ingress of its
 //! destination allow it ([`matrix::evaluate`] combines both).
 
+mod compiled;
 mod engine;
 mod error;
 pub mod matrix;
@@ -20,8 +21,10 @@ mod selector;
 mod validate;
 
 pub use engine::Engine;
+pub use engine::{DecisionRef, IsolatingPolicies, ReasonRef};
 pub use error::PolicyError;
+pub use error::ProbeParseError;
 pub use model::{
-    Connection, ContainerPort, Decision, Direction, Labels, NamespaceKey, Peer, PolicyKey, PodKey,
+    Connection, ContainerPort, Decision, Direction, Labels, NamespaceKey, Peer, PodKey, PolicyKey,
     Protocol, Reason, RuleRef, Workload, WorkloadIdentity,
 };

@@ -149,3 +149,86 @@ impl fmt::Display for PolicyKey {
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+impl fmt::Display for RuleRef {
+    /// `demo/backend-policy ingress rule 0`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} rule {}", self.policy, self.direction, self.index)
+    }
+}
+
+/// Writes a reason in words; `direction` (when known) is named for isolation.
+pub(crate) fn write_reason(
+    f: &mut fmt::Formatter<'_>,
+    reason: &Reason,
+    direction: Option<Direction>,
+) -> fmt::Result {
+    match reason {
+        Reason::NotIsolated => match direction {
+            Some(d) => write!(f, "not isolated for {d} (no policy selects it)"),
+            None => f.write_str("not isolated (no policy selects it)"),
+        },
+        Reason::HostNetwork => f.write_str("host network workload (never a policy target)"),
+        Reason::AllowedBy(rule) => write!(f, "allowed by {rule}"),
+        Reason::Isolated(policies) => {
+            f.write_str("isolated ")?;
+            if let Some(d) = direction {
+                write!(f, "for {d} ")?;
+            }
+            f.write_str("by ")?;
+            for (i, p) in policies.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{p}")?;
+            }
+            f.write_str(" (no rule matches)")
+        }
+        Reason::UnknownWorkload(k) => write!(f, "unknown workload {k}"),
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_reason(f, self, None)
+    }
+}
+
+/// Writes a decision: `allowed by demo/web ingress rule 0`, `allowed: not isolated ...`,
+/// `denied: isolated for ingress by demo/default-deny (no rule matches)`.
+pub(crate) fn write_decision(
+    f: &mut fmt::Formatter<'_>,
+    d: &Decision,
+    direction: Option<Direction>,
+) -> fmt::Result {
+    match (&d.reason, d.allowed) {
+        (Reason::AllowedBy(_), true) => write_reason(f, &d.reason, direction),
+        (_, true) => {
+            f.write_str("allowed: ")?;
+            write_reason(f, &d.reason, direction)
+        }
+        (_, false) => {
+            f.write_str("denied: ")?;
+            write_reason(f, &d.reason, direction)
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let direction = match &self.reason {
+            Reason::AllowedBy(r) => Some(r.direction),
+            _ => None,
+        };
+        write_decision(f, self, direction)
+    }
+}
