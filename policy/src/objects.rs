@@ -32,6 +32,9 @@ use thiserror::Error;
 use crate::{Engine, PolicyError};
 
 /// An object the policy engine consumes.
+// Objects are parsed once and applied once; boxing the pod would only add an allocation and
+// change the contract's shape.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Object {
     Namespace(Namespace),
@@ -758,6 +761,65 @@ items:
         for input in inputs {
             let _ = parse("hostile.yaml", input);
         }
+    }
+
+    #[test]
+    fn load_applies_namespaces_then_pods_then_policies_and_reports_origins() {
+        // Written in the "wrong" order: the policy first, the namespace last.
+        let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bad, namespace: demo}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: 9000, endPort: 8000}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-monitoring, namespace: demo}
+spec:
+  podSelector: {}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: ops}}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: demo}
+spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: prom, namespace: monitoring}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: monitoring, labels: {team: ops}}
+"#;
+        let parsed = parse("order.yaml", text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut engine = Engine::new();
+        let report = load(&mut engine, &parsed.objects);
+        assert_eq!(report.implied_namespaces, ["demo"]);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let msg = report.errors[0].to_string();
+        assert!(
+            msg.starts_with("order.yaml: document 1 (NetworkPolicy demo/bad): spec.ingress[0].ports[0].endPort: "),
+            "{msg}"
+        );
+        let key = |ns: &str, name: &str| crate::PodKey {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        let from = crate::matrix::Source::Pod(key("monitoring", "prom"));
+        let probe = crate::matrix::Probe {
+            port: 80,
+            protocol: crate::Protocol::Tcp,
+        };
+        // The namespace's labels were known when the policy was compiled.
+        let verdict = crate::matrix::evaluate(&engine, &from, &key("demo", "web"), probe);
+        assert_eq!(verdict.map(|v| v.allowed), Some(true));
     }
 
     proptest! {

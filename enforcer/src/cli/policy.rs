@@ -1,12 +1,503 @@
-//! `tessera policy matrix|explain`. (Arrives with the policy issue.)
+//! `tessera policy matrix|explain`: offline what-if analysis of NetworkPolicies over the output
+//! of `kubectl get ns,pods,netpol -A -o yaml` (or any YAML/JSON manifests).
 
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use policy::matrix::{self, Cell, Probe, Source, Verdict};
+use policy::objects::{self, Object, Parsed};
+use policy::{Decision, Direction, Engine, PodKey, PolicyKey, ProbeParseError, Reason};
+use serde::Serialize;
 
 #[derive(Subcommand)]
-pub enum PolicyCommand {}
+pub enum PolicyCommand {
+    /// Every pod (and every --from-ip) against every pod: which connections the policies allow.
+    Matrix(MatrixArgs),
+    /// Why one connection is allowed or denied: egress of the source, ingress of the destination.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+pub struct InputArgs {
+    /// Manifests to read: files, or directories searched recursively for *.yaml, *.yml and
+    /// *.json. Multi-document YAML and `kind: List` (as `kubectl get ns,pods,netpol -A -o yaml`
+    /// prints) are understood; objects of other kinds are skipped.
+    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MatrixArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// A port to probe, as PORT/PROTOCOL (80/TCP, 53/udp) or PORT (TCP). Repeatable. Without
+    /// it, each destination is probed on its own container ports.
+    #[arg(long, value_name = "PORT[/PROTOCOL]", value_parser = parse_probe)]
+    probe: Vec<Probe>,
+    /// An external, IP-only source to add as a row (only ipBlocks can match it). Repeatable.
+    #[arg(long = "from-ip", value_name = "IP")]
+    from_ip: Vec<IpAddr>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    input: InputArgs,
+    /// The source: a pod as NAMESPACE/NAME, or an IP (an IP-only source).
+    #[arg(long, value_name = "NAMESPACE/POD|IP")]
+    from: String,
+    /// The destination pod, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NAMESPACE/POD")]
+    to: String,
+    /// The port to explain, as PORT/PROTOCOL or PORT (TCP). Repeatable. Without it, every
+    /// container port of the destination.
+    #[arg(long, value_name = "PORT[/PROTOCOL]", value_parser = parse_probe)]
+    probe: Vec<Probe>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// One truth table per probe.
+    Table,
+    /// `{"probes":[{"from","to","port","protocol","allowed","reason"}]}`.
+    Json,
+}
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        PolicyCommand::Matrix(args) => run_matrix(args),
+        PolicyCommand::Explain(args) => run_explain(args),
+    }
+}
+
+fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
+    let input = Input::load(&args.input.files)?;
+    let cells = matrix::matrix(&input.engine, &args.probe, &args.from_ip);
+    match args.output {
+        Output::Table => {
+            println!(
+                "rows: sources (every pod{}), columns: destinations; \
+                 '.' allowed, 'X' denied, '-' not probed (itself, or a port it does not declare)",
+                if args.from_ip.is_empty() {
+                    ""
+                } else {
+                    ", then each --from-ip"
+                }
+            );
+            print!("{}", matrix::render_table(&cells));
+        }
+        Output::Json => {
+            let out = JsonMatrix {
+                probes: cells.iter().map(JsonCell::from).collect(),
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let input = Input::load(&args.input.files)?;
+    let engine = &input.engine;
+    let from = match args.from.parse::<IpAddr>() {
+        Ok(ip) => Source::Ip(ip),
+        Err(_) => {
+            let key = parse_pod_key(&args.from).context("--from")?;
+            input.known_pod(&key).context("--from")?;
+            Source::Pod(key)
+        }
+    };
+    let to = parse_pod_key(&args.to).context("--to")?;
+    input.known_pod(&to).context("--to")?;
+
+    let probes = if args.probe.is_empty() {
+        let mut declared: Vec<Probe> = engine
+            .workload(&to)
+            .map(|w| {
+                w.ports
+                    .iter()
+                    .map(|p| Probe {
+                        port: p.port,
+                        protocol: p.protocol,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        declared.sort();
+        declared.dedup();
+        if declared.is_empty() {
+            bail!("{to} declares no container ports: name one with --probe PORT/PROTOCOL");
+        }
+        declared
+    } else {
+        args.probe
+    };
+
+    let mut text = String::new();
+    for (i, probe) in probes.iter().enumerate() {
+        let Some(verdict) = matrix::evaluate(engine, &from, &to, *probe) else {
+            bail!(
+                "cannot evaluate {} -> {to}: unknown workload",
+                source_name(&from)
+            );
+        };
+        if i > 0 {
+            text.push('\n');
+        }
+        input.explain(&mut text, &from, &to, *probe, &verdict);
+    }
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The objects read from `-f` paths, loaded into an engine.
+struct Input {
+    engine: Engine,
+    /// The policies as read (the last one of each key, as the engine keeps it), to quote rules.
+    policies: BTreeMap<PolicyKey, NetworkPolicy>,
+}
+
+impl Input {
+    fn load(paths: &[PathBuf]) -> anyhow::Result<Input> {
+        let mut files = Vec::new();
+        for path in paths {
+            collect_files(path, &mut files, &mut HashSet::new())?;
+        }
+        if files.is_empty() {
+            bail!(
+                "no *.yaml, *.yml or *.json files under {}",
+                display_paths(paths)
+            );
+        }
+        let mut parsed = Parsed::default();
+        for file in &files {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text: {}", file.display(), e))?;
+            parsed.extend(objects::parse(&file.display().to_string(), &text));
+        }
+        if !parsed.errors.is_empty() {
+            bail!(error_list(
+                "invalid input",
+                parsed.errors.iter().map(|e| e.to_string())
+            ));
+        }
+        if !parsed.skipped.is_empty() {
+            let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+            for s in &parsed.skipped {
+                *kinds.entry(s.kind.as_str()).or_default() += 1;
+            }
+            let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            eprintln!(
+                "tessera: skipped {} object{} of other kinds ({})",
+                parsed.skipped.len(),
+                plural(parsed.skipped.len()),
+                kinds.join(", ")
+            );
+        }
+
+        let mut engine = Engine::new();
+        let report = objects::load(&mut engine, &parsed.objects);
+        if !report.errors.is_empty() {
+            bail!(error_list(
+                "invalid input",
+                report.errors.iter().map(|e| e.to_string())
+            ));
+        }
+        if !report.implied_namespaces.is_empty() {
+            eprintln!(
+                "tessera: namespace{} {} not in the input: assumed to have no labels but \
+                 kubernetes.io/metadata.name",
+                plural(report.implied_namespaces.len()),
+                report.implied_namespaces.join(", ")
+            );
+        }
+
+        let mut policies = BTreeMap::new();
+        for located in parsed.objects {
+            if let Object::NetworkPolicy(p) = located.value {
+                let key = PolicyKey {
+                    namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                    name: p.metadata.name.clone().unwrap_or_default(),
+                };
+                policies.insert(key, p);
+            }
+        }
+        Ok(Input { engine, policies })
+    }
+
+    fn known_pod(&self, key: &PodKey) -> anyhow::Result<()> {
+        if self.engine.workload(key).is_some() {
+            return Ok(());
+        }
+        let same_ns: Vec<String> = self
+            .engine
+            .workloads()
+            .filter(|w| w.key.namespace == key.namespace)
+            .map(|w| w.key.name.clone())
+            .collect();
+        if same_ns.is_empty() {
+            bail!("unknown pod {key}: no pods in namespace {}", key.namespace);
+        }
+        bail!(
+            "unknown pod {key} (pods in namespace {}: {})",
+            key.namespace,
+            same_ns.join(", ")
+        )
+    }
+
+    /// Writes the reason for one connection in words.
+    fn explain(
+        &self,
+        out: &mut String,
+        from: &Source,
+        to: &PodKey,
+        probe: Probe,
+        verdict: &Verdict,
+    ) {
+        let from_name = source_name(from);
+        let _ = writeln!(
+            out,
+            "{from_name} -> {to} on {}/{}: {}",
+            probe.port,
+            probe.protocol,
+            if verdict.allowed { "ALLOWED" } else { "DENIED" }
+        );
+        let _ = write!(out, "  egress of {from_name}: ");
+        match (&verdict.egress, from) {
+            (Some(decision), _) => self.explain_decision(out, decision),
+            (None, Source::Ip(_)) => {
+                let _ = writeln!(out, "not enforced (an IP-only source: no agent decides)");
+            }
+            (None, Source::Pod(_)) => {
+                let _ = writeln!(
+                    out,
+                    "not enforced (host network pod: never a policy target; \
+                     its peers see it by IP only)"
+                );
+            }
+        }
+        let _ = write!(out, "  ingress of {to}: ");
+        self.explain_decision(out, &verdict.ingress);
+        let denied_by: Vec<&str> = [
+            (verdict.egress.as_ref().is_some_and(|d| !d.allowed)).then_some("egress"),
+            (!verdict.ingress.allowed).then_some("ingress"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let _ = if denied_by.is_empty() {
+            writeln!(out, "  verdict: allowed (egress and ingress both allow it)")
+        } else {
+            writeln!(out, "  verdict: denied by {}", denied_by.join(" and "))
+        };
+    }
+
+    fn explain_decision(&self, out: &mut String, decision: &Decision) {
+        let _ = writeln!(out, "{decision}");
+        if let Reason::AllowedBy(rule) = &decision.reason
+            && let Some(rule_yaml) = self.rule_yaml(&rule.policy, rule.direction, rule.index)
+        {
+            let _ = writeln!(
+                out,
+                "    spec.{}[{}] of {}:",
+                direction_field(rule.direction),
+                rule.index,
+                rule.policy
+            );
+            for line in rule_yaml.lines() {
+                let _ = writeln!(out, "      {line}");
+            }
+        }
+    }
+
+    /// The rule as written, in YAML.
+    fn rule_yaml(&self, key: &PolicyKey, direction: Direction, index: usize) -> Option<String> {
+        let spec = self.policies.get(key)?.spec.as_ref()?;
+        let text = match direction {
+            Direction::Ingress => serde_norway::to_string(spec.ingress.as_ref()?.get(index)?),
+            Direction::Egress => serde_norway::to_string(spec.egress.as_ref()?.get(index)?),
+        };
+        text.ok()
+    }
+}
+
+fn direction_field(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+#[derive(Serialize)]
+struct JsonMatrix {
+    probes: Vec<JsonCell>,
+}
+
+#[derive(Serialize)]
+struct JsonCell {
+    from: String,
+    to: String,
+    port: u16,
+    protocol: String,
+    allowed: bool,
+    reason: String,
+}
+
+impl From<&Cell> for JsonCell {
+    fn from(cell: &Cell) -> Self {
+        JsonCell {
+            from: source_name(&cell.from),
+            to: cell.to.to_string(),
+            port: cell.probe.port,
+            protocol: cell.probe.protocol.to_string(),
+            allowed: cell.verdict.allowed,
+            reason: cell.verdict.detailed(),
+        }
+    }
+}
+
+fn source_name(source: &Source) -> String {
+    match source {
+        Source::Pod(key) => key.to_string(),
+        Source::Ip(ip) => ip.to_string(),
+    }
+}
+
+/// `80/TCP`, `53/udp`, `8080` (TCP).
+fn parse_probe(text: &str) -> Result<Probe, ProbeParseError> {
+    text.parse()
+}
+
+fn parse_pod_key(text: &str) -> anyhow::Result<PodKey> {
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok(PodKey {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+        _ => bail!("{text:?} is not NAMESPACE/POD (or, for --from, an IP)"),
+    }
+}
+
+/// Adds `path` (a file, taken whatever its name) or the manifests under it (a directory,
+/// recursively: *.yaml, *.yml, *.json, sorted; hidden entries such as a ConfigMap volume's
+/// `..data` skipped; symlinked directories followed once).
+fn collect_files(
+    path: &Path,
+    files: &mut Vec<PathBuf>,
+    seen_dirs: &mut HashSet<PathBuf>,
+) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !meta.is_dir() {
+        files.push(path.to_owned());
+        return Ok(());
+    }
+    let canonical =
+        std::fs::canonicalize(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !seen_dirs.insert(canonical) {
+        return Ok(());
+    }
+    let mut entries = Vec::new();
+    for entry in
+        std::fs::read_dir(path).with_context(|| format!("{}: cannot read", path.display()))?
+    {
+        let entry = entry.with_context(|| format!("{}: cannot read", path.display()))?;
+        entries.push(entry.path());
+    }
+    entries.sort();
+    for entry in entries {
+        let hidden = entry
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        let meta = std::fs::metadata(&entry)
+            .with_context(|| format!("{}: cannot read", entry.display()))?;
+        if meta.is_dir() {
+            collect_files(&entry, files, seen_dirs)?;
+        } else if is_manifest(&entry) {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "yaml" | "yml" | "json"))
+}
+
+fn error_list(what: &str, errors: impl Iterator<Item = String>) -> String {
+    let errors: Vec<String> = errors.collect();
+    if errors.len() == 1 {
+        return format!("{what}: {}", errors[0]);
+    }
+    let mut text = format!("{what} ({} errors):", errors.len());
+    for e in errors {
+        text.push_str("\n  ");
+        text.push_str(&e);
+    }
+    text
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use policy::Protocol;
+
+    #[test]
+    fn probes_parse_with_default_and_any_case_protocol() {
+        let p = |port, protocol| Probe { port, protocol };
+        assert_eq!(parse_probe("80/TCP").ok(), Some(p(80, Protocol::Tcp)));
+        assert_eq!(parse_probe("80").ok(), Some(p(80, Protocol::Tcp)));
+        assert_eq!(parse_probe("53/udp").ok(), Some(p(53, Protocol::Udp)));
+        assert_eq!(parse_probe("9/Sctp").ok(), Some(p(9, Protocol::Sctp)));
+        for bad in ["0/TCP", "65536", "http/TCP", "80/ICMP", "", "/TCP", "80/"] {
+            assert!(parse_probe(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pod_keys_need_namespace_and_name() {
+        assert_eq!(
+            parse_pod_key("demo/web").ok(),
+            Some(PodKey {
+                namespace: "demo".into(),
+                name: "web".into()
+            })
+        );
+        for bad in ["web", "/web", "demo/", "a/b/c"] {
+            assert!(parse_pod_key(bad).is_err(), "{bad}");
+        }
+    }
 }
