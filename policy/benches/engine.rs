@@ -1,0 +1,347 @@
+//! Engine benchmarks on a synthetic cluster: 100 namespaces, 5,000 pods, 10,000 policies with a
+//! realistic mix (podSelector matchLabels and matchExpressions, namespaceSelector, ipBlock with
+//! except, port ranges, named ports, ingress and egress).
+//!
+//! Measures: one decision (mixed allow/deny, ingress and egress, with and without building the
+//! owned reason), a full compile of the whole cluster, and the incremental re-index after one
+//! policy change and after one pod label change.
+//!
+//! Under `cargo test --benches` (criterion's test mode, no `--bench` argument) the cluster is
+//! 10x smaller so that the debug build sets up in well under a second.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::net::IpAddr;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol};
+use serde_json::{Value, json};
+
+struct Size {
+    namespaces: usize,
+    pods_per_ns: usize,
+    policies_per_ns: usize,
+}
+
+const FULL: Size = Size {
+    namespaces: 100,
+    pods_per_ns: 50,
+    policies_per_ns: 100,
+};
+
+const QUICK: Size = Size {
+    namespaces: 10,
+    pods_per_ns: 50,
+    policies_per_ns: 100,
+};
+
+/// A small deterministic generator (xorshift), so every run benchmarks the same cluster.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+const TIERS: [&str; 3] = ["web", "api", "db"];
+const ENVS: [&str; 3] = ["prod", "staging", "dev"];
+
+fn namespace(n: usize) -> Namespace {
+    serde_json::from_value(json!({"metadata": {
+        "name": format!("ns-{n}"),
+        "labels": {"team": format!("t{}", n % 10), "env": ENVS[n % 3]}
+    }}))
+    .unwrap()
+}
+
+fn pod_ip(n: usize, j: usize) -> String {
+    format!("10.{}.{}.{}", n % 250, j / 250, j % 250 + 1)
+}
+
+fn pod(n: usize, j: usize, app: usize) -> Pod {
+    let mut labels =
+        json!({"app": format!("app{app}"), "tier": TIERS[j % 3], "version": format!("v{}", j % 4)});
+    if j % 7 == 0 {
+        labels["canary"] = json!("true");
+    }
+    let http = if j % 2 == 0 { 80 } else { 8080 };
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("pod-{j}"), "namespace": format!("ns-{n}"), "labels": labels},
+        "spec": {"containers": [{"name": "main", "ports": [
+            {"name": "http", "containerPort": http},
+            {"name": "metrics", "containerPort": 9090},
+            {"name": "dns", "containerPort": 53, "protocol": "UDP"}
+        ]}]},
+        "status": {"podIPs": [{"ip": pod_ip(n, j)}]}
+    }))
+    .unwrap()
+}
+
+fn policy_spec(n: usize, k: usize, namespaces: usize) -> Value {
+    let app = json!({"matchLabels": {"app": format!("app{}", (k / 10) % 10)}});
+    match k % 10 {
+        0 => json!({"podSelector": app}),
+        1 => json!({"podSelector": app, "ingress": [{
+            "from": [{"podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["web", "api"]}]}}],
+            "ports": [{"port": 8080}, {"port": "metrics"}]
+        }]}),
+        2 => json!({"podSelector": app, "ingress": [{
+            "from": [{"namespaceSelector": {"matchLabels": {"team": format!("t{}", (n + 1) % 10)}},
+                      "podSelector": {"matchLabels": {"app": format!("app{}", k % 7)}}}],
+            "ports": [{"port": 8000, "endPort": 8100}]
+        }]}),
+        3 => json!({"podSelector": app, "ingress": [{
+            "from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": [format!("10.{}.0.0/24", n % 250)]}}],
+            "ports": [{"protocol": "UDP"}]
+        }]}),
+        4 => json!({"podSelector": app, "policyTypes": ["Egress"], "egress": [
+            {"to": [{"ipBlock": {"cidr": format!("10.{}.0.0/16", (n + 3) % namespaces)}}], "ports": [{"port": 53, "protocol": "UDP"}]},
+            {"to": [{"podSelector": {}}], "ports": [{"port": "http"}]}
+        ]}),
+        5 => json!({"podSelector": {"matchExpressions": [
+            {"key": "tier", "operator": "NotIn", "values": ["db"]},
+            {"key": "version", "operator": "In", "values": [format!("v{}", k % 4)]}
+        ]}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]}}], "ports": [{"port": 443}]}]}),
+        6 => json!({"podSelector": app, "egress": [{
+            "to": [{"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["t1", "t2", "t3"]}]},
+                    "podSelector": {"matchLabels": {"tier": "db"}}}],
+            "ports": [{"port": 5432}]
+        }]}),
+        7 => json!({"podSelector": app, "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app{}", k % 10)}}}]}],
+            "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": 80}, {"port": 8080, "endPort": 8090}]}]
+        }),
+        8 => {
+            json!({"podSelector": {"matchExpressions": [{"key": "version", "operator": "In", "values": [format!("v{}", k % 4)]}]},
+                "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]}}], "ports": [{"port": "http"}]}]
+            })
+        }
+        _ => json!({"podSelector": app, "ingress": [
+            {"from": [{"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}]},
+            {"from": [{"namespaceSelector": {"matchLabels": {"env": "prod"}}}], "ports": [{"port": 80}, {"port": 8080}]}
+        ]}),
+    }
+}
+
+fn netpol(n: usize, k: usize, spec: Value) -> NetworkPolicy {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("pol-{k}"), "namespace": format!("ns-{n}")},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+struct Cluster {
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+    policies: Vec<NetworkPolicy>,
+}
+
+fn generate(size: &Size) -> Cluster {
+    let mut c = Cluster {
+        namespaces: Vec::new(),
+        pods: Vec::new(),
+        policies: Vec::new(),
+    };
+    for n in 0..size.namespaces {
+        c.namespaces.push(namespace(n));
+        for j in 0..size.pods_per_ns {
+            c.pods.push(pod(n, j, j % 10));
+        }
+        for k in 0..size.policies_per_ns {
+            c.policies
+                .push(netpol(n, k, policy_spec(n, k, size.namespaces)));
+        }
+    }
+    c
+}
+
+fn build(c: &Cluster) -> Engine {
+    let mut e = Engine::new();
+    for ns in &c.namespaces {
+        e.apply_namespace(ns).unwrap();
+    }
+    for p in &c.pods {
+        e.apply_pod(p).unwrap();
+    }
+    for p in &c.policies {
+        e.apply_policy(p).unwrap();
+    }
+    e
+}
+
+/// One decision's question, owned.
+struct Question {
+    local: PodKey,
+    direction: Direction,
+    peer: Peer,
+    peer_ip: Option<IpAddr>,
+    port: u16,
+    protocol: Protocol,
+    dest_port_name: Option<String>,
+}
+
+impl Question {
+    fn conn(&self) -> Connection<'_> {
+        Connection {
+            local: &self.local,
+            direction: self.direction,
+            peer: &self.peer,
+            peer_ip: self.peer_ip,
+            port: self.port,
+            protocol: self.protocol,
+            dest_port_name: self.dest_port_name.as_deref(),
+        }
+    }
+}
+
+fn questions(e: &Engine, count: usize) -> Vec<Question> {
+    let pods: Vec<_> = e.workloads().collect();
+    let probes = [
+        (80, Protocol::Tcp),
+        (8080, Protocol::Tcp),
+        (8050, Protocol::Tcp),
+        (9090, Protocol::Tcp),
+        (443, Protocol::Tcp),
+        (5432, Protocol::Tcp),
+        (53, Protocol::Udp),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    (0..count)
+        .map(|i| {
+            let local = pods[rng.below(pods.len())];
+            let other = pods[rng.below(pods.len())];
+            let (port, protocol) = probes[rng.below(probes.len())];
+            let direction = if i % 2 == 0 {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            let ip_only = rng.below(5) == 0;
+            let (peer, peer_ip) = if ip_only {
+                let ip: IpAddr = if rng.below(2) == 0 {
+                    format!("192.168.{}.{}", rng.below(4), rng.below(250) + 1)
+                } else {
+                    format!("10.{}.0.{}", rng.below(250), rng.below(250) + 1)
+                }
+                .parse()
+                .unwrap();
+                (Peer::IpOnly, Some(ip))
+            } else {
+                (
+                    Peer::Workload(e.identity(&other.key).unwrap()),
+                    other.ips.first().copied(),
+                )
+            };
+            let dest_port_name = match (direction, &peer) {
+                (Direction::Egress, Peer::Workload(_)) => other
+                    .ports
+                    .iter()
+                    .find(|p| p.port == port && p.protocol == protocol)
+                    .and_then(|p| p.name.clone()),
+                _ => None,
+            };
+            Question {
+                local: local.key.clone(),
+                direction,
+                peer,
+                peer_ip,
+                port,
+                protocol,
+                dest_port_name,
+            }
+        })
+        .collect()
+}
+
+fn benches(c: &mut Criterion) {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let size = if quick { &QUICK } else { &FULL };
+    let cluster = generate(size);
+    let engine = build(&cluster);
+    let qs = questions(&engine, 4096);
+    let allowed = qs.iter().filter(|q| engine.allows(&q.conn())).count();
+    let selected: usize = engine
+        .workloads()
+        .map(|w| {
+            engine.selecting(&w.key, Direction::Ingress).count()
+                + engine.selecting(&w.key, Direction::Egress).count()
+        })
+        .sum();
+    eprintln!(
+        "cluster: {} namespaces, {} pods, {} policies; {:.1} selecting policies per pod (both directions); questions: {} of {} allowed",
+        cluster.namespaces.len(),
+        cluster.pods.len(),
+        engine.policy_count(),
+        selected as f64 / cluster.pods.len() as f64,
+        allowed,
+        qs.len()
+    );
+
+    let mut g = c.benchmark_group("decision");
+    let mut i = 0usize;
+    g.bench_function("decide_ref (no allocation)", |b| {
+        b.iter(|| {
+            let q = &qs[i % qs.len()];
+            i = i.wrapping_add(1);
+            black_box(engine.decide_ref(&q.conn()).allowed)
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("decide (owned reason)", |b| {
+        b.iter(|| {
+            let q = &qs[i % qs.len()];
+            i = i.wrapping_add(1);
+            black_box(engine.decide(&q.conn()))
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("compile");
+    g.sample_size(10);
+    g.bench_function("full cluster", |b| b.iter(|| black_box(build(&cluster))));
+
+    // One policy alternates between two versions selecting different pods.
+    let mid = size.namespaces / 2;
+    let versions = [
+        netpol(mid, 11, policy_spec(mid, 11, size.namespaces)),
+        netpol(mid, 11, policy_spec(mid, 27, size.namespaces)),
+    ];
+    let mut e = build(&cluster);
+    let mut t = 0usize;
+    g.sample_size(50);
+    g.bench_function("one policy changed", |b| {
+        b.iter(|| {
+            t += 1;
+            e.apply_policy(&versions[t % 2]).unwrap()
+        })
+    });
+    // One pod alternates between two label sets.
+    let pods = [pod(mid, 7, 7), pod(mid, 7, 3)];
+    g.bench_function("one pod's labels changed", |b| {
+        b.iter(|| {
+            t += 1;
+            e.apply_pod(&pods[t % 2]).unwrap()
+        })
+    });
+    g.bench_function("one policy removed and re-added", |b| {
+        b.iter(|| {
+            let k = e.apply_policy(&versions[0]).unwrap();
+            e.remove_policy(&k);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);
