@@ -71,10 +71,10 @@ fn pod_ip(n: usize, j: usize) -> String {
 fn pod(n: usize, j: usize, app: usize) -> Pod {
     let mut labels =
         json!({"app": format!("app{app}"), "tier": TIERS[j % 3], "version": format!("v{}", j % 4)});
-    if j % 7 == 0 {
+    if j.is_multiple_of(7) {
         labels["canary"] = json!("true");
     }
-    let http = if j % 2 == 0 { 80 } else { 8080 };
+    let http = if j.is_multiple_of(2) { 80 } else { 8080 };
     serde_json::from_value(json!({
         "metadata": {"name": format!("pod-{j}"), "namespace": format!("ns-{n}"), "labels": labels},
         "spec": {"containers": [{"name": "main", "ports": [
@@ -222,7 +222,7 @@ fn questions(e: &Engine, count: usize) -> Vec<Question> {
             let local = pods[rng.below(pods.len())];
             let other = pods[rng.below(pods.len())];
             let (port, protocol) = probes[rng.below(probes.len())];
-            let direction = if i % 2 == 0 {
+            let direction = if i.is_multiple_of(2) {
                 Direction::Ingress
             } else {
                 Direction::Egress
