@@ -645,3 +645,88 @@ fn pods_in_namespaces_missing_from_the_input_still_load() {
     );
     assert!(run.stdout.contains("solo/a"), "{}", run.stdout);
 }
+
+#[test]
+fn reads_kubectl_output_from_standard_input() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "policy", "matrix", "-f", "-", "--probe", "80/TCP", "-o", "json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(THREE_TIER)).unwrap();
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["probes"].as_array().unwrap().len(), 9 * 8);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["policy", "matrix", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: 3}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("<stdin>: document 1 (Pod default/a): spec.containers: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_walkthrough_shows_what_the_binary_prints() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy-matrix");
+    let readme = std::fs::read_to_string(example.join("README.md")).unwrap();
+    let input = example.join("cluster.yaml");
+    let input = input.to_str().unwrap();
+    for args in [
+        vec!["policy", "matrix", "-f", input, "--from-ip", "203.0.113.9"],
+        vec![
+            "policy",
+            "explain",
+            "-f",
+            input,
+            "--from",
+            "203.0.113.9",
+            "--to",
+            "demo/web-1",
+        ],
+        vec![
+            "policy",
+            "explain",
+            "-f",
+            input,
+            "--from",
+            "demo/db-0",
+            "--to",
+            "demo/api-1",
+        ],
+    ] {
+        let run = ok(&args);
+        assert!(
+            readme.contains(&run.stdout),
+            "examples/policy-matrix/README.md is out of date for {args:?}; now:\n{}",
+            run.stdout
+        );
+    }
+}

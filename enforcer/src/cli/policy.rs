@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,7 +28,8 @@ pub enum PolicyCommand {
 pub struct InputArgs {
     /// Manifests to read: files, or directories searched recursively for *.yaml, *.yml and
     /// *.json. Multi-document YAML and `kind: List` (as `kubectl get ns,pods,netpol -A -o yaml`
-    /// prints) are understood; objects of other kinds are skipped.
+    /// prints) are understood; objects of other kinds are skipped. `-` reads standard input:
+    /// `kubectl get ns,pods,netpol -A -o yaml | tessera policy matrix -f -`.
     #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
     files: Vec<PathBuf>,
 }
@@ -180,11 +182,20 @@ impl Input {
         }
         let mut parsed = Parsed::default();
         for file in &files {
-            let bytes =
-                std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let (name, bytes) = if file.as_os_str() == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .context("<stdin>: cannot read")?;
+                ("<stdin>".to_owned(), bytes)
+            } else {
+                let name = file.display().to_string();
+                let bytes = std::fs::read(file).with_context(|| format!("{name}: cannot read"))?;
+                (name, bytes)
+            };
             let text = String::from_utf8(bytes)
-                .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text: {}", file.display(), e))?;
-            parsed.extend(objects::parse(&file.display().to_string(), &text));
+                .map_err(|e| anyhow::anyhow!("{name}: not UTF-8 text: {e}"))?;
+            parsed.extend(objects::parse(&name, &text));
         }
         if !parsed.errors.is_empty() {
             bail!(error_list(
@@ -401,6 +412,12 @@ fn collect_files(
     files: &mut Vec<PathBuf>,
     seen_dirs: &mut HashSet<PathBuf>,
 ) -> anyhow::Result<()> {
+    if path.as_os_str() == "-" {
+        if !files.iter().any(|f| f.as_os_str() == "-") {
+            files.push(path.to_owned());
+        }
+        return Ok(());
+    }
     let meta =
         std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if !meta.is_dir() {
