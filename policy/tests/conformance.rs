@@ -22,8 +22,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use policy::matrix::{self, Cell, Probe, Source};
 use policy::{
-    Connection, Decision, Direction, Engine, Labels, Peer, PodKey, PolicyKey, Protocol,
-    WorkloadIdentity,
+    Connection, Decision, Direction, Engine, Labels, Peer, PodKey, PolicyKey, Protocol, Reason,
+    RuleRef, WorkloadIdentity,
 };
 use serde::Deserialize;
 
@@ -167,6 +167,46 @@ struct DecideCheck {
     peer: String,
     probe: String,
     allowed: bool,
+    /// Optional expected reason: `not-isolated`, `host-network`, `allowed-by ns/policy#rule`,
+    /// `isolated-by ns/p1,ns/p2`.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Parses the `reason` of a decide check into the engine's [`Reason`].
+fn parse_reason(s: &str, direction: Direction) -> Result<Reason, String> {
+    let policy = |p: &str| -> Result<PolicyKey, String> {
+        let k = parse_pod_key(p.trim())?;
+        Ok(PolicyKey {
+            namespace: k.namespace,
+            name: k.name,
+        })
+    };
+    let s = s.trim();
+    match s.split_once(char::is_whitespace) {
+        None if s == "not-isolated" => Ok(Reason::NotIsolated),
+        None if s == "host-network" => Ok(Reason::HostNetwork),
+        Some(("allowed-by", rest)) => {
+            let (p, index) = rest
+                .trim()
+                .split_once('#')
+                .ok_or_else(|| format!("reason {s:?}: expected allowed-by ns/policy#rule"))?;
+            let index = index
+                .parse::<usize>()
+                .map_err(|e| format!("reason {s:?}: rule index: {e}"))?;
+            Ok(Reason::AllowedBy(RuleRef {
+                policy: policy(p)?,
+                direction,
+                index,
+            }))
+        }
+        Some(("isolated-by", rest)) => Ok(Reason::Isolated(
+            rest.split(',').map(policy).collect::<Result<_, _>>()?,
+        )),
+        _ => Err(format!(
+            "reason {s:?}: expected not-isolated, host-network, allowed-by ns/policy#rule or isolated-by ns/p1,ns/p2"
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,16 +849,23 @@ fn check_decide(
         protocol: probe.protocol,
         dest_port_name,
     });
-    if decision.allowed == d.allowed {
+    let want_reason = d
+        .reason
+        .as_deref()
+        .map(|r| parse_reason(r, direction))
+        .transpose()?;
+    let reason_ok = want_reason.as_ref().is_none_or(|r| *r == decision.reason);
+    if decision.allowed == d.allowed && reason_ok {
         return Ok(None);
     }
     Ok(Some(format!(
-        "  decide {} {} peer {} on {}: expected {}, observed {}",
+        "  decide {} {} peer {} on {}: expected {}{}, observed {}",
         d.direction,
         d.local,
         d.peer,
         d.probe,
         if d.allowed { "allow" } else { "deny" },
+        want_reason.map(|r| format!(" ({r})")).unwrap_or_default(),
         describe_decision(&decision)
     )))
 }
@@ -939,6 +986,9 @@ fn lint_scenario(sc: &Scenario) -> Result<(), String> {
         for d in &step.decide {
             parse_probe(&d.probe).map_err(at)?;
             parse_pod_key(&d.local).map_err(at)?;
+            if let Some(r) = &d.reason {
+                parse_reason(r, Direction::Ingress).map_err(at)?;
+            }
         }
     }
     Ok(())
@@ -1089,4 +1139,69 @@ fn reachability_shorthand_follows_upstream_expect_peer() {
     assert_eq!(get("x/a", "x/a"), '-');
     assert_eq!(get("x/a", "y/a"), '.');
     assert!(expand_reachability(&["deny q/* -> x/a".to_string()], &sources, &pods).is_err());
+}
+
+#[test]
+fn runner_reports_each_wrong_cell_with_its_reason() {
+    let text = r#"
+name: deliberately-wrong
+semantics: "the runner's own check"
+cluster:
+  namespaces: {x: {ns: x}}
+  pods:
+    - {pod: x/a, labels: {pod: a}, ip: 10.1.0.1, ports: ["http:80/TCP"]}
+    - {pod: x/b, labels: {pod: b}, ip: 10.1.0.2, ports: ["http:80/TCP"]}
+steps:
+  - apply: |
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: deny, namespace: x}
+      spec:
+        podSelector: {matchLabels: {pod: a}}
+        policyTypes: [Ingress]
+    expect:
+      - probe: 80/TCP
+        reachability: []
+    decide:
+      - {local: x/a, direction: ingress, peer: x/b, probe: 80/TCP, allowed: true}
+  - note: a second step still runs
+    remove: {kind: NetworkPolicy, namespace: x, name: deny}
+    expect:
+      - probe: 80/TCP
+        reachability: [deny x/a -> x/b]
+"#;
+    let sc: Scenario = serde_norway::from_str(text).unwrap();
+    validate_scenario(&sc).unwrap();
+    lint_scenario(&sc).unwrap();
+    let failures = run_scenario(&sc).unwrap();
+    assert_eq!(failures.len(), 3, "{failures:#?}");
+    assert!(failures[0].contains("x/b -> x/a: expected ., observed X"));
+    assert!(failures[0].contains("isolated for ingress by x/deny"));
+    assert!(failures[1].contains("decide ingress x/a peer x/b on 80/TCP: expected allow"));
+    assert!(failures[2].starts_with("step 2 (a second step still runs)"));
+    assert!(failures[2].contains("x/a -> x/b: expected X, observed ."));
+}
+
+#[test]
+fn corpus_errors_name_the_field() {
+    let bad_rule = r#"
+name: bad
+semantics: "s"
+cluster: standard
+steps:
+  - expect:
+      - probe: 80/TCP
+        reachability: [block * -> x/a]
+"#;
+    let sc: Scenario = serde_norway::from_str(bad_rule).unwrap();
+    let err = lint_scenario(&sc).unwrap_err();
+    assert!(
+        err.contains("steps[0]") && err.contains("block * -> x/a"),
+        "{err}"
+    );
+    let unknown_field = "name: bad\nsemantics: s\ncluster: standard\nsteps: []\nexpectt: 1\n";
+    let err = serde_norway::from_str::<Scenario>(unknown_field).unwrap_err();
+    assert!(err.to_string().contains("expectt"), "{err}");
+    let bad_probe = parse_probe("80/ICMP").unwrap_err();
+    assert!(bad_probe.contains("ICMP"), "{bad_probe}");
 }
