@@ -57,7 +57,9 @@ impl Entry {
 #[derive(Default)]
 pub struct Engine {
     namespaces: HashMap<String, Labels>,
-    workloads: BTreeMap<PodKey, Entry>,
+    workloads: HashMap<PodKey, Entry>,
+    /// Workload keys in key order, for listing.
+    workload_order: BTreeSet<PodKey>,
     /// Pod names per namespace.
     pods_by_ns: HashMap<String, BTreeSet<String>>,
     /// Slab of compiled policies; `None` slots are free.
@@ -225,11 +227,15 @@ impl Engine {
             .entry(entry.workload.key.namespace.clone())
             .or_default()
             .insert(entry.workload.key.name.clone());
+        if !self.workloads.contains_key(&entry.workload.key) {
+            self.workload_order.insert(entry.workload.key.clone());
+        }
         self.workloads.insert(entry.workload.key.clone(), entry);
     }
 
     pub fn remove_workload(&mut self, key: &PodKey) {
         if self.workloads.remove(key).is_some()
+            && self.workload_order.remove(key)
             && let Some(names) = self.pods_by_ns.get_mut(&key.namespace)
         {
             names.remove(&key.name);
@@ -413,7 +419,9 @@ impl Engine {
 
     /// All known workloads, in key order.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.workloads.values().map(|e| &e.workload)
+        self.workload_order
+            .iter()
+            .filter_map(|k| self.workloads.get(k).map(|e| &e.workload))
     }
 
     /// The identity a known workload presents as a peer: its namespace, the namespace's labels

@@ -52,6 +52,22 @@ fn namespaced_name(kind: &'static str, meta: &ObjectMeta) -> Result<(String, Str
             message: "name is required".into(),
         });
     };
+    if !is_dns1123_subdomain(&namespace) || namespace.contains('.') || namespace.len() > 63 {
+        return Err(PolicyError {
+            kind,
+            object: format!("{namespace}/{name}"),
+            field: "metadata.namespace".into(),
+            message: format!("{namespace:?} is not a valid namespace name (a DNS-1123 label)"),
+        });
+    }
+    if !is_dns1123_subdomain(&name) {
+        return Err(PolicyError {
+            kind,
+            object: format!("{namespace}/{name}"),
+            field: "metadata.name".into(),
+            message: format!("{name:?} is not a valid name (a lowercase DNS-1123 subdomain)"),
+        });
+    }
     Ok((namespace, name))
 }
 

@@ -1154,6 +1154,10 @@ fn invalid_policies_are_rejected_naming_object_and_field() {
             json!({"policyTypes": ["Ingress", "Ingress"]}),
             "spec.policyTypes[1]",
         ),
+        (
+            json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.1"}}]}]}),
+            "spec.egress[0].to[0].ipBlock.cidr",
+        ),
         (json!({"policyTypes": ["ingress"]}), "spec.policyTypes[0]"),
     ];
     for (spec, field) in cases {
@@ -1233,6 +1237,13 @@ fn invalid_pods_and_namespaces_are_rejected_naming_the_field() {
         )
         .unwrap_err();
     assert_eq!(err.field, "metadata.name");
+    let err = e
+        .apply_policy(&netpol("a/Not_A_Name", json!({})))
+        .unwrap_err();
+    assert_eq!(
+        (err.object.as_str(), err.field.as_str()),
+        ("a/Not_A_Name", "metadata.name")
+    );
     assert!(e.workloads().next().is_none());
 }
 
