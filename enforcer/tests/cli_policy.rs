@@ -699,6 +699,8 @@ fn the_example_walkthrough_shows_what_the_binary_prints() {
     let readme = std::fs::read_to_string(example.join("README.md")).unwrap();
     let input = example.join("cluster.yaml");
     let input = input.to_str().unwrap();
+    let change = example.join("db-open-to-web.yaml");
+    let change = change.to_str().unwrap();
     for args in [
         vec!["policy", "matrix", "-f", input, "--from-ip", "203.0.113.9"],
         vec![
@@ -721,6 +723,18 @@ fn the_example_walkthrough_shows_what_the_binary_prints() {
             "--to",
             "demo/api-1",
         ],
+        vec![
+            "policy",
+            "explain",
+            "-f",
+            input,
+            "-f",
+            change,
+            "--from",
+            "demo/web-1",
+            "--to",
+            "demo/db-0",
+        ],
     ] {
         let run = ok(&args);
         assert!(
@@ -729,4 +743,51 @@ fn the_example_walkthrough_shows_what_the_binary_prints() {
             run.stdout
         );
     }
+}
+
+#[test]
+fn a_changed_policy_given_after_the_dump_replaces_the_old_one() {
+    // What-if: open the database to the frontend, before applying it to the cluster.
+    let dir = scratch("what-if");
+    let change = dir.join("database-change.yaml");
+    std::fs::write(
+        &change,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: database, namespace: demo}\nspec:\n  podSelector: {matchLabels: {role: Database}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: WebFrontend}}}]\n",
+    )
+    .unwrap();
+    let before = json_matrix(&["-f", THREE_TIER, "--probe", "5432"]);
+    assert_cells(&before, "5432/TCP", &[(FRONTEND_A, DATABASE_0, false)]);
+    let run = ok(&[
+        "policy",
+        "matrix",
+        "-o",
+        "json",
+        "-f",
+        THREE_TIER,
+        "-f",
+        change.to_str().unwrap(),
+        "--probe",
+        "5432",
+    ]);
+    assert!(
+        run.stderr.contains(&format!(
+            "NetworkPolicy demo/database from {}: document 1 replaces the one from {THREE_TIER}: document 1, items[15]",
+            change.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    let cell = |from: &str, to: &str| {
+        doc["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["from"] == from && c["to"] == to)
+            .map(|c| c["allowed"].as_bool().unwrap())
+    };
+    assert_eq!(cell(FRONTEND_A, DATABASE_0), Some(true));
+    // The new version replaced the old one whole: the backend and the other replica lost access.
+    assert_eq!(cell(DATABASE_1, DATABASE_0), Some(false));
+    assert_eq!(cell(BACKEND_A, DATABASE_0), Some(false));
 }

@@ -217,6 +217,19 @@ impl Input {
             );
         }
 
+        // A later object replaces an earlier one of the same kind and name, as `kubectl apply`
+        // would: how a what-if over a cluster dump plus a changed policy works. Say so.
+        let mut first_seen: BTreeMap<(&str, String), &objects::Origin> = BTreeMap::new();
+        for located in &parsed.objects {
+            let key = (located.value.kind(), located.value.name());
+            if let Some(earlier) = first_seen.insert(key.clone(), &located.origin) {
+                eprintln!(
+                    "tessera: {} {} from {} replaces the one from {earlier}",
+                    key.0, key.1, located.origin
+                );
+            }
+        }
+
         let mut engine = Engine::new();
         let report = objects::load(&mut engine, &parsed.objects);
         if !report.errors.is_empty() {
