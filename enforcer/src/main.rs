@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Zero-trust NetworkPolicy enforcement for containers")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Zero-trust NetworkPolicy enforcement for containers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
