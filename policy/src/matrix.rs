@@ -82,18 +82,18 @@ pub struct Verdict {
 
 impl fmt::Display for Verdict {
     /// Denied: the denying side(s), e.g. `denied: isolated for ingress by demo/default-deny,
-    /// demo/db (no rule matches)`. Allowed: both sides, e.g. `allowed: egress not isolated for
-    /// egress (no policy selects it); ingress allowed by demo/backend-policy ingress rule 0`.
+    /// demo/db (no rule matches)`. Allowed: both sides, e.g. `allowed: egress not isolated (no
+    /// policy selects it); ingress allowed by demo/backend-policy ingress rule 0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.allowed {
             f.write_str("allowed: ")?;
             if let Some(e) = &self.egress {
                 f.write_str("egress ")?;
-                write_reason_only(f, e, Direction::Egress)?;
+                crate::model::write_reason(f, &e.reason, None)?;
                 f.write_str("; ")?;
             }
             f.write_str("ingress ")?;
-            write_reason_only(f, &self.ingress, Direction::Ingress)
+            crate::model::write_reason(f, &self.ingress.reason, None)
         } else {
             f.write_str("denied: ")?;
             let mut first = true;

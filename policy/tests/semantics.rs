@@ -924,7 +924,7 @@ fn verdicts_explain_both_sides_in_words() {
     let v = verdict(&e, "b/client", "a/web", 80, Protocol::Tcp);
     assert_eq!(
         v.to_string(),
-        "allowed: egress not isolated for egress (no policy selects it); ingress allowed by a/web ingress rule 0"
+        "allowed: egress not isolated (no policy selects it); ingress allowed by a/web ingress rule 0"
     );
     assert!(
         v.detailed()
