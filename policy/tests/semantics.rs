@@ -1324,3 +1324,35 @@ fn probes_parse_from_the_command_line_form() {
     assert!("80/ICMP".parse::<Probe>().is_err());
     assert_eq!(probe(132, Protocol::Sctp).to_string(), "132/SCTP");
 }
+
+#[test]
+fn dual_stack_pods_connect_over_a_family_both_ends_have() {
+    let mut e = cluster();
+    let mut ds = pod("b/dual", json!({}), "10.0.2.50", &[]);
+    ds.status = Some(
+        serde_json::from_value(
+            json!({"podIP": "10.0.2.50", "podIPs": [{"ip": "10.0.2.50"}, {"ip": "fd00::2:50"}]}),
+        )
+        .unwrap(),
+    );
+    e.apply_pod(&ds).unwrap();
+    e.apply_pod(&pod("a/v6", json!({}), "fd00::1:1", &[]))
+        .unwrap();
+    apply(
+        &mut e,
+        "a/p",
+        json!({
+            "podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "fd00::/48"}}]}]
+        }),
+    );
+    assert_eq!(e.workload(&key("b/dual")).unwrap().ips.len(), 2);
+    assert!(
+        allowed(&e, "b/dual", "a/v6", 80),
+        "IPv6 to an IPv6-only pod"
+    );
+    assert!(
+        !allowed(&e, "b/dual", "a/web", 80),
+        "IPv4 to an IPv4-only pod"
+    );
+}
