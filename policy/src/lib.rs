@@ -10,6 +10,10 @@
 //! workload the destination; for [`Direction::Egress`] the local workload is the source and the
 //! peer the destination. A connection is allowed iff egress of its source AND ingress of its
 //! destination allow it ([`matrix::evaluate`] combines both).
+//!
+//! On the packet path use [`Engine::decide_ref`] (or [`Engine::allows`]): it allocates nothing,
+//! its reason borrows the policy keys from the engine; [`Engine::decide`] returns the owned
+//! [`Decision`]. An unknown local workload is denied ([`Reason::UnknownWorkload`]).
 
 mod compiled;
 mod engine;
