@@ -791,3 +791,23 @@ fn a_changed_policy_given_after_the_dump_replaces_the_old_one() {
     assert_eq!(cell(DATABASE_1, DATABASE_0), Some(false));
     assert_eq!(cell(BACKEND_A, DATABASE_0), Some(false));
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    use std::process::Stdio;
+    let dir = scratch("broken-pipe");
+    let input = thirty_pods(&dir);
+    // 870 cells of JSON: far more than a pipe holds, so the writer meets the closed pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["policy", "matrix", "-o", "json", "-f"])
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

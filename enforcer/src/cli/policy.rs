@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::io::Read as _;
+use std::io::{self, Read as _, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,9 +84,10 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     let input = Input::load(&args.input.files)?;
     let cells = matrix::matrix(&input.engine, &args.probe, &args.from_ip);
-    match args.output {
+    emit(|out| match args.output {
         Output::Table => {
-            println!(
+            writeln!(
+                out,
                 "rows: sources (every pod{}), columns: destinations; \
                  '.' allowed, 'X' denied, '-' not probed (itself, or a port it does not declare)",
                 if args.from_ip.is_empty() {
@@ -94,17 +95,25 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     ", then each --from-ip"
                 }
-            );
-            print!("{}", matrix::render_table(&cells));
+            )?;
+            out.write_all(matrix::render_table(&cells).as_bytes())
         }
         Output::Json => {
-            let out = JsonMatrix {
-                probes: cells.iter().map(JsonCell::from).collect(),
-            };
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            serde_json::to_writer_pretty(&mut *out, &JsonMatrix { probes: &cells })?;
+            writeln!(out)
         }
+    })
+}
+
+/// Writes to standard output, buffered. A reader that goes away (`| head`) ends the output
+/// quietly instead of with a panic.
+fn emit(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> anyhow::Result<ExitCode> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(err) => Err(anyhow::Error::new(err).context("cannot write to standard output")),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
@@ -157,8 +166,7 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         }
         input.explain(&mut text, &from, &to, *probe, &verdict);
     }
-    print!("{text}");
-    Ok(ExitCode::SUCCESS)
+    emit(|out| out.write_all(text.as_bytes()))
 }
 
 /// The objects read from `-f` paths, loaded into an engine.
@@ -363,9 +371,24 @@ fn direction_field(direction: Direction) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-struct JsonMatrix {
-    probes: Vec<JsonCell>,
+struct JsonMatrix<'a> {
+    probes: &'a [Cell],
+}
+
+impl Serialize for JsonMatrix<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        struct Cells<'a>(&'a [Cell]);
+        impl Serialize for Cells<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                // One cell at a time: a 1,000-pod matrix has a million of them.
+                serializer.collect_seq(self.0.iter().map(JsonCell::from))
+            }
+        }
+        let mut doc = serializer.serialize_struct("JsonMatrix", 1)?;
+        doc.serialize_field("probes", &Cells(self.probes))?;
+        doc.end()
+    }
 }
 
 #[derive(Serialize)]
