@@ -13,7 +13,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::matrix::{self, Cell, Probe, Source, Verdict};
 use policy::objects::{self, Object, Parsed};
-use policy::{Decision, Direction, Engine, PodKey, PolicyKey, ProbeParseError, Reason};
+use policy::{
+    ContainerPort, Decision, Direction, Engine, Labels, PodKey, PolicyKey, ProbeParseError, Reason,
+};
 use serde::Serialize;
 
 #[derive(Subcommand)]
@@ -305,6 +307,8 @@ impl Input {
             probe.protocol,
             if verdict.allowed { "ALLOWED" } else { "DENIED" }
         );
+        self.describe_source(out, from);
+        self.describe_destination(out, to, probe);
         let _ = write!(out, "  egress of {from_name}: ");
         match (&verdict.egress, from) {
             (Some(decision), _) => self.explain_decision(out, decision),
@@ -335,6 +339,68 @@ impl Input {
         };
     }
 
+    /// What the decisions look at: the source's IP, labels and namespace labels.
+    fn describe_source(&self, out: &mut String, from: &Source) {
+        match from {
+            Source::Ip(ip) => {
+                let owner = self
+                    .engine
+                    .workloads()
+                    .find(|w| w.ips.contains(ip))
+                    .map(|w| {
+                        format!(
+                            " (the IP of {}; use --from {} for its identity)",
+                            w.key, w.key
+                        )
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(out, "  source: {ip}, known by its IP only{owner}");
+            }
+            Source::Pod(key) => {
+                let Some(w) = self.engine.workload(key) else {
+                    return;
+                };
+                let _ = write!(out, "  source: {key} ({})", ips(&w.ips));
+                if w.host_network {
+                    let _ = writeln!(out, ", host network: known by its IP only");
+                } else {
+                    let ns = self.engine.namespace_labels_or_default(&key.namespace);
+                    let _ = writeln!(
+                        out,
+                        ", labels {}; namespace {} labels {}",
+                        labels(&w.labels),
+                        key.namespace,
+                        labels(&ns)
+                    );
+                }
+            }
+        }
+    }
+
+    /// The destination's labels and what the probed port is called there.
+    fn describe_destination(&self, out: &mut String, to: &PodKey, probe: Probe) {
+        let Some(w) = self.engine.workload(to) else {
+            return;
+        };
+        let port = w
+            .ports
+            .iter()
+            .find(|p| p.port == probe.port && p.protocol == probe.protocol);
+        let port = match port {
+            Some(ContainerPort {
+                name: Some(name), ..
+            }) => format!("port {probe} is named {name:?}"),
+            Some(_) => format!("port {probe} is declared, unnamed"),
+            None => format!("port {probe} is not declared by its containers"),
+        };
+        let _ = write!(out, "  destination: {to} ({})", ips(&w.ips));
+        if w.host_network {
+            let _ = writeln!(out, ", host network; {port}");
+        } else {
+            let _ = writeln!(out, ", labels {}; {port}", labels(&w.labels));
+        }
+    }
+
     fn explain_decision(&self, out: &mut String, decision: &Decision) {
         let _ = writeln!(out, "{decision}");
         if let Reason::AllowedBy(rule) = &decision.reason
@@ -362,6 +428,28 @@ impl Input {
         };
         text.ok()
     }
+}
+
+/// `a=1,b=2`, as `kubectl get --show-labels` writes them; `<none>` when empty.
+fn labels(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "<none>".to_owned();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ips(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        return "no IP".to_owned();
+    }
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn direction_field(direction: Direction) -> &'static str {
