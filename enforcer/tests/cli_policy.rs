@@ -835,3 +835,31 @@ fn a_reader_that_stops_early_ends_the_output_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn an_input_without_connections_says_why() {
+    let dir = scratch("nothing-to-show");
+    let policies = dir.join("policies-only.yaml");
+    std::fs::copy("tests/fixtures/split/policies.json", &policies).unwrap();
+    let run = ok(&["policy", "matrix", "-f", policies.to_str().unwrap()]);
+    assert!(
+        run.stdout
+            .contains("nothing to show: the input has no pods"),
+        "{}",
+        run.stdout
+    );
+    let run = ok(&[
+        "policy",
+        "matrix",
+        "-f",
+        "tests/fixtures/split/pods/monitoring.yaml",
+        "--probe",
+        "80",
+    ]);
+    assert!(
+        run.stdout
+            .contains("nothing to show: 1 pod and no --from-ip"),
+        "{}",
+        run.stdout
+    );
+}

@@ -98,6 +98,19 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
                     ", then each --from-ip"
                 }
             )?;
+            if cells.is_empty() {
+                let pods = input.engine.workloads().count();
+                let why = if pods == 0 {
+                    "the input has no pods".to_owned()
+                } else if args.probe.is_empty() {
+                    format!(
+                        "none of the {pods} pods declares a container port: name one with --probe PORT/PROTOCOL"
+                    )
+                } else {
+                    format!("{pods} pod{} and no --from-ip", plural(pods))
+                };
+                return writeln!(out, "nothing to show: {why}");
+            }
             out.write_all(matrix::render_table(&cells).as_bytes())
         }
         Output::Json => {
