@@ -440,6 +440,16 @@ fn explain_names_the_isolating_policies_of_each_side() {
         out.contains("verdict: denied by egress and ingress"),
         "{out}"
     );
+    // What the isolating policies do allow, one rule a line.
+    assert!(
+        out.contains(r#"    demo/frontend ingress rule 0: {"from":[{"podSelector":{"matchExpressions":[{"key":"role","operator":"In","values":["External","WebFrontend"]}]}}],"ports":[{"port":80,"protocol":"TCP"}]}"#),
+        "{out}"
+    );
+    assert!(
+        out.contains("    demo/default-deny-ingress: no ingress rules"),
+        "{out}"
+    );
+    assert!(out.contains("    demo/database egress rule 1: "), "{out}");
 }
 
 #[test]

@@ -324,7 +324,7 @@ impl Input {
         self.describe_destination(out, to, probe);
         let _ = write!(out, "  egress of {from_name}: ");
         match (&verdict.egress, from) {
-            (Some(decision), _) => self.explain_decision(out, decision),
+            (Some(decision), _) => self.explain_decision(out, decision, Direction::Egress),
             (None, Source::Ip(_)) => {
                 let _ = writeln!(out, "not enforced (an IP-only source: no agent decides)");
             }
@@ -337,7 +337,7 @@ impl Input {
             }
         }
         let _ = write!(out, "  ingress of {to}: ");
-        self.explain_decision(out, &verdict.ingress);
+        self.explain_decision(out, &verdict.ingress, Direction::Ingress);
         let denied_by: Vec<&str> = [
             (verdict.egress.as_ref().is_some_and(|d| !d.allowed)).then_some("egress"),
             (!verdict.ingress.allowed).then_some("ingress"),
@@ -414,21 +414,67 @@ impl Input {
         }
     }
 
-    fn explain_decision(&self, out: &mut String, decision: &Decision) {
+    fn explain_decision(&self, out: &mut String, decision: &Decision, direction: Direction) {
         let _ = writeln!(out, "{decision}");
-        if let Reason::AllowedBy(rule) = &decision.reason
-            && let Some(rule_yaml) = self.rule_yaml(&rule.policy, rule.direction, rule.index)
-        {
+        match &decision.reason {
+            Reason::AllowedBy(rule) => {
+                if let Some(rule_yaml) = self.rule_yaml(&rule.policy, rule.direction, rule.index) {
+                    let _ = writeln!(
+                        out,
+                        "    spec.{}[{}] of {}:",
+                        direction_field(rule.direction),
+                        rule.index,
+                        rule.policy
+                    );
+                    for line in rule_yaml.lines() {
+                        let _ = writeln!(out, "      {line}");
+                    }
+                }
+            }
+            // What each isolating policy does allow, so the missing piece can be seen.
+            Reason::Isolated(policies) => {
+                for key in policies {
+                    self.summarize_rules(out, key, direction);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// One line per rule of `key` in `direction`, in compact JSON.
+    fn summarize_rules(&self, out: &mut String, key: &PolicyKey, direction: Direction) {
+        const MAX_RULES: usize = 8;
+        let dir = direction_field(direction);
+        let Some(spec) = self.policies.get(key).and_then(|p| p.spec.as_ref()) else {
+            return;
+        };
+        let rules: Vec<String> = match direction {
+            Direction::Ingress => spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| serde_json::to_string(r).unwrap_or_default())
+                .collect(),
+            Direction::Egress => spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| serde_json::to_string(r).unwrap_or_default())
+                .collect(),
+        };
+        if rules.is_empty() {
+            let _ = writeln!(out, "    {key}: no {dir} rules (allows no {dir})");
+            return;
+        }
+        for (i, rule) in rules.iter().enumerate().take(MAX_RULES) {
+            let _ = writeln!(out, "    {key} {dir} rule {i}: {rule}");
+        }
+        if rules.len() > MAX_RULES {
             let _ = writeln!(
                 out,
-                "    spec.{}[{}] of {}:",
-                direction_field(rule.direction),
-                rule.index,
-                rule.policy
+                "    {key}: {} more {dir} rules",
+                rules.len() - MAX_RULES
             );
-            for line in rule_yaml.lines() {
-                let _ = writeln!(out, "      {line}");
-            }
         }
     }
 
