@@ -523,6 +523,20 @@ fn explain_an_unknown_pod_fails_naming_it() {
         "--from",
         EXTERNAL,
         "--to",
+        "demo/frontend",
+    ]);
+    assert!(
+        err.contains("unknown pod demo/frontend (did you mean, in namespace demo: frontend-6b7d9c8f5-5d8f7, frontend-6b7d9c8f5-9kx2p)"),
+        "{err}"
+    );
+    let err = fails(&[
+        "policy",
+        "explain",
+        "-f",
+        THREE_TIER,
+        "--from",
+        EXTERNAL,
+        "--to",
         "nowhere/pod",
     ]);
     assert!(err.contains("unknown pod nowhere/pod"), "{err}");

@@ -284,23 +284,35 @@ impl Input {
     }
 
     fn known_pod(&self, key: &PodKey) -> anyhow::Result<()> {
+        const MAX_LISTED: usize = 10;
         if self.engine.workload(key).is_some() {
             return Ok(());
         }
-        let same_ns: Vec<String> = self
+        let same_ns: Vec<&str> = self
             .engine
             .workloads()
             .filter(|w| w.key.namespace == key.namespace)
-            .map(|w| w.key.name.clone())
+            .map(|w| w.key.name.as_str())
             .collect();
         if same_ns.is_empty() {
             bail!("unknown pod {key}: no pods in namespace {}", key.namespace);
         }
-        bail!(
-            "unknown pod {key} (pods in namespace {}: {})",
-            key.namespace,
-            same_ns.join(", ")
-        )
+        // `--to demo/frontend` most likely meant one of the frontend-<hash> replicas.
+        let close: Vec<&str> = same_ns
+            .iter()
+            .copied()
+            .filter(|name| name.starts_with(key.name.as_str()))
+            .collect();
+        let (what, names) = if close.is_empty() {
+            ("pods in namespace", same_ns)
+        } else {
+            ("did you mean, in namespace", close)
+        };
+        let mut listed = names[..names.len().min(MAX_LISTED)].join(", ");
+        if names.len() > MAX_LISTED {
+            let _ = write!(listed, " and {} more", names.len() - MAX_LISTED);
+        }
+        bail!("unknown pod {key} ({what} {}: {listed})", key.namespace)
     }
 
     /// Writes the reason for one connection in words.
