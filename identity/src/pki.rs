@@ -702,6 +702,14 @@ pub fn summarize_pem(pem: &str) -> Result<CertificateSummary, CertError> {
     })
 }
 
+/// Format unix milliseconds as RFC 3339 UTC (second precision), e.g. for `tessera pki show`.
+pub fn format_time(ms: u64) -> String {
+    match der::DateTime::from_unix_duration(std::time::Duration::from_millis(ms)) {
+        Ok(dt) => dt.to_string(),
+        Err(_) => format!("{ms} ms since the epoch"),
+    }
+}
+
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
