@@ -5,6 +5,7 @@
 //! anything out of order), so two nodes always encode the same identity to the same bytes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::error::ClaimsError;
 use crate::wire::Reader;
@@ -15,8 +16,13 @@ pub const MAX_CLAIMS_LEN: usize = 1024;
 
 /// A workload's identity as vouched for by its node: namespace, workload name, pod labels and
 /// the labels of its namespace.
+///
+/// Cheap to clone (shared, immutable).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Claims {
+pub struct Claims(Arc<Inner>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Inner {
     namespace: String,
     workload: String,
     labels: BTreeMap<String, String>,
@@ -32,12 +38,12 @@ impl Claims {
         labels: BTreeMap<String, String>,
         namespace_labels: BTreeMap<String, String>,
     ) -> Result<Self, ClaimsError> {
-        let claims = Claims {
+        let claims = Claims(Arc::new(Inner {
             namespace: namespace.into(),
             workload: workload.into(),
             labels,
             namespace_labels,
-        };
+        }));
         claims.validate()?;
         let size = claims.encoded_len();
         if size > MAX_CLAIMS_LEN {
@@ -51,27 +57,27 @@ impl Claims {
 
     /// Namespace (DNS-1123 label).
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
     /// Workload (pod) name (DNS-1123 subdomain).
     pub fn workload(&self) -> &str {
-        &self.workload
+        &self.0.workload
     }
     /// Pod labels, sorted by key.
     pub fn labels(&self) -> &BTreeMap<String, String> {
-        &self.labels
+        &self.0.labels
     }
     /// Namespace labels, sorted by key.
     pub fn namespace_labels(&self) -> &BTreeMap<String, String> {
-        &self.namespace_labels
+        &self.0.namespace_labels
     }
 
     fn validate(&self) -> Result<(), ClaimsError> {
-        check_dns_label("namespace", &self.namespace)?;
-        check_dns_subdomain("workload", &self.workload)?;
+        check_dns_label("namespace", &self.0.namespace)?;
+        check_dns_subdomain("workload", &self.0.workload)?;
         for (field, map) in [
-            ("labels", &self.labels),
-            ("namespace_labels", &self.namespace_labels),
+            ("labels", &self.0.labels),
+            ("namespace_labels", &self.0.namespace_labels),
         ] {
             if map.len() > 255 {
                 return Err(ClaimsError::TooManyLabels {
@@ -90,24 +96,27 @@ impl Claims {
     /// Size of [`Claims::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
         let map_len = |m: &BTreeMap<String, String>| {
-            1 + m.iter().map(|(k, v)| 2 + k.len() + 1 + v.len()).sum::<usize>()
+            1 + m
+                .iter()
+                .map(|(k, v)| 2 + k.len() + 1 + v.len())
+                .sum::<usize>()
         };
-        1 + self.namespace.len()
+        1 + self.0.namespace.len()
             + 1
-            + self.workload.len()
-            + map_len(&self.labels)
-            + map_len(&self.namespace_labels)
+            + self.0.workload.len()
+            + map_len(&self.0.labels)
+            + map_len(&self.0.namespace_labels)
     }
 
     /// Append the canonical encoding (see docs/wire-format.md, "Claims").
     pub fn encode(&self, out: &mut Vec<u8>) {
         // Lengths are guaranteed to fit by validation (namespace <= 63, workload <= 253,
         // keys <= 317, values <= 63, maps <= 255 entries).
-        out.push(self.namespace.len() as u8);
-        out.extend_from_slice(self.namespace.as_bytes());
-        out.push(self.workload.len() as u8);
-        out.extend_from_slice(self.workload.as_bytes());
-        for map in [&self.labels, &self.namespace_labels] {
+        out.push(self.0.namespace.len() as u8);
+        out.extend_from_slice(self.0.namespace.as_bytes());
+        out.push(self.0.workload.len() as u8);
+        out.extend_from_slice(self.0.workload.as_bytes());
+        for map in [&self.0.labels, &self.0.namespace_labels] {
             out.push(map.len() as u8);
             for (k, v) in map {
                 out.extend_from_slice(&(k.len() as u16).to_be_bytes());
@@ -134,12 +143,12 @@ impl Claims {
                 max: MAX_CLAIMS_LEN,
             }));
         }
-        Ok(Claims {
+        Ok(Claims(Arc::new(Inner {
             namespace: namespace.to_owned(),
             workload: workload.to_owned(),
             labels,
             namespace_labels,
-        })
+        })))
     }
 }
 
@@ -304,7 +313,11 @@ mod tests {
         let c = Claims::new(
             "shop",
             "web-5f7d8-abcde",
-            map(&[("app", "web"), ("app.kubernetes.io/tier", "frontend"), ("x", "")]),
+            map(&[
+                ("app", "web"),
+                ("app.kubernetes.io/tier", "frontend"),
+                ("x", ""),
+            ]),
             map(&[("kubernetes.io/metadata.name", "shop")]),
         )
         .unwrap();
@@ -342,7 +355,16 @@ mod tests {
             .map(|i| (format!("label-number-{i:03}"), "v".repeat(20)))
             .collect();
         let err = Claims::new("shop", "w", labels, BTreeMap::new()).unwrap_err();
-        assert!(matches!(err, ClaimsError::TooLarge { max: MAX_CLAIMS_LEN, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ClaimsError::TooLarge {
+                    max: MAX_CLAIMS_LEN,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -221,7 +221,9 @@ pub enum PkiError {
     #[error("private key: {0}")]
     Key(String),
     /// A node name or CA name is not a valid DNS-1123 subdomain.
-    #[error("invalid name {0:?}: must be a DNS-1123 subdomain (lowercase, digits, '-', '.'; at most 253)")]
+    #[error(
+        "invalid name {0:?}: must be a DNS-1123 subdomain (lowercase, digits, '-', '.'; at most 253)"
+    )]
     InvalidName(String),
     /// notBefore >= notAfter or out of the representable range.
     #[error("invalid validity period: {0}")]

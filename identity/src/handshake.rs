@@ -28,8 +28,8 @@ use crate::pki::{NodeCertificate, NodeCredentials, TrustAnchor, check_validity};
 use crate::psk::Psk;
 use crate::replay::{ReplayCache, ReplayConfig};
 use crate::wire::{
-    AckToken, Header, KeyId, MAC_LEN, Mode, NONCE_LEN, SynAckToken, SynToken, encode_header,
-    TYPE_SYN_ACK,
+    AckToken, Header, KeyId, MAC_LEN, Mode, NONCE_LEN, SynAckToken, SynToken, TYPE_SYN,
+    TYPE_SYN_ACK, encode_header,
 };
 
 /// Tunables. `Default` gives ±30 s skew and the default replay bounds.
@@ -92,8 +92,9 @@ pub struct Node {
     key_id: KeyId,
     config: Config,
     keying: Keying,
-    pairs: HashMap<(KeyId, String), PairKeys>,
-    pair_order: VecDeque<(KeyId, String)>,
+    /// Pair keys by peer node name, then key id (a node has one or two certificates).
+    pairs: HashMap<String, Vec<(KeyId, PairKeys)>>,
+    pair_order: VecDeque<(String, KeyId)>,
     replay: ReplayCache,
 }
 
@@ -195,7 +196,9 @@ impl Node {
             // Drop expired certificates first; if none, refuse rather than evict a live one.
             peers.retain(|_, c| c.not_after_ms() >= now_ms);
             if peers.len() >= self.config.max_peer_certs {
-                return Err(CertError::Malformed("peer certificate table is full".into()));
+                return Err(CertError::Malformed(
+                    "peer certificate table is full".into(),
+                ));
             }
         }
         peers.insert(id, cert);
@@ -240,8 +243,11 @@ impl Node {
                 }
             }
         }
-        self.pairs.retain(|(k, _), _| *k != id);
-        self.pair_order.retain(|(k, _)| *k != id);
+        for v in self.pairs.values_mut() {
+            v.retain(|(k, _)| *k != id);
+        }
+        self.pairs.retain(|_, v| !v.is_empty());
+        self.pair_order.retain(|(_, k)| *k != id);
     }
 
     /// Client side: make the SYN token for a connection from the local workload `claims`.
@@ -252,20 +258,18 @@ impl Node {
         nonce: [u8; NONCE_LEN],
         now_ms: u64,
     ) -> (ClientAwaitingSynAck, Vec<u8>) {
-        let syn = SynToken {
-            header: Header {
-                mode: self.mode(),
-                key_id: self.key_id,
-                timestamp_ms: now_ms,
-                nonce,
-                node: self.name.clone(),
-            },
-            claims: claims.clone(),
-        }
-        .encode();
-        let state = ClientAwaitingSynAck {
-            syn_hash: h(&syn),
+        let header = Header {
+            mode: self.mode(),
+            key_id: self.key_id,
+            timestamp_ms: now_ms,
+            nonce,
+            node: String::new(),
         };
+        let mut syn =
+            Vec::with_capacity(crate::wire::HEADER_LEN + self.name.len() + claims.encoded_len());
+        encode_header(&mut syn, TYPE_SYN, &header, &self.name);
+        claims.encode(&mut syn);
+        let state = ClientAwaitingSynAck { syn_hash: h(&syn) };
         (state, syn)
     }
 
@@ -282,7 +286,11 @@ impl Node {
         self.check_mode(hd.mode)?;
         self.resolve_peer(hd.key_id, &hd.node, now_ms)?;
         self.check_time(hd.timestamp_ms, now_ms)?;
-        if self.replay.check(&hd.node, &hd.nonce, hd.timestamp_ms).is_err() {
+        if self
+            .replay
+            .check(&hd.node, &hd.nonce, hd.timestamp_ms)
+            .is_err()
+        {
             return Err(HandshakeError::Replay);
         }
         Ok(ServerSynReceived {
@@ -354,9 +362,10 @@ impl Node {
 
     /// Pair keys for (peer key id, peer node), derived once and cached (bounded).
     fn pair(&mut self, id: KeyId, node: &str) -> Result<PairKeys, HandshakeError> {
-        let key = (id, node.to_owned());
-        if let Some(p) = self.pairs.get(&key) {
-            return Ok(p.clone());
+        if let Some(v) = self.pairs.get(node)
+            && let Some((_, k)) = v.iter().find(|(i, _)| *i == id)
+        {
+            return Ok(k.clone());
         }
         let secret = match &self.keying {
             Keying::Psk { psk } => psk_pair_secret(psk, &self.name, node),
@@ -369,22 +378,40 @@ impl Node {
         };
         let keys = pair_keys(&secret, &self.name, node);
         let cap = self.config.max_cached_pairs.max(1);
-        while self.pairs.len() >= cap {
-            match self.pair_order.pop_front() {
-                Some(old) => {
-                    self.pairs.remove(&old);
+        while self.pair_order.len() >= cap {
+            let Some((old_node, old_id)) = self.pair_order.pop_front() else {
+                break;
+            };
+            if let Some(v) = self.pairs.get_mut(&old_node) {
+                v.retain(|(i, _)| *i != old_id);
+                if v.is_empty() {
+                    self.pairs.remove(&old_node);
                 }
-                None => break,
             }
         }
-        self.pairs.insert(key.clone(), keys.clone());
-        self.pair_order.push_back(key);
+        self.pairs
+            .entry(node.to_owned())
+            .or_default()
+            .push((id, keys.clone()));
+        self.pair_order.push_back((node.to_owned(), id));
         Ok(keys)
+    }
+
+    /// Forget all cached pair keys (they are derived again on next use), e.g. after rotating
+    /// this node's key.
+    pub fn clear_pair_cache(&mut self) {
+        self.pairs.clear();
+        self.pair_order.clear();
     }
 
     /// Derive (or fetch) the pair keys with a peer ahead of time, e.g. when its certificate
     /// arrives, so the first handshake does not pay the X25519 operation.
-    pub fn prepare_peer(&mut self, id: KeyId, node: &str, now_ms: u64) -> Result<(), HandshakeError> {
+    pub fn prepare_peer(
+        &mut self,
+        id: KeyId,
+        node: &str,
+        now_ms: u64,
+    ) -> Result<(), HandshakeError> {
         self.resolve_peer(id, node, now_ms)?;
         self.pair(id, node).map(|_| ())
     }
@@ -428,7 +455,7 @@ impl ClientAwaitingSynAck {
         let ack_header = AckToken::header(node.mode());
         let mut mac = keys.ack_out;
         mac.update(&self.syn_hash);
-        mac.update(&h(synack));
+        mac.update(&tok.mac);
         mac.update(&ack_header);
         let tag = mac.finalize().into_bytes();
         let mut ack = Vec::with_capacity(ack_header.len() + MAC_LEN);
@@ -480,7 +507,7 @@ impl ServerSynReceived {
             key_id: node.key_id,
             timestamp_ms: now_ms,
             nonce,
-            node: node.name.clone(),
+            node: String::new(),
         };
         let mut out = Vec::with_capacity(
             crate::wire::HEADER_LEN
@@ -490,17 +517,18 @@ impl ServerSynReceived {
                 + claims.encoded_len()
                 + MAC_LEN,
         );
-        encode_header(&mut out, TYPE_SYN_ACK, &header);
+        encode_header(&mut out, TYPE_SYN_ACK, &header, &node.name);
         out.push(port_name.len() as u8);
         out.extend_from_slice(port_name.as_bytes());
         claims.encode(&mut out);
         let mut mac = keys.synack_out;
         mac.update(&self.syn_hash);
         mac.update(&out);
-        out.extend_from_slice(&mac.finalize().into_bytes());
+        let tag: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+        out.extend_from_slice(&tag);
         let state = ServerAwaitingAck {
             syn_hash: self.syn_hash,
-            synack_hash: h(&out),
+            synack_mac: tag,
             client_key: self.client_key,
             client_nonce: self.client_nonce,
             client_ts: self.client_ts,
@@ -514,7 +542,7 @@ impl ServerSynReceived {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerAwaitingAck {
     syn_hash: [u8; 32],
-    synack_hash: [u8; 32],
+    synack_mac: [u8; MAC_LEN],
     client_key: KeyId,
     client_nonce: [u8; NONCE_LEN],
     client_ts: u64,
@@ -544,7 +572,7 @@ impl ServerAwaitingAck {
         let keys = node.pair(self.client_key, &self.peer.node)?;
         let mut mac = keys.ack_in;
         mac.update(&self.syn_hash);
-        mac.update(&self.synack_hash);
+        mac.update(&self.synack_mac);
         mac.update(&ack[..ack.len() - MAC_LEN]);
         mac.verify_slice(&tok.mac)
             .map_err(|_| HandshakeError::BadMac)?;

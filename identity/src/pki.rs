@@ -96,7 +96,9 @@ impl BuilderProfile for Profile {
 
 fn validity(not_before_ms: u64, not_after_ms: u64) -> Result<Validity, PkiError> {
     if not_before_ms >= not_after_ms {
-        return Err(PkiError::Validity("notBefore must be before notAfter".into()));
+        return Err(PkiError::Validity(
+            "notBefore must be before notAfter".into(),
+        ));
     }
     Ok(Validity::new(
         ms_to_time(not_before_ms)?,
@@ -314,7 +316,9 @@ impl TrustAnchor {
             .get_extension::<BasicConstraints>()
             .map_err(|e| CertError::Malformed(e.to_string()))?;
         if !matches!(bc, Some((_, BasicConstraints { ca: true, .. }))) {
-            return Err(CertError::WrongKeyType("CA certificate lacks basicConstraints CA"));
+            return Err(CertError::WrongKeyType(
+                "CA certificate lacks basicConstraints CA",
+            ));
         }
         let anchor = TrustAnchor {
             der: der.to_vec(),
@@ -325,7 +329,9 @@ impl TrustAnchor {
             not_after_ms: time_to_ms(&tbs.validity().not_after),
         };
         if tbs.issuer() != tbs.subject() {
-            return Err(CertError::UntrustedIssuer("CA certificate is not self-issued"));
+            return Err(CertError::UntrustedIssuer(
+                "CA certificate is not self-issued",
+            ));
         }
         verify_signature(&cert, &anchor.key)?;
         Ok(anchor)
@@ -357,8 +363,8 @@ impl TrustAnchor {
         if cert.issuer != self.subject {
             return Err(CertError::UntrustedIssuer("issuer name is not the CA's"));
         }
-        let parsed = Certificate::from_der(&cert.der)
-            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let parsed =
+            Certificate::from_der(&cert.der).map_err(|e| CertError::Malformed(e.to_string()))?;
         verify_signature(&parsed, &self.key)?;
         if let Some(expected) = expected_node
             && expected != cert.node_name
@@ -374,7 +380,11 @@ impl TrustAnchor {
     }
 }
 
-pub(crate) fn check_validity(not_before_ms: u64, not_after_ms: u64, now_ms: u64) -> Result<(), CertError> {
+pub(crate) fn check_validity(
+    not_before_ms: u64,
+    not_after_ms: u64,
+    now_ms: u64,
+) -> Result<(), CertError> {
     if now_ms < not_before_ms {
         return Err(CertError::NotYetValid {
             not_before_ms,
@@ -448,7 +458,9 @@ impl NodeCertificate {
         let tbs = cert.tbs_certificate();
         let spki = tbs.subject_public_key_info();
         if spki.algorithm.oid != OID_X25519 {
-            return Err(CertError::WrongKeyType("node key must be X25519 (RFC 8410)"));
+            return Err(CertError::WrongKeyType(
+                "node key must be X25519 (RFC 8410)",
+            ));
         }
         let x25519: [u8; 32] = spki
             .subject_public_key
@@ -459,13 +471,17 @@ impl NodeCertificate {
             .get_extension::<KeyUsage>()
             .map_err(|e| CertError::Malformed(e.to_string()))?;
         if !matches!(ku, Some((_, ref k)) if k.key_agreement()) {
-            return Err(CertError::WrongKeyType("keyUsage must include keyAgreement"));
+            return Err(CertError::WrongKeyType(
+                "keyUsage must include keyAgreement",
+            ));
         }
         let bc = tbs
             .get_extension::<BasicConstraints>()
             .map_err(|e| CertError::Malformed(e.to_string()))?;
         if matches!(bc, Some((_, BasicConstraints { ca: true, .. }))) {
-            return Err(CertError::WrongKeyType("a CA certificate is not a node certificate"));
+            return Err(CertError::WrongKeyType(
+                "a CA certificate is not a node certificate",
+            ));
         }
         let cn: String = tbs
             .subject()
@@ -600,7 +616,8 @@ impl NodeCredentials {
                 .and_then(|o| o.to_der())
                 .map_err(|e| PkiError::Key(e.to_string()))?,
         );
-        let os = der::asn1::OctetStringRef::new(&inner).map_err(|e| PkiError::Key(e.to_string()))?;
+        let os =
+            der::asn1::OctetStringRef::new(&inner).map_err(|e| PkiError::Key(e.to_string()))?;
         let info = pkcs8::PrivateKeyInfoRef::new(
             spki::AlgorithmIdentifierRef {
                 oid: OID_X25519,
@@ -608,7 +625,8 @@ impl NodeCredentials {
             },
             os,
         );
-        let doc = der::SecretDocument::encode_msg(&info).map_err(|e| PkiError::Key(e.to_string()))?;
+        let doc =
+            der::SecretDocument::encode_msg(&info).map_err(|e| PkiError::Key(e.to_string()))?;
         doc.to_pem("PRIVATE KEY", LineEnding::LF)
             .map_err(|e| PkiError::Key(e.to_string()))
     }

@@ -91,7 +91,9 @@ fn check_entropy(b: &[u8]) -> Result<(), PskError> {
         }
     }
     if longest * 2 > b.len() {
-        return Err(PskError::LowEntropy("more than half the key is an arithmetic run"));
+        return Err(PskError::LowEntropy(
+            "more than half the key is an arithmetic run",
+        ));
     }
     let bits = b.len() as f64 * (distinct as f64).log2();
     if bits < MIN_PSK_ENTROPY_BITS {

@@ -24,8 +24,8 @@ pub struct ReplayConfig {
 impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
-            per_peer_capacity: 4096,
-            max_peers: 1024,
+            per_peer_capacity: 16_384,
+            max_peers: 512,
         }
     }
 }
@@ -97,7 +97,12 @@ impl ReplayCache {
             }
         }
         let cap = self.config.per_peer_capacity;
-        let p = self.peers.entry(peer.to_owned()).or_default();
+        if !self.peers.contains_key(peer) {
+            self.peers.insert(peer.to_owned(), PeerNonces::default());
+        }
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Err(Replayed);
+        };
         p.last_used = tick;
         while let Some(&(old, ts)) = p.order.front() {
             if ts >= oldest_valid_ms && p.order.len() < cap {
@@ -166,17 +171,27 @@ mod tests {
         for i in 0..1_000_000u64 {
             // Timestamps advance 1 ms per nonce, all inside a 30 s window of "now".
             let ts = base + i;
-            c.insert("node-a", nonce(i), ts, ts.saturating_sub(30_000)).unwrap();
+            c.insert("node-a", nonce(i), ts, ts.saturating_sub(30_000))
+                .unwrap();
             assert!(c.len() <= 1000);
         }
         assert_eq!(c.len(), 1000);
         assert_eq!(c.peer_count(), 1);
         // Recent nonces are rejected by the set, old ones by the floor.
-        assert_eq!(c.check("node-a", &nonce(999_999), base + 999_999), Err(Replayed));
+        assert_eq!(
+            c.check("node-a", &nonce(999_999), base + 999_999),
+            Err(Replayed)
+        );
         assert_eq!(c.check("node-a", &nonce(0), base), Err(Replayed));
-        assert_eq!(c.check("node-a", &nonce(500_000), base + 500_000), Err(Replayed));
+        assert_eq!(
+            c.check("node-a", &nonce(500_000), base + 500_000),
+            Err(Replayed)
+        );
         // A fresh nonce with a current timestamp is still accepted.
-        assert_eq!(c.check("node-a", &nonce(2_000_000), base + 1_000_000), Ok(()));
+        assert_eq!(
+            c.check("node-a", &nonce(2_000_000), base + 1_000_000),
+            Ok(())
+        );
     }
 
     #[test]

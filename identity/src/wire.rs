@@ -170,15 +170,17 @@ pub struct AckToken {
     pub mac: [u8; MAC_LEN],
 }
 
-pub(crate) fn encode_header(out: &mut Vec<u8>, ty: u8, h: &Header) {
+/// Encode a header; `node` is the sender's node name (passed separately so callers need not
+/// clone it into the header).
+pub(crate) fn encode_header(out: &mut Vec<u8>, ty: u8, h: &Header, node: &str) {
     out.push(VERSION);
     out.push(ty);
     out.push(h.mode as u8);
-    out.push(h.node.len() as u8);
+    out.push(node.len() as u8);
     out.extend_from_slice(&h.key_id.0);
     out.extend_from_slice(&h.timestamp_ms.to_be_bytes());
     out.extend_from_slice(&h.nonce);
-    out.extend_from_slice(h.node.as_bytes());
+    out.extend_from_slice(node.as_bytes());
 }
 
 /// Version, type and mode checks shared by all tokens, in that order, so the earliest byte that
@@ -191,14 +193,18 @@ fn check_prefix(r: &mut Reader<'_>, total: usize, expected_ty: u8) -> Result<Mod
     if version != VERSION {
         return Err(HandshakeError::UnsupportedVersion(version));
     }
-    let ty = r.u8().ok_or(HandshakeError::Malformed("truncated at type"))?;
+    let ty = r
+        .u8()
+        .ok_or(HandshakeError::Malformed("truncated at type"))?;
     if ty != expected_ty {
         return Err(HandshakeError::WrongTokenType {
             expected: expected_ty,
             found: ty,
         });
     }
-    let mode_byte = r.u8().ok_or(HandshakeError::Malformed("truncated at mode"))?;
+    let mode_byte = r
+        .u8()
+        .ok_or(HandshakeError::Malformed("truncated at mode"))?;
     Mode::from_byte(mode_byte).ok_or(HandshakeError::ModeMismatch(mode_byte))
 }
 
@@ -206,14 +212,19 @@ fn decode_header(r: &mut Reader<'_>, mode: Mode) -> Result<Header, HandshakeErro
     let name_len = r
         .u8()
         .ok_or(HandshakeError::Malformed("truncated at node name length"))?;
-    let key_id = KeyId(r.array().ok_or(HandshakeError::Malformed("truncated at key id"))?);
+    let key_id = KeyId(
+        r.array()
+            .ok_or(HandshakeError::Malformed("truncated at key id"))?,
+    );
     let timestamp_ms = r
         .u64()
         .ok_or(HandshakeError::Malformed("truncated at timestamp"))?;
-    let nonce = r.array().ok_or(HandshakeError::Malformed("truncated at nonce"))?;
-    let node = r
-        .str_n(name_len as usize)
-        .ok_or(HandshakeError::Malformed("truncated or non-UTF-8 node name"))?;
+    let nonce = r
+        .array()
+        .ok_or(HandshakeError::Malformed("truncated at nonce"))?;
+    let node = r.str_n(name_len as usize).ok_or(HandshakeError::Malformed(
+        "truncated or non-UTF-8 node name",
+    ))?;
     if !is_dns_subdomain(node) {
         return Err(HandshakeError::Malformed(
             "node name is not a DNS-1123 subdomain",
@@ -251,10 +262,9 @@ impl SynToken {
 
     /// Encode (deterministic; the exact bytes are what the SYN-ACK's MAC binds).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + self.header.node.len() + self.claims.encoded_len(),
-        );
-        encode_header(&mut out, TYPE_SYN, &self.header);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + self.header.node.len() + self.claims.encoded_len());
+        encode_header(&mut out, TYPE_SYN, &self.header, &self.header.node);
         self.claims.encode(&mut out);
         out
     }
@@ -275,7 +285,9 @@ impl SynAckToken {
             .array()
             .ok_or(HandshakeError::Malformed("truncated MAC"))?;
         if !r.is_empty() {
-            return Err(HandshakeError::Malformed("trailing bytes after SYN-ACK token"));
+            return Err(HandshakeError::Malformed(
+                "trailing bytes after SYN-ACK token",
+            ));
         }
         Ok(SynAckToken {
             header,
@@ -334,7 +346,14 @@ pub enum TcpOptionError {
 pub fn encode_tcp_option(token_len: u16) -> [u8; TCP_OPTION_LEN] {
     let e = TCP_OPTION_EXID.to_be_bytes();
     let l = token_len.to_be_bytes();
-    [TCP_OPTION_KIND, TCP_OPTION_LEN as u8, e[0], e[1], l[0], l[1]]
+    [
+        TCP_OPTION_KIND,
+        TCP_OPTION_LEN as u8,
+        e[0],
+        e[1],
+        l[0],
+        l[1],
+    ]
 }
 
 /// Walk a TCP options area (the bytes after the 20-byte TCP header, up to the data offset) and
@@ -345,8 +364,8 @@ pub fn parse_tcp_option(options: &[u8]) -> Result<Option<u16>, TcpOptionError> {
     let mut found = None;
     while i < options.len() {
         match options[i] {
-            0 => break,          // End of option list.
-            1 => i += 1,         // NOP.
+            0 => break,  // End of option list.
+            1 => i += 1, // NOP.
             kind => {
                 let len = *options.get(i + 1).ok_or(TcpOptionError::Malformed(i))? as usize;
                 if len < 2 || i + len > options.len() {

@@ -66,11 +66,23 @@ fn tcp_option_round_trips_among_other_options() {
 fn malformed_tcp_options_are_reported() {
     assert_eq!(parse_tcp_option(&[2]), Err(TcpOptionError::Malformed(0)));
     assert_eq!(parse_tcp_option(&[2, 1]), Err(TcpOptionError::Malformed(0)));
-    assert_eq!(parse_tcp_option(&[1, 2, 10, 0]), Err(TcpOptionError::Malformed(1)));
-    assert_eq!(parse_tcp_option(&[253, 8, 0x7E, 0x55, 0, 1, 0, 0]), Err(TcpOptionError::BadLength(8)));
-    assert_eq!(parse_tcp_option(&encode_tcp_option(0)), Err(TcpOptionError::BadTokenLength(0)));
+    assert_eq!(
+        parse_tcp_option(&[1, 2, 10, 0]),
+        Err(TcpOptionError::Malformed(1))
+    );
+    assert_eq!(
+        parse_tcp_option(&[253, 8, 0x7E, 0x55, 0, 1, 0, 0]),
+        Err(TcpOptionError::BadLength(8))
+    );
+    assert_eq!(
+        parse_tcp_option(&encode_tcp_option(0)),
+        Err(TcpOptionError::BadTokenLength(0))
+    );
     let too_long = encode_tcp_option(MAX_TOKEN_LEN as u16 + 1);
-    assert!(matches!(parse_tcp_option(&too_long), Err(TcpOptionError::BadTokenLength(_))));
+    assert!(matches!(
+        parse_tcp_option(&too_long),
+        Err(TcpOptionError::BadTokenLength(_))
+    ));
     let mut twice = encode_tcp_option(40).to_vec();
     twice.extend_from_slice(&encode_tcp_option(40));
     assert_eq!(parse_tcp_option(&twice), Err(TcpOptionError::Duplicate));

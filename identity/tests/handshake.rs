@@ -28,7 +28,10 @@ fn psk_handshake_authenticates_both_workloads() {
     let (mut a, mut b) = psk_nodes();
     let mut rng = SeededRng::new(b"n");
     let (client, server) = handshake(&mut a, &mut b, &mut rng, NOW, &NO_TAMPER).unwrap();
-    assert_eq!((client.node.as_str(), server.node.as_str()), ("node-a", "node-b"));
+    assert_eq!(
+        (client.node.as_str(), server.node.as_str()),
+        ("node-a", "node-b")
+    );
     assert_eq!(server.claims, db_claims());
 }
 
@@ -60,7 +63,8 @@ fn every_byte_change_is_rejected(mut a: Node, mut b: Node) {
     let (_, sa) = {
         let (_, syn2) = a.client_syn(&web_claims(), rng.nonce(), NOW);
         let r = b.server_syn(&syn2, NOW).unwrap();
-        r.respond(&mut b, &db_claims(), "postgres", rng.nonce(), NOW).unwrap()
+        r.respond(&mut b, &db_claims(), "postgres", rng.nonce(), NOW)
+            .unwrap()
     };
     let lens = [syn.len(), sa.len(), 36];
     let mut checked = 0;
@@ -69,9 +73,21 @@ fn every_byte_change_is_rejected(mut a: Node, mut b: Node) {
             for mask in [0x01u8, 0x80, 0xFF] {
                 let flip = move |t: &mut Vec<u8>| t[pos] ^= mask;
                 let tamper = match ty {
-                    0 => Tamper { syn: &flip, synack: &none, ack: &none },
-                    1 => Tamper { syn: &none, synack: &flip, ack: &none },
-                    _ => Tamper { syn: &none, synack: &none, ack: &flip },
+                    0 => Tamper {
+                        syn: &flip,
+                        synack: &none,
+                        ack: &none,
+                    },
+                    1 => Tamper {
+                        syn: &none,
+                        synack: &flip,
+                        ack: &none,
+                    },
+                    _ => Tamper {
+                        syn: &none,
+                        synack: &none,
+                        ack: &flip,
+                    },
                 };
                 let r = handshake(&mut a, &mut b, &mut rng, NOW, &tamper);
                 let (stage, err) = match r {
@@ -127,15 +143,27 @@ fn header_byte_changes_report_the_specific_reason() {
     ];
     for (pos, mask, label) in cases {
         let flip = move |t: &mut Vec<u8>| t[pos] ^= mask;
-        let t = Tamper { syn: &flip, synack: &none, ack: &none };
+        let t = Tamper {
+            syn: &flip,
+            synack: &none,
+            ack: &none,
+        };
         let (stage, err) = handshake(&mut a, &mut b, &mut rng, NOW, &t).unwrap_err();
-        assert_eq!((stage, err.as_str()), (Stage::ServerSyn, label), "byte {pos}");
+        assert_eq!(
+            (stage, err.as_str()),
+            (Stage::ServerSyn, label),
+            "byte {pos}"
+        );
     }
     // A changed client nonce or claim passes the server's SYN check but the client sees that
     // the SYN-ACK answers another SYN.
     let nonce_pos = HEADER_LEN - 1;
     let flip = move |t: &mut Vec<u8>| t[nonce_pos] ^= 1;
-    let t = Tamper { syn: &flip, synack: &none, ack: &none };
+    let t = Tamper {
+        syn: &flip,
+        synack: &none,
+        ack: &none,
+    };
     let (stage, err) = handshake(&mut a, &mut b, &mut rng, NOW, &t).unwrap_err();
     assert_eq!((stage, err), (Stage::ClientSynAck, HandshakeError::BadMac));
 }
@@ -150,12 +178,27 @@ fn truncated_or_extended_tokens_are_rejected() {
     let grow = |t: &mut Vec<u8>| t.push(0);
     for f in [&cut as &dyn Fn(&mut Vec<u8>), &grow] {
         for t in [
-            Tamper { syn: f, synack: &none, ack: &none },
-            Tamper { syn: &none, synack: f, ack: &none },
-            Tamper { syn: &none, synack: &none, ack: f },
+            Tamper {
+                syn: f,
+                synack: &none,
+                ack: &none,
+            },
+            Tamper {
+                syn: &none,
+                synack: f,
+                ack: &none,
+            },
+            Tamper {
+                syn: &none,
+                synack: &none,
+                ack: f,
+            },
         ] {
             let (_, err) = handshake(&mut a, &mut b, &mut rng, NOW, &t).unwrap_err();
-            assert!(matches!(err, HandshakeError::Malformed(_) | HandshakeError::BadMac), "{err}");
+            assert!(
+                matches!(err, HandshakeError::Malformed(_) | HandshakeError::BadMac),
+                "{err}"
+            );
         }
     }
 }
@@ -169,8 +212,13 @@ fn syn_ack_is_bound_to_the_client_nonce() {
     // Same workload, same time, only the nonce differs: the answer to SYN 2 must not complete
     // flow 1.
     let r2 = b.server_syn(&syn2, NOW).unwrap();
-    let (_s2, synack2) = r2.respond(&mut b, &db_claims(), "", rng.nonce(), NOW).unwrap();
-    assert_eq!(c1.receive_syn_ack(&mut a, &synack2, NOW).unwrap_err(), HandshakeError::BadMac);
+    let (_s2, synack2) = r2
+        .respond(&mut b, &db_claims(), "", rng.nonce(), NOW)
+        .unwrap();
+    assert_eq!(
+        c1.receive_syn_ack(&mut a, &synack2, NOW).unwrap_err(),
+        HandshakeError::BadMac
+    );
 }
 
 #[test]
@@ -191,7 +239,10 @@ fn ack_is_bound_to_both_nonces_and_only_the_ack_authorizes() {
         .unwrap();
     let (_, ack_first) = c1.receive_syn_ack(&mut a, &synack_first, NOW).unwrap();
     // The ACK answering server nonce 1 does not authorize the state holding server nonce 2.
-    assert_eq!(s_second.receive_ack(&mut b, &ack_first, NOW).unwrap_err(), HandshakeError::BadMac);
+    assert_eq!(
+        s_second.receive_ack(&mut b, &ack_first, NOW).unwrap_err(),
+        HandshakeError::BadMac
+    );
     // A different client flow's ACK does not authorize it either.
     let (c3, syn3) = a.client_syn(&web_claims(), rng.nonce(), NOW);
     let (_s3, synack3) = b
@@ -200,9 +251,15 @@ fn ack_is_bound_to_both_nonces_and_only_the_ack_authorizes() {
         .respond(&mut b, &db_claims(), "", rng.nonce(), NOW)
         .unwrap();
     let (_, ack3) = c3.receive_syn_ack(&mut a, &synack3, NOW).unwrap();
-    assert_eq!(s_first.receive_ack(&mut b, &ack3, NOW).unwrap_err(), HandshakeError::BadMac);
+    assert_eq!(
+        s_first.receive_ack(&mut b, &ack3, NOW).unwrap_err(),
+        HandshakeError::BadMac
+    );
     // The right ACK authorizes.
-    assert_eq!(s_first.receive_ack(&mut b, &ack_first, NOW).unwrap().node, "node-a");
+    assert_eq!(
+        s_first.receive_ack(&mut b, &ack_first, NOW).unwrap().node,
+        "node-a"
+    );
 }
 
 #[test]
@@ -218,8 +275,14 @@ fn replayed_syn_and_ack_are_rejected() {
     let (_, ack) = c.receive_syn_ack(&mut a, &synack, NOW).unwrap();
     s.receive_ack(&mut b, &ack, NOW).unwrap();
     // The same ACK again (on the same state) and the same SYN again are replays.
-    assert_eq!(s.receive_ack(&mut b, &ack, NOW + 10).unwrap_err(), HandshakeError::Replay);
-    assert_eq!(b.server_syn(&syn, NOW + 10).unwrap_err(), HandshakeError::Replay);
+    assert_eq!(
+        s.receive_ack(&mut b, &ack, NOW + 10).unwrap_err(),
+        HandshakeError::Replay
+    );
+    assert_eq!(
+        b.server_syn(&syn, NOW + 10).unwrap_err(),
+        HandshakeError::Replay
+    );
     assert_eq!(b.replay_cache().len(), 1);
 }
 
@@ -236,7 +299,12 @@ fn a_retransmitted_syn_before_completion_is_accepted() {
 fn timestamps_outside_the_skew_window_are_rejected() {
     let (mut a, mut b) = psk_nodes();
     let mut rng = SeededRng::new(b"t");
-    for (skew, ok) in [(29_999i64, true), (-30_000, true), (30_001, false), (-31_000, false)] {
+    for (skew, ok) in [
+        (29_999i64, true),
+        (-30_000, true),
+        (30_001, false),
+        (-31_000, false),
+    ] {
         let client_now = (NOW as i64 + skew) as u64;
         let (_, syn) = a.client_syn(&web_claims(), rng.nonce(), client_now);
         let r = b.server_syn(&syn, NOW);
@@ -252,7 +320,10 @@ fn timestamps_outside_the_skew_window_are_rejected() {
     };
     let mut strict = Node::new_psk("node-b", Psk::new(PSK).unwrap(), cfg).unwrap();
     let (_, syn) = a.client_syn(&web_claims(), rng.nonce(), NOW - 6_000);
-    assert_eq!(strict.server_syn(&syn, NOW).unwrap_err().as_str(), "stale_timestamp");
+    assert_eq!(
+        strict.server_syn(&syn, NOW).unwrap_err().as_str(),
+        "stale_timestamp"
+    );
     // The client checks the server's timestamp too.
     let (c, syn) = a.client_syn(&web_claims(), rng.nonce(), NOW);
     let (_, synack) = b
@@ -260,7 +331,12 @@ fn timestamps_outside_the_skew_window_are_rejected() {
         .unwrap()
         .respond(&mut b, &db_claims(), "", rng.nonce(), NOW)
         .unwrap();
-    assert_eq!(c.receive_syn_ack(&mut a, &synack, NOW + 31_000).unwrap_err().as_str(), "stale_timestamp");
+    assert_eq!(
+        c.receive_syn_ack(&mut a, &synack, NOW + 31_000)
+            .unwrap_err()
+            .as_str(),
+        "stale_timestamp"
+    );
 }
 
 #[test]
@@ -314,10 +390,14 @@ fn an_expired_peer_certificate_is_rejected() {
     // And adding it now is refused with the same reason.
     let mut rng = SeededRng::new(b"exp2");
     let ca = ca(&mut rng, "tessera-ca");
-    let old = ca.issue_node(&mut rng, "node-b", NOW - DAY / 2, NOW - 1000).unwrap();
+    let old = ca
+        .issue_node(&mut rng, "node-b", NOW - DAY / 2, NOW - 1000)
+        .unwrap();
     let me = issue(&ca, &mut rng, "node-a");
     let mut n = Node::new_pki(me, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
-    let err = n.add_peer_certificate("node-b", old.certificate().clone(), NOW).unwrap_err();
+    let err = n
+        .add_peer_certificate("node-b", old.certificate().clone(), NOW)
+        .unwrap_err();
     assert!(matches!(err, CertError::Expired { .. }), "{err}");
 }
 
@@ -328,7 +408,10 @@ fn a_not_yet_valid_peer_certificate_is_rejected() {
     let mut rng = SeededRng::new(b"e");
     // node-b's SYN-ACK (its clock is ahead) reaches node-a at NOW: node-a refuses it.
     let (stage, err) = handshake(&mut a, &mut b, &mut rng, NOW, &NO_TAMPER).unwrap_err();
-    assert_eq!((stage, err.as_str()), (Stage::ClientSynAck, "cert_not_yet_valid"));
+    assert_eq!(
+        (stage, err.as_str()),
+        (Stage::ClientSynAck, "cert_not_yet_valid")
+    );
 }
 
 #[test]
@@ -350,7 +433,8 @@ fn a_certificate_from_another_ca_is_rejected() {
         .unwrap_err();
     assert_eq!(err.as_str(), "cert_untrusted_issuer");
     // A node holding such a certificate cannot handshake: its key id is unknown.
-    let mut c = Node::new_pki(evil, evil_ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
+    let mut c =
+        Node::new_pki(evil, evil_ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
     let (stage, err) = handshake(&mut c, &mut a, &mut rng, NOW, &NO_TAMPER).unwrap_err();
     assert_eq!((stage, err.as_str()), (Stage::ServerSyn, "unknown_key"));
 }
@@ -387,7 +471,10 @@ fn a_removed_peer_key_is_rejected_as_revoked() {
         .unwrap();
     let (_, ack) = c.receive_syn_ack(&mut b, &synack, NOW).unwrap();
     assert_eq!(a.remove_peer("node-b"), 1);
-    assert_eq!(s.receive_ack(&mut a, &ack, NOW).unwrap_err().as_str(), "key_revoked");
+    assert_eq!(
+        s.receive_ack(&mut a, &ack, NOW).unwrap_err().as_str(),
+        "key_revoked"
+    );
     // And new SYNs are refused at once.
     let (stage, err) = handshake(&mut b, &mut a, &mut rng, NOW, &NO_TAMPER).unwrap_err();
     assert_eq!((stage, err.as_str()), (Stage::ServerSyn, "key_revoked"));
@@ -400,7 +487,10 @@ fn a_wrong_psk_is_rejected() {
     let mut b = Node::new_psk("node-b", other, Config::default()).unwrap();
     let mut rng = SeededRng::new(b"w");
     let (stage, err) = handshake(&mut a, &mut b, &mut rng, NOW, &NO_TAMPER).unwrap_err();
-    assert_eq!((stage, err), (Stage::ServerSyn, HandshakeError::PskMismatch));
+    assert_eq!(
+        (stage, err),
+        (Stage::ServerSyn, HandshakeError::PskMismatch)
+    );
 }
 
 #[test]
@@ -415,7 +505,12 @@ fn pki_and_psk_nodes_do_not_interoperate() {
 #[test]
 fn ten_labels_of_thirty_bytes_give_a_syn_under_600_bytes() {
     let labels: Vec<(String, String)> = (0..10)
-        .map(|i| (format!("example.com/k-{i:02}"), format!("value-number-{i:02}")))
+        .map(|i| {
+            (
+                format!("example.com/k-{i:02}"),
+                format!("value-number-{i:02}"),
+            )
+        })
         .collect();
     let labels = labels.into_iter().collect();
     let ns = map(&[
@@ -456,7 +551,13 @@ fn the_largest_claims_give_a_token_of_exactly_the_maximum_size() {
         Err(ClaimsError::TooLarge { .. })
     ));
     // Longest node name and port name: the SYN-ACK hits MAX_TOKEN_LEN exactly.
-    let long = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+    let long = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
     assert_eq!(long.len(), 253);
     let psk = || Psk::new(PSK).unwrap();
     let mut a = Node::new_psk(&long, psk(), Config::default()).unwrap();
@@ -477,7 +578,9 @@ fn an_invalid_local_port_name_is_a_local_error() {
     let (a, mut b) = psk_nodes();
     let (_, syn) = a.client_syn(&web_claims(), [1; 16], NOW);
     let r = b.server_syn(&syn, NOW).unwrap();
-    let err = r.respond(&mut b, &db_claims(), "Not_A_Port", [2; 16], NOW).unwrap_err();
+    let err = r
+        .respond(&mut b, &db_claims(), "Not_A_Port", [2; 16], NOW)
+        .unwrap_err();
     assert_eq!(err.as_str(), "local_claims");
 }
 
@@ -496,12 +599,19 @@ fn certificates_round_trip_through_pem() {
         &ca.private_key_pem().unwrap(),
     )
     .unwrap();
-    assert_eq!(ca2.trust_anchor().fingerprint(), ca.trust_anchor().fingerprint());
+    assert_eq!(
+        ca2.trust_anchor().fingerprint(),
+        ca.trust_anchor().fingerprint()
+    );
     let parsed = NodeCertificate::from_pem(&cert_pem).unwrap();
-    ca.trust_anchor().verify(&parsed, Some("node-a"), NOW).unwrap();
+    ca.trust_anchor()
+        .verify(&parsed, Some("node-a"), NOW)
+        .unwrap();
     // A key that does not belong to the certificate is refused.
     let other = issue(&ca, &mut rng, "node-b");
-    assert!(identity::NodeCredentials::from_pem(&cert_pem, &other.private_key_pem().unwrap()).is_err());
+    assert!(
+        identity::NodeCredentials::from_pem(&cert_pem, &other.private_key_pem().unwrap()).is_err()
+    );
 }
 
 #[test]
@@ -511,16 +621,31 @@ fn reject_labels_are_distinct() {
     let all = [
         H::Malformed("x"),
         H::UnsupportedVersion(2),
-        H::WrongTokenType { expected: 1, found: 2 },
+        H::WrongTokenType {
+            expected: 1,
+            found: 2,
+        },
         H::ModeMismatch(3),
         H::InvalidClaims(ClaimsError::TooLarge { size: 1, max: 0 }),
-        H::StaleTimestamp { timestamp_ms: 0, now_ms: 0 },
+        H::StaleTimestamp {
+            timestamp_ms: 0,
+            now_ms: 0,
+        },
         H::Replay,
         H::UnknownKey(String::new()),
         H::KeyRevoked(String::new()),
-        H::NodeNameMismatch { claimed: String::new(), certified: String::new() },
-        H::Certificate(C::Expired { not_after_ms: 0, now_ms: 0 }),
-        H::Certificate(C::NotYetValid { not_before_ms: 0, now_ms: 0 }),
+        H::NodeNameMismatch {
+            claimed: String::new(),
+            certified: String::new(),
+        },
+        H::Certificate(C::Expired {
+            not_after_ms: 0,
+            now_ms: 0,
+        }),
+        H::Certificate(C::NotYetValid {
+            not_before_ms: 0,
+            now_ms: 0,
+        }),
         H::Certificate(C::UntrustedIssuer("x")),
         H::PskMismatch,
         H::BadMac,
@@ -530,5 +655,9 @@ fn reject_labels_are_distinct() {
     ];
     let labels: std::collections::HashSet<&str> = all.iter().map(|e| e.as_str()).collect();
     assert_eq!(labels.len(), all.len());
-    assert!(labels.iter().all(|l| l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    assert!(
+        labels
+            .iter()
+            .all(|l| l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    );
 }

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 
 use identity::testing::SeededRng;
 use identity::{
-    CertificateAuthority, Claims, Config, HandshakeError, Node, NodeCredentials, PeerIdentity,
-    Psk,
+    CertificateAuthority, Claims, Config, HandshakeError, Node, NodeCredentials, PeerIdentity, Psk,
 };
 
 pub const NOW: u64 = 1_780_000_000_000;
@@ -34,7 +33,10 @@ pub fn db_claims() -> Claims {
         "shop",
         "db-0",
         map(&[("app", "db"), ("tier", "backend")]),
-        map(&[("kubernetes.io/metadata.name", "shop"), ("team", "payments")]),
+        map(&[
+            ("kubernetes.io/metadata.name", "shop"),
+            ("team", "payments"),
+        ]),
     )
     .unwrap()
 }
@@ -102,7 +104,9 @@ pub fn handshake(
 ) -> Result<(PeerIdentity, PeerIdentity), (Stage, HandshakeError)> {
     let (cstate, mut syn) = client.client_syn(&web_claims(), rng.nonce(), now);
     (t.syn)(&mut syn);
-    let received = server.server_syn(&syn, now).map_err(|e| (Stage::ServerSyn, e))?;
+    let received = server
+        .server_syn(&syn, now)
+        .map_err(|e| (Stage::ServerSyn, e))?;
     let (sstate, mut synack) = received
         .respond(server, &db_claims(), "postgres", rng.nonce(), now)
         .map_err(|e| (Stage::ServerSyn, e))?;
