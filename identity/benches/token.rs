@@ -3,6 +3,8 @@
 //!
 //! Run: cargo bench -p tessera-identity --bench token -- --warm-up-time 1 --measurement-time 3
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::hint::black_box;

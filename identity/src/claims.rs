@@ -298,6 +298,7 @@ pub(crate) fn check_port_name(s: &str) -> Result<(), ClaimsError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

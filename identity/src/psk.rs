@@ -105,6 +105,7 @@ fn check_entropy(b: &[u8]) -> Result<(), PskError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -1,5 +1,7 @@
 //! Decoders take arbitrary bytes without panicking; the TCP option encodes and parses.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

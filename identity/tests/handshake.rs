@@ -1,5 +1,7 @@
 //! Handshake properties: authentication, binding, tampering, replay, keys, sizes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -4,6 +4,8 @@
 //! version); `committed_vectors_decode_and_verify` decodes them and runs them through the
 //! handshake with the committed keys.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 //! Shared fixtures: deterministic CA, nodes, claims and a handshake driver.
 
 use std::collections::BTreeMap;
