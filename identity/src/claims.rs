@@ -165,7 +165,8 @@ impl From<ClaimsError> for DecodeClaimsError {
 
 fn decode_map(r: &mut Reader<'_>) -> Result<BTreeMap<String, String>, DecodeClaimsError> {
     let count = r.u8().ok_or(DecodeClaimsError::Truncated)?;
-    let mut map = BTreeMap::new();
+    // Bounded: at most 255 entries, each backed by bytes already present in the input.
+    let mut entries: Vec<(String, String)> = Vec::with_capacity(count as usize);
     let mut prev: Option<&str> = None;
     for _ in 0..count {
         let klen = r.u16().ok_or(DecodeClaimsError::Truncated)? as usize;
@@ -184,9 +185,10 @@ fn decode_map(r: &mut Reader<'_>) -> Result<BTreeMap<String, String>, DecodeClai
             .into());
         }
         prev = Some(key);
-        map.insert(key.to_owned(), value.to_owned());
+        entries.push((key.to_owned(), value.to_owned()));
     }
-    Ok(map)
+    // Already sorted and unique: BTreeMap builds it in bulk.
+    Ok(entries.into_iter().collect())
 }
 
 fn is_lower_alnum(b: u8) -> bool {

@@ -100,6 +100,12 @@ pub enum CertError {
     /// The private key does not belong to the certificate.
     #[error("private key does not match the certificate")]
     KeyMismatch,
+    /// The bounded table of peer certificates is full of unexpired certificates.
+    #[error("peer certificate table is full ({0} certificates)")]
+    TableFull(usize),
+    /// The certificate's key id was revoked on this node.
+    #[error("certificate {0} was revoked")]
+    Revoked(String),
 }
 
 impl CertError {
@@ -113,6 +119,8 @@ impl CertError {
             CertError::NodeNameMismatch { .. } => "cert_node_name_mismatch",
             CertError::WrongKeyType(_) => "cert_wrong_key_type",
             CertError::KeyMismatch => "cert_key_mismatch",
+            CertError::TableFull(_) => "cert_table_full",
+            CertError::Revoked(_) => "cert_revoked",
         }
     }
 }
@@ -179,9 +187,6 @@ pub enum HandshakeError {
     /// The key exchange gave an all-zero shared secret (a low-order peer key).
     #[error("key agreement with the peer failed")]
     KeyAgreement,
-    /// The bounded peer table is full of entries that cannot be evicted.
-    #[error("too many peers tracked")]
-    TooManyPeers,
     /// Our own claims could not be encoded (this is a local error, not a peer's).
     #[error("local claims: {0}")]
     LocalClaims(ClaimsError),
@@ -205,7 +210,6 @@ impl HandshakeError {
             HandshakeError::PskMismatch => "psk_mismatch",
             HandshakeError::BadMac => "bad_mac",
             HandshakeError::KeyAgreement => "key_agreement",
-            HandshakeError::TooManyPeers => "too_many_peers",
             HandshakeError::LocalClaims(_) => "local_claims",
         }
     }

@@ -190,7 +190,7 @@ impl Node {
         trust.verify(&cert, Some(expected_node), now_ms)?;
         let id = cert.key_id();
         if revoked.contains(&id) {
-            return Err(CertError::UntrustedIssuer("this certificate was revoked"));
+            return Err(CertError::Revoked(id.to_string()));
         }
         if peers.len() >= self.config.max_peer_certs && !peers.contains_key(&id) {
             // Drop expired certificates first; if none, refuse rather than evict a live one.
