@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use hmac::Mac;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::claims::{Claims, check_port_name, is_dns_subdomain};
 use crate::error::{CertError, HandshakeError, PkiError};
@@ -96,6 +97,16 @@ pub struct Node {
     pairs: HashMap<String, Vec<(KeyId, PairKeys)>>,
     pair_order: VecDeque<(String, KeyId)>,
     replay: ReplayCache,
+}
+
+/// Constant-time comparison of a computed MAC with the received one.
+fn check_tag(mac: crate::keys::HmacSha256, received: &[u8; MAC_LEN]) -> Result<(), HandshakeError> {
+    let computed: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+    if bool::from(computed.ct_eq(received)) {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadMac)
+    }
 }
 
 fn h(bytes: &[u8]) -> [u8; 32] {
@@ -450,8 +461,7 @@ impl ClientAwaitingSynAck {
         let mut mac = keys.synack_in;
         mac.update(&self.syn_hash);
         mac.update(body);
-        mac.verify_slice(&tok.mac)
-            .map_err(|_| HandshakeError::BadMac)?;
+        check_tag(mac, &tok.mac)?;
         let ack_header = AckToken::header(node.mode());
         let mut mac = keys.ack_out;
         mac.update(&self.syn_hash);
@@ -574,8 +584,7 @@ impl ServerAwaitingAck {
         mac.update(&self.syn_hash);
         mac.update(&self.synack_mac);
         mac.update(&ack[..ack.len() - MAC_LEN]);
-        mac.verify_slice(&tok.mac)
-            .map_err(|_| HandshakeError::BadMac)?;
+        check_tag(mac, &tok.mac)?;
         let oldest = now_ms.saturating_sub(node.config.max_skew_ms);
         node.replay
             .insert(&self.peer.node, self.client_nonce, self.client_ts, oldest)
