@@ -671,3 +671,13 @@ fn reject_labels_are_distinct() {
             .all(|l| l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
     );
 }
+
+#[test]
+fn handshake_types_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Node>();
+    send_sync::<identity::ClientAwaitingSynAck>();
+    send_sync::<identity::ServerSynReceived>();
+    send_sync::<identity::ServerAwaitingAck>();
+    send_sync::<identity::PeerIdentity>();
+}
