@@ -157,13 +157,14 @@ fn issue_node(ca_dir: &Path, node: &str, days: u32, out: &Path, force: bool) -> 
     let (nb, na) = validity(days)?;
     let ca_crt = ca_dir.join("ca.crt");
     let ca_key = ca_dir.join("ca.key");
-    let ca = CertificateAuthority::from_pem(&read(&ca_crt)?, &read(&ca_key)?).with_context(|| {
-        format!(
-            "loading the CA from {} and {}",
-            ca_crt.display(),
-            ca_key.display()
-        )
-    })?;
+    let ca =
+        CertificateAuthority::from_pem(&read(&ca_crt)?, &read(&ca_key)?).with_context(|| {
+            format!(
+                "loading the CA from {} and {}",
+                ca_crt.display(),
+                ca_key.display()
+            )
+        })?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let crt = out.join(format!("{node}.crt"));
     let key = out.join(format!("{node}.key"));
