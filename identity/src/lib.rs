@@ -1,1 +1,33 @@
-//! Tessera identity: workload claims, node keys and the signed handshake. (Arrives with the identity issue.)
+//! Tessera identity: workload claims, node keys and the authenticated TCP handshake.
+//!
+//! Pure: no I/O, no clock (time is passed in as unix milliseconds), no OS randomness (callers
+//! pass a `CryptoRng` or nonce bytes). See docs/wire-format.md and docs/threat-model.md.
+//!
+//! * [`Claims`]: a workload's canonical, bounded identity.
+//! * [`pki`]: the cluster CA, node certificates (X25519 keys certified by an Ed25519 CA).
+//! * [`Psk`]: the pre-shared-key alternative, with entropy checks.
+//! * [`Node`] and the per-flow states: the three-token handshake.
+//! * [`wire`]: token layouts and the RFC 6994 TCP option.
+
+pub mod claims;
+pub mod error;
+pub mod handshake;
+mod keys;
+pub mod pki;
+pub mod psk;
+pub mod replay;
+pub mod testing;
+pub mod wire;
+
+pub use claims::{Claims, MAX_CLAIMS_LEN};
+pub use error::{CertError, ClaimsError, HandshakeError, PkiError, PskError};
+pub use handshake::{
+    ClientAwaitingSynAck, Config, Node, PeerIdentity, ServerAwaitingAck, ServerSynReceived,
+};
+pub use pki::{CertificateAuthority, NodeCertificate, NodeCredentials, TrustAnchor};
+pub use psk::Psk;
+pub use replay::{ReplayCache, ReplayConfig};
+pub use wire::{KeyId, MAX_TOKEN_LEN, Mode, encode_tcp_option, parse_tcp_option};
+
+/// Re-exported so callers name the same `rand_core` version.
+pub use rand_core;

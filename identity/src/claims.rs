@@ -1,0 +1,382 @@
+//! Workload claims: what a node vouches for about one of its workloads, in canonical form.
+//!
+//! Canonical means: label maps are sorted by key with no duplicates (a `BTreeMap` guarantees it),
+//! every string follows Kubernetes syntax, and the encoding is unique (the decoder rejects
+//! anything out of order), so two nodes always encode the same identity to the same bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::error::ClaimsError;
+use crate::wire::Reader;
+
+/// Maximum size of encoded claims in bytes. With the largest node name (253) and port name (15)
+/// a SYN-ACK token is then at most [`crate::MAX_TOKEN_LEN`] = 1361 bytes.
+pub const MAX_CLAIMS_LEN: usize = 1024;
+
+/// A workload's identity as vouched for by its node: namespace, workload name, pod labels and
+/// the labels of its namespace.
+///
+/// Cheap to clone (shared, immutable).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Claims(Arc<Inner>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Inner {
+    namespace: String,
+    workload: String,
+    labels: BTreeMap<String, String>,
+    namespace_labels: BTreeMap<String, String>,
+}
+
+impl Claims {
+    /// Validate and build claims. Errors name the field and rule; claims whose encoding would
+    /// exceed [`MAX_CLAIMS_LEN`] are refused (never truncated).
+    pub fn new(
+        namespace: impl Into<String>,
+        workload: impl Into<String>,
+        labels: BTreeMap<String, String>,
+        namespace_labels: BTreeMap<String, String>,
+    ) -> Result<Self, ClaimsError> {
+        let claims = Claims(Arc::new(Inner {
+            namespace: namespace.into(),
+            workload: workload.into(),
+            labels,
+            namespace_labels,
+        }));
+        claims.validate()?;
+        let size = claims.encoded_len();
+        if size > MAX_CLAIMS_LEN {
+            return Err(ClaimsError::TooLarge {
+                size,
+                max: MAX_CLAIMS_LEN,
+            });
+        }
+        Ok(claims)
+    }
+
+    /// Namespace (DNS-1123 label).
+    pub fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+    /// Workload (pod) name (DNS-1123 subdomain).
+    pub fn workload(&self) -> &str {
+        &self.0.workload
+    }
+    /// Pod labels, sorted by key.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.0.labels
+    }
+    /// Namespace labels, sorted by key.
+    pub fn namespace_labels(&self) -> &BTreeMap<String, String> {
+        &self.0.namespace_labels
+    }
+
+    fn validate(&self) -> Result<(), ClaimsError> {
+        check_dns_label("namespace", &self.0.namespace)?;
+        check_dns_subdomain("workload", &self.0.workload)?;
+        for (field, map) in [
+            ("labels", &self.0.labels),
+            ("namespace_labels", &self.0.namespace_labels),
+        ] {
+            if map.len() > 255 {
+                return Err(ClaimsError::TooManyLabels {
+                    field,
+                    count: map.len(),
+                });
+            }
+            for (k, v) in map {
+                check_label_key(k)?;
+                check_label_value(v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Size of [`Claims::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        let map_len = |m: &BTreeMap<String, String>| {
+            1 + m
+                .iter()
+                .map(|(k, v)| 2 + k.len() + 1 + v.len())
+                .sum::<usize>()
+        };
+        1 + self.0.namespace.len()
+            + 1
+            + self.0.workload.len()
+            + map_len(&self.0.labels)
+            + map_len(&self.0.namespace_labels)
+    }
+
+    /// Append the canonical encoding (see docs/wire-format.md, "Claims").
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        // Lengths are guaranteed to fit by validation (namespace <= 63, workload <= 253,
+        // keys <= 317, values <= 63, maps <= 255 entries).
+        out.push(self.0.namespace.len() as u8);
+        out.extend_from_slice(self.0.namespace.as_bytes());
+        out.push(self.0.workload.len() as u8);
+        out.extend_from_slice(self.0.workload.as_bytes());
+        for map in [&self.0.labels, &self.0.namespace_labels] {
+            out.push(map.len() as u8);
+            for (k, v) in map {
+                out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                out.extend_from_slice(k.as_bytes());
+                out.push(v.len() as u8);
+                out.extend_from_slice(v.as_bytes());
+            }
+        }
+    }
+
+    /// Decode canonical claims from the reader. Rejects invalid syntax, unsorted or duplicate
+    /// keys, and anything over the maxima. Allocation is bounded by the input length.
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeClaimsError> {
+        let start = r.position();
+        let namespace = r.str_u8().ok_or(DecodeClaimsError::Truncated)?;
+        check_dns_label("namespace", namespace)?;
+        let workload = r.str_u8().ok_or(DecodeClaimsError::Truncated)?;
+        check_dns_subdomain("workload", workload)?;
+        let labels = decode_map(r)?;
+        let namespace_labels = decode_map(r)?;
+        if r.position() - start > MAX_CLAIMS_LEN {
+            return Err(DecodeClaimsError::Invalid(ClaimsError::TooLarge {
+                size: r.position() - start,
+                max: MAX_CLAIMS_LEN,
+            }));
+        }
+        Ok(Claims(Arc::new(Inner {
+            namespace: namespace.to_owned(),
+            workload: workload.to_owned(),
+            labels,
+            namespace_labels,
+        })))
+    }
+}
+
+pub(crate) enum DecodeClaimsError {
+    Truncated,
+    Invalid(ClaimsError),
+}
+
+impl From<ClaimsError> for DecodeClaimsError {
+    fn from(e: ClaimsError) -> Self {
+        DecodeClaimsError::Invalid(e)
+    }
+}
+
+fn decode_map(r: &mut Reader<'_>) -> Result<BTreeMap<String, String>, DecodeClaimsError> {
+    let count = r.u8().ok_or(DecodeClaimsError::Truncated)?;
+    // Bounded: at most 255 entries, each backed by bytes already present in the input.
+    let mut entries: Vec<(String, String)> = Vec::with_capacity(count as usize);
+    let mut prev: Option<&str> = None;
+    for _ in 0..count {
+        let klen = r.u16().ok_or(DecodeClaimsError::Truncated)? as usize;
+        let key = r.str_n(klen).ok_or(DecodeClaimsError::Truncated)?;
+        check_label_key(key)?;
+        let value = r.str_u8().ok_or(DecodeClaimsError::Truncated)?;
+        check_label_value(value)?;
+        if let Some(p) = prev
+            && p >= key
+        {
+            return Err(ClaimsError::syntax(
+                "label key",
+                key,
+                "keys must be strictly increasing (sorted, no duplicates)",
+            )
+            .into());
+        }
+        prev = Some(key);
+        entries.push((key.to_owned(), value.to_owned()));
+    }
+    // Already sorted and unique: BTreeMap builds it in bulk.
+    Ok(entries.into_iter().collect())
+}
+
+fn is_lower_alnum(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
+/// RFC 1123 label as Kubernetes uses it: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && is_lower_alnum(b[0])
+        && is_lower_alnum(b[b.len() - 1])
+        && b.iter().all(|&c| is_lower_alnum(c) || c == b'-')
+}
+
+/// RFC 1123 subdomain: dot-separated labels, 1..=253 bytes in all.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn check_dns_label(field: &'static str, s: &str) -> Result<(), ClaimsError> {
+    if is_dns_label(s) {
+        Ok(())
+    } else {
+        Err(ClaimsError::syntax(
+            field,
+            s,
+            "DNS-1123 label: 1-63 of [a-z0-9-], alphanumeric at both ends",
+        ))
+    }
+}
+
+fn check_dns_subdomain(field: &'static str, s: &str) -> Result<(), ClaimsError> {
+    if is_dns_subdomain(s) {
+        Ok(())
+    } else {
+        Err(ClaimsError::syntax(
+            field,
+            s,
+            "DNS-1123 subdomain: dot-separated DNS labels, at most 253 bytes",
+        ))
+    }
+}
+
+/// Label name part / value: `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63.
+fn is_label_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+}
+
+fn check_label_key(k: &str) -> Result<(), ClaimsError> {
+    let ok = match k.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(k),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ClaimsError::syntax(
+            "label key",
+            k,
+            "qualified name: optional DNS-1123 subdomain prefix and '/', then 1-63 of \
+             [A-Za-z0-9-_.], alphanumeric at both ends",
+        ))
+    }
+}
+
+fn check_label_value(v: &str) -> Result<(), ClaimsError> {
+    if v.is_empty() || is_label_name(v) {
+        Ok(())
+    } else {
+        Err(ClaimsError::syntax(
+            "label value",
+            v,
+            "empty, or 1-63 of [A-Za-z0-9-_.], alphanumeric at both ends",
+        ))
+    }
+}
+
+/// IANA service name as Kubernetes uses for named ports: 1..=15 of `[a-z0-9-]`, at least one
+/// letter, no leading, trailing or doubled '-'. The empty string means "unnamed".
+pub(crate) fn check_port_name(s: &str) -> Result<(), ClaimsError> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let b = s.as_bytes();
+    let ok = b.len() <= 15
+        && b.iter().all(|&c| is_lower_alnum(c) || c == b'-')
+        && b.iter().any(|c| c.is_ascii_lowercase())
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !s.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(ClaimsError::syntax(
+            "port name",
+            s,
+            "IANA service name: 1-15 of [a-z0-9-], at least one letter, no leading, trailing \
+             or doubled '-'",
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn valid_claims_round_trip_through_the_encoding() {
+        let c = Claims::new(
+            "shop",
+            "web-5f7d8-abcde",
+            map(&[
+                ("app", "web"),
+                ("app.kubernetes.io/tier", "frontend"),
+                ("x", ""),
+            ]),
+            map(&[("kubernetes.io/metadata.name", "shop")]),
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        c.encode(&mut buf);
+        assert_eq!(buf.len(), c.encoded_len());
+        let mut r = Reader::new(&buf);
+        let d = Claims::decode(&mut r).ok().unwrap();
+        assert!(r.is_empty());
+        assert_eq!(d, c);
+    }
+
+    #[test]
+    fn kubernetes_syntax_is_enforced_with_the_field_named() {
+        let bad = [
+            ("Shop", "w", map(&[]), "namespace"),
+            ("shop", "w_1", map(&[]), "workload"),
+            ("shop", "w", map(&[("-app", "x")]), "label key"),
+            ("shop", "w", map(&[("Example.com/app", "x")]), "label key"),
+            ("shop", "w", map(&[("a/b/c", "x")]), "label key"),
+            ("shop", "w", map(&[("app", "x y")]), "label value"),
+            ("shop", "w", map(&[("app", &"v".repeat(64))]), "label value"),
+        ];
+        for (ns, w, labels, field) in bad {
+            match Claims::new(ns, w, labels, BTreeMap::new()) {
+                Err(ClaimsError::InvalidSyntax { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected syntax error on {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_claims_are_refused_not_truncated() {
+        let labels: BTreeMap<String, String> = (0..40)
+            .map(|i| (format!("label-number-{i:03}"), "v".repeat(20)))
+            .collect();
+        let err = Claims::new("shop", "w", labels, BTreeMap::new()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClaimsError::TooLarge {
+                    max: MAX_CLAIMS_LEN,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn port_names_follow_iana_service_name_rules() {
+        for ok in ["", "http", "metrics-9090", "a1"] {
+            assert!(check_port_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["8080", "-http", "http-", "a--b", "HTTP", "sixteen-chars-xx"] {
+            assert!(check_port_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The sans-io handshake: no clock, no I/O, no OS randomness. Time (unix milliseconds) and
+//! nonces are passed in; the caller keeps one small state per flow.
+//!
+//! ```text
+//! client                                   server
+//! Node::client_syn ──── SYN token ───────▶ Node::server_syn        (tentative identity)
+//!                                          ServerSynReceived::respond
+//! ClientAwaitingSynAck::receive_syn_ack ◀── SYN-ACK token ──
+//!       (server identity, verified) ─────── ACK token ─────────▶ ServerAwaitingAck::receive_ack
+//!                                                                 (client identity, authorized)
+//! ```
+//!
+//! The SYN is not MACed (the client cannot know which node will answer: the destination may be
+//! a Service VIP). It is bound retroactively: the SYN-ACK's MAC covers SHA-256(SYN), so the
+//! client detects any change to its SYN; the ACK's MAC covers SHA-256(SYN) and SHA-256(SYN-ACK),
+//! so the server learns that the SYN's claims really came from the named node. The server may
+//! evaluate policy tentatively at the SYN; it authorizes only after a valid ACK.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use hmac::Mac;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::claims::{Claims, check_port_name, is_dns_subdomain};
+use crate::error::{CertError, HandshakeError, PkiError};
+use crate::keys::{PairKeys, pair_keys, pki_pair_secret, psk_pair_secret};
+use crate::pki::{NodeCertificate, NodeCredentials, TrustAnchor, check_validity};
+use crate::psk::Psk;
+use crate::replay::{ReplayCache, ReplayConfig};
+use crate::wire::{
+    AckToken, Header, KeyId, MAC_LEN, Mode, NONCE_LEN, SynAckToken, SynToken, TYPE_SYN,
+    TYPE_SYN_ACK, encode_header,
+};
+
+/// Tunables. `Default` gives ±30 s skew and the default replay bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Allowed clock skew either side of `now` for token timestamps.
+    pub max_skew_ms: u64,
+    /// Replay cache bounds.
+    pub replay: ReplayConfig,
+    /// Pair keys cached (one per peer node / certificate).
+    pub max_cached_pairs: usize,
+    /// Peer certificates held (PKI mode).
+    pub max_peer_certs: usize,
+    /// Revoked key ids remembered, to report `key_revoked` instead of `unknown_key`.
+    pub max_revoked: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_skew_ms: 30_000,
+            replay: ReplayConfig::default(),
+            max_cached_pairs: 4096,
+            max_peer_certs: 8192,
+            max_revoked: 4096,
+        }
+    }
+}
+
+/// An identity the handshake vouches for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The peer's node (authenticated by its key).
+    pub node: String,
+    /// The peer workload's claims.
+    pub claims: Claims,
+    /// Destination port name on the server pod (set only in the identity a client learns from a
+    /// SYN-ACK; `None` if the port is unnamed or on the server side).
+    pub port_name: Option<String>,
+}
+
+enum Keying {
+    Pki {
+        creds: Box<NodeCredentials>,
+        trust: Box<TrustAnchor>,
+        peers: HashMap<KeyId, NodeCertificate>,
+        revoked: HashSet<KeyId>,
+        revoked_order: VecDeque<KeyId>,
+    },
+    Psk {
+        psk: Psk,
+    },
+}
+
+/// One node's handshake context: its name and keys, the peers it trusts, the pair-key cache and
+/// the replay cache. One per node, shared by all flows (wrap it in a mutex if several threads
+/// handle packets).
+pub struct Node {
+    name: String,
+    key_id: KeyId,
+    config: Config,
+    keying: Keying,
+    /// Pair keys by peer node name, then key id (a node has one or two certificates).
+    pairs: HashMap<String, Vec<(KeyId, PairKeys)>>,
+    pair_order: VecDeque<(String, KeyId)>,
+    replay: ReplayCache,
+}
+
+/// Constant-time comparison of a computed MAC with the received one.
+fn check_tag(mac: crate::keys::HmacSha256, received: &[u8; MAC_LEN]) -> Result<(), HandshakeError> {
+    let computed: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+    if bool::from(computed.ct_eq(received)) {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadMac)
+    }
+}
+
+fn h(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+impl Node {
+    /// PKI mode. The node's own certificate must chain to `trust` and be valid at `now_ms`.
+    pub fn new_pki(
+        creds: NodeCredentials,
+        trust: TrustAnchor,
+        config: Config,
+        now_ms: u64,
+    ) -> Result<Node, CertError> {
+        trust.verify(creds.certificate(), None, now_ms)?;
+        let name = creds.certificate().node_name().to_owned();
+        let key_id = creds.certificate().key_id();
+        let me = creds.certificate().clone();
+        let mut peers = HashMap::new();
+        peers.insert(key_id, me);
+        Ok(Node {
+            name,
+            key_id,
+            config,
+            keying: Keying::Pki {
+                creds: Box::new(creds),
+                trust: Box::new(trust),
+                peers,
+                revoked: HashSet::new(),
+                revoked_order: VecDeque::new(),
+            },
+            pairs: HashMap::new(),
+            pair_order: VecDeque::new(),
+            replay: ReplayCache::new(config.replay),
+        })
+    }
+
+    /// PSK mode.
+    pub fn new_psk(node_name: &str, psk: Psk, config: Config) -> Result<Node, PkiError> {
+        if !is_dns_subdomain(node_name) {
+            return Err(PkiError::InvalidName(node_name.to_owned()));
+        }
+        Ok(Node {
+            name: node_name.to_owned(),
+            key_id: psk.id(),
+            config,
+            keying: Keying::Psk { psk },
+            pairs: HashMap::new(),
+            pair_order: VecDeque::new(),
+            replay: ReplayCache::new(config.replay),
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// This node's key id (certificate fingerprint prefix or PSK id).
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+    /// Key mode.
+    pub fn mode(&self) -> Mode {
+        match self.keying {
+            Keying::Pki { .. } => Mode::Pki,
+            Keying::Psk { .. } => Mode::Psk,
+        }
+    }
+    /// The replay cache (for metrics: size, peers).
+    pub fn replay_cache(&self) -> &ReplayCache {
+        &self.replay
+    }
+
+    /// PKI mode: trust a peer node's certificate, learned e.g. from its node annotation. It
+    /// must chain to the CA, name `expected_node` and be valid at `now_ms`. A PSK-mode node
+    /// refuses certificates.
+    pub fn add_peer_certificate(
+        &mut self,
+        expected_node: &str,
+        cert: NodeCertificate,
+        now_ms: u64,
+    ) -> Result<KeyId, CertError> {
+        let Keying::Pki {
+            trust,
+            peers,
+            revoked,
+            ..
+        } = &mut self.keying
+        else {
+            return Err(CertError::WrongKeyType("node is in PSK mode"));
+        };
+        trust.verify(&cert, Some(expected_node), now_ms)?;
+        let id = cert.key_id();
+        if revoked.contains(&id) {
+            return Err(CertError::Revoked(id.to_string()));
+        }
+        if peers.len() >= self.config.max_peer_certs && !peers.contains_key(&id) {
+            // Drop expired certificates first; if none, refuse rather than evict a live one.
+            peers.retain(|_, c| c.not_after_ms() >= now_ms);
+            if peers.len() >= self.config.max_peer_certs {
+                return Err(CertError::Malformed(
+                    "peer certificate table is full".into(),
+                ));
+            }
+        }
+        peers.insert(id, cert);
+        Ok(id)
+    }
+
+    /// PKI mode: remove (revoke) every certificate of `node`. Tokens under their key ids are
+    /// then rejected with `key_revoked`, and cached pair keys are dropped. Returns how many
+    /// certificates were removed.
+    pub fn remove_peer(&mut self, node: &str) -> usize {
+        let ids: Vec<KeyId> = match &self.keying {
+            Keying::Pki { peers, .. } => peers
+                .iter()
+                .filter(|(_, c)| c.node_name() == node)
+                .map(|(id, _)| *id)
+                .collect(),
+            Keying::Psk { .. } => Vec::new(),
+        };
+        for id in &ids {
+            self.revoke_key(*id);
+        }
+        ids.len()
+    }
+
+    /// PKI mode: revoke one key id (the certificate is removed if present).
+    pub fn revoke_key(&mut self, id: KeyId) {
+        let max_revoked = self.config.max_revoked.max(1);
+        if let Keying::Pki {
+            peers,
+            revoked,
+            revoked_order,
+            ..
+        } = &mut self.keying
+        {
+            peers.remove(&id);
+            if revoked.insert(id) {
+                revoked_order.push_back(id);
+                while revoked_order.len() > max_revoked {
+                    if let Some(old) = revoked_order.pop_front() {
+                        revoked.remove(&old);
+                    }
+                }
+            }
+        }
+        for v in self.pairs.values_mut() {
+            v.retain(|(k, _)| *k != id);
+        }
+        self.pairs.retain(|_, v| !v.is_empty());
+        self.pair_order.retain(|(_, k)| *k != id);
+    }
+
+    /// Client side: make the SYN token for a connection from the local workload `claims`.
+    /// `nonce` must be fresh random bytes from the caller's CSPRNG.
+    pub fn client_syn(
+        &self,
+        claims: &Claims,
+        nonce: [u8; NONCE_LEN],
+        now_ms: u64,
+    ) -> (ClientAwaitingSynAck, Vec<u8>) {
+        let header = Header {
+            mode: self.mode(),
+            key_id: self.key_id,
+            timestamp_ms: now_ms,
+            nonce,
+            node: String::new(),
+        };
+        let mut syn =
+            Vec::with_capacity(crate::wire::HEADER_LEN + self.name.len() + claims.encoded_len());
+        encode_header(&mut syn, TYPE_SYN, &header, &self.name);
+        claims.encode(&mut syn);
+        let state = ClientAwaitingSynAck { syn_hash: h(&syn) };
+        (state, syn)
+    }
+
+    /// Server side: check a SYN token. Everything checkable without the client's MAC is
+    /// checked here (format, version, mode, key id, certificate, node name, timestamp, replay),
+    /// so most forgeries are dropped at the SYN. The returned identity is *tentative*.
+    pub fn server_syn(
+        &mut self,
+        syn: &[u8],
+        now_ms: u64,
+    ) -> Result<ServerSynReceived, HandshakeError> {
+        let tok = SynToken::decode(syn)?;
+        let hd = &tok.header;
+        self.check_mode(hd.mode)?;
+        self.resolve_peer(hd.key_id, &hd.node, now_ms)?;
+        self.check_time(hd.timestamp_ms, now_ms)?;
+        if self
+            .replay
+            .check(&hd.node, &hd.nonce, hd.timestamp_ms)
+            .is_err()
+        {
+            return Err(HandshakeError::Replay);
+        }
+        Ok(ServerSynReceived {
+            syn_hash: h(syn),
+            client_key: hd.key_id,
+            client_nonce: hd.nonce,
+            client_ts: hd.timestamp_ms,
+            peer: PeerIdentity {
+                node: tok.header.node,
+                claims: tok.claims,
+                port_name: None,
+            },
+        })
+    }
+
+    fn check_mode(&self, mode: Mode) -> Result<(), HandshakeError> {
+        if mode != self.mode() {
+            return Err(HandshakeError::ModeMismatch(mode as u8));
+        }
+        Ok(())
+    }
+
+    fn check_time(&self, ts: u64, now_ms: u64) -> Result<(), HandshakeError> {
+        if ts.abs_diff(now_ms) > self.config.max_skew_ms {
+            return Err(HandshakeError::StaleTimestamp {
+                timestamp_ms: ts,
+                now_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Check the key id and node name of a peer token against what we trust.
+    fn resolve_peer(&self, id: KeyId, node: &str, now_ms: u64) -> Result<(), HandshakeError> {
+        match &self.keying {
+            Keying::Psk { psk } => {
+                if id != psk.id() {
+                    return Err(HandshakeError::PskMismatch);
+                }
+                Ok(())
+            }
+            Keying::Pki {
+                peers,
+                revoked,
+                trust,
+                ..
+            } => {
+                if revoked.contains(&id) {
+                    return Err(HandshakeError::KeyRevoked(id.to_string()));
+                }
+                let cert = peers
+                    .get(&id)
+                    .ok_or_else(|| HandshakeError::UnknownKey(id.to_string()))?;
+                if cert.node_name() != node {
+                    return Err(HandshakeError::NodeNameMismatch {
+                        claimed: node.to_owned(),
+                        certified: cert.node_name().to_owned(),
+                    });
+                }
+                check_validity(cert.not_before_ms(), cert.not_after_ms(), now_ms)
+                    .map_err(HandshakeError::Certificate)?;
+                // The CA itself must still be valid too.
+                trust
+                    .verify_validity_only(now_ms)
+                    .map_err(HandshakeError::Certificate)
+            }
+        }
+    }
+
+    /// Pair keys for (peer key id, peer node), derived once and cached (bounded).
+    fn pair(&mut self, id: KeyId, node: &str) -> Result<PairKeys, HandshakeError> {
+        if let Some(v) = self.pairs.get(node)
+            && let Some((_, k)) = v.iter().find(|(i, _)| *i == id)
+        {
+            return Ok(k.clone());
+        }
+        let secret = match &self.keying {
+            Keying::Psk { psk } => psk_pair_secret(psk, &self.name, node),
+            Keying::Pki { creds, peers, .. } => {
+                let cert = peers
+                    .get(&id)
+                    .ok_or_else(|| HandshakeError::UnknownKey(id.to_string()))?;
+                pki_pair_secret(creds, cert)?
+            }
+        };
+        let keys = pair_keys(&secret, &self.name, node);
+        let cap = self.config.max_cached_pairs.max(1);
+        while self.pair_order.len() >= cap {
+            let Some((old_node, old_id)) = self.pair_order.pop_front() else {
+                break;
+            };
+            if let Some(v) = self.pairs.get_mut(&old_node) {
+                v.retain(|(i, _)| *i != old_id);
+                if v.is_empty() {
+                    self.pairs.remove(&old_node);
+                }
+            }
+        }
+        self.pairs
+            .entry(node.to_owned())
+            .or_default()
+            .push((id, keys.clone()));
+        self.pair_order.push_back((node.to_owned(), id));
+        Ok(keys)
+    }
+
+    /// Forget all cached pair keys (they are derived again on next use), e.g. after rotating
+    /// this node's key.
+    pub fn clear_pair_cache(&mut self) {
+        self.pairs.clear();
+        self.pair_order.clear();
+    }
+
+    /// Derive (or fetch) the pair keys with a peer ahead of time, e.g. when its certificate
+    /// arrives, so the first handshake does not pay the X25519 operation.
+    pub fn prepare_peer(
+        &mut self,
+        id: KeyId,
+        node: &str,
+        now_ms: u64,
+    ) -> Result<(), HandshakeError> {
+        self.resolve_peer(id, node, now_ms)?;
+        self.pair(id, node).map(|_| ())
+    }
+}
+
+impl TrustAnchor {
+    pub(crate) fn verify_validity_only(&self, now_ms: u64) -> Result<(), CertError> {
+        let (nb, na) = self.validity_ms();
+        check_validity(nb, na, now_ms)
+    }
+}
+
+/// Client state after sending the SYN (one per flow; 32 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAwaitingSynAck {
+    syn_hash: [u8; 32],
+}
+
+impl ClientAwaitingSynAck {
+    /// Check the server's SYN-ACK and make the ACK token. On success the returned identity is
+    /// the server's, authenticated by its node key and bound to this SYN (so to the client
+    /// nonce). The state is not consumed, so a forged SYN-ACK does not kill the flow.
+    pub fn receive_syn_ack(
+        &self,
+        node: &mut Node,
+        synack: &[u8],
+        now_ms: u64,
+    ) -> Result<(PeerIdentity, Vec<u8>), HandshakeError> {
+        let tok = SynAckToken::decode(synack)?;
+        let hd = &tok.header;
+        node.check_mode(hd.mode)?;
+        node.resolve_peer(hd.key_id, &hd.node, now_ms)?;
+        node.check_time(hd.timestamp_ms, now_ms)?;
+        let keys = node.pair(hd.key_id, &hd.node)?;
+        let body = &synack[..synack.len() - MAC_LEN];
+        let mut mac = keys.synack_in;
+        mac.update(&self.syn_hash);
+        mac.update(body);
+        check_tag(mac, &tok.mac)?;
+        let ack_header = AckToken::header(node.mode());
+        let mut mac = keys.ack_out;
+        mac.update(&self.syn_hash);
+        mac.update(&tok.mac);
+        mac.update(&ack_header);
+        let tag = mac.finalize().into_bytes();
+        let mut ack = Vec::with_capacity(ack_header.len() + MAC_LEN);
+        ack.extend_from_slice(&ack_header);
+        ack.extend_from_slice(&tag);
+        let port_name = (!tok.port_name.is_empty()).then_some(tok.port_name);
+        Ok((
+            PeerIdentity {
+                node: tok.header.node,
+                claims: tok.claims,
+                port_name,
+            },
+            ack,
+        ))
+    }
+}
+
+/// Server state after a SYN passed the checks (before the SYN-ACK is made).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSynReceived {
+    syn_hash: [u8; 32],
+    client_key: KeyId,
+    client_nonce: [u8; NONCE_LEN],
+    client_ts: u64,
+    peer: PeerIdentity,
+}
+
+impl ServerSynReceived {
+    /// The client's identity as the SYN states it. NOT authenticated yet: use it only to drop
+    /// SYNs that policy would deny anyway; authorize at [`ServerAwaitingAck::receive_ack`].
+    pub fn tentative_peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// Make the SYN-ACK token for the local server workload `claims`, `port_name` being the
+    /// name of the destination port on the server pod ("" if unnamed).
+    pub fn respond(
+        self,
+        node: &mut Node,
+        claims: &Claims,
+        port_name: &str,
+        nonce: [u8; NONCE_LEN],
+        now_ms: u64,
+    ) -> Result<(ServerAwaitingAck, Vec<u8>), HandshakeError> {
+        check_port_name(port_name).map_err(HandshakeError::LocalClaims)?;
+        let keys = node.pair(self.client_key, &self.peer.node)?;
+        let header = Header {
+            mode: node.mode(),
+            key_id: node.key_id,
+            timestamp_ms: now_ms,
+            nonce,
+            node: String::new(),
+        };
+        let mut out = Vec::with_capacity(
+            crate::wire::HEADER_LEN
+                + node.name.len()
+                + 1
+                + port_name.len()
+                + claims.encoded_len()
+                + MAC_LEN,
+        );
+        encode_header(&mut out, TYPE_SYN_ACK, &header, &node.name);
+        out.push(port_name.len() as u8);
+        out.extend_from_slice(port_name.as_bytes());
+        claims.encode(&mut out);
+        let mut mac = keys.synack_out;
+        mac.update(&self.syn_hash);
+        mac.update(&out);
+        let tag: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+        out.extend_from_slice(&tag);
+        let state = ServerAwaitingAck {
+            syn_hash: self.syn_hash,
+            synack_mac: tag,
+            client_key: self.client_key,
+            client_nonce: self.client_nonce,
+            client_ts: self.client_ts,
+            peer: self.peer,
+        };
+        Ok((state, out))
+    }
+}
+
+/// Server state after sending the SYN-ACK (one per flow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAwaitingAck {
+    syn_hash: [u8; 32],
+    synack_mac: [u8; MAC_LEN],
+    client_key: KeyId,
+    client_nonce: [u8; NONCE_LEN],
+    client_ts: u64,
+    peer: PeerIdentity,
+}
+
+impl ServerAwaitingAck {
+    /// The tentative client identity (same as at the SYN).
+    pub fn tentative_peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// Check the ACK. On success the client identity is authenticated: its node's key proves
+    /// it sent this SYN (claims included) and saw this SYN-ACK (so the server nonce). The
+    /// client nonce is recorded in the replay cache; the same ACK (or SYN) is then refused.
+    /// The state is not consumed, so a forged ACK does not kill the flow.
+    pub fn receive_ack(
+        &self,
+        node: &mut Node,
+        ack: &[u8],
+        now_ms: u64,
+    ) -> Result<PeerIdentity, HandshakeError> {
+        let tok = AckToken::decode(ack)?;
+        node.check_mode(tok.mode)?;
+        // Re-check the client's key: it may have been revoked or expired since the SYN.
+        node.resolve_peer(self.client_key, &self.peer.node, now_ms)?;
+        let keys = node.pair(self.client_key, &self.peer.node)?;
+        let mut mac = keys.ack_in;
+        mac.update(&self.syn_hash);
+        mac.update(&self.synack_mac);
+        mac.update(&ack[..ack.len() - MAC_LEN]);
+        check_tag(mac, &tok.mac)?;
+        let oldest = now_ms.saturating_sub(node.config.max_skew_ms);
+        node.replay
+            .insert(&self.peer.node, self.client_nonce, self.client_ts, oldest)
+            .map_err(|_| HandshakeError::Replay)?;
+        Ok(self.peer.clone())
+    }
+}

@@ -1,0 +1,224 @@
+//! Bounded replay cache: per peer node, the client nonces of handshakes that completed, with a
+//! low-water mark so that forgetting old entries never lets a replay through.
+//!
+//! Soundness: a nonce is rejected if it is in the peer's set, or if its timestamp is at or
+//! below the peer's floor (or the global floor). Whenever an entry is dropped (the per-peer
+//! cap is reached, or it aged out of the skew window), the floor is raised to that entry's
+//! timestamp; whenever a whole peer is dropped (the peer cap is reached), the global floor is
+//! raised to that peer's newest timestamp. So memory is bounded by
+//! `max_peers × per_peer_capacity` entries, and every nonce ever accepted stays rejected.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::wire::NONCE_LEN;
+
+/// Bounds of the replay cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// Nonces remembered per peer node.
+    pub per_peer_capacity: usize,
+    /// Peer nodes tracked.
+    pub max_peers: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            per_peer_capacity: 16_384,
+            max_peers: 512,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerNonces {
+    seen: HashSet<[u8; NONCE_LEN]>,
+    order: VecDeque<([u8; NONCE_LEN], u64)>,
+    floor_ms: u64,
+    newest_ms: u64,
+    last_used: u64,
+}
+
+/// The cache. One per node; the handshake consults it at the SYN and records at the ACK.
+pub struct ReplayCache {
+    config: ReplayConfig,
+    peers: HashMap<String, PeerNonces>,
+    global_floor_ms: u64,
+    tick: u64,
+}
+
+/// A replayed (or too old to tell) nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed;
+
+impl ReplayCache {
+    /// Empty cache with the given bounds (each at least 1).
+    pub fn new(config: ReplayConfig) -> Self {
+        ReplayCache {
+            config: ReplayConfig {
+                per_peer_capacity: config.per_peer_capacity.max(1),
+                max_peers: config.max_peers.max(1),
+            },
+            peers: HashMap::new(),
+            global_floor_ms: 0,
+            tick: 0,
+        }
+    }
+
+    /// Would this nonce be accepted? (Does not record it.)
+    pub fn check(&self, peer: &str, nonce: &[u8; NONCE_LEN], ts_ms: u64) -> Result<(), Replayed> {
+        if ts_ms <= self.global_floor_ms {
+            return Err(Replayed);
+        }
+        match self.peers.get(peer) {
+            Some(p) if ts_ms <= p.floor_ms || p.seen.contains(nonce) => Err(Replayed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Check and record. `oldest_valid_ms` is the lower edge of the timestamp window at the
+    /// current time: entries older than that are dropped (raising the floor), since the window
+    /// check rejects them anyway.
+    pub fn insert(
+        &mut self,
+        peer: &str,
+        nonce: [u8; NONCE_LEN],
+        ts_ms: u64,
+        oldest_valid_ms: u64,
+    ) -> Result<(), Replayed> {
+        self.check(peer, &nonce, ts_ms)?;
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.peers.contains_key(peer) && self.peers.len() >= self.config.max_peers {
+            self.evict_peer();
+            // The eviction may have raised the global floor above this timestamp.
+            if ts_ms <= self.global_floor_ms {
+                return Err(Replayed);
+            }
+        }
+        let cap = self.config.per_peer_capacity;
+        if !self.peers.contains_key(peer) {
+            self.peers.insert(peer.to_owned(), PeerNonces::default());
+        }
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Err(Replayed);
+        };
+        p.last_used = tick;
+        while let Some(&(old, ts)) = p.order.front() {
+            if ts >= oldest_valid_ms && p.order.len() < cap {
+                break;
+            }
+            p.order.pop_front();
+            p.seen.remove(&old);
+            p.floor_ms = p.floor_ms.max(ts);
+        }
+        if ts_ms <= p.floor_ms {
+            return Err(Replayed);
+        }
+        p.seen.insert(nonce);
+        p.order.push_back((nonce, ts_ms));
+        p.newest_ms = p.newest_ms.max(ts_ms);
+        Ok(())
+    }
+
+    fn evict_peer(&mut self) {
+        let victim = self
+            .peers
+            .iter()
+            .min_by_key(|(_, p)| p.last_used)
+            .map(|(k, p)| (k.clone(), p.newest_ms));
+        if let Some((name, newest)) = victim {
+            self.peers.remove(&name);
+            self.global_floor_ms = self.global_floor_ms.max(newest);
+        }
+    }
+
+    /// Nonces currently stored (all peers).
+    pub fn len(&self) -> usize {
+        self.peers.values().map(|p| p.order.len()).sum()
+    }
+
+    /// True if nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Peers currently tracked.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn nonce(i: u64) -> [u8; 16] {
+        let mut n = [0u8; 16];
+        n[..8].copy_from_slice(&i.to_be_bytes());
+        n[8..].copy_from_slice(&(!i).to_be_bytes());
+        n
+    }
+
+    #[test]
+    fn a_million_distinct_nonces_stay_within_the_bound_and_none_replays() {
+        let cfg = ReplayConfig {
+            per_peer_capacity: 1000,
+            max_peers: 4,
+        };
+        let mut c = ReplayCache::new(cfg);
+        let base = 1_700_000_000_000u64;
+        for i in 0..1_000_000u64 {
+            // Timestamps advance 1 ms per nonce, all inside a 30 s window of "now".
+            let ts = base + i;
+            c.insert("node-a", nonce(i), ts, ts.saturating_sub(30_000))
+                .unwrap();
+            assert!(c.len() <= 1000);
+        }
+        assert_eq!(c.len(), 1000);
+        assert_eq!(c.peer_count(), 1);
+        // Recent nonces are rejected by the set, old ones by the floor.
+        assert_eq!(
+            c.check("node-a", &nonce(999_999), base + 999_999),
+            Err(Replayed)
+        );
+        assert_eq!(c.check("node-a", &nonce(0), base), Err(Replayed));
+        assert_eq!(
+            c.check("node-a", &nonce(500_000), base + 500_000),
+            Err(Replayed)
+        );
+        // A fresh nonce with a current timestamp is still accepted.
+        assert_eq!(
+            c.check("node-a", &nonce(2_000_000), base + 1_000_000),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn peer_count_is_bounded_and_evicted_peers_cannot_replay() {
+        let mut c = ReplayCache::new(ReplayConfig {
+            per_peer_capacity: 8,
+            max_peers: 16,
+        });
+        let t = 1_000_000u64;
+        for i in 0..10_000u64 {
+            let name = format!("node-{i}");
+            let _ = c.insert(&name, nonce(i), t + i, 0);
+            assert!(c.peer_count() <= 16);
+        }
+        assert_eq!(c.peer_count(), 16);
+        // node-0 was evicted long ago: its nonce is still refused (global floor).
+        assert_eq!(c.check("node-0", &nonce(0), t), Err(Replayed));
+    }
+
+    #[test]
+    fn entries_leaving_the_window_are_dropped_but_stay_rejected() {
+        let mut c = ReplayCache::new(ReplayConfig::default());
+        c.insert("a", nonce(1), 1_000, 0).unwrap();
+        c.insert("a", nonce(2), 100_000, 70_000).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.check("a", &nonce(1), 1_000), Err(Replayed));
+        assert_eq!(c.insert("a", nonce(2), 100_000, 70_000), Err(Replayed));
+    }
+}

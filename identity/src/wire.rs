@@ -1,0 +1,396 @@
+//! Byte layout of the three tokens and of the TCP option that marks them. Documented byte by
+//! byte in docs/wire-format.md; pinned by tests/vectors/.
+
+use crate::claims::{Claims, DecodeClaimsError, check_port_name, is_dns_subdomain};
+use crate::error::HandshakeError;
+
+/// The only token version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Token type byte of the SYN token.
+pub const TYPE_SYN: u8 = 1;
+/// Token type byte of the SYN-ACK token.
+pub const TYPE_SYN_ACK: u8 = 2;
+/// Token type byte of the ACK token.
+pub const TYPE_ACK: u8 = 3;
+
+/// Length of a key id.
+pub const KEY_ID_LEN: usize = 8;
+/// Length of a nonce.
+pub const NONCE_LEN: usize = 16;
+/// Length of a MAC (full HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+/// Maximum node name length (DNS-1123 subdomain).
+pub const MAX_NODE_NAME_LEN: usize = 253;
+/// Maximum port name length (IANA service name).
+pub const MAX_PORT_NAME_LEN: usize = 15;
+/// Fixed header of SYN and SYN-ACK: version, type, mode, name length, key id, timestamp, nonce.
+pub const HEADER_LEN: usize = 4 + KEY_ID_LEN + 8 + NONCE_LEN;
+/// Length of the ACK token.
+pub const ACK_LEN: usize = 4 + MAC_LEN;
+/// Largest SYN token: header + node name + claims.
+pub const MAX_SYN_LEN: usize = HEADER_LEN + MAX_NODE_NAME_LEN + crate::claims::MAX_CLAIMS_LEN;
+/// Largest token of any type (a SYN-ACK with maximal node name, port name and claims): 1361
+/// bytes. With an IPv6 header (40), a TCP header with the maximum 40 bytes of options (60) that
+/// is 1461 bytes, under a 1500-byte MTU.
+pub const MAX_TOKEN_LEN: usize = HEADER_LEN
+    + MAX_NODE_NAME_LEN
+    + 1
+    + MAX_PORT_NAME_LEN
+    + crate::claims::MAX_CLAIMS_LEN
+    + MAC_LEN;
+
+/// TCP option kind for RFC 6994 shared experimental options.
+pub const TCP_OPTION_KIND: u8 = 253;
+/// Our RFC 6994 ExID (0x7E55, unregistered with IANA; see docs/wire-format.md).
+pub const TCP_OPTION_EXID: u16 = 0x7E55;
+/// Length of our TCP option: kind, length, ExID (2), token length (2).
+pub const TCP_OPTION_LEN: usize = 6;
+
+/// Key mode byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Node certificates issued by a cluster CA (byte 1).
+    Pki = 1,
+    /// A cluster-wide pre-shared key (byte 2).
+    Psk = 2,
+}
+
+impl Mode {
+    pub(crate) fn from_byte(b: u8) -> Option<Mode> {
+        match b {
+            1 => Some(Mode::Pki),
+            2 => Some(Mode::Psk),
+            _ => None,
+        }
+    }
+}
+
+/// An 8-byte key identifier: the first 8 bytes of a certificate's SHA-256 fingerprint (PKI) or
+/// of the PSK id derivation (PSK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A bounds-checked reader over untrusted bytes. Every accessor returns `None` instead of
+/// reading past the end, so lengths are always checked against the remaining input before any
+/// allocation.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+    pub(crate) fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes(N).and_then(|s| s.try_into().ok())
+    }
+    pub(crate) fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|a| a[0])
+    }
+    pub(crate) fn u16(&mut self) -> Option<u16> {
+        self.array::<2>().map(u16::from_be_bytes)
+    }
+    pub(crate) fn u64(&mut self) -> Option<u64> {
+        self.array::<8>().map(u64::from_be_bytes)
+    }
+    pub(crate) fn str_n(&mut self, n: usize) -> Option<&'a str> {
+        self.bytes(n).and_then(|b| std::str::from_utf8(b).ok())
+    }
+    pub(crate) fn str_u8(&mut self) -> Option<&'a str> {
+        let n = self.u8()? as usize;
+        self.str_n(n)
+    }
+}
+
+/// Fields common to the SYN and SYN-ACK headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Key mode.
+    pub mode: Mode,
+    /// Sender's key id.
+    pub key_id: KeyId,
+    /// Sender's clock, unix milliseconds.
+    pub timestamp_ms: u64,
+    /// Sender's fresh nonce.
+    pub nonce: [u8; NONCE_LEN],
+    /// Sender's node name.
+    pub node: String,
+}
+
+/// A decoded SYN token (unauthenticated until the handshake completes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynToken {
+    /// Header.
+    pub header: Header,
+    /// Client workload's claims.
+    pub claims: Claims,
+}
+
+/// A decoded SYN-ACK token (MAC not yet checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynAckToken {
+    /// Header.
+    pub header: Header,
+    /// Name of the destination port on the server pod; empty if unnamed.
+    pub port_name: String,
+    /// Server workload's claims.
+    pub claims: Claims,
+    /// HMAC-SHA256 over the transcript (see wire-format.md).
+    pub mac: [u8; MAC_LEN],
+}
+
+/// A decoded ACK token (MAC not yet checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckToken {
+    /// Key mode.
+    pub mode: Mode,
+    /// HMAC-SHA256 over both previous tokens' hashes and the ACK header.
+    pub mac: [u8; MAC_LEN],
+}
+
+/// Encode a header; `node` is the sender's node name (passed separately so callers need not
+/// clone it into the header).
+pub(crate) fn encode_header(out: &mut Vec<u8>, ty: u8, h: &Header, node: &str) {
+    out.push(VERSION);
+    out.push(ty);
+    out.push(h.mode as u8);
+    out.push(node.len() as u8);
+    out.extend_from_slice(&h.key_id.0);
+    out.extend_from_slice(&h.timestamp_ms.to_be_bytes());
+    out.extend_from_slice(&h.nonce);
+    out.extend_from_slice(node.as_bytes());
+}
+
+/// Version, type and mode checks shared by all tokens, in that order, so the earliest byte that
+/// is wrong gives the reason.
+fn check_prefix(r: &mut Reader<'_>, total: usize, expected_ty: u8) -> Result<Mode, HandshakeError> {
+    if total > MAX_TOKEN_LEN {
+        return Err(HandshakeError::Malformed("token longer than the maximum"));
+    }
+    let version = r.u8().ok_or(HandshakeError::Malformed("empty token"))?;
+    if version != VERSION {
+        return Err(HandshakeError::UnsupportedVersion(version));
+    }
+    let ty = r
+        .u8()
+        .ok_or(HandshakeError::Malformed("truncated at type"))?;
+    if ty != expected_ty {
+        return Err(HandshakeError::WrongTokenType {
+            expected: expected_ty,
+            found: ty,
+        });
+    }
+    let mode_byte = r
+        .u8()
+        .ok_or(HandshakeError::Malformed("truncated at mode"))?;
+    Mode::from_byte(mode_byte).ok_or(HandshakeError::ModeMismatch(mode_byte))
+}
+
+fn decode_header(r: &mut Reader<'_>, mode: Mode) -> Result<Header, HandshakeError> {
+    let name_len = r
+        .u8()
+        .ok_or(HandshakeError::Malformed("truncated at node name length"))?;
+    let key_id = KeyId(
+        r.array()
+            .ok_or(HandshakeError::Malformed("truncated at key id"))?,
+    );
+    let timestamp_ms = r
+        .u64()
+        .ok_or(HandshakeError::Malformed("truncated at timestamp"))?;
+    let nonce = r
+        .array()
+        .ok_or(HandshakeError::Malformed("truncated at nonce"))?;
+    let node = r.str_n(name_len as usize).ok_or(HandshakeError::Malformed(
+        "truncated or non-UTF-8 node name",
+    ))?;
+    if !is_dns_subdomain(node) {
+        return Err(HandshakeError::Malformed(
+            "node name is not a DNS-1123 subdomain",
+        ));
+    }
+    Ok(Header {
+        mode,
+        key_id,
+        timestamp_ms,
+        nonce,
+        node: node.to_owned(),
+    })
+}
+
+fn decode_claims(r: &mut Reader<'_>) -> Result<Claims, HandshakeError> {
+    Claims::decode(r).map_err(|e| match e {
+        DecodeClaimsError::Truncated => HandshakeError::Malformed("truncated claims"),
+        DecodeClaimsError::Invalid(c) => HandshakeError::InvalidClaims(c),
+    })
+}
+
+impl SynToken {
+    /// Decode a SYN token. Never panics; allocation is bounded by the input length, which is
+    /// itself checked against [`MAX_TOKEN_LEN`] first.
+    pub fn decode(bytes: &[u8]) -> Result<SynToken, HandshakeError> {
+        let mut r = Reader::new(bytes);
+        let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN)?;
+        let header = decode_header(&mut r, mode)?;
+        let claims = decode_claims(&mut r)?;
+        if !r.is_empty() {
+            return Err(HandshakeError::Malformed("trailing bytes after SYN token"));
+        }
+        Ok(SynToken { header, claims })
+    }
+
+    /// Encode (deterministic; the exact bytes are what the SYN-ACK's MAC binds).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + self.header.node.len() + self.claims.encoded_len());
+        encode_header(&mut out, TYPE_SYN, &self.header, &self.header.node);
+        self.claims.encode(&mut out);
+        out
+    }
+}
+
+impl SynAckToken {
+    /// Decode a SYN-ACK token (the MAC is checked by the handshake, not here).
+    pub fn decode(bytes: &[u8]) -> Result<SynAckToken, HandshakeError> {
+        let mut r = Reader::new(bytes);
+        let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN_ACK)?;
+        let header = decode_header(&mut r, mode)?;
+        let port_name = r
+            .str_u8()
+            .ok_or(HandshakeError::Malformed("truncated port name"))?;
+        check_port_name(port_name).map_err(HandshakeError::InvalidClaims)?;
+        let claims = decode_claims(&mut r)?;
+        let mac = r
+            .array()
+            .ok_or(HandshakeError::Malformed("truncated MAC"))?;
+        if !r.is_empty() {
+            return Err(HandshakeError::Malformed(
+                "trailing bytes after SYN-ACK token",
+            ));
+        }
+        Ok(SynAckToken {
+            header,
+            port_name: port_name.to_owned(),
+            claims,
+            mac,
+        })
+    }
+}
+
+impl AckToken {
+    /// Decode an ACK token.
+    pub fn decode(bytes: &[u8]) -> Result<AckToken, HandshakeError> {
+        let mut r = Reader::new(bytes);
+        let mode = check_prefix(&mut r, bytes.len(), TYPE_ACK)?;
+        let reserved = r
+            .u8()
+            .ok_or(HandshakeError::Malformed("truncated at reserved byte"))?;
+        if reserved != 0 {
+            return Err(HandshakeError::Malformed("reserved byte is not zero"));
+        }
+        let mac = r
+            .array()
+            .ok_or(HandshakeError::Malformed("truncated MAC"))?;
+        if !r.is_empty() {
+            return Err(HandshakeError::Malformed("trailing bytes after ACK token"));
+        }
+        Ok(AckToken { mode, mac })
+    }
+
+    pub(crate) fn header(mode: Mode) -> [u8; 4] {
+        [VERSION, TYPE_ACK, mode as u8, 0]
+    }
+}
+
+/// Errors from [`parse_tcp_option`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TcpOptionError {
+    /// An option's length byte is missing, below 2, or runs past the options area.
+    #[error("malformed TCP options at offset {0}")]
+    Malformed(usize),
+    /// Our option (kind 253 with our ExID) has the wrong length.
+    #[error("Tessera option has length {0}, expected 6")]
+    BadLength(u8),
+    /// The token length in the option is 0 or over [`MAX_TOKEN_LEN`].
+    #[error("token length {0} out of range")]
+    BadTokenLength(u16),
+    /// Our option appears twice.
+    #[error("Tessera option appears more than once")]
+    Duplicate,
+}
+
+/// Encode our TCP option: `[253, 6, ExID hi, ExID lo, token length hi, token length lo]`. The
+/// token itself is the first `token_len` bytes of the TCP payload. The caller pads the options
+/// area to a multiple of 4 with NOPs.
+pub fn encode_tcp_option(token_len: u16) -> [u8; TCP_OPTION_LEN] {
+    let e = TCP_OPTION_EXID.to_be_bytes();
+    let l = token_len.to_be_bytes();
+    [
+        TCP_OPTION_KIND,
+        TCP_OPTION_LEN as u8,
+        e[0],
+        e[1],
+        l[0],
+        l[1],
+    ]
+}
+
+/// Walk a TCP options area (the bytes after the 20-byte TCP header, up to the data offset) and
+/// return the token length if our option is present. Other options, including other users of
+/// kind 253 with another ExID, are skipped.
+pub fn parse_tcp_option(options: &[u8]) -> Result<Option<u16>, TcpOptionError> {
+    let mut i = 0;
+    let mut found = None;
+    while i < options.len() {
+        match options[i] {
+            0 => break,  // End of option list.
+            1 => i += 1, // NOP.
+            kind => {
+                let len = *options.get(i + 1).ok_or(TcpOptionError::Malformed(i))? as usize;
+                if len < 2 || i + len > options.len() {
+                    return Err(TcpOptionError::Malformed(i));
+                }
+                let body = &options[i + 2..i + len];
+                if kind == TCP_OPTION_KIND
+                    && body.len() >= 2
+                    && u16::from_be_bytes([body[0], body[1]]) == TCP_OPTION_EXID
+                {
+                    if len != TCP_OPTION_LEN {
+                        return Err(TcpOptionError::BadLength(len as u8));
+                    }
+                    if found.is_some() {
+                        return Err(TcpOptionError::Duplicate);
+                    }
+                    let tl = u16::from_be_bytes([body[2], body[3]]);
+                    if tl == 0 || tl as usize > MAX_TOKEN_LEN {
+                        return Err(TcpOptionError::BadTokenLength(tl));
+                    }
+                    found = Some(tl);
+                }
+                i += len;
+            }
+        }
+    }
+    Ok(found)
+}
