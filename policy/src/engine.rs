@@ -99,7 +99,7 @@ pub struct IsolatingPolicies<'a> {
 }
 
 impl<'a> IsolatingPolicies<'a> {
-    pub fn iter(&self) -> impl Iterator<Item = &'a PolicyKey> + 'a {
+    pub fn iter(&self) -> impl Iterator<Item = &'a PolicyKey> + use<'a> {
         let engine = self.engine;
         self.ids
             .iter()

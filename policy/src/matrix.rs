@@ -1,13 +1,14 @@
 //! Cluster-wide what-if: every source against every destination, both directions combined.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use crate::engine::{DecisionRef, ReasonRef};
 use crate::model::{
-    Connection, Decision, Direction, Peer, PodKey, Protocol, Workload, write_decision,
+    Connection, Decision, Direction, Peer, PodKey, PolicyKey, Protocol, ReasonWords, Workload,
+    write_decision_words, write_words,
 };
 use crate::validate::parse_protocol;
 use crate::{Engine, ProbeParseError};
@@ -80,64 +81,206 @@ pub struct Verdict {
     pub ingress: Decision,
 }
 
+/// [`Verdict`] borrowed from the engine: computing it allocates nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct VerdictRef<'a> {
+    pub allowed: bool,
+    /// Egress of the source (`None` for an IP-only or host network source: nothing enforces it).
+    pub egress: Option<DecisionRef<'a>>,
+    pub ingress: DecisionRef<'a>,
+}
+
+impl VerdictRef<'_> {
+    pub fn to_verdict(&self) -> Verdict {
+        Verdict {
+            allowed: self.allowed,
+            egress: self.egress.as_ref().map(DecisionRef::to_decision),
+            ingress: self.ingress.to_decision(),
+        }
+    }
+
+    /// Like [`Verdict::detailed`], written without building the owned verdict.
+    pub fn detailed(&self) -> impl fmt::Display + '_ {
+        Detailed(self)
+    }
+}
+
+/// One side of a verdict, owned or borrowed: its outcome and the words of its reason.
+trait Side {
+    fn allowed(&self) -> bool;
+    /// The reason alone (`verdict`: prefixed with `allowed: ` / `denied: ` as a decision is).
+    fn write(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        direction: Option<Direction>,
+        verdict: bool,
+    ) -> fmt::Result;
+}
+
+impl Side for Decision {
+    fn allowed(&self) -> bool {
+        self.allowed
+    }
+
+    fn write(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        direction: Option<Direction>,
+        verdict: bool,
+    ) -> fmt::Result {
+        if verdict {
+            write_decision_words(f, self.allowed, self.reason.words(), direction)
+        } else {
+            write_words(f, self.reason.words(), direction)
+        }
+    }
+}
+
+fn ref_words<'a>(
+    reason: &ReasonRef<'a>,
+) -> ReasonWords<'a, impl Iterator<Item = &'a PolicyKey> + use<'a>> {
+    match *reason {
+        ReasonRef::NotIsolated => ReasonWords::NotIsolated,
+        ReasonRef::HostNetwork => ReasonWords::HostNetwork,
+        ReasonRef::AllowedBy {
+            policy,
+            direction,
+            index,
+        } => ReasonWords::AllowedBy {
+            policy,
+            direction,
+            index,
+        },
+        ReasonRef::Isolated(p) => ReasonWords::Isolated(p.iter()),
+        ReasonRef::UnknownWorkload(k) => ReasonWords::UnknownWorkload(k),
+    }
+}
+
+impl Side for DecisionRef<'_> {
+    fn allowed(&self) -> bool {
+        self.allowed
+    }
+
+    fn write(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        direction: Option<Direction>,
+        verdict: bool,
+    ) -> fmt::Result {
+        if verdict {
+            write_decision_words(f, self.allowed, ref_words(&self.reason), direction)
+        } else {
+            write_words(f, ref_words(&self.reason), direction)
+        }
+    }
+}
+
+/// Denied: the denying side(s); allowed: both sides.
+fn write_verdict(
+    f: &mut fmt::Formatter<'_>,
+    allowed: bool,
+    egress: Option<&dyn Side>,
+    ingress: &dyn Side,
+) -> fmt::Result {
+    if allowed {
+        f.write_str("allowed: ")?;
+        if let Some(e) = egress {
+            f.write_str("egress ")?;
+            e.write(f, None, false)?;
+            f.write_str("; ")?;
+        }
+        f.write_str("ingress ")?;
+        ingress.write(f, None, false)
+    } else {
+        f.write_str("denied: ")?;
+        let mut first = true;
+        if let Some(e) = egress.filter(|e| !e.allowed()) {
+            e.write(f, Some(Direction::Egress), false)?;
+            first = false;
+        }
+        if !ingress.allowed() {
+            if !first {
+                f.write_str("; ")?;
+            }
+            ingress.write(f, Some(Direction::Ingress), false)?;
+        }
+        Ok(())
+    }
+}
+
+/// `allowed|denied: egress: ...; ingress: ...`.
+fn write_detailed(
+    f: &mut fmt::Formatter<'_>,
+    allowed: bool,
+    egress: Option<&dyn Side>,
+    ingress: &dyn Side,
+) -> fmt::Result {
+    f.write_str(if allowed { "allowed" } else { "denied" })?;
+    f.write_str(": egress: ")?;
+    match egress {
+        Some(e) => e.write(f, Some(Direction::Egress), true)?,
+        None => f.write_str("not enforced (IP-only source)")?,
+    }
+    f.write_str("; ingress: ")?;
+    ingress.write(f, Some(Direction::Ingress), true)
+}
+
 impl fmt::Display for Verdict {
     /// Denied: the denying side(s), e.g. `denied: isolated for ingress by demo/default-deny,
     /// demo/db (no rule matches)`. Allowed: both sides, e.g. `allowed: egress not isolated (no
     /// policy selects it); ingress allowed by demo/backend-policy ingress rule 0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.allowed {
-            f.write_str("allowed: ")?;
-            if let Some(e) = &self.egress {
-                f.write_str("egress ")?;
-                crate::model::write_reason(f, &e.reason, None)?;
-                f.write_str("; ")?;
-            }
-            f.write_str("ingress ")?;
-            crate::model::write_reason(f, &self.ingress.reason, None)
-        } else {
-            f.write_str("denied: ")?;
-            let mut first = true;
-            if let Some(e) = self.egress.as_ref().filter(|e| !e.allowed) {
-                write_reason_only(f, e, Direction::Egress)?;
-                first = false;
-            }
-            if !self.ingress.allowed {
-                if !first {
-                    f.write_str("; ")?;
-                }
-                write_reason_only(f, &self.ingress, Direction::Ingress)?;
-            }
-            Ok(())
-        }
+        write_verdict(
+            f,
+            self.allowed,
+            self.egress.as_ref().map(|e| e as &dyn Side),
+            &self.ingress,
+        )
     }
 }
 
-fn write_reason_only(
-    f: &mut fmt::Formatter<'_>,
-    d: &Decision,
-    direction: Direction,
-) -> fmt::Result {
-    crate::model::write_reason(f, &d.reason, Some(direction))
+impl fmt::Display for VerdictRef<'_> {
+    /// As [`Verdict`]'s.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_verdict(
+            f,
+            self.allowed,
+            self.egress.as_ref().map(|e| e as &dyn Side),
+            &self.ingress,
+        )
+    }
+}
+
+struct Detailed<'a>(&'a VerdictRef<'a>);
+
+impl fmt::Display for Detailed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        write_detailed(
+            f,
+            v.allowed,
+            v.egress.as_ref().map(|e| e as &dyn Side),
+            &v.ingress,
+        )
+    }
 }
 
 impl Verdict {
     /// Like `Display`, with each side's decision spelled out: `egress: ...; ingress: ...`.
     pub fn detailed(&self) -> String {
-        struct D<'a>(&'a Decision, Direction);
+        struct D<'a>(&'a Verdict);
         impl fmt::Display for D<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write_decision(f, self.0, Some(self.1))
+                let v = self.0;
+                write_detailed(
+                    f,
+                    v.allowed,
+                    v.egress.as_ref().map(|e| e as &dyn Side),
+                    &v.ingress,
+                )
             }
         }
-        let egress = match &self.egress {
-            Some(e) => D(e, Direction::Egress).to_string(),
-            None => "not enforced (IP-only source)".to_string(),
-        };
-        format!(
-            "{}: egress: {egress}; ingress: {}",
-            if self.allowed { "allowed" } else { "denied" },
-            D(&self.ingress, Direction::Ingress)
-        )
+        D(self).to_string()
     }
 }
 
@@ -148,6 +291,30 @@ pub struct Cell {
     pub to: PodKey,
     pub probe: Probe,
     pub verdict: Verdict,
+}
+
+/// One cell of a [`Matrix`], borrowed: no allocation per cell.
+#[derive(Clone, Copy, Debug)]
+pub struct CellRef<'a> {
+    pub from: &'a Source,
+    pub to: &'a PodKey,
+    pub probe: Probe,
+    /// Position of `from` in [`Matrix::sources`].
+    pub row: usize,
+    /// Position of `to` in [`Matrix::destinations`].
+    pub column: usize,
+    pub verdict: VerdictRef<'a>,
+}
+
+impl CellRef<'_> {
+    pub fn to_cell(&self) -> Cell {
+        Cell {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            probe: self.probe,
+            verdict: self.verdict.to_verdict(),
+        }
+    }
 }
 
 fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
@@ -165,12 +332,91 @@ fn pick_pair(src: &[IpAddr], dst: &[IpAddr]) -> (Option<IpAddr>, Option<IpAddr>)
     (src.first().copied(), dst.first().copied())
 }
 
+/// Whether a workload declares `probe` among its container ports.
+fn declares(w: &Workload, probe: Probe) -> bool {
+    w.ports
+        .iter()
+        .any(|p| p.port == probe.port && p.protocol == probe.protocol)
+}
+
 /// The name of `probe` among a workload's container ports.
 fn port_name(w: &Workload, probe: Probe) -> Option<&str> {
     w.ports
         .iter()
         .find(|p| p.port == probe.port && p.protocol == probe.protocol)
         .and_then(|p| p.name.as_deref())
+}
+
+/// What a pod is as a peer: its identity, or IP-only for a hostNetwork pod.
+fn peer_of(engine: &Engine, w: &Workload) -> Peer {
+    if w.host_network {
+        return Peer::IpOnly;
+    }
+    engine.identity(&w.key).map_or(Peer::IpOnly, Peer::Workload)
+}
+
+/// The source side of a connection, prepared once.
+struct SourceSide<'e> {
+    /// `None` for an IP-only source.
+    workload: Option<&'e Workload>,
+    peer: &'e Peer,
+    ip: Option<IpAddr>,
+}
+
+/// The destination side of a connection, prepared once.
+struct DestSide<'e> {
+    workload: &'e Workload,
+    peer: &'e Peer,
+}
+
+/// Egress of the source (unless IP-only or host network) AND ingress of the destination.
+fn decide<'e>(
+    engine: &'e Engine,
+    from: &SourceSide<'e>,
+    to: &DestSide<'e>,
+    probe: Probe,
+) -> VerdictRef<'e> {
+    let dest = to.workload;
+    let (src_ip, egress) = match from.workload {
+        None => (from.ip, None),
+        Some(src) => {
+            let (src_ip, dest_ip) = pick_pair(&src.ips, &dest.ips);
+            if src.host_network {
+                (src_ip, None)
+            } else {
+                let dest_port_name = if dest.host_network {
+                    None
+                } else {
+                    port_name(dest, probe)
+                };
+                let egress = engine.decide_ref(&Connection {
+                    local: &src.key,
+                    direction: Direction::Egress,
+                    peer: to.peer,
+                    peer_ip: dest_ip,
+                    port: probe.port,
+                    protocol: probe.protocol,
+                    dest_port_name,
+                });
+                (src_ip, Some(egress))
+            }
+        }
+    };
+    let ingress = engine.decide_ref(&Connection {
+        local: &dest.key,
+        direction: Direction::Ingress,
+        peer: from.peer,
+        peer_ip: src_ip,
+        port: probe.port,
+        protocol: probe.protocol,
+        dest_port_name: None,
+    });
+    let allowed = egress.as_ref().is_none_or(|e| e.allowed) && ingress.allowed;
+    VerdictRef {
+        allowed,
+        egress,
+        ingress,
+    }
 }
 
 /// Evaluates one connection from `from` to pod `to` on `probe`: egress of the source (a
@@ -183,157 +429,284 @@ fn port_name(w: &Workload, probe: Probe) -> Option<&str> {
 /// `to` or a pod source is unknown.
 pub fn evaluate(engine: &Engine, from: &Source, to: &PodKey, probe: Probe) -> Option<Verdict> {
     let dest = engine.workload(to)?;
-    let (src_peer, src_ip, egress) = match from {
-        Source::Ip(ip) => (Peer::IpOnly, Some(*ip), None),
+    let dest_peer = peer_of(engine, dest);
+    let (src_workload, src_peer, ip) = match from {
+        Source::Ip(ip) => (None, Peer::IpOnly, Some(*ip)),
         Source::Pod(k) => {
-            let src = engine.workload(k)?;
-            let (src_ip, dest_ip) = pick_pair(&src.ips, &dest.ips);
-            if src.host_network {
-                (Peer::IpOnly, src_ip, None)
-            } else {
-                let (dest_peer, dest_port_name) = if dest.host_network {
-                    (Peer::IpOnly, None)
-                } else {
-                    (Peer::Workload(engine.identity(to)?), port_name(dest, probe))
-                };
-                let egress = engine.decide(&Connection {
-                    local: k,
-                    direction: Direction::Egress,
-                    peer: &dest_peer,
-                    peer_ip: dest_ip,
-                    port: probe.port,
-                    protocol: probe.protocol,
-                    dest_port_name,
-                });
-                (Peer::Workload(engine.identity(k)?), src_ip, Some(egress))
-            }
+            let w = engine.workload(k)?;
+            (Some(w), peer_of(engine, w), None)
         }
     };
-    let ingress = engine.decide(&Connection {
-        local: to,
-        direction: Direction::Ingress,
+    let from = SourceSide {
+        workload: src_workload,
         peer: &src_peer,
-        peer_ip: src_ip,
-        port: probe.port,
-        protocol: probe.protocol,
-        dest_port_name: None,
-    });
-    let allowed = egress.as_ref().is_none_or(|e| e.allowed) && ingress.allowed;
-    Some(Verdict {
-        allowed,
-        egress,
-        ingress,
-    })
+        ip,
+    };
+    let to = DestSide {
+        workload: dest,
+        peer: &dest_peer,
+    };
+    Some(decide(engine, &from, &to, probe).to_verdict())
 }
 
 /// Every pod and every `from_ips` entry against every pod (a pod to itself left out), for each
-/// probe; with no probes, each destination's own container ports. Cells are ordered by probe, then
-/// source, then destination.
-pub fn matrix(engine: &Engine, probes: &[Probe], from_ips: &[IpAddr]) -> Vec<Cell> {
-    let pods: Vec<&Workload> = engine.workloads().collect();
-    let mut sources: Vec<Source> = pods.iter().map(|w| Source::Pod(w.key.clone())).collect();
-    sources.extend(from_ips.iter().copied().map(Source::Ip));
-    sources.sort();
-    sources.dedup();
-    let own_ports = probes.is_empty();
-    let probe_set: BTreeSet<Probe> = if own_ports {
-        pods.iter()
-            .flat_map(|w| w.ports.iter())
-            .map(|p| Probe {
-                port: p.port,
-                protocol: p.protocol,
-            })
-            .collect()
-    } else {
-        probes.iter().copied().collect()
-    };
-    let mut cells = Vec::new();
-    for probe in probe_set {
-        for from in &sources {
-            for dest in &pods {
-                if matches!(from, Source::Pod(k) if *k == dest.key) {
-                    continue;
-                }
-                if own_ports
-                    && !dest
-                        .ports
-                        .iter()
-                        .any(|p| p.port == probe.port && p.protocol == probe.protocol)
-                {
-                    continue;
-                }
-                if let Some(verdict) = evaluate(engine, from, &dest.key, probe) {
-                    cells.push(Cell {
-                        from: from.clone(),
-                        to: dest.key.clone(),
-                        probe,
-                        verdict,
-                    });
-                }
-            }
-        }
-    }
-    cells
+/// probe; with no probes, each destination's own container ports.
+///
+/// Each pod's peer identity is built once, and every cell is computed on demand from
+/// [`Engine::decide_ref`]: [`Matrix::cells`] streams them without holding them, so a 1,000-pod
+/// matrix costs the pods' identities, not a million cells.
+pub struct Matrix<'e> {
+    engine: &'e Engine,
+    /// The pods (in key order), then the IP-only sources (sorted, deduplicated).
+    sources: Vec<Source>,
+    /// The pods, in key order: the destinations, and the first rows.
+    pods: Vec<&'e Workload>,
+    /// Each pod as a peer (same positions as `pods`), then `Peer::IpOnly` for the IP sources.
+    peers: Vec<Peer>,
+    ips: Vec<IpAddr>,
+    probes: Vec<Probe>,
+    /// Per probe: the positions in `pods` of the destinations probed on it.
+    columns: Vec<Vec<usize>>,
 }
 
-/// Renders cells as one truth table per probe: a header row of destinations, then one row per
-/// source; `.` allowed, `X` denied, `-` not probed (a pod to itself, or a port the destination
-/// does not declare). Columns are aligned; readable at 30 pods.
-///
-/// Shape (whitespace-separated tokens, so a test corpus can hold the same text):
-///
-/// ```text
-/// probe 80/TCP
-///             demo/a  demo/b
-/// demo/a      -       .
-/// demo/b      X       -
-/// 10.0.0.9    .       X
-/// ```
-///
-/// Headers are the full `ns/pod` (no legend needed); every column is as wide as its header.
-/// Rows and columns are the union of the sources and destinations of all cells, so each probe's
-/// table has the same shape; tables are separated by a blank line.
-pub fn render_table(cells: &[Cell]) -> String {
-    let mut by_probe: BTreeMap<Probe, BTreeMap<(&Source, &PodKey), bool>> = BTreeMap::new();
-    let mut sources: BTreeSet<&Source> = BTreeSet::new();
-    let mut dests: BTreeSet<&PodKey> = BTreeSet::new();
-    for c in cells {
-        by_probe
-            .entry(c.probe)
-            .or_default()
-            .insert((&c.from, &c.to), c.verdict.allowed);
-        sources.insert(&c.from);
-        dests.insert(&c.to);
+impl<'e> Matrix<'e> {
+    /// Plans the matrix: see [`Matrix`]. Nothing is decided yet.
+    pub fn new(engine: &'e Engine, probes: &[Probe], from_ips: &[IpAddr]) -> Self {
+        let pods: Vec<&Workload> = engine.workloads().collect();
+        let mut ips = from_ips.to_vec();
+        ips.sort();
+        ips.dedup();
+        let mut sources: Vec<Source> = pods.iter().map(|w| Source::Pod(w.key.clone())).collect();
+        sources.extend(ips.iter().copied().map(Source::Ip));
+        let mut peers: Vec<Peer> = pods.iter().map(|w| peer_of(engine, w)).collect();
+        peers.extend(ips.iter().map(|_| Peer::IpOnly));
+        let own_ports = probes.is_empty();
+        let mut probes: Vec<Probe> = if own_ports {
+            pods.iter()
+                .flat_map(|w| w.ports.iter())
+                .map(|p| Probe {
+                    port: p.port,
+                    protocol: p.protocol,
+                })
+                .collect()
+        } else {
+            probes.to_vec()
+        };
+        probes.sort();
+        probes.dedup();
+        let columns = probes
+            .iter()
+            .map(|probe| {
+                (0..pods.len())
+                    .filter(|d| !own_ports || pods.get(*d).is_some_and(|w| declares(w, *probe)))
+                    .collect()
+            })
+            .collect();
+        Matrix {
+            engine,
+            sources,
+            pods,
+            peers,
+            ips,
+            probes,
+            columns,
+        }
     }
-    let src_names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-    let dst_names: Vec<String> = dests.iter().map(|d| d.to_string()).collect();
-    let label_width = src_names.iter().map(String::len).max().unwrap_or(0);
-    let mut out = String::new();
-    for (i, (probe, verdicts)) in by_probe.iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
+
+    /// Rows: the pods in key order (the same positions as [`Matrix::destinations`]), then the
+    /// IP-only sources.
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    /// Columns: every pod, in key order (a block shows those probed on its port).
+    pub fn destinations(&self) -> impl ExactSizeIterator<Item = &'e PodKey> + '_ {
+        self.pods.iter().map(|w| &w.key)
+    }
+
+    /// The probes, in order: one block each.
+    pub fn probes(&self) -> &[Probe] {
+        &self.probes
+    }
+
+    /// The positions (in [`Matrix::destinations`]) of the destinations probed on the `i`th probe.
+    pub fn columns(&self, probe_index: usize) -> &[usize] {
+        self.columns.get(probe_index).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many cells [`Matrix::cells`] yields.
+    pub fn len(&self) -> usize {
+        // Each destination is probed from every source but itself.
+        let sources = self.pods.len().saturating_sub(1) + self.ips.len();
+        self.columns.iter().map(|c| c.len() * sources).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One cell, if `row` is a source other than the destination `column` and the destination
+    /// is probed on the probe.
+    fn cell(&self, probe_index: usize, row: usize, column: usize) -> Option<CellRef<'_>> {
+        let probe = *self.probes.get(probe_index)?;
+        if row == column {
+            return None;
         }
+        let dest = *self.pods.get(column)?;
+        let from = self.sources.get(row)?;
+        let src = SourceSide {
+            workload: self.pods.get(row).copied(),
+            peer: self.peers.get(row)?,
+            ip: match from {
+                Source::Ip(ip) => Some(*ip),
+                Source::Pod(_) => None,
+            },
+        };
+        let to = DestSide {
+            workload: dest,
+            peer: self.peers.get(column)?,
+        };
+        Some(CellRef {
+            from,
+            to: &dest.key,
+            probe,
+            row,
+            column,
+            verdict: decide(self.engine, &src, &to, probe),
+        })
+    }
+
+    /// The cells of the `i`th probe, by source, then destination.
+    pub fn probe_cells(&self, probe_index: usize) -> impl Iterator<Item = CellRef<'_>> + '_ {
+        let columns = self.columns(probe_index);
+        (0..self.sources.len()).flat_map(move |row| {
+            columns
+                .iter()
+                .filter_map(move |column| self.cell(probe_index, row, *column))
+        })
+    }
+
+    /// Every cell, computed as it is yielded: by probe, then source, then destination.
+    pub fn cells(&self) -> impl Iterator<Item = CellRef<'_>> + '_ {
+        (0..self.probes.len()).flat_map(move |p| self.probe_cells(p))
+    }
+
+    /// The `i`th probe's truth table (see [`render_table`]).
+    pub fn render_block(&self, probe_index: usize) -> String {
+        let mut out = String::new();
+        let Some(probe) = self.probes.get(probe_index) else {
+            return out;
+        };
+        let columns = self.columns(probe_index);
+        // Marks by position: row-major, one byte per (source, column).
+        let mut marks = vec![b'-'; self.sources.len() * columns.len()];
+        let mut slot_of = vec![usize::MAX; self.pods.len()];
+        for (slot, column) in columns.iter().enumerate() {
+            if let Some(s) = slot_of.get_mut(*column) {
+                *s = slot;
+            }
+        }
+        for cell in self.probe_cells(probe_index) {
+            let slot = slot_of.get(cell.column).copied().unwrap_or(usize::MAX);
+            if let Some(m) = marks.get_mut(cell.row * columns.len() + slot) {
+                *m = if cell.verdict.allowed { b'.' } else { b'X' };
+            }
+        }
+        let numbers = self.pods.len();
+        let number_width = numbers.max(1).to_string().len();
+        let labels: Vec<String> = self.sources.iter().map(row_label).collect();
+        let label_width = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+        // `NNN label  ` before the first mark.
+        let indent = number_width + 1 + label_width + 1;
         let _ = writeln!(out, "probe {probe}");
-        let mut line = " ".repeat(label_width);
-        for name in &dst_names {
-            line.push_str("  ");
-            line.push_str(name);
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-        for (src, src_name) in sources.iter().zip(&src_names) {
-            let mut line = format!("{src_name:<label_width$}");
-            for (dst, dst_name) in dests.iter().zip(&dst_names) {
-                let mark = match verdicts.get(&(*src, *dst)) {
-                    Some(true) => ".",
-                    Some(false) => "X",
-                    None => "-",
-                };
-                let _ = write!(line, "  {mark:<w$}", w = dst_name.len());
+        // Column numbers, written top to bottom (one digit a line, right-aligned).
+        for digit in (0..number_width).rev() {
+            let mut line = " ".repeat(indent);
+            for column in columns {
+                let n = column + 1;
+                line.push(' ');
+                if n.ilog10() as usize >= digit {
+                    let d = (n / 10usize.pow(digit as u32)) % 10;
+                    line.push(char::from_digit(d as u32, 10).unwrap_or('?'));
+                } else {
+                    line.push(' ');
+                }
             }
             out.push_str(line.trim_end());
             out.push('\n');
         }
+        for (row, label) in labels.iter().enumerate() {
+            let number = if row < self.pods.len() {
+                (row + 1).to_string()
+            } else {
+                String::new()
+            };
+            let _ = write!(out, "{number:>number_width$} {label:<label_width$} ");
+            for slot in 0..columns.len() {
+                out.push(' ');
+                let m = marks
+                    .get(row * columns.len() + slot)
+                    .copied()
+                    .unwrap_or(b'-');
+                out.push(char::from(m));
+            }
+            let trimmed = out.trim_end_matches(' ').len();
+            out.truncate(trimmed);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The longest row label: a longer `ns/pod` keeps its start and its end (where replicas differ)
+/// around an ellipsis; the row number identifies it anyway.
+const MAX_LABEL: usize = 40;
+
+fn row_label(source: &Source) -> String {
+    let text = source.to_string();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= MAX_LABEL {
+        return text;
+    }
+    let tail = 14;
+    let head = MAX_LABEL - tail - 1;
+    let mut label: String = chars[..head].iter().collect();
+    label.push('…');
+    label.extend(&chars[chars.len() - tail..]);
+    label
+}
+
+/// Every cell of [`Matrix::new`], owned. For large clusters stream [`Matrix::cells`] instead.
+pub fn matrix(engine: &Engine, probes: &[Probe], from_ips: &[IpAddr]) -> Vec<Cell> {
+    Matrix::new(engine, probes, from_ips)
+        .cells()
+        .map(|c| c.to_cell())
+        .collect()
+}
+
+/// Renders the matrix as one truth table per probe, separated by a blank line: `.` allowed,
+/// `X` denied, `-` not probed (a pod to itself). Pods are numbered in key order; each row is a
+/// source, carrying its number and name; each column a destination, headed by its number
+/// written vertically (one digit a line). IP-only sources come last, unnumbered. Without
+/// explicit probes, a probe's block has a column only for the pods that declare its port.
+///
+/// ```text
+/// probe 80/TCP
+///                           1
+///            1 2 3 4 5 6 7 8 9 0
+///  1 demo/a  - . X . . . . . . .
+///  ...
+///    10.0.0.9 . X . . . . . . . .
+/// ```
+///
+/// At 30 pods a row is 60 characters plus its label (at most 44): it fits a terminal.
+pub fn render_table(matrix: &Matrix<'_>) -> String {
+    let mut out = String::new();
+    for i in 0..matrix.probes().len() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&matrix.render_block(i));
     }
     out
 }

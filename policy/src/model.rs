@@ -166,26 +166,61 @@ impl fmt::Display for RuleRef {
     }
 }
 
+/// A reason's parts, borrowed: what [`Reason`] and the engine's borrowed reason both say, so
+/// that both are worded by the same code.
+pub(crate) enum ReasonWords<'a, P> {
+    NotIsolated,
+    HostNetwork,
+    AllowedBy {
+        policy: &'a PolicyKey,
+        direction: Direction,
+        index: usize,
+    },
+    /// The isolating policies.
+    Isolated(P),
+    UnknownWorkload(&'a PodKey),
+}
+
+impl Reason {
+    pub(crate) fn words(&self) -> ReasonWords<'_, std::slice::Iter<'_, PolicyKey>> {
+        match self {
+            Reason::NotIsolated => ReasonWords::NotIsolated,
+            Reason::HostNetwork => ReasonWords::HostNetwork,
+            Reason::AllowedBy(r) => ReasonWords::AllowedBy {
+                policy: &r.policy,
+                direction: r.direction,
+                index: r.index,
+            },
+            Reason::Isolated(p) => ReasonWords::Isolated(p.iter()),
+            Reason::UnknownWorkload(k) => ReasonWords::UnknownWorkload(k),
+        }
+    }
+}
+
 /// Writes a reason in words; `direction` (when known) is named for isolation.
-pub(crate) fn write_reason(
+pub(crate) fn write_words<'a>(
     f: &mut fmt::Formatter<'_>,
-    reason: &Reason,
+    words: ReasonWords<'a, impl Iterator<Item = &'a PolicyKey>>,
     direction: Option<Direction>,
 ) -> fmt::Result {
-    match reason {
-        Reason::NotIsolated => match direction {
+    match words {
+        ReasonWords::NotIsolated => match direction {
             Some(d) => write!(f, "not isolated for {d} (no policy selects it)"),
             None => f.write_str("not isolated (no policy selects it)"),
         },
-        Reason::HostNetwork => f.write_str("host network workload (never a policy target)"),
-        Reason::AllowedBy(rule) => write!(f, "allowed by {rule}"),
-        Reason::Isolated(policies) => {
+        ReasonWords::HostNetwork => f.write_str("host network workload (never a policy target)"),
+        ReasonWords::AllowedBy {
+            policy,
+            direction,
+            index,
+        } => write!(f, "allowed by {policy} {direction} rule {index}"),
+        ReasonWords::Isolated(policies) => {
             f.write_str("isolated ")?;
             if let Some(d) = direction {
                 write!(f, "for {d} ")?;
             }
             f.write_str("by ")?;
-            for (i, p) in policies.iter().enumerate() {
+            for (i, p) in policies.enumerate() {
                 if i > 0 {
                     f.write_str(", ")?;
                 }
@@ -193,8 +228,17 @@ pub(crate) fn write_reason(
             }
             f.write_str(" (no rule matches)")
         }
-        Reason::UnknownWorkload(k) => write!(f, "unknown workload {k}"),
+        ReasonWords::UnknownWorkload(k) => write!(f, "unknown workload {k}"),
     }
+}
+
+/// Writes a reason in words; `direction` (when known) is named for isolation.
+pub(crate) fn write_reason(
+    f: &mut fmt::Formatter<'_>,
+    reason: &Reason,
+    direction: Option<Direction>,
+) -> fmt::Result {
+    write_words(f, reason.words(), direction)
 }
 
 impl fmt::Display for Reason {
@@ -205,30 +249,62 @@ impl fmt::Display for Reason {
 
 /// Writes a decision: `allowed by demo/web ingress rule 0`, `allowed: not isolated ...`,
 /// `denied: isolated for ingress by demo/default-deny (no rule matches)`.
+pub(crate) fn write_decision_words<'a>(
+    f: &mut fmt::Formatter<'_>,
+    allowed: bool,
+    words: ReasonWords<'a, impl Iterator<Item = &'a PolicyKey>>,
+    direction: Option<Direction>,
+) -> fmt::Result {
+    match (&words, allowed) {
+        (ReasonWords::AllowedBy { .. }, true) => {}
+        (_, true) => f.write_str("allowed: ")?,
+        (_, false) => f.write_str("denied: ")?,
+    }
+    write_words(f, words, direction)
+}
+
+/// [`write_decision_words`] for an owned decision.
 pub(crate) fn write_decision(
     f: &mut fmt::Formatter<'_>,
     d: &Decision,
     direction: Option<Direction>,
 ) -> fmt::Result {
-    match (&d.reason, d.allowed) {
-        (Reason::AllowedBy(_), true) => write_reason(f, &d.reason, direction),
-        (_, true) => {
-            f.write_str("allowed: ")?;
-            write_reason(f, &d.reason, direction)
-        }
-        (_, false) => {
-            f.write_str("denied: ")?;
-            write_reason(f, &d.reason, direction)
-        }
-    }
+    write_decision_words(f, d.allowed, d.reason.words(), direction)
 }
 
 impl fmt::Display for Decision {
+    /// `allowed by demo/web ingress rule 0`, `allowed: not isolated (no policy selects it)`,
+    /// `denied: isolated by demo/db (no rule matches)`. A decision does not record its direction
+    /// unless a rule allowed it: [`Decision::in_direction`] names it for the other reasons too.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let direction = match &self.reason {
             Reason::AllowedBy(r) => Some(r.direction),
             _ => None,
         };
         write_decision(f, self, direction)
+    }
+}
+
+/// A decision worded with its direction: see [`Decision::in_direction`].
+pub struct DecisionIn<'a> {
+    decision: &'a Decision,
+    direction: Direction,
+}
+
+impl Decision {
+    /// Displays the decision naming the direction it was taken for: `denied: isolated for
+    /// ingress by demo/db (no rule matches)`, `allowed: not isolated for egress (no policy
+    /// selects it)`.
+    pub fn in_direction(&self, direction: Direction) -> DecisionIn<'_> {
+        DecisionIn {
+            decision: self,
+            direction,
+        }
+    }
+}
+
+impl fmt::Display for DecisionIn<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_decision(f, self.decision, Some(self.direction))
     }
 }

@@ -1,7 +1,9 @@
 //! The NetworkPolicy conformance corpus: every scenario under `<workspace>/tests/conformance`
 //! (format: `tests/conformance/README.md`) is loaded, its cluster built, its steps applied to an
-//! [`Engine`] one by one, and after each step the truth tables of [`matrix::render_table`] and the
-//! single [`Engine::decide`] checks are compared with the scenario's expectations.
+//! [`Engine`] one by one, and after each step the cells of [`Matrix`] and the single
+//! [`Engine::decide`] checks are compared with the scenario's expectations. Expected tables are
+//! written with `ns/pod` headers (readable at the corpus' 9 pods) and compared cell by cell with
+//! the engine's verdicts, whatever `render_table` prints.
 //!
 //! All scenarios run; the test fails at the end listing every mismatch with the scenario, the step,
 //! the probe, both tables and the reason of each differing cell.
@@ -20,7 +22,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use policy::matrix::{self, Cell, Probe, Source};
+use policy::matrix::{Matrix, Probe, Source};
 use policy::{
     Connection, Decision, Direction, Engine, Labels, Peer, PodKey, PolicyKey, Protocol, Reason,
     RuleRef, WorkloadIdentity,
@@ -148,7 +150,8 @@ struct Expectation {
     /// Extra IP-only sources (rows after the pods).
     #[serde(default)]
     from_ips: Vec<IpAddr>,
-    /// A truth table as `render_table` prints it.
+    /// A truth table: a header of `ns/pod` destinations, then one row per source (`ns/pod` or IP)
+    /// of `.` allowed, `X` denied, `-` not probed.
     #[serde(default)]
     table: Option<String>,
     /// Shorthand: start with everything allowed, then apply `allow|deny|skip SRC -> DST` in order.
@@ -624,10 +627,6 @@ fn describe_decision(d: &Decision) -> String {
     format!("{} ({d})", if d.allowed { "allow" } else { "deny" })
 }
 
-fn describe_cell(cell: &Cell) -> String {
-    cell.verdict.detailed()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Running a scenario.
 // ---------------------------------------------------------------------------------------------
@@ -754,20 +753,24 @@ fn check_expectation(
             ));
         }
     };
-    let cells = matrix::matrix(engine, &[probe], &exp.from_ips);
-    let rendered = matrix::render_table(&cells);
-    let observed = match parse_table(&rendered) {
-        Ok(t) => t,
-        Err(e) => {
-            return Ok(Some(format!(
-                "probe {}: render_table output does not parse ({e}):\n{rendered}",
-                exp.probe
-            )));
-        }
+    // The engine's cells themselves, not a rendering of them: the corpus format is independent
+    // of how `render_table` lays tables out.
+    let plan = Matrix::new(engine, &[probe], &exp.from_ips);
+    let mut observed = Table {
+        columns: plan.destinations().map(|k| k.to_string()).collect(),
+        rows: plan.sources().iter().map(source_label).collect(),
+        cells: BTreeMap::new(),
     };
-    // Cell by cell over both tables. A cell the observed table lacks counts as `-` (not probed),
-    // so a row with nothing probed may be left out; a cell the expectation lacks is a mismatch.
-    let mut report = String::new();
+    let mut reasons: BTreeMap<(String, String), String> = BTreeMap::new();
+    for cell in plan.cells() {
+        let key = (source_label(cell.from), cell.to.to_string());
+        let mark = if cell.verdict.allowed { '.' } else { 'X' };
+        reasons.insert(key.clone(), cell.verdict.detailed().to_string());
+        observed.cells.insert(key, mark);
+    }
+    // Cell by cell over both tables. A cell the engine does not compute counts as `-` (not
+    // probed), so a row with nothing probed may be left out; a cell the expectation lacks is a
+    // mismatch.
     let mut diffs = Vec::new();
     let keys: BTreeSet<&(String, String)> =
         expected.cells.keys().chain(observed.cells.keys()).collect();
@@ -778,18 +781,29 @@ fn check_expectation(
             diffs.push((key.clone(), e, o));
         }
     }
-    if diffs.is_empty() && report.is_empty() {
+    if diffs.is_empty() {
         return Ok(None);
     }
+    for row in &observed.rows {
+        for column in &observed.columns {
+            observed
+                .cells
+                .entry((row.clone(), column.clone()))
+                .or_insert('-');
+        }
+    }
+    let mut report = String::new();
     let _ = writeln!(report, "  probe {}", exp.probe);
     let _ = writeln!(report, "  expected:\n{}", indent(&render(&expected)));
-    let _ = writeln!(report, "  observed (render_table):\n{}", indent(&rendered));
+    let _ = writeln!(
+        report,
+        "  observed (engine):\n{}",
+        indent(&render(&observed))
+    );
     for ((src, dst), e, o) in diffs {
-        let why = cells
-            .iter()
-            .find(|c| source_label(&c.from) == src && c.to.to_string() == dst)
-            .map(describe_cell)
-            .unwrap_or_else(|| "no cell in the matrix".to_string());
+        let why = reasons
+            .get(&(src.clone(), dst.clone()))
+            .map_or("no cell in the matrix", String::as_str);
         let _ = writeln!(
             report,
             "  {src} -> {dst}: expected {e}, observed {o}: {why}"

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use policy::matrix::{self, Probe, Source, Verdict};
+use policy::matrix::{self, Matrix, Probe, Source, Verdict};
 use policy::{
     Connection, Direction, Engine, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef,
     WorkloadIdentity,
@@ -1266,19 +1266,19 @@ fn matrix_renders_one_truth_table_per_probe() {
     let cells = matrix::matrix(&e, &[probe(80, Protocol::Tcp)], &[from_ip]);
     // 4 pods * 3 other pods + 1 IP * 4 pods.
     assert_eq!(cells.len(), 16);
-    let table = matrix::render_table(&cells);
-    let rows: Vec<Vec<&str>> = table
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(rows[0], ["probe", "80/TCP"]);
-    assert_eq!(rows[1], ["a/db", "a/web", "b/client", "b/web"]);
-    assert_eq!(rows[2], ["a/db", "-", ".", ".", "."]);
-    assert_eq!(rows[3], ["a/web", ".", "-", ".", "."]);
-    assert_eq!(rows[4], ["b/client", "X", ".", "-", "."]);
-    assert_eq!(rows[5], ["b/web", "X", ".", ".", "-"]);
-    assert_eq!(rows[6], ["192.0.2.1", "X", ".", ".", "."]);
-    assert_eq!(rows.len(), 7);
+    let m = Matrix::new(&e, &[probe(80, Protocol::Tcp)], &[from_ip]);
+    assert_eq!(m.len(), 16);
+    // Pods numbered in key order; a column is headed by its pod's number.
+    assert_eq!(
+        matrix::render_table(&m),
+        "probe 80/TCP\n\
+         \x20            1 2 3 4\n\
+         1 a/db       - . . .\n\
+         2 a/web      . - . .\n\
+         3 b/client   X . - .\n\
+         4 b/web      X . . -\n\
+         \x20 192.0.2.1  X . . .\n"
+    );
 }
 
 #[test]
@@ -1296,23 +1296,138 @@ fn matrix_without_probes_uses_each_destinations_ports() {
             .filter(|c| c.probe.port == 8080)
             .all(|c| c.to == key("a/db"))
     );
-    let table = matrix::render_table(&cells);
-    assert!(table.contains("probe 80/TCP\n"));
-    assert!(table.contains("\n\nprobe 8080/TCP\n"));
-    // Columns are the pods that are destinations of some probe (b/client declares no port);
-    // a/web and b/web do not declare 8080: not probed.
-    let t8080: Vec<&str> = table
-        .split("probe 8080/TCP\n")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .collect();
-    let header: Vec<&str> = t8080[0].split_whitespace().collect();
-    assert_eq!(header, ["a/db", "a/web", "b/web"]);
-    let row: Vec<&str> = t8080[1].split_whitespace().collect();
-    assert_eq!(row, ["a/db", "-", "-", "-"]);
-    let row: Vec<&str> = t8080[3].split_whitespace().collect();
-    assert_eq!(row, ["b/client", ".", "-", "-"]);
+    // Each block has a column only for the pods that declare its port (b/client declares
+    // none, only a/db declares 8080); the numbers stay those of the rows.
+    let table = matrix::render_table(&Matrix::new(&e, &[], &[]));
+    assert_eq!(
+        table,
+        "probe 80/TCP\n\
+         \x20           2 4\n\
+         1 a/db      . .\n\
+         2 a/web     - .\n\
+         3 b/client  . .\n\
+         4 b/web     . -\n\
+         \n\
+         probe 8080/TCP\n\
+         \x20           1\n\
+         1 a/db      -\n\
+         2 a/web     .\n\
+         3 b/client  .\n\
+         4 b/web     .\n"
+    );
+}
+
+#[test]
+fn matrix_table_at_thirty_pods_fits_a_terminal() {
+    let mut e = Engine::new();
+    for i in 0..30 {
+        e.apply_pod(&pod(
+            &format!("demo/frontend-7d9f8b6c5d-x{i:02}4k"),
+            json!({"app": "web"}),
+            &format!("10.0.0.{}", i + 1),
+            &[("http", 80, "TCP")],
+        ))
+        .unwrap();
+    }
+    e.apply_pod(&pod(
+        "a-rather-long-namespace/a-statefulset-with-a-very-long-name-0",
+        json!({"app": "web"}),
+        "10.0.1.1",
+        &[("http", 80, "TCP")],
+    ))
+    .unwrap();
+    let table = matrix::render_table(&Matrix::new(&e, &[probe(80, Protocol::Tcp)], &[]));
+    let lines: Vec<&str> = table.lines().collect();
+    // Title, two header lines (numbers up to 31, written vertically), 31 rows.
+    assert_eq!(lines.len(), 1 + 2 + 31, "{table}");
+    assert!(
+        lines.iter().all(|l| l.chars().count() <= 110),
+        "too wide:\n{table}"
+    );
+    let row: Vec<char> = lines[3].chars().collect();
+    let first_mark = row.windows(2).position(|w| w == [' ', '-']).unwrap() + 1;
+    assert_eq!(
+        lines[1].chars().nth(first_mark + 2 * 9),
+        Some('1'),
+        "{table}"
+    );
+    assert_eq!(
+        lines[2].chars().nth(first_mark + 2 * 9),
+        Some('0'),
+        "{table}"
+    );
+    assert_eq!(lines[2].chars().nth(first_mark), Some('1'), "{table}");
+    // A long name keeps its start and its end around an ellipsis.
+    assert!(
+        lines[3].starts_with(" 1 a-rather-long-namespace/a…ry-long-name-0  - . ."),
+        "{table}"
+    );
+    assert!(lines[4].starts_with(" 2 demo/frontend-7d9f8b6c5d-x004k"));
+    for line in &lines[3..] {
+        let marks: Vec<&str> = line.split_whitespace().skip(2).collect();
+        assert_eq!(marks.len(), 31, "{line}");
+        assert_eq!(marks.iter().filter(|m| **m == "-").count(), 1, "{line}");
+    }
+}
+
+#[test]
+fn streamed_cells_are_the_cells_evaluated_one_by_one() {
+    let mut e = cluster();
+    apply(
+        &mut e,
+        "a/p",
+        json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.2.0/24"}}]}]
+        }),
+    );
+    let from_ip: IpAddr = "10.0.1.1".parse().unwrap();
+    let probes = [probe(80, Protocol::Tcp), probe(8080, Protocol::Tcp)];
+    let m = Matrix::new(&e, &probes, &[from_ip]);
+    let mut count = 0;
+    for cell in m.cells() {
+        let alone = matrix::evaluate(&e, cell.from, cell.to, cell.probe).unwrap();
+        assert_eq!(
+            cell.verdict.to_verdict(),
+            alone,
+            "{} -> {}",
+            cell.from,
+            cell.to
+        );
+        assert_eq!(cell.verdict.to_string(), alone.to_string());
+        assert_eq!(cell.verdict.detailed().to_string(), alone.detailed());
+        assert_eq!(m.sources()[cell.row], *cell.from);
+        assert_eq!(m.destinations().nth(cell.column), Some(cell.to));
+        count += 1;
+    }
+    assert_eq!(count, m.len());
+    assert_eq!(count, 2 * (4 * 3 + 4));
+}
+
+#[test]
+fn a_decision_names_its_direction_when_asked() {
+    let mut e = cluster();
+    apply(
+        &mut e,
+        "a/deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    );
+    let v = verdict(&e, "a/web", "a/db", 8080, Protocol::Tcp);
+    let egress = v.egress.unwrap();
+    assert_eq!(
+        egress.in_direction(Direction::Egress).to_string(),
+        "denied: isolated for egress by a/deny (no rule matches)"
+    );
+    assert_eq!(
+        v.ingress.in_direction(Direction::Ingress).to_string(),
+        "denied: isolated for ingress by a/deny (no rule matches)"
+    );
+    let open = verdict(&e, "b/client", "b/web", 80, Protocol::Tcp);
+    assert_eq!(
+        open.ingress.in_direction(Direction::Ingress).to_string(),
+        "allowed: not isolated for ingress (no policy selects it)"
+    );
 }
 
 #[test]
