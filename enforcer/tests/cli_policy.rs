@@ -269,8 +269,79 @@ fn without_probes_each_destination_is_probed_on_its_own_ports() {
     assert_cells(&cells, "8080/TCP", &[(FRONTEND_A, BACKEND_A, true)]);
 }
 
+/// One block of the table as a reader sees it.
+struct Block {
+    title: String,
+    /// Column numbers, read top to bottom from the header.
+    columns: Vec<usize>,
+    /// Per row: its number (none for an IP), its label, its marks under the columns.
+    rows: Vec<(Option<usize>, String, Vec<char>)>,
+}
+
+impl Block {
+    fn parse(text: &str) -> Block {
+        let lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+        let title: String = lines[0].iter().collect();
+        assert!(title.starts_with("probe "), "{text}");
+        let rows_start = 1 + lines[1..]
+            .iter()
+            .position(|l| l.iter().any(|c| c.is_alphabetic()))
+            .unwrap();
+        let header = &lines[1..rows_start];
+        let width = header.iter().map(Vec::len).max().unwrap();
+        let mut columns = Vec::new();
+        let mut positions = Vec::new();
+        for x in 0..width {
+            let digits: String = header
+                .iter()
+                .filter_map(|l| l.get(x).filter(|c| c.is_ascii_digit()))
+                .collect();
+            if !digits.is_empty() {
+                columns.push(digits.parse().unwrap());
+                positions.push(x);
+            }
+        }
+        let rows = lines[rows_start..]
+            .iter()
+            .map(|l| {
+                let text: String = l.iter().collect();
+                let mut tokens = text.split_whitespace();
+                let first = tokens.next().unwrap();
+                let (number, label) = match first.parse::<usize>() {
+                    Ok(n) => (Some(n), tokens.next().unwrap().to_owned()),
+                    Err(_) => (None, first.to_owned()),
+                };
+                let marks = positions
+                    .iter()
+                    .map(|x| l.get(*x).copied().unwrap_or(' '))
+                    .collect();
+                (number, label, marks)
+            })
+            .collect();
+        Block {
+            title,
+            columns,
+            rows,
+        }
+    }
+
+    fn number_of(&self, label: &str) -> usize {
+        self.rows.iter().find(|r| r.1 == label).unwrap().0.unwrap()
+    }
+
+    /// The mark in `from`'s row under `to`'s column.
+    fn mark(&self, from: &str, to: &str) -> char {
+        let column = self
+            .columns
+            .iter()
+            .position(|c| *c == self.number_of(to))
+            .unwrap();
+        self.rows.iter().find(|r| r.1 == from).unwrap().2[column]
+    }
+}
+
 #[test]
-fn table_has_one_aligned_block_per_probe() {
+fn table_has_one_numbered_block_per_probe() {
     let run = ok(&[
         "policy",
         "matrix",
@@ -284,50 +355,100 @@ fn table_has_one_aligned_block_per_probe() {
         "203.0.113.7",
     ]);
     let out = &run.stdout;
-    let legend = out.lines().next().unwrap();
+    let legend: Vec<&str> = out.lines().take(2).collect();
     assert!(
-        legend.contains("'.' allowed") && legend.contains("'X' denied"),
-        "{legend}"
+        legend[0]
+            == "rows: sources (pods numbered, then each --from-ip); columns: destinations by number",
+        "{out}"
     );
-    let blocks: Vec<&str> = out.split("\n\n").collect();
+    assert!(
+        legend[1].contains("'.' allowed") && legend[1].contains("'X' denied"),
+        "{out}"
+    );
+    let text = out.split_once("\nprobe ").unwrap().1;
+    let blocks: Vec<Block> = format!("probe {text}")
+        .split("\n\n")
+        .map(Block::parse)
+        .collect();
     assert_eq!(blocks.len(), 2, "{out}");
-    assert!(blocks[0].contains("probe 80/TCP"), "{out}");
-    assert!(blocks[1].starts_with("probe 5432/TCP"), "{out}");
-    for block in blocks {
-        let rows: Vec<&str> = block
-            .lines()
-            .skip_while(|l| !l.starts_with("probe "))
-            .skip(2)
-            .collect();
-        // One row per pod, then the external IP.
-        assert_eq!(rows.len(), ALL_PODS.len() + 1, "{block}");
-        for pod in ALL_PODS {
-            assert!(
-                rows.iter().any(|r| r.starts_with(&format!("{pod} "))),
-                "{pod}"
-            );
+    assert_eq!(blocks[0].title, "probe 80/TCP");
+    assert_eq!(blocks[1].title, "probe 5432/TCP");
+    let mut sorted = ALL_PODS;
+    sorted.sort();
+    for block in &blocks {
+        // One row per pod, numbered in name order, then the external IP; every pod a column.
+        assert_eq!(block.rows.len(), ALL_PODS.len() + 1);
+        for (i, pod) in sorted.iter().enumerate() {
+            assert_eq!(block.rows[i].0, Some(i + 1));
+            assert_eq!(block.rows[i].1, *pod);
         }
-        assert!(rows[ALL_PODS.len()].starts_with("203.0.113.7 "));
+        assert_eq!(block.rows[ALL_PODS.len()].0, None);
+        assert_eq!(block.rows[ALL_PODS.len()].1, "203.0.113.7");
+        assert_eq!(block.columns, (1..=ALL_PODS.len()).collect::<Vec<_>>());
     }
-    // The rows of one block in the table say what the JSON says.
-    let frontend_block = out.split("\n\n").next().unwrap();
-    let header = frontend_block
-        .lines()
-        .find(|l| l.contains(FRONTEND_A))
-        .unwrap();
-    let column = header.find(FRONTEND_A).unwrap();
-    let mark = |from: &str| {
-        let row = frontend_block
-            .lines()
-            .find(|l| l.starts_with(&format!("{from} ")))
-            .unwrap();
-        row[column..].chars().next().unwrap()
-    };
-    assert_eq!(mark(EXTERNAL), '.');
-    assert_eq!(mark(FRONTEND_B), '.');
-    assert_eq!(mark(BACKEND_A), 'X');
-    assert_eq!(mark(FRONTEND_A), '-');
-    assert_eq!(mark("203.0.113.7"), 'X');
+    // The table says what the JSON says.
+    let json = json_matrix(&[
+        "-f",
+        THREE_TIER,
+        "--probe",
+        "80/TCP",
+        "--probe",
+        "5432/TCP",
+        "--from-ip",
+        "203.0.113.7",
+    ]);
+    for (block, probe) in blocks.iter().zip(["80/TCP", "5432/TCP"]) {
+        for from in ALL_PODS.iter().chain(&["203.0.113.7"]) {
+            for to in ALL_PODS {
+                let expected =
+                    match json.get(&((*from).to_owned(), to.to_owned(), probe.to_owned())) {
+                        Some(true) => '.',
+                        Some(false) => 'X',
+                        None => '-',
+                    };
+                assert_eq!(block.mark(from, to), expected, "{from} -> {to} on {probe}");
+            }
+        }
+    }
+    assert_eq!(blocks[0].mark(EXTERNAL, FRONTEND_A), '.');
+    assert_eq!(blocks[0].mark(BACKEND_A, FRONTEND_A), 'X');
+    assert_eq!(blocks[0].mark(FRONTEND_A, FRONTEND_A), '-');
+}
+
+#[test]
+fn without_probes_a_block_has_only_the_pods_that_declare_its_port() {
+    let run = ok(&["policy", "matrix", "-f", THREE_TIER]);
+    let text = run.stdout.split_once("\nprobe ").unwrap().1;
+    let blocks: Vec<Block> = format!("probe {text}")
+        .split("\n\n")
+        .map(Block::parse)
+        .collect();
+    let titles: Vec<&str> = blocks.iter().map(|b| b.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "probe 53/TCP",
+            "probe 53/UDP",
+            "probe 80/TCP",
+            "probe 5432/TCP",
+            "probe 8080/TCP",
+            "probe 9090/TCP",
+            "probe 9153/TCP"
+        ]
+    );
+    let postgres = &blocks[3];
+    let databases = [
+        postgres.number_of(DATABASE_0),
+        postgres.number_of(DATABASE_1),
+    ];
+    assert_eq!(postgres.columns, databases);
+    // Every pod is still a row, with the same number in every block.
+    assert_eq!(postgres.rows.len(), ALL_PODS.len());
+    for block in &blocks {
+        assert_eq!(block.number_of(DATABASE_0), databases[0]);
+    }
+    assert_eq!(postgres.mark(DATABASE_1, DATABASE_0), '.');
+    assert_eq!(postgres.mark(FRONTEND_A, DATABASE_0), 'X');
 }
 
 /// 30 pods in three namespaces, with long kubectl-like names.
@@ -355,7 +476,7 @@ fn thirty_pods(dir: &Path) -> PathBuf {
 }
 
 #[test]
-fn table_at_thirty_pods_has_a_row_per_pod_and_a_mark_per_column() {
+fn table_at_thirty_pods_fits_a_terminal() {
     let dir = scratch("thirty-pods");
     let input = thirty_pods(&dir);
     let run = ok(&[
@@ -366,16 +487,21 @@ fn table_at_thirty_pods_has_a_row_per_pod_and_a_mark_per_column() {
         "--probe",
         "8080/TCP",
     ]);
-    let lines: Vec<&str> = run.stdout.lines().collect();
-    // Legend, probe title, header, 30 rows.
-    assert_eq!(lines.len(), 3 + 30, "{}", run.stdout);
-    for row in &lines[3..] {
-        let marks: Vec<&str> = row.split_whitespace().skip(1).collect();
-        assert_eq!(marks.len(), 30, "{row}");
-        assert_eq!(marks.iter().filter(|m| **m == "-").count(), 1, "{row}");
+    let out = &run.stdout;
+    for line in out.lines() {
+        assert!(line.chars().count() <= 100, "{} wide: {line}", line.len());
+    }
+    let text = out.split_once("\nprobe ").unwrap().1;
+    let block = Block::parse(&format!("probe {text}"));
+    assert_eq!(block.columns, (1..=30).collect::<Vec<_>>(), "{out}");
+    assert_eq!(block.rows.len(), 30, "{out}");
+    for (number, label, marks) in &block.rows {
+        assert!(label.ends_with("kq"), "{label}");
+        let number = number.unwrap();
+        assert_eq!(marks[number - 1], '-', "{label}");
         // Same namespace: allowed (9 others); other namespaces: denied (20).
-        assert_eq!(marks.iter().filter(|m| **m == ".").count(), 9, "{row}");
-        assert_eq!(marks.iter().filter(|m| **m == "X").count(), 20, "{row}");
+        assert_eq!(marks.iter().filter(|m| **m == '.').count(), 9, "{label}");
+        assert_eq!(marks.iter().filter(|m| **m == 'X').count(), 20, "{label}");
     }
 }
 
@@ -428,11 +554,14 @@ fn explain_names_the_isolating_policies_of_each_side() {
     let out = &run.stdout;
     let egress = out.lines().find(|l| l.contains("egress of")).unwrap();
     assert!(
-        egress.contains("denied") && egress.contains("demo/database"),
+        egress.contains("denied: isolated for egress by demo/database"),
         "{out}"
     );
     let ingress = out.lines().find(|l| l.contains("ingress of")).unwrap();
-    assert!(ingress.contains("denied"), "{out}");
+    assert!(
+        ingress.contains("denied: isolated for ingress by "),
+        "{out}"
+    );
     assert!(ingress.contains("demo/default-deny-ingress"), "{out}");
     assert!(ingress.contains("demo/frontend"), "{out}");
     assert!(out.contains("DENIED"), "{out}");

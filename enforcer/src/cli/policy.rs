@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use policy::matrix::{self, Cell, Probe, Source, Verdict};
+use policy::matrix::{self, CellRef, Matrix, Probe, Source, Verdict};
 use policy::objects::{self, Object, Parsed};
 use policy::{
     ContainerPort, Decision, Direction, Engine, Labels, PodKey, PolicyKey, ProbeParseError, Reason,
@@ -85,20 +85,29 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     let input = Input::load(&args.input.files)?;
-    let cells = matrix::matrix(&input.engine, &args.probe, &args.from_ip);
+    let matrix = Matrix::new(&input.engine, &args.probe, &args.from_ip);
     emit(|out| match args.output {
         Output::Table => {
             writeln!(
                 out,
-                "rows: sources (every pod{}), columns: destinations; \
-                 '.' allowed, 'X' denied, '-' not probed (itself, or a port it does not declare)",
+                "rows: sources (pods numbered{}); columns: destinations by number",
                 if args.from_ip.is_empty() {
                     ""
                 } else {
                     ", then each --from-ip"
                 }
             )?;
-            if cells.is_empty() {
+            writeln!(
+                out,
+                "'.' allowed, 'X' denied, '-' not probed (the pod itself)"
+            )?;
+            if args.probe.is_empty() {
+                writeln!(
+                    out,
+                    "each block's columns: the pods that declare its port (--probe probes every pod)"
+                )?;
+            }
+            if matrix.is_empty() {
                 let pods = input.engine.workloads().count();
                 let why = if pods == 0 {
                     "the input has no pods".to_owned()
@@ -111,10 +120,16 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
                 };
                 return writeln!(out, "nothing to show: {why}");
             }
-            out.write_all(matrix::render_table(&cells).as_bytes())
+            for i in 0..matrix.probes().len() {
+                if i > 0 {
+                    writeln!(out)?;
+                }
+                out.write_all(matrix.render_block(i).as_bytes())?;
+            }
+            Ok(())
         }
         Output::Json => {
-            serde_json::to_writer_pretty(&mut *out, &JsonMatrix { probes: &cells })?;
+            serde_json::to_writer_pretty(&mut *out, &JsonMatrix { matrix: &matrix })?;
             writeln!(out)
         }
     })
@@ -427,7 +442,7 @@ impl Input {
     }
 
     fn explain_decision(&self, out: &mut String, decision: &Decision, direction: Direction) {
-        let _ = writeln!(out, "{decision}");
+        let _ = writeln!(out, "{}", decision.in_direction(direction));
         match &decision.reason {
             Reason::AllowedBy(rule) => {
                 if let Some(rule_yaml) = self.rule_yaml(&rule.policy, rule.direction, rule.index) {
@@ -531,45 +546,47 @@ fn direction_field(direction: Direction) -> &'static str {
 }
 
 struct JsonMatrix<'a> {
-    probes: &'a [Cell],
+    matrix: &'a Matrix<'a>,
 }
 
 impl Serialize for JsonMatrix<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        struct Cells<'a>(&'a [Cell]);
+        struct Cells<'a>(&'a Matrix<'a>);
         impl Serialize for Cells<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                // One cell at a time: a 1,000-pod matrix has a million of them.
-                serializer.collect_seq(self.0.iter().map(JsonCell::from))
+                // Computed and written one cell at a time: a 1,000-pod matrix has a million.
+                serializer.collect_seq(self.0.cells().map(JsonCell))
             }
         }
         let mut doc = serializer.serialize_struct("JsonMatrix", 1)?;
-        doc.serialize_field("probes", &Cells(self.probes))?;
+        doc.serialize_field("probes", &Cells(self.matrix))?;
         doc.end()
     }
 }
 
-#[derive(Serialize)]
-struct JsonCell {
-    from: String,
-    to: String,
-    port: u16,
-    protocol: String,
-    allowed: bool,
-    reason: String,
-}
+/// `{"from","to","port","protocol","allowed","reason"}`, written straight from the borrowed
+/// cell: no string is built for it.
+struct JsonCell<'a>(CellRef<'a>);
 
-impl From<&Cell> for JsonCell {
-    fn from(cell: &Cell) -> Self {
-        JsonCell {
-            from: source_name(&cell.from),
-            to: cell.to.to_string(),
-            port: cell.probe.port,
-            protocol: cell.probe.protocol.to_string(),
-            allowed: cell.verdict.allowed,
-            reason: cell.verdict.detailed(),
+impl Serialize for JsonCell<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        struct Text<T>(T);
+        impl<T: std::fmt::Display> Serialize for Text<T> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(&self.0)
+            }
         }
+        let cell = &self.0;
+        let mut doc = serializer.serialize_struct("JsonCell", 6)?;
+        doc.serialize_field("from", &Text(cell.from))?;
+        doc.serialize_field("to", &Text(cell.to))?;
+        doc.serialize_field("port", &cell.probe.port)?;
+        doc.serialize_field("protocol", &Text(cell.probe.protocol))?;
+        doc.serialize_field("allowed", &cell.verdict.allowed)?;
+        doc.serialize_field("reason", &Text(cell.verdict.detailed()))?;
+        doc.end()
     }
 }
 
