@@ -1,2 +1,24 @@
 //! Tessera datapath: packet parsing and rewriting, per-flow handshake state, and the shell over
-//! NFQUEUE, network namespaces and iptables. Arrives with the datapath issue.
+//! NFQUEUE, network namespaces and iptables.
+//!
+//! The pure core (this crate minus `shell`) does no I/O and reads no clock: the shell hands it
+//! one queued packet at a time with the time and a CSPRNG, and applies the [`Verdict`].
+//!
+//! - [`packet`]: parse IPv4/IPv6 + TCP without trusting any length field, attach / strip the
+//!   Tessera TCP option and token, recompute checksums, rewrite a SYN-ACK into a RST.
+//! - [`flow`]: the bounded, expiring per-flow handshake table (workload + 5-tuple).
+//! - [`processor`]: the state machine from the design brief, one [`Processor`] per node.
+//! - [`metrics`]: counters and the decision-time histogram, Prometheus text format.
+
+pub mod flow;
+pub mod metrics;
+pub mod packet;
+pub mod processor;
+
+pub use flow::FlowKey;
+pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};
+pub use packet::{PacketError, TcpSegment};
+pub use processor::{Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId};
+
+/// The `rand_core` the processor's `rng` parameter comes from (re-exported from `identity`).
+pub use identity::rand_core;

@@ -1,0 +1,123 @@
+//! The per-flow handshake table: bounded, expiring, keyed by workload and 5-tuple.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynReceived};
+
+use crate::processor::WorkloadId;
+
+/// One TCP flow as seen from one workload: `local` is the workload's address and port,
+/// `remote` the peer's (so both directions of a flow map to the same key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The enforced workload.
+    pub workload: WorkloadId,
+    /// The workload's side.
+    pub local: SocketAddr,
+    /// The peer's side.
+    pub remote: SocketAddr,
+}
+
+/// Handshake state of one flow.
+#[derive(Debug)]
+pub(crate) enum FlowState {
+    /// Client: SYN sent with `syn_token`; re-sent as is on retransmission.
+    ClientSynSent {
+        client: ClientAwaitingSynAck,
+        isn: u32,
+        syn_token: Box<[u8]>,
+    },
+    /// Client: the server's SYN-ACK was verified and egress allowed; the first ACK (and any
+    /// duplicate of it) carries `ack_token`.
+    ClientAckPending {
+        client: ClientAwaitingSynAck,
+        synack_token: Box<[u8]>,
+        ack_token: Box<[u8]>,
+    },
+    /// Server: a tokened SYN passed checks and ingress; the SYN-ACK token is not made yet.
+    /// `server` is `None` only transiently while the SYN-ACK is made.
+    ServerSynReceived {
+        server: Option<Box<ServerSynReceived>>,
+        isn: u32,
+        syn_token: Box<[u8]>,
+    },
+    /// Server: SYN-ACK sent with `synack_token`; waiting for the ACK token.
+    ServerAwaitingAck {
+        server: Box<ServerAwaitingAck>,
+        isn: u32,
+        syn_token: Box<[u8]>,
+        synack_token: Box<[u8]>,
+    },
+    /// Server: a token-less SYN from an IP-only peer passed ingress; its SYN-ACK authorizes.
+    ServerTokenless { isn: u32 },
+    /// Authorized (either side): packets still queued are accepted and marked. `ack_token` is
+    /// the ACK token that authorized it on the server side (a duplicate is stripped again).
+    Authorized { ack_token: Option<Box<[u8]>> },
+}
+
+#[derive(Debug)]
+pub(crate) struct Flow {
+    pub(crate) state: FlowState,
+    /// Forgotten after this time (unix ms).
+    pub(crate) deadline_ms: u64,
+}
+
+/// The bounded table.
+#[derive(Debug)]
+pub(crate) struct FlowTable {
+    flows: HashMap<FlowKey, Flow>,
+    max: usize,
+}
+
+impl FlowTable {
+    pub(crate) fn new(max: usize) -> Self {
+        FlowTable {
+            flows: HashMap::new(),
+            max,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        self.flows.get_mut(key)
+    }
+
+    /// The flow if it exists and has not expired (an expired one is removed).
+    pub(crate) fn live_mut(&mut self, key: &FlowKey, now_ms: u64) -> Option<&mut Flow> {
+        let expired = self.flows.get(key).is_some_and(|f| f.deadline_ms < now_ms);
+        if expired {
+            self.flows.remove(key);
+            return None;
+        }
+        self.flows.get_mut(key)
+    }
+
+    /// Insert or replace. A new key beyond the bound is refused (after expiring old flows once):
+    /// returns `false`.
+    pub(crate) fn insert(&mut self, key: FlowKey, flow: Flow, now_ms: u64) -> bool {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.max {
+            self.expire(now_ms);
+            if self.flows.len() >= self.max {
+                return false;
+            }
+        }
+        self.flows.insert(key, flow);
+        true
+    }
+
+    pub(crate) fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        self.flows.remove(key)
+    }
+
+    pub(crate) fn expire(&mut self, now_ms: u64) {
+        self.flows.retain(|_, f| f.deadline_ms >= now_ms);
+    }
+
+    pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
+        self.flows.retain(|k, _| k.workload != id);
+    }
+}

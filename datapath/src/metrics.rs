@@ -1,0 +1,285 @@
+//! Counters and the decision-time histogram, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::processor::Hook;
+
+/// Upper bounds (nanoseconds, inclusive) of the decision-time histogram buckets; a last `+Inf`
+/// bucket is implied. Dense around the 10 us / 50 us targets.
+pub const DECISION_BUCKETS_NS: [u64; 14] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// What kind of TCP packet was accepted (metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PacketKind {
+    /// SYN without ACK.
+    Syn,
+    /// SYN with ACK.
+    SynAck,
+    /// ACK without payload (the handshake's third packet, or a duplicate).
+    Ack,
+    /// Any other TCP packet (data, FIN).
+    Other,
+    /// RST.
+    Rst,
+    /// Not TCP (never queued by our rules, accepted untouched).
+    NotTcp,
+}
+
+impl PacketKind {
+    /// All kinds, in label order.
+    pub const ALL: [PacketKind; 6] = [
+        PacketKind::Syn,
+        PacketKind::SynAck,
+        PacketKind::Ack,
+        PacketKind::Other,
+        PacketKind::Rst,
+        PacketKind::NotTcp,
+    ];
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketKind::Syn => "syn",
+            PacketKind::SynAck => "syn_ack",
+            PacketKind::Ack => "ack",
+            PacketKind::Other => "other",
+            PacketKind::Rst => "rst",
+            PacketKind::NotTcp => "not_tcp",
+        }
+    }
+}
+
+/// The datapath's counters. The processor updates packet counters; the shell records decision
+/// times ([`Metrics::record_decision_time`]) and queue drops ([`Metrics::set_queue_drops`]).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    accepted: [[u64; 6]; 2],
+    rejected: BTreeMap<&'static str, u64>,
+    authorized_verified: u64,
+    authorized_ip_only: u64,
+    flows: usize,
+    buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
+    decision_sum_ns: u64,
+    decision_count: u64,
+    queue_dropped: u64,
+    user_dropped: u64,
+}
+
+fn hook_index(hook: Hook) -> usize {
+    match hook {
+        Hook::Output => 0,
+        Hook::Input => 1,
+    }
+}
+
+fn kind_index(kind: PacketKind) -> usize {
+    match kind {
+        PacketKind::Syn => 0,
+        PacketKind::SynAck => 1,
+        PacketKind::Ack => 2,
+        PacketKind::Other => 3,
+        PacketKind::Rst => 4,
+        PacketKind::NotTcp => 5,
+    }
+}
+
+impl Metrics {
+    /// Count an accepted packet.
+    pub fn count_accepted(&mut self, hook: Hook, kind: PacketKind) {
+        self.accepted[hook_index(hook)][kind_index(kind)] += 1;
+    }
+    /// Count a rejection (drop, or SYN-ACK rewritten to RST) under its reason label.
+    pub fn count_rejected(&mut self, reason: &'static str) {
+        *self.rejected.entry(reason).or_insert(0) += 1;
+    }
+    /// Count a flow authorized, with a verified peer identity or as an IP-only peer.
+    pub fn count_authorized(&mut self, verified: bool) {
+        if verified {
+            self.authorized_verified += 1;
+        } else {
+            self.authorized_ip_only += 1;
+        }
+    }
+    /// Set the number of flows in the handshake table.
+    pub fn set_flows(&mut self, flows: usize) {
+        self.flows = flows;
+    }
+    /// Record one `process` call's duration.
+    pub fn record_decision_time(&mut self, ns: u64) {
+        let i = DECISION_BUCKETS_NS
+            .iter()
+            .position(|b| ns <= *b)
+            .unwrap_or(DECISION_BUCKETS_NS.len());
+        self.buckets[i] += 1;
+        self.decision_sum_ns = self.decision_sum_ns.saturating_add(ns);
+        self.decision_count += 1;
+    }
+    /// Set the kernel's queue overflow counters, summed over every workload's queue:
+    /// `queue_dropped` (queue full) and `user_dropped` (socket buffer full), as read from
+    /// `/proc/net/netfilter/nfnetlink_queue` of each netns.
+    pub fn set_queue_drops(&mut self, queue_dropped: u64, user_dropped: u64) {
+        self.queue_dropped = queue_dropped;
+        self.user_dropped = user_dropped;
+    }
+
+    /// Accepted packets of one hook and kind.
+    pub fn accepted(&self, hook: Hook, kind: PacketKind) -> u64 {
+        self.accepted[hook_index(hook)][kind_index(kind)]
+    }
+    /// Rejections under one reason label (0 if never seen).
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejected.get(reason).copied().unwrap_or(0)
+    }
+    /// All rejection counters, by reason label.
+    pub fn rejected_all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.rejected.iter().map(|(k, v)| (*k, *v))
+    }
+    /// Total rejections.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+    /// Flows authorized: (with a verified identity, IP-only).
+    pub fn authorized(&self) -> (u64, u64) {
+        (self.authorized_verified, self.authorized_ip_only)
+    }
+    /// Flows in the handshake table at the last update.
+    pub fn flows(&self) -> usize {
+        self.flows
+    }
+    /// Decision times recorded.
+    pub fn decision_count(&self) -> u64 {
+        self.decision_count
+    }
+    /// Kernel queue drops: (queue_dropped, user_dropped).
+    pub fn queue_drops(&self) -> (u64, u64) {
+        (self.queue_dropped, self.user_dropped)
+    }
+
+    /// Append the metrics in the Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self, out: &mut String) {
+        // Writing to a String cannot fail.
+        let _ = self.render(out);
+    }
+
+    fn render(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(
+            out,
+            "# HELP tessera_packets_accepted_total Queued packets accepted, by hook and TCP packet kind."
+        )?;
+        writeln!(out, "# TYPE tessera_packets_accepted_total counter")?;
+        for hook in [Hook::Output, Hook::Input] {
+            for kind in PacketKind::ALL {
+                writeln!(
+                    out,
+                    "tessera_packets_accepted_total{{hook=\"{}\",kind=\"{}\"}} {}",
+                    hook.as_str(),
+                    kind.as_str(),
+                    self.accepted(hook, kind)
+                )?;
+            }
+        }
+        writeln!(
+            out,
+            "# HELP tessera_packets_rejected_total Queued packets dropped (or SYN-ACKs rewritten to RST), by reason."
+        )?;
+        writeln!(out, "# TYPE tessera_packets_rejected_total counter")?;
+        for (reason, n) in &self.rejected {
+            writeln!(
+                out,
+                "tessera_packets_rejected_total{{reason=\"{reason}\"}} {n}"
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP tessera_flows_authorized_total Connections authorized, by peer kind."
+        )?;
+        writeln!(out, "# TYPE tessera_flows_authorized_total counter")?;
+        writeln!(
+            out,
+            "tessera_flows_authorized_total{{peer=\"verified\"}} {}",
+            self.authorized_verified
+        )?;
+        writeln!(
+            out,
+            "tessera_flows_authorized_total{{peer=\"ip_only\"}} {}",
+            self.authorized_ip_only
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_handshake_flows Flows in the handshake table."
+        )?;
+        writeln!(out, "# TYPE tessera_handshake_flows gauge")?;
+        writeln!(out, "tessera_handshake_flows {}", self.flows)?;
+        writeln!(
+            out,
+            "# HELP tessera_decision_seconds Time to decide on one queued packet."
+        )?;
+        writeln!(out, "# TYPE tessera_decision_seconds histogram")?;
+        let mut cumulative = 0u64;
+        for (i, le) in DECISION_BUCKETS_NS.iter().enumerate() {
+            cumulative += self.buckets[i];
+            writeln!(
+                out,
+                "tessera_decision_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                seconds(*le)
+            )?;
+        }
+        cumulative += self.buckets[DECISION_BUCKETS_NS.len()];
+        writeln!(
+            out,
+            "tessera_decision_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        )?;
+        writeln!(
+            out,
+            "tessera_decision_seconds_sum {}",
+            seconds(self.decision_sum_ns)
+        )?;
+        writeln!(
+            out,
+            "tessera_decision_seconds_count {}",
+            self.decision_count
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_queue_dropped_total Packets the kernel dropped because a queue was full."
+        )?;
+        writeln!(out, "# TYPE tessera_queue_dropped_total counter")?;
+        writeln!(out, "tessera_queue_dropped_total {}", self.queue_dropped)?;
+        writeln!(
+            out,
+            "# HELP tessera_queue_user_dropped_total Packets the kernel dropped because a queue socket's buffer was full."
+        )?;
+        writeln!(out, "# TYPE tessera_queue_user_dropped_total counter")?;
+        writeln!(
+            out,
+            "tessera_queue_user_dropped_total {}",
+            self.user_dropped
+        )
+    }
+}
+
+/// Nanoseconds as a decimal number of seconds, exactly (no float rounding).
+fn seconds(ns: u64) -> String {
+    let s = ns / 1_000_000_000;
+    let frac = ns % 1_000_000_000;
+    if frac == 0 {
+        return s.to_string();
+    }
+    let f = format!("{frac:09}");
+    format!("{s}.{}", f.trim_end_matches('0'))
+}
