@@ -1,0 +1,165 @@
+//! The kernel shell around the pure core: network namespaces, the fixed iptables rule set, and
+//! NFQUEUE sockets driven by one tokio event loop. Everything here does I/O; the decisions are
+//! the [`Processor`](crate::Processor)'s.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use identity::rand_core::CryptoRng;
+
+use crate::{Hook, Processor, WorkloadId};
+
+pub mod netns;
+pub mod queue;
+pub mod rules;
+
+pub use netns::Netns;
+pub use queue::{Action, Direction, OpenedQueue, QueueConfig, WorkloadQueue};
+pub use rules::{Installed, RuleConfig};
+
+/// Errors of the shell; each names what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// The namespace could not be opened or entered.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        /// The namespace path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A helper thread could not be spawned or panicked.
+    #[error("netns thread: {0}")]
+    Thread(std::io::Error),
+    /// An external command could not be started.
+    #[error("running {command}: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An external command failed.
+    #[error("{command} failed (exit {status:?}): {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit code.
+        status: Option<i32>,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// Reading /proc failed.
+    #[error("/proc: {0}")]
+    Proc(std::io::Error),
+    /// A queue socket operation failed.
+    #[error("nfqueue: {0}")]
+    Queue(std::io::Error),
+    /// The queue's socket could not be told apart from other new file descriptors.
+    #[error("nfqueue: could not identify the queue's netlink socket among new file descriptors")]
+    QueueFd,
+    /// Another process is bound to the queue (another agent in this namespace?).
+    #[error("nfqueue {0} is already bound in this namespace (another agent running?)")]
+    QueueBusy(u16),
+}
+
+/// How the queue reader decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Full enforcement through the [`Processor`].
+    Enforce,
+    /// Debug/benchmark: accept everything without tokens, marking a flow authorized at its first
+    /// packet without SYN flag, so the same packets reach userspace as under enforcement.
+    AcceptAll,
+}
+
+/// Decide on one queued packet of workload `id`: run the processor (timed into its decision
+/// histogram) or, in [`Mode::AcceptAll`], accept.
+pub fn decide<R: CryptoRng + ?Sized>(
+    processor: &mut Processor,
+    mode: Mode,
+    id: WorkloadId,
+    direction: Direction,
+    packet: &mut Vec<u8>,
+    checksum_ready: bool,
+    rng: &mut R,
+) -> Action {
+    let auth_mark = processor.config().auth_mark;
+    let start = Instant::now();
+    let action = match mode {
+        Mode::AcceptAll => Action {
+            accept: true,
+            modified: false,
+            mark: if tcp_flags(packet).is_some_and(|f| f & TCP_SYN == 0) {
+                auth_mark
+            } else {
+                0
+            },
+        },
+        Mode::Enforce => {
+            let hook = match direction {
+                Direction::Output => Hook::Output,
+                Direction::Input => Hook::Input,
+            };
+            let verdict =
+                processor.process(id, hook, packet, checksum_ready, queue::unix_ms(), rng);
+            Action {
+                accept: verdict.accept,
+                modified: verdict.modified,
+                mark: if verdict.accept && verdict.mark_authorized {
+                    auth_mark
+                } else {
+                    0
+                },
+            }
+        }
+    };
+    processor
+        .metrics_mut()
+        .record_decision_time(queue::elapsed_ns(start));
+    action
+}
+
+const TCP_SYN: u8 = 0x02;
+
+/// The TCP flags byte of an IPv4 or IPv6 packet (IPv6 without extension headers), if TCP.
+fn tcp_flags(packet: &[u8]) -> Option<u8> {
+    let version = packet.first()? >> 4;
+    let (proto, offset) = match version {
+        4 => (*packet.get(9)?, usize::from(packet.first()? & 0x0f) * 4),
+        6 => (*packet.get(6)?, 40),
+        _ => return None,
+    };
+    if proto != 6 {
+        return None;
+    }
+    packet.get(offset + 13).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4_tcp(flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[20 + 13] = flags;
+        p
+    }
+
+    #[test]
+    fn tcp_flags_are_read_for_v4_and_v6() {
+        assert_eq!(tcp_flags(&v4_tcp(0x12)), Some(0x12));
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        v6[40 + 13] = 0x10;
+        assert_eq!(tcp_flags(&v6), Some(0x10));
+        let mut udp = v4_tcp(0);
+        udp[9] = 17;
+        assert_eq!(tcp_flags(&udp), None);
+        assert_eq!(tcp_flags(&[0x45, 0, 0]), None);
+        assert_eq!(tcp_flags(&[]), None);
+    }
+}

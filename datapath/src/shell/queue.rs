@@ -1,0 +1,312 @@
+//! NFQUEUE sockets: one per workload namespace, opened inside it, driven by the agent's single
+//! tokio event loop.
+//!
+//! `nfq::Queue` does not expose its file descriptor, and we cannot borrow a raw fd without
+//! `unsafe`. So the socket is found by listing the process's fds before and after
+//! `Queue::open` (under a process-wide lock); each new fd is duplicated with `pidfd_getfd(2)`
+//! into an owned fd, and the one whose `SO_DOMAIN`/`SO_PROTOCOL` say `AF_NETLINK` /
+//! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
+//! readiness; the `Queue` keeps doing the netlink I/O.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Seek};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram as StdDatagram;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::net::sockopt;
+use rustix::net::{AddressFamily, netlink};
+use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+use super::ShellError;
+use super::netns::Netns;
+
+/// netfilter hook numbers as reported in queued packets.
+const NF_INET_LOCAL_IN: u8 = 1;
+const NF_INET_LOCAL_OUT: u8 = 3;
+/// Messages handled per readiness event before yielding to the other queues.
+const BATCH: usize = 256;
+
+static OPEN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Queue knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The queue number the rules send to.
+    pub queue_num: u16,
+    /// Kernel queue length (packets waiting for a verdict).
+    pub max_len: u32,
+    /// Socket receive buffer (SO_RCVBUFFORCE), bytes.
+    pub rcvbuf_bytes: usize,
+    /// Let the kernel accept packets when the queue is full instead of dropping them.
+    pub fail_open: bool,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            queue_num: 7,
+            max_len: 8192,
+            rcvbuf_bytes: 16 << 20,
+            fail_open: false,
+        }
+    }
+}
+
+/// A queue opened and bound inside a namespace, not yet attached to the event loop.
+pub struct OpenedQueue {
+    queue: nfq::Queue,
+    socket: OwnedFd,
+    stats: Option<File>,
+    queue_num: u16,
+}
+
+impl std::fmt::Debug for OpenedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedQueue")
+            .field("socket", &self.socket)
+            .field("queue_num", &self.queue_num)
+            .finish()
+    }
+}
+
+/// Open, bind and configure queue `cfg.queue_num` inside `ns` (on a short-lived thread).
+pub fn open(ns: &Netns, cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
+    ns.run(move || open_here(cfg))?
+}
+
+fn fd_list() -> Result<BTreeSet<RawFd>, ShellError> {
+    let mut fds = BTreeSet::new();
+    let dir = std::fs::read_dir("/proc/thread-self/fd").map_err(ShellError::Proc)?;
+    for entry in dir {
+        let entry = entry.map_err(ShellError::Proc)?;
+        if let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            fds.insert(fd);
+        }
+    }
+    Ok(fds)
+}
+
+fn is_netfilter_socket(fd: &OwnedFd) -> bool {
+    sockopt::socket_domain(fd).is_ok_and(|d| d == AddressFamily::NETLINK)
+        && sockopt::socket_protocol(fd).is_ok_and(|p| p == Some(netlink::NETFILTER))
+}
+
+fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
+    let io = |e: rustix::io::Errno| ShellError::Queue(e.into());
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).map_err(io)?;
+    let (mut queue, socket) = {
+        // A poisoned lock only means another opener panicked; the fd listing is still valid.
+        let _guard = OPEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let before = fd_list()?;
+        let queue = nfq::Queue::open().map_err(ShellError::Queue)?;
+        let after = fd_list()?;
+        let mut found = after
+            .difference(&before)
+            .filter_map(|fd| pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()).ok())
+            .filter(is_netfilter_socket);
+        match (found.next(), found.next()) {
+            (Some(socket), None) => (queue, socket),
+            _ => return Err(ShellError::QueueFd),
+        }
+    };
+    let q = cfg.queue_num;
+    queue.bind(q).map_err(|e| {
+        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+            ShellError::QueueBusy(q)
+        } else {
+            ShellError::Queue(e)
+        }
+    })?;
+    queue
+        .set_queue_max_len(q, cfg.max_len)
+        .map_err(ShellError::Queue)?;
+    queue
+        .set_fail_open(q, cfg.fail_open)
+        .map_err(ShellError::Queue)?;
+    queue.set_nonblocking(true);
+    sockopt::set_socket_recv_buffer_size_force(&socket, cfg.rcvbuf_bytes).map_err(io)?;
+    // Opened here, the file reads this namespace's counters for as long as it stays open.
+    let stats = File::open("/proc/thread-self/net/netfilter/nfnetlink_queue").ok();
+    Ok(OpenedQueue {
+        queue,
+        socket,
+        stats,
+        queue_num: q,
+    })
+}
+
+/// A queue attached to the event loop.
+pub struct WorkloadQueue {
+    /// Our duplicate of the queue's socket, used for readiness only. tokio's datagram type is a
+    /// vessel: no datagram operation is ever called on it.
+    ready: UnixDatagram,
+    queue: nfq::Queue,
+    stats: Option<File>,
+    queue_num: u16,
+    /// Socket-level receive errors (ENOBUFS: the socket buffer overflowed; ENOSPC: a message
+    /// larger than the buffer), counted and survived.
+    pub recv_errors: u64,
+}
+
+impl OpenedQueue {
+    /// Register with the current tokio runtime.
+    pub fn attach(self) -> Result<WorkloadQueue, ShellError> {
+        let std = StdDatagram::from(self.socket);
+        std.set_nonblocking(true).map_err(ShellError::Queue)?;
+        let ready = UnixDatagram::from_std(std).map_err(ShellError::Queue)?;
+        Ok(WorkloadQueue {
+            ready,
+            queue: self.queue,
+            stats: self.stats,
+            queue_num: self.queue_num,
+            recv_errors: 0,
+        })
+    }
+}
+
+/// What the packet handler decided for one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action {
+    /// Accept (`false`: drop).
+    pub accept: bool,
+    /// The buffer was changed and must be sent back.
+    pub modified: bool,
+    /// Repeat with nfmark |= this mark (0: none): the rules save it into the connmark.
+    pub mark: u32,
+}
+
+/// Where a queued packet was queued from, seen from the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// mangle OUTPUT: the workload sends it.
+    Output,
+    /// mangle INPUT: the workload receives it.
+    Input,
+}
+
+impl WorkloadQueue {
+    /// Wait for packets and hand each to `handle(direction, packet, checksum_ready)`; returns
+    /// after one batch so the caller can interleave other work. Errors other than the counted
+    /// socket overflows end the queue.
+    pub async fn serve_batch<F>(&mut self, mut handle: F) -> Result<usize, ShellError>
+    where
+        F: FnMut(Direction, &mut Vec<u8>, bool) -> Action,
+    {
+        let WorkloadQueue {
+            ready,
+            queue,
+            recv_errors,
+            ..
+        } = self;
+        ready.readable().await.map_err(ShellError::Queue)?;
+        let mut handled = 0;
+        while handled < BATCH {
+            // try_io clears tokio's readiness when the receive would block.
+            let mut msg = match ready.try_io(Interest::READABLE, || queue.recv()) {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(handled),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::ENOBUFS | nix::libc::ENOSPC | nix::libc::EINTR)
+                    ) =>
+                {
+                    *recv_errors += 1;
+                    continue;
+                }
+                Err(e) => return Err(ShellError::Queue(e)),
+            };
+            handled += 1;
+            let direction = match msg.get_hook() {
+                NF_INET_LOCAL_OUT => Some(Direction::Output),
+                NF_INET_LOCAL_IN => Some(Direction::Input),
+                _ => None,
+            };
+            let action = match direction {
+                Some(direction) => {
+                    let mut packet = msg.get_payload().to_vec();
+                    let action = handle(direction, &mut packet, msg.is_checksum_ready());
+                    if action.modified {
+                        msg.set_payload(packet);
+                    }
+                    action
+                }
+                // Only our INPUT/OUTPUT rules queue here; anything else is not ours to pass.
+                None => Action {
+                    accept: false,
+                    modified: false,
+                    mark: 0,
+                },
+            };
+            let verdict = if !action.accept {
+                nfq::Verdict::Drop
+            } else if action.mark != 0 {
+                msg.set_nfmark(msg.get_nfmark() | action.mark);
+                nfq::Verdict::Repeat
+            } else {
+                nfq::Verdict::Accept
+            };
+            msg.set_verdict(verdict);
+            match queue.verdict(msg) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => *recv_errors += 1,
+                Err(e) => return Err(ShellError::Queue(e)),
+            }
+        }
+        Ok(handled)
+    }
+
+    /// The kernel's counters for this queue: (queue_dropped, user_dropped).
+    pub fn kernel_drops(&mut self) -> Option<(u64, u64)> {
+        let file = self.stats.as_mut()?;
+        file.rewind().ok()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        parse_queue_stats(&text, self.queue_num)
+    }
+
+    /// Unbind the queue (the kernel drops, or with `--queue-bypass` accepts, what it held).
+    pub fn unbind(&mut self) -> Result<(), ShellError> {
+        self.queue.unbind(self.queue_num).map_err(ShellError::Queue)
+    }
+}
+
+/// `queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1`
+fn parse_queue_stats(text: &str, queue_num: u16) -> Option<(u64, u64)> {
+    text.lines().find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.first()?.parse::<u16>().ok()? == queue_num)
+            .then(|| Some((cols.get(5)?.parse().ok()?, cols.get(6)?.parse().ok()?)))?
+    })
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Nanoseconds since `start`, saturating.
+pub fn elapsed_ns(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_overflow_counters_are_read_for_our_queue() {
+        let text = "    3  4138     0 2 65531     1     0   12  1\n    7  4139     5 2 65535    42    17  900  1\n";
+        assert_eq!(parse_queue_stats(text, 7), Some((42, 17)));
+        assert_eq!(parse_queue_stats(text, 9), None);
+        assert_eq!(parse_queue_stats("7 x", 7), None);
+    }
+}

@@ -1,0 +1,314 @@
+//! The fixed mangle rules installed in each workload namespace (IPv4 and IPv6), in chains of our
+//! own. Their number never grows with peers or policies. Nothing outside our chains is changed,
+//! except one jump from `OUTPUT` and one from `INPUT`, each inserted once.
+
+use super::ShellError;
+use super::netns::{Netns, run_command};
+
+/// Our chains in the mangle table.
+pub const CHAIN_OUTPUT: &str = "TESSERA-OUTPUT";
+/// See [`CHAIN_OUTPUT`].
+pub const CHAIN_INPUT: &str = "TESSERA-INPUT";
+
+/// The knobs of the rule set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// NFQUEUE number (queues are per namespace, so every workload uses the same one).
+    pub queue_num: u16,
+    /// The mark bit meaning "authorized flow" (nfmark set by our verdict, saved in the connmark).
+    pub auth_mark: u32,
+    /// `--queue-bypass`: let packets through while no reader listens.
+    pub fail_open: bool,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        RuleConfig {
+            queue_num: 7,
+            auth_mark: 0x1000_0000,
+            fail_open: false,
+        }
+    }
+}
+
+/// IPv4 (`iptables`) or IPv6 (`ip6tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `iptables`
+    V4,
+    /// `ip6tables`
+    V6,
+}
+
+impl Family {
+    /// Both families, in install order.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn conntrack(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+}
+
+/// Which jumps from the built-in chains are already in place (checked with `iptables -C`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Jumps {
+    /// `-A OUTPUT -j TESSERA-OUTPUT` exists.
+    pub output: bool,
+    /// `-A INPUT -j TESSERA-INPUT` exists.
+    pub input: bool,
+}
+
+/// The `iptables-restore --noflush` input for one family: declaring our chains resets them
+/// atomically; missing jumps are inserted in the same transaction.
+///
+/// A SYN is always queued, whatever its conntrack entry says (so a pre-made entry cannot smuggle
+/// one past us), except when our own verdict marked it (a `Repeat` with the AUTH bit re-runs the
+/// hook: without the mark test it would be queued again for ever).
+pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
+    let auth = format!("{0:#x}/{0:#x}", cfg.auth_mark);
+    let mask = format!("{:#x}", cfg.auth_mark);
+    let bypass = if cfg.fail_open { " --queue-bypass" } else { "" };
+    let q = cfg.queue_num;
+    let mut out = String::from("*mangle\n");
+    out.push_str(&format!(
+        ":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n"
+    ));
+    for (chain, iface) in [(CHAIN_OUTPUT, "-o"), (CHAIN_INPUT, "-i")] {
+        out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
+        out.push_str(&format!(
+            "-A {chain} -p tcp --syn -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
+        ));
+        out.push_str(&format!("-A {chain} -m connmark --mark {auth} -j RETURN\n"));
+        out.push_str(&format!(
+            "-A {chain} -m mark --mark {auth} -j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}\n"
+        ));
+        out.push_str(&format!("-A {chain} -m mark --mark {auth} -j RETURN\n"));
+        out.push_str(&format!(
+            "-A {chain} -p tcp -j NFQUEUE --queue-num {q}{bypass}\n"
+        ));
+    }
+    if !present.output {
+        out.push_str(&format!("-I OUTPUT 1 -j {CHAIN_OUTPUT}\n"));
+    }
+    if !present.input {
+        out.push_str(&format!("-I INPUT 1 -j {CHAIN_INPUT}\n"));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn jump_exists(ns: &Netns, family: Family, hook: &str, chain: &str) -> bool {
+    let mut cmd = ns.command(family.iptables());
+    cmd.args(["-w", "-t", "mangle", "-C", hook, "-j", chain]);
+    run_command(cmd, None).is_ok()
+}
+
+fn present_jumps(ns: &Netns, family: Family) -> Jumps {
+    Jumps {
+        output: jump_exists(ns, family, "OUTPUT", CHAIN_OUTPUT),
+        input: jump_exists(ns, family, "INPUT", CHAIN_INPUT),
+    }
+}
+
+/// What [`install`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    /// The rules were already there (an agent restart): existing flows were not grandfathered.
+    pub reapplied: bool,
+    /// Conntrack entries marked authorized at first install.
+    pub grandfathered: usize,
+}
+
+/// Install (or re-apply, idempotently) the rule set in `ns` for IPv4 and IPv6.
+///
+/// At first install (no jump of ours yet) the namespace's established TCP conntrack entries are
+/// marked authorized *before* the rules go in, so deploying never breaks a live connection. On a
+/// re-apply (after a crash) nothing is grandfathered: an entry that became established while no
+/// agent listened did so without our check.
+pub fn install(ns: &Netns, cfg: &RuleConfig) -> Result<Installed, ShellError> {
+    let mut result = Installed {
+        reapplied: true,
+        grandfathered: 0,
+    };
+    for family in Family::ALL {
+        let present = present_jumps(ns, family);
+        if !present.output && !present.input {
+            result.reapplied = false;
+            result.grandfathered += grandfather(ns, family, cfg.auth_mark)?;
+        }
+        let mut cmd = ns.command(family.restore());
+        cmd.args(["-w", "--noflush"]);
+        run_command(cmd, Some(&render(cfg, present)))?;
+    }
+    Ok(result)
+}
+
+/// Mark the namespace's established TCP conntrack entries of `family` authorized.
+pub fn grandfather(ns: &Netns, family: Family, auth_mark: u32) -> Result<usize, ShellError> {
+    let mut cmd = ns.command("conntrack");
+    cmd.args([
+        "-U",
+        "-f",
+        family.conntrack(),
+        "-p",
+        "tcp",
+        "--state",
+        "ESTABLISHED",
+        "-m",
+        &format!("{auth_mark:#x}/{auth_mark:#x}"),
+    ]);
+    match run_command(cmd, None) {
+        Ok((_, stderr)) => Ok(parse_updated(&stderr)),
+        // conntrack exits 1 when no entry matched.
+        Err(ShellError::Command { stderr, .. }) if stderr.contains(UPDATED) => {
+            Ok(parse_updated(&stderr))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+const UPDATED: &str = " flow entries have been updated.";
+
+fn parse_updated(text: &str) -> usize {
+    text.lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once("): ")?;
+            rest.strip_suffix(UPDATED)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Remove our jumps (every copy) and our chains from `ns`, both families. Missing pieces are not
+/// an error, so removal is idempotent.
+pub fn remove(ns: &Netns) -> Result<(), ShellError> {
+    for family in Family::ALL {
+        for (hook, chain) in [("OUTPUT", CHAIN_OUTPUT), ("INPUT", CHAIN_INPUT)] {
+            // Bounded: at most a few duplicates can exist (from a foreign tool).
+            for _ in 0..16 {
+                if !jump_exists(ns, family, hook, chain) {
+                    break;
+                }
+                let mut cmd = ns.command(family.iptables());
+                cmd.args(["-w", "-t", "mangle", "-D", hook, "-j", chain]);
+                run_command(cmd, None)?;
+            }
+        }
+        for chain in [CHAIN_OUTPUT, CHAIN_INPUT] {
+            let mut flush = ns.command(family.iptables());
+            flush.args(["-w", "-t", "mangle", "-F", chain]);
+            if run_command(flush, None).is_ok() {
+                let mut delete = ns.command(family.iptables());
+                delete.args(["-w", "-t", "mangle", "-X", chain]);
+                run_command(delete, None)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_rule_set_fail_closed() {
+        let text = render(&RuleConfig::default(), Jumps::default());
+        let expected = "\
+*mangle
+:TESSERA-OUTPUT - [0:0]
+:TESSERA-INPUT - [0:0]
+-A TESSERA-OUTPUT -o lo -j RETURN
+-A TESSERA-OUTPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
+-A TESSERA-OUTPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
+-A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
+-A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
+-A TESSERA-OUTPUT -p tcp -j NFQUEUE --queue-num 7
+-A TESSERA-INPUT -i lo -j RETURN
+-A TESSERA-INPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
+-A TESSERA-INPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
+-A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
+-A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
+-A TESSERA-INPUT -p tcp -j NFQUEUE --queue-num 7
+-I OUTPUT 1 -j TESSERA-OUTPUT
+-I INPUT 1 -j TESSERA-INPUT
+COMMIT
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn fail_open_adds_queue_bypass_to_every_queue_rule() {
+        let cfg = RuleConfig {
+            fail_open: true,
+            queue_num: 9,
+            auth_mark: 0x4,
+        };
+        let text = render(&cfg, Jumps::default());
+        let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
+        assert_eq!(queue_rules.len(), 4);
+        assert!(
+            queue_rules
+                .iter()
+                .all(|l| l.ends_with("--queue-num 9 --queue-bypass"))
+        );
+        assert!(text.contains("--mark 0x4/0x4"));
+    }
+
+    #[test]
+    fn existing_jumps_are_not_inserted_again() {
+        let text = render(
+            &RuleConfig::default(),
+            Jumps {
+                output: true,
+                input: true,
+            },
+        );
+        assert!(!text.contains("-I OUTPUT"));
+        assert!(!text.contains("-I INPUT"));
+        // Our chains are still declared, which resets them: re-applying never duplicates rules.
+        assert!(text.starts_with("*mangle\n:TESSERA-OUTPUT - [0:0]\n:TESSERA-INPUT - [0:0]\n"));
+        let half = render(
+            &RuleConfig::default(),
+            Jumps {
+                output: true,
+                input: false,
+            },
+        );
+        assert!(!half.contains("-I OUTPUT"));
+        assert!(half.contains("-I INPUT 1 -j TESSERA-INPUT\n"));
+    }
+
+    #[test]
+    fn rule_count_is_fixed() {
+        let text = render(&RuleConfig::default(), Jumps::default());
+        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 12);
+    }
+
+    #[test]
+    fn conntrack_update_count_is_parsed() {
+        assert_eq!(
+            parse_updated(
+                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been updated.\n"
+            ),
+            3
+        );
+        assert_eq!(parse_updated("garbage"), 0);
+    }
+}
