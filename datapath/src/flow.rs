@@ -51,9 +51,10 @@ pub(crate) enum FlowState {
     },
     /// Server: a token-less SYN from an IP-only peer passed ingress; its SYN-ACK authorizes.
     ServerTokenless { isn: u32 },
-    /// Authorized (either side): packets still queued are accepted and marked. `ack_token` is
-    /// the ACK token that authorized it on the server side (a duplicate is stripped again).
-    Authorized { ack_token: Option<Box<[u8]>> },
+    /// Authorized (either side): packets still queued are accepted and marked. `peer_token` is
+    /// the last token the peer sent (the ACK token on the server side, the SYN-ACK token on the
+    /// client side): a duplicate of it is stripped again, any other token is refused.
+    Authorized { peer_token: Option<Box<[u8]>> },
 }
 
 #[derive(Debug)]
@@ -68,6 +69,9 @@ pub(crate) struct Flow {
 pub(crate) struct FlowTable {
     flows: HashMap<FlowKey, Flow>,
     max: usize,
+    /// Last time a full table swept itself (at most once a second, so a SYN flood against a
+    /// full table costs no more than a lookup per packet).
+    last_sweep_ms: u64,
 }
 
 impl FlowTable {
@@ -75,15 +79,12 @@ impl FlowTable {
         FlowTable {
             flows: HashMap::new(),
             max,
+            last_sweep_ms: 0,
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.flows.len()
-    }
-
-    pub(crate) fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Flow> {
-        self.flows.get_mut(key)
     }
 
     /// The flow if it exists and has not expired (an expired one is removed).
@@ -96,14 +97,23 @@ impl FlowTable {
         self.flows.get_mut(key)
     }
 
-    /// Insert or replace. A new key beyond the bound is refused (after expiring old flows once):
-    /// returns `false`.
-    pub(crate) fn insert(&mut self, key: FlowKey, flow: Flow, now_ms: u64) -> bool {
-        if !self.flows.contains_key(&key) && self.flows.len() >= self.max {
+    /// Whether `key` can be inserted: it exists already, or the table has room (a full table
+    /// first sweeps expired flows, at most once a second).
+    pub(crate) fn has_room(&mut self, key: &FlowKey, now_ms: u64) -> bool {
+        if self.flows.len() < self.max || self.flows.contains_key(key) {
+            return true;
+        }
+        if now_ms >= self.last_sweep_ms.saturating_add(1_000) {
+            self.last_sweep_ms = now_ms;
             self.expire(now_ms);
-            if self.flows.len() >= self.max {
-                return false;
-            }
+        }
+        self.flows.len() < self.max
+    }
+
+    /// Insert or replace. A new key beyond the bound is refused: returns `false`.
+    pub(crate) fn insert(&mut self, key: FlowKey, flow: Flow, now_ms: u64) -> bool {
+        if !self.has_room(&key, now_ms) {
+            return false;
         }
         self.flows.insert(key, flow);
         true

@@ -6,13 +6,15 @@
 
 use std::collections::HashMap;
 
-use identity::rand_core::CryptoRng;
-use identity::{Claims, HandshakeError, Node};
-use policy::{Engine, PodKey};
+use std::net::{IpAddr, SocketAddr};
 
-use crate::flow::FlowTable;
-use crate::metrics::Metrics;
-use crate::packet::PacketError;
+use identity::rand_core::CryptoRng;
+use identity::{Claims, ClientAwaitingSynAck, HandshakeError, Node, PeerIdentity};
+use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIdentity};
+
+use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
+use crate::metrics::{Metrics, PacketKind};
+use crate::packet::{self, PacketError, TcpSegment};
 
 /// The netfilter hook a packet was queued from, as seen from the workload: `Output` for
 /// packets the workload sends, `Input` for packets it is about to receive.
@@ -263,8 +265,40 @@ impl Processor {
         now_ms: u64,
         rng: &mut R,
     ) -> Verdict {
-        let _ = (id, hook, packet, checksum_ready, now_ms, rng);
-        todo!()
+        let Processor {
+            node,
+            engine,
+            config,
+            workloads,
+            flows,
+            metrics,
+        } = self;
+        let (verdict, kind) = match workloads.get(&id) {
+            None => (Verdict::drop(Reason::UnknownWorkload), None),
+            Some(wl) => {
+                let mut step = Step {
+                    node,
+                    engine,
+                    config,
+                    flows,
+                    metrics,
+                    wl,
+                    id,
+                    now: now_ms,
+                };
+                step.run(hook, packet, checksum_ready, rng)
+            }
+        };
+        if let Some(reason) = &verdict.reason {
+            self.metrics.count_rejected(reason.as_str());
+        }
+        if verdict.accept
+            && let Some(kind) = kind
+        {
+            self.metrics.count_accepted(hook, kind);
+        }
+        self.metrics.set_flows(self.flows.len());
+        verdict
     }
 
     /// Forget handshake flows past their deadline. Call it periodically (e.g. every second).
@@ -285,5 +319,519 @@ impl Processor {
     /// The counters, for what the shell measures (decision time, queue drops).
     pub fn metrics_mut(&mut self) -> &mut Metrics {
         &mut self.metrics
+    }
+}
+
+/// The borrows one `process` call works with.
+struct Step<'a> {
+    node: &'a mut Node,
+    engine: &'a Engine,
+    config: &'a ProcessorConfig,
+    flows: &'a mut FlowTable,
+    metrics: &'a mut Metrics,
+    wl: &'a WorkloadEntry,
+    id: WorkloadId,
+    now: u64,
+}
+
+fn kind_of(seg: &TcpSegment) -> PacketKind {
+    if seg.is_rst() {
+        PacketKind::Rst
+    } else if seg.is_syn() {
+        if seg.has_ack() {
+            PacketKind::SynAck
+        } else {
+            PacketKind::Syn
+        }
+    } else if seg.has_ack() && !seg.is_fin() && seg.data_len() == 0 {
+        PacketKind::Ack
+    } else {
+        PacketKind::Other
+    }
+}
+
+/// The policy view of a handshake identity.
+fn peer_of(p: &PeerIdentity) -> Peer {
+    Peer::Workload(WorkloadIdentity {
+        namespace: p.claims.namespace().to_owned(),
+        namespace_labels: p.claims.namespace_labels().clone(),
+        labels: p.claims.labels().clone(),
+    })
+}
+
+/// An error making our own token: local (our claims / port name) or about the peer's key.
+fn local_error(e: HandshakeError) -> Reason {
+    match e {
+        HandshakeError::LocalClaims(_) => Reason::LocalHandshake(e),
+        other => Reason::Handshake(other),
+    }
+}
+
+fn modified_or(result: Result<(), PacketError>, ok: Verdict) -> Verdict {
+    match result {
+        Ok(()) => ok,
+        Err(e) => Verdict::drop(Reason::Packet(e)),
+    }
+}
+
+impl Step<'_> {
+    fn run<R: CryptoRng + ?Sized>(
+        &mut self,
+        hook: Hook,
+        packet: &mut Vec<u8>,
+        checksum_ready: bool,
+        rng: &mut R,
+    ) -> (Verdict, Option<PacketKind>) {
+        let seg = match TcpSegment::parse(packet) {
+            Err(e) => return (Verdict::drop(Reason::Packet(e)), None),
+            Ok(None) => return (Verdict::accept(false), Some(PacketKind::NotTcp)),
+            Ok(Some(seg)) => seg,
+        };
+        let kind = kind_of(&seg);
+        if hook == Hook::Input && checksum_ready && !seg.tcp_checksum_ok(packet) {
+            return (Verdict::drop(Reason::BadChecksum), Some(kind));
+        }
+        let src = SocketAddr::new(seg.src, seg.src_port);
+        let dst = SocketAddr::new(seg.dst, seg.dst_port);
+        let key = match hook {
+            Hook::Output => FlowKey {
+                workload: self.id,
+                local: src,
+                remote: dst,
+            },
+            Hook::Input => FlowKey {
+                workload: self.id,
+                local: dst,
+                remote: src,
+            },
+        };
+        if hook == Hook::Output && seg.has_option() {
+            // Only we attach tokens; a workload sending our option tries to forge one.
+            return (Verdict::drop(Reason::OptionFromWorkload), Some(kind));
+        }
+        let verdict = if seg.is_rst() {
+            // A RST ends the handshake on either side; the kernel decides whether it is valid.
+            self.flows.remove(&key);
+            Verdict::accept(false)
+        } else {
+            match (hook, seg.is_syn(), seg.has_ack()) {
+                (Hook::Output, true, false) => self.client_syn(key, &seg, packet, rng),
+                (Hook::Input, true, false) => self.server_syn(key, &seg, packet),
+                (Hook::Output, true, true) => self.server_syn_ack(key, &seg, packet, rng),
+                (Hook::Input, true, true) => self.client_syn_ack(key, &seg, packet),
+                (Hook::Output, false, _) => self.output_other(key, &seg, packet),
+                (Hook::Input, false, _) => self.input_other(key, &seg, packet),
+            }
+        };
+        (verdict, Some(kind))
+    }
+
+    fn handshake_deadline(&self) -> u64 {
+        self.now.saturating_add(self.config.handshake_timeout_ms)
+    }
+
+    fn linger_deadline(&self) -> u64 {
+        self.now.saturating_add(self.config.authorized_linger_ms)
+    }
+
+    fn decide(
+        &self,
+        direction: Direction,
+        peer: &Peer,
+        peer_ip: IpAddr,
+        port: u16,
+        dest_port_name: Option<&str>,
+    ) -> bool {
+        self.engine.allows(&Connection {
+            local: &self.wl.key,
+            direction,
+            peer,
+            peer_ip: Some(peer_ip),
+            port,
+            protocol: Protocol::Tcp,
+            dest_port_name,
+        })
+    }
+
+    /// The name of a local TCP port among the workload's container ports ("" if unnamed).
+    fn local_port_name(&self, port: u16) -> &str {
+        self.engine
+            .workload(&self.wl.key)
+            .and_then(|w| {
+                w.ports
+                    .iter()
+                    .find(|p| p.port == port && p.protocol == Protocol::Tcp)
+            })
+            .and_then(|p| p.name.as_deref())
+            .unwrap_or("")
+    }
+
+    /// Client OUTPUT SYN: attach a new SYN token, or the same one on retransmission.
+    fn client_syn<R: CryptoRng + ?Sized>(
+        &mut self,
+        key: FlowKey,
+        seg: &TcpSegment,
+        packet: &mut Vec<u8>,
+        rng: &mut R,
+    ) -> Verdict {
+        if let Some(Flow {
+            state: FlowState::ClientSynSent { isn, syn_token, .. },
+            ..
+        }) = self.flows.live_mut(&key, self.now)
+            && *isn == seg.seq
+        {
+            let token = syn_token.clone();
+            return modified_or(
+                packet::attach_token(packet, seg, &token),
+                Verdict::accept(true),
+            );
+        }
+        if !self.flows.has_room(&key, self.now) {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        let mut nonce = [0u8; identity::wire::NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+        if let Err(e) = packet::attach_token(packet, seg, &token) {
+            return Verdict::drop(Reason::Packet(e));
+        }
+        let flow = Flow {
+            state: FlowState::ClientSynSent {
+                client,
+                isn: seg.seq,
+                syn_token: token.into_boxed_slice(),
+            },
+            deadline_ms: self.handshake_deadline(),
+        };
+        if !self.flows.insert(key, flow, self.now) {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        Verdict::accept(true)
+    }
+
+    /// Server INPUT SYN: verify the token (or take the peer as IP-only), decide ingress, strip.
+    fn server_syn(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
+        let token = seg.token(packet);
+        // A retransmission of the SYN we already accepted: same sequence number, same token.
+        if let Some(flow) = self.flows.live_mut(&key, self.now) {
+            let same = match (&flow.state, token) {
+                (
+                    FlowState::ServerSynReceived { isn, syn_token, .. }
+                    | FlowState::ServerAwaitingAck { isn, syn_token, .. },
+                    Some(t),
+                ) => *isn == seg.seq && **syn_token == *t,
+                (FlowState::ServerTokenless { isn }, None) => *isn == seg.seq,
+                _ => false,
+            };
+            if same {
+                return if seg.has_option() {
+                    modified_or(packet::strip_token(packet, seg), Verdict::accept(true))
+                } else {
+                    Verdict::accept(false)
+                };
+            }
+        }
+        if !self.flows.has_room(&key, self.now) {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        let Some(token) = token else {
+            // No token: a peer without agent, known only by its IP.
+            if !self.decide(
+                Direction::Ingress,
+                &Peer::IpOnly,
+                seg.src,
+                seg.dst_port,
+                None,
+            ) {
+                return Verdict::drop(Reason::PolicyIngress);
+            }
+            let flow = Flow {
+                state: FlowState::ServerTokenless { isn: seg.seq },
+                deadline_ms: self.handshake_deadline(),
+            };
+            if !self.flows.insert(key, flow, self.now) {
+                return Verdict::drop(Reason::FlowTableFull);
+            }
+            return Verdict::accept(false);
+        };
+        let received = match self.node.server_syn(token, self.now) {
+            Ok(r) => r,
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        let peer = peer_of(received.tentative_peer());
+        if !self.decide(Direction::Ingress, &peer, seg.src, seg.dst_port, None) {
+            return Verdict::drop(Reason::PolicyIngress);
+        }
+        let syn_token: Box<[u8]> = token.into();
+        if let Err(e) = packet::strip_token(packet, seg) {
+            return Verdict::drop(Reason::Packet(e));
+        }
+        let flow = Flow {
+            state: FlowState::ServerSynReceived {
+                server: Some(Box::new(received)),
+                isn: seg.seq,
+                syn_token,
+            },
+            deadline_ms: self.handshake_deadline(),
+        };
+        if !self.flows.insert(key, flow, self.now) {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        Verdict::accept(true)
+    }
+
+    /// Server OUTPUT SYN-ACK: answer the SYN's token (once), re-send it on retransmission.
+    fn server_syn_ack<R: CryptoRng + ?Sized>(
+        &mut self,
+        key: FlowKey,
+        seg: &TcpSegment,
+        packet: &mut Vec<u8>,
+        rng: &mut R,
+    ) -> Verdict {
+        let linger = self.linger_deadline();
+        let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            return Verdict::drop(Reason::NoFlowState);
+        };
+        match &mut flow.state {
+            FlowState::ServerAwaitingAck { synack_token, .. } => {
+                let token = synack_token.clone();
+                modified_or(
+                    packet::attach_token(packet, seg, &token),
+                    Verdict::accept(true),
+                )
+            }
+            FlowState::ServerTokenless { .. } => {
+                flow.state = FlowState::Authorized { peer_token: None };
+                flow.deadline_ms = linger;
+                self.metrics.count_authorized(false);
+                Verdict::authorize(false)
+            }
+            FlowState::Authorized { .. } => Verdict::authorize(false),
+            FlowState::ServerSynReceived {
+                server,
+                isn,
+                syn_token,
+            } => {
+                let Some(received) = server.take() else {
+                    self.flows.remove(&key);
+                    return Verdict::drop(Reason::NoFlowState);
+                };
+                let (isn, syn_token) = (*isn, std::mem::take(syn_token));
+                let port_name = self.local_port_name(seg.src_port).to_owned();
+                let mut nonce = [0u8; identity::wire::NONCE_LEN];
+                rng.fill_bytes(&mut nonce);
+                let answer =
+                    received.respond(self.node, &self.wl.claims, &port_name, nonce, self.now);
+                let (awaiting, token) = match answer {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.flows.remove(&key);
+                        return Verdict::drop(local_error(e));
+                    }
+                };
+                let verdict = modified_or(
+                    packet::attach_token(packet, seg, &token),
+                    Verdict::accept(true),
+                );
+                if let Some(flow) = self.flows.live_mut(&key, self.now) {
+                    flow.state = FlowState::ServerAwaitingAck {
+                        server: Box::new(awaiting),
+                        isn,
+                        syn_token,
+                        synack_token: token.into_boxed_slice(),
+                    };
+                }
+                verdict
+            }
+            FlowState::ClientSynSent { .. } | FlowState::ClientAckPending { .. } => {
+                // Simultaneous open: not supported by the handshake.
+                Verdict::drop(Reason::NoFlowState)
+            }
+        }
+    }
+
+    /// Client INPUT SYN-ACK: verify the server, decide egress, strip (or answer with a RST).
+    fn client_syn_ack(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
+        let token = seg.token(packet);
+        let linger = self.linger_deadline();
+        let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            return Verdict::drop(Reason::NoFlowState);
+        };
+        let client: ClientAwaitingSynAck = match &flow.state {
+            FlowState::ClientSynSent { client, .. } => client.clone(),
+            FlowState::ClientAckPending {
+                client,
+                synack_token,
+                ..
+            } => {
+                if token.is_some_and(|t| t == &**synack_token) {
+                    // The server re-sent its SYN-ACK (our ACK was lost): same answer again.
+                    return modified_or(packet::strip_token(packet, seg), Verdict::accept(true));
+                }
+                client.clone()
+            }
+            FlowState::Authorized { peer_token } => {
+                return match (token, peer_token) {
+                    (None, None) => Verdict::authorize(false),
+                    (Some(t), Some(p)) if t == &**p => {
+                        modified_or(packet::strip_token(packet, seg), Verdict::authorize(true))
+                    }
+                    _ => Verdict::drop(Reason::UnexpectedToken),
+                };
+            }
+            _ => return Verdict::drop(Reason::NoFlowState),
+        };
+        let Some(token) = token else {
+            // No token: a server without agent; egress on its IP only.
+            if !self.decide(
+                Direction::Egress,
+                &Peer::IpOnly,
+                seg.src,
+                seg.src_port,
+                None,
+            ) {
+                self.flows.remove(&key);
+                return self.refuse(packet, seg);
+            }
+            if let Some(flow) = self.flows.live_mut(&key, self.now) {
+                flow.state = FlowState::Authorized { peer_token: None };
+                flow.deadline_ms = linger;
+            }
+            self.metrics.count_authorized(false);
+            return Verdict::authorize(false);
+        };
+        let (server, ack_token) = match client.receive_syn_ack(self.node, token, self.now) {
+            Ok(r) => r,
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        let peer = peer_of(&server);
+        if !self.decide(
+            Direction::Egress,
+            &peer,
+            seg.src,
+            seg.src_port,
+            server.port_name.as_deref(),
+        ) {
+            self.flows.remove(&key);
+            return self.refuse(packet, seg);
+        }
+        let synack_token: Box<[u8]> = token.into();
+        if let Err(e) = packet::strip_token(packet, seg) {
+            return Verdict::drop(Reason::Packet(e));
+        }
+        if let Some(flow) = self.flows.live_mut(&key, self.now) {
+            flow.state = FlowState::ClientAckPending {
+                client,
+                synack_token,
+                ack_token: ack_token.into_boxed_slice(),
+            };
+        }
+        Verdict::accept(true)
+    }
+
+    /// Egress denied at the SYN-ACK: hand the client a RST so connect() fails at once.
+    fn refuse(&mut self, packet: &mut Vec<u8>, seg: &TcpSegment) -> Verdict {
+        match packet::rewrite_to_rst(packet, seg) {
+            Ok(()) => Verdict {
+                accept: true,
+                modified: true,
+                mark_authorized: false,
+                reason: Some(Reason::PolicyEgress),
+            },
+            Err(_) => Verdict::drop(Reason::PolicyEgress),
+        }
+    }
+
+    /// OUTPUT, not a SYN: the client's first ACK gets the ACK token.
+    fn output_other(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
+        let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            return Verdict::drop(Reason::NoFlowState);
+        };
+        match &flow.state {
+            FlowState::ClientAckPending { ack_token, .. } => {
+                if kind_of(seg) == PacketKind::Ack {
+                    let token = ack_token.clone();
+                    modified_or(
+                        packet::attach_token(packet, seg, &token),
+                        Verdict::accept(true),
+                    )
+                } else {
+                    Verdict::accept(false)
+                }
+            }
+            FlowState::Authorized { .. } => Verdict::authorize(false),
+            _ => Verdict::accept(false),
+        }
+    }
+
+    /// INPUT, not a SYN: the server's proof (ACK token), or the client's first answer.
+    fn input_other(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
+        let token = seg.token(packet);
+        let linger = self.linger_deadline();
+        let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            return Verdict::drop(Reason::NoFlowState);
+        };
+        match &flow.state {
+            FlowState::ServerAwaitingAck { server, .. } => {
+                let Some(token) = token else {
+                    return Verdict::drop(Reason::AckMissing);
+                };
+                let peer = match server.receive_ack(self.node, token, self.now) {
+                    Ok(p) => p,
+                    Err(e) => return Verdict::drop(Reason::Handshake(e)),
+                };
+                let peer_token: Box<[u8]> = token.into();
+                // Policy may have changed since the SYN: decide again on the proven identity.
+                let allowed = self.decide(
+                    Direction::Ingress,
+                    &peer_of(&peer),
+                    seg.src,
+                    seg.dst_port,
+                    None,
+                );
+                if !allowed {
+                    self.flows.remove(&key);
+                    return Verdict::drop(Reason::PolicyIngress);
+                }
+                if let Err(e) = packet::strip_token(packet, seg) {
+                    return Verdict::drop(Reason::Packet(e));
+                }
+                if let Some(flow) = self.flows.live_mut(&key, self.now) {
+                    flow.state = FlowState::Authorized {
+                        peer_token: Some(peer_token),
+                    };
+                    flow.deadline_ms = linger;
+                }
+                self.metrics.count_authorized(true);
+                Verdict::authorize(true)
+            }
+            FlowState::ServerSynReceived { .. } => Verdict::drop(Reason::AckMissing),
+            FlowState::ServerTokenless { .. } => {
+                if token.is_some() {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
+                Verdict::authorize(false)
+            }
+            FlowState::ClientAckPending { synack_token, .. } => {
+                if token.is_some() {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
+                // The server talks: it accepted our ACK token.
+                flow.state = FlowState::Authorized {
+                    peer_token: Some(synack_token.clone()),
+                };
+                flow.deadline_ms = linger;
+                self.metrics.count_authorized(true);
+                Verdict::authorize(false)
+            }
+            FlowState::Authorized { peer_token } => match (token, peer_token) {
+                (None, _) => Verdict::authorize(false),
+                (Some(t), Some(p)) if t == &**p => {
+                    modified_or(packet::strip_token(packet, seg), Verdict::authorize(true))
+                }
+                _ => Verdict::drop(Reason::UnexpectedToken),
+            },
+            FlowState::ClientSynSent { .. } => Verdict::drop(Reason::NoFlowState),
+        }
     }
 }
