@@ -1,0 +1,240 @@
+//! One `tessera run` process per node, in the host netns.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::metrics::Metrics;
+
+/// Key mode of the agents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One pre-shared key for the cluster (`--psk-file`).
+    Psk,
+    /// A CA and node certificates from `tessera pki` (`--ca-cert`, `--node-cert`, ...).
+    Pki,
+}
+
+/// How to run the agents.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Path of the `tessera` binary.
+    pub tessera: PathBuf,
+    pub mode: Mode,
+    /// `--accept-all`: same rules, every queued packet accepted untouched.
+    pub accept_all: bool,
+    /// `--fail-open`.
+    pub fail_open: bool,
+    /// Any further arguments.
+    pub extra: Vec<String>,
+}
+
+impl AgentConfig {
+    pub fn new(tessera: &Path, mode: Mode) -> AgentConfig {
+        AgentConfig {
+            tessera: tessera.to_owned(),
+            mode,
+            accept_all: false,
+            fail_open: false,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A running (or stopped) agent.
+pub struct Agent {
+    child: Option<Child>,
+    node: String,
+    metrics_addr: SocketAddr,
+    log: PathBuf,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Agent {
+    pub(crate) fn spawn(cfg: &AgentConfig, node: &str, mut args: Vec<String>, log: &Path) -> Agent {
+        let metrics_addr = free_port();
+        args.push("--metrics-addr".into());
+        args.push(metrics_addr.to_string());
+        if cfg.accept_all {
+            args.push("--accept-all".into());
+        }
+        if cfg.fail_open {
+            args.push("--fail-open".into());
+        }
+        args.extend(cfg.extra.iter().cloned());
+        let mut logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("agent log");
+        let _ = writeln!(logf, "==== {} {}", cfg.tessera.display(), args.join(" "));
+        let child = Command::new(&cfg.tessera)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log fd"))
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cfg.tessera.display()));
+        Agent {
+            child: Some(child),
+            node: node.to_owned(),
+            metrics_addr,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Waits until /metrics answers and `rules_installed()` holds; panics with the log if the
+    /// agent exits or this takes longer than 20 s.
+    pub(crate) fn wait_ready(&mut self, rules_installed: impl Fn() -> bool) {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.try_exit_status() {
+                panic!(
+                    "agent {} exited during start-up ({st}); log:\n{}",
+                    self.node,
+                    self.log_tail()
+                );
+            }
+            if self.try_metrics().is_some() && rules_installed() {
+                return;
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                panic!(
+                    "agent {} not ready (metrics on {} and rules in every workload) after {READY_TIMEOUT:?}; log:\n{}",
+                    self.node,
+                    self.metrics_addr,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where /metrics is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Scrapes /metrics; panics (with the log) if it does not answer.
+    pub fn metrics(&self) -> Metrics {
+        self.try_metrics().unwrap_or_else(|| {
+            panic!(
+                "agent {}: /metrics on {} does not answer; log:\n{}",
+                self.node,
+                self.metrics_addr,
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Scrapes /metrics, `None` if it does not answer.
+    pub fn try_metrics(&self) -> Option<Metrics> {
+        http_get(self.metrics_addr, "/metrics").map(|t| Metrics::parse(&t))
+    }
+
+    /// Waits (up to `timeout`) until the sum of every sample labelled `reason="REASON"`
+    /// reaches `at_least`; returns the last value seen.
+    pub fn wait_reason(&self, reason: &str, at_least: f64, timeout: Duration) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metrics().sum_with_label("reason", reason);
+            if v >= at_least || start.elapsed() > timeout {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (up to 10 s, then SIGKILL and panic).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("agent not running");
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "agent {} did not exit within 10 s of SIGTERM; log:\n{}",
+                    self.node,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn kill(&mut self) {
+        self.kill9();
+    }
+
+    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The last 60 lines of the agent's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(60);
+        format!(
+            "[agent {} log {}]\n{}",
+            self.node,
+            self.log.display(),
+            lines[from..].join("\n")
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// Minimal HTTP/1.0 GET; `None` on any failure or a non-200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?;
+    status.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    Some(body.to_owned())
+}

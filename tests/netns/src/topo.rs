@@ -1,0 +1,603 @@
+//! The two-node topology, its workloads, inventories and agents.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::agent::{Agent, AgentConfig, Mode};
+use crate::netns::{EchoServer, Serve};
+use crate::{run, run_status};
+
+/// Namespace of every workload (the three-tier example's).
+pub const NAMESPACE: &str = "shop";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// What a workload is: its name, node (1 or 2), pod labels, declared container ports and
+/// whether its node's agent enforces it (listed in the node's inventory).
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub node: u8,
+    pub labels: BTreeMap<String, String>,
+    /// (port name, port number).
+    pub ports: Vec<(Option<String>, u16)>,
+    pub enforced: bool,
+}
+
+impl WorkloadSpec {
+    /// An enforced workload with the label `role=ROLE`.
+    pub fn new(name: &str, node: u8, role: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.to_owned(),
+            node,
+            labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+            ports: Vec::new(),
+            enforced: true,
+        }
+    }
+
+    /// Declares a container port (named or not).
+    pub fn port(mut self, name: Option<&str>, port: u16) -> WorkloadSpec {
+        self.ports.push((name.map(str::to_owned), port));
+        self
+    }
+
+    /// Not listed in any inventory: no agent touches it (a peer without agent).
+    pub fn unenforced(mut self) -> WorkloadSpec {
+        self.enforced = false;
+        self
+    }
+}
+
+/// A workload as built: its spec, netns name and address.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub spec: WorkloadSpec,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Workload {
+    /// `ip:port` of this workload.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.ip, port))
+    }
+}
+
+/// Builds a [`Testbed`].
+pub struct TestbedBuilder {
+    workloads: Vec<WorkloadSpec>,
+    agent: Option<AgentConfig>,
+    policies: Option<PathBuf>,
+    serve: Serve,
+}
+
+impl TestbedBuilder {
+    pub fn workload(mut self, w: WorkloadSpec) -> Self {
+        self.workloads.push(w);
+        self
+    }
+
+    /// Agents to start (one per node) with this configuration; without it, no agent runs.
+    pub fn agents(mut self, cfg: AgentConfig) -> Self {
+        self.agent = Some(cfg);
+        self
+    }
+
+    /// NetworkPolicy directory given to every agent and to `tessera policy matrix`.
+    pub fn policies(mut self, dir: &Path) -> Self {
+        self.policies = Some(dir.to_owned());
+        self
+    }
+
+    /// How the echo servers on declared ports serve connections (default: thread each).
+    pub fn serve(mut self, serve: Serve) -> Self {
+        self.serve = serve;
+        self
+    }
+
+    /// Creates the namespaces, links, routes, echo servers on every declared port, writes the
+    /// inventories and key material, and starts the agents (waiting until each has installed
+    /// its rules in every enforced workload).
+    pub fn build(self) -> Testbed {
+        crate::sweep_leftovers();
+        let pid = std::process::id();
+        let k = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{pid}-{k}");
+        let x = 64 + (pid % 128) as u8;
+        let yb = ((k % 8) * 32) as u8;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ts-{id}-"))
+            .tempdir()
+            .expect("temp dir");
+        let mut tb = Testbed {
+            id: id.clone(),
+            dir,
+            nodes: [format!("ts-{id}-n1"), format!("ts-{id}-n2")],
+            workloads: Vec::new(),
+            servers: Vec::new(),
+            agents: Vec::new(),
+            policies: self.policies.clone(),
+            agent_cfg: self.agent.clone(),
+            created: Vec::new(),
+        };
+        let link = [Ipv4Addr::new(10, x, yb, 1), Ipv4Addr::new(10, x, yb, 2)];
+        for n in tb.nodes.clone() {
+            tb.add_ns(&n);
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &n,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
+        }
+        let (n1, n2) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+        run(&[
+            "ip", "link", "add", "name", "uplink", "netns", &n1, "type", "veth", "peer", "name",
+            "uplink", "netns", &n2,
+        ]);
+        for (i, n) in [&n1, &n2].into_iter().enumerate() {
+            run(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", link[i]),
+                "dev",
+                "uplink",
+            ]);
+            run(&["ip", "-n", n, "link", "set", "uplink", "up"]);
+        }
+        for (j, spec) in self.workloads.into_iter().enumerate() {
+            assert!(spec.node == 1 || spec.node == 2, "node must be 1 or 2");
+            assert!(j < 30, "at most 30 workloads");
+            let node = tb.nodes[usize::from(spec.node - 1)].clone();
+            let other = tb.nodes[usize::from(2 - spec.node)].clone();
+            let ns = format!("ts-{id}-{}", spec.name);
+            tb.add_ns(&ns);
+            let sub = yb + 1 + j as u8;
+            let gw = Ipv4Addr::new(10, x, sub, 1);
+            let ip = Ipv4Addr::new(10, x, sub, 2);
+            let dev = format!("w{j}");
+            run(&[
+                "ip", "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name",
+                &dev, "netns", &node,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                &dev,
+            ]);
+            run(&["ip", "-n", &node, "link", "set", &dev, "up"]);
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+            ]);
+            let via = link[usize::from(spec.node - 1)].to_string();
+            run(&[
+                "ip",
+                "-n",
+                &other,
+                "route",
+                "add",
+                &format!("10.{x}.{sub}.0/24"),
+                "via",
+                &via,
+            ]);
+            for &(_, port) in &spec.ports {
+                tb.servers
+                    .push((spec.name.clone(), EchoServer::start(&ns, port, self.serve)));
+            }
+            tb.workloads.push(Workload { spec, ns, ip });
+        }
+        if let Some(cfg) = self.agent {
+            tb.write_keys(cfg.mode);
+            for node in 1..=2u8 {
+                tb.write_inventory(node);
+                let agent = tb.spawn_agent(node, &cfg);
+                tb.agents.push(agent);
+            }
+            for i in 0..tb.agents.len() {
+                tb.wait_agent_ready(i);
+            }
+        }
+        tb
+    }
+}
+
+/// Two nodes, their workloads, echo servers and agents. Torn down on drop.
+pub struct Testbed {
+    pub id: String,
+    dir: tempfile::TempDir,
+    /// Node netns names.
+    pub nodes: [String; 2],
+    pub workloads: Vec<Workload>,
+    servers: Vec<(String, EchoServer)>,
+    agents: Vec<Agent>,
+    policies: Option<PathBuf>,
+    agent_cfg: Option<AgentConfig>,
+    created: Vec<String>,
+}
+
+impl Testbed {
+    pub fn builder() -> TestbedBuilder {
+        TestbedBuilder {
+            workloads: Vec::new(),
+            agent: None,
+            policies: None,
+            serve: Serve::Threaded,
+        }
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        run(&["ip", "netns", "add", ns]);
+        self.created.push(ns.to_owned());
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    /// The scratch directory (inventories, keys, agent logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every netns of the testbed (nodes and workloads).
+    pub fn all_netns(&self) -> Vec<String> {
+        self.created.clone()
+    }
+
+    pub fn workload(&self, name: &str) -> &Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.spec.name == name)
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    }
+
+    /// The echo server of `workload` on `port`.
+    pub fn server(&self, workload: &str, port: u16) -> &EchoServer {
+        self.servers
+            .iter()
+            .find(|(w, s)| w == workload && s.port() == port)
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| panic!("no server {workload}:{port}"))
+    }
+
+    /// Connects from workload `from` to workload `to` on `port`.
+    pub fn connect(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
+        let dst = self.workload(to).addr(port);
+        crate::netns::connect(&self.workload(from).ns, dst, timeout)
+    }
+
+    /// The agent of node 1 or 2.
+    pub fn agent(&mut self, node: u8) -> &mut Agent {
+        &mut self.agents[usize::from(node - 1)]
+    }
+
+    /// Restarts the agent of `node` (after a kill or stop) with the same configuration and
+    /// waits until it is ready.
+    pub fn restart_agent(&mut self, node: u8) {
+        let cfg = self
+            .agent_cfg
+            .clone()
+            .expect("testbed built without agents");
+        let i = usize::from(node - 1);
+        let agent = self.spawn_agent(node, &cfg);
+        self.agents[i] = agent;
+        self.wait_agent_ready(i);
+    }
+
+    fn write_keys(&self, mode: Mode) {
+        let d = self.dir();
+        match mode {
+            Mode::Psk => {
+                // 32 random bytes, hex: the agent's --psk-file.
+                let mut key = [0u8; 32];
+                getrandom_fill(&mut key);
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                std::fs::write(d.join("psk"), hex + "\n").expect("write psk");
+            }
+            Mode::Pki => {
+                let tessera = &self.agent_cfg.as_ref().expect("agents").tessera;
+                let t = tessera.to_str().expect("utf-8 path");
+                let ca = d.join("ca");
+                let ca = ca.to_str().expect("utf-8 path");
+                run(&[t, "pki", "init-ca", "--out", ca]);
+                let peers = d.join("peers");
+                std::fs::create_dir_all(&peers).expect("peers dir");
+                for n in ["n1", "n2"] {
+                    let out = d.join(format!("keys-{n}"));
+                    let out = out.to_str().expect("utf-8 path");
+                    run(&[
+                        t,
+                        "pki",
+                        "issue-node",
+                        "--ca",
+                        ca,
+                        "--node",
+                        &self.node_name(n),
+                        "--out",
+                        out,
+                    ]);
+                    let name = self.node_name(n);
+                    std::fs::copy(
+                        d.join(format!("keys-{n}/{name}.crt")),
+                        peers.join(format!("{name}.crt")),
+                    )
+                    .expect("copy node cert");
+                }
+            }
+        }
+    }
+
+    /// The Kubernetes node name of node `n1`/`n2` (also the agent's --node-name).
+    pub fn node_name(&self, n: &str) -> String {
+        format!("node-{n}")
+    }
+
+    /// The inventory of `node` (1 or 2): its enforced workloads, YAML.
+    pub fn inventory_yaml(&self, node: u8) -> String {
+        let mut y = String::from("workloads:\n");
+        for w in self
+            .workloads
+            .iter()
+            .filter(|w| w.spec.node == node && w.spec.enforced)
+        {
+            let _ = writeln!(y, "- name: {}", w.spec.name);
+            let _ = writeln!(y, "  namespace: {NAMESPACE}");
+            let _ = writeln!(y, "  labels: {}", flow_map(&w.spec.labels));
+            let _ = writeln!(
+                y,
+                "  namespaceLabels: {{kubernetes.io/metadata.name: {NAMESPACE}}}"
+            );
+            let _ = writeln!(y, "  ips: [{}]", w.ip);
+            let _ = writeln!(y, "  netns: /run/netns/{}", w.ns);
+            y.push_str("  ports:");
+            if w.spec.ports.is_empty() {
+                y.push_str(" []");
+            }
+            y.push('\n');
+            for (name, port) in &w.spec.ports {
+                match name {
+                    Some(n) => {
+                        let _ = writeln!(y, "  - {{name: {n}, port: {port}, protocol: TCP}}");
+                    }
+                    None => {
+                        let _ = writeln!(y, "  - {{port: {port}, protocol: TCP}}");
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn write_inventory(&self, node: u8) {
+        std::fs::write(
+            self.dir().join(format!("inventory-n{node}.yaml")),
+            self.inventory_yaml(node),
+        )
+        .expect("write inventory");
+    }
+
+    /// The workloads as Kubernetes objects (Namespace, Pods with IPs and ports), for
+    /// `tessera policy matrix`.
+    pub fn cluster_yaml(&self) -> String {
+        let mut y = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}, labels: {{kubernetes.io/metadata.name: {NAMESPACE}}}}}\n"
+        );
+        for w in &self.workloads {
+            let ports: Vec<String> = w
+                .spec
+                .ports
+                .iter()
+                .map(|(n, p)| match n {
+                    Some(n) => format!("{{name: {n}, containerPort: {p}}}"),
+                    None => format!("{{containerPort: {p}}}"),
+                })
+                .collect();
+            let _ = write!(
+                y,
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {NAMESPACE}, labels: {}}}\nspec:\n  containers: [{{name: app, image: app:1, ports: [{}]}}]\nstatus: {{podIP: {}}}\n",
+                w.spec.name,
+                flow_map(&w.spec.labels),
+                ports.join(", "),
+                w.ip
+            );
+        }
+        y
+    }
+
+    /// `tessera policy matrix -o json` over the workloads and the policies: every probed
+    /// (from, to, port) with the engine's verdict.
+    pub fn policy_matrix(&self, tessera: &Path) -> Vec<Cell> {
+        let policies = self
+            .policies
+            .as_ref()
+            .expect("testbed built without policies");
+        let cluster = self.dir().join("cluster.yaml");
+        std::fs::write(&cluster, self.cluster_yaml()).expect("write cluster.yaml");
+        let json = run(&[
+            tessera.to_str().expect("utf-8"),
+            "policy",
+            "matrix",
+            "-f",
+            cluster.to_str().expect("utf-8"),
+            "-f",
+            policies.to_str().expect("utf-8"),
+            "-o",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("matrix JSON");
+        let strip = |s: &str| s.trim_start_matches(&format!("{NAMESPACE}/")).to_owned();
+        v["probes"]
+            .as_array()
+            .expect("probes array")
+            .iter()
+            .map(|p| Cell {
+                from: strip(p["from"].as_str().expect("from")),
+                to: strip(p["to"].as_str().expect("to")),
+                port: p["port"].as_u64().expect("port") as u16,
+                allowed: p["allowed"].as_bool().expect("allowed"),
+                reason: p["reason"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect()
+    }
+
+    fn spawn_agent(&self, node: u8, cfg: &AgentConfig) -> Agent {
+        let n = format!("n{node}");
+        let d = self.dir();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--node-name".into(),
+            self.node_name(&n),
+            "--inventory".into(),
+            d.join(format!("inventory-{n}.yaml")).display().to_string(),
+            "--policies".into(),
+            self.policies
+                .as_ref()
+                .expect("agents need a policies dir")
+                .display()
+                .to_string(),
+        ];
+        match cfg.mode {
+            Mode::Psk => {
+                args.push("--psk-file".into());
+                args.push(d.join("psk").display().to_string());
+            }
+            Mode::Pki => {
+                let name = self.node_name(&n);
+                for (flag, path) in [
+                    ("--ca-cert", d.join("ca/ca.crt")),
+                    ("--node-cert", d.join(format!("keys-{n}/{name}.crt"))),
+                    ("--node-key", d.join(format!("keys-{n}/{name}.key"))),
+                    ("--peer-certs", d.join("peers")),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.display().to_string());
+                }
+            }
+        }
+        Agent::spawn(cfg, &n, args, &d.join(format!("agent-{n}.log")))
+    }
+
+    fn wait_agent_ready(&mut self, i: usize) {
+        let node = i as u8 + 1;
+        let nss: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| w.spec.node == node && w.spec.enforced)
+            .map(|w| w.ns.clone())
+            .collect();
+        let agent = &mut self.agents[i];
+        agent.wait_ready(|| {
+            nss.iter().all(|ns| {
+                let out = run_status(&["ip", "netns", "exec", ns, "iptables-save", "-t", "mangle"]);
+                String::from_utf8_lossy(&out.stdout).contains("-j TESSERA-INPUT")
+            })
+        });
+    }
+
+    /// `iptables-save -t mangle` (IPv4) inside `ns`.
+    pub fn mangle_rules(ns: &str) -> String {
+        run(&["ip", "netns", "exec", ns, "iptables-save", "-t", "mangle"])
+    }
+
+    /// `ip6tables-save -t mangle` inside `ns`.
+    pub fn mangle_rules6(ns: &str) -> String {
+        run(&["ip", "netns", "exec", ns, "ip6tables-save", "-t", "mangle"])
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(Agent::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- testbed {} failed; agent logs:\n{}",
+                self.id,
+                self.agent_logs()
+            );
+        }
+        for a in &mut self.agents {
+            a.kill();
+        }
+        self.servers.clear();
+        for ns in self.created.iter().rev() {
+            let pids = run_status(&["ip", "netns", "pids", ns]);
+            for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(p) = p.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = run_status(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+/// One cell of `tessera policy matrix`.
+#[derive(Clone, Debug)]
+pub struct Cell {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub allowed: bool,
+    pub reason: String,
+}
+
+fn flow_map(m: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", items.join(", "))
+}
+
+/// Non-cryptographic filler for test keys and forged bytes: /dev/urandom.
+pub fn getrandom_fill(buf: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .expect("read /dev/urandom");
+}
