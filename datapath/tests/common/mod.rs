@@ -1,0 +1,350 @@
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Shared fixtures: packets built like Linux builds them (with pnet), two nodes with policy
+//! engines and workloads, and an independent checksum.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use datapath::{Hook, Processor, ProcessorConfig, Verdict, WorkloadId};
+use identity::testing::SeededRng;
+use identity::{CertificateAuthority, Claims, Config, Node, Psk};
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv4::MutableIpv4Packet;
+use pnet_packet::ipv6::MutableIpv6Packet;
+use pnet_packet::tcp::{MutableTcpPacket, TcpFlags};
+use policy::{ContainerPort, Engine, PodKey, Protocol, Workload};
+
+pub const NOW: u64 = 1_780_000_000_000;
+pub const DAY: u64 = 86_400_000;
+
+pub const SYN: u8 = TcpFlags::SYN;
+pub const SYN_ACK: u8 = TcpFlags::SYN | TcpFlags::ACK;
+pub const ACK: u8 = TcpFlags::ACK;
+pub const PSH_ACK: u8 = TcpFlags::PSH | TcpFlags::ACK;
+pub const RST_ACK: u8 = TcpFlags::RST | TcpFlags::ACK;
+
+/// The 20 option bytes of a Linux SYN / SYN-ACK: MSS 1460, SACK permitted, timestamps,
+/// NOP, window scale 7.
+pub fn linux_syn_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    o.extend_from_slice(&[1, 3, 3, 7]);
+    o
+}
+
+/// The 12 option bytes of a Linux ACK: NOP NOP timestamps.
+pub fn linux_ack_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    o
+}
+
+/// An IPv4 or IPv6 TCP packet (family of `src`) with valid checksums.
+pub fn tcp_packet(
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let tcp_len = 20 + options.len() + payload.len();
+    let ip_len = match src.ip() {
+        IpAddr::V4(_) => 20,
+        IpAddr::V6(_) => 40,
+    };
+    let mut buf = vec![0u8; ip_len + tcp_len];
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = MutableIpv4Packet::new(&mut buf).unwrap();
+            ip.set_version(4);
+            ip.set_header_length(5);
+            ip.set_total_length((20 + tcp_len) as u16);
+            ip.set_identification(0x1234);
+            ip.set_flags(0b010);
+            ip.set_ttl(64);
+            ip.set_next_level_protocol(IpNextHeaderProtocols::Tcp);
+            ip.set_source(s);
+            ip.set_destination(d);
+            let c = pnet_packet::ipv4::checksum(&ip.to_immutable());
+            ip.set_checksum(c);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = MutableIpv6Packet::new(&mut buf).unwrap();
+            ip.set_version(6);
+            ip.set_payload_length(tcp_len as u16);
+            ip.set_next_header(IpNextHeaderProtocols::Tcp);
+            ip.set_hop_limit(64);
+            ip.set_source(s);
+            ip.set_destination(d);
+        }
+        _ => panic!("mixed families"),
+    }
+    {
+        let mut tcp = MutableTcpPacket::new(&mut buf[ip_len..]).unwrap();
+        tcp.set_source(src.port());
+        tcp.set_destination(dst.port());
+        tcp.set_sequence(seq);
+        tcp.set_acknowledgement(ack);
+        tcp.set_data_offset(((20 + options.len()) / 4) as u8);
+        tcp.set_flags(flags);
+        tcp.set_window(64240);
+    }
+    buf[ip_len + 20..ip_len + 20 + options.len()].copy_from_slice(options);
+    buf[ip_len + 20 + options.len()..].copy_from_slice(payload);
+    let sum = reference_tcp_checksum(&buf);
+    buf[ip_len + 16..ip_len + 18].copy_from_slice(&sum.to_be_bytes());
+    buf
+}
+
+/// Make the TCP checksum field what a CHECKSUM_PARTIAL packet carries: the folded pseudo-header
+/// sum only (not complemented), as Linux leaves it for offload.
+pub fn make_partial(buf: &mut [u8]) {
+    let (ip_len, pseudo) = pseudo_header(buf);
+    let mut sum = sum16(&pseudo);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    buf[ip_len + 16..ip_len + 18].copy_from_slice(&(sum as u16).to_be_bytes());
+}
+
+fn pseudo_header(buf: &[u8]) -> (usize, Vec<u8>) {
+    let mut p = Vec::new();
+    let ip_len;
+    let tcp_len;
+    if buf[0] >> 4 == 4 {
+        ip_len = ((buf[0] & 0xf) as usize) * 4;
+        let total = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+        tcp_len = total - ip_len;
+        p.extend_from_slice(&buf[12..20]);
+        p.extend_from_slice(&[0, 6]);
+        p.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    } else {
+        ip_len = 40;
+        tcp_len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+        p.extend_from_slice(&buf[8..40]);
+        p.extend_from_slice(&(tcp_len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 6]);
+    }
+    (ip_len, p)
+}
+
+fn sum16(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for c in bytes.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += w as u32;
+    }
+    sum
+}
+
+/// RFC 1071 TCP checksum written here, independent of pnet and of the datapath.
+pub fn reference_tcp_checksum(buf: &[u8]) -> u16 {
+    let (ip_len, pseudo) = pseudo_header(buf);
+    let total = ip_len + pseudo_tcp_len(buf, ip_len);
+    let mut seg = buf[ip_len..total].to_vec();
+    seg[16] = 0;
+    seg[17] = 0;
+    let mut sum = sum16(&pseudo) as u64 + sum16(&seg) as u64;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_tcp_len(buf: &[u8], ip_len: usize) -> usize {
+    if buf[0] >> 4 == 4 {
+        u16::from_be_bytes([buf[2], buf[3]]) as usize - ip_len
+    } else {
+        u16::from_be_bytes([buf[4], buf[5]]) as usize
+    }
+}
+
+/// Both checksums of a packet are valid (computed independently).
+pub fn checksums_ok(buf: &[u8]) -> bool {
+    let tcp_ok = {
+        let ip_len = if buf[0] >> 4 == 4 {
+            ((buf[0] & 0xf) as usize) * 4
+        } else {
+            40
+        };
+        u16::from_be_bytes([buf[ip_len + 16], buf[ip_len + 17]]) == reference_tcp_checksum(buf)
+    };
+    let ip_ok = if buf[0] >> 4 == 4 {
+        let ihl = ((buf[0] & 0xf) as usize) * 4;
+        let mut s = sum16(&buf[..ihl]);
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s == 0xffff
+    } else {
+        true
+    };
+    tcp_ok && ip_ok
+}
+
+/// TCP flags of a packet.
+pub fn flags(buf: &[u8]) -> u8 {
+    let ip_len = if buf[0] >> 4 == 4 {
+        ((buf[0] & 0xf) as usize) * 4
+    } else {
+        40
+    };
+    buf[ip_len + 13]
+}
+
+/// Acknowledgement number of a packet.
+pub fn ack_number(buf: &[u8]) -> u32 {
+    let ip_len = if buf[0] >> 4 == 4 {
+        ((buf[0] & 0xf) as usize) * 4
+    } else {
+        40
+    };
+    u32::from_be_bytes(buf[ip_len + 8..ip_len + 12].try_into().unwrap())
+}
+
+/// The token carried by a packet (its option's length, first payload bytes), if any.
+pub fn token_of(buf: &[u8]) -> Option<Vec<u8>> {
+    let seg = datapath::TcpSegment::parse(buf).unwrap().unwrap();
+    seg.token(buf).map(<[u8]>::to_vec)
+}
+
+pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Psk,
+    Pki,
+}
+
+/// Two nodes' identity contexts that trust each other.
+pub fn nodes(mode: Mode, seed: &str) -> (Node, Node) {
+    match mode {
+        Mode::Psk => {
+            let psk = b"Zq3v9Lx2Rk7Wm1Tn5Yb8Hc4Jd6Gf0Ps_E";
+            (
+                Node::new_psk("node-a", Psk::new(psk).unwrap(), Config::default()).unwrap(),
+                Node::new_psk("node-b", Psk::new(psk).unwrap(), Config::default()).unwrap(),
+            )
+        }
+        Mode::Pki => {
+            let mut rng = SeededRng::new(seed.as_bytes());
+            let ca =
+                CertificateAuthority::generate(&mut rng, "tessera-ca", NOW - DAY, NOW + 365 * DAY)
+                    .unwrap();
+            let a = ca
+                .issue_node(&mut rng, "node-a", NOW - DAY, NOW + 90 * DAY)
+                .unwrap();
+            let b = ca
+                .issue_node(&mut rng, "node-b", NOW - DAY, NOW + 90 * DAY)
+                .unwrap();
+            let (ca_cert, cb_cert) = (a.certificate().clone(), b.certificate().clone());
+            let mut na =
+                Node::new_pki(a, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
+            let mut nb =
+                Node::new_pki(b, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
+            na.add_peer_certificate("node-b", cb_cert, NOW).unwrap();
+            nb.add_peer_certificate("node-a", ca_cert, NOW).unwrap();
+            (na, nb)
+        }
+    }
+}
+
+/// A workload of the test cluster.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub labels: &'static [(&'static str, &'static str)],
+    pub ip: IpAddr,
+    pub ports: &'static [(&'static str, u16)],
+}
+
+impl Pod {
+    pub fn key(&self) -> PodKey {
+        PodKey {
+            namespace: self.namespace.into(),
+            name: self.name.into(),
+        }
+    }
+    pub fn workload(&self) -> Workload {
+        Workload {
+            key: self.key(),
+            labels: map(self.labels),
+            ports: self
+                .ports
+                .iter()
+                .map(|(n, p)| ContainerPort {
+                    name: (!n.is_empty()).then(|| n.to_string()),
+                    port: *p,
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+            ips: vec![self.ip],
+            host_network: false,
+        }
+    }
+    pub fn claims(&self, engine: &Engine) -> Claims {
+        Claims::new(
+            self.namespace,
+            self.name,
+            map(self.labels),
+            engine.namespace_labels_or_default(self.namespace),
+        )
+        .unwrap()
+    }
+}
+
+/// An engine with the namespaces and policies of `yaml` (and the given local workloads).
+pub fn engine(yaml: &str, local: &[&Pod]) -> Engine {
+    let mut e = Engine::new();
+    let parsed = policy::objects::parse("test.yaml", yaml);
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let report = policy::objects::load(&mut e, &parsed.objects);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for p in local {
+        e.apply_workload(p.workload()).unwrap();
+    }
+    e
+}
+
+/// A processor enforcing the given workloads (ids 1, 2, ... in order).
+pub fn processor(node: Node, yaml: &str, local: &[&Pod], config: ProcessorConfig) -> Processor {
+    let e = engine(yaml, local);
+    let claims: Vec<Claims> = local.iter().map(|p| p.claims(&e)).collect();
+    let mut proc = Processor::new(node, e, config);
+    for (i, (p, c)) in local.iter().zip(claims).enumerate() {
+        proc.add_workload(WorkloadId(i as u32 + 1), p.key(), c);
+    }
+    proc
+}
+
+/// Run one packet through a processor, returning the verdict and the packet as it leaves.
+pub fn run(
+    proc: &mut Processor,
+    id: WorkloadId,
+    hook: Hook,
+    packet: &[u8],
+    now: u64,
+    rng: &mut SeededRng,
+) -> (Verdict, Vec<u8>) {
+    let mut p = packet.to_vec();
+    let v = proc.process(id, hook, &mut p, true, now, rng);
+    if !v.modified {
+        assert_eq!(p, packet, "unmodified verdict but the packet changed");
+    }
+    (v, p)
+}
