@@ -304,7 +304,12 @@ impl Testbed {
     }
 
     /// The agent of node 1 or 2.
-    pub fn agent(&mut self, node: u8) -> &mut Agent {
+    pub fn agent(&self, node: u8) -> &Agent {
+        &self.agents[usize::from(node - 1)]
+    }
+
+    /// The agent of node 1 or 2, to kill or stop it.
+    pub fn agent_mut(&mut self, node: u8) -> &mut Agent {
         &mut self.agents[usize::from(node - 1)]
     }
 
