@@ -14,6 +14,7 @@ pub mod flow;
 pub mod metrics;
 pub mod packet;
 pub mod processor;
+pub mod shell;
 
 pub use flow::FlowKey;
 pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod cli;
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ enum Command {
     /// Certificates and keys for PKI mode, without openssl.
     #[command(subcommand)]
     Pki(cli::pki::PkiCommand),
+    /// Run the node agent: enforce the workloads of a static inventory.
+    Run(Box<cli::run::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => cli::policy::run(cmd),
         Command::Pki(cmd) => cli::pki::run(cmd),
+        Command::Run(args) => cli::run::run(*args),
     };
     match result {
         Ok(code) => code,

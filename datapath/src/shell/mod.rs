@@ -137,6 +137,7 @@ fn tcp_flags(packet: &[u8]) -> Option<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -299,6 +299,7 @@ pub fn elapsed_ns(start: Instant) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

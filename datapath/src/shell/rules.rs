@@ -224,6 +224,7 @@ pub fn remove(ns: &Netns) -> Result<(), ShellError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

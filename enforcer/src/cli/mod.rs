@@ -1,2 +1,3 @@
 pub mod pki;
 pub mod policy;
+pub mod run;

@@ -1,0 +1,246 @@
+//! The static inventory: the workloads this node enforces, from a YAML file.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    workloads: Vec<WorkloadSpec>,
+}
+
+/// One workload of the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// A container port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+/// Where a workload's network namespace is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsRef {
+    Path(PathBuf),
+    Pid(u32),
+}
+
+impl WorkloadSpec {
+    pub fn netns_ref(&self) -> NetnsRef {
+        match (&self.netns, self.pid) {
+            (Some(p), _) => NetnsRef::Path(p.clone()),
+            (None, Some(pid)) => NetnsRef::Pid(pid),
+            // parse() refuses this case.
+            (None, None) => NetnsRef::Pid(0),
+        }
+    }
+}
+
+/// Parse inventory text; `source` names it in errors (`FILE: workloads[2].netns: ...`).
+pub fn parse(source: &str, text: &str) -> Result<Vec<WorkloadSpec>> {
+    let de = serde_norway::Deserializer::from_str(text);
+    let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            anyhow::anyhow!("{source}: {inner}")
+        } else {
+            anyhow::anyhow!("{source}: {path}: {inner}")
+        }
+    })?;
+    let mut seen = BTreeMap::new();
+    let mut ns_labels: BTreeMap<&str, (usize, &BTreeMap<String, String>)> = BTreeMap::new();
+    for (i, w) in file.workloads.iter().enumerate() {
+        let at = |field: &str| format!("{source}: workloads[{i}].{field}");
+        match (&w.netns, w.pid) {
+            (Some(_), Some(_)) => bail!("{}: give netns or pid, not both", at("netns")),
+            (None, None) => bail!("{}: missing (or give pid)", at("netns")),
+            (Some(p), None) if !p.is_absolute() => {
+                bail!("{}: {} is not an absolute path", at("netns"), p.display())
+            }
+            (None, Some(0)) => bail!("{}: 0 is not a process id", at("pid")),
+            _ => {}
+        }
+        if let Some(j) = seen.insert((w.namespace.as_str(), w.name.as_str()), i) {
+            bail!(
+                "{}: {}/{} already defined by workloads[{j}]",
+                at("name"),
+                w.namespace,
+                w.name
+            );
+        }
+        for (k, port) in w.ports.iter().enumerate() {
+            if port.port == 0 {
+                bail!("{}: 0 is not a port", at(&format!("ports[{k}].port")));
+            }
+            if !matches!(port.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+                bail!(
+                    "{}: {:?} is not TCP, UDP or SCTP",
+                    at(&format!("ports[{k}].protocol")),
+                    port.protocol
+                );
+            }
+        }
+        match ns_labels.get(w.namespace.as_str()) {
+            Some((j, labels)) if *labels != &w.namespace_labels => bail!(
+                "{}: namespace {} has different labels in workloads[{j}]",
+                at("namespaceLabels"),
+                w.namespace
+            ),
+            Some(_) => {}
+            None => {
+                ns_labels.insert(&w.namespace, (i, &w.namespace_labels));
+            }
+        }
+    }
+    Ok(file.workloads)
+}
+
+/// Read and parse an inventory file.
+pub fn load(path: &Path) -> Result<Vec<WorkloadSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&path.display().to_string(), &text)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+workloads:
+  - name: web-1
+    namespace: demo
+    labels: {role: WebFrontend}
+    namespaceLabels: {team: a}
+    ports: [{name: http, port: 80, protocol: TCP}]
+    ips: [10.1.1.2]
+    netns: /var/run/netns/web-1
+  - name: db-1
+    namespace: demo
+    namespaceLabels: {team: a}
+    ports: [{port: 5432}]
+    pid: 1234
+";
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse("inv.yaml", text).unwrap_err())
+    }
+
+    #[test]
+    fn example_inventory_parses() {
+        let w = parse("inv.yaml", GOOD).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].labels["role"], "WebFrontend");
+        assert_eq!(w[0].ips, ["10.1.1.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            w[0].netns_ref(),
+            NetnsRef::Path("/var/run/netns/web-1".into())
+        );
+        assert_eq!(w[1].netns_ref(), NetnsRef::Pid(1234));
+        assert_eq!(w[1].ports[0].protocol, "TCP");
+        assert_eq!(w[1].ports[0].name, None);
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/static/inventory.yaml");
+        let w = load(&path).unwrap();
+        assert!(w.len() >= 2);
+    }
+
+    #[test]
+    fn type_errors_name_file_and_field() {
+        let e = err(
+            "workloads:\n  - name: a\n    namespace: d\n    pid: 1\n    ports: [{port: http}]\n",
+        );
+        assert!(
+            e.starts_with("inv.yaml: workloads[0].ports[0].port: "),
+            "{e}"
+        );
+        let e =
+            err("workloads:\n  - name: a\n    namespace: d\n    pid: 1\n    ips: [10.0.0.300]\n");
+        assert!(e.starts_with("inv.yaml: workloads[0].ips[0]: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_named() {
+        let e = err("workloads:\n  - name: a\n    namespace: d\n    pid: 1\n    label: {a: b}\n");
+        assert!(e.contains("workloads[0]") && e.contains("label"), "{e}");
+        let e = err("workloads:\n  - name: a\n    pid: 1\n");
+        assert!(e.contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn netns_or_pid_exactly_once() {
+        let e = err("workloads:\n  - name: a\n    namespace: d\n");
+        assert_eq!(e, "inv.yaml: workloads[0].netns: missing (or give pid)");
+        let e = err("workloads:\n  - name: a\n    namespace: d\n    pid: 3\n    netns: /x\n");
+        assert_eq!(
+            e,
+            "inv.yaml: workloads[0].netns: give netns or pid, not both"
+        );
+        let e = err("workloads:\n  - name: a\n    namespace: d\n    netns: rel/x\n");
+        assert!(e.contains("not an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_and_conflicting_namespace_labels_are_refused() {
+        let e = err(
+            "workloads:\n  - {name: a, namespace: d, pid: 1}\n  - {name: a, namespace: d, pid: 2}\n",
+        );
+        assert_eq!(
+            e,
+            "inv.yaml: workloads[1].name: d/a already defined by workloads[0]"
+        );
+        let e = err(
+            "workloads:\n  - {name: a, namespace: d, pid: 1, namespaceLabels: {t: x}}\n  - {name: b, namespace: d, pid: 2}\n",
+        );
+        assert!(
+            e.starts_with("inv.yaml: workloads[1].namespaceLabels: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_protocol_is_named() {
+        let e = err(
+            "workloads:\n  - {name: a, namespace: d, pid: 1, ports: [{port: 1, protocol: tcp}]}\n",
+        );
+        assert!(
+            e.starts_with("inv.yaml: workloads[0].ports[0].protocol: "),
+            "{e}"
+        );
+    }
+}
