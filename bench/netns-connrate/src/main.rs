@@ -1,1 +1,269 @@
-fn main() {}
+//! `netns-connrate`: connection rate, connect latency, per-packet decision time and
+//! established-flow throughput on the real kernel, in one run, for
+//! (a) no rules, (b) the same rules with `tessera run --accept-all`, (c) full enforcement with
+//! the three-tier policies, in PSK and in PKI mode. Run it as root: `sudo ./bench/run.sh`.
+//!
+//! Topology (per case, fresh): node netns n1 and n2 linked by veth; a client workload behind
+//! n1, an echo server and a sink workload behind n2. One client thread does connect + 1-byte
+//! echo + close for `--duration` seconds (client netns: tcp_tw_reuse=1, a wide local port
+//! range, set inside that netns only). Throughput: `--bytes` over one connection to the sink.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use testbed::metrics::quantile_between;
+use testbed::{AgentConfig, Mode, Serve, Testbed, WorkloadSpec, in_netns, run_in};
+
+#[derive(Parser)]
+#[command(
+    about = "Connection rate, latency, decision time and throughput: no rules vs accept-all vs enforcement"
+)]
+struct Args {
+    /// The tessera binary (build it with --release for meaningful figures).
+    #[arg(long, default_value = "target/release/tessera")]
+    tessera: PathBuf,
+    /// NetworkPolicy directory for case (c).
+    #[arg(long, default_value = "examples/three-tier/policies")]
+    policies: PathBuf,
+    /// Seconds of connect/echo/close per case.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Bytes sent over one established connection per case (throughput).
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    /// Cases to run, in order (a, b, c-psk, c-pki).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c-psk,c-pki")]
+    cases: Vec<String>,
+}
+
+struct Row {
+    case: String,
+    conns: usize,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    decision: Option<(f64, f64)>,
+    gbits: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix_root() {
+        bail!("needs root (network namespaces, iptables): sudo ./bench/run.sh");
+    }
+    if !args.tessera.exists() {
+        bail!(
+            "{}: no such binary (cargo build --release -p tessera)",
+            args.tessera.display()
+        );
+    }
+    let policies = std::fs::canonicalize(&args.policies)
+        .with_context(|| format!("--policies {}", args.policies.display()))?;
+    let mut rows = Vec::new();
+    for case in &args.cases {
+        let agents = match case.as_str() {
+            "a" => None,
+            "b" => Some((Mode::Psk, true)),
+            "c-psk" => Some((Mode::Psk, false)),
+            "c-pki" => Some((Mode::Pki, false)),
+            other => bail!("unknown case {other:?} (a, b, c-psk, c-pki)"),
+        };
+        eprintln!("== case {case}");
+        rows.push(run_case(case, agents, &args, &policies)?);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn nix_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Path) -> Result<Row> {
+    let mut b = Testbed::builder()
+        .policies(policies)
+        .serve(Serve::Inline)
+        .workload(WorkloadSpec::new("client", 1, "WebFrontend"))
+        .workload(WorkloadSpec::new("server", 2, "BusinessBackend").port(Some("api"), 8080))
+        .workload(WorkloadSpec::new("sink", 2, "BusinessBackend").sink_port(Some("api"), 8080));
+    if let Some((mode, accept_all)) = agents {
+        let mut cfg = AgentConfig::new(&args.tessera, mode);
+        cfg.accept_all = accept_all;
+        b = b.agents(cfg);
+    }
+    let tb = b.build();
+    let client = tb.workload("client").ns.clone();
+    run_in(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    run_in(
+        &client,
+        &["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"],
+    );
+    let server = tb.workload("server").addr(8080);
+    let sink = tb.workload("sink").addr(8080);
+
+    // Warm-up (and a check that the path works at all).
+    let warm = conn_loop(&client, server, Duration::from_millis(300))?;
+    if warm.is_empty() {
+        bail!("case {case}: no connection completed during warm-up");
+    }
+    let hist_before = decision_hist(&tb, agents.is_some());
+    let duration = Duration::from_secs_f64(args.duration);
+    let mut lat = conn_loop(&client, server, duration)?;
+    let hist_after = decision_hist(&tb, agents.is_some());
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        let i = ((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1));
+        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    let decision = match (hist_before, hist_after) {
+        (Some(b), Some(a)) => {
+            let p50 = quantile_between(&b, &a, 0.5);
+            let p99 = quantile_between(&b, &a, 0.99);
+            p50.zip(p99).map(|(x, y)| (x * 1e6, y * 1e6))
+        }
+        _ => None,
+    };
+    let gbits = throughput(&client, sink, args.bytes)?;
+    Ok(Row {
+        case: case.to_owned(),
+        conns: lat.len(),
+        rate: lat.len() as f64 / duration.as_secs_f64(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        decision,
+        gbits,
+    })
+}
+
+/// connect + 1-byte echo + close in a loop for `d`; returns each connect latency.
+fn conn_loop(ns: &str, addr: SocketAddr, d: Duration) -> Result<Vec<Duration>> {
+    in_netns(ns, move || {
+        let mut lat = Vec::with_capacity(200_000);
+        let start = Instant::now();
+        let mut failures = 0u32;
+        while start.elapsed() < d {
+            let t = Instant::now();
+            let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures += 1;
+                    if failures > 20 {
+                        bail!("connect {addr}: {e} ({failures} failures)");
+                    }
+                    continue;
+                }
+            };
+            let connected = t.elapsed();
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(&[1])?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).context("echo")?;
+            drop(s);
+            lat.push(connected);
+        }
+        Ok(lat)
+    })
+}
+
+/// Sends `bytes` over one connection to the sink and waits for its one-byte answer: Gbit/s.
+fn throughput(ns: &str, addr: SocketAddr, bytes: u64) -> Result<f64> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let buf = vec![0x5au8; 1 << 18];
+        let t = Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).context("sink answer")?;
+        Ok(bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+    })
+}
+
+/// The decision-time histogram of both agents, buckets summed.
+fn decision_hist(tb: &Testbed, agents: bool) -> Option<Vec<(f64, f64)>> {
+    if !agents {
+        return None;
+    }
+    let mut sum: Option<Vec<(f64, f64)>> = None;
+    for node in [1, 2] {
+        let (_, h) = tb.agent(node).metrics().histogram("decision")?;
+        sum = Some(match sum {
+            None => h,
+            Some(mut s) => {
+                for (le, c) in h {
+                    match s.iter_mut().find(|(l, _)| *l == le) {
+                        Some(x) => x.1 += c,
+                        None => s.push((le, c)),
+                    }
+                }
+                s
+            }
+        });
+    }
+    sum
+}
+
+fn print_table(rows: &[Row]) {
+    let a = rows.iter().find(|r| r.case == "a");
+    let b = rows.iter().find(|r| r.case == "b");
+    let ratio = |x: f64, base: Option<&Row>, f: fn(&Row) -> f64| {
+        base.map_or("-".to_owned(), |r| format!("{:.2}", x / f(r)))
+    };
+    println!(
+        "\n{:<6} {:>7} {:>8} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>6}",
+        "case",
+        "conns",
+        "conn/s",
+        "/(a)",
+        "/(b)",
+        "conn p50",
+        "conn p99",
+        "decide p50",
+        "decide p99",
+        "Gbit/s",
+        "/(a)"
+    );
+    for r in rows {
+        let (dp50, dp99) = r
+            .decision
+            .map_or(("-".to_owned(), "-".to_owned()), |(x, y)| {
+                (format!("{x:.1}us"), format!("{y:.1}us"))
+            });
+        println!(
+            "{:<6} {:>7} {:>8.0} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7.2} {:>6}",
+            r.case,
+            r.conns,
+            r.rate,
+            ratio(r.rate, a, |r| r.rate),
+            ratio(r.rate, b, |r| r.rate),
+            r.p50_us,
+            r.p99_us,
+            dp50,
+            dp99,
+            r.gbits,
+            ratio(r.gbits, a, |r| r.gbits),
+        );
+    }
+    println!(
+        "\ntargets: (c) conn/s >= 0.90 x (b); decision p50 <= 10us, p99 <= 50us; (c) throughput >= 0.98 x (a)"
+    );
+}

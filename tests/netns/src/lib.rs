@@ -23,7 +23,7 @@ pub mod topo;
 
 pub use agent::{Agent, AgentConfig, Mode};
 pub use metrics::Metrics;
-pub use netns::{EchoServer, connect, echo_once, in_netns, spawn_in_netns};
+pub use netns::{EchoServer, Serve, connect, echo_once, in_netns, spawn_in_netns};
 pub use topo::{Testbed, TestbedBuilder, Workload, WorkloadSpec};
 
 use std::process::{Command, Output};

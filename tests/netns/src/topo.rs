@@ -26,6 +26,8 @@ pub struct WorkloadSpec {
     /// (port name, port number).
     pub ports: Vec<(Option<String>, u16)>,
     pub enforced: bool,
+    /// Declared ports served by a sink (reads to EOF, answers one byte) instead of an echo.
+    pub sinks: Vec<u16>,
 }
 
 impl WorkloadSpec {
@@ -37,6 +39,7 @@ impl WorkloadSpec {
             labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
             ports: Vec::new(),
             enforced: true,
+            sinks: Vec::new(),
         }
     }
 
@@ -44,6 +47,12 @@ impl WorkloadSpec {
     pub fn port(mut self, name: Option<&str>, port: u16) -> WorkloadSpec {
         self.ports.push((name.map(str::to_owned), port));
         self
+    }
+
+    /// Declares a container port served by a sink (throughput measurements).
+    pub fn sink_port(mut self, name: Option<&str>, port: u16) -> WorkloadSpec {
+        self.sinks.push(port);
+        self.port(name, port)
     }
 
     /// Not listed in any inventory: no agent touches it (a peer without agent).
@@ -215,8 +224,13 @@ impl TestbedBuilder {
                 &via,
             ]);
             for &(_, port) in &spec.ports {
+                let serve = if spec.sinks.contains(&port) {
+                    Serve::Sink
+                } else {
+                    self.serve
+                };
                 tb.servers
-                    .push((spec.name.clone(), EchoServer::start(&ns, port, self.serve)));
+                    .push((spec.name.clone(), EchoServer::start(&ns, port, serve)));
             }
             tb.workloads.push(Workload { spec, ns, ip });
         }
