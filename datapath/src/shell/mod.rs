@@ -56,8 +56,10 @@ pub enum ShellError {
     #[error("nfqueue: {0}")]
     Queue(std::io::Error),
     /// The queue's socket could not be told apart from other new file descriptors.
-    #[error("nfqueue: could not identify the queue's netlink socket among new file descriptors")]
-    QueueFd,
+    #[error(
+        "nfqueue: could not identify the queue's netlink socket among new file descriptors ({0})"
+    )]
+    QueueFd(String),
     /// Another process is bound to the queue (another agent in this namespace?).
     #[error("nfqueue {0} is already bound in this namespace (another agent running?)")]
     QueueBusy(u16),

@@ -88,6 +88,9 @@ fn fd_list() -> Result<BTreeSet<RawFd>, ShellError> {
             fds.insert(fd);
         }
     }
+    // The listing's own directory fd is in the list but closed by now: its number may be
+    // the next one handed out (to the queue's socket), so keep only fds still open.
+    fds.retain(|fd| std::fs::read_link(format!("/proc/thread-self/fd/{fd}")).is_ok());
     Ok(fds)
 }
 
@@ -105,13 +108,18 @@ fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
         let before = fd_list()?;
         let queue = nfq::Queue::open().map_err(ShellError::Queue)?;
         let after = fd_list()?;
-        let mut found = after
-            .difference(&before)
-            .filter_map(|fd| pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()).ok())
-            .filter(is_netfilter_socket);
-        match (found.next(), found.next()) {
-            (Some(socket), None) => (queue, socket),
-            _ => return Err(ShellError::QueueFd),
+        let mut found = Vec::new();
+        let mut notes = Vec::new();
+        for fd in after.difference(&before) {
+            match pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()) {
+                Ok(dup) if is_netfilter_socket(&dup) => found.push(dup),
+                Ok(_) => notes.push(format!("fd {fd}: not a netfilter socket")),
+                Err(e) => notes.push(format!("fd {fd}: pidfd_getfd: {e}")),
+            }
+        }
+        match (found.pop(), found.is_empty()) {
+            (Some(socket), true) => (queue, socket),
+            _ => return Err(ShellError::QueueFd(notes.join("; "))),
         }
     };
     let q = cfg.queue_num;

@@ -2,6 +2,8 @@
 //! own. Their number never grows with peers or policies. Nothing outside our chains is changed,
 //! except one jump from `OUTPUT` and one from `INPUT`, each inserted once.
 
+use std::net::{IpAddr, SocketAddr};
+
 use super::ShellError;
 use super::netns::{Netns, run_command};
 
@@ -132,48 +134,135 @@ fn present_jumps(ns: &Netns, family: Family) -> Jumps {
 pub struct Installed {
     /// The rules were already there (an agent restart): existing flows were not grandfathered.
     pub reapplied: bool,
-    /// Conntrack entries marked authorized at first install.
+    /// Established connections marked authorized at first install (conntrack entries updated
+    /// plus entries created for sockets conntrack had not seen).
     pub grandfathered: usize,
 }
 
 /// Install (or re-apply, idempotently) the rule set in `ns` for IPv4 and IPv6.
 ///
-/// At first install (no jump of ours yet) the namespace's established TCP conntrack entries are
+/// At first install (no jump of ours yet) the namespace's established TCP connections are
 /// marked authorized *before* the rules go in, so deploying never breaks a live connection. On a
-/// re-apply (after a crash) nothing is grandfathered: an entry that became established while no
-/// agent listened did so without our check.
+/// re-apply (after a crash) nothing is grandfathered: a connection that became established
+/// while no agent listened did so without our check.
 pub fn install(ns: &Netns, cfg: &RuleConfig) -> Result<Installed, ShellError> {
-    let mut result = Installed {
-        reapplied: true,
-        grandfathered: 0,
+    let present = Family::ALL.map(|family| present_jumps(ns, family));
+    let first = present.iter().all(|p| !p.output && !p.input);
+    let grandfathered = if first {
+        grandfather(ns, cfg.auth_mark)?
+    } else {
+        0
     };
-    for family in Family::ALL {
-        let present = present_jumps(ns, family);
-        if !present.output && !present.input {
-            result.reapplied = false;
-            result.grandfathered += grandfather(ns, family, cfg.auth_mark)?;
-        }
+    for (family, present) in Family::ALL.into_iter().zip(present) {
         let mut cmd = ns.command(family.restore());
         cmd.args(["-w", "--noflush"]);
         run_command(cmd, Some(&render(cfg, present)))?;
     }
-    Ok(result)
+    Ok(Installed {
+        reapplied: !first,
+        grandfathered,
+    })
 }
 
-/// Mark the namespace's established TCP conntrack entries of `family` authorized.
-pub fn grandfather(ns: &Netns, family: Family, auth_mark: u32) -> Result<usize, ShellError> {
+/// One established TCP connection of the namespace, in conntrack's original direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Established {
+    /// The side that opened the connection.
+    pub src: SocketAddr,
+    /// The side that accepted it.
+    pub dst: SocketAddr,
+}
+
+fn parse_sock_addr(s: &str) -> Option<SocketAddr> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.contains('%') {
+        return None; // link-local with scope: not ours to grandfather
+    }
+    let ip: IpAddr = host.parse().ok()?;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
+/// `ss -Htn state established` + `ss -Htln` output → connections, oriented: a connection whose
+/// local port is a listening port was accepted (the peer opened it). Loopback is skipped (our
+/// rules never queue it).
+pub fn parse_established(established: &str, listening: &str) -> Vec<Established> {
+    let listen_ports: std::collections::BTreeSet<u16> = listening
+        .lines()
+        .filter_map(|l| parse_sock_addr(l.split_whitespace().nth(3)?))
+        .map(|a| a.port())
+        .collect();
+    established
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace().skip(2);
+            let local = parse_sock_addr(cols.next()?)?;
+            let peer = parse_sock_addr(cols.next()?)?;
+            if local.ip().is_loopback() || local.is_ipv4() != peer.is_ipv4() {
+                return None;
+            }
+            Some(if listen_ports.contains(&local.port()) {
+                Established {
+                    src: peer,
+                    dst: local,
+                }
+            } else {
+                Established {
+                    src: local,
+                    dst: peer,
+                }
+            })
+        })
+        .collect()
+}
+
+/// Mark the namespace's established TCP connections authorized: create a marked conntrack
+/// entry for every established socket (conntrack may never have seen them: a namespace without
+/// rules does not track connections), then set the mark on existing established entries.
+pub fn grandfather(ns: &Netns, auth_mark: u32) -> Result<usize, ShellError> {
+    let mut ss = ns.command("ss");
+    ss.args(["-Htn", "state", "established"]);
+    let (established, _) = run_command(ss, None)?;
+    let mut ss = ns.command("ss");
+    ss.args(["-Htln"]);
+    let (listening, _) = run_command(ss, None)?;
+    let mark = format!("{auth_mark:#x}");
+    let mut count = 0;
+    for conn in parse_established(&established, &listening) {
+        // The family follows from the addresses (conntrack refuses -f with -I).
+        let mut cmd = ns.command("conntrack");
+        cmd.args(["-I", "-p", "tcp"])
+            .args([
+                "-s",
+                &conn.src.ip().to_string(),
+                "-d",
+                &conn.dst.ip().to_string(),
+            ])
+            .args(["--sport", &conn.src.port().to_string()])
+            .args(["--dport", &conn.dst.port().to_string()])
+            .args(["--state", "ESTABLISHED", "-u", "ASSURED", "-t", "432000"])
+            .args(["-m", &mark]);
+        // An existing entry makes this fail (EEXIST): the update below marks it.
+        if run_command(cmd, None).is_ok() {
+            count += 1;
+        }
+    }
+    for family in Family::ALL {
+        count += mark_existing(ns, family, auth_mark)?;
+    }
+    Ok(count)
+}
+
+/// Set the AUTH bit on the namespace's established TCP conntrack entries of `family`.
+fn mark_existing(ns: &Netns, family: Family, auth_mark: u32) -> Result<usize, ShellError> {
     let mut cmd = ns.command("conntrack");
-    cmd.args([
-        "-U",
-        "-f",
-        family.conntrack(),
-        "-p",
-        "tcp",
-        "--state",
-        "ESTABLISHED",
-        "-m",
-        &format!("{auth_mark:#x}/{auth_mark:#x}"),
-    ]);
+    cmd.args(["-U", "-f", family.conntrack(), "-p", "tcp"])
+        .args(["--state", "ESTABLISHED"])
+        .args(["-m", &format!("{auth_mark:#x}/{auth_mark:#x}")]);
     match run_command(cmd, None) {
         Ok((_, stderr)) => Ok(parse_updated(&stderr)),
         // conntrack exits 1 when no entry matched.
@@ -300,6 +389,43 @@ COMMIT
     fn rule_count_is_fixed() {
         let text = render(&RuleConfig::default(), Jumps::default());
         assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 12);
+    }
+
+    #[test]
+    fn established_sockets_are_oriented_by_listening_ports() {
+        let established = "\
+0      0      10.99.0.1:35730 10.99.0.2:6000
+0      0      10.99.0.1:80 10.99.0.9:41000
+0      0      127.0.0.1:5000 127.0.0.1:41001
+0      0      [::ffff:10.99.0.1]:80 [::ffff:10.99.0.7]:42000
+0      0      [fd00::1]:80 [fd00::2]:43000
+0      0      [fe80::1%eth0]:22 [fe80::2%eth0]:44000
+garbage
+";
+        let listening = "LISTEN 0 128 0.0.0.0:80 0.0.0.0:*\nLISTEN 0 128 [::]:80 [::]:*\n";
+        let got = parse_established(established, listening);
+        let s = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            got,
+            [
+                Established {
+                    src: s("10.99.0.1:35730"),
+                    dst: s("10.99.0.2:6000")
+                },
+                Established {
+                    src: s("10.99.0.9:41000"),
+                    dst: s("10.99.0.1:80")
+                },
+                Established {
+                    src: s("10.99.0.7:42000"),
+                    dst: s("10.99.0.1:80")
+                },
+                Established {
+                    src: s("[fd00::2]:43000"),
+                    dst: s("[fd00::1]:80")
+                },
+            ]
+        );
     }
 
     #[test]
