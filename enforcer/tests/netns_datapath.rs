@@ -62,13 +62,25 @@ impl std::fmt::Debug for Outcome {
 /// egress alone is refused at once (the SYN-ACK becomes a RST).
 fn matrix_matches_the_policy_engine(mode: Mode) {
     let tb = three_tier(mode);
-    let cells = tb.policy_matrix(Path::new(TESSERA));
-    // A source without agent is a different case (IP-only peer): only probe from enforced ones.
-    let cells: Vec<_> = cells
-        .into_iter()
-        .filter(|c| tb.workload(&c.from).spec.enforced)
-        .collect();
+    let mut cells = tb.policy_matrix(Path::new(TESSERA));
     assert!(cells.len() >= 40, "matrix too small: {cells:?}");
+    // The plain listener (no agent, so not a pod the engine knows: an IP-only peer) from every
+    // enforced workload: ingress is nobody's business there, egress is decided on its IP at
+    // the SYN-ACK (which carries no token): the databases' egress allows databases only.
+    for w in tb.workloads.iter().filter(|w| w.spec.enforced) {
+        let db = w.spec.labels.get("role").is_some_and(|r| r == "Database");
+        cells.push(testbed::topo::Cell {
+            from: w.spec.name.clone(),
+            to: "plain-2".into(),
+            port: 9100,
+            allowed: !db,
+            reason: if db {
+                "denied: egress (IP-only peer)".into()
+            } else {
+                "allowed: IP-only peer, egress not isolated".into()
+            },
+        });
+    }
     let handles: Vec<_> = cells
         .iter()
         .map(|c| {
@@ -361,16 +373,25 @@ fn connections_complete_under_loss(mode: Mode) {
     const THREADS: usize = 10;
     let ns = tb.workload("frontend-1").ns.clone();
     let addr = tb.workload("backend-2").addr(8080);
+    // Seen on the client's interface, to show what happened to a failed connection.
+    let mut cap = Capture::start(&ns, |p| p.sport() == 8080 || p.dport() == 8080);
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let ns = ns.clone();
             std::thread::spawn(move || {
                 let mut failures = Vec::new();
                 for i in 0..N / THREADS {
-                    let r = testbed::connect(&ns, addr, Duration::from_secs(20))
-                        .and_then(|mut s| echo_once(&mut s, (t * 31 + i) as u8));
-                    if let Err(e) = r {
-                        failures.push(format!("connection {t}/{i}: {e}"));
+                    match testbed::connect(&ns, addr, Duration::from_secs(20)) {
+                        Err(e) => failures.push((format!("connection {t}/{i}: connect: {e}"), 0)),
+                        Ok(mut s) => {
+                            let port = s.local_addr().map_or(0, |a| a.port());
+                            if let Err(e) = echo_once(&mut s, (t * 31 + i) as u8) {
+                                failures.push((
+                                    format!("connection {t}/{i} from port {port}: echo: {e}"),
+                                    port,
+                                ));
+                            }
+                        }
                     }
                 }
                 failures
@@ -380,14 +401,24 @@ fn connections_complete_under_loss(mode: Mode) {
     let failures: Vec<String> = handles
         .into_iter()
         .flat_map(|h| h.join().unwrap())
+        .map(|(msg, port)| {
+            let trace: Vec<String> = cap
+                .drain()
+                .iter()
+                .filter(|p| port != 0 && (p.sport() == port || p.dport() == port))
+                .map(describe)
+                .collect();
+            format!("{msg}\n    {}", trace.join("\n    "))
+        })
         .collect();
     let drops = run_in(&tb.nodes[0], &["iptables", "-nvL", "FORWARD"]);
     assert!(
         failures.is_empty(),
-        "{} of {N} connections failed under 2% loss:\n{}\n{drops}\n{}",
+        "{} of {N} connections failed under 2% loss:\n{}\n{drops}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}",
         failures.len(),
         failures.join("\n"),
-        tb.agent_logs()
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text,
     );
     assert_eq!(tb.server("backend-2", 8080).accepted(), N);
 }
@@ -404,6 +435,32 @@ fn netns_connections_complete_under_two_percent_loss_pki() {
     if testbed::privileged("netns_connections_complete_under_two_percent_loss_pki") {
         connections_complete_under_loss(Mode::Pki);
     }
+}
+
+/// One line per captured packet: direction, flags, payload and token lengths.
+fn describe(p: &Ipv4Tcp) -> String {
+    let f = p.flags();
+    let names: Vec<&str> = [
+        (SYN, "S"),
+        (ACK, "A"),
+        (packet::PSH, "P"),
+        (packet::FIN, "F"),
+        (packet::RST, "R"),
+    ]
+    .iter()
+    .filter(|(b, _)| f & b != 0)
+    .map(|(_, n)| *n)
+    .collect();
+    format!(
+        "{}:{} > {}:{} [{}] payload {} token {:?}",
+        p.src(),
+        p.sport(),
+        p.dst(),
+        p.dport(),
+        names.join(""),
+        p.payload().len(),
+        p.token_len()
+    )
 }
 
 /// No `-A` line twice, and exactly one jump into each of our chains.

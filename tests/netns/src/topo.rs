@@ -432,13 +432,14 @@ impl Testbed {
         .expect("write inventory");
     }
 
-    /// The workloads as Kubernetes objects (Namespace, Pods with IPs and ports), for
-    /// `tessera policy matrix`.
+    /// The enforced workloads as Kubernetes objects (Namespace, Pods with IPs and ports), for
+    /// `tessera policy matrix`. Workloads without agent are not pods of the policy world (to
+    /// the agents they are IP-only peers), so they are left out.
     pub fn cluster_yaml(&self) -> String {
         let mut y = format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}, labels: {{kubernetes.io/metadata.name: {NAMESPACE}}}}}\n"
         );
-        for w in &self.workloads {
+        for w in self.workloads.iter().filter(|w| w.spec.enforced) {
             let ports: Vec<String> = w
                 .spec
                 .ports
