@@ -1,0 +1,122 @@
+//! Arbitrary bytes as a queued packet, at every hook of a client and a server node whose flow
+//! state was first driven to a chosen handshake stage by genuine packets. The parser, the
+//! rewriters and `Processor::process` must never panic, and a packet may grow by at most the
+//! option block plus the largest token.
+#![no_main]
+
+use datapath::packet::{attach_token, rewrite_to_rst, strip_token};
+use datapath::{Hook, Processor, ProcessorConfig, TcpSegment, WorkloadId};
+use identity::testing::SeededRng;
+use identity::{Claims, Config, Node, Psk};
+use libfuzzer_sys::fuzz_target;
+use policy::{ContainerPort, Engine, PodKey, Protocol, Workload};
+
+const NOW: u64 = 1_780_000_000_000;
+const PSK: &[u8] = b"Zq3v9Lx2Rk7Wm1Tn5Yb8Hc4Jd6Gf0Ps_E";
+const ID: WorkloadId = WorkloadId(1);
+const C: ([u8; 4], u16) = ([10, 0, 1, 2], 40000);
+const S: ([u8; 4], u16) = ([10, 0, 2, 2], 5432);
+
+/// A bare IPv4 TCP packet (checksums are left to the datapath: `checksum_ready` is false).
+fn packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.0);
+    p[16..20].copy_from_slice(&dst.0);
+    p[20..22].copy_from_slice(&src.1.to_be_bytes());
+    p[22..24].copy_from_slice(&dst.1.to_be_bytes());
+    p[24..28].copy_from_slice(&seq.to_be_bytes());
+    p[28..32].copy_from_slice(&ack.to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = flags;
+    p
+}
+
+fn processor(node: &str, name: &str, app: &str, ip: [u8; 4]) -> Option<Processor> {
+    let key = PodKey {
+        namespace: "shop".into(),
+        name: name.into(),
+    };
+    let labels: policy::Labels = [("app".to_string(), app.to_string())].into();
+    let mut engine = Engine::new();
+    engine
+        .apply_workload(Workload {
+            key: key.clone(),
+            labels: labels.clone(),
+            ports: vec![ContainerPort {
+                name: Some("postgres".into()),
+                port: 5432,
+                protocol: Protocol::Tcp,
+            }],
+            ips: vec![ip.into()],
+            host_network: false,
+        })
+        .ok()?;
+    let claims = Claims::new(
+        "shop",
+        name,
+        labels,
+        engine.namespace_labels_or_default("shop"),
+    )
+    .ok()?;
+    let node = Node::new_psk(node, Psk::new(PSK).ok()?, Config::default()).ok()?;
+    let mut p = Processor::new(node, engine, ProcessorConfig::default());
+    p.add_workload(ID, key, claims);
+    Some(p)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&control, bytes)) = data.split_first() else {
+        return;
+    };
+
+    if let Ok(Some(seg)) = TcpSegment::parse(bytes) {
+        let _ = seg.tcp_checksum_ok(bytes);
+        let mut p = bytes.to_vec();
+        let _ = strip_token(&mut p, &seg);
+        let mut p = bytes.to_vec();
+        let _ = attach_token(&mut p, &seg, &bytes[..bytes.len().min(100)]);
+        let mut p = bytes.to_vec();
+        let _ = rewrite_to_rst(&mut p, &seg);
+    }
+
+    let (Some(mut a), Some(mut b)) = (
+        processor("node-a", "web-1", "web", C.0),
+        processor("node-b", "db-0", "db", S.0),
+    ) else {
+        return;
+    };
+    let mut rng = SeededRng::new(b"fuzz");
+    // Drive the genuine handshake to stage 0..=3.
+    let stage = control & 0x03;
+    let mut syn = packet(C, S, 1000, 0, 0x02);
+    a.process(ID, Hook::Output, &mut syn, false, NOW, &mut rng);
+    if stage >= 1 {
+        b.process(ID, Hook::Input, &mut syn, false, NOW, &mut rng);
+        let mut sa = packet(S, C, 9000, 1001, 0x12);
+        b.process(ID, Hook::Output, &mut sa, false, NOW, &mut rng);
+        if stage >= 2 {
+            a.process(ID, Hook::Input, &mut sa, false, NOW, &mut rng);
+            let mut ack = packet(C, S, 1001, 9001, 0x10);
+            a.process(ID, Hook::Output, &mut ack, false, NOW, &mut rng);
+            if stage >= 3 {
+                b.process(ID, Hook::Input, &mut ack, false, NOW, &mut rng);
+            }
+        }
+    }
+    let checksum_ready = control & 0x80 != 0;
+    for (on_a, hook) in [
+        (true, Hook::Input),
+        (false, Hook::Input),
+        (true, Hook::Output),
+        (false, Hook::Output),
+    ] {
+        let proc = if on_a { &mut a } else { &mut b };
+        let mut p = bytes.to_vec();
+        proc.process(ID, hook, &mut p, checksum_ready, NOW, &mut rng);
+        assert!(p.len() <= bytes.len() + 8 + identity::MAX_TOKEN_LEN);
+    }
+});
