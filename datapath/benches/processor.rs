@@ -160,7 +160,7 @@ impl World {
         } else {
             self.port + 1
         };
-        if self.port % 1000 == 0 {
+        if self.port.is_multiple_of(1000) {
             self.a.expire(self.now);
             self.b.expire(self.now);
         }

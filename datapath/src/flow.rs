@@ -32,6 +32,11 @@ pub(crate) enum FlowState {
     /// duplicate of it) carries `ack_token`.
     ClientAckPending {
         client: ClientAwaitingSynAck,
+        /// Our SYN's sequence number.
+        isn: u32,
+        /// The server's SYN-ACK sequence number: its first packet after the handshake starts
+        /// at `server_isn + 1`.
+        server_isn: u32,
         synack_token: Box<[u8]>,
         ack_token: Box<[u8]>,
     },

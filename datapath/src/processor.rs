@@ -107,6 +107,9 @@ pub enum Reason {
     /// The workload itself sent a packet carrying our option (it would forge tokens).
     #[error("workload sent a packet carrying the Tessera option")]
     OptionFromWorkload,
+    /// A SYN-ACK that does not acknowledge our SYN.
+    #[error("SYN-ACK does not acknowledge our SYN")]
+    AckMismatch,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -130,6 +133,7 @@ impl Reason {
             Reason::UnknownWorkload => "unknown_workload",
             Reason::OptionFromWorkload => "option_from_workload",
             Reason::UnexpectedToken => "unexpected_token",
+            Reason::AckMismatch => "ack_mismatch",
         }
     }
 }
@@ -657,18 +661,22 @@ impl Step<'_> {
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
             return Verdict::drop(Reason::NoFlowState);
         };
-        let client: ClientAwaitingSynAck = match &flow.state {
-            FlowState::ClientSynSent { client, .. } => client.clone(),
+        let (client, isn): (ClientAwaitingSynAck, u32) = match &flow.state {
+            FlowState::ClientSynSent { client, isn, .. } => (client.clone(), *isn),
             FlowState::ClientAckPending {
                 client,
+                isn,
                 synack_token,
                 ..
             } => {
+                if seg.ack != isn.wrapping_add(1) {
+                    return Verdict::drop(Reason::AckMismatch);
+                }
                 if token.is_some_and(|t| t == &**synack_token) {
                     // The server re-sent its SYN-ACK (our ACK was lost): same answer again.
                     return modified_or(packet::strip_token(packet, seg), Verdict::accept(true));
                 }
-                client.clone()
+                (client.clone(), *isn)
             }
             FlowState::Authorized { peer_token } => {
                 return match (token, peer_token) {
@@ -681,6 +689,11 @@ impl Step<'_> {
             }
             _ => return Verdict::drop(Reason::NoFlowState),
         };
+        if seg.ack != isn.wrapping_add(1) {
+            // Not an answer to our SYN (the kernel would refuse it too): never let it decide
+            // the flow, or a blind injection could authorize or reset it.
+            return Verdict::drop(Reason::AckMismatch);
+        }
         let Some(token) = token else {
             // No token: a server without agent; egress on its IP only.
             if !self.decide(
@@ -722,6 +735,8 @@ impl Step<'_> {
         if let Some(flow) = self.flows.live_mut(&key, self.now) {
             flow.state = FlowState::ClientAckPending {
                 client,
+                isn,
+                server_isn: seg.seq,
                 synack_token,
                 ack_token: ack_token.into_boxed_slice(),
             };
@@ -812,9 +827,18 @@ impl Step<'_> {
                 }
                 Verdict::authorize(false)
             }
-            FlowState::ClientAckPending { synack_token, .. } => {
+            FlowState::ClientAckPending {
+                synack_token,
+                server_isn,
+                ..
+            } => {
                 if token.is_some() {
                     return Verdict::drop(Reason::UnexpectedToken);
+                }
+                if seg.seq != server_isn.wrapping_add(1) {
+                    // Not the server's first packet after the handshake: let the kernel judge
+                    // it, but it does not mark the flow.
+                    return Verdict::accept(false);
                 }
                 // The server talks: it accepted our ACK token.
                 flow.state = FlowState::Authorized {

@@ -953,3 +953,33 @@ fn prometheus_rendering_shows_counters_and_histogram() {
         assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
     }
 }
+
+#[test]
+fn blind_injections_neither_decide_nor_mark_the_clients_flow() {
+    // A token-less SYN-ACK that does not acknowledge the client's SYN (a blind injection)
+    // neither authorizes as IP-only nor triggers the egress RST.
+    for policies in [IPBLOCK, ALLOW] {
+        let mut w = World::new(Mode::Psk, policies);
+        w.out_a(&w.syn());
+        let forged = tcp_packet(w.s, w.c, 777, 12345, SYN_ACK, &[], &[]);
+        let (v, _) = w.in_a(&forged);
+        assert_eq!(dropped(&v), "ack_mismatch");
+        assert_eq!(w.a.metrics().authorized(), (0, 0));
+        assert_eq!(w.a.metrics().rejected("policy_egress"), 0);
+    }
+    // The genuine handshake then works, and a packet "from the server" at the wrong sequence
+    // number is left to the kernel without marking the flow.
+    let mut w = World::new(Mode::Psk, ALLOW);
+    w.out_a(&w.syn());
+    let (_, syn) = w.out_a(&w.syn());
+    w.in_b(&syn);
+    let (_, sa) = w.out_b(&w.syn_ack());
+    accepted(&w.in_a(&sa).0, true, false);
+    let stray = tcp_packet(w.s, w.c, 4242, ISN_C + 1, ACK, &[], &[]);
+    accepted(&w.in_a(&stray).0, false, false);
+    // The ACK still carries the proof.
+    let (_, ack) = w.out_a(&w.ack());
+    assert!(token_of(&ack).is_some());
+    accepted(&w.in_b(&ack).0, true, true);
+    accepted(&w.in_a(&w.data_s()).0, false, true);
+}
