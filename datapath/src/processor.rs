@@ -3,6 +3,32 @@
 //! One [`Processor`] serves every enforced workload of a node. The shell calls
 //! [`Processor::process`] for each queued packet and applies the returned [`Verdict`]; it calls
 //! [`Processor::expire`] periodically and records decision times in [`Processor::metrics_mut`].
+//!
+//! Flows are keyed by workload and 5-tuple (local = the workload's side). On OUTPUT of a SYN the
+//! workload is the client; on INPUT of a SYN it is the server.
+//!
+//! | packet (hook)            | state before        | action                                   | state after       |
+//! |--------------------------|---------------------|------------------------------------------|-------------------|
+//! | SYN (OUTPUT)             | none / other ISN    | `client_syn`, attach                     | ClientSynSent     |
+//! | SYN (OUTPUT)             | ClientSynSent, same ISN | attach the same token                | =                 |
+//! | SYN + token (INPUT)      | none                | `server_syn`, ingress on the tentative peer, strip | ServerSynReceived |
+//! | SYN, no token (INPUT)    | none                | ingress on the IP only (`Peer::IpOnly`)  | ServerTokenless   |
+//! | same SYN again (INPUT)   | ServerSyn* / ServerAwaitingAck | strip, accept (no second `server_syn`) | = |
+//! | SYN-ACK (OUTPUT)         | ServerSynReceived   | `respond` (local port name), attach      | ServerAwaitingAck |
+//! | SYN-ACK (OUTPUT)         | ServerAwaitingAck   | attach the same token                    | =                 |
+//! | SYN-ACK (OUTPUT)         | ServerTokenless     | accept, mark                             | Authorized        |
+//! | SYN-ACK + token (INPUT)  | ClientSynSent       | ack must be ISN+1; `receive_syn_ack`, egress on the server's identity and port name; strip, or rewrite to RST if denied | ClientAckPending |
+//! | SYN-ACK, no token (INPUT)| ClientSynSent       | egress on the IP only; accept + mark, or RST | Authorized    |
+//! | pure ACK (OUTPUT)        | ClientAckPending    | attach the ACK token (same bytes on every duplicate) | =     |
+//! | ACK + token (INPUT)      | ServerAwaitingAck   | `receive_ack`, ingress again on the proven identity, strip, mark | Authorized |
+//! | non-SYN, no token (INPUT)| ServerAwaitingAck   | drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
+//! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
+//! | RST (any)                | any                 | accept, forget the flow                  | none              |
+//! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
+//!
+//! Authorized flows linger ([`ProcessorConfig::authorized_linger_ms`]) so packets queued behind
+//! the one that set the mark are accepted (and marked) instead of dropped. Every drop carries a
+//! [`Reason`] and is counted under [`Reason::as_str`].
 
 use std::collections::HashMap;
 
