@@ -383,3 +383,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn ipv4_header_options_are_kept_and_skipped() {
+    let (c, s) = v4();
+    let mut original = tcp_packet(c, s, 1000, 0, SYN, &linux_syn_options(7, 0), &[]);
+    // Insert 4 bytes of IP options (NOP NOP NOP EOL): IHL 6.
+    original.splice(20..20, [1, 1, 1, 0]);
+    original[0] = 0x46;
+    let total = original.len() as u16;
+    original[2..4].copy_from_slice(&total.to_be_bytes());
+    original[10] = 0;
+    original[11] = 0;
+    let c_ip = pnet_packet::ipv4::checksum(&pnet_packet::ipv4::Ipv4Packet::new(&original).unwrap());
+    original[10..12].copy_from_slice(&c_ip.to_be_bytes());
+    assert!(checksums_ok(&original));
+    let mut p = original.clone();
+    let seg = TcpSegment::parse(&p).unwrap().unwrap();
+    assert_eq!((seg.src_port, seg.dst_port), (40000, 5432));
+    attach_token(&mut p, &seg, &token(99)).unwrap();
+    assert!(checksums_ok(&p));
+    assert_eq!(&p[20..24], &[1, 1, 1, 0], "IP options untouched");
+    let seg = TcpSegment::parse(&p).unwrap().unwrap();
+    strip_token(&mut p, &seg).unwrap();
+    assert_eq!(p, original);
+}
