@@ -59,13 +59,6 @@ impl Family {
             Family::V6 => "ip6tables-restore",
         }
     }
-
-    fn conntrack(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        }
-    }
 }
 
 /// Which jumps from the built-in chains are already in place (checked with `iptables -C`).
@@ -230,59 +223,62 @@ pub fn grandfather(ns: &Netns, auth_mark: u32) -> Result<usize, ShellError> {
     let mut ss = ns.command("ss");
     ss.args(["-Htln"]);
     let (listening, _) = run_command(ss, None)?;
-    let mark = format!("{auth_mark:#x}");
     let mut count = 0;
     for conn in parse_established(&established, &listening) {
-        // The family follows from the addresses (conntrack refuses -f with -I).
-        let mut cmd = ns.command("conntrack");
-        cmd.args(["-I", "-p", "tcp"])
-            .args([
-                "-s",
-                &conn.src.ip().to_string(),
-                "-d",
-                &conn.dst.ip().to_string(),
-            ])
-            .args(["--sport", &conn.src.port().to_string()])
-            .args(["--dport", &conn.dst.port().to_string()])
-            .args(["--state", "ESTABLISHED", "-u", "ASSURED", "-t", "432000"])
-            .args(["-m", &mark]);
-        // An existing entry makes this fail (EEXIST): the update below marks it.
-        if run_command(cmd, None).is_ok() {
-            count += 1;
+        match mark_connection(ns, &conn, auth_mark) {
+            Ok(()) => count += 1,
+            // Best effort: the connection may have closed meanwhile.
+            Err(e) => tracing::warn!(
+                netns = %ns.path().display(),
+                "could not grandfather {} -> {}: {e}",
+                conn.src,
+                conn.dst
+            ),
         }
-    }
-    for family in Family::ALL {
-        count += mark_existing(ns, family, auth_mark)?;
     }
     Ok(count)
 }
 
-/// Set the AUTH bit on the namespace's established TCP conntrack entries of `family`.
-fn mark_existing(ns: &Netns, family: Family, auth_mark: u32) -> Result<usize, ShellError> {
-    let mut cmd = ns.command("conntrack");
-    cmd.args(["-U", "-f", family.conntrack(), "-p", "tcp"])
-        .args(["--state", "ESTABLISHED"])
+/// Create an AUTH-marked conntrack entry for `conn`, or set the bit on the existing one. The
+/// family follows from the addresses. One connection at a time: a filtered update of the whole
+/// table is a dump, which overruns the netlink buffer when the table is large.
+fn mark_connection(ns: &Netns, conn: &Established, auth_mark: u32) -> Result<(), ShellError> {
+    let tuple = [
+        "-p".to_owned(),
+        "tcp".to_owned(),
+        "-s".to_owned(),
+        conn.src.ip().to_string(),
+        "-d".to_owned(),
+        conn.dst.ip().to_string(),
+        "--sport".to_owned(),
+        conn.src.port().to_string(),
+        "--dport".to_owned(),
+        conn.dst.port().to_string(),
+    ];
+    let mut insert = ns.command("conntrack");
+    insert
+        .arg("-I")
+        .args(&tuple)
+        .args(["--state", "ESTABLISHED", "-u", "ASSURED", "-t", "432000"])
+        .args(["-m", &format!("{auth_mark:#x}")]);
+    if run_command(insert, None).is_ok() {
+        return Ok(());
+    }
+    // It exists (EEXIST): set the bit on it.
+    let mut update = ns.command("conntrack");
+    update
+        .arg("-U")
+        .args(&tuple)
         .args(["-m", &format!("{auth_mark:#x}/{auth_mark:#x}")]);
-    match run_command(cmd, None) {
-        Ok((_, stderr)) => Ok(parse_updated(&stderr)),
-        // conntrack exits 1 when no entry matched.
-        Err(ShellError::Command { stderr, .. }) if stderr.contains(UPDATED) => {
-            Ok(parse_updated(&stderr))
-        }
+    match run_command(update, None) {
+        Ok(_) => Ok(()),
+        // Exit 1 with "0 flow entries have been updated": the bit was already set.
+        Err(ShellError::Command { stderr, .. }) if stderr.contains(UPDATED) => Ok(()),
         Err(e) => Err(e),
     }
 }
 
 const UPDATED: &str = " flow entries have been updated.";
-
-fn parse_updated(text: &str) -> usize {
-    text.lines()
-        .find_map(|l| {
-            let (_, rest) = l.split_once("): ")?;
-            rest.strip_suffix(UPDATED)?.parse().ok()
-        })
-        .unwrap_or(0)
-}
 
 /// Remove our jumps (every copy) and our chains from `ns`, both families. Missing pieces are not
 /// an error, so removal is idempotent.
@@ -426,16 +422,5 @@ garbage
                 },
             ]
         );
-    }
-
-    #[test]
-    fn conntrack_update_count_is_parsed() {
-        assert_eq!(
-            parse_updated(
-                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been updated.\n"
-            ),
-            3
-        );
-        assert_eq!(parse_updated("garbage"), 0);
     }
 }

@@ -286,9 +286,17 @@ async fn start_workload(
         .context("queue thread")??;
     let queue = opened.attach()?;
     let ns = netns.clone();
-    let installed = tokio::task::spawn_blocking(move || shell::rules::install(&ns, &rules))
-        .await
-        .context("rules thread")??;
+    let installed = tokio::task::spawn_blocking(move || {
+        let result = shell::rules::install(&ns, &rules);
+        if result.is_err() {
+            // We hold the queue, so no other agent serves this netns: rules left half in
+            // place (IPv4 without IPv6) are ours to take out.
+            let _ = shell::rules::remove(&ns);
+        }
+        result
+    })
+    .await
+    .context("rules thread")??;
     Ok((queue, installed))
 }
 
