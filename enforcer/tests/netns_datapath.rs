@@ -412,6 +412,20 @@ fn connections_complete_under_loss(mode: Mode) {
         })
         .collect();
     let drops = run_in(&tb.nodes[0], &["iptables", "-nvL", "FORWARD"]);
+    // Conntrack in the server's netns sees the token bytes (its PREROUTING runs before our
+    // INPUT hook): its invalid counters tell whether that upsets it.
+    let ct = testbed::run_status(&[
+        "ip",
+        "netns",
+        "exec",
+        &tb.workload("backend-2").ns,
+        "conntrack",
+        "-S",
+    ]);
+    let drops = format!(
+        "{drops}\nconntrack -S (server netns):\n{}",
+        String::from_utf8_lossy(&ct.stdout)
+    );
     assert!(
         failures.is_empty(),
         "{} of {N} connections failed under 2% loss:\n{}\n{drops}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}",
