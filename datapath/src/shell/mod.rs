@@ -60,8 +60,11 @@ pub enum ShellError {
         "nfqueue: could not identify the queue's netlink socket among new file descriptors ({0})"
     )]
     QueueFd(String),
-    /// Another process is bound to the queue (another agent in this namespace?).
-    #[error("nfqueue {0} is already bound in this namespace (another agent running?)")]
+    /// The kernel refused the bind (EBUSY/EPERM): another process holds the queue in this
+    /// namespace, or we lack CAP_NET_ADMIN.
+    #[error(
+        "nfqueue {0}: bind refused: another process (agent?) holds this queue in the namespace, or we lack CAP_NET_ADMIN"
+    )]
     QueueBusy(u16),
 }
 

@@ -124,7 +124,7 @@ fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
     };
     let q = cfg.queue_num;
     queue.bind(q).map_err(|e| {
-        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+        if matches!(e.raw_os_error(), Some(nix::libc::EBUSY | nix::libc::EPERM)) {
             ShellError::QueueBusy(q)
         } else {
             ShellError::Queue(e)

@@ -46,11 +46,12 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
         "# HELP tessera_workloads_enforced Workloads whose rules and queue are in place."
     )?;
     writeln!(out, "# TYPE tessera_workloads_enforced gauge")?;
-    writeln!(
-        out,
-        "tessera_workloads_enforced {}",
-        shared.workloads.load(Ordering::Relaxed)
-    )?;
+    let serving = shared
+        .queues
+        .iter()
+        .filter(|(_, s)| s.serving.load(Ordering::Relaxed))
+        .count();
+    writeln!(out, "tessera_workloads_enforced {serving}")?;
     writeln!(out, "# HELP tessera_policies NetworkPolicies in force.")?;
     writeln!(out, "# TYPE tessera_policies gauge")?;
     writeln!(

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ pub struct Options {
 /// Per-workload queue counters, written by its task and read by the tick and /metrics.
 #[derive(Debug, Default)]
 pub struct QueueStats {
+    /// The reader runs (false once it stopped on an error: the workload stays fail-closed).
+    pub serving: AtomicBool,
     pub queue_dropped: AtomicU64,
     pub user_dropped: AtomicU64,
     pub recv_errors: AtomicU64,
@@ -57,7 +59,6 @@ pub struct QueueStats {
 /// What the metrics endpoint reads.
 pub struct Shared {
     pub processor: Arc<Mutex<Processor>>,
-    pub workloads: AtomicUsize,
     pub queues: Vec<(String, Arc<QueueStats>)>,
     pub policies: AtomicUsize,
     pub reload_failures: AtomicU64,
@@ -233,6 +234,7 @@ pub async fn run(opts: Options) -> Result<()> {
             "workload enforced"
         );
         let qstats = Arc::new(QueueStats::default());
+        qstats.serving.store(true, Ordering::Relaxed);
         stats.push((name.clone(), qstats.clone()));
         let task = tokio::spawn(serve(
             queue,
@@ -247,7 +249,6 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let shared = Arc::new(Shared {
         processor: processor.clone(),
-        workloads: AtomicUsize::new(enforced.len()),
         queues: stats,
         policies: AtomicUsize::new(policy_keys.len()),
         reload_failures: AtomicU64::new(0),
@@ -354,6 +355,7 @@ async fn serve(
             Event::Served(Err(e)) => {
                 // Fail-closed: the rules stay and the kernel drops what it cannot queue.
                 tracing::error!(workload = %name, "queue reader stopped: {e}");
+                stats.serving.store(false, Ordering::Relaxed);
                 return Some(queue);
             }
             Event::Tick => {
