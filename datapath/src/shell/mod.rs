@@ -154,6 +154,64 @@ mod tests {
         p
     }
 
+    fn processor() -> Processor {
+        let psk = identity::Psk::new(b"0123456789abcdef0123456789abcdef-shell-test").unwrap();
+        let node = identity::Node::new_psk("node-a", psk, identity::Config::default()).unwrap();
+        Processor::new(
+            node,
+            policy::Engine::new(),
+            crate::ProcessorConfig::default(),
+        )
+    }
+
+    #[test]
+    fn accept_all_marks_a_flow_at_its_first_packet_without_syn() {
+        let mut p = processor();
+        let mut rng = identity::testing::SeededRng::new(b"shell");
+        let auth = p.config().auth_mark;
+        for (flags, mark) in [(0x02, 0), (0x12, 0), (0x10, auth), (0x18, auth)] {
+            let mut pkt = v4_tcp(flags);
+            let a = decide(
+                &mut p,
+                Mode::AcceptAll,
+                WorkloadId(9),
+                Direction::Input,
+                &mut pkt,
+                false,
+                &mut rng,
+            );
+            assert_eq!(
+                a,
+                Action {
+                    accept: true,
+                    modified: false,
+                    mark
+                },
+                "flags {flags:#x}"
+            );
+        }
+        assert_eq!(p.metrics().decision_count(), 4);
+    }
+
+    #[test]
+    fn enforcement_drops_packets_of_unknown_workloads_and_times_them() {
+        let mut p = processor();
+        let mut rng = identity::testing::SeededRng::new(b"shell");
+        let mut pkt = v4_tcp(0x02);
+        let a = decide(
+            &mut p,
+            Mode::Enforce,
+            WorkloadId(1),
+            Direction::Output,
+            &mut pkt,
+            false,
+            &mut rng,
+        );
+        assert!(!a.accept);
+        assert_eq!(a.mark, 0);
+        assert_eq!(p.metrics().decision_count(), 1);
+    }
+
     #[test]
     fn tcp_flags_are_read_for_v4_and_v6() {
         assert_eq!(tcp_flags(&v4_tcp(0x12)), Some(0x12));
