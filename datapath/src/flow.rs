@@ -40,6 +40,11 @@ pub(crate) enum FlowState {
         synack_token: Box<[u8]>,
         ack_token: Box<[u8]>,
     },
+    /// Client: the handshake's own time is over (no SYN-ACK retransmission can still come) but
+    /// the server has not sent anything yet, e.g. a pooled connection opened ahead of use. The
+    /// client's next packet, or the server's first, marks the flow. Kept for
+    /// `client_idle_ms` (see `ProcessorConfig`).
+    ClientVerified { server_isn: u32 },
     /// Server: a tokened SYN passed checks and ingress; the SYN-ACK token is not made yet.
     /// `server` is `None` only transiently while the SYN-ACK is made.
     ServerSynReceived {
@@ -74,16 +79,19 @@ pub(crate) struct Flow {
 pub(crate) struct FlowTable {
     flows: HashMap<FlowKey, Flow>,
     max: usize,
+    /// How long a `ClientAckPending` flow is kept as `ClientVerified` after its deadline.
+    client_idle_ms: u64,
     /// Last time a full table swept itself (at most once a second, so a SYN flood against a
     /// full table costs no more than a lookup per packet).
     last_sweep_ms: u64,
 }
 
 impl FlowTable {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, client_idle_ms: u64) -> Self {
         FlowTable {
             flows: HashMap::new(),
             max,
+            client_idle_ms,
             last_sweep_ms: 0,
         }
     }
@@ -94,12 +102,13 @@ impl FlowTable {
 
     /// The flow if it exists and has not expired (an expired one is removed).
     pub(crate) fn live_mut(&mut self, key: &FlowKey, now_ms: u64) -> Option<&mut Flow> {
-        let expired = self.flows.get(key).is_some_and(|f| f.deadline_ms < now_ms);
-        if expired {
-            self.flows.remove(key);
-            return None;
+        let idle = self.client_idle_ms;
+        let flow = self.flows.get_mut(key)?;
+        if lapse(flow, now_ms, idle) {
+            return self.flows.get_mut(key);
         }
-        self.flows.get_mut(key)
+        self.flows.remove(key);
+        None
     }
 
     /// Whether `key` can be inserted: it exists already, or the table has room (a full table
@@ -129,10 +138,26 @@ impl FlowTable {
     }
 
     pub(crate) fn expire(&mut self, now_ms: u64) {
-        self.flows.retain(|_, f| f.deadline_ms >= now_ms);
+        let idle = self.client_idle_ms;
+        self.flows.retain(|_, f| lapse(f, now_ms, idle));
     }
 
     pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
         self.flows.retain(|k, _| k.workload != id);
     }
+}
+
+/// Apply the passing of time to a flow: `false` if it is to be forgotten. A client flow whose
+/// handshake deadline passed while waiting for the server's first packet becomes
+/// `ClientVerified` for `client_idle_ms` more.
+fn lapse(flow: &mut Flow, now_ms: u64, client_idle_ms: u64) -> bool {
+    if flow.deadline_ms >= now_ms {
+        return true;
+    }
+    if let FlowState::ClientAckPending { server_isn, .. } = flow.state {
+        flow.state = FlowState::ClientVerified { server_isn };
+        flow.deadline_ms = flow.deadline_ms.saturating_add(client_idle_ms);
+        return flow.deadline_ms >= now_ms;
+    }
+    false
 }

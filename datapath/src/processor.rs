@@ -23,6 +23,7 @@
 //! | ACK + token (INPUT)      | ServerAwaitingAck   | `receive_ack`, ingress again on the proven identity, strip, mark | Authorized |
 //! | non-SYN, no token (INPUT)| ServerAwaitingAck   | drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
 //! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
+//! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
 //! | RST (any)                | any                 | accept, forget the flow                  | none              |
 //! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
 //!
@@ -80,6 +81,11 @@ pub struct ProcessorConfig {
     /// How long an authorized flow is remembered, so packets already queued behind the one that
     /// authorized it (before the connmark took effect) are accepted instead of dropped.
     pub authorized_linger_ms: u64,
+    /// How long a client flow is remembered after its handshake deadline when the server has
+    /// not sent anything yet (a connection opened ahead of use, e.g. by a pool): until the
+    /// client's next packet or the server's first one marks it. Without it such a connection
+    /// would lose its state after `handshake_timeout_ms` and break when first used.
+    pub client_idle_ms: u64,
     /// The mark bit the shell ORs into nfmark (and the rules save into the connmark) when a
     /// verdict has `mark_authorized`.
     pub auth_mark: u32,
@@ -91,6 +97,7 @@ impl Default for ProcessorConfig {
             max_flows: 65_536,
             handshake_timeout_ms: 30_000,
             authorized_linger_ms: 10_000,
+            client_idle_ms: 300_000,
             auth_mark: 0x1000_0000,
         }
     }
@@ -232,7 +239,7 @@ impl Processor {
         Processor {
             node,
             engine,
-            flows: FlowTable::new(config.max_flows),
+            flows: FlowTable::new(config.max_flows, config.client_idle_ms),
             config,
             workloads: HashMap::new(),
             metrics: Metrics::default(),
@@ -673,7 +680,9 @@ impl Step<'_> {
                 }
                 verdict
             }
-            FlowState::ClientSynSent { .. } | FlowState::ClientAckPending { .. } => {
+            FlowState::ClientSynSent { .. }
+            | FlowState::ClientAckPending { .. }
+            | FlowState::ClientVerified { .. } => {
                 // Simultaneous open: not supported by the handshake.
                 Verdict::drop(Reason::NoFlowState)
             }
@@ -785,6 +794,7 @@ impl Step<'_> {
 
     /// OUTPUT, not a SYN: the client's first ACK gets the ACK token.
     fn output_other(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
+        let linger = self.linger_deadline();
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
             return Verdict::drop(Reason::NoFlowState);
         };
@@ -801,6 +811,13 @@ impl Step<'_> {
                 }
             }
             FlowState::Authorized { .. } => Verdict::authorize(false),
+            FlowState::ClientVerified { .. } => {
+                // Long after the handshake: the first use of a connection opened ahead of time.
+                flow.state = FlowState::Authorized { peer_token: None };
+                flow.deadline_ms = linger;
+                self.metrics.count_authorized(true);
+                Verdict::authorize(false)
+            }
             _ => Verdict::accept(false),
         }
     }
@@ -881,6 +898,18 @@ impl Step<'_> {
                 }
                 _ => Verdict::drop(Reason::UnexpectedToken),
             },
+            FlowState::ClientVerified { server_isn } => {
+                if token.is_some() {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
+                if seg.seq != server_isn.wrapping_add(1) {
+                    return Verdict::accept(false);
+                }
+                flow.state = FlowState::Authorized { peer_token: None };
+                flow.deadline_ms = linger;
+                self.metrics.count_authorized(true);
+                Verdict::authorize(false)
+            }
             FlowState::ClientSynSent { .. } => Verdict::drop(Reason::NoFlowState),
         }
     }

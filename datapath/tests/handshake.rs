@@ -846,18 +846,51 @@ fn handshake_state_expires() {
     let (_, sa) = w.out_b(&w.syn_ack());
     w.in_a(&sa);
     let (_, ack) = w.out_a(&w.ack());
-    assert_eq!((w.a.flow_count(), w.b.flow_count()), (1, 1));
+    // A second client flow whose SYN is never answered.
+    w.port(40001);
+    let (_, lonely_syn) = w.out_a(&w.syn());
+    assert_eq!((w.a.flow_count(), w.b.flow_count()), (2, 1));
     w.now += ProcessorConfig::default().handshake_timeout_ms + 1;
     w.a.expire(w.now);
     w.b.expire(w.now);
-    assert_eq!((w.a.flow_count(), w.b.flow_count()), (0, 0));
+    // The server forgets its half-open flow and the client its unanswered SYN; the client keeps
+    // the verified flow whose server has not spoken yet (see client_idle_ms).
+    assert_eq!((w.a.flow_count(), w.b.flow_count()), (1, 0));
     assert_eq!(w.b.metrics().flows(), 0);
     let (v, _) = w.in_b(&ack);
     assert_eq!(dropped(&v), "no_flow_state");
-    // A SYN sent after the timeout starts afresh with a new token.
+    // A SYN retransmitted after the timeout starts afresh with a new token.
     let (v, syn2) = w.out_a(&w.syn());
     accepted(&v, true, false);
-    assert_ne!(token_of(&syn2), token_of(&syn));
+    assert_ne!(token_of(&syn2), token_of(&lonely_syn));
+    // The verified client flow goes too after client_idle_ms.
+    w.now += ProcessorConfig::default().client_idle_ms;
+    w.a.expire(w.now);
+    assert_eq!(w.a.flow_count(), 0);
+}
+
+#[test]
+fn connection_opened_ahead_of_use_works_when_first_used_later() {
+    // A pool opens a connection and sends nothing for a minute (client speaks first).
+    for client_first in [true, false] {
+        let mut w = World::new(Mode::Psk, ALLOW);
+        complete(&mut w);
+        w.now += 60_000;
+        w.a.expire(w.now);
+        w.b.expire(w.now);
+        assert_eq!(w.a.flow_count(), 1);
+        if client_first {
+            // Its first request leaves and marks the flow (the server's side is marked already).
+            let (v, _) = w.out_a(&w.data_c());
+            accepted(&v, false, true);
+        } else {
+            // Or the server speaks first after a while: its packet marks the flow.
+            let (v, _) = w.in_a(&w.data_s());
+            accepted(&v, false, true);
+        }
+        assert_eq!(w.a.metrics().authorized(), (1, 0));
+        assert_eq!(w.a.metrics().rejected_total(), 0);
+    }
 }
 
 #[test]
