@@ -24,7 +24,7 @@
 //! | non-SYN, no token (INPUT)| ServerAwaitingAck   | drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
 //! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
 //! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
-//! | RST (any)                | any                 | accept, forget the flow                  | none              |
+//! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
 //! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
 //!
 //! Authorized flows linger ([`ProcessorConfig::authorized_linger_ms`]) so packets queued behind
@@ -387,6 +387,20 @@ fn kind_of(seg: &TcpSegment) -> PacketKind {
     }
 }
 
+/// Whether a RST from the peer plausibly belongs to the flow in `state`: it acknowledges our
+/// SYN (client, before the SYN-ACK), or sits at the peer's next sequence number.
+fn rst_fits(state: &FlowState, seg: &TcpSegment) -> bool {
+    match state {
+        FlowState::ClientSynSent { isn, .. } => seg.has_ack() && seg.ack == isn.wrapping_add(1),
+        FlowState::ClientAckPending { server_isn, .. }
+        | FlowState::ClientVerified { server_isn } => seg.seq == server_isn.wrapping_add(1),
+        FlowState::ServerSynReceived { isn, .. }
+        | FlowState::ServerAwaitingAck { isn, .. }
+        | FlowState::ServerTokenless { isn } => seg.seq == isn.wrapping_add(1),
+        FlowState::Authorized { .. } => true,
+    }
+}
+
 /// The policy view of a handshake identity.
 fn peer_of(p: &PeerIdentity) -> Peer {
     Peer::Workload(WorkloadIdentity {
@@ -447,8 +461,17 @@ impl Step<'_> {
             return (Verdict::drop(Reason::OptionFromWorkload), Some(kind));
         }
         let verdict = if seg.is_rst() {
-            // A RST ends the handshake on either side; the kernel decides whether it is valid.
-            self.flows.remove(&key);
+            // A RST ends the handshake: our own kernel's always, the peer's if it fits the
+            // flow's sequence numbers (a blind RST must not wipe the state of a handshake the
+            // kernel will go on with). The kernel decides whether it is valid.
+            let forget = hook == Hook::Output
+                || self
+                    .flows
+                    .live_mut(&key, self.now)
+                    .is_none_or(|f| rst_fits(&f.state, &seg));
+            if forget {
+                self.flows.remove(&key);
+            }
             Verdict::accept(false)
         } else {
             match (hook, seg.is_syn(), seg.has_ack()) {

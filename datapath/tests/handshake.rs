@@ -1016,3 +1016,25 @@ fn blind_injections_neither_decide_nor_mark_the_clients_flow() {
     accepted(&w.in_b(&ack).0, true, true);
     accepted(&w.in_a(&w.data_s()).0, false, true);
 }
+
+#[test]
+fn blind_rst_does_not_wipe_a_handshake() {
+    let mut w = World::new(Mode::Psk, ALLOW);
+    let (_, syn) = w.out_a(&w.syn());
+    accepted(&w.in_b(&syn).0, true, false);
+    // RSTs at made-up sequence numbers, towards both ends.
+    let blind = tcp_packet(w.c, w.s, 0xdead, 0, RST, &[], &[]);
+    accepted(&w.in_b(&blind).0, false, false);
+    let blind = tcp_packet(w.s, w.c, 0xbeef, 0xbeef, RST_ACK, &[], &[]);
+    accepted(&w.in_a(&blind).0, false, false);
+    assert_eq!((w.a.flow_count(), w.b.flow_count()), (1, 1));
+    // The handshake goes on.
+    let (_, sa) = w.out_b(&w.syn_ack());
+    accepted(&w.in_a(&sa).0, true, false);
+    let (_, ack) = w.out_a(&w.ack());
+    accepted(&w.in_b(&ack).0, true, true);
+    // A RST that fits (the client's next sequence number) ends the server's flow.
+    let rst = tcp_packet(w.c, w.s, ISN_C + 1, 0, RST, &[], &[]);
+    accepted(&w.in_b(&rst).0, false, false);
+    assert_eq!(w.b.flow_count(), 0);
+}

@@ -22,6 +22,7 @@ pub const SYN_ACK: u8 = TcpFlags::SYN | TcpFlags::ACK;
 pub const ACK: u8 = TcpFlags::ACK;
 pub const PSH_ACK: u8 = TcpFlags::PSH | TcpFlags::ACK;
 pub const RST_ACK: u8 = TcpFlags::RST | TcpFlags::ACK;
+pub const RST: u8 = TcpFlags::RST;
 
 /// The 20 option bytes of a Linux SYN / SYN-ACK: MSS 1460, SACK permitted, timestamps,
 /// NOP, window scale 7.
