@@ -344,6 +344,65 @@ fn netns_injected_handshakes_are_rejected_pki() {
     }
 }
 
+/// A duplicate of the client's ACK token arriving after the server authorized the flow (what
+/// the network does when the SYN or SYN-ACK was retransmitted, so the client answered two
+/// SYN-ACKs) must not reach the server application as 36 bytes of data: the token is
+/// stripped or the packet dropped, never delivered.
+fn duplicate_ack_token_is_not_data(mode: Mode) {
+    let tb = Testbed::builder()
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    let client = tb.workload("frontend-1").clone();
+    let sip = tb.workload("backend-2").ip;
+    let mut cap = Capture::start(&client.ns, move |p| p.dst() == sip && p.dport() == 8080);
+    let cip = client.ip;
+    let mut server_side = Capture::start(&tb.workload("backend-2").ns, move |p| {
+        p.src() == cip || p.dst() == cip
+    });
+    let mut s = tb
+        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
+        .unwrap();
+    let port = s.local_addr().unwrap().port();
+    let ack = cap
+        .wait_for(Duration::from_secs(3), |p: &Ipv4Tcp| {
+            p.sport() == port && p.flags() == ACK && p.token().is_some()
+        })
+        .expect("the client's ACK left with a token");
+    echo_once(&mut s, 1).unwrap();
+    assert_eq!(tb.server("backend-2", 8080).accepted(), 1);
+    let mut dup = ack.clone();
+    dup.fix_checksums();
+    packet::inject(&tb.nodes[0], &dup);
+    std::thread::sleep(Duration::from_millis(300));
+    // Whatever the server application received, it echoed: the next byte back must be ours.
+    let r = echo_once(&mut s, 2);
+    let trace: Vec<String> = server_side.drain().iter().map(describe).collect();
+    assert!(
+        r.is_ok(),
+        "after a duplicate ACK token the echo stream is corrupted ({r:?}): the token reached the server application as data; on the server's interface:\n    {}\n{}\n{}",
+        trace.join("\n    "),
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text
+    );
+}
+
+#[test]
+fn netns_duplicate_ack_token_is_not_data_psk() {
+    if testbed::privileged("netns_duplicate_ack_token_is_not_data_psk") {
+        duplicate_ack_token_is_not_data(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_duplicate_ack_token_is_not_data_pki() {
+    if testbed::privileged("netns_duplicate_ack_token_is_not_data_pki") {
+        duplicate_ack_token_is_not_data(Mode::Pki);
+    }
+}
+
 /// 2% random loss on the inter-node link (both directions, in node 1's FORWARD): every one of
 /// 200 connections completes (retransmitted SYN, SYN-ACK and ACK carry the same tokens).
 fn connections_complete_under_loss(mode: Mode) {
