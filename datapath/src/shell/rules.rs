@@ -90,6 +90,15 @@ pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
         out.push_str(&format!(
             "-A {chain} -p tcp --syn -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
         ));
+        if chain == CHAIN_INPUT {
+            // A token can arrive again after the flow was authorized (the client answers a
+            // retransmitted SYN-ACK with a second ACK token): it must be stripped, never handed
+            // to the workload as data, so packets carrying our option kind skip the bypass.
+            out.push_str(&format!(
+                "-A {chain} -p tcp --tcp-option {kind} -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n",
+                kind = identity::wire::TCP_OPTION_KIND
+            ));
+        }
         out.push_str(&format!("-A {chain} -m connmark --mark {auth} -j RETURN\n"));
         out.push_str(&format!(
             "-A {chain} -m mark --mark {auth} -j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}\n"
@@ -328,6 +337,7 @@ mod tests {
 -A TESSERA-OUTPUT -p tcp -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -i lo -j RETURN
 -A TESSERA-INPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
+-A TESSERA-INPUT -p tcp --tcp-option 253 -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
@@ -348,7 +358,7 @@ COMMIT
         };
         let text = render(&cfg, Jumps::default());
         let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
-        assert_eq!(queue_rules.len(), 4);
+        assert_eq!(queue_rules.len(), 5);
         assert!(
             queue_rules
                 .iter()
@@ -384,7 +394,7 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let text = render(&RuleConfig::default(), Jumps::default());
-        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 12);
+        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 13);
     }
 
     #[test]
