@@ -40,6 +40,15 @@ pub(crate) enum FlowState {
         synack_token: Box<[u8]>,
         ack_token: Box<[u8]>,
     },
+    /// Client: the ACK token left and the flow is marked. Kept for the authorized linger time:
+    /// a SYN-ACK re-sent with `synack_token` (the ACK was lost) is stripped and unmarks the
+    /// flow, and the duplicate ACK that answers it carries `ack_token` again.
+    ClientAckSent {
+        isn: u32,
+        server_isn: u32,
+        synack_token: Box<[u8]>,
+        ack_token: Box<[u8]>,
+    },
     /// Client: the handshake's own time is over (no SYN-ACK retransmission can still come) but
     /// the server has not sent anything yet, e.g. a pooled connection opened ahead of use. The
     /// client's next packet, or the server's first, marks the flow. Kept for
@@ -58,6 +67,9 @@ pub(crate) enum FlowState {
         isn: u32,
         syn_token: Box<[u8]>,
         synack_token: Box<[u8]>,
+        /// Packets without the ACK token sent back to the tail of the queue so far (the
+        /// client's data can overtake its ACK token between CPUs); bounded by `MAX_DEFERRALS`.
+        deferred: u8,
     },
     /// Server: a token-less SYN from an IP-only peer passed ingress; its SYN-ACK authorizes.
     ServerTokenless { isn: u32 },

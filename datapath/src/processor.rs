@@ -19,13 +19,21 @@
 //! | SYN-ACK (OUTPUT)         | ServerTokenless     | accept, mark                             | Authorized        |
 //! | SYN-ACK + token (INPUT)  | ClientSynSent       | ack must be ISN+1; `receive_syn_ack`, egress on the server's identity and port name; strip, or rewrite to RST if denied | ClientAckPending |
 //! | SYN-ACK, no token (INPUT)| ClientSynSent       | egress on the IP only; accept + mark, or RST | Authorized    |
-//! | pure ACK (OUTPUT)        | ClientAckPending    | attach the ACK token (same bytes on every duplicate) | =     |
+//! | pure ACK (OUTPUT)        | ClientAckPending    | attach the ACK token, mark               | ClientAckSent     |
+//! | SYN-ACK + same token (INPUT) | ClientAckSent   | the ACK was lost: strip, accept, *unmark* (clear AUTH in the connmark) | = |
+//! | pure ACK (OUTPUT)        | ClientAckSent       | the duplicate ACK: attach the same ACK token, mark again | =  |
 //! | ACK + token (INPUT)      | ServerAwaitingAck   | `receive_ack`, ingress again on the proven identity, strip, mark | Authorized |
-//! | non-SYN, no token (INPUT)| ServerAwaitingAck   | drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
+//! | non-SYN, no token (INPUT)| ServerAwaitingAck   | back to the queue's tail (it may have overtaken the token), at most `MAX_DEFERRALS` times; then drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
 //! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
 //! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
 //! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
+//!
+//! The client marks its flow when its ACK token leaves, so neither its data nor the server's
+//! answer comes back to userspace. Should that ACK be lost, the server kernel re-sends its
+//! SYN-ACK, which carries our option and is therefore queued even on a marked flow: the verdict
+//! strips it and sets [`reauth_mark`] (the rules then clear AUTH from the connmark), so the
+//! duplicate ACK the client kernel answers with is queued again and gets the same ACK token.
 //!
 //! Authorized flows linger ([`ProcessorConfig::authorized_linger_ms`]) so packets queued behind
 //! the one that set the mark are accepted (and marked) instead of dropped. Every drop carries a
@@ -102,6 +110,22 @@ impl Default for ProcessorConfig {
         }
     }
 }
+
+/// The mark bit that asks the rules to *clear* [`ProcessorConfig::auth_mark`] from the connmark
+/// (see [`Verdict::unmark`]): the bit just above the AUTH mark's highest bit, or, when AUTH uses
+/// bit 31, the bit just below its lowest.
+pub fn reauth_mark(auth_mark: u32) -> u32 {
+    let high = 31 - auth_mark.leading_zeros().min(31);
+    if high < 31 {
+        1 << (high + 1)
+    } else {
+        1 << auth_mark.trailing_zeros().saturating_sub(1)
+    }
+}
+
+/// How many times a server flow waiting for the ACK token sends a token-less packet back to
+/// the queue before dropping it (`ack_missing`).
+pub const MAX_DEFERRALS: u8 = 32;
 
 /// Why a packet was dropped (or, for [`Reason::PolicyEgress`], rewritten into a RST). Each
 /// rejection is counted in [`Metrics`] under [`Reason::as_str`].
@@ -182,6 +206,15 @@ pub struct Verdict {
     /// [`ProcessorConfig::auth_mark`], so the rules save it into the connmark and the rest of the
     /// flow bypasses userspace. Only ever set together with `accept`.
     pub mark_authorized: bool,
+    /// Clear the authorization mark from the connmark: the shell issues a Repeat verdict with
+    /// nfmark |= [`reauth_mark`]`(auth_mark)`, and the rules clear AUTH, so the flow's next
+    /// packets are queued again (the client's duplicate ACK after a lost ACK token). Only ever
+    /// set together with `accept`, never with `mark_authorized`.
+    pub unmark: bool,
+    /// Decide later: the shell issues a Repeat verdict without changing the mark, so the
+    /// packet goes through the rules again and comes back at the tail of the queue (or passes,
+    /// if the flow was marked meanwhile). Only ever set together with `accept`.
+    pub requeue: bool,
     /// Why the packet was dropped or rewritten (counted in the metrics); `None` for a plain accept.
     pub reason: Option<Reason>,
 }
@@ -193,6 +226,8 @@ impl Verdict {
             accept: true,
             modified,
             mark_authorized: false,
+            unmark: false,
+            requeue: false,
             reason: None,
         }
     }
@@ -202,6 +237,30 @@ impl Verdict {
             accept: true,
             modified,
             mark_authorized: true,
+            unmark: false,
+            requeue: false,
+            reason: None,
+        }
+    }
+    /// Accept and clear the authorization mark (see [`Verdict::unmark`]).
+    pub fn reopen(modified: bool) -> Self {
+        Verdict {
+            accept: true,
+            modified,
+            mark_authorized: false,
+            unmark: true,
+            requeue: false,
+            reason: None,
+        }
+    }
+    /// Send the packet back to the tail of the queue (see [`Verdict::requeue`]).
+    pub fn requeue() -> Self {
+        Verdict {
+            accept: true,
+            modified: false,
+            mark_authorized: false,
+            unmark: false,
+            requeue: true,
             reason: None,
         }
     }
@@ -211,6 +270,8 @@ impl Verdict {
             accept: false,
             modified: false,
             mark_authorized: false,
+            unmark: false,
+            requeue: false,
             reason: Some(reason),
         }
     }
@@ -330,6 +391,7 @@ impl Processor {
             self.metrics.count_rejected(reason.as_str());
         }
         if verdict.accept
+            && !verdict.requeue
             && let Some(kind) = kind
         {
             self.metrics.count_accepted(hook, kind);
@@ -393,6 +455,7 @@ fn rst_fits(state: &FlowState, seg: &TcpSegment) -> bool {
     match state {
         FlowState::ClientSynSent { isn, .. } => seg.has_ack() && seg.ack == isn.wrapping_add(1),
         FlowState::ClientAckPending { server_isn, .. }
+        | FlowState::ClientAckSent { server_isn, .. }
         | FlowState::ClientVerified { server_isn } => seg.seq == server_isn.wrapping_add(1),
         FlowState::ServerSynReceived { isn, .. }
         | FlowState::ServerAwaitingAck { isn, .. }
@@ -699,12 +762,14 @@ impl Step<'_> {
                         isn,
                         syn_token,
                         synack_token: token.into_boxed_slice(),
+                        deferred: 0,
                     };
                 }
                 verdict
             }
             FlowState::ClientSynSent { .. }
             | FlowState::ClientAckPending { .. }
+            | FlowState::ClientAckSent { .. }
             | FlowState::ClientVerified { .. } => {
                 // Simultaneous open: not supported by the handshake.
                 Verdict::drop(Reason::NoFlowState)
@@ -735,6 +800,24 @@ impl Step<'_> {
                     return modified_or(packet::strip_token(packet, seg), Verdict::accept(true));
                 }
                 (client.clone(), *isn)
+            }
+            FlowState::ClientAckSent {
+                isn, synack_token, ..
+            } => {
+                if seg.ack != isn.wrapping_add(1) {
+                    return Verdict::drop(Reason::AckMismatch);
+                }
+                return match token {
+                    // The server re-sent its SYN-ACK: our ACK token was lost. Strip it and
+                    // unmark the flow so the client kernel's duplicate ACK is queued and gets
+                    // the token again.
+                    Some(t) if t == &**synack_token => {
+                        flow.deadline_ms = linger;
+                        modified_or(packet::strip_token(packet, seg), Verdict::reopen(true))
+                    }
+                    Some(_) => Verdict::drop(Reason::UnexpectedToken),
+                    None => Verdict::accept(false),
+                };
             }
             FlowState::Authorized { peer_token } => {
                 return match (token, peer_token) {
@@ -809,6 +892,8 @@ impl Step<'_> {
                 accept: true,
                 modified: true,
                 mark_authorized: false,
+                unmark: false,
+                requeue: false,
                 reason: Some(Reason::PolicyEgress),
             },
             Err(_) => Verdict::drop(Reason::PolicyEgress),
@@ -821,17 +906,43 @@ impl Step<'_> {
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
             return Verdict::drop(Reason::NoFlowState);
         };
-        match &flow.state {
-            FlowState::ClientAckPending { ack_token, .. } => {
-                if kind_of(seg) == PacketKind::Ack {
-                    let token = ack_token.clone();
-                    modified_or(
-                        packet::attach_token(packet, seg, &token),
-                        Verdict::accept(true),
-                    )
-                } else {
-                    Verdict::accept(false)
+        match &mut flow.state {
+            FlowState::ClientAckPending {
+                isn,
+                server_isn,
+                synack_token,
+                ack_token,
+                ..
+            } => {
+                if kind_of(seg) != PacketKind::Ack {
+                    // Data before the first ACK: the server refuses it until the proof comes.
+                    return Verdict::accept(false);
                 }
+                if let Err(e) = packet::attach_token(packet, seg, ack_token) {
+                    return Verdict::drop(Reason::Packet(e));
+                }
+                // The proof leaves: mark the flow now, so neither the client's data nor the
+                // server's answer comes back to userspace. A lost ACK brings the server's
+                // SYN-ACK back, which unmarks the flow (client_syn_ack).
+                flow.state = FlowState::ClientAckSent {
+                    isn: *isn,
+                    server_isn: *server_isn,
+                    synack_token: std::mem::take(synack_token),
+                    ack_token: std::mem::take(ack_token),
+                };
+                flow.deadline_ms = linger;
+                self.metrics.count_authorized(true);
+                Verdict::authorize(true)
+            }
+            FlowState::ClientAckSent { ack_token, .. } => {
+                // Queued again only after a re-sent SYN-ACK unmarked the flow.
+                if kind_of(seg) != PacketKind::Ack {
+                    return Verdict::authorize(false);
+                }
+                modified_or(
+                    packet::attach_token(packet, seg, ack_token),
+                    Verdict::authorize(true),
+                )
             }
             FlowState::Authorized { .. } => Verdict::authorize(false),
             FlowState::ClientVerified { .. } => {
@@ -852,9 +963,19 @@ impl Step<'_> {
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
             return Verdict::drop(Reason::NoFlowState);
         };
-        match &flow.state {
-            FlowState::ServerAwaitingAck { server, .. } => {
+        match &mut flow.state {
+            FlowState::ServerAwaitingAck {
+                server, deferred, ..
+            } => {
                 let Some(token) = token else {
+                    // The client marks its flow as its ACK token leaves, so its next packets
+                    // bypass its agent and may overtake the token on another CPU: send such a
+                    // packet back to the tail of the queue, behind the token, a bounded number
+                    // of times; then drop it (the server kernel re-sends its SYN-ACK).
+                    if *deferred < MAX_DEFERRALS {
+                        *deferred += 1;
+                        return Verdict::requeue();
+                    }
                     return Verdict::drop(Reason::AckMissing);
                 };
                 let peer = match server.receive_ack(self.node, token, self.now) {
@@ -921,6 +1042,14 @@ impl Step<'_> {
                 }
                 _ => Verdict::drop(Reason::UnexpectedToken),
             },
+            FlowState::ClientAckSent { .. } => {
+                // Queued again only while unmarked (after a re-sent SYN-ACK), or carrying our
+                // option: the server talks, so it took our ACK token; any token is foreign.
+                if token.is_some() {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
+                Verdict::authorize(false)
+            }
             FlowState::ClientVerified { server_isn } => {
                 if token.is_some() {
                     return Verdict::drop(Reason::UnexpectedToken);
@@ -934,6 +1063,23 @@ impl Step<'_> {
                 Verdict::authorize(false)
             }
             FlowState::ClientSynSent { .. } => Verdict::drop(Reason::NoFlowState),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reauth_mark;
+
+    #[test]
+    fn reauth_mark_is_a_neighbouring_bit_of_the_auth_mark() {
+        assert_eq!(reauth_mark(0x1000_0000), 0x2000_0000);
+        assert_eq!(reauth_mark(0x4), 0x8);
+        assert_eq!(reauth_mark(0x8000_0000), 0x4000_0000);
+        assert_eq!(reauth_mark(0x1), 0x2);
+        for auth in [0x1u32, 0x20, 0x1000_0000, 0x8000_0000, 0xc000_0000] {
+            assert_eq!(reauth_mark(auth) & auth, 0, "{auth:#x}");
+            assert_eq!(reauth_mark(auth).count_ones(), 1, "{auth:#x}");
         }
     }
 }

@@ -403,6 +403,89 @@ fn netns_duplicate_ack_token_is_not_data_pki() {
     }
 }
 
+/// The client's flow is marked as its ACK token leaves. When that ACK is lost (dropped once on
+/// the inter-node link), the client's data bypasses its agent and the server's agent refuses it
+/// (ack_missing); the server kernel re-sends its SYN-ACK, the client's agent strips it and
+/// unmarks the flow, and the client kernel's duplicate ACK carries the token again: the echo
+/// completes.
+fn lost_ack_token_recovers(mode: Mode) {
+    let tb = Testbed::builder()
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    // Drop the first pure ACK carrying our option that crosses node 1 (nth: the first match).
+    run_in(
+        &tb.nodes[0],
+        &[
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "--tcp-flags",
+            "ALL",
+            "ACK",
+            "--tcp-option",
+            "253",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "100000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let mut s = tb
+        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let r = echo_once(&mut s, 7);
+    assert!(
+        r.is_ok(),
+        "echo after a lost ACK token: {r:?}\n{}\n{}",
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text
+    );
+    let rules = run_in(&tb.nodes[0], &["iptables", "-nvxL", "FORWARD"]);
+    let dropped: u64 = rules
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(dropped, 1, "the first ACK token was dropped once:\n{rules}");
+    assert!(
+        tb.agent(2)
+            .metrics()
+            .sum_with_label("reason", "ack_missing")
+            >= 1.0,
+        "the client's data was refused until the proof came again\n{}",
+        tb.agent(2).metrics().text
+    );
+    echo_once(&mut s, 8).unwrap();
+}
+
+#[test]
+fn netns_lost_ack_token_recovers_psk() {
+    if testbed::privileged("netns_lost_ack_token_recovers_psk") {
+        lost_ack_token_recovers(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_lost_ack_token_recovers_pki() {
+    if testbed::privileged("netns_lost_ack_token_recovers_pki") {
+        lost_ack_token_recovers(Mode::Pki);
+    }
+}
+
 /// 2% random loss on the inter-node link (both directions, in node 1's FORWARD): every one of
 /// 200 connections completes (retransmitted SYN, SYN-ACK and ACK carry the same tokens).
 fn connections_complete_under_loss(mode: Mode) {

@@ -100,6 +100,7 @@ pub fn decide<R: CryptoRng + ?Sized>(
             } else {
                 0
             },
+            requeue: false,
         },
         Mode::Enforce => {
             let hook = match direction {
@@ -111,11 +112,16 @@ pub fn decide<R: CryptoRng + ?Sized>(
             Action {
                 accept: verdict.accept,
                 modified: verdict.modified,
-                mark: if verdict.accept && verdict.mark_authorized {
+                mark: if !verdict.accept {
+                    0
+                } else if verdict.mark_authorized {
                     auth_mark
+                } else if verdict.unmark {
+                    crate::reauth_mark(auth_mark)
                 } else {
                     0
                 },
+                requeue: verdict.accept && verdict.requeue,
             }
         }
     };
@@ -185,7 +191,8 @@ mod tests {
                 Action {
                     accept: true,
                     modified: false,
-                    mark
+                    mark,
+                    requeue: false,
                 },
                 "flags {flags:#x}"
             );

@@ -184,8 +184,12 @@ pub struct Action {
     pub accept: bool,
     /// The buffer was changed and must be sent back.
     pub modified: bool,
-    /// Repeat with nfmark |= this mark (0: none): the rules save it into the connmark.
+    /// Repeat with nfmark |= this mark (0: none): the AUTH bit is saved into the connmark by the
+    /// rules; the re-auth bit ([`crate::reauth_mark`]) makes them clear AUTH from it.
     pub mark: u32,
+    /// Repeat without a mark: the packet goes through the rules again (back to the queue's
+    /// tail unless its flow was marked meanwhile).
+    pub requeue: bool,
 }
 
 /// Where a queued packet was queued from, seen from the workload.
@@ -249,12 +253,15 @@ impl WorkloadQueue {
                     accept: false,
                     modified: false,
                     mark: 0,
+                    requeue: false,
                 },
             };
             let verdict = if !action.accept {
                 nfq::Verdict::Drop
             } else if action.mark != 0 {
                 msg.set_nfmark(msg.get_nfmark() | action.mark);
+                nfq::Verdict::Repeat
+            } else if action.requeue {
                 nfq::Verdict::Repeat
             } else {
                 nfq::Verdict::Accept

@@ -81,12 +81,25 @@ pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
     let mask = format!("{:#x}", cfg.auth_mark);
     let bypass = if cfg.fail_open { " --queue-bypass" } else { "" };
     let q = cfg.queue_num;
+    let reauth = crate::reauth_mark(cfg.auth_mark);
     let mut out = String::from("*mangle\n");
     out.push_str(&format!(
         ":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n"
     ));
     for (chain, iface) in [(CHAIN_OUTPUT, "-o"), (CHAIN_INPUT, "-i")] {
         out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
+        if chain == CHAIN_INPUT {
+            // A client flow is marked when its ACK token leaves; if that ACK was lost, the
+            // server's re-sent SYN-ACK comes back (queued: it carries our option) and our verdict
+            // sets the re-auth bit: clear AUTH from the connmark so the client's duplicate ACK is
+            // queued and gets the token again.
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {reauth:#x}/{reauth:#x} -j CONNMARK --set-xmark 0x0/{mask}\n"
+            ));
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {reauth:#x}/{reauth:#x} -j RETURN\n"
+            ));
+        }
         out.push_str(&format!(
             "-A {chain} -p tcp --syn -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
         ));
@@ -336,6 +349,8 @@ mod tests {
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-OUTPUT -p tcp -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -i lo -j RETURN
+-A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j CONNMARK --set-xmark 0x0/0x10000000
+-A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j RETURN
 -A TESSERA-INPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -p tcp --tcp-option 253 -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
@@ -394,7 +409,7 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let text = render(&RuleConfig::default(), Jumps::default());
-        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 13);
+        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 15);
     }
 
     #[test]
