@@ -72,6 +72,7 @@ pub struct Metrics {
     rejected: BTreeMap<&'static str, u64>,
     authorized_verified: u64,
     authorized_ip_only: u64,
+    requeued: u64,
     flows: usize,
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
     decision_sum_ns: u64,
@@ -114,6 +115,14 @@ impl Metrics {
         } else {
             self.authorized_ip_only += 1;
         }
+    }
+    /// Count a packet sent back to the queue's tail (see `Verdict::requeue`).
+    pub fn count_requeued(&mut self) {
+        self.requeued += 1;
+    }
+    /// Packets sent back to the queue's tail so far.
+    pub fn requeued(&self) -> u64 {
+        self.requeued
     }
     /// Set the number of flows in the handshake table.
     pub fn set_flows(&mut self, flows: usize) {
@@ -219,6 +228,12 @@ impl Metrics {
             "tessera_flows_authorized_total{{peer=\"ip_only\"}} {}",
             self.authorized_ip_only
         )?;
+        writeln!(
+            out,
+            "# HELP tessera_packets_requeued_total Packets without the ACK token sent back to the queue (they overtook the token), before it came or they were dropped."
+        )?;
+        writeln!(out, "# TYPE tessera_packets_requeued_total counter")?;
+        writeln!(out, "tessera_packets_requeued_total {}", self.requeued)?;
         writeln!(
             out,
             "# HELP tessera_handshake_flows Flows in the handshake table."

@@ -390,6 +390,9 @@ impl Processor {
         if let Some(reason) = &verdict.reason {
             self.metrics.count_rejected(reason.as_str());
         }
+        if verdict.requeue {
+            self.metrics.count_requeued();
+        }
         if verdict.accept
             && !verdict.requeue
             && let Some(kind) = kind

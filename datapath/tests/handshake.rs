@@ -505,6 +505,10 @@ fn lost_ack_recovers_via_dup_ack_after_syn_ack_retransmission() {
         }
         let (v, _) = w.in_b(&out);
         assert_eq!(dropped(&v), "ack_missing");
+        assert_eq!(
+            w.b.metrics().requeued(),
+            u64::from(datapath::processor::MAX_DEFERRALS)
+        );
         // The server kernel retransmits the SYN-ACK: same bytes (queued on the client's marked
         // flow: it carries our option); the client strips it again and unmarks its flow.
         w.now += 1_000;
