@@ -52,7 +52,8 @@ pub struct RunArgs {
     /// Kernel queue length per workload (packets awaiting a verdict).
     #[arg(long, env = "TESSERA_QUEUE_MAX_LEN", default_value_t = 8192)]
     pub queue_max_len: u32,
-    /// Mark bit of authorized flows (nfmark / connmark), hex or decimal.
+    /// Mark bit of authorized flows (nfmark / connmark), hex or decimal: a single bit; the bit
+    /// above it is used too (re-auth).
     #[arg(long, env = "TESSERA_AUTH_MARK", default_value = "0x10000000", value_parser = parse_mark)]
     pub auth_mark: u32,
     /// Address for /metrics and /healthz; "off" disables the endpoint.
@@ -74,6 +75,9 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     };
     match parsed {
         Ok(0) => Err("the mark must not be 0".into()),
+        Ok(v) if v.count_ones() != 1 => Err(format!(
+            "{s:?}: the mark must be a single bit (Tessera also uses the bit above it to re-open a flow)"
+        )),
         Ok(v) => Ok(v),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
@@ -208,6 +212,7 @@ mod tests {
         );
         assert!(parse(&[&BASE[..], &["--auth-mark", "0"]].concat()).is_err());
         assert!(parse(&[&BASE[..], &["--auth-mark", "0xzz"]].concat()).is_err());
+        assert!(parse(&[&BASE[..], &["--auth-mark", "0x30"]].concat()).is_err());
     }
 
     #[test]
