@@ -4,7 +4,7 @@
 //! every string follows Kubernetes syntax, and the encoding is unique (the decoder rejects
 //! anything out of order), so two nodes always encode the same identity to the same bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::error::ClaimsError;
@@ -150,6 +150,73 @@ impl Claims {
             namespace_labels,
         })))
     }
+}
+
+/// Entries kept by a [`ClaimsCache`] before it starts over.
+pub const CLAIMS_CACHE_ENTRIES: usize = 4096;
+
+/// Decoded claims by their encoded bytes, so a peer workload seen again is not re-validated
+/// and re-allocated. Only a performance device: a hit returns exactly what decoding those bytes
+/// gives (the bytes passed the same checks when they were first decoded), and every check on
+/// the token around the claims (MAC, transcript, replay, time) runs on the raw bytes as before.
+/// Bounded: at most [`CLAIMS_CACHE_ENTRIES`] entries of at most [`MAX_CLAIMS_LEN`] bytes;
+/// when full it is cleared (a flood of distinct claims only costs the decoding saved).
+#[derive(Debug, Default)]
+pub(crate) struct ClaimsCache {
+    map: HashMap<Box<[u8]>, Claims>,
+}
+
+impl ClaimsCache {
+    /// Decode the claims at the reader's position, from the cache when these exact bytes were
+    /// decoded before.
+    pub(crate) fn decode(&mut self, r: &mut Reader<'_>) -> Result<Claims, DecodeClaimsError> {
+        let Some(bytes) = claims_extent(r.clone()) else {
+            // Malformed: the full decoder says how.
+            return Claims::decode(r);
+        };
+        if let Some(claims) = self.map.get(bytes) {
+            let claims = claims.clone();
+            r.bytes(bytes.len()).ok_or(DecodeClaimsError::Truncated)?;
+            return Ok(claims);
+        }
+        let claims = Claims::decode(r)?;
+        if self.map.len() >= CLAIMS_CACHE_ENTRIES {
+            self.map.clear();
+        }
+        self.map.insert(bytes.into(), claims.clone());
+        Ok(claims)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// The bytes the encoded claims at the reader's position span (lengths only, nothing
+/// validated), if they fit the input and [`MAX_CLAIMS_LEN`].
+fn claims_extent<'a>(mut r: Reader<'a>) -> Option<&'a [u8]> {
+    let start = r.clone();
+    let begin = r.position();
+    for _ in 0..2 {
+        let n = r.u8()?;
+        r.bytes(n as usize)?;
+    }
+    for _ in 0..2 {
+        let count = r.u8()?;
+        for _ in 0..count {
+            let k = r.u16()?;
+            r.bytes(k as usize)?;
+            let v = r.u8()?;
+            r.bytes(v as usize)?;
+        }
+    }
+    let len = r.position() - begin;
+    if len > MAX_CLAIMS_LEN {
+        return None;
+    }
+    let mut start = start;
+    start.bytes(len)
 }
 
 pub(crate) enum DecodeClaimsError {
@@ -309,6 +376,44 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_claims_cache_gives_what_decoding_gives_and_still_rejects_bad_bytes() {
+        let c = Claims::new(
+            "shop",
+            "web",
+            map(&[("app", "web")]),
+            map(&[("kubernetes.io/metadata.name", "shop")]),
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        c.encode(&mut buf);
+        buf.push(0xee); // what follows the claims in a token stays unread
+        let mut cache = ClaimsCache::default();
+        for _ in 0..2 {
+            let mut r = Reader::new(&buf);
+            assert_eq!(cache.decode(&mut r).ok(), Some(c.clone()));
+            assert_eq!(r.position(), buf.len() - 1);
+        }
+        assert_eq!(cache.len(), 1);
+        // Same lengths, an invalid namespace: rejected, and never cached.
+        let mut bad = buf.clone();
+        bad[1] = b'S';
+        for _ in 0..2 {
+            assert!(cache.decode(&mut Reader::new(&bad)).is_err());
+        }
+        assert_eq!(cache.len(), 1);
+        // Truncated claims.
+        assert!(cache.decode(&mut Reader::new(&buf[..5])).is_err());
+        // Bounded: distinct claims beyond the limit start it over.
+        for i in 0..CLAIMS_CACHE_ENTRIES + 1 {
+            let c = Claims::new("shop", format!("w{i}"), map(&[]), map(&[])).unwrap();
+            let mut b = Vec::new();
+            c.encode(&mut b);
+            assert_eq!(cache.decode(&mut Reader::new(&b)).ok(), Some(c));
+        }
+        assert!(cache.len() <= CLAIMS_CACHE_ENTRIES);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use hmac::Mac;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::claims::{Claims, check_port_name, is_dns_subdomain};
+use crate::claims::{Claims, ClaimsCache, check_port_name, is_dns_subdomain};
 use crate::error::{CertError, HandshakeError, PkiError};
 use crate::keys::{PairKeys, pair_keys, pki_pair_secret, psk_pair_secret};
 use crate::pki::{NodeCertificate, NodeCredentials, TrustAnchor, check_validity};
@@ -97,6 +97,8 @@ pub struct Node {
     pairs: HashMap<String, Vec<(KeyId, PairKeys)>>,
     pair_order: VecDeque<(String, KeyId)>,
     replay: ReplayCache,
+    /// Decoded peer claims by their bytes (performance only).
+    claims_cache: ClaimsCache,
 }
 
 /// Constant-time comparison of a computed MAC with the received one.
@@ -141,6 +143,7 @@ impl Node {
             pairs: HashMap::new(),
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
+            claims_cache: ClaimsCache::default(),
         })
     }
 
@@ -157,6 +160,7 @@ impl Node {
             pairs: HashMap::new(),
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
+            claims_cache: ClaimsCache::default(),
         })
     }
 
@@ -292,7 +296,7 @@ impl Node {
         syn: &[u8],
         now_ms: u64,
     ) -> Result<ServerSynReceived, HandshakeError> {
-        let tok = SynToken::decode(syn)?;
+        let tok = SynToken::decode_with(syn, Some(&mut self.claims_cache))?;
         let hd = &tok.header;
         self.check_mode(hd.mode)?;
         self.resolve_peer(hd.key_id, &hd.node, now_ms)?;
@@ -451,7 +455,7 @@ impl ClientAwaitingSynAck {
         synack: &[u8],
         now_ms: u64,
     ) -> Result<(PeerIdentity, Vec<u8>), HandshakeError> {
-        let tok = SynAckToken::decode(synack)?;
+        let tok = SynAckToken::decode_with(synack, Some(&mut node.claims_cache))?;
         let hd = &tok.header;
         node.check_mode(hd.mode)?;
         node.resolve_peer(hd.key_id, &hd.node, now_ms)?;

@@ -1,7 +1,7 @@
 //! Byte layout of the three tokens and of the TCP option that marks them. Documented byte by
 //! byte in docs/wire-format.md; pinned by tests/vectors/.
 
-use crate::claims::{Claims, DecodeClaimsError, check_port_name, is_dns_subdomain};
+use crate::claims::{Claims, ClaimsCache, DecodeClaimsError, check_port_name, is_dns_subdomain};
 use crate::error::HandshakeError;
 
 /// The only token version this crate speaks.
@@ -82,6 +82,7 @@ impl std::fmt::Display for KeyId {
 /// A bounds-checked reader over untrusted bytes. Every accessor returns `None` instead of
 /// reading past the end, so lengths are always checked against the remaining input before any
 /// allocation.
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -239,8 +240,15 @@ fn decode_header(r: &mut Reader<'_>, mode: Mode) -> Result<Header, HandshakeErro
     })
 }
 
-fn decode_claims(r: &mut Reader<'_>) -> Result<Claims, HandshakeError> {
-    Claims::decode(r).map_err(|e| match e {
+fn decode_claims(
+    r: &mut Reader<'_>,
+    cache: Option<&mut ClaimsCache>,
+) -> Result<Claims, HandshakeError> {
+    match cache {
+        Some(cache) => cache.decode(r),
+        None => Claims::decode(r),
+    }
+    .map_err(|e| match e {
         DecodeClaimsError::Truncated => HandshakeError::Malformed("truncated claims"),
         DecodeClaimsError::Invalid(c) => HandshakeError::InvalidClaims(c),
     })
@@ -250,10 +258,18 @@ impl SynToken {
     /// Decode a SYN token. Never panics; allocation is bounded by the input length, which is
     /// itself checked against [`MAX_TOKEN_LEN`] first.
     pub fn decode(bytes: &[u8]) -> Result<SynToken, HandshakeError> {
+        SynToken::decode_with(bytes, None)
+    }
+
+    /// [`SynToken::decode`], the claims through the node's cache.
+    pub(crate) fn decode_with(
+        bytes: &[u8],
+        cache: Option<&mut ClaimsCache>,
+    ) -> Result<SynToken, HandshakeError> {
         let mut r = Reader::new(bytes);
         let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN)?;
         let header = decode_header(&mut r, mode)?;
-        let claims = decode_claims(&mut r)?;
+        let claims = decode_claims(&mut r, cache)?;
         if !r.is_empty() {
             return Err(HandshakeError::Malformed("trailing bytes after SYN token"));
         }
@@ -273,6 +289,14 @@ impl SynToken {
 impl SynAckToken {
     /// Decode a SYN-ACK token (the MAC is checked by the handshake, not here).
     pub fn decode(bytes: &[u8]) -> Result<SynAckToken, HandshakeError> {
+        SynAckToken::decode_with(bytes, None)
+    }
+
+    /// [`SynAckToken::decode`], the claims through the node's cache.
+    pub(crate) fn decode_with(
+        bytes: &[u8],
+        cache: Option<&mut ClaimsCache>,
+    ) -> Result<SynAckToken, HandshakeError> {
         let mut r = Reader::new(bytes);
         let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN_ACK)?;
         let header = decode_header(&mut r, mode)?;
@@ -280,7 +304,7 @@ impl SynAckToken {
             .str_u8()
             .ok_or(HandshakeError::Malformed("truncated port name"))?;
         check_port_name(port_name).map_err(HandshakeError::InvalidClaims)?;
-        let claims = decode_claims(&mut r)?;
+        let claims = decode_claims(&mut r, cache)?;
         let mac = r
             .array()
             .ok_or(HandshakeError::Malformed("truncated MAC"))?;
