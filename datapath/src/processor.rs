@@ -42,6 +42,7 @@
 use std::collections::HashMap;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use identity::rand_core::CryptoRng;
 use identity::{Claims, ClientAwaitingSynAck, HandshakeError, Node, PeerIdentity};
@@ -292,7 +293,12 @@ pub struct Processor {
     workloads: HashMap<WorkloadId, WorkloadEntry>,
     flows: FlowTable,
     metrics: Metrics,
+    /// Policy views of peer claims already seen (performance only; bounded, cleared when full).
+    peers: HashMap<Claims, Arc<Peer>>,
 }
+
+/// Entries of the processor's peer view cache before it starts over.
+const PEER_CACHE_ENTRIES: usize = 4096;
 
 impl Processor {
     /// A processor over a node's keys and a policy engine.
@@ -304,6 +310,7 @@ impl Processor {
             config,
             workloads: HashMap::new(),
             metrics: Metrics::default(),
+            peers: HashMap::new(),
         }
     }
 
@@ -370,6 +377,7 @@ impl Processor {
             workloads,
             flows,
             metrics,
+            peers,
         } = self;
         let (verdict, kind) = match workloads.get(&id) {
             None => (Verdict::drop(Reason::UnknownWorkload), None),
@@ -381,6 +389,7 @@ impl Processor {
                     flows,
                     metrics,
                     wl,
+                    peers,
                     id,
                     now: now_ms,
                 };
@@ -432,6 +441,7 @@ struct Step<'a> {
     flows: &'a mut FlowTable,
     metrics: &'a mut Metrics,
     wl: &'a WorkloadEntry,
+    peers: &'a mut HashMap<Claims, Arc<Peer>>,
     id: WorkloadId,
     now: u64,
 }
@@ -550,6 +560,19 @@ impl Step<'_> {
             }
         };
         (verdict, Some(kind))
+    }
+
+    /// The policy view of a handshake identity, from the cache when its claims were seen.
+    fn peer_of(&mut self, p: &PeerIdentity) -> Arc<Peer> {
+        if let Some(peer) = self.peers.get(&p.claims) {
+            return peer.clone();
+        }
+        if self.peers.len() >= PEER_CACHE_ENTRIES {
+            self.peers.clear();
+        }
+        let peer = Arc::new(peer_of(p));
+        self.peers.insert(p.claims.clone(), peer.clone());
+        peer
     }
 
     fn handshake_deadline(&self) -> u64 {
@@ -684,7 +707,7 @@ impl Step<'_> {
             Ok(r) => r,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let peer = peer_of(received.tentative_peer());
+        let peer = self.peer_of(received.tentative_peer());
         if !self.decide(Direction::Ingress, &peer, seg.src, seg.dst_port, None) {
             return Verdict::drop(Reason::PolicyIngress);
         }
@@ -861,7 +884,7 @@ impl Step<'_> {
             Ok(r) => r,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let peer = peer_of(&server);
+        let peer = self.peer_of(&server);
         if !self.decide(
             Direction::Egress,
             &peer,
@@ -987,13 +1010,9 @@ impl Step<'_> {
                 };
                 let peer_token: Box<[u8]> = token.into();
                 // Policy may have changed since the SYN: decide again on the proven identity.
-                let allowed = self.decide(
-                    Direction::Ingress,
-                    &peer_of(&peer),
-                    seg.src,
-                    seg.dst_port,
-                    None,
-                );
+                let peer_view = self.peer_of(&peer);
+                let allowed =
+                    self.decide(Direction::Ingress, &peer_view, seg.src, seg.dst_port, None);
                 if !allowed {
                     self.flows.remove(&key);
                     return Verdict::drop(Reason::PolicyIngress);
