@@ -17,20 +17,6 @@ const ID: WorkloadId = WorkloadId(1);
 const ISN_C: u32 = 0x1111_0000;
 const ISN_S: u32 = 0x2222_0000;
 
-const WEB: Pod = Pod {
-    namespace: "shop",
-    name: "web-1",
-    labels: &[("app", "web")],
-    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 2)),
-    ports: &[],
-};
-const DB: Pod = Pod {
-    namespace: "shop",
-    name: "db-0",
-    labels: &[("app", "db")],
-    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 2, 2)),
-    ports: &[("postgres", 5432)],
-};
 const DB_PGSQL: Pod = Pod {
     ports: &[("pgsql", 5432)],
     ..DB

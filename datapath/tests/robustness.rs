@@ -15,21 +15,6 @@ use proptest::prelude::*;
 
 const ID: WorkloadId = WorkloadId(1);
 
-const WEB: Pod = Pod {
-    namespace: "shop",
-    name: "web-1",
-    labels: &[("app", "web")],
-    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 2)),
-    ports: &[],
-};
-const DB: Pod = Pod {
-    namespace: "shop",
-    name: "db-0",
-    labels: &[("app", "db")],
-    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 2, 2)),
-    ports: &[("postgres", 5432)],
-};
-
 struct Stage {
     a: Processor,
     b: Processor,

@@ -274,6 +274,23 @@ pub struct Pod {
     pub ports: &'static [(&'static str, u16)],
 }
 
+/// The client workload of the two-node tests.
+pub const WEB: Pod = Pod {
+    namespace: "shop",
+    name: "web-1",
+    labels: &[("app", "web")],
+    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 2)),
+    ports: &[],
+};
+/// The server workload (a named port).
+pub const DB: Pod = Pod {
+    namespace: "shop",
+    name: "db-0",
+    labels: &[("app", "db")],
+    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 2, 2)),
+    ports: &[("postgres", 5432)],
+};
+
 impl Pod {
     pub fn key(&self) -> PodKey {
         PodKey {
