@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod cli;
+mod runtime;
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +27,10 @@ enum Command {
     /// Certificates and keys for PKI mode, without openssl.
     #[command(subcommand)]
     Pki(cli::pki::PkiCommand),
-    /// Run the node agent: enforce the workloads of a static inventory.
+    /// Run the node agent: enforce the workloads of a runtime (static inventory, Docker).
     Run(Box<cli::run::RunArgs>),
+    /// Show a running agent's workloads, peer nodes and counters.
+    Status(cli::status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => cli::policy::run(cmd),
         Command::Pki(cmd) => cli::pki::run(cmd),
         Command::Run(args) => cli::run::run(*args),
+        Command::Status(args) => cli::status::run(args),
     };
     match result {
         Ok(code) => code,

@@ -85,6 +85,19 @@ enum Keying {
     },
 }
 
+/// A peer node as [`Node::peer_nodes`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNode {
+    /// The peer's node name.
+    pub node: String,
+    /// The key id its tokens carry.
+    pub key_id: KeyId,
+    /// PKI: when its certificate expires (ms since the Unix epoch).
+    pub not_after_ms: Option<u64>,
+    /// A pair key with it is cached: a handshake with it has happened.
+    pub active: bool,
+}
+
 /// One node's handshake context: its name and keys, the peers it trusts, the pair-key cache and
 /// the replay cache. One per node, shared by all flows (wrap it in a mutex if several threads
 /// handle packets).
@@ -182,6 +195,40 @@ impl Node {
     /// The replay cache (for metrics: size, peers).
     pub fn replay_cache(&self) -> &ReplayCache {
         &self.replay
+    }
+
+    /// The peer nodes this node knows, sorted by name: in PKI mode every trusted certificate
+    /// (node, key id, expiry); in both modes every peer whose pair key is cached (a handshake
+    /// with it happened), with `not_after_ms` unknown in PSK mode.
+    pub fn peer_nodes(&self) -> Vec<PeerNode> {
+        let mut out: Vec<PeerNode> = Vec::new();
+        if let Keying::Pki { peers, .. } = &self.keying {
+            for (id, cert) in peers {
+                out.push(PeerNode {
+                    node: cert.node_name().to_owned(),
+                    key_id: *id,
+                    not_after_ms: Some(cert.not_after_ms()),
+                    active: self
+                        .pairs
+                        .get(cert.node_name())
+                        .is_some_and(|v| v.iter().any(|(k, _)| k == id)),
+                });
+            }
+        }
+        for (node, keys) in &self.pairs {
+            for (id, _) in keys {
+                if !out.iter().any(|p| p.node == *node && p.key_id == *id) {
+                    out.push(PeerNode {
+                        node: node.clone(),
+                        key_id: *id,
+                        not_after_ms: None,
+                        active: true,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node).then(a.key_id.0.cmp(&b.key_id.0)));
+        out
     }
 
     /// PKI mode: trust a peer node's certificate, learned e.g. from its node annotation. It

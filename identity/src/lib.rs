@@ -22,7 +22,8 @@ pub mod wire;
 pub use claims::{Claims, MAX_CLAIMS_LEN};
 pub use error::{CertError, ClaimsError, HandshakeError, PkiError, PskError};
 pub use handshake::{
-    ClientAwaitingSynAck, Config, Node, PeerIdentity, ServerAwaitingAck, ServerSynReceived,
+    ClientAwaitingSynAck, Config, Node, PeerIdentity, PeerNode, ServerAwaitingAck,
+    ServerSynReceived,
 };
 pub use pki::{CertificateAuthority, NodeCertificate, NodeCredentials, TrustAnchor};
 pub use psk::Psk;

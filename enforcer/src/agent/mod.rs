@@ -1,16 +1,22 @@
-//! `tessera run`: the node agent over a static inventory.
+//! `tessera run`: the node agent.
 //!
-//! One process, one current-thread tokio runtime: a task per workload queue (each a socket
-//! opened inside the workload's netns), a 1 s housekeeping tick (flow expiry, kernel queue
-//! counters, policy reload), and the metrics endpoint. The [`Processor`] is shared behind a
-//! mutex that is only ever held synchronously, so it is never contended across an `await`.
+//! One process, one current-thread tokio runtime. A runtime task (static inventory, Docker,
+//! Kubernetes) and the policy-directory watcher send [`Event`]s; the agent loop alone applies
+//! them: it updates the policy engine, issues claims, installs rules and opens a queue in each
+//! workload's namespace, and removes them when the workload goes. A task per workload queue
+//! serves packets; a 1 s tick expires flows and reads kernel queue counters; the HTTP endpoint
+//! serves /metrics, /healthz and /status. The [`Processor`] is shared behind a mutex that is only
+//! ever held synchronously, so it is never contended across an `await`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use datapath::shell::{self, Mode, Netns, QueueConfig, RuleConfig, WorkloadQueue};
@@ -18,24 +24,43 @@ use datapath::{Processor, ProcessorConfig, WorkloadId};
 use identity::Claims;
 use identity::rand_core::UnwrapErr;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use policy::{ContainerPort, Engine, PodKey, PolicyKey, Protocol, Workload};
-use tokio::sync::watch;
+use policy::{PodKey, PolicyKey, Workload};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::runtime::{self, Desired, Event, NetnsRef};
+
 pub mod http;
-pub mod inventory;
 pub mod keys;
 pub mod policies;
 
-use inventory::{NetnsRef, WorkloadSpec};
 use keys::KeySource;
+
+/// Where workloads come from.
+#[derive(Debug, Clone)]
+pub enum RuntimeOptions {
+    /// A static inventory file, reloaded on change.
+    Static { inventory: PathBuf },
+    /// Containers of a Docker daemon.
+    Docker(runtime::docker::DockerConfig),
+}
+
+impl RuntimeOptions {
+    fn name(&self) -> &'static str {
+        match self {
+            RuntimeOptions::Static { .. } => "static",
+            RuntimeOptions::Docker(_) => "docker",
+        }
+    }
+}
 
 /// Everything `tessera run` was told.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub node_name: String,
-    pub inventory: PathBuf,
+    pub runtime: RuntimeOptions,
     pub policies: Option<PathBuf>,
     pub keys: KeySource,
     pub fail_open: bool,
@@ -56,12 +81,51 @@ pub struct QueueStats {
     pub recv_errors: AtomicU64,
 }
 
-/// What the metrics endpoint reads.
+/// What /status shows of one enforced workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadStatus {
+    pub origin: String,
+    pub netns: String,
+    pub labels: BTreeMap<String, String>,
+    pub enforced_since: SystemTime,
+    pub stats: Arc<QueueStats>,
+}
+
+/// Upper bounds (seconds) of the enforcement-latency histogram.
+pub const ENFORCE_BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Time from a workload's start (as its runtime saw it) to its rules and queue in place.
+#[derive(Debug, Default)]
+pub struct EnforceLatency {
+    pub buckets: [u64; ENFORCE_BUCKETS_S.len() + 1],
+    pub sum_s: f64,
+    pub count: u64,
+}
+
+impl EnforceLatency {
+    fn record(&mut self, seconds: f64) {
+        let i = ENFORCE_BUCKETS_S
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(ENFORCE_BUCKETS_S.len());
+        self.buckets[i] += 1;
+        self.sum_s += seconds;
+        self.count += 1;
+    }
+}
+
+/// What the HTTP endpoint reads.
 pub struct Shared {
+    pub node_name: String,
+    pub runtime: &'static str,
     pub processor: Arc<Mutex<Processor>>,
-    pub queues: Vec<(String, Arc<QueueStats>)>,
+    pub workloads: Mutex<BTreeMap<String, WorkloadStatus>>,
     pub policies: AtomicUsize,
     pub reload_failures: AtomicU64,
+    pub workload_failures: AtomicU64,
+    pub enforce_latency: Mutex<EnforceLatency>,
+    /// The runtime's first complete list has been applied (/healthz answers 200 from then on).
+    pub ready: AtomicBool,
 }
 
 pub(crate) fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
@@ -70,28 +134,96 @@ pub(crate) fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn lock_any<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn now_ms() -> u64 {
     shell::queue::unix_ms()
 }
 
-fn protocol(p: &str) -> Protocol {
-    match p {
-        "UDP" => Protocol::Udp,
-        "SCTP" => Protocol::Sctp,
-        _ => Protocol::Tcp,
+fn pod_name(key: &PodKey) -> String {
+    format!("{}/{}", key.namespace, key.name)
+}
+
+/// One enforced workload.
+struct Enforced {
+    id: WorkloadId,
+    desired: Desired,
+    /// The namespace, held open: rules are always removed from this very namespace, even if the
+    /// PID it was found by is reused.
+    _netns_file: File,
+    netns_ino: (u64, u64),
+    netns: Netns,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Option<WorkloadQueue>>,
+}
+
+/// The agent's state; only the event loop touches it.
+struct Agent {
+    shared: Arc<Shared>,
+    processor: Arc<Mutex<Processor>>,
+    workloads: HashMap<PodKey, Enforced>,
+    next_id: u32,
+    /// Namespace labels learned from Namespace events (Kubernetes).
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    policy_keys: Vec<PolicyKey>,
+    qcfg: QueueConfig,
+    rules: RuleConfig,
+    mode: Mode,
+}
+
+/// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
+/// nsenter) reaches the same namespace.
+fn open_netns(r: &NetnsRef) -> Result<(File, (u64, u64), Netns)> {
+    let path = match r {
+        NetnsRef::Path(p) => p.clone(),
+        NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+    };
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?;
+    let fd_path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+    Ok((file, (meta.dev(), meta.ino()), Netns::from_path(fd_path)))
+}
+
+fn netns_ino(r: &NetnsRef) -> Option<(u64, u64)> {
+    let path = match r {
+        NetnsRef::Path(p) => p.clone(),
+        NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+    };
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+fn netns_display(r: &NetnsRef) -> String {
+    match r {
+        NetnsRef::Path(p) => p.display().to_string(),
+        NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net"),
     }
 }
 
-/// Build the policy engine from the inventory: namespaces (with their labels) and workloads.
-pub fn engine_from_inventory(source: &str, specs: &[WorkloadSpec]) -> Result<Engine> {
-    let mut engine = Engine::new();
-    let mut namespaces: BTreeMap<&str, &BTreeMap<String, String>> = BTreeMap::new();
-    for w in specs {
-        namespaces
-            .entry(&w.namespace)
-            .or_insert(&w.namespace_labels);
+impl Agent {
+    fn namespace_labels(&self, d: &Desired) -> BTreeMap<String, String> {
+        match &d.namespace_labels {
+            Some(labels) => labels.clone(),
+            None => self
+                .namespaces
+                .get(&d.key.namespace)
+                .cloned()
+                .unwrap_or_default(),
+        }
     }
-    for (name, labels) in namespaces {
+
+    /// Make the engine's namespace match what we know; true if its labels changed.
+    fn ensure_namespace(
+        &self,
+        engine: &mut policy::Engine,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let before = engine.namespace_labels(name).cloned();
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
@@ -100,179 +232,589 @@ pub fn engine_from_inventory(source: &str, specs: &[WorkloadSpec]) -> Result<Eng
             },
             ..Namespace::default()
         };
-        engine.apply_namespace(&ns).map_err(|e| {
-            anyhow::anyhow!("{source}: namespace {name}: {}: {}", e.field, e.message)
-        })?;
+        engine
+            .apply_namespace(&ns)
+            .map_err(|e| anyhow::anyhow!("namespace {name}: {}: {}", e.field, e.message))?;
+        Ok(before.as_ref() != engine.namespace_labels(name))
     }
-    for (i, w) in specs.iter().enumerate() {
+
+    /// Re-issue the claims of every enforced workload of `namespace` (its labels changed).
+    fn reissue_claims(&self, p: &mut Processor, namespace: &str) {
+        let ns_labels = p.engine().namespace_labels_or_default(namespace);
+        for e in self
+            .workloads
+            .values()
+            .filter(|e| e.desired.key.namespace == namespace)
+        {
+            match Claims::new(
+                namespace,
+                &e.desired.key.name,
+                e.desired.labels.clone(),
+                ns_labels.clone(),
+            ) {
+                Ok(c) => p.add_workload(e.id, e.desired.key.clone(), c),
+                Err(err) => tracing::error!(
+                    workload = %pod_name(&e.desired.key),
+                    "namespace labels changed but the new identity is refused, the old one stays: {err}"
+                ),
+            }
+        }
+    }
+
+    /// Put a workload's identity into the engine and the processor. On error nothing changed.
+    fn apply_identity(&self, id: WorkloadId, d: &Desired) -> Result<()> {
+        let ns_labels = self.namespace_labels(d);
+        let mut guard = lock(&self.processor);
+        let p = &mut *guard;
+        let ns_changed = self.ensure_namespace(p.engine_mut(), &d.key.namespace, &ns_labels)?;
+        let full_ns_labels = p.engine().namespace_labels_or_default(&d.key.namespace);
+        let claims = Claims::new(
+            &d.key.namespace,
+            &d.key.name,
+            d.labels.clone(),
+            full_ns_labels,
+        )
+        .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
         let workload = Workload {
-            key: PodKey {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-            },
-            labels: w.labels.clone(),
-            ports: w
-                .ports
-                .iter()
-                .map(|p| ContainerPort {
-                    name: p.name.clone(),
-                    port: p.port,
-                    protocol: protocol(&p.protocol),
-                })
-                .collect(),
-            ips: w.ips.clone(),
+            key: d.key.clone(),
+            labels: d.labels.clone(),
+            ports: d.ports.clone(),
+            ips: d.ips.clone(),
             host_network: false,
         };
-        engine.apply_workload(workload).map_err(|e| {
+        p.engine_mut().apply_workload(workload).map_err(|e| {
             let field = if e.field.is_empty() {
                 String::new()
             } else {
-                format!(".{}", e.field)
+                format!("{}: ", e.field)
             };
-            anyhow::anyhow!("{source}: workloads[{i}]{field}: {}", e.message)
+            anyhow::anyhow!("{field}{}", e.message)
         })?;
+        p.add_workload(id, d.key.clone(), claims);
+        if ns_changed {
+            self.reissue_claims(p, &d.key.namespace);
+        }
+        Ok(())
     }
-    Ok(engine)
-}
 
-/// The claims a workload's tokens carry (namespace labels as the engine knows them, including
-/// `kubernetes.io/metadata.name`).
-pub fn claims_for(source: &str, i: usize, w: &WorkloadSpec, engine: &Engine) -> Result<Claims> {
-    let ns_labels = engine.namespace_labels_or_default(&w.namespace);
-    Claims::new(&w.namespace, &w.name, w.labels.clone(), ns_labels)
-        .map_err(|e| anyhow::anyhow!("{source}: workloads[{i}]: {e}"))
-}
-
-struct Enforced {
-    name: String,
-    netns: Netns,
-    task: JoinHandle<Option<WorkloadQueue>>,
-}
-
-fn netns_of(w: &WorkloadSpec) -> Netns {
-    match w.netns_ref() {
-        NetnsRef::Path(p) => Netns::from_path(p),
-        NetnsRef::Pid(pid) => Netns::from_pid(pid),
+    fn refuse(&self, d: &Desired, e: &anyhow::Error) {
+        self.shared
+            .workload_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(workload = %pod_name(&d.key), origin = %d.origin, "workload not enforced: {e:#}");
     }
+
+    async fn apply(&mut self, event: Event) {
+        match event {
+            Event::Sync(list) => {
+                self.sync(list).await;
+                if !self.shared.ready.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        workloads = self.workloads.len(),
+                        "ready: the runtime's workloads are enforced"
+                    );
+                }
+            }
+            Event::Upsert(d) => self.upsert(d).await,
+            Event::Remove(key) => self.remove(&key).await,
+            Event::Namespace { name, labels } => self.namespace(name, labels),
+            Event::Policies { origin, policies } => self.replace_policies(&origin, &policies),
+            Event::PolicyUpsert(p) => self.policy_upsert(&p),
+            Event::PolicyRemove(key) => {
+                lock(&self.processor).engine_mut().remove_policy(&key);
+                self.policy_keys.retain(|k| *k != key);
+                self.shared
+                    .policies
+                    .store(self.policy_keys.len(), Ordering::Relaxed);
+                tracing::info!(policy = %format!("{}/{}", key.namespace, key.name), "policy removed");
+            }
+            Event::PeerCertificate { node, pem } => self.peer_certificate(&node, pem.as_deref()),
+        }
+    }
+
+    async fn sync(&mut self, list: Vec<Desired>) {
+        let wanted: std::collections::HashSet<PodKey> =
+            list.iter().map(|d| d.key.clone()).collect();
+        let gone: Vec<PodKey> = self
+            .workloads
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove(&key).await;
+        }
+        // Installing is mostly waiting for iptables-restore: a few at a time.
+        let mut pending = Vec::new();
+        for d in list {
+            match self.prepare(d) {
+                Prepared::Done => {}
+                Prepared::Start(s) => pending.push(s),
+            }
+        }
+        let mut pending = pending.into_iter();
+        loop {
+            let batch: Vec<Start> = pending.by_ref().take(8).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let started =
+                futures_util::future::join_all(batch.into_iter().map(|s| self.start(s))).await;
+            for s in started {
+                self.finish(s);
+            }
+        }
+    }
+
+    async fn upsert(&mut self, d: Desired) {
+        if let Prepared::Start(s) = self.prepare(d) {
+            let s = self.start(s).await;
+            self.finish(s);
+        }
+    }
+
+    /// Apply what needs no I/O: identity updates of an enforced workload, or the identity of
+    /// a new one (then it needs starting).
+    fn prepare(&mut self, d: Desired) -> Prepared {
+        if let Some(e) = self.workloads.get(&d.key) {
+            let same_ns = netns_ino(&d.netns) == Some(e.netns_ino);
+            if same_ns {
+                if e.desired != d {
+                    let id = e.id;
+                    match self.apply_identity(id, &d) {
+                        Ok(()) => {
+                            tracing::info!(workload = %pod_name(&d.key), "workload updated");
+                            if let Some(st) =
+                                lock_any(&self.shared.workloads).get_mut(&pod_name(&d.key))
+                            {
+                                st.labels = d.labels.clone();
+                            }
+                            if let Some(e) = self.workloads.get_mut(&d.key) {
+                                e.desired = d;
+                            }
+                        }
+                        Err(err) => self.refuse(&d, &err),
+                    }
+                }
+                return Prepared::Done;
+            }
+        }
+        let id = match self.workloads.get(&d.key) {
+            // A new netns under the same name (a restarted container): re-install under a new id
+            // once the old one is gone; `start` removes the old.
+            Some(_) | None => {
+                self.next_id = self.next_id.wrapping_add(1);
+                WorkloadId(self.next_id)
+            }
+        };
+        Prepared::Start(Start { id, desired: d })
+    }
+
+    async fn start(&self, s: Start) -> Started {
+        let opened = open_netns(&s.desired.netns);
+        let (file, ino, netns) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                return Started {
+                    start: s,
+                    result: Err(e),
+                };
+            }
+        };
+        let result = start_workload(&netns, self.qcfg, self.rules).await;
+        Started {
+            start: s,
+            result: result.map(|(queue, installed)| (file, ino, netns, queue, installed)),
+        }
+    }
+
+    fn finish(&mut self, started: Started) {
+        let Started { start, result } = started;
+        let d = start.desired;
+        let (file, ino, netns, queue, installed) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                self.refuse(&d, &e);
+                return;
+            }
+        };
+        // A re-installed workload (new netns): drop the old one's state first.
+        if let Some(old) = self.workloads.remove(&d.key) {
+            self.forget(old);
+        }
+        if let Err(e) = self.apply_identity(start.id, &d) {
+            self.refuse(&d, &e);
+            let ns = netns.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = shell::rules::remove(&ns);
+                drop(queue);
+                drop(file);
+            });
+            return;
+        }
+        let name = pod_name(&d.key);
+        let latency = d
+            .started_at
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if let Some(l) = latency {
+            lock_any(&self.shared.enforce_latency).record(l.as_secs_f64());
+        }
+        tracing::info!(
+            workload = %name,
+            origin = %d.origin,
+            netns = %netns_display(&d.netns),
+            reapplied = installed.reapplied,
+            grandfathered = installed.grandfathered,
+            since_start_ms = latency.map(|l| l.as_millis() as u64),
+            "workload enforced"
+        );
+        let stats = Arc::new(QueueStats::default());
+        stats.serving.store(true, Ordering::Relaxed);
+        lock_any(&self.shared.workloads).insert(
+            name.clone(),
+            WorkloadStatus {
+                origin: d.origin.clone(),
+                netns: netns_display(&d.netns),
+                labels: d.labels.clone(),
+                enforced_since: SystemTime::now(),
+                stats: stats.clone(),
+            },
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serve(
+            queue,
+            start.id,
+            name,
+            self.processor.clone(),
+            self.mode,
+            stats,
+            stop_rx,
+        ));
+        self.workloads.insert(
+            d.key.clone(),
+            Enforced {
+                id: start.id,
+                desired: d,
+                _netns_file: file,
+                netns_ino: ino,
+                netns,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Drop a workload from the processor and the status table; its task is stopped and its
+    /// rules removed in the background (the namespace is held open until then).
+    fn forget(&mut self, e: Enforced) {
+        let name = pod_name(&e.desired.key);
+        lock_any(&self.shared.workloads).remove(&name);
+        {
+            let mut p = lock(&self.processor);
+            p.remove_workload(e.id);
+            if !self.workloads.contains_key(&e.desired.key) {
+                p.engine_mut().remove_workload(&e.desired.key);
+            }
+        }
+        e.stop.send_replace(true);
+        tokio::spawn(async move {
+            let ns = e.netns.clone();
+            let removed = tokio::task::spawn_blocking(move || shell::rules::remove(&ns)).await;
+            if let Ok(Err(err)) = removed {
+                tracing::debug!(workload = %name, "removing rules (the namespace may be gone): {err}");
+            }
+            if let Ok(Some(mut queue)) = e.task.await {
+                let _ = queue.unbind();
+            }
+            drop(e._netns_file);
+            tracing::info!(workload = %name, "workload forgotten");
+        });
+    }
+
+    async fn remove(&mut self, key: &PodKey) {
+        if let Some(e) = self.workloads.remove(key) {
+            self.forget(e);
+        }
+    }
+
+    fn namespace(&mut self, name: String, labels: Option<BTreeMap<String, String>>) {
+        let mut guard = lock(&self.processor);
+        let p = &mut *guard;
+        let labels = match labels {
+            Some(l) => {
+                self.namespaces.insert(name.clone(), l.clone());
+                l
+            }
+            None => {
+                self.namespaces.remove(&name);
+                BTreeMap::new()
+            }
+        };
+        match self.ensure_namespace(p.engine_mut(), &name, &labels) {
+            Ok(true) => {
+                tracing::info!(namespace = %name, "namespace labels changed");
+                self.reissue_claims(p, &name);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+
+    fn replace_policies(&mut self, origin: &str, set: &[NetworkPolicy]) {
+        let result = {
+            let mut p = lock(&self.processor);
+            policies::replace(p.engine_mut(), set, &self.policy_keys)
+        };
+        match result {
+            Ok((keys, removed)) => {
+                tracing::info!(source = %origin, policies = keys.len(), removed, "policies in force");
+                self.shared.policies.store(keys.len(), Ordering::Relaxed);
+                self.policy_keys = keys;
+            }
+            Err(e) => {
+                self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "{origin}: policies refused, the previous set stays in force: {e:#}"
+                );
+            }
+        }
+    }
+
+    fn policy_upsert(&mut self, policy: &NetworkPolicy) {
+        let applied = lock(&self.processor).engine_mut().apply_policy(policy);
+        match applied {
+            Ok(key) => {
+                if !self.policy_keys.contains(&key) {
+                    self.policy_keys.push(key.clone());
+                }
+                self.shared
+                    .policies
+                    .store(self.policy_keys.len(), Ordering::Relaxed);
+                tracing::info!(policy = %format!("{}/{}", key.namespace, key.name), "policy applied");
+            }
+            Err(e) => {
+                self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "NetworkPolicy {}: {}: {} (refused; its previous version, if any, stays in force)",
+                    e.object,
+                    e.field,
+                    e.message
+                );
+            }
+        }
+    }
+
+    fn peer_certificate(&mut self, node: &str, pem: Option<&str>) {
+        let mut p = lock(&self.processor);
+        match pem {
+            None => {
+                let n = p.node_mut().remove_peer(node);
+                tracing::info!(peer = node, certificates = n, "peer node revoked");
+            }
+            Some(pem) => {
+                let cert = match identity::NodeCertificate::from_pem(pem) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(peer = node, "peer certificate refused: {e}");
+                        return;
+                    }
+                };
+                match p.node_mut().add_peer_certificate(node, cert, now_ms()) {
+                    Ok(id) => tracing::info!(peer = node, key = %id, "peer node trusted"),
+                    Err(e) => tracing::error!(peer = node, "peer certificate refused: {e}"),
+                }
+            }
+        }
+    }
+
+    fn housekeeping(&self) {
+        let (mut qd, mut ud) = (0, 0);
+        for s in lock_any(&self.shared.workloads).values() {
+            qd += s.stats.queue_dropped.load(Ordering::Relaxed);
+            ud += s.stats.user_dropped.load(Ordering::Relaxed);
+        }
+        let mut p = lock(&self.processor);
+        p.expire(now_ms());
+        p.metrics_mut().set_queue_drops(qd, ud);
+    }
+
+    /// Remove every rule, stop every queue task, unbind the queues.
+    async fn shutdown(&mut self) {
+        let all: Vec<Enforced> = self.workloads.drain().map(|(_, e)| e).collect();
+        // Rules go first, while the readers still answer what is queued.
+        for e in &all {
+            let ns = e.netns.clone();
+            let name = pod_name(&e.desired.key);
+            match tokio::task::spawn_blocking(move || shell::rules::remove(&ns)).await {
+                Ok(Ok(())) => tracing::info!(workload = %name, "rules removed"),
+                Ok(Err(err)) => tracing::error!(workload = %name, "removing rules: {err}"),
+                Err(err) => tracing::error!(workload = %name, "removing rules: {err}"),
+            }
+        }
+        for e in all {
+            e.stop.send_replace(true);
+            if let Ok(Some(mut queue)) = e.task.await
+                && let Err(err) = queue.unbind()
+            {
+                tracing::warn!(workload = %pod_name(&e.desired.key), "unbinding queue: {err}");
+            }
+        }
+    }
+}
+
+struct Start {
+    id: WorkloadId,
+    desired: Desired,
+}
+
+enum Prepared {
+    Done,
+    Start(Start),
+}
+
+type StartedParts = (File, (u64, u64), Netns, WorkloadQueue, shell::Installed);
+
+struct Started {
+    start: Start,
+    result: Result<StartedParts>,
 }
 
 /// Run the agent until SIGTERM/SIGINT; then remove every rule it installed.
 pub async fn run(opts: Options) -> Result<()> {
     let (node, peers) = keys::load(&opts.node_name, &opts.keys, now_ms())?;
-    let source = opts.inventory.display().to_string();
-    let specs = inventory::load(&opts.inventory)?;
-    let mut engine = engine_from_inventory(&source, &specs)?;
-    let mut policy_keys: Vec<PolicyKey> = Vec::new();
+    if let RuntimeOptions::Static { inventory } = &opts.runtime {
+        // Refuse a bad inventory before touching the kernel.
+        runtime::inventory::load(inventory)?;
+    }
+    let mut engine = policy::Engine::new();
+    let mut policy_keys = Vec::new();
     let mut snapshot = policies::Snapshot::new();
     if let Some(dir) = &opts.policies {
         snapshot = policies::snapshot(dir)?;
         let set = policies::load_dir(dir)?;
         policy_keys = policies::replace(&mut engine, &set, &[])?.0;
     }
-    let mut claims = Vec::with_capacity(specs.len());
-    for (i, w) in specs.iter().enumerate() {
-        claims.push(claims_for(&source, i, w, &engine)?);
-    }
     let config = ProcessorConfig {
         auth_mark: opts.auth_mark,
         ..ProcessorConfig::default()
     };
-    let mut processor = Processor::new(node, engine, config);
-    for (i, (w, c)) in specs.iter().zip(claims).enumerate() {
-        let key = PodKey {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-        };
-        processor.add_workload(WorkloadId(i as u32), key, c);
-    }
+    let processor = Arc::new(Mutex::new(Processor::new(node, engine, config)));
     tracing::info!(
         node = %opts.node_name,
         peers,
-        workloads = specs.len(),
+        runtime = opts.runtime.name(),
         policies = policy_keys.len(),
         mode = if opts.accept_all { "accept-all" } else { "enforce" },
         "tessera agent starting"
     );
-    let processor = Arc::new(Mutex::new(processor));
-    let rules = RuleConfig {
-        queue_num: opts.queue_num,
-        auth_mark: opts.auth_mark,
-        fail_open: opts.fail_open,
-    };
-    let qcfg = QueueConfig {
-        queue_num: opts.queue_num,
-        max_len: opts.queue_max_len,
-        fail_open: opts.fail_open,
-        ..QueueConfig::default()
-    };
-    let mode = if opts.accept_all {
-        Mode::AcceptAll
-    } else {
-        Mode::Enforce
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut enforced: Vec<Enforced> = Vec::new();
-    let mut stats = Vec::new();
-    for (i, w) in specs.iter().enumerate() {
-        let name = format!("{}/{}", w.namespace, w.name);
-        let netns = netns_of(w);
-        let started = start_workload(&netns, qcfg, rules).await;
-        let (queue, installed) = match started {
-            Ok(ok) => ok,
-            Err(e) => {
-                stop_tx.send_replace(true);
-                shutdown(enforced).await;
-                return Err(e.context(format!("{source}: workloads[{i}] ({name})")));
-            }
-        };
-        tracing::info!(
-            workload = %name,
-            netns = %netns.path().display(),
-            queue = opts.queue_num,
-            reapplied = installed.reapplied,
-            grandfathered = installed.grandfathered,
-            "workload enforced"
-        );
-        let qstats = Arc::new(QueueStats::default());
-        qstats.serving.store(true, Ordering::Relaxed);
-        stats.push((name.clone(), qstats.clone()));
-        let task = tokio::spawn(serve(
-            queue,
-            WorkloadId(i as u32),
-            name.clone(),
-            processor.clone(),
-            mode,
-            qstats,
-            stop_rx.clone(),
-        ));
-        enforced.push(Enforced { name, netns, task });
-    }
     let shared = Arc::new(Shared {
+        node_name: opts.node_name.clone(),
+        runtime: opts.runtime.name(),
         processor: processor.clone(),
-        queues: stats,
+        workloads: Mutex::new(BTreeMap::new()),
         policies: AtomicUsize::new(policy_keys.len()),
         reload_failures: AtomicU64::new(0),
+        workload_failures: AtomicU64::new(0),
+        enforce_latency: Mutex::new(EnforceLatency::default()),
+        ready: AtomicBool::new(false),
     });
+    let mut agent = Agent {
+        shared: shared.clone(),
+        processor,
+        workloads: HashMap::new(),
+        next_id: 0,
+        namespaces: BTreeMap::new(),
+        policy_keys,
+        qcfg: QueueConfig {
+            queue_num: opts.queue_num,
+            max_len: opts.queue_max_len,
+            fail_open: opts.fail_open,
+            ..QueueConfig::default()
+        },
+        rules: RuleConfig {
+            queue_num: opts.queue_num,
+            auth_mark: opts.auth_mark,
+            fail_open: opts.fail_open,
+        },
+        mode: if opts.accept_all {
+            Mode::AcceptAll
+        } else {
+            Mode::Enforce
+        },
+    };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics-addr {addr}"))?;
-        tracing::info!(%addr, "serving /metrics and /healthz");
+        tracing::info!(%addr, "serving /metrics, /healthz and /status");
         tokio::spawn(http::serve(listener, shared.clone()));
     }
-    tokio::spawn(housekeeping(
-        shared.clone(),
-        opts.policies.clone(),
-        snapshot,
-        policy_keys,
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (tx, mut rx) = mpsc::channel::<Event>(1024);
+    let mut runtime_task = tokio::spawn(run_runtime(
+        opts.runtime.clone(),
+        tx.clone(),
         stop_rx.clone(),
     ));
-    wait_for_signal().await?;
+    if let Some(dir) = opts.policies.clone() {
+        tokio::spawn(policies::watch(
+            dir,
+            snapshot,
+            shared.clone(),
+            tx.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    drop(tx);
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut runtime_done = false;
+    let outcome: Result<()> = loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => agent.apply(ev).await,
+                // Every sender is gone: the runtime ended; its result says why.
+                None if !runtime_done => {
+                    runtime_done = true;
+                    match (&mut runtime_task).await {
+                        Ok(Ok(())) => break Ok(()),
+                        Ok(Err(e)) => break Err(e.context(format!("{} runtime", opts.runtime.name()))),
+                        Err(e) => break Err(anyhow::anyhow!("{} runtime task: {e}", opts.runtime.name())),
+                    }
+                }
+                None => break Ok(()),
+            },
+            r = &mut runtime_task, if !runtime_done => {
+                runtime_done = true;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e.context(format!("{} runtime", opts.runtime.name()))),
+                    Err(e) => break Err(anyhow::anyhow!("{} runtime task: {e}", opts.runtime.name())),
+                }
+            }
+            _ = tick.tick() => agent.housekeeping(),
+            s = &mut signal => break s,
+        }
+    };
     tracing::info!("stopping: removing rules");
     stop_tx.send_replace(true);
-    shutdown(enforced).await;
-    tracing::info!("stopped cleanly");
-    Ok(())
+    agent.shutdown().await;
+    if outcome.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
+    outcome
+}
+
+async fn run_runtime(
+    r: RuntimeOptions,
+    tx: runtime::Sender,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    match r {
+        RuntimeOptions::Static { inventory } => runtime::inventory::run(inventory, tx, stop).await,
+        RuntimeOptions::Docker(cfg) => runtime::docker::run(cfg, tx, stop).await,
+    }
 }
 
 async fn start_workload(
@@ -301,27 +843,7 @@ async fn start_workload(
     Ok((queue, installed))
 }
 
-/// Stop every queue task, remove the rules from every namespace, unbind the queues.
-async fn shutdown(enforced: Vec<Enforced>) {
-    // Rules go first, while the readers still answer what is queued.
-    for e in &enforced {
-        let ns = e.netns.clone();
-        match tokio::task::spawn_blocking(move || shell::rules::remove(&ns)).await {
-            Ok(Ok(())) => tracing::info!(workload = %e.name, "rules removed"),
-            Ok(Err(err)) => tracing::error!(workload = %e.name, "removing rules: {err}"),
-            Err(err) => tracing::error!(workload = %e.name, "removing rules: {err}"),
-        }
-    }
-    for e in enforced {
-        if let Ok(Some(mut queue)) = e.task.await
-            && let Err(err) = queue.unbind()
-        {
-            tracing::warn!(workload = %e.name, "unbinding queue: {err}");
-        }
-    }
-}
-
-enum Event {
+enum Served {
     Served(Result<usize, shell::ShellError>),
     Tick,
     Stop,
@@ -346,19 +868,19 @@ async fn serve(
             r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
                 shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng)
-            }) => Event::Served(r),
-            _ = tick.tick() => Event::Tick,
-            _ = stop.changed() => Event::Stop,
+            }) => Served::Served(r),
+            _ = tick.tick() => Served::Tick,
+            _ = stop.changed() => Served::Stop,
         };
         match event {
-            Event::Served(Ok(_)) => {}
-            Event::Served(Err(e)) => {
+            Served::Served(Ok(_)) => {}
+            Served::Served(Err(e)) => {
                 // Fail-closed: the rules stay and the kernel drops what it cannot queue.
                 tracing::error!(workload = %name, "queue reader stopped: {e}");
                 stats.serving.store(false, Ordering::Relaxed);
                 return Some(queue);
             }
-            Event::Tick => {
+            Served::Tick => {
                 if let Some((q, u)) = queue.kernel_drops() {
                     stats.queue_dropped.store(q, Ordering::Relaxed);
                     stats.user_dropped.store(u, Ordering::Relaxed);
@@ -367,66 +889,9 @@ async fn serve(
                     .recv_errors
                     .store(queue.recv_errors, Ordering::Relaxed);
             }
-            Event::Stop => return Some(queue),
+            Served::Stop => return Some(queue),
         }
     }
-}
-
-async fn housekeeping(
-    shared: Arc<Shared>,
-    dir: Option<PathBuf>,
-    mut snapshot: policies::Snapshot,
-    mut keys: Vec<PolicyKey>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let (mut qd, mut ud) = (0, 0);
-        for (_, s) in &shared.queues {
-            qd += s.queue_dropped.load(Ordering::Relaxed);
-            ud += s.user_dropped.load(Ordering::Relaxed);
-        }
-        {
-            let mut p = lock(&shared.processor);
-            p.expire(now_ms());
-            p.metrics_mut().set_queue_drops(qd, ud);
-        }
-        let Some(dir) = &dir else { continue };
-        let now = match policies::snapshot(dir) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("policy directory: {e:#}");
-                continue;
-            }
-        };
-        if now == snapshot {
-            continue;
-        }
-        snapshot = now;
-        match reload(&shared, dir, &keys) {
-            Ok(new_keys) => {
-                tracing::info!(policies = new_keys.len(), "policies reloaded");
-                shared.policies.store(new_keys.len(), Ordering::Relaxed);
-                keys = new_keys;
-            }
-            Err(e) => {
-                shared.reload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "policy reload refused, the previous policies stay in force:\n{e:#}"
-                );
-            }
-        }
-    }
-}
-
-fn reload(shared: &Shared, dir: &std::path::Path, keys: &[PolicyKey]) -> Result<Vec<PolicyKey>> {
-    let set = policies::load_dir(dir)?;
-    let mut p = lock(&shared.processor);
-    Ok(policies::replace(p.engine_mut(), &set, keys)?.0)
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -440,50 +905,33 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
+/// `tessera run --check`: load keys, the inventory and the policies as a start would, touch
+/// nothing in the kernel.
+pub fn check_only(opts: &Options) -> Result<()> {
+    let (_, peers) = keys::load(&opts.node_name, &opts.keys, now_ms())?;
+    let mut workloads = None;
+    if let RuntimeOptions::Static { inventory } = &opts.runtime {
+        workloads = Some(runtime::inventory::load(inventory)?.len());
+    }
+    let mut n_policies = None;
+    if let Some(dir) = &opts.policies {
+        n_policies = Some(policies::load_dir(dir)?.len());
+    }
+    tracing::info!(
+        node = %opts.node_name,
+        peers,
+        runtime = opts.runtime.name(),
+        workloads,
+        policies = n_policies,
+        "configuration checked"
+    );
+    Ok(())
+}
+
 /// Refuse options that cannot work together.
 pub fn check(opts: &Options) -> Result<()> {
     if opts.auth_mark == 0 {
         bail!("--auth-mark must not be 0");
     }
     Ok(())
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn inventory_becomes_engine_workloads_with_namespace_labels() {
-        let specs = inventory::parse(
-            "inv.yaml",
-            "workloads:\n  - {name: web-1, namespace: demo, labels: {role: web}, namespaceLabels: {team: a}, pid: 1, ports: [{name: http, port: 80}]}\n",
-        )
-        .unwrap();
-        let engine = engine_from_inventory("inv.yaml", &specs).unwrap();
-        let labels = engine.namespace_labels("demo").unwrap();
-        assert_eq!(labels["team"], "a");
-        assert_eq!(labels["kubernetes.io/metadata.name"], "demo");
-        let claims = claims_for("inv.yaml", 0, &specs[0], &engine).unwrap();
-        assert_eq!(
-            claims.namespace_labels()["kubernetes.io/metadata.name"],
-            "demo"
-        );
-        assert_eq!(claims.labels()["role"], "web");
-        assert_eq!(engine.workloads().count(), 1);
-    }
-
-    #[test]
-    fn invalid_labels_name_the_workload() {
-        let specs = inventory::parse(
-            "inv.yaml",
-            "workloads:\n  - {name: web-1, namespace: demo, pid: 1}\n  - {name: w, namespace: demo, labels: {'bad key!': x}, pid: 2}\n",
-        )
-        .unwrap();
-        let e = format!(
-            "{:#}",
-            engine_from_inventory("inv.yaml", &specs).err().unwrap()
-        );
-        assert!(e.starts_with("inv.yaml: workloads[1]"), "{e}");
-    }
 }

@@ -76,6 +76,56 @@ pub fn load_dir(dir: &Path) -> Result<Vec<NetworkPolicy>> {
     Ok(policies)
 }
 
+/// Watch the directory (polled every second) and send the whole set after every change that
+/// loads cleanly; a bad file is reported by name and nothing is sent, so the last good set stays
+/// in force.
+pub async fn watch(
+    dir: PathBuf,
+    mut seen: Snapshot,
+    shared: std::sync::Arc<super::Shared>,
+    tx: crate::runtime::Sender,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let origin = dir.display().to_string();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = match snapshot(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("policy directory: {e:#}");
+                continue;
+            }
+        };
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load_dir(&dir) {
+            Ok(policies) => {
+                let event = crate::runtime::Event::Policies {
+                    origin: origin.clone(),
+                    policies,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                shared
+                    .reload_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    "policy reload refused, the previous policies stay in force:\n{e:#}"
+                );
+            }
+        }
+    }
+}
+
 /// Replace the engine's policies by `policies`: apply each (a replacement is atomic per policy)
 /// and remove those that are gone. Returns (applied, removed).
 pub fn replace(

@@ -1,3 +1,4 @@
 pub mod pki;
 pub mod policy;
 pub mod run;
+pub mod status;

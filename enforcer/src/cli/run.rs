@@ -2,34 +2,74 @@
 //! a flag on the command line wins over the environment.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 
-use crate::agent::{self, Options, keys::KeySource};
+use crate::agent::{self, Options, RuntimeOptions, keys::KeySource};
+use crate::runtime::docker::DockerConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
+/// Where workloads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A static inventory file (`--inventory`), reloaded on change.
+    Static,
+    /// The containers of a Docker daemon (`--docker-host`), followed through its event stream.
+    Docker,
+}
+
+/// `tessera run`. Every setting comes, in this order of precedence, from the command line, the
+/// environment (`TESSERA_*`), the config file (`--config`, keys in camelCase), or its default.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// YAML config file; its keys are the long flags in camelCase (`nodeName`, `pskFile`,
+    /// `docker: {host, namespaceLabel, filters}`, ...). Flags and environment win over it.
+    #[arg(long, env = "TESSERA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (keys, inventory, policies) and exit without touching the kernel.
+    #[arg(long, env = "TESSERA_CHECK")]
+    pub check: bool,
     /// This node's name (PSK mode: the name in tokens; PKI mode: must match --node-cert).
     #[arg(long, env = "TESSERA_NODE_NAME", value_name = "NAME")]
-    pub node_name: String,
-    /// Static inventory of the workloads to enforce (YAML).
+    pub node_name: Option<String>,
+    /// Where workloads come from [default: static with --inventory].
+    #[arg(long, env = "TESSERA_RUNTIME", value_enum)]
+    pub runtime: Option<RuntimeKind>,
+    /// Static inventory of the workloads to enforce (YAML), reloaded when it changes.
     #[arg(long, env = "TESSERA_INVENTORY", value_name = "FILE")]
-    pub inventory: PathBuf,
+    pub inventory: Option<PathBuf>,
+    /// Docker daemon to follow [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "TESSERA_DOCKER_HOST", value_name = "URL")]
+    pub docker_host: Option<String>,
+    /// Container label naming a container's namespace when it has no
+    /// `io.kubernetes.pod.namespace` label [default: tessera.dev/namespace].
+    #[arg(long, env = "TESSERA_DOCKER_NAMESPACE_LABEL", value_name = "LABEL")]
+    pub docker_namespace_label: Option<String>,
+    /// Enforce only containers with this label (`key` or `key=value`); repeatable
+    /// (comma-separated in the environment) [default: every container].
+    #[arg(
+        long,
+        env = "TESSERA_DOCKER_FILTER",
+        value_name = "LABEL",
+        value_delimiter = ','
+    )]
+    pub docker_filter: Vec<String>,
     /// Directory of NetworkPolicy YAML files, reloaded when a file changes.
     #[arg(long, env = "TESSERA_POLICIES", value_name = "DIR")]
     pub policies: Option<PathBuf>,
     /// Pre-shared key file (PSK mode); trailing whitespace is ignored.
-    #[arg(long, env = "TESSERA_PSK_FILE", value_name = "FILE",
-          conflicts_with_all = ["ca_cert", "node_cert", "node_key", "peer_certs"])]
+    #[arg(long, env = "TESSERA_PSK_FILE", value_name = "FILE")]
     pub psk_file: Option<PathBuf>,
     /// CA certificate (PKI mode).
     #[arg(long, env = "TESSERA_CA_CERT", value_name = "FILE")]
@@ -46,26 +86,81 @@ pub struct RunArgs {
     /// Let traffic through while no agent reads the queue (default: fail closed).
     #[arg(long, env = "TESSERA_FAIL_OPEN")]
     pub fail_open: bool,
-    /// NFQUEUE number used in every workload namespace.
-    #[arg(long, env = "TESSERA_QUEUE_NUM", default_value_t = 7)]
-    pub queue_num: u16,
-    /// Kernel queue length per workload (packets awaiting a verdict).
-    #[arg(long, env = "TESSERA_QUEUE_MAX_LEN", default_value_t = 8192)]
-    pub queue_max_len: u32,
+    /// NFQUEUE number used in every workload namespace [default: 7].
+    #[arg(long, env = "TESSERA_QUEUE_NUM")]
+    pub queue_num: Option<u16>,
+    /// Kernel queue length per workload (packets awaiting a verdict) [default: 8192].
+    #[arg(long, env = "TESSERA_QUEUE_MAX_LEN")]
+    pub queue_max_len: Option<u32>,
     /// Mark bit of authorized flows (nfmark / connmark), hex or decimal: a single bit; the bit
-    /// above it is used too (re-auth).
-    #[arg(long, env = "TESSERA_AUTH_MARK", default_value = "0x10000000", value_parser = parse_mark)]
-    pub auth_mark: u32,
-    /// Address for /metrics and /healthz; "off" disables the endpoint.
-    #[arg(long, env = "TESSERA_METRICS_ADDR", default_value = "127.0.0.1:9090")]
-    pub metrics_addr: String,
-    /// Log format.
-    #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// above it is used too (re-auth) [default: 0x10000000].
+    #[arg(long, env = "TESSERA_AUTH_MARK", value_parser = parse_mark)]
+    pub auth_mark: Option<u32>,
+    /// Address for /metrics, /healthz and /status; "off" disables it [default: 127.0.0.1:9090].
+    #[arg(long, env = "TESSERA_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Debug/benchmark only: same rules, but the queue reader accepts everything (no tokens,
     /// no policy).
     #[arg(long, env = "TESSERA_ACCEPT_ALL")]
     pub accept_all: bool,
+}
+
+/// The config file: the same settings as the flags, in camelCase.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    node_name: Option<String>,
+    runtime: Option<RuntimeKind>,
+    inventory: Option<PathBuf>,
+    docker: Option<DockerFileConfig>,
+    policies: Option<PathBuf>,
+    psk_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    node_cert: Option<PathBuf>,
+    node_key: Option<PathBuf>,
+    peer_certs: Option<PathBuf>,
+    fail_open: Option<bool>,
+    queue_num: Option<u16>,
+    queue_max_len: Option<u32>,
+    auth_mark: Option<MarkValue>,
+    metrics_addr: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DockerFileConfig {
+    host: Option<String>,
+    namespace_label: Option<String>,
+    #[serde(default)]
+    filters: Vec<String>,
+}
+
+/// A mark in the config file: a number, or a string in hex or decimal.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MarkValue {
+    Number(u32),
+    Text(String),
+}
+
+/// Read a config file; errors name the file and the field.
+pub fn load_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let de = serde_norway::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            anyhow::anyhow!("{}: {inner}", path.display())
+        } else {
+            anyhow::anyhow!("{}: {field}: {inner}", path.display())
+        }
+    })
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -84,48 +179,127 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 }
 
 impl RunArgs {
-    /// The agent's options, checked.
+    /// The agent's options: flags and environment over the config file over defaults, checked.
     pub fn options(&self) -> Result<Options> {
-        let keys = match (
-            &self.psk_file,
-            &self.ca_cert,
-            &self.node_cert,
-            &self.node_key,
-            &self.peer_certs,
-        ) {
-            (Some(psk), None, None, None, None) => KeySource::Psk(psk.clone()),
-            (None, Some(ca), Some(cert), Some(key), Some(peers)) => KeySource::Pki {
-                ca_cert: ca.clone(),
-                node_cert: cert.clone(),
-                node_key: key.clone(),
-                peer_certs: peers.clone(),
+        let file = match &self.config {
+            Some(path) => load_config(path)?,
+            None => FileConfig::default(),
+        };
+        let origin = |key: &str| match &self.config {
+            Some(p) => format!("{} ({key})", p.display()),
+            None => key.to_owned(),
+        };
+        let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or(file.clone());
+        let node_name = self
+            .node_name
+            .clone()
+            .or(file.node_name.clone())
+            .context("no node name: give --node-name (or nodeName in the config file)")?;
+        let psk_file = pick(&self.psk_file, &file.psk_file);
+        let pki = (
+            pick(&self.ca_cert, &file.ca_cert),
+            pick(&self.node_cert, &file.node_cert),
+            pick(&self.node_key, &file.node_key),
+            pick(&self.peer_certs, &file.peer_certs),
+        );
+        let keys = match (psk_file, pki) {
+            (Some(psk), (None, None, None, None)) => KeySource::Psk(psk),
+            (None, (Some(ca), Some(cert), Some(key), Some(peers))) => KeySource::Pki {
+                ca_cert: ca,
+                node_cert: cert,
+                node_key: key,
+                peer_certs: peers,
             },
-            (None, None, None, None, None) => bail!(
+            (None, (None, None, None, None)) => bail!(
                 "no identity: give --psk-file, or --ca-cert, --node-cert, --node-key and --peer-certs"
+            ),
+            (Some(_), _) => bail!(
+                "--psk-file and the PKI settings (--ca-cert, --node-cert, --node-key, --peer-certs) exclude each other"
             ),
             _ => bail!("PKI mode needs all of --ca-cert, --node-cert, --node-key and --peer-certs"),
         };
-        let metrics_addr = match self.metrics_addr.as_str() {
+        let inventory = pick(&self.inventory, &file.inventory);
+        let kind = match (self.runtime.or(file.runtime), &inventory) {
+            (Some(k), _) => k,
+            (None, Some(_)) => RuntimeKind::Static,
+            (None, None) => bail!(
+                "no runtime: give --runtime docker, or --inventory FILE for a static inventory"
+            ),
+        };
+        let docker_file = file.docker.unwrap_or_default();
+        let runtime = match kind {
+            RuntimeKind::Static => RuntimeOptions::Static {
+                inventory: inventory.context("--runtime static needs --inventory FILE")?,
+            },
+            RuntimeKind::Docker => {
+                let defaults = DockerConfig::default();
+                let filters = if self.docker_filter.is_empty() {
+                    docker_file.filters
+                } else {
+                    self.docker_filter.clone()
+                };
+                RuntimeOptions::Docker(DockerConfig {
+                    host: self
+                        .docker_host
+                        .clone()
+                        .or(docker_file.host)
+                        .unwrap_or(defaults.host),
+                    namespace_label: self
+                        .docker_namespace_label
+                        .clone()
+                        .or(docker_file.namespace_label)
+                        .unwrap_or(defaults.namespace_label),
+                    filters,
+                })
+            }
+        };
+        let metrics = self
+            .metrics_addr
+            .clone()
+            .or(file.metrics_addr.clone())
+            .unwrap_or_else(|| "127.0.0.1:9090".into());
+        let metrics_addr = match metrics.as_str() {
             "off" | "" => None,
             addr => Some(
                 addr.parse::<SocketAddr>()
-                    .with_context(|| format!("--metrics-addr {addr:?}"))?,
+                    .with_context(|| format!("{}: {addr:?}", origin("metricsAddr")))?,
             ),
         };
+        let auth_mark = match (self.auth_mark, &file.auth_mark) {
+            (Some(m), _) => m,
+            (None, Some(MarkValue::Number(n))) => parse_mark(&n.to_string())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", origin("authMark")))?,
+            (None, Some(MarkValue::Text(t))) => {
+                parse_mark(t).map_err(|e| anyhow::anyhow!("{}: {e}", origin("authMark")))?
+            }
+            (None, None) => 0x1000_0000,
+        };
         let opts = Options {
-            node_name: self.node_name.clone(),
-            inventory: self.inventory.clone(),
-            policies: self.policies.clone(),
+            node_name,
+            runtime,
+            policies: pick(&self.policies, &file.policies),
             keys,
-            fail_open: self.fail_open,
-            queue_num: self.queue_num,
-            queue_max_len: self.queue_max_len,
-            auth_mark: self.auth_mark,
+            fail_open: self.fail_open || file.fail_open.unwrap_or(false),
+            queue_num: self.queue_num.or(file.queue_num).unwrap_or(7),
+            queue_max_len: self.queue_max_len.or(file.queue_max_len).unwrap_or(8192),
+            auth_mark,
             metrics_addr,
             accept_all: self.accept_all,
         };
         agent::check(&opts)?;
         Ok(opts)
+    }
+
+    /// The log format: flag/env, else the config file's, else text.
+    pub fn log_format(&self) -> LogFormat {
+        if let Some(f) = self.log_format {
+            return f;
+        }
+        self.config
+            .as_deref()
+            .and_then(|p| load_config(p).ok())
+            .and_then(|c| c.log_format)
+            .unwrap_or(LogFormat::Text)
     }
 }
 
@@ -145,8 +319,13 @@ fn init_logging(format: LogFormat) {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    init_logging(args.log_format);
+    init_logging(args.log_format());
     let opts = args.options()?;
+    if args.check {
+        agent::check_only(&opts)?;
+        println!("configuration OK");
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -234,9 +413,9 @@ mod tests {
     fn environment_is_used_and_flags_win_over_it() {
         if std::env::var_os("TESSERA_RUN_ENV_CHILD").is_some() {
             let a = parse(&["--queue-num", "12"]).unwrap();
-            assert_eq!(a.node_name, "from-env");
-            assert_eq!(a.queue_num, 12);
-            assert_eq!(a.auth_mark, 0x20);
+            assert_eq!(a.node_name.as_deref(), Some("from-env"));
+            assert_eq!(a.queue_num, Some(12));
+            assert_eq!(a.auth_mark, Some(0x20));
             return;
         }
         let status = std::process::Command::new(std::env::current_exe().unwrap())
@@ -268,6 +447,10 @@ mod tests {
             .options()
             .unwrap_err();
         assert!(e.to_string().contains("--peer-certs"), "{e}");
-        assert!(parse(&[&BASE[..], &["--ca-cert", "ca"]].concat()).is_err());
+        let e = parse(&[&BASE[..], &["--ca-cert", "ca"]].concat())
+            .unwrap()
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("exclude each other"), "{e}");
     }
 }

@@ -1,11 +1,16 @@
-//! The static inventory: the workloads this node enforces, from a YAML file.
+//! The static inventory: the workloads this node enforces, from a YAML file. The file is
+//! re-read when it changes; a bad version is reported by file and field and the last good one
+//! stays in force.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use policy::{ContainerPort, PodKey, Protocol};
 use serde::Deserialize;
+
+use super::{Desired, Event, NetnsRef, Sender};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,13 +53,6 @@ fn tcp() -> String {
     "TCP".into()
 }
 
-/// Where a workload's network namespace is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetnsRef {
-    Path(PathBuf),
-    Pid(u32),
-}
-
 impl WorkloadSpec {
     pub fn netns_ref(&self) -> NetnsRef {
         match (&self.netns, self.pid) {
@@ -62,6 +60,94 @@ impl WorkloadSpec {
             (None, Some(pid)) => NetnsRef::Pid(pid),
             // parse() refuses this case.
             (None, None) => NetnsRef::Pid(0),
+        }
+    }
+}
+
+fn protocol(p: &str) -> Protocol {
+    match p {
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        _ => Protocol::Tcp,
+    }
+}
+
+/// The workloads as the agent wants them; `source` names the file in log lines.
+pub fn desired(source: &str, specs: &[WorkloadSpec]) -> Vec<Desired> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, w)| Desired {
+            key: PodKey {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+            },
+            labels: w.labels.clone(),
+            namespace_labels: Some(w.namespace_labels.clone()),
+            ports: w
+                .ports
+                .iter()
+                .map(|p| ContainerPort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: protocol(&p.protocol),
+                })
+                .collect(),
+            ips: w.ips.clone(),
+            netns: w.netns_ref(),
+            origin: format!("{source}: workloads[{i}]"),
+            started_at: None,
+        })
+        .collect()
+}
+
+fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).ok().and_then(|m| m.modified().ok())
+}
+
+/// The static runtime: the inventory at start (an error here stops the agent), then again each
+/// time the file changes (polled every second; an error is logged and the last good inventory
+/// stays in force).
+pub async fn run(
+    path: PathBuf,
+    tx: Sender,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let source = path.display().to_string();
+    let mut seen = mtime(&path);
+    let specs = load(&path)?;
+    if tx
+        .send(Event::Sync(desired(&source, &specs)))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        let now = mtime(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load(&path) {
+            Ok(specs) => {
+                tracing::info!(file = %source, workloads = specs.len(), "inventory reloaded");
+                if tx
+                    .send(Event::Sync(desired(&source, &specs)))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) => tracing::error!(
+                "inventory reload refused, the previous inventory stays in force: {e:#}"
+            ),
         }
     }
 }
