@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README's test command: everything the project tests, from a fresh Debian machine, as root.
 # Installs what it needs, then runs the whole suite, including the real-kernel datapath tests
-# (network namespaces, iptables, NFQUEUE: enforcer/tests/netns_*.rs, tests/netns/tests/), which
-# run when root and fail under CI=true when not root. Exits non-zero on any failure.
+# (network namespaces, iptables, NFQUEUE: enforcer/tests/netns_*.rs, tests/netns/tests/) and the
+# Docker tests (each starts its own private dockerd: the host's Docker and networking are left
+# alone), which run when root and fail under CI=true when not root. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ declare -A pkg=(
   [busybox]=busybox-static
   [sysctl]=procps
   [tcpdump]=tcpdump
+  [dockerd]=docker.io
 )
 need_apt=()
 for cmd in "${!pkg[@]}"; do
