@@ -118,8 +118,9 @@ pub enum Note {
     BadPorts { item: String, reason: String },
 }
 
-/// What [`map_container`] decided.
+/// What [`map_container`] decided (short-lived: one per inspect, so not boxed).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Mapping {
     Enforce { desired: Desired, notes: Vec<Note> },
     Skip(Skip),
@@ -127,6 +128,7 @@ pub enum Mapping {
 
 impl Mapping {
     /// The workload, when enforced.
+    #[cfg(test)]
     pub fn desired(self) -> Option<Desired> {
         match self {
             Mapping::Enforce { desired, .. } => Some(desired),
@@ -734,6 +736,7 @@ async fn handle_event(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use bollard::models::{

@@ -16,6 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod docker;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
@@ -102,6 +103,7 @@ pub fn sweep_leftovers() {
         }
         let _ = run_status(&["ip", "netns", "del", name]);
     }
+    docker::sweep_leftovers();
 }
 
 /// `ts-<pid>-<k>-...` → pid.

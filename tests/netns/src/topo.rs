@@ -133,8 +133,10 @@ impl TestbedBuilder {
             policies: self.policies.clone(),
             agent_cfg: self.agent.clone(),
             created: Vec::new(),
+            x,
+            yb,
         };
-        let link = [Ipv4Addr::new(10, x, yb, 1), Ipv4Addr::new(10, x, yb, 2)];
+        let link = tb.link();
         for n in tb.nodes.clone() {
             tb.add_ns(&n);
             run(&[
@@ -168,61 +170,9 @@ impl TestbedBuilder {
         for (j, spec) in self.workloads.into_iter().enumerate() {
             assert!(spec.node == 1 || spec.node == 2, "node must be 1 or 2");
             assert!(j < 30, "at most 30 workloads");
-            let node = tb.nodes[usize::from(spec.node - 1)].clone();
-            let other = tb.nodes[usize::from(2 - spec.node)].clone();
             let ns = format!("ts-{id}-{}", spec.name);
             tb.add_ns(&ns);
-            let sub = yb + 1 + j as u8;
-            let gw = Ipv4Addr::new(10, x, sub, 1);
-            let ip = Ipv4Addr::new(10, x, sub, 2);
-            let dev = format!("w{j}");
-            run(&[
-                "ip", "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name",
-                &dev, "netns", &node,
-            ]);
-            run(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/24"),
-                "dev",
-                &dev,
-            ]);
-            run(&["ip", "-n", &node, "link", "set", &dev, "up"]);
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ]);
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &gw.to_string(),
-            ]);
-            let via = link[usize::from(spec.node - 1)].to_string();
-            run(&[
-                "ip",
-                "-n",
-                &other,
-                "route",
-                "add",
-                &format!("10.{x}.{sub}.0/24"),
-                "via",
-                &via,
-            ]);
+            let ip = tb.wire(j, spec.node, &ns);
             for &(_, port) in &spec.ports {
                 let serve = if spec.sinks.contains(&port) {
                     Serve::Sink
@@ -261,6 +211,9 @@ pub struct Testbed {
     policies: Option<PathBuf>,
     agent_cfg: Option<AgentConfig>,
     created: Vec<String>,
+    /// Addressing: workloads get `10.x.(yb+1+j).0/24`, the nodes' link is `10.x.yb.0/24`.
+    x: u8,
+    yb: u8,
 }
 
 impl Testbed {
@@ -271,6 +224,125 @@ impl Testbed {
             policies: None,
             serve: Serve::Threaded,
         }
+    }
+
+    /// Addresses of the nodes on their link.
+    fn link(&self) -> [Ipv4Addr; 2] {
+        [
+            Ipv4Addr::new(10, self.x, self.yb, 1),
+            Ipv4Addr::new(10, self.x, self.yb, 2),
+        ]
+    }
+
+    /// Links netns `ns` (workload number `j`) to its node: a veth `eth0` in `ns`, `w<j>` in the
+    /// node, addresses from `10.x.(yb+1+j).0/24`, default route via the node, and a route to
+    /// it on the other node. Returns the workload's address.
+    fn wire(&mut self, j: usize, node: u8, ns: &str) -> Ipv4Addr {
+        assert!(node == 1 || node == 2, "node must be 1 or 2");
+        assert!(j < 30, "at most 30 workloads");
+        let (x, yb) = (self.x, self.yb);
+        let link = self.link();
+        let other = self.nodes[usize::from(2 - node)].clone();
+        let node_ns = self.nodes[usize::from(node - 1)].clone();
+        let sub = yb + 1 + j as u8;
+        let gw = Ipv4Addr::new(10, x, sub, 1);
+        let ip = Ipv4Addr::new(10, x, sub, 2);
+        let dev = format!("w{j}");
+        run(&[
+            "ip", "link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", &dev,
+            "netns", &node_ns,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node_ns,
+            "addr",
+            "add",
+            &format!("{gw}/24"),
+            "dev",
+            &dev,
+        ]);
+        run(&["ip", "-n", &node_ns, "link", "set", &dev, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+        ]);
+        let via = link[usize::from(node - 1)].to_string();
+        run(&[
+            "ip",
+            "-n",
+            &other,
+            "route",
+            "add",
+            &format!("10.{x}.{sub}.0/24"),
+            "via",
+            &via,
+        ]);
+        ip
+    }
+
+    /// Gives an existing netns (a container's: that of process `pid`) connectivity as a new
+    /// workload `name` behind `node`: the netns is attached as `ts-<id>-<name>`
+    /// (`ip netns attach`, so every helper that takes a netns name works on it) and wired
+    /// like the built workloads. The workload is not in any inventory (`enforced: false`: a
+    /// runtime such as Docker tells the agent about it); deleted (detached) on drop.
+    pub fn attach_netns(&mut self, node: u8, name: &str, pid: u32) -> Workload {
+        let ns = format!("ts-{}-{name}", self.id);
+        run(&["ip", "netns", "attach", &ns, &pid.to_string()]);
+        self.created.push(ns.clone());
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        let j = self.workloads.len();
+        let ip = self.wire(j, node, &ns);
+        let mut spec = WorkloadSpec::new(name, node, "").unenforced();
+        spec.labels.clear();
+        let w = Workload { spec, ns, ip };
+        self.workloads.push(w.clone());
+        w
+    }
+
+    /// Starts an echo server (thread per connection) on `port` inside workload `name`.
+    pub fn serve(&mut self, name: &str, port: u16) {
+        let ns = self.workload(name).ns.clone();
+        self.servers.push((
+            name.to_owned(),
+            EchoServer::start(&ns, port, Serve::Threaded),
+        ));
+    }
+
+    /// Starts the agent of `node` (1 first, then 2) with `runtime_args` in place of an
+    /// inventory (e.g. `--runtime docker --docker-host URL`), the keys of `cfg.mode` (written
+    /// on first use) and the testbed's policies; waits until its /metrics answers.
+    pub fn start_agent_with(&mut self, node: u8, cfg: &AgentConfig, runtime_args: &[&str]) {
+        assert_eq!(
+            self.agents.len(),
+            usize::from(node - 1),
+            "start the agent of node 1 before that of node 2"
+        );
+        if self.agent_cfg.is_none() {
+            self.agent_cfg = Some(cfg.clone());
+            self.write_keys(cfg.mode);
+        }
+        let args = runtime_args.iter().map(|a| a.to_string()).collect();
+        let agent = self.spawn_agent_args(node, cfg, args);
+        self.agents.push(agent);
+        self.agents[usize::from(node - 1)].wait_ready(|| true);
     }
 
     fn add_ns(&mut self, ns: &str) {
@@ -498,21 +570,24 @@ impl Testbed {
     }
 
     fn spawn_agent(&self, node: u8, cfg: &AgentConfig) -> Agent {
+        let inventory = self.dir().join(format!("inventory-n{node}.yaml"));
+        let args = vec!["--inventory".into(), inventory.display().to_string()];
+        self.spawn_agent_args(node, cfg, args)
+    }
+
+    fn spawn_agent_args(&self, node: u8, cfg: &AgentConfig, runtime: Vec<String>) -> Agent {
         let n = format!("n{node}");
         let d = self.dir();
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--node-name".into(),
-            self.node_name(&n),
-            "--inventory".into(),
-            d.join(format!("inventory-{n}.yaml")).display().to_string(),
+        let mut args: Vec<String> = vec!["run".into(), "--node-name".into(), self.node_name(&n)];
+        args.extend(runtime);
+        args.extend([
             "--policies".into(),
             self.policies
                 .as_ref()
                 .expect("agents need a policies dir")
                 .display()
                 .to_string(),
-        ];
+        ]);
         match cfg.mode {
             Mode::Psk => {
                 args.push("--psk-file".into());
