@@ -453,4 +453,105 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("exclude each other"), "{e}");
     }
+
+    fn config_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn config_file_fills_in_and_flags_win() {
+        let f = config_file(
+            "nodeName: from-file\nruntime: docker\npskFile: /etc/tessera/psk\nqueueNum: 9\nauthMark: '0x4'\nmetricsAddr: off\ndocker: {host: 'unix:///run/d.sock', filters: [a=b]}\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let o = parse(&["--config", path]).unwrap().options().unwrap();
+        assert_eq!(o.node_name, "from-file");
+        assert_eq!((o.queue_num, o.auth_mark, o.metrics_addr), (9, 4, None));
+        let RuntimeOptions::Docker(d) = &o.runtime else {
+            panic!("{:?}", o.runtime)
+        };
+        assert_eq!(d.host, "unix:///run/d.sock");
+        assert_eq!(d.filters, ["a=b"]);
+        assert_eq!(d.namespace_label, DockerConfig::default().namespace_label);
+        let o = parse(&[
+            "--config",
+            path,
+            "--node-name",
+            "flag",
+            "--queue-num",
+            "3",
+            "--docker-host",
+            "tcp://127.0.0.1:2375",
+        ])
+        .unwrap()
+        .options()
+        .unwrap();
+        assert_eq!((o.node_name.as_str(), o.queue_num), ("flag", 3));
+        let RuntimeOptions::Docker(d) = &o.runtime else {
+            panic!("{:?}", o.runtime)
+        };
+        assert_eq!(d.host, "tcp://127.0.0.1:2375");
+    }
+
+    #[test]
+    fn config_file_errors_name_file_and_key() {
+        let f = config_file("nodeName: n\npskFile: p\nqueueNumber: 3\n");
+        let path = f.path().to_str().unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&["--config", path]).unwrap().options().unwrap_err()
+        );
+        assert!(e.starts_with(path) && e.contains("queueNumber"), "{e}");
+        let f = config_file("nodeName: n\npskFile: p\ninventory: i\nauthMark: '0x30'\n");
+        let path = f.path().to_str().unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&["--config", path]).unwrap().options().unwrap_err()
+        );
+        assert!(
+            e.contains(path) && e.contains("authMark") && e.contains("single bit"),
+            "{e}"
+        );
+        let f = config_file("nodeName: n\npskFile: p\ndocker: {host: x, sockett: y}\n");
+        let path = f.path().to_str().unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&["--config", path]).unwrap().options().unwrap_err()
+        );
+        assert!(e.contains("docker") && e.contains("sockett"), "{e}");
+    }
+
+    #[test]
+    fn a_runtime_is_required_and_static_needs_an_inventory() {
+        let e = parse(&["--node-name", "n", "--psk-file", "p"])
+            .unwrap()
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("no runtime"), "{e}");
+        let e = parse(&["--node-name", "n", "--psk-file", "p", "--runtime", "static"])
+            .unwrap()
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("--inventory"), "{e}");
+    }
+
+    /// The documented surface (examples/static/README.md) names every flag.
+    #[test]
+    fn every_flag_is_documented() {
+        let readme = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/static/README.md"),
+        )
+        .unwrap();
+        let cmd = <Cli as clap::CommandFactory>::command();
+        for arg in cmd.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    readme.contains(&format!("`--{long}")),
+                    "--{long} is missing from examples/static/README.md"
+                );
+            }
+        }
+    }
 }
