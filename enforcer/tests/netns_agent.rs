@@ -1,0 +1,148 @@
+//! The agent's workload lifecycle on the real kernel, with the static runtime: the inventory is
+//! edited while the agent runs (a workload added, removed, a bad version refused), and
+//! `tessera status` shows what is enforced. Needs root (tests/run.sh runs it in CI); without
+//! root it prints a SKIP line locally and fails under CI=true.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once};
+
+const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+const OK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn enforced(ns: &str) -> bool {
+    Testbed::mangle_rules(ns).contains("TESSERA-INPUT")
+}
+
+fn wait_until(what: &str, tb: &Testbed, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > Duration::from_secs(15) {
+            panic!("timed out waiting for: {what}\n{}", tb.agent_logs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status(tb: &Testbed, node: u8, json: bool) -> String {
+    let addr = tb.agent(node).metrics_addr().to_string();
+    let mut cmd = Command::new(TESSERA);
+    cmd.args(["status", "--addr", &addr]);
+    if json {
+        cmd.args(["--output", "json"]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "tessera status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Rewrites node 1's inventory (the file the agent was started with) to the given text; the
+/// agent polls it every second. The modification time must change even within one second.
+fn write_inventory(tb: &Testbed, text: &str) {
+    let path = tb.dir().join("inventory-n1.yaml");
+    let before = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    std::fs::write(&path, text).unwrap();
+    while std::fs::metadata(&path).and_then(|m| m.modified()).ok() == before {
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+fn inventory_is_followed(mode: Mode) {
+    let tb = Testbed::builder()
+        .policies(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/policies"))
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend-1", 1, "BusinessBackend").port(Some("api"), 8080))
+        .workload(WorkloadSpec::new("external-2", 2, "External").port(None, 9000))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    let full = tb.inventory_yaml(1);
+    let frontend = tb.workload("frontend-1").ns.clone();
+    let backend = tb.workload("backend-1").ns.clone();
+    assert!(enforced(&frontend) && enforced(&backend));
+    let text = status(&tb, 1, false);
+    assert!(
+        text.contains("shop/frontend-1") && text.contains("shop/backend-1"),
+        "{text}"
+    );
+    assert!(text.contains("WORKLOADS (2)"), "{text}");
+
+    // External may not reach the backend: enforced.
+    assert!(
+        tb.connect("external-2", "backend-1", 8080, Duration::from_secs(2))
+            .is_err(),
+        "external -> backend got through"
+    );
+
+    // The backend leaves the inventory: its rules go, so nothing isolates it any more.
+    let only_frontend: String = {
+        let tb_text = full.clone();
+        let start = tb_text.find("- name: backend-1").unwrap();
+        let end = tb_text[start + 1..]
+            .find("\n- name:")
+            .map_or(tb_text.len(), |i| start + 1 + i + 1);
+        format!("{}{}", &tb_text[..start], &tb_text[end..])
+    };
+    write_inventory(&tb, &only_frontend);
+    wait_until("backend-1's rules removed", &tb, || !enforced(&backend));
+    assert!(enforced(&frontend), "frontend-1 lost its rules");
+    let json = status(&tb, 1, true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = v["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["shop/frontend-1"]);
+
+    // A bad inventory is refused; what is enforced stays.
+    write_inventory(&tb, "workloads:\n  - {name: x, namespace: shop}\n");
+    wait_until("the bad inventory reported", &tb, || {
+        tb.agent_logs().contains("inventory reload refused")
+    });
+    assert!(enforced(&frontend), "a bad inventory removed rules");
+    assert!(!enforced(&backend));
+
+    // Back in the inventory: enforced again, and policy applies to it again.
+    write_inventory(&tb, &full);
+    wait_until("backend-1 enforced again", &tb, || enforced(&backend));
+    wait_until("backend-1 in the status again", &tb, || {
+        status(&tb, 1, false).contains("shop/backend-1")
+    });
+    assert!(
+        tb.connect("external-2", "backend-1", 8080, Duration::from_secs(2))
+            .is_err(),
+        "external -> backend got through after re-enforcement"
+    );
+    let mut s = tb
+        .connect("frontend-1", "backend-1", 8080, OK_TIMEOUT)
+        .unwrap();
+    echo_once(&mut s, 1).unwrap();
+    let text = status(&tb, 1, false);
+    assert!(
+        text.contains("COUNTERS") && text.contains("rejected"),
+        "{text}"
+    );
+}
+
+#[test]
+fn netns_agent_follows_inventory_edits_psk() {
+    if testbed::privileged("netns_agent_follows_inventory_edits_psk") {
+        inventory_is_followed(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_agent_follows_inventory_edits_pki() {
+    if testbed::privileged("netns_agent_follows_inventory_edits_pki") {
+        inventory_is_followed(Mode::Pki);
+    }
+}
