@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Offline validation of every Kubernetes manifest of the repository (deployment/kubernetes/,
-# examples/three-tier/kubernetes/) against the API schemas of the Kubernetes versions below, in
-# strict mode (an unknown or misspelt field is an error), with kubernetes-validate from PyPI,
-# pinned, installed in a virtualenv under target/ on first use. No cluster is contacted.
+# Offline validation of the deployment files, installing the tools it needs on first use:
+# - every Kubernetes manifest of the repository (deployment/kubernetes/,
+#   examples/three-tier/kubernetes/) against the API schemas of the Kubernetes versions below,
+#   in strict mode (an unknown or misspelt field is an error), with kubernetes-validate from
+#   PyPI, pinned, in a virtualenv under target/. No cluster is contacted.
+# - the systemd unit with `systemd-analyze verify` (any warning is an error). The Rust tests
+#   (enforcer/tests/deployment.rs) check it again with the real binary.
 #
-#   deployment/validate.sh [FILE...]     default: every *.yaml of those directories
+#   deployment/validate.sh [FILE...]     default: every *.yaml of those directories, and the unit
 #
 # Environment: TESSERA_VALIDATE_VENV (where the virtualenv goes).
 set -euo pipefail
@@ -15,18 +18,23 @@ KV_VERSION=1.37.0
 # pinned package ships.
 K8S_VERSIONS=(1.33.0 1.37.0)
 
+# apt-get install, as root, of the packages given.
+apt_install() {
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "validate.sh: installing $*" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "validate.sh: missing $* (apt-get install $*)" >&2
+    exit 1
+  fi
+}
+
 venv="${TESSERA_VALIDATE_VENV:-target/kubernetes-validate-$KV_VERSION}"
 kv="$venv/bin/kubernetes-validate"
 
 if ! [ -x "$kv" ] || [ "$("$kv" --version 2>/dev/null)" != "$KV_VERSION" ]; then
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-      echo "validate.sh: installing python3-venv" >&2
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    else
-      echo "validate.sh: python3 with venv is needed (apt-get install python3-venv)" >&2
-      exit 1
-    fi
+    apt_install python3 python3-venv
   fi
   rm -rf "$venv"
   python3 -m venv "$venv"
@@ -45,6 +53,21 @@ if ((${#files[@]} == 0)); then
 fi
 
 status=0
+if (($# == 0)); then
+  command -v systemd-analyze >/dev/null || apt_install systemd
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  # verify checks that ExecStart's program exists: any executable stands in for the binary.
+  sed 's#^ExecStart=/usr/local/bin/tessera #ExecStart=/bin/true #' \
+    deployment/systemd/tessera.service >"$scratch/tessera.service"
+  if out="$(systemd-analyze verify "$scratch/tessera.service" 2>&1)" && [ -z "$out" ]; then
+    echo "validate.sh: deployment/systemd/tessera.service verified (systemd-analyze)"
+  else
+    echo "validate.sh: deployment/systemd/tessera.service: ${out:-systemd-analyze verify failed}" >&2
+    status=1
+  fi
+fi
+
 for version in "${K8S_VERSIONS[@]}"; do
   if "$kv" --strict --quiet -k "$version" "${files[@]}"; then
     echo "validate.sh: ${#files[@]} files valid for Kubernetes $version (strict)"

@@ -52,7 +52,7 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "Kubernetes manifests: offline schema validation, strict"; deployment/validate.sh
+log "deployment files: offline validation (Kubernetes manifests, systemd unit)"; deployment/validate.sh
 
 log "unit, property, conformance, real-kernel datapath tests and benchmarks (compiled and run once)"
 cargo test --workspace --all-targets --locked
