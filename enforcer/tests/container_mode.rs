@@ -108,10 +108,10 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
     let name = "tessera";
     #[rustfmt::skip]
     let run = [
-        "run", "-d", "--name", name, "--restart", "on-failure",
+        "run", "-d", "--name", name, "--restart", "unless-stopped",
         "--pid", "host", "--net", "host",
         "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE",
-        "--read-only",
+        "--read-only", "--security-opt", "no-new-privileges",
         "-v", &etc_mount,
         "-v", "/run/netns:/run/netns:ro,rslave",
         "-v", &sock_mount,
@@ -143,6 +143,39 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The agent really runs confined as the README (and the Kubernetes DaemonSet) say: exactly
+    // three effective capabilities, no new privileges, Docker's default seccomp filter.
+    let pid = daemon.docker(&["inspect", "-f", "{{.State.Pid}}", name]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {k} in {status}"))
+    };
+    const NET_ADMIN: u64 = 1 << 12;
+    const SYS_PTRACE: u64 = 1 << 19;
+    const SYS_ADMIN: u64 = 1 << 21;
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff"), 16).unwrap(),
+        NET_ADMIN | SYS_PTRACE | SYS_ADMIN
+    );
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2", "seccomp filter mode");
+
+    // `tessera status` from inside the container lists the three workloads as enforced.
+    let metrics_env = format!("TESSERA_METRICS_ADDR={metrics}");
+    let status = daemon.docker(&["exec", "-e", &metrics_env, name, "tessera", "status"]);
+    for w in ["shop/external", "shop/frontend", "shop/backend"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.contains(w) && l.contains("enforced")),
+            "{w} not enforced in `tessera status`:\n{status}"
+        );
+    }
+
     // Allowed: WebFrontend -> BusinessBackend on "api".
     let mut s = tb
         .connect("frontend", "backend", 8080, OK_TIMEOUT)
@@ -158,8 +191,8 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         ),
     }
 
-    // `docker stop`: SIGTERM; the agent removes its rules and exits 0 (no restart: stopped by
-    // hand).
+    // `docker stop`: SIGTERM; the agent removes its rules and exits 0 (and stays stopped:
+    // unless-stopped).
     daemon.docker(&["stop", "-t", "20", name]);
     let state = daemon.docker(&[
         "inspect",

@@ -366,6 +366,8 @@ fn kubernetes_daemonset_agrees_with_its_config() {
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
