@@ -16,6 +16,7 @@
 # Layout:
 #   /usr/local/bin/tessera                    0755
 #   /etc/systemd/system/tessera.service       0644
+#   /usr/local/share/doc/tessera/README.md    0644  deployment/README.md (the unit's Documentation=)
 #   /etc/modules-load.d/tessera.conf          0644  netfilter modules the agent needs at boot
 #   /etc/tessera/                             0700
 #   /etc/tessera/config.yaml                  0600  (from deployment/systemd/config.yaml)
@@ -91,12 +92,14 @@ create_once() {
   say "created $dst"
 }
 
-install -d -m 0755 "$root/usr/local/bin" "$root/etc/systemd/system" "$root/etc/modules-load.d"
+install -d -m 0755 "$root/usr/local/bin" "$root/etc/systemd/system" "$root/etc/modules-load.d" \
+  "$root/usr/local/share/doc/tessera"
 install -d -m 0700 "$root/etc/tessera" "$root/etc/tessera/policies"
 chmod 0700 "$root/etc/tessera" "$root/etc/tessera/policies"
 
 install_file "$binary" "$root/usr/local/bin/tessera" 0755
 install_file "$here/tessera.service" "$root/etc/systemd/system/tessera.service" 0644
+install_file "$here/../README.md" "$root/usr/local/share/doc/tessera/README.md" 0644
 
 create_once "$root/etc/modules-load.d/tessera.conf" 0644 <<'EOF'
 # Netfilter modules used by the Tessera agent (the unit may not load modules itself).

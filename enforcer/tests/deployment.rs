@@ -204,6 +204,7 @@ fn install_sh_is_idempotent_and_keeps_keys_private() {
     let expected = [
         ("usr/local/bin/tessera", 0o755),
         ("etc/systemd/system/tessera.service", 0o644),
+        ("usr/local/share/doc/tessera/README.md", 0o644),
         ("etc/modules-load.d/tessera.conf", 0o644),
         ("etc/tessera", 0o700),
         ("etc/tessera/config.yaml", 0o600),
@@ -439,7 +440,7 @@ fn kubernetes_daemonset_agrees_with_its_config() {
         .to_owned();
     let config: Value = serde_norway::from_str(&config_text).unwrap();
     let metrics: std::net::SocketAddr = config["metricsAddr"].as_str().unwrap().parse().unwrap();
-    for probe in ["readinessProbe", "livenessProbe"] {
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["host"], metrics.ip().to_string(), "{probe}");
         assert_eq!(get["port"], metrics.port(), "{probe}");
@@ -451,10 +452,33 @@ fn kubernetes_daemonset_agrees_with_its_config() {
 }
 
 /// The probes `tessera policy matrix -f examples/three-tier/kubernetes/` makes (every pod
-/// against every pod on each declared port) and their verdicts: the table in that directory's
-/// README.
+/// against every pod on each declared port) and their verdicts; the README of that directory
+/// shows the command's real output.
 #[test]
 fn kubernetes_three_tier_example_matrix() {
+    let dir = repo().join("examples/three-tier/kubernetes");
+    let table = Command::new(TESSERA)
+        .args(["policy", "matrix", "-f", "examples/three-tier/kubernetes/"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "{}", text(&table));
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let shown: String = readme
+        .split("$ tessera policy matrix -f examples/three-tier/kubernetes/\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README shows the matrix command and its output")
+        .lines()
+        .filter(|l| !l.starts_with("tessera: skipped"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&table.stdout),
+        shown,
+        "README is stale"
+    );
+
     let out = Command::new(TESSERA)
         .args(["policy", "matrix", "-o", "json", "-f"])
         .arg(repo().join("examples/three-tier/kubernetes"))
