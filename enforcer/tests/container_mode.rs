@@ -52,16 +52,18 @@ fn build_image(daemon: &DockerDaemon, tag: &str) {
     );
 }
 
-/// /etc/tessera for the container: config.yaml (static runtime), the testbed's inventory of
-/// node 1, a PSK (0600) and the three-tier policies.
-fn write_etc(tb: &Testbed, etc: &Path, metrics: SocketAddr) {
+/// /etc/tessera for the container: a PSK (0600), the three-tier policies, the inventory if any,
+/// and config.yaml with `runtime` (and what follows it) as given.
+fn write_etc(etc: &Path, metrics: SocketAddr, inventory: Option<String>, runtime: &str) {
     std::fs::create_dir_all(etc.join("policies")).unwrap();
     let policies = repo().join("examples/three-tier/policies");
     for e in std::fs::read_dir(&policies).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, etc.join("policies").join(p.file_name().unwrap())).unwrap();
     }
-    std::fs::write(etc.join("inventory.yaml"), tb.inventory_yaml(1)).unwrap();
+    if let Some(inventory) = inventory {
+        std::fs::write(etc.join("inventory.yaml"), inventory).unwrap();
+    }
     let mut key = [0u8; 32];
     testbed::topo::getrandom_fill(&mut key);
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
@@ -71,12 +73,97 @@ fn write_etc(tb: &Testbed, etc: &Path, metrics: SocketAddr) {
     std::fs::write(
         etc.join("config.yaml"),
         format!(
-            "nodeName: node-n1\nruntime: static\ninventory: /etc/tessera/inventory.yaml\n\
-             policies: /etc/tessera/policies\npskFile: /etc/tessera/psk\n\
-             metricsAddr: {metrics}\nlogFormat: text\n"
+            "nodeName: node-n1\n{runtime}\npolicies: /etc/tessera/policies\n\
+             pskFile: /etc/tessera/psk\nmetricsAddr: {metrics}\nlogFormat: text\n"
         ),
     )
     .unwrap();
+}
+
+/// The agent container, started with deployment/docker/README.md's `docker run` line (this
+/// test's paths), and its metrics address.
+struct AgentContainer<'a> {
+    daemon: &'a DockerDaemon,
+    name: &'static str,
+    metrics: SocketAddr,
+}
+
+impl<'a> AgentContainer<'a> {
+    /// Builds the image with build-image.sh, writes /etc/tessera under `dir` and runs the agent.
+    fn start(
+        daemon: &'a DockerDaemon,
+        dir: &Path,
+        inventory: Option<String>,
+        runtime: &str,
+    ) -> AgentContainer<'a> {
+        let tag = format!("tessera-test:{}", std::process::id());
+        build_image(daemon, &tag);
+        let etc = dir.join("etc-tessera");
+        let metrics = free_port();
+        write_etc(&etc, metrics, inventory, runtime);
+        let sock = daemon.host().trim_start_matches("unix://").to_owned();
+        let etc_mount = format!("{}:/etc/tessera:ro", etc.display());
+        let sock_mount = format!("{sock}:/var/run/docker.sock");
+        let name = "tessera";
+        #[rustfmt::skip]
+        let run = [
+            "run", "-d", "--name", name, "--restart", "unless-stopped",
+            "--pid", "host", "--net", "host",
+            "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE",
+            "--read-only", "--security-opt", "no-new-privileges",
+            "-v", &etc_mount,
+            "-v", "/run/netns:/run/netns:ro,rslave",
+            "-v", &sock_mount,
+            &tag, "run", "--config", "/etc/tessera/config.yaml",
+        ];
+        daemon.docker(&run);
+        AgentContainer {
+            daemon,
+            name,
+            metrics,
+        }
+    }
+
+    fn logs(&self) -> String {
+        let out = self.daemon.docker_status(&["logs", self.name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Waits until /healthz answers and `ready()` holds.
+    fn wait_ready(&self, what: &str, ready: impl Fn() -> bool) {
+        let start = Instant::now();
+        loop {
+            let healthy = testbed::agent::http_get(self.metrics, "/healthz").is_some();
+            if healthy && ready() {
+                return;
+            }
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "the agent container: {what} not reached within {READY_TIMEOUT:?}; \
+                 healthz: {healthy}; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `docker stop`: SIGTERM; the agent must exit 0 after removing its rules, and stay
+    /// stopped (unless-stopped).
+    fn stop(&self) {
+        self.daemon.docker(&["stop", "-t", "20", self.name]);
+        let state = self.daemon.docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.ExitCode}}",
+            self.name,
+        ]);
+        assert_eq!(state.trim(), "exited 0", "logs:\n{}", self.logs());
+        assert!(self.logs().contains("stopped cleanly"), "{}", self.logs());
+    }
 }
 
 fn enforced(ns: &str) -> bool {
@@ -95,53 +182,18 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         .workload(WorkloadSpec::new("backend", 1, "BusinessBackend").port(Some("api"), 8080))
         .build();
     let daemon = DockerDaemon::start();
-    let tag = format!("tessera-test:{}", std::process::id());
-    build_image(&daemon, &tag);
-
-    let etc = tb.dir().join("etc-tessera");
-    let metrics = free_port();
-    write_etc(&tb, &etc, metrics);
-    let sock = daemon.host().trim_start_matches("unix://").to_owned();
-    let etc_mount = format!("{}:/etc/tessera:ro", etc.display());
-    let sock_mount = format!("{sock}:/var/run/docker.sock");
-    // deployment/docker/README.md's line, with this test's paths.
-    let name = "tessera";
-    #[rustfmt::skip]
-    let run = [
-        "run", "-d", "--name", name, "--restart", "unless-stopped",
-        "--pid", "host", "--net", "host",
-        "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE",
-        "--read-only", "--security-opt", "no-new-privileges",
-        "-v", &etc_mount,
-        "-v", "/run/netns:/run/netns:ro,rslave",
-        "-v", &sock_mount,
-        &tag, "run", "--config", "/etc/tessera/config.yaml",
-    ];
-    daemon.docker(&run);
-    let logs = || {
-        let out = daemon.docker_status(&["logs", name]);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-
-    let start = Instant::now();
+    let agent = AgentContainer::start(
+        &daemon,
+        tb.dir(),
+        Some(tb.inventory_yaml(1)),
+        "runtime: static\ninventory: /etc/tessera/inventory.yaml",
+    );
+    let (name, metrics) = (agent.name, agent.metrics);
+    let logs = || agent.logs();
     let namespaces: Vec<String> = tb.workloads.iter().map(|w| w.ns.clone()).collect();
-    loop {
-        let healthy = testbed::agent::http_get(metrics, "/healthz").is_some();
-        if healthy && namespaces.iter().all(|ns| enforced(ns)) {
-            break;
-        }
-        assert!(
-            start.elapsed() < READY_TIMEOUT,
-            "the agent container did not enforce every workload within {READY_TIMEOUT:?}; \
-             healthz: {healthy}; logs:\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    agent.wait_ready("rules in every workload", || {
+        namespaces.iter().all(|ns| enforced(ns))
+    });
 
     // The agent really runs confined as the README (and the Kubernetes DaemonSet) say: exactly
     // three effective capabilities, no new privileges, Docker's default seccomp filter.
@@ -191,17 +243,7 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         ),
     }
 
-    // `docker stop`: SIGTERM; the agent removes its rules and exits 0 (and stays stopped:
-    // unless-stopped).
-    daemon.docker(&["stop", "-t", "20", name]);
-    let state = daemon.docker(&[
-        "inspect",
-        "-f",
-        "{{.State.Status}} {{.State.ExitCode}}",
-        name,
-    ]);
-    assert_eq!(state.trim(), "exited 0", "logs:\n{}", logs());
-    assert!(logs().contains("stopped cleanly"), "{}", logs());
+    agent.stop();
     for ns in &namespaces {
         let rules = Testbed::mangle_rules(ns);
         assert!(
@@ -214,4 +256,79 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         .connect("external", "backend", 8080, OK_TIMEOUT)
         .expect("without the agent, external -> backend connects");
     echo_once(&mut s, 9).unwrap();
+}
+
+/// `rules` of the netns of process `pid` contain our jump.
+fn pid_enforced(pid: u32) -> bool {
+    let net = format!("--net=/proc/{pid}/ns/net");
+    testbed::run(&["nsenter", &net, "iptables-save", "-t", "mangle"]).contains("-j TESSERA-INPUT")
+}
+
+/// The Docker deployment proper: the agent container follows the daemon whose socket is
+/// mounted at /var/run/docker.sock (`runtime: docker`, only containers labelled
+/// `tessera.dev/enforce=true`), opens their namespaces as /proc/PID/ns/net (host PID namespace,
+/// SYS_PTRACE), enforces the three-tier policies between them, leaves itself alone (host
+/// network), and `docker stop` takes its rules out of the workload containers.
+#[test]
+fn agent_container_follows_docker_containers() {
+    if !testbed::privileged("agent_container_follows_docker_containers") {
+        return;
+    }
+    let mut tb = Testbed::builder()
+        .policies(&repo().join("examples/three-tier/policies"))
+        .build();
+    let daemon = DockerDaemon::start();
+    daemon.import_busybox("tsbox:1");
+    let agent = AgentContainer::start(
+        &daemon,
+        tb.dir(),
+        None,
+        "runtime: docker\ndocker:\n  host: unix:///var/run/docker.sock\n  \
+         namespaceLabel: tessera.dev/namespace\n  filters: [tessera.dev/enforce=true]",
+    );
+    agent.wait_ready("following the daemon", || true);
+
+    let mut pids = Vec::new();
+    for (name, role, ports, port) in [
+        ("frontend", "WebFrontend", "http=80", 80),
+        ("backend", "BusinessBackend", "api=8080", 8080),
+    ] {
+        let c = daemon.run(
+            name,
+            &[
+                ("tessera.dev/enforce", "true"),
+                ("tessera.dev/namespace", "shop"),
+                ("role", role),
+                ("tessera.dev/ports", ports),
+            ],
+            &["tsbox:1", "sleep", "1000000"],
+        );
+        tb.attach_netns(1, name, c.pid);
+        tb.serve(name, port);
+        pids.push(c.pid);
+    }
+    agent.wait_ready("rules in both containers", || {
+        pids.iter().all(|p| pid_enforced(*p))
+    });
+
+    let mut s = tb
+        .connect("frontend", "backend", 8080, OK_TIMEOUT)
+        .unwrap_or_else(|e| panic!("frontend -> backend:8080: {e}\n{}", agent.logs()));
+    echo_once(&mut s, 3).unwrap();
+    drop(s);
+    match tb.connect("backend", "frontend", 80, DENIED_TIMEOUT) {
+        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+        other => panic!(
+            "backend -> frontend:80 must time out (frontend ingress), got {other:?}\n{}",
+            agent.logs()
+        ),
+    }
+
+    agent.stop();
+    for pid in &pids {
+        assert!(
+            !pid_enforced(*pid),
+            "rules left in container pid {pid} after docker stop"
+        );
+    }
 }
