@@ -35,6 +35,27 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
+/// The `docker run` line of deployment/docker/README.md (the block under "## Run it"), as
+/// arguments after `docker`, with this test's paths in place of the README's.
+fn readme_docker_run(replace: &[(&str, &str)]) -> Vec<String> {
+    let readme = std::fs::read_to_string(repo().join("deployment/docker/README.md")).unwrap();
+    let block = readme
+        .split("## Run it")
+        .nth(1)
+        .and_then(|r| r.split("```sh\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("README has a docker run block under '## Run it'");
+    let line = block.replace("\\\n", " ");
+    let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    assert_eq!(args.remove(0), "docker", "{line}");
+    for a in &mut args {
+        if let Some((_, to)) = replace.iter().find(|(from, _)| a == from) {
+            *a = (*to).to_owned();
+        }
+    }
+    args
+}
+
 /// `build-image.sh --binary <this build's tessera> --tag TAG -H <daemon>`.
 fn build_image(daemon: &DockerDaemon, tag: &str) {
     let out = Command::new("bash")
@@ -80,7 +101,7 @@ fn write_etc(etc: &Path, metrics: SocketAddr, inventory: Option<String>, runtime
     .unwrap();
 }
 
-/// The agent container, started with deployment/docker/README.md's `docker run` line (this
+/// The agent container, started with deployment/docker/README.md's `docker run` line itself (this
 /// test's paths), and its metrics address.
 struct AgentContainer<'a> {
     daemon: &'a DockerDaemon,
@@ -105,17 +126,13 @@ impl<'a> AgentContainer<'a> {
         let etc_mount = format!("{}:/etc/tessera:ro", etc.display());
         let sock_mount = format!("{sock}:/var/run/docker.sock");
         let name = "tessera";
-        #[rustfmt::skip]
-        let run = [
-            "run", "-d", "--name", name, "--restart", "unless-stopped",
-            "--pid", "host", "--net", "host",
-            "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE",
-            "--read-only", "--security-opt", "no-new-privileges",
-            "-v", &etc_mount,
-            "-v", "/run/netns:/run/netns:ro,rslave",
-            "-v", &sock_mount,
-            &tag, "run", "--config", "/etc/tessera/config.yaml",
-        ];
+        let run = readme_docker_run(&[
+            ("/etc/tessera:/etc/tessera:ro", &etc_mount),
+            ("/var/run/docker.sock:/var/run/docker.sock", &sock_mount),
+            ("tessera:0.1.0", &tag),
+        ]);
+        assert_eq!(run[..4], ["run", "-d", "--name", name]);
+        let run: Vec<&str> = run.iter().map(String::as_str).collect();
         daemon.docker(&run);
         AgentContainer {
             daemon,
@@ -154,7 +171,7 @@ impl<'a> AgentContainer<'a> {
     /// `docker stop`: SIGTERM; the agent must exit 0 after removing its rules, and stay
     /// stopped (unless-stopped).
     fn stop(&self) {
-        self.daemon.docker(&["stop", "-t", "20", self.name]);
+        self.daemon.docker(&["stop", self.name]);
         let state = self.daemon.docker(&[
             "inspect",
             "-f",
