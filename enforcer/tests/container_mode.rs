@@ -101,8 +101,8 @@ fn write_etc(etc: &Path, metrics: SocketAddr, inventory: Option<String>, runtime
     .unwrap();
 }
 
-/// The agent container, started with deployment/docker/README.md's `docker run` line itself (this
-/// test's paths), and its metrics address.
+/// The agent container, started with the `docker run` line of deployment/docker/README.md
+/// itself (this test's paths), and its metrics address.
 struct AgentContainer<'a> {
     daemon: &'a DockerDaemon,
     name: &'static str,
