@@ -29,6 +29,12 @@ fn policies() -> PathBuf {
 /// of node 1 following the daemon (only containers labelled `tessera.dev/enforce=true`).
 fn setup(daemon: DockerDaemon) -> (DockerDaemon, Testbed) {
     daemon.import_busybox(IMAGE);
+    let tb = agent_for(&daemon);
+    (daemon, tb)
+}
+
+/// An empty testbed and the agent of node 1 following `daemon`.
+fn agent_for(daemon: &DockerDaemon) -> Testbed {
     let mut tb = Testbed::builder().policies(&policies()).build();
     let host = daemon.host();
     tb.start_agent_with(
@@ -43,7 +49,7 @@ fn setup(daemon: DockerDaemon) -> (DockerDaemon, Testbed) {
             "tessera.dev/enforce=true",
         ],
     );
-    (daemon, tb)
+    tb
 }
 
 fn sleeper(d: &DockerDaemon, name: &str, labels: &[(&str, &str)]) -> Container {
@@ -170,6 +176,18 @@ fn a_stopped_container_is_forgotten_and_its_name_enforced_again_in_its_new_netns
     wait_rules(&tb, &db);
     wait_enforced(&tb, 2.0, "web and db running");
 
+    // Paused: the netns stays, so does enforcement. (A container started after the pause is
+    // enforced only once the pause event has been handled.)
+    d.docker(&["pause", "web"]);
+    let probe = sleeper(&d, "probe", &[ENFORCE, SHOP, ("role", "Database")]);
+    wait_rules(&tb, &probe);
+    wait_enforced(&tb, 3.0, "web paused, probe started");
+    assert!(has_rules(web.pid), "a paused container lost its rules");
+    d.docker(&["unpause", "web"]);
+    d.rm("probe");
+    wait_enforced(&tb, 2.0, "web unpaused, probe removed");
+    assert!(has_rules(web.pid), "an unpaused container lost its rules");
+
     d.stop("web");
     wait_enforced(&tb, 1.0, "web stopped");
     assert!(has_rules(db.pid), "db lost its rules when web stopped");
@@ -254,4 +272,34 @@ fn host_network_containers_are_not_enforced() {
         host_rules_before.contains("TESSERA"),
         "the agent touched the host's rules for a host-network container"
     );
+}
+
+#[test]
+fn containers_running_before_the_agent_are_enforced_from_its_first_sync() {
+    if !testbed::privileged("containers_running_before_the_agent_are_enforced") {
+        return;
+    }
+    let d = DockerDaemon::start();
+    d.import_busybox(IMAGE);
+    let early = sleeper(&d, "early", &[ENFORCE, SHOP, ("role", "Database")]);
+    // Created, never started: no process, nothing to enforce.
+    d.docker(&[
+        "create",
+        "--name",
+        "idle",
+        "--label",
+        "tessera.dev/enforce=true",
+        "--stop-signal",
+        "KILL",
+        IMAGE,
+        "sleep",
+        "1000000",
+    ]);
+    let tb = agent_for(&d);
+    wait_rules(&tb, &early);
+    wait_enforced(&tb, 1.0, "the running container only");
+    // Started now: enforced from its start event.
+    let idle = d.start_container("idle");
+    wait_rules(&tb, &idle);
+    wait_enforced(&tb, 2.0, "early and idle");
 }
