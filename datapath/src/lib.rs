@@ -7,15 +7,19 @@
 //! - [`packet`]: parse IPv4/IPv6 + TCP without trusting any length field, attach / strip the
 //!   Tessera TCP option and token, recompute checksums, rewrite a SYN-ACK into a RST.
 //! - [`flow`]: the bounded, expiring per-flow handshake table (workload + 5-tuple).
+//! - [`established`]: the authorized flows remembered for [`Processor::recheck`], which cuts
+//!   those a policy or label change now denies.
 //! - [`processor`]: the state machine from the design brief, one [`Processor`] per node.
 //! - [`metrics`]: counters and the decision-time histogram, Prometheus text format.
 
+pub mod established;
 pub mod flow;
 pub mod metrics;
 pub mod packet;
 pub mod processor;
 pub mod shell;
 
+pub use established::{Cut, CutReason};
 pub use flow::FlowKey;
 pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};
 pub use packet::{PacketError, TcpSegment};

@@ -79,6 +79,11 @@ pub struct Metrics {
     decision_count: u64,
     queue_dropped: u64,
     user_dropped: u64,
+    cut: BTreeMap<&'static str, u64>,
+    established: usize,
+    cut_remembered: usize,
+    established_evicted: u64,
+    established_pruned: u64,
 }
 
 fn hook_index(hook: Hook) -> usize {
@@ -144,6 +149,35 @@ impl Metrics {
     pub fn set_queue_drops(&mut self, queue_dropped: u64, user_dropped: u64) {
         self.queue_dropped = queue_dropped;
         self.user_dropped = user_dropped;
+    }
+
+    /// Count an established flow cut by a policy change, under its reason label.
+    pub fn count_cut(&mut self, reason: &'static str) {
+        *self.cut.entry(reason).or_insert(0) += 1;
+    }
+    /// Flows cut under one reason label (0 if never).
+    pub fn cut(&self, reason: &str) -> u64 {
+        self.cut.get(reason).copied().unwrap_or(0)
+    }
+    /// Set the number of authorized flows remembered for re-checks, and of cut flows whose
+    /// packets are answered with a RST.
+    pub fn set_established(&mut self, established: usize, cut: usize) {
+        self.established = established;
+        self.cut_remembered = cut;
+    }
+    /// Set how many remembered flows were evicted (table full) and pruned (gone from
+    /// conntrack) so far.
+    pub fn set_established_dropped(&mut self, evicted: u64, pruned: u64) {
+        self.established_evicted = evicted;
+        self.established_pruned = pruned;
+    }
+    /// Remembered authorized flows and cut flows, at the last update.
+    pub fn established(&self) -> (usize, usize) {
+        (self.established, self.cut_remembered)
+    }
+    /// Remembered flows evicted and pruned so far.
+    pub fn established_dropped(&self) -> (u64, u64) {
+        (self.established_evicted, self.established_pruned)
     }
 
     /// Accepted packets of one hook and kind.
@@ -284,6 +318,50 @@ impl Metrics {
             out,
             "tessera_queue_user_dropped_total {}",
             self.user_dropped
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_flows_cut_total Established flows cut because a policy, label or namespace change now denies them, by reason."
+        )?;
+        writeln!(out, "# TYPE tessera_flows_cut_total counter")?;
+        for reason in ["policy_ingress", "policy_egress"] {
+            writeln!(
+                out,
+                "tessera_flows_cut_total{{reason=\"{reason}\"}} {}",
+                self.cut(reason)
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP tessera_established_flows Authorized flows remembered for re-checks after policy changes."
+        )?;
+        writeln!(out, "# TYPE tessera_established_flows gauge")?;
+        writeln!(out, "tessera_established_flows {}", self.established)?;
+        writeln!(
+            out,
+            "# HELP tessera_cut_flows Cut flows whose packets are answered with a RST."
+        )?;
+        writeln!(out, "# TYPE tessera_cut_flows gauge")?;
+        writeln!(out, "tessera_cut_flows {}", self.cut_remembered)?;
+        writeln!(
+            out,
+            "# HELP tessera_established_evicted_total Remembered flows forgotten because the table was full (they can no longer be cut)."
+        )?;
+        writeln!(out, "# TYPE tessera_established_evicted_total counter")?;
+        writeln!(
+            out,
+            "tessera_established_evicted_total {}",
+            self.established_evicted
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_established_pruned_total Remembered flows forgotten because conntrack no longer lists them."
+        )?;
+        writeln!(out, "# TYPE tessera_established_pruned_total counter")?;
+        writeln!(
+            out,
+            "tessera_established_pruned_total {}",
+            self.established_pruned
         )
     }
 }

@@ -48,6 +48,7 @@ use identity::rand_core::CryptoRng;
 use identity::{Claims, ClientAwaitingSynAck, HandshakeError, Node, PeerIdentity};
 use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIdentity};
 
+use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
 use crate::metrics::{Metrics, PacketKind};
 use crate::packet::{self, PacketError, TcpSegment};
@@ -98,6 +99,15 @@ pub struct ProcessorConfig {
     /// The mark bit the shell ORs into nfmark (and the rules save into the connmark) when a
     /// verdict has `mark_authorized`.
     pub auth_mark: u32,
+    /// Authorized flows remembered for [`Processor::recheck`], over all workloads; beyond it the
+    /// oldest is forgotten first (it can then no longer be cut).
+    pub max_established: usize,
+    /// How long a cut flow's packets are answered with a RST (an idle connection is told at
+    /// its first packet within this time; later its packets are dropped as of an unknown flow).
+    /// The set of cut flows is bounded by `max_established` too.
+    pub cut_remember_ms: u64,
+    /// How often [`Processor::prune_due`] asks the shell for a conntrack listing per workload.
+    pub prune_interval_ms: u64,
 }
 
 impl Default for ProcessorConfig {
@@ -108,6 +118,9 @@ impl Default for ProcessorConfig {
             authorized_linger_ms: 10_000,
             client_idle_ms: 300_000,
             auth_mark: 0x1000_0000,
+            max_established: 65_536,
+            cut_remember_ms: 3_600_000,
+            prune_interval_ms: 30_000,
         }
     }
 }
@@ -156,6 +169,10 @@ pub enum Reason {
     /// A non-SYN, non-RST packet of a flow the processor does not know.
     #[error("no handshake state for this flow")]
     NoFlowState,
+    /// A packet of an established flow that a policy change cut ([`Processor::recheck`]): it
+    /// is rewritten into a RST (to the local socket on INPUT, to the peer on OUTPUT).
+    #[error("flow cut by a policy change")]
+    FlowCut,
     /// The flow table is full: new handshakes are refused.
     #[error("flow table full")]
     FlowTableFull,
@@ -187,6 +204,7 @@ impl Reason {
             Reason::PolicyEgress => "policy_egress",
             Reason::AckMissing => "ack_missing",
             Reason::NoFlowState => "no_flow_state",
+            Reason::FlowCut => "flow_cut",
             Reason::FlowTableFull => "flow_table_full",
             Reason::UnknownWorkload => "unknown_workload",
             Reason::OptionFromWorkload => "option_from_workload",
@@ -293,9 +311,21 @@ pub struct Processor {
     workloads: HashMap<WorkloadId, WorkloadEntry>,
     flows: FlowTable,
     metrics: Metrics,
-    /// Policy views of peer claims already seen (performance only; bounded, cleared when full).
-    peers: HashMap<Claims, Arc<Peer>>,
+    /// Policy views of peer claims already seen, with the peer's pod (performance only;
+    /// bounded, cleared when full).
+    peers: HashMap<Claims, PeerView>,
+    /// Authorized flows, for [`Processor::recheck`].
+    established: EstablishedTable,
+    /// Flows cut by [`Processor::recheck`]: their packets become RSTs.
+    cut: CutSet,
+    /// The shared view of every IP-only peer.
+    ip_only: Arc<Peer>,
+    /// Last time [`Processor::prune_due`] said yes.
+    last_prune_ms: u64,
 }
+
+/// A peer's policy view and pod, shared by every flow with it.
+type PeerView = (Arc<Peer>, Arc<PodKey>);
 
 /// Entries of the processor's peer view cache before it starts over.
 const PEER_CACHE_ENTRIES: usize = 4096;
@@ -311,6 +341,10 @@ impl Processor {
             workloads: HashMap::new(),
             metrics: Metrics::default(),
             peers: HashMap::new(),
+            established: EstablishedTable::new(config.max_established),
+            cut: CutSet::new(config.max_established),
+            ip_only: Arc::new(Peer::IpOnly),
+            last_prune_ms: 0,
         }
     }
 
@@ -348,7 +382,10 @@ impl Processor {
     pub fn remove_workload(&mut self, id: WorkloadId) {
         self.workloads.remove(&id);
         self.flows.remove_workload(id);
+        self.established.remove_workload(id);
+        self.cut.remove_workload(id);
         self.metrics.set_flows(self.flows.len());
+        self.update_established_metrics();
     }
 
     /// Whether `id` is enforced.
@@ -378,6 +415,10 @@ impl Processor {
             flows,
             metrics,
             peers,
+            established,
+            cut,
+            ip_only,
+            last_prune_ms: _,
         } = self;
         let (verdict, kind) = match workloads.get(&id) {
             None => (Verdict::drop(Reason::UnknownWorkload), None),
@@ -390,6 +431,9 @@ impl Processor {
                     metrics,
                     wl,
                     peers,
+                    established,
+                    cut,
+                    ip_only,
                     id,
                     now: now_ms,
                 };
@@ -409,13 +453,127 @@ impl Processor {
             self.metrics.count_accepted(hook, kind);
         }
         self.metrics.set_flows(self.flows.len());
+        self.metrics
+            .set_established(self.established.len(), self.cut.len());
         verdict
     }
 
-    /// Forget handshake flows past their deadline. Call it periodically (e.g. every second).
+    /// Forget handshake flows past their deadline, and cut flows past
+    /// [`ProcessorConfig::cut_remember_ms`]. Call it periodically (e.g. every second).
     pub fn expire(&mut self, now_ms: u64) {
         self.flows.expire(now_ms);
+        self.cut.expire(now_ms);
         self.metrics.set_flows(self.flows.len());
+        self.update_established_metrics();
+    }
+
+    fn update_established_metrics(&mut self) {
+        self.metrics
+            .set_established(self.established.len(), self.cut.len());
+        self.metrics
+            .set_established_dropped(self.established.evicted, self.established.pruned);
+    }
+
+    /// Re-evaluate every remembered authorized flow against the current engine (call it after
+    /// a change of policies, namespace labels or workload labels) and return the ones it now
+    /// denies. They are forgotten (handshake state included, so nothing can re-authorize them)
+    /// and remembered as cut for [`ProcessorConfig::cut_remember_ms`]: their next packet, once
+    /// the shell has deleted the flow's conntrack entry (and with it the AUTH connmark), reaches
+    /// the queue and is rewritten into a RST ([`Reason::FlowCut`]). Counted in
+    /// `tessera_flows_cut_total{reason}`.
+    ///
+    /// A peer with a verified identity is judged as it proved itself at the handshake and, if
+    /// the engine knows its pod (same node, or a cluster-wide view), also with the pod's
+    /// current labels: the flow is cut if either is denied (fresher knowledge only ever cuts).
+    pub fn recheck(&mut self, now_ms: u64) -> Vec<Cut> {
+        let mut cuts = Vec::new();
+        for (key, f) in self.established.iter() {
+            let Some(wl) = self.workloads.get(&key.workload) else {
+                continue;
+            };
+            let port = match f.direction {
+                Direction::Ingress => key.local.port(),
+                Direction::Egress => key.remote.port(),
+            };
+            let allows = |peer: &Peer| {
+                self.engine.allows(&Connection {
+                    local: &wl.key,
+                    direction: f.direction,
+                    peer,
+                    peer_ip: Some(key.remote.ip()),
+                    port,
+                    protocol: Protocol::Tcp,
+                    dest_port_name: f.port_name.as_deref(),
+                })
+            };
+            let mut allowed = allows(&f.peer);
+            if allowed
+                && let Some(pod) = &f.peer_pod
+                && let Some(current) = self.engine.identity(pod)
+                && !matches!(&*f.peer, Peer::Workload(w) if *w == current)
+            {
+                allowed = allows(&Peer::Workload(current));
+            }
+            if !allowed {
+                cuts.push(Cut {
+                    workload: key.workload,
+                    local: key.local,
+                    remote: key.remote,
+                    direction: f.direction,
+                    reason: match f.direction {
+                        Direction::Ingress => CutReason::PolicyIngress,
+                        Direction::Egress => CutReason::PolicyEgress,
+                    },
+                });
+            }
+        }
+        let until = now_ms.saturating_add(self.config.cut_remember_ms);
+        for c in &cuts {
+            let key = FlowKey {
+                workload: c.workload,
+                local: c.local,
+                remote: c.remote,
+            };
+            self.established.remove(&key);
+            self.flows.remove(&key);
+            self.cut.insert(key, until, now_ms);
+            self.metrics.count_cut(c.reason.as_str());
+        }
+        self.metrics.set_flows(self.flows.len());
+        self.update_established_metrics();
+        cuts
+    }
+
+    /// The workloads whose conntrack table the shell should list now, for [`Processor::prune`]
+    /// (`None` until [`ProcessorConfig::prune_interval_ms`] has passed since the last time, or
+    /// when no flow is remembered).
+    pub fn prune_due(&mut self, now_ms: u64) -> Option<Vec<WorkloadId>> {
+        if now_ms < self.last_prune_ms.saturating_add(self.config.prune_interval_ms) {
+            return None;
+        }
+        self.last_prune_ms = now_ms;
+        let ids = self.established.workloads();
+        (!ids.is_empty()).then_some(ids)
+    }
+
+    /// Forget the remembered flows of workload `id` that are gone: authorized before
+    /// `listed_from_ms` (when the listing began) and absent from `alive`, the (source,
+    /// destination) pairs of the TCP entries of the workload netns's conntrack table. Returns
+    /// how many were forgotten (`tessera_established_pruned_total`).
+    pub fn prune(
+        &mut self,
+        id: WorkloadId,
+        listed_from_ms: u64,
+        alive: &std::collections::HashSet<(SocketAddr, SocketAddr)>,
+    ) -> usize {
+        let n = self.established.prune(id, listed_from_ms, alive);
+        self.update_established_metrics();
+        n
+    }
+
+    /// Authorized flows currently remembered for [`Processor::recheck`].
+    pub fn established_count(&self) -> usize {
+        self.established.len()
     }
 
     /// Handshake flows currently held.
@@ -441,7 +599,10 @@ struct Step<'a> {
     flows: &'a mut FlowTable,
     metrics: &'a mut Metrics,
     wl: &'a WorkloadEntry,
-    peers: &'a mut HashMap<Claims, Arc<Peer>>,
+    peers: &'a mut HashMap<Claims, PeerView>,
+    established: &'a mut EstablishedTable,
+    cut: &'a mut CutSet,
+    ip_only: &'a Arc<Peer>,
     id: WorkloadId,
     now: u64,
 }
@@ -536,6 +697,20 @@ impl Step<'_> {
             // Only we attach tokens; a workload sending our option tries to forge one.
             return (Verdict::drop(Reason::OptionFromWorkload), Some(kind));
         }
+        if seg.is_syn() && !seg.has_ack() {
+            // A new connection on the tuple of a cut one (port reuse) starts afresh.
+            self.cut.remove(&key);
+        } else if !seg.is_rst()
+            && self.flows.live_mut(&key, self.now).is_none()
+            && self.cut.contains(&key, self.now)
+        {
+            // A flow cut by a policy change (its conntrack entry, and with it the AUTH
+            // connmark, was deleted): never let it through, and tell the local socket (INPUT)
+            // or the peer (OUTPUT) at once with a RST at the packet's own sequence numbers,
+            // which the receiving kernel accepts. The other side learns it from the RST its
+            // next packet draws.
+            return (self.refuse_cut(packet, &seg), Some(kind));
+        }
         let verdict = if seg.is_rst() {
             // A RST ends the handshake: our own kernel's always, the peer's if it fits the
             // flow's sequence numbers (a blind RST must not wipe the state of a handshake the
@@ -562,17 +737,40 @@ impl Step<'_> {
         (verdict, Some(kind))
     }
 
-    /// The policy view of a handshake identity, from the cache when its claims were seen.
-    fn peer_of(&mut self, p: &PeerIdentity) -> Arc<Peer> {
-        if let Some(peer) = self.peers.get(&p.claims) {
-            return peer.clone();
+    /// The policy view of a handshake identity and its pod, from the cache when its claims
+    /// were seen.
+    fn peer_of(&mut self, p: &PeerIdentity) -> PeerView {
+        if let Some(view) = self.peers.get(&p.claims) {
+            return view.clone();
         }
         if self.peers.len() >= PEER_CACHE_ENTRIES {
             self.peers.clear();
         }
-        let peer = Arc::new(peer_of(p));
-        self.peers.insert(p.claims.clone(), peer.clone());
-        peer
+        let pod = PodKey {
+            namespace: p.claims.namespace().to_owned(),
+            name: p.claims.workload().to_owned(),
+        };
+        let view = (Arc::new(peer_of(p)), Arc::new(pod));
+        self.peers.insert(p.claims.clone(), view.clone());
+        view
+    }
+
+    /// Remember an authorized flow for [`Processor::recheck`].
+    fn remember(
+        &mut self,
+        key: FlowKey,
+        direction: Direction,
+        peer: Option<PeerView>,
+        port_name: Option<&str>,
+    ) {
+        let (peer, pod) = match peer {
+            Some((peer, pod)) => (peer, Some(pod)),
+            None => (self.ip_only.clone(), None),
+        };
+        self.established.insert(
+            key,
+            Authorized::new(direction, peer, pod, port_name, self.now),
+        );
     }
 
     fn handshake_deadline(&self) -> u64 {
@@ -707,7 +905,7 @@ impl Step<'_> {
             Ok(r) => r,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let peer = self.peer_of(received.tentative_peer());
+        let (peer, _) = self.peer_of(received.tentative_peer());
         if !self.decide(Direction::Ingress, &peer, seg.src, seg.dst_port, None) {
             return Verdict::drop(Reason::PolicyIngress);
         }
@@ -753,6 +951,7 @@ impl Step<'_> {
                 flow.state = FlowState::Authorized { peer_token: None };
                 flow.deadline_ms = linger;
                 self.metrics.count_authorized(false);
+                self.remember(key, Direction::Ingress, None, None);
                 Verdict::authorize(false)
             }
             FlowState::Authorized { .. } => Verdict::authorize(false),
@@ -878,16 +1077,17 @@ impl Step<'_> {
                 flow.deadline_ms = linger;
             }
             self.metrics.count_authorized(false);
+            self.remember(key, Direction::Egress, None, None);
             return Verdict::authorize(false);
         };
         let (server, ack_token) = match client.receive_syn_ack(self.node, token, self.now) {
             Ok(r) => r,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let peer = self.peer_of(&server);
+        let view = self.peer_of(&server);
         if !self.decide(
             Direction::Egress,
-            &peer,
+            &view.0,
             seg.src,
             seg.src_port,
             server.port_name.as_deref(),
@@ -895,6 +1095,14 @@ impl Step<'_> {
             self.flows.remove(&key);
             return self.refuse(packet, seg);
         }
+        // Egress is decided here, on the server's proven identity: remember the flow now (the
+        // client marks it when its ACK token leaves).
+        self.remember(
+            key,
+            Direction::Egress,
+            Some(view),
+            server.port_name.as_deref(),
+        );
         let synack_token: Box<[u8]> = token.into();
         if let Err(e) = packet::strip_token(packet, seg) {
             return Verdict::drop(Reason::Packet(e));
@@ -909,6 +1117,21 @@ impl Step<'_> {
             };
         }
         Verdict::accept(true)
+    }
+
+    /// A packet of a cut flow: rewritten into a RST (dropped if it cannot be).
+    fn refuse_cut(&mut self, packet: &mut Vec<u8>, seg: &TcpSegment) -> Verdict {
+        match packet::rewrite_to_rst(packet, seg) {
+            Ok(()) => Verdict {
+                accept: true,
+                modified: true,
+                mark_authorized: false,
+                unmark: false,
+                requeue: false,
+                reason: Some(Reason::FlowCut),
+            },
+            Err(_) => Verdict::drop(Reason::FlowCut),
+        }
     }
 
     /// Egress denied at the SYN-ACK: hand the client a RST so connect() fails at once.
@@ -1010,9 +1233,8 @@ impl Step<'_> {
                 };
                 let peer_token: Box<[u8]> = token.into();
                 // Policy may have changed since the SYN: decide again on the proven identity.
-                let peer_view = self.peer_of(&peer);
-                let allowed =
-                    self.decide(Direction::Ingress, &peer_view, seg.src, seg.dst_port, None);
+                let view = self.peer_of(&peer);
+                let allowed = self.decide(Direction::Ingress, &view.0, seg.src, seg.dst_port, None);
                 if !allowed {
                     self.flows.remove(&key);
                     return Verdict::drop(Reason::PolicyIngress);
@@ -1027,6 +1249,7 @@ impl Step<'_> {
                     flow.deadline_ms = linger;
                 }
                 self.metrics.count_authorized(true);
+                self.remember(key, Direction::Ingress, Some(view), None);
                 Verdict::authorize(true)
             }
             FlowState::ServerSynReceived { .. } => Verdict::drop(Reason::AckMissing),

@@ -9,6 +9,7 @@ use identity::rand_core::CryptoRng;
 
 use crate::{Hook, Processor, WorkloadId};
 
+pub mod conntrack;
 pub mod netns;
 pub mod queue;
 pub mod rules;

@@ -1,0 +1,356 @@
+//! What the processor remembers of the flows it authorized, so that a later policy, label or
+//! namespace change can cut the ones it now denies ([`Processor::recheck`]), and the flows it
+//! cut, so that their next packets are answered with a RST instead of passing or being dropped
+//! in silence.
+//!
+//! Once authorized, a flow's packets bypass userspace (connmark), so nothing here learns that a
+//! connection ended. Two mechanisms keep the table honest:
+//! - a bound ([`ProcessorConfig::max_established`]): the oldest entry is evicted first (counted
+//!   in `tessera_established_evicted_total`);
+//! - pruning ([`Processor::prune`]): the shell lists the conntrack table of each workload netns
+//!   every [`ProcessorConfig::prune_interval_ms`]; an entry older than the listing whose tuple
+//!   is absent from it belongs to a connection that is gone (closed connections leave conntrack
+//!   after their TIME_WAIT/CLOSE timeouts, at most a few minutes).
+//!
+//! [`Processor::recheck`]: crate::Processor::recheck
+//! [`Processor::prune`]: crate::Processor::prune
+//! [`ProcessorConfig::max_established`]: crate::ProcessorConfig::max_established
+//! [`ProcessorConfig::prune_interval_ms`]: crate::ProcessorConfig::prune_interval_ms
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use policy::{Direction, Peer, PodKey};
+
+use crate::flow::FlowKey;
+use crate::processor::WorkloadId;
+
+/// Why an established flow was cut (metric label of `tessera_flows_cut_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CutReason {
+    /// The local workload is the server and ingress policy now denies the client.
+    PolicyIngress,
+    /// The local workload is the client and egress policy now denies the server.
+    PolicyEgress,
+}
+
+impl CutReason {
+    /// Metric label: `policy_ingress` / `policy_egress`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CutReason::PolicyIngress => "policy_ingress",
+            CutReason::PolicyEgress => "policy_egress",
+        }
+    }
+}
+
+/// An established flow that the current policy denies: the processor has forgotten it and
+/// answers its next packets with a RST; the shell deletes its conntrack entry in the
+/// workload's netns (see [`Cut::conntrack_tuple`]) so those packets reach the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// The workload (netns) the flow belongs to.
+    pub workload: WorkloadId,
+    /// The workload's side.
+    pub local: SocketAddr,
+    /// The peer's side.
+    pub remote: SocketAddr,
+    /// Ingress: the workload accepted the connection; egress: it opened it.
+    pub direction: Direction,
+    /// Which policy direction now denies it.
+    pub reason: CutReason,
+}
+
+impl Cut {
+    /// (source, destination) of the flow's conntrack entry in the workload's netns, in the
+    /// original direction: the side that opened the connection first.
+    pub fn conntrack_tuple(&self) -> (SocketAddr, SocketAddr) {
+        match self.direction {
+            Direction::Egress => (self.local, self.remote),
+            Direction::Ingress => (self.remote, self.local),
+        }
+    }
+}
+
+/// One authorized flow, as the decision saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct Authorized {
+    pub(crate) direction: Direction,
+    /// The peer as the policy engine saw it at the handshake (verified claims, or IP-only).
+    pub(crate) peer: Arc<Peer>,
+    /// The peer's pod (namespace/name from its claims), to re-evaluate it with its current
+    /// labels too when the engine knows it.
+    pub(crate) peer_pod: Option<Arc<PodKey>>,
+    /// Egress only: the destination port's name as the server's SYN-ACK carried it.
+    pub(crate) port_name: Option<Box<str>>,
+    /// When it was authorized (unix ms).
+    pub(crate) since_ms: u64,
+    /// Insertion number (eviction order).
+    seq: u64,
+}
+
+impl Authorized {
+    pub(crate) fn new(
+        direction: Direction,
+        peer: Arc<Peer>,
+        peer_pod: Option<Arc<PodKey>>,
+        port_name: Option<&str>,
+        since_ms: u64,
+    ) -> Self {
+        Authorized {
+            direction,
+            peer,
+            peer_pod,
+            port_name: port_name.map(Box::from),
+            since_ms,
+            seq: 0,
+        }
+    }
+}
+
+/// The bounded table of authorized flows, oldest evicted first.
+#[derive(Debug)]
+pub(crate) struct EstablishedTable {
+    flows: HashMap<FlowKey, Authorized>,
+    /// Insertion order; entries whose `seq` no longer matches the map are stale (the flow was
+    /// removed or re-inserted) and skipped. Compacted when it outgrows the map.
+    order: VecDeque<(u64, FlowKey)>,
+    next_seq: u64,
+    max: usize,
+    pub(crate) evicted: u64,
+    pub(crate) pruned: u64,
+}
+
+impl EstablishedTable {
+    pub(crate) fn new(max: usize) -> Self {
+        EstablishedTable {
+            flows: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            max,
+            evicted: 0,
+            pruned: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Remember `key`. A key already remembered keeps its entry (and place): a duplicate
+    /// authorization (a re-sent SYN-ACK or ACK) is the same connection.
+    pub(crate) fn insert(&mut self, key: FlowKey, mut flow: Authorized) {
+        if self.max == 0 || self.flows.contains_key(&key) {
+            return;
+        }
+        while self.flows.len() >= self.max {
+            let Some((seq, old)) = self.order.pop_front() else {
+                break;
+            };
+            if self.flows.get(&old).is_some_and(|f| f.seq == seq) {
+                self.flows.remove(&old);
+                self.evicted += 1;
+            }
+        }
+        flow.seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((flow.seq, key));
+        self.flows.insert(key, flow);
+        if self.order.len() > 2 * self.max + 64 {
+            let flows = &self.flows;
+            self.order
+                .retain(|(seq, k)| flows.get(k).is_some_and(|f| f.seq == *seq));
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &FlowKey) -> Option<Authorized> {
+        self.flows.remove(key)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Authorized)> {
+        self.flows.iter()
+    }
+
+    pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
+        self.flows.retain(|k, _| k.workload != id);
+    }
+
+    /// Workloads with at least one remembered flow.
+    pub(crate) fn workloads(&self) -> Vec<WorkloadId> {
+        let mut ids: Vec<WorkloadId> = self
+            .flows
+            .keys()
+            .map(|k| k.workload)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Forget the flows of `id` authorized before `listed_from_ms` whose tuple is not in
+    /// `alive` ((source, destination) pairs of the netns's conntrack entries, either
+    /// orientation). Returns how many were forgotten.
+    pub(crate) fn prune(
+        &mut self,
+        id: WorkloadId,
+        listed_from_ms: u64,
+        alive: &HashSet<(SocketAddr, SocketAddr)>,
+    ) -> usize {
+        let before = self.flows.len();
+        self.flows.retain(|k, f| {
+            k.workload != id
+                || f.since_ms >= listed_from_ms
+                || alive.contains(&(k.local, k.remote))
+                || alive.contains(&(k.remote, k.local))
+        });
+        let n = before - self.flows.len();
+        self.pruned += n as u64;
+        n
+    }
+}
+
+/// Flows cut recently: their next packets become RSTs. Bounded; entries expire.
+#[derive(Debug)]
+pub(crate) struct CutSet {
+    flows: HashMap<FlowKey, u64>,
+    max: usize,
+    last_sweep_ms: u64,
+}
+
+impl CutSet {
+    pub(crate) fn new(max: usize) -> Self {
+        CutSet {
+            flows: HashMap::new(),
+            max,
+            last_sweep_ms: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Remember `key` as cut until `deadline_ms`. A full set first drops expired entries; if
+    /// it is still full the key is not remembered (returns `false`): its next packets are then
+    /// dropped as of an unknown flow instead of being answered with a RST.
+    pub(crate) fn insert(&mut self, key: FlowKey, deadline_ms: u64, now_ms: u64) -> bool {
+        if self.flows.len() >= self.max && !self.flows.contains_key(&key) {
+            self.expire(now_ms);
+            if self.flows.len() >= self.max {
+                return false;
+            }
+        }
+        self.flows.insert(key, deadline_ms);
+        true
+    }
+
+    /// Whether `key` was cut and the mark has not expired.
+    pub(crate) fn contains(&mut self, key: &FlowKey, now_ms: u64) -> bool {
+        match self.flows.get(key) {
+            Some(d) if *d >= now_ms => true,
+            Some(_) => {
+                self.flows.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &FlowKey) {
+        self.flows.remove(key);
+    }
+
+    pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
+        self.flows.retain(|k, _| k.workload != id);
+    }
+
+    pub(crate) fn expire(&mut self, now_ms: u64) {
+        // At most once a second, or once per distinct time when full (a mass cut while full
+        // costs one sweep, not one per flow).
+        let due = now_ms >= self.last_sweep_ms.saturating_add(1_000)
+            || (self.flows.len() >= self.max && now_ms != self.last_sweep_ms);
+        if !due {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        self.flows.retain(|_, d| *d >= now_ms);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            workload: WorkloadId(1),
+            local: SocketAddr::from(([10, 0, 0, 1], port)),
+            remote: SocketAddr::from(([10, 0, 0, 2], 80)),
+        }
+    }
+
+    fn entry(since: u64) -> Authorized {
+        Authorized::new(Direction::Egress, Arc::new(Peer::IpOnly), None, None, since)
+    }
+
+    #[test]
+    fn oldest_is_evicted_first_and_counted() {
+        let mut t = EstablishedTable::new(3);
+        for p in 1..=3 {
+            t.insert(key(p), entry(0));
+        }
+        // A removed entry leaves a stale slot in the order: it must not count as an eviction.
+        t.remove(&key(1));
+        t.insert(key(4), entry(0));
+        assert_eq!(t.evicted, 0);
+        t.insert(key(5), entry(0));
+        assert_eq!(t.evicted, 1);
+        assert!(t.remove(&key(2)).is_none(), "the oldest live entry goes first");
+        assert!(t.remove(&key(3)).is_some());
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn order_queue_stays_bounded_under_churn() {
+        let mut t = EstablishedTable::new(4);
+        for p in 0..10_000u16 {
+            t.insert(key(p), entry(0));
+            t.remove(&key(p));
+        }
+        assert!(t.order.len() <= 2 * 4 + 64 + 1, "{}", t.order.len());
+    }
+
+    #[test]
+    fn prune_keeps_listed_and_recent_flows() {
+        let mut t = EstablishedTable::new(16);
+        t.insert(key(1), entry(100));
+        t.insert(key(2), entry(100));
+        t.insert(key(3), entry(500));
+        let k1 = key(1);
+        // Conntrack lists the server side's orientation: remote -> local.
+        let alive = HashSet::from([(k1.remote, k1.local)]);
+        assert_eq!(t.prune(WorkloadId(1), 400, &alive), 1);
+        assert!(t.remove(&key(1)).is_some());
+        assert!(t.remove(&key(2)).is_none(), "unlisted and older: pruned");
+        assert!(t.remove(&key(3)).is_some(), "authorized after the listing began");
+        assert_eq!(t.pruned, 1);
+    }
+
+    #[test]
+    fn cut_set_is_bounded_and_expires() {
+        let mut c = CutSet::new(2);
+        assert!(c.insert(key(1), 1_000, 0));
+        assert!(c.insert(key(2), 2_000, 0));
+        assert!(!c.insert(key(3), 3_000, 0), "full: not remembered");
+        assert_eq!(c.len(), 2);
+        assert!(c.contains(&key(2), 1_500));
+        // Once the first has expired, a full set makes room by sweeping.
+        assert!(c.insert(key(3), 3_000, 1_500));
+        assert!(!c.contains(&key(1), 1_500));
+        assert!(!c.contains(&key(2), 2_001), "expired");
+        assert!(c.contains(&key(3), 2_001));
+    }
+}
