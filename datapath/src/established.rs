@@ -308,7 +308,10 @@ mod tests {
         assert_eq!(t.evicted, 0);
         t.insert(key(5), entry(0));
         assert_eq!(t.evicted, 1);
-        assert!(t.remove(&key(2)).is_none(), "the oldest live entry goes first");
+        assert!(
+            t.remove(&key(2)).is_none(),
+            "the oldest live entry goes first"
+        );
         assert!(t.remove(&key(3)).is_some());
         assert_eq!(t.len(), 2);
     }
@@ -335,7 +338,10 @@ mod tests {
         assert_eq!(t.prune(WorkloadId(1), 400, &alive), 1);
         assert!(t.remove(&key(1)).is_some());
         assert!(t.remove(&key(2)).is_none(), "unlisted and older: pruned");
-        assert!(t.remove(&key(3)).is_some(), "authorized after the listing began");
+        assert!(
+            t.remove(&key(3)).is_some(),
+            "authorized after the listing began"
+        );
         assert_eq!(t.pruned, 1);
     }
 

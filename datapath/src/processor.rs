@@ -453,8 +453,7 @@ impl Processor {
             self.metrics.count_accepted(hook, kind);
         }
         self.metrics.set_flows(self.flows.len());
-        self.metrics
-            .set_established(self.established.len(), self.cut.len());
+        self.update_established_metrics();
         verdict
     }
 
@@ -548,7 +547,11 @@ impl Processor {
     /// (`None` until [`ProcessorConfig::prune_interval_ms`] has passed since the last time, or
     /// when no flow is remembered).
     pub fn prune_due(&mut self, now_ms: u64) -> Option<Vec<WorkloadId>> {
-        if now_ms < self.last_prune_ms.saturating_add(self.config.prune_interval_ms) {
+        if now_ms
+            < self
+                .last_prune_ms
+                .saturating_add(self.config.prune_interval_ms)
+        {
             return None;
         }
         self.last_prune_ms = now_ms;
