@@ -8,7 +8,7 @@
 //! serves /metrics, /healthz and /status. The [`Processor`] is shared behind a mutex that is only
 //! ever held synchronously, so it is never contended across an `await`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -27,8 +27,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use policy::{PodKey, PolicyKey, Workload};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::runtime::{self, Desired, Event, NetnsRef};
 
@@ -171,6 +171,16 @@ struct Agent {
     qcfg: QueueConfig,
     rules: RuleConfig,
     mode: Mode,
+    /// Installations under way, by task.
+    tasks: JoinSet<Started>,
+    inflight: HashMap<tokio::task::Id, PodKey>,
+    /// What arrived for a workload while its installation was under way (`None`: remove it).
+    queued: HashMap<PodKey, Option<Desired>>,
+    /// At most this many installations at once.
+    permits: Arc<Semaphore>,
+    synced_once: bool,
+    /// Workloads of the first list still being installed (`/healthz` is 503 until they are).
+    awaiting_ready: Option<HashSet<PodKey>>,
 }
 
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
@@ -304,19 +314,18 @@ impl Agent {
         tracing::error!(workload = %pod_name(&d.key), origin = %d.origin, "workload not enforced: {e:#}");
     }
 
-    async fn apply(&mut self, event: Event) {
+    fn apply(&mut self, event: Event) {
         match event {
             Event::Sync(list) => {
-                self.sync(list).await;
-                if !self.shared.ready.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
-                        workloads = self.workloads.len(),
-                        "ready: the runtime's workloads are enforced"
-                    );
+                self.sync(list);
+                if !self.synced_once {
+                    self.synced_once = true;
+                    self.awaiting_ready = Some(self.inflight.values().cloned().collect());
+                    self.check_ready();
                 }
             }
-            Event::Upsert(d) => self.upsert(d).await,
-            Event::Remove(key) => self.remove(&key).await,
+            Event::Upsert(d) => self.upsert(d),
+            Event::Remove(key) => self.remove(&key),
             Event::Namespace { name, labels } => self.namespace(name, labels),
             Event::Policies { origin, policies } => self.replace_policies(&origin, &policies),
             Event::PolicyUpsert(p) => self.policy_upsert(&p),
@@ -332,44 +341,91 @@ impl Agent {
         }
     }
 
-    async fn sync(&mut self, list: Vec<Desired>) {
-        let wanted: std::collections::HashSet<PodKey> =
-            list.iter().map(|d| d.key.clone()).collect();
+    /// Enforce exactly `list`: what is not in it is removed (also when its installation is still
+    /// under way), what is in it is upserted.
+    fn sync(&mut self, list: Vec<Desired>) {
+        let wanted: HashSet<PodKey> = list.iter().map(|d| d.key.clone()).collect();
         let gone: Vec<PodKey> = self
             .workloads
             .keys()
+            .chain(self.inflight.values())
             .filter(|k| !wanted.contains(*k))
             .cloned()
             .collect();
         for key in gone {
-            self.remove(&key).await;
+            self.remove(&key);
         }
-        // Installing is mostly waiting for iptables-restore: a few at a time.
-        let mut pending = Vec::new();
         for d in list {
-            match self.prepare(d) {
-                Prepared::Done => {}
-                Prepared::Start(s) => pending.push(s),
-            }
-        }
-        let mut pending = pending.into_iter();
-        loop {
-            let batch: Vec<Start> = pending.by_ref().take(8).collect();
-            if batch.is_empty() {
-                break;
-            }
-            let started =
-                futures_util::future::join_all(batch.into_iter().map(|s| self.start(s))).await;
-            for s in started {
-                self.finish(s);
-            }
+            self.upsert(d);
         }
     }
 
-    async fn upsert(&mut self, d: Desired) {
+    fn upsert(&mut self, d: Desired) {
+        if self.is_inflight(&d.key) {
+            // Applied once the installation under way has finished.
+            self.queued.insert(d.key.clone(), Some(d));
+            return;
+        }
         if let Prepared::Start(s) = self.prepare(d) {
-            let s = self.start(s).await;
-            self.finish(s);
+            self.launch(s);
+        }
+    }
+
+    fn is_inflight(&self, key: &PodKey) -> bool {
+        self.inflight.values().any(|k| k == key)
+    }
+
+    /// Install a workload's queue and rules on a task of its own (a few at a time), so that
+    /// one slow namespace never delays the others or the event loop.
+    fn launch(&mut self, s: Start) {
+        let key = s.desired.key.clone();
+        let (qcfg, rules, permits) = (self.qcfg, self.rules, self.permits.clone());
+        let handle = self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let result = async {
+                let (file, ino, netns) = open_netns(&s.desired.netns)?;
+                let (queue, installed) = start_workload(&netns, qcfg, rules).await?;
+                Ok((file, ino, netns, queue, installed))
+            }
+            .await;
+            Started { start: s, result }
+        });
+        self.inflight.insert(handle.id(), key);
+    }
+
+    /// An installation finished (or failed, or its task panicked).
+    fn completed(&mut self, joined: Result<(tokio::task::Id, Started), tokio::task::JoinError>) {
+        let (key, started) = match joined {
+            Ok((id, started)) => (self.inflight.remove(&id), Some(started)),
+            Err(e) => {
+                tracing::error!("workload installation task failed: {e}");
+                (self.inflight.remove(&e.id()), None)
+            }
+        };
+        if let Some(started) = started {
+            self.finish(started);
+        }
+        let Some(key) = key else { return };
+        if let Some(waiting) = &mut self.awaiting_ready {
+            waiting.remove(&key);
+        }
+        match self.queued.remove(&key) {
+            Some(Some(d)) => self.upsert(d),
+            Some(None) => self.remove(&key),
+            None => {}
+        }
+        self.check_ready();
+    }
+
+    /// Ready once every workload of the runtime's first list has been tried.
+    fn check_ready(&mut self) {
+        if self.awaiting_ready.as_ref().is_some_and(|w| w.is_empty()) {
+            self.awaiting_ready = None;
+            self.shared.ready.store(true, Ordering::Relaxed);
+            tracing::info!(
+                workloads = self.workloads.len(),
+                "ready: the runtime's workloads are enforced"
+            );
         }
     }
 
@@ -379,7 +435,11 @@ impl Agent {
         if let Some(e) = self.workloads.get(&d.key) {
             let same_ns = netns_ino(&d.netns) == Some(e.netns_ino);
             if same_ns {
-                if e.desired != d {
+                let same_identity = e.desired.labels == d.labels
+                    && e.desired.namespace_labels == d.namespace_labels
+                    && e.desired.ports == d.ports
+                    && e.desired.ips == d.ips;
+                if !same_identity {
                     let id = e.id;
                     match self.apply_identity(id, &d) {
                         Ok(()) => {
@@ -399,33 +459,13 @@ impl Agent {
                 return Prepared::Done;
             }
         }
-        let id = match self.workloads.get(&d.key) {
-            // A new netns under the same name (a restarted container): re-install under a new id
-            // once the old one is gone; `start` removes the old.
-            Some(_) | None => {
-                self.next_id = self.next_id.wrapping_add(1);
-                WorkloadId(self.next_id)
-            }
-        };
-        Prepared::Start(Start { id, desired: d })
-    }
-
-    async fn start(&self, s: Start) -> Started {
-        let opened = open_netns(&s.desired.netns);
-        let (file, ino, netns) = match opened {
-            Ok(x) => x,
-            Err(e) => {
-                return Started {
-                    start: s,
-                    result: Err(e),
-                };
-            }
-        };
-        let result = start_workload(&netns, self.qcfg, self.rules).await;
-        Started {
-            start: s,
-            result: result.map(|(queue, installed)| (file, ino, netns, queue, installed)),
-        }
+        // New, or a new netns under the same name (a restarted container): installed under a
+        // new id; `finish` drops the old one.
+        self.next_id = self.next_id.wrapping_add(1);
+        Prepared::Start(Start {
+            id: WorkloadId(self.next_id),
+            desired: d,
+        })
     }
 
     fn finish(&mut self, started: Started) {
@@ -531,7 +571,12 @@ impl Agent {
         });
     }
 
-    async fn remove(&mut self, key: &PodKey) {
+    fn remove(&mut self, key: &PodKey) {
+        if self.is_inflight(key) {
+            self.queued.insert(key.clone(), None);
+            return;
+        }
+        self.queued.remove(key);
         if let Some(e) = self.workloads.remove(key) {
             self.forget(e);
         }
@@ -640,6 +685,13 @@ impl Agent {
 
     /// Remove every rule, stop every queue task, unbind the queues.
     async fn shutdown(&mut self) {
+        // Installations under way finish first, so their rules are removed too.
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            if let Ok((id, started)) = joined {
+                self.inflight.remove(&id);
+                self.finish(started);
+            }
+        }
         let all: Vec<Enforced> = self.workloads.drain().map(|(_, e)| e).collect();
         // Rules go first, while the readers still answer what is queued.
         for e in &all {
@@ -741,6 +793,12 @@ pub async fn run(opts: Options) -> Result<()> {
         } else {
             Mode::Enforce
         },
+        tasks: JoinSet::new(),
+        inflight: HashMap::new(),
+        queued: HashMap::new(),
+        permits: Arc::new(Semaphore::new(8)),
+        synced_once: false,
+        awaiting_ready: None,
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -770,29 +828,30 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::pin!(signal);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut runtime_done = false;
+    let mut events_closed = false;
     let outcome: Result<()> = loop {
         tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(ev) => agent.apply(ev).await,
-                // Every sender is gone: the runtime ended; its result says why.
-                None if !runtime_done => {
-                    runtime_done = true;
-                    match (&mut runtime_task).await {
-                        Ok(Ok(())) => break Ok(()),
-                        Ok(Err(e)) => break Err(e.context(format!("{} runtime", opts.runtime.name()))),
-                        Err(e) => break Err(anyhow::anyhow!("{} runtime task: {e}", opts.runtime.name())),
+            ev = rx.recv(), if !events_closed => match ev {
+                Some(ev) => agent.apply(ev),
+                // Every sender is gone: the runtime ended. An error stops the agent; otherwise
+                // what is enforced stays enforced until a signal.
+                None => {
+                    events_closed = true;
+                    if !runtime_done {
+                        runtime_done = true;
+                        if let Err(e) = runtime_result(&opts, (&mut runtime_task).await) {
+                            break Err(e);
+                        }
                     }
                 }
-                None => break Ok(()),
             },
             r = &mut runtime_task, if !runtime_done => {
                 runtime_done = true;
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Err(e.context(format!("{} runtime", opts.runtime.name()))),
-                    Err(e) => break Err(anyhow::anyhow!("{} runtime task: {e}", opts.runtime.name())),
+                if let Err(e) = runtime_result(&opts, r) {
+                    break Err(e);
                 }
             }
+            Some(joined) = agent.tasks.join_next_with_id(), if !agent.tasks.is_empty() => agent.completed(joined),
             _ = tick.tick() => agent.housekeeping(),
             s = &mut signal => break s,
         }
@@ -804,6 +863,14 @@ pub async fn run(opts: Options) -> Result<()> {
         tracing::info!("stopped cleanly");
     }
     outcome
+}
+
+fn runtime_result(opts: &Options, r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.context(format!("{} runtime", opts.runtime.name()))),
+        Err(e) => Err(anyhow::anyhow!("{} runtime task: {e}", opts.runtime.name())),
+    }
 }
 
 async fn run_runtime(
