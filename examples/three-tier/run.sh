@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The local three-tier demo with real enforcement, from a fresh Debian machine, as root:
+#
+#   sudo ./examples/three-tier/run.sh           # release build
+#   sudo ./examples/three-tier/run.sh --debug   # dev build (what tests/run.sh has built already)
+#   sudo ./examples/three-tier/run.sh --no-build  # the binaries already in target/ as they are
+#
+# Installs what it needs (apt), builds `tessera` and the demo driver, then the driver builds two
+# simulated nodes (network namespaces): node-n1 with real Docker containers of a PRIVATE dockerd
+# (own roots and socket, no bridge, no iptables: the host's Docker and networking are untouched),
+# node-n2 with plain network namespaces, one agent each. It prints the expected connectivity
+# (`tessera policy matrix` over policies/) beside the observed one (real TCP connections), the
+# handshake counters and `tessera status`, and removes everything it made on the way out, also
+# when interrupted (Ctrl-C) or killed. Exit status: 0 all cells match; 1 a mismatch; 2 the demo
+# could not run; 4 something was left behind; 130 interrupted. See README.md beside this file.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+profile=release
+no_build=0
+for arg in "$@"; do
+  case "$arg" in
+    --debug) profile=debug ;;
+    --no-build) no_build=1 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument '$arg' (expected --debug, --no-build)" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '== %s\n' "$*"; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
+
+[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, iptables, a private dockerd): sudo $0"
+export PATH="$PATH:/usr/sbin:/sbin"
+
+# --- packages -------------------------------------------------------------------------------
+declare -A pkg=(
+  [ip]=iproute2 [iptables]=iptables [iptables-save]=iptables [ip6tables-save]=iptables
+  [conntrack]=conntrack [nsenter]=util-linux [dockerd]=docker.io [containerd]=containerd
+  [tar]=tar [modprobe]=kmod
+)
+need=()
+for cmd in "${!pkg[@]}"; do command -v "$cmd" >/dev/null || need+=("${pkg[$cmd]}"); done
+# The fixture uses Debian's 20.10 client (API 1.41), not a newer docker that may be on PATH.
+[ -x /usr/bin/docker ] || need+=(docker.io)
+# The containers' image is /bin/busybox copied into an empty rootfs: it must be the static one.
+if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
+if ((${#need[@]})); then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_conntrack veth; do
+  modprobe -q "$m" 2>/dev/null || true
+done
+
+# --- build ----------------------------------------------------------------------------------
+build() {
+  # Rust >= 1.90 (edition 2024): Debian's own cargo is too old, so use the invoking user's
+  # rustup toolchain when root has none. Under sudo, build as that user so target/ stays theirs.
+  local cargo user_home="" c
+  cargo=$(command -v cargo || true)
+  if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+  fi
+  for c in "$HOME/.cargo/bin/cargo" "${user_home:+$user_home/.cargo/bin/cargo}"; do
+    [ -z "$cargo" ] && [ -n "$c" ] && [ -x "$c" ] && cargo=$c
+  done
+  [ -n "$cargo" ] || die "cargo not found: install Rust >= 1.90 (https://rustup.rs), then run this again"
+  local cmd=("$cargo" build --locked -p tessera -p tessera-three-tier)
+  [ "$profile" = release ] && cmd+=(--release)
+  log "building tessera and the demo driver ($profile)"
+  if [ -n "$user_home" ] && [ "$(stat -c %U "$root")" = "$SUDO_USER" ]; then
+    (cd "$root" && runuser -u "$SUDO_USER" -- env "PATH=$(dirname "$cargo"):$PATH" "${cmd[@]}")
+  else
+    (cd "$root" && "${cmd[@]}")
+  fi
+}
+[ "$no_build" -eq 1 ] || build || die "the build failed"
+tessera="$root/target/$profile/tessera"
+driver="$root/target/$profile/three-tier-demo"
+for b in "$tessera" "$driver"; do [ -x "$b" ] || die "$b is missing: run without --no-build"; done
+
+# --- host state before (to prove the demo leaves it as it was) ------------------------------
+host_state() {
+  # Rules without packet counters, and the namespaces; the demo must change neither.
+  { iptables-save; ip6tables-save; } 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//g'
+  ip netns list 2>/dev/null | awk '{print "netns " $1}' | grep -v '^netns ts-' || true
+}
+before=$(mktemp /tmp/tessera-demo-host.XXXXXX)
+host_state >"$before"
+
+# --- run, always clean up -------------------------------------------------------------------
+pid=""
+signals=0
+on_signal() {
+  signals=$((signals + 1))
+  if [ -z "$pid" ]; then exit 130; fi
+  if [ "$signals" -ge 2 ]; then
+    echo "run.sh: second interrupt: killing the driver; the sweep removes what it leaves" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  else
+    echo "run.sh: interrupted: the driver is tearing down (press Ctrl-C again to kill it)" >&2
+    kill -TERM "$pid" 2>/dev/null || true
+  fi
+}
+finish() {
+  local rc=$?
+  trap - EXIT INT TERM HUP
+  if [ -n "$pid" ]; then
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+    # Namespaces, the private dockerd with its containers and mounts, agents and scratch
+    # directories of this run: nothing, unless the driver was killed before its teardown.
+    set +e
+    "$driver" sweep --pid "$pid"
+    swept=$?
+    set -e
+    if [ "$swept" -eq 3 ] && [ "$signals" -eq 0 ] && [ "$rc" -le 128 ]; then
+      echo "run.sh: LEFT BEHIND by the driver (removed now, see above): a teardown bug" >&2
+      rc=4
+    elif [ "$swept" -eq 3 ]; then
+      echo "run.sh: the driver was killed before its teardown: the sweep removed what it left (above)" >&2
+    elif [ "$swept" -ne 0 ] && [ "$swept" -ne 3 ]; then
+      echo "run.sh: the sweep failed" >&2
+      rc=4
+    fi
+  fi
+  if [ -f "$before" ]; then
+    after=$(mktemp /tmp/tessera-demo-host.XXXXXX)
+    host_state >"$after"
+    if ! diff -u "$before" "$after" >&2; then
+      echo "run.sh: the host's iptables rules or namespaces changed during the demo (diff above)" >&2
+      [ "$rc" -eq 0 ] && rc=4
+    elif [ -n "$pid" ]; then
+      echo "left behind: nothing (host iptables and namespaces as before; no dockerd, container, agent, mount or scratch directory of run $pid)"
+    fi
+    rm -f "$before" "$after"
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+trap on_signal INT TERM HUP
+
+log "running the demo (driver: $driver)"
+"$driver" run --tessera "$tessera" --policies "$here/policies" &
+pid=$!
+rc=""
+while [ -z "$rc" ]; do
+  set +e
+  wait "$pid"
+  st=$?
+  set -e
+  # A trapped signal interrupts `wait` (status > 128) while the driver still tears down.
+  if [ "$st" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+  rc=$st
+done
+exit "$rc"
