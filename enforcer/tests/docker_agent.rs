@@ -302,4 +302,26 @@ fn containers_running_before_the_agent_are_enforced_from_its_first_sync() {
     let idle = d.start_container("idle");
     wait_rules(&tb, &idle);
     wait_enforced(&tb, 2.0, "early and idle");
+    // No --name: Docker's generated name ("adjective_name") is not a valid workload name; the
+    // container is enforced all the same (as the name made valid plus its short id).
+    let id = d.docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--stop-signal",
+        "KILL",
+        "--label",
+        "tessera.dev/enforce=true",
+        IMAGE,
+        "sleep",
+        "1000000",
+    ]);
+    let unnamed = Container {
+        name: id.trim().to_owned(),
+        id: id.trim().to_owned(),
+        pid: d.container_pid(id.trim()),
+    };
+    wait_rules(&tb, &unnamed);
+    wait_enforced(&tb, 3.0, "a container with a generated name");
 }

@@ -90,6 +90,13 @@ pub enum Skip {
     PodAppContainer,
     /// The inspect response has no id or name.
     Unnamed,
+    /// The namespace label's value is not a namespace name (DNS-1123 label): enforcing it in
+    /// another namespace would apply the wrong policies.
+    InvalidNamespace {
+        label: String,
+        value: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for Skip {
@@ -105,6 +112,11 @@ impl fmt::Display for Skip {
                 "app container of a Kubernetes pod: enforced as its pod's sandbox, whose netns it shares",
             ),
             Skip::Unnamed => f.write_str("inspect gave no id or name"),
+            Skip::InvalidNamespace {
+                label,
+                value,
+                reason,
+            } => write!(f, "label {label}={value:?} is not a namespace name: {reason}"),
         }
     }
 }
@@ -116,6 +128,10 @@ pub enum Note {
     InvalidLabel { key: String, reason: String },
     /// The ports label is malformed: none of its ports are used.
     BadPorts { item: String, reason: String },
+    /// The container's name is not a valid workload name (Docker's generated names have '_'):
+    /// the workload is named `name` instead (the name made valid, plus the short id, so it
+    /// cannot collide with another container's).
+    Renamed { name: String, reason: String },
 }
 
 /// What [`map_container`] decided (short-lived: one per inspect, so not boxed).
@@ -182,21 +198,45 @@ pub fn map_container(
         return Mapping::Skip(Skip::NotRunning);
     };
 
-    let namespace = labels
-        .get(K8S_NAMESPACE)
-        .or_else(|| labels.get(namespace_label))
-        .filter(|ns| !ns.is_empty())
-        .map_or(DEFAULT_NAMESPACE, String::as_str);
+    let namespace = [K8S_NAMESPACE, namespace_label]
+        .into_iter()
+        .find_map(|l| labels.get(l).filter(|v| !v.is_empty()).map(|v| (l, v)));
+    let namespace = match namespace {
+        Some((label, value)) => {
+            if let Err(e) =
+                identity::Claims::new(value.as_str(), "x", BTreeMap::new(), BTreeMap::new())
+            {
+                return Mapping::Skip(Skip::InvalidNamespace {
+                    label: label.to_owned(),
+                    value: value.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            value.as_str()
+        }
+        None => DEFAULT_NAMESPACE,
+    };
+    let mut notes = Vec::new();
     let workload = match (docker_type, labels.get(K8S_POD_NAME)) {
-        (Some("podsandbox"), Some(pod)) if !pod.is_empty() => pod.as_str(),
-        _ => name,
+        (Some("podsandbox"), Some(pod)) if !pod.is_empty() => pod.clone(),
+        _ => match identity::Claims::new(DEFAULT_NAMESPACE, name, BTreeMap::new(), BTreeMap::new())
+        {
+            Ok(_) => name.to_owned(),
+            Err(e) => {
+                let valid = valid_name(name, id);
+                notes.push(Note::Renamed {
+                    name: valid.clone(),
+                    reason: e.to_string(),
+                });
+                valid
+            }
+        },
     };
     let key = PodKey {
         namespace: namespace.to_owned(),
-        name: workload.to_owned(),
+        name: workload,
     };
 
-    let mut notes = Vec::new();
     let mut sorted: Vec<(&String, &String)> = labels.iter().collect();
     sorted.sort();
     let mut kept = BTreeMap::new();
@@ -267,6 +307,36 @@ pub fn map_container(
             started_at,
         },
         notes,
+    }
+}
+
+/// A valid workload name for a container whose name is not one: lower case, every run of
+/// other characters than `[a-z0-9]` made one '-', at most 40 characters, then '-' and the
+/// short id (unique: no two containers share it).
+fn valid_name(name: &str, id: &str) -> String {
+    let mut out = String::with_capacity(name.len().min(40) + 13);
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if out.len() >= 40 {
+            break;
+        }
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out = out.trim_end_matches('-');
+    let short: String = id
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .flat_map(char::to_lowercase)
+        .take(12)
+        .collect();
+    match (out.is_empty(), short.is_empty()) {
+        (true, true) => "container".to_owned(),
+        (true, false) => format!("container-{short}"),
+        (false, true) => out.to_owned(),
+        (false, false) => format!("{out}-{short}"),
     }
 }
 
@@ -643,6 +713,10 @@ async fn inspect(
         .trim_start_matches('/');
     let short = id.get(..12).unwrap_or(id);
     match map_container(&c, namespace_label, started_at) {
+        Mapping::Skip(why @ Skip::InvalidNamespace { .. }) => {
+            error!(container = short, name, "docker: not enforced: {why}");
+            Ok(None)
+        }
         Mapping::Skip(Skip::HostNetwork) => {
             info!(
                 container = short,
@@ -664,6 +738,15 @@ async fn inspect(
                         name,
                         label = key,
                         "docker: label dropped (not a valid Kubernetes label): {reason}"
+                    ),
+                    Note::Renamed {
+                        name: valid,
+                        reason,
+                    } => warn!(
+                        container = short,
+                        name,
+                        workload = valid,
+                        "docker: the container's name is not a valid workload name ({reason}): enforced as {valid}"
                     ),
                     Note::BadPorts { item, reason } => error!(
                         container = short,
@@ -833,7 +916,7 @@ mod tests {
             .iter()
             .map(|n| match n {
                 Note::InvalidLabel { key, .. } => key.as_str(),
-                Note::BadPorts { .. } => panic!("{n:?}"),
+                Note::BadPorts { .. } | Note::Renamed { .. } => panic!("{n:?}"),
             })
             .collect();
         assert_eq!(dropped, ["Bad_Prefix.com/x", "maintainer", "tier"]);
@@ -854,6 +937,40 @@ mod tests {
         let c = container("web", &[("team", "blue")]);
         let d = map_container(&c, "team", None).desired().unwrap();
         assert_eq!(d.key.namespace, "blue");
+    }
+
+    #[test]
+    fn an_invalid_name_is_made_valid_and_unique_with_the_short_id() {
+        let (d, notes) = enforce(&container("festive_hopper", &[("app", "web")]));
+        assert_eq!(d.key.name, "festive-hopper-3f2a9c0d1e2b");
+        assert!(
+            matches!(notes.as_slice(), [Note::Renamed { name, .. }] if name == "festive-hopper-3f2a9c0d1e2b"),
+            "{notes:?}"
+        );
+        assert_eq!(
+            valid_name("Web.__x_", "ABCDEF0123456789"),
+            "web-x-abcdef012345"
+        );
+        assert_eq!(valid_name("__", "abc"), "container-abc");
+        let long = "a".repeat(100);
+        let n = valid_name(&long, "0123456789abcdef");
+        assert_eq!(n, format!("{}-0123456789ab", "a".repeat(40)));
+        // A valid name is kept as it is.
+        let (d, notes) = enforce(&container("web.v2-1", &[]));
+        assert_eq!(d.key.name, "web.v2-1");
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_namespace_label_is_not_enforced_elsewhere() {
+        let c = container("web", &[("tessera.dev/namespace", "Shop_1")]);
+        match map_container(&c, DEFAULT_NAMESPACE_LABEL, None) {
+            Mapping::Skip(Skip::InvalidNamespace { label, value, .. }) => {
+                assert_eq!(label, "tessera.dev/namespace");
+                assert_eq!(value, "Shop_1");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
