@@ -55,6 +55,8 @@ fi
 status=0
 if (($# == 0)); then
   command -v systemd-analyze >/dev/null || apt_install systemd
+  # For enforcer/tests/deployment.rs, which boots systemd in a container to run the unit.
+  command -v systemd-nspawn >/dev/null || apt_install systemd-container
   scratch="$(mktemp -d)"
   trap 'rm -rf "$scratch"' EXIT
   # verify checks that ExecStart's program exists: any executable stands in for the binary.

@@ -1,8 +1,9 @@
 //! The deployment files (deployment/, examples/three-tier/kubernetes/) against the real tools and
 //! the real binary: the systemd unit passes `systemd-analyze verify`, its ExecStart line and the
 //! example config are accepted by `tessera run --check`, install.sh is idempotent and keeps keys
-//! private, the Kubernetes manifests agree with each other and with the agent's settings, and
-//! the three-tier example's policies give the matrix its README shows.
+//! private, the unit runs and enforces under a real systemd (booted in systemd-nspawn; root
+//! only), the Kubernetes manifests agree with each other and with the agent's settings, and the
+//! three-tier example's policies give the matrix its README shows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -546,4 +547,274 @@ fn kubernetes_three_tier_example_matrix() {
     ];
     expected.sort();
     assert_eq!(got, expected);
+}
+
+// ---- the unit under a real systemd ----------------------------------------------------------
+
+/// A systemd booted as PID 1 by systemd-nspawn: a private network namespace, this host's /usr
+/// (with install.sh's /usr/local/bin/tessera in an overlay on top), a copy of /etc with
+/// install.sh's files, booted to basic.target (no service of the host starts). Powered off
+/// and removed on drop.
+struct BootedSystemd {
+    root: tempfile::TempDir,
+    nspawn: Option<std::process::Child>,
+    init: u32,
+}
+
+impl BootedSystemd {
+    fn boot(root: tempfile::TempDir) -> BootedSystemd {
+        let nspawn = tool("systemd-nspawn", "systemd-container");
+        let r = root.path();
+        let log = std::fs::File::create(r.join("nspawn.log")).unwrap();
+        let child = Command::new(nspawn)
+            .args([
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+            ])
+            .arg("--directory")
+            .arg(r.join("root"))
+            .arg(format!(
+                "--overlay=/usr:{}:/usr",
+                r.join("usr-upper").display()
+            ))
+            // nspawn's own seccomp filter refuses pidfd_getfd, which a real host does not:
+            // the unit's filter is the one under test.
+            .arg("--system-call-filter=pidfd_getfd")
+            .args(["--boot", "--", "systemd.unit=basic.target"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut booted = BootedSystemd {
+            root,
+            nspawn: Some(child),
+            init: 0,
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let pid = booted.nspawn.as_ref().unwrap().id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            if let Some(init) = children.split_whitespace().next() {
+                booted.init = init.parse().unwrap();
+                let state = booted.sh("systemctl is-system-running 2>/dev/null || true");
+                if ["running", "degraded"].contains(&state.trim()) {
+                    return booted;
+                }
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "systemd did not boot in 60 s:\n{}",
+                booted.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("nspawn.log")).unwrap_or_default()
+    }
+
+    /// `sh -c SCRIPT` inside the container (all its namespaces); stdout and stderr together.
+    fn sh(&self, script: &str) -> String {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a", "--", "sh", "-c", script])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for BootedSystemd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- journal of tessera.service:\n{}",
+                self.sh("journalctl -u tessera --no-pager | tail -40")
+            );
+        }
+        if let Some(mut child) = self.nspawn.take() {
+            self.sh("systemctl poweroff");
+            let start = std::time::Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > std::time::Duration::from_secs(20) {
+                    // Killing the container's init ends its PID namespace.
+                    let _ = Command::new("kill")
+                        .args(["-9", &self.init.to_string()])
+                        .status();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// tessera.service as install.sh installs it, started by a real systemd (PID 1 of an nspawn
+/// container) with every hardening option of the unit: it enforces a static inventory of three
+/// workload namespaces (three-tier policies: WebFrontend -> BusinessBackend:8080 connects,
+/// External -> it times out), runs with exactly its three capabilities and no new privileges,
+/// and `systemctl stop` removes its rules and ends with status 0.
+#[test]
+fn systemd_unit_runs_under_systemd() {
+    if !testbed::privileged("systemd_unit_runs_under_systemd") {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("tessera-systemd-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let r = tmp.path().join("root");
+    for d in [
+        "dev", "proc", "sys", "run", "tmp", "var", "root", "home", "usr",
+    ] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    for d in ["bin", "sbin", "lib", "lib64"] {
+        std::os::unix::fs::symlink(format!("usr/{d}"), r.join(d)).unwrap();
+    }
+    let cp = Command::new("cp")
+        .args(["-a", "/etc/."])
+        .arg(r.join("etc"))
+        .output()
+        .unwrap();
+    assert!(cp.status.success(), "{}", text(&cp));
+    std::fs::remove_file(r.join("etc/os-release")).unwrap();
+    std::fs::copy("/usr/lib/os-release", r.join("etc/os-release")).unwrap();
+    std::fs::write(r.join("etc/machine-id"), "").unwrap();
+    for stale in ["etc/tessera", "etc/systemd/system/tessera.service"] {
+        let _ = std::fs::remove_dir_all(r.join(stale));
+        let _ = std::fs::remove_file(r.join(stale));
+    }
+
+    let psk = tmp.path().join("psk");
+    write_psk(&psk);
+    let install = Command::new("bash")
+        .arg(repo().join("deployment/systemd/install.sh"))
+        .args(["--binary", TESSERA, "--node-name", "node-1", "--psk"])
+        .arg(&psk)
+        .arg("--root")
+        .arg(&r)
+        .output()
+        .unwrap();
+    assert!(install.status.success(), "{}", text(&install));
+    // install.sh's /usr goes into the overlay over the host's /usr.
+    std::fs::rename(r.join("usr"), tmp.path().join("usr-upper")).unwrap();
+    std::fs::create_dir(r.join("usr")).unwrap();
+    let etc = r.join("etc/tessera");
+    for e in std::fs::read_dir(repo().join("examples/three-tier/policies")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, etc.join("policies").join(p.file_name().unwrap())).unwrap();
+    }
+    let mut inventory = String::from("workloads:\n");
+    for (i, (name, role, port)) in [
+        ("frontend", "WebFrontend", "[{name: http, port: 80}]"),
+        ("backend", "BusinessBackend", "[{name: api, port: 8080}]"),
+        ("external", "External", "[]"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        inventory.push_str(&format!(
+            "- {{name: {name}, namespace: shop, labels: {{role: {role}}}, ports: {port}, \
+             ips: [10.251.0.{}], netns: /run/netns/{name}}}\n",
+            i + 1
+        ));
+    }
+    let inventory_path = etc.join("inventory.yaml");
+    std::fs::write(&inventory_path, &inventory).unwrap();
+
+    let sd = BootedSystemd::boot(tmp);
+    let setup = sd.sh(
+        "set -e; ip link add br0 type bridge; ip link set br0 up; i=1; \
+         for n in frontend backend external; do \
+           ip netns add $n; ip -n $n link set lo up; \
+           ip link add v-$n type veth peer name eth0 netns $n; ip link set v-$n master br0 up; \
+           ip -n $n addr add 10.251.0.$i/24 dev eth0; ip -n $n link set eth0 up; i=$((i+1)); \
+         done; \
+         setsid ip netns exec backend busybox nc -ll -p 8080 -e /bin/echo hi \
+           </dev/null >/dev/null 2>&1 & \
+         echo ok",
+    );
+    assert!(setup.trim_end().ends_with("ok"), "{setup}");
+    sd.sh("systemctl start tessera");
+
+    let rules = |n: &str| sd.sh(&format!("ip netns exec {n} iptables-save -t mangle"));
+    let start = std::time::Instant::now();
+    while !["frontend", "backend", "external"]
+        .iter()
+        .all(|n| rules(n).contains("-j TESSERA-INPUT"))
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no rules after 30 s: {}",
+            sd.sh("systemctl status tessera --no-pager")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let pid = sd.sh("systemctl show tessera -p MainPID --value");
+    let status = sd.sh(&format!("cat /proc/{}/status", pid.trim()));
+    assert!(
+        status.contains("CapEff:\t0000000000281000"),
+        "NET_ADMIN, SYS_PTRACE, SYS_ADMIN only:\n{status}"
+    );
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+
+    let nc = |from: &str| {
+        sd.sh(&format!(
+            "ip netns exec {from} busybox nc -w 3 10.251.0.2 8080 </dev/null"
+        ))
+    };
+    assert_eq!(nc("frontend").trim(), "hi", "frontend -> backend:8080");
+    let denied = nc("external");
+    assert!(
+        !denied.contains("hi"),
+        "external -> backend:8080 must be refused: {denied}"
+    );
+
+    // A namespace mounted under /run/netns after the service started (and added to the
+    // inventory) reaches the service's own mount namespace: it is enforced too.
+    let late = sd.sh("ip netns add late && ip -n late link set lo up && echo ok");
+    assert_eq!(late.trim(), "ok", "{late}");
+    std::fs::write(
+        &inventory_path,
+        format!(
+            "{inventory}- {{name: late, namespace: shop, labels: {{role: External}}, \
+             ports: [], netns: /run/netns/late}}\n"
+        ),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    while !rules("late").contains("-j TESSERA-INPUT") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the late namespace was not enforced: {}",
+            sd.sh("journalctl -u tessera --no-pager | tail -5")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    sd.sh("systemctl stop tessera");
+    let shown = sd.sh("systemctl show tessera -p ActiveState -p Result -p ExecMainStatus");
+    for expected in ["ActiveState=inactive", "Result=success", "ExecMainStatus=0"] {
+        assert!(shown.contains(expected), "{shown}");
+    }
+    assert!(
+        sd.sh("journalctl -u tessera --no-pager")
+            .contains("stopped cleanly")
+    );
+    for n in ["frontend", "backend", "external", "late"] {
+        assert!(!rules(n).contains("TESSERA"), "rules left in {n}");
+    }
+    assert_eq!(nc("external").trim(), "hi", "no enforcement after stop");
 }
