@@ -57,6 +57,7 @@ log "deployment files: offline validation (Kubernetes manifests, systemd unit)";
 log "unit, property, conformance, real-kernel datapath tests and benchmarks (compiled and run once)"
 cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
+if [ "$(id -u)" -eq 0 ] || [ "${CI:-}" = true ]; then log "the three-tier demo (README's first command)"; examples/three-tier/run.sh --debug; else log "SKIP the three-tier demo: it needs root"; fi
 
 log "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -4,6 +4,7 @@
 #   sudo ./examples/three-tier/run.sh           # release build
 #   sudo ./examples/three-tier/run.sh --debug   # dev build (what tests/run.sh has built already)
 #   sudo ./examples/three-tier/run.sh --no-build  # the binaries already in target/ as they are
+#   sudo ./examples/three-tier/run.sh --hold    # keep it all up after the report, until Ctrl-C
 #
 # Installs what it needs (apt), builds `tessera` and the demo driver, then the driver builds two
 # simulated nodes (network namespaces): node-n1 with real Docker containers of a PRIVATE dockerd
@@ -19,12 +20,14 @@ root=$(cd "$here/../.." && pwd)
 
 profile=release
 no_build=0
+hold=()
 for arg in "$@"; do
   case "$arg" in
     --debug) profile=debug ;;
     --no-build) no_build=1 ;;
+    --hold) hold=(--hold) ;;
     -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown argument '$arg' (expected --debug, --no-build)" >&2; exit 2 ;;
+    *) echo "run.sh: unknown argument '$arg' (expected --debug, --no-build, --hold)" >&2; exit 2 ;;
   esac
 done
 
@@ -147,7 +150,7 @@ trap finish EXIT
 trap on_signal INT TERM HUP
 
 log "running the demo (driver: $driver)"
-"$driver" run --tessera "$tessera" --policies "$here/policies" &
+"$driver" run --tessera "$tessera" --policies "$here/policies" "${hold[@]}" &
 pid=$!
 rc=""
 while [ -z "$rc" ]; do

@@ -97,6 +97,10 @@ enum Cmd {
         /// The NetworkPolicy directory (examples/three-tier/policies).
         #[arg(long)]
         policies: PathBuf,
+        /// After the report, keep everything running until Ctrl-C (or SIGTERM), with commands
+        /// to try by hand.
+        #[arg(long)]
+        hold: bool,
     },
     /// Remove what a killed run (process PID, no longer running) left behind: its namespaces,
     /// its dockerd and containers, agents, mounts and scratch directories. Exits 3 when it found
@@ -130,11 +134,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Run { tessera, policies } => demo(&tessera, &policies),
+        Cmd::Run {
+            tessera,
+            policies,
+            hold,
+        } => demo(&tessera, &policies, hold),
     }
 }
 
-fn demo(tessera: &Path, policies: &Path) -> ExitCode {
+fn demo(tessera: &Path, policies: &Path, hold: bool) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
         signal_hook::consts::SIGINT,
@@ -156,7 +164,8 @@ fn demo(tessera: &Path, policies: &Path) -> ExitCode {
             default_hook(info);
         }
     }));
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(tessera, policies, &stop)));
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| run(tessera, policies, hold, &stop)));
     match outcome {
         Ok(Ok(true)) => ExitCode::SUCCESS,
         Ok(Ok(false)) => ExitCode::from(1),
@@ -191,7 +200,7 @@ fn step(what: &str) {
 /// The whole demo; `Ok(true)` when observed matches expected everywhere. Whatever it built is
 /// torn down when it returns or unwinds: the testbed (agents, namespaces) first, then the
 /// daemon (containers, mounts, directories).
-fn run(tessera: &Path, policies: &Path, stop: &AtomicBool) -> Result<bool> {
+fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result<bool> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "needs root (network namespaces, iptables, a private dockerd): sudo ./examples/three-tier/run.sh"
@@ -327,7 +336,7 @@ fn run(tessera: &Path, policies: &Path, stop: &AtomicBool) -> Result<bool> {
     eprint!("{}", String::from_utf8_lossy(&status.stderr));
 
     println!(
-        "\n{} in {:.1} s; tearing down (agents, namespaces, containers, dockerd)",
+        "\n{} in {:.1} s",
         if ok {
             "PASS: observed == expected in every cell"
         } else {
@@ -335,9 +344,43 @@ fn run(tessera: &Path, policies: &Path, stop: &AtomicBool) -> Result<bool> {
         },
         started.elapsed().as_secs_f64()
     );
+    if hold {
+        print_hints(&tb, &daemon, &tessera, &policies);
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    println!("tearing down: agents, namespaces, containers, dockerd");
     drop(tb);
     drop(daemon);
     Ok(ok)
+}
+
+/// `--hold`: what to try while the demo stays up.
+fn print_hints(tb: &Testbed, daemon: &DockerDaemon, tessera: &Path, policies: &Path) {
+    let ip = |n: &str| tb.workload(n).ip;
+    let ns = |n: &str| tb.workload(n).ns.clone();
+    let docker = format!("{} -H {}", testbed::docker::DOCKER, daemon.host());
+    let t = tessera.display();
+    let (m1, m2) = (tb.agent(1).metrics_addr(), tb.agent(2).metrics_addr());
+    println!(
+        "\n-- holding: everything stays up until Ctrl-C. In another shell, as root:
+   {docker} ps                       # the node-n1 containers
+   echo hi | {docker} exec -i external-1 nc -w 2 {f2} 80      # allowed: prints hi
+   echo hi | {docker} exec -i external-1 nc -w 2 {b2} 8080    # denied: nothing, after 2 s
+   echo hi | ip netns exec {fe2} busybox nc -w 2 {b1} 8080    # node-n2 -> a container: allowed
+   ip netns exec {db1} iptables-save -t mangle                # the agent's rules in a container's netns
+   {t} status --addr {m1}       # agent node-n1 (docker); node-n2: --addr {m2}
+   {t} policy explain --from shop/database-2 --to shop/backend-1 --probe 8080/TCP -f {cluster} -f {pol}
+   busybox wget -qO- http://{m2}/metrics | grep -E 'tessera_(flows_authorized|packets_rejected)_total'",
+        f2 = ip("frontend-2"),
+        b2 = ip("backend-2"),
+        b1 = ip("backend-1"),
+        fe2 = ns("frontend-2"),
+        db1 = ns("database-1"),
+        cluster = tb.dir().join("cluster.yaml").display(),
+        pol = policies.display(),
+    );
 }
 
 /// Waits until each agent enforces its four workloads and each workload's netns holds the
