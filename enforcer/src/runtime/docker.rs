@@ -15,6 +15,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, bail};
@@ -49,8 +51,14 @@ const HIDDEN_LABEL_PREFIXES: [&str; 4] = [
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Events read ahead while the list is being inspected (the daemon waits when this is full).
+/// Events read ahead of their handling (while the list is inspected, or while the agent is
+/// busy). More than this waiting: the session resyncs instead (the daemon drops events for a
+/// subscriber that stops reading, so blocking here could lose some silently).
 const EVENT_BUFFER: usize = 1024;
+/// How often a silent event stream is checked by pinging the daemon (a TCP daemon that
+/// vanished without closing the connection).
+const PING_EVERY: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// `since` is taken this much before the list: event times are the daemon's clock.
 const SINCE_MARGIN: Duration = Duration::from_millis(100);
 
@@ -625,12 +633,19 @@ async fn session(cfg: &DockerConfig, tx: &Sender, up: &mut bool, was_down: bool)
             .filters(&event_filters)
             .build(),
     ));
+    let overflow = Arc::new(AtomicBool::new(false));
+    let overflowed = overflow.clone();
     let _pump = AbortOnDrop(tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         while let Some(item) = events.next().await {
             let end = item.is_err();
-            if etx.send(item).await.is_err() || end {
-                break;
+            match etx.try_send(item) {
+                Ok(()) if !end => {}
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    overflowed.store(true, Ordering::Relaxed);
+                    break;
+                }
             }
         }
     }));
@@ -673,10 +688,28 @@ async fn session(cfg: &DockerConfig, tx: &Sender, up: &mut bool, was_down: bool)
         info!(host = %cfg.host, api = %version, containers = count, "docker: connected and synced");
     }
 
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
     loop {
-        let ev = match erx.recv().await {
+        let next = tokio::select! {
+            next = erx.recv() => next,
+            _ = ping.tick() => {
+                match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Lost::retry(format!("ping: {e}")),
+                    Err(_) => return Lost::retry(format!("ping: no answer within {PING_TIMEOUT:?}")),
+                }
+            }
+        };
+        let ev = match next {
             Some(Ok(ev)) => ev,
             Some(Err(e)) => return Lost::retry(format!("event stream: {e}")),
+            None if overflow.load(Ordering::Relaxed) => {
+                return Lost::retry(format!(
+                    "more than {EVENT_BUFFER} events waiting: resyncing from a fresh list"
+                ));
+            }
             None => return Lost::retry("event stream ended"),
         };
         if let Err(e) = handle_event(&docker, cfg, tx, &mut known, &ev).await {
