@@ -237,16 +237,19 @@ fn with_live_restore_containers_survive_a_daemon_restart_and_stay_enforced() {
     wait_rules(&tb, &kept);
     wait_enforced(&tb, 1.0, "before the restart");
 
+    // Paused across the restart: the resync must list it too (its netns is still there).
+    d.docker(&["pause", "kept"]);
     d.restart_daemon();
     assert_eq!(d.container_pid("kept"), kept.pid, "live-restore kept it");
     // A container started after the restart proves the agent reconnected (and resynced).
     let new = sleeper(&d, "new", &[ENFORCE, SHOP, ("role", "Database")]);
     wait_rules(&tb, &new);
-    wait_enforced(&tb, 2.0, "kept and new");
+    wait_enforced(&tb, 2.0, "kept (paused) and new");
     assert!(
         has_rules(kept.pid),
         "the surviving container lost its rules"
     );
+    d.docker(&["unpause", "kept"]);
 }
 
 #[test]

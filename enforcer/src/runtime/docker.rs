@@ -618,8 +618,11 @@ async fn session(cfg: &DockerConfig, tx: &Sender, up: &mut bool, was_down: bool)
                 .to_vec(),
         ),
     ]);
-    let mut list_filters: HashMap<String, Vec<String>> =
-        HashMap::from([("status".to_owned(), vec!["running".to_owned()])]);
+    // Paused containers keep their netns: they stay enforced (values of one filter are ORed).
+    let mut list_filters: HashMap<String, Vec<String>> = HashMap::from([(
+        "status".to_owned(),
+        vec!["running".to_owned(), "paused".to_owned()],
+    )]);
     if !cfg.filters.is_empty() {
         event_filters.insert("label".to_owned(), cfg.filters.clone());
         list_filters.insert("label".to_owned(), cfg.filters.clone());
@@ -808,42 +811,51 @@ async fn handle_event(
     let short = id.get(..12).unwrap_or(id);
     let send = |e: Event| async move { tx.send(e).await.map_err(|_| Lost::AgentGone) };
     match event_action(ev) {
-        "start" => match inspect(docker, id, &cfg.namespace_label, event_time(ev)).await? {
-            Some(d) => {
-                let NetnsRef::Pid(pid) = d.netns else {
-                    return Ok(());
-                };
-                let entry = (d.key.clone(), pid);
-                match known.get(id) {
-                    Some(k) if *k == entry => {
-                        debug!(container = short, key = %d.key, "docker: start already known");
+        // An unpause changes nothing in enforcement (the netns stays); it is checked like a
+        // start only in case the container was missed (paused across a resync).
+        action @ ("start" | "unpause") => {
+            let started_at = if action == "start" {
+                event_time(ev)
+            } else {
+                None
+            };
+            match inspect(docker, id, &cfg.namespace_label, started_at).await? {
+                Some(d) => {
+                    let NetnsRef::Pid(pid) = d.netns else {
                         return Ok(());
+                    };
+                    let entry = (d.key.clone(), pid);
+                    match known.get(id) {
+                        Some(k) if *k == entry => {
+                            debug!(container = short, key = %d.key, "docker: {action}: already enforced");
+                            return Ok(());
+                        }
+                        Some((old, _)) if *old != d.key => {
+                            send(Event::Remove(old.clone())).await?;
+                        }
+                        _ => {}
                     }
-                    Some((old, _)) if *old != d.key => {
-                        send(Event::Remove(old.clone())).await?;
+                    known.insert(id.to_owned(), entry);
+                    debug!(container = short, key = %d.key, pid, "docker: {action}");
+                    send(Event::Upsert(d)).await?;
+                }
+                None => {
+                    if let Some((key, _)) = known.remove(id) {
+                        send(Event::Remove(key)).await?;
                     }
-                    _ => {}
-                }
-                known.insert(id.to_owned(), entry);
-                debug!(container = short, key = %d.key, pid, "docker: start");
-                send(Event::Upsert(d)).await?;
-            }
-            None => {
-                if let Some((key, _)) = known.remove(id) {
-                    send(Event::Remove(key)).await?;
                 }
             }
-        },
+        }
         action @ ("die" | "destroy") => {
             if let Some((key, _)) = known.remove(id) {
                 debug!(container = short, key = %key, "docker: {action}");
                 send(Event::Remove(key)).await?;
             }
         }
-        action @ ("pause" | "unpause") => {
+        "pause" => {
             debug!(
                 container = short,
-                "docker: {action}: nothing changes (the netns stays)"
+                "docker: pause: nothing changes (the netns stays)"
             );
         }
         other => debug!(container = short, action = other, "docker: event ignored"),
