@@ -34,44 +34,33 @@ impl ResourceType {
     }
 }
 
+const fn resource(
+    plural: &'static str,
+    group: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> ResourceType {
+    ResourceType {
+        plural,
+        group,
+        kind,
+        namespaced,
+    }
+}
+
 /// Every resource type served.
 pub static RESOURCES: [ResourceType; 6] = [
-    ResourceType {
-        plural: "pods",
-        group: "",
-        kind: "Pod",
-        namespaced: true,
-    },
-    ResourceType {
-        plural: "namespaces",
-        group: "",
-        kind: "Namespace",
-        namespaced: false,
-    },
-    ResourceType {
-        plural: "nodes",
-        group: "",
-        kind: "Node",
-        namespaced: false,
-    },
-    ResourceType {
-        plural: "secrets",
-        group: "",
-        kind: "Secret",
-        namespaced: true,
-    },
-    ResourceType {
-        plural: "configmaps",
-        group: "",
-        kind: "ConfigMap",
-        namespaced: true,
-    },
-    ResourceType {
-        plural: "networkpolicies",
-        group: "networking.k8s.io",
-        kind: "NetworkPolicy",
-        namespaced: true,
-    },
+    resource("pods", "", "Pod", true),
+    resource("namespaces", "", "Namespace", false),
+    resource("nodes", "", "Node", false),
+    resource("secrets", "", "Secret", true),
+    resource("configmaps", "", "ConfigMap", true),
+    resource(
+        "networkpolicies",
+        "networking.k8s.io",
+        "NetworkPolicy",
+        true,
+    ),
 ];
 
 /// Looks a resource type up by group and plural.
@@ -358,20 +347,21 @@ impl Store {
         let parse_err = |e: &dyn std::fmt::Display| {
             EmuError::BadRequest(format!("{} \"{name}\": patch body: {e}", res.plural))
         };
+        let current = match self.get(res, ns, name) {
+            Err(e) if kind != PatchKind::Apply => return Err(e),
+            found => found.ok(),
+        };
         let patch: Value = match kind {
             PatchKind::Apply => serde_norway::from_slice(body).map_err(|e| parse_err(&e))?,
             PatchKind::Merge | PatchKind::Json => {
                 serde_json::from_slice(body).map_err(|e| parse_err(&e))?
             }
         };
-        let current = match self.get(res, ns, name) {
-            Ok(current) => current,
-            Err(_) if kind == PatchKind::Apply => {
-                let mut obj = patch;
-                metadata_mut(&mut obj).insert("name".into(), json!(name));
-                return self.create(res, ns, obj);
-            }
-            Err(e) => return Err(e),
+        let Some(current) = current else {
+            // Server-side apply creates what does not exist.
+            let mut obj = patch;
+            metadata_mut(&mut obj).insert("name".into(), json!(name));
+            return self.create(res, ns, obj);
         };
         let mut obj = (*current).clone();
         match kind {
@@ -559,4 +549,144 @@ fn now_rfc3339() -> String {
     jiff::Timestamp::from_second(now.as_second())
         .unwrap_or(now)
         .to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn res(plural: &str) -> &'static ResourceType {
+        RESOURCES.iter().find(|r| r.plural == plural).unwrap()
+    }
+
+    fn cm(name: &str, data: &str) -> Value {
+        json!({"metadata": {"name": name}, "data": {"k": data}})
+    }
+
+    fn rv_of(obj: &Value) -> u64 {
+        obj["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn history_ring_overflow_expires_old_versions() {
+        let mut store = Store::new(2);
+        let first = store
+            .create(res("configmaps"), Some("a"), cm("c", "0"))
+            .unwrap();
+        for i in 1..=3 {
+            store
+                .replace(res("configmaps"), Some("a"), "c", cm("c", &i.to_string()))
+                .unwrap();
+        }
+        let filter = Filter::all(res("configmaps"), None);
+        assert!(matches!(
+            store.watch(&filter, Some(rv_of(&first))),
+            Err(EmuError::Expired(_))
+        ));
+        let recent = store.watch(&filter, Some(store.rv() - 2)).unwrap();
+        let kinds: Vec<_> = recent
+            .backlog
+            .iter()
+            .map(|(k, o)| (*k, o["data"]["k"].clone()))
+            .collect();
+        assert_eq!(kinds, [("MODIFIED", json!("2")), ("MODIFIED", json!("3"))]);
+    }
+
+    #[test]
+    fn noop_update_keeps_version_and_spec_change_bumps_generation() {
+        let mut store = Store::new(10);
+        let nodes = res("nodes");
+        let created = store
+            .create(
+                nodes,
+                None,
+                json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "a"}}),
+            )
+            .unwrap();
+        let same = store.replace(nodes, None, "n", (*created).clone()).unwrap();
+        assert_eq!(rv_of(&same), rv_of(&created));
+        let changed = store
+            .replace(
+                nodes,
+                None,
+                "n",
+                json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "b"}}),
+            )
+            .unwrap();
+        assert_eq!(changed["metadata"]["generation"], 2);
+        assert_eq!(changed["metadata"]["uid"], created["metadata"]["uid"]);
+        assert!(rv_of(&changed) > rv_of(&created));
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_objects() {
+        let mut store = Store::new(10);
+        store
+            .create(res("namespaces"), None, json!({"metadata": {"name": "a"}}))
+            .unwrap();
+        store
+            .create(res("pods"), Some("a"), json!({"metadata": {"name": "p"}}))
+            .unwrap();
+        store
+            .create(res("pods"), Some("b"), json!({"metadata": {"name": "p"}}))
+            .unwrap();
+        store.delete(res("namespaces"), None, "a").unwrap();
+        let left: Vec<_> = store
+            .list(&Filter::all(res("pods"), None))
+            .iter()
+            .map(|p| p["metadata"]["namespace"].clone())
+            .collect();
+        assert_eq!(left, [json!("b")]);
+    }
+
+    #[test]
+    fn bad_objects_are_refused_naming_the_field() {
+        let mut store = Store::new(10);
+        let pods = res("pods");
+        let err = |r: Result<Arc<Value>, EmuError>| r.unwrap_err().to_string();
+        assert!(
+            err(store.create(pods, Some("a"), json!({"metadata": {}}))).contains("metadata.name")
+        );
+        assert!(
+            err(store.create(
+                pods,
+                Some("a"),
+                json!({"metadata": {"name": "p", "namespace": "b"}})
+            ))
+            .contains("metadata.namespace")
+        );
+        assert!(
+            err(store.create(
+                pods,
+                Some("a"),
+                json!({"kind": "Node", "metadata": {"name": "p"}})
+            ))
+            .contains("kind")
+        );
+        assert!(err(store.create(pods, Some("a"), json!([1]))).contains("not a JSON object"));
+        assert!(
+            err(store.patch(pods, Some("a"), "p", PatchKind::Merge, b"{")).contains("not found")
+        );
+        store
+            .create(pods, Some("a"), json!({"metadata": {"name": "p"}}))
+            .unwrap();
+        assert!(
+            err(store.patch(pods, Some("a"), "p", PatchKind::Merge, b"{")).contains("patch body")
+        );
+        let stale = json!({"metadata": {"resourceVersion": "1"}}).to_string();
+        assert!(
+            err(store.patch(pods, Some("a"), "p", PatchKind::Merge, stale.as_bytes()))
+                .contains("modified")
+        );
+        let rename = json!({"metadata": {"name": "q"}}).to_string();
+        assert!(
+            err(store.patch(pods, Some("a"), "p", PatchKind::Merge, rename.as_bytes()))
+                .contains("metadata.name")
+        );
+    }
 }

@@ -452,3 +452,43 @@ fn blocking_emulator_serves_a_client_built_from_its_kubeconfig() {
     assert_eq!(names, ["deny"]);
     assert!(emu.requests().iter().any(|(m, p)| m == "GET" && p.starts_with("/apis/networking.k8s.io/v1/networkpolicies")));
 }
+
+#[tokio::test]
+async fn watch_ends_at_its_timeout_and_is_uncounted_when_the_client_leaves() {
+    let emu = Emulator::builder()
+        .bookmark_interval(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    emu.apply(pod("demo", "web-1", "n1", "web")).unwrap();
+    let pods: Api<Pod> = Api::all(client(&emu));
+
+    let mut timed = pods
+        .watch(&WatchParams::default().timeout(1).disable_bookmarks(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    assert!(matches!(
+        timed.try_next().await.unwrap(),
+        Some(WatchEvent::Added(_))
+    ));
+    assert!(
+        timed.try_next().await.unwrap().is_none(),
+        "timeoutSeconds ends the stream cleanly"
+    );
+    eventually("timed-out watch uncounted", || emu.watch_count() == 0).await;
+
+    let open = pods
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    eventually("counted", || emu.watch_count() == 1).await;
+    drop(open);
+    eventually("uncounted after the client left", || emu.watch_count() == 0).await;
+    assert!(
+        emu.requests()
+            .iter()
+            .any(|(_, p)| p.contains("timeoutSeconds=1"))
+    );
+}
