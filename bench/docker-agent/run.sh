@@ -7,7 +7,8 @@
 # tessera_workload_enforce_seconds gives it), and how long the whole set took. Removes
 # everything it created (containers, daemon, directories) on exit, even on failure.
 # Usage: sudo ./bench/docker-agent/run.sh [--containers N] [--parallel P]
-# Env: TESSERA=path/to/tessera skips the release build.
+# Env: TESSERA=path/to/tessera skips the release build; RUST_LOG (default info) for the agent;
+#      KEEP_LOG=FILE keeps a copy of the agent's log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -57,6 +58,7 @@ cleanup() {
   # Anything still mounted under the roots, deepest first.
   awk -v d="$DIR" 'index($5, d) == 1 { print length($5), $5 }' /proc/self/mountinfo |
     sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m"; done
+  [ -n "${KEEP_LOG:-}" ] && cp "$DIR/agent.log" "$KEEP_LOG"
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -80,7 +82,7 @@ tar -C "$DIR/rootfs" -c . | d import - tsbox:1 >/dev/null
 
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/psk"
 METRICS=127.0.0.1:$((20000 + $$ % 20000))
-RUST_LOG=info "$TESSERA" run --runtime docker --docker-host "$HOST" \
+RUST_LOG=${RUST_LOG:-info} "$TESSERA" run --runtime docker --docker-host "$HOST" \
   --docker-filter tessera.dev/enforce=true --node-name bench-node --psk-file "$DIR/psk" \
   --policies "$POLICIES" --metrics-addr "$METRICS" >"$DIR/agent.log" 2>&1 &
 AGENT_PID=$!
