@@ -8,7 +8,7 @@
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
 //! readiness; the `Queue` keeps doing the netlink I/O.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek};
 use std::os::fd::{OwnedFd, RawFd};
@@ -79,19 +79,35 @@ pub fn open(ns: &Netns, cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
     ns.run(move || open_here(cfg))?
 }
 
-fn fd_list() -> Result<BTreeSet<RawFd>, ShellError> {
-    let mut fds = BTreeSet::new();
+/// The process's sockets: inode → fd, from the `socket:[INODE]` links of
+/// `/proc/thread-self/fd`. Other threads open and close fds at any time (a fd number seen
+/// before may be the queue's after), but a live socket keeps its inode and sockfs never hands
+/// an inode out twice, so "a socket whose inode was not there before" is exact.
+fn sockets() -> Result<BTreeMap<u64, RawFd>, ShellError> {
+    let mut out = BTreeMap::new();
     let dir = std::fs::read_dir("/proc/thread-self/fd").map_err(ShellError::Proc)?;
     for entry in dir {
         let entry = entry.map_err(ShellError::Proc)?;
-        if let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-            fds.insert(fd);
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue; // closed meanwhile (the listing's own fd, another thread's)
+        };
+        let inode = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|i| i.parse().ok());
+        if let Some(inode) = inode {
+            out.insert(inode, fd);
         }
     }
-    // The listing's own directory fd is in the list but closed by now: its number may be
-    // the next one handed out (to the queue's socket), so keep only fds still open.
-    fds.retain(|fd| std::fs::read_link(format!("/proc/thread-self/fd/{fd}")).is_ok());
-    Ok(fds)
+    Ok(out)
+}
+
+fn inode_of(fd: &OwnedFd) -> Option<u64> {
+    rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
 }
 
 fn is_netfilter_socket(fd: &OwnedFd) -> bool {
@@ -105,15 +121,19 @@ fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
     let (mut queue, socket) = {
         // A poisoned lock only means another opener panicked; the fd listing is still valid.
         let _guard = OPEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let before = fd_list()?;
+        let before = sockets()?;
         let queue = nfq::Queue::open().map_err(ShellError::Queue)?;
-        let after = fd_list()?;
+        let after = sockets()?;
         let mut found = Vec::new();
         let mut notes = Vec::new();
-        for fd in after.difference(&before) {
+        for (inode, fd) in after.iter().filter(|(i, _)| !before.contains_key(i)) {
             match pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()) {
-                Ok(dup) if is_netfilter_socket(&dup) => found.push(dup),
-                Ok(_) => notes.push(format!("fd {fd}: not a netfilter socket")),
+                // The fd number may have been closed and reused since the listing: check the
+                // duplicate is still that socket.
+                Ok(dup) if is_netfilter_socket(&dup) && inode_of(&dup) == Some(*inode) => {
+                    found.push(dup)
+                }
+                Ok(_) => notes.push(format!("fd {fd}: not the netfilter socket")),
                 Err(e) => notes.push(format!("fd {fd}: pidfd_getfd: {e}")),
             }
         }
