@@ -13,7 +13,8 @@ pub enum KeySource {
         ca_cert: PathBuf,
         node_cert: PathBuf,
         node_key: PathBuf,
-        peer_certs: PathBuf,
+        /// Peer certificates; `None` in Kubernetes mode, where peers come from Node annotations.
+        peer_certs: Option<PathBuf>,
     },
 }
 
@@ -66,6 +67,9 @@ pub fn load(node_name: &str, source: &KeySource, now_ms: u64) -> Result<(Node, u
             let mut node = Node::new_pki(creds, trust, Config::default(), now_ms)
                 .with_context(|| format!("{}", node_cert.display()))?;
             let mut peers = 0;
+            let Some(peer_certs) = peer_certs else {
+                return Ok((node, 0));
+            };
             let entries = std::fs::read_dir(peer_certs)
                 .with_context(|| format!("reading {}", peer_certs.display()))?;
             let mut paths: Vec<PathBuf> = entries

@@ -45,6 +45,8 @@ pub enum RuntimeOptions {
     Static { inventory: PathBuf },
     /// Containers of a Docker daemon.
     Docker(runtime::docker::DockerConfig),
+    /// This node's pods from the Kubernetes API.
+    Kubernetes(runtime::kubernetes::KubernetesConfig),
 }
 
 impl RuntimeOptions {
@@ -52,6 +54,7 @@ impl RuntimeOptions {
         match self {
             RuntimeOptions::Static { .. } => "static",
             RuntimeOptions::Docker(_) => "docker",
+            RuntimeOptions::Kubernetes(_) => "kubernetes",
         }
     }
 }
@@ -738,6 +741,16 @@ pub async fn run(opts: Options) -> Result<()> {
         // Refuse a bad inventory before touching the kernel.
         runtime::inventory::load(inventory)?;
     }
+    let mut runtime_opts = opts.runtime.clone();
+    if let (RuntimeOptions::Kubernetes(k), KeySource::Pki { node_cert, .. }) =
+        (&mut runtime_opts, &opts.keys)
+    {
+        // PKI: our certificate is published on our Node for the peers.
+        k.publish_certificate = Some(
+            std::fs::read_to_string(node_cert)
+                .with_context(|| format!("reading {}", node_cert.display()))?,
+        );
+    }
     let mut engine = policy::Engine::new();
     let mut policy_keys = Vec::new();
     let mut snapshot = policies::Snapshot::new();
@@ -810,7 +823,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
     let mut runtime_task = tokio::spawn(run_runtime(
-        opts.runtime.clone(),
+        runtime_opts,
         tx.clone(),
         stop_rx.clone(),
     ));
@@ -881,6 +894,7 @@ async fn run_runtime(
     match r {
         RuntimeOptions::Static { inventory } => runtime::inventory::run(inventory, tx, stop).await,
         RuntimeOptions::Docker(cfg) => runtime::docker::run(cfg, tx, stop).await,
+        RuntimeOptions::Kubernetes(cfg) => runtime::kubernetes::run(cfg, tx, stop).await,
     }
 }
 

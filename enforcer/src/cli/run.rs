@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::agent::{self, Options, RuntimeOptions, keys::KeySource};
 use crate::runtime::docker::DockerConfig;
+use crate::runtime::kubernetes::KubernetesConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,6 +28,9 @@ pub enum RuntimeKind {
     Static,
     /// The containers of a Docker daemon (`--docker-host`), followed through its event stream.
     Docker,
+    /// This node's pods, from the Kubernetes API (`--kubeconfig`, else in-cluster); policies
+    /// from the API unless `--policies` is given; PKI peers from Node annotations.
+    Kubernetes,
 }
 
 /// `tessera run`. Every setting comes, in this order of precedence, from the command line, the
@@ -65,6 +69,10 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub docker_filter: Vec<String>,
+    /// Kubernetes runtime: kubeconfig file [default: KUBECONFIG, ~/.kube/config, else the pod's
+    /// service account].
+    #[arg(long, env = "TESSERA_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Directory of NetworkPolicy YAML files, reloaded when a file changes.
     #[arg(long, env = "TESSERA_POLICIES", value_name = "DIR")]
     pub policies: Option<PathBuf>,
@@ -80,7 +88,8 @@ pub struct RunArgs {
     /// This node's private key (PKI mode).
     #[arg(long, env = "TESSERA_NODE_KEY", value_name = "FILE")]
     pub node_key: Option<PathBuf>,
-    /// Directory of peer nodes' certificates, one PEM file (.crt/.pem) per node (PKI mode).
+    /// Directory of peer nodes' certificates, one PEM file (.crt/.pem) per node (PKI mode;
+    /// optional with --runtime kubernetes, which learns peers from Node annotations).
     #[arg(long, env = "TESSERA_PEER_CERTS", value_name = "DIR")]
     pub peer_certs: Option<PathBuf>,
     /// Let traffic through while no agent reads the queue (default: fail closed).
@@ -116,6 +125,7 @@ pub struct FileConfig {
     runtime: Option<RuntimeKind>,
     inventory: Option<PathBuf>,
     docker: Option<DockerFileConfig>,
+    kubernetes: Option<KubernetesFileConfig>,
     policies: Option<PathBuf>,
     psk_file: Option<PathBuf>,
     ca_cert: Option<PathBuf>,
@@ -137,6 +147,12 @@ struct DockerFileConfig {
     namespace_label: Option<String>,
     #[serde(default)]
     filters: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KubernetesFileConfig {
+    kubeconfig: Option<PathBuf>,
 }
 
 /// A mark in the config file: a number, or a string in hex or decimal.
@@ -195,6 +211,14 @@ impl RunArgs {
             .clone()
             .or(file.node_name.clone())
             .context("no node name: give --node-name (or nodeName in the config file)")?;
+        let inventory = pick(&self.inventory, &file.inventory);
+        let kind = match (self.runtime.or(file.runtime), &inventory) {
+            (Some(k), _) => k,
+            (None, Some(_)) => RuntimeKind::Static,
+            (None, None) => bail!(
+                "no runtime: give --runtime docker, or --inventory FILE for a static inventory"
+            ),
+        };
         let psk_file = pick(&self.psk_file, &file.psk_file);
         let pki = (
             pick(&self.ca_cert, &file.ca_cert),
@@ -204,12 +228,16 @@ impl RunArgs {
         );
         let keys = match (psk_file, pki) {
             (Some(psk), (None, None, None, None)) => KeySource::Psk(psk),
-            (None, (Some(ca), Some(cert), Some(key), Some(peers))) => KeySource::Pki {
-                ca_cert: ca,
-                node_cert: cert,
-                node_key: key,
-                peer_certs: peers,
-            },
+            (None, (Some(ca), Some(cert), Some(key), peers))
+                if peers.is_some() || kind == RuntimeKind::Kubernetes =>
+            {
+                KeySource::Pki {
+                    ca_cert: ca,
+                    node_cert: cert,
+                    node_key: key,
+                    peer_certs: peers,
+                }
+            }
             (None, (None, None, None, None)) => bail!(
                 "no identity: give --psk-file, or --ca-cert, --node-cert, --node-key and --peer-certs"
             ),
@@ -217,14 +245,6 @@ impl RunArgs {
                 "--psk-file and the PKI settings (--ca-cert, --node-cert, --node-key, --peer-certs) exclude each other"
             ),
             _ => bail!("PKI mode needs all of --ca-cert, --node-cert, --node-key and --peer-certs"),
-        };
-        let inventory = pick(&self.inventory, &file.inventory);
-        let kind = match (self.runtime.or(file.runtime), &inventory) {
-            (Some(k), _) => k,
-            (None, Some(_)) => RuntimeKind::Static,
-            (None, None) => bail!(
-                "no runtime: give --runtime docker, or --inventory FILE for a static inventory"
-            ),
         };
         let docker_file = file.docker.unwrap_or_default();
         let runtime = match kind {
@@ -252,6 +272,16 @@ impl RunArgs {
                     filters,
                 })
             }
+            RuntimeKind::Kubernetes => RuntimeOptions::Kubernetes(KubernetesConfig {
+                node_name: node_name.clone(),
+                kubeconfig: self
+                    .kubeconfig
+                    .clone()
+                    .or(file.kubernetes.and_then(|k| k.kubeconfig)),
+                // Filled in by the agent from the PKI node certificate.
+                publish_certificate: None,
+                policies_from_api: pick(&self.policies, &file.policies).is_none(),
+            }),
         };
         let metrics = self
             .metrics_addr

@@ -23,6 +23,7 @@ use policy::{ContainerPort, PodKey, PolicyKey};
 
 pub mod docker;
 pub mod inventory;
+pub mod kubernetes;
 
 /// Where a workload's network namespace is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,0 +1,226 @@
+//! The Kubernetes runtime: this node's pods, every Namespace, every NetworkPolicy (when policies
+//! come from the API) and every Node (PKI mode), followed with kube_runtime watchers.
+//!
+//! Each watcher lists, then watches from the list's resourceVersion; a watch that expired
+//! (410 Gone) relists, a broken connection is retried with the watcher's default backoff. A
+//! list is buffered and sent to the agent whole at its end (`InitDone`), so the agent never acts
+//! on a half-listed view; and no pod is sent before Namespaces, NetworkPolicies and Nodes have
+//! been listed once (the pod watcher is not even polled before). Changes between lists are
+//! single events.
+//!
+//! Pods are those with `spec.nodeName` = this node; each pod's network namespace is found by
+//! its IP among the host's namespaces ([`netns`]), with no container runtime API. PKI mode
+//! publishes the node's certificate on its own Node and learns the peers' from theirs
+//! ([`nodes`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use super::{Event, Sender};
+
+pub mod netns;
+pub mod nodes;
+pub mod objects;
+pub mod pods;
+
+/// What the Kubernetes runtime needs.
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesConfig {
+    /// This node's name: pods with `spec.nodeName` equal to it are enforced; its Node object
+    /// carries our certificate.
+    pub node_name: String,
+    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, else in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// PKI mode: our certificate (PEM), published on our Node; peers are learned from theirs.
+    /// `None` (PSK mode): Nodes are not watched.
+    pub publish_certificate: Option<String>,
+    /// Whether NetworkPolicies come from the API (no `--policies` directory).
+    pub policies_from_api: bool,
+}
+
+/// A client from the kubeconfig given, else the inferred one (KUBECONFIG, ~/.kube/config,
+/// in-cluster service account).
+pub async fn client(cfg: &KubernetesConfig) -> Result<Client> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API configuration: give --kubeconfig, set KUBECONFIG, or run in a pod",
+        )?,
+    };
+    Client::try_from(config).context("Kubernetes API client")
+}
+
+/// Runs the Kubernetes runtime until `stop` turns true (Ok), or fails on what retrying cannot
+/// fix (no usable kubeconfig).
+pub async fn run(cfg: KubernetesConfig, tx: Sender, stop: watch::Receiver<bool>) -> Result<()> {
+    let client = client(&cfg).await?;
+    run_with(
+        client,
+        cfg,
+        Arc::new(netns::ProcScanner::default()),
+        tx,
+        stop,
+    )
+    .await
+}
+
+type Watch<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+fn watch_all<K>(api: Api<K>, config: watcher::Config) -> Watch<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, config).default_backoff().boxed()
+}
+
+/// Metadata only (`PartialObjectMetadata`): labels and annotations are all we read of
+/// Namespaces and Nodes, and a Node's status is large.
+fn watch_meta<K>(client: &Client) -> Watch<PartialObjectMeta<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default,
+{
+    watch_all(
+        Api::<PartialObjectMeta<K>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+}
+
+/// Logs a watcher error: the first of a streak at warn, the rest at debug.
+fn watch_error(what: &str, failing: &mut bool, e: &watcher::Error) {
+    if *failing {
+        debug!("{what} watch: {e}");
+    } else {
+        warn!("{what} watch: {e}; retrying with backoff");
+        *failing = true;
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// [`run`] with a given client and namespace finder (tests).
+pub async fn run_with(
+    client: Client,
+    cfg: KubernetesConfig,
+    finder: Arc<dyn netns::NetnsFinder>,
+    tx: Sender,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let node = cfg.node_name.clone();
+    let pki = cfg.publish_certificate.is_some();
+    let mut pod_watch: Watch<Pod> = watch_all(
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+    );
+    let mut ns_watch: Watch<_> = watch_meta::<Namespace>(&client);
+    let mut policy_watch: Watch<NetworkPolicy> = if cfg.policies_from_api {
+        watch_all(Api::all(client.clone()), watcher::Config::default())
+    } else {
+        futures_util::stream::pending().boxed()
+    };
+    let mut node_watch: Watch<_> = if pki {
+        watch_meta::<Node>(&client)
+    } else {
+        futures_util::stream::pending().boxed()
+    };
+    let republish = Arc::new(Notify::new());
+    let mut node_state = None;
+    let _publisher = cfg.publish_certificate.as_ref().map(|pem| {
+        node_state = Some(nodes::Nodes::new(&node, pem));
+        AbortOnDrop(tokio::spawn(nodes::publish(
+            Api::all(client.clone()),
+            node.clone(),
+            pem.clone(),
+            republish.clone(),
+        )))
+    });
+    let mut namespaces = objects::Namespaces::default();
+    let mut policies = objects::Policies::default();
+    let mut pods = pods::Pods::new(finder);
+    info!(node = %node, policies_from_api = cfg.policies_from_api, pki, "kubernetes runtime: watching");
+
+    let mut failing = [false; 4];
+    let mut out: Vec<Event> = Vec::new();
+    loop {
+        // The pods wait until everything they depend on was listed once.
+        let ready = namespaces.synced()
+            && (!cfg.policies_from_api || policies.synced())
+            && node_state.as_ref().is_none_or(|n| n.synced());
+        let retry_at = pods.next_retry();
+        tokio::select! {
+            () = stopped(&mut stop) => return Ok(()),
+            Some(ev) = ns_watch.next() => match ev {
+                Ok(ev) => { failing[0] = false; namespaces.handle(ev, &mut out) }
+                Err(e) => watch_error("namespace", &mut failing[0], &e),
+            },
+            Some(ev) = policy_watch.next() => match ev {
+                Ok(ev) => { failing[1] = false; policies.handle(ev, &mut out) }
+                Err(e) => watch_error("networkpolicy", &mut failing[1], &e),
+            },
+            Some(ev) = node_watch.next() => match ev {
+                Ok(ev) => {
+                    failing[2] = false;
+                    if let Some(n) = node_state.as_mut()
+                        && n.handle(ev, &mut out)
+                    {
+                        republish.notify_one();
+                    }
+                }
+                Err(e) => watch_error("node", &mut failing[2], &e),
+            },
+            Some(ev) = pod_watch.next(), if ready => match ev {
+                Ok(ev) => { failing[3] = false; pods.handle(ev, &mut out).await }
+                Err(e) => watch_error("pod", &mut failing[3], &e),
+            },
+            () = sleep_until(retry_at), if ready && retry_at.is_some() => pods.retry(&mut out).await,
+        }
+        for ev in out.drain(..) {
+            if tx.send(ev).await.is_err() {
+                debug!("kubernetes runtime: the agent stopped listening");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Resolves when stop is true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,257 @@
+//! Namespaces and NetworkPolicies: watcher events to the agent's events, a relist sent whole at
+//! its end.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use policy::PolicyKey;
+use tracing::info;
+
+use crate::runtime::Event;
+
+/// Where API policies come from, in the agent's log lines and errors.
+pub const POLICY_ORIGIN: &str = "Kubernetes API (NetworkPolicies)";
+
+type Labels = BTreeMap<String, String>;
+
+/// Namespace labels as the agent was told them.
+#[derive(Default)]
+pub struct Namespaces {
+    known: BTreeMap<String, Labels>,
+    relist: Option<Vec<(String, Labels)>>,
+    synced: bool,
+}
+
+fn ns_entry(n: &PartialObjectMeta<Namespace>) -> Option<(String, Labels)> {
+    let name = n.metadata.name.clone().filter(|s| !s.is_empty())?;
+    Some((name, n.metadata.labels.clone().unwrap_or_default()))
+}
+
+impl Namespaces {
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    fn set(&mut self, name: String, labels: Option<Labels>, out: &mut Vec<Event>) {
+        match labels {
+            Some(l) => {
+                if self.known.get(&name) != Some(&l) {
+                    self.known.insert(name.clone(), l.clone());
+                    out.push(Event::Namespace {
+                        name,
+                        labels: Some(l),
+                    });
+                }
+            }
+            None => {
+                if self.known.remove(&name).is_some() {
+                    out.push(Event::Namespace { name, labels: None });
+                }
+            }
+        }
+    }
+
+    pub fn handle(
+        &mut self,
+        ev: watcher::Event<PartialObjectMeta<Namespace>>,
+        out: &mut Vec<Event>,
+    ) {
+        match ev {
+            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::InitApply(n) => {
+                if let Some(e) = ns_entry(&n) {
+                    self.relist.get_or_insert_with(Vec::new).push(e);
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let names: HashSet<String> = listed.iter().map(|(n, _)| n.clone()).collect();
+                let gone: Vec<String> = self
+                    .known
+                    .keys()
+                    .filter(|n| !names.contains(*n))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    self.set(name, None, out);
+                }
+                for (name, labels) in listed {
+                    self.set(name, Some(labels), out);
+                }
+                if !self.synced {
+                    info!(namespaces = self.known.len(), "namespaces listed");
+                }
+                self.synced = true;
+            }
+            watcher::Event::Apply(n) => {
+                if let Some((name, labels)) = ns_entry(&n) {
+                    self.set(name, Some(labels), out);
+                }
+            }
+            watcher::Event::Delete(n) => {
+                if let Some((name, _)) = ns_entry(&n) {
+                    self.set(name, None, out);
+                }
+            }
+        }
+    }
+}
+
+/// NetworkPolicies: the whole set at each list's end, single changes between.
+#[derive(Default)]
+pub struct Policies {
+    relist: Option<Vec<NetworkPolicy>>,
+    synced: bool,
+}
+
+impl Policies {
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn handle(&mut self, ev: watcher::Event<NetworkPolicy>, out: &mut Vec<Event>) {
+        match ev {
+            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::InitApply(p) => self.relist.get_or_insert_with(Vec::new).push(p),
+            watcher::Event::InitDone => {
+                let mut policies = self.relist.take().unwrap_or_default();
+                policies.sort_by(|a, b| {
+                    (&a.metadata.namespace, &a.metadata.name)
+                        .cmp(&(&b.metadata.namespace, &b.metadata.name))
+                });
+                self.synced = true;
+                out.push(Event::Policies {
+                    origin: POLICY_ORIGIN.to_owned(),
+                    policies,
+                });
+            }
+            watcher::Event::Apply(p) => out.push(Event::PolicyUpsert(Box::new(p))),
+            watcher::Event::Delete(p) => {
+                if let (Some(namespace), Some(name)) =
+                    (p.metadata.namespace.clone(), p.metadata.name.clone())
+                {
+                    out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Namespace> {
+        let mut n: PartialObjectMeta<Namespace> = PartialObjectMeta::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    fn np(ns: &str, name: &str) -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name}, "spec": {"podSelector": {}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn namespaces_relist_sends_changes_and_removals_only() {
+        let mut n = Namespaces::default();
+        let mut out = Vec::new();
+        n.handle(watcher::Event::Init, &mut out);
+        n.handle(
+            watcher::Event::InitApply(ns("a", &[("team", "x")])),
+            &mut out,
+        );
+        n.handle(watcher::Event::InitApply(ns("b", &[])), &mut out);
+        assert!(out.is_empty() && !n.synced());
+        n.handle(watcher::Event::InitDone, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(n.synced());
+        out.clear();
+        // Relist: a changed, b gone, c new.
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(ns("a", &[("team", "y")])),
+            watcher::Event::InitApply(ns("c", &[])),
+            watcher::Event::InitDone,
+        ] {
+            n.handle(e, &mut out);
+        }
+        assert_eq!(
+            out,
+            [
+                Event::Namespace {
+                    name: "b".into(),
+                    labels: None
+                },
+                Event::Namespace {
+                    name: "a".into(),
+                    labels: Some(BTreeMap::from([("team".into(), "y".into())]))
+                },
+                Event::Namespace {
+                    name: "c".into(),
+                    labels: Some(BTreeMap::new())
+                },
+            ]
+        );
+        out.clear();
+        n.handle(watcher::Event::Apply(ns("c", &[])), &mut out);
+        assert!(out.is_empty(), "unchanged labels say nothing");
+        n.handle(watcher::Event::Delete(ns("c", &[])), &mut out);
+        assert_eq!(
+            out,
+            [Event::Namespace {
+                name: "c".into(),
+                labels: None
+            }]
+        );
+    }
+
+    #[test]
+    fn policies_relist_is_one_set_and_changes_single_events() {
+        let mut p = Policies::default();
+        let mut out = Vec::new();
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(np("b", "deny")),
+            watcher::Event::InitApply(np("a", "allow")),
+        ] {
+            p.handle(e, &mut out);
+        }
+        assert!(out.is_empty());
+        p.handle(watcher::Event::InitDone, &mut out);
+        let [Event::Policies { policies, origin }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(origin, POLICY_ORIGIN);
+        let names: Vec<_> = policies
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["allow", "deny"]);
+        out.clear();
+        p.handle(watcher::Event::Apply(np("a", "new")), &mut out);
+        p.handle(watcher::Event::Delete(np("b", "deny")), &mut out);
+        assert!(
+            matches!(&out[0], Event::PolicyUpsert(x) if x.metadata.name.as_deref() == Some("new"))
+        );
+        assert_eq!(
+            out[1],
+            Event::PolicyRemove(PolicyKey {
+                namespace: "b".into(),
+                name: "deny".into()
+            })
+        );
+    }
+}
