@@ -37,6 +37,9 @@
 //! garbage collection, managedFields, protobuf, and checking that a namespace exists before
 //! objects are created in it.
 //!
+//! For manual use, the `kube-emulator` binary serves it until killed:
+//! `kube-emulator [--addr 127.0.0.1:PORT] [--kubeconfig PATH] [MANIFEST.yaml ...]`.
+//!
 //! ```no_run
 //! let emu = kube_emulator::Emulator::start_blocking().unwrap();
 //! emu.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})).unwrap();

@@ -224,8 +224,10 @@ async fn watch(
             }
         },
     };
+    // timeoutSeconds=0 (or none) leaves the watch open until it is broken or the client leaves.
     let timeout = timeout
         .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0)
         .map(Duration::from_secs);
     let mut paused = shared.paused.subscribe();
     let gate = paused
