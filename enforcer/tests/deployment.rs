@@ -364,6 +364,10 @@ fn kubernetes_daemonset_agrees_with_its_config() {
         ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
         1
     );
+    // No host path at all: pods' namespaces are found through /proc (hostPID).
+    for v in pod["volumes"].as_array().unwrap() {
+        assert!(v.get("hostPath").is_none(), "hostPath volume {v}");
+    }
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
