@@ -211,10 +211,19 @@ impl EstablishedTable {
     }
 }
 
+/// What was already sent to each side of a cut flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CutState {
+    /// A RST went to the local socket (an INPUT packet was rewritten).
+    pub(crate) local_reset: bool,
+    /// A RST went to the peer (an OUTPUT packet was rewritten).
+    pub(crate) remote_reset: bool,
+}
+
 /// Flows cut recently: their next packets become RSTs. Bounded; entries expire.
 #[derive(Debug)]
 pub(crate) struct CutSet {
-    flows: HashMap<FlowKey, u64>,
+    flows: HashMap<FlowKey, (u64, CutState)>,
     max: usize,
     last_sweep_ms: u64,
 }
@@ -242,20 +251,22 @@ impl CutSet {
                 return false;
             }
         }
-        self.flows.insert(key, deadline_ms);
+        self.flows.insert(key, (deadline_ms, CutState::default()));
         true
     }
 
-    /// Whether `key` was cut and the mark has not expired.
-    pub(crate) fn contains(&mut self, key: &FlowKey, now_ms: u64) -> bool {
-        match self.flows.get(key) {
-            Some(d) if *d >= now_ms => true,
-            Some(_) => {
-                self.flows.remove(key);
-                false
-            }
-            None => false,
+    /// The state of `key` if it was cut and the mark has not expired.
+    pub(crate) fn get_mut(&mut self, key: &FlowKey, now_ms: u64) -> Option<&mut CutState> {
+        if self.flows.get(key).is_some_and(|(d, _)| *d < now_ms) {
+            self.flows.remove(key);
         }
+        self.flows.get_mut(key).map(|(_, s)| s)
+    }
+
+    /// Whether `key` was cut and the mark has not expired.
+    #[cfg(test)]
+    fn contains(&mut self, key: &FlowKey, now_ms: u64) -> bool {
+        self.get_mut(key, now_ms).is_some()
     }
 
     pub(crate) fn remove(&mut self, key: &FlowKey) {
@@ -275,7 +286,7 @@ impl CutSet {
             return;
         }
         self.last_sweep_ms = now_ms;
-        self.flows.retain(|_, d| *d >= now_ms);
+        self.flows.retain(|_, (d, _)| *d >= now_ms);
     }
 }
 

@@ -408,6 +408,23 @@ pub fn rewrite_to_rst(packet: &mut Vec<u8>, seg: &TcpSegment) -> Result<(), Pack
     finish(packet, seg, TCP_HEADER_LEN)
 }
 
+/// Turn any segment into a bare ACK (no payload, no options, other flags cleared) with the same
+/// ports, sequence and acknowledgement numbers and window: nothing reaches the receiving
+/// application, and a kernel without a socket for it answers with a RST.
+pub fn rewrite_to_ack(packet: &mut Vec<u8>, seg: &TcpSegment) -> Result<(), PacketError> {
+    if seg.ip_len > packet.len() {
+        return Err(PacketError::Truncated);
+    }
+    packet.truncate(seg.tcp_start + TCP_HEADER_LEN);
+    {
+        let mut tcp =
+            MutableTcpPacket::new(&mut packet[seg.tcp_start..]).ok_or(PacketError::Truncated)?;
+        tcp.set_flags(TcpFlags::ACK);
+        tcp.set_urgent_ptr(0);
+    }
+    finish(packet, seg, TCP_HEADER_LEN)
+}
+
 /// Recompute the checksums of an unmodified-length packet in place (IPv4 header checksum and
 /// the full TCP checksum), e.g. to complete a partial checksum.
 pub fn fix_checksums(packet: &mut Vec<u8>, seg: &TcpSegment) -> Result<(), PacketError> {

@@ -27,6 +27,7 @@
 //! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
 //! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
+//! | non-SYN, non-RST (any)   | none, flow cut by [`Processor::recheck`] | first packet each way: rewrite into a RST at its sequence numbers; later ones: into a bare ACK, which the socket-less receiver answers with a RST (`flow_cut`) | = |
 //! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
 //!
 //! The client marks its flow when its ACK token leaves, so neither its data nor the server's
@@ -34,6 +35,10 @@
 //! SYN-ACK, which carries our option and is therefore queued even on a marked flow: the verdict
 //! strips it and sets [`reauth_mark`] (the rules then clear AUTH from the connmark), so the
 //! duplicate ACK the client kernel answers with is queued again and gets the same ACK token.
+//!
+//! Every authorized flow is also remembered (server: at the valid ACK or the token-less
+//! SYN-ACK; client: at the SYN-ACK's egress decision) with the peer as the engine saw it, so that
+//! [`Processor::recheck`] can cut those a later change denies (see [`crate::established`]).
 //!
 //! Authorized flows linger ([`ProcessorConfig::authorized_linger_ms`]) so packets queued behind
 //! the one that set the mark are accepted (and marked) instead of dropped. Every drop carries a
@@ -170,7 +175,8 @@ pub enum Reason {
     #[error("no handshake state for this flow")]
     NoFlowState,
     /// A packet of an established flow that a policy change cut ([`Processor::recheck`]): it
-    /// is rewritten into a RST (to the local socket on INPUT, to the peer on OUTPUT).
+    /// is rewritten into a RST (to the local socket on INPUT, to the peer on OUTPUT), or, once
+    /// that side was reset, into a bare ACK without payload.
     #[error("flow cut by a policy change")]
     FlowCut,
     /// The flow table is full: new handshakes are refused.
@@ -705,14 +711,36 @@ impl Step<'_> {
             self.cut.remove(&key);
         } else if !seg.is_rst()
             && self.flows.live_mut(&key, self.now).is_none()
-            && self.cut.contains(&key, self.now)
+            && let Some(state) = self.cut.get_mut(&key, self.now)
         {
             // A flow cut by a policy change (its conntrack entry, and with it the AUTH
-            // connmark, was deleted): never let it through, and tell the local socket (INPUT)
-            // or the peer (OUTPUT) at once with a RST at the packet's own sequence numbers,
-            // which the receiving kernel accepts. The other side learns it from the RST its
-            // next packet draws.
-            return (self.refuse_cut(packet, &seg), Some(kind));
+            // connmark, was deleted): its payload never passes. The first packet each way
+            // becomes a RST at the packet's own sequence numbers, which the receiving socket
+            // accepts (INPUT: the local socket; OUTPUT: the peer's). Later packets that way
+            // become bare ACKs, so the receiving kernel, whose socket is gone, answers the
+            // sender with a RST: both applications learn of the cut.
+            let sent = match hook {
+                Hook::Input => &mut state.local_reset,
+                Hook::Output => &mut state.remote_reset,
+            };
+            let rewrite = if *sent {
+                packet::rewrite_to_ack(packet, &seg)
+            } else {
+                *sent = true;
+                packet::rewrite_to_rst(packet, &seg)
+            };
+            let verdict = match rewrite {
+                Ok(()) => Verdict {
+                    accept: true,
+                    modified: true,
+                    mark_authorized: false,
+                    unmark: false,
+                    requeue: false,
+                    reason: Some(Reason::FlowCut),
+                },
+                Err(_) => Verdict::drop(Reason::FlowCut),
+            };
+            return (verdict, Some(kind));
         }
         let verdict = if seg.is_rst() {
             // A RST ends the handshake: our own kernel's always, the peer's if it fits the
@@ -1120,21 +1148,6 @@ impl Step<'_> {
             };
         }
         Verdict::accept(true)
-    }
-
-    /// A packet of a cut flow: rewritten into a RST (dropped if it cannot be).
-    fn refuse_cut(&mut self, packet: &mut Vec<u8>, seg: &TcpSegment) -> Verdict {
-        match packet::rewrite_to_rst(packet, seg) {
-            Ok(()) => Verdict {
-                accept: true,
-                modified: true,
-                mark_authorized: false,
-                unmark: false,
-                requeue: false,
-                reason: Some(Reason::FlowCut),
-            },
-            Err(_) => Verdict::drop(Reason::FlowCut),
-        }
     }
 
     /// Egress denied at the SYN-ACK: hand the client a RST so connect() fails at once.

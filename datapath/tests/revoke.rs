@@ -226,6 +226,18 @@ fn reset(v: &Verdict, before: &[u8], after: &[u8]) {
     assert!(after.len() < before.len(), "the payload never passes");
 }
 
+/// The verdict turned the packet into a bare ACK (no payload, no other flag), which a kernel
+/// whose socket is gone answers with a RST.
+fn bare_ack(v: &Verdict, before: &[u8], after: &[u8]) {
+    assert!(v.accept && v.modified, "expected a rewrite into ACK: {v:?}");
+    assert!(!v.mark_authorized && !v.unmark && !v.requeue, "{v:?}");
+    assert_eq!(v.reason.as_ref().map(|r| r.as_str()), Some("flow_cut"));
+    assert_eq!(flags(after), ACK);
+    assert!(checksums_ok(after));
+    assert_eq!(seq_of(after), seq_of(before));
+    assert_eq!(after.len(), 40, "IPv4 + TCP headers only: {after:?}");
+}
+
 fn seq_of(p: &[u8]) -> u32 {
     let ihl = usize::from(p[0] & 0x0f) * 4;
     u32::from_be_bytes([p[ihl + 4], p[ihl + 5], p[ihl + 6], p[ihl + 7]])
@@ -268,18 +280,25 @@ fn ingress_change_cuts_the_server_side_and_its_packets_become_resets() {
     let d = w.data_c();
     let (v, rst) = w.in_b(&d);
     reset(&v, &d, &rst);
-    // The client retransmits: reset again (the server's kernel then answers the client with
-    // its own RST, which passes).
-    let (v, rst) = w.in_b(&d);
-    reset(&v, &d, &rst);
-    // The server application writes: the client gets a RST instead.
+    // The client retransmits: the socket is gone, so the packet goes on as a bare ACK that the
+    // server's kernel answers with a RST, which passes and tells the client.
+    let (v, ack) = w.in_b(&d);
+    bare_ack(&v, &d, &ack);
+    let rst = tcp_packet(w.s, w.c, ISN_S + 1, 0, RST, &[], &[]);
+    let (v, seen) = w.out_b(&rst);
+    assert!(v.accept && !v.modified && v.reason.is_none(), "{v:?}");
+    assert_eq!(seen, rst);
+    // Had the server application written, the client would have got a RST instead, then the
+    // server's kernel the client kernel's answer.
     let d = w.data_s();
     let (v, rst) = w.out_b(&d);
     reset(&v, &d, &rst);
+    let (v, ack) = w.out_b(&d);
+    bare_ack(&v, &d, &ack);
     // A second recheck has nothing more to cut.
     assert!(w.b.recheck(w.now).is_empty());
     assert_eq!(w.b.metrics().cut("policy_ingress"), 1);
-    assert_eq!(w.b.metrics().rejected("flow_cut"), 3);
+    assert_eq!(w.b.metrics().rejected("flow_cut"), 4);
 }
 
 #[test]

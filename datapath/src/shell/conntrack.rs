@@ -1,10 +1,15 @@
-//! Conntrack in a workload netns: delete the entries of cut flows (their AUTH connmark goes
-//! with them, so the flows' next packets reach the queue), and list the TCP entries so that
-//! remembered flows which are gone can be pruned.
+//! Cutting flows in a workload netns, and listing its conntrack table.
 //!
-//! The `conntrack` tool runs as a child of a thread that joined the namespace
-//! ([`Netns::run`]): one thread per namespace and batch, one process per deleted entry
-//! (conntrack-tools 1.4.7 has no batch delete by exact tuples).
+//! A cut flow's local socket is destroyed (`ss -K`, SOCK_DESTROY): the kernel sends the peer a
+//! RST and the local application's next call fails with ECONNABORTED, idle or not. Then the
+//! flow's conntrack entry is deleted: its AUTH connmark goes with it, so any later packet of
+//! the flow (a straggler, a retransmission if that RST was lost, or every packet when the
+//! socket could not be destroyed) reaches the queue, where the processor answers it with RSTs.
+//! The TCP entries are listed so that remembered flows which are gone can be pruned.
+//!
+//! The tools run as children of a thread that joined the namespace ([`Netns::run`]): one
+//! thread per namespace and batch, two processes per cut flow (neither tool deletes a batch of
+//! exact tuples in one call).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -12,11 +17,14 @@ use std::process::Command;
 
 use super::ShellError;
 use super::netns::{Netns, run_command};
+use crate::Cut;
 
-/// What [`delete`] did.
+/// What [`cut`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Deleted {
-    /// Entries deleted.
+pub struct CutDone {
+    /// Local sockets destroyed.
+    pub sockets: usize,
+    /// Conntrack entries deleted.
     pub deleted: usize,
     /// Tuples conntrack did not hold (the connection closed meanwhile).
     pub missing: usize,
@@ -36,12 +44,42 @@ fn tuple_args(cmd: &mut Command, src: SocketAddr, dst: SocketAddr) {
     }
 }
 
-/// Delete the conntrack entries of `tuples` ((source, destination) in the original direction)
-/// inside `ns`, in one batch.
-pub fn delete(ns: &Netns, tuples: Vec<(SocketAddr, SocketAddr)>) -> Result<Deleted, ShellError> {
+/// `ss` filter arguments for the socket with local address `local` and peer `remote`.
+fn socket_filter(local: SocketAddr, remote: SocketAddr) -> Vec<String> {
+    let host = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    [
+        "src".to_owned(),
+        host(local),
+        "sport".to_owned(),
+        "=".to_owned(),
+        local.port().to_string(),
+        "dst".to_owned(),
+        host(remote),
+        "dport".to_owned(),
+        "=".to_owned(),
+        remote.port().to_string(),
+    ]
+    .into()
+}
+
+/// Cut `flows` inside `ns`, in one batch: destroy each local socket, then delete each
+/// conntrack entry. A socket already gone is not an error; a failing `ss` is reported only if
+/// the conntrack deletion fails too (the processor's RSTs still cut the flow).
+pub fn cut(ns: &Netns, flows: Vec<Cut>) -> Result<CutDone, ShellError> {
     ns.run(move || {
-        let mut done = Deleted::default();
-        for (src, dst) in tuples {
+        let mut done = CutDone::default();
+        for c in flows {
+            let mut ss = Command::new("ss");
+            ss.args(["-K", "-tnH"])
+                .args(socket_filter(c.local, c.remote));
+            match run_command(ss, None) {
+                Ok((out, _)) => done.sockets += out.lines().filter(|l| !l.is_empty()).count(),
+                Err(e) => tracing::debug!("ss -K {} {}: {e}", c.local, c.remote),
+            }
+            let (src, dst) = c.conntrack_tuple();
             let mut cmd = Command::new("conntrack");
             cmd.arg("-D");
             tuple_args(&mut cmd, src, dst);
@@ -123,6 +161,18 @@ tcp      6 10 SYN_SENT src=10.0.0.1 dst=10.0.0.2 sport=1 [UNREPLIED]
                 (s("10.66.1.2:41000"), s("10.66.2.2:8080")),
                 (s("[fd00::2]:5000"), s("[fd00::1]:80")),
             ]
+        );
+    }
+
+    #[test]
+    fn socket_filter_names_both_ends() {
+        let f = socket_filter(
+            "10.0.0.1:8080".parse().unwrap(),
+            "[fd00::2]:41000".parse().unwrap(),
+        );
+        assert_eq!(
+            f.join(" "),
+            "src 10.0.0.1 sport = 8080 dst [fd00::2] dport = 41000"
         );
     }
 

@@ -1,0 +1,241 @@
+//! Established connections that a policy change now denies are cut, on the real kernel: two
+//! agents (static inventories, a policy directory the test edits), a client and another
+//! workload on node 1, a server on node 2. A change that keeps the flows allowed cuts nothing;
+//! a change that denies the client cuts its live connection (its next exchange fails with a
+//! reset) and its idle one (the first write after the cut fails), while the other workload's
+//! connection keeps working. The time from the policy file's write to the client noticing is
+//! measured and split (reload latency, recheck, conntrack deletion). Needs root (tests/run.sh
+//! runs it in CI); without root it prints a SKIP line locally and fails under CI=true.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once};
+
+const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+const HEAD: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: Server}}
+  ingress:
+";
+
+/// Client and Other may reach the server on 8080.
+fn both_by_number() -> String {
+    format!(
+        "{HEAD}  - from: [{{podSelector: {{matchLabels: {{role: Client}}}}}}, {{podSelector: {{matchLabels: {{role: Other}}}}}}]\n    ports: [{{port: 8080}}]\n"
+    )
+}
+
+/// The same flows allowed, written differently: by the port's name, one rule per peer.
+fn both_by_name() -> String {
+    format!(
+        "{HEAD}  - from: [{{podSelector: {{matchLabels: {{role: Client}}}}}}]\n    ports: [{{port: api}}]\n  - from: [{{podSelector: {{matchLabels: {{role: Other}}}}}}]\n    ports: [{{port: api}}]\n"
+    )
+}
+
+/// Only Other may connect now.
+fn only_other() -> String {
+    format!(
+        "{HEAD}  - from: [{{podSelector: {{matchLabels: {{role: Other}}}}}}]\n    ports: [{{port: 8080}}]\n"
+    )
+}
+
+/// Writes the policy file so that its modification time changes (the agents poll the directory
+/// every second, by modification time).
+fn write_policy(path: &Path, text: &str) {
+    let before = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    std::fs::write(path, text).unwrap();
+    while std::fs::metadata(path).and_then(|m| m.modified()).ok() == before {
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+fn reloads(log: &str) -> usize {
+    log.matches("policies in force").count()
+}
+
+fn log_of(tb: &Testbed, node: u8) -> String {
+    std::fs::read_to_string(tb.dir().join(format!("agent-n{node}.log"))).unwrap_or_default()
+}
+
+/// Waits until both agents have applied one more policy reload than `before`.
+fn wait_reloaded(tb: &Testbed, before: [usize; 2]) {
+    let start = Instant::now();
+    while [1, 2]
+        .iter()
+        .any(|n| reloads(&log_of(tb, *n)) <= before[usize::from(*n - 1)])
+    {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "policy reload not applied\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn reload_counts(tb: &Testbed) -> [usize; 2] {
+    [reloads(&log_of(tb, 1)), reloads(&log_of(tb, 2))]
+}
+
+fn cut_total(tb: &Testbed, node: u8) -> f64 {
+    tb.agent(node).metrics().sum("tessera_flows_cut_total")
+}
+
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp (`...THH:MM:SS.ffffffZ`).
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let t = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn seconds_of_day(t: SystemTime) -> f64 {
+    let d = t.duration_since(UNIX_EPOCH).unwrap();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+/// A field `key=value` of a log line, as a number.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+fn cut_on_policy_change(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.yaml");
+    write_policy(&file, &both_by_number());
+    let tb = Testbed::builder()
+        .policies(dir.path())
+        .workload(WorkloadSpec::new("client-1", 1, "Client"))
+        .workload(WorkloadSpec::new("other-1", 1, "Other"))
+        .workload(WorkloadSpec::new("server-2", 2, "Server").port(Some("api"), 8080))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+
+    let mut live = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
+    let mut idle = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
+    let mut other = tb.connect("other-1", "server-2", 8080, TIMEOUT).unwrap();
+    for s in [&mut live, &mut idle, &mut other] {
+        echo_once(s, 1).unwrap();
+    }
+
+    // A change that keeps every flow allowed cuts nothing.
+    let before = reload_counts(&tb);
+    write_policy(&file, &both_by_name());
+    wait_reloaded(&tb, before);
+    for s in [&mut live, &mut idle, &mut other] {
+        echo_once(s, 2).unwrap();
+    }
+    assert_eq!(cut_total(&tb, 2), 0.0, "{}", tb.agent_logs());
+    assert_eq!(cut_total(&tb, 1), 0.0);
+
+    // A change that denies the client: its live connection is probed every 10 ms from the
+    // moment the file is written until an exchange fails.
+    let log_len = log_of(&tb, 2).len();
+    let before = reload_counts(&tb);
+    let written_at = SystemTime::now();
+    let t0 = Instant::now();
+    write_policy(&file, &only_other());
+    let probe = std::thread::spawn(move || {
+        let mut b = 3u8;
+        loop {
+            if let Err(e) = echo_once(&mut live, b) {
+                return (t0.elapsed(), e);
+            }
+            b = b.wrapping_add(1);
+            assert!(t0.elapsed() < TIMEOUT, "the connection was never cut");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let (noticed, err) = probe.join().unwrap();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+        ),
+        "the cut connection must fail with a reset or EOF, not a timeout: {err:?}"
+    );
+    wait_reloaded(&tb, before);
+    let start = Instant::now();
+    while !log_of(&tb, 2)[log_len..].contains("conntrack entries deleted") {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no cut logged\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The idle connection: the first exchange after the cut fails too.
+    let err = echo_once(&mut idle, 9).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+        ),
+        "idle connection: {err:?}"
+    );
+    // The other workload's connection is not affected.
+    echo_once(&mut other, 10).unwrap();
+    echo_once(&mut other, 11).unwrap();
+    // Only node 2 (ingress) cuts: the client's egress is not isolated.
+    assert_eq!(cut_total(&tb, 2), 2.0, "{}", tb.agent_logs());
+    assert_eq!(cut_total(&tb, 1), 0.0);
+    assert_eq!(tb.agent(2).metrics().sum("tessera_cut_flows"), 2.0);
+    // New connections from the client are refused as before.
+    assert!(
+        tb.connect("client-1", "server-2", 8080, Duration::from_secs(2))
+            .is_err()
+    );
+    let mut again = tb.connect("other-1", "server-2", 8080, TIMEOUT).unwrap();
+    echo_once(&mut again, 12).unwrap();
+
+    // The split, from node 2's log.
+    let log = log_of(&tb, 2)[log_len..].to_owned();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no '{needle}' in node 2's log:\n{log}"))
+            .to_owned()
+    };
+    let reload_line = line("policies in force");
+    let reload_s = log_time(&reload_line).unwrap() - seconds_of_day(written_at);
+    let recheck_us = field(&line("established flows now denied"), "recheck_us").unwrap();
+    let cut_ms = field(&line("conntrack entries deleted"), "cut_ms").unwrap();
+    eprintln!(
+        "REVOKE {mode:?}: policy write -> client reset {:.1} ms = reload {:.1} ms (1 s directory poll) + recheck {:.3} ms + ss -K and conntrack -D {:.1} ms + the probe's next exchange",
+        noticed.as_secs_f64() * 1e3,
+        reload_s * 1e3,
+        recheck_us / 1e3,
+        cut_ms
+    );
+    assert!(
+        reload_s >= 0.0 && reload_s < 3.0,
+        "reload {reload_s} s\n{reload_line}"
+    );
+}
+
+#[test]
+fn netns_policy_change_cuts_denied_established_connections_psk() {
+    if testbed::privileged("netns_policy_change_cuts_denied_established_connections_psk") {
+        cut_on_policy_change(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_policy_change_cuts_denied_established_connections_pki() {
+    if testbed::privileged("netns_policy_change_cuts_denied_established_connections_pki") {
+        cut_on_policy_change(Mode::Pki);
+    }
+}
