@@ -318,6 +318,7 @@ impl Agent {
     }
 
     fn apply(&mut self, event: Event) {
+        let recheck = changes_decisions(&event, &self.workloads);
         match event {
             Event::Sync(list) => {
                 self.sync(list);
@@ -341,6 +342,9 @@ impl Agent {
                 tracing::info!(policy = %format!("{}/{}", key.namespace, key.name), "policy removed");
             }
             Event::PeerCertificate { node, pem } => self.peer_certificate(&node, pem.as_deref()),
+        }
+        if recheck {
+            self.cut_denied_flows();
         }
     }
 
@@ -684,6 +688,81 @@ impl Agent {
         let mut p = lock(&self.processor);
         p.expire(now_ms());
         p.metrics_mut().set_queue_drops(qd, ud);
+        let due = p.prune_due(now_ms());
+        drop(p);
+        if let Some(ids) = due {
+            self.prune_established(&ids);
+        }
+    }
+
+    /// Re-check every remembered established flow against the engine (after a change that can
+    /// change decisions) and cut those now denied: the processor forgets them and answers their
+    /// next packets with RSTs; here, off the event loop and one batch per netns, their local
+    /// sockets are destroyed (the peer gets a RST at once) and their conntrack entries, which
+    /// carry the AUTH connmark that lets them bypass the queue, deleted.
+    fn cut_denied_flows(&self) {
+        let start = std::time::Instant::now();
+        let cuts = lock(&self.processor).recheck(now_ms());
+        let recheck_us = start.elapsed().as_micros() as u64;
+        if cuts.is_empty() {
+            tracing::debug!(recheck_us, "established flows re-checked: none denied");
+            return;
+        }
+        let flows = cuts.len();
+        let mut by_id: HashMap<WorkloadId, Vec<datapath::Cut>> = HashMap::new();
+        for c in cuts {
+            by_id.entry(c.workload).or_default().push(c);
+        }
+        tracing::info!(flows, recheck_us, "established flows now denied: cutting");
+        for e in self.workloads.values() {
+            let Some(cuts) = by_id.remove(&e.id) else {
+                continue;
+            };
+            let (ns, name) = (e.netns.clone(), pod_name(&e.desired.key));
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                let done =
+                    tokio::task::spawn_blocking(move || shell::conntrack::cut(&ns, cuts)).await;
+                let cut_ms = start.elapsed().as_secs_f64() * 1e3;
+                match done {
+                    Ok(Ok(d)) => tracing::info!(
+                        workload = %name,
+                        sockets = d.sockets,
+                        deleted = d.deleted,
+                        missing = d.missing,
+                        cut_ms,
+                        "cut flows' sockets destroyed and conntrack entries deleted"
+                    ),
+                    Ok(Err(err)) => {
+                        tracing::error!(workload = %name, "cutting flows: {err}")
+                    }
+                    Err(err) => {
+                        tracing::error!(workload = %name, "cutting flows: {err}")
+                    }
+                }
+            });
+        }
+    }
+
+    /// Forget remembered flows that conntrack no longer lists, per workload netns, off the
+    /// event loop.
+    fn prune_established(&self, ids: &[WorkloadId]) {
+        for e in self.workloads.values().filter(|e| ids.contains(&e.id)) {
+            let (id, ns, processor) = (e.id, e.netns.clone(), self.processor.clone());
+            tokio::spawn(async move {
+                let listed_from = now_ms();
+                let listed =
+                    tokio::task::spawn_blocking(move || shell::conntrack::list_tcp(&ns)).await;
+                match listed {
+                    Ok(Ok(alive)) => {
+                        let n = lock(&processor).prune(id, listed_from, &alive);
+                        tracing::debug!(pruned = n, "remembered flows gone from conntrack");
+                    }
+                    Ok(Err(err)) => tracing::debug!("listing conntrack: {err}"),
+                    Err(err) => tracing::debug!("listing conntrack: {err}"),
+                }
+            });
+        }
     }
 
     /// Remove every rule, stop every queue task, unbind the queues.
@@ -714,6 +793,20 @@ impl Agent {
                 tracing::warn!(workload = %pod_name(&e.desired.key), "unbinding queue: {err}");
             }
         }
+    }
+}
+
+/// Whether an event can turn an allowed established flow into a denied one: policies,
+/// namespace labels, a workload list, or an enforced workload whose identity changed.
+fn changes_decisions(event: &Event, enforced: &HashMap<PodKey, Enforced>) -> bool {
+    match event {
+        Event::Policies { .. }
+        | Event::PolicyUpsert(_)
+        | Event::PolicyRemove(_)
+        | Event::Namespace { .. }
+        | Event::Sync(_) => true,
+        Event::Upsert(d) => enforced.get(&d.key).is_some_and(|e| e.desired != *d),
+        Event::Remove(_) | Event::PeerCertificate { .. } => false,
     }
 }
 
