@@ -12,6 +12,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use datapath::shell::Netns;
 use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
@@ -127,6 +128,9 @@ fn cut_on_policy_change(mode: Mode) {
     let mut live = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
     let mut idle = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
     let mut other = tb.connect("other-1", "server-2", 8080, TIMEOUT).unwrap();
+    let tuple = |s: &std::net::TcpStream| (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    let (live_t, idle_t, other_t) = (tuple(&live), tuple(&idle), tuple(&other));
+    let server_ns = Netns::from_path(format!("/run/netns/{}", tb.workload("server-2").ns));
     for s in [&mut live, &mut idle, &mut other] {
         echo_once(s, 1).unwrap();
     }
@@ -193,6 +197,14 @@ fn cut_on_policy_change(mode: Mode) {
     assert_eq!(cut_total(&tb, 2), 2.0, "{}", tb.agent_logs());
     assert_eq!(cut_total(&tb, 1), 0.0);
     assert_eq!(tb.agent(2).metrics().sum("tessera_cut_flows"), 2.0);
+    // In the server's netns the cut flows' conntrack entries are gone, the other one is there
+    // (what pruning lists).
+    let listed = datapath::shell::conntrack::list_tcp(&server_ns).unwrap();
+    assert!(listed.contains(&other_t), "{listed:?}");
+    assert!(
+        !listed.contains(&live_t) && !listed.contains(&idle_t),
+        "{listed:?}"
+    );
     // New connections from the client are refused as before.
     assert!(
         tb.connect("client-1", "server-2", 8080, Duration::from_secs(2))
