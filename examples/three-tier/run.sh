@@ -3,7 +3,7 @@
 #
 #   sudo ./examples/three-tier/run.sh           # release build
 #   sudo ./examples/three-tier/run.sh --debug   # dev build (what tests/run.sh has built already)
-#   sudo ./examples/three-tier/run.sh --no-build  # the binaries already in target/ as they are
+#   sudo ./examples/three-tier/run.sh --no-build  # the binaries already in target/ (or $CARGO_TARGET_DIR) as they are
 #   sudo ./examples/three-tier/run.sh --hold    # keep it all up after the report, until Ctrl-C
 #
 # Installs what it needs (apt), builds `tessera` and the demo driver, then the driver builds two
@@ -82,8 +82,10 @@ build() {
   fi
 }
 [ "$no_build" -eq 1 ] || build || die "the build failed"
-tessera="$root/target/$profile/tessera"
-driver="$root/target/$profile/three-tier-demo"
+target=${CARGO_TARGET_DIR:-target}
+[[ "$target" = /* ]] || target="$root/$target"
+tessera="$target/$profile/tessera"
+driver="$target/$profile/three-tier-demo"
 for b in "$tessera" "$driver"; do [ -x "$b" ] || die "$b is missing: run without --no-build"; done
 
 # --- host state before (to prove the demo leaves it as it was) ------------------------------
