@@ -492,6 +492,9 @@ impl Processor {
     /// current labels: the flow is cut if either is denied (fresher knowledge only ever cuts).
     pub fn recheck(&mut self, now_ms: u64) -> Vec<Cut> {
         let mut cuts = Vec::new();
+        // The current identity of each peer pod, built once per recheck (flows with the same
+        // peer share its `Arc<PodKey>` from the peer cache; keyed by address).
+        let mut current: HashMap<usize, Option<Peer>> = HashMap::new();
         for (key, f) in self.established.iter() {
             let Some(wl) = self.workloads.get(&key.workload) else {
                 continue;
@@ -512,12 +515,13 @@ impl Processor {
                 })
             };
             let mut allowed = allows(&f.peer);
-            if allowed
-                && let Some(pod) = &f.peer_pod
-                && let Some(current) = self.engine.identity(pod)
-                && !matches!(&*f.peer, Peer::Workload(w) if *w == current)
-            {
-                allowed = allows(&Peer::Workload(current));
+            if allowed && let Some(pod) = &f.peer_pod {
+                let now = current
+                    .entry(Arc::as_ptr(pod) as usize)
+                    .or_insert_with(|| self.engine.identity(pod).map(Peer::Workload));
+                if let Some(peer) = now {
+                    allowed = allows(peer);
+                }
             }
             if !allowed {
                 cuts.push(Cut {
