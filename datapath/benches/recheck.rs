@@ -14,7 +14,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "fixture.rs"]
+#[path = "fixture/mod.rs"]
 mod fixture;
 
 use std::hint::black_box;
