@@ -798,6 +798,38 @@ async fn inspect(
     }
 }
 
+/// What a start (or unpause) of container `id`, inspected and mapped as `mapped`, changes:
+/// nothing for what is already enforced with the same key and netns (events replayed after a
+/// list), an upsert for a new or restarted container (after a remove of its old key if it
+/// was renamed), a remove for a known container that is not to be enforced any more.
+fn on_start(known: &mut Known, id: &str, mapped: Option<Desired>) -> Vec<Event> {
+    let Some(d) = mapped else {
+        return known
+            .remove(id)
+            .map(|(key, _)| Event::Remove(key))
+            .into_iter()
+            .collect();
+    };
+    let NetnsRef::Pid(pid) = d.netns else {
+        return Vec::new();
+    };
+    let entry = (d.key.clone(), pid);
+    let mut events = Vec::new();
+    match known.get(id) {
+        Some(k) if *k == entry => return events,
+        Some((old, _)) if *old != d.key => events.push(Event::Remove(old.clone())),
+        _ => {}
+    }
+    known.insert(id.to_owned(), entry);
+    events.push(Event::Upsert(d));
+    events
+}
+
+/// A die or destroy: forget the container if it was enforced (once: destroy follows die).
+fn on_gone(known: &mut Known, id: &str) -> Option<Event> {
+    known.remove(id).map(|(key, _)| Event::Remove(key))
+}
+
 async fn handle_event(
     docker: &Docker,
     cfg: &DockerConfig,
@@ -819,37 +851,22 @@ async fn handle_event(
             } else {
                 None
             };
-            match inspect(docker, id, &cfg.namespace_label, started_at).await? {
-                Some(d) => {
-                    let NetnsRef::Pid(pid) = d.netns else {
-                        return Ok(());
-                    };
-                    let entry = (d.key.clone(), pid);
-                    match known.get(id) {
-                        Some(k) if *k == entry => {
-                            debug!(container = short, key = %d.key, "docker: {action}: already enforced");
-                            return Ok(());
-                        }
-                        Some((old, _)) if *old != d.key => {
-                            send(Event::Remove(old.clone())).await?;
-                        }
-                        _ => {}
-                    }
-                    known.insert(id.to_owned(), entry);
-                    debug!(container = short, key = %d.key, pid, "docker: {action}");
-                    send(Event::Upsert(d)).await?;
+            let mapped = inspect(docker, id, &cfg.namespace_label, started_at).await?;
+            let events = on_start(known, id, mapped);
+            if events.is_empty() {
+                debug!(container = short, "docker: {action}: nothing new");
+            }
+            for e in events {
+                if let Event::Upsert(d) = &e {
+                    debug!(container = short, key = %d.key, "docker: {action}: enforce");
                 }
-                None => {
-                    if let Some((key, _)) = known.remove(id) {
-                        send(Event::Remove(key)).await?;
-                    }
-                }
+                send(e).await?;
             }
         }
         action @ ("die" | "destroy") => {
-            if let Some((key, _)) = known.remove(id) {
-                debug!(container = short, key = %key, "docker: {action}");
-                send(Event::Remove(key)).await?;
+            if let Some(e) = on_gone(known, id) {
+                debug!(container = short, "docker: {action}: forget");
+                send(e).await?;
             }
         }
         "pause" => {
@@ -1208,6 +1225,60 @@ mod tests {
             .desired()
             .unwrap();
         assert_eq!(d.started_at, Some(t));
+    }
+
+    fn desired(name: &str, pid: i64) -> Desired {
+        let mut c = container(name, &[("app", "web")]);
+        if let Some(st) = c.state.as_mut() {
+            st.pid = Some(pid);
+        }
+        map_container(&c, DEFAULT_NAMESPACE_LABEL, None)
+            .desired()
+            .unwrap()
+    }
+
+    fn key(name: &str) -> PodKey {
+        PodKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn replayed_starts_are_dropped_and_restarts_re_enforced() {
+        let mut known = Known::new();
+        // Listed at sync time.
+        known.insert("c1".into(), (key("web"), 100));
+        // Its start event, replayed after the list (same netns): nothing to send.
+        assert_eq!(on_start(&mut known, "c1", Some(desired("web", 100))), []);
+        // Restarted: a new process, so a new netns.
+        let events = on_start(&mut known, "c1", Some(desired("web", 200)));
+        assert_eq!(events, [Event::Upsert(desired("web", 200))]);
+        // Renamed while we did not look: the old key goes first.
+        let events = on_start(&mut known, "c1", Some(desired("front", 200)));
+        assert_eq!(
+            events,
+            [
+                Event::Remove(key("web")),
+                Event::Upsert(desired("front", 200))
+            ]
+        );
+        // Started again but not to be enforced any more (or gone before inspect): forgotten.
+        assert_eq!(
+            on_start(&mut known, "c1", None),
+            [Event::Remove(key("front"))]
+        );
+        assert_eq!(on_start(&mut known, "c1", None), []);
+    }
+
+    #[test]
+    fn die_then_destroy_removes_once_and_unknown_containers_not_at_all() {
+        let mut known = Known::new();
+        known.insert("c1".into(), (key("web"), 100));
+        assert_eq!(on_gone(&mut known, "c1"), Some(Event::Remove(key("web"))));
+        assert_eq!(on_gone(&mut known, "c1"), None);
+        assert_eq!(on_gone(&mut known, "other"), None);
+        assert!(known.is_empty());
     }
 
     #[test]
