@@ -86,8 +86,21 @@ type Watch<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 fn watch_all<K>(api: Api<K>, config: watcher::Config) -> Watch<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
 {
-    watcher(api, config).default_backoff().boxed()
+    let what = K::plural(&Default::default()).into_owned();
+    watcher(api, config)
+        // An expired watch (410 Gone) is no failure to back off from: the watcher relists at
+        // its next poll, so a change made meanwhile is not delayed by a backoff step.
+        .filter(move |r| {
+            let expired = matches!(r, Err(watcher::Error::WatchError(s)) if s.code == 410);
+            if expired {
+                info!("{what} watch expired (410 Gone): relisting");
+            }
+            std::future::ready(!expired)
+        })
+        .default_backoff()
+        .boxed()
 }
 
 /// Metadata only (`PartialObjectMetadata`): labels and annotations are all we read of

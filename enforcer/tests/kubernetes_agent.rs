@@ -1,0 +1,512 @@
+//! `tessera run --runtime kubernetes` against the loopback API emulator
+//! (`tests/kube-emulator`), one agent per testbed node. The testbed's workloads are the pods:
+//! each is a netns with an IP and a sleeping process in it (its "sandbox"), and a Pod on the
+//! emulator with that IP in `status.podIP` and its node in `spec.nodeName`. The agents find each
+//! pod's netns by its IP, take policies from the API, and (PKI) learn peer certificates from
+//! Node annotations. Needs root (tests/run.sh runs these in CI); without root they print a SKIP
+//! line locally and fail under CI=true.
+//!
+//! The time from an API change to the verdict flip is printed (`flip:` lines), not asserted;
+//! the polls that measure it try a connection every few hundred milliseconds, which bounds
+//! their resolution.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube_emulator::Emulator;
+use serde_json::{Value, json};
+use testbed::agent::http_get;
+use testbed::{Metrics, Testbed, WorkloadSpec, echo_once};
+
+const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+const NS: &str = testbed::topo::NAMESPACE;
+/// A denied SYN is dropped: connect() gives up after this.
+const DENIED_TIMEOUT: Duration = Duration::from_millis(400);
+const OK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Hang guard for anything the agents should do (publishing retries back off up to 5 s).
+const WAIT: Duration = Duration::from_secs(30);
+const CERT_ANNOTATION: &str = "tessera.dev/node-certificate";
+
+/// One `tessera run --runtime kubernetes`; SIGTERM (rules removed) on drop.
+struct K8sAgent {
+    child: Child,
+    metrics: SocketAddr,
+    log: PathBuf,
+    node: String,
+}
+
+impl K8sAgent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics::parse(&http_get(self.metrics, "/metrics").unwrap_or_default())
+    }
+
+    fn ready(&mut self) -> bool {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("agent {} exited ({st}); log:\n{}", self.node, self.log());
+        }
+        http_get(self.metrics, "/healthz").is_some_and(|b| b.starts_with("ok"))
+    }
+}
+
+impl Drop for K8sAgent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The emulator, the testbed, a sandbox process per pod and the agents (dropped first).
+struct Cluster {
+    agents: Vec<K8sAgent>,
+    sandboxes: Vec<Child>,
+    tb: Testbed,
+    emu: Emulator,
+    kubeconfig: PathBuf,
+    pki: bool,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        for c in &mut self.sandboxes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn run(args: &[&str]) {
+    let st = Command::new(TESSERA).args(args).output().unwrap();
+    assert!(st.status.success(), "tessera {args:?}: {st:?}");
+}
+
+fn pod_json(tb: &Testbed, name: &str, labels: &Value) -> Value {
+    let w = tb.workload(name);
+    let ports: Vec<Value> = w
+        .spec
+        .ports
+        .iter()
+        .map(|(n, p)| match n {
+            Some(n) => json!({"name": n, "containerPort": p}),
+            None => json!({"containerPort": p}),
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": NS, "name": name, "labels": labels},
+        "spec": {"nodeName": tb.node_name(&format!("n{}", w.spec.node)),
+                 "containers": [{"name": "app", "image": "busybox", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": w.ip.to_string(), "podIPs": [{"ip": w.ip.to_string()}]}
+    })
+}
+
+fn node_json(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}})
+}
+
+/// `db` admits `from_role` on its named port `pg`.
+fn db_policy(from_role: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": NS, "name": "db-ingress"},
+        "spec": {"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": from_role}}}],
+                              "ports": [{"port": "pg"}]}]}
+    })
+}
+
+impl Cluster {
+    /// Workloads web (node 1), other (node 1), db (node 2, port `pg` 5432); their Pods, the
+    /// namespace and `nodes` on the emulator; keys; no agent yet.
+    fn new(pki: bool, nodes: &[&str]) -> Cluster {
+        let tb = Testbed::builder()
+            .workload(WorkloadSpec::new("web", 1, "web"))
+            .workload(WorkloadSpec::new("other", 1, "other"))
+            .workload(WorkloadSpec::new("db", 2, "db").port(Some("pg"), 5432))
+            .build();
+        let sandboxes = tb
+            .workloads
+            .iter()
+            .map(|w| {
+                Command::new("ip")
+                    .args(["netns", "exec", &w.ns, "sleep", "3600"])
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let emu = Emulator::start_blocking().unwrap();
+        let kubeconfig = tb.dir().join("kubeconfig");
+        emu.write_kubeconfig(&kubeconfig).unwrap();
+        emu.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}}))
+            .unwrap();
+        for n in nodes {
+            emu.apply(node_json(n)).unwrap();
+        }
+        for w in ["web", "other", "db"] {
+            let role = tb.workload(w).spec.labels["role"].clone();
+            emu.apply(pod_json(&tb, w, &json!({"role": role}))).unwrap();
+        }
+        let d = tb.dir().to_owned();
+        if pki {
+            let ca = d.join("ca");
+            run(&["pki", "init-ca", "--out", ca.to_str().unwrap()]);
+            for n in ["n1", "n2"] {
+                run(&[
+                    "pki",
+                    "issue-node",
+                    "--ca",
+                    ca.to_str().unwrap(),
+                    "--node",
+                    &tb.node_name(n),
+                    "--out",
+                    d.join(format!("keys-{n}")).to_str().unwrap(),
+                ]);
+            }
+        } else {
+            let mut key = [0u8; 32];
+            testbed::topo::getrandom_fill(&mut key);
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(d.join("psk"), hex + "\n").unwrap();
+        }
+        Cluster {
+            agents: Vec::new(),
+            sandboxes,
+            tb,
+            emu,
+            kubeconfig,
+            pki,
+        }
+    }
+
+    /// Starts the agent of node `n` (1 or 2); waits until it is ready and its pods' rules are in.
+    fn start_agent(&mut self, n: u8) {
+        let d = self.tb.dir().to_owned();
+        let node = self.tb.node_name(&format!("n{n}"));
+        let metrics = free_addr();
+        let log = d.join(format!("agent-n{n}.log"));
+        let mut args: Vec<String> = [
+            "run",
+            "--node-name",
+            &node,
+            "--runtime",
+            "kubernetes",
+            "--kubeconfig",
+            self.kubeconfig.to_str().unwrap(),
+            "--metrics-addr",
+            &metrics.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if self.pki {
+            let keys = d.join(format!("keys-n{n}"));
+            for (flag, path) in [
+                ("--ca-cert", d.join("ca/ca.crt")),
+                ("--node-cert", keys.join(format!("{node}.crt"))),
+                ("--node-key", keys.join(format!("{node}.key"))),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        } else {
+            args.push("--psk-file".into());
+            args.push(d.join("psk").display().to_string());
+        }
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(TESSERA)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let mut agent = K8sAgent {
+            child,
+            metrics,
+            log,
+            node,
+        };
+        let pods: Vec<String> = self
+            .tb
+            .workloads
+            .iter()
+            .filter(|w| w.spec.node == n)
+            .map(|w| w.ns.clone())
+            .collect();
+        let start = Instant::now();
+        loop {
+            if agent.ready() && pods.iter().all(|ns| rules_in(ns)) {
+                break;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "agent {} not ready; log:\n{}",
+                agent.node,
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.agents.push(agent);
+    }
+
+    fn agent(&self, n: u8) -> &K8sAgent {
+        &self.agents[usize::from(n - 1)]
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("---- {}\n{}", a.node, a.log()))
+            .collect()
+    }
+
+    /// Whether a new connection from `from` to db:5432 carries an echo.
+    fn allowed(&self, from: &str) -> bool {
+        let timeout = DENIED_TIMEOUT;
+        match self.tb.connect(from, "db", 5432, timeout) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+                echo_once(&mut s, b'k').is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Polls until a new connection from `from` to db is `allowed`; prints when the change
+    /// took effect: after the start of the last attempt that still saw the old verdict, no later
+    /// than the start of the first that saw the new one.
+    fn until(&self, what: &str, from: &str, allowed: bool) {
+        let start = Instant::now();
+        let mut last_old: Option<Duration> = None;
+        loop {
+            let attempt = start.elapsed();
+            if self.allowed(from) == allowed {
+                let lo = last_old.map_or(0, |d| d.as_millis());
+                eprintln!("flip: {what}: between {lo} and {} ms", attempt.as_millis());
+                return;
+            }
+            last_old = Some(attempt);
+            assert!(
+                start.elapsed() < WAIT,
+                "{what}: {from} -> db never became {}; logs:\n{}",
+                if allowed { "allowed" } else { "denied" },
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asserts the verdict holds for a while (several attempts).
+    fn stays(&self, from: &str, allowed: bool) {
+        for _ in 0..3 {
+            assert_eq!(
+                self.allowed(from),
+                allowed,
+                "{from} -> db; logs:\n{}",
+                self.logs()
+            );
+        }
+    }
+}
+
+fn rules_in(ns: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables-save", "-t", "mangle"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("-j TESSERA-INPUT")
+}
+
+fn list_requests(emu: &Emulator, path: &str) -> usize {
+    emu.requests()
+        .into_iter()
+        .filter(|(m, p)| {
+            m == "GET" && p.starts_with(path) && !p.contains("watch=true") && !p.contains("watch=1")
+        })
+        .count()
+}
+
+/// PSK: pods are enforced from the API (policies too, with a named port); a pod label change
+/// and a policy change flip the verdict of new connections; a watch that expired (410 Gone)
+/// is relisted and a change made while it was down is applied; a deleted pod's rules go.
+#[test]
+fn pods_and_policies_from_the_api_are_enforced_and_followed() {
+    if !testbed::privileged("pods_and_policies_from_the_api_are_enforced_and_followed") {
+        return;
+    }
+    let mut c = Cluster::new(false, &["node-n1", "node-n2"]);
+    c.emu.apply(db_policy("web")).unwrap();
+    c.start_agent(1);
+    c.start_agent(2);
+    c.stays("web", true);
+    c.stays("other", false);
+
+    // A pod label change (client side): `other` becomes a web.
+    c.emu
+        .merge_patch(
+            "pods",
+            Some(NS),
+            "other",
+            &json!({"metadata": {"labels": {"role": "web"}}}),
+        )
+        .unwrap();
+    c.until("pod label change (other -> role=web)", "other", true);
+    c.emu
+        .merge_patch(
+            "pods",
+            Some(NS),
+            "other",
+            &json!({"metadata": {"labels": {"role": "other"}}}),
+        )
+        .unwrap();
+    c.until("pod label change back", "other", false);
+
+    // A policy change: db admits nobody.
+    c.emu.apply(db_policy("nobody")).unwrap();
+    c.until("policy change (from role=nobody)", "web", false);
+
+    // The watches break while the history is compacted: the agents' watchers get 410 Gone and
+    // relist; the policy change made meanwhile is applied.
+    let lists_before = list_requests(&c.emu, "/apis/networking.k8s.io/v1/networkpolicies");
+    c.emu.pause_watches();
+    c.emu.break_watches();
+    c.emu.apply(db_policy("web")).unwrap();
+    c.emu.compact();
+    c.emu.resume_watches();
+    c.until("policy change made during a 410 relist", "web", true);
+    assert!(
+        list_requests(&c.emu, "/apis/networking.k8s.io/v1/networkpolicies") > lists_before,
+        "the policy watcher relisted"
+    );
+    c.stays("other", false);
+
+    // The db pod goes: its rules are removed.
+    c.emu.delete("pods", Some(NS), "db").unwrap();
+    let db_ns = c.tb.workload("db").ns.clone();
+    let start = Instant::now();
+    while rules_in(&db_ns) {
+        assert!(
+            start.elapsed() < WAIT,
+            "db's rules stayed; logs:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "flip: pod deleted -> rules removed: {} ms",
+        start.elapsed().as_millis()
+    );
+}
+
+fn annotation(emu: &Emulator, node: &str) -> Option<String> {
+    emu.get("nodes", None, node)?
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            CERT_ANNOTATION.replace('/', "~1")
+        ))?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// PKI without --peer-certs: each agent publishes its certificate on its Node. A node whose
+/// Node (so its annotation) appears later becomes a trusted peer; its annotation removed, its
+/// tokens are rejected as revoked; the same certificate published again stays revoked.
+#[test]
+fn pki_peers_come_from_node_annotations() {
+    if !testbed::privileged("pki_peers_come_from_node_annotations") {
+        return;
+    }
+    // node-n2 is not registered yet: its agent cannot publish.
+    let mut c = Cluster::new(true, &["node-n1"]);
+    c.start_agent(1);
+    c.start_agent(2);
+    let start = Instant::now();
+    while annotation(&c.emu, "node-n1").is_none() {
+        assert!(
+            start.elapsed() < WAIT,
+            "node-n1 never published; logs:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let own = std::fs::read_to_string(c.tb.dir().join("keys-n1/node-n1.crt")).unwrap();
+    assert_eq!(annotation(&c.emu, "node-n1").as_deref(), Some(own.as_str()));
+    // No policy: everything is allowed once both sides trust each other; n1 does not know
+    // n2's key yet, so db's SYN-ACK is refused.
+    c.stays("web", false);
+
+    c.emu.apply(node_json("node-n2")).unwrap();
+    c.until(
+        "node registered -> its certificate published and trusted",
+        "web",
+        true,
+    );
+    assert!(annotation(&c.emu, "node-n2").is_some());
+
+    let revoked_before = c.agent(1).metrics().sum_with_label("reason", "key_revoked");
+    let pem = annotation(&c.emu, "node-n2").unwrap();
+    c.emu
+        .merge_patch(
+            "nodes",
+            None,
+            "node-n2",
+            &json!({"metadata": {"annotations": {CERT_ANNOTATION: null}}}),
+        )
+        .unwrap();
+    c.until("annotation removed -> peer revoked", "web", false);
+    let revoked = c.agent(1).metrics().sum_with_label("reason", "key_revoked");
+    assert!(
+        revoked > revoked_before,
+        "n1 counts db's tokens as key_revoked ({revoked_before} -> {revoked}); logs:\n{}",
+        c.logs()
+    );
+
+    // The same certificate back: a deliberately removed key stays revoked.
+    c.emu
+        .merge_patch(
+            "nodes",
+            None,
+            "node-n2",
+            &json!({"metadata": {"annotations": {CERT_ANNOTATION: pem}}}),
+        )
+        .unwrap();
+    let start = Instant::now();
+    while !c.agent(1).log().contains("stays revoked") {
+        assert!(start.elapsed() < WAIT, "no log line; logs:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.stays("web", false);
+    // The agent of n2 does not fight the removal either.
+    assert!(
+        c.agent(2).log().contains("not published again"),
+        "logs:\n{}",
+        c.logs()
+    );
+}
