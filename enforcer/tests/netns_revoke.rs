@@ -4,7 +4,8 @@
 //! a change that denies the client cuts its live connection (its next exchange fails with a
 //! reset) and its idle one (the first write after the cut fails), while the other workload's
 //! connection keeps working. The time from the policy file's write to the client noticing is
-//! measured and split (reload latency, recheck, conntrack deletion). Needs root (tests/run.sh
+//! measured and split (reload latency, recheck, socket and conntrack deletion). A second test
+//! cuts on the client's node (egress). Needs root (tests/run.sh
 //! runs it in CI); without root it prints a SKIP line locally and fails under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -236,6 +237,91 @@ fn cut_on_policy_change(mode: Mode) {
         reload_s >= 0.0 && reload_s < 3.0,
         "reload {reload_s} s\n{reload_line}"
     );
+}
+
+/// Client may reach the server on 8080 and the cache on 6379.
+const EGRESS_BOTH: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: Client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {role: Server}}}, {podSelector: {matchLabels: {role: Cache}}}]
+";
+
+/// Client may reach only the cache.
+const EGRESS_CACHE: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: Client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {role: Cache}}}]
+";
+
+/// The client's node cuts on its side (egress), decided at the SYN-ACK on the server's
+/// verified identity; the connection to the still-allowed peer keeps working.
+fn egress_cut(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("client.yaml");
+    write_policy(&file, EGRESS_BOTH);
+    let tb = Testbed::builder()
+        .policies(dir.path())
+        .workload(WorkloadSpec::new("client-1", 1, "Client"))
+        .workload(WorkloadSpec::new("server-2", 2, "Server").port(Some("api"), 8080))
+        .workload(WorkloadSpec::new("cache-2", 2, "Cache").port(Some("redis"), 6379))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    let mut server = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
+    let mut cache = tb.connect("client-1", "cache-2", 6379, TIMEOUT).unwrap();
+    echo_once(&mut server, 1).unwrap();
+    echo_once(&mut cache, 1).unwrap();
+
+    let log_len = log_of(&tb, 1).len();
+    let before = reload_counts(&tb);
+    write_policy(&file, EGRESS_CACHE);
+    wait_reloaded(&tb, before);
+    let start = Instant::now();
+    while !log_of(&tb, 1)[log_len..].contains("conntrack entries deleted") {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no cut logged\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = echo_once(&mut server, 2).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::BrokenPipe
+        ),
+        "{err:?}"
+    );
+    echo_once(&mut cache, 2).unwrap();
+    let m = tb.agent(1).metrics();
+    assert_eq!(m.sum_with_label("reason", "policy_egress"), 1.0, "{m:?}");
+    assert_eq!(
+        cut_total(&tb, 2),
+        0.0,
+        "the server's node has nothing to cut"
+    );
+    assert!(
+        tb.connect("client-1", "server-2", 8080, Duration::from_secs(2))
+            .is_err()
+    );
+}
+
+#[test]
+fn netns_egress_change_cuts_the_client_side_psk() {
+    if testbed::privileged("netns_egress_change_cuts_the_client_side_psk") {
+        egress_cut(Mode::Psk);
+    }
 }
 
 #[test]
