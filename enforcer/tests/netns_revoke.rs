@@ -234,7 +234,7 @@ fn cut_on_policy_change(mode: Mode) {
         cut_ms
     );
     assert!(
-        reload_s >= 0.0 && reload_s < 3.0,
+        (0.0..3.0).contains(&reload_s),
         "reload {reload_s} s\n{reload_line}"
     );
 }
