@@ -384,7 +384,7 @@ impl Agent {
 
     /// Install a workload's queue and rules on a task of its own (a few at a time), so that
     /// one slow namespace never delays the others or the event loop.
-    fn launch(&mut self, s: Start) {
+    fn launch(&mut self, s: Box<Start>) {
         let key = s.desired.key.clone();
         let (qcfg, rules, permits) = (self.qcfg, self.rules, self.permits.clone());
         let handle = self.tasks.spawn(async move {
@@ -395,7 +395,7 @@ impl Agent {
                 Ok((file, ino, netns, queue, installed))
             }
             .await;
-            Started { start: s, result }
+            Started { start: *s, result }
         });
         self.inflight.insert(handle.id(), key);
     }
@@ -469,10 +469,10 @@ impl Agent {
         // New, or a new netns under the same name (a restarted container): installed under a
         // new id; `finish` drops the old one.
         self.next_id = self.next_id.wrapping_add(1);
-        Prepared::Start(Start {
+        Prepared::Start(Box::new(Start {
             id: WorkloadId(self.next_id),
             desired: d,
-        })
+        }))
     }
 
     fn finish(&mut self, started: Started) {
@@ -817,7 +817,7 @@ struct Start {
 
 enum Prepared {
     Done,
-    Start(Start),
+    Start(Box<Start>),
 }
 
 type StartedParts = (File, (u64, u64), Netns, WorkloadQueue, shell::Installed);
@@ -915,11 +915,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
-    let mut runtime_task = tokio::spawn(run_runtime(
-        runtime_opts,
-        tx.clone(),
-        stop_rx.clone(),
-    ));
+    let mut runtime_task = tokio::spawn(run_runtime(runtime_opts, tx.clone(), stop_rx.clone()));
     if let Some(dir) = opts.policies.clone() {
         tokio::spawn(policies::watch(
             dir,
@@ -1018,7 +1014,7 @@ async fn start_workload(
 }
 
 enum Served {
-    Served(Result<usize, shell::ShellError>),
+    Batch(Result<usize, shell::ShellError>),
     Tick,
     Stop,
 }
@@ -1042,13 +1038,13 @@ async fn serve(
             r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
                 shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng)
-            }) => Served::Served(r),
+            }) => Served::Batch(r),
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
         match event {
-            Served::Served(Ok(_)) => {}
-            Served::Served(Err(e)) => {
+            Served::Batch(Ok(_)) => {}
+            Served::Batch(Err(e)) => {
                 // Fail-closed: the rules stay and the kernel drops what it cannot queue.
                 tracing::error!(workload = %name, "queue reader stopped: {e}");
                 stats.serving.store(false, Ordering::Relaxed);
