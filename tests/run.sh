@@ -11,7 +11,6 @@ log() { printf '\n== %s\n' "$*"; }
 
 # command -> Debian package
 declare -A pkg=(
-  [cargo]=cargo
   [ip]=iproute2
   [iptables]=iptables
   [ip6tables]=iptables
@@ -39,6 +38,9 @@ if ((${#need_apt[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
+# Rust >= 1.90 (Debian's own cargo is too old for edition 2024).
+cargo=$(tests/ensure-rust.sh)
+export PATH="$(dirname "$cargo"):$PATH"
 
 if [ "$(id -u)" -eq 0 ]; then
   # NFQUEUE, conntrack marks, statistic and length matches for the datapath tests.

@@ -61,17 +61,13 @@ done
 
 # --- build ----------------------------------------------------------------------------------
 build() {
-  # Rust >= 1.90 (edition 2024): Debian's own cargo is too old, so use the invoking user's
-  # rustup toolchain when root has none. Under sudo, build as that user so target/ stays theirs.
-  local cargo user_home="" c
-  cargo=$(command -v cargo || true)
+  # Rust >= 1.90 (edition 2024): tests/ensure-rust.sh finds one (or installs it with rustup).
+  # Under sudo, build as the invoking user so target/ stays theirs.
+  local cargo user_home=""
+  cargo=$("$root/tests/ensure-rust.sh") || die "no Rust toolchain to build with"
   if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
     user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
   fi
-  for c in "$HOME/.cargo/bin/cargo" "${user_home:+$user_home/.cargo/bin/cargo}"; do
-    [ -z "$cargo" ] && [ -n "$c" ] && [ -x "$c" ] && cargo=$c
-  done
-  [ -n "$cargo" ] || die "cargo not found: install Rust >= 1.90 (https://rustup.rs), then run this again"
   local cmd=("$cargo" build --locked -p tessera -p tessera-three-tier)
   [ "$profile" = release ] && cmd+=(--release)
   log "building tessera and the demo driver ($profile)"
