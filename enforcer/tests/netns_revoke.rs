@@ -5,7 +5,8 @@
 //! reset) and its idle one (the first write after the cut fails), while the other workload's
 //! connection keeps working. The time from the policy file's write to the client noticing is
 //! measured and split (reload latency, recheck, socket and conntrack deletion). A second test
-//! cuts on the client's node (egress). Needs root (tests/run.sh
+//! cuts on the client's node (egress); a third drops the RST of the destroyed socket on its way, so
+//! that the processor's answers to the flow's later packets must tell the client. Needs root (tests/run.sh
 //! runs it in CI); without root it prints a SKIP line locally and fails under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -321,6 +322,73 @@ fn egress_cut(mode: Mode) {
 fn netns_egress_change_cuts_the_client_side_psk() {
     if testbed::privileged("netns_egress_change_cuts_the_client_side_psk") {
         egress_cut(Mode::Psk);
+    }
+}
+
+/// When the RST sent as the server's socket is destroyed never reaches the client (dropped on
+/// the way here), the processor's answers to the flow's later packets still tell the client:
+/// the flow's conntrack entry is gone, so the client's data reaches the server's queue, and the
+/// data never reaches a server application.
+fn lost_reset(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.yaml");
+    write_policy(&file, &both_by_number());
+    let tb = Testbed::builder()
+        .policies(dir.path())
+        .workload(WorkloadSpec::new("client-1", 1, "Client"))
+        .workload(WorkloadSpec::new("server-2", 2, "Server").port(Some("api"), 8080))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    let mut s = tb.connect("client-1", "server-2", 8080, TIMEOUT).unwrap();
+    echo_once(&mut s, 1).unwrap();
+
+    let node2 = tb.nodes[1].clone();
+    let drop_rst = [
+        "FORWARD",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |op: &str| {
+        let mut args = vec!["iptables", "-w", op];
+        args.extend(drop_rst);
+        testbed::run_in(&node2, &args);
+    };
+    iptables("-I");
+    let log_len = log_of(&tb, 2).len();
+    let before = reload_counts(&tb);
+    write_policy(&file, &only_other());
+    wait_reloaded(&tb, before);
+    let start = Instant::now();
+    while !log_of(&tb, 2)[log_len..].contains("conntrack entries deleted") {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no cut logged\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    iptables("-D");
+    let err = echo_once(&mut s, 2).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+        ),
+        "the client must learn of the cut from the processor's answers: {err:?}"
+    );
+    let m = tb.agent(2).metrics();
+    assert!(m.sum_with_label("reason", "flow_cut") >= 1.0, "{m:?}");
+}
+
+#[test]
+fn netns_cut_flow_with_lost_reset_is_told_by_the_processor_psk() {
+    if testbed::privileged("netns_cut_flow_with_lost_reset_is_told_by_the_processor_psk") {
+        lost_reset(Mode::Psk);
     }
 }
 
