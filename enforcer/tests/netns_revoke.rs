@@ -5,9 +5,10 @@
 //! reset) and its idle one (the first write after the cut fails), while the other workload's
 //! connection keeps working. The time from the policy file's write to the client noticing is
 //! measured and split (reload latency, recheck, socket and conntrack deletion). A second test
-//! cuts on the client's node (egress); a third drops the RST of the destroyed socket on its way, so
-//! that the processor's answers to the flow's later packets must tell the client. Needs root (tests/run.sh
-//! runs it in CI); without root it prints a SKIP line locally and fails under CI=true.
+//! cuts on the client's node (egress); a third drops the RST of the destroyed socket on its
+//! way, so that the processor's answers to the flow's later packets must tell the client.
+//! Needs root (tests/run.sh runs it in CI); without root it prints a SKIP line locally and
+//! fails under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::ErrorKind;
