@@ -107,7 +107,8 @@ pub fn render(s: &Status, now: SystemTime) -> String {
         } else {
             "no handshake yet"
         };
-        let _ = writeln!(out, "  {}  key {}  {expiry}  {seen}", p.node, p.key_id);
+        let this = if p.node == s.node { " (this node)" } else { "" };
+        let _ = writeln!(out, "  {}{this}  key {}  {expiry}  {seen}", p.node, p.key_id);
     }
     let c = &s.counters;
     let _ = writeln!(out, "\nCOUNTERS");
