@@ -567,6 +567,55 @@ mod tests {
         assert!(e.to_string().contains("--inventory"), "{e}");
     }
 
+    #[test]
+    fn kubernetes_runtime_takes_peers_from_the_api_and_policies_unless_a_directory_is_given() {
+        let pki = [
+            "--node-name",
+            "n1",
+            "--runtime",
+            "kubernetes",
+            "--ca-cert",
+            "ca",
+            "--node-cert",
+            "c",
+            "--node-key",
+            "k",
+        ];
+        let o = parse(&pki).unwrap().options().unwrap();
+        let RuntimeOptions::Kubernetes(k) = &o.runtime else {
+            panic!("{:?}", o.runtime)
+        };
+        assert_eq!(k.node_name, "n1");
+        assert!(k.policies_from_api && k.kubeconfig.is_none());
+        assert!(matches!(
+            o.keys,
+            KeySource::Pki {
+                peer_certs: None,
+                ..
+            }
+        ));
+        // Other runtimes still need --peer-certs in PKI mode.
+        let mut docker = pki;
+        docker[3] = "docker";
+        let e = parse(&docker).unwrap().options().unwrap_err();
+        assert!(e.to_string().contains("--peer-certs"), "{e}");
+        // A policy directory wins over the API; the kubeconfig from the config file.
+        let f = config_file("kubernetes: {kubeconfig: /etc/k.conf}\npolicies: /p\n");
+        let mut args = pki.to_vec();
+        args.extend(["--config", f.path().to_str().unwrap()]);
+        let o = parse(&args).unwrap().options().unwrap();
+        let RuntimeOptions::Kubernetes(k) = &o.runtime else {
+            panic!("{:?}", o.runtime)
+        };
+        assert!(!k.policies_from_api);
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/k.conf")));
+        let f = config_file("kubernetes: {kubeconfg: x}\n");
+        let mut args = pki.to_vec();
+        args.extend(["--config", f.path().to_str().unwrap()]);
+        let e = format!("{:#}", parse(&args).unwrap().options().unwrap_err());
+        assert!(e.contains("kubernetes") && e.contains("kubeconfg"), "{e}");
+    }
+
     /// The documented surface (examples/static/README.md) names every flag.
     #[test]
     fn every_flag_is_documented() {

@@ -237,3 +237,147 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use kube_emulator::Emulator;
+    use serde_json::json;
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    /// Every IP is in the namespace of pid 7.
+    struct Everywhere;
+
+    impl netns::NetnsFinder for Everywhere {
+        fn find(&self, pods: &[Vec<IpAddr>]) -> Vec<Result<netns::Found, netns::Missing>> {
+            pods.iter()
+                .map(|_| Ok(netns::Found { pid: 7, ino: 7 }))
+                .collect()
+        }
+        fn still_there(&self, _: &netns::Found) -> bool {
+            true
+        }
+    }
+
+    fn client(emu: &Emulator) -> Client {
+        Client::try_from(kube::Config::new(emu.url().parse().unwrap())).unwrap()
+    }
+
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the runtime is running")
+    }
+
+    /// Against the emulator: namespaces, policies and peer certificates reach the agent before
+    /// the first pod list, only this node's pods are listed, and our certificate is published
+    /// on our Node (other annotations left alone).
+    #[tokio::test]
+    async fn pods_come_after_what_they_depend_on_and_our_certificate_is_published() {
+        let emu = Emulator::start().await.unwrap();
+        emu.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": "shop", "labels": {"team": "a"}}}))
+            .unwrap();
+        for (node, ann) in [
+            ("me", json!({"keep": "this"})),
+            ("peer", json!({nodes::CERT_ANNOTATION: "PEER-PEM"})),
+        ] {
+            emu.apply(json!({"apiVersion": "v1", "kind": "Node",
+                             "metadata": {"name": node, "annotations": ann}}))
+                .unwrap();
+        }
+        emu.apply(
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                         "metadata": {"namespace": "shop", "name": "deny"},
+                         "spec": {"podSelector": {}}}),
+        )
+        .unwrap();
+        for (name, node) in [("mine", "me"), ("theirs", "peer")] {
+            emu.apply(json!({"apiVersion": "v1", "kind": "Pod",
+                             "metadata": {"namespace": "shop", "name": name, "labels": {"app": name}},
+                             "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+                             "status": {"phase": "Running", "podIP": "10.9.0.1"}}))
+                .unwrap();
+        }
+        let cfg = KubernetesConfig {
+            node_name: "me".into(),
+            kubeconfig: None,
+            publish_certificate: Some("MY-PEM".into()),
+            policies_from_api: true,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_with(
+            client(&emu),
+            cfg,
+            Arc::new(Everywhere),
+            tx,
+            stop_rx,
+        ));
+        let mut before = Vec::new();
+        let synced = loop {
+            match next(&mut rx).await {
+                Event::Sync(list) => break list,
+                e => before.push(e),
+            }
+        };
+        assert!(
+            before.contains(&Event::Namespace {
+                name: "shop".into(),
+                labels: Some(std::collections::BTreeMap::from([(
+                    "team".into(),
+                    "a".into()
+                )]))
+            }),
+            "{before:?}"
+        );
+        assert!(
+            before
+                .iter()
+                .any(|e| matches!(e, Event::Policies { policies, .. } if policies.len() == 1)),
+            "{before:?}"
+        );
+        assert!(
+            before.contains(&Event::PeerCertificate {
+                node: "peer".into(),
+                pem: Some("PEER-PEM".into())
+            }),
+            "{before:?}"
+        );
+        let names: Vec<&str> = synced.iter().map(|d| d.key.name.as_str()).collect();
+        assert_eq!(names, ["mine"]);
+        assert_eq!(synced[0].origin, "pod shop/mine");
+
+        // Published on our Node, merged with what was there.
+        for _ in 0..500 {
+            let ann = emu
+                .get("nodes", None, "me")
+                .and_then(|n| n["metadata"]["annotations"].as_object().cloned())
+                .unwrap_or_default();
+            if ann.get(nodes::CERT_ANNOTATION).and_then(|v| v.as_str()) == Some("MY-PEM") {
+                assert_eq!(ann["keep"], "this");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            emu.get("nodes", None, "me").unwrap()["metadata"]["annotations"]
+                [nodes::CERT_ANNOTATION],
+            "MY-PEM"
+        );
+
+        // A live change: the policy goes.
+        emu.delete("networkpolicies", Some("shop"), "deny").unwrap();
+        loop {
+            if let Event::PolicyRemove(k) = next(&mut rx).await {
+                assert_eq!((k.namespace.as_str(), k.name.as_str()), ("shop", "deny"));
+                break;
+            }
+        }
+        stop_tx.send_replace(true);
+        task.await.unwrap().unwrap();
+    }
+}
