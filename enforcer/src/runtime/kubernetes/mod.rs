@@ -272,6 +272,40 @@ mod tests {
             .expect("the runtime is running")
     }
 
+    /// A kubeconfig that cannot be read or parsed is refused naming the file; an https API
+    /// server gets a TLS client (the crypto provider is built in: no panic, a connection error).
+    #[tokio::test]
+    async fn kubeconfig_errors_name_the_file_and_https_is_supported() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "clusters: [this is: not, a kubeconfig").unwrap();
+        for path in [bad, dir.path().join("missing.yaml")] {
+            let cfg = KubernetesConfig {
+                kubeconfig: Some(path.clone()),
+                ..KubernetesConfig::default()
+            };
+            let e = format!("{:#}", super::client(&cfg).await.err().unwrap());
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        let tls = dir.path().join("tls.yaml");
+        std::fs::write(
+            &tls,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:9', insecure-skip-tls-verify: true}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {token: t}\n",
+        )
+        .unwrap();
+        let cfg = KubernetesConfig {
+            kubeconfig: Some(tls),
+            ..KubernetesConfig::default()
+        };
+        let c = super::client(&cfg).await.unwrap();
+        assert!(
+            Api::<Namespace>::all(c)
+                .list(&Default::default())
+                .await
+                .is_err()
+        );
+    }
+
     /// Against the emulator: namespaces, policies and peer certificates reach the agent before
     /// the first pod list, only this node's pods are listed, and our certificate is published
     /// on our Node (other annotations left alone).
