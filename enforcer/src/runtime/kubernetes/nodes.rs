@@ -34,6 +34,9 @@ pub const MAX_PEM_LEN: usize = 16 * 1024;
 
 const PUBLISH_RETRY_MIN: Duration = Duration::from_millis(200);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(5);
+const REPUBLISH_GAP_MIN: Duration = Duration::from_secs(1);
+const REPUBLISH_GAP_MAX: Duration = Duration::from_secs(300);
+const REPUBLISH_WARN_GAP: Duration = Duration::from_secs(16);
 
 /// What one Node says: its name and certificate annotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,13 +221,49 @@ impl Nodes {
     }
 }
 
+/// When our certificate may be published again.
+#[derive(Debug)]
+struct Spacing {
+    gap: Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl Default for Spacing {
+    fn default() -> Self {
+        Spacing {
+            gap: REPUBLISH_GAP_MIN,
+            last: None,
+        }
+    }
+}
+
+impl Spacing {
+    /// Records a publication at `now`: the earliest next one, and the gap to it. The gap
+    /// doubles with each publication, back to the minimum after a long quiet time.
+    fn published(&mut self, now: std::time::Instant) -> (std::time::Instant, Duration) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) > REPUBLISH_GAP_MAX * 2)
+        {
+            self.gap = REPUBLISH_GAP_MIN;
+        }
+        self.last = Some(now);
+        let gap = self.gap;
+        self.gap = (self.gap * 2).min(REPUBLISH_GAP_MAX);
+        (now + gap, gap)
+    }
+}
+
 /// Publishes `pem` in our Node's annotation (JSON merge patch: other annotations are left
 /// alone), at start and whenever `again` is notified; failures (the Node not registered yet, the
-/// API down, RBAC) are retried with backoff.
+/// API down, RBAC) are retried with backoff. Re-publishing is spaced out, the gap doubling from
+/// 1 s to 5 min while our annotation keeps being replaced (two agents under one node name would
+/// otherwise patch each other's certificate away in a tight loop).
 pub async fn publish(api: Api<Node>, node: String, pem: String, again: Arc<Notify>) {
     let patch = serde_json::json!({"metadata": {"annotations": {CERT_ANNOTATION: pem}}});
     let mut delay = PUBLISH_RETRY_MIN;
     let mut failing = false;
+    let mut spacing = Spacing::default();
     loop {
         match api
             .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
@@ -234,7 +273,12 @@ pub async fn publish(api: Api<Node>, node: String, pem: String, again: Arc<Notif
                 info!(node = %node, "node certificate published in annotation {CERT_ANNOTATION}");
                 delay = PUBLISH_RETRY_MIN;
                 failing = false;
+                let (next, gap) = spacing.published(std::time::Instant::now());
                 again.notified().await;
+                if gap >= REPUBLISH_WARN_GAP {
+                    warn!(node = %node, "our Node's {CERT_ANNOTATION} keeps being replaced (another agent with node name {node}?); publishing ours again in {}s steps", gap.as_secs());
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
             }
             Err(e) => {
                 if failing {
@@ -383,6 +427,24 @@ mod tests {
             out.is_empty(),
             "our own certificate is never a peer's: {out:?}"
         );
+    }
+
+    #[test]
+    fn republishing_is_spaced_out_while_our_annotation_keeps_being_replaced() {
+        let mut s = Spacing::default();
+        let t0 = std::time::Instant::now();
+        let mut t = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..11 {
+            let (next, gap) = s.published(t);
+            assert_eq!(next, t + gap);
+            gaps.push(gap.as_secs());
+            t = next;
+        }
+        assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        // After a long quiet time, back to the start.
+        let (_, gap) = s.published(t + REPUBLISH_GAP_MAX * 3);
+        assert_eq!(gap, REPUBLISH_GAP_MIN);
     }
 
     #[test]
