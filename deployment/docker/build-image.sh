@@ -120,6 +120,13 @@ while read -r lib; do copy "$lib"; done < <(libs_of "$binary" "${programs[@]}" "
 for f in /etc/ethertypes /etc/protocols /etc/services; do
   [ -e "$f" ] && copy "$f"
 done
+# The system's CA bundle: the Kubernetes client loads it (an API server with a public CA, or
+# none given in the kubeconfig) and fails without any.
+if [ -e /etc/ssl/certs/ca-certificates.crt ]; then
+  copy /etc/ssl/certs/ca-certificates.crt
+else
+  die "/etc/ssl/certs/ca-certificates.crt is missing (apt-get install ca-certificates)"
+fi
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\n' >"$rootfs/etc/passwd"
 printf 'root:x:0:\n' >"$rootfs/etc/group"
 printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$rootfs/etc/nsswitch.conf"

@@ -349,3 +349,218 @@ fn agent_container_follows_docker_containers() {
         );
     }
 }
+
+/// A YAML file of the repository (one or more documents) as JSON values.
+fn yaml_docs(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+/// The DaemonSet of deployment/kubernetes/, run by Docker the way a kubelet would run its pod
+/// (no cluster can run here): the image built by build-image.sh; host PID and network; the
+/// container's securityContext (capabilities, read-only root, no privilege escalation), args
+/// and environment (`spec.nodeName` for the downward API); the ConfigMap and a PSK Secret
+/// written to files and mounted where its volumeMounts say. The only addition: a kubeconfig
+/// (TESSERA_KUBECONFIG) for the loopback API emulator that stands in for the API server. The
+/// agent must find the pods' namespaces by their IPs through /proc, take the three-tier
+/// policies from the API, enforce them, answer the probe, and remove its rules on stop.
+#[test]
+fn daemonset_pod_spec_enforces_pods_from_the_api() {
+    if !testbed::privileged("daemonset_pod_spec_enforces_pods_from_the_api") {
+        return;
+    }
+    use serde_json::{Value, json};
+    let tb = Testbed::builder()
+        .workload(WorkloadSpec::new("external", 1, "External"))
+        .workload(WorkloadSpec::new("frontend", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend", 1, "BusinessBackend").port(Some("api"), 8080))
+        .build();
+    let node = tb.node_name("n1");
+    // Each pod's "sandbox": a process in its namespace, which the agent finds through /proc.
+    struct Sandboxes(Vec<std::process::Child>);
+    impl Drop for Sandboxes {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _sandboxes = Sandboxes(
+        tb.workloads
+            .iter()
+            .map(|w| {
+                Command::new("ip")
+                    .args(["netns", "exec", &w.ns, "sleep", "3600"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+
+    let emu = kube_emulator::Emulator::start_blocking().unwrap();
+    let ns = testbed::topo::NAMESPACE;
+    emu.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}))
+        .unwrap();
+    for w in &tb.workloads {
+        let ports: Vec<Value> = w
+            .spec
+            .ports
+            .iter()
+            .map(|(n, p)| json!({"name": n, "containerPort": p}))
+            .collect();
+        emu.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": ns, "name": w.spec.name, "labels": w.spec.labels},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "busybox", "ports": ports}]},
+            "status": {"phase": "Running", "podIP": w.ip.to_string(), "podIPs": [{"ip": w.ip.to_string()}]}
+        }))
+        .unwrap();
+    }
+    for e in std::fs::read_dir(repo().join("examples/three-tier/policies")).unwrap() {
+        let p = e.unwrap().path();
+        let rel = p.strip_prefix(repo()).unwrap().to_str().unwrap().to_owned();
+        for doc in yaml_docs(&rel) {
+            emu.apply(doc).unwrap();
+        }
+    }
+
+    // The pod spec, as deployment/kubernetes/ defines it.
+    let objs: Vec<Value> = ["rbac.yaml", "configmap.yaml", "daemonset.yaml"]
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("deployment/kubernetes/{f}")))
+        .collect();
+    let kind = |k: &str| objs.iter().find(|o| o["kind"] == k).unwrap();
+    let pod = &kind("DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(
+        (pod["hostPID"].clone(), pod["hostNetwork"].clone()),
+        (json!(true), json!(true))
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    let dir = tb.dir().join("daemonset");
+    let tag = format!("tessera-test:{}", std::process::id());
+    let daemon = DockerDaemon::start();
+    build_image(&daemon, &tag);
+    let name = "tessera-ds";
+    let mut run: Vec<String> = [
+        "run", "-d", "--name", name, "--pid", "host", "--net", "host",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    run.extend(["--cap-drop".into(), "ALL".into()]);
+    for cap in sc["capabilities"]["add"].as_array().unwrap() {
+        run.extend(["--cap-add".into(), cap.as_str().unwrap().to_owned()]);
+    }
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    if sc["readOnlyRootFilesystem"] == true {
+        run.push("--read-only".into());
+    }
+    if sc["allowPrivilegeEscalation"] == false {
+        run.extend(["--security-opt".into(), "no-new-privileges".into()]);
+    }
+    let metrics = free_port();
+    for e in c["env"].as_array().unwrap() {
+        let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Value::String(v), _) => v.clone(),
+            (_, Value::String(f)) if f == "spec.nodeName" => node.clone(),
+            other => panic!("env {e}: unsupported {other:?}"),
+        };
+        run.extend([
+            "-e".into(),
+            format!("{}={value}", e["name"].as_str().unwrap()),
+        ]);
+    }
+    // Additions: the emulator's kubeconfig, and a free port instead of the ConfigMap's 9090
+    // (the probes' port is checked against the ConfigMap by deployment.rs).
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::create_dir_all(&dir).unwrap();
+    emu.write_kubeconfig(&kubeconfig).unwrap();
+    run.extend([
+        "-v".into(),
+        format!("{}:/etc/tessera/kubeconfig:ro", kubeconfig.display()),
+        "-e".into(),
+        "TESSERA_KUBECONFIG=/etc/tessera/kubeconfig".into(),
+        "-e".into(),
+        format!("TESSERA_METRICS_ADDR={metrics}"),
+    ]);
+    for m in c["volumeMounts"].as_array().unwrap() {
+        let vname = m["name"].as_str().unwrap();
+        let vol = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vname)
+            .unwrap();
+        let src = dir.join(vname);
+        std::fs::create_dir_all(&src).unwrap();
+        if let Some(cm) = vol["configMap"]["name"].as_str() {
+            let cm = objs
+                .iter()
+                .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == cm)
+                .unwrap();
+            for (k, v) in cm["data"].as_object().unwrap() {
+                std::fs::write(src.join(k), v.as_str().unwrap()).unwrap();
+            }
+        } else if vol["secret"]["secretName"].is_string() {
+            // The PSK Secret, as README.md creates it: key `psk`, 32 random bytes in hex.
+            let mut key = [0u8; 32];
+            testbed::topo::getrandom_fill(&mut key);
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(src.join("psk"), hex).unwrap();
+            let mode = vol["secret"]["defaultMode"].as_u64().unwrap() as u32;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(src.join("psk"), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        } else {
+            panic!("volume {vol}: not a ConfigMap or Secret");
+        }
+        let ro = if m["readOnly"] == true { ":ro" } else { "" };
+        run.extend([
+            "-v".into(),
+            format!("{}:{}{ro}", src.display(), m["mountPath"].as_str().unwrap()),
+        ]);
+    }
+    run.push(tag.clone());
+    for a in c["args"].as_array().unwrap() {
+        run.push(a.as_str().unwrap().to_owned());
+    }
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    daemon.docker(&run);
+    let agent = AgentContainer {
+        daemon: &daemon,
+        name,
+        metrics,
+    };
+
+    let namespaces: Vec<String> = tb.workloads.iter().map(|w| w.ns.clone()).collect();
+    agent.wait_ready("the pods' rules", || {
+        namespaces.iter().all(|ns| enforced(ns))
+    });
+    let probe = &c["readinessProbe"]["httpGet"];
+    let healthz = testbed::agent::http_get(metrics, probe["path"].as_str().unwrap());
+    assert_eq!(healthz.as_deref(), Some("ok\n"));
+
+    let mut s = tb
+        .connect("frontend", "backend", 8080, OK_TIMEOUT)
+        .unwrap_or_else(|e| panic!("frontend -> backend:8080: {e}\n{}", agent.logs()));
+    echo_once(&mut s, 5).unwrap();
+    drop(s);
+    match tb.connect("external", "backend", 8080, DENIED_TIMEOUT) {
+        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+        other => panic!(
+            "external -> backend:8080 must time out, got {other:?}\n{}",
+            agent.logs()
+        ),
+    }
+
+    agent.stop();
+    for ns in &namespaces {
+        assert!(!enforced(ns), "rules left in {ns} after the pod stopped");
+    }
+}
