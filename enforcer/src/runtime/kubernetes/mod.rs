@@ -132,6 +132,14 @@ fn watch_error(what: &str, failing: &mut bool, e: &watcher::Error) {
     }
 }
 
+/// Notes a good watcher event: the end of an error streak is logged.
+fn watch_ok(what: &str, failing: &mut bool) {
+    if *failing {
+        info!("{what} watch: working again");
+        *failing = false;
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -193,16 +201,16 @@ pub async fn run_with(
         tokio::select! {
             () = stopped(&mut stop) => return Ok(()),
             Some(ev) = ns_watch.next() => match ev {
-                Ok(ev) => { failing[0] = false; namespaces.handle(ev, &mut out) }
+                Ok(ev) => { watch_ok("namespace", &mut failing[0]); namespaces.handle(ev, &mut out) }
                 Err(e) => watch_error("namespace", &mut failing[0], &e),
             },
             Some(ev) = policy_watch.next() => match ev {
-                Ok(ev) => { failing[1] = false; policies.handle(ev, &mut out) }
+                Ok(ev) => { watch_ok("networkpolicy", &mut failing[1]); policies.handle(ev, &mut out) }
                 Err(e) => watch_error("networkpolicy", &mut failing[1], &e),
             },
             Some(ev) = node_watch.next() => match ev {
                 Ok(ev) => {
-                    failing[2] = false;
+                    watch_ok("node", &mut failing[2]);
                     if let Some(n) = node_state.as_mut()
                         && n.handle(ev, &mut out)
                     {
@@ -212,7 +220,7 @@ pub async fn run_with(
                 Err(e) => watch_error("node", &mut failing[2], &e),
             },
             Some(ev) = pod_watch.next(), if ready => match ev {
-                Ok(ev) => { failing[3] = false; pods.handle(ev, &mut out).await }
+                Ok(ev) => { watch_ok("pod", &mut failing[3]); pods.handle(ev, &mut out).await }
                 Err(e) => watch_error("pod", &mut failing[3], &e),
             },
             () = sleep_until(retry_at), if ready && retry_at.is_some() => pods.retry(&mut out).await,
