@@ -365,18 +365,22 @@ fn yaml_docs(path: &str) -> Vec<serde_json::Value> {
 /// and environment (`spec.nodeName` for the downward API); the ConfigMap and a PSK Secret
 /// written to files and mounted where its volumeMounts say. The only addition: a kubeconfig
 /// (TESSERA_KUBECONFIG) for the loopback API emulator that stands in for the API server. The
-/// agent must find the pods' namespaces by their IPs through /proc, take the three-tier
-/// policies from the API, enforce them, answer the probe, and remove its rules on stop.
+/// API holds examples/three-tier/kubernetes/ (its pods given the testbed's IPs). The agent must
+/// find the pods' namespaces by their IPs through /proc, take the policies from the API,
+/// enforce the README's walk-through, answer the probe, and remove its rules on stop.
 #[test]
 fn daemonset_pod_spec_enforces_pods_from_the_api() {
     if !testbed::privileged("daemonset_pod_spec_enforces_pods_from_the_api") {
         return;
     }
     use serde_json::{Value, json};
+    // The pods of examples/three-tier/kubernetes/, one testbed namespace each (same names and
+    // ports), with echo servers on their ports.
     let tb = Testbed::builder()
         .workload(WorkloadSpec::new("external", 1, "External"))
         .workload(WorkloadSpec::new("frontend", 1, "WebFrontend").port(Some("http"), 80))
         .workload(WorkloadSpec::new("backend", 1, "BusinessBackend").port(Some("api"), 8080))
+        .workload(WorkloadSpec::new("database", 1, "Database").port(None, 5432))
         .build();
     let node = tb.node_name("n1");
     // Each pod's "sandbox": a process in its namespace, which the agent finds through /proc.
@@ -402,33 +406,41 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
             .collect(),
     );
 
+    // The API server's view: the example's Namespace, Pods (scheduled on this node, with the
+    // testbed's IPs as status) and NetworkPolicies, as `kubectl apply -f` would send them
+    // (the Services play no part in the agent's decisions).
     let emu = kube_emulator::Emulator::start_blocking().unwrap();
-    let ns = testbed::topo::NAMESPACE;
-    emu.apply(json!({"apiVersion": "v1", "kind": "Namespace",
-                     "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}))
-        .unwrap();
-    for w in &tb.workloads {
-        let ports: Vec<Value> = w
-            .spec
-            .ports
-            .iter()
-            .map(|(n, p)| json!({"name": n, "containerPort": p}))
-            .collect();
-        emu.apply(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": ns, "name": w.spec.name, "labels": w.spec.labels},
-            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "busybox", "ports": ports}]},
-            "status": {"phase": "Running", "podIP": w.ip.to_string(), "podIPs": [{"ip": w.ip.to_string()}]}
-        }))
-        .unwrap();
+    let mut example = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/three-tier/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        let rel = f.strip_prefix(repo()).unwrap().to_str().unwrap().to_owned();
+        example.extend(yaml_docs(&rel));
     }
-    for e in std::fs::read_dir(repo().join("examples/three-tier/policies")).unwrap() {
-        let p = e.unwrap().path();
-        let rel = p.strip_prefix(repo()).unwrap().to_str().unwrap().to_owned();
-        for doc in yaml_docs(&rel) {
-            emu.apply(doc).unwrap();
+    let mut pods = 0;
+    for mut obj in example {
+        match obj["kind"].as_str().unwrap() {
+            "Service" => continue,
+            "Pod" => {
+                let w = tb.workload(obj["metadata"]["name"].as_str().unwrap());
+                let ip = w.ip.to_string();
+                obj["spec"]["nodeName"] = json!(node);
+                obj["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+                pods += 1;
+            }
+            _ => {}
         }
+        emu.apply(obj).unwrap();
     }
+    assert_eq!(
+        pods,
+        tb.workloads.len(),
+        "one testbed namespace per example pod"
+    );
 
     // The pod spec, as deployment/kubernetes/ defines it.
     let objs: Vec<Value> = ["rbac.yaml", "configmap.yaml", "daemonset.yaml"]
@@ -546,17 +558,27 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     let healthz = testbed::agent::http_get(metrics, probe["path"].as_str().unwrap());
     assert_eq!(healthz.as_deref(), Some("ok\n"));
 
-    let mut s = tb
-        .connect("frontend", "backend", 8080, OK_TIMEOUT)
-        .unwrap_or_else(|e| panic!("frontend -> backend:8080: {e}\n{}", agent.logs()));
-    echo_once(&mut s, 5).unwrap();
-    drop(s);
-    match tb.connect("external", "backend", 8080, DENIED_TIMEOUT) {
-        Err(e) if e.kind() == ErrorKind::TimedOut => {}
-        other => panic!(
-            "external -> backend:8080 must time out, got {other:?}\n{}",
-            agent.logs()
-        ),
+    // The walk-through of examples/three-tier/kubernetes/README.md.
+    for (from, to, port, allowed) in [
+        ("external", "frontend", 80, true),
+        ("external", "backend", 8080, false),
+        ("frontend", "backend", 8080, true),
+        ("frontend", "database", 5432, false),
+        ("backend", "database", 5432, true),
+        ("database", "backend", 8080, false),
+    ] {
+        let cell = format!("{from} -> {to}:{port}");
+        if allowed {
+            let mut s = tb
+                .connect(from, to, port, OK_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{cell}: {e}\n{}", agent.logs()));
+            echo_once(&mut s, 5).unwrap();
+        } else {
+            match tb.connect(from, to, port, DENIED_TIMEOUT) {
+                Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                other => panic!("{cell} must time out, got {other:?}\n{}", agent.logs()),
+            }
+        }
     }
 
     agent.stop();
