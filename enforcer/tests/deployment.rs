@@ -449,7 +449,12 @@ fn kubernetes_daemonset_agrees_with_its_config() {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["host"], metrics.ip().to_string(), "{probe}");
         assert_eq!(get["port"], metrics.port(), "{probe}");
-        assert_eq!(get["path"], "/healthz", "{probe}");
+        let path = if probe == "readinessProbe" {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
+        assert_eq!(get["path"], path, "{probe}");
     }
     // The ConfigMap's config is accepted by the agent, given as the DaemonSet gives it (node
     // name and key from the environment).
@@ -470,7 +475,7 @@ fn kubernetes_daemonset_agrees_with_its_config() {
 
     // The agent answers the probe path.
     let http = std::fs::read_to_string(repo().join("enforcer/src/agent/http.rs")).unwrap();
-    assert!(http.contains("\"/healthz\""));
+    assert!(http.contains("\"/healthz\"") && http.contains("\"/readyz\""));
 }
 
 /// The probes `tessera policy matrix -f examples/three-tier/kubernetes/` makes (every pod

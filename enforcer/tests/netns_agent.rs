@@ -131,6 +131,42 @@ fn inventory_is_followed(mode: Mode) {
         text.contains("COUNTERS") && text.contains("rejected"),
         "{text}"
     );
+
+    // A workload that cannot be enforced (its netns does not exist): the agent lives on
+    // (/healthz), is not ready (/readyz names it), and says so in its status.
+    let addr = tb.agent(1).metrics_addr();
+    let ghost = format!(
+        "{full}- name: ghost\n  namespace: shop\n  labels: {{role: Database}}\n  namespaceLabels: {{kubernetes.io/metadata.name: shop}}\n  netns: /run/netns/ts-no-such-netns-{}\n",
+        std::process::id()
+    );
+    write_inventory(&tb, &ghost);
+    wait_until("/readyz reports the ghost", &tb, || {
+        ready_body(addr).is_some_and(|(code, body)| code == 503 && body.contains("shop/ghost"))
+    });
+    assert!(testbed::agent::http_get(addr, "/healthz").is_some());
+    let text = status(&tb, 1, false);
+    assert!(
+        text.contains("NOT ENFORCED (1)") && text.contains("shop/ghost"),
+        "{text}"
+    );
+    assert!(enforced(&frontend) && enforced(&backend));
+    write_inventory(&tb, &full);
+    wait_until("/readyz ok again", &tb, || {
+        ready_body(addr).is_some_and(|(code, _)| code == 200)
+    });
+}
+
+/// `/readyz`: status code and body.
+fn ready_body(addr: std::net::SocketAddr) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
 }
 
 #[test]

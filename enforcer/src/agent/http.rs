@@ -21,6 +21,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
@@ -35,6 +36,27 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     }
+}
+
+/// 200 once the runtime's first list is processed and every workload it wants is enforced;
+/// 503 with the reasons otherwise (a readiness probe: a node whose workloads cannot be
+/// enforced is not ready, though the process is alive).
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if !shared.ready.load(Ordering::Relaxed) {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "starting\n".to_owned(),
+        );
+    }
+    let failing = lock_any(&shared.failing);
+    if failing.is_empty() {
+        return (axum::http::StatusCode::OK, "ok\n".to_owned());
+    }
+    let mut body = format!("{} workload(s) not enforced:\n", failing.len());
+    for (name, why) in failing.iter() {
+        let _ = writeln!(body, "{name}: {why}");
+    }
+    (axum::http::StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -53,6 +75,9 @@ pub struct Status {
     pub runtime: String,
     pub policies: usize,
     pub workloads: Vec<WorkloadInfo>,
+    /// Workloads the runtime wants that could not be enforced, with the reason.
+    #[serde(default)]
+    pub not_enforced: std::collections::BTreeMap<String, String>,
     pub peers: Vec<PeerInfo>,
     pub counters: Counters,
 }
@@ -122,6 +147,7 @@ pub fn status_of(shared: &Shared) -> Status {
         runtime: shared.runtime.into(),
         policies: shared.policies.load(Ordering::Relaxed),
         workloads,
+        not_enforced: lock_any(&shared.failing).clone(),
         peers: p
             .node()
             .peer_nodes()

@@ -127,6 +127,8 @@ pub struct Shared {
     pub reload_failures: AtomicU64,
     pub workload_failures: AtomicU64,
     pub enforce_latency: Mutex<EnforceLatency>,
+    /// Workloads a runtime wants that could not be enforced, with the reason (by name).
+    pub failing: Mutex<BTreeMap<String, String>>,
     /// The runtime's first complete list has been applied (/healthz answers 200 from then on).
     pub ready: AtomicBool,
 }
@@ -314,6 +316,10 @@ impl Agent {
         self.shared
             .workload_failures
             .fetch_add(1, Ordering::Relaxed);
+        if !self.workloads.contains_key(&d.key) {
+            // Not enforced at all (an enforced one keeps its previous identity): /readyz says so.
+            lock_any(&self.shared.failing).insert(pod_name(&d.key), format!("{e:#}"));
+        }
         tracing::error!(workload = %pod_name(&d.key), origin = %d.origin, "workload not enforced: {e:#}");
     }
 
@@ -362,6 +368,8 @@ impl Agent {
         for key in gone {
             self.remove(&key);
         }
+        let wanted_names: HashSet<String> = wanted.iter().map(pod_name).collect();
+        lock_any(&self.shared.failing).retain(|name, _| wanted_names.contains(name));
         for d in list {
             self.upsert(d);
         }
@@ -517,6 +525,7 @@ impl Agent {
         );
         let stats = Arc::new(QueueStats::default());
         stats.serving.store(true, Ordering::Relaxed);
+        lock_any(&self.shared.failing).remove(&name);
         lock_any(&self.shared.workloads).insert(
             name.clone(),
             WorkloadStatus {
@@ -583,6 +592,7 @@ impl Agent {
             self.queued.insert(key.clone(), None);
             return;
         }
+        lock_any(&self.shared.failing).remove(&pod_name(key));
         self.queued.remove(key);
         if let Some(e) = self.workloads.remove(key) {
             self.forget(e);
@@ -875,6 +885,7 @@ pub async fn run(opts: Options) -> Result<()> {
         workload_failures: AtomicU64::new(0),
         enforce_latency: Mutex::new(EnforceLatency::default()),
         ready: AtomicBool::new(false),
+        failing: Mutex::new(BTreeMap::new()),
     });
     let mut agent = Agent {
         shared: shared.clone(),

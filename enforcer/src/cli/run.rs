@@ -105,7 +105,7 @@ pub struct RunArgs {
     /// above it is used too (re-auth) [default: 0x10000000].
     #[arg(long, env = "TESSERA_AUTH_MARK", value_parser = parse_mark)]
     pub auth_mark: Option<u32>,
-    /// Address for /metrics, /healthz and /status; "off" disables it [default: 127.0.0.1:9090].
+    /// Address for /metrics, /healthz, /readyz and /status; "off" disables it [default: 127.0.0.1:9090].
     #[arg(long, env = "TESSERA_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// Log format [default: text].
@@ -170,11 +170,13 @@ pub fn load_config(path: &Path) -> Result<FileConfig> {
     let de = serde_norway::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = e.into_inner().to_string();
+        // The YAML parser sometimes names the field itself; say it once.
+        let message = inner.strip_prefix(&format!("{field}: ")).unwrap_or(&inner);
         if field == "." {
-            anyhow::anyhow!("{}: {inner}", path.display())
+            anyhow::anyhow!("{}: {message}", path.display())
         } else {
-            anyhow::anyhow!("{}: {field}: {inner}", path.display())
+            anyhow::anyhow!("{}: {field}: {message}", path.display())
         }
     })
 }
@@ -544,6 +546,13 @@ mod tests {
             e.contains(path) && e.contains("authMark") && e.contains("single bit"),
             "{e}"
         );
+        let f = config_file("nodeName: n\npskFile: p\nfailOpen: maybe\n");
+        let path = f.path().to_str().unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&["--config", path]).unwrap().options().unwrap_err()
+        );
+        assert_eq!(e.matches("failOpen").count(), 1, "{e}");
         let f = config_file("nodeName: n\npskFile: p\ndocker: {host: x, sockett: y}\n");
         let path = f.path().to_str().unwrap();
         let e = format!(

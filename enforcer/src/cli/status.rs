@@ -96,6 +96,12 @@ pub fn render(s: &Status, now: SystemTime) -> String {
             labels.join(",")
         );
     }
+    if !s.not_enforced.is_empty() {
+        let _ = writeln!(out, "\nNOT ENFORCED ({})", s.not_enforced.len());
+        for (name, why) in &s.not_enforced {
+            let _ = writeln!(out, "  {name}: {why}");
+        }
+    }
     let _ = writeln!(out, "\nPEER NODES ({})", s.peers.len());
     for p in &s.peers {
         let expiry = p
@@ -108,7 +114,11 @@ pub fn render(s: &Status, now: SystemTime) -> String {
             "no handshake yet"
         };
         let this = if p.node == s.node { " (this node)" } else { "" };
-        let _ = writeln!(out, "  {}{this}  key {}  {expiry}  {seen}", p.node, p.key_id);
+        let _ = writeln!(
+            out,
+            "  {}{this}  key {}  {expiry}  {seen}",
+            p.node, p.key_id
+        );
     }
     let c = &s.counters;
     let _ = writeln!(out, "\nCOUNTERS");

@@ -93,7 +93,7 @@ impl Agent {
         }
     }
 
-    /// Waits until /healthz says ready (every workload enforced) and `rules_installed()` holds; panics with the log if the
+    /// Waits until /readyz says ready (every workload enforced) and `rules_installed()` holds; panics with the log if the
     /// agent exits or this takes longer than 20 s.
     pub(crate) fn wait_ready(&mut self, rules_installed: impl Fn() -> bool) {
         let start = Instant::now();
@@ -105,8 +105,7 @@ impl Agent {
                     self.log_tail()
                 );
             }
-            let ready =
-                http_get(self.metrics_addr, "/healthz").is_some_and(|b| b.starts_with("ok"));
+            let ready = http_get(self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"));
             if ready && rules_installed() {
                 return;
             }
