@@ -365,7 +365,8 @@ fn list_requests(emu: &Emulator, path: &str) -> usize {
 }
 
 /// PSK: pods are enforced from the API (policies too, with a named port); a pod label change,
-/// a policy change and a namespace label change flip the verdict of new connections; a watch that expired (410 Gone)
+/// a policy change and a namespace label change flip the verdict of new connections (and the
+/// policy change cuts the established connection it now denies); a watch that expired (410 Gone)
 /// is relisted and a change made while it was down is applied; a deleted pod's rules go.
 #[test]
 fn pods_and_policies_from_the_api_are_enforced_and_followed() {
@@ -399,8 +400,24 @@ fn pods_and_policies_from_the_api_are_enforced_and_followed() {
         .unwrap();
     c.until("pod label change back", "other", false);
 
-    // A policy change: db admits nobody.
+    // A policy change: db admits nobody. The established connection it now denies is cut.
+    let mut live = c.tb.connect("web", "db", 5432, OK_TIMEOUT).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    echo_once(&mut live, b'a').unwrap();
+    let changed = Instant::now();
     c.emu.apply(db_policy("nobody")).unwrap();
+    while echo_once(&mut live, b'b').is_ok() {
+        assert!(
+            changed.elapsed() < WAIT,
+            "the established web -> db connection survived the policy change; logs:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "flip: policy change -> established connection cut: {} ms",
+        changed.elapsed().as_millis()
+    );
     c.until("policy change (from role=nobody)", "web", false);
 
     // The watches break while the history is compacted: the agents' watchers get 410 Gone and
