@@ -78,9 +78,31 @@ impl Netns {
 /// Run `cmd`, feeding `stdin`; returns (stdout, stderr). An error carries the command line and
 /// its stderr.
 pub(crate) fn run_command(
-    mut cmd: Command,
+    cmd: Command,
     stdin: Option<&str>,
 ) -> Result<(String, String), ShellError> {
+    let line = format!("{cmd:?}");
+    spawn_command(cmd, stdin).and_then(|child| wait_command(child, line))
+}
+
+/// Run several commands at once (each fed its stdin); their results in order.
+pub(crate) fn run_commands(
+    cmds: Vec<(Command, Option<String>)>,
+) -> Vec<Result<(String, String), ShellError>> {
+    let started: Vec<_> = cmds
+        .into_iter()
+        .map(|(cmd, stdin)| {
+            let line = format!("{cmd:?}");
+            (spawn_command(cmd, stdin.as_deref()), line)
+        })
+        .collect();
+    started
+        .into_iter()
+        .map(|(child, line)| child.and_then(|c| wait_command(c, line)))
+        .collect()
+}
+
+fn spawn_command(mut cmd: Command, stdin: Option<&str>) -> Result<std::process::Child, ShellError> {
     use std::io::Write;
     use std::process::Stdio;
     let line = format!("{cmd:?}");
@@ -102,6 +124,10 @@ pub(crate) fn run_command(
                 source,
             })?;
     }
+    Ok(child)
+}
+
+fn wait_command(child: std::process::Child, line: String) -> Result<(String, String), ShellError> {
     let out = child
         .wait_with_output()
         .map_err(|source| ShellError::Spawn {

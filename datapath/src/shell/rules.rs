@@ -5,7 +5,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::ShellError;
-use super::netns::{Netns, run_command};
+use std::process::Command;
+
+use super::netns::{Netns, run_command, run_commands};
 
 /// Our chains in the mangle table.
 pub const CHAIN_OUTPUT: &str = "TESSERA-OUTPUT";
@@ -144,15 +146,6 @@ fn jump_exists(ns: &Netns, family: Family, hook: &str, chain: &str) -> bool {
     run_command(cmd, None).is_ok()
 }
 
-/// Our jumps as one `iptables-save -t mangle` shows them (one process per family instead of
-/// one `-C` per jump: installs are on a container's start path).
-fn present_jumps(ns: &Netns, family: Family) -> Result<Jumps, ShellError> {
-    let mut cmd = ns.command(family.save());
-    cmd.args(["-t", "mangle"]);
-    let (dump, _) = run_command(cmd, None)?;
-    Ok(jumps_in(&dump))
-}
-
 /// The jumps from `OUTPUT`/`INPUT` to our chains in an `iptables-save` dump.
 pub fn jumps_in(dump: &str) -> Jumps {
     let has = |hook: &str, chain: &str| {
@@ -181,21 +174,72 @@ pub struct Installed {
 /// marked authorized *before* the rules go in, so deploying never breaks a live connection. On a
 /// re-apply (after a crash) nothing is grandfathered: a connection that became established
 /// while no agent listened did so without our check.
+///
+/// Every command runs from a thread inside the namespace (no `nsenter`), the two families side
+/// by side: installs are on a container's start path.
 pub fn install(ns: &Netns, cfg: &RuleConfig) -> Result<Installed, ShellError> {
-    let present = [
-        present_jumps(ns, Family::V4)?,
-        present_jumps(ns, Family::V6)?,
-    ];
+    let cfg = *cfg;
+    let path = ns.path().display().to_string();
+    ns.run(move || install_here(&cfg))?
+        .map_err(|e| in_netns(e, &path))
+}
+
+/// Name the namespace in an error of a command that ran inside it.
+fn in_netns(e: ShellError, path: &str) -> ShellError {
+    match e {
+        ShellError::Command {
+            command,
+            status,
+            stderr,
+        } => ShellError::Command {
+            command: format!("{command} (in netns {path})"),
+            status,
+            stderr,
+        },
+        ShellError::Spawn { command, source } => ShellError::Spawn {
+            command: format!("{command} (in netns {path})"),
+            source,
+        },
+        other => other,
+    }
+}
+
+fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
+    // Both families' jumps and the established sockets (needed only at a first install), at once.
+    let mut probes: Vec<(Command, Option<String>)> = Family::ALL
+        .map(|family| {
+            let mut cmd = Command::new(family.save());
+            cmd.args(["-t", "mangle"]);
+            (cmd, None)
+        })
+        .into();
+    let mut ss = Command::new("ss");
+    ss.args(SS_ESTABLISHED);
+    probes.push((ss, None));
+    let mut results = run_commands(probes).into_iter();
+    let mut present = [Jumps::default(); 2];
+    for slot in &mut present {
+        let dump = results.next().unwrap_or_else(|| Ok(Default::default()))?;
+        *slot = jumps_in(&dump.0);
+    }
     let first = present.iter().all(|p| !p.output && !p.input);
     let grandfathered = if first {
-        grandfather(ns, cfg.auth_mark)?
+        let (established, _) = results.next().unwrap_or_else(|| Ok(Default::default()))?;
+        grandfather_sockets(&established, cfg.auth_mark)?
     } else {
         0
     };
-    for (family, present) in Family::ALL.into_iter().zip(present) {
-        let mut cmd = ns.command(family.restore());
-        cmd.args(["-w", "--noflush"]);
-        run_command(cmd, Some(&render(cfg, present)))?;
+    let restores = Family::ALL
+        .into_iter()
+        .zip(present)
+        .map(|(family, present)| {
+            let mut cmd = Command::new(family.restore());
+            cmd.args(["-w", "--noflush"]);
+            (cmd, Some(render(cfg, present)))
+        })
+        .collect();
+    for result in run_commands(restores) {
+        result?;
     }
     Ok(Installed {
         reapplied: !first,
@@ -263,27 +307,34 @@ pub fn parse_established(established: &str, listening: &str) -> Vec<Established>
 /// entry for every established socket (conntrack may never have seen them: a namespace without
 /// rules does not track connections), then set the mark on existing established entries.
 pub fn grandfather(ns: &Netns, auth_mark: u32) -> Result<usize, ShellError> {
-    let mut ss = ns.command("ss");
-    ss.args(["-Htn", "state", "established"]);
+    ns.run(move || grandfather_here(auth_mark))?
+}
+
+const SS_ESTABLISHED: [&str; 3] = ["-Htn", "state", "established"];
+
+/// [`grandfather`] from a thread already inside the namespace.
+fn grandfather_here(auth_mark: u32) -> Result<usize, ShellError> {
+    let mut ss = Command::new("ss");
+    ss.args(SS_ESTABLISHED);
     let (established, _) = run_command(ss, None)?;
+    grandfather_sockets(&established, auth_mark)
+}
+
+/// Mark the connections of an `ss -Htn state established` listing.
+fn grandfather_sockets(established: &str, auth_mark: u32) -> Result<usize, ShellError> {
     if established.trim().is_empty() {
         // A fresh workload (the common case on a container's start path): nothing to mark.
         return Ok(0);
     }
-    let mut ss = ns.command("ss");
+    let mut ss = Command::new("ss");
     ss.args(["-Htln"]);
     let (listening, _) = run_command(ss, None)?;
     let mut count = 0;
-    for conn in parse_established(&established, &listening) {
-        match mark_connection(ns, &conn, auth_mark) {
+    for conn in parse_established(established, &listening) {
+        match mark_connection(&conn, auth_mark) {
             Ok(()) => count += 1,
             // Best effort: the connection may have closed meanwhile.
-            Err(e) => tracing::warn!(
-                netns = %ns.path().display(),
-                "could not grandfather {} -> {}: {e}",
-                conn.src,
-                conn.dst
-            ),
+            Err(e) => tracing::warn!("could not grandfather {} -> {}: {e}", conn.src, conn.dst),
         }
     }
     Ok(count)
@@ -292,7 +343,7 @@ pub fn grandfather(ns: &Netns, auth_mark: u32) -> Result<usize, ShellError> {
 /// Create an AUTH-marked conntrack entry for `conn`, or set the bit on the existing one. The
 /// family follows from the addresses. One connection at a time: a filtered update of the whole
 /// table is a dump, which overruns the netlink buffer when the table is large.
-fn mark_connection(ns: &Netns, conn: &Established, auth_mark: u32) -> Result<(), ShellError> {
+fn mark_connection(conn: &Established, auth_mark: u32) -> Result<(), ShellError> {
     let tuple = [
         "-p".to_owned(),
         "tcp".to_owned(),
@@ -305,7 +356,7 @@ fn mark_connection(ns: &Netns, conn: &Established, auth_mark: u32) -> Result<(),
         "--dport".to_owned(),
         conn.dst.port().to_string(),
     ];
-    let mut insert = ns.command("conntrack");
+    let mut insert = Command::new("conntrack");
     insert
         .arg("-I")
         .args(&tuple)
@@ -315,7 +366,7 @@ fn mark_connection(ns: &Netns, conn: &Established, auth_mark: u32) -> Result<(),
         return Ok(());
     }
     // It exists (EEXIST): set the bit on it.
-    let mut update = ns.command("conntrack");
+    let mut update = Command::new("conntrack");
     update
         .arg("-U")
         .args(&tuple)
