@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use identity::rand_core::CryptoRng;
 
-use crate::{Hook, Processor, WorkloadId};
+use crate::{Hook, Processor, Queued, WorkloadId};
 
 pub mod conntrack;
 pub mod netns;
@@ -15,7 +15,10 @@ pub mod queue;
 pub mod rules;
 
 pub use netns::Netns;
-pub use queue::{Action, Direction, OpenedQueue, QueueConfig, WorkloadQueue};
+pub use queue::{
+    Action, Direction, HOLD_TIMEOUT, HoldOutcomes, HoldRelease, MAX_HELD, OpenedQueue, QueueConfig,
+    WorkloadQueue,
+};
 pub use rules::{Installed, RuleConfig};
 
 /// Errors of the shell; each names what it was doing.
@@ -80,14 +83,15 @@ pub enum Mode {
 }
 
 /// Decide on one queued packet of workload `id`: run the processor (timed into its decision
-/// histogram) or, in [`Mode::AcceptAll`], accept.
+/// histogram) or, in [`Mode::AcceptAll`], accept. `queued.can_hold`: the queue has room to
+/// hold the packet ([`Action::hold`]).
 pub fn decide<R: CryptoRng + ?Sized>(
     processor: &mut Processor,
     mode: Mode,
     id: WorkloadId,
     direction: Direction,
     packet: &mut Vec<u8>,
-    checksum_ready: bool,
+    queued: Queued,
     rng: &mut R,
 ) -> Action {
     let auth_mark = processor.config().auth_mark;
@@ -102,14 +106,15 @@ pub fn decide<R: CryptoRng + ?Sized>(
                 0
             },
             requeue: false,
+            hold: None,
+            release: None,
         },
         Mode::Enforce => {
             let hook = match direction {
                 Direction::Output => Hook::Output,
                 Direction::Input => Hook::Input,
             };
-            let verdict =
-                processor.process(id, hook, packet, checksum_ready, queue::unix_ms(), rng);
+            let verdict = processor.process_with(id, hook, packet, queued, queue::unix_ms(), rng);
             Action {
                 accept: verdict.accept,
                 modified: verdict.modified,
@@ -123,6 +128,11 @@ pub fn decide<R: CryptoRng + ?Sized>(
                     0
                 },
                 requeue: verdict.accept && verdict.requeue,
+                hold: verdict.hold.filter(|_| verdict.accept).map(|t| t.0),
+                release: verdict.release.map(|r| HoldRelease {
+                    ticket: r.ticket.0,
+                    mark: r.authorized.then_some(auth_mark),
+                }),
             }
         }
     };
@@ -184,7 +194,10 @@ mod tests {
                 WorkloadId(9),
                 Direction::Input,
                 &mut pkt,
-                false,
+                Queued {
+                    checksum_ready: false,
+                    can_hold: true,
+                },
                 &mut rng,
             );
             assert_eq!(
@@ -194,6 +207,8 @@ mod tests {
                     modified: false,
                     mark,
                     requeue: false,
+                    hold: None,
+                    release: None,
                 },
                 "flags {flags:#x}"
             );
@@ -212,7 +227,10 @@ mod tests {
             WorkloadId(1),
             Direction::Output,
             &mut pkt,
-            false,
+            Queued {
+                checksum_ready: false,
+                can_hold: true,
+            },
             &mut rng,
         );
         assert!(!a.accept);
