@@ -68,14 +68,8 @@ pub(crate) enum FlowState {
         syn_token: Box<[u8]>,
         synack_token: Box<[u8]>,
         /// Packets without the ACK token sent back to the tail of the queue so far (the
-        /// client's data can overtake its ACK token between CPUs), when the shell could not
-        /// hold them; bounded by `MAX_DEFERRALS`.
+        /// client's data can overtake its ACK token between CPUs); bounded by `MAX_DEFERRALS`.
         deferred: u8,
-        /// This handshake's ticket: packets held for it are released by its ACK token only.
-        ticket: crate::processor::Ticket,
-        /// Packets without the ACK token held under `ticket` since the last release; bounded
-        /// by `MAX_HELD_PER_FLOW`.
-        held: u8,
     },
     /// Server: a token-less SYN from an IP-only peer passed ingress; its SYN-ACK authorizes.
     ServerTokenless { isn: u32 },

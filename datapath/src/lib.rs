@@ -23,10 +23,7 @@ pub use established::{Cut, CutReason};
 pub use flow::FlowKey;
 pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};
 pub use packet::{PacketError, TcpSegment};
-pub use processor::{
-    Hook, MAX_HELD_PER_FLOW, Processor, ProcessorConfig, Queued, Reason, Release, Ticket, Verdict,
-    WorkloadId, reauth_mark,
-};
+pub use processor::{Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId, reauth_mark};
 
 /// The `rand_core` the processor's `rng` parameter comes from (re-exported from `identity`).
 pub use identity::rand_core;

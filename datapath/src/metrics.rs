@@ -73,10 +73,6 @@ pub struct Metrics {
     authorized_verified: u64,
     authorized_ip_only: u64,
     requeued: u64,
-    held: u64,
-    held_released: u64,
-    held_dropped: u64,
-    held_expired: u64,
     flows: usize,
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
     decision_sum_ns: u64,
@@ -132,29 +128,6 @@ impl Metrics {
     /// Packets sent back to the queue's tail so far.
     pub fn requeued(&self) -> u64 {
         self.requeued
-    }
-    /// Count a packet held in user space until its flow's ACK token (see `Verdict::hold`).
-    pub fn count_held(&mut self) {
-        self.held += 1;
-    }
-    /// Packets held so far.
-    pub fn held(&self) -> u64 {
-        self.held
-    }
-    /// Count what the shell did with held packets: `released` accepted after their flow's ACK
-    /// token, `dropped` after it was refused, `expired` dropped at the shell's deadline (also
-    /// counted as rejected `ack_missing`).
-    pub fn count_held_outcomes(&mut self, released: u64, dropped: u64, expired: u64) {
-        self.held_released += released;
-        self.held_dropped += dropped;
-        self.held_expired += expired;
-        if expired > 0 {
-            *self.rejected.entry("ack_missing").or_insert(0) += expired;
-        }
-    }
-    /// Held packets (released, dropped, expired) so far.
-    pub fn held_outcomes(&self) -> (u64, u64, u64) {
-        (self.held_released, self.held_dropped, self.held_expired)
     }
     /// Set the number of flows in the handshake table.
     pub fn set_flows(&mut self, flows: usize) {
@@ -295,32 +268,6 @@ impl Metrics {
         )?;
         writeln!(out, "# TYPE tessera_packets_requeued_total counter")?;
         writeln!(out, "tessera_packets_requeued_total {}", self.requeued)?;
-        for (name, help, value) in [
-            (
-                "tessera_packets_held_total",
-                "Packets without the ACK token held in user space (they overtook the token) until it was verified.",
-                self.held,
-            ),
-            (
-                "tessera_packets_held_released_total",
-                "Held packets accepted after their flow's ACK token was verified.",
-                self.held_released,
-            ),
-            (
-                "tessera_packets_held_dropped_total",
-                "Held packets dropped because their flow's ACK token was refused.",
-                self.held_dropped,
-            ),
-            (
-                "tessera_packets_held_expired_total",
-                "Held packets dropped because no ACK token came in time (also counted as ack_missing).",
-                self.held_expired,
-            ),
-        ] {
-            writeln!(out, "# HELP {name} {help}")?;
-            writeln!(out, "# TYPE {name} counter")?;
-            writeln!(out, "{name} {value}")?;
-        }
         writeln!(
             out,
             "# HELP tessera_handshake_flows Flows in the handshake table."

@@ -23,8 +23,7 @@
 //! | SYN-ACK + same token (INPUT) | ClientAckSent   | the ACK was lost: strip, accept, *unmark* (clear AUTH in the connmark) | = |
 //! | pure ACK (OUTPUT)        | ClientAckSent       | the duplicate ACK: attach the same ACK token, mark again | =  |
 //! | ACK + token (INPUT)      | ServerAwaitingAck   | `receive_ack`, ingress again on the proven identity, strip, mark | Authorized |
-//! | non-SYN, no token (INPUT)| ServerAwaitingAck   | it may have overtaken the token: hold under the handshake's ticket (`Verdict::hold`), at most `MAX_HELD_PER_FLOW`; beyond, drop `ack_missing`. Shell hold table full: back to the queue's tail instead, at most `MAX_DEFERRALS` times | = |
-//! | ACK + token (INPUT), packets held | ServerAwaitingAck | as above, then release the ticket: held packets accepted with the mark; token refused or policy denies: they are dropped | Authorized / none / = |
+//! | non-SYN, no token (INPUT)| ServerAwaitingAck   | back to the queue's tail (it may have overtaken the token), at most `MAX_DEFERRALS` times; then drop `ack_missing` (the server kernel re-sends its SYN-ACK) | = |
 //! | first server packet (INPUT) | ClientAckPending | seq must be the server's ISN+1; accept, mark | Authorized    |
 //! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
@@ -145,13 +144,7 @@ pub fn reauth_mark(auth_mark: u32) -> u32 {
 
 /// How many times a server flow waiting for the ACK token sends a token-less packet back to
 /// the queue before dropping it (`ack_missing`).
-/// Only used when the shell cannot hold the packet ([`Processor::process_with`], its hold
-/// table full); otherwise such packets are held ([`MAX_HELD_PER_FLOW`]).
 pub const MAX_DEFERRALS: u8 = 32;
-
-/// Token-less packets held in user space per server flow waiting for its ACK token; beyond it
-/// they are dropped (`ack_missing`; the client retransmits).
-pub const MAX_HELD_PER_FLOW: u8 = 8;
 
 /// Why a packet was dropped (or, for [`Reason::PolicyEgress`], rewritten into a RST). Each
 /// rejection is counted in [`Metrics`] under [`Reason::as_str`].
@@ -247,32 +240,8 @@ pub struct Verdict {
     /// packet goes through the rules again and comes back at the tail of the queue (or passes,
     /// if the flow was marked meanwhile). Only ever set together with `accept`.
     pub requeue: bool,
-    /// Decide later: the shell keeps the packet (NFQUEUE lets a verdict come later) under this
-    /// ticket until a [`Verdict::release`] names it, or drops it after its own deadline. Set
-    /// with `accept` (no verdict is issued for the packet now). Falls back to `requeue` when
-    /// the shell cannot hold (see [`Processor::process_with`]).
-    pub hold: Option<Ticket>,
-    /// After this packet's own verdict, give every packet held under the ticket the verdict
-    /// of [`Release::authorized`]: accepted with the AUTH mark (as [`Verdict::authorize`]`(false)`)
-    /// or dropped.
-    pub release: Option<Release>,
     /// Why the packet was dropped or rewritten (counted in the metrics); `None` for a plain accept.
     pub reason: Option<Reason>,
-}
-
-/// Identifies exactly one server handshake (one [`Processor`]'s counter, never reused): the
-/// packets held for it can only be released by that handshake's ACK token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ticket(pub u64);
-
-/// What becomes of the packets held under a ticket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Release {
-    /// The handshake whose packets are released.
-    pub ticket: Ticket,
-    /// `true`: the ACK token was verified and the flow authorized: accept them with the AUTH
-    /// mark. `false`: the ACK was refused: drop them.
-    pub authorized: bool,
 }
 
 impl Verdict {
@@ -284,8 +253,6 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: false,
-            hold: None,
-            release: None,
             reason: None,
         }
     }
@@ -297,8 +264,6 @@ impl Verdict {
             mark_authorized: true,
             unmark: false,
             requeue: false,
-            hold: None,
-            release: None,
             reason: None,
         }
     }
@@ -310,8 +275,6 @@ impl Verdict {
             mark_authorized: false,
             unmark: true,
             requeue: false,
-            hold: None,
-            release: None,
             reason: None,
         }
     }
@@ -323,8 +286,6 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: true,
-            hold: None,
-            release: None,
             reason: None,
         }
     }
@@ -336,23 +297,7 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: false,
-            hold: None,
-            release: None,
             reason: Some(reason),
-        }
-    }
-    /// Keep the packet in user space under `ticket` (see [`Verdict::hold`]).
-    pub fn hold(ticket: Ticket) -> Self {
-        Verdict {
-            hold: Some(ticket),
-            ..Verdict::accept(false)
-        }
-    }
-    /// This verdict, then release the packets held under `ticket` (see [`Verdict::release`]).
-    pub fn then_release(self, ticket: Ticket, authorized: bool) -> Self {
-        Verdict {
-            release: Some(Release { ticket, authorized }),
-            ..self
         }
     }
 }
@@ -383,8 +328,6 @@ pub struct Processor {
     ip_only: Arc<Peer>,
     /// Last time [`Processor::prune_due`] said yes.
     last_prune_ms: u64,
-    /// The next server handshake's [`Ticket`].
-    next_ticket: u64,
 }
 
 /// A peer's policy view and pod, shared by every flow with it.
@@ -408,7 +351,6 @@ impl Processor {
             cut: CutSet::new(config.max_established),
             ip_only: Arc::new(Peer::IpOnly),
             last_prune_ms: 0,
-            next_ticket: 0,
         }
     }
 
@@ -462,9 +404,6 @@ impl Processor {
     /// `checksum_ready`: the kernel's "checksum ready" flag for the packet (nfq
     /// `is_checksum_ready`); when set on INPUT the TCP checksum is verified before anything else.
     /// `now_ms`: unix time in milliseconds; `rng`: the OS CSPRNG, for nonces.
-    ///
-    /// A token-less packet that overtook its flow's ACK token gets [`Verdict::hold`]: the shell
-    /// must be able to hold it (see [`Processor::process_with`]).
     pub fn process<R: CryptoRng + ?Sized>(
         &mut self,
         id: WorkloadId,
@@ -474,29 +413,6 @@ impl Processor {
         now_ms: u64,
         rng: &mut R,
     ) -> Verdict {
-        let queued = Queued {
-            checksum_ready,
-            can_hold: true,
-        };
-        self.process_with(id, hook, packet, queued, now_ms, rng)
-    }
-
-    /// [`Processor::process`], saying whether the shell can hold the packet now: when it
-    /// cannot (its hold table is full), a packet that would be held is sent back to the queue's
-    /// tail instead ([`Verdict::requeue`], at most [`MAX_DEFERRALS`] times per flow).
-    pub fn process_with<R: CryptoRng + ?Sized>(
-        &mut self,
-        id: WorkloadId,
-        hook: Hook,
-        packet: &mut Vec<u8>,
-        queued: Queued,
-        now_ms: u64,
-        rng: &mut R,
-    ) -> Verdict {
-        let Queued {
-            checksum_ready,
-            can_hold,
-        } = queued;
         let Processor {
             node,
             engine,
@@ -509,7 +425,6 @@ impl Processor {
             cut,
             ip_only,
             last_prune_ms: _,
-            next_ticket,
         } = self;
         let (verdict, kind) = match workloads.get(&id) {
             None => (Verdict::drop(Reason::UnknownWorkload), None),
@@ -525,8 +440,6 @@ impl Processor {
                     established,
                     cut,
                     ip_only,
-                    next_ticket,
-                    can_hold,
                     id,
                     now: now_ms,
                 };
@@ -539,12 +452,8 @@ impl Processor {
         if verdict.requeue {
             self.metrics.count_requeued();
         }
-        if verdict.hold.is_some() {
-            self.metrics.count_held();
-        }
         if verdict.accept
             && !verdict.requeue
-            && verdict.hold.is_none()
             && let Some(kind) = kind
         {
             self.metrics.count_accepted(hook, kind);
@@ -707,19 +616,8 @@ struct Step<'a> {
     established: &'a mut EstablishedTable,
     cut: &'a mut CutSet,
     ip_only: &'a Arc<Peer>,
-    next_ticket: &'a mut u64,
-    can_hold: bool,
     id: WorkloadId,
     now: u64,
-}
-
-/// How a packet was queued, for [`Processor::process_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Queued {
-    /// The kernel's "checksum ready" flag (see [`Processor::process`]).
-    pub checksum_ready: bool,
-    /// The shell can hold this packet now (its hold table has room).
-    pub can_hold: bool,
 }
 
 fn kind_of(seg: &TcpSegment) -> PacketKind {
@@ -842,8 +740,6 @@ impl Step<'_> {
                     mark_authorized: false,
                     unmark: false,
                     requeue: false,
-                    hold: None,
-                    release: None,
                     reason: Some(Reason::FlowCut),
                 },
                 Err(_) => Verdict::drop(Reason::FlowCut),
@@ -1121,16 +1017,12 @@ impl Step<'_> {
                     Verdict::accept(true),
                 );
                 if let Some(flow) = self.flows.live_mut(&key, self.now) {
-                    let ticket = Ticket(*self.next_ticket);
-                    *self.next_ticket = self.next_ticket.wrapping_add(1);
                     flow.state = FlowState::ServerAwaitingAck {
                         server: Box::new(awaiting),
                         isn,
                         syn_token,
                         synack_token: token.into_boxed_slice(),
                         deferred: 0,
-                        ticket,
-                        held: 0,
                     };
                 }
                 verdict
@@ -1271,8 +1163,6 @@ impl Step<'_> {
                 mark_authorized: false,
                 unmark: false,
                 requeue: false,
-                hold: None,
-                release: None,
                 reason: Some(Reason::PolicyEgress),
             },
             Err(_) => Verdict::drop(Reason::PolicyEgress),
@@ -1344,44 +1234,22 @@ impl Step<'_> {
         };
         match &mut flow.state {
             FlowState::ServerAwaitingAck {
-                server,
-                deferred,
-                ticket,
-                held,
-                ..
+                server, deferred, ..
             } => {
-                let ticket = *ticket;
                 let Some(token) = token else {
                     // The client marks its flow as its ACK token leaves, so its next packets
-                    // bypass its agent and may overtake the token on another CPU: hold such a
-                    // packet until the token is verified (a bounded number per flow; beyond,
-                    // drop it: the client retransmits). When the shell cannot hold, send it
-                    // back to the tail of the queue, behind the token, a bounded number of
-                    // times; then drop it (the server kernel re-sends its SYN-ACK).
-                    if self.can_hold {
-                        if *held < MAX_HELD_PER_FLOW {
-                            *held += 1;
-                            return Verdict::hold(ticket);
-                        }
-                    } else if *deferred < MAX_DEFERRALS {
+                    // bypass its agent and may overtake the token on another CPU: send such a
+                    // packet back to the tail of the queue, behind the token, a bounded number
+                    // of times; then drop it (the server kernel re-sends its SYN-ACK).
+                    if *deferred < MAX_DEFERRALS {
                         *deferred += 1;
                         return Verdict::requeue();
                     }
                     return Verdict::drop(Reason::AckMissing);
                 };
-                // From here on, the packets held so far get their verdict with this packet's.
-                let any_held = std::mem::take(held) > 0;
-                let refuse = |reason: Reason| {
-                    let v = Verdict::drop(reason);
-                    if any_held {
-                        v.then_release(ticket, false)
-                    } else {
-                        v
-                    }
-                };
                 let peer = match server.receive_ack(self.node, token, self.now) {
                     Ok(p) => p,
-                    Err(e) => return refuse(Reason::Handshake(e)),
+                    Err(e) => return Verdict::drop(Reason::Handshake(e)),
                 };
                 let peer_token: Box<[u8]> = token.into();
                 // Policy may have changed since the SYN: decide again on the proven identity.
@@ -1389,10 +1257,10 @@ impl Step<'_> {
                 let allowed = self.decide(Direction::Ingress, &view.0, seg.src, seg.dst_port, None);
                 if !allowed {
                     self.flows.remove(&key);
-                    return refuse(Reason::PolicyIngress);
+                    return Verdict::drop(Reason::PolicyIngress);
                 }
                 if let Err(e) = packet::strip_token(packet, seg) {
-                    return refuse(Reason::Packet(e));
+                    return Verdict::drop(Reason::Packet(e));
                 }
                 if let Some(flow) = self.flows.live_mut(&key, self.now) {
                     flow.state = FlowState::Authorized {
@@ -1402,11 +1270,7 @@ impl Step<'_> {
                 }
                 self.metrics.count_authorized(true);
                 self.remember(key, Direction::Ingress, Some(view), None);
-                if any_held {
-                    Verdict::authorize(true).then_release(ticket, true)
-                } else {
-                    Verdict::authorize(true)
-                }
+                Verdict::authorize(true)
             }
             FlowState::ServerSynReceived { .. } => Verdict::drop(Reason::AckMissing),
             FlowState::ServerTokenless { .. } => {

@@ -9,10 +9,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use datapath::{
-    Hook, MAX_HELD_PER_FLOW, PacketKind, Processor, ProcessorConfig, Queued, Reason, Release,
-    Ticket, Verdict, WorkloadId,
-};
+use datapath::{Hook, PacketKind, Processor, ProcessorConfig, Reason, Verdict, WorkloadId};
 use identity::testing::SeededRng;
 use identity::{Config, HandshakeError, Node, Psk};
 
@@ -244,16 +241,6 @@ fn reopened(v: &Verdict) {
     );
     assert!(!v.mark_authorized);
     assert_eq!(v.reason, None);
-}
-
-/// Held in user space (no verdict yet): its ticket.
-fn held(v: &Verdict) -> Ticket {
-    assert!(
-        v.accept && !v.modified && !v.mark_authorized && !v.requeue && v.reason.is_none(),
-        "expected hold, got {v:?}"
-    );
-    assert_eq!(v.release, None, "{v:?}");
-    v.hold.expect("a held packet has a ticket")
 }
 
 fn dropped(v: &Verdict) -> &'static str {
@@ -493,15 +480,21 @@ fn lost_ack_recovers_via_dup_ack_after_syn_ack_retransmission() {
         let (v, out) = w.out_a(&d);
         accepted(&v, false, true);
         assert_eq!(out, d);
-        // It may have overtaken the ACK token on another CPU: it is held in user space (a
-        // bounded number per flow), then dropped.
-        for _ in 0..MAX_HELD_PER_FLOW {
-            held(&w.in_b(&out).0);
+        // It may have overtaken the ACK token on another CPU: it goes back to the queue's tail
+        // a bounded number of times, then it is dropped.
+        for _ in 0..datapath::processor::MAX_DEFERRALS {
+            let (v, _) = w.in_b(&out);
+            assert!(
+                v.accept && v.requeue && !v.modified && !v.mark_authorized,
+                "{v:?}"
+            );
         }
         let (v, _) = w.in_b(&out);
         assert_eq!(dropped(&v), "ack_missing");
-        assert_eq!(w.b.metrics().held(), u64::from(MAX_HELD_PER_FLOW));
-        assert_eq!(w.b.metrics().requeued(), 0);
+        assert_eq!(
+            w.b.metrics().requeued(),
+            u64::from(datapath::processor::MAX_DEFERRALS)
+        );
         // The server kernel retransmits the SYN-ACK: same bytes (queued on the client's marked
         // flow: it carries our option); the client strips it again and unmarks its flow.
         w.now += 1_000;
@@ -1056,196 +1049,4 @@ fn blind_rst_does_not_wipe_a_handshake() {
     let rst = tcp_packet(w.c, w.s, ISN_C + 1, 0, RST, &[], &[]);
     accepted(&w.in_b(&rst).0, false, false);
     assert_eq!(w.b.flow_count(), 0);
-}
-
-/// The handshake up to the client's ACK token leaving; the server waits for it.
-fn until_ack(w: &mut World) -> Vec<u8> {
-    let (_, syn) = w.out_a(&w.syn());
-    accepted(&w.in_b(&syn).0, true, false);
-    let (_, sa) = w.out_b(&w.syn_ack());
-    accepted(&w.in_a(&sa).0, true, false);
-    let (v, ack) = w.out_a(&w.ack());
-    accepted(&v, true, true);
-    ack
-}
-
-#[test]
-fn data_that_overtakes_the_ack_token_is_held_and_released_authorized_after_it() {
-    for mode in [Mode::Psk, Mode::Pki] {
-        let mut w = World::new(mode, ALLOW);
-        let ack = until_ack(&mut w);
-        let d = w.data_c();
-        let t = held(&w.in_b(&d).0);
-        assert_eq!(held(&w.in_b(&d).0), t, "same flow, same ticket");
-        // The ACK token arrives: its own verdict (stripped, marked), then the held packets
-        // are released as authorized.
-        let (v, _) = w.in_b(&ack);
-        accepted(&v, true, true);
-        assert_eq!(
-            v.release,
-            Some(Release {
-                ticket: t,
-                authorized: true
-            })
-        );
-        // Later packets are no longer held.
-        let (v, _) = w.in_b(&d);
-        accepted(&v, false, true);
-        assert_eq!(v.hold, None);
-        assert_eq!(w.b.metrics().held(), 2);
-        assert_eq!(w.b.metrics().requeued(), 0);
-        assert_eq!(w.b.metrics().rejected_total(), 0);
-    }
-}
-
-#[test]
-fn an_ack_without_held_packets_releases_nothing() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let ack = until_ack(&mut w);
-    let (v, _) = w.in_b(&ack);
-    accepted(&v, true, true);
-    assert_eq!(v.release, None);
-}
-
-#[test]
-fn held_packets_are_dropped_when_the_ack_token_is_refused() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let ack = until_ack(&mut w);
-    let t = held(&w.in_b(&w.data_c()).0);
-    let (v, _) = w.in_b(&tamper(&ack, 10));
-    assert_eq!(dropped(&v), "bad_mac");
-    assert_eq!(
-        v.release,
-        Some(Release {
-            ticket: t,
-            authorized: false
-        })
-    );
-    // The genuine ACK still completes the flow; what was held is gone already (the client
-    // retransmits it), so there is nothing left to release.
-    let (v, _) = w.in_b(&ack);
-    accepted(&v, true, true);
-    assert_eq!(v.release, None);
-}
-
-#[test]
-fn held_packets_are_dropped_when_policy_denies_at_the_ack() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let ack = until_ack(&mut w);
-    let t = held(&w.in_b(&w.data_c()).0);
-    let parsed = policy::objects::parse("new.yaml", INGRESS_DENY);
-    policy::objects::load(w.b.engine_mut(), &parsed.objects);
-    let (v, _) = w.in_b(&ack);
-    assert_eq!(dropped(&v), "policy_ingress");
-    assert_eq!(
-        v.release,
-        Some(Release {
-            ticket: t,
-            authorized: false
-        })
-    );
-    // The flow is gone: its data is never held (nor passed) again.
-    let (v, _) = w.in_b(&w.data_c());
-    assert_eq!(dropped(&v), "no_flow_state");
-}
-
-#[test]
-fn another_flows_ack_never_releases_held_packets() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    w.port(40001);
-    let ack1 = until_ack(&mut w);
-    let t1 = held(&w.in_b(&w.data_c()).0);
-    w.port(40002);
-    let ack2 = until_ack(&mut w);
-    let t2 = held(&w.in_b(&w.data_c()).0);
-    assert_ne!(t1, t2);
-    // Flow 2's ACK releases flow 2's packets only; flow 1 still waits.
-    let (v, _) = w.in_b(&ack2);
-    accepted(&v, true, true);
-    assert_eq!(v.release.map(|r| r.ticket), Some(t2));
-    w.port(40001);
-    assert_eq!(held(&w.in_b(&w.data_c()).0), t1);
-    // Flow 2's ACK token replayed onto flow 1's tuple is refused: flow 1's held packets are
-    // dropped, never accepted.
-    let (v, _) = w.in_b(&to_port(&ack2, 40001, true));
-    dropped(&v);
-    assert_eq!(
-        v.release,
-        Some(Release {
-            ticket: t1,
-            authorized: false
-        })
-    );
-    let (v, _) = w.in_b(&ack1);
-    accepted(&v, true, true);
-}
-
-#[test]
-fn a_new_handshake_on_the_same_tuple_gets_a_new_ticket() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let _lost = until_ack(&mut w);
-    let t1 = held(&w.in_b(&w.data_c()).0);
-    // The flow expires (its held packet was dropped by the shell long before); the same tuple
-    // starts again with fresh tokens.
-    w.now += ProcessorConfig::default().handshake_timeout_ms + 1;
-    w.b.expire(w.now);
-    w.a.expire(w.now);
-    let ack = until_ack(&mut w);
-    let t2 = held(&w.in_b(&w.data_c()).0);
-    assert_ne!(t1, t2);
-    let (v, _) = w.in_b(&ack);
-    accepted(&v, true, true);
-    assert_eq!(v.release.map(|r| r.ticket), Some(t2));
-}
-
-#[test]
-fn when_the_shell_cannot_hold_the_packet_goes_back_to_the_queue() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let ack = until_ack(&mut w);
-    let d = w.data_c();
-    let full = Queued {
-        checksum_ready: true,
-        can_hold: false,
-    };
-    for _ in 0..datapath::processor::MAX_DEFERRALS {
-        let mut p = d.clone();
-        let v =
-            w.b.process_with(ID, Hook::Input, &mut p, full, w.now, &mut w.rng);
-        assert!(
-            v.accept && v.requeue && v.hold.is_none() && !v.mark_authorized,
-            "{v:?}"
-        );
-    }
-    let mut p = d.clone();
-    let v =
-        w.b.process_with(ID, Hook::Input, &mut p, full, w.now, &mut w.rng);
-    assert_eq!(dropped(&v), "ack_missing");
-    assert_eq!(
-        w.b.metrics().requeued(),
-        u64::from(datapath::processor::MAX_DEFERRALS)
-    );
-    assert_eq!(w.b.metrics().held(), 0);
-    let (v, _) = w.in_b(&ack);
-    accepted(&v, true, true);
-    assert_eq!(v.release, None);
-}
-
-#[test]
-fn held_packet_counters_are_rendered() {
-    let mut w = World::new(Mode::Psk, ALLOW);
-    let _ = until_ack(&mut w);
-    held(&w.in_b(&w.data_c()).0);
-    w.b.metrics_mut().count_held_outcomes(3, 2, 1);
-    let mut out = String::new();
-    w.b.metrics().render_prometheus(&mut out);
-    for line in [
-        "tessera_packets_held_total 1",
-        "tessera_packets_held_released_total 3",
-        "tessera_packets_held_dropped_total 2",
-        "tessera_packets_held_expired_total 1",
-        "tessera_packets_rejected_total{reason=\"ack_missing\"} 1",
-        "tessera_packets_requeued_total 0",
-    ] {
-        assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
-    }
 }

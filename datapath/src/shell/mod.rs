@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use identity::rand_core::CryptoRng;
 
-use crate::{Hook, Processor, Queued, WorkloadId};
+use crate::{Hook, Processor, WorkloadId};
 
 pub mod conntrack;
 pub mod netns;
@@ -15,10 +15,7 @@ pub mod queue;
 pub mod rules;
 
 pub use netns::Netns;
-pub use queue::{
-    Action, Direction, HOLD_TIMEOUT, HoldOutcomes, HoldRelease, MAX_HELD, OpenedQueue, QueueConfig,
-    WorkloadQueue,
-};
+pub use queue::{Action, Direction, OpenedQueue, QueueConfig, WorkloadQueue};
 pub use rules::{Installed, RuleConfig};
 
 /// Errors of the shell; each names what it was doing.
@@ -83,15 +80,14 @@ pub enum Mode {
 }
 
 /// Decide on one queued packet of workload `id`: run the processor (timed into its decision
-/// histogram) or, in [`Mode::AcceptAll`], accept. `queued.can_hold`: the queue has room to
-/// hold the packet ([`Action::hold`]).
+/// histogram) or, in [`Mode::AcceptAll`], accept.
 pub fn decide<R: CryptoRng + ?Sized>(
     processor: &mut Processor,
     mode: Mode,
     id: WorkloadId,
     direction: Direction,
     packet: &mut Vec<u8>,
-    queued: Queued,
+    checksum_ready: bool,
     rng: &mut R,
 ) -> Action {
     let auth_mark = processor.config().auth_mark;
@@ -106,15 +102,14 @@ pub fn decide<R: CryptoRng + ?Sized>(
                 0
             },
             requeue: false,
-            hold: None,
-            release: None,
         },
         Mode::Enforce => {
             let hook = match direction {
                 Direction::Output => Hook::Output,
                 Direction::Input => Hook::Input,
             };
-            let verdict = processor.process_with(id, hook, packet, queued, queue::unix_ms(), rng);
+            let verdict =
+                processor.process(id, hook, packet, checksum_ready, queue::unix_ms(), rng);
             Action {
                 accept: verdict.accept,
                 modified: verdict.modified,
@@ -128,11 +123,6 @@ pub fn decide<R: CryptoRng + ?Sized>(
                     0
                 },
                 requeue: verdict.accept && verdict.requeue,
-                hold: verdict.hold.filter(|_| verdict.accept).map(|t| t.0),
-                release: verdict.release.map(|r| HoldRelease {
-                    ticket: r.ticket.0,
-                    mark: r.authorized.then_some(auth_mark),
-                }),
             }
         }
     };
@@ -194,10 +184,7 @@ mod tests {
                 WorkloadId(9),
                 Direction::Input,
                 &mut pkt,
-                Queued {
-                    checksum_ready: false,
-                    can_hold: true,
-                },
+                false,
                 &mut rng,
             );
             assert_eq!(
@@ -207,8 +194,6 @@ mod tests {
                     modified: false,
                     mark,
                     requeue: false,
-                    hold: None,
-                    release: None,
                 },
                 "flags {flags:#x}"
             );
@@ -227,10 +212,7 @@ mod tests {
             WorkloadId(1),
             Direction::Output,
             &mut pkt,
-            Queued {
-                checksum_ready: false,
-                can_hold: true,
-            },
+            false,
             &mut rng,
         );
         assert!(!a.accept);

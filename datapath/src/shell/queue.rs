@@ -8,13 +8,13 @@
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
 //! readiness; the `Queue` keeps doing the netlink I/O.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram as StdDatagram;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::net::sockopt;
 use rustix::net::{AddressFamily, netlink};
@@ -30,11 +30,6 @@ const NF_INET_LOCAL_IN: u8 = 1;
 const NF_INET_LOCAL_OUT: u8 = 3;
 /// Messages handled per readiness event before yielding to the other queues.
 const BATCH: usize = 256;
-/// Packets held per queue at most (see [`Action::hold`]); beyond, the processor is told it
-/// cannot hold and re-queues instead.
-pub const MAX_HELD: usize = 1024;
-/// A held packet whose flow's ACK token did not come within this time is dropped.
-pub const HOLD_TIMEOUT: Duration = Duration::from_millis(200);
 
 static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
@@ -184,35 +179,6 @@ pub struct WorkloadQueue {
     /// Socket-level receive errors (ENOBUFS: the socket buffer overflowed; ENOSPC: a message
     /// larger than the buffer), counted and survived.
     pub recv_errors: u64,
-    /// Packets waiting in user space for their flow's ACK token, oldest first.
-    held: VecDeque<Held>,
-    /// Outcomes of held packets since the last [`WorkloadQueue::take_hold_outcomes`].
-    outcomes: HoldOutcomes,
-}
-
-/// A packet held under a ticket (see [`Action::hold`]).
-struct Held {
-    ticket: u64,
-    since: Instant,
-    msg: nfq::Message,
-}
-
-/// What became of held packets (see [`WorkloadQueue::take_hold_outcomes`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HoldOutcomes {
-    /// Accepted with the AUTH mark after their flow's ACK token was verified.
-    pub released: u64,
-    /// Dropped after their flow's ACK token was refused, or at unbind.
-    pub dropped: u64,
-    /// Dropped at [`HOLD_TIMEOUT`].
-    pub expired: u64,
-}
-
-impl HoldOutcomes {
-    /// Nothing happened.
-    pub fn is_empty(&self) -> bool {
-        *self == HoldOutcomes::default()
-    }
 }
 
 impl OpenedQueue {
@@ -227,8 +193,6 @@ impl OpenedQueue {
             stats: self.stats,
             queue_num: self.queue_num,
             recv_errors: 0,
-            held: VecDeque::new(),
-            outcomes: HoldOutcomes::default(),
         })
     }
 }
@@ -246,22 +210,6 @@ pub struct Action {
     /// Repeat without a mark: the packet goes through the rules again (back to the queue's
     /// tail unless its flow was marked meanwhile).
     pub requeue: bool,
-    /// No verdict now: keep the packet under this ticket until a `release` names it or
-    /// [`HOLD_TIMEOUT`] passes (then drop it). Only offered when the handler was told it can
-    /// hold; otherwise treated as `requeue`.
-    pub hold: Option<u64>,
-    /// After this packet's verdict, give the packets held under `ticket` theirs: Repeat with
-    /// nfmark |= `mark` when it is `Some`, drop when `None`.
-    pub release: Option<HoldRelease>,
-}
-
-/// Release of held packets (see [`Action::release`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HoldRelease {
-    /// The ticket they were held under.
-    pub ticket: u64,
-    /// Accept with this mark (`Some`), or drop (`None`).
-    pub mark: Option<u32>,
 }
 
 /// Where a queued packet was queued from, seen from the workload.
@@ -274,19 +222,17 @@ pub enum Direction {
 }
 
 impl WorkloadQueue {
-    /// Wait for packets and hand each to `handle(direction, packet, checksum_ready, can_hold)`;
-    /// returns after one batch so the caller can interleave other work. Errors other than the
-    /// counted socket overflows end the queue.
+    /// Wait for packets and hand each to `handle(direction, packet, checksum_ready)`; returns
+    /// after one batch so the caller can interleave other work. Errors other than the counted
+    /// socket overflows end the queue.
     pub async fn serve_batch<F>(&mut self, mut handle: F) -> Result<usize, ShellError>
     where
-        F: FnMut(Direction, &mut Vec<u8>, bool, bool) -> Action,
+        F: FnMut(Direction, &mut Vec<u8>, bool) -> Action,
     {
         let WorkloadQueue {
             ready,
             queue,
             recv_errors,
-            held,
-            outcomes,
             ..
         } = self;
         ready.readable().await.map_err(ShellError::Queue)?;
@@ -316,8 +262,7 @@ impl WorkloadQueue {
             let action = match direction {
                 Some(direction) => {
                     let mut packet = msg.get_payload().to_vec();
-                    let can_hold = held.len() < MAX_HELD;
-                    let action = handle(direction, &mut packet, msg.is_checksum_ready(), can_hold);
+                    let action = handle(direction, &mut packet, msg.is_checksum_ready());
                     if action.modified {
                         msg.set_payload(packet);
                     }
@@ -329,71 +274,26 @@ impl WorkloadQueue {
                     modified: false,
                     mark: 0,
                     requeue: false,
-                    hold: None,
-                    release: None,
                 },
             };
-            if action.accept
-                && let Some(ticket) = action.hold
-                && held.len() < MAX_HELD
-            {
-                held.push_back(Held {
-                    ticket,
-                    since: Instant::now(),
-                    msg,
-                });
-                continue;
-            }
             let verdict = if !action.accept {
                 nfq::Verdict::Drop
             } else if action.mark != 0 {
                 msg.set_nfmark(msg.get_nfmark() | action.mark);
                 nfq::Verdict::Repeat
-            } else if action.requeue || action.hold.is_some() {
+            } else if action.requeue {
                 nfq::Verdict::Repeat
             } else {
                 nfq::Verdict::Accept
             };
             msg.set_verdict(verdict);
-            send_verdict(queue, msg, recv_errors)?;
-            if let Some(release) = action.release {
-                release_held(queue, held, release, outcomes, recv_errors)?;
+            match queue.verdict(msg) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => *recv_errors += 1,
+                Err(e) => return Err(ShellError::Queue(e)),
             }
         }
         Ok(handled)
-    }
-
-    /// Packets held now.
-    pub fn held_count(&self) -> usize {
-        self.held.len()
-    }
-
-    /// When the oldest held packet expires (`None`: nothing held).
-    pub fn next_hold_deadline(&self) -> Option<Instant> {
-        self.held.front().map(|h| h.since + HOLD_TIMEOUT)
-    }
-
-    /// Drop the held packets held for [`HOLD_TIMEOUT`] or longer at `now` (no ACK token came
-    /// for them; the client retransmits). Returns how many.
-    pub fn expire_held(&mut self, now: Instant) -> Result<usize, ShellError> {
-        let mut n = 0;
-        while let Some(front) = self.held.front()
-            && now.saturating_duration_since(front.since) >= HOLD_TIMEOUT
-        {
-            let Some(mut h) = self.held.pop_front() else {
-                break;
-            };
-            h.msg.set_verdict(nfq::Verdict::Drop);
-            n += 1;
-            self.outcomes.expired += 1;
-            send_verdict(&mut self.queue, h.msg, &mut self.recv_errors)?;
-        }
-        Ok(n)
-    }
-
-    /// What became of held packets since the last call.
-    pub fn take_hold_outcomes(&mut self) -> HoldOutcomes {
-        std::mem::take(&mut self.outcomes)
     }
 
     /// The kernel's counters for this queue: (queue_dropped, user_dropped).
@@ -406,64 +306,9 @@ impl WorkloadQueue {
     }
 
     /// Unbind the queue (the kernel drops, or with `--queue-bypass` accepts, what it held).
-    /// Packets held in user space waiting for an ACK token are dropped first (fail-closed,
-    /// whatever `fail_open` says: their flows were never authorized; the clients retransmit).
     pub fn unbind(&mut self) -> Result<(), ShellError> {
-        while let Some(mut h) = self.held.pop_front() {
-            h.msg.set_verdict(nfq::Verdict::Drop);
-            self.outcomes.dropped += 1;
-            send_verdict(&mut self.queue, h.msg, &mut self.recv_errors)?;
-        }
         self.queue.unbind(self.queue_num).map_err(ShellError::Queue)
     }
-}
-
-fn send_verdict(
-    queue: &mut nfq::Queue,
-    msg: nfq::Message,
-    recv_errors: &mut u64,
-) -> Result<(), ShellError> {
-    match queue.verdict(msg) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
-            *recv_errors += 1;
-            Ok(())
-        }
-        Err(e) => Err(ShellError::Queue(e)),
-    }
-}
-
-/// Give the packets held under `release.ticket` their verdict, oldest first.
-fn release_held(
-    queue: &mut nfq::Queue,
-    held: &mut VecDeque<Held>,
-    release: HoldRelease,
-    outcomes: &mut HoldOutcomes,
-    recv_errors: &mut u64,
-) -> Result<(), ShellError> {
-    let mut i = 0;
-    while i < held.len() {
-        if held.get(i).is_none_or(|h| h.ticket != release.ticket) {
-            i += 1;
-            continue;
-        }
-        let Some(mut h) = held.remove(i) else {
-            break;
-        };
-        match release.mark {
-            Some(mark) => {
-                h.msg.set_nfmark(h.msg.get_nfmark() | mark);
-                h.msg.set_verdict(nfq::Verdict::Repeat);
-                outcomes.released += 1;
-            }
-            None => {
-                h.msg.set_verdict(nfq::Verdict::Drop);
-                outcomes.dropped += 1;
-            }
-        }
-        send_verdict(queue, h.msg, recv_errors)?;
-    }
-    Ok(())
 }
 
 /// `queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1`

@@ -1026,7 +1026,6 @@ async fn start_workload(
 
 enum Served {
     Batch(Result<usize, shell::ShellError>),
-    Expire,
     Tick,
     Stop,
 }
@@ -1046,37 +1045,16 @@ async fn serve(
         if *stop.borrow() {
             return Some(queue);
         }
-        let hold_deadline = queue.next_hold_deadline();
         let event = tokio::select! {
-            r = queue.serve_batch(|direction, packet, checksum_ready, can_hold| {
+            r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
-                let queued = datapath::Queued { checksum_ready, can_hold };
-                shell::decide(&mut p, mode, id, direction, packet, queued, &mut rng)
+                shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng)
             }) => Served::Batch(r),
-            // Held packets expire: wake at the oldest one's deadline, only while any is held.
-            _ = hold_expiry(hold_deadline) => Served::Expire,
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
-        let expired = match event {
-            Served::Expire => queue.expire_held(std::time::Instant::now()),
-            _ => Ok(0),
-        };
-        let outcomes = queue.take_hold_outcomes();
-        if !outcomes.is_empty() {
-            lock(&processor).metrics_mut().count_held_outcomes(
-                outcomes.released,
-                outcomes.dropped,
-                outcomes.expired,
-            );
-        }
-        if let Err(e) = expired {
-            tracing::error!(workload = %name, "queue reader stopped: {e}");
-            stats.serving.store(false, Ordering::Relaxed);
-            return Some(queue);
-        }
         match event {
-            Served::Batch(Ok(_)) | Served::Expire => {}
+            Served::Batch(Ok(_)) => {}
             Served::Batch(Err(e)) => {
                 // Fail-closed: the rules stay and the kernel drops what it cannot queue.
                 tracing::error!(workload = %name, "queue reader stopped: {e}");
@@ -1094,14 +1072,6 @@ async fn serve(
             }
             Served::Stop => return Some(queue),
         }
-    }
-}
-
-/// Until `deadline` (a held packet's expiry), or forever when nothing is held.
-async fn hold_expiry(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }
 
