@@ -9,13 +9,9 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use datapath::{Hook, PacketKind, Processor, ProcessorConfig, Reason, Verdict, WorkloadId};
+use datapath::{Hook, PacketKind, ProcessorConfig, Reason, Verdict, WorkloadId};
 use identity::testing::SeededRng;
 use identity::{Config, HandshakeError, Node, Psk};
-
-const ID: WorkloadId = WorkloadId(1);
-const ISN_C: u32 = 0x1111_0000;
-const ISN_S: u32 = 0x2222_0000;
 
 const DB_PGSQL: Pod = Pod {
     ports: &[("pgsql", 5432)],
@@ -29,12 +25,6 @@ const DB6: Pod = Pod {
     ip: std::net::IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2)),
     ..DB
 };
-
-const NS: &str = "
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {team: payments}}
-";
 
 /// db accepts web on 5432; web may reach db on 5432.
 const ALLOW: &str = "
@@ -115,117 +105,6 @@ spec:
 ";
 
 /// Two nodes, one workload each (id 1 on both).
-struct World {
-    a: Processor,
-    b: Processor,
-    rng: SeededRng,
-    now: u64,
-    c: SocketAddr,
-    s: SocketAddr,
-}
-
-impl World {
-    fn with(
-        mode: Mode,
-        policies: &str,
-        client: &Pod,
-        server: &Pod,
-        config: ProcessorConfig,
-    ) -> Self {
-        let (na, nb) = nodes(mode, "world");
-        let yaml = format!("{NS}\n---\n{policies}");
-        World {
-            a: processor(na, &yaml, &[client], config),
-            b: processor(nb, &yaml, &[server], config),
-            rng: SeededRng::new(b"nonces"),
-            now: NOW,
-            c: SocketAddr::new(client.ip, 40000),
-            s: SocketAddr::new(server.ip, 5432),
-        }
-    }
-    fn new(mode: Mode, policies: &str) -> Self {
-        World::with(mode, policies, &WEB, &DB, ProcessorConfig::default())
-    }
-
-    /// Client workload sends (OUTPUT on node-a).
-    fn out_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.a, ID, Hook::Output, p, self.now, &mut self.rng)
-    }
-    /// Arrives at the server workload (INPUT on node-b).
-    fn in_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.b, ID, Hook::Input, p, self.now, &mut self.rng)
-    }
-    /// Server workload sends (OUTPUT on node-b).
-    fn out_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.b, ID, Hook::Output, p, self.now, &mut self.rng)
-    }
-    /// Arrives at the client workload (INPUT on node-a).
-    fn in_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.a, ID, Hook::Input, p, self.now, &mut self.rng)
-    }
-
-    fn port(&mut self, port: u16) {
-        self.c.set_port(port);
-    }
-
-    // What the kernels would emit, Linux-style.
-    fn syn(&self) -> Vec<u8> {
-        tcp_packet(
-            self.c,
-            self.s,
-            ISN_C,
-            0,
-            SYN,
-            &linux_syn_options(100, 0),
-            &[],
-        )
-    }
-    fn syn_ack(&self) -> Vec<u8> {
-        tcp_packet(
-            self.s,
-            self.c,
-            ISN_S,
-            ISN_C + 1,
-            SYN_ACK,
-            &linux_syn_options(200, 100),
-            &[],
-        )
-    }
-    fn ack(&self) -> Vec<u8> {
-        tcp_packet(
-            self.c,
-            self.s,
-            ISN_C + 1,
-            ISN_S + 1,
-            ACK,
-            &linux_ack_options(101, 200),
-            &[],
-        )
-    }
-    fn data_c(&self) -> Vec<u8> {
-        tcp_packet(
-            self.c,
-            self.s,
-            ISN_C + 1,
-            ISN_S + 1,
-            PSH_ACK,
-            &linux_ack_options(102, 200),
-            b"SELECT 1",
-        )
-    }
-    fn data_s(&self) -> Vec<u8> {
-        tcp_packet(
-            self.s,
-            self.c,
-            ISN_S + 1,
-            ISN_C + 9,
-            PSH_ACK,
-            &linux_ack_options(201, 102),
-            b"1 row",
-        )
-    }
-}
-
 fn accepted(v: &Verdict, modified: bool, mark: bool) {
     assert!(v.accept, "expected accept, got {v:?}");
     assert_eq!(v.modified, modified, "modified: {v:?}");

@@ -10,19 +10,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use common::*;
-use datapath::{CutReason, Hook, Processor, ProcessorConfig, Verdict, WorkloadId};
-use identity::testing::SeededRng;
+use datapath::{CutReason, Processor, ProcessorConfig, Verdict};
 use policy::Direction;
-
-const ID: WorkloadId = WorkloadId(1);
-const ISN_C: u32 = 0x1111_0000;
-const ISN_S: u32 = 0x2222_0000;
-
-const NS: &str = "
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {team: payments}}
-";
 
 /// db accepts web on 5432; web may reach db on its port named postgres.
 const ALLOW: &str = "
@@ -111,108 +100,11 @@ spec:
   - from: [{ipBlock: {cidr: 10.0.9.0/24}}]
 ";
 
-struct World {
-    a: Processor,
-    b: Processor,
-    rng: SeededRng,
-    now: u64,
-    c: SocketAddr,
-    s: SocketAddr,
-}
-
 fn policy(p: &mut Processor, yaml: &str) {
     let parsed = policy::objects::parse("change.yaml", yaml);
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
     let report = policy::objects::load(p.engine_mut(), &parsed.objects);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-}
-
-impl World {
-    fn with(policies: &str, config: ProcessorConfig) -> Self {
-        let (na, nb) = nodes(Mode::Psk, "revoke");
-        let yaml = format!("{NS}\n---\n{policies}");
-        World {
-            a: processor(na, &yaml, &[&WEB], config),
-            b: processor(nb, &yaml, &[&DB], config),
-            rng: SeededRng::new(b"nonces"),
-            now: NOW,
-            c: SocketAddr::new(WEB.ip, 40000),
-            s: SocketAddr::new(DB.ip, 5432),
-        }
-    }
-    fn new(policies: &str) -> Self {
-        World::with(policies, ProcessorConfig::default())
-    }
-    fn out_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.a, ID, Hook::Output, p, self.now, &mut self.rng)
-    }
-    fn in_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.a, ID, Hook::Input, p, self.now, &mut self.rng)
-    }
-    fn out_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.b, ID, Hook::Output, p, self.now, &mut self.rng)
-    }
-    fn in_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.b, ID, Hook::Input, p, self.now, &mut self.rng)
-    }
-
-    /// SYN, SYN-ACK, ACK through both processors; both flows end authorized.
-    fn connect(&mut self) {
-        let syn = tcp_packet(self.c, self.s, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[]);
-        let (v, syn) = self.out_a(&syn);
-        assert!(v.accept, "{v:?}");
-        let (v, _) = self.in_b(&syn);
-        assert!(v.accept, "{v:?}");
-        let sa = tcp_packet(
-            self.s,
-            self.c,
-            ISN_S,
-            ISN_C + 1,
-            SYN_ACK,
-            &linux_syn_options(2, 1),
-            &[],
-        );
-        let (v, sa) = self.out_b(&sa);
-        assert!(v.accept, "{v:?}");
-        let (v, _) = self.in_a(&sa);
-        assert!(v.accept, "{v:?}");
-        let ack = tcp_packet(
-            self.c,
-            self.s,
-            ISN_C + 1,
-            ISN_S + 1,
-            ACK,
-            &linux_ack_options(3, 2),
-            &[],
-        );
-        let (v, ack) = self.out_a(&ack);
-        assert!(v.accept && v.mark_authorized, "{v:?}");
-        let (v, _) = self.in_b(&ack);
-        assert!(v.accept && v.mark_authorized, "{v:?}");
-    }
-
-    fn data_c(&self) -> Vec<u8> {
-        tcp_packet(
-            self.c,
-            self.s,
-            ISN_C + 1,
-            ISN_S + 1,
-            PSH_ACK,
-            &linux_ack_options(4, 2),
-            b"SELECT 1",
-        )
-    }
-    fn data_s(&self) -> Vec<u8> {
-        tcp_packet(
-            self.s,
-            self.c,
-            ISN_S + 1,
-            ISN_C + 9,
-            PSH_ACK,
-            &linux_ack_options(5, 4),
-            b"1 row",
-        )
-    }
 }
 
 /// The verdict turned the packet into a bare RST at the packet's own sequence number.
@@ -245,7 +137,7 @@ fn seq_of(p: &[u8]) -> u32 {
 
 #[test]
 fn ingress_change_cuts_the_server_side_and_its_packets_become_resets() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     assert_eq!(w.b.established_count(), 1);
     assert_eq!(w.a.established_count(), 1);
@@ -303,7 +195,7 @@ fn ingress_change_cuts_the_server_side_and_its_packets_become_resets() {
 
 #[test]
 fn egress_change_cuts_the_client_side() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     policy(&mut w.a, WEB_ONLY_CACHE);
     let cuts = w.a.recheck(w.now);
@@ -324,7 +216,7 @@ fn egress_change_cuts_the_client_side() {
 
 #[test]
 fn a_change_that_still_allows_the_flow_cuts_nothing() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     policy(&mut w.b, DB_WEB_AND_API);
     assert!(w.b.recheck(w.now).is_empty());
@@ -337,7 +229,7 @@ fn a_change_that_still_allows_the_flow_cuts_nothing() {
 
 #[test]
 fn a_peer_relabelled_in_the_engine_is_judged_by_its_current_labels() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     // The server's node learns the client pod (same node, or a cluster-wide view): still
     // app=web, nothing to cut.
@@ -355,7 +247,7 @@ fn a_peer_relabelled_in_the_engine_is_judged_by_its_current_labels() {
 
 #[test]
 fn the_local_workload_relabelled_is_rechecked_with_its_new_labels() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     // db gains a label; a deny-all policy then selects it through that label.
     let mut db = DB.workload();
@@ -386,7 +278,7 @@ spec:
 
 #[test]
 fn ip_only_flows_are_rechecked_on_their_ip() {
-    let mut w = World::new(IPBLOCK);
+    let mut w = World::new(Mode::Psk, IPBLOCK);
     // The client has no agent: the server sees a token-less SYN.
     let syn = tcp_packet(w.c, w.s, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[]);
     let (v, _) = w.in_b(&syn);
@@ -411,7 +303,7 @@ fn ip_only_flows_are_rechecked_on_their_ip() {
 
 #[test]
 fn a_new_connection_on_a_cut_tuple_starts_afresh() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
     policy(&mut w.b, DB_ONLY_API);
     assert_eq!(w.b.recheck(w.now).len(), 1);
@@ -430,7 +322,7 @@ fn cut_flows_are_reset_only_for_a_bounded_time() {
         cut_remember_ms: 60_000,
         ..ProcessorConfig::default()
     };
-    let mut w = World::with(ALLOW, config);
+    let mut w = World::with(Mode::Psk, ALLOW, &WEB, &DB, config);
     w.connect();
     policy(&mut w.b, DB_ONLY_API);
     assert_eq!(w.b.recheck(w.now).len(), 1);
@@ -449,7 +341,7 @@ fn remembered_flows_are_bounded_oldest_first() {
         max_established: 2,
         ..ProcessorConfig::default()
     };
-    let mut w = World::with(ALLOW, config);
+    let mut w = World::with(Mode::Psk, ALLOW, &WEB, &DB, config);
     for port in [40000, 40001, 40002] {
         w.c.set_port(port);
         w.connect();
@@ -474,7 +366,7 @@ fn remembered_flows_are_bounded_oldest_first() {
 
 #[test]
 fn flows_gone_from_conntrack_are_pruned() {
-    let mut w = World::new(ALLOW);
+    let mut w = World::new(Mode::Psk, ALLOW);
     for port in [40000, 40001] {
         w.c.set_port(port);
         w.connect();

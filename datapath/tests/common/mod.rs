@@ -366,3 +366,144 @@ pub fn run(
     }
     (v, p)
 }
+
+/// The workload id both test processors give their one workload.
+pub const ID: WorkloadId = WorkloadId(1);
+/// The client's and the server's initial sequence numbers.
+pub const ISN_C: u32 = 0x1111_0000;
+pub const ISN_S: u32 = 0x2222_0000;
+
+/// The namespace of WEB and DB.
+pub const NS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: payments}}
+";
+
+/// Two nodes in memory: a client workload on node-a, a server workload on node-b.
+pub struct World {
+    pub a: Processor,
+    pub b: Processor,
+    pub rng: SeededRng,
+    pub now: u64,
+    pub c: SocketAddr,
+    pub s: SocketAddr,
+}
+
+impl World {
+    pub fn with(
+        mode: Mode,
+        policies: &str,
+        client: &Pod,
+        server: &Pod,
+        config: ProcessorConfig,
+    ) -> Self {
+        let (na, nb) = nodes(mode, "world");
+        let yaml = format!("{NS}\n---\n{policies}");
+        World {
+            a: processor(na, &yaml, &[client], config),
+            b: processor(nb, &yaml, &[server], config),
+            rng: SeededRng::new(b"nonces"),
+            now: NOW,
+            c: SocketAddr::new(client.ip, 40000),
+            s: SocketAddr::new(server.ip, 5432),
+        }
+    }
+    pub fn new(mode: Mode, policies: &str) -> Self {
+        World::with(mode, policies, &WEB, &DB, ProcessorConfig::default())
+    }
+
+    /// Client workload sends (OUTPUT on node-a).
+    pub fn out_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.a, ID, Hook::Output, p, self.now, &mut self.rng)
+    }
+    /// Arrives at the server workload (INPUT on node-b).
+    pub fn in_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.b, ID, Hook::Input, p, self.now, &mut self.rng)
+    }
+    /// Server workload sends (OUTPUT on node-b).
+    pub fn out_b(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.b, ID, Hook::Output, p, self.now, &mut self.rng)
+    }
+    /// Arrives at the client workload (INPUT on node-a).
+    pub fn in_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.a, ID, Hook::Input, p, self.now, &mut self.rng)
+    }
+
+    pub fn port(&mut self, port: u16) {
+        self.c.set_port(port);
+    }
+
+    // What the kernels would emit, Linux-style.
+    pub fn syn(&self) -> Vec<u8> {
+        tcp_packet(
+            self.c,
+            self.s,
+            ISN_C,
+            0,
+            SYN,
+            &linux_syn_options(100, 0),
+            &[],
+        )
+    }
+    pub fn syn_ack(&self) -> Vec<u8> {
+        tcp_packet(
+            self.s,
+            self.c,
+            ISN_S,
+            ISN_C + 1,
+            SYN_ACK,
+            &linux_syn_options(200, 100),
+            &[],
+        )
+    }
+    pub fn ack(&self) -> Vec<u8> {
+        tcp_packet(
+            self.c,
+            self.s,
+            ISN_C + 1,
+            ISN_S + 1,
+            ACK,
+            &linux_ack_options(101, 200),
+            &[],
+        )
+    }
+    pub fn data_c(&self) -> Vec<u8> {
+        tcp_packet(
+            self.c,
+            self.s,
+            ISN_C + 1,
+            ISN_S + 1,
+            PSH_ACK,
+            &linux_ack_options(102, 200),
+            b"SELECT 1",
+        )
+    }
+    pub fn data_s(&self) -> Vec<u8> {
+        tcp_packet(
+            self.s,
+            self.c,
+            ISN_S + 1,
+            ISN_C + 9,
+            PSH_ACK,
+            &linux_ack_options(201, 102),
+            b"1 row",
+        )
+    }
+
+    /// SYN, SYN-ACK, ACK through both processors; both flows end authorized.
+    pub fn connect(&mut self) {
+        let (v, syn) = self.out_a(&self.syn());
+        assert!(v.accept, "{v:?}");
+        let (v, _) = self.in_b(&syn);
+        assert!(v.accept, "{v:?}");
+        let (v, sa) = self.out_b(&self.syn_ack());
+        assert!(v.accept, "{v:?}");
+        let (v, _) = self.in_a(&sa);
+        assert!(v.accept, "{v:?}");
+        let (v, ack) = self.out_a(&self.ack());
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+        let (v, _) = self.in_b(&ack);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+    }
+}
