@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
-use super::{ENFORCE_BUCKETS_S, Shared, lock, lock_any};
+use super::{ENFORCE_BUCKETS_S, Shared, lock};
 
 /// Serve until the listener fails; errors are logged.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
@@ -48,7 +48,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "starting\n".to_owned(),
         );
     }
-    let failing = lock_any(&shared.failing);
+    let failing = lock(&shared.failing);
     if failing.is_empty() {
         return (axum::http::StatusCode::OK, "ok\n".to_owned());
     }
@@ -118,7 +118,7 @@ pub struct Counters {
 }
 
 pub fn status_of(shared: &Shared) -> Status {
-    let workloads = lock_any(&shared.workloads)
+    let workloads = lock(&shared.workloads)
         .iter()
         .map(|(name, w)| WorkloadInfo {
             name: name.clone(),
@@ -147,7 +147,7 @@ pub fn status_of(shared: &Shared) -> Status {
         runtime: shared.runtime.into(),
         policies: shared.policies.load(Ordering::Relaxed),
         workloads,
-        not_enforced: lock_any(&shared.failing).clone(),
+        not_enforced: lock(&shared.failing).clone(),
         peers: p
             .node()
             .peer_nodes()
@@ -186,7 +186,7 @@ pub fn render(shared: &Shared) -> String {
 }
 
 fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
-    let workloads = lock_any(&shared.workloads);
+    let workloads = lock(&shared.workloads);
     writeln!(
         out,
         "# HELP tessera_workloads_enforced Workloads whose rules and queue are in place."
@@ -252,7 +252,7 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
         .sum();
     writeln!(out, "tessera_queue_recv_errors_total {errors}")?;
     drop(workloads);
-    let h = lock_any(&shared.enforce_latency);
+    let h = lock(&shared.enforce_latency);
     writeln!(
         out,
         "# HELP tessera_workload_enforce_seconds Time from a workload's start (as its runtime reported it) to its rules and queue in place."

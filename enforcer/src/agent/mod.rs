@@ -133,13 +133,10 @@ pub struct Shared {
     pub ready: AtomicBool,
 }
 
-pub(crate) fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
-    // A panic while holding the lock cannot leave the processor half-updated in a way that
-    // matters more than stopping enforcement would; keep serving.
-    p.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock_any<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock the processor or one of the shared tables. A panic while holding a lock cannot leave
+/// the state half-updated in a way that matters more than stopping enforcement would; keep
+/// serving.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -191,10 +188,7 @@ struct Agent {
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
 /// nsenter) reaches the same namespace.
 fn open_netns(r: &NetnsRef) -> Result<(File, (u64, u64), Netns)> {
-    let path = match r {
-        NetnsRef::Path(p) => p.clone(),
-        NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-    };
+    let path = r.path();
     let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let meta = file
         .metadata()
@@ -204,19 +198,12 @@ fn open_netns(r: &NetnsRef) -> Result<(File, (u64, u64), Netns)> {
 }
 
 fn netns_ino(r: &NetnsRef) -> Option<(u64, u64)> {
-    let path = match r {
-        NetnsRef::Path(p) => p.clone(),
-        NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-    };
-    let meta = std::fs::metadata(path).ok()?;
+    let meta = std::fs::metadata(r.path()).ok()?;
     Some((meta.dev(), meta.ino()))
 }
 
 fn netns_display(r: &NetnsRef) -> String {
-    match r {
-        NetnsRef::Path(p) => p.display().to_string(),
-        NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net"),
-    }
+    r.path().display().to_string()
 }
 
 impl Agent {
@@ -318,7 +305,7 @@ impl Agent {
             .fetch_add(1, Ordering::Relaxed);
         if !self.workloads.contains_key(&d.key) {
             // Not enforced at all (an enforced one keeps its previous identity): /readyz says so.
-            lock_any(&self.shared.failing).insert(pod_name(&d.key), format!("{e:#}"));
+            lock(&self.shared.failing).insert(pod_name(&d.key), format!("{e:#}"));
         }
         tracing::error!(workload = %pod_name(&d.key), origin = %d.origin, "workload not enforced: {e:#}");
     }
@@ -369,7 +356,7 @@ impl Agent {
             self.remove(&key);
         }
         let wanted_names: HashSet<String> = wanted.iter().map(pod_name).collect();
-        lock_any(&self.shared.failing).retain(|name, _| wanted_names.contains(name));
+        lock(&self.shared.failing).retain(|name, _| wanted_names.contains(name));
         for d in list {
             self.upsert(d);
         }
@@ -460,7 +447,7 @@ impl Agent {
                         Ok(()) => {
                             tracing::info!(workload = %pod_name(&d.key), "workload updated");
                             if let Some(st) =
-                                lock_any(&self.shared.workloads).get_mut(&pod_name(&d.key))
+                                lock(&self.shared.workloads).get_mut(&pod_name(&d.key))
                             {
                                 st.labels = d.labels.clone();
                             }
@@ -512,7 +499,7 @@ impl Agent {
             .started_at
             .and_then(|t| SystemTime::now().duration_since(t).ok());
         if let Some(l) = latency {
-            lock_any(&self.shared.enforce_latency).record(l.as_secs_f64());
+            lock(&self.shared.enforce_latency).record(l.as_secs_f64());
         }
         tracing::info!(
             workload = %name,
@@ -525,8 +512,8 @@ impl Agent {
         );
         let stats = Arc::new(QueueStats::default());
         stats.serving.store(true, Ordering::Relaxed);
-        lock_any(&self.shared.failing).remove(&name);
-        lock_any(&self.shared.workloads).insert(
+        lock(&self.shared.failing).remove(&name);
+        lock(&self.shared.workloads).insert(
             name.clone(),
             WorkloadStatus {
                 origin: d.origin.clone(),
@@ -564,7 +551,7 @@ impl Agent {
     /// rules removed in the background (the namespace is held open until then).
     fn forget(&mut self, e: Enforced) {
         let name = pod_name(&e.desired.key);
-        lock_any(&self.shared.workloads).remove(&name);
+        lock(&self.shared.workloads).remove(&name);
         {
             let mut p = lock(&self.processor);
             p.remove_workload(e.id);
@@ -592,7 +579,7 @@ impl Agent {
             self.queued.insert(key.clone(), None);
             return;
         }
-        lock_any(&self.shared.failing).remove(&pod_name(key));
+        lock(&self.shared.failing).remove(&pod_name(key));
         self.queued.remove(key);
         if let Some(e) = self.workloads.remove(key) {
             self.forget(e);
@@ -691,7 +678,7 @@ impl Agent {
 
     fn housekeeping(&self) {
         let (mut qd, mut ud) = (0, 0);
-        for s in lock_any(&self.shared.workloads).values() {
+        for s in lock(&self.shared.workloads).values() {
             qd += s.stats.queue_dropped.load(Ordering::Relaxed);
             ud += s.stats.user_dropped.load(Ordering::Relaxed);
         }

@@ -34,6 +34,16 @@ pub enum NetnsRef {
     Pid(u32),
 }
 
+impl NetnsRef {
+    /// The path to open: the bind mount, or `/proc/PID/ns/net`.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => datapath::shell::Netns::from_pid(*pid).path().to_owned(),
+        }
+    }
+}
+
 /// One workload as a runtime wants it enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
