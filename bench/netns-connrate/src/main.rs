@@ -1,11 +1,11 @@
 //! `netns-connrate`: connection rate, connect latency, per-packet decision time and
 //! established-flow throughput on the real kernel, in one run, for
-//! (a) no rules, (b) the same rules with `tessera run --accept-all`, (c) full enforcement with
+//! (a) no rules, (a-ct) no agent but conntrack on in the workload netns, (b) the same rules with `tessera run --accept-all`, (c) full enforcement with
 //! the three-tier policies, in PSK and in PKI mode. Run it as root: `sudo ./bench/run.sh`.
 //!
 //! Topology (per case, fresh): node netns n1 and n2 linked by veth; a client workload behind
-//! n1, an echo server and a sink workload behind n2. One client thread does connect + 1-byte
-//! echo + close for `--duration` seconds (client netns: tcp_tw_reuse=1, a wide local port
+//! n1, an echo server and a sink workload behind n2. `--clients` threads (1) each do connect +
+//! 1-byte echo + close for `--duration` seconds (client netns: tcp_tw_reuse=1, a wide local port
 //! range, set inside that netns only). Throughput: `--transfers` connections to the sink, each
 //! carrying `--bytes`; the median and the spread (min..max) of their Gbit/s are reported, with
 //! the packets the agents saw during those transfers (an established flow that keeps coming to
@@ -41,8 +41,11 @@ struct Args {
     /// Throughput connections per case (median and spread reported).
     #[arg(long, default_value_t = 15)]
     transfers: usize,
-    /// Cases to run, in order (a, b, c-psk, c-pki).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c-psk,c-pki")]
+    /// Concurrent client threads in the connection loop (the server gets as many workers).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Cases to run, in order (a, a-ct, b, c-psk, c-pki).
+    #[arg(long, value_delimiter = ',', default_value = "a,a-ct,b,c-psk,c-pki")]
     cases: Vec<String>,
 }
 
@@ -79,11 +82,11 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for case in &args.cases {
         let agents = match case.as_str() {
-            "a" => None,
+            "a" | "a-ct" => None,
             "b" => Some((Mode::Psk, true)),
             "c-psk" => Some((Mode::Psk, false)),
             "c-pki" => Some((Mode::Pki, false)),
-            other => bail!("unknown case {other:?} (a, b, c-psk, c-pki)"),
+            other => bail!("unknown case {other:?} (a, a-ct, b, c-psk, c-pki)"),
         };
         eprintln!("== case {case}");
         rows.push(run_case(case, agents, &args, &policies)?);
@@ -106,7 +109,11 @@ fn nix_root() -> bool {
 fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Path) -> Result<Row> {
     let mut b = Testbed::builder()
         .policies(policies)
-        .serve(Serve::Inline)
+        .serve(if args.clients > 1 {
+            Serve::Pool(args.clients)
+        } else {
+            Serve::Inline
+        })
         .workload(WorkloadSpec::new("client", 1, "WebFrontend"))
         .workload(WorkloadSpec::new("server", 2, "BusinessBackend").port(Some("api"), 8080))
         .workload(WorkloadSpec::new("sink", 2, "BusinessBackend").sink_port(Some("api"), 8080));
@@ -117,6 +124,30 @@ fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Pa
     }
     let tb = b.build();
     let client = tb.workload("client").ns.clone();
+    if case == "a-ct" {
+        // No agent; one rule that never matches an accepted packet but makes each workload netns
+        // track connections, as (b) and (c) do: what conntrack alone costs.
+        for w in ["client", "server", "sink"] {
+            for chain in ["INPUT", "OUTPUT"] {
+                run_in(
+                    &tb.workload(w).ns,
+                    &[
+                        "iptables",
+                        "-t",
+                        "mangle",
+                        "-A",
+                        chain,
+                        "-m",
+                        "conntrack",
+                        "--ctstate",
+                        "INVALID",
+                        "-j",
+                        "RETURN",
+                    ],
+                );
+            }
+        }
+    }
     run_in(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     run_in(
         &client,
@@ -126,14 +157,14 @@ fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Pa
     let sink = tb.workload("sink").addr(8080);
 
     // Warm-up (and a check that the path works at all).
-    let warm = conn_loop(&client, server, Duration::from_millis(300))?;
+    let warm = conn_loops(&client, server, Duration::from_millis(300), args.clients)?;
     if warm.is_empty() {
         bail!("case {case}: no connection completed during warm-up");
     }
     let hist_before = decision_hist(&tb, agents.is_some());
     let mean_before = decision_sum_count(&tb, agents.is_some());
     let duration = Duration::from_secs_f64(args.duration);
-    let mut lat = conn_loop(&client, server, duration)?;
+    let mut lat = conn_loops(&client, server, duration, args.clients)?;
     let hist_after = decision_hist(&tb, agents.is_some());
     let mean_after = decision_sum_count(&tb, agents.is_some());
     let decision_mean = match (mean_before, mean_after) {
@@ -179,6 +210,24 @@ fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Pa
         gbits_max: rates.last().copied().unwrap_or(0.0),
         queued_per_transfer,
     })
+}
+
+/// [`conn_loop`] on `clients` threads at once; every connect latency of all of them.
+fn conn_loops(ns: &str, addr: SocketAddr, d: Duration, clients: usize) -> Result<Vec<Duration>> {
+    let threads: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let ns = ns.to_owned();
+            std::thread::spawn(move || conn_loop(&ns, addr, d))
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(lat) => all.extend(lat?),
+            Err(_) => bail!("a client thread panicked"),
+        }
+    }
+    Ok(all)
 }
 
 /// connect + 1-byte echo + close in a loop for `d`; returns each connect latency.

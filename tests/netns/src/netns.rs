@@ -72,6 +72,9 @@ pub enum Serve {
     /// On the accept thread, one connection after the other: echoes until EOF (benchmark loop,
     /// one client: no thread creation per connection).
     Inline,
+    /// `n` accept threads on one listener, each serving like [`Serve::Inline`] (benchmark loop
+    /// with `n` concurrent clients).
+    Pool(usize),
     /// On the accept thread: reads and discards until EOF, then writes one byte (throughput).
     Sink,
 }
@@ -94,9 +97,15 @@ impl EchoServer {
         });
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let l = listener.try_clone().expect("clone listener");
-        let (a, st) = (accepted.clone(), stop.clone());
-        std::thread::spawn(move || accept_loop(l, a, st, serve));
+        let threads = match serve {
+            Serve::Pool(n) => n.max(1),
+            _ => 1,
+        };
+        for _ in 0..threads {
+            let l = listener.try_clone().expect("clone listener");
+            let (a, st) = (accepted.clone(), stop.clone());
+            std::thread::spawn(move || accept_loop(l, a, st, serve));
+        }
         EchoServer {
             accepted,
             stop,
@@ -143,7 +152,7 @@ fn accept_loop(l: TcpListener, accepted: Arc<AtomicUsize>, stop: Arc<AtomicBool>
             Serve::Threaded => {
                 std::thread::spawn(move || echo(s));
             }
-            Serve::Inline => echo(s),
+            Serve::Inline | Serve::Pool(_) => echo(s),
             Serve::Sink => sink(s),
         }
     }
