@@ -79,8 +79,8 @@ pub enum Serve {
     Sink,
 }
 
-/// A TCP echo server listening on `0.0.0.0:port` inside a netns; counts accepted connections
-/// (`accept()` returned in the application). Stopped on drop.
+/// A TCP echo server listening on `0.0.0.0:port` (or `[::]:port`, dual-stack) inside a netns;
+/// counts accepted connections (`accept()` returned in the application). Stopped on drop.
 pub struct EchoServer {
     accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -89,12 +89,25 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Starts listening inside `ns` (the listener exists when this returns).
+    /// Starts listening on `0.0.0.0:port` inside `ns` (the listener exists when this returns).
     pub fn start(ns: &str, port: u16, serve: Serve) -> EchoServer {
         let listener = in_netns(ns, move || {
             TcpListener::bind(("0.0.0.0", port))
                 .unwrap_or_else(|e| panic!("bind 0.0.0.0:{port} in netns: {e}"))
         });
+        Self::serve_on(listener, port, serve)
+    }
+
+    /// Starts listening on `[::]:port` with `IPV6_V6ONLY` off inside `ns`: one listener for
+    /// IPv6 and IPv4 (seen as v4-mapped) clients.
+    pub fn start_dual(ns: &str, port: u16, serve: Serve) -> EchoServer {
+        let listener = in_netns(ns, move || {
+            bind_dual(port).unwrap_or_else(|e| panic!("bind [::]:{port} (dual) in netns: {e}"))
+        });
+        Self::serve_on(listener, port, serve)
+    }
+
+    fn serve_on(listener: TcpListener, port: u16, serve: Serve) -> EchoServer {
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = match serve {
@@ -134,6 +147,28 @@ impl Drop for EchoServer {
             nix::sys::socket::Shutdown::Both,
         );
     }
+}
+
+/// A listening TCP socket on `[::]:port` that accepts IPv4 too (v6only off, whatever the
+/// netns's `net.ipv6.bindv6only` says).
+fn bind_dual(port: u16) -> nix::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    let addr = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr))?;
+    listen(&fd, Backlog::new(1024)?)?;
+    Ok(TcpListener::from(fd))
 }
 
 fn accept_loop(l: TcpListener, accepted: Arc<AtomicUsize>, stop: Arc<AtomicBool>, serve: Serve) {

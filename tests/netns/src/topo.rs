@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -62,18 +62,31 @@ impl WorkloadSpec {
     }
 }
 
-/// A workload as built: its spec, netns name and address.
+/// A workload as built: its spec, netns name and addresses.
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub spec: WorkloadSpec,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address when the testbed is dual-stack ([`TestbedBuilder::ipv6`]).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Workload {
     /// `ip:port` of this workload.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.ip, port))
+    }
+
+    /// `[ip6]:port` of this workload; panics if the testbed is not dual-stack.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        let ip6 = self.ip6.unwrap_or_else(|| {
+            panic!(
+                "workload {} has no IPv6 address: build the testbed with .ipv6(true)",
+                self.spec.name
+            )
+        });
+        SocketAddr::V6(SocketAddrV6::new(ip6, port, 0, 0))
     }
 }
 
@@ -83,6 +96,7 @@ pub struct TestbedBuilder {
     agent: Option<AgentConfig>,
     policies: Option<PathBuf>,
     serve: Serve,
+    ipv6: bool,
 }
 
 impl TestbedBuilder {
@@ -100,6 +114,16 @@ impl TestbedBuilder {
     /// NetworkPolicy directory given to every agent and to `tessera policy matrix`.
     pub fn policies(mut self, dir: &Path) -> Self {
         self.policies = Some(dir.to_owned());
+        self
+    }
+
+    /// Dual-stack (default off): every link also gets an IPv6 address from a ULA plan
+    /// mirroring the IPv4 one (`fd00:x:sub::/64` for `10.x.sub.0/24`, added `nodad`), the IPv6
+    /// routes mirror the IPv4 ones, `net.ipv6.conf.all.forwarding=1` is set inside the node
+    /// namespaces, echo servers listen on `[::]` (IPv4 too, v6only off) and the inventories
+    /// list both addresses.
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
         self
     }
 
@@ -135,6 +159,7 @@ impl TestbedBuilder {
             created: Vec::new(),
             x,
             yb,
+            ipv6: self.ipv6,
         };
         let link = tb.link();
         for n in tb.nodes.clone() {
@@ -148,6 +173,18 @@ impl TestbedBuilder {
                 "-qw",
                 "net.ipv4.ip_forward=1",
             ]);
+            if tb.ipv6 {
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &n,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.forwarding=1",
+                ]);
+                no_dad(&n);
+            }
         }
         let (n1, n2) = (tb.nodes[0].clone(), tb.nodes[1].clone());
         run(&[
@@ -165,6 +202,9 @@ impl TestbedBuilder {
                 "dev",
                 "uplink",
             ]);
+            if tb.ipv6 {
+                add_addr6(n, tb.link6()[i], "uplink");
+            }
             run(&["ip", "-n", n, "link", "set", "uplink", "up"]);
         }
         for (j, spec) in self.workloads.into_iter().enumerate() {
@@ -172,17 +212,26 @@ impl TestbedBuilder {
             assert!(j < 30, "at most 30 workloads");
             let ns = format!("ts-{id}-{}", spec.name);
             tb.add_ns(&ns);
-            let ip = tb.wire(j, spec.node, &ns);
+            let (ip, ip6) = tb.wire(j, spec.node, &ns);
             for &(_, port) in &spec.ports {
                 let serve = if spec.sinks.contains(&port) {
                     Serve::Sink
                 } else {
                     self.serve
                 };
-                tb.servers
-                    .push((spec.name.clone(), EchoServer::start(&ns, port, serve)));
+                let server = if tb.ipv6 {
+                    EchoServer::start_dual(&ns, port, serve)
+                } else {
+                    EchoServer::start(&ns, port, serve)
+                };
+                tb.servers.push((spec.name.clone(), server));
             }
-            tb.workloads.push(Workload { spec, ns, ip });
+            tb.workloads.push(Workload { spec, ns, ip, ip6 });
+        }
+        if tb.ipv6 {
+            for ns in tb.created.clone() {
+                wait_links_up6(&ns);
+            }
         }
         if let Some(cfg) = self.agent {
             tb.write_keys(cfg.mode);
@@ -214,6 +263,8 @@ pub struct Testbed {
     /// Addressing: workloads get `10.x.(yb+1+j).0/24`, the nodes' link is `10.x.yb.0/24`.
     x: u8,
     yb: u8,
+    /// Dual-stack: also `fd00:x:(yb+1+j)::/64` and `fd00:x:yb::/64`.
+    ipv6: bool,
 }
 
 impl Testbed {
@@ -223,7 +274,23 @@ impl Testbed {
             agent: None,
             policies: None,
             serve: Serve::Threaded,
+            ipv6: false,
         }
+    }
+
+    /// Whether the testbed is dual-stack ([`TestbedBuilder::ipv6`]).
+    pub fn is_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// The ULA mirroring `10.x.sub.0/24`: `fd00:x:sub::host`.
+    fn ula(&self, sub: u8, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, u16::from(self.x), u16::from(sub), 0, 0, 0, 0, host)
+    }
+
+    /// IPv6 addresses of the nodes on their link (dual-stack only).
+    fn link6(&self) -> [Ipv6Addr; 2] {
+        [self.ula(self.yb, 1), self.ula(self.yb, 2)]
     }
 
     /// Addresses of the nodes on their link.
@@ -236,8 +303,9 @@ impl Testbed {
 
     /// Links netns `ns` (workload number `j`) to its node: a veth `eth0` in `ns`, `w<j>` in the
     /// node, addresses from `10.x.(yb+1+j).0/24`, default route via the node, and a route to
-    /// it on the other node. Returns the workload's address.
-    fn wire(&mut self, j: usize, node: u8, ns: &str) -> Ipv4Addr {
+    /// it on the other node; dual-stack, the same in IPv6 from `fd00:x:(yb+1+j)::/64`. Returns
+    /// the workload's addresses.
+    fn wire(&mut self, j: usize, node: u8, ns: &str) -> (Ipv4Addr, Option<Ipv6Addr>) {
         assert!(node == 1 || node == 2, "node must be 1 or 2");
         assert!(j < 30, "at most 30 workloads");
         let (x, yb) = (self.x, self.yb);
@@ -248,6 +316,9 @@ impl Testbed {
         let gw = Ipv4Addr::new(10, x, sub, 1);
         let ip = Ipv4Addr::new(10, x, sub, 2);
         let dev = format!("w{j}");
+        if self.ipv6 {
+            no_dad(ns);
+        }
         run(&[
             "ip", "link", "add", "name", "eth0", "netns", ns, "type", "veth", "peer", "name", &dev,
             "netns", &node_ns,
@@ -295,7 +366,36 @@ impl Testbed {
             "via",
             &via,
         ]);
-        ip
+        if !self.ipv6 {
+            return (ip, None);
+        }
+        let (gw6, ip6) = (self.ula(sub, 1), self.ula(sub, 2));
+        add_addr6(&node_ns, gw6, &dev);
+        add_addr6(ns, ip6, "eth0");
+        run(&[
+            "ip",
+            "-6",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw6.to_string(),
+        ]);
+        let via6 = self.link6()[usize::from(node - 1)].to_string();
+        run(&[
+            "ip",
+            "-6",
+            "-n",
+            &other,
+            "route",
+            "add",
+            &format!("{}/64", self.ula(sub, 0)),
+            "via",
+            &via6,
+        ]);
+        (ip, Some(ip6))
     }
 
     /// Gives an existing netns (a container's: that of process `pid`) connectivity as a new
@@ -309,21 +409,29 @@ impl Testbed {
         self.created.push(ns.clone());
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         let j = self.workloads.len();
-        let ip = self.wire(j, node, &ns);
+        let (ip, ip6) = self.wire(j, node, &ns);
         let mut spec = WorkloadSpec::new(name, node, "").unenforced();
         spec.labels.clear();
-        let w = Workload { spec, ns, ip };
+        if self.ipv6 {
+            let node_ns = self.nodes[usize::from(node - 1)].clone();
+            wait_links_up6(&node_ns);
+            wait_links_up6(&ns);
+        }
+        let w = Workload { spec, ns, ip, ip6 };
         self.workloads.push(w.clone());
         w
     }
 
-    /// Starts an echo server (thread per connection) on `port` inside workload `name`.
+    /// Starts an echo server (thread per connection) on `port` inside workload `name` (on
+    /// IPv6 too when dual-stack).
     pub fn serve(&mut self, name: &str, port: u16) {
         let ns = self.workload(name).ns.clone();
-        self.servers.push((
-            name.to_owned(),
-            EchoServer::start(&ns, port, Serve::Threaded),
-        ));
+        let server = if self.ipv6 {
+            EchoServer::start_dual(&ns, port, Serve::Threaded)
+        } else {
+            EchoServer::start(&ns, port, Serve::Threaded)
+        };
+        self.servers.push((name.to_owned(), server));
     }
 
     /// Starts the agent of `node` (1 first, then 2) with `runtime_args` in place of an
@@ -387,6 +495,55 @@ impl Testbed {
     ) -> std::io::Result<TcpStream> {
         let dst = self.workload(to).addr(port);
         crate::netns::connect(&self.workload(from).ns, dst, timeout)
+    }
+
+    /// Connects from workload `from` to workload `to` on `port` over IPv6 (dual-stack only).
+    pub fn connect6(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
+        let dst = self.workload(to).addr6(port);
+        crate::netns::connect(&self.workload(from).ns, dst, timeout)
+    }
+
+    /// Tries every cell at once (a thread each): connects from `from` to `to` on `port`, over
+    /// IPv6 if `ipv6` (dual-stack only) or IPv4, with `ok_timeout` if the cell is allowed and
+    /// `denied_timeout` if not, and echoes one byte. The outcomes, in the order of `cells`.
+    pub fn probe(
+        &self,
+        cells: &[Cell],
+        ipv6: bool,
+        ok_timeout: Duration,
+        denied_timeout: Duration,
+    ) -> Vec<std::io::Result<()>> {
+        let handles: Vec<_> = cells
+            .iter()
+            .map(|c| {
+                let ns = self.workload(&c.from).ns.clone();
+                let to = self.workload(&c.to);
+                let addr = if ipv6 {
+                    to.addr6(c.port)
+                } else {
+                    to.addr(c.port)
+                };
+                let timeout = if c.allowed {
+                    ok_timeout
+                } else {
+                    denied_timeout
+                };
+                std::thread::spawn(move || {
+                    let mut s = crate::netns::connect(&ns, addr, timeout)?;
+                    crate::netns::echo_once(&mut s, 42)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread"))
+            .collect()
     }
 
     /// The agent of node 1 or 2.
@@ -475,7 +632,14 @@ impl Testbed {
                 y,
                 "  namespaceLabels: {{kubernetes.io/metadata.name: {NAMESPACE}}}"
             );
-            let _ = writeln!(y, "  ips: [{}]", w.ip);
+            match w.ip6 {
+                Some(ip6) => {
+                    let _ = writeln!(y, "  ips: [{}, \"{ip6}\"]", w.ip);
+                }
+                None => {
+                    let _ = writeln!(y, "  ips: [{}]", w.ip);
+                }
+            }
             let _ = writeln!(y, "  netns: /run/netns/{}", w.ns);
             y.push_str("  ports:");
             if w.spec.ports.is_empty() {
@@ -682,6 +846,61 @@ pub struct Cell {
     pub port: u16,
     pub allowed: bool,
     pub reason: String,
+}
+
+/// No duplicate address detection on the links created in `ns` from now on: their link-local
+/// addresses are usable at once too. Without it a node's neighbour solicitations wait for its
+/// link-local address to leave the tentative state, which holds the first packets forwarded
+/// to a workload for seconds (a denied connection would then time out instead of being
+/// refused at once).
+fn no_dad(ns: &str) {
+    for key in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        run(&["ip", "netns", "exec", ns, "sysctl", "-qw", key]);
+    }
+}
+
+/// Waits (up to 10 s) until every link in `ns` other than `lo` has a link-local IPv6 address
+/// that is not tentative: the kernel has seen its carrier come up (linkwatch, which can lag by
+/// a second) and activated its queueing discipline. Until then packets sent on it are dropped,
+/// so the first IPv6 connections right after the build would lose their SYNs.
+fn wait_links_up6(ns: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let links = run(&["ip", "-n", ns, "-o", "link", "show"]);
+        let want = links
+            .lines()
+            .filter(|l| l.split(':').nth(1).is_some_and(|n| n.trim() != "lo"))
+            .count();
+        let addrs = run(&["ip", "-n", ns, "-6", "-o", "addr", "show", "scope", "link"]);
+        let ready = addrs.lines().filter(|l| !l.contains("tentative")).count();
+        if ready >= want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{ns}: {ready} of {want} links have a usable IPv6 link-local address after 10 s:\n{links}\n{addrs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Adds `ip/64` to `dev` in `ns`, usable at once (no duplicate address detection).
+fn add_addr6(ns: &str, ip: Ipv6Addr, dev: &str) {
+    run(&[
+        "ip",
+        "-6",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{ip}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ]);
 }
 
 fn flow_map(m: &BTreeMap<String, String>) -> String {
