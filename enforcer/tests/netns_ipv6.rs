@@ -110,6 +110,7 @@ fn matrix6_matches_the_policy_engine(mode: Mode) {
     }
     count_token_syns_to_plain(&tb);
     let verified_before = counted(&tb, "peer", "verified");
+    let ip_only_before = counted(&tb, "peer", "ip_only");
     let outcomes = tb.probe(&cells, true, OK_TIMEOUT, DENIED_TIMEOUT);
     let mut wrong = Vec::new();
     let (mut ingress_denied, mut egress_denied) = (0, 0);
@@ -160,15 +161,18 @@ fn matrix6_matches_the_policy_engine(mode: Mode) {
         ingress_denied > 0 && egress_denied > 0,
         "{ingress_denied} {egress_denied}"
     );
-    // Every allowed pod-to-pod connection was a verified handshake on the server's agent (and
-    // its SYN-ACK token verified on the client's).
+    // Every allowed pod-to-pod connection was authorized as a verified peer twice: by the
+    // server's agent (SYN and ACK tokens) and by the client's (SYN-ACK token); the connections
+    // to the plain listener as IP-only peers by the client's.
     let verified = counted(&tb, "peer", "verified") - verified_before;
     assert!(
-        verified >= pod_cells_allowed as f64,
+        verified >= 2.0 * pod_cells_allowed as f64,
         "{verified} verified flows for {pod_cells_allowed} allowed IPv6 pod-to-pod connections\n{}\n{}",
         tb.agent(1).metrics().text,
         tb.agent(2).metrics().text
     );
+    let ip_only = counted(&tb, "peer", "ip_only") - ip_only_before;
+    assert!(ip_only >= 5.0, "{ip_only} IP-only flows authorized");
     for (reason, n) in [
         ("policy_ingress", ingress_denied),
         ("policy_egress", egress_denied),
@@ -258,9 +262,13 @@ fn ipv6_payload_arrives_intact(mode: Mode) {
         1,
         "the IPv6 SYN to the plain listener carried a token"
     );
-    // Both agents verified the enforced handshakes: server side (ingress) and client side.
-    assert!(tb.agent(1).metrics().sum_with_label("peer", "verified") >= 2.0);
-    assert!(tb.agent(2).metrics().sum_with_label("peer", "verified") >= 1.0);
+    // The agents verified the enforced handshakes, each side: node 1 both sides of the
+    // same-node connection and the client side of the cross-node one, node 2 its server side;
+    // node 1 let the plain listener's tokenless SYN-ACK in as an IP-only peer.
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    assert!(m1.sum_with_label("peer", "verified") >= 3.0, "{}", m1.text);
+    assert!(m2.sum_with_label("peer", "verified") >= 1.0, "{}", m2.text);
+    assert!(m1.sum_with_label("peer", "ip_only") >= 1.0, "{}", m1.text);
 }
 
 #[test]

@@ -3,9 +3,10 @@
 //! [`Testbed`] builds two "nodes" (network namespaces `ts-<id>-n1`, `ts-<id>-n2` linked by a
 //! veth pair and routed, `ip_forward=1` inside them only) and workloads behind each node (one
 //! netns each, a veth into its node's netns), with addresses from `10.<x>.<y>.0/24` ranges that
-//! exist inside these namespaces only. It writes one inventory per node, starts one
-//! `tessera run` per node in the host netns, echo servers inside workloads, and connects
-//! clients from inside workloads. [`packet`] captures frames in a netns (AF_PACKET) and injects
+//! exist inside these namespaces only; dual-stack on request ([`TestbedBuilder::ipv6`]: also
+//! `fd00:<x>:<y>::/64`, IPv6 forwarding inside the nodes only). It writes one inventory per
+//! node, starts one `tessera run` per node in the host netns, echo servers inside workloads,
+//! and connects clients from inside workloads. [`packet`] captures frames in a netns (AF_PACKET) and injects
 //! raw IPv4 packets (IPPROTO_RAW). Everything is torn down in `Drop` (agents killed, netns
 //! deleted, which removes veths and rules), even when a test panics; [`sweep_leftovers`] removes
 //! what crashed runs left (names `ts-<pid>-...` whose pid is dead).
