@@ -284,3 +284,163 @@ fn netns_ipv6_payload_arrives_intact_pki() {
         ipv6_payload_arrives_intact(Mode::Pki);
     }
 }
+
+/// frontend-1 (node 1) and backend-2 (node 2), dual-stack.
+fn pair6(mode: Mode) -> Testbed {
+    Testbed::builder()
+        .ipv6(true)
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build()
+}
+
+/// The IPv6 re-authorization path (ip6tables' CONNMARK rules): the first ACK token that
+/// crosses node 1 is dropped; the client's data is refused by the server's agent
+/// (`ack_missing`) until the server re-sends its SYN-ACK, the client's agent clears the flow's
+/// mark and the duplicate ACK carries the token again: the echo completes.
+fn ipv6_lost_ack_token_recovers(mode: Mode) {
+    let tb = pair6(mode);
+    run_in(
+        &tb.nodes[0],
+        &[
+            "ip6tables",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "--tcp-flags",
+            "ALL",
+            "ACK",
+            "--tcp-option",
+            "253",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "100000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let mut s = tb
+        .connect6("frontend-1", "backend-2", 8080, OK_TIMEOUT)
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let r = echo_once(&mut s, 7);
+    assert!(
+        r.is_ok(),
+        "echo over IPv6 after a lost ACK token: {r:?}\n{}\n{}",
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text
+    );
+    let rules = run_in(&tb.nodes[0], &["ip6tables", "-nvxL", "FORWARD"]);
+    let dropped: u64 = rules
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(dropped, 1, "the first ACK token was dropped once:\n{rules}");
+    assert!(
+        tb.agent(2)
+            .metrics()
+            .sum_with_label("reason", "ack_missing")
+            >= 1.0,
+        "the client's data was refused until the proof came again\n{}",
+        tb.agent(2).metrics().text
+    );
+    echo_once(&mut s, 8).unwrap();
+}
+
+#[test]
+fn netns_ipv6_lost_ack_token_recovers_psk() {
+    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_psk") {
+        ipv6_lost_ack_token_recovers(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_ipv6_lost_ack_token_recovers_pki() {
+    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_pki") {
+        ipv6_lost_ack_token_recovers(Mode::Pki);
+    }
+}
+
+/// 2% random loss on the inter-node link over IPv6 (node 1's FORWARD, both directions): every
+/// one of 200 connections completes and echoes (retransmitted SYN, SYN-ACK and ACK carry the
+/// same tokens), and the server application accepted each once.
+fn ipv6_connections_complete_under_loss(mode: Mode) {
+    let tb = pair6(mode);
+    run_in(
+        &tb.nodes[0],
+        &[
+            "ip6tables",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.02",
+            "-j",
+            "DROP",
+        ],
+    );
+    const N: usize = 200;
+    const THREADS: usize = 10;
+    let ns = tb.workload("frontend-1").ns.clone();
+    let addr = tb.workload("backend-2").addr6(8080);
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for i in 0..N / THREADS {
+                    let r = testbed::connect(&ns, addr, Duration::from_secs(20))
+                        .and_then(|mut s| echo_once(&mut s, (t * 31 + i) as u8));
+                    if let Err(e) = r {
+                        failures.push(format!("connection {t}/{i}: {e}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {N} IPv6 connections failed under 2% loss:\n{}\n{}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        run_in(&tb.nodes[0], &["ip6tables", "-nvL", "FORWARD"]),
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text,
+    );
+    assert_eq!(tb.server("backend-2", 8080).accepted(), N);
+}
+
+#[test]
+fn netns_ipv6_connections_complete_under_two_percent_loss_psk() {
+    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_psk") {
+        ipv6_connections_complete_under_loss(Mode::Psk);
+    }
+}
+
+#[test]
+fn netns_ipv6_connections_complete_under_two_percent_loss_pki() {
+    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_pki") {
+        ipv6_connections_complete_under_loss(Mode::Pki);
+    }
+}
