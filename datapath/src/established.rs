@@ -17,7 +17,7 @@
 //! [`ProcessorConfig::max_established`]: crate::ProcessorConfig::max_established
 //! [`ProcessorConfig::prune_interval_ms`]: crate::ProcessorConfig::prune_interval_ms
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -112,7 +112,7 @@ impl Authorized {
 /// The bounded table of authorized flows, oldest evicted first.
 #[derive(Debug)]
 pub(crate) struct EstablishedTable {
-    flows: HashMap<FlowKey, Authorized>,
+    flows: ahash::HashMap<FlowKey, Authorized>,
     /// Insertion order; entries whose `seq` no longer matches the map are stale (the flow was
     /// removed or re-inserted) and skipped. Compacted when it outgrows the map.
     order: VecDeque<(u64, FlowKey)>,
@@ -125,7 +125,7 @@ pub(crate) struct EstablishedTable {
 impl EstablishedTable {
     pub(crate) fn new(max: usize) -> Self {
         EstablishedTable {
-            flows: HashMap::new(),
+            flows: Default::default(),
             order: VecDeque::new(),
             next_seq: 0,
             max,
@@ -223,7 +223,7 @@ pub(crate) struct CutState {
 /// Flows cut recently: their next packets become RSTs. Bounded; entries expire.
 #[derive(Debug)]
 pub(crate) struct CutSet {
-    flows: HashMap<FlowKey, (u64, CutState)>,
+    flows: ahash::HashMap<FlowKey, (u64, CutState)>,
     max: usize,
     last_sweep_ms: u64,
 }
@@ -231,7 +231,7 @@ pub(crate) struct CutSet {
 impl CutSet {
     pub(crate) fn new(max: usize) -> Self {
         CutSet {
-            flows: HashMap::new(),
+            flows: Default::default(),
             max,
             last_sweep_ms: 0,
         }

@@ -1,6 +1,5 @@
 //! The per-flow handshake table: bounded, expiring, keyed by workload and 5-tuple.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynReceived};
@@ -89,7 +88,7 @@ pub(crate) struct Flow {
 /// The bounded table.
 #[derive(Debug)]
 pub(crate) struct FlowTable {
-    flows: HashMap<FlowKey, Flow>,
+    flows: ahash::HashMap<FlowKey, Flow>,
     max: usize,
     /// How long a `ClientAckPending` flow is kept as `ClientVerified` after its deadline.
     client_idle_ms: u64,
@@ -101,7 +100,7 @@ pub(crate) struct FlowTable {
 impl FlowTable {
     pub(crate) fn new(max: usize, client_idle_ms: u64) -> Self {
         FlowTable {
-            flows: HashMap::new(),
+            flows: Default::default(),
             max,
             client_idle_ms,
             last_sweep_ms: 0,

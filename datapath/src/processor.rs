@@ -314,12 +314,12 @@ pub struct Processor {
     node: Node,
     engine: Engine,
     config: ProcessorConfig,
-    workloads: HashMap<WorkloadId, WorkloadEntry>,
+    workloads: ahash::HashMap<WorkloadId, WorkloadEntry>,
     flows: FlowTable,
     metrics: Metrics,
     /// Policy views of peer claims already seen, with the peer's pod (performance only;
     /// bounded, cleared when full).
-    peers: HashMap<Claims, PeerView>,
+    peers: ahash::HashMap<Claims, PeerView>,
     /// Authorized flows, for [`Processor::recheck`].
     established: EstablishedTable,
     /// Flows cut by [`Processor::recheck`]: their packets become RSTs.
@@ -344,9 +344,9 @@ impl Processor {
             engine,
             flows: FlowTable::new(config.max_flows, config.client_idle_ms),
             config,
-            workloads: HashMap::new(),
+            workloads: Default::default(),
             metrics: Metrics::default(),
-            peers: HashMap::new(),
+            peers: Default::default(),
             established: EstablishedTable::new(config.max_established),
             cut: CutSet::new(config.max_established),
             ip_only: Arc::new(Peer::IpOnly),
@@ -612,7 +612,7 @@ struct Step<'a> {
     flows: &'a mut FlowTable,
     metrics: &'a mut Metrics,
     wl: &'a WorkloadEntry,
-    peers: &'a mut HashMap<Claims, PeerView>,
+    peers: &'a mut ahash::HashMap<Claims, PeerView>,
     established: &'a mut EstablishedTable,
     cut: &'a mut CutSet,
     ip_only: &'a Arc<Peer>,

@@ -4,7 +4,7 @@
 //! every string follows Kubernetes syntax, and the encoding is unique (the decoder rejects
 //! anything out of order), so two nodes always encode the same identity to the same bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::error::ClaimsError;
@@ -163,7 +163,7 @@ pub const CLAIMS_CACHE_ENTRIES: usize = 4096;
 /// when full it is cleared (a flood of distinct claims only costs the decoding saved).
 #[derive(Debug, Default)]
 pub(crate) struct ClaimsCache {
-    map: HashMap<Box<[u8]>, Claims>,
+    map: ahash::HashMap<Box<[u8]>, Claims>,
 }
 
 impl ClaimsCache {

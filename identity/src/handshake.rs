@@ -107,7 +107,7 @@ pub struct Node {
     config: Config,
     keying: Keying,
     /// Pair keys by peer node name, then key id (a node has one or two certificates).
-    pairs: HashMap<String, Vec<(KeyId, PairKeys)>>,
+    pairs: ahash::HashMap<String, Vec<(KeyId, PairKeys)>>,
     pair_order: VecDeque<(String, KeyId)>,
     replay: ReplayCache,
     /// Decoded peer claims by their bytes (performance only).
@@ -153,7 +153,7 @@ impl Node {
                 revoked: HashSet::new(),
                 revoked_order: VecDeque::new(),
             },
-            pairs: HashMap::new(),
+            pairs: Default::default(),
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
             claims_cache: ClaimsCache::default(),
@@ -170,7 +170,7 @@ impl Node {
             key_id: psk.id(),
             config,
             keying: Keying::Psk { psk },
-            pairs: HashMap::new(),
+            pairs: Default::default(),
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
             claims_cache: ClaimsCache::default(),

@@ -8,7 +8,7 @@
 //! raised to that peer's newest timestamp. So memory is bounded by
 //! `max_peers × per_peer_capacity` entries, and every nonce ever accepted stays rejected.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use crate::wire::NONCE_LEN;
 
@@ -32,7 +32,7 @@ impl Default for ReplayConfig {
 
 #[derive(Default)]
 struct PeerNonces {
-    seen: HashSet<[u8; NONCE_LEN]>,
+    seen: ahash::HashSet<[u8; NONCE_LEN]>,
     order: VecDeque<([u8; NONCE_LEN], u64)>,
     floor_ms: u64,
     newest_ms: u64,
@@ -42,7 +42,7 @@ struct PeerNonces {
 /// The cache. One per node; the handshake consults it at the SYN and records at the ACK.
 pub struct ReplayCache {
     config: ReplayConfig,
-    peers: HashMap<String, PeerNonces>,
+    peers: ahash::HashMap<String, PeerNonces>,
     global_floor_ms: u64,
     tick: u64,
 }
@@ -59,7 +59,7 @@ impl ReplayCache {
                 per_peer_capacity: config.per_peer_capacity.max(1),
                 max_peers: config.max_peers.max(1),
             },
-            peers: HashMap::new(),
+            peers: Default::default(),
             global_floor_ms: 0,
             tick: 0,
         }
