@@ -22,11 +22,12 @@ use anyhow::{Context, Result, bail};
 use datapath::shell::{self, Mode, Netns, QueueConfig, RuleConfig, WorkloadQueue};
 use datapath::{Processor, ProcessorConfig, WorkloadId};
 use identity::Claims;
-use identity::rand_core::UnwrapErr;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use policy::{PodKey, PolicyKey, Workload};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -1026,7 +1027,16 @@ async fn serve(
     stats: Arc<QueueStats>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<WorkloadQueue> {
-    let mut rng = UnwrapErr(getrandom::SysRng);
+    // Nonces (two per handshake) come from ChaCha12 seeded from the OS and re-seeded every
+    // second, not from one getrandom(2) call each.
+    let mut rng = match StdRng::try_from_rng(&mut getrandom::SysRng) {
+        Ok(rng) => rng,
+        Err(e) => {
+            tracing::error!(workload = %name, "no OS randomness for nonces: {e}");
+            stats.serving.store(false, Ordering::Relaxed);
+            return Some(queue);
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         if *stop.borrow() {
@@ -1049,6 +1059,10 @@ async fn serve(
                 return Some(queue);
             }
             Served::Tick => {
+                match StdRng::try_from_rng(&mut getrandom::SysRng) {
+                    Ok(fresh) => rng = fresh,
+                    Err(e) => tracing::warn!(workload = %name, "nonce re-seed failed: {e}"),
+                }
                 if let Some((q, u)) = queue.kernel_drops() {
                     stats.queue_dropped.store(q, Ordering::Relaxed);
                     stats.user_dropped.store(u, Ordering::Relaxed);
