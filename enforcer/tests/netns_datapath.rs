@@ -1,10 +1,13 @@
 //! The datapath on the real kernel: two nodes (netns, veth, routed), workloads behind each, one
-//! `tessera run` per node, in PSK and in PKI mode. Needs root (tests/run.sh runs them in CI);
-//! without root they print a SKIP line locally and fail under CI=true.
+//! `tessera run` per node, in PSK and in PKI mode; the matrix, payload, lost-ACK and loss
+//! scenarios also over IPv6 (the dual-stack testbed, connections to the workloads' IPv6
+//! addresses). Needs root (tests/run.sh runs them in CI); without root they print a SKIP line
+//! locally and fail under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,10 +24,46 @@ fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/policies")
 }
 
+/// The address family a scenario runs over (IPv6: the dual-stack testbed, every connection to
+/// the workloads' IPv6 addresses, the link's drop rules in ip6tables).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    /// frontend-1 (node 1) and backend-2 (node 2).
+    fn pair(self, mode: Mode) -> Testbed {
+        Testbed::builder()
+            .ipv6(self == Family::V6)
+            .policies(&policies())
+            .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+            .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
+            .agents(AgentConfig::new(Path::new(TESSERA), mode))
+            .build()
+    }
+
+    fn addr(self, tb: &Testbed, workload: &str, port: u16) -> std::net::SocketAddr {
+        match self {
+            Family::V4 => tb.workload(workload).addr(port),
+            Family::V6 => tb.workload(workload).addr6(port),
+        }
+    }
+}
+
 /// The three tiers on both nodes, an External client with a port nobody isolates, and a
 /// plain listener (no agent) on node 2.
-fn three_tier(mode: Mode) -> Testbed {
+fn three_tier(mode: Mode, family: Family) -> Testbed {
     Testbed::builder()
+        .ipv6(family == Family::V6)
         .policies(&policies())
         .workload(WorkloadSpec::new("external-1", 1, "External").port(None, 9000))
         .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
@@ -42,28 +81,54 @@ fn three_tier(mode: Mode) -> Testbed {
         .build()
 }
 
-enum Outcome {
-    Echoed,
-    Failed(ErrorKind, String),
+/// Sum of the samples labelled `key="value"` over both agents.
+fn counted(tb: &Testbed, key: &str, value: &str) -> f64 {
+    tb.agent(1).metrics().sum_with_label(key, value)
+        + tb.agent(2).metrics().sum_with_label(key, value)
 }
 
-impl std::fmt::Debug for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Outcome::Echoed => f.write_str("connected and echoed"),
-            Outcome::Failed(_, msg) => f.write_str(msg),
-        }
-    }
+/// Counts (packets) the SYNs to port 9100 carrying Tessera's option that cross node 2 (the
+/// plain listener's node): a rule in its FORWARD chain that accepts what it matches.
+fn count_token_syns_to_plain(tb: &Testbed, family: Family) {
+    run_in(
+        &tb.nodes[1],
+        &[
+            family.iptables(),
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "9100",
+            "--syn",
+            "--tcp-option",
+            "253",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+}
+
+fn token_syns_to_plain(tb: &Testbed, family: Family) -> u64 {
+    let rules = run_in(&tb.nodes[1], &[family.iptables(), "-nvxL", "FORWARD"]);
+    rules
+        .lines()
+        .find(|l| l.contains("dpt:9100"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counting rule in node 2's FORWARD:\n{rules}"))
 }
 
 /// Every pair of workloads (same node and across nodes) on each port the destination
 /// declares: the connection succeeds exactly when `tessera policy matrix` says allowed; a
 /// denial by the destination's ingress times out (its SYN is dropped), a denial by the source's
-/// egress alone is refused at once (the SYN-ACK becomes a RST).
-fn matrix_matches_the_policy_engine(mode: Mode) {
-    let tb = three_tier(mode);
+/// egress alone is refused at once (the SYN-ACK becomes a RST). The agents count the verified
+/// handshakes and every rejection by reason; token-carrying SYNs reach the plain listener (no
+/// agent) and its connections work.
+fn matrix_matches_the_policy_engine(mode: Mode, family: Family) {
+    let tb = three_tier(mode, family);
     let mut cells = tb.policy_matrix(Path::new(TESSERA));
     assert!(cells.len() >= 40, "matrix too small: {cells:?}");
+    let pod_cells_allowed = cells.iter().filter(|c| c.allowed).count();
     // The plain listener (no agent, so not a pod the engine knows: an IP-only peer) from every
     // enforced workload: ingress is nobody's business there, egress is decided on its IP at
     // the SYN-ACK (which carries no token): the databases' egress allows databases only.
@@ -81,45 +146,34 @@ fn matrix_matches_the_policy_engine(mode: Mode) {
             },
         });
     }
-    let handles: Vec<_> = cells
-        .iter()
-        .map(|c| {
-            let ns = tb.workload(&c.from).ns.clone();
-            let addr = tb.workload(&c.to).addr(c.port);
-            let timeout = if c.allowed {
-                OK_TIMEOUT
-            } else {
-                DENIED_TIMEOUT
-            };
-            std::thread::spawn(move || match testbed::connect(&ns, addr, timeout) {
-                Ok(mut s) => match echo_once(&mut s, 42) {
-                    Ok(()) => Outcome::Echoed,
-                    Err(e) => Outcome::Failed(e.kind(), format!("echo: {e}")),
-                },
-                Err(e) => Outcome::Failed(e.kind(), format!("connect: {e}")),
-            })
-        })
-        .collect();
+    count_token_syns_to_plain(&tb, family);
+    let verified_before = counted(&tb, "peer", "verified");
+    let ip_only_before = counted(&tb, "peer", "ip_only");
+    let outcomes = tb.probe(&cells, family == Family::V6, OK_TIMEOUT, DENIED_TIMEOUT);
     let mut wrong = Vec::new();
     let (mut ingress_denied, mut egress_denied) = (0, 0);
-    for (c, h) in cells.iter().zip(handles) {
-        let got = h.join().unwrap();
-        let cell = format!("{} -> {}:{}", c.from, c.to, c.port);
-        match (&got, c.allowed) {
-            (Outcome::Echoed, true) => {}
-            (Outcome::Failed(kind, _), false) if c.reason.contains("ingress: denied") => {
+    for (c, got) in cells.iter().zip(&outcomes) {
+        let cell = format!(
+            "{} -> {} ({})",
+            c.from,
+            c.to,
+            family.addr(&tb, &c.to, c.port)
+        );
+        match (got, c.allowed) {
+            (Ok(()), true) => {}
+            (Err(e), false) if c.reason.contains("ingress: denied") => {
                 ingress_denied += 1;
-                if *kind != ErrorKind::TimedOut {
+                if e.kind() != ErrorKind::TimedOut {
                     wrong.push(format!(
-                        "{cell}: ingress-denied, expected a timeout, got {got:?}"
+                        "{cell}: ingress-denied, expected a timeout, got {e}"
                     ));
                 }
             }
-            (Outcome::Failed(kind, _), false) => {
+            (Err(e), false) => {
                 egress_denied += 1;
-                if *kind != ErrorKind::ConnectionRefused {
+                if e.kind() != ErrorKind::ConnectionRefused {
                     wrong.push(format!(
-                        "{cell}: egress-denied, expected connection refused (RST), got {got:?} ({})",
+                        "{cell}: egress-denied, expected connection refused (RST), got {e} ({})",
                         c.reason
                     ));
                 }
@@ -133,10 +187,12 @@ fn matrix_matches_the_policy_engine(mode: Mode) {
     }
     assert!(
         wrong.is_empty(),
-        "{} of {} cells wrong:\n{}\n{}",
+        "{} of {} cells ({family:?}) wrong:\n{}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}\n{}",
         wrong.len(),
         cells.len(),
         wrong.join("\n"),
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text,
         tb.agent_logs()
     );
     // Both kinds of denial were exercised, same node and across nodes.
@@ -144,36 +200,158 @@ fn matrix_matches_the_policy_engine(mode: Mode) {
         ingress_denied > 0 && egress_denied > 0,
         "{ingress_denied} {egress_denied}"
     );
-    // The plain listener (no agent) was reached by a token-carrying SYN.
-    assert!(tb.server("plain-2", 9100).accepted() > 0);
-    // Every rejection is counted with its reason.
-    let counted = |reason: &str| {
-        tb.agent(1).metrics().sum_with_label("reason", reason)
-            + tb.agent(2).metrics().sum_with_label("reason", reason)
-    };
+    // Every allowed pod-to-pod connection was authorized as a verified peer twice: by the
+    // server's agent (SYN and ACK tokens) and by the client's (SYN-ACK token); the connections
+    // to the plain listener as IP-only peers by the client's.
+    let verified = counted(&tb, "peer", "verified") - verified_before;
     assert!(
-        counted("policy_ingress") >= f64::from(ingress_denied),
-        "policy_ingress counted {} < {ingress_denied}",
-        counted("policy_ingress")
+        verified >= 2.0 * pod_cells_allowed as f64,
+        "{verified} verified flows for {pod_cells_allowed} allowed pod-to-pod connections\n{}\n{}",
+        tb.agent(1).metrics().text,
+        tb.agent(2).metrics().text
     );
+    let ip_only = counted(&tb, "peer", "ip_only") - ip_only_before;
+    assert!(ip_only >= 5.0, "{ip_only} IP-only flows authorized");
+    // Every rejection is counted with its reason.
+    for (reason, n) in [
+        ("policy_ingress", ingress_denied),
+        ("policy_egress", egress_denied),
+    ] {
+        assert!(
+            counted(&tb, "reason", reason) >= f64::from(n),
+            "{reason} counted {} < {n}",
+            counted(&tb, "reason", reason)
+        );
+    }
+    // The plain listener (no agent) was reached, by SYNs that carried a token: the enforced
+    // clients not denied by their egress (the databases') are 5 of the 7.
+    assert!(tb.server("plain-2", 9100).accepted() >= 5);
+    let syns = token_syns_to_plain(&tb, family);
     assert!(
-        counted("policy_egress") >= f64::from(egress_denied),
-        "policy_egress counted {} < {egress_denied}",
-        counted("policy_egress")
+        syns >= 5,
+        "{syns} token-carrying SYNs to the plain listener crossed node 2"
     );
 }
 
 #[test]
 fn netns_matrix_matches_the_policy_engine_psk() {
     if testbed::privileged("netns_matrix_matches_the_policy_engine_psk") {
-        matrix_matches_the_policy_engine(Mode::Psk);
+        matrix_matches_the_policy_engine(Mode::Psk, Family::V4);
     }
 }
 
 #[test]
 fn netns_matrix_matches_the_policy_engine_pki() {
     if testbed::privileged("netns_matrix_matches_the_policy_engine_pki") {
-        matrix_matches_the_policy_engine(Mode::Pki);
+        matrix_matches_the_policy_engine(Mode::Pki, Family::V4);
+    }
+}
+
+#[test]
+fn netns_ipv6_matrix_matches_the_policy_engine_psk() {
+    if testbed::privileged("netns_ipv6_matrix_matches_the_policy_engine_psk") {
+        matrix_matches_the_policy_engine(Mode::Psk, Family::V6);
+    }
+}
+
+#[test]
+fn netns_ipv6_matrix_matches_the_policy_engine_pki() {
+    if testbed::privileged("netns_ipv6_matrix_matches_the_policy_engine_pki") {
+        matrix_matches_the_policy_engine(Mode::Pki, Family::V6);
+    }
+}
+
+/// A known payload, not a repeating byte: a shifted or inserted token would show.
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// Writes `data` at once (the first segment rides with or right after the ACK token) and
+/// reads back exactly as many bytes.
+fn echo_all(s: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(data)?;
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+/// The applications see no token bytes: a known payload echoed by the server comes back
+/// exactly, on a same-node and a cross-node connection between enforced workloads and to the
+/// plain listener (token-carrying SYN, no agent to strip it: the kernel ignores the option);
+/// the server application accepted each connection once.
+fn payload_arrives_intact(mode: Mode, family: Family) {
+    let tb = Testbed::builder()
+        .ipv6(family == Family::V6)
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(WorkloadSpec::new("backend-1", 1, "BusinessBackend").port(Some("api"), 8080))
+        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
+        .workload(
+            WorkloadSpec::new("plain-2", 2, "Plain")
+                .port(None, 9100)
+                .unenforced(),
+        )
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
+        .build();
+    count_token_syns_to_plain(&tb, family);
+    let data = payload(5000);
+    let ns = tb.workload("frontend-1").ns.clone();
+    for (to, port) in [("backend-1", 8080), ("backend-2", 8080), ("plain-2", 9100)] {
+        let mut s =
+            testbed::connect(&ns, family.addr(&tb, to, port), OK_TIMEOUT).unwrap_or_else(|e| {
+                panic!("frontend-1 -> {to} ({family:?}): {e}\n{}", tb.agent_logs())
+            });
+        assert_eq!(s.peer_addr().unwrap().is_ipv6(), family == Family::V6);
+        let back = echo_all(&mut s, &data)
+            .unwrap_or_else(|e| panic!("frontend-1 -> {to}: echo: {e}\n{}", tb.agent_logs()));
+        let first_diff = back.iter().zip(&data).position(|(a, b)| a != b);
+        assert!(
+            first_diff.is_none(),
+            "frontend-1 -> {to}: echo differs from byte {first_diff:?}: the application saw other bytes than were sent"
+        );
+        // And the stream stays in step afterwards.
+        echo_once(&mut s, 0xA5).unwrap();
+        assert_eq!(tb.server(to, port).accepted(), 1, "{to}");
+    }
+    assert_eq!(
+        token_syns_to_plain(&tb, family),
+        1,
+        "the SYN to the plain listener carried a token"
+    );
+    // The agents verified the enforced handshakes, each side: node 1 both sides of the
+    // same-node connection and the client side of the cross-node one, node 2 its server side;
+    // node 1 let the plain listener's tokenless SYN-ACK in as an IP-only peer.
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    assert!(m1.sum_with_label("peer", "verified") >= 3.0, "{}", m1.text);
+    assert!(m2.sum_with_label("peer", "verified") >= 1.0, "{}", m2.text);
+    assert!(m1.sum_with_label("peer", "ip_only") >= 1.0, "{}", m1.text);
+}
+
+#[test]
+fn netns_payload_arrives_intact_psk() {
+    if testbed::privileged("netns_payload_arrives_intact_psk") {
+        payload_arrives_intact(Mode::Psk, Family::V4);
+    }
+}
+
+#[test]
+fn netns_payload_arrives_intact_pki() {
+    if testbed::privileged("netns_payload_arrives_intact_pki") {
+        payload_arrives_intact(Mode::Pki, Family::V4);
+    }
+}
+
+#[test]
+fn netns_ipv6_payload_arrives_intact_psk() {
+    if testbed::privileged("netns_ipv6_payload_arrives_intact_psk") {
+        payload_arrives_intact(Mode::Psk, Family::V6);
+    }
+}
+
+#[test]
+fn netns_ipv6_payload_arrives_intact_pki() {
+    if testbed::privileged("netns_ipv6_payload_arrives_intact_pki") {
+        payload_arrives_intact(Mode::Pki, Family::V6);
     }
 }
 
@@ -407,19 +585,14 @@ fn netns_duplicate_ack_token_is_not_data_pki() {
 /// the inter-node link), the client's data bypasses its agent and the server's agent refuses it
 /// (ack_missing); the server kernel re-sends its SYN-ACK, the client's agent strips it and
 /// unmarks the flow, and the client kernel's duplicate ACK carries the token again: the echo
-/// completes.
-fn lost_ack_token_recovers(mode: Mode) {
-    let tb = Testbed::builder()
-        .policies(&policies())
-        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
-        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
-        .agents(AgentConfig::new(Path::new(TESSERA), mode))
-        .build();
+/// completes. Over IPv6 this is the ip6tables CONNMARK path.
+fn lost_ack_token_recovers(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
     // Drop the first pure ACK carrying our option that crosses node 1 (nth: the first match).
     run_in(
         &tb.nodes[0],
         &[
-            "iptables",
+            family.iptables(),
             "-A",
             "FORWARD",
             "-p",
@@ -443,18 +616,21 @@ fn lost_ack_token_recovers(mode: Mode) {
             "DROP",
         ],
     );
-    let mut s = tb
-        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
-        .unwrap();
+    let mut s = testbed::connect(
+        &tb.workload("frontend-1").ns,
+        family.addr(&tb, "backend-2", 8080),
+        OK_TIMEOUT,
+    )
+    .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let r = echo_once(&mut s, 7);
     assert!(
         r.is_ok(),
-        "echo after a lost ACK token: {r:?}\n{}\n{}",
+        "echo ({family:?}) after a lost ACK token: {r:?}\n{}\n{}",
         tb.agent(1).metrics().text,
         tb.agent(2).metrics().text
     );
-    let rules = run_in(&tb.nodes[0], &["iptables", "-nvxL", "FORWARD"]);
+    let rules = run_in(&tb.nodes[0], &[family.iptables(), "-nvxL", "FORWARD"]);
     let dropped: u64 = rules
         .lines()
         .find(|l| l.contains("statistic"))
@@ -475,30 +651,39 @@ fn lost_ack_token_recovers(mode: Mode) {
 #[test]
 fn netns_lost_ack_token_recovers_psk() {
     if testbed::privileged("netns_lost_ack_token_recovers_psk") {
-        lost_ack_token_recovers(Mode::Psk);
+        lost_ack_token_recovers(Mode::Psk, Family::V4);
     }
 }
 
 #[test]
 fn netns_lost_ack_token_recovers_pki() {
     if testbed::privileged("netns_lost_ack_token_recovers_pki") {
-        lost_ack_token_recovers(Mode::Pki);
+        lost_ack_token_recovers(Mode::Pki, Family::V4);
+    }
+}
+
+#[test]
+fn netns_ipv6_lost_ack_token_recovers_psk() {
+    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_psk") {
+        lost_ack_token_recovers(Mode::Psk, Family::V6);
+    }
+}
+
+#[test]
+fn netns_ipv6_lost_ack_token_recovers_pki() {
+    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_pki") {
+        lost_ack_token_recovers(Mode::Pki, Family::V6);
     }
 }
 
 /// 2% random loss on the inter-node link (both directions, in node 1's FORWARD): every one of
 /// 200 connections completes (retransmitted SYN, SYN-ACK and ACK carry the same tokens).
-fn connections_complete_under_loss(mode: Mode) {
-    let tb = Testbed::builder()
-        .policies(&policies())
-        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
-        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
-        .agents(AgentConfig::new(Path::new(TESSERA), mode))
-        .build();
+fn connections_complete_under_loss(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
     run_in(
         &tb.nodes[0],
         &[
-            "iptables",
+            family.iptables(),
             "-A",
             "FORWARD",
             "-m",
@@ -514,9 +699,11 @@ fn connections_complete_under_loss(mode: Mode) {
     const N: usize = 200;
     const THREADS: usize = 10;
     let ns = tb.workload("frontend-1").ns.clone();
-    let addr = tb.workload("backend-2").addr(8080);
-    // Seen on the client's interface, to show what happened to a failed connection.
-    let mut cap = Capture::start(&ns, |p| p.sport() == 8080 || p.dport() == 8080);
+    let addr = family.addr(&tb, "backend-2", 8080);
+    // Seen on the client's interface, to show what happened to a failed connection (the
+    // capture parses IPv4 only).
+    let mut cap = (family == Family::V4)
+        .then(|| Capture::start(&ns, |p| p.sport() == 8080 || p.dport() == 8080));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let ns = ns.clone();
@@ -545,7 +732,9 @@ fn connections_complete_under_loss(mode: Mode) {
         .flat_map(|h| h.join().unwrap())
         .map(|(msg, port)| {
             let trace: Vec<String> = cap
-                .drain()
+                .as_mut()
+                .map(|c| c.drain())
+                .unwrap_or_default()
                 .iter()
                 .filter(|p| port != 0 && (p.sport() == port || p.dport() == port))
                 .map(describe)
@@ -553,7 +742,7 @@ fn connections_complete_under_loss(mode: Mode) {
             format!("{msg}\n    {}", trace.join("\n    "))
         })
         .collect();
-    let drops = run_in(&tb.nodes[0], &["iptables", "-nvL", "FORWARD"]);
+    let drops = run_in(&tb.nodes[0], &[family.iptables(), "-nvL", "FORWARD"]);
     // Conntrack in the server's netns sees the token bytes (its PREROUTING runs before our
     // INPUT hook): its invalid counters tell whether that upsets it.
     let ct = testbed::run_status(&[
@@ -570,7 +759,7 @@ fn connections_complete_under_loss(mode: Mode) {
     );
     assert!(
         failures.is_empty(),
-        "{} of {N} connections failed under 2% loss:\n{}\n{drops}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}",
+        "{} of {N} connections ({family:?}) failed under 2% loss:\n{}\n{drops}\nnode 1 /metrics:\n{}\nnode 2 /metrics:\n{}",
         failures.len(),
         failures.join("\n"),
         tb.agent(1).metrics().text,
@@ -582,14 +771,28 @@ fn connections_complete_under_loss(mode: Mode) {
 #[test]
 fn netns_connections_complete_under_two_percent_loss_psk() {
     if testbed::privileged("netns_connections_complete_under_two_percent_loss_psk") {
-        connections_complete_under_loss(Mode::Psk);
+        connections_complete_under_loss(Mode::Psk, Family::V4);
     }
 }
 
 #[test]
 fn netns_connections_complete_under_two_percent_loss_pki() {
     if testbed::privileged("netns_connections_complete_under_two_percent_loss_pki") {
-        connections_complete_under_loss(Mode::Pki);
+        connections_complete_under_loss(Mode::Pki, Family::V4);
+    }
+}
+
+#[test]
+fn netns_ipv6_connections_complete_under_two_percent_loss_psk() {
+    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_psk") {
+        connections_complete_under_loss(Mode::Psk, Family::V6);
+    }
+}
+
+#[test]
+fn netns_ipv6_connections_complete_under_two_percent_loss_pki() {
+    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_pki") {
+        connections_complete_under_loss(Mode::Pki, Family::V6);
     }
 }
 

@@ -497,18 +497,6 @@ impl Testbed {
         crate::netns::connect(&self.workload(from).ns, dst, timeout)
     }
 
-    /// Connects from workload `from` to workload `to` on `port` over IPv6 (dual-stack only).
-    pub fn connect6(
-        &self,
-        from: &str,
-        to: &str,
-        port: u16,
-        timeout: Duration,
-    ) -> std::io::Result<TcpStream> {
-        let dst = self.workload(to).addr6(port);
-        crate::netns::connect(&self.workload(from).ns, dst, timeout)
-    }
-
     /// Tries every cell at once (a thread each): connects from `from` to `to` on `port`, over
     /// IPv6 if `ipv6` (dual-stack only) or IPv4, with `ok_timeout` if the cell is allowed and
     /// `denied_timeout` if not, and echoes one byte. The outcomes, in the order of `cells`.
