@@ -24,6 +24,24 @@ fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/policies")
 }
 
+/// The `#[test]`s of a scenario `fn(Mode, Family)`: IPv4 PSK, IPv4 PKI, IPv6 PSK, IPv6 PKI.
+macro_rules! family_tests {
+    ($scenario:ident: $v4_psk:ident, $v4_pki:ident, $v6_psk:ident, $v6_pki:ident) => {
+        family_tests!(@one $scenario, $v4_psk, Psk, V4);
+        family_tests!(@one $scenario, $v4_pki, Pki, V4);
+        family_tests!(@one $scenario, $v6_psk, Psk, V6);
+        family_tests!(@one $scenario, $v6_pki, Pki, V6);
+    };
+    (@one $scenario:ident, $name:ident, $mode:ident, $family:ident) => {
+        #[test]
+        fn $name() {
+            if testbed::privileged(stringify!($name)) {
+                $scenario(Mode::$mode, Family::$family);
+            }
+        }
+    };
+}
+
 /// The address family a scenario runs over (IPv6: the dual-stack testbed, every connection to
 /// the workloads' IPv6 addresses, the link's drop rules in ip6tables).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -233,33 +251,13 @@ fn matrix_matches_the_policy_engine(mode: Mode, family: Family) {
     );
 }
 
-#[test]
-fn netns_matrix_matches_the_policy_engine_psk() {
-    if testbed::privileged("netns_matrix_matches_the_policy_engine_psk") {
-        matrix_matches_the_policy_engine(Mode::Psk, Family::V4);
-    }
-}
-
-#[test]
-fn netns_matrix_matches_the_policy_engine_pki() {
-    if testbed::privileged("netns_matrix_matches_the_policy_engine_pki") {
-        matrix_matches_the_policy_engine(Mode::Pki, Family::V4);
-    }
-}
-
-#[test]
-fn netns_ipv6_matrix_matches_the_policy_engine_psk() {
-    if testbed::privileged("netns_ipv6_matrix_matches_the_policy_engine_psk") {
-        matrix_matches_the_policy_engine(Mode::Psk, Family::V6);
-    }
-}
-
-#[test]
-fn netns_ipv6_matrix_matches_the_policy_engine_pki() {
-    if testbed::privileged("netns_ipv6_matrix_matches_the_policy_engine_pki") {
-        matrix_matches_the_policy_engine(Mode::Pki, Family::V6);
-    }
-}
+family_tests!(
+    matrix_matches_the_policy_engine:
+    netns_matrix_matches_the_policy_engine_psk,
+    netns_matrix_matches_the_policy_engine_pki,
+    netns_ipv6_matrix_matches_the_policy_engine_psk,
+    netns_ipv6_matrix_matches_the_policy_engine_pki
+);
 
 /// A known payload, not a repeating byte: a shifted or inserted token would show.
 fn payload(len: usize) -> Vec<u8> {
@@ -327,33 +325,13 @@ fn payload_arrives_intact(mode: Mode, family: Family) {
     assert!(m1.sum_with_label("peer", "ip_only") >= 1.0, "{}", m1.text);
 }
 
-#[test]
-fn netns_payload_arrives_intact_psk() {
-    if testbed::privileged("netns_payload_arrives_intact_psk") {
-        payload_arrives_intact(Mode::Psk, Family::V4);
-    }
-}
-
-#[test]
-fn netns_payload_arrives_intact_pki() {
-    if testbed::privileged("netns_payload_arrives_intact_pki") {
-        payload_arrives_intact(Mode::Pki, Family::V4);
-    }
-}
-
-#[test]
-fn netns_ipv6_payload_arrives_intact_psk() {
-    if testbed::privileged("netns_ipv6_payload_arrives_intact_psk") {
-        payload_arrives_intact(Mode::Psk, Family::V6);
-    }
-}
-
-#[test]
-fn netns_ipv6_payload_arrives_intact_pki() {
-    if testbed::privileged("netns_ipv6_payload_arrives_intact_pki") {
-        payload_arrives_intact(Mode::Pki, Family::V6);
-    }
-}
+family_tests!(
+    payload_arrives_intact:
+    netns_payload_arrives_intact_psk,
+    netns_payload_arrives_intact_pki,
+    netns_ipv6_payload_arrives_intact_psk,
+    netns_ipv6_payload_arrives_intact_pki
+);
 
 fn reached(a: &testbed::Agent, reason: &str, before: f64) -> f64 {
     a.wait_reason(reason, before + 1.0, Duration::from_secs(5)) - before
@@ -648,33 +626,13 @@ fn lost_ack_token_recovers(mode: Mode, family: Family) {
     echo_once(&mut s, 8).unwrap();
 }
 
-#[test]
-fn netns_lost_ack_token_recovers_psk() {
-    if testbed::privileged("netns_lost_ack_token_recovers_psk") {
-        lost_ack_token_recovers(Mode::Psk, Family::V4);
-    }
-}
-
-#[test]
-fn netns_lost_ack_token_recovers_pki() {
-    if testbed::privileged("netns_lost_ack_token_recovers_pki") {
-        lost_ack_token_recovers(Mode::Pki, Family::V4);
-    }
-}
-
-#[test]
-fn netns_ipv6_lost_ack_token_recovers_psk() {
-    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_psk") {
-        lost_ack_token_recovers(Mode::Psk, Family::V6);
-    }
-}
-
-#[test]
-fn netns_ipv6_lost_ack_token_recovers_pki() {
-    if testbed::privileged("netns_ipv6_lost_ack_token_recovers_pki") {
-        lost_ack_token_recovers(Mode::Pki, Family::V6);
-    }
-}
+family_tests!(
+    lost_ack_token_recovers:
+    netns_lost_ack_token_recovers_psk,
+    netns_lost_ack_token_recovers_pki,
+    netns_ipv6_lost_ack_token_recovers_psk,
+    netns_ipv6_lost_ack_token_recovers_pki
+);
 
 /// 2% random loss on the inter-node link (both directions, in node 1's FORWARD): every one of
 /// 200 connections completes (retransmitted SYN, SYN-ACK and ACK carry the same tokens).
@@ -768,33 +726,13 @@ fn connections_complete_under_loss(mode: Mode, family: Family) {
     assert_eq!(tb.server("backend-2", 8080).accepted(), N);
 }
 
-#[test]
-fn netns_connections_complete_under_two_percent_loss_psk() {
-    if testbed::privileged("netns_connections_complete_under_two_percent_loss_psk") {
-        connections_complete_under_loss(Mode::Psk, Family::V4);
-    }
-}
-
-#[test]
-fn netns_connections_complete_under_two_percent_loss_pki() {
-    if testbed::privileged("netns_connections_complete_under_two_percent_loss_pki") {
-        connections_complete_under_loss(Mode::Pki, Family::V4);
-    }
-}
-
-#[test]
-fn netns_ipv6_connections_complete_under_two_percent_loss_psk() {
-    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_psk") {
-        connections_complete_under_loss(Mode::Psk, Family::V6);
-    }
-}
-
-#[test]
-fn netns_ipv6_connections_complete_under_two_percent_loss_pki() {
-    if testbed::privileged("netns_ipv6_connections_complete_under_two_percent_loss_pki") {
-        connections_complete_under_loss(Mode::Pki, Family::V6);
-    }
-}
+family_tests!(
+    connections_complete_under_loss:
+    netns_connections_complete_under_two_percent_loss_psk,
+    netns_connections_complete_under_two_percent_loss_pki,
+    netns_ipv6_connections_complete_under_two_percent_loss_psk,
+    netns_ipv6_connections_complete_under_two_percent_loss_pki
+);
 
 /// One line per captured packet: direction, flags, payload and token lengths.
 fn describe(p: &Ipv4Tcp) -> String {
