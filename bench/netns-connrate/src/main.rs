@@ -41,6 +41,12 @@ struct Args {
     /// Throughput connections per case (median and spread reported).
     #[arg(long, default_value_t = 15)]
     transfers: usize,
+    /// Rounds: the whole case list is run this many times, interleaved, and the median over
+    /// rounds of each case's same-round ratios is printed after the per-round tables (this
+    /// VM's rate moves by tens of percent from minute to minute; a ratio taken within one round
+    /// and then a median is what survives that).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Concurrent client threads in the connection loop (the server gets as many workers).
     #[arg(long, default_value_t = 1)]
     clients: usize,
@@ -79,19 +85,29 @@ fn main() -> Result<()> {
     }
     let policies = std::fs::canonicalize(&args.policies)
         .with_context(|| format!("--policies {}", args.policies.display()))?;
-    let mut rows = Vec::new();
-    for case in &args.cases {
-        let agents = match case.as_str() {
-            "a" | "a-ct" => None,
-            "b" => Some((Mode::Psk, true)),
-            "c-psk" => Some((Mode::Psk, false)),
-            "c-pki" => Some((Mode::Pki, false)),
-            other => bail!("unknown case {other:?} (a, a-ct, b, c-psk, c-pki)"),
-        };
-        eprintln!("== case {case}");
-        rows.push(run_case(case, agents, &args, &policies)?);
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let mut rows = Vec::new();
+        for case in &args.cases {
+            let agents = match case.as_str() {
+                "a" | "a-ct" => None,
+                "b" => Some((Mode::Psk, true)),
+                "c-psk" => Some((Mode::Psk, false)),
+                "c-pki" => Some((Mode::Pki, false)),
+                other => bail!("unknown case {other:?} (a, a-ct, b, c-psk, c-pki)"),
+            };
+            eprintln!("== round {round}, case {case}");
+            rows.push(run_case(case, agents, &args, &policies)?);
+        }
+        if args.rounds > 1 {
+            println!("\nround {round}");
+        }
+        print_table(&rows);
+        rounds.push(rows);
     }
-    print_table(&rows);
+    if rounds.len() > 1 {
+        print_medians(&rounds);
+    }
     Ok(())
 }
 
@@ -342,6 +358,49 @@ fn decision_hist(tb: &Testbed, agents: bool) -> Option<Vec<(f64, f64)>> {
         });
     }
     sum
+}
+
+/// Per case, the median (and min..max) over rounds of its conn/s and throughput ratios to (a)
+/// and (b) of the same round.
+fn print_medians(rounds: &[Vec<Row>]) {
+    let ratio = |rows: &[Row], case: &str, base: &str, f: fn(&Row) -> f64| {
+        let x = rows.iter().find(|r| r.case == case)?;
+        let b = rows.iter().find(|r| r.case == base)?;
+        Some(f(x) / f(b))
+    };
+    let spread = |mut v: Vec<f64>| -> String {
+        if v.is_empty() {
+            return "-".to_owned();
+        }
+        v.sort_unstable_by(f64::total_cmp);
+        format!("{:.2} ({:.2}..{:.2})", median(&v), v[0], v[v.len() - 1])
+    };
+    println!(
+        "\nmedian over {} rounds of same-round ratios (min..max)\n{:<6} {:>20} {:>20} {:>20}",
+        rounds.len(),
+        "case",
+        "conn/s / (b)",
+        "conn/s / (a)",
+        "Gbit/s / (a)"
+    );
+    let cases: Vec<&str> = rounds[0].iter().map(|r| r.case.as_str()).collect();
+    for case in cases {
+        let col = |base: &str, f: fn(&Row) -> f64| {
+            spread(
+                rounds
+                    .iter()
+                    .filter_map(|r| ratio(r, case, base, f))
+                    .collect(),
+            )
+        };
+        println!(
+            "{:<6} {:>20} {:>20} {:>20}",
+            case,
+            col("b", |r| r.rate),
+            col("a", |r| r.rate),
+            col("a", |r| r.gbits)
+        );
+    }
 }
 
 fn print_table(rows: &[Row]) {
