@@ -9,7 +9,8 @@
 //! range, set inside that netns only). Throughput: `--transfers` connections to the sink, each
 //! carrying `--bytes`; the median and the spread (min..max) of their Gbit/s are reported, with
 //! the packets the agents saw during those transfers (an established flow that keeps coming to
-//! user space would show as more than the handshake's few packets per transfer).
+//! user space would show as more than the handshake's few packets per transfer). `--rounds`
+//! repeats the case list interleaved and prints the median of same-round ratios.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
