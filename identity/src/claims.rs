@@ -17,16 +17,77 @@ pub const MAX_CLAIMS_LEN: usize = 1024;
 /// A workload's identity as vouched for by its node: namespace, workload name, pod labels and
 /// the labels of its namespace.
 ///
-/// Cheap to clone (shared, immutable).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Cheap to clone (shared, immutable). The canonical encoding is made once, when the claims are
+/// built or decoded; equality and hashing use it (the encoding is canonical, so equal bytes
+/// mean equal claims).
+#[derive(Clone)]
 pub struct Claims(Arc<Inner>);
 
-#[derive(Debug, PartialEq, Eq, Hash)]
 struct Inner {
     namespace: String,
     workload: String,
     labels: BTreeMap<String, String>,
     namespace_labels: BTreeMap<String, String>,
+    encoded: Box<[u8]>,
+}
+
+impl Inner {
+    fn new(
+        namespace: String,
+        workload: String,
+        labels: BTreeMap<String, String>,
+        namespace_labels: BTreeMap<String, String>,
+    ) -> Inner {
+        let mut encoded = Vec::new();
+        // Lengths fit one or two bytes for valid claims (namespace <= 63, workload <= 253,
+        // keys <= 317, values <= 63, maps <= 255 entries); `Claims::new` validates right
+        // after, `Claims::decode` before.
+        encoded.push(namespace.len() as u8);
+        encoded.extend_from_slice(namespace.as_bytes());
+        encoded.push(workload.len() as u8);
+        encoded.extend_from_slice(workload.as_bytes());
+        for map in [&labels, &namespace_labels] {
+            encoded.push(map.len() as u8);
+            for (k, v) in map {
+                encoded.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                encoded.extend_from_slice(k.as_bytes());
+                encoded.push(v.len() as u8);
+                encoded.extend_from_slice(v.as_bytes());
+            }
+        }
+        Inner {
+            namespace,
+            workload,
+            labels,
+            namespace_labels,
+            encoded: encoded.into_boxed_slice(),
+        }
+    }
+}
+
+impl PartialEq for Claims {
+    fn eq(&self, other: &Claims) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.encoded == other.0.encoded
+    }
+}
+
+impl Eq for Claims {}
+
+impl std::hash::Hash for Claims {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.encoded.hash(state);
+    }
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("namespace", &self.0.namespace)
+            .field("workload", &self.0.workload)
+            .field("labels", &self.0.labels)
+            .field("namespace_labels", &self.0.namespace_labels)
+            .finish()
+    }
 }
 
 impl Claims {
@@ -38,12 +99,12 @@ impl Claims {
         labels: BTreeMap<String, String>,
         namespace_labels: BTreeMap<String, String>,
     ) -> Result<Self, ClaimsError> {
-        let claims = Claims(Arc::new(Inner {
-            namespace: namespace.into(),
-            workload: workload.into(),
+        let claims = Claims(Arc::new(Inner::new(
+            namespace.into(),
+            workload.into(),
             labels,
             namespace_labels,
-        }));
+        )));
         claims.validate()?;
         let size = claims.encoded_len();
         if size > MAX_CLAIMS_LEN {
@@ -95,36 +156,12 @@ impl Claims {
 
     /// Size of [`Claims::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        let map_len = |m: &BTreeMap<String, String>| {
-            1 + m
-                .iter()
-                .map(|(k, v)| 2 + k.len() + 1 + v.len())
-                .sum::<usize>()
-        };
-        1 + self.0.namespace.len()
-            + 1
-            + self.0.workload.len()
-            + map_len(&self.0.labels)
-            + map_len(&self.0.namespace_labels)
+        self.0.encoded.len()
     }
 
     /// Append the canonical encoding (see docs/wire-format.md, "Claims").
     pub fn encode(&self, out: &mut Vec<u8>) {
-        // Lengths are guaranteed to fit by validation (namespace <= 63, workload <= 253,
-        // keys <= 317, values <= 63, maps <= 255 entries).
-        out.push(self.0.namespace.len() as u8);
-        out.extend_from_slice(self.0.namespace.as_bytes());
-        out.push(self.0.workload.len() as u8);
-        out.extend_from_slice(self.0.workload.as_bytes());
-        for map in [&self.0.labels, &self.0.namespace_labels] {
-            out.push(map.len() as u8);
-            for (k, v) in map {
-                out.extend_from_slice(&(k.len() as u16).to_be_bytes());
-                out.extend_from_slice(k.as_bytes());
-                out.push(v.len() as u8);
-                out.extend_from_slice(v.as_bytes());
-            }
-        }
+        out.extend_from_slice(&self.0.encoded);
     }
 
     /// Decode canonical claims from the reader. Rejects invalid syntax, unsorted or duplicate
@@ -143,12 +180,12 @@ impl Claims {
                 max: MAX_CLAIMS_LEN,
             }));
         }
-        Ok(Claims(Arc::new(Inner {
-            namespace: namespace.to_owned(),
-            workload: workload.to_owned(),
+        Ok(Claims(Arc::new(Inner::new(
+            namespace.to_owned(),
+            workload.to_owned(),
             labels,
             namespace_labels,
-        })))
+        ))))
     }
 }
 
@@ -376,6 +413,57 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The processor caches policy views by claims: claims decoded from a token must find the
+    /// entry of equal claims built locally (same hash, equal), and any difference must not.
+    #[test]
+    fn equality_and_hash_follow_the_canonical_encoding() {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        let built = Claims::new(
+            "shop",
+            "web-1",
+            map(&[("role", "web"), ("app", "shop")]),
+            map(&[("team", "a")]),
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        built.encode(&mut bytes);
+        let decoded = Claims::decode(&mut Reader::new(&bytes)).ok().unwrap();
+        assert!(!Arc::ptr_eq(&built.0, &decoded.0));
+        assert_eq!(built, decoded);
+        assert_eq!(hasher.hash_one(&built), hasher.hash_one(&decoded));
+        for other in [
+            Claims::new(
+                "shop",
+                "web-1",
+                map(&[("role", "web")]),
+                map(&[("team", "a")]),
+            ),
+            Claims::new(
+                "shop",
+                "web-2",
+                map(&[("role", "web"), ("app", "shop")]),
+                map(&[("team", "a")]),
+            ),
+            Claims::new(
+                "shop",
+                "web-1",
+                map(&[("role", "web"), ("app", "shop")]),
+                map(&[("team", "b")]),
+            ),
+            Claims::new(
+                "shop",
+                "web-1",
+                map(&[("role", "web"), ("app", "shop")]),
+                map(&[]),
+            ),
+        ] {
+            let other = other.unwrap();
+            assert_ne!(built, other, "{other:?}");
+        }
+        assert_eq!(built.encoded_len(), bytes.len());
     }
 
     #[test]
