@@ -1,18 +1,19 @@
 //! The datapath on the real kernel: two nodes (netns, veth, routed), workloads behind each, one
-//! `tessera run` per node, in PSK and in PKI mode; the matrix, payload, lost-ACK and loss
-//! scenarios also over IPv6 (the dual-stack testbed, connections to the workloads' IPv6
-//! addresses). Needs root (tests/run.sh runs them in CI); without root they print a SKIP line
-//! locally and fail under CI=true.
+//! `tessera run` per node, in PSK and in PKI mode; the matrix, payload, lost-ACK, loss,
+//! injected-handshake and duplicate-ACK-token scenarios also over IPv6 (the dual-stack testbed,
+//! connections to the workloads' IPv6 addresses, packets injected with an IPv6 raw socket).
+//! Needs root (tests/run.sh runs them in CI); without root they print a SKIP line locally and
+//! fail under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use testbed::packet::{self, ACK, Capture, Ipv4Tcp, SYN};
-use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once, run_in};
+use testbed::packet::{self, ACK, Capture, IpTcp, SYN};
+use testbed::{AgentConfig, Mode, Testbed, Workload, WorkloadSpec, echo_once, run_in};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 /// Connect timeout: a denied SYN is dropped, so the client's connect() times out after this.
@@ -70,9 +71,27 @@ impl Family {
     }
 
     fn addr(self, tb: &Testbed, workload: &str, port: u16) -> std::net::SocketAddr {
+        self.addr_of(tb.workload(workload), port)
+    }
+
+    /// The workload's address in this family.
+    fn ip(self, w: &Workload) -> IpAddr {
+        self.addr_of(w, 0).ip()
+    }
+
+    fn addr_of(self, w: &Workload, port: u16) -> std::net::SocketAddr {
         match self {
-            Family::V4 => tb.workload(workload).addr(port),
-            Family::V6 => tb.workload(workload).addr6(port),
+            Family::V4 => w.addr(port),
+            Family::V6 => w.addr6(port),
+        }
+    }
+
+    /// The smallest IP packet length (header included) of an ACK carrying a token: a bare
+    /// ACK with timestamps (52 bytes over IPv4, 72 over IPv6) is shorter.
+    fn token_ack_min_len(self) -> u16 {
+        match self {
+            Family::V4 => 70,
+            Family::V6 => 90,
         }
     }
 }
@@ -341,23 +360,17 @@ fn reached(a: &testbed::Agent, reason: &str, before: f64) -> f64 {
 /// (so they look like they come from the client workload), are rejected by node 2's agent and
 /// counted by reason; a connection whose ACK proof never arrives never reaches the server
 /// application, and does as soon as the genuine ACK is delivered.
-fn injected_handshakes_are_rejected(mode: Mode) {
-    let tb = Testbed::builder()
-        .policies(&policies())
-        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
-        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
-        .agents(AgentConfig::new(Path::new(TESSERA), mode))
-        .build();
+fn injected_handshakes_are_rejected(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
     let client = tb.workload("frontend-1").clone();
     let server = tb.workload("backend-2").clone();
     let node1 = tb.nodes[0].clone();
-    let sip = server.ip;
+    let cip = family.ip(&client);
+    let sip = family.ip(&server);
     let mut cap = Capture::start(&client.ns, move |p| p.dst() == sip && p.dport() == 8080);
 
     // A genuine connection, captured on the client's interface.
-    let mut s = tb
-        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
-        .unwrap();
+    let mut s = testbed::connect(&client.ns, family.addr_of(&server, 8080), OK_TIMEOUT).unwrap();
     echo_once(&mut s, 1).unwrap();
     drop(s);
     let syn = cap
@@ -388,7 +401,7 @@ fn injected_handshakes_are_rejected(mode: Mode) {
     let before = tb.agent(2).metrics().sum_with_label("reason", key_reason);
     let mode_byte = if mode == Mode::Pki { 1 } else { 2 };
     let forged = packet::syn_with_token(
-        client.ip,
+        cip,
         syn.sport().wrapping_add(2000).max(1024),
         sip,
         8080,
@@ -405,9 +418,10 @@ fn injected_handshakes_are_rejected(mode: Mode) {
     // than a bare ACK). The client's connect() completes (its kernel saw the SYN-ACK), its data
     // byte reaches the server's agent without proof and is dropped: the server application
     // never accepts.
+    let min_len = family.token_ack_min_len();
     let rule = [
         "-s",
-        &client.ip.to_string(),
+        &cip.to_string(),
         "-d",
         &sip.to_string(),
         "-p",
@@ -420,25 +434,24 @@ fn injected_handshakes_are_rejected(mode: Mode) {
         "-m",
         "length",
         "--length",
-        "70:1500",
+        &format!("{min_len}:1500"),
         "-j",
         "DROP",
     ]
     .map(str::to_owned);
-    let mut add = vec!["iptables", "-I", "FORWARD"];
+    let mut add = vec![family.iptables(), "-I", "FORWARD"];
     add.extend(rule.iter().map(String::as_str));
     run_in(&node1, &add);
     let ack_missing_before = tb
         .agent(2)
         .metrics()
         .sum_with_label("reason", "ack_missing");
-    let mut pending = tb
-        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
-        .unwrap();
+    let mut pending =
+        testbed::connect(&client.ns, family.addr_of(&server, 8080), OK_TIMEOUT).unwrap();
     let psport = pending.local_addr().unwrap().port();
     std::io::Write::write_all(&mut pending, &[7]).unwrap();
     let ack = cap
-        .wait_for(Duration::from_secs(3), |p: &Ipv4Tcp| {
+        .wait_for(Duration::from_secs(3), |p: &IpTcp| {
             p.sport() == psport && p.flags() == ACK && p.token().is_some()
         })
         .expect("the client's ACK left with a token");
@@ -486,44 +499,30 @@ fn injected_handshakes_are_rejected(mode: Mode) {
     assert_eq!(tb.server("backend-2", 8080).accepted(), accepted + 1);
 }
 
-#[test]
-fn netns_injected_handshakes_are_rejected_psk() {
-    if testbed::privileged("netns_injected_handshakes_are_rejected_psk") {
-        injected_handshakes_are_rejected(Mode::Psk);
-    }
-}
-
-#[test]
-fn netns_injected_handshakes_are_rejected_pki() {
-    if testbed::privileged("netns_injected_handshakes_are_rejected_pki") {
-        injected_handshakes_are_rejected(Mode::Pki);
-    }
-}
+family_tests!(
+    injected_handshakes_are_rejected:
+    netns_injected_handshakes_are_rejected_psk,
+    netns_injected_handshakes_are_rejected_pki,
+    netns_ipv6_injected_handshakes_are_rejected_psk,
+    netns_ipv6_injected_handshakes_are_rejected_pki
+);
 
 /// A duplicate of the client's ACK token arriving after the server authorized the flow (what
 /// the network does when the SYN or SYN-ACK was retransmitted, so the client answered two
 /// SYN-ACKs) must not reach the server application as 36 bytes of data: the token is
 /// stripped or the packet dropped, never delivered.
-fn duplicate_ack_token_is_not_data(mode: Mode) {
-    let tb = Testbed::builder()
-        .policies(&policies())
-        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
-        .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
-        .agents(AgentConfig::new(Path::new(TESSERA), mode))
-        .build();
+fn duplicate_ack_token_is_not_data(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
     let client = tb.workload("frontend-1").clone();
-    let sip = tb.workload("backend-2").ip;
+    let server = tb.workload("backend-2").clone();
+    let sip = family.ip(&server);
     let mut cap = Capture::start(&client.ns, move |p| p.dst() == sip && p.dport() == 8080);
-    let cip = client.ip;
-    let mut server_side = Capture::start(&tb.workload("backend-2").ns, move |p| {
-        p.src() == cip || p.dst() == cip
-    });
-    let mut s = tb
-        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
-        .unwrap();
+    let cip = family.ip(&client);
+    let mut server_side = Capture::start(&server.ns, move |p| p.src() == cip || p.dst() == cip);
+    let mut s = testbed::connect(&client.ns, family.addr_of(&server, 8080), OK_TIMEOUT).unwrap();
     let port = s.local_addr().unwrap().port();
     let ack = cap
-        .wait_for(Duration::from_secs(3), |p: &Ipv4Tcp| {
+        .wait_for(Duration::from_secs(3), |p: &IpTcp| {
             p.sport() == port && p.flags() == ACK && p.token().is_some()
         })
         .expect("the client's ACK left with a token");
@@ -545,19 +544,13 @@ fn duplicate_ack_token_is_not_data(mode: Mode) {
     );
 }
 
-#[test]
-fn netns_duplicate_ack_token_is_not_data_psk() {
-    if testbed::privileged("netns_duplicate_ack_token_is_not_data_psk") {
-        duplicate_ack_token_is_not_data(Mode::Psk);
-    }
-}
-
-#[test]
-fn netns_duplicate_ack_token_is_not_data_pki() {
-    if testbed::privileged("netns_duplicate_ack_token_is_not_data_pki") {
-        duplicate_ack_token_is_not_data(Mode::Pki);
-    }
-}
+family_tests!(
+    duplicate_ack_token_is_not_data:
+    netns_duplicate_ack_token_is_not_data_psk,
+    netns_duplicate_ack_token_is_not_data_pki,
+    netns_ipv6_duplicate_ack_token_is_not_data_psk,
+    netns_ipv6_duplicate_ack_token_is_not_data_pki
+);
 
 /// The client's flow is marked as its ACK token leaves. When that ACK is lost (dropped once on
 /// the inter-node link), the client's data bypasses its agent and the server's agent refuses it
@@ -735,7 +728,7 @@ family_tests!(
 );
 
 /// One line per captured packet: direction, flags, payload and token lengths.
-fn describe(p: &Ipv4Tcp) -> String {
+fn describe(p: &IpTcp) -> String {
     let f = p.flags();
     let names: Vec<&str> = [
         (SYN, "S"),

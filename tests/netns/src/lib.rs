@@ -7,7 +7,7 @@
 //! `fd00:<x>:<y>::/64`, IPv6 forwarding inside the nodes only). It writes one inventory per
 //! node, starts one `tessera run` per node in the host netns, echo servers inside workloads,
 //! and connects clients from inside workloads. [`packet`] captures frames in a netns (AF_PACKET) and injects
-//! raw IPv4 packets (IPPROTO_RAW). Everything is torn down in `Drop` (agents killed, netns
+//! raw IPv4 or IPv6 packets (IPPROTO_RAW). Everything is torn down in `Drop` (agents killed, netns
 //! deleted, which removes veths and rules), even when a test panics; [`sweep_leftovers`] removes
 //! what crashed runs left (names `ts-<pid>-...` whose pid is dead).
 //!

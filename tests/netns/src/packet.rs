@@ -1,7 +1,8 @@
-//! Capturing IPv4/TCP packets in a netns (an AF_PACKET socket, as tcpdump does) and injecting
-//! raw IPv4 packets (an IPPROTO_RAW socket: the caller writes the IP header, any source address).
+//! Capturing IPv4/TCP and IPv6/TCP packets in a netns (an AF_PACKET socket, as tcpdump does) and
+//! injecting raw IPv4 or IPv6 packets (an IPPROTO_RAW socket of the packet's family: on Linux the
+//! caller writes the IP header, any source address).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::socket::{
-    AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recvfrom,
-    sendto, setsockopt, socket, sockopt,
+    AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    recvfrom, sendto, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 
@@ -25,60 +26,86 @@ pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 
-/// An IPv4 packet carrying TCP (header, options, payload), with accessors and fix-ups.
+/// An IPv4 or IPv6 packet carrying TCP (header, options, payload), with accessors and fix-ups.
+/// IPv6: TCP directly after the 40-byte header (no extension headers).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ipv4Tcp(pub Vec<u8>);
+pub struct IpTcp(pub Vec<u8>);
 
-impl Ipv4Tcp {
-    /// Checks that `b` is a whole IPv4/TCP packet (trailing link padding cut off).
-    pub fn parse(b: &[u8]) -> Option<Ipv4Tcp> {
-        if b.len() < 40 || b[0] >> 4 != 4 || b[9] != 6 {
+impl IpTcp {
+    /// Checks that `b` is a whole IPv4/TCP or IPv6/TCP packet (trailing link padding cut off).
+    pub fn parse(b: &[u8]) -> Option<IpTcp> {
+        let (tcp, total) = match b.first()? >> 4 {
+            4 => {
+                if b.len() < 40 || b[9] != 6 {
+                    return None;
+                }
+                let ihl = usize::from(b[0] & 0x0f) * 4;
+                (ihl, usize::from(u16::from_be_bytes([b[2], b[3]])))
+            }
+            6 => {
+                if b.len() < 60 || b[6] != 6 {
+                    return None;
+                }
+                (40, 40 + usize::from(u16::from_be_bytes([b[4], b[5]])))
+            }
+            _ => return None,
+        };
+        if tcp < 20 || total > b.len() || total < tcp + 20 {
             return None;
         }
-        let ihl = usize::from(b[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([b[2], b[3]]));
-        if ihl < 20 || total > b.len() || total < ihl + 20 {
+        let doff = usize::from(b[tcp + 12] >> 4) * 4;
+        if doff < 20 || tcp + doff > total {
             return None;
         }
-        let doff = usize::from(b[ihl + 12] >> 4) * 4;
-        if doff < 20 || ihl + doff > total {
-            return None;
-        }
-        Some(Ipv4Tcp(b[..total].to_vec()))
+        Some(IpTcp(b[..total].to_vec()))
     }
 
-    fn ihl(&self) -> usize {
-        usize::from(self.0[0] & 0x0f) * 4
+    pub fn is_ipv6(&self) -> bool {
+        self.0[0] >> 4 == 6
+    }
+    /// Offset of the TCP header: after the IPv4 header (IHL) or the 40-byte IPv6 header.
+    fn tcp(&self) -> usize {
+        if self.is_ipv6() {
+            40
+        } else {
+            usize::from(self.0[0] & 0x0f) * 4
+        }
     }
     fn doff(&self) -> usize {
-        usize::from(self.0[self.ihl() + 12] >> 4) * 4
+        usize::from(self.0[self.tcp() + 12] >> 4) * 4
     }
-    pub fn src(&self) -> Ipv4Addr {
-        Ipv4Addr::new(self.0[12], self.0[13], self.0[14], self.0[15])
+    /// Byte range of the source and destination addresses (the pseudo-header's).
+    fn addrs(&self) -> Range<usize> {
+        if self.is_ipv6() { 8..40 } else { 12..20 }
     }
-    pub fn dst(&self) -> Ipv4Addr {
-        Ipv4Addr::new(self.0[16], self.0[17], self.0[18], self.0[19])
+    pub fn src(&self) -> IpAddr {
+        let a = self.addrs();
+        addr(&self.0[a.start..a.start + a.len() / 2])
+    }
+    pub fn dst(&self) -> IpAddr {
+        let a = self.addrs();
+        addr(&self.0[a.start + a.len() / 2..a.end])
     }
     pub fn sport(&self) -> u16 {
-        let t = self.ihl();
+        let t = self.tcp();
         u16::from_be_bytes([self.0[t], self.0[t + 1]])
     }
     pub fn dport(&self) -> u16 {
-        let t = self.ihl();
+        let t = self.tcp();
         u16::from_be_bytes([self.0[t + 2], self.0[t + 3]])
     }
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
     pub fn flags(&self) -> u8 {
-        self.0[self.ihl() + 13]
+        self.0[self.tcp() + 13]
     }
     /// Byte range of the TCP payload in the packet.
     pub fn payload(&self) -> Range<usize> {
-        self.ihl() + self.doff()..self.0.len()
+        self.tcp() + self.doff()..self.0.len()
     }
     /// The token length announced by our TCP option, if present.
     pub fn token_len(&self) -> Option<usize> {
-        let start = self.ihl() + 20;
-        let end = self.ihl() + self.doff();
+        let start = self.tcp() + 20;
+        let end = self.tcp() + self.doff();
         let o = &self.0[start..end];
         let mut i = 0;
         while i < o.len() {
@@ -109,32 +136,45 @@ impl Ipv4Tcp {
         (p.start + l <= p.end).then(|| p.start..p.start + l)
     }
     pub fn set_sport(&mut self, port: u16) {
-        let t = self.ihl();
+        let t = self.tcp();
         self.0[t..t + 2].copy_from_slice(&port.to_be_bytes());
     }
-    /// Recomputes the IPv4 header checksum and the full TCP checksum.
+    /// Recomputes the IPv4 header checksum (IPv6 has none) and the full TCP checksum.
     pub fn fix_checksums(&mut self) {
-        let ihl = self.ihl();
-        self.0[10] = 0;
-        self.0[11] = 0;
-        let c = fold(sum16(&self.0[..ihl], 0));
-        self.0[10..12].copy_from_slice(&c.to_be_bytes());
-        let tcp_len = self.0.len() - ihl;
-        self.0[ihl + 16] = 0;
-        self.0[ihl + 17] = 0;
-        let mut s = sum16(&self.0[12..20], 0);
-        s += 6 + tcp_len as u32;
-        s = sum16(&self.0[ihl..], s);
-        let c = fold(s);
-        self.0[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
+        let t = self.tcp();
+        if !self.is_ipv6() {
+            self.0[10] = 0;
+            self.0[11] = 0;
+            let c = fold(sum16(&self.0[..t], 0));
+            self.0[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        self.0[t + 16] = 0;
+        self.0[t + 17] = 0;
+        let c = fold(self.tcp_sum());
+        self.0[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
     }
     /// Whether the TCP checksum verifies.
     pub fn tcp_checksum_ok(&self) -> bool {
-        let ihl = self.ihl();
-        let mut s = sum16(&self.0[12..20], 0);
-        s += 6 + (self.0.len() - ihl) as u32;
-        s = sum16(&self.0[ihl..], s);
-        fold(s) == 0
+        fold(self.tcp_sum()) == 0
+    }
+    /// One's-complement sum of the pseudo-header (addresses, protocol 6, TCP length: the same
+    /// words for IPv4 and, with the length below 64 KiB, IPv6) and the TCP segment.
+    fn tcp_sum(&self) -> u32 {
+        let t = self.tcp();
+        let mut s = sum16(&self.0[self.addrs()], 0);
+        s += 6 + (self.0.len() - t) as u32;
+        sum16(&self.0[t..], s)
+    }
+}
+
+fn addr(b: &[u8]) -> IpAddr {
+    match b.len() {
+        4 => IpAddr::from([b[0], b[1], b[2], b[3]]),
+        _ => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(b);
+            IpAddr::from(o)
+        }
     }
 }
 
@@ -158,15 +198,15 @@ fn fold(mut s: u32) -> u16 {
 
 /// Packets captured in a netns by a background thread; stopped on drop.
 pub struct Capture {
-    rx: mpsc::Receiver<Ipv4Tcp>,
+    rx: mpsc::Receiver<IpTcp>,
     stop: Arc<AtomicBool>,
-    seen: Vec<Ipv4Tcp>,
+    seen: Vec<IpTcp>,
 }
 
 impl Capture {
-    /// Starts capturing IPv4/TCP packets (both directions, every interface of `ns`) for which
+    /// Starts capturing IPv4/TCP and IPv6/TCP packets (both directions, every interface of `ns`) for which
     /// `keep` holds. Capturing has begun when this returns.
-    pub fn start(ns: &str, keep: impl Fn(&Ipv4Tcp) -> bool + Send + 'static) -> Capture {
+    pub fn start(ns: &str, keep: impl Fn(&IpTcp) -> bool + Send + 'static) -> Capture {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -187,11 +227,11 @@ impl Capture {
                 let Ok((n, _)) = recvfrom::<LinkAddr>(fd.as_raw_fd(), &mut buf) else {
                     continue;
                 };
-                // Ethernet (veth) frames: 14-byte header, IPv4 ethertype.
-                if n < 14 || buf[12..14] != [0x08, 0x00] {
+                // Ethernet (veth) frames: 14-byte header, IPv4 or IPv6 ethertype.
+                if n < 14 || (buf[12..14] != [0x08, 0x00] && buf[12..14] != [0x86, 0xdd]) {
                     continue;
                 }
-                if let Some(p) = Ipv4Tcp::parse(&buf[14..n])
+                if let Some(p) = IpTcp::parse(&buf[14..n])
                     && keep(&p)
                     && tx.send(p).is_err()
                 {
@@ -211,11 +251,7 @@ impl Capture {
 
     /// Waits up to `timeout` for a captured packet matching `pred` (looking at what was
     /// captured before too) and returns it.
-    pub fn wait_for(
-        &mut self,
-        timeout: Duration,
-        pred: impl Fn(&Ipv4Tcp) -> bool,
-    ) -> Option<Ipv4Tcp> {
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&IpTcp) -> bool) -> Option<IpTcp> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(p) = self.seen.iter().find(|p| pred(p)) {
@@ -230,7 +266,7 @@ impl Capture {
     }
 
     /// Everything captured so far.
-    pub fn drain(&mut self) -> &[Ipv4Tcp] {
+    pub fn drain(&mut self) -> &[IpTcp] {
         while let Ok(p) = self.rx.try_recv() {
             self.seen.push(p);
         }
@@ -244,43 +280,64 @@ impl Drop for Capture {
     }
 }
 
-/// Sends a raw IPv4 packet (header included) from inside `ns`, routed by its destination.
-pub fn inject(ns: &str, packet: &Ipv4Tcp) {
+/// Sends a raw IPv4 or IPv6 packet (header included) from inside `ns`, routed by its
+/// destination.
+pub fn inject(ns: &str, packet: &IpTcp) {
     let pkt = packet.clone();
     crate::netns::in_netns(ns, move || {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::empty(),
-            SockProtocol::Raw,
-        )
-        .expect("raw socket");
-        let to = SockaddrIn::from(SocketAddrV4::new(pkt.dst(), 0));
-        sendto(fd.as_raw_fd(), &pkt.0, &to, MsgFlags::empty()).expect("sendto raw");
+        let family = match pkt.dst() {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        // IPPROTO_RAW implies IP_HDRINCL (IPv4) / a caller-written header (IPv6, Linux).
+        let fd = socket(family, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)
+            .expect("raw socket");
+        let sent = match pkt.dst() {
+            IpAddr::V4(d) => sendto(
+                fd.as_raw_fd(),
+                &pkt.0,
+                &SockaddrIn::from(SocketAddrV4::new(d, 0)),
+                MsgFlags::empty(),
+            ),
+            IpAddr::V6(d) => sendto(
+                fd.as_raw_fd(),
+                &pkt.0,
+                &SockaddrIn6::from(SocketAddrV6::new(d, 0, 0, 0)),
+                MsgFlags::empty(),
+            ),
+        };
+        let n = sent.expect("sendto raw");
+        assert_eq!(n, pkt.0.len(), "raw send was short");
     });
 }
 
-/// Builds a SYN from `src:sport` to `dst:dport` carrying our option and `token` as payload.
-pub fn syn_with_token(
-    src: Ipv4Addr,
-    sport: u16,
-    dst: Ipv4Addr,
-    dport: u16,
-    token: &[u8],
-) -> Ipv4Tcp {
+/// Builds a SYN from `src:sport` to `dst:dport` (both IPv4 or both IPv6) carrying our option
+/// and `token` as payload.
+pub fn syn_with_token(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, token: &[u8]) -> IpTcp {
     // Options: MSS 1460, our 6-byte option, 2 NOPs: 12 bytes, TCP header 32.
     let mut opts = vec![2, 4, 0x05, 0xb4, OPTION_KIND, 6];
     opts.extend_from_slice(&OPTION_EXID.to_be_bytes());
     opts.extend_from_slice(&(token.len() as u16).to_be_bytes());
     opts.extend_from_slice(&[1, 1]);
     let tcp_len = 20 + opts.len() + token.len();
-    let total = 20 + tcp_len;
-    let mut b = Vec::with_capacity(total);
-    b.extend_from_slice(&[0x45, 0]);
-    b.extend_from_slice(&(total as u16).to_be_bytes());
-    b.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
-    b.extend_from_slice(&src.octets());
-    b.extend_from_slice(&dst.octets());
+    let mut b = Vec::with_capacity(40 + tcp_len);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            b.extend_from_slice(&[0x45, 0]);
+            b.extend_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+            b.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
+            b.extend_from_slice(&s.octets());
+            b.extend_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            b.extend_from_slice(&[0x60, 0, 0, 0]);
+            b.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+            b.extend_from_slice(&[6, 64]);
+            b.extend_from_slice(&s.octets());
+            b.extend_from_slice(&d.octets());
+        }
+        _ => panic!("syn_with_token: {src} and {dst} are of different families"),
+    }
     b.extend_from_slice(&sport.to_be_bytes());
     b.extend_from_slice(&dport.to_be_bytes());
     let mut seq = [0u8; 4];
@@ -293,7 +350,7 @@ pub fn syn_with_token(
     b.extend_from_slice(&[0, 0, 0, 0]);
     b.extend_from_slice(&opts);
     b.extend_from_slice(token);
-    let mut p = Ipv4Tcp(b);
+    let mut p = IpTcp(b);
     p.fix_checksums();
     p
 }
@@ -332,40 +389,94 @@ pub fn forged_syn_token(mode: u8, ns: &str, role: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn v4() -> (IpAddr, IpAddr) {
+        (
+            Ipv4Addr::new(10, 1, 2, 3).into(),
+            Ipv4Addr::new(10, 1, 3, 2).into(),
+        )
+    }
+
+    fn v6() -> (IpAddr, IpAddr) {
+        (
+            "fd00:1:2::3".parse::<Ipv6Addr>().unwrap().into(),
+            "fd00:1:3::2".parse::<Ipv6Addr>().unwrap().into(),
+        )
+    }
 
     #[test]
     fn built_syn_parses_back_with_its_token_and_valid_checksums() {
-        let token = forged_syn_token(2, "shop", "Database");
-        let p = syn_with_token(
-            Ipv4Addr::new(10, 1, 2, 3),
-            40000,
-            Ipv4Addr::new(10, 1, 3, 2),
-            5432,
-            &token,
-        );
-        let q = Ipv4Tcp::parse(&p.0).unwrap();
-        assert_eq!(q.flags(), SYN);
-        assert_eq!((q.sport(), q.dport()), (40000, 5432));
-        assert_eq!(&q.0[q.token().unwrap()], &token[..]);
-        assert!(q.tcp_checksum_ok());
-        let mut r = q.clone();
-        r.set_sport(40001);
-        assert!(!r.tcp_checksum_ok());
-        r.fix_checksums();
-        assert!(r.tcp_checksum_ok());
+        for (src, dst) in [v4(), v6()] {
+            let token = forged_syn_token(2, "shop", "Database");
+            let p = syn_with_token(src, 40000, dst, 5432, &token);
+            let q = IpTcp::parse(&p.0).unwrap();
+            assert_eq!(q.is_ipv6(), src.is_ipv6());
+            assert_eq!((q.src(), q.dst()), (src, dst));
+            assert_eq!(q.flags(), SYN);
+            assert_eq!((q.sport(), q.dport()), (40000, 5432));
+            assert_eq!(&q.0[q.token().unwrap()], &token[..]);
+            assert!(q.tcp_checksum_ok());
+            let mut r = q.clone();
+            r.set_sport(40001);
+            assert!(!r.tcp_checksum_ok());
+            r.fix_checksums();
+            assert!(r.tcp_checksum_ok());
+        }
+    }
+
+    #[test]
+    fn ipv6_tcp_checksum_covers_the_addresses() {
+        let (src, dst) = v6();
+        let mut p = syn_with_token(src, 1, dst, 2, b"tok");
+        p.0[39] ^= 1; // last byte of the destination address
+        assert!(!p.tcp_checksum_ok());
+    }
+
+    #[test]
+    fn ipv6_checksum_matches_a_known_segment() {
+        // A SYN fd00::1:40000 -> fd00::2:80, no options, seq 1, window 64240, computed by hand:
+        // pseudo-header words fd00+1+fd00+2+6+20, TCP header words 9c40+0050+0001+5002+faf0.
+        let mut b = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        b.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+        b.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        b.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, SYN]);
+        b.extend_from_slice(&[0xfa, 0xf0, 0, 0, 0, 0]);
+        let mut p = IpTcp::parse(&b).unwrap();
+        p.fix_checksums();
+        let mut sum: u32 = [
+            0xfd00u32, 1, 0xfd00, 2, 6, 20, 0x9c40, 0x0050, 0x0001, 0x5002, 0xfaf0,
+        ]
+        .iter()
+        .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let want = !(sum as u16);
+        assert_eq!(u16::from_be_bytes([p.0[56], p.0[57]]), want);
+    }
+
+    #[test]
+    fn truncated_or_non_tcp_ipv6_is_not_parsed() {
+        let (src, dst) = v6();
+        let p = syn_with_token(src, 1, dst, 2, b"tok");
+        assert!(IpTcp::parse(&p.0[..p.0.len() - 1]).is_none());
+        let mut udp = p.0.clone();
+        udp[6] = 17;
+        assert!(IpTcp::parse(&udp).is_none());
+        // Link padding after the announced payload length is cut off.
+        let mut padded = p.0.clone();
+        padded.extend_from_slice(&[0; 6]);
+        assert_eq!(IpTcp::parse(&padded).unwrap(), p);
     }
 
     #[test]
     fn token_is_absent_without_our_option() {
-        let mut p = syn_with_token(
-            Ipv4Addr::new(10, 1, 2, 3),
-            1,
-            Ipv4Addr::new(10, 1, 3, 2),
-            2,
-            b"x",
-        );
-        let exid = p.payload().start - 8; // our option starts 8 bytes before the payload
-        p.0[exid + 2] = 0x12; // another ExID
-        assert_eq!(p.token(), None);
+        for (src, dst) in [v4(), v6()] {
+            let mut p = syn_with_token(src, 1, dst, 2, b"x");
+            let exid = p.payload().start - 8; // our option starts 8 bytes before the payload
+            p.0[exid + 2] = 0x12; // another ExID
+            assert_eq!(p.token(), None);
+        }
     }
 }
