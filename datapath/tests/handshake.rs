@@ -48,29 +48,6 @@ spec:
     ports: [{port: 5432}]
 ";
 
-/// db accepts only api.
-const INGRESS_DENY: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: api}}}]
-";
-
-/// web may reach only cache.
-const EGRESS_DENY: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: cache}}}]
-";
-
 /// web may reach db on the port named postgres.
 const EGRESS_NAMED: &str = "
 apiVersion: networking.k8s.io/v1
@@ -82,26 +59,6 @@ spec:
   egress:
   - to: [{podSelector: {matchLabels: {app: db}}}]
     ports: [{port: postgres}]
-";
-
-/// IP-only peers: db accepts the client subnet; web may reach the server subnet.
-const IPBLOCK: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{ipBlock: {cidr: 10.0.1.0/24}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{ipBlock: {cidr: 10.0.2.0/24}}]
 ";
 
 /// Two nodes, one workload each (id 1 on both).

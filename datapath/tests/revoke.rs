@@ -35,17 +35,6 @@ spec:
     ports: [{port: postgres}]
 ";
 
-/// The new version of db's policy: only api may connect.
-const DB_ONLY_API: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: api}}}]
-";
-
 /// The new version of db's policy that still admits web (and now api too, on any port).
 const DB_WEB_AND_API: &str = "
 apiVersion: networking.k8s.io/v1
@@ -55,38 +44,6 @@ spec:
   podSelector: {matchLabels: {app: db}}
   ingress:
   - from: [{podSelector: {matchLabels: {app: web}}}, {podSelector: {matchLabels: {app: api}}}]
-";
-
-/// The new version of web's policy: only cache may be reached.
-const WEB_ONLY_CACHE: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: cache}}}]
-";
-
-/// IP-only peers: db accepts 10.0.1.0/24, web may reach 10.0.2.0/24.
-const IPBLOCK: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{ipBlock: {cidr: 10.0.1.0/24}}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{ipBlock: {cidr: 10.0.2.0/24}}]
 ";
 
 /// The ipBlock narrowed so that the client's subnet is out.
@@ -146,7 +103,7 @@ fn ingress_change_cuts_the_server_side_and_its_packets_become_resets() {
     assert!(w.b.recheck(w.now).is_empty());
     assert!(w.a.recheck(w.now).is_empty());
 
-    policy(&mut w.b, DB_ONLY_API);
+    policy(&mut w.b, INGRESS_DENY);
     let cuts = w.b.recheck(w.now);
     assert_eq!(cuts.len(), 1, "{cuts:?}");
     let cut = &cuts[0];
@@ -197,7 +154,7 @@ fn ingress_change_cuts_the_server_side_and_its_packets_become_resets() {
 fn egress_change_cuts_the_client_side() {
     let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
-    policy(&mut w.a, WEB_ONLY_CACHE);
+    policy(&mut w.a, EGRESS_DENY);
     let cuts = w.a.recheck(w.now);
     assert_eq!(cuts.len(), 1, "{cuts:?}");
     assert_eq!(cuts[0].reason, CutReason::PolicyEgress);
@@ -305,7 +262,7 @@ fn ip_only_flows_are_rechecked_on_their_ip() {
 fn a_new_connection_on_a_cut_tuple_starts_afresh() {
     let mut w = World::new(Mode::Psk, ALLOW);
     w.connect();
-    policy(&mut w.b, DB_ONLY_API);
+    policy(&mut w.b, INGRESS_DENY);
     assert_eq!(w.b.recheck(w.now).len(), 1);
     // Policy restored; the client reuses the same port for a new connection.
     policy(&mut w.b, ALLOW);
@@ -324,7 +281,7 @@ fn cut_flows_are_reset_only_for_a_bounded_time() {
     };
     let mut w = World::with(Mode::Psk, ALLOW, &WEB, &DB, config);
     w.connect();
-    policy(&mut w.b, DB_ONLY_API);
+    policy(&mut w.b, INGRESS_DENY);
     assert_eq!(w.b.recheck(w.now).len(), 1);
     w.now += 60_001;
     w.b.expire(w.now);
@@ -348,7 +305,7 @@ fn remembered_flows_are_bounded_oldest_first() {
     }
     assert_eq!(w.b.established_count(), 2);
     assert_eq!(w.b.metrics().established_dropped(), (1, 0));
-    policy(&mut w.b, DB_ONLY_API);
+    policy(&mut w.b, INGRESS_DENY);
     let mut ports: Vec<u16> = w.b.recheck(w.now).iter().map(|c| c.remote.port()).collect();
     ports.sort();
     assert_eq!(

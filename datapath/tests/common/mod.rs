@@ -507,3 +507,48 @@ impl World {
         assert!(v.accept && v.mark_authorized, "{v:?}");
     }
 }
+
+/// NetworkPolicy fixtures shared by the handshake and revoke tests (namespace shop, pods web
+/// and db of [`WEB`] / [`DB`]).
+/// db accepts only api.
+pub const INGRESS_DENY: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+";
+
+/// web may reach only cache.
+pub const EGRESS_DENY: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: cache}}}]
+";
+
+/// IP-only peers: db accepts the client subnet; web may reach the server subnet.
+pub const IPBLOCK: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.1.0/24}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.2.0/24}}]
+";
