@@ -85,6 +85,20 @@ fn wait_reloaded(tb: &Testbed, before: [usize; 2]) {
     }
 }
 
+/// Waits until the agent of `node` has logged a cut (conntrack entries deleted) after byte
+/// `from` of its log.
+fn wait_cut_logged(tb: &Testbed, node: u8, from: usize) {
+    let start = Instant::now();
+    while !log_of(tb, node)[from..].contains("conntrack entries deleted") {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no cut logged\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn reload_counts(tb: &Testbed) -> [usize; 2] {
     [reloads(&log_of(tb, 1)), reloads(&log_of(tb, 2))]
 }
@@ -175,15 +189,7 @@ fn cut_on_policy_change(mode: Mode) {
         "the cut connection must fail with a reset or EOF, not a timeout: {err:?}"
     );
     wait_reloaded(&tb, before);
-    let start = Instant::now();
-    while !log_of(&tb, 2)[log_len..].contains("conntrack entries deleted") {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no cut logged\n{}",
-            tb.agent_logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_cut_logged(&tb, 2, log_len);
     // The idle connection: the first exchange after the cut fails too.
     let err = echo_once(&mut idle, 9).unwrap_err();
     assert!(
@@ -285,15 +291,7 @@ fn egress_cut(mode: Mode) {
     let before = reload_counts(&tb);
     write_policy(&file, EGRESS_CACHE);
     wait_reloaded(&tb, before);
-    let start = Instant::now();
-    while !log_of(&tb, 1)[log_len..].contains("conntrack entries deleted") {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no cut logged\n{}",
-            tb.agent_logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_cut_logged(&tb, 1, log_len);
     let err = echo_once(&mut server, 2).unwrap_err();
     assert!(
         matches!(
@@ -364,15 +362,7 @@ fn lost_reset(mode: Mode) {
     let before = reload_counts(&tb);
     write_policy(&file, &only_other());
     wait_reloaded(&tb, before);
-    let start = Instant::now();
-    while !log_of(&tb, 2)[log_len..].contains("conntrack entries deleted") {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no cut logged\n{}",
-            tb.agent_logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_cut_logged(&tb, 2, log_len);
     iptables("-D");
     let err = echo_once(&mut s, 2).unwrap_err();
     assert!(
