@@ -3,8 +3,13 @@
 # per-packet decision time and throughput for (a) no rules, (b) the same rules with
 # `tessera run --accept-all`, (c) full enforcement (PSK and PKI). Not part of the tests.
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki]
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p tessera -p tessera-bench-netns
+[ "$(id -u)" -eq 0 ] || { echo "bench/run.sh: needs root (network namespaces, iptables, NFQUEUE): sudo $0" >&2; exit 2; }
+tests/need.sh ip=iproute2 ss=iproute2 iptables=iptables ip6tables=iptables iptables-restore=iptables \
+  conntrack=conntrack nsenter=util-linux sysctl=procps
+cargo=$(tests/ensure-rust.sh)
+"$cargo" build --release --locked -p tessera -p tessera-bench-netns
 exec target/release/netns-connrate --tessera target/release/tessera \
   --policies examples/three-tier/policies "$@"

@@ -10,7 +10,8 @@
 #   deployment/validate.sh [FILE...]     default: every *.yaml of those directories, and the unit
 #
 # Environment: TESSERA_VALIDATE_VENV (where the virtualenv goes).
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
 KV_VERSION=1.37.0

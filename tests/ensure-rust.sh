@@ -3,7 +3,8 @@
 # in ~/.cargo/bin of root and of the sudo-invoking user; when none is recent enough and we are
 # root, installs a minimal stable toolchain with rustup (Debian's own cargo is too old).
 # Used by tests/run.sh and examples/three-tier/run.sh.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 
 recent() { # cargo 1.95.0 (...) -> minor >= 90
   local v
@@ -15,7 +16,8 @@ recent() { # cargo 1.95.0 (...) -> minor >= 90
 
 candidates=("$(command -v cargo || true)" "$HOME/.cargo/bin/cargo" /root/.cargo/bin/cargo)
 if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
-  candidates+=("$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo/bin/cargo")
+  home=$(getent passwd "$SUDO_USER" | cut -d: -f6) || home=""
+  [ -z "$home" ] || candidates+=("$home/.cargo/bin/cargo")
 fi
 for c in "${candidates[@]}"; do
   if [ -n "$c" ] && [ -x "$c" ] && recent "$c"; then
@@ -32,6 +34,11 @@ echo "no cargo >= 1.90 found: installing stable Rust with rustup (minimal profil
 if ! command -v curl >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates >/dev/null
 fi
-curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
-  sh -s -- -y --profile minimal --component rustfmt,clippy >&2
+installer=$(mktemp)
+trap 'rm -f "$installer"' EXIT
+curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs -o "$installer" ||
+  { echo "ensure-rust.sh: could not download rustup's installer" >&2; exit 2; }
+sh "$installer" -y --profile minimal --component rustfmt,clippy >&2 ||
+  { echo "ensure-rust.sh: rustup's installer failed (above)" >&2; exit 2; }
+recent "$HOME/.cargo/bin/cargo" || { echo "ensure-rust.sh: rustup installed no usable cargo in $HOME/.cargo/bin" >&2; exit 2; }
 echo "$HOME/.cargo/bin/cargo"

@@ -9,7 +9,8 @@
 # Usage: sudo ./bench/docker-agent/run.sh [--containers N] [--parallel P]
 # Env: TESSERA=path/to/tessera skips the release build; RUST_LOG (default info) for the agent;
 #      KEEP_LOG=FILE keeps a copy of the agent's log.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 cd "$(dirname "$0")/../.."
 
 N=200
@@ -27,7 +28,8 @@ command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || { echo "dockerd mis
 [ -x /bin/busybox ] || { echo "/bin/busybox missing: apt-get install busybox-static" >&2; exit 1; }
 
 if [ -z "${TESSERA:-}" ]; then
-  cargo build --release --locked -p tessera
+  cargo=$(tests/ensure-rust.sh)
+  "$cargo" build --release --locked -p tessera
   TESSERA=target/release/tessera
 fi
 TESSERA=$(realpath "$TESSERA")
@@ -44,6 +46,8 @@ AGENT_PID=
 d() { "$DOCKER" -H "$HOST" "$@"; }
 
 cleanup() {
+  # Best effort: whatever is already gone is fine (no ERR report for it).
+  trap - ERR
   set +e
   [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
   if [ -n "$DOCKERD_PID" ]; then
@@ -72,7 +76,7 @@ for _ in $(seq 1 300); do
   [ -S "$SOCK" ] && d version >/dev/null 2>&1 && break
   sleep 0.1
 done
-d version >/dev/null || { tail -20 "$DIR/dockerd.log"; exit 1; }
+d version >/dev/null || { echo "docker-agent/run.sh: the private dockerd did not answer in 30 s; its log:" >&2; tail -20 "$DIR/dockerd.log"; exit 1; }
 
 # The image: busybox-static and its applets, imported (nothing can be pulled).
 mkdir -p "$DIR/rootfs/bin"
@@ -87,7 +91,11 @@ RUST_LOG=${RUST_LOG:-info} "$TESSERA" run --runtime docker --docker-host "$HOST"
   --policies "$POLICIES" --metrics-addr "$METRICS" >"$DIR/agent.log" 2>&1 &
 AGENT_PID=$!
 
-metrics() { curl -sf "http://$METRICS/metrics" 2>/dev/null || wget -qO- "http://$METRICS/metrics" 2>/dev/null; }
+# Empty output while the agent does not answer yet (never a failure: callers poll).
+metrics() {
+  curl -sf "http://$METRICS/metrics" 2>/dev/null || wget -qO- "http://$METRICS/metrics" 2>/dev/null ||
+    busybox wget -qO- "http://$METRICS/metrics" 2>/dev/null || true
+}
 metric() { metrics | awk -v m="$1" '$1 == m { print $2 }'; }
 for _ in $(seq 1 300); do
   [ -n "$(metric tessera_workloads_enforced)" ] && break
@@ -125,7 +133,7 @@ echo "agent memory with $N containers: $MEMN"
 awk -v n="$N" -v a="$start" -v b="$started" -v c="$done_at" 'BEGIN {
   printf "docker run of %d containers: %.1f s; all enforced %.1f s after the first docker run\n", n, b - a, c - a }'
 # Exact, from the agent's log: start event -> rules and queue in place.
-grep -o 'since_start_ms=[0-9]*' "$DIR/agent.log" | cut -d= -f2 | sort -n | awk '
+{ grep -o 'since_start_ms=[0-9]*' "$DIR/agent.log" || true; } | cut -d= -f2 | sort -n | awk '
   { v[NR] = $1 }
   END {
     if (NR == 0) { print "no since_start_ms in the agent log"; exit }

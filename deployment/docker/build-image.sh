@@ -23,7 +23,8 @@
 # variant is refused (it would need a writable /run/xtables.lock in a read-only container).
 #
 # Environment: DOCKER (the docker client to use) [default: docker].
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -41,7 +42,7 @@ while (($#)); do
     -H|--host) docker_args+=(-H "$2"); shift 2 ;;
     --save) save="$2"; shift 2 ;;
     --rootfs) keep_rootfs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-image.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -118,7 +119,7 @@ while read -r lib; do copy "$lib"; done < <(libs_of "$binary" "${programs[@]}" "
 
 # What iptables, ss and the resolver read from /etc; root's account for tools that ask.
 for f in /etc/ethertypes /etc/protocols /etc/services; do
-  [ -e "$f" ] && copy "$f"
+  if [ -e "$f" ]; then copy "$f"; fi
 done
 # The system's CA bundle: the Kubernetes client loads it (an API server with a public CA, or
 # none given in the kubeconfig) and fails without any.

@@ -23,7 +23,8 @@
 #   /etc/tessera/inventory.yaml               0600  static runtime: no workload yet
 #   /etc/tessera/policies/                    0700  NetworkPolicy manifests
 #   /etc/tessera/psk                          0600  with --psk
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -40,7 +41,7 @@ while (($#)); do
     --node-name) node_name="$2"; shift 2 ;;
     --root) root="${2%/}"; shift 2 ;;
     --enable) enable=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -14,7 +14,8 @@
 # handshake counters and `tessera status`, and removes everything it made on the way out, also
 # when interrupted (Ctrl-C) or killed. Exit status: 0 all cells match; 1 a mismatch; 2 the demo
 # could not run; 4 something was left behind; 130 interrupted. See README.md beside this file.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
@@ -38,22 +39,16 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
 export PATH="$PATH:/usr/sbin:/sbin"
 
 # --- packages -------------------------------------------------------------------------------
-declare -A pkg=(
-  [ip]=iproute2 [iptables]=iptables [iptables-save]=iptables [ip6tables-save]=iptables
-  [conntrack]=conntrack [nsenter]=util-linux [dockerd]=docker.io [containerd]=containerd
-  [tar]=tar [modprobe]=kmod
-)
-need=()
-for cmd in "${!pkg[@]}"; do command -v "$cmd" >/dev/null || need+=("${pkg[$cmd]}"); done
 # The fixture uses Debian's 20.10 client (API 1.41), not a newer docker that may be on PATH.
-[ -x /usr/bin/docker ] || need+=(docker.io)
+"$root/tests/need.sh" ip=iproute2 ss=iproute2 iptables=iptables iptables-save=iptables \
+  ip6tables-save=iptables iptables-restore=iptables conntrack=conntrack nsenter=util-linux \
+  dockerd=docker.io containerd=containerd /usr/bin/docker=docker.io tar=tar modprobe=kmod ||
+  die "missing packages (above)"
 # The containers' image is /bin/busybox copied into an empty rootfs: it must be the static one.
-if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
-if ((${#need[@]})); then
-  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
-  log "installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq "${need[@]}" >/dev/null
+if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+  log "installing busybox-static (/bin/busybox is missing or dynamically linked)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; } ||
+    die "apt-get install busybox-static failed"
 fi
 for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_conntrack veth; do
   modprobe -q "$m" 2>/dev/null || true
@@ -70,7 +65,11 @@ build() {
   fi
   local cmd=("$cargo" build --locked -p tessera -p tessera-three-tier)
   [ "$profile" = release ] && cmd+=(--release)
-  log "building tessera and the demo driver ($profile)"
+  if [ "$profile" = release ]; then
+    log "building tessera and the demo driver (release: ~7.5 min on 2 cores the first time, seconds after)"
+  else
+    log "building tessera and the demo driver ($profile)"
+  fi
   if [ -n "$user_home" ] && [ "$(stat -c %U "$root")" = "$SUDO_USER" ]; then
     (cd "$root" && runuser -u "$SUDO_USER" -- env "PATH=$(dirname "$cargo"):$PATH" "${cmd[@]}")
   else
@@ -85,11 +84,7 @@ driver="$target/$profile/three-tier-demo"
 for b in "$tessera" "$driver"; do [ -x "$b" ] || die "$b is missing: run without --no-build"; done
 
 # --- host state before (to prove the demo leaves it as it was) ------------------------------
-host_state() {
-  # Rules without packet counters, and the namespaces; the demo must change neither.
-  { iptables-save; ip6tables-save; } 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//g'
-  ip netns list 2>/dev/null | awk '{print "netns " $1}' | grep -v '^netns ts-' || true
-}
+host_state() { "$here/host-state.sh"; }
 before=$(mktemp /tmp/tessera-demo-host.XXXXXX)
 host_state >"$before"
 
@@ -117,10 +112,8 @@ finish() {
     fi
     # Namespaces, the private dockerd with its containers and mounts, agents and scratch
     # directories of this run: nothing, unless the driver was killed before its teardown.
-    set +e
-    "$driver" sweep --pid "$pid"
-    swept=$?
-    set -e
+    swept=0
+    "$driver" sweep --pid "$pid" || swept=$?
     if [ "$swept" -eq 3 ] && [ "$signals" -eq 0 ] && [ "$rc" -le 128 ]; then
       echo "run.sh: LEFT BEHIND by the driver (removed now, see above): a teardown bug" >&2
       rc=4
@@ -152,10 +145,8 @@ log "running the demo (driver: $driver)"
 pid=$!
 rc=""
 while [ -z "$rc" ]; do
-  set +e
-  wait "$pid"
-  st=$?
-  set -e
+  st=0
+  wait "$pid" || st=$?
   # A trapped signal interrupts `wait` (status > 128) while the driver still tears down.
   if [ "$st" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
   rc=$st
