@@ -35,6 +35,10 @@ fn world() -> (Processor, Processor) {
     let (na, nb) = nodes(Mode::Psk, "recheck");
     let yaml = policies();
     let mut a = processor(na, &yaml, &[&CLIENT], ProcessorConfig::default());
+    // The client workload sends from two addresses (its own: the source check).
+    let mut client = CLIENT.workload();
+    client.ips.push(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 3)));
+    a.engine_mut().apply_workload(client).unwrap();
     let mut b = processor(nb, &yaml, &[&SERVER], ProcessorConfig::default());
     b.engine_mut().apply_workload(CLIENT.workload()).unwrap();
     let mut rng = SeededRng::new(b"recheck");

@@ -21,7 +21,7 @@ use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use policy::{Direction, Peer, PodKey};
+use policy::{Direction, Peer, PodKey, Protocol};
 
 use crate::flow::FlowKey;
 use crate::processor::WorkloadId;
@@ -52,6 +52,8 @@ impl CutReason {
 pub struct Cut {
     /// The workload (netns) the flow belongs to.
     pub workload: WorkloadId,
+    /// The flow's protocol (ports are 0 for a protocol without them).
+    pub protocol: Protocol,
     /// The workload's side.
     pub local: SocketAddr,
     /// The peer's side.
@@ -196,14 +198,14 @@ impl EstablishedTable {
         &mut self,
         id: WorkloadId,
         listed_from_ms: u64,
-        alive: &HashSet<(SocketAddr, SocketAddr)>,
+        alive: &HashSet<(Protocol, SocketAddr, SocketAddr)>,
     ) -> usize {
         let before = self.flows.len();
         self.flows.retain(|k, f| {
             k.workload != id
                 || f.since_ms >= listed_from_ms
-                || alive.contains(&(k.local, k.remote))
-                || alive.contains(&(k.remote, k.local))
+                || alive.contains(&(k.protocol, k.local, k.remote))
+                || alive.contains(&(k.protocol, k.remote, k.local))
         });
         let n = before - self.flows.len();
         self.pruned += n as u64;
@@ -297,6 +299,7 @@ mod tests {
 
     fn key(port: u16) -> FlowKey {
         FlowKey {
+            protocol: Protocol::Tcp,
             workload: WorkloadId(1),
             local: SocketAddr::from(([10, 0, 0, 1], port)),
             remote: SocketAddr::from(([10, 0, 0, 2], 80)),
@@ -345,7 +348,7 @@ mod tests {
         t.insert(key(3), entry(500));
         let k1 = key(1);
         // Conntrack lists the server side's orientation: remote -> local.
-        let alive = HashSet::from([(k1.remote, k1.local)]);
+        let alive = HashSet::from([(k1.protocol, k1.remote, k1.local)]);
         assert_eq!(t.prune(WorkloadId(1), 400, &alive), 1);
         assert!(t.remove(&key(1)).is_some());
         assert!(t.remove(&key(2)).is_none(), "unlisted and older: pruned");

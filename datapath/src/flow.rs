@@ -1,5 +1,6 @@
 //! The per-flow handshake table: bounded, expiring, keyed by workload and 5-tuple.
 
+use policy::Protocol;
 use std::net::SocketAddr;
 
 use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynReceived};
@@ -12,6 +13,8 @@ use crate::processor::WorkloadId;
 pub struct FlowKey {
     /// The enforced workload.
     pub workload: WorkloadId,
+    /// The transport protocol (ports are 0 for a protocol without them, e.g. ICMP).
+    pub protocol: Protocol,
     /// The workload's side.
     pub local: SocketAddr,
     /// The peer's side.

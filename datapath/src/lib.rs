@@ -22,7 +22,7 @@ pub mod shell;
 pub use established::{Cut, CutReason};
 pub use flow::FlowKey;
 pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};
-pub use packet::{PacketError, TcpSegment};
+pub use packet::{IpDatagram, PacketError, TcpSegment};
 pub use processor::{Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId, reauth_mark};
 
 /// The `rand_core` the processor's `rng` parameter comes from (re-exported from `identity`).

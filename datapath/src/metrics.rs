@@ -1,5 +1,6 @@
 //! Counters and the decision-time histogram, rendered in the Prometheus text format.
 
+use policy::Protocol;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -24,7 +25,10 @@ pub const DECISION_BUCKETS_NS: [u64; 14] = [
     100_000_000,
 ];
 
-/// What kind of TCP packet was accepted (metric label).
+/// Number of [`PacketKind`]s.
+const KINDS: usize = 9;
+
+/// What kind of packet was accepted (metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PacketKind {
     /// SYN without ACK.
@@ -37,20 +41,38 @@ pub enum PacketKind {
     Other,
     /// RST.
     Rst,
-    /// Not TCP (never queued by our rules, accepted untouched).
-    NotTcp,
+    /// UDP (the first packet of a flow, decided on the peer's address).
+    Udp,
+    /// SCTP (likewise).
+    Sctp,
+    /// ICMP or ICMPv6 (likewise; neighbour discovery never reaches the queue).
+    Icmp,
+    /// Any other IP protocol (likewise).
+    OtherProtocol,
 }
 
 impl PacketKind {
     /// All kinds, in label order.
-    pub const ALL: [PacketKind; 6] = [
+    pub const ALL: [PacketKind; KINDS] = [
         PacketKind::Syn,
         PacketKind::SynAck,
         PacketKind::Ack,
         PacketKind::Other,
         PacketKind::Rst,
-        PacketKind::NotTcp,
+        PacketKind::Udp,
+        PacketKind::Sctp,
+        PacketKind::Icmp,
+        PacketKind::OtherProtocol,
     ];
+    /// The kind of a packet of a protocol other than TCP.
+    pub fn of_protocol(protocol: Protocol) -> PacketKind {
+        match protocol {
+            Protocol::Udp => PacketKind::Udp,
+            Protocol::Sctp => PacketKind::Sctp,
+            Protocol::ICMP | Protocol::ICMPV6 => PacketKind::Icmp,
+            Protocol::Tcp | Protocol::Other(_) => PacketKind::OtherProtocol,
+        }
+    }
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,7 +81,10 @@ impl PacketKind {
             PacketKind::Ack => "ack",
             PacketKind::Other => "other",
             PacketKind::Rst => "rst",
-            PacketKind::NotTcp => "not_tcp",
+            PacketKind::Udp => "udp",
+            PacketKind::Sctp => "sctp",
+            PacketKind::Icmp => "icmp",
+            PacketKind::OtherProtocol => "other_protocol",
         }
     }
 }
@@ -68,10 +93,11 @@ impl PacketKind {
 /// times ([`Metrics::record_decision_time`]) and queue drops ([`Metrics::set_queue_drops`]).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    accepted: [[u64; 6]; 2],
+    accepted: [[u64; KINDS]; 2],
     rejected: BTreeMap<&'static str, u64>,
     authorized_verified: u64,
     authorized_ip_only: u64,
+    authorized_by_address: u64,
     requeued: u64,
     flows: usize,
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
@@ -100,7 +126,10 @@ fn kind_index(kind: PacketKind) -> usize {
         PacketKind::Ack => 2,
         PacketKind::Other => 3,
         PacketKind::Rst => 4,
-        PacketKind::NotTcp => 5,
+        PacketKind::Udp => 5,
+        PacketKind::Sctp => 6,
+        PacketKind::Icmp => 7,
+        PacketKind::OtherProtocol => 8,
     }
 }
 
@@ -120,6 +149,15 @@ impl Metrics {
         } else {
             self.authorized_ip_only += 1;
         }
+    }
+    /// Count a flow of a protocol without a handshake (UDP, ICMP, ...) authorized on the
+    /// identity its peer's address has.
+    pub fn count_authorized_by_address(&mut self) {
+        self.authorized_by_address += 1;
+    }
+    /// Flows of protocols without a handshake authorized on their peer's address.
+    pub fn authorized_by_address(&self) -> u64 {
+        self.authorized_by_address
     }
     /// Count a packet sent back to the queue's tail (see `Verdict::requeue`).
     pub fn count_requeued(&mut self) {
@@ -249,7 +287,7 @@ impl Metrics {
         }
         writeln!(
             out,
-            "# HELP tessera_flows_authorized_total Connections authorized, by peer kind."
+            "# HELP tessera_flows_authorized_total Connections authorized, by peer kind: verified (TCP handshake tokens), ip_only (TCP peer without an agent), address (other protocols: decided on the identity of the peer's address)."
         )?;
         writeln!(out, "# TYPE tessera_flows_authorized_total counter")?;
         writeln!(
@@ -261,6 +299,11 @@ impl Metrics {
             out,
             "tessera_flows_authorized_total{{peer=\"ip_only\"}} {}",
             self.authorized_ip_only
+        )?;
+        writeln!(
+            out,
+            "tessera_flows_authorized_total{{peer=\"address\"}} {}",
+            self.authorized_by_address
         )?;
         writeln!(
             out,

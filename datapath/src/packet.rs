@@ -22,6 +22,11 @@ use pnet_packet::tcp::{self, MutableTcpPacket, TcpFlags, TcpPacket};
 
 /// IPv4 protocol / IPv6 next header number of TCP.
 const PROTO_TCP: u8 = 6;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const PROTO_FRAGMENT: u8 = 44;
+const PROTO_ESP: u8 = 50;
+const PROTO_AH: u8 = 51;
 /// IPv6 extension headers (and other headers before TCP) this datapath does not walk.
 const IPV6_EXTENSION_HEADERS: [u8; 8] = [0, 43, 44, 50, 51, 60, 135, 139];
 const TCP_HEADER_LEN: usize = 20;
@@ -96,6 +101,140 @@ impl PacketError {
     }
 }
 
+/// Most IPv6 extension headers walked before giving up (`ipv6_extension_header`).
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
+
+/// A packet of any IP protocol, as far as a policy decision needs it: addresses, the transport
+/// protocol (IPv6: the header after the extension headers) and, for the protocols that have
+/// them (TCP, UDP, UDP-Lite, SCTP, DCCP), the ports; ICMP type and code. Nothing else of the
+/// packet is trusted or kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpDatagram {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number (IPv4 protocol field, or the final IPv6 next header).
+    pub protocol: u8,
+    /// Source port (0 for a protocol without ports).
+    pub src_port: u16,
+    /// Destination port (0 for a protocol without ports).
+    pub dst_port: u16,
+    /// ICMP / ICMPv6 type and code.
+    pub icmp: Option<(u8, u8)>,
+    /// IPv6: extension headers were present before the transport header.
+    pub extension_headers: bool,
+    /// Offset of the transport header.
+    pub l4_start: usize,
+    /// Length of the IP packet per its header.
+    pub ip_len: usize,
+}
+
+/// Protocols whose first four transport bytes are the source and destination ports.
+const PORTED: [u8; 5] = [6, 17, 33, 132, 136];
+
+impl IpDatagram {
+    /// Parse a full IPv4 or IPv6 packet. IPv6 extension headers are walked (at most
+    /// [`MAX_IPV6_EXTENSION_HEADERS`], each length checked against the packet); ESP ends the
+    /// walk (its payload is encrypted: protocol 50). A non-first fragment is refused
+    /// (`ip_fragment`): its transport header, if any, is in another packet.
+    pub fn parse(packet: &[u8]) -> Result<IpDatagram, PacketError> {
+        let first = *packet.first().ok_or(PacketError::Truncated)?;
+        let (src, dst, mut protocol, mut l4_start, ip_len, mut extension_headers) = match first >> 4
+        {
+            4 => {
+                let ip = Ipv4Packet::new(packet).ok_or(PacketError::Truncated)?;
+                let ihl = ip.get_header_length() as usize * 4;
+                if ihl < 20 {
+                    return Err(PacketError::BadIpHeader("header length below 20 bytes"));
+                }
+                let total = ip.get_total_length() as usize;
+                if total < ihl {
+                    return Err(PacketError::BadIpHeader("total length below header length"));
+                }
+                if total > packet.len() {
+                    return Err(PacketError::Truncated);
+                }
+                if ip.get_fragment_offset() != 0 {
+                    return Err(PacketError::Fragment);
+                }
+                (
+                    IpAddr::V4(ip.get_source()),
+                    IpAddr::V4(ip.get_destination()),
+                    ip.get_next_level_protocol().0,
+                    ihl,
+                    total,
+                    false,
+                )
+            }
+            6 => {
+                let ip = Ipv6Packet::new(packet).ok_or(PacketError::Truncated)?;
+                let total = 40 + ip.get_payload_length() as usize;
+                if total > packet.len() {
+                    return Err(PacketError::Truncated);
+                }
+                (
+                    IpAddr::V6(ip.get_source()),
+                    IpAddr::V6(ip.get_destination()),
+                    ip.get_next_header().0,
+                    40,
+                    total,
+                    false,
+                )
+            }
+            v => return Err(PacketError::BadIpVersion(v)),
+        };
+        if src.is_ipv6() {
+            let mut walked = 0;
+            while IPV6_EXTENSION_HEADERS.contains(&protocol) && protocol != PROTO_ESP {
+                walked += 1;
+                if walked > MAX_IPV6_EXTENSION_HEADERS {
+                    return Err(PacketError::Ipv6ExtensionHeader(protocol));
+                }
+                let header = packet
+                    .get(l4_start..ip_len)
+                    .and_then(|h| h.get(..8))
+                    .ok_or(PacketError::Truncated)?;
+                let len = match protocol {
+                    PROTO_FRAGMENT => {
+                        // Fragment offset: the high 13 bits of bytes 2-3.
+                        if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+                            return Err(PacketError::Fragment);
+                        }
+                        8
+                    }
+                    PROTO_AH => (header[1] as usize + 2) * 4,
+                    _ => (header[1] as usize + 1) * 8,
+                };
+                protocol = header[0];
+                l4_start += len;
+                extension_headers = true;
+            }
+        }
+        let l4 = packet.get(l4_start..ip_len).ok_or(PacketError::Truncated)?;
+        let (mut src_port, mut dst_port, mut icmp) = (0, 0, None);
+        if PORTED.contains(&protocol) {
+            let p = l4.get(..4).ok_or(PacketError::Truncated)?;
+            src_port = u16::from_be_bytes([p[0], p[1]]);
+            dst_port = u16::from_be_bytes([p[2], p[3]]);
+        } else if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
+            let p = l4.get(..2).ok_or(PacketError::Truncated)?;
+            icmp = Some((p[0], p[1]));
+        }
+        Ok(IpDatagram {
+            src,
+            dst,
+            protocol,
+            src_port,
+            dst_port,
+            icmp,
+            extension_headers,
+            l4_start,
+            ip_len,
+        })
+    }
+}
+
 /// A parsed TCP segment inside an IPv4 or IPv6 packet. All offsets are within the buffer it was
 /// parsed from (as long as that buffer is not changed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,57 +266,23 @@ pub struct TcpSegment {
 impl TcpSegment {
     /// Parse a full IP packet. `Ok(None)`: a well-formed packet that is not TCP.
     pub fn parse(packet: &[u8]) -> Result<Option<TcpSegment>, PacketError> {
-        let first = *packet.first().ok_or(PacketError::Truncated)?;
-        let (src, dst, tcp_start, ip_len) = match first >> 4 {
-            4 => {
-                let ip = Ipv4Packet::new(packet).ok_or(PacketError::Truncated)?;
-                let ihl = ip.get_header_length() as usize * 4;
-                if ihl < 20 {
-                    return Err(PacketError::BadIpHeader("header length below 20 bytes"));
-                }
-                let total = ip.get_total_length() as usize;
-                if total < ihl {
-                    return Err(PacketError::BadIpHeader("total length below header length"));
-                }
-                if total > packet.len() {
-                    return Err(PacketError::Truncated);
-                }
-                // More-fragments flag, or a non-first fragment.
-                if ip.get_flags() & 0b001 != 0 || ip.get_fragment_offset() != 0 {
-                    return Err(PacketError::Fragment);
-                }
-                if ip.get_next_level_protocol().0 != PROTO_TCP {
-                    return Ok(None);
-                }
-                (
-                    IpAddr::V4(ip.get_source()),
-                    IpAddr::V4(ip.get_destination()),
-                    ihl,
-                    total,
-                )
-            }
-            6 => {
-                let ip = Ipv6Packet::new(packet).ok_or(PacketError::Truncated)?;
-                let total = 40 + ip.get_payload_length() as usize;
-                if total > packet.len() {
-                    return Err(PacketError::Truncated);
-                }
-                let next = ip.get_next_header().0;
-                if IPV6_EXTENSION_HEADERS.contains(&next) {
-                    return Err(PacketError::Ipv6ExtensionHeader(next));
-                }
-                if next != PROTO_TCP {
-                    return Ok(None);
-                }
-                (
-                    IpAddr::V6(ip.get_source()),
-                    IpAddr::V6(ip.get_destination()),
-                    40,
-                    total,
-                )
-            }
-            v => return Err(PacketError::BadIpVersion(v)),
-        };
+        // IPv6: the token rewriting moves the TCP header, so it handles a bare IPv6 header
+        // only (an extension header is refused before it is walked).
+        if packet.first().is_some_and(|b| b >> 4 == 6)
+            && packet.len() >= 40
+            && IPV6_EXTENSION_HEADERS.contains(&packet[6])
+        {
+            return Err(PacketError::Ipv6ExtensionHeader(packet[6]));
+        }
+        let ip = IpDatagram::parse(packet)?;
+        // IPv4 more-fragments flag (a first fragment: later ones IpDatagram refused).
+        if ip.src.is_ipv4() && packet.get(6).is_some_and(|b| b & 0x20 != 0) {
+            return Err(PacketError::Fragment);
+        }
+        if ip.protocol != PROTO_TCP {
+            return Ok(None);
+        }
+        let (src, dst, tcp_start, ip_len) = (ip.src, ip.dst, ip.l4_start, ip.ip_len);
         let seg = &packet[tcp_start..ip_len];
         let tcp = TcpPacket::new(seg).ok_or(PacketError::BadTcpHeader("shorter than 20 bytes"))?;
         let tcp_header_len = tcp.get_data_offset() as usize * 4;

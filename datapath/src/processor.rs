@@ -56,7 +56,7 @@ use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIden
 use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
 use crate::metrics::{Metrics, PacketKind};
-use crate::packet::{self, PacketError, TcpSegment};
+use crate::packet::{self, IpDatagram, PacketError, TcpSegment};
 
 /// The netfilter hook a packet was queued from, as seen from the workload: `Output` for
 /// packets the workload sends, `Input` for packets it is about to receive.
@@ -191,6 +191,9 @@ pub enum Reason {
     /// A SYN-ACK that does not acknowledge our SYN.
     #[error("SYN-ACK does not acknowledge our SYN")]
     AckMismatch,
+    /// The workload sent a packet whose source address is not one of its own.
+    #[error("source address is not the workload's")]
+    SpoofedSource,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -216,6 +219,7 @@ impl Reason {
             Reason::OptionFromWorkload => "option_from_workload",
             Reason::UnexpectedToken => "unexpected_token",
             Reason::AckMismatch => "ack_mismatch",
+            Reason::SpoofedSource => "spoofed_source",
         }
     }
 }
@@ -503,6 +507,7 @@ impl Processor {
                 Direction::Ingress => key.local.port(),
                 Direction::Egress => key.remote.port(),
             };
+            let protocol = key.protocol;
             let allows = |peer: &Peer| {
                 self.engine.allows(&Connection {
                     local: &wl.key,
@@ -510,7 +515,7 @@ impl Processor {
                     peer,
                     peer_ip: Some(key.remote.ip()),
                     port,
-                    protocol: Protocol::Tcp,
+                    protocol,
                     dest_port_name: f.port_name.as_deref(),
                 })
             };
@@ -526,6 +531,7 @@ impl Processor {
             if !allowed {
                 cuts.push(Cut {
                     workload: key.workload,
+                    protocol: key.protocol,
                     local: key.local,
                     remote: key.remote,
                     direction: f.direction,
@@ -540,6 +546,7 @@ impl Processor {
         for c in &cuts {
             let key = FlowKey {
                 workload: c.workload,
+                protocol: c.protocol,
                 local: c.local,
                 remote: c.remote,
             };
@@ -571,13 +578,13 @@ impl Processor {
 
     /// Forget the remembered flows of workload `id` that are gone: authorized before
     /// `listed_from_ms` (when the listing began) and absent from `alive`, the (source,
-    /// destination) pairs of the TCP entries of the workload netns's conntrack table. Returns
+    /// destination) pairs of the entries of the workload netns's conntrack table, by protocol. Returns
     /// how many were forgotten (`tessera_established_pruned_total`).
     pub fn prune(
         &mut self,
         id: WorkloadId,
         listed_from_ms: u64,
-        alive: &std::collections::HashSet<(SocketAddr, SocketAddr)>,
+        alive: &std::collections::HashSet<(Protocol, SocketAddr, SocketAddr)>,
     ) -> usize {
         let n = self.established.prune(id, listed_from_ms, alive);
         self.update_established_metrics();
@@ -683,9 +690,28 @@ impl Step<'_> {
         checksum_ready: bool,
         rng: &mut R,
     ) -> (Verdict, Option<PacketKind>) {
+        let datagram = match IpDatagram::parse(packet) {
+            Err(e) => return (Verdict::drop(Reason::Packet(e)), None),
+            Ok(d) => d,
+        };
+        let protocol = Protocol::from_ip(datagram.protocol);
+        let kind = PacketKind::of_protocol(protocol);
+        if hook == Hook::Output && !self.own_source(datagram.src) {
+            // The workload sends with an address that is not its own (a raw socket): it would
+            // borrow another workload's identity wherever peers are judged by address.
+            return (Verdict::drop(Reason::SpoofedSource), Some(kind));
+        }
+        if protocol != Protocol::Tcp {
+            return (self.datagram(hook, protocol, &datagram), Some(kind));
+        }
         let seg = match TcpSegment::parse(packet) {
             Err(e) => return (Verdict::drop(Reason::Packet(e)), None),
-            Ok(None) => return (Verdict::accept(false), Some(PacketKind::NotTcp)),
+            Ok(None) => {
+                return (
+                    Verdict::drop(Reason::Packet(PacketError::OptionState("not TCP"))),
+                    None,
+                );
+            }
             Ok(Some(seg)) => seg,
         };
         let kind = kind_of(&seg);
@@ -697,11 +723,13 @@ impl Step<'_> {
         let key = match hook {
             Hook::Output => FlowKey {
                 workload: self.id,
+                protocol: Protocol::Tcp,
                 local: src,
                 remote: dst,
             },
             Hook::Input => FlowKey {
                 workload: self.id,
+                protocol: Protocol::Tcp,
                 local: dst,
                 remote: src,
             },
@@ -770,6 +798,92 @@ impl Step<'_> {
             }
         };
         (verdict, Some(kind))
+    }
+
+    /// Whether `src` may be the source of a packet the workload sends: one of its addresses
+    /// (any address of a family the engine knows none of for it: an inventory may list only
+    /// IPv4), or an address that is never routed beyond the link (IPv6 link-local,
+    /// unspecified).
+    fn own_source(&self, src: IpAddr) -> bool {
+        let Some(w) = self.engine.workload(&self.wl.key) else {
+            return true;
+        };
+        let mut same_family = w.ips.iter().filter(|ip| ip.is_ipv4() == src.is_ipv4());
+        if same_family.clone().next().is_none()
+            || same_family.any(|ip| *ip == src)
+            || src.is_unspecified()
+        {
+            return true;
+        }
+        match src {
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            IpAddr::V4(_) => false,
+        }
+    }
+
+    /// The first packet of a flow of a protocol without a handshake of ours (UDP, SCTP, ICMP,
+    /// any other): conntrack saw it as new (or untracked), so it is decided here on the
+    /// identity the peer's *address* has: the workload the engine knows at that address (same
+    /// node, or the cluster-wide view), else an IP-only peer (only ipBlocks match). Allowed:
+    /// accept and mark, so the rest of the flow, both ways, bypasses userspace; the flow is
+    /// remembered for [`Processor::recheck`]. Denied: drop, counted.
+    fn datagram(&mut self, hook: Hook, protocol: Protocol, d: &IpDatagram) -> Verdict {
+        let (direction, local, remote) = match hook {
+            Hook::Output => (
+                Direction::Egress,
+                SocketAddr::new(d.src, d.src_port),
+                SocketAddr::new(d.dst, d.dst_port),
+            ),
+            Hook::Input => (
+                Direction::Ingress,
+                SocketAddr::new(d.dst, d.dst_port),
+                SocketAddr::new(d.src, d.src_port),
+            ),
+        };
+        let key = FlowKey {
+            workload: self.id,
+            protocol,
+            local,
+            remote,
+        };
+        let peer_workload = self.engine.workload_by_ip(&remote.ip());
+        // Egress named ports resolve on the destination, as the engine knows it.
+        let port_name = match (direction, peer_workload) {
+            (Direction::Egress, Some(w)) => w
+                .ports
+                .iter()
+                .find(|p| p.port == d.dst_port && p.protocol == protocol)
+                .and_then(|p| p.name.clone()),
+            _ => None,
+        };
+        let view = peer_workload.and_then(|w| {
+            let pod = w.key.clone();
+            self.engine
+                .identity(&pod)
+                .map(|id| (Arc::new(Peer::Workload(id)), Arc::new(pod)))
+        });
+        let peer: &Peer = match &view {
+            Some((p, _)) => p,
+            None => self.ip_only,
+        };
+        let allowed = self.engine.allows(&Connection {
+            local: &self.wl.key,
+            direction,
+            peer,
+            peer_ip: Some(remote.ip()),
+            port: d.dst_port,
+            protocol,
+            dest_port_name: port_name.as_deref(),
+        });
+        if !allowed {
+            return Verdict::drop(match direction {
+                Direction::Ingress => Reason::PolicyIngress,
+                Direction::Egress => Reason::PolicyEgress,
+            });
+        }
+        self.metrics.count_authorized_by_address();
+        self.remember(key, direction, view, port_name.as_deref());
+        Verdict::authorize(false)
     }
 
     /// The policy view of a handshake identity and its pod, from the cache when its claims

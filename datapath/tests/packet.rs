@@ -337,6 +337,9 @@ fn arbitrary_packet() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     #[test]
     fn parsers_and_rewriters_never_panic(p in arbitrary_packet(), tok in proptest::collection::vec(any::<u8>(), 0..1400)) {
+        if let Ok(d) = datapath::IpDatagram::parse(&p) {
+            prop_assert!(d.l4_start <= d.ip_len && d.ip_len <= p.len());
+        }
         if let Ok(Some(seg)) = TcpSegment::parse(&p) {
             let _ = seg.tcp_checksum_ok(&p);
             let _ = seg.token(&p);

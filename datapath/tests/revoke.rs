@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use common::*;
 use datapath::{CutReason, Processor, ProcessorConfig, Verdict};
-use policy::Direction;
+use policy::{Direction, Protocol};
 
 /// db accepts web on 5432; web may reach db on its port named postgres.
 const ALLOW: &str = "
@@ -335,7 +335,7 @@ fn flows_gone_from_conntrack_are_pruned() {
         "not again before the interval"
     );
     // The listing starts after both were authorized and shows only the first.
-    let alive = HashSet::from([(SocketAddr::new(WEB.ip, 40000), w.s)]);
+    let alive = HashSet::from([(Protocol::Tcp, SocketAddr::new(WEB.ip, 40000), w.s)]);
     assert_eq!(w.b.prune(ID, w.now + 1, &alive), 1);
     assert_eq!(w.b.established_count(), 1);
     assert_eq!(w.b.metrics().established_dropped(), (0, 1));

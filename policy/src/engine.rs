@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -67,6 +68,10 @@ pub struct Engine {
     free: Vec<PolicyId>,
     /// Per namespace: policy name → id, in name order.
     policies_by_ns: HashMap<String, BTreeMap<String, PolicyId>>,
+    /// Pod IP → workload, for peers known only by their address (hostNetwork workloads are
+    /// not indexed: as peers they are IP-only). When two workloads claim one IP (a pod IP
+    /// reused before the old pod's removal arrived), the last applied wins.
+    by_ip: HashMap<IpAddr, PodKey>,
 }
 
 /// A decision borrowed from the engine: computing it allocates nothing.
@@ -230,10 +235,33 @@ impl Engine {
         if !self.workloads.contains_key(&entry.workload.key) {
             self.workload_order.insert(entry.workload.key.clone());
         }
+        self.unindex_ips(&entry.workload.key);
+        if !entry.workload.host_network {
+            for ip in &entry.workload.ips {
+                self.by_ip.insert(*ip, entry.workload.key.clone());
+            }
+        }
         self.workloads.insert(entry.workload.key.clone(), entry);
     }
 
+    /// Forgets the IPs the engine's current version of `key` holds in the IP index.
+    fn unindex_ips(&mut self, key: &PodKey) {
+        if let Some(old) = self.workloads.get(key) {
+            for ip in &old.workload.ips {
+                if self.by_ip.get(ip) == Some(key) {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// The (non-hostNetwork) workload that holds `ip`, if the engine knows one.
+    pub fn workload_by_ip(&self, ip: &IpAddr) -> Option<&Workload> {
+        self.by_ip.get(ip).and_then(|k| self.workload(k))
+    }
+
     pub fn remove_workload(&mut self, key: &PodKey) {
+        self.unindex_ips(key);
         if self.workloads.remove(key).is_some()
             && self.workload_order.remove(key)
             && let Some(names) = self.pods_by_ns.get_mut(&key.namespace)

@@ -13,7 +13,8 @@ use crate::model::{
 use crate::validate::parse_protocol;
 use crate::{Engine, ProbeParseError};
 
-/// A port/protocol to probe, as in `--probe 80/TCP`.
+/// A port/protocol to probe, as in `--probe 80/TCP`, or a protocol without ports
+/// (`--probe ICMP`: `port` is 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Probe {
     pub port: u16,
@@ -21,26 +22,47 @@ pub struct Probe {
 }
 
 impl fmt::Display for Probe {
-    /// `80/TCP`
+    /// `80/TCP`, or `ICMP` for a protocol without ports.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.port, self.protocol)
+        if self.protocol.has_ports() {
+            write!(f, "{}/{}", self.port, self.protocol)
+        } else {
+            write!(f, "{}", self.protocol)
+        }
     }
 }
 
 impl FromStr for Probe {
     type Err = ProbeParseError;
 
-    /// `80/TCP`, `53/udp`, or `80` (TCP).
+    /// `80/TCP`, `53/udp`, `80` (TCP), or a protocol without ports: `ICMP`, `ICMPv6`, `IP-47`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |message: &str| ProbeParseError {
             input: s.to_string(),
             message: message.to_string(),
         };
+        let portless = match s.trim().to_ascii_uppercase().as_str() {
+            "ICMP" => Some(Protocol::ICMP),
+            "ICMPV6" => Some(Protocol::ICMPV6),
+            other => match other.strip_prefix("IP-").map(str::parse::<u8>) {
+                Some(Ok(n)) if !Protocol::from_ip(n).has_ports() => Some(Protocol::Other(n)),
+                Some(_) => {
+                    return Err(err(
+                        "IP-N takes the number of a protocol without ports (TCP, UDP and SCTP have their own names)",
+                    ));
+                }
+                None => None,
+            },
+        };
+        if let Some(protocol) = portless {
+            return Ok(Probe { port: 0, protocol });
+        }
         let (port, protocol) = match s.split_once('/') {
             Some((p, proto)) => (
                 p,
-                parse_protocol(&proto.to_ascii_uppercase())
-                    .ok_or_else(|| err("protocol must be TCP, UDP or SCTP"))?,
+                parse_protocol(&proto.to_ascii_uppercase()).ok_or_else(|| {
+                    err("protocol must be TCP, UDP or SCTP (or ICMP, ICMPv6, IP-N without a port)")
+                })?,
             ),
             None => (s, Protocol::Tcp),
         };

@@ -7,12 +7,50 @@ use std::net::IpAddr;
 /// Labels as Kubernetes has them: sorted, unique keys.
 pub type Labels = BTreeMap<String, String>;
 
-/// A transport protocol that NetworkPolicy distinguishes. TCP, UDP and SCTP never match each other.
+/// The protocol of a connection. TCP, UDP and SCTP are the ones NetworkPolicy names in `ports`;
+/// they never match each other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
+    /// Any other IP protocol, by its number (ICMP = 1, ICMPv6 = 58, GRE = 47, ...). NetworkPolicy
+    /// has no way to name it in `ports`, so only a rule without `ports` (every port and
+    /// protocol) matches it: a workload isolated for a direction receives (or sends) no ICMP
+    /// unless such a rule allows the peer. Never built for 6, 17 or 132 (see [`Protocol::from_ip`]).
+    Other(u8),
+}
+
+impl Protocol {
+    /// ICMP (IPv4).
+    pub const ICMP: Protocol = Protocol::Other(1);
+    /// ICMPv6.
+    pub const ICMPV6: Protocol = Protocol::Other(58);
+
+    /// The protocol of an IP packet's protocol (IPv4) or final next-header (IPv6) number.
+    pub fn from_ip(number: u8) -> Protocol {
+        match number {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            n => Protocol::Other(n),
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn ip_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+            Protocol::Other(n) => n,
+        }
+    }
+
+    /// Whether connections of this protocol have ports (TCP, UDP, SCTP).
+    pub fn has_ports(self) -> bool {
+        !matches!(self, Protocol::Other(_))
+    }
 }
 
 /// Which side of the connection the local workload is on.
@@ -129,12 +167,16 @@ pub struct Decision {
 }
 
 impl fmt::Display for Protocol {
+    /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`, or `IP-47` for another protocol number.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
+        match self {
+            Protocol::Tcp => f.write_str("TCP"),
+            Protocol::Udp => f.write_str("UDP"),
+            Protocol::Sctp => f.write_str("SCTP"),
+            Protocol::Other(1) => f.write_str("ICMP"),
+            Protocol::Other(58) => f.write_str("ICMPv6"),
+            Protocol::Other(n) => write!(f, "IP-{n}"),
+        }
     }
 }
 

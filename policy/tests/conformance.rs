@@ -271,6 +271,7 @@ fn proto_lower(p: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
+        Protocol::Other(_) => "ip",
     }
 }
 

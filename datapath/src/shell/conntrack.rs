@@ -18,6 +18,7 @@ use std::process::Command;
 use super::ShellError;
 use super::netns::{Netns, run_command};
 use crate::Cut;
+use policy::Protocol;
 
 /// What [`cut`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,15 +31,27 @@ pub struct CutDone {
     pub missing: usize,
 }
 
-fn tuple_args(cmd: &mut Command, src: SocketAddr, dst: SocketAddr) {
-    cmd.args(["-p", "tcp", "-s"])
+/// `conntrack` arguments naming one entry: protocol, addresses and, for a protocol with ports,
+/// the ports (ICMP entries are named by their addresses: every echo id between them).
+fn tuple_args(cmd: &mut Command, protocol: Protocol, src: SocketAddr, dst: SocketAddr) {
+    let name = match protocol {
+        Protocol::Tcp => "tcp".to_owned(),
+        Protocol::Udp => "udp".to_owned(),
+        Protocol::Sctp => "sctp".to_owned(),
+        Protocol::Other(1) => "icmp".to_owned(),
+        Protocol::Other(58) => "icmpv6".to_owned(),
+        Protocol::Other(n) => n.to_string(),
+    };
+    cmd.args(["-p", &name, "-s"])
         .arg(src.ip().to_string())
         .arg("-d")
-        .arg(dst.ip().to_string())
-        .arg("--sport")
-        .arg(src.port().to_string())
-        .arg("--dport")
-        .arg(dst.port().to_string());
+        .arg(dst.ip().to_string());
+    if protocol.has_ports() {
+        cmd.arg("--sport")
+            .arg(src.port().to_string())
+            .arg("--dport")
+            .arg(dst.port().to_string());
+    }
     if src.is_ipv6() {
         cmd.args(["-f", "ipv6"]);
     }
@@ -72,6 +85,22 @@ pub fn cut(ns: &Netns, flows: Vec<Cut>) -> Result<CutDone, ShellError> {
     ns.run(move || {
         let mut done = CutDone::default();
         for c in flows {
+            let (src, dst) = c.conntrack_tuple();
+            let mut cmd = Command::new("conntrack");
+            cmd.arg("-D");
+            tuple_args(&mut cmd, c.protocol, src, dst);
+            if c.protocol != Protocol::Tcp {
+                // No socket to destroy: once its entry is gone, the flow's next packet is new
+                // to conntrack, reaches the queue and is decided afresh (and denied).
+                match run_command(cmd, None) {
+                    Ok(_) => done.deleted += 1,
+                    Err(ShellError::Command { stderr, .. }) if stderr.contains(DELETED) => {
+                        done.missing += 1
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
             let mut ss = Command::new("ss");
             ss.args(["-K", "-tnH"])
                 .args(socket_filter(c.local, c.remote));
@@ -79,10 +108,6 @@ pub fn cut(ns: &Netns, flows: Vec<Cut>) -> Result<CutDone, ShellError> {
                 Ok((out, _)) => done.sockets += out.lines().filter(|l| !l.is_empty()).count(),
                 Err(e) => tracing::debug!("ss -K {} {}: {e}", c.local, c.remote),
             }
-            let (src, dst) = c.conntrack_tuple();
-            let mut cmd = Command::new("conntrack");
-            cmd.arg("-D");
-            tuple_args(&mut cmd, src, dst);
             match run_command(cmd, None) {
                 Ok(_) => done.deleted += 1,
                 // Exit 1 with "0 flow entries have been deleted": already gone.
@@ -98,14 +123,14 @@ pub fn cut(ns: &Netns, flows: Vec<Cut>) -> Result<CutDone, ShellError> {
 
 const DELETED: &str = " flow entries have been deleted.";
 
-/// The (source, destination) pairs, original direction, of every TCP entry of the conntrack
-/// table inside `ns`, IPv4 and IPv6.
-pub fn list_tcp(ns: &Netns) -> Result<HashSet<(SocketAddr, SocketAddr)>, ShellError> {
+/// The (protocol, source, destination) of every entry of the conntrack table inside `ns`, in
+/// the original direction, IPv4 and IPv6 (ports 0 for a protocol without them).
+pub fn list(ns: &Netns) -> Result<HashSet<(Protocol, SocketAddr, SocketAddr)>, ShellError> {
     ns.run(|| {
         let mut all = HashSet::new();
         for family in ["ipv4", "ipv6"] {
             let mut cmd = Command::new("conntrack");
-            cmd.args(["-L", "-p", "tcp", "-f", family]);
+            cmd.args(["-L", "-f", family]);
             let (out, _) = run_command(cmd, None)?;
             all.extend(parse_list(&out));
         }
@@ -113,13 +138,15 @@ pub fn list_tcp(ns: &Netns) -> Result<HashSet<(SocketAddr, SocketAddr)>, ShellEr
     })?
 }
 
-/// `conntrack -L` lines → the original direction's (source, destination). Lines that do not
-/// parse are skipped.
-pub fn parse_list(text: &str) -> impl Iterator<Item = (SocketAddr, SocketAddr)> + '_ {
+/// `conntrack -L` lines → the protocol and the original direction's (source, destination).
+/// Lines that do not parse are skipped.
+pub fn parse_list(text: &str) -> impl Iterator<Item = (Protocol, SocketAddr, SocketAddr)> + '_ {
     text.lines().filter_map(parse_line)
 }
 
-fn parse_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+fn parse_line(line: &str) -> Option<(Protocol, SocketAddr, SocketAddr)> {
+    // "tcp      6 431999 ESTABLISHED src=...": the name, then the protocol number.
+    let protocol = Protocol::from_ip(line.split_whitespace().nth(1)?.parse().ok()?);
     let (mut src, mut dst, mut sport, mut dport) = (None, None, None, None);
     // The first occurrence of each key is the original direction; the reply's come after.
     for field in line.split_whitespace() {
@@ -137,7 +164,14 @@ fn parse_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
             break;
         }
     }
-    Some((SocketAddr::new(src?, sport?), SocketAddr::new(dst?, dport?)))
+    if !protocol.has_ports() {
+        (sport, dport) = (Some(0), Some(0));
+    }
+    Some((
+        protocol,
+        SocketAddr::new(src?, sport?),
+        SocketAddr::new(dst?, dport?),
+    ))
 }
 
 #[cfg(test)]
@@ -152,14 +186,18 @@ tcp      6 431995 ESTABLISHED src=10.66.1.2 dst=10.66.2.2 sport=41000 dport=8080
 tcp      6 118 TIME_WAIT src=fd00::2 dst=fd00::1 sport=5000 dport=80 src=fd00::1 dst=fd00::2 sport=80 dport=5000 [ASSURED] mark=0 use=1
 garbage line
 tcp      6 10 SYN_SENT src=10.0.0.1 dst=10.0.0.2 sport=1 [UNREPLIED]
+udp      17 28 src=10.66.1.2 dst=10.66.2.3 sport=39000 dport=53 src=10.66.2.3 dst=10.66.1.2 sport=53 dport=39000 mark=268435456 use=1
+icmp     1 29 src=10.66.2.2 dst=10.66.1.2 type=8 code=0 id=77 src=10.66.1.2 dst=10.66.2.2 type=0 code=0 id=77 mark=268435456 use=1
 ";
         let got: Vec<_> = parse_list(text).collect();
         let s = |a: &str| a.parse::<SocketAddr>().unwrap();
         assert_eq!(
             got,
             [
-                (s("10.66.1.2:41000"), s("10.66.2.2:8080")),
-                (s("[fd00::2]:5000"), s("[fd00::1]:80")),
+                (Protocol::Tcp, s("10.66.1.2:41000"), s("10.66.2.2:8080")),
+                (Protocol::Tcp, s("[fd00::2]:5000"), s("[fd00::1]:80")),
+                (Protocol::Udp, s("10.66.1.2:39000"), s("10.66.2.3:53")),
+                (Protocol::ICMP, s("10.66.2.2:0"), s("10.66.1.2:0")),
             ]
         );
     }
@@ -181,6 +219,7 @@ tcp      6 10 SYN_SENT src=10.0.0.1 dst=10.0.0.2 sport=1 [UNREPLIED]
         let mut cmd = Command::new("conntrack");
         tuple_args(
             &mut cmd,
+            Protocol::Tcp,
             "[fd00::2]:5000".parse().unwrap(),
             "[fd00::1]:80".parse().unwrap(),
         );
@@ -192,5 +231,14 @@ tcp      6 10 SYN_SENT src=10.0.0.1 dst=10.0.0.2 sport=1 [UNREPLIED]
                 "-f", "ipv6"
             ]
         );
+        let mut cmd = Command::new("conntrack");
+        tuple_args(
+            &mut cmd,
+            Protocol::ICMP,
+            "10.0.0.1:0".parse().unwrap(),
+            "10.0.0.2:0".parse().unwrap(),
+        );
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(args, ["-p", "icmp", "-s", "10.0.0.1", "-d", "10.0.0.2"]);
     }
 }

@@ -85,7 +85,13 @@ pub struct Jumps {
 /// A SYN is always queued, whatever its conntrack entry says (so a pre-made entry cannot smuggle
 /// one past us), except when our own verdict marked it (a `Repeat` with the AUTH bit re-runs the
 /// hook: without the mark test it would be queued again for ever).
-pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
+///
+/// Every other protocol (UDP, SCTP, ICMP, anything) is queued whenever its flow lacks the AUTH
+/// connmark: the processor decides the flow's first packet and marks it, so the rest of the
+/// flow, both ways (and ICMP errors about it, which conntrack relates to it), bypasses
+/// userspace. IPv6 neighbour discovery and multicast listener messages (ICMPv6 130-137, 143)
+/// always pass: without them no IPv6 address works, and they never leave the link.
+pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
     let auth = format!("{0:#x}/{0:#x}", cfg.auth_mark);
     let mask = format!("{:#x}", cfg.auth_mark);
     let bypass = if cfg.fail_open { " --queue-bypass" } else { "" };
@@ -129,6 +135,14 @@ pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
         out.push_str(&format!(
             "-A {chain} -p tcp -j NFQUEUE --queue-num {q}{bypass}\n"
         ));
+        if family == Family::V6 {
+            for t in ICMPV6_LINK_TYPES {
+                out.push_str(&format!(
+                    "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n"
+                ));
+            }
+        }
+        out.push_str(&format!("-A {chain} -j NFQUEUE --queue-num {q}{bypass}\n"));
     }
     if !present.output {
         out.push_str(&format!("-I OUTPUT 1 -j {CHAIN_OUTPUT}\n"));
@@ -139,6 +153,11 @@ pub fn render(cfg: &RuleConfig, present: Jumps) -> String {
     out.push_str("COMMIT\n");
     out
 }
+
+/// ICMPv6 types that stay on the link and that IPv6 cannot work without: multicast listener
+/// query, report and done (130-132), router solicitation and advertisement, neighbour
+/// solicitation and advertisement, redirect (133-137), MLDv2 report (143).
+pub const ICMPV6_LINK_TYPES: [u8; 9] = [130, 131, 132, 133, 134, 135, 136, 137, 143];
 
 fn jump_exists(ns: &Netns, family: Family, hook: &str, chain: &str) -> bool {
     let mut cmd = ns.command(family.iptables());
@@ -235,7 +254,7 @@ fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
         .map(|(family, present)| {
             let mut cmd = Command::new(family.restore());
             cmd.args(["-w", "--noflush"]);
-            (cmd, Some(render(cfg, present)))
+            (cmd, Some(render(cfg, family, present)))
         })
         .collect();
     for result in run_commands(restores) {
@@ -416,7 +435,7 @@ mod tests {
 
     #[test]
     fn fixed_rule_set_fail_closed() {
-        let text = render(&RuleConfig::default(), Jumps::default());
+        let text = render(&RuleConfig::default(), Family::V4, Jumps::default());
         let expected = "\
 *mangle
 :TESSERA-OUTPUT - [0:0]
@@ -427,6 +446,7 @@ mod tests {
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-OUTPUT -p tcp -j NFQUEUE --queue-num 7
+-A TESSERA-OUTPUT -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -i lo -j RETURN
 -A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j CONNMARK --set-xmark 0x0/0x10000000
 -A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j RETURN
@@ -436,6 +456,7 @@ mod tests {
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-INPUT -p tcp -j NFQUEUE --queue-num 7
+-A TESSERA-INPUT -j NFQUEUE --queue-num 7
 -I OUTPUT 1 -j TESSERA-OUTPUT
 -I INPUT 1 -j TESSERA-INPUT
 COMMIT
@@ -450,9 +471,9 @@ COMMIT
             queue_num: 9,
             auth_mark: 0x4,
         };
-        let text = render(&cfg, Jumps::default());
+        let text = render(&cfg, Family::V6, Jumps::default());
         let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
-        assert_eq!(queue_rules.len(), 5);
+        assert_eq!(queue_rules.len(), 7);
         assert!(
             queue_rules
                 .iter()
@@ -465,6 +486,7 @@ COMMIT
     fn existing_jumps_are_not_inserted_again() {
         let text = render(
             &RuleConfig::default(),
+            Family::V4,
             Jumps {
                 output: true,
                 input: true,
@@ -476,6 +498,7 @@ COMMIT
         assert!(text.starts_with("*mangle\n:TESSERA-OUTPUT - [0:0]\n:TESSERA-INPUT - [0:0]\n"));
         let half = render(
             &RuleConfig::default(),
+            Family::V6,
             Jumps {
                 output: true,
                 input: false,
@@ -487,8 +510,30 @@ COMMIT
 
     #[test]
     fn rule_count_is_fixed() {
-        let text = render(&RuleConfig::default(), Jumps::default());
-        assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 15);
+        let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 17);
+        let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 35);
+    }
+
+    #[test]
+    fn ipv6_link_messages_pass_and_everything_else_is_queued_last() {
+        let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
+        for chain in [CHAIN_OUTPUT, CHAIN_INPUT] {
+            let rules: Vec<_> = v6
+                .lines()
+                .filter(|l| l.starts_with(&format!("-A {chain} ")))
+                .collect();
+            assert_eq!(
+                rules.last().copied(),
+                Some(format!("-A {chain} -j NFQUEUE --queue-num 7").as_str())
+            );
+            assert!(rules.contains(
+                &format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN").as_str()
+            ));
+        }
+        let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
+        assert!(!v4.contains("icmp"), "{v4}");
     }
 
     #[test]

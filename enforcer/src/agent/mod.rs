@@ -749,8 +749,7 @@ impl Agent {
             let (id, ns, processor) = (e.id, e.netns.clone(), self.processor.clone());
             tokio::spawn(async move {
                 let listed_from = now_ms();
-                let listed =
-                    tokio::task::spawn_blocking(move || shell::conntrack::list_tcp(&ns)).await;
+                let listed = tokio::task::spawn_blocking(move || shell::conntrack::list(&ns)).await;
                 match listed {
                     Ok(Ok(alive)) => {
                         let n = lock(&processor).prune(id, listed_from, &alive);

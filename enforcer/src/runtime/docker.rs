@@ -461,6 +461,7 @@ fn protocol_rank(p: Protocol) -> u8 {
         Protocol::Tcp => 0,
         Protocol::Udp => 1,
         Protocol::Sctp => 2,
+        Protocol::Other(n) => 3u8.saturating_add(n),
     }
 }
 

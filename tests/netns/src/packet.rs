@@ -2,7 +2,7 @@
 //! injecting raw IPv4 or IPv6 packets (an IPPROTO_RAW socket of the packet's family: on Linux the
 //! caller writes the IP header, any source address).
 
-use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -283,32 +283,97 @@ impl Drop for Capture {
 /// Sends a raw IPv4 or IPv6 packet (header included) from inside `ns`, routed by its
 /// destination.
 pub fn inject(ns: &str, packet: &IpTcp) {
-    let pkt = packet.clone();
+    inject_bytes(ns, packet.dst(), packet.0.clone());
+}
+
+/// Sends `bytes`, a whole IPv4 or IPv6 packet of any protocol (header included, whatever its
+/// source address says), from inside `ns` through a raw socket, routed to `dst`.
+pub fn inject_bytes(ns: &str, dst: IpAddr, bytes: Vec<u8>) {
     crate::netns::in_netns(ns, move || {
-        let family = match pkt.dst() {
+        let family = match dst {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
         };
         // IPPROTO_RAW implies IP_HDRINCL (IPv4) / a caller-written header (IPv6, Linux).
         let fd = socket(family, SockType::Raw, SockFlag::empty(), SockProtocol::Raw)
             .expect("raw socket");
-        let sent = match pkt.dst() {
+        let sent = match dst {
             IpAddr::V4(d) => sendto(
                 fd.as_raw_fd(),
-                &pkt.0,
+                &bytes,
                 &SockaddrIn::from(SocketAddrV4::new(d, 0)),
                 MsgFlags::empty(),
             ),
             IpAddr::V6(d) => sendto(
                 fd.as_raw_fd(),
-                &pkt.0,
+                &bytes,
                 &SockaddrIn6::from(SocketAddrV6::new(d, 0, 0, 0)),
                 MsgFlags::empty(),
             ),
         };
         let n = sent.expect("sendto raw");
-        assert_eq!(n, pkt.0.len(), "raw send was short");
+        assert_eq!(n, bytes.len(), "raw send was short");
     });
+}
+
+/// An IPv4 or IPv6 packet (family of `src`) of IP protocol `protocol` carrying `l4` (its
+/// transport header and data, checksums as given), with a valid IPv4 header checksum.
+pub fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, protocol, 0, 0];
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            let len = (20 + l4.len()) as u16;
+            p[2..4].copy_from_slice(&len.to_be_bytes());
+            let sum = fold(sum16(&p, 0));
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+            p.extend_from_slice(l4);
+            p
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[protocol, 64]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(l4);
+            p
+        }
+        _ => panic!("ip_packet: mixed address families"),
+    }
+}
+
+/// A UDP datagram from `src` to `dst` with a valid checksum (required over IPv6).
+pub fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&len.to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(payload);
+    // Pseudo-header: addresses, protocol, length.
+    let mut pseudo = Vec::new();
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&len.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        }
+        _ => panic!("udp_packet: mixed address families"),
+    }
+    pseudo.extend_from_slice(&l4);
+    let c = fold(sum16(&pseudo, 0));
+    l4[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    ip_packet(src.ip(), dst.ip(), 17, &l4)
 }
 
 /// Builds a SYN from `src:sport` to `dst:dport` (both IPv4 or both IPv6) carrying our option
