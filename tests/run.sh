@@ -40,7 +40,7 @@ export PATH
 log "prerequisites"
 # NFQUEUE, conntrack marks, statistic and length matches for the datapath tests. A module may be
 # built in (no modprobe needed), so what counts is whether the kernel takes the rules below.
-for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_statistic xt_length xt_conntrack veth; do
+for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_statistic xt_length xt_conntrack xt_u32 veth; do
   modprobe -q "$m" 2>/dev/null || true
 done
 # One probe in a throwaway network namespace: unshare works, lo comes up, and the kernel accepts
@@ -49,15 +49,17 @@ probe='set -e
 ip link set lo up
 iptables -t mangle -A OUTPUT -p tcp -m connmark --mark 0x10000000/0x10000000 -j RETURN
 iptables -t mangle -A OUTPUT -p tcp -j NFQUEUE --queue-num 1
+iptables -t mangle -A INPUT -p udp -m u32 --u32 "0>>22&0x3C@8=0x7e555453" -j NFQUEUE --queue-num 1
 ip6tables -t mangle -A OUTPUT -p tcp -j NFQUEUE --queue-num 1'
 if ! out=$(unshare --net -- sh -c "$probe" 2>&1); then
   die "the kernel refused a rule the agent needs, in a fresh network namespace (unshare --net):
 $out
-  NFQUEUE needs nfnetlink_queue and xt_NFQUEUE, the connmark match xt_connmark (modprobe them, or
-  use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE and CONFIG_NETFILTER_XT_TARGET_NFQUEUE)"
+  NFQUEUE needs nfnetlink_queue and xt_NFQUEUE, the connmark match xt_connmark, UDP control
+  datagrams the u32 match xt_u32 (modprobe them, or use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE,
+  CONFIG_NETFILTER_XT_TARGET_NFQUEUE, CONFIG_NETFILTER_XT_MATCH_U32)"
 fi
 [ -e /proc/net/netfilter/nfnetlink_queue ] || die "nfnetlink_queue is not loaded (modprobe nfnetlink_queue)"
-echo "root; $(iptables -V); unshare; NFQUEUE and connmark rules accepted in a fresh netns"
+echo "root; $(iptables -V); unshare; NFQUEUE, connmark and u32 rules accepted in a fresh netns"
 
 # Runs a command in a fresh network namespace with loopback up.
 in_fresh_netns() {

@@ -18,12 +18,16 @@ pub mod metrics;
 pub mod packet;
 pub mod processor;
 pub mod shell;
+pub mod udp;
 
 pub use established::{Cut, CutReason};
 pub use flow::FlowKey;
 pub use metrics::{DECISION_BUCKETS_NS, Metrics, PacketKind};
 pub use packet::{IpDatagram, PacketError, TcpSegment};
-pub use processor::{Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId, reauth_mark};
+pub use processor::{
+    Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId, control_mark, reauth_mark,
+};
+pub use udp::{EmitMark, Outgoing};
 
 /// The `rand_core` the processor's `rng` parameter comes from (re-exported from `identity`).
 pub use identity::rand_core;

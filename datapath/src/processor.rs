@@ -57,6 +57,9 @@ use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
 use crate::metrics::{Metrics, PacketKind};
 use crate::packet::{self, IpDatagram, PacketError, TcpSegment};
+use crate::udp::{
+    EmitMark, Outgoing, UdpFlow, UdpState, UdpTable, build_udp, set_udp_checksum, udp_payload,
+};
 
 /// The netfilter hook a packet was queued from, as seen from the workload: `Output` for
 /// packets the workload sends, `Input` for packets it is about to receive.
@@ -113,6 +116,25 @@ pub struct ProcessorConfig {
     pub cut_remember_ms: u64,
     /// How often [`Processor::prune_due`] asks the shell for a conntrack listing per workload.
     pub prune_interval_ms: u64,
+    /// Authenticated UDP: how long the client waits for the answer to its first SYN control
+    /// datagram before sending it again (the wait doubles each time).
+    pub udp_hello_rto_ms: u64,
+    /// Authenticated UDP: SYN controls sent before the peer is taken as agentless and the flow
+    /// is decided on its address (25 ms, 3 tries: the first flow to an agentless peer waits
+    /// 175 ms; later ones to it do not wait, see `udp_agentless_ms`).
+    pub udp_hello_tries: u8,
+    /// How long a peer that never answered a SYN control is remembered as agentless.
+    pub udp_agentless_ms: u64,
+    /// How long a peer whose agent answered is remembered as having one (its plain datagrams
+    /// are then refused as unauthenticated).
+    pub udp_agent_ms: u64,
+    /// Application datagrams held per UDP flow while its handshake runs (more are dropped,
+    /// `udp_hold_full`).
+    pub udp_held_per_flow: usize,
+    /// Application datagrams held over all UDP flows.
+    pub udp_held_total: usize,
+    /// UDP flows in handshake (or lingering after it) at most.
+    pub udp_max_flows: usize,
 }
 
 impl Default for ProcessorConfig {
@@ -126,6 +148,13 @@ impl Default for ProcessorConfig {
             max_established: 65_536,
             cut_remember_ms: 3_600_000,
             prune_interval_ms: 30_000,
+            udp_hello_rto_ms: 25,
+            udp_hello_tries: 3,
+            udp_agentless_ms: 60_000,
+            udp_agent_ms: 600_000,
+            udp_held_per_flow: 8,
+            udp_held_total: 1024,
+            udp_max_flows: 16_384,
         }
     }
 }
@@ -139,6 +168,18 @@ pub fn reauth_mark(auth_mark: u32) -> u32 {
         1 << (high + 1)
     } else {
         1 << auth_mark.trailing_zeros().saturating_sub(1)
+    }
+}
+
+/// The mark bit our own control datagrams leave with (the rules let it pass without queueing
+/// it): the bit above [`reauth_mark`], or below it when that is bit 31 or the AUTH bit.
+pub fn control_mark(auth_mark: u32) -> u32 {
+    let used = auth_mark | reauth_mark(auth_mark);
+    let high = 31 - used.leading_zeros().min(31);
+    if high < 31 {
+        1 << (high + 1)
+    } else {
+        1 << used.trailing_zeros().saturating_sub(1)
     }
 }
 
@@ -194,6 +235,21 @@ pub enum Reason {
     /// The workload sent a packet whose source address is not one of its own.
     #[error("source address is not the workload's")]
     SpoofedSource,
+    /// A datagram starting with the UDP control magic is not a well-formed control datagram.
+    #[error("UDP control: {0}")]
+    UdpControl(identity::UdpControlError),
+    /// A plain UDP datagram from a peer that has an agent (so it must prove itself first).
+    #[error("UDP datagram from an agent's workload without a handshake")]
+    UdpUnauthenticated,
+    /// A UDP flow's handshake holds as many datagrams as it may (per flow or in all).
+    #[error("UDP hold full")]
+    UdpHoldFull,
+    /// A plain datagram from the peer while our SYN control awaits its answer.
+    #[error("UDP datagram before the handshake completed")]
+    UdpHandshakePending,
+    /// The server agent refused our UDP flow (its ingress policy denies it).
+    #[error("UDP flow refused by the peer's agent")]
+    UdpRefused,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -220,6 +276,11 @@ impl Reason {
             Reason::UnexpectedToken => "unexpected_token",
             Reason::AckMismatch => "ack_mismatch",
             Reason::SpoofedSource => "spoofed_source",
+            Reason::UdpControl(_) => "udp_control_malformed",
+            Reason::UdpUnauthenticated => "udp_unauthenticated",
+            Reason::UdpHoldFull => "udp_hold_full",
+            Reason::UdpHandshakePending => "udp_handshake_pending",
+            Reason::UdpRefused => "udp_refused",
         }
     }
 }
@@ -293,6 +354,18 @@ impl Verdict {
             reason: None,
         }
     }
+    /// Drop without a reason: the processor took the packet (a control datagram it consumed,
+    /// or an application datagram it holds and will send itself, see [`Processor::take_outgoing`]).
+    pub fn consumed() -> Self {
+        Verdict {
+            accept: false,
+            modified: false,
+            mark_authorized: false,
+            unmark: false,
+            requeue: false,
+            reason: None,
+        }
+    }
     /// Drop with a reason.
     pub fn drop(reason: Reason) -> Self {
         Verdict {
@@ -332,7 +405,18 @@ pub struct Processor {
     ip_only: Arc<Peer>,
     /// Last time [`Processor::prune_due`] said yes.
     last_prune_ms: u64,
+    /// UDP flows in handshake, and what they hold.
+    udp: UdpTable,
+    /// Datagrams to send, in order (see [`Processor::take_outgoing`]).
+    outgoing: Vec<Outgoing>,
+    /// What the processor learned of peer addresses: whether an agent answers there, until when.
+    peer_agents: ahash::HashMap<IpAddr, (bool, u64)>,
+    /// The keys of the enforced workloads (to know a same-node peer by its address).
+    local_keys: ahash::HashSet<PodKey>,
 }
+
+/// Peer addresses remembered (agent or not) before the map starts over.
+const PEER_AGENT_ENTRIES: usize = 4096;
 
 /// A peer's policy view and pod, shared by every flow with it.
 type PeerView = (Arc<Peer>, Arc<PodKey>);
@@ -355,6 +439,10 @@ impl Processor {
             cut: CutSet::new(config.max_established),
             ip_only: Arc::new(Peer::IpOnly),
             last_prune_ms: 0,
+            udp: UdpTable::default(),
+            outgoing: Vec::new(),
+            peer_agents: Default::default(),
+            local_keys: Default::default(),
         }
     }
 
@@ -385,12 +473,22 @@ impl Processor {
     /// its SYN-ACKs come from the engine's container ports. Re-adding an id replaces it (its
     /// flows are kept).
     pub fn add_workload(&mut self, id: WorkloadId, key: PodKey, claims: Claims) {
-        self.workloads.insert(id, WorkloadEntry { key, claims });
+        self.local_keys.insert(key.clone());
+        if let Some(old) = self.workloads.insert(id, WorkloadEntry { key, claims })
+            && !self.workloads.values().any(|w| w.key == old.key)
+        {
+            self.local_keys.remove(&old.key);
+        }
     }
 
     /// Stop enforcing a workload: forget it and all its flows (the engine is left alone).
     pub fn remove_workload(&mut self, id: WorkloadId) {
-        self.workloads.remove(&id);
+        if let Some(old) = self.workloads.remove(&id)
+            && !self.workloads.values().any(|w| w.key == old.key)
+        {
+            self.local_keys.remove(&old.key);
+        }
+        self.udp.remove_workload(id);
         self.flows.remove_workload(id);
         self.established.remove_workload(id);
         self.cut.remove_workload(id);
@@ -417,39 +515,11 @@ impl Processor {
         now_ms: u64,
         rng: &mut R,
     ) -> Verdict {
-        let Processor {
-            node,
-            engine,
-            config,
-            workloads,
-            flows,
-            metrics,
-            peers,
-            established,
-            cut,
-            ip_only,
-            last_prune_ms: _,
-        } = self;
-        let (verdict, kind) = match workloads.get(&id) {
-            None => (Verdict::drop(Reason::UnknownWorkload), None),
-            Some(wl) => {
-                let mut step = Step {
-                    node,
-                    engine,
-                    config,
-                    flows,
-                    metrics,
-                    wl,
-                    peers,
-                    established,
-                    cut,
-                    ip_only,
-                    id,
-                    now: now_ms,
-                };
+        let (verdict, kind) = self
+            .with_step(id, now_ms, |step| {
                 step.run(hook, packet, checksum_ready, rng)
-            }
-        };
+            })
+            .unwrap_or((Verdict::drop(Reason::UnknownWorkload), None));
         if let Some(reason) = &verdict.reason {
             self.metrics.count_rejected(reason.as_str());
         }
@@ -467,11 +537,105 @@ impl Processor {
         verdict
     }
 
+    /// The datagrams the processor wants sent, in order, since the last call: UDP control
+    /// datagrams and released application datagrams. The shell sends each from its
+    /// workload's netns with the mark [`Outgoing::mark`] asks for ([`control_mark`] or the
+    /// AUTH mark), right after the verdicts of the batch that made them.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outgoing)
+    }
+
+    /// When [`Processor::poll_udp`] has something to do next (a UDP handshake to retry or to
+    /// give up), if anything.
+    pub fn next_udp_timer(&self) -> Option<u64> {
+        self.udp
+            .flows
+            .values()
+            .filter_map(|f| match f.state {
+                UdpState::ClientHello { next_ms, .. } => Some(next_ms),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// UDP handshakes whose time has come: re-send the SYN control (its wait doubles), or,
+    /// after `udp_hello_tries`, take the peer as agentless (remembered for
+    /// `udp_agentless_ms`) and decide the flow on its address: the held datagrams are
+    /// released or dropped. Then call [`Processor::take_outgoing`].
+    pub fn poll_udp<R: CryptoRng + ?Sized>(&mut self, now_ms: u64, rng: &mut R) {
+        let due: Vec<FlowKey> = self
+            .udp
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f.state, UdpState::ClientHello { next_ms, .. } if next_ms <= now_ms))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if self
+                .with_step(key.workload, now_ms, |step| step.udp_timer(key, rng))
+                .is_none()
+            {
+                self.udp.remove(&key);
+            }
+        }
+    }
+
+    /// Run `f` on the step of workload `id` at time `now_ms` (`None`: unknown workload).
+    fn with_step<T>(
+        &mut self,
+        id: WorkloadId,
+        now_ms: u64,
+        f: impl FnOnce(&mut Step<'_>) -> T,
+    ) -> Option<T> {
+        let Processor {
+            node,
+            engine,
+            config,
+            workloads,
+            flows,
+            metrics,
+            peers,
+            established,
+            cut,
+            ip_only,
+            last_prune_ms: _,
+            udp,
+            outgoing,
+            peer_agents,
+            local_keys,
+        } = self;
+        let wl = workloads.get(&id)?;
+        let mut step = Step {
+            node,
+            engine,
+            config,
+            flows,
+            metrics,
+            wl,
+            peers,
+            established,
+            cut,
+            ip_only,
+            udp,
+            outgoing,
+            peer_agents,
+            local_keys,
+            id,
+            now: now_ms,
+        };
+        Some(f(&mut step))
+    }
+
     /// Forget handshake flows past their deadline, and cut flows past
     /// [`ProcessorConfig::cut_remember_ms`]. Call it periodically (e.g. every second).
     pub fn expire(&mut self, now_ms: u64) {
         self.flows.expire(now_ms);
         self.cut.expire(now_ms);
+        let dropped = self.udp.expire(now_ms);
+        for _ in 0..dropped {
+            self.metrics.count_rejected(Reason::UdpHoldFull.as_str());
+        }
+        self.peer_agents.retain(|_, (_, until)| *until > now_ms);
         self.metrics.set_flows(self.flows.len());
         self.update_established_metrics();
     }
@@ -623,6 +787,10 @@ struct Step<'a> {
     established: &'a mut EstablishedTable,
     cut: &'a mut CutSet,
     ip_only: &'a Arc<Peer>,
+    udp: &'a mut UdpTable,
+    outgoing: &'a mut Vec<Outgoing>,
+    peer_agents: &'a mut ahash::HashMap<IpAddr, (bool, u64)>,
+    local_keys: &'a ahash::HashSet<PodKey>,
     id: WorkloadId,
     now: u64,
 }
@@ -700,6 +868,9 @@ impl Step<'_> {
             // The workload sends with an address that is not its own (a raw socket): it would
             // borrow another workload's identity wherever peers are judged by address.
             return (Verdict::drop(Reason::SpoofedSource), Some(kind));
+        }
+        if protocol == Protocol::Udp {
+            return (self.udp(hook, &datagram, packet, rng), Some(kind));
         }
         if protocol != Protocol::Tcp {
             return (self.datagram(hook, protocol, &datagram), Some(kind));
@@ -821,6 +992,547 @@ impl Step<'_> {
         }
     }
 
+    /// Whether the peer at `ip` is to be proven by a UDP handshake: an agent answered there
+    /// recently, or it is a workload of this node; or we do not know yet and the address is a
+    /// private one (where cluster workloads live). Public addresses and peers that did not
+    /// answer recently are decided on their address at once, without a wait.
+    fn udp_authenticate(&self, ip: IpAddr) -> bool {
+        if let Some((agent, until)) = self.peer_agents.get(&ip)
+            && *until > self.now
+        {
+            return *agent;
+        }
+        if self.is_local_workload(ip) {
+            return true;
+        }
+        match ip {
+            IpAddr::V4(v4) => {
+                v4.is_private() || (v4.octets()[0] == 100 && v4.octets()[1] & 0xC0 == 64)
+            }
+            IpAddr::V6(v6) => v6.is_unique_local(),
+        }
+    }
+
+    /// Whether a plain datagram from `ip` must be refused: its sender has an agent (a workload
+    /// of this node, or an address whose agent answered recently), which would have proven it.
+    fn udp_requires_handshake(&self, ip: IpAddr) -> bool {
+        self.is_local_workload(ip)
+            || self
+                .peer_agents
+                .get(&ip)
+                .is_some_and(|(agent, until)| *agent && *until > self.now)
+    }
+
+    fn is_local_workload(&self, ip: IpAddr) -> bool {
+        self.engine
+            .workload_by_ip(&ip)
+            .is_some_and(|w| self.local_keys.contains(&w.key))
+    }
+
+    fn learn_agent(&mut self, ip: IpAddr, agent: bool) {
+        if self.peer_agents.len() >= PEER_AGENT_ENTRIES {
+            self.peer_agents.clear();
+        }
+        let ttl = if agent {
+            self.config.udp_agent_ms
+        } else {
+            self.config.udp_agentless_ms
+        };
+        self.peer_agents
+            .insert(ip, (agent, self.now.saturating_add(ttl)));
+    }
+
+    /// Queue a UDP datagram from `from` to `to` for the shell to send from this workload.
+    fn emit_udp(&mut self, from: SocketAddr, to: SocketAddr, payload: &[u8], mark: EmitMark) {
+        match build_udp(from, to, payload) {
+            Ok(packet) => self.outgoing.push(Outgoing {
+                workload: self.id,
+                packet,
+                mark,
+            }),
+            Err(e) => self.metrics.count_rejected(Reason::Packet(e).as_str()),
+        }
+    }
+
+    /// A control datagram of `kind` carrying `token` from this workload's side of `key`.
+    fn emit_control(&mut self, key: &FlowKey, kind: u8, token: &[u8]) -> Option<Box<[u8]>> {
+        let control = identity::encode_udp_control(kind, token)?;
+        self.emit_udp(key.local, key.remote, &control, EmitMark::Control);
+        Some(control.into_boxed_slice())
+    }
+
+    /// A UDP packet of the workload (OUTPUT) or to it (INPUT). Control datagrams (the magic
+    /// at the start of the payload) are the agents' handshake; the others are the
+    /// application's, held while their flow's handshake runs.
+    fn udp<R: CryptoRng + ?Sized>(
+        &mut self,
+        hook: Hook,
+        d: &IpDatagram,
+        packet: &[u8],
+        rng: &mut R,
+    ) -> Verdict {
+        let (local, remote) = match hook {
+            Hook::Output => (
+                SocketAddr::new(d.src, d.src_port),
+                SocketAddr::new(d.dst, d.dst_port),
+            ),
+            Hook::Input => (
+                SocketAddr::new(d.dst, d.dst_port),
+                SocketAddr::new(d.src, d.src_port),
+            ),
+        };
+        let key = FlowKey {
+            workload: self.id,
+            protocol: Protocol::Udp,
+            local,
+            remote,
+        };
+        let control = match udp_payload(packet, d) {
+            Err(e) => return Verdict::drop(Reason::Packet(e)),
+            Ok(payload) => match identity::parse_udp_control(payload) {
+                Err(e) => return Verdict::drop(Reason::UdpControl(e)),
+                Ok(c) => c.map(|(kind, token)| (kind, token.to_vec())),
+            },
+        };
+        match (hook, control) {
+            // Only agents send control datagrams, and ours leave without being queued.
+            (Hook::Output, Some(_)) => Verdict::drop(Reason::OptionFromWorkload),
+            (Hook::Input, Some((identity::wire::TYPE_SYN, token))) => {
+                self.udp_server_syn(key, &token, rng)
+            }
+            (Hook::Input, Some((identity::wire::TYPE_SYN_ACK, token))) => {
+                self.udp_client_syn_ack(key, &token)
+            }
+            (Hook::Input, Some((identity::wire::TYPE_ACK, token))) => {
+                self.udp_server_ack(key, &token)
+            }
+            (Hook::Input, Some((_, token))) => self.udp_refused(key, &token),
+            (Hook::Output, None) => self.udp_output(key, d, packet, rng),
+            (Hook::Input, None) => self.udp_input(key, d),
+        }
+    }
+
+    /// Hold an application datagram of a flow in handshake (a copy: the queued packet is
+    /// dropped, the shell sends the copy once the flow is authorized).
+    fn udp_hold(&mut self, key: &FlowKey, packet: &[u8]) -> Verdict {
+        let max_flow = self.config.udp_held_per_flow;
+        let room = self.udp.held < self.config.udp_held_total;
+        match self.udp.flows.get_mut(key) {
+            Some(UdpFlow {
+                state: UdpState::ClientHello { held, .. },
+                ..
+            }) if room && held.len() < max_flow => {
+                held.push(packet.to_vec());
+                self.udp.held += 1;
+                Verdict::consumed()
+            }
+            _ => Verdict::drop(Reason::UdpHoldFull),
+        }
+    }
+
+    /// An application datagram the local workload sends on a flow not marked yet.
+    fn udp_output<R: CryptoRng + ?Sized>(
+        &mut self,
+        key: FlowKey,
+        d: &IpDatagram,
+        packet: &[u8],
+        rng: &mut R,
+    ) -> Verdict {
+        match self.udp.flows.get(&key).map(|f| &f.state) {
+            Some(UdpState::ClientHello { .. }) => return self.udp_hold(&key, packet),
+            Some(UdpState::ClientDone { .. }) => {
+                // Authorized; its held datagrams may not have left yet: this one goes after them.
+                self.outgoing.push(Outgoing {
+                    workload: self.id,
+                    packet: packet.to_vec(),
+                    mark: EmitMark::Authorized,
+                });
+                return Verdict::consumed();
+            }
+            Some(UdpState::ServerAuthorized { .. }) => return Verdict::authorize(false),
+            Some(UdpState::ServerAwaitingAck { .. }) => return Verdict::drop(Reason::AckMissing),
+            None => {}
+        }
+        if !self.udp_authenticate(key.remote.ip()) {
+            return self.datagram(Hook::Output, Protocol::Udp, d);
+        }
+        if self.udp.flows.len() >= self.config.udp_max_flows {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        let mut nonce = [0u8; identity::wire::NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+        let Some(syn) = self.emit_control(&key, identity::wire::TYPE_SYN, &token) else {
+            return Verdict::drop(Reason::LocalHandshake(HandshakeError::Malformed(
+                "SYN token too long for a control datagram",
+            )));
+        };
+        self.udp.flows.insert(
+            key,
+            UdpFlow {
+                state: UdpState::ClientHello {
+                    client,
+                    syn,
+                    held: Vec::new(),
+                    tries: 1,
+                    next_ms: self.now.saturating_add(self.config.udp_hello_rto_ms),
+                },
+                deadline_ms: self.handshake_deadline(),
+            },
+        );
+        self.udp_hold(&key, packet)
+    }
+
+    /// An application datagram from the peer on a flow not marked yet.
+    fn udp_input(&mut self, key: FlowKey, d: &IpDatagram) -> Verdict {
+        let rto = self.config.udp_hello_rto_ms;
+        let now = self.now;
+        let mut resend = None;
+        let verdict = match self.udp.flows.get_mut(&key).map(|f| &mut f.state) {
+            Some(UdpState::ServerAuthorized { .. }) | Some(UdpState::ClientDone { .. }) => {
+                return Verdict::authorize(false);
+            }
+            Some(UdpState::ServerAwaitingAck {
+                synack,
+                last_sent_ms,
+                deferrals,
+                ..
+            }) => {
+                // The client's data overtook its ACK, or the ACK was lost: send the SYN-ACK
+                // again (the client's agent answers it with the same ACK), and look at this
+                // datagram again later.
+                if now.saturating_sub(*last_sent_ms) >= rto {
+                    *last_sent_ms = now;
+                    resend = Some(synack.clone());
+                }
+                *deferrals = deferrals.saturating_add(1);
+                if *deferrals > MAX_DEFERRALS {
+                    Verdict::drop(Reason::AckMissing)
+                } else {
+                    Verdict::requeue()
+                }
+            }
+            Some(UdpState::ClientHello { .. }) => {
+                // A plain answer to our SYN control: the peer has no agent (an agent consumes
+                // control datagrams), e.g. a resolver answering what it took for a malformed
+                // query. Decide on its address now rather than after the retries; the answer
+                // was to our control datagram, not to the application, so it is dropped.
+                self.udp_give_up(key);
+                return Verdict::drop(Reason::UdpHandshakePending);
+            }
+            None => {
+                if self.udp_requires_handshake(key.remote.ip()) {
+                    return Verdict::drop(Reason::UdpUnauthenticated);
+                }
+                return self.datagram(Hook::Input, Protocol::Udp, d);
+            }
+        };
+        if let Some(control) = resend {
+            self.emit_udp(key.local, key.remote, &control, EmitMark::Control);
+        }
+        verdict
+    }
+
+    /// Server: a SYN control datagram. Checked like a TCP SYN token, ingress evaluated on the
+    /// tentative claims; answered with a SYN-ACK control, or with REFUSED when ingress denies.
+    fn udp_server_syn<R: CryptoRng + ?Sized>(
+        &mut self,
+        key: FlowKey,
+        token: &[u8],
+        rng: &mut R,
+    ) -> Verdict {
+        match self.udp.flows.get_mut(&key).map(|f| &mut f.state) {
+            Some(UdpState::ServerAwaitingAck {
+                syn_token,
+                synack,
+                last_sent_ms,
+                ..
+            }) if **syn_token == *token => {
+                // A retransmitted SYN: our SYN-ACK was lost (or is late). Same answer.
+                *last_sent_ms = self.now;
+                let control = synack.clone();
+                self.emit_udp(key.local, key.remote, &control, EmitMark::Control);
+                return Verdict::consumed();
+            }
+            Some(UdpState::ServerAuthorized { .. }) => {
+                // Late copy of the SYN of a flow already proven: nothing to answer.
+                return Verdict::consumed();
+            }
+            Some(UdpState::ClientHello { .. }) => {
+                // We are the client on this tuple: a SYN coming back is our own reflected by
+                // an agentless peer (an echo service), or a simultaneous start; either way no
+                // agent answered ours. Decide on the address, like any plain answer.
+                self.udp_give_up(key);
+                return Verdict::drop(Reason::UdpHandshakePending);
+            }
+            Some(_) => {
+                // A new handshake on the tuple (the client forgot the old one).
+                self.udp.remove(&key);
+            }
+            None => {}
+        }
+        if self.udp.flows.len() >= self.config.udp_max_flows {
+            return Verdict::drop(Reason::FlowTableFull);
+        }
+        let server = match self.node.server_syn(token, self.now) {
+            Ok(s) => s,
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        let (peer, _pod) = self.peer_of(server.tentative_peer());
+        let port = key.local.port();
+        if !self.decide_protocol(
+            Direction::Ingress,
+            &peer,
+            key.remote.ip(),
+            port,
+            Protocol::Udp,
+            None,
+        ) {
+            // Tell the client's agent at once (it would otherwise wait, then take us as
+            // agentless); the client nonce shows the refusal answers its SYN.
+            if let Some(nonce) = token.get(20..36) {
+                self.emit_control(&key, identity::wire::TYPE_UDP_REFUSED, nonce);
+            }
+            return Verdict::drop(Reason::PolicyIngress);
+        }
+        let port_name = self.local_port_name_of(port, Protocol::Udp).to_owned();
+        let mut nonce = [0u8; identity::wire::NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let (awaiting, synack_token) =
+            match server.respond(self.node, &self.wl.claims, &port_name, nonce, self.now) {
+                Ok(r) => r,
+                Err(e) => return Verdict::drop(Reason::LocalHandshake(e)),
+            };
+        let Some(synack) = self.emit_control(&key, identity::wire::TYPE_SYN_ACK, &synack_token)
+        else {
+            return Verdict::drop(Reason::LocalHandshake(HandshakeError::Malformed(
+                "SYN-ACK token too long for a control datagram",
+            )));
+        };
+        self.udp.flows.insert(
+            key,
+            UdpFlow {
+                state: UdpState::ServerAwaitingAck {
+                    server: awaiting,
+                    syn_token: token.into(),
+                    synack,
+                    last_sent_ms: self.now,
+                    deferrals: 0,
+                },
+                deadline_ms: self.handshake_deadline(),
+            },
+        );
+        Verdict::consumed()
+    }
+
+    /// Client: the server's SYN-ACK control. Verified like a TCP SYN-ACK token; egress on the
+    /// server's proven identity; then the ACK control and the held datagrams leave.
+    fn udp_client_syn_ack(&mut self, key: FlowKey, token: &[u8]) -> Verdict {
+        let result = match self.udp.flows.get(&key).map(|f| &f.state) {
+            Some(UdpState::ClientHello { client, .. }) => {
+                client.receive_syn_ack(self.node, token, self.now)
+            }
+            Some(UdpState::ClientDone { synack, ack }) if **synack == *token => {
+                // The server did not get our ACK: the same ACK again.
+                let ack = ack.clone();
+                self.emit_udp(key.local, key.remote, &ack, EmitMark::Control);
+                return Verdict::consumed();
+            }
+            _ => return Verdict::drop(Reason::UnexpectedToken),
+        };
+        let (server, ack_token) = match result {
+            Ok(r) => r,
+            // The state stays: a forged SYN-ACK does not kill the handshake.
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        self.learn_agent(key.remote.ip(), true);
+        let view = self.peer_of(&server);
+        let port = key.remote.port();
+        let allowed = self.decide_protocol(
+            Direction::Egress,
+            &view.0,
+            key.remote.ip(),
+            port,
+            Protocol::Udp,
+            server.port_name.as_deref(),
+        );
+        let Some(UdpFlow {
+            state: UdpState::ClientHello { held, .. },
+            ..
+        }) = self.udp.remove(&key)
+        else {
+            return Verdict::drop(Reason::UnexpectedToken);
+        };
+        if !allowed {
+            for _ in 1..held.len() {
+                self.metrics.count_rejected(Reason::PolicyEgress.as_str());
+            }
+            return Verdict::drop(Reason::PolicyEgress);
+        }
+        let Some(ack) = self.emit_control(&key, identity::wire::TYPE_ACK, &ack_token) else {
+            return Verdict::drop(Reason::UnexpectedToken);
+        };
+        self.release(&key, held);
+        self.metrics.count_authorized(true);
+        self.remember(
+            key,
+            Direction::Egress,
+            Some(view),
+            server.port_name.as_deref(),
+        );
+        self.udp.flows.insert(
+            key,
+            UdpFlow {
+                state: UdpState::ClientDone {
+                    synack: token.into(),
+                    ack,
+                },
+                deadline_ms: self.linger_deadline(),
+            },
+        );
+        Verdict::consumed()
+    }
+
+    /// A UDP handshake's timer: re-send the SYN, or give up on the peer.
+    fn udp_timer<R: CryptoRng + ?Sized>(&mut self, key: FlowKey, _rng: &mut R) {
+        let rto = self.config.udp_hello_rto_ms;
+        let max_tries = self.config.udp_hello_tries.max(1);
+        let now = self.now;
+        let mut resend = None;
+        if let Some(UdpFlow {
+            state:
+                UdpState::ClientHello {
+                    syn,
+                    tries,
+                    next_ms,
+                    ..
+                },
+            ..
+        }) = self.udp.flows.get_mut(&key)
+        {
+            if *tries < max_tries {
+                *tries += 1;
+                *next_ms = now.saturating_add(rto << (*tries - 1).min(16));
+                resend = Some(syn.clone());
+            }
+        } else {
+            return;
+        }
+        if let Some(syn) = resend {
+            self.emit_udp(key.local, key.remote, &syn, EmitMark::Control);
+            return;
+        }
+        self.udp_give_up(key);
+    }
+
+    /// No agent answers at the peer: decide the flow on the peer's address, as for a peer known
+    /// to have none (and remember it as agentless for `udp_agentless_ms`); the held datagrams
+    /// are released or dropped.
+    fn udp_give_up(&mut self, key: FlowKey) {
+        self.learn_agent(key.remote.ip(), false);
+        let Some(UdpFlow {
+            state: UdpState::ClientHello { held, .. },
+            ..
+        }) = self.udp.remove(&key)
+        else {
+            return;
+        };
+        let Some(first) = held.first() else { return };
+        let Ok(d) = IpDatagram::parse(first) else {
+            return;
+        };
+        let verdict = self.datagram(Hook::Output, Protocol::Udp, &d);
+        if verdict.accept {
+            self.release(&key, held);
+        } else {
+            for _ in 0..held.len() {
+                self.metrics.count_rejected(Reason::PolicyEgress.as_str());
+            }
+        }
+    }
+
+    /// Send the held datagrams of an authorized flow, in order, with the AUTH mark.
+    fn release(&mut self, key: &FlowKey, held: Vec<Vec<u8>>) {
+        for mut p in held {
+            let fixed = IpDatagram::parse(&p).and_then(|d| set_udp_checksum(&mut p, d.l4_start));
+            match fixed {
+                Ok(()) => self.outgoing.push(Outgoing {
+                    workload: key.workload,
+                    packet: p,
+                    mark: EmitMark::Authorized,
+                }),
+                Err(e) => self.metrics.count_rejected(Reason::Packet(e).as_str()),
+            }
+        }
+    }
+
+    /// Server: the client's ACK control proves it; ingress again on the proven identity.
+    fn udp_server_ack(&mut self, key: FlowKey, token: &[u8]) -> Verdict {
+        let result = match self.udp.flows.get(&key).map(|f| &f.state) {
+            Some(UdpState::ServerAwaitingAck { server, .. }) => {
+                server.receive_ack(self.node, token, self.now)
+            }
+            Some(UdpState::ServerAuthorized { ack_token }) if **ack_token == *token => {
+                return Verdict::consumed();
+            }
+            _ => return Verdict::drop(Reason::UnexpectedToken),
+        };
+        let client = match result {
+            Ok(c) => c,
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        self.learn_agent(key.remote.ip(), true);
+        let view = self.peer_of(&client);
+        if !self.decide_protocol(
+            Direction::Ingress,
+            &view.0,
+            key.remote.ip(),
+            key.local.port(),
+            Protocol::Udp,
+            None,
+        ) {
+            self.udp.remove(&key);
+            return Verdict::drop(Reason::PolicyIngress);
+        }
+        self.metrics.count_authorized(true);
+        self.remember(key, Direction::Ingress, Some(view), None);
+        self.udp.flows.insert(
+            key,
+            UdpFlow {
+                state: UdpState::ServerAuthorized {
+                    ack_token: token.into(),
+                },
+                deadline_ms: self.linger_deadline(),
+            },
+        );
+        Verdict::consumed()
+    }
+
+    /// Client: the server's agent refused our SYN (its ingress denies the flow).
+    fn udp_refused(&mut self, key: FlowKey, nonce: &[u8]) -> Verdict {
+        let ours = match self.udp.flows.get(&key).map(|f| &f.state) {
+            Some(UdpState::ClientHello { syn, .. }) => {
+                // The SYN token's client nonce: bytes 20..36 of the token, after the 12-byte
+                // control header.
+                syn.get(
+                    identity::wire::UDP_CONTROL_HEADER_LEN + 20
+                        ..identity::wire::UDP_CONTROL_HEADER_LEN + 36,
+                ) == Some(nonce)
+            }
+            _ => false,
+        };
+        if !ours {
+            return Verdict::drop(Reason::UnexpectedToken);
+        }
+        self.learn_agent(key.remote.ip(), true);
+        if let Some(f) = self.udp.remove(&key) {
+            for _ in 1..f.state.held_len() {
+                self.metrics.count_rejected(Reason::UdpRefused.as_str());
+            }
+        }
+        Verdict::drop(Reason::UdpRefused)
+    }
+
     /// The first packet of a flow of a protocol without a handshake of ours (UDP, SCTP, ICMP,
     /// any other): conntrack saw it as new (or untracked), so it is decided here on the
     /// identity the peer's *address* has: the workload the engine knows at that address (same
@@ -866,15 +1578,14 @@ impl Step<'_> {
             Some((p, _)) => p,
             None => self.ip_only,
         };
-        let allowed = self.engine.allows(&Connection {
-            local: &self.wl.key,
+        let allowed = self.decide_protocol(
             direction,
             peer,
-            peer_ip: Some(remote.ip()),
-            port: d.dst_port,
+            remote.ip(),
+            d.dst_port,
             protocol,
-            dest_port_name: port_name.as_deref(),
-        });
+            port_name.as_deref(),
+        );
         if !allowed {
             return Verdict::drop(match direction {
                 Direction::Ingress => Reason::PolicyIngress,
@@ -938,28 +1649,54 @@ impl Step<'_> {
         port: u16,
         dest_port_name: Option<&str>,
     ) -> bool {
+        self.decide_protocol(
+            direction,
+            peer,
+            peer_ip,
+            port,
+            Protocol::Tcp,
+            dest_port_name,
+        )
+    }
+
+    /// The name of a local TCP port among the workload's container ports ("" if unnamed).
+    fn local_port_name(&self, port: u16) -> &str {
+        self.local_port_name_of(port, Protocol::Tcp)
+    }
+
+    /// The name of a local port of `protocol` among the workload's container ports ("" if
+    /// unnamed).
+    fn local_port_name_of(&self, port: u16, protocol: Protocol) -> &str {
+        self.engine
+            .workload(&self.wl.key)
+            .and_then(|w| {
+                w.ports
+                    .iter()
+                    .find(|p| p.port == port && p.protocol == protocol)
+            })
+            .and_then(|p| p.name.as_deref())
+            .unwrap_or("")
+    }
+
+    /// [`Step::decide`] for another protocol than TCP.
+    fn decide_protocol(
+        &self,
+        direction: Direction,
+        peer: &Peer,
+        peer_ip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        dest_port_name: Option<&str>,
+    ) -> bool {
         self.engine.allows(&Connection {
             local: &self.wl.key,
             direction,
             peer,
             peer_ip: Some(peer_ip),
             port,
-            protocol: Protocol::Tcp,
+            protocol,
             dest_port_name,
         })
-    }
-
-    /// The name of a local TCP port among the workload's container ports ("" if unnamed).
-    fn local_port_name(&self, port: u16) -> &str {
-        self.engine
-            .workload(&self.wl.key)
-            .and_then(|w| {
-                w.ports
-                    .iter()
-                    .find(|p| p.port == port && p.protocol == Protocol::Tcp)
-            })
-            .and_then(|p| p.name.as_deref())
-            .unwrap_or("")
     }
 
     /// Client OUTPUT SYN: attach a new SYN token, or the same one on retransmission.
@@ -1448,7 +2185,7 @@ impl Step<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::reauth_mark;
+    use super::{control_mark, reauth_mark};
 
     #[test]
     fn reauth_mark_is_a_neighbouring_bit_of_the_auth_mark() {
@@ -1459,6 +2196,17 @@ mod tests {
         for auth in [0x1u32, 0x20, 0x1000_0000, 0x8000_0000, 0xc000_0000] {
             assert_eq!(reauth_mark(auth) & auth, 0, "{auth:#x}");
             assert_eq!(reauth_mark(auth).count_ones(), 1, "{auth:#x}");
+        }
+    }
+
+    #[test]
+    fn control_mark_is_a_third_bit() {
+        assert_eq!(control_mark(0x1000_0000), 0x4000_0000);
+        assert_eq!(control_mark(0x8000_0000), 0x2000_0000);
+        for auth in [0x1u32, 0x4, 0x20, 0x1000_0000, 0x4000_0000, 0x8000_0000] {
+            let c = control_mark(auth);
+            assert_eq!(c.count_ones(), 1, "{auth:#x}");
+            assert_eq!(c & (auth | reauth_mark(auth)), 0, "{auth:#x}");
         }
     }
 }

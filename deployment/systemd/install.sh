@@ -110,6 +110,8 @@ xt_connmark
 xt_CONNMARK
 xt_mark
 xt_tcpudp
+xt_u32
+xt_conntrack
 nf_conntrack
 nf_conntrack_netlink
 EOF

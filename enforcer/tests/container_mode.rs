@@ -1,6 +1,6 @@
 //! The agent as a container, deployed as deployment/docker/README.md says: the image built by
 //! deployment/docker/build-image.sh (no registry) into a private dockerd, run with the README's
-//! `docker run` line (host PID and network namespaces, three capabilities, read-only root,
+//! `docker run` line (host PID and network namespaces, four capabilities, read-only root,
 //! /etc/tessera and /run/netns mounted), configured by /etc/tessera/config.yaml with a static
 //! inventory of testbed workloads and a PSK. It must enforce the three-tier policies in the
 //! workloads' namespaces, and `docker stop` must take its rules out (SIGTERM handled).
@@ -224,11 +224,12 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
             .unwrap_or_else(|| panic!("no {k} in {status}"))
     };
     const NET_ADMIN: u64 = 1 << 12;
+    const NET_RAW: u64 = 1 << 13;
     const SYS_PTRACE: u64 = 1 << 19;
     const SYS_ADMIN: u64 = 1 << 21;
     assert_eq!(
         u64::from_str_radix(&field("CapEff"), 16).unwrap(),
-        NET_ADMIN | SYS_PTRACE | SYS_ADMIN
+        NET_ADMIN | NET_RAW | SYS_PTRACE | SYS_ADMIN
     );
     assert_eq!(field("NoNewPrivs"), "1");
     assert_eq!(field("Seccomp"), "2", "seccomp filter mode");

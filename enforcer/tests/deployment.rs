@@ -126,9 +126,9 @@ fn systemd_unit_verifies_and_is_hardened() {
         .unwrap_or_else(|| panic!("cannot read the score in {line:?}"));
     assert!(score < 4.0, "exposure {score} (>= 4.0): {line}\n{report}");
 
-    // What the agent needs and nothing more: three capabilities, no private network (it enters
+    // What the agent needs and nothing more: four capabilities, no private network (it enters
     // the workloads' namespaces), setns allowed for network namespaces only.
-    let caps = "CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_PTRACE";
+    let caps = "CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_ADMIN CAP_SYS_PTRACE";
     assert_eq!(unit_value(&text_in, "CapabilityBoundingSet"), [caps]);
     assert_eq!(unit_value(&text_in, "AmbientCapabilities"), [caps]);
     assert_eq!(unit_value(&text_in, "RestrictNamespaces"), ["net"]);
@@ -377,7 +377,7 @@ fn kubernetes_daemonset_agrees_with_its_config() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
-        serde_json::json!(["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"])
+        serde_json::json!(["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"])
     );
 
     let env: BTreeMap<&str, &Value> = c["env"]
@@ -664,7 +664,7 @@ impl Drop for BootedSystemd {
 /// tessera.service as install.sh installs it, started by a real systemd (PID 1 of an nspawn
 /// container) with every hardening option of the unit: it enforces a static inventory of three
 /// workload namespaces (three-tier policies: WebFrontend -> BusinessBackend:8080 connects,
-/// External -> it times out), runs with exactly its three capabilities and no new privileges,
+/// External -> it times out), runs with exactly its four capabilities and no new privileges,
 /// and `systemctl stop` removes its rules and ends with status 0.
 #[test]
 fn systemd_unit_runs_under_systemd() {
@@ -766,8 +766,8 @@ fn systemd_unit_runs_under_systemd() {
     let pid = sd.sh("systemctl show tessera -p MainPID --value");
     let status = sd.sh(&format!("cat /proc/{}/status", pid.trim()));
     assert!(
-        status.contains("CapEff:\t0000000000281000"),
-        "NET_ADMIN, SYS_PTRACE, SYS_ADMIN only:\n{status}"
+        status.contains("CapEff:\t0000000000283000"),
+        "NET_ADMIN, NET_RAW, SYS_PTRACE, SYS_ADMIN only:\n{status}"
     );
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
 

@@ -20,13 +20,16 @@ const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 const QUIET: Duration = Duration::from_millis(1200);
 
 /// Default deny for ingress; the databases accept UDP 5432 from backends, everything (ICMP and
-/// raw protocols included) from frontends, and UDP 5433 from backend-1's address (an ipBlock:
-/// across nodes, where the static agents do not know each other's workloads).
-fn policies(dir: &Path, backend_1: &Workload) {
-    let mut block = vec![format!("{{ipBlock: {{cidr: {}/32}}}}", backend_1.ip)];
-    if let Some(ip6) = backend_1.ip6 {
-        block.push(format!("{{ipBlock: {{cidr: \"{ip6}/128\"}}}}"));
-    }
+/// raw protocols included) from frontends, and UDP 5433 from backend-1's address (an ipBlock).
+/// Backends may send to databases, and to the resolver (no agent: an ipBlock) on UDP 53 only.
+fn policies(dir: &Path, backend_1: &Workload, resolver: &Workload) {
+    let blocks = |w: &Workload| {
+        let mut b = vec![format!("{{ipBlock: {{cidr: {}/32}}}}", w.ip)];
+        if let Some(ip6) = w.ip6 {
+            b.push(format!("{{ipBlock: {{cidr: \"{ip6}/128\"}}}}"));
+        }
+        b.join(", ")
+    };
     let yaml = format!(
         "apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -46,8 +49,20 @@ spec:
   - from: [{{podSelector: {{matchLabels: {{role: WebFrontend}}}}}}]
   - from: [{}]
     ports: [{{port: 5433, protocol: UDP}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: backend-egress, namespace: shop}}
+spec:
+  podSelector: {{matchLabels: {{role: BusinessBackend}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{role: Database}}}}}}]
+  - to: [{}]
+    ports: [{{port: 53, protocol: UDP}}]
 ",
-        block.join(", ")
+        blocks(backend_1),
+        blocks(resolver)
     );
     std::fs::write(dir.join("policies.yaml"), yaml).unwrap();
 }
@@ -69,9 +84,14 @@ fn testbed(v6: bool) -> (Testbed, tempfile::TempDir) {
         .workload(WorkloadSpec::new("backend-1", 1, "BusinessBackend"))
         .workload(WorkloadSpec::new("database-1", 1, "Database"))
         .workload(WorkloadSpec::new("database-2", 2, "Database"))
+        .workload(WorkloadSpec::new("resolver-2", 2, "Resolver").unenforced())
         .agents(AgentConfig::new(Path::new(TESSERA), Mode::Psk))
         .build();
-    policies(dir.path(), tb.workload("backend-1"));
+    policies(
+        dir.path(),
+        tb.workload("backend-1"),
+        tb.workload("resolver-2"),
+    );
     // The agents poll the directory every second.
     std::thread::sleep(Duration::from_millis(2500));
     (tb, dir)
@@ -165,44 +185,49 @@ fn metric(tb: &Testbed, node: u8, key: &str, value: &str) -> f64 {
 fn every_protocol_is_under_policy(v6: bool) {
     let (tb, _dir) = testbed(v6);
 
-    // UDP, same node: the agent knows both ends by address.
+    // UDP, same node, authenticated (the agent proves both ends to itself with control
+    // datagrams, as across nodes).
     let udp_before = metric(&tb, 1, "kind", "udp");
+    let verified_before = metric(&tb, 1, "peer", "verified");
     assert_eq!(
         udp_exchange(&tb, "backend-1", "database-1", 5432, v6, 20),
         (20, 20),
         "allowed UDP flow, and its replies\n{}",
         tb.agent_logs()
     );
-    // One flow: only its first packet at each end reached userspace (the sender's OUTPUT,
-    // the receiver's INPUT); the other 19 and every reply bypassed it by connmark.
-    assert_eq!(metric(&tb, 1, "kind", "udp") - udp_before, 2.0);
+    // One flow: after the handshake only its first (released) datagram reached userspace at
+    // the receiver; the other 19 and every reply bypassed it by connmark.
+    assert_eq!(metric(&tb, 1, "kind", "udp") - udp_before, 1.0);
+    assert_eq!(metric(&tb, 1, "peer", "verified") - verified_before, 2.0);
     assert_eq!(
         udp_exchange(&tb, "external-1", "database-1", 5432, v6, 3),
         (0, 0),
         "External is not allowed to reach the database over UDP"
     );
+    assert!(metric(&tb, 1, "reason", "udp_refused") >= 1.0);
     assert_eq!(
         udp_exchange(&tb, "frontend-1", "database-1", 5440, v6, 3),
         (3, 3),
         "frontends may send anything"
     );
 
-    // UDP across nodes: node 2 does not know backend-1 (static inventories): the ipBlock rule
-    // allows it on 5433, and nothing allows an IP-only peer on 5432.
+    // UDP across nodes: the agents prove the labels to each other, so the podSelector rule
+    // allows backend-1 on 5432 as on its own node; the ipBlock rule on 5433.
     assert_eq!(
-        udp_exchange(&tb, "backend-1", "database-2", 5433, v6, 5),
+        udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 5),
         (5, 5),
         "{}",
         tb.agent_logs()
     );
     assert_eq!(
-        udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 3),
-        (0, 0)
+        udp_exchange(&tb, "backend-1", "database-2", 5433, v6, 3),
+        (3, 3)
     );
     assert_eq!(
         udp_exchange(&tb, "external-1", "database-2", 5432, v6, 3),
         (0, 0)
     );
+    assert!(metric(&tb, 2, "peer", "verified") >= 2.0);
 
     // ICMP: only a rule without ports allows it.
     assert!(
@@ -255,9 +280,186 @@ fn every_protocol_is_under_policy(v6: bool) {
         3.0
     );
 
+    // Forged from outside the workloads: node 1 itself (no agent rules there) sends UDP to
+    // database-1:5432 with backend-1's address. backend-1 is a workload of this agent, so a
+    // datagram from it without a handshake is forged.
+    let before = udp_in();
+    let unauth_before = metric(&tb, 1, "reason", "udp_unauthenticated");
+    for port in [42000, 42001] {
+        inject_bytes(
+            &tb.nodes[0],
+            db1,
+            udp_packet(SocketAddr::new(spoofed.ip(), port), dst, b"forged"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(udp_in() - before, 0, "forged datagrams never arrive");
+    assert_eq!(
+        metric(&tb, 1, "reason", "udp_unauthenticated") - unauth_before,
+        2.0
+    );
+
     // Every denial above was counted by reason.
     assert!(metric(&tb, 1, "reason", "policy_ingress") >= 6.0);
     assert!(metric(&tb, 2, "reason", "policy_ingress") >= 3.0);
+}
+
+/// Authenticated UDP flows across nodes establish under 2% random loss on the link (both
+/// directions, control datagrams and data alike): 40 flows, each a new socket that sends until
+/// an echo comes back (at most 4 tries, as an application over UDP would).
+fn udp_flows_establish_under_loss(v6: bool) {
+    let (tb, _dir) = testbed(v6);
+    let iptables = if v6 { "ip6tables" } else { "iptables" };
+    for node in &tb.nodes {
+        run_in(
+            node,
+            &[
+                iptables,
+                "-I",
+                "FORWARD",
+                "-p",
+                "udp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.02",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let echo = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 5432)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], peer);
+        }
+    });
+    ready_rx.recv().unwrap();
+    let (established, tries) = testbed::in_netns(&tb.workload("backend-1").ns, move || {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let (mut ok, mut tries) = (0, 0);
+        for _ in 0..40 {
+            let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(400)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            for _ in 0..4 {
+                tries += 1;
+                s.send_to(b"ping", dst).unwrap();
+                if s.recv_from(&mut buf).is_ok() {
+                    ok += 1;
+                    break;
+                }
+            }
+        }
+        (ok, tries)
+    });
+    echo.join().unwrap();
+    eprintln!("udp under 2% loss: {established}/40 flows established in {tries} sends");
+    assert_eq!(established, 40, "{}", tb.agent_logs());
+    assert!(metric(&tb, 2, "peer", "verified") >= 40.0);
+}
+
+/// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
+/// ipBlock: queries are answered, other ports are not. Prints how long the first query to it
+/// took (the agent first tries a handshake; the resolver's answer to that shows it has no
+/// agent) and a later one (decided on the address at once).
+fn dns_to_an_agentless_resolver(v6: bool) {
+    let (tb, _dir) = testbed(v6);
+    let resolver = ip(tb.workload("resolver-2"), v6);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = testbed::spawn_in_netns(&tb.workload("resolver-2").ns, move || {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 53)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        // Answers everything, as a resolver answers even a malformed query.
+        while let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], peer);
+        }
+    });
+    ready_rx.recv().unwrap();
+    let query = move |port: u16| {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        s.send_to(b"\x12\x34 query", SocketAddr::new(resolver, port))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == b"\x12\x34 query" => Some(start.elapsed()),
+            _ => None,
+        }
+    };
+    let ns = tb.workload("backend-1").ns.clone();
+    let (first, second, other_port) =
+        testbed::in_netns(&ns, move || (query(53), query(53), query(54)));
+    server.join().unwrap();
+    let first = first.unwrap_or_else(|| panic!("first query unanswered\n{}", tb.agent_logs()));
+    let second = second.expect("second query unanswered");
+    eprintln!(
+        "dns to an agentless resolver ({}): first query {:.2} ms, second {:.2} ms",
+        if v6 { "IPv6" } else { "IPv4" },
+        first.as_secs_f64() * 1e3,
+        second.as_secs_f64() * 1e3
+    );
+    assert!(other_port.is_none(), "egress allows UDP 53 only");
+    assert!(metric(&tb, 1, "reason", "policy_egress") >= 1.0);
+}
+
+#[test]
+fn dns_to_an_agentless_resolver_ipv4() {
+    if testbed::privileged("dns_to_an_agentless_resolver_ipv4") {
+        dns_to_an_agentless_resolver(false);
+    }
+}
+
+#[test]
+fn dns_to_an_agentless_resolver_ipv6() {
+    if testbed::privileged("dns_to_an_agentless_resolver_ipv6") {
+        dns_to_an_agentless_resolver(true);
+    }
+}
+
+#[test]
+fn udp_flows_establish_under_loss_ipv4() {
+    if testbed::privileged("udp_flows_establish_under_loss_ipv4") {
+        udp_flows_establish_under_loss(false);
+    }
+}
+
+#[test]
+fn udp_flows_establish_under_loss_ipv6() {
+    if testbed::privileged("udp_flows_establish_under_loss_ipv6") {
+        udp_flows_establish_under_loss(true);
+    }
 }
 
 #[test]

@@ -50,7 +50,7 @@ if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; } ||
     die "apt-get install busybox-static failed"
 fi
-for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_conntrack veth; do
+for m in nfnetlink_queue xt_NFQUEUE xt_connmark xt_mark xt_conntrack xt_u32 veth; do
   modprobe -q "$m" 2>/dev/null || true
 done
 

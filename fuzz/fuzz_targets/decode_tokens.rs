@@ -1,9 +1,9 @@
-//! Token decoding and the server's SYN / client's SYN-ACK / server's ACK checks on arbitrary
-//! bytes: must never panic, hang or allocate without bound.
+//! Token decoding, the UDP control framing and the server's SYN / client's SYN-ACK / server's
+//! ACK checks on arbitrary bytes: must never panic, hang or allocate without bound.
 #![no_main]
 
 use identity::wire::{AckToken, SynAckToken, SynToken};
-use identity::{Config, Node, Psk, parse_tcp_option};
+use identity::{Config, Node, Psk, parse_tcp_option, parse_udp_control};
 use libfuzzer_sys::fuzz_target;
 
 const NOW: u64 = 1_780_000_000_000;
@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = SynAckToken::decode(data);
     let _ = AckToken::decode(data);
     let _ = parse_tcp_option(data);
+    if let Ok(Some((_, token))) = parse_udp_control(data) {
+        assert!(token.len() <= identity::MAX_TOKEN_LEN && token.len() + 12 == data.len());
+    }
     let (Ok(k1), Ok(k2)) = (Psk::new(PSK), Psk::new(PSK)) else { return };
     let (Ok(mut a), Ok(mut b)) = (
         Node::new_psk("node-a", k1, Config::default()),

@@ -28,7 +28,10 @@ pub use handshake::{
 pub use pki::{CertificateAuthority, NodeCertificate, NodeCredentials, TrustAnchor};
 pub use psk::Psk;
 pub use replay::{ReplayCache, ReplayConfig};
-pub use wire::{KeyId, MAX_TOKEN_LEN, Mode, encode_tcp_option, parse_tcp_option};
+pub use wire::{
+    KeyId, MAX_TOKEN_LEN, Mode, UdpControlError, encode_tcp_option, encode_udp_control,
+    parse_tcp_option, parse_udp_control,
+};
 
 /// Re-exported so callers name the same `rand_core` version.
 pub use rand_core;

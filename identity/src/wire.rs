@@ -418,3 +418,146 @@ pub fn parse_tcp_option(options: &[u8]) -> Result<Option<u16>, TcpOptionError> {
     }
     Ok(found)
 }
+
+/// UDP control only: the server agent refuses the client's SYN (ingress denied); the "token" is
+/// the 16-byte client nonce of that SYN, so that only someone who saw the SYN can refuse it.
+pub const TYPE_UDP_REFUSED: u8 = 4;
+/// The first 8 bytes of every UDP control datagram: our ExID, "TSUDP", and the framing version.
+pub const UDP_CONTROL_MAGIC: [u8; 8] = [0x7E, 0x55, b'T', b'S', b'U', b'D', b'P', 0x01];
+/// Bytes before the token in a UDP control datagram: magic, type, reserved, token length.
+pub const UDP_CONTROL_HEADER_LEN: usize = 12;
+/// The largest UDP control payload.
+pub const MAX_UDP_CONTROL_LEN: usize = UDP_CONTROL_HEADER_LEN + MAX_TOKEN_LEN;
+
+/// Errors from [`parse_udp_control`]: a datagram that starts with [`UDP_CONTROL_MAGIC`] but is
+/// not a well-formed control datagram.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UdpControlError {
+    /// Shorter than the header, or than the token length it announces.
+    #[error("UDP control datagram truncated")]
+    Truncated,
+    /// Bytes after the announced token.
+    #[error("trailing bytes after the UDP control token")]
+    Trailing,
+    /// The type is not SYN, SYN-ACK, ACK or REFUSED, or the reserved byte is not 0.
+    #[error("UDP control type {0:#04x} or reserved byte not understood")]
+    BadType(u8),
+    /// The token length is 0 or over [`MAX_TOKEN_LEN`].
+    #[error("UDP control token length {0} out of range")]
+    BadTokenLength(u16),
+}
+
+/// The payload of a UDP control datagram carrying `token` of type `kind` ([`TYPE_SYN`],
+/// [`TYPE_SYN_ACK`], [`TYPE_ACK`], or [`TYPE_UDP_REFUSED`] with the client nonce): the magic,
+/// the type, a zero byte, the token length, the token. `None` if the token is empty or longer than [`MAX_TOKEN_LEN`].
+pub fn encode_udp_control(kind: u8, token: &[u8]) -> Option<Vec<u8>> {
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let mut out = Vec::with_capacity(UDP_CONTROL_HEADER_LEN + token.len());
+    out.extend_from_slice(&UDP_CONTROL_MAGIC);
+    out.push(kind);
+    out.push(0);
+    out.extend_from_slice(&(token.len() as u16).to_be_bytes());
+    out.extend_from_slice(token);
+    Some(out)
+}
+
+/// Parse a UDP payload: `Ok(None)` for an application datagram (it does not start with
+/// [`UDP_CONTROL_MAGIC`]); `Ok(Some((type, token)))` for a well-formed control datagram. Every
+/// length is checked against the input before use; nothing is allocated.
+pub fn parse_udp_control(payload: &[u8]) -> Result<Option<(u8, &[u8])>, UdpControlError> {
+    if !payload.starts_with(&UDP_CONTROL_MAGIC) {
+        return Ok(None);
+    }
+    let header = payload
+        .get(..UDP_CONTROL_HEADER_LEN)
+        .ok_or(UdpControlError::Truncated)?;
+    let (kind, reserved) = (header[8], header[9]);
+    if !matches!(kind, TYPE_SYN | TYPE_SYN_ACK | TYPE_ACK | TYPE_UDP_REFUSED) || reserved != 0 {
+        return Err(UdpControlError::BadType(kind));
+    }
+    let len = u16::from_be_bytes([header[10], header[11]]);
+    if len == 0 || len as usize > MAX_TOKEN_LEN {
+        return Err(UdpControlError::BadTokenLength(len));
+    }
+    let rest = &payload[UDP_CONTROL_HEADER_LEN..];
+    let token = rest.get(..len as usize).ok_or(UdpControlError::Truncated)?;
+    if rest.len() > token.len() {
+        return Err(UdpControlError::Trailing);
+    }
+    Ok(Some((kind, token)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod udp_control_tests {
+    use super::*;
+
+    #[test]
+    fn control_datagrams_round_trip_and_are_byte_exact() {
+        let token = [0xAB; 36];
+        let p = encode_udp_control(TYPE_ACK, &token).unwrap();
+        assert_eq!(
+            &p[..12],
+            &[
+                0x7E, 0x55, 0x54, 0x53, 0x55, 0x44, 0x50, 0x01, 0x03, 0x00, 0x00, 0x24
+            ]
+        );
+        assert_eq!(p.len(), 48);
+        assert_eq!(parse_udp_control(&p), Ok(Some((TYPE_ACK, &token[..]))));
+        assert_eq!(encode_udp_control(TYPE_SYN, &[]), None);
+        assert_eq!(encode_udp_control(TYPE_SYN, &[0; MAX_TOKEN_LEN + 1]), None);
+        let big = encode_udp_control(TYPE_SYN_ACK, &[1; MAX_TOKEN_LEN]).unwrap();
+        assert_eq!(big.len(), MAX_UDP_CONTROL_LEN);
+        assert!(parse_udp_control(&big).unwrap().is_some());
+    }
+
+    #[test]
+    fn application_datagrams_and_malformed_control_are_told_apart() {
+        assert_eq!(parse_udp_control(b""), Ok(None));
+        assert_eq!(parse_udp_control(b"\x7eU dns query"), Ok(None));
+        let good = encode_udp_control(TYPE_SYN, &[7; 10]).unwrap();
+        assert_eq!(
+            parse_udp_control(&good[..11]),
+            Err(UdpControlError::Truncated)
+        );
+        assert_eq!(
+            parse_udp_control(&good[..21]),
+            Err(UdpControlError::Truncated)
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(parse_udp_control(&long), Err(UdpControlError::Trailing));
+        let mut bad = good.clone();
+        bad[8] = 4;
+        assert!(parse_udp_control(&bad).unwrap().is_some(), "REFUSED");
+        bad[8] = 9;
+        assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(9)));
+        let mut bad = good.clone();
+        bad[9] = 1;
+        assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(1)));
+        let mut bad = good;
+        bad[10..12].copy_from_slice(&0u16.to_be_bytes());
+        assert_eq!(
+            parse_udp_control(&bad),
+            Err(UdpControlError::BadTokenLength(0))
+        );
+    }
+
+    #[test]
+    fn arbitrary_payloads_never_panic() {
+        // Every prefix of a valid datagram with every value of the bytes that matter.
+        let good = encode_udp_control(TYPE_SYN_ACK, &[3; 40]).unwrap();
+        for n in 0..=good.len() {
+            let _ = parse_udp_control(&good[..n]);
+        }
+        for i in 8..12 {
+            for v in 0..=255u8 {
+                let mut p = good.clone();
+                p[i] = v;
+                let _ = parse_udp_control(&p);
+            }
+        }
+    }
+}

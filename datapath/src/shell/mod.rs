@@ -10,6 +10,7 @@ use identity::rand_core::CryptoRng;
 use crate::{Hook, Processor, WorkloadId};
 
 pub mod conntrack;
+pub mod inject;
 pub mod netns;
 pub mod queue;
 pub mod rules;
@@ -56,6 +57,9 @@ pub enum ShellError {
     /// A queue socket operation failed.
     #[error("nfqueue: {0}")]
     Queue(std::io::Error),
+    /// The raw sockets the agent sends its own datagrams with.
+    #[error("raw socket: {0}")]
+    Raw(std::io::Error),
     /// The queue's socket could not be told apart from other new file descriptors.
     #[error(
         "nfqueue: could not identify the queue's netlink socket among new file descriptors ({0})"
@@ -96,7 +100,9 @@ pub fn decide<R: CryptoRng + ?Sized>(
         Mode::AcceptAll => Action {
             accept: true,
             modified: false,
-            mark: if tcp_flags(packet).is_some_and(|f| f & TCP_SYN == 0) {
+            // Every flow is marked at its first packet that is not a TCP SYN (for a SYN the
+            // connection does not exist yet): non-TCP flows at their first packet.
+            mark: if tcp_flags(packet).is_none_or(|f| f & TCP_SYN == 0) {
                 auth_mark
             } else {
                 0

@@ -101,8 +101,15 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
     out.push_str(&format!(
         ":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n"
     ));
+    let control = crate::control_mark(cfg.auth_mark);
     for (chain, iface) in [(CHAIN_OUTPUT, "-o"), (CHAIN_INPUT, "-i")] {
         out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
+        if chain == CHAIN_OUTPUT {
+            // Our own UDP control datagrams (sent from the agent's raw socket in this netns).
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {control:#x}/{control:#x} -j RETURN\n"
+            ));
+        }
         if chain == CHAIN_INPUT {
             // A client flow is marked when its ACK token leaves; if that ACK was lost, the
             // server's re-sent SYN-ACK comes back (queued: it carries our option) and our verdict
@@ -125,6 +132,14 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
             out.push_str(&format!(
                 "-A {chain} -p tcp --tcp-option {kind} -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n",
                 kind = identity::wire::TCP_OPTION_KIND
+            ));
+        }
+        if chain == CHAIN_INPUT {
+            // UDP control datagrams are queued even on a marked flow: the server re-sends its
+            // SYN-ACK when the client's ACK was lost, and the client's agent must answer it.
+            out.push_str(&format!(
+                "-A {chain} -p udp -m u32 --u32 \"{}\" -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n",
+                udp_control_u32(family)
             ));
         }
         out.push_str(&format!("-A {chain} -m connmark --mark {auth} -j RETURN\n"));
@@ -152,6 +167,18 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+/// The `u32` match of a UDP payload that starts with the control magic (IPv4: after the
+/// header length the packet gives; IPv6: after a bare 40-byte header).
+fn udp_control_u32(family: Family) -> String {
+    let m = identity::wire::UDP_CONTROL_MAGIC;
+    let w0 = u32::from_be_bytes([m[0], m[1], m[2], m[3]]);
+    let w1 = u32::from_be_bytes([m[4], m[5], m[6], m[7]]);
+    match family {
+        Family::V4 => format!("0>>22&0x3C@8={w0:#x}&&0>>22&0x3C@12={w1:#x}"),
+        Family::V6 => format!("48={w0:#x}&&52={w1:#x}"),
+    }
 }
 
 /// ICMPv6 types that stay on the link and that IPv6 cannot work without: multicast listener
@@ -441,6 +468,7 @@ mod tests {
 :TESSERA-OUTPUT - [0:0]
 :TESSERA-INPUT - [0:0]
 -A TESSERA-OUTPUT -o lo -j RETURN
+-A TESSERA-OUTPUT -m mark --mark 0x40000000/0x40000000 -j RETURN
 -A TESSERA-OUTPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-OUTPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
@@ -452,6 +480,7 @@ mod tests {
 -A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j RETURN
 -A TESSERA-INPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -p tcp --tcp-option 253 -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
+-A TESSERA-INPUT -p udp -m u32 --u32 \"0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001\" -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
@@ -473,7 +502,7 @@ COMMIT
         };
         let text = render(&cfg, Family::V6, Jumps::default());
         let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
-        assert_eq!(queue_rules.len(), 7);
+        assert_eq!(queue_rules.len(), 8);
         assert!(
             queue_rules
                 .iter()
@@ -511,9 +540,9 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 17);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 19);
         let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 35);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 37);
     }
 
     #[test]

@@ -552,3 +552,15 @@ spec:
   egress:
   - to: [{ipBlock: {cidr: 10.0.2.0/24}}]
 ";
+
+/// db accepts web on UDP 5432 only.
+pub const DB_UDP_FROM_WEB: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{protocol: UDP, port: 5432}]
+";

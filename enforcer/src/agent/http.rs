@@ -216,6 +216,16 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
+        "# HELP tessera_udp_send_errors_total Datagrams of the agent's own (UDP control datagrams, released held datagrams) that could not be sent."
+    )?;
+    writeln!(out, "# TYPE tessera_udp_send_errors_total counter")?;
+    writeln!(
+        out,
+        "tessera_udp_send_errors_total {}",
+        shared.udp_send_errors.load(Ordering::Relaxed)
+    )?;
+    writeln!(
+        out,
         "# HELP tessera_policy_reload_failures_total Policy reloads refused (the previous set stayed in force)."
     )?;
     writeln!(out, "# TYPE tessera_policy_reload_failures_total counter")?;

@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use datapath::shell::inject::Injector;
 use datapath::shell::{self, Mode, Netns, QueueConfig, RuleConfig, WorkloadQueue};
-use datapath::{Processor, ProcessorConfig, WorkloadId};
+use datapath::{Outgoing, Processor, ProcessorConfig, WorkloadId};
 use identity::Claims;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -28,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use policy::{PodKey, PolicyKey, Workload};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::runtime::{self, Desired, Event, NetnsRef};
@@ -126,6 +127,8 @@ pub struct Shared {
     pub workloads: Mutex<BTreeMap<String, WorkloadStatus>>,
     pub policies: AtomicUsize,
     pub reload_failures: AtomicU64,
+    /// Datagrams of the agent's own (UDP control, released) that could not be sent.
+    pub udp_send_errors: Arc<AtomicU64>,
     pub workload_failures: AtomicU64,
     pub enforce_latency: Mutex<EnforceLatency>,
     /// Workloads a runtime wants that could not be enforced, with the reason (by name).
@@ -166,6 +169,8 @@ struct Enforced {
 struct Agent {
     shared: Arc<Shared>,
     processor: Arc<Mutex<Processor>>,
+    /// Each workload's raw sockets, for the datagrams the processor sends itself.
+    udp: Arc<UdpSender>,
     workloads: HashMap<PodKey, Enforced>,
     next_id: u32,
     /// Namespace labels learned from Namespace events (Kubernetes).
@@ -387,8 +392,8 @@ impl Agent {
             let _permit = permits.acquire_owned().await;
             let result = async {
                 let (file, ino, netns) = open_netns(&s.desired.netns)?;
-                let (queue, installed) = start_workload(&netns, qcfg, rules).await?;
-                Ok((file, ino, netns, queue, installed))
+                let (queue, installed, injector) = start_workload(&netns, qcfg, rules).await?;
+                Ok((file, ino, netns, queue, installed, injector))
             }
             .await;
             Started { start: *s, result }
@@ -474,7 +479,7 @@ impl Agent {
     fn finish(&mut self, started: Started) {
         let Started { start, result } = started;
         let d = start.desired;
-        let (file, ino, netns, queue, installed) = match result {
+        let (file, ino, netns, queue, installed, injector) = match result {
             Ok(x) => x,
             Err(e) => {
                 self.refuse(&d, &e);
@@ -525,11 +530,13 @@ impl Agent {
             },
         );
         let (stop, stop_rx) = watch::channel(false);
+        lock(&self.udp.injectors).insert(start.id, Arc::new(injector));
         let task = tokio::spawn(serve(
             queue,
             start.id,
             name,
             self.processor.clone(),
+            self.udp.clone(),
             self.mode,
             stats,
             stop_rx,
@@ -553,6 +560,7 @@ impl Agent {
     fn forget(&mut self, e: Enforced) {
         let name = pod_name(&e.desired.key);
         lock(&self.shared.workloads).remove(&name);
+        lock(&self.udp.injectors).remove(&e.id);
         {
             let mut p = lock(&self.processor);
             p.remove_workload(e.id);
@@ -817,7 +825,14 @@ enum Prepared {
     Start(Box<Start>),
 }
 
-type StartedParts = (File, (u64, u64), Netns, WorkloadQueue, shell::Installed);
+type StartedParts = (
+    File,
+    (u64, u64),
+    Netns,
+    WorkloadQueue,
+    shell::Installed,
+    Injector,
+);
 
 struct Started {
     start: Start,
@@ -869,14 +884,20 @@ pub async fn run(opts: Options) -> Result<()> {
         workloads: Mutex::new(BTreeMap::new()),
         policies: AtomicUsize::new(policy_keys.len()),
         reload_failures: AtomicU64::new(0),
+        udp_send_errors: Arc::new(AtomicU64::new(0)),
         workload_failures: AtomicU64::new(0),
         enforce_latency: Mutex::new(EnforceLatency::default()),
         ready: AtomicBool::new(false),
         failing: Mutex::new(BTreeMap::new()),
     });
+    let udp = Arc::new(UdpSender {
+        errors: shared.udp_send_errors.clone(),
+        ..UdpSender::default()
+    });
     let mut agent = Agent {
         shared: shared.clone(),
         processor,
+        udp: udp.clone(),
         workloads: HashMap::new(),
         next_id: 0,
         namespaces: BTreeMap::new(),
@@ -912,6 +933,11 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::spawn(http::serve(listener, shared.clone()));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(udp_timers(
+        agent.processor.clone(),
+        udp.clone(),
+        stop_rx.clone(),
+    ));
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
     let mut runtime_task = tokio::spawn(run_runtime(runtime_opts, tx.clone(), stop_rx.clone()));
     if let Some(dir) = opts.policies.clone() {
@@ -989,7 +1015,11 @@ async fn start_workload(
     netns: &Netns,
     qcfg: QueueConfig,
     rules: RuleConfig,
-) -> Result<(WorkloadQueue, shell::Installed)> {
+) -> Result<(WorkloadQueue, shell::Installed, Injector)> {
+    let ns = netns.clone();
+    let injector = tokio::task::spawn_blocking(move || Injector::open(&ns, rules.auth_mark))
+        .await
+        .context("raw socket thread")??;
     // The queue listens before the rules send anything to it.
     let ns = netns.clone();
     let opened = tokio::task::spawn_blocking(move || shell::queue::open(&ns, qcfg))
@@ -1008,7 +1038,7 @@ async fn start_workload(
     })
     .await
     .context("rules thread")??;
-    Ok((queue, installed))
+    Ok((queue, installed, injector))
 }
 
 enum Served {
@@ -1017,11 +1047,13 @@ enum Served {
     Stop,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut queue: WorkloadQueue,
     id: WorkloadId,
     name: String,
     processor: Arc<Mutex<Processor>>,
+    udp: Arc<UdpSender>,
     mode: Mode,
     stats: Arc<QueueStats>,
     mut stop: watch::Receiver<bool>,
@@ -1041,14 +1073,23 @@ async fn serve(
         if *stop.borrow() {
             return Some(queue);
         }
+        let mut outgoing: Vec<Outgoing> = Vec::new();
         let event = tokio::select! {
             r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
-                shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng)
+                let action =
+                    shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng);
+                outgoing.extend(p.take_outgoing());
+                action
             }) => Served::Batch(r),
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
+        if !outgoing.is_empty() {
+            // After the batch's verdicts; a new UDP handshake may need the timer sooner.
+            udp.send(outgoing);
+            udp.timer.notify_one();
+        }
         match event {
             Served::Batch(Ok(_)) => {}
             Served::Batch(Err(e)) => {
@@ -1072,6 +1113,66 @@ async fn serve(
             }
             Served::Stop => return Some(queue),
         }
+    }
+}
+
+/// The raw sockets of every enforced workload, and the wake-up of the UDP timer task.
+#[derive(Default)]
+struct UdpSender {
+    injectors: Mutex<HashMap<WorkloadId, Arc<Injector>>>,
+    /// Rung when a batch emitted datagrams (a UDP handshake may have started).
+    timer: Notify,
+    /// Datagrams that could not be sent (workload gone, socket buffer full): counted, and the
+    /// handshake's retransmissions recover.
+    errors: Arc<AtomicU64>,
+}
+
+impl UdpSender {
+    /// Send what the processor emitted, in order, each from its workload's netns.
+    fn send(&self, outgoing: Vec<Outgoing>) {
+        for o in outgoing {
+            let injector = lock(&self.injectors).get(&o.workload).cloned();
+            let sent = match injector {
+                Some(i) => i.send(&o.packet, o.mark).map_err(|e| e.to_string()),
+                None => Err("workload no longer enforced".to_owned()),
+            };
+            if let Err(e) = sent {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(workload = o.workload.0, "sending an agent datagram: {e}");
+            }
+        }
+    }
+}
+
+/// Re-sends UDP SYN controls and gives up on agentless peers when their time comes.
+async fn udp_timers(
+    processor: Arc<Mutex<Processor>>,
+    udp: Arc<UdpSender>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rng = match StdRng::try_from_rng(&mut getrandom::SysRng) {
+        Ok(rng) => rng,
+        Err(e) => {
+            tracing::error!("no OS randomness for the UDP timers: {e}");
+            return;
+        }
+    };
+    loop {
+        let next = lock(&processor).next_udp_timer();
+        let wait = next.map_or(Duration::from_secs(3600), |t| {
+            Duration::from_millis(t.saturating_sub(now_ms()))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = udp.timer.notified() => continue,
+            _ = stop.changed() => return,
+        }
+        let out = {
+            let mut p = lock(&processor);
+            p.poll_udp(now_ms(), &mut rng);
+            p.take_outgoing()
+        };
+        udp.send(out);
     }
 }
 

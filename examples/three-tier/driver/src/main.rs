@@ -322,7 +322,19 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
     let observed = probe_all(&tb, &cells)?;
     checkpoint(stop)?;
 
-    let ok = report(&cells, &observed);
+    let mut ok = report(&cells, &observed);
+
+    step(
+        "UDP, expected: tessera policy matrix --probe 5432/UDP --probe 8125/UDP (databases and backends)",
+    );
+    let udp_cells = expected_udp(&tb, &tessera, &policies)?;
+    step(&format!(
+        "UDP, observed: {} real datagrams (sent, echoed back), all at once; the agents prove both ends with control datagrams first",
+        udp_cells.len()
+    ));
+    let udp_observed = probe_udp_all(&tb, &udp_cells)?;
+    ok &= report(&udp_cells, &udp_observed);
+    checkpoint(stop)?;
     counters(&tb);
     println!(
         "\n-- tessera status --addr {} (node-n1)",
@@ -465,24 +477,7 @@ fn expected(tb: &Testbed, tessera: &Path, policies: &Path) -> Result<Vec<Cell>> 
     let cluster = tb.dir().join("cluster.yaml");
     std::fs::write(&cluster, cluster_yaml(tb))
         .with_context(|| format!("write {}", cluster.display()))?;
-    let out = Command::new(tessera)
-        .arg("policy")
-        .arg("matrix")
-        .arg("-f")
-        .arg(&cluster)
-        .arg("-f")
-        .arg(policies)
-        .args(["-o", "json"])
-        .output()
-        .context("run tessera policy matrix")?;
-    if !out.status.success() {
-        bail!(
-            "tessera policy matrix failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let mut cells = parse_matrix(&out.stdout)?;
+    let mut cells = parse_matrix(&matrix_json(tb, tessera, policies, &[])?)?;
     // Clients in tier order, then servers in tier order.
     let rank = |n: &str| TIERS.iter().position(|t| t.name == n).unwrap_or(usize::MAX);
     cells.sort_by_key(|c| (rank(&c.from), rank(&c.to), c.port));
@@ -495,9 +490,150 @@ fn expected(tb: &Testbed, tessera: &Path, policies: &Path) -> Result<Vec<Cell>> 
     Ok(cells)
 }
 
+/// `tessera policy matrix -f cluster.yaml -f POLICIES [ARGS] -o json` (cluster.yaml as
+/// [`expected`] wrote it).
+fn matrix_json(tb: &Testbed, tessera: &Path, policies: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new(tessera)
+        .arg("policy")
+        .arg("matrix")
+        .arg("-f")
+        .arg(tb.dir().join("cluster.yaml"))
+        .arg("-f")
+        .arg(policies)
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .context("run tessera policy matrix")?;
+    if !out.status.success() {
+        bail!(
+            "tessera policy matrix {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// The UDP cells: every workload to each database on 5432/UDP (TCP only in the policies: every
+/// cell denied, the hole the all-protocol enforcement closed) and to each backend on 8125/UDP
+/// (allowed from frontends by the backend policy), as the policy engine computes them.
+fn expected_udp(tb: &Testbed, tessera: &Path, policies: &Path) -> Result<Vec<Cell>> {
+    let json = matrix_json(
+        tb,
+        tessera,
+        policies,
+        &["--probe", "5432/UDP", "--probe", "8125/UDP"],
+    )?;
+    let role = |n: &str| TIERS.iter().find(|t| t.name == n).map_or("", |t| t.role);
+    let mut cells: Vec<Cell> = parse_matrix_of(&json, "UDP")?
+        .into_iter()
+        .filter(|c| match c.port {
+            5432 => role(&c.to) == "Database",
+            8125 => role(&c.to) == "BusinessBackend",
+            _ => false,
+        })
+        .collect();
+    let rank = |n: &str| TIERS.iter().position(|t| t.name == n).unwrap_or(usize::MAX);
+    cells.sort_by_key(|c| (rank(&c.from), rank(&c.to), c.port));
+    if cells.len() != 28 {
+        bail!(
+            "tessera policy matrix gave {} UDP cells; 8 clients x (2 databases + 2 backends) less themselves is 28",
+            cells.len()
+        );
+    }
+    Ok(cells)
+}
+
+/// One datagram from each cell's client to its server, echoed back by a UDP socket of the
+/// driver's in the server's netns (as the server application would), all at once. A datagram
+/// that gets no echo within [`PROBE_TIMEOUT`] (two more tries on the way) is a denial.
+fn probe_udp_all(tb: &Testbed, cells: &[Cell]) -> Result<Vec<Observed>> {
+    let done = Arc::new(AtomicBool::new(false));
+    let mut servers: Vec<(String, u16)> = cells.iter().map(|c| (c.to.clone(), c.port)).collect();
+    servers.sort();
+    servers.dedup();
+    let mut echoes = Vec::new();
+    for (to, port) in servers {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let done = done.clone();
+        echoes.push(testbed::spawn_in_netns(&tb.workload(&to).ns, move || {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", port));
+            let socket = match socket {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("bind UDP {port}: {e}")));
+                    return;
+                }
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+            let _ = ready_tx.send(Ok(()));
+            let mut buf = [0u8; 64];
+            while !done.load(Ordering::SeqCst) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        }));
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("UDP echo in {to} did not start"))?
+            .map_err(|e| anyhow!("{to}: {e}"))?;
+    }
+    let jobs: Vec<(String, SocketAddr)> = cells
+        .iter()
+        .map(|c| {
+            (
+                tb.workload(&c.from).ns.clone(),
+                tb.workload(&c.to).addr(c.port),
+            )
+        })
+        .collect();
+    let observed = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(ns, addr)| s.spawn(move || testbed::in_netns(&ns, move || probe_udp(addr))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a UDP probe thread panicked")))
+            .collect()
+    });
+    done.store(true, Ordering::SeqCst);
+    for e in echoes {
+        let _ = e.join();
+    }
+    observed
+}
+
+fn probe_udp(addr: SocketAddr) -> Observed {
+    let socket = match std::net::UdpSocket::bind(("0.0.0.0", 0)) {
+        Ok(s) => s,
+        Err(e) => return Observed::Failed(format!("bind: {e}")),
+    };
+    let _ = socket.set_read_timeout(Some(PROBE_TIMEOUT / 3));
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        if let Err(e) = socket.send_to(b"x", addr) {
+            return Observed::Failed(format!("send: {e}"));
+        }
+        if let Ok((n, _)) = socket.recv_from(&mut buf)
+            && &buf[..n] == b"x"
+        {
+            return Observed::Echoed;
+        }
+    }
+    Observed::Failed("no echo".to_owned())
+}
+
 /// The cells of `tessera policy matrix -o json` (`{"probes":[{from,to,port,protocol,allowed,
 /// reason}]}`), checked against the demo's workloads.
 fn parse_matrix(json: &[u8]) -> Result<Vec<Cell>> {
+    parse_matrix_of(json, "TCP")
+}
+
+/// [`parse_matrix`] for probes of `protocol`.
+fn parse_matrix_of(json: &[u8], protocol: &str) -> Result<Vec<Cell>> {
     let v: serde_json::Value =
         serde_json::from_slice(json).context("tessera policy matrix: output is not JSON")?;
     let probes = v["probes"]
@@ -515,7 +651,7 @@ fn parse_matrix(json: &[u8]) -> Result<Vec<Cell>> {
     };
     let mut cells = Vec::new();
     for p in probes {
-        if p["protocol"].as_str() != Some("TCP") {
+        if p["protocol"].as_str() != Some(protocol) {
             bail!("tessera policy matrix: unexpected protocol in {p}");
         }
         cells.push(Cell {

@@ -1,0 +1,265 @@
+//! Authenticated UDP: the state of each UDP flow whose two ends are being (or were) proven to
+//! each other, and the datagrams the processor sends itself.
+//!
+//! UDP has no handshake of its own, so the two agents make one beside the application's
+//! datagrams, on the flow's own 5-tuple, with the three tokens of the TCP handshake carried in
+//! *control datagrams* (`identity::wire::encode_udp_control`, docs/wire-format.md):
+//!
+//! ```text
+//!  client workload   client agent                     server agent      server workload
+//!  D1 (OUTPUT) ───►  hold D1, send SYN ───────────►  verify, ingress on the claims
+//!                                        ◄───────────  SYN-ACK (server claims, port name)
+//!                    verify, egress on the server's
+//!                    proven identity; send ACK ──────► verify: ingress on the proven identity
+//!                    release D1.. (AUTH mark) ───────► D1 (INPUT): accept, mark  ──► D1
+//! ```
+//!
+//! Held datagrams are bounded per flow and in total (overflow is dropped and counted, never
+//! passed). A lost SYN or SYN-ACK is recovered by the client's retransmission of its SYN; a
+//! lost ACK by the server re-sending its SYN-ACK when the client's data arrives first (the
+//! rules queue control datagrams even on marked flows), which the client answers with the same
+//! ACK. A peer that never answers has no agent: after a bounded wait the flow is decided on
+//! the peer's address, and the peer is remembered as agentless for a while, so that only the
+//! first flow to it waits.
+
+use std::net::{IpAddr, SocketAddr};
+
+use identity::{ClientAwaitingSynAck, ServerAwaitingAck};
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv4::{self, MutableIpv4Packet};
+use pnet_packet::ipv6::MutableIpv6Packet;
+use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
+
+use crate::flow::FlowKey;
+use crate::packet::{IpDatagram, PacketError};
+use crate::processor::WorkloadId;
+
+/// How a datagram the processor emits is marked (see [`Outgoing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmitMark {
+    /// A control datagram: the rules let it leave without queueing it (the control mark).
+    Control,
+    /// A held application datagram released after its flow was authorized: the AUTH mark, which
+    /// the rules save into the connmark (so the rest of the flow bypasses userspace).
+    Authorized,
+}
+
+/// A whole IP packet the processor asks the shell to send from a workload's netns, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The workload (netns) to send it from.
+    pub workload: WorkloadId,
+    /// The packet, IP header included, checksums valid.
+    pub packet: Vec<u8>,
+    /// How to mark it.
+    pub mark: EmitMark,
+}
+
+/// What one UDP flow is waiting for.
+#[derive(Debug)]
+pub(crate) enum UdpState {
+    /// Client: the SYN control left; the application's datagrams wait in `held`.
+    ClientHello {
+        client: ClientAwaitingSynAck,
+        /// The SYN control datagram, re-sent as is.
+        syn: Box<[u8]>,
+        held: Vec<Vec<u8>>,
+        /// SYN controls sent so far.
+        tries: u8,
+        /// When to re-send the SYN (or, after the last try, give up).
+        next_ms: u64,
+    },
+    /// Client: authorized; the SYN-ACK it answered (a re-sent one is answered with `ack`, the
+    /// ACK control datagram, again).
+    ClientDone { synack: Box<[u8]>, ack: Box<[u8]> },
+    /// Server: the SYN passed and ingress allowed the tentative peer; the SYN-ACK left.
+    ServerAwaitingAck {
+        server: ServerAwaitingAck,
+        /// The SYN token, to recognise a retransmission.
+        syn_token: Box<[u8]>,
+        /// The SYN-ACK control datagram, re-sent as is.
+        synack: Box<[u8]>,
+        last_sent_ms: u64,
+        deferrals: u8,
+    },
+    /// Server: the ACK proved the client; the flow's next datagram is accepted and marked.
+    ServerAuthorized { ack_token: Box<[u8]> },
+}
+
+impl UdpState {
+    pub(crate) fn held_len(&self) -> usize {
+        match self {
+            UdpState::ClientHello { held, .. } => held.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// One UDP flow and when to forget it.
+#[derive(Debug)]
+pub(crate) struct UdpFlow {
+    pub(crate) state: UdpState,
+    pub(crate) deadline_ms: u64,
+}
+
+/// The bounded table of UDP flows in handshake (or just authorized), with the count of held
+/// datagrams over all of them.
+#[derive(Debug, Default)]
+pub(crate) struct UdpTable {
+    pub(crate) flows: ahash::HashMap<FlowKey, UdpFlow>,
+    pub(crate) held: usize,
+}
+
+impl UdpTable {
+    pub(crate) fn remove(&mut self, key: &FlowKey) -> Option<UdpFlow> {
+        let f = self.flows.remove(key)?;
+        self.held -= f.state.held_len();
+        Some(f)
+    }
+
+    /// Forget flows past their deadline (held datagrams go with them: they were never passed).
+    pub(crate) fn expire(&mut self, now_ms: u64) -> usize {
+        let mut dropped = 0;
+        self.flows.retain(|_, f| {
+            let keep = f.deadline_ms > now_ms;
+            if !keep {
+                dropped += f.state.held_len();
+            }
+            keep
+        });
+        self.held -= dropped;
+        dropped
+    }
+
+    pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
+        let mut dropped = 0;
+        self.flows.retain(|k, f| {
+            let keep = k.workload != id;
+            if !keep {
+                dropped += f.state.held_len();
+            }
+            keep
+        });
+        self.held -= dropped;
+    }
+}
+
+/// The UDP payload of a parsed UDP packet (bounded by the UDP length field and the IP length).
+pub(crate) fn udp_payload<'p>(packet: &'p [u8], d: &IpDatagram) -> Result<&'p [u8], PacketError> {
+    let seg = packet
+        .get(d.l4_start..d.ip_len)
+        .ok_or(PacketError::Truncated)?;
+    let udp = UdpPacket::new(seg).ok_or(PacketError::Truncated)?;
+    let len = udp.get_length() as usize;
+    if len < 8 || len > seg.len() {
+        return Err(PacketError::Truncated);
+    }
+    Ok(&seg[8..len])
+}
+
+/// A UDP datagram from `src` to `dst` carrying `payload`, with valid IPv4 header and UDP
+/// checksums (hop limit 64).
+pub(crate) fn build_udp(
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Result<Vec<u8>, PacketError> {
+    let udp_len = u16::try_from(8 + payload.len()).map_err(|_| PacketError::TooLarge)?;
+    let ip_len = if src.is_ipv4() { 20 } else { 40 };
+    let mut buf = vec![0u8; ip_len + udp_len as usize];
+    {
+        let mut u = MutableUdpPacket::new(&mut buf[ip_len..]).ok_or(PacketError::Truncated)?;
+        u.set_source(src.port());
+        u.set_destination(dst.port());
+        u.set_length(udp_len);
+        u.set_payload(payload);
+    }
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = u16::try_from(buf.len()).map_err(|_| PacketError::TooLarge)?;
+            let mut ip = MutableIpv4Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            ip.set_version(4);
+            ip.set_header_length(5);
+            ip.set_total_length(total);
+            ip.set_flags(0b010);
+            ip.set_ttl(64);
+            ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
+            ip.set_source(s);
+            ip.set_destination(d);
+            let c = ipv4::checksum(&ip.to_immutable());
+            ip.set_checksum(c);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = MutableIpv6Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            ip.set_version(6);
+            ip.set_payload_length(udp_len);
+            ip.set_next_header(IpNextHeaderProtocols::Udp);
+            ip.set_hop_limit(64);
+            ip.set_source(s);
+            ip.set_destination(d);
+        }
+        _ => return Err(PacketError::OptionState("mixed address families")),
+    }
+    set_udp_checksum(&mut buf, ip_len)?;
+    Ok(buf)
+}
+
+/// Recompute the UDP checksum of a UDP packet whose transport header is at `l4_start` (a held
+/// datagram may carry only the pseudo-header sum of checksum offload).
+pub(crate) fn set_udp_checksum(packet: &mut [u8], l4_start: usize) -> Result<(), PacketError> {
+    let (src, dst) = match IpDatagram::parse(packet)? {
+        d if d.l4_start == l4_start => (d.src, d.dst),
+        _ => return Err(PacketError::OptionState("UDP header not where expected")),
+    };
+    let seg = packet.get_mut(l4_start..).ok_or(PacketError::Truncated)?;
+    let mut u = MutableUdpPacket::new(seg).ok_or(PacketError::Truncated)?;
+    u.set_checksum(0);
+    let sum = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => udp::ipv4_checksum(&u.to_immutable(), &s, &d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => udp::ipv6_checksum(&u.to_immutable(), &s, &d),
+        _ => return Err(PacketError::OptionState("mixed address families")),
+    };
+    // 0 means "no checksum" in IPv4 and is forbidden in IPv6: a computed 0 is sent as 0xffff.
+    u.set_checksum(if sum == 0 { 0xffff } else { sum });
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_datagrams_parse_back_with_their_payload() {
+        for (s, d) in [
+            ("10.0.1.2:40000", "10.0.2.2:53"),
+            ("[fd00::1:2]:40000", "[fd00::2:2]:53"),
+        ] {
+            let (s, d): (SocketAddr, SocketAddr) = (s.parse().unwrap(), d.parse().unwrap());
+            let p = build_udp(s, d, b"hello").unwrap();
+            let parsed = IpDatagram::parse(&p).unwrap();
+            assert_eq!((parsed.src, parsed.dst), (s.ip(), d.ip()));
+            assert_eq!(
+                (parsed.src_port, parsed.dst_port, parsed.protocol),
+                (40000, 53, 17)
+            );
+            assert_eq!(udp_payload(&p, &parsed).unwrap(), b"hello");
+            // The checksum verifies: recomputing it changes nothing.
+            let mut q = p.clone();
+            set_udp_checksum(&mut q, parsed.l4_start).unwrap();
+            assert_eq!(p, q);
+        }
+    }
+
+    #[test]
+    fn a_udp_length_past_the_packet_is_an_error() {
+        let s: SocketAddr = "10.0.1.2:1".parse().unwrap();
+        let d: SocketAddr = "10.0.2.2:2".parse().unwrap();
+        let mut p = build_udp(s, d, b"abc").unwrap();
+        p[24..26].copy_from_slice(&200u16.to_be_bytes());
+        let parsed = IpDatagram::parse(&p).unwrap();
+        assert_eq!(udp_payload(&p, &parsed), Err(PacketError::Truncated));
+        p[24..26].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(udp_payload(&p, &parsed), Err(PacketError::Truncated));
+    }
+}

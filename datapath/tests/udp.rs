@@ -1,0 +1,338 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Authenticated UDP in memory: two agents prove a UDP flow's ends to each other with control
+//! datagrams on the flow's own 5-tuple, hold the application's datagrams meanwhile and release
+//! them in order; losses are recovered; refusals, agentless peers, forgeries and replays are
+//! handled. The packets the processors emit are fed to the other side as the network would.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::*;
+use datapath::{EmitMark, Hook, Outgoing, PacketKind, Verdict};
+
+fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("IPv4 only here");
+    };
+    let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+fn payload(p: &[u8]) -> &[u8] {
+    &p[28..]
+}
+
+fn consumed(v: &Verdict) -> bool {
+    !v.accept && v.reason.is_none()
+}
+
+fn reason(v: &Verdict) -> Option<&'static str> {
+    v.reason.as_ref().map(|r| r.as_str())
+}
+
+/// The control datagrams and released datagrams a processor emitted, checked for their mark.
+fn take(p: &mut datapath::Processor) -> Vec<Outgoing> {
+    p.take_outgoing()
+}
+
+fn is_control(o: &Outgoing) -> bool {
+    o.mark == EmitMark::Control
+        && payload(&o.packet).starts_with(&identity::wire::UDP_CONTROL_MAGIC)
+}
+
+/// Runs the handshake for the datagrams `data` (sent before any answer), returning what node
+/// a released (in order) after the SYN-ACK.
+fn handshake(w: &mut World, data: &[&[u8]]) -> Vec<Outgoing> {
+    for d in data {
+        let (v, _) = w.out_a(&udp(w.c, w.s, d));
+        assert!(consumed(&v), "held: {v:?}");
+    }
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 1, "one SYN control: {out:?}");
+    assert!(is_control(&out[0]));
+    let (v, _) = w.in_b(&out[0].packet);
+    assert!(consumed(&v), "SYN consumed: {v:?}");
+    let out = take(&mut w.b);
+    assert_eq!(out.len(), 1, "one SYN-ACK: {out:?}");
+    assert!(is_control(&out[0]));
+    let (v, _) = w.in_a(&out[0].packet);
+    assert!(consumed(&v), "SYN-ACK consumed: {v:?}");
+    take(&mut w.a)
+}
+
+#[test]
+fn a_udp_flow_is_proven_both_ways_and_its_held_datagrams_leave_in_order() {
+    for mode in [Mode::Psk, Mode::Pki] {
+        let mut w = World::new(mode, DB_UDP_FROM_WEB);
+        let out = handshake(&mut w, &[b"one", b"two", b"three"]);
+        assert_eq!(out.len(), 4, "ACK then the three datagrams: {out:?}");
+        assert!(is_control(&out[0]));
+        let released: Vec<&[u8]> = out[1..].iter().map(|o| payload(&o.packet)).collect();
+        assert_eq!(released, [&b"one"[..], b"two", b"three"]);
+        assert!(out[1..].iter().all(|o| o.mark == EmitMark::Authorized));
+        // The ACK proves the client; its datagrams are then accepted and marked.
+        let (v, _) = w.in_b(&out[0].packet);
+        assert!(consumed(&v), "{v:?}");
+        for o in &out[1..] {
+            let (v, p) = w.in_b(&o.packet);
+            assert!(v.accept && v.mark_authorized, "{v:?}");
+            assert_eq!(p, o.packet);
+        }
+        assert_eq!(w.a.metrics().authorized(), (1, 0));
+        assert_eq!(w.b.metrics().authorized(), (1, 0));
+        assert_eq!(w.a.metrics().rejected_total(), 0);
+        assert_eq!(w.b.metrics().rejected_total(), 0);
+        assert_eq!(w.b.metrics().accepted(Hook::Input, PacketKind::Udp), 3);
+    }
+}
+
+#[test]
+fn ingress_denial_is_refused_at_once_and_nothing_is_released() {
+    let mut w = World::new(Mode::Psk, INGRESS_DENY);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    let (v, _) = w.in_b(&syn.packet);
+    assert_eq!(reason(&v), Some("policy_ingress"));
+    let refused = take(&mut w.b);
+    assert_eq!(refused.len(), 1, "a REFUSED control: {refused:?}");
+    let (v, _) = w.in_a(&refused[0].packet);
+    assert_eq!(reason(&v), Some("udp_refused"));
+    assert!(take(&mut w.a).is_empty(), "nothing released");
+    // The client's next datagram starts a new handshake (the policy may have changed).
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"y"));
+    assert!(consumed(&v));
+}
+
+#[test]
+fn egress_denial_at_the_client_drops_the_held_datagrams() {
+    let mut w = World::new(Mode::Psk, EGRESS_DENY);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    let (_, _) = w.in_b(&syn.packet);
+    let synack = take(&mut w.b).remove(0);
+    let (v, _) = w.in_a(&synack.packet);
+    assert_eq!(reason(&v), Some("policy_egress"));
+    assert!(take(&mut w.a).is_empty());
+}
+
+#[test]
+fn lost_control_datagrams_are_recovered() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    // The SYN is lost; 25 ms later it is sent again.
+    let _lost = take(&mut w.a);
+    let t0 = w.now;
+    assert_eq!(w.a.next_udp_timer(), Some(t0 + 25));
+    w.a.poll_udp(t0 + 10, &mut w.rng);
+    assert!(take(&mut w.a).is_empty(), "not yet");
+    w.now = t0 + 25;
+    w.a.poll_udp(w.now, &mut w.rng);
+    let syn = take(&mut w.a);
+    assert_eq!(syn.len(), 1);
+    // The SYN-ACK is lost: the client's next retransmission gets the same SYN-ACK.
+    let (_, _) = w.in_b(&syn[0].packet);
+    let first = take(&mut w.b);
+    w.now = t0 + 75;
+    w.a.poll_udp(w.now, &mut w.rng);
+    let again = take(&mut w.a);
+    assert_eq!(again[0].packet, syn[0].packet, "the same SYN");
+    let (v, _) = w.in_b(&again[0].packet);
+    assert!(consumed(&v));
+    let second = take(&mut w.b);
+    assert_eq!(second[0].packet, first[0].packet, "the same SYN-ACK");
+    let (v, _) = w.in_a(&second[0].packet);
+    assert!(consumed(&v));
+    let out = take(&mut w.a);
+    let (ack, data) = (&out[0], &out[1]);
+    // The ACK is lost: the client's datagram reaches the server first. The server sends its
+    // SYN-ACK again and requeues the datagram; the client's agent answers with the same ACK.
+    w.now += 30;
+    let (v, _) = w.in_b(&data.packet);
+    assert!(v.requeue, "{v:?}");
+    let synack_again = take(&mut w.b);
+    assert_eq!(synack_again.len(), 1);
+    let (v, _) = w.in_a(&synack_again[0].packet);
+    assert!(consumed(&v));
+    let ack_again = take(&mut w.a);
+    assert_eq!(ack_again[0].packet, ack.packet, "the same ACK");
+    let (v, _) = w.in_b(&ack_again[0].packet);
+    assert!(consumed(&v));
+    let (v, _) = w.in_b(&data.packet);
+    assert!(v.accept && v.mark_authorized, "{v:?}");
+}
+
+#[test]
+fn an_agentless_peer_costs_one_bounded_wait_then_none() {
+    // The server node has no agent: nothing answers. Egress is not isolated.
+    let mut w = World::new(Mode::Psk, INGRESS_DENY);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let t0 = w.now;
+    let mut syns = take(&mut w.a).len();
+    let mut released = Vec::new();
+    while let Some(t) = w.a.next_udp_timer() {
+        w.now = t;
+        w.a.poll_udp(t, &mut w.rng);
+        for o in take(&mut w.a) {
+            if is_control(&o) {
+                syns += 1;
+            } else {
+                released.push(o);
+            }
+        }
+    }
+    assert_eq!(syns, 3, "three SYN controls");
+    assert_eq!(w.now - t0, 25 + 50 + 100, "given up after 175 ms");
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].mark, EmitMark::Authorized);
+    assert_eq!(payload(&released[0].packet), b"x");
+    assert_eq!(w.a.metrics().authorized_by_address(), 1);
+    // The next flow to that address is decided at once, on the address.
+    let mut other = w.c;
+    other.set_port(40001);
+    let (v, _) = w.out_a(&udp(other, w.s, b"y"));
+    assert!(v.accept && v.mark_authorized, "{v:?}");
+    assert!(take(&mut w.a).is_empty());
+}
+
+#[test]
+fn public_peers_are_decided_on_their_address_without_a_handshake() {
+    let mut w = World::new(Mode::Psk, INGRESS_DENY);
+    let resolver: SocketAddr = "9.9.9.9:53".parse().unwrap();
+    let (v, _) = w.out_a(&udp(w.c, resolver, b"query"));
+    assert!(v.accept && v.mark_authorized, "{v:?}");
+    assert!(
+        take(&mut w.a).is_empty(),
+        "no control datagram to the internet"
+    );
+}
+
+#[test]
+fn plain_datagrams_from_a_peer_with_an_agent_are_refused() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let out = handshake(&mut w, &[b"x"]);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert!(consumed(&v));
+    // Node b now knows web's address has an agent: a datagram claiming to come from it on
+    // another flow, without a handshake, is forged.
+    let forged = udp(SocketAddr::new(WEB.ip, 41000), w.s, b"forged");
+    let (v, _) = w.in_b(&forged);
+    assert_eq!(reason(&v), Some("udp_unauthenticated"));
+}
+
+#[test]
+fn workloads_cannot_send_control_datagrams_and_forgeries_fail() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let control = identity::encode_udp_control(identity::wire::TYPE_SYN, &[1; 40]).unwrap();
+    let (v, _) = w.out_a(&udp(w.c, w.s, &control));
+    assert_eq!(reason(&v), Some("option_from_workload"));
+    // A malformed control datagram, a garbage SYN, an unexpected SYN-ACK or ACK.
+    let mut bad = control.clone();
+    bad.push(0);
+    let (v, _) = w.in_b(&udp(w.c, w.s, &bad));
+    assert_eq!(reason(&v), Some("udp_control_malformed"));
+    let (v, _) = w.in_b(&udp(w.c, w.s, &control));
+    assert!(!v.accept && v.reason.is_some(), "{v:?}");
+    for kind in [identity::wire::TYPE_SYN_ACK, identity::wire::TYPE_ACK] {
+        let c = identity::encode_udp_control(kind, &[2; 36]).unwrap();
+        let (v, _) = w.in_b(&udp(w.c, w.s, &c));
+        assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
+    }
+    // A REFUSED that does not echo our nonce changes nothing.
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    let fake = identity::encode_udp_control(identity::wire::TYPE_UDP_REFUSED, &[0; 16]).unwrap();
+    let (v, _) = w.in_a(&udp(w.s, w.c, &fake));
+    assert_eq!(reason(&v), Some("unexpected_token"));
+    let (_, _) = w.in_b(&syn.packet);
+    let synack = take(&mut w.b).remove(0);
+    let (v, _) = w.in_a(&synack.packet);
+    assert!(consumed(&v), "the handshake went on: {v:?}");
+}
+
+#[test]
+fn a_replayed_handshake_authorizes_nothing() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    let (_, _) = w.in_b(&syn.packet);
+    let synack = take(&mut w.b).remove(0);
+    let (_, _) = w.in_a(&synack.packet);
+    let ack = take(&mut w.a).remove(0);
+    let (v, _) = w.in_b(&ack.packet);
+    assert!(consumed(&v));
+    // An attacker replays SYN and ACK from another port (the packets' tuple rewritten): the
+    // SYN's nonce is in the replay cache since the ACK proved it, the ACK fits no handshake,
+    // and the data has none.
+    let rewrite = |p: &[u8], port: u16| {
+        let mut q = p.to_vec();
+        q[20..22].copy_from_slice(&port.to_be_bytes());
+        q
+    };
+    let (v, _) = w.in_b(&rewrite(&syn.packet, 41000));
+    assert_eq!(reason(&v), Some("replay"), "{v:?}");
+    assert!(take(&mut w.b).is_empty(), "no answer to a replay");
+    let (v, _) = w.in_b(&rewrite(&ack.packet, 41000));
+    assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
+    let (v, _) = w.in_b(&udp(SocketAddr::new(WEB.ip, 41000), w.s, b"data"));
+    assert_eq!(reason(&v), Some("udp_unauthenticated"), "{v:?}");
+}
+
+#[test]
+fn holding_is_bounded_per_flow() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    for i in 0..8u8 {
+        let (v, _) = w.out_a(&udp(w.c, w.s, &[i]));
+        assert!(consumed(&v));
+    }
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"ninth"));
+    assert_eq!(reason(&v), Some("udp_hold_full"));
+}
+
+#[test]
+fn an_agentless_peer_that_answers_is_known_without_waiting() {
+    // A resolver without an agent answers our SYN control as it would a malformed query: the
+    // flow is decided on its address at once, the held query leaves, the answer is dropped.
+    let mut w = World::new(Mode::Psk, INGRESS_DENY);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"query"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a);
+    assert_eq!(syn.len(), 1);
+    let (v, _) = w.in_a(&udp(w.s, w.c, b"FORMERR"));
+    assert_eq!(reason(&v), Some("udp_handshake_pending"));
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(payload(&out[0].packet), b"query");
+    assert_eq!(out[0].mark, EmitMark::Authorized);
+    assert_eq!(w.a.next_udp_timer(), None, "nothing left to wait for");
+}
+
+#[test]
+fn an_echo_service_reflecting_our_syn_is_agentless() {
+    let mut w = World::new(Mode::Psk, INGRESS_DENY);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"hello"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    // The echo service sends our SYN control back, addresses and ports swapped.
+    let reflected = udp(w.s, w.c, payload(&syn.packet));
+    let (v, _) = w.in_a(&reflected);
+    assert_eq!(reason(&v), Some("udp_handshake_pending"));
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 1);
+    assert_eq!(payload(&out[0].packet), b"hello");
+}
