@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use testbed::packet::{inject_bytes, ip_packet, udp_packet};
+use testbed::packet::{Capture, inject_bytes, ip_packet, udp_packet};
 use testbed::{AgentConfig, Mode, Testbed, Workload, WorkloadSpec, run_in, run_status};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
@@ -68,6 +68,10 @@ spec:
 }
 
 fn testbed(v6: bool) -> (Testbed, tempfile::TempDir) {
+    testbed_in(v6, Mode::Psk)
+}
+
+fn testbed_in(v6: bool, mode: Mode) -> (Testbed, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     // The policy names backend-1's addresses, known once the testbed is wired: write a
     // placeholder (deny all) first, then the real file, which the agents reload within 1 s.
@@ -85,7 +89,7 @@ fn testbed(v6: bool) -> (Testbed, tempfile::TempDir) {
         .workload(WorkloadSpec::new("database-1", 1, "Database"))
         .workload(WorkloadSpec::new("database-2", 2, "Database"))
         .workload(WorkloadSpec::new("resolver-2", 2, "Resolver").unenforced())
-        .agents(AgentConfig::new(Path::new(TESSERA), Mode::Psk))
+        .agents(AgentConfig::new(Path::new(TESSERA), mode))
         .build();
     policies(
         dir.path(),
@@ -306,9 +310,10 @@ fn every_protocol_is_under_policy(v6: bool) {
 
 /// Authenticated UDP flows across nodes establish under 2% random loss on the link (both
 /// directions, control datagrams and data alike): 40 flows, each a new socket that sends until
-/// an echo comes back (at most 4 tries, as an application over UDP would).
+/// an echo comes back (at most 4 tries, as an application over UDP would). IPv4 in PSK mode,
+/// IPv6 in PKI mode.
 fn udp_flows_establish_under_loss(v6: bool) {
-    let (tb, _dir) = testbed(v6);
+    let (tb, _dir) = testbed_in(v6, if v6 { Mode::Pki } else { Mode::Psk });
     let iptables = if v6 { "ip6tables" } else { "iptables" };
     for node in &tb.nodes {
         run_in(
@@ -371,7 +376,10 @@ fn udp_flows_establish_under_loss(v6: bool) {
         (ok, tries)
     });
     echo.join().unwrap();
-    eprintln!("udp under 2% loss: {established}/40 flows established in {tries} sends");
+    eprintln!(
+        "udp under 2% loss ({}): {established}/40 flows established in {tries} sends",
+        if v6 { "IPv6, PKI" } else { "IPv4, PSK" }
+    );
     assert_eq!(established, 40, "{}", tb.agent_logs());
     assert!(metric(&tb, 2, "peer", "verified") >= 40.0);
 }
@@ -445,6 +453,68 @@ fn dns_to_an_agentless_resolver_ipv4() {
 fn dns_to_an_agentless_resolver_ipv6() {
     if testbed::privileged("dns_to_an_agentless_resolver_ipv6") {
         dns_to_an_agentless_resolver(true);
+    }
+}
+
+/// Replay on the real kernel: the control datagrams of an authorized cross-node UDP flow are
+/// captured at the server and sent again from the client's node, with backend-1's address and
+/// another port, followed by data: nothing reaches the server application, and the server's
+/// agent counts why (the SYN's nonce is spent, the ACK fits no handshake, the data is not
+/// proven).
+fn replayed_udp_handshake_authorizes_nothing(v6: bool) {
+    let (tb, _dir) = testbed(v6);
+    let magic = identity::wire::UDP_CONTROL_MAGIC;
+    let mut capture = Capture::start_any(&tb.workload("database-2").ns, move |p| {
+        p.udp_payload().is_some_and(|u| u.starts_with(&magic))
+    });
+    assert_eq!(
+        udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 2),
+        (2, 2),
+        "{}",
+        tb.agent_logs()
+    );
+    let kind = |t: u8| move |p: &testbed::packet::IpAny| p.udp_payload().is_some_and(|u| u[8] == t);
+    let syn = capture
+        .wait_for(Duration::from_secs(2), kind(identity::wire::TYPE_SYN))
+        .expect("the SYN control was captured");
+    let ack = capture
+        .wait_for(Duration::from_secs(2), kind(identity::wire::TYPE_ACK))
+        .expect("the ACK control was captured");
+    let backend = ip(tb.workload("backend-1"), v6);
+    let db2 = ip(tb.workload("database-2"), v6);
+    let (from, to) = (SocketAddr::new(backend, 43000), SocketAddr::new(db2, 5432));
+    let udp_in = count_delivered(&tb, "database-2", "17", v6);
+    let before = udp_in();
+    let metric2 = |r: &str| metric(&tb, 2, "reason", r);
+    let (replay0, unexpected0, unauth0) = (
+        metric2("replay"),
+        metric2("unexpected_token"),
+        metric2("udp_unauthenticated"),
+    );
+    for p in [&syn, &ack] {
+        let payload = p.udp_payload().unwrap().to_vec();
+        inject_bytes(&tb.nodes[0], db2, udp_packet(from, to, &payload));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    inject_bytes(&tb.nodes[0], db2, udp_packet(from, to, b"replayed data"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(udp_in() - before, 0, "nothing reaches database-2");
+    assert_eq!(metric2("replay") - replay0, 1.0, "{}", tb.agent_logs());
+    assert_eq!(metric2("unexpected_token") - unexpected0, 1.0);
+    assert_eq!(metric2("udp_unauthenticated") - unauth0, 1.0);
+}
+
+#[test]
+fn replayed_udp_handshake_authorizes_nothing_ipv4() {
+    if testbed::privileged("replayed_udp_handshake_authorizes_nothing_ipv4") {
+        replayed_udp_handshake_authorizes_nothing(false);
+    }
+}
+
+#[test]
+fn replayed_udp_handshake_authorizes_nothing_ipv6() {
+    if testbed::privileged("replayed_udp_handshake_authorizes_nothing_ipv6") {
+        replayed_udp_handshake_authorizes_nothing(true);
     }
 }
 

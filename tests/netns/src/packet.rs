@@ -196,17 +196,62 @@ fn fold(mut s: u32) -> u16 {
     !(s as u16)
 }
 
-/// Packets captured in a netns by a background thread; stopped on drop.
-pub struct Capture {
-    rx: mpsc::Receiver<IpTcp>,
+/// Packets captured in a netns by a background thread; stopped on drop. `T`: what a captured
+/// IP packet is parsed into ([`IpTcp`], or [`IpAny`] for every protocol).
+pub struct Capture<T = IpTcp> {
+    rx: mpsc::Receiver<T>,
     stop: Arc<AtomicBool>,
-    seen: Vec<IpTcp>,
+    seen: Vec<T>,
 }
 
-impl Capture {
+/// A whole IPv4 or IPv6 packet of any protocol, as captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpAny(pub Vec<u8>);
+
+impl IpAny {
+    /// The packet up to its IP length (trailing link padding cut off), if it is a whole one.
+    pub fn parse(b: &[u8]) -> Option<IpAny> {
+        let total = match b.first()? >> 4 {
+            4 if b.len() >= 20 => usize::from(u16::from_be_bytes([b[2], b[3]])),
+            6 if b.len() >= 40 => 40 + usize::from(u16::from_be_bytes([b[4], b[5]])),
+            _ => return None,
+        };
+        (total <= b.len()).then(|| IpAny(b[..total].to_vec()))
+    }
+
+    /// The UDP payload, for a UDP packet (IPv6: directly after the 40-byte header).
+    pub fn udp_payload(&self) -> Option<&[u8]> {
+        let l4 = match self.0.first()? >> 4 {
+            4 if self.0[9] == 17 => usize::from(self.0[0] & 0x0f) * 4,
+            6 if self.0[6] == 17 => 40,
+            _ => return None,
+        };
+        self.0.get(l4 + 8..)
+    }
+}
+
+impl Capture<IpTcp> {
     /// Starts capturing IPv4/TCP and IPv6/TCP packets (both directions, every interface of `ns`) for which
     /// `keep` holds. Capturing has begun when this returns.
     pub fn start(ns: &str, keep: impl Fn(&IpTcp) -> bool + Send + 'static) -> Capture {
+        Capture::start_with(ns, IpTcp::parse, keep)
+    }
+}
+
+impl Capture<IpAny> {
+    /// Starts capturing IP packets of every protocol for which `keep` holds.
+    pub fn start_any(ns: &str, keep: impl Fn(&IpAny) -> bool + Send + 'static) -> Capture<IpAny> {
+        Capture::start_with(ns, IpAny::parse, keep)
+    }
+}
+
+impl<T: Clone + Send + 'static> Capture<T> {
+    /// Starts capturing the packets `parse` accepts and `keep` holds.
+    pub fn start_with(
+        ns: &str,
+        parse: fn(&[u8]) -> Option<T>,
+        keep: impl Fn(&T) -> bool + Send + 'static,
+    ) -> Capture<T> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,7 +276,7 @@ impl Capture {
                 if n < 14 || (buf[12..14] != [0x08, 0x00] && buf[12..14] != [0x86, 0xdd]) {
                     continue;
                 }
-                if let Some(p) = IpTcp::parse(&buf[14..n])
+                if let Some(p) = parse(&buf[14..n])
                     && keep(&p)
                     && tx.send(p).is_err()
                 {
@@ -251,7 +296,7 @@ impl Capture {
 
     /// Waits up to `timeout` for a captured packet matching `pred` (looking at what was
     /// captured before too) and returns it.
-    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&IpTcp) -> bool) -> Option<IpTcp> {
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&T) -> bool) -> Option<T> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(p) = self.seen.iter().find(|p| pred(p)) {
@@ -266,7 +311,7 @@ impl Capture {
     }
 
     /// Everything captured so far.
-    pub fn drain(&mut self) -> &[IpTcp] {
+    pub fn drain(&mut self) -> &[T] {
         while let Ok(p) = self.rx.try_recv() {
             self.seen.push(p);
         }
@@ -274,7 +319,7 @@ impl Capture {
     }
 }
 
-impl Drop for Capture {
+impl<T> Drop for Capture<T> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
