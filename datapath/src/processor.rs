@@ -716,6 +716,8 @@ impl Processor {
             };
             self.established.remove(&key);
             self.flows.remove(&key);
+            // A UDP flow's lingering handshake state would authorize its next datagram again.
+            self.udp.remove(&key);
             self.cut.insert(key, until, now_ms);
             self.metrics.count_cut(c.reason.as_str());
         }

@@ -336,3 +336,23 @@ fn an_echo_service_reflecting_our_syn_is_agentless() {
     assert_eq!(out.len(), 1);
     assert_eq!(payload(&out[0].packet), b"hello");
 }
+
+#[test]
+fn a_policy_change_cuts_an_authenticated_udp_flow_at_both_ends() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let out = handshake(&mut w, &[b"x"]);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert!(consumed(&v));
+    let (v, _) = w.in_b(&out[1].packet);
+    assert!(v.accept && v.mark_authorized);
+    // db now accepts UDP from nobody.
+    let parsed = policy::objects::parse("change.yaml", &DB_UDP_FROM_WEB.replace("5432", "5499"));
+    let report = policy::objects::load(w.b.engine_mut(), &parsed.objects);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let cuts = w.b.recheck(w.now);
+    assert_eq!(cuts.len(), 1, "{cuts:?}");
+    // The flow's conntrack entry is gone; its next datagram reaches the queue and is refused,
+    // not authorized again by the handshake's lingering state.
+    let (v, _) = w.in_b(&udp(w.c, w.s, b"after"));
+    assert_eq!(reason(&v), Some("udp_unauthenticated"), "{v:?}");
+}

@@ -518,6 +518,85 @@ fn replayed_udp_handshake_authorizes_nothing_ipv6() {
     }
 }
 
+/// An authenticated UDP flow that a policy change now denies is cut: its next datagrams get no
+/// answer, on the client's node as on the server's (the server's agent deletes the flow's
+/// conntrack entry, which its own SYN-ACK control opened in the reverse orientation).
+fn udp_flow_is_cut_by_a_policy_change(v6: bool) {
+    let (tb, dir) = testbed(v6);
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let echo = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 5432)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], peer);
+        }
+    });
+    ready_rx.recv().unwrap();
+    let client = testbed::in_netns(&tb.workload("backend-1").ns, move || {
+        let any: IpAddr = if v6 {
+            "::".parse().unwrap()
+        } else {
+            "0.0.0.0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.connect(dst).unwrap();
+        s
+    });
+    let echoes = |n: u8| {
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        for i in 0..n {
+            client.send(&[i; 8]).unwrap();
+            if client.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        got
+    };
+    assert_eq!(echoes(3), 3, "{}", tb.agent_logs());
+    // The database now accepts UDP 5432 from nobody.
+    let file = dir.path().join("policies.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let changed = text.replace("{port: 5432, protocol: UDP}", "{port: 5499, protocol: UDP}");
+    assert_ne!(changed, text);
+    std::fs::write(&file, changed).unwrap();
+    // The agents poll the directory every second; node 2 (ingress) cuts the flow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tb.agent(2).metrics().sum("tessera_flows_cut_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cut within 5 s\n{}",
+            tb.agent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        echoes(3),
+        0,
+        "the cut flow carries nothing\n{}",
+        tb.agent_logs()
+    );
+    drop(client);
+    echo.join().unwrap();
+}
+
+#[test]
+fn udp_flow_is_cut_by_a_policy_change_ipv4() {
+    if testbed::privileged("udp_flow_is_cut_by_a_policy_change_ipv4") {
+        udp_flow_is_cut_by_a_policy_change(false);
+    }
+}
+
 #[test]
 fn udp_flows_establish_under_loss_ipv4() {
     if testbed::privileged("udp_flows_establish_under_loss_ipv4") {

@@ -91,13 +91,24 @@ pub fn cut(ns: &Netns, flows: Vec<Cut>) -> Result<CutDone, ShellError> {
             tuple_args(&mut cmd, c.protocol, src, dst);
             if c.protocol != Protocol::Tcp {
                 // No socket to destroy: once its entry is gone, the flow's next packet is new
-                // to conntrack, reaches the queue and is decided afresh (and denied).
-                match run_command(cmd, None) {
-                    Ok(_) => done.deleted += 1,
-                    Err(ShellError::Command { stderr, .. }) if stderr.contains(DELETED) => {
-                        done.missing += 1
+                // to conntrack, reaches the queue and is decided afresh (and denied). The entry
+                // may be oriented either way: a UDP server's agent opened it with its SYN-ACK
+                // control, so its original direction is server -> client.
+                let mut reverse = Command::new("conntrack");
+                reverse.arg("-D");
+                tuple_args(&mut reverse, c.protocol, dst, src);
+                let mut found = false;
+                for cmd in [cmd, reverse] {
+                    match run_command(cmd, None) {
+                        Ok(_) => found = true,
+                        Err(ShellError::Command { stderr, .. }) if stderr.contains(DELETED) => {}
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
+                }
+                if found {
+                    done.deleted += 1;
+                } else {
+                    done.missing += 1;
                 }
                 continue;
             }
