@@ -38,7 +38,7 @@ impl Injector {
                     SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
                     SockProtocol::Raw,
                 )
-                .map_err(|e| ShellError::Raw(e.into()))
+                .map_err(|e| ShellError::RawOpen(e.into()))
             };
             Ok((raw(AddressFamily::Inet)?, raw(AddressFamily::Inet6)?))
         })??;

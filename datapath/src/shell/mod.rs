@@ -57,8 +57,11 @@ pub enum ShellError {
     /// A queue socket operation failed.
     #[error("nfqueue: {0}")]
     Queue(std::io::Error),
-    /// The raw sockets the agent sends its own datagrams with (opening them needs CAP_NET_RAW).
-    #[error("raw socket (the agent needs CAP_NET_RAW for its UDP control datagrams): {0}")]
+    /// The raw sockets the agent sends its own datagrams with could not be opened.
+    #[error("opening a raw socket (the agent needs CAP_NET_RAW for its UDP control datagrams): {0}")]
+    RawOpen(std::io::Error),
+    /// Sending through a raw socket failed.
+    #[error("raw socket: {0}")]
     Raw(std::io::Error),
     /// The queue's socket could not be told apart from other new file descriptors.
     #[error(
