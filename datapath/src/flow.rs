@@ -9,7 +9,7 @@ use crate::processor::WorkloadId;
 
 /// One TCP flow as seen from one workload: `local` is the workload's address and port,
 /// `remote` the peer's (so both directions of a flow map to the same key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     /// The enforced workload.
     pub workload: WorkloadId,

@@ -135,6 +135,9 @@ pub struct ProcessorConfig {
     pub udp_held_total: usize,
     /// UDP flows in handshake (or lingering after it) at most.
     pub udp_max_flows: usize,
+    /// How long a UDP flow's proven state lingers after its handshake (to mark the flow at its
+    /// first datagram, and answer a re-sent SYN-ACK or ACK of a lost control datagram).
+    pub udp_linger_ms: u64,
 }
 
 impl Default for ProcessorConfig {
@@ -154,7 +157,8 @@ impl Default for ProcessorConfig {
             udp_agent_ms: 600_000,
             udp_held_per_flow: 8,
             udp_held_total: 1024,
-            udp_max_flows: 16_384,
+            udp_max_flows: 65_536,
+            udp_linger_ms: 2_000,
         }
     }
 }
@@ -548,14 +552,7 @@ impl Processor {
     /// When [`Processor::poll_udp`] has something to do next (a UDP handshake to retry or to
     /// give up), if anything.
     pub fn next_udp_timer(&self) -> Option<u64> {
-        self.udp
-            .flows
-            .values()
-            .filter_map(|f| match f.state {
-                UdpState::ClientHello { next_ms, .. } => Some(next_ms),
-                _ => None,
-            })
-            .min()
+        self.udp.next_timer()
     }
 
     /// UDP handshakes whose time has come: re-send the SYN control (its wait doubles), or,
@@ -563,13 +560,7 @@ impl Processor {
     /// `udp_agentless_ms`) and decide the flow on its address: the held datagrams are
     /// released or dropped. Then call [`Processor::take_outgoing`].
     pub fn poll_udp<R: CryptoRng + ?Sized>(&mut self, now_ms: u64, rng: &mut R) {
-        let due: Vec<FlowKey> = self
-            .udp
-            .flows
-            .iter()
-            .filter(|(_, f)| matches!(f.state, UdpState::ClientHello { next_ms, .. } if next_ms <= now_ms))
-            .map(|(k, _)| *k)
-            .collect();
+        let due = self.udp.due(now_ms);
         for key in due {
             if self
                 .with_step(key.workload, now_ms, |step| step.udp_timer(key, rng))
@@ -1119,7 +1110,7 @@ impl Step<'_> {
     fn udp_hold(&mut self, key: &FlowKey, packet: &[u8]) -> Verdict {
         let max_flow = self.config.udp_held_per_flow;
         let room = self.udp.held < self.config.udp_held_total;
-        match self.udp.flows.get_mut(key) {
+        match self.udp.get_mut(key) {
             Some(UdpFlow {
                 state: UdpState::ClientHello { held, .. },
                 ..
@@ -1140,7 +1131,7 @@ impl Step<'_> {
         packet: &[u8],
         rng: &mut R,
     ) -> Verdict {
-        match self.udp.flows.get(&key).map(|f| &f.state) {
+        match self.udp.get(&key).map(|f| &f.state) {
             Some(UdpState::ClientHello { .. }) => return self.udp_hold(&key, packet),
             Some(UdpState::ClientDone { .. }) => {
                 // Authorized; its held datagrams may not have left yet: this one goes after them.
@@ -1158,7 +1149,7 @@ impl Step<'_> {
         if !self.udp_authenticate(key.remote.ip()) {
             return self.datagram(Hook::Output, Protocol::Udp, d);
         }
-        if self.udp.flows.len() >= self.config.udp_max_flows {
+        if self.udp.len() >= self.config.udp_max_flows {
             return Verdict::drop(Reason::FlowTableFull);
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
@@ -1169,7 +1160,7 @@ impl Step<'_> {
                 "SYN token too long for a control datagram",
             )));
         };
-        self.udp.flows.insert(
+        self.udp.insert(
             key,
             UdpFlow {
                 state: UdpState::ClientHello {
@@ -1190,7 +1181,7 @@ impl Step<'_> {
         let rto = self.config.udp_hello_rto_ms;
         let now = self.now;
         let mut resend = None;
-        let verdict = match self.udp.flows.get_mut(&key).map(|f| &mut f.state) {
+        let verdict = match self.udp.get_mut(&key).map(|f| &mut f.state) {
             Some(UdpState::ServerAuthorized { .. }) | Some(UdpState::ClientDone { .. }) => {
                 return Verdict::authorize(false);
             }
@@ -1243,7 +1234,7 @@ impl Step<'_> {
         token: &[u8],
         rng: &mut R,
     ) -> Verdict {
-        match self.udp.flows.get_mut(&key).map(|f| &mut f.state) {
+        match self.udp.get_mut(&key).map(|f| &mut f.state) {
             Some(UdpState::ServerAwaitingAck {
                 syn_token,
                 synack,
@@ -1273,7 +1264,7 @@ impl Step<'_> {
             }
             None => {}
         }
-        if self.udp.flows.len() >= self.config.udp_max_flows {
+        if self.udp.len() >= self.config.udp_max_flows {
             return Verdict::drop(Reason::FlowTableFull);
         }
         let server = match self.node.server_syn(token, self.now) {
@@ -1311,7 +1302,7 @@ impl Step<'_> {
                 "SYN-ACK token too long for a control datagram",
             )));
         };
-        self.udp.flows.insert(
+        self.udp.insert(
             key,
             UdpFlow {
                 state: UdpState::ServerAwaitingAck {
@@ -1330,7 +1321,7 @@ impl Step<'_> {
     /// Client: the server's SYN-ACK control. Verified like a TCP SYN-ACK token; egress on the
     /// server's proven identity; then the ACK control and the held datagrams leave.
     fn udp_client_syn_ack(&mut self, key: FlowKey, token: &[u8]) -> Verdict {
-        let result = match self.udp.flows.get(&key).map(|f| &f.state) {
+        let result = match self.udp.get(&key).map(|f| &f.state) {
             Some(UdpState::ClientHello { client, .. }) => {
                 client.receive_syn_ack(self.node, token, self.now)
             }
@@ -1382,14 +1373,14 @@ impl Step<'_> {
             Some(view),
             server.port_name.as_deref(),
         );
-        self.udp.flows.insert(
+        self.udp.insert(
             key,
             UdpFlow {
                 state: UdpState::ClientDone {
                     synack: token.into(),
                     ack,
                 },
-                deadline_ms: self.linger_deadline(),
+                deadline_ms: self.now.saturating_add(self.config.udp_linger_ms),
             },
         );
         Verdict::consumed()
@@ -1402,25 +1393,19 @@ impl Step<'_> {
         let now = self.now;
         let mut resend = None;
         if let Some(UdpFlow {
-            state:
-                UdpState::ClientHello {
-                    syn,
-                    tries,
-                    next_ms,
-                    ..
-                },
+            state: UdpState::ClientHello { syn, tries, .. },
             ..
-        }) = self.udp.flows.get_mut(&key)
+        }) = self.udp.get_mut(&key)
         {
             if *tries < max_tries {
                 *tries += 1;
-                *next_ms = now.saturating_add(rto << (*tries - 1).min(16));
-                resend = Some(syn.clone());
+                resend = Some((syn.clone(), now.saturating_add(rto << (*tries - 1).min(16))));
             }
         } else {
             return;
         }
-        if let Some(syn) = resend {
+        if let Some((syn, next_ms)) = resend {
+            self.udp.reschedule(&key, next_ms);
             self.emit_udp(key.local, key.remote, &syn, EmitMark::Control);
             return;
         }
@@ -1470,7 +1455,7 @@ impl Step<'_> {
 
     /// Server: the client's ACK control proves it; ingress again on the proven identity.
     fn udp_server_ack(&mut self, key: FlowKey, token: &[u8]) -> Verdict {
-        let result = match self.udp.flows.get(&key).map(|f| &f.state) {
+        let result = match self.udp.get(&key).map(|f| &f.state) {
             Some(UdpState::ServerAwaitingAck { server, .. }) => {
                 server.receive_ack(self.node, token, self.now)
             }
@@ -1498,13 +1483,13 @@ impl Step<'_> {
         }
         self.metrics.count_authorized(true);
         self.remember(key, Direction::Ingress, Some(view), None);
-        self.udp.flows.insert(
+        self.udp.insert(
             key,
             UdpFlow {
                 state: UdpState::ServerAuthorized {
                     ack_token: token.into(),
                 },
-                deadline_ms: self.linger_deadline(),
+                deadline_ms: self.now.saturating_add(self.config.udp_linger_ms),
             },
         );
         Verdict::consumed()
@@ -1512,7 +1497,7 @@ impl Step<'_> {
 
     /// Client: the server's agent refused our SYN (its ingress denies the flow).
     fn udp_refused(&mut self, key: FlowKey, nonce: &[u8]) -> Verdict {
-        let ours = match self.udp.flows.get(&key).map(|f| &f.state) {
+        let ours = match self.udp.get(&key).map(|f| &f.state) {
             Some(UdpState::ClientHello { syn, .. }) => {
                 // The SYN token's client nonce: bytes 20..36 of the token, after the 12-byte
                 // control header.

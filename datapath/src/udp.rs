@@ -22,6 +22,7 @@
 //! the peer's address, and the peer is remembered as agentless for a while, so that only the
 //! first flow to it waits.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
 use identity::{ClientAwaitingSynAck, ServerAwaitingAck};
@@ -103,44 +104,100 @@ pub(crate) struct UdpFlow {
 }
 
 /// The bounded table of UDP flows in handshake (or just authorized), with the count of held
-/// datagrams over all of them.
+/// datagrams over all of them and the client handshakes' timers in time order (so the next one
+/// is found without walking the table, which holds thousands of flows under load).
 #[derive(Debug, Default)]
 pub(crate) struct UdpTable {
-    pub(crate) flows: ahash::HashMap<FlowKey, UdpFlow>,
+    flows: ahash::HashMap<FlowKey, UdpFlow>,
+    timers: BTreeSet<(u64, FlowKey)>,
     pub(crate) held: usize,
 }
 
 impl UdpTable {
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub(crate) fn get(&self, key: &FlowKey) -> Option<&UdpFlow> {
+        self.flows.get(key)
+    }
+
+    /// The flow, to change its state in place; a client handshake's `next_ms` must then be
+    /// changed through [`UdpTable::reschedule`] only.
+    pub(crate) fn get_mut(&mut self, key: &FlowKey) -> Option<&mut UdpFlow> {
+        self.flows.get_mut(key)
+    }
+
+    /// Add (or replace) a flow. Held datagrams of the replaced one, if any, are dropped.
+    pub(crate) fn insert(&mut self, key: FlowKey, flow: UdpFlow) {
+        self.remove(&key);
+        if let UdpState::ClientHello { next_ms, .. } = flow.state {
+            self.timers.insert((next_ms, key));
+        }
+        self.held += flow.state.held_len();
+        self.flows.insert(key, flow);
+    }
+
+    /// Move a client handshake's timer to `next_ms`.
+    pub(crate) fn reschedule(&mut self, key: &FlowKey, next_ms: u64) {
+        if let Some(UdpFlow {
+            state: UdpState::ClientHello { next_ms: at, .. },
+            ..
+        }) = self.flows.get_mut(key)
+        {
+            self.timers.remove(&(*at, *key));
+            *at = next_ms;
+            self.timers.insert((next_ms, *key));
+        }
+    }
+
+    /// When the first client handshake timer is due.
+    pub(crate) fn next_timer(&self) -> Option<u64> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// The client handshakes whose timer is due at `now_ms`.
+    pub(crate) fn due(&self, now_ms: u64) -> Vec<FlowKey> {
+        self.timers
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+
     pub(crate) fn remove(&mut self, key: &FlowKey) -> Option<UdpFlow> {
         let f = self.flows.remove(key)?;
+        if let UdpState::ClientHello { next_ms, .. } = f.state {
+            self.timers.remove(&(next_ms, *key));
+        }
         self.held -= f.state.held_len();
         Some(f)
     }
 
-    /// Forget flows past their deadline (held datagrams go with them: they were never passed).
+    /// Forget flows past their deadline (held datagrams go with them: they were never passed);
+    /// returns how many held datagrams were dropped.
     pub(crate) fn expire(&mut self, now_ms: u64) -> usize {
-        let mut dropped = 0;
-        self.flows.retain(|_, f| {
-            let keep = f.deadline_ms > now_ms;
-            if !keep {
-                dropped += f.state.held_len();
-            }
-            keep
-        });
-        self.held -= dropped;
-        dropped
+        self.retain(|_, f| f.deadline_ms > now_ms)
     }
 
     pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
+        self.retain(|k, _| k.workload != id);
+    }
+
+    fn retain(&mut self, keep: impl Fn(&FlowKey, &UdpFlow) -> bool) -> usize {
+        let gone: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(k, f)| !keep(k, f))
+            .map(|(k, _)| *k)
+            .collect();
         let mut dropped = 0;
-        self.flows.retain(|k, f| {
-            let keep = k.workload != id;
-            if !keep {
+        for k in gone {
+            if let Some(f) = self.remove(&k) {
                 dropped += f.state.held_len();
             }
-            keep
-        });
-        self.held -= dropped;
+        }
+        dropped
     }
 }
 

@@ -10,11 +10,16 @@
 //! carrying `--bytes`; the median and the spread (min..max) of their Gbit/s are reported, with
 //! the packets the agents saw during those transfers (an established flow that keeps coming to
 //! user space would show as more than the handshake's few packets per transfer). `--rounds`
-//! repeats the case list interleaved and prints the median of same-round ratios.
+//! repeats the case list interleaved and prints the median of same-round ratios. UDP new
+//! flows: for as long again, each client thread opens a new UDP socket (a new flow), sends one
+//! datagram to the server's UDP 8125 and waits for its echo: flows/s and the p50 of
+//! send-to-echo, which in (c) includes the agents' UDP handshake.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +76,9 @@ struct Row {
     gbits_max: f64,
     /// Packets the agents handled (accepted, rejected or requeued) per throughput transfer.
     queued_per_transfer: Option<f64>,
+    /// UDP new flows per second, and the median send-to-echo time (µs).
+    udp_rate: f64,
+    udp_p50_us: f64,
 }
 
 fn main() -> Result<()> {
@@ -201,6 +209,30 @@ fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Pa
         }
         _ => None,
     };
+    // UDP new flows (the policies let frontends send UDP 8125 to backends).
+    let udp_server = SocketAddr::new(server.ip(), 8125);
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = udp_echo(&tb.workload("server").ns, 8125, stop.clone())?;
+    let udp = udp_flow_loops(
+        &client,
+        udp_server,
+        Duration::from_millis(300),
+        args.clients,
+    );
+    let udp = udp.and_then(|warm| {
+        if warm.is_empty() {
+            bail!("case {case}: no UDP flow completed during warm-up");
+        }
+        udp_flow_loops(&client, udp_server, duration, args.clients)
+    });
+    stop.store(true, Ordering::SeqCst);
+    let _ = echo.join();
+    let mut udp = udp?;
+    udp.sort_unstable();
+    let udp_rate = udp.len() as f64 / duration.as_secs_f64();
+    let udp_p50_us = udp
+        .get(udp.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6);
     // Many transfers of a fixed size: the median is robust to a disturbed one, and the spread
     // says how far apart two cases must be to differ.
     let queued_before = queued_packets(&tb, agents.is_some());
@@ -226,6 +258,84 @@ fn run_case(case: &str, agents: Option<(Mode, bool)>, args: &Args, policies: &Pa
         gbits_min: rates.first().copied().unwrap_or(0.0),
         gbits_max: rates.last().copied().unwrap_or(0.0),
         queued_per_transfer,
+        udp_rate,
+        udp_p50_us,
+    })
+}
+
+/// A UDP echo on `port` in netns `ns` until `stop`.
+fn udp_echo(ns: &str, port: u16, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = testbed::spawn_in_netns(ns, move || {
+        let socket = match UdpSocket::bind(("0.0.0.0", port)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = ready_tx.send(Ok(()));
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => bail!("UDP echo on {port}: {e}"),
+        Err(_) => bail!("UDP echo on {port} did not start"),
+    }
+}
+
+/// [`udp_flow_loop`] on `clients` threads at once.
+fn udp_flow_loops(
+    ns: &str,
+    addr: SocketAddr,
+    d: Duration,
+    clients: usize,
+) -> Result<Vec<Duration>> {
+    let threads: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let ns = ns.to_owned();
+            std::thread::spawn(move || udp_flow_loop(&ns, addr, d))
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(lat) => all.extend(lat?),
+            Err(_) => bail!("a UDP client thread panicked"),
+        }
+    }
+    Ok(all)
+}
+
+/// New socket (a new flow) + one datagram + its echo, in a loop for `d`; each send-to-echo time.
+fn udp_flow_loop(ns: &str, addr: SocketAddr, d: Duration) -> Result<Vec<Duration>> {
+    in_netns(ns, move || {
+        let mut lat = Vec::with_capacity(100_000);
+        let start = Instant::now();
+        let mut failures = 0u32;
+        let mut b = [0u8; 8];
+        while start.elapsed() < d {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let t = Instant::now();
+            s.send_to(&[1], addr)?;
+            match s.recv_from(&mut b) {
+                Ok(_) => lat.push(t.elapsed()),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 20 {
+                        bail!("UDP to {addr}: {e} ({failures} flows without an echo)");
+                    }
+                }
+            }
+        }
+        Ok(lat)
     })
 }
 
@@ -377,12 +487,14 @@ fn print_medians(rounds: &[Vec<Row>]) {
         format!("{:.2} ({:.2}..{:.2})", median(&v), v[0], v[v.len() - 1])
     };
     println!(
-        "\nmedian over {} rounds of same-round ratios (min..max)\n{:<6} {:>20} {:>20} {:>20}",
+        "\nmedian over {} rounds of same-round ratios (min..max)\n{:<6} {:>20} {:>20} {:>20} {:>20} {:>20}",
         rounds.len(),
         "case",
         "conn/s / (b)",
         "conn/s / (a)",
-        "Gbit/s / (a)"
+        "Gbit/s / (a)",
+        "UDP flows/s / (b)",
+        "UDP flows/s / (a)"
     );
     let cases: Vec<&str> = rounds[0].iter().map(|r| r.case.as_str()).collect();
     for case in cases {
@@ -395,11 +507,13 @@ fn print_medians(rounds: &[Vec<Row>]) {
             )
         };
         println!(
-            "{:<6} {:>20} {:>20} {:>20}",
+            "{:<6} {:>20} {:>20} {:>20} {:>20} {:>20}",
             case,
             col("b", |r| r.rate),
             col("a", |r| r.rate),
-            col("a", |r| r.gbits)
+            col("a", |r| r.gbits),
+            col("b", |r| r.udp_rate),
+            col("a", |r| r.udp_rate)
         );
     }
 }
@@ -411,7 +525,7 @@ fn print_table(rows: &[Row]) {
         base.map_or("-".to_owned(), |r| format!("{:.2}", x / f(r)))
     };
     println!(
-        "\n{:<6} {:>7} {:>8} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>7}",
+        "\n{:<6} {:>7} {:>8} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>7} {:>8} {:>6} {:>6} {:>9}",
         "case",
         "conns",
         "conn/s",
@@ -425,7 +539,11 @@ fn print_table(rows: &[Row]) {
         "Gbit/s*",
         "min..max",
         "/(a)",
-        "pkts/tx"
+        "pkts/tx",
+        "udp f/s",
+        "/(a)",
+        "/(b)",
+        "udp p50"
     );
     for r in rows {
         let (dp50, dp99) = r
@@ -434,7 +552,7 @@ fn print_table(rows: &[Row]) {
                 (format!("{x:.1}us"), format!("{y:.1}us"))
             });
         println!(
-            "{:<6} {:>7} {:>8.0} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7.2} {:>13} {:>6} {:>7}",
+            "{:<6} {:>7} {:>8.0} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7.2} {:>13} {:>6} {:>7} {:>8.0} {:>6} {:>6} {:>7.0}us",
             r.case,
             r.conns,
             r.rate,
@@ -451,6 +569,10 @@ fn print_table(rows: &[Row]) {
             format!("{:.3}", a.map_or(f64::NAN, |a| r.gbits / a.gbits)),
             r.queued_per_transfer
                 .map_or("-".to_owned(), |q| format!("{q:.1}")),
+            r.udp_rate,
+            ratio(r.udp_rate, a, |r| r.udp_rate),
+            ratio(r.udp_rate, b, |r| r.udp_rate),
+            r.udp_p50_us,
         );
     }
     println!(

@@ -58,7 +58,9 @@ pub enum ShellError {
     #[error("nfqueue: {0}")]
     Queue(std::io::Error),
     /// The raw sockets the agent sends its own datagrams with could not be opened.
-    #[error("opening a raw socket (the agent needs CAP_NET_RAW for its UDP control datagrams): {0}")]
+    #[error(
+        "opening a raw socket (the agent needs CAP_NET_RAW for its UDP control datagrams): {0}"
+    )]
     RawOpen(std::io::Error),
     /// Sending through a raw socket failed.
     #[error("raw socket: {0}")]
