@@ -598,7 +598,9 @@ impl Engine {
     }
 
     fn admin_policy(&self, id: AdminId) -> Option<&CompiledAdmin> {
-        self.admin_policies.get(id as usize).and_then(Option::as_ref)
+        self.admin_policies
+            .get(id as usize)
+            .and_then(Option::as_ref)
     }
 
     /// Validates and compiles a `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (Admin
@@ -679,9 +681,8 @@ impl Engine {
         let Some(policy) = policies.get(id as usize).and_then(Option::as_ref) else {
             return;
         };
-        let default_labels = |ns: &str| {
-            Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())])
-        };
+        let default_labels =
+            |ns: &str| Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
         let t = tier_index(policy.tier);
         let precedence = policy.precedence();
         for entry in self.workloads.values_mut() {

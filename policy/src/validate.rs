@@ -175,7 +175,11 @@ fn compile_port(
     }
 }
 
-pub(crate) fn compile_selector(ctx: &Ctx, path: &str, sel: &LabelSelector) -> Result<Selector, PolicyError> {
+pub(crate) fn compile_selector(
+    ctx: &Ctx,
+    path: &str,
+    sel: &LabelSelector,
+) -> Result<Selector, PolicyError> {
     Selector::compile(sel).map_err(|e| ctx.err(format!("{path}.{}", e.field), e.message))
 }
 

@@ -203,7 +203,10 @@ fn subject(ctx: &Ctx, api: &Api, s: Option<&Subject>) -> Result<AdminSubject, Po
     one_of(
         ctx,
         "spec.subject",
-        &[("namespaces", s.namespaces.is_some()), ("pods", s.pods.is_some())],
+        &[
+            ("namespaces", s.namespaces.is_some()),
+            ("pods", s.pods.is_some()),
+        ],
     )?;
     if let Some(ns) = &s.namespaces {
         return Ok(AdminSubject {
@@ -211,7 +214,10 @@ fn subject(ctx: &Ctx, api: &Api, s: Option<&Subject>) -> Result<AdminSubject, Po
             pods: None,
         });
     }
-    let pods = s.pods.as_ref().map_or_else(NamespacedPod::default, Clone::clone);
+    let pods = s
+        .pods
+        .as_ref()
+        .map_or_else(NamespacedPod::default, Clone::clone);
     let (namespaces, pods) = namespaced_pod(ctx, api, "spec.subject.pods", &pods)?;
     Ok(AdminSubject {
         namespaces,
@@ -263,7 +269,10 @@ fn ingress_peer(
     one_of(
         ctx,
         path,
-        &[("namespaces", p.namespaces.is_some()), ("pods", p.pods.is_some())],
+        &[
+            ("namespaces", p.namespaces.is_some()),
+            ("pods", p.pods.is_some()),
+        ],
     )?;
     if let Some(ns) = &p.namespaces {
         return Ok(PeerOutcome::Peer(AdminPeer::Namespaces(compile_selector(
@@ -272,7 +281,10 @@ fn ingress_peer(
             ns,
         )?)));
     }
-    let pods = p.pods.as_ref().map_or_else(NamespacedPod::default, Clone::clone);
+    let pods = p
+        .pods
+        .as_ref()
+        .map_or_else(NamespacedPod::default, Clone::clone);
     let (namespaces, pods) = namespaced_pod(ctx, api, &format!("{path}.pods"), &pods)?;
     Ok(PeerOutcome::Peer(AdminPeer::Pods { namespaces, pods }))
 }
@@ -389,7 +401,10 @@ fn action(ctx: &Ctx, api: &Api, path: &str, a: Option<&str>) -> Result<AdminActi
             let names: Vec<&str> = api.actions.iter().map(|(n, _)| *n).collect();
             ctx.err(
                 field,
-                format!("unsupported value {a:?}: must be one of {}", names.join(", ")),
+                format!(
+                    "unsupported value {a:?}: must be one of {}",
+                    names.join(", ")
+                ),
             )
         })
 }
@@ -503,7 +518,10 @@ fn v2_ports(
         one_of(
             ctx,
             &dp_field,
-            &[("number", dp.number.is_some()), ("range", dp.range.is_some())],
+            &[
+                ("number", dp.number.is_some()),
+                ("range", dp.range.is_some()),
+            ],
         )?;
         if let Some(n) = dp.number {
             let n = port(ctx, &format!("{dp_field}.number"), Some(n))?;
@@ -555,8 +573,11 @@ fn v1_ports(
             let n = port(ctx, &format!("{at}.portNumber.port"), n.port)?;
             out.push(AdminPort::Range(proto, n, n));
         } else if let Some(r) = &p.port_range {
-            let proto =
-                protocol_or_tcp(ctx, &format!("{at}.portRange.protocol"), r.protocol.as_deref())?;
+            let proto = protocol_or_tcp(
+                ctx,
+                &format!("{at}.portRange.protocol"),
+                r.protocol.as_deref(),
+            )?;
             let start = port(ctx, &format!("{at}.portRange.start"), r.start)?;
             let end = port(ctx, &format!("{at}.portRange.end"), r.end)?;
             if start > end {
@@ -694,7 +715,10 @@ pub(crate) fn compile_cluster_network_policy(
 ) -> Result<CompiledAdmin, PolicyError> {
     let api = &CNP;
     let (name, ctx) = cluster_name(api.kind, &p.metadata)?;
-    let spec = p.spec.as_ref().ok_or_else(|| ctx.err("spec", "required value"))?;
+    let spec = p
+        .spec
+        .as_ref()
+        .ok_or_else(|| ctx.err("spec", "required value"))?;
     let tier = match spec.tier.as_deref() {
         Some("Admin") => Tier::Admin,
         Some("Baseline") => Tier::Baseline,
@@ -761,11 +785,14 @@ struct V1Spec<'a> {
     egress: &'a [crate::admin::AdminNetworkPolicyEgressRule],
 }
 
+/// Compiles the shared v1alpha1 parts into a policy of `api.kind` named `name`.
 fn compile_v1(
     api: &Api,
     ctx: &Ctx,
+    name: String,
+    (tier, priority): (Tier, Option<u16>),
     spec: V1Spec<'_>,
-) -> Result<(AdminSubject, Vec<AdminRule>, Vec<AdminRule>, Vec<AdminWarning>), PolicyError> {
+) -> Result<CompiledAdmin, PolicyError> {
     let subject = subject(ctx, api, spec.subject)?;
     let mut warnings = Vec::new();
     check_rule_count(ctx, "spec.ingress", spec.ingress, api.max_rules)?;
@@ -797,7 +824,18 @@ fn compile_v1(
             &mut warnings,
         )?);
     }
-    Ok((subject, ingress, egress, warnings))
+    Ok(CompiledAdmin {
+        key: AdminPolicyKey {
+            kind: api.kind,
+            name,
+        },
+        tier,
+        priority,
+        subject,
+        ingress,
+        egress,
+        warnings,
+    })
 }
 
 /// Validates and compiles a `v1alpha1` AdminNetworkPolicy (the Admin tier).
@@ -806,29 +844,22 @@ pub(crate) fn compile_admin_network_policy(
 ) -> Result<CompiledAdmin, PolicyError> {
     let api = &ANP;
     let (name, ctx) = cluster_name(api.kind, &p.metadata)?;
-    let spec = p.spec.as_ref().ok_or_else(|| ctx.err("spec", "required value"))?;
+    let spec = p
+        .spec
+        .as_ref()
+        .ok_or_else(|| ctx.err("spec", "required value"))?;
     let priority = priority(&ctx, spec.priority)?;
-    let (subject, ingress, egress, warnings) = compile_v1(
+    compile_v1(
         api,
         &ctx,
+        name,
+        (Tier::Admin, Some(priority)),
         V1Spec {
             subject: spec.subject.as_ref(),
             ingress: spec.ingress.as_deref().unwrap_or(&[]),
             egress: spec.egress.as_deref().unwrap_or(&[]),
         },
-    )?;
-    Ok(CompiledAdmin {
-        key: AdminPolicyKey {
-            kind: api.kind,
-            name,
-        },
-        tier: Tier::Admin,
-        priority: Some(priority),
-        subject,
-        ingress,
-        egress,
-        warnings,
-    })
+    )
 }
 
 /// Validates and compiles a `v1alpha1` BaselineAdminNetworkPolicy (the Baseline tier; the API
@@ -844,26 +875,19 @@ pub(crate) fn compile_baseline_admin_network_policy(
             "Only one baseline admin network policy with metadata.name=\"default\" can be created in the cluster",
         ));
     }
-    let spec = p.spec.as_ref().ok_or_else(|| ctx.err("spec", "required value"))?;
-    let (subject, ingress, egress, warnings) = compile_v1(
+    let spec = p
+        .spec
+        .as_ref()
+        .ok_or_else(|| ctx.err("spec", "required value"))?;
+    compile_v1(
         api,
         &ctx,
+        name,
+        (Tier::Baseline, None),
         V1Spec {
             subject: spec.subject.as_ref(),
             ingress: spec.ingress.as_deref().unwrap_or(&[]),
             egress: spec.egress.as_deref().unwrap_or(&[]),
         },
-    )?;
-    Ok(CompiledAdmin {
-        key: AdminPolicyKey {
-            kind: api.kind,
-            name,
-        },
-        tier: Tier::Baseline,
-        priority: None,
-        subject,
-        ingress,
-        egress,
-        warnings,
-    })
+    )
 }
