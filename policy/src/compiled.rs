@@ -226,13 +226,14 @@ pub(crate) struct AdminRule {
 }
 
 impl AdminRule {
+    /// Ports first: integer comparisons rule most rules out before any label lookup.
     pub(crate) fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
-        let peers_ok = match &self.peers {
-            AdminPeers::Any(list) => list.iter().any(|m| m.matches(peer, peer_ip)),
-            AdminPeers::Nothing => false,
-            AdminPeers::Everything => true,
-        };
-        peers_ok && (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
+        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
+            && match &self.peers {
+                AdminPeers::Any(list) => list.iter().any(|m| m.matches(peer, peer_ip)),
+                AdminPeers::Nothing => false,
+                AdminPeers::Everything => true,
+            }
     }
 }
 
