@@ -6,6 +6,11 @@
 //! owned reason), a full compile of the whole cluster, and the incremental re-index after one
 //! policy change and after one pod label change.
 //!
+//! The same decisions are measured again, in the same run, on the same cluster plus 1,000
+//! cluster-wide admin policies (ClusterNetworkPolicy Admin and Baseline, AdminNetworkPolicy,
+//! one BaselineAdminNetworkPolicy; see `admin_spec`), so that the two figures compare as a
+//! ratio; and the re-index after one admin policy change.
+//!
 //! Under `cargo test --benches` (criterion's test mode, no `--bench` argument) the cluster is
 //! 10x smaller so that the debug build sets up in well under a second.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,25 +21,30 @@ use std::net::IpAddr;
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol};
+use policy::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
+use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, Tier};
 use serde_json::{Value, json};
 
 struct Size {
     namespaces: usize,
     pods_per_ns: usize,
     policies_per_ns: usize,
+    /// Cluster-wide admin policies (all kinds), for the admin cases.
+    admin_policies: usize,
 }
 
 const FULL: Size = Size {
     namespaces: 100,
     pods_per_ns: 50,
     policies_per_ns: 100,
+    admin_policies: 1000,
 };
 
 const QUICK: Size = Size {
     namespaces: 10,
     pods_per_ns: 50,
     policies_per_ns: 100,
+    admin_policies: 100,
 };
 
 /// A small deterministic generator (xorshift), so every run benchmarks the same cluster.
@@ -141,10 +151,120 @@ fn netpol(n: usize, k: usize, spec: Value) -> NetworkPolicy {
     .unwrap()
 }
 
+/// An admin policy of the synthetic cluster: what a platform team writes. Most are scoped to
+/// one namespace (guardrails per tenant), some to an app across an environment or a team, a
+/// few (1 %) select every pod. Rules mix Deny, Accept/Allow and Pass, namespace and pod peers,
+/// networks, ports and ranges, so most questions walk several policies before one matches (or
+/// none does).
+enum AdminObject {
+    Cluster(ClusterNetworkPolicy),
+    Admin(AdminNetworkPolicy),
+    Baseline(BaselineAdminNetworkPolicy),
+}
+
+fn admin_spec(k: usize, namespaces: usize) -> AdminObject {
+    let name = format!("admin-{k}");
+    let own_ns = json!({"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": format!("ns-{}", k % namespaces)}}});
+    let team = format!("t{}", k % 10);
+    let app = format!("app{}", (k / 10) % 10);
+    let priority = (k * 7) % 1000;
+    let cnp = |tier: &str, subject: Value, ingress: Value, egress: Value| {
+        AdminObject::Cluster(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"tier": tier, "priority": priority, "subject": subject,
+                         "ingress": ingress, "egress": egress}
+            }))
+            .unwrap(),
+        )
+    };
+    match k % 100 {
+        // 1 %: every pod. Rarely matching rules.
+        0 => cnp(
+            "Admin",
+            json!({"namespaces": {}}),
+            json!([{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"quarantine": "true"}}}]}]),
+            json!([{"action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}]),
+        ),
+        // 60 %: one namespace, Admin tier.
+        1..=60 => cnp(
+            "Admin",
+            own_ns,
+            json!([
+                {"action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": team}}}],
+                 "protocols": [{"tcp": {"destinationPort": {"number": 22}}}, {"tcp": {"destinationPort": {"range": {"start": 6000, "end": 6100}}}}]},
+                {"action": "Pass", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"env": ENVS[k % 3]}}, "podSelector": {"matchLabels": {"app": app}}}}]}
+            ]),
+            json!([
+                {"action": "Deny", "to": [{"networks": [format!("192.168.{}.0/24", k % 4)]}],
+                 "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
+                {"action": "Accept", "to": [{"pods": {"namespaceSelector": {"matchLabels": {"team": team}}, "podSelector": {"matchLabels": {"tier": "db"}}}}],
+                 "protocols": [{"destinationNamedPort": "metrics"}]}
+            ]),
+        ),
+        // 20 %: one app across one environment, AdminNetworkPolicy.
+        61..=80 => AdminObject::Admin(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"priority": priority,
+                    "subject": {"pods": {"namespaceSelector": {"matchLabels": {"env": ENVS[k % 3]}},
+                                         "podSelector": {"matchLabels": {"app": app}}}},
+                    "ingress": [
+                        {"action": "Allow", "from": [{"namespaces": {"matchLabels": {"team": team}}}],
+                         "ports": [{"portNumber": {"port": 9090}}]},
+                        {"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"canary": "true"}}}}],
+                         "ports": [{"portRange": {"start": 8000, "end": 8100}}]}
+                    ],
+                    "egress": [
+                        {"action": "Pass", "to": [{"namespaces": {"matchLabels": {"env": "dev"}}}]}
+                    ]}
+            }))
+            .unwrap(),
+        ),
+        // 19 %: one app of one team, Baseline tier.
+        _ => cnp(
+            "Baseline",
+            json!({"pods": {"namespaceSelector": {"matchLabels": {"team": team}}, "podSelector": {"matchLabels": {"app": app}}}}),
+            json!([
+                {"action": "Accept", "from": [{"namespaces": {"matchLabels": {"team": team}}}]},
+                {"action": "Deny", "from": [{"namespaces": {}}]}
+            ]),
+            json!([
+                {"action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}], "protocols": [{"tcp": {"destinationPort": {"number": 25}}}]}
+            ]),
+        ),
+    }
+}
+
+/// The singleton BaselineAdminNetworkPolicy: a cluster default that allows DNS egress and
+/// denies ingress from dev namespaces.
+fn banp() -> AdminObject {
+    AdminObject::Baseline(
+        serde_json::from_value(json!({
+            "metadata": {"name": "default"},
+            "spec": {"subject": {"namespaces": {}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}]}],
+                "egress": [{"action": "Allow", "to": [{"namespaces": {}}], "ports": [{"portNumber": {"protocol": "UDP", "port": 53}}]}]}
+        }))
+        .unwrap(),
+    )
+}
+
+fn apply_admin(e: &mut Engine, a: &AdminObject) {
+    let applied = match a {
+        AdminObject::Cluster(p) => e.apply_cluster_network_policy(p),
+        AdminObject::Admin(p) => e.apply_admin_network_policy(p),
+        AdminObject::Baseline(p) => e.apply_baseline_admin_network_policy(p),
+    }
+    .unwrap();
+    assert!(applied.warnings.is_empty());
+}
+
 struct Cluster {
     namespaces: Vec<Namespace>,
     pods: Vec<Pod>,
     policies: Vec<NetworkPolicy>,
+    admin: Vec<AdminObject>,
 }
 
 fn generate(size: &Size) -> Cluster {
@@ -152,7 +272,14 @@ fn generate(size: &Size) -> Cluster {
         namespaces: Vec::new(),
         pods: Vec::new(),
         policies: Vec::new(),
+        admin: Vec::new(),
     };
+    for k in 0..size.admin_policies.saturating_sub(1) {
+        c.admin.push(admin_spec(k, size.namespaces));
+    }
+    if size.admin_policies > 0 {
+        c.admin.push(banp());
+    }
     for n in 0..size.namespaces {
         c.namespaces.push(namespace(n));
         for j in 0..size.pods_per_ns {
@@ -176,6 +303,15 @@ fn build(c: &Cluster) -> Engine {
     }
     for p in &c.policies {
         e.apply_policy(p).unwrap();
+    }
+    e
+}
+
+/// The cluster with its admin policies.
+fn build_with_admin(c: &Cluster) -> Engine {
+    let mut e = build(c);
+    for a in &c.admin {
+        apply_admin(&mut e, a);
     }
     e
 }
@@ -288,6 +424,36 @@ fn benches(c: &mut Criterion) {
         qs.len()
     );
 
+    let admin_engine = build_with_admin(&cluster);
+    let admin_allowed = qs.iter().filter(|q| admin_engine.allows(&q.conn())).count();
+    let admin_decided = qs
+        .iter()
+        .filter(|q| {
+            matches!(
+                admin_engine.decide(&q.conn()).reason,
+                policy::Reason::Admin(_)
+            )
+        })
+        .count();
+    let admin_selected: usize = admin_engine
+        .workloads()
+        .map(|w| {
+            [Tier::Admin, Tier::Baseline]
+                .into_iter()
+                .flat_map(|t| [(t, Direction::Ingress), (t, Direction::Egress)])
+                .map(|(t, d)| admin_engine.admin_selecting(&w.key, t, d).count())
+                .sum::<usize>()
+        })
+        .sum();
+    eprintln!(
+        "with {} admin policies: {:.1} selecting admin policies per pod (both tiers and directions); questions: {} of {} allowed, {} decided by an admin rule",
+        admin_engine.admin_policy_count(),
+        admin_selected as f64 / cluster.pods.len() as f64,
+        admin_allowed,
+        qs.len(),
+        admin_decided
+    );
+
     let mut g = c.benchmark_group("decision");
     let mut i = 0usize;
     g.bench_function("decide_ref (no allocation)", |b| {
@@ -303,6 +469,22 @@ fn benches(c: &mut Criterion) {
             let q = &qs[i % qs.len()];
             i = i.wrapping_add(1);
             black_box(engine.decide(&q.conn()))
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("decide_ref, 1k admin policies", |b| {
+        b.iter(|| {
+            let q = &qs[i % qs.len()];
+            i = i.wrapping_add(1);
+            black_box(admin_engine.decide_ref(&q.conn()).allowed)
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("decide, 1k admin policies", |b| {
+        b.iter(|| {
+            let q = &qs[i % qs.len()];
+            i = i.wrapping_add(1);
+            black_box(admin_engine.decide(&q.conn()))
         })
     });
     g.finish();
@@ -339,6 +521,23 @@ fn benches(c: &mut Criterion) {
             let k = e.apply_policy(&versions[0]).unwrap();
             e.remove_policy(&k);
         })
+    });
+    // One admin policy alternates between two versions (subjects in different namespaces):
+    // every workload is re-evaluated against its subject.
+    let mut e = build_with_admin(&cluster);
+    let admin_versions = [
+        admin_spec(11, size.namespaces),
+        admin_spec(11 + size.namespaces + 1, size.namespaces),
+    ];
+    g.bench_function("one admin policy changed", |b| {
+        b.iter(|| {
+            t += 1;
+            apply_admin(&mut e, &admin_versions[t % 2])
+        })
+    });
+    g.sample_size(10);
+    g.bench_function("full cluster with 1k admin policies", |b| {
+        b.iter(|| black_box(build_with_admin(&cluster)))
     });
     g.finish();
 }

@@ -8,23 +8,50 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::PolicyError;
-use crate::compiled::{CompiledPolicy, PortQuery};
+use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
+use crate::compiled::{AdminRule, CompiledAdmin, CompiledPolicy, PortQuery};
 use crate::model::{
-    Connection, Decision, Direction, Labels, PodKey, PolicyKey, Reason, RuleRef, Workload,
-    WorkloadIdentity,
+    AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
+    Labels, PodKey, PolicyKey, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
 };
 use crate::validate::{
     NAMESPACE_NAME_LABEL, check_workload, compile_policy, namespace_labels, workload_from_pod,
 };
+use crate::validate_admin::{
+    compile_admin_network_policy, compile_baseline_admin_network_policy,
+    compile_cluster_network_policy,
+};
 
 /// Index of a compiled policy in the engine's slab.
 type PolicyId = u32;
+
+/// Index of a compiled admin policy in the engine's admin slab.
+type AdminId = u32;
+
+/// Per tier (Admin, Baseline) and direction (ingress, egress): the admin policies selecting a
+/// workload that have rules for that direction, in evaluation order (priority, name, kind).
+type AdminLists = [[Vec<AdminId>; 2]; 2];
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Admin => 0,
+        Tier::Baseline => 1,
+    }
+}
+
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
 
 /// A known workload and the policies selecting it, per direction, in policy key order.
 struct Entry {
     workload: Workload,
     ingress: Vec<PolicyId>,
     egress: Vec<PolicyId>,
+    admin: AdminLists,
 }
 
 impl Entry {
@@ -54,7 +81,16 @@ impl Entry {
 /// policy selects only pods of its own namespace, so these are ordered by policy name). Applying
 /// or removing a policy re-evaluates its pod selector against the pods of its namespace only; a
 /// workload's label change re-evaluates only the policies of its namespace; a namespace label
-/// change re-indexes nothing (peers carry their namespace labels).
+/// change re-indexes nothing for NetworkPolicies (peers carry their namespace labels).
+///
+/// Cluster-wide admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
+/// BaselineAdminNetworkPolicy) are indexed the same way: each workload carries, per tier and
+/// direction, the ids of the admin policies whose subject selects it, in evaluation order
+/// (priority, then name, then kind). Their subjects select by namespace labels too, so applying
+/// or removing one re-evaluates its subject against every workload, and a namespace label change
+/// re-evaluates every admin subject against that namespace's workloads. A decision walks only
+/// these lists: Admin tier, then the NetworkPolicies, then the Baseline tier (see
+/// [`Engine::decide_ref`]).
 #[derive(Default)]
 pub struct Engine {
     namespaces: HashMap<String, Labels>,
@@ -72,6 +108,20 @@ pub struct Engine {
     /// not indexed: as peers they are IP-only). When two workloads claim one IP (a pod IP
     /// reused before the old pod's removal arrived), the last applied wins.
     by_ip: HashMap<IpAddr, PodKey>,
+    /// Slab of compiled admin policies (all three kinds); `None` slots are free.
+    admin_policies: Vec<Option<CompiledAdmin>>,
+    admin_free: Vec<AdminId>,
+    /// Admin policy key → id, in key order.
+    admin_by_key: BTreeMap<AdminPolicyKey, AdminId>,
+}
+
+/// What the engine made of an admin policy it accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminApplied {
+    pub key: AdminPolicyKey,
+    /// Parts the engine cannot enforce as written, and the stricter reading it enforces
+    /// instead (fail-closed rules). Empty for most policies.
+    pub warnings: Vec<AdminWarning>,
 }
 
 /// A decision borrowed from the engine: computing it allocates nothing.
@@ -94,6 +144,16 @@ pub enum ReasonRef<'a> {
     },
     Isolated(IsolatingPolicies<'a>),
     UnknownWorkload(&'a PodKey),
+    /// See [`Reason::Admin`].
+    Admin {
+        policy: &'a AdminPolicyKey,
+        tier: Tier,
+        priority: Option<u16>,
+        direction: Direction,
+        index: usize,
+        action: AdminAction,
+        fail_closed: bool,
+    },
 }
 
 /// The policies isolating a workload in one direction, in key order.
@@ -142,6 +202,23 @@ impl ReasonRef<'_> {
             }),
             ReasonRef::Isolated(p) => Reason::Isolated(p.iter().cloned().collect()),
             ReasonRef::UnknownWorkload(k) => Reason::UnknownWorkload(k.clone()),
+            ReasonRef::Admin {
+                policy,
+                tier,
+                priority,
+                direction,
+                index,
+                action,
+                fail_closed,
+            } => Reason::Admin(AdminRuleRef {
+                policy: policy.clone(),
+                tier,
+                priority,
+                direction,
+                index,
+                action,
+                fail_closed,
+            }),
         }
     }
 }
@@ -167,12 +244,39 @@ impl Engine {
     /// Adds or replaces a namespace (its labels; `kubernetes.io/metadata.name` is added).
     pub fn apply_namespace(&mut self, ns: &Namespace) -> Result<(), PolicyError> {
         let (name, labels) = namespace_labels(ns)?;
-        self.namespaces.insert(name, labels);
+        let old = self.namespaces.insert(name.clone(), labels);
+        if old.as_ref() != self.namespaces.get(&name) {
+            self.reindex_namespace_admin(&name);
+        }
         Ok(())
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
-        self.namespaces.remove(name);
+        if self.namespaces.remove(name).is_some() {
+            self.reindex_namespace_admin(name);
+        }
+    }
+
+    /// Admin subjects select by namespace labels: re-evaluates them for the workloads of a
+    /// namespace whose labels changed.
+    fn reindex_namespace_admin(&mut self, namespace: &str) {
+        if self.admin_by_key.is_empty() {
+            return;
+        }
+        let Some(names) = self.pods_by_ns.get(namespace) else {
+            return;
+        };
+        let ns_labels = self.namespace_labels_or_default(namespace);
+        let mut pod_key = PodKey {
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        for name in names {
+            name.clone_into(&mut pod_key.name);
+            if let Some(entry) = self.workloads.get_mut(&pod_key) {
+                entry.admin = admin_lists(&self.admin_policies, &ns_labels, &entry.workload);
+            }
+        }
     }
 
     /// The labels of a known namespace, including `kubernetes.io/metadata.name`.
@@ -206,10 +310,17 @@ impl Engine {
 
     /// (Re-)evaluates the policies of the workload's namespace against it.
     fn index_workload(&mut self, workload: Workload) {
+        let admin = if self.admin_by_key.is_empty() {
+            AdminLists::default()
+        } else {
+            let ns_labels = self.namespace_labels_or_default(&workload.key.namespace);
+            admin_lists(&self.admin_policies, &ns_labels, &workload)
+        };
         let mut entry = Entry {
             workload,
             ingress: Vec::new(),
             egress: Vec::new(),
+            admin,
         };
         if !entry.workload.host_network
             && let Some(by_name) = self.policies_by_ns.get(&entry.workload.key.namespace)
@@ -381,6 +492,12 @@ impl Engine {
     ///
     /// An unknown local workload is denied (`UnknownWorkload`): the engine cannot tell which
     /// policies would isolate it.
+    ///
+    /// Order: the Admin tier's rules (policies in priority order, rules in order; the first that
+    /// matches decides: Allow/Accept allows, Deny denies, Pass skips the rest of the tier); then
+    /// NetworkPolicy exactly as without admin policies (a workload isolated in this direction is
+    /// decided there); then the Baseline tier (first match: Allow, Deny, or Pass to the
+    /// default); then the default, allowed ([`ReasonRef::NotIsolated`]).
     pub fn decide_ref<'a>(&'a self, conn: &Connection<'a>) -> DecisionRef<'a> {
         let Some(entry) = self.workloads.get(conn.local) else {
             return DecisionRef {
@@ -392,13 +509,6 @@ impl Engine {
             return DecisionRef {
                 allowed: true,
                 reason: ReasonRef::HostNetwork,
-            };
-        }
-        let ids = entry.list(conn.direction);
-        if ids.is_empty() {
-            return DecisionRef {
-                allowed: true,
-                reason: ReasonRef::NotIsolated,
             };
         }
         let query = match conn.direction {
@@ -415,29 +525,236 @@ impl Engine {
                 dest_port_name: conn.dest_port_name,
             },
         };
+        let d = direction_index(conn.direction);
+        // 1. The Admin tier: the first matching rule decides, unless it passes.
+        if let Some(hit) = self.first_admin_match(&entry.admin[0][d], conn, &query)
+            && hit.rule.action != AdminAction::Pass
+        {
+            return hit.decision(conn.direction);
+        }
+        // 2. NetworkPolicy: a workload isolated in this direction is decided here.
+        let ids = entry.list(conn.direction);
+        if !ids.is_empty() {
+            for id in ids {
+                let Some(policy) = self.policy(*id) else {
+                    continue;
+                };
+                let rules = policy.rules(conn.direction).unwrap_or(&[]);
+                if let Some(index) = rules
+                    .iter()
+                    .position(|r| r.matches(conn.peer, conn.peer_ip, &query))
+                {
+                    return DecisionRef {
+                        allowed: true,
+                        reason: ReasonRef::AllowedBy {
+                            policy: &policy.key,
+                            direction: conn.direction,
+                            index,
+                        },
+                    };
+                }
+            }
+            return DecisionRef {
+                allowed: false,
+                reason: ReasonRef::Isolated(IsolatingPolicies { engine: self, ids }),
+            };
+        }
+        // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
+        if let Some(hit) = self.first_admin_match(&entry.admin[1][d], conn, &query) {
+            return hit.decision(conn.direction);
+        }
+        // 4. The default: not isolated.
+        DecisionRef {
+            allowed: true,
+            reason: ReasonRef::NotIsolated,
+        }
+    }
+
+    /// The first rule, in evaluation order, of the listed admin policies that matches.
+    fn first_admin_match<'a>(
+        &'a self,
+        ids: &[AdminId],
+        conn: &Connection<'a>,
+        query: &PortQuery<'_>,
+    ) -> Option<AdminHit<'a>> {
         for id in ids {
-            let Some(policy) = self.policy(*id) else {
+            let Some(policy) = self.admin_policy(*id) else {
                 continue;
             };
-            let rules = policy.rules(conn.direction).unwrap_or(&[]);
-            if let Some(index) = rules
+            let rules = policy.rules(conn.direction);
+            if let Some((index, rule)) = rules
                 .iter()
-                .position(|r| r.matches(conn.peer, conn.peer_ip, &query))
+                .enumerate()
+                .find(|(_, r)| r.matches(conn.peer, conn.peer_ip, query))
             {
-                return DecisionRef {
-                    allowed: true,
-                    reason: ReasonRef::AllowedBy {
-                        policy: &policy.key,
-                        direction: conn.direction,
-                        index,
-                    },
-                };
+                return Some(AdminHit {
+                    policy,
+                    index,
+                    rule,
+                });
             }
         }
-        DecisionRef {
-            allowed: false,
-            reason: ReasonRef::Isolated(IsolatingPolicies { engine: self, ids }),
+        None
+    }
+
+    fn admin_policy(&self, id: AdminId) -> Option<&CompiledAdmin> {
+        self.admin_policies
+            .get(id as usize)
+            .and_then(Option::as_ref)
+    }
+
+    /// Validates and compiles a `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (Admin
+    /// or Baseline tier) and indexes it. An invalid object is an error naming the field, and
+    /// the previous version (if any) stays in force.
+    pub fn apply_cluster_network_policy(
+        &mut self,
+        policy: &ClusterNetworkPolicy,
+    ) -> Result<AdminApplied, PolicyError> {
+        let compiled = compile_cluster_network_policy(policy)?;
+        Ok(self.index_admin(compiled))
+    }
+
+    /// Validates and compiles a `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy (the
+    /// Admin tier) and indexes it.
+    pub fn apply_admin_network_policy(
+        &mut self,
+        policy: &AdminNetworkPolicy,
+    ) -> Result<AdminApplied, PolicyError> {
+        let compiled = compile_admin_network_policy(policy)?;
+        Ok(self.index_admin(compiled))
+    }
+
+    /// Validates and compiles a `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy
+    /// (the Baseline tier, after every prioritized Baseline ClusterNetworkPolicy) and indexes it.
+    pub fn apply_baseline_admin_network_policy(
+        &mut self,
+        policy: &BaselineAdminNetworkPolicy,
+    ) -> Result<AdminApplied, PolicyError> {
+        let compiled = compile_baseline_admin_network_policy(policy)?;
+        Ok(self.index_admin(compiled))
+    }
+
+    /// Removes an admin policy of any kind (nothing if unknown).
+    pub fn remove_admin_policy(&mut self, key: &AdminPolicyKey) {
+        let Some(id) = self.admin_by_key.remove(key) else {
+            return;
+        };
+        self.reindex_admin(id, false);
+        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
+            *slot = None;
         }
+        self.admin_free.push(id);
+    }
+
+    /// Stores a compiled admin policy (replacing its previous version) and re-indexes every
+    /// workload for it: its subject may select pods of any namespace.
+    fn index_admin(&mut self, compiled: CompiledAdmin) -> AdminApplied {
+        let applied = AdminApplied {
+            key: compiled.key.clone(),
+            warnings: compiled.warnings.clone(),
+        };
+        let id = match self.admin_by_key.get(&compiled.key) {
+            Some(id) => *id,
+            None => {
+                let id = match self.admin_free.pop() {
+                    Some(id) => id,
+                    None => {
+                        self.admin_policies.push(None);
+                        AdminId::try_from(self.admin_policies.len() - 1).unwrap_or(AdminId::MAX)
+                    }
+                };
+                self.admin_by_key.insert(compiled.key.clone(), id);
+                id
+            }
+        };
+        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
+            *slot = Some(compiled);
+        }
+        self.reindex_admin(id, true);
+        applied
+    }
+
+    /// Brings every workload's admin lists up to date with admin policy `id` (`present`: in
+    /// force, as the slab holds it; otherwise being removed).
+    fn reindex_admin(&mut self, id: AdminId, present: bool) {
+        let policies = &self.admin_policies;
+        let Some(policy) = policies.get(id as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let default_labels =
+            |ns: &str| Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
+        let t = tier_index(policy.tier);
+        let precedence = policy.precedence();
+        for entry in self.workloads.values_mut() {
+            // Take out any previous version first: its place may differ (tier or priority
+            // changed).
+            for list in entry.admin.iter_mut().flatten() {
+                if let Some(i) = list.iter().position(|x| *x == id) {
+                    list.remove(i);
+                }
+            }
+            if !present || entry.workload.host_network {
+                continue;
+            }
+            let ns = entry.workload.key.namespace.as_str();
+            let selected = match self.namespaces.get(ns) {
+                Some(labels) => policy.subject.matches(labels, &entry.workload.labels),
+                None => policy
+                    .subject
+                    .matches(&default_labels(ns), &entry.workload.labels),
+            };
+            if !selected {
+                continue;
+            }
+            for direction in [Direction::Ingress, Direction::Egress] {
+                if policy.rules(direction).is_empty() {
+                    continue;
+                }
+                let list = &mut entry.admin[t][direction_index(direction)];
+                let pos = list.partition_point(|other| {
+                    policies
+                        .get(*other as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|p| p.precedence() < precedence)
+                });
+                list.insert(pos, id);
+            }
+        }
+    }
+
+    /// Keys of all admin policies in force (every kind), in key order.
+    pub fn admin_policies(&self) -> impl Iterator<Item = &AdminPolicyKey> {
+        self.admin_by_key.keys()
+    }
+
+    /// Number of admin policies in force (every kind).
+    pub fn admin_policy_count(&self) -> usize {
+        self.admin_by_key.len()
+    }
+
+    /// The warnings of an admin policy in force (see [`AdminApplied::warnings`]).
+    pub fn admin_warnings(&self, key: &AdminPolicyKey) -> &[AdminWarning] {
+        self.admin_by_key
+            .get(key)
+            .and_then(|id| self.admin_policy(*id))
+            .map_or(&[], |p| p.warnings.as_slice())
+    }
+
+    /// The admin policies of one tier that select a workload and have rules for one direction,
+    /// in evaluation order (empty if unknown or hostNetwork).
+    pub fn admin_selecting(
+        &self,
+        key: &PodKey,
+        tier: Tier,
+        direction: Direction,
+    ) -> impl Iterator<Item = &AdminPolicyKey> {
+        self.workloads
+            .get(key)
+            .map_or(&[][..], |e| {
+                e.admin[tier_index(tier)][direction_index(direction)].as_slice()
+            })
+            .iter()
+            .filter_map(|id| self.admin_policy(*id).map(|p| &p.key))
     }
 
     /// The workload, if known.
@@ -488,4 +805,69 @@ impl Engine {
     pub fn policy_count(&self) -> usize {
         self.policies.len() - self.free.len()
     }
+}
+
+/// The admin rule that matched a connection first.
+struct AdminHit<'a> {
+    policy: &'a CompiledAdmin,
+    index: usize,
+    rule: &'a AdminRule,
+}
+
+impl<'a> AdminHit<'a> {
+    /// The decision of this rule: Allow allows, Deny denies, Pass (reached only in the Baseline
+    /// tier) leaves the default, which allows.
+    fn decision(&self, direction: Direction) -> DecisionRef<'a> {
+        DecisionRef {
+            allowed: self.rule.action != AdminAction::Deny,
+            reason: ReasonRef::Admin {
+                policy: &self.policy.key,
+                tier: self.policy.tier,
+                priority: self.policy.priority,
+                direction,
+                index: self.index,
+                action: self.rule.action,
+                fail_closed: self.rule.fail_closed,
+            },
+        }
+    }
+}
+
+/// A workload's admin lists, computed from scratch: every admin policy whose subject selects it
+/// (hostNetwork workloads: none).
+fn admin_lists(
+    policies: &[Option<CompiledAdmin>],
+    ns_labels: &Labels,
+    workload: &Workload,
+) -> AdminLists {
+    let mut lists = AdminLists::default();
+    if workload.host_network {
+        return lists;
+    }
+    for (id, policy) in policies.iter().enumerate() {
+        let Some(policy) = policy else { continue };
+        if !policy.subject.matches(ns_labels, &workload.labels) {
+            continue;
+        }
+        let Ok(id) = AdminId::try_from(id) else {
+            continue;
+        };
+        for direction in [Direction::Ingress, Direction::Egress] {
+            if !policy.rules(direction).is_empty() {
+                lists[tier_index(policy.tier)][direction_index(direction)].push(id);
+            }
+        }
+    }
+    for list in lists.iter_mut().flatten() {
+        list.sort_by(|a, b| {
+            let key = |id: &AdminId| {
+                policies
+                    .get(*id as usize)
+                    .and_then(Option::as_ref)
+                    .map(CompiledAdmin::precedence)
+            };
+            key(a).cmp(&key(b))
+        });
+    }
+    lists
 }

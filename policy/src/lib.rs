@@ -15,6 +15,7 @@
 //! its reason borrows the policy keys from the engine; [`Engine::decide`] returns the owned
 //! [`Decision`]. An unknown local workload is denied ([`Reason::UnknownWorkload`]).
 
+pub mod admin;
 mod compiled;
 mod engine;
 mod error;
@@ -23,12 +24,14 @@ mod model;
 pub mod objects;
 mod selector;
 mod validate;
+mod validate_admin;
 
 pub use engine::Engine;
-pub use engine::{DecisionRef, IsolatingPolicies, ReasonRef};
+pub use engine::{AdminApplied, DecisionRef, IsolatingPolicies, ReasonRef};
 pub use error::PolicyError;
 pub use error::ProbeParseError;
 pub use model::{
-    Connection, ContainerPort, Decision, Direction, Labels, NamespaceKey, Peer, PodKey, PolicyKey,
-    Protocol, Reason, RuleRef, Workload, WorkloadIdentity,
+    AdminAction, AdminKind, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, ContainerPort,
+    Decision, Direction, Labels, NamespaceKey, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef,
+    Tier, Workload, WorkloadIdentity,
 };

@@ -7,8 +7,8 @@ use std::str::FromStr;
 
 use crate::engine::{DecisionRef, ReasonRef};
 use crate::model::{
-    Connection, Decision, Direction, Peer, PodKey, PolicyKey, Protocol, ReasonWords, Workload,
-    write_decision_words, write_words,
+    AdminWords, Connection, Decision, Direction, Peer, PodKey, PolicyKey, Protocol, ReasonWords,
+    Workload, write_decision_words, write_words,
 };
 use crate::validate::parse_protocol;
 use crate::{Engine, ProbeParseError};
@@ -175,6 +175,23 @@ fn ref_words<'a>(
         },
         ReasonRef::Isolated(p) => ReasonWords::Isolated(p.iter()),
         ReasonRef::UnknownWorkload(k) => ReasonWords::UnknownWorkload(k),
+        ReasonRef::Admin {
+            policy,
+            tier,
+            priority,
+            direction,
+            index,
+            action,
+            fail_closed,
+        } => ReasonWords::Admin(AdminWords {
+            policy,
+            tier,
+            priority,
+            direction,
+            index,
+            action,
+            fail_closed,
+        }),
     }
 }
 

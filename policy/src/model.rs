@@ -144,6 +144,69 @@ pub struct RuleRef {
     pub index: usize,
 }
 
+/// The tier of a cluster-wide admin policy: Admin rules come before NetworkPolicy, Baseline
+/// rules after it (only where no NetworkPolicy isolates the workload in that direction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+/// The API kind of a cluster-wide admin policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AdminKind {
+    /// `policy.networking.k8s.io/v1alpha2`, either tier.
+    ClusterNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1`, the Admin tier.
+    AdminNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1`, the Baseline tier.
+    BaselineAdminNetworkPolicy,
+}
+
+/// A cluster-scoped admin policy: its kind and name (two kinds may use one name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdminPolicyKey {
+    pub kind: AdminKind,
+    pub name: String,
+}
+
+/// What an admin rule does with the traffic it matches. `Allow` is v1alpha1's `Allow` and
+/// v1alpha2's `Accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AdminAction {
+    Allow,
+    Deny,
+    /// Skip the rest of the tier: to NetworkPolicy from the Admin tier, to the default from the
+    /// Baseline tier.
+    Pass,
+}
+
+/// The admin rule that decided: policy, tier, priority, direction, index in `spec.ingress` /
+/// `spec.egress`, and its action.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AdminRuleRef {
+    pub policy: AdminPolicyKey,
+    pub tier: Tier,
+    /// `None` for BaselineAdminNetworkPolicy, which has no priority.
+    pub priority: Option<u16>,
+    pub direction: Direction,
+    pub index: usize,
+    /// The action applied (for a fail-closed rule, the one it was turned into: `Deny`).
+    pub action: AdminAction,
+    /// The rule has a peer the engine cannot decide (nodes, domainNames, an unknown field) and
+    /// was turned into a deny-all rule as the API requires.
+    pub fail_closed: bool,
+}
+
+/// Something the engine accepted in an admin policy but cannot enforce as written: the field
+/// and what the engine does instead (always the stricter reading).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AdminWarning {
+    /// Path of the field, e.g. `spec.egress[1].to[0].domainNames`.
+    pub field: String,
+    pub message: String,
+}
+
 /// Why a decision came out as it did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -157,6 +220,10 @@ pub enum Reason {
     Isolated(Vec<PolicyKey>),
     /// The local workload is not known to the engine.
     UnknownWorkload(PodKey),
+    /// An Admin or Baseline tier rule decided: `Allow` and `Deny` rules by their action; a
+    /// Baseline `Pass` rule sent the connection to the default (allowed; only where no
+    /// NetworkPolicy isolates, or the Baseline tier would not have been reached).
+    Admin(AdminRuleRef),
 }
 
 /// Verdict for one direction.
@@ -201,6 +268,50 @@ impl fmt::Display for Direction {
     }
 }
 
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        })
+    }
+}
+
+impl fmt::Display for AdminKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            AdminKind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            AdminKind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+        })
+    }
+}
+
+impl AdminKind {
+    /// The action as this kind's API spells it (`Accept` in v1alpha2, `Allow` in v1alpha1).
+    pub fn action_name(self, action: AdminAction) -> &'static str {
+        match (self, action) {
+            (AdminKind::ClusterNetworkPolicy, AdminAction::Allow) => "Accept",
+            (_, AdminAction::Allow) => "Allow",
+            (_, AdminAction::Deny) => "Deny",
+            (_, AdminAction::Pass) => "Pass",
+        }
+    }
+}
+
+impl fmt::Display for AdminPolicyKey {
+    /// `ClusterNetworkPolicy/deny-egress`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+impl fmt::Display for AdminWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
 impl fmt::Display for RuleRef {
     /// `demo/backend-policy ingress rule 0`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -221,6 +332,59 @@ pub(crate) enum ReasonWords<'a, P> {
     /// The isolating policies.
     Isolated(P),
     UnknownWorkload(&'a PodKey),
+    Admin(AdminWords<'a>),
+}
+
+/// The parts of an admin rule reason, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdminWords<'a> {
+    pub policy: &'a AdminPolicyKey,
+    pub tier: Tier,
+    pub priority: Option<u16>,
+    pub direction: Direction,
+    pub index: usize,
+    pub action: AdminAction,
+    pub fail_closed: bool,
+}
+
+impl AdminRuleRef {
+    pub(crate) fn words(&self) -> AdminWords<'_> {
+        AdminWords {
+            policy: &self.policy,
+            tier: self.tier,
+            priority: self.priority,
+            direction: self.direction,
+            index: self.index,
+            action: self.action,
+            fail_closed: self.fail_closed,
+        }
+    }
+}
+
+impl AdminWords<'_> {
+    /// `denied by Admin ClusterNetworkPolicy/x (priority 10) ingress rule 0 (Deny)`
+    fn write(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = match self.action {
+            AdminAction::Allow => "allowed by",
+            AdminAction::Deny => "denied by",
+            AdminAction::Pass => "passed to the default by",
+        };
+        write!(f, "{verb} {} {}", self.tier, self.policy)?;
+        if let Some(p) = self.priority {
+            write!(f, " (priority {p})")?;
+        }
+        write!(
+            f,
+            " {} rule {} ({}",
+            self.direction,
+            self.index,
+            self.policy.kind.action_name(self.action)
+        )?;
+        if self.fail_closed {
+            f.write_str(", fail-closed: a peer the engine cannot decide")?;
+        }
+        f.write_str(")")
+    }
 }
 
 impl Reason {
@@ -235,6 +399,7 @@ impl Reason {
             },
             Reason::Isolated(p) => ReasonWords::Isolated(p.iter()),
             Reason::UnknownWorkload(k) => ReasonWords::UnknownWorkload(k),
+            Reason::Admin(r) => ReasonWords::Admin(r.words()),
         }
     }
 }
@@ -271,6 +436,7 @@ pub(crate) fn write_words<'a>(
             f.write_str(" (no rule matches)")
         }
         ReasonWords::UnknownWorkload(k) => write!(f, "unknown workload {k}"),
+        ReasonWords::Admin(a) => a.write(f),
     }
 }
 
@@ -299,6 +465,7 @@ pub(crate) fn write_decision_words<'a>(
 ) -> fmt::Result {
     match (&words, allowed) {
         (ReasonWords::AllowedBy { .. }, true) => {}
+        (ReasonWords::Admin(a), _) if a.action != AdminAction::Pass => {}
         (_, true) => f.write_str("allowed: ")?,
         (_, false) => f.write_str("denied: ")?,
     }
@@ -321,6 +488,7 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let direction = match &self.reason {
             Reason::AllowedBy(r) => Some(r.direction),
+            Reason::Admin(r) => Some(r.direction),
             _ => None,
         };
         write_decision(f, self, direction)

@@ -8,8 +8,10 @@
 //! `x.yaml: document 2 (NetworkPolicy demo/db): spec.ingress[0].ports[0].port: invalid type ...`.
 //! Parsing continues after an invalid object; a YAML syntax error ends its stream.
 //!
-//! [`load`] feeds parsed objects into an [`Engine`]: namespaces first, then pods, then policies,
-//! so that every object finds what it refers to.
+//! [`load`] feeds parsed objects into an [`Engine`]: namespaces first, then pods, then
+//! NetworkPolicies, then the cluster-wide admin policies (ClusterNetworkPolicy
+//! `policy.networking.k8s.io/v1alpha2`, AdminNetworkPolicy and BaselineAdminNetworkPolicy
+//! `policy.networking.k8s.io/v1alpha1`), so that every object finds what it refers to.
 //!
 //! ```
 //! let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: demo}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: demo}\n";
@@ -29,7 +31,11 @@ use serde::de::DeserializeOwned;
 use serde_norway::Value;
 use thiserror::Error;
 
-use crate::{Engine, PolicyError};
+use crate::admin::{
+    API_VERSION_V1ALPHA1, API_VERSION_V1ALPHA2, AdminNetworkPolicy, BaselineAdminNetworkPolicy,
+    ClusterNetworkPolicy,
+};
+use crate::{AdminPolicyKey, AdminWarning, Engine, PolicyError};
 
 /// An object the policy engine consumes.
 // Objects are parsed once and applied once; boxing the pod would only add an allocation and
@@ -40,6 +46,12 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
+    /// `policy.networking.k8s.io/v1alpha2`
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
+    /// `policy.networking.k8s.io/v1alpha1`
+    AdminNetworkPolicy(AdminNetworkPolicy),
+    /// `policy.networking.k8s.io/v1alpha1`
+    BaselineAdminNetworkPolicy(BaselineAdminNetworkPolicy),
 }
 
 /// The namespace given to namespaced objects that name none, as `kubectl apply` does in a
@@ -110,15 +122,37 @@ pub struct LoadReport {
     /// Namespaces that pods or policies live in but that the input did not contain. They were
     /// applied with no labels but `kubernetes.io/metadata.name`.
     pub implied_namespaces: Vec<String>,
+    /// Admin policies applied with parts the engine cannot enforce as written (they fail
+    /// closed): see [`crate::AdminApplied::warnings`].
+    pub warnings: Vec<LoadWarning>,
+}
+
+/// A warning about an admin policy the engine applied, with its origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadWarning {
+    pub origin: Origin,
+    pub policy: AdminPolicyKey,
+    pub warning: AdminWarning,
+}
+
+impl fmt::Display for LoadWarning {
+    /// `x.yaml: document 2 (ClusterNetworkPolicy/egress): spec.egress[0].to[0].nodes: ...`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.origin, self.policy, self.warning)
+    }
 }
 
 impl Object {
-    /// `Namespace`, `Pod` or `NetworkPolicy`.
+    /// `Namespace`, `Pod`, `NetworkPolicy`, `ClusterNetworkPolicy`, `AdminNetworkPolicy` or
+    /// `BaselineAdminNetworkPolicy`.
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Namespace(_) => "Namespace",
             Object::Pod(_) => "Pod",
             Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::ClusterNetworkPolicy(_) => "ClusterNetworkPolicy",
+            Object::AdminNetworkPolicy(_) => "AdminNetworkPolicy",
+            Object::BaselineAdminNetworkPolicy(_) => "BaselineAdminNetworkPolicy",
         }
     }
 
@@ -127,10 +161,24 @@ impl Object {
             Object::Namespace(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::ClusterNetworkPolicy(o) => &o.metadata,
+            Object::AdminNetworkPolicy(o) => &o.metadata,
+            Object::BaselineAdminNetworkPolicy(o) => &o.metadata,
         }
     }
 
-    /// `namespace/name` for pods and policies, `name` for namespaces.
+    /// Whether objects of this kind are cluster-scoped (no namespace).
+    fn cluster_scoped(&self) -> bool {
+        matches!(
+            self,
+            Object::Namespace(_)
+                | Object::ClusterNetworkPolicy(_)
+                | Object::AdminNetworkPolicy(_)
+                | Object::BaselineAdminNetworkPolicy(_)
+        )
+    }
+
+    /// `namespace/name` for pods and policies, `name` for namespaces and admin policies.
     pub fn name(&self) -> String {
         meta_name(self.metadata())
     }
@@ -298,6 +346,8 @@ fn parse_object(parsed: &mut Parsed, origin: Origin, header: Header, value: Valu
     let expected_api_version = match header.kind.as_str() {
         "Namespace" | "Pod" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
+        "ClusterNetworkPolicy" => API_VERSION_V1ALPHA2,
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => API_VERSION_V1ALPHA1,
         _ => {
             parsed.skipped.push(Skipped {
                 origin,
@@ -331,14 +381,17 @@ fn parse_object(parsed: &mut Parsed, origin: Origin, header: Header, value: Valu
     let object = match header.kind.as_str() {
         "Namespace" => typed(value).map(Object::Namespace),
         "Pod" => typed(value).map(Object::Pod),
+        "ClusterNetworkPolicy" => typed(value).map(Object::ClusterNetworkPolicy),
+        "AdminNetworkPolicy" => typed(value).map(Object::AdminNetworkPolicy),
+        "BaselineAdminNetworkPolicy" => typed(value).map(Object::BaselineAdminNetworkPolicy),
         _ => typed(value).map(Object::NetworkPolicy),
     };
     match object {
         Ok(mut object) => {
             let meta = match &mut object {
-                Object::Namespace(_) => None,
                 Object::Pod(o) => Some(&mut o.metadata),
                 Object::NetworkPolicy(o) => Some(&mut o.metadata),
+                _ => None,
             };
             if let Some(meta) = meta
                 && meta.namespace.as_deref().is_none_or(str::is_empty)
@@ -420,7 +473,11 @@ impl Header {
         let name = match (field("namespace"), field("name")) {
             (_, None) => "<unnamed>".to_owned(),
             (Some(ns), Some(name)) => format!("{ns}/{name}"),
-            (None, Some(name)) if kind == "Namespace" || kind.starts_with("Cluster") => {
+            (None, Some(name))
+                if kind == "Namespace"
+                    || kind.starts_with("Cluster")
+                    || kind.ends_with("AdminNetworkPolicy") =>
+            {
                 name.to_owned()
             }
             (None, Some(name)) => format!("{DEFAULT_NAMESPACE}/{name}"),
@@ -453,7 +510,8 @@ fn meta_name(meta: &ObjectMeta) -> String {
     }
 }
 
-/// Applies objects to `engine`: namespaces first, then pods, then policies, each in input order.
+/// Applies objects to `engine`: namespaces first, then pods, then NetworkPolicies, then admin
+/// policies, each in input order.
 /// Namespaces that pods or policies live in but that `objects` lacks are applied first with no
 /// labels but their name (reported in [`LoadReport::implied_namespaces`]). Every refused object
 /// is reported with its origin; the others are applied all the same.
@@ -468,7 +526,7 @@ pub fn load(engine: &mut Engine, objects: &[Located<Object>]) -> LoadReport {
         .collect();
     let implied: BTreeSet<&str> = objects
         .iter()
-        .filter(|o| !matches!(o.value, Object::Namespace(_)))
+        .filter(|o| !o.value.cluster_scoped())
         .filter_map(|o| o.value.metadata().namespace.as_deref())
         .filter(|ns| !ns.is_empty() && !given.contains(ns))
         .collect();
@@ -486,12 +544,21 @@ pub fn load(engine: &mut Engine, objects: &[Located<Object>]) -> LoadReport {
             report.implied_namespaces.push(ns.to_owned());
         }
     }
-    for rank in 0..3 {
+    for rank in 0..4 {
         for located in objects {
             let result = match (&located.value, rank) {
                 (Object::Namespace(ns), 0) => engine.apply_namespace(ns),
                 (Object::Pod(pod), 1) => engine.apply_pod(pod).map(drop),
                 (Object::NetworkPolicy(policy), 2) => engine.apply_policy(policy).map(drop),
+                (Object::ClusterNetworkPolicy(p), 3) => engine
+                    .apply_cluster_network_policy(p)
+                    .map(|a| warn(&mut report, &located.origin, a)),
+                (Object::AdminNetworkPolicy(p), 3) => engine
+                    .apply_admin_network_policy(p)
+                    .map(|a| warn(&mut report, &located.origin, a)),
+                (Object::BaselineAdminNetworkPolicy(p), 3) => engine
+                    .apply_baseline_admin_network_policy(p)
+                    .map(|a| warn(&mut report, &located.origin, a)),
                 _ => continue,
             };
             if let Err(error) = result {
@@ -503,6 +570,17 @@ pub fn load(engine: &mut Engine, objects: &[Located<Object>]) -> LoadReport {
         }
     }
     report
+}
+
+/// Records an applied admin policy's warnings.
+fn warn(report: &mut LoadReport, origin: &Origin, applied: crate::AdminApplied) {
+    for warning in applied.warnings {
+        report.warnings.push(LoadWarning {
+            origin: origin.clone(),
+            policy: applied.key.clone(),
+            warning,
+        });
+    }
 }
 
 #[cfg(test)]

@@ -21,13 +21,13 @@ pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 const DEFAULT_NAMESPACE: &str = "default";
 
 /// Builds errors for one object.
-struct Ctx {
-    kind: &'static str,
-    object: String,
+pub(crate) struct Ctx {
+    pub(crate) kind: &'static str,
+    pub(crate) object: String,
 }
 
 impl Ctx {
-    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    pub(crate) fn err(&self, field: impl Into<String>, message: impl Into<String>) -> PolicyError {
         PolicyError {
             kind: self.kind,
             object: self.object.clone(),
@@ -122,7 +122,7 @@ pub(crate) fn check_port_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn port_number(ctx: &Ctx, field: &str, n: i32) -> Result<u16, PolicyError> {
+pub(crate) fn port_number(ctx: &Ctx, field: &str, n: i32) -> Result<u16, PolicyError> {
     u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
         ctx.err(
             field,
@@ -175,13 +175,17 @@ fn compile_port(
     }
 }
 
-fn compile_selector(ctx: &Ctx, path: &str, sel: &LabelSelector) -> Result<Selector, PolicyError> {
+pub(crate) fn compile_selector(
+    ctx: &Ctx,
+    path: &str,
+    sel: &LabelSelector,
+) -> Result<Selector, PolicyError> {
     Selector::compile(sel).map_err(|e| ctx.err(format!("{path}.{}", e.field), e.message))
 }
 
 /// Parses a CIDR the way the API server does (a host address with a prefix is accepted) and
 /// normalizes it to its network address.
-fn parse_cidr(s: &str) -> Option<IpNet> {
+pub(crate) fn parse_cidr(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>().ok().map(|n| n.trunc())
 }
 
