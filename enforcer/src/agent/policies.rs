@@ -61,6 +61,17 @@ pub fn load_dir(dir: &Path) -> Result<Vec<NetworkPolicy>> {
                         located.origin, e.object, e.field, e.message
                     )),
                 },
+                // An admin Deny that the agent skipped would be a silent hole: refuse the set.
+                admin @ (Object::ClusterNetworkPolicy(_)
+                | Object::AdminNetworkPolicy(_)
+                | Object::BaselineAdminNetworkPolicy(_)) => problems.push(format!(
+                    "{} ({} {}): admin policies are evaluated by `tessera policy matrix/explain` \
+                     but not enforced by the agent yet; the policy directory is refused rather \
+                     than enforced without them",
+                    located.origin,
+                    admin.kind(),
+                    admin.name()
+                )),
                 other => tracing::warn!(
                     "{}: {} {} ignored: only NetworkPolicy objects are read from the policy directory",
                     located.origin,
@@ -187,6 +198,31 @@ spec:
         assert!(e.contains("bad.yaml"), "{e}");
         assert!(e.contains("spec.ingress[0].ports[0].port"), "{e}");
         assert!(!e.contains("good.yaml"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_policy_refuses_the_directory_rather_than_being_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), ALLOW).unwrap();
+        std::fs::write(
+            dir.path().join("guard.yaml"),
+            "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard}
+spec:
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - name: no-one
+    action: Deny
+    from: [{namespaces: {}}]
+",
+        )
+        .unwrap();
+        let e = format!("{:#}", load_dir(dir.path()).unwrap_err());
+        assert!(e.contains("guard.yaml") && e.contains("guard"), "{e}");
+        assert!(e.contains("not enforced by the agent"), "{e}");
     }
 
     #[test]
