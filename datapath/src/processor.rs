@@ -1192,9 +1192,11 @@ impl Step<'_> {
                 ..
             }) => {
                 // The client's data overtook its ACK, or the ACK was lost: send the SYN-ACK
-                // again (the client's agent answers it with the same ACK), and look at this
-                // datagram again later.
-                if now.saturating_sub(*last_sent_ms) >= rto {
+                // again at once (the client's agent answers it with the same ACK; at most every
+                // fifth of the SYN's retransmission time), and look at this datagram again
+                // later: at most MAX_DEFERRALS times (bounded work per datagram, even for a
+                // flood of data behind forged SYNs), then it is dropped.
+                if now.saturating_sub(*last_sent_ms) >= (rto / 5).max(1) {
                     *last_sent_ms = now;
                     resend = Some(synack.clone());
                 }

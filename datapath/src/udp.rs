@@ -81,6 +81,7 @@ pub(crate) enum UdpState {
         /// The SYN-ACK control datagram, re-sent as is.
         synack: Box<[u8]>,
         last_sent_ms: u64,
+        /// Times the client's data was sent back to the queue while the ACK was awaited.
         deferrals: u8,
     },
     /// Server: the ACK proved the client; the flow's next datagram is accepted and marked.

@@ -765,6 +765,39 @@ fn bad_probe_is_a_usage_error() {
 }
 
 #[test]
+fn portless_protocols_are_probed_by_name_and_only_rules_without_ports_allow_them() {
+    let doc: Value = serde_json::from_str(
+        &ok(&[
+            "policy", "matrix", "-f", THREE_TIER, "--probe", "ICMP", "--probe", "53/UDP", "-o",
+            "json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let cells = doc["probes"].as_array().unwrap();
+    let icmp: Vec<&Value> = cells.iter().filter(|c| c["protocol"] == "ICMP").collect();
+    assert!(!icmp.is_empty(), "{doc}");
+    assert!(icmp.iter().all(|c| c["port"] == 0), "{doc}");
+    // Every rule of the three tiers names ports: nothing isolated receives ICMP.
+    for c in icmp {
+        if c["allowed"] == true {
+            assert!(
+                c["reason"].as_str().unwrap().contains("not isolated"),
+                "only an unisolated destination takes ICMP: {c}"
+            );
+        }
+    }
+    assert!(
+        cells
+            .iter()
+            .any(|c| c["protocol"] == "UDP" && c["port"] == 53)
+    );
+    let run = tessera(&["policy", "matrix", "-f", THREE_TIER, "--probe", "IP-17"]);
+    assert_eq!(run.code, Some(2), "UDP has its own name");
+    ok(&["policy", "matrix", "-f", THREE_TIER, "--probe", "IP-47"]);
+}
+
+#[test]
 fn directories_are_read_recursively_and_other_kinds_skipped() {
     let run = ok(&[
         "policy",

@@ -310,7 +310,7 @@ fn every_protocol_is_under_policy(v6: bool) {
 
 /// Authenticated UDP flows across nodes establish under 2% random loss on the link (both
 /// directions, control datagrams and data alike): 40 flows, each a new socket that sends until
-/// an echo comes back (at most 4 tries, as an application over UDP would). IPv4 in PSK mode,
+/// an echo comes back (at most 6 tries, as an application over UDP would). IPv4 in PSK mode,
 /// IPv6 in PKI mode.
 fn udp_flows_establish_under_loss(v6: bool) {
     let (tb, _dir) = testbed_in(v6, if v6 { Mode::Pki } else { Mode::Psk });
@@ -364,7 +364,7 @@ fn udp_flows_establish_under_loss(v6: bool) {
             s.set_read_timeout(Some(Duration::from_millis(400)))
                 .unwrap();
             let mut buf = [0u8; 64];
-            for _ in 0..4 {
+            for _ in 0..6 {
                 tries += 1;
                 s.send_to(b"ping", dst).unwrap();
                 if s.recv_from(&mut buf).is_ok() {
