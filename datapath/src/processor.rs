@@ -1249,10 +1249,6 @@ impl Step<'_> {
                 self.emit_udp(key.local, key.remote, &control, EmitMark::Control);
                 return Verdict::consumed();
             }
-            Some(UdpState::ServerAuthorized { .. }) => {
-                // Late copy of the SYN of a flow already proven: nothing to answer.
-                return Verdict::consumed();
-            }
             Some(UdpState::ClientHello { .. }) => {
                 // We are the client on this tuple: a SYN coming back is our own reflected by
                 // an agentless peer (an echo service), or a simultaneous start; either way no
@@ -1261,7 +1257,9 @@ impl Step<'_> {
                 return Verdict::drop(Reason::UdpHandshakePending);
             }
             Some(_) => {
-                // A new handshake on the tuple (the client forgot the old one).
+                // A new handshake on the tuple (the client forgot the old one, e.g. its
+                // conntrack entry was cut). A late copy of the SYN of a flow already proven is
+                // refused below as a replay: its nonce was recorded at the ACK.
                 self.udp.remove(&key);
             }
             None => {}

@@ -356,3 +356,35 @@ fn a_policy_change_cuts_an_authenticated_udp_flow_at_both_ends() {
     let (v, _) = w.in_b(&udp(w.c, w.s, b"after"));
     assert_eq!(reason(&v), Some("udp_unauthenticated"), "{v:?}");
 }
+
+#[test]
+fn a_new_handshake_on_a_proven_tuple_is_answered_and_a_late_syn_copy_is_a_replay() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a).remove(0);
+    let (_, _) = w.in_b(&syn.packet);
+    let synack = take(&mut w.b).remove(0);
+    let (_, _) = w.in_a(&synack.packet);
+    let ack = take(&mut w.a).remove(0);
+    let (v, _) = w.in_b(&ack.packet);
+    assert!(consumed(&v));
+    // A late copy of the first SYN: refused as a replay, nothing answered.
+    let (v, _) = w.in_b(&syn.packet);
+    assert_eq!(reason(&v), Some("replay"), "{v:?}");
+    assert!(take(&mut w.b).is_empty());
+    // The client forgot the flow (its conntrack entry was cut) and starts over on the tuple.
+    w.a = processor(
+        nodes(Mode::Psk, "world").0,
+        &format!("{NS}\n---\n{DB_UDP_FROM_WEB}"),
+        &[&WEB],
+        Default::default(),
+    );
+    w.now += 1;
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"again"));
+    assert!(consumed(&v));
+    let syn2 = take(&mut w.a).remove(0);
+    let (v, _) = w.in_b(&syn2.packet);
+    assert!(consumed(&v), "{v:?}");
+    assert_eq!(take(&mut w.b).len(), 1, "a SYN-ACK for the new handshake");
+}

@@ -105,36 +105,49 @@ fn ip(w: &Workload, v6: bool) -> IpAddr {
     if v6 { w.addr6(0).ip() } else { w.addr(0).ip() }
 }
 
-/// `count` datagrams from `from` to `to:port`, one socket (one flow), each echoed by a
-/// receiver bound in `to`. Returns (datagrams received, echoes received back).
-fn udp_exchange(tb: &Testbed, from: &str, to: &str, port: u16, v6: bool, count: u8) -> (u8, u8) {
-    let dst = SocketAddr::new(ip(tb.workload(to), v6), port);
+/// The unspecified address of the family (to bind sockets to).
+fn any(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+/// A UDP echo on `port` in `workload`'s netns, listening when this returns. It stops after
+/// `idle` without a datagram and returns how many it echoed (it answers everything, as a
+/// resolver answers even a malformed query).
+fn udp_echo(
+    tb: &Testbed,
+    workload: &str,
+    port: u16,
+    v6: bool,
+    idle: Duration,
+) -> std::thread::JoinHandle<u8> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let receiver = testbed::spawn_in_netns(&tb.workload(to).ns, move || {
-        let bind: SocketAddr = if v6 {
-            "[::]:0".parse().unwrap()
-        } else {
-            "0.0.0.0:0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(bind.ip(), port)).unwrap();
-        s.set_read_timeout(Some(QUIET)).unwrap();
+    let echo = testbed::spawn_in_netns(&tb.workload(workload).ns, move || {
+        let s = UdpSocket::bind(SocketAddr::new(any(v6), port)).unwrap();
+        s.set_read_timeout(Some(idle)).unwrap();
         ready_tx.send(()).unwrap();
         let mut got = 0u8;
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 2048];
         while let Ok((n, peer)) = s.recv_from(&mut buf) {
-            got += 1;
+            got = got.saturating_add(1);
             let _ = s.send_to(&buf[..n], peer);
         }
         got
     });
     ready_rx.recv().unwrap();
+    echo
+}
+
+/// `count` datagrams from `from` to `to:port`, one socket (one flow), each echoed by a
+/// receiver bound in `to`. Returns (datagrams received, echoes received back).
+fn udp_exchange(tb: &Testbed, from: &str, to: &str, port: u16, v6: bool, count: u8) -> (u8, u8) {
+    let dst = SocketAddr::new(ip(tb.workload(to), v6), port);
+    let receiver = udp_echo(tb, to, port, v6, QUIET);
     let echoed = testbed::in_netns(&tb.workload(from).ns, move || {
-        let bind: SocketAddr = if v6 {
-            "[::]:0".parse().unwrap()
-        } else {
-            "0.0.0.0:0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(bind).unwrap();
+        let s = UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         let mut echoed = 0u8;
@@ -336,31 +349,11 @@ fn udp_flows_establish_under_loss(v6: bool) {
         );
     }
     let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let echo = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(any, 5432)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        ready_tx.send(()).unwrap();
-        let mut buf = [0u8; 64];
-        while let Ok((n, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], peer);
-        }
-    });
-    ready_rx.recv().unwrap();
+    let echo = udp_echo(&tb, "database-2", 5432, v6, Duration::from_secs(3));
     let (established, tries) = testbed::in_netns(&tb.workload("backend-1").ns, move || {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
         let (mut ok, mut tries) = (0, 0);
         for _ in 0..40 {
-            let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+            let s = UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(400)))
                 .unwrap();
             let mut buf = [0u8; 64];
@@ -381,7 +374,16 @@ fn udp_flows_establish_under_loss(v6: bool) {
         if v6 { "IPv6, PKI" } else { "IPv4, PSK" }
     );
     assert_eq!(established, 40, "{}", tb.agent_logs());
-    assert!(metric(&tb, 2, "peer", "verified") >= 40.0);
+    // Proven, never decided on the address: the client never took the server for agentless
+    // (a flow whose ephemeral port repeats an earlier flow's within conntrack's timeout is that
+    // flow again, so verified handshakes may be fewer than 40).
+    assert!(metric(&tb, 2, "peer", "verified") >= 1.0);
+    assert_eq!(
+        metric(&tb, 1, "peer", "address"),
+        0.0,
+        "{}",
+        tb.agent_logs()
+    );
 }
 
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
@@ -391,30 +393,9 @@ fn udp_flows_establish_under_loss(v6: bool) {
 fn dns_to_an_agentless_resolver(v6: bool) {
     let (tb, _dir) = testbed(v6);
     let resolver = ip(tb.workload("resolver-2"), v6);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = testbed::spawn_in_netns(&tb.workload("resolver-2").ns, move || {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(any, 53)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        ready_tx.send(()).unwrap();
-        let mut buf = [0u8; 2048];
-        // Answers everything, as a resolver answers even a malformed query.
-        while let Ok((n, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], peer);
-        }
-    });
-    ready_rx.recv().unwrap();
+    let server = udp_echo(&tb, "resolver-2", 53, v6, Duration::from_secs(2));
     let query = move |port: u16| {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+        let s = UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(800)))
             .unwrap();
         let start = std::time::Instant::now();
@@ -524,29 +505,9 @@ fn replayed_udp_handshake_authorizes_nothing_ipv6() {
 fn udp_flow_is_cut_by_a_policy_change(v6: bool) {
     let (tb, dir) = testbed(v6);
     let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let echo = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(any, 5432)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
-        ready_tx.send(()).unwrap();
-        let mut buf = [0u8; 64];
-        while let Ok((n, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], peer);
-        }
-    });
-    ready_rx.recv().unwrap();
+    let echo = udp_echo(&tb, "database-2", 5432, v6, Duration::from_secs(6));
     let client = testbed::in_netns(&tb.workload("backend-1").ns, move || {
-        let any: IpAddr = if v6 {
-            "::".parse().unwrap()
-        } else {
-            "0.0.0.0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(SocketAddr::new(any, 0)).unwrap();
+        let s = UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         s.connect(dst).unwrap();
@@ -570,9 +531,12 @@ fn udp_flow_is_cut_by_a_policy_change(v6: bool) {
     let changed = text.replace("{port: 5432, protocol: UDP}", "{port: 5499, protocol: UDP}");
     assert_ne!(changed, text);
     std::fs::write(&file, changed).unwrap();
-    // The agents poll the directory every second; node 2 (ingress) cuts the flow.
+    // The agents poll the directory every second; node 2 (ingress) cuts the flow: counted at
+    // once, its conntrack entry deleted off the event loop right after (logged).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while tb.agent(2).metrics().sum("tessera_flows_cut_total") < 1.0 {
+    while tb.agent(2).metrics().sum("tessera_flows_cut_total") < 1.0
+        || !tb.agent_logs().contains("conntrack entries deleted")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "no cut within 5 s\n{}",
