@@ -9,11 +9,14 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
-use crate::compiled::{AdminRule, CompiledAdmin, CompiledPolicy, PortQuery};
+use crate::compiled::{
+    AdminRule, CompiledAdmin, CompiledPolicy, PeerSelector, PortQuery, SelectorMemo,
+};
 use crate::model::{
     AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
     Labels, PodKey, PolicyKey, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
 };
+use crate::selector::Selector;
 use crate::validate::{
     NAMESPACE_NAME_LABEL, check_workload, compile_policy, namespace_labels, workload_from_pod,
 };
@@ -21,6 +24,9 @@ use crate::validate_admin::{
     compile_admin_network_policy, compile_baseline_admin_network_policy,
     compile_cluster_network_policy,
 };
+
+#[cfg(test)]
+mod reference_tests;
 
 /// Index of a compiled policy in the engine's slab.
 type PolicyId = u32;
@@ -113,6 +119,13 @@ pub struct Engine {
     admin_free: Vec<AdminId>,
     /// Admin policy key → id, in key order.
     admin_by_key: BTreeMap<AdminPolicyKey, AdminId>,
+    /// The distinct selectors of admin peers in force: id and number of uses. Identical
+    /// selectors share an id, which a decision's [`SelectorMemo`] is keyed by.
+    admin_selectors: HashMap<Selector, (u32, usize)>,
+    /// Selector ids released (their selector no longer used), for reuse.
+    admin_selector_free: Vec<u32>,
+    /// The next selector id never used.
+    admin_selector_next: u32,
 }
 
 /// What the engine made of an admin policy it accepted.
@@ -526,8 +539,10 @@ impl Engine {
             },
         };
         let d = direction_index(conn.direction);
+        // One peer per decision: selector results are shared by both tiers.
+        let mut memo = SelectorMemo::new();
         // 1. The Admin tier: the first matching rule decides, unless it passes.
-        if let Some(hit) = self.first_admin_match(&entry.admin[0][d], conn, &query)
+        if let Some(hit) = self.first_admin_match(&entry.admin[0][d], conn, &query, &mut memo)
             && hit.rule.action != AdminAction::Pass
         {
             return hit.decision(conn.direction);
@@ -560,7 +575,7 @@ impl Engine {
             };
         }
         // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
-        if let Some(hit) = self.first_admin_match(&entry.admin[1][d], conn, &query) {
+        if let Some(hit) = self.first_admin_match(&entry.admin[1][d], conn, &query, &mut memo) {
             return hit.decision(conn.direction);
         }
         // 4. The default: not isolated.
@@ -576,16 +591,23 @@ impl Engine {
         ids: &[AdminId],
         conn: &Connection<'a>,
         query: &PortQuery<'_>,
+        memo: &mut SelectorMemo,
     ) -> Option<AdminHit<'a>> {
         for id in ids {
             let Some(policy) = self.admin_policy(*id) else {
                 continue;
             };
+            if !policy
+                .filter(conn.direction)
+                .admits(conn.peer, conn.peer_ip, query)
+            {
+                continue;
+            }
             let rules = policy.rules(conn.direction);
             if let Some((index, rule)) = rules
                 .iter()
                 .enumerate()
-                .find(|(_, r)| r.matches(conn.peer, conn.peer_ip, query))
+                .find(|(_, r)| r.matches(conn.peer, conn.peer_ip, query, memo))
             {
                 return Some(AdminHit {
                     policy,
@@ -640,15 +662,63 @@ impl Engine {
             return;
         };
         self.reindex_admin(id, false);
-        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
-            *slot = None;
+        let old = self
+            .admin_policies
+            .get_mut(id as usize)
+            .and_then(Option::take);
+        if let Some(mut old) = old {
+            self.release_selectors(&mut old);
         }
         self.admin_free.push(id);
     }
 
+    /// Gives every peer selector of a policy about to be stored its shared id.
+    fn intern_selectors(&mut self, policy: &mut CompiledAdmin) {
+        for s in policy.peer_selectors_mut() {
+            s.id = match self.admin_selectors.get_mut(&s.selector) {
+                Some((id, uses)) => {
+                    *uses += 1;
+                    *id
+                }
+                None => {
+                    let id = match self.admin_selector_free.pop() {
+                        Some(id) => id,
+                        None if self.admin_selector_next < PeerSelector::MAX_ID => {
+                            self.admin_selector_next += 1;
+                            self.admin_selector_next - 1
+                        }
+                        // Out of ids: evaluated without the memo.
+                        None => PeerSelector::NO_ID,
+                    };
+                    if id != PeerSelector::NO_ID {
+                        self.admin_selectors.insert(s.selector.clone(), (id, 1));
+                    }
+                    id
+                }
+            };
+        }
+    }
+
+    /// Releases the selector ids of a policy no longer stored.
+    fn release_selectors(&mut self, policy: &mut CompiledAdmin) {
+        for s in policy.peer_selectors_mut() {
+            if s.id == PeerSelector::NO_ID {
+                continue;
+            }
+            if let Some((id, uses)) = self.admin_selectors.get_mut(&s.selector) {
+                *uses = uses.saturating_sub(1);
+                if *uses == 0 {
+                    self.admin_selector_free.push(*id);
+                    self.admin_selectors.remove(&s.selector);
+                }
+            }
+            s.id = PeerSelector::NO_ID;
+        }
+    }
+
     /// Stores a compiled admin policy (replacing its previous version) and re-indexes every
     /// workload for it: its subject may select pods of any namespace.
-    fn index_admin(&mut self, compiled: CompiledAdmin) -> AdminApplied {
+    fn index_admin(&mut self, mut compiled: CompiledAdmin) -> AdminApplied {
         let applied = AdminApplied {
             key: compiled.key.clone(),
             warnings: compiled.warnings.clone(),
@@ -667,8 +737,13 @@ impl Engine {
                 id
             }
         };
-        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
-            *slot = Some(compiled);
+        self.intern_selectors(&mut compiled);
+        let old = self
+            .admin_policies
+            .get_mut(id as usize)
+            .and_then(|slot| slot.replace(compiled));
+        if let Some(mut old) = old {
+            self.release_selectors(&mut old);
         }
         self.reindex_admin(id, true);
         applied
