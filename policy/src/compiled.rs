@@ -156,6 +156,21 @@ pub(crate) struct PeerSelector {
     pub id: u32,
 }
 
+/// Equal when the selectors are: the id is where the engine keeps it, not what it matches.
+impl PartialEq for PeerSelector {
+    fn eq(&self, other: &Self) -> bool {
+        self.selector == other.selector
+    }
+}
+
+impl Eq for PeerSelector {}
+
+impl std::hash::Hash for PeerSelector {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.selector.hash(state);
+    }
+}
+
 impl PeerSelector {
     /// Not interned: evaluated every time.
     pub(crate) const NO_ID: u32 = u32::MAX;
@@ -219,7 +234,7 @@ impl SelectorMemo {
 }
 
 /// One entry of `from` / `to` that the engine can decide.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPeer {
     /// Every (non-host-network) pod of the matching namespaces.
     Namespaces(PeerSelector),
@@ -280,7 +295,7 @@ impl AdminPeer {
 }
 
 /// Which peers a rule matches.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPeers {
     /// Any of these (never empty).
     Any(Vec<AdminPeer>),
@@ -292,7 +307,7 @@ pub(crate) enum AdminPeers {
 }
 
 /// One entry of `ports` (v1alpha1) / `protocols` (v1alpha2).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPort {
     /// Inclusive range (a single port is `lo == hi`).
     Range(Protocol, u16, u16),
@@ -325,6 +340,10 @@ pub(crate) struct AdminRule {
     pub ports: Vec<AdminPort>,
     /// The rule was rewritten to fail closed.
     pub fail_closed: bool,
+    /// The engine-wide id of what the rule matches (`peers` and `ports`; rules that match
+    /// the same traffic share it), [`PeerSelector::NO_ID`] until the engine interns it. In one
+    /// walk, a rule whose condition an earlier rule had can never be the first match.
+    pub cond: u32,
 }
 
 impl AdminRule {
@@ -459,6 +478,10 @@ impl CompiledAdmin {
             Direction::Ingress => &self.ingress_filter,
             Direction::Egress => &self.egress_filter,
         }
+    }
+
+    pub(crate) fn rules_mut(&mut self) -> impl Iterator<Item = &mut AdminRule> {
+        self.ingress.iter_mut().chain(self.egress.iter_mut())
     }
 
     /// Every selector of every peer of every rule (not the subject's).

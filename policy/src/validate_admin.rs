@@ -441,6 +441,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
             peers: AdminPeers::Any(decided),
             ports: parts.ports,
             fail_closed: false,
+            cond: PeerSelector::NO_ID,
         };
     }
     let (rule, consequence) = match parts.action {
@@ -450,6 +451,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
                 peers: AdminPeers::Nothing,
                 ports: parts.ports,
                 fail_closed: true,
+                cond: PeerSelector::NO_ID,
             },
             "the rule fails closed: it matches no traffic",
         ),
@@ -459,6 +461,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
                 peers: AdminPeers::Everything,
                 ports: Vec::new(),
                 fail_closed: true,
+                cond: PeerSelector::NO_ID,
             },
             "the rule fails closed: it denies all traffic (every peer, every port)",
         ),

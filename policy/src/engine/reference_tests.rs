@@ -476,9 +476,20 @@ proptest! {
                 *uses.entry(s.id).or_default() += 1;
             }
         }
-        prop_assert_eq!(uses.len(), e.admin_selectors.len());
-        for (id, n) in e.admin_selectors.values() {
+        prop_assert_eq!(uses.len(), e.admin_selectors.ids.len());
+        for (id, n) in e.admin_selectors.ids.values() {
             prop_assert_eq!(uses.get(id), Some(n));
+        }
+        let mut conds: HashMap<u32, usize> = HashMap::new();
+        for p in &mut policies {
+            for r in p.rules_mut() {
+                prop_assert!(r.cond != PeerSelector::NO_ID);
+                *conds.entry(r.cond).or_default() += 1;
+            }
+        }
+        prop_assert_eq!(conds.len(), e.admin_conds.ids.len());
+        for (id, n) in e.admin_conds.ids.values() {
+            prop_assert_eq!(conds.get(id), Some(n));
         }
     }
 }
