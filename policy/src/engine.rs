@@ -1,6 +1,6 @@
 //! The compiled policy set and its index.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -910,49 +910,55 @@ impl Engine {
             |ns: &str| Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
         let t = tier_index(policy.tier);
         let precedence = policy.precedence();
+        let mut seen = Vec::new();
         for entry in self.workloads.values_mut() {
             // Take out any previous version first: its place may differ (tier or priority
             // changed).
-            let mut touched = false;
-            for list in entry.admin.iter_mut().flatten() {
+            // Bit 2 * tier + direction: the lists that changed, whose walks to recompute.
+            let mut touched = 0u8;
+            for (n, list) in entry.admin.iter_mut().flatten().enumerate() {
                 if let Some(i) = list.iter().position(|x| *x == id) {
                     list.remove(i);
-                    touched = true;
+                    touched |= 1 << n;
                 }
             }
-            if !present || entry.workload.host_network {
-                if touched {
-                    entry.walks = admin_walks(policies, &entry.admin);
+            if present && !entry.workload.host_network {
+                let ns = entry.workload.key.namespace.as_str();
+                let selected = match self.namespaces.get(ns) {
+                    Some(labels) => policy.subject.matches(labels, &entry.workload.labels),
+                    None => policy
+                        .subject
+                        .matches(&default_labels(ns), &entry.workload.labels),
+                };
+                if selected {
+                    for direction in [Direction::Ingress, Direction::Egress] {
+                        if policy.rules(direction).is_empty() {
+                            continue;
+                        }
+                        let d = direction_index(direction);
+                        let list = &mut entry.admin[t][d];
+                        let pos = list.partition_point(|other| {
+                            policies
+                                .get(*other as usize)
+                                .and_then(Option::as_ref)
+                                .is_some_and(|p| p.precedence() < precedence)
+                        });
+                        list.insert(pos, id);
+                        touched |= 1 << (2 * t + d);
+                    }
                 }
-                continue;
             }
-            let ns = entry.workload.key.namespace.as_str();
-            let selected = match self.namespaces.get(ns) {
-                Some(labels) => policy.subject.matches(labels, &entry.workload.labels),
-                None => policy
-                    .subject
-                    .matches(&default_labels(ns), &entry.workload.labels),
-            };
-            if !selected {
-                if touched {
-                    entry.walks = admin_walks(policies, &entry.admin);
+            for (n, (ids, walk)) in entry
+                .admin
+                .iter()
+                .flatten()
+                .zip(entry.walks.iter_mut().flatten())
+                .enumerate()
+            {
+                if touched & (1 << n) != 0 {
+                    *walk = admin_walk(policies, ids, n % 2, &mut seen);
                 }
-                continue;
             }
-            for direction in [Direction::Ingress, Direction::Egress] {
-                if policy.rules(direction).is_empty() {
-                    continue;
-                }
-                let list = &mut entry.admin[t][direction_index(direction)];
-                let pos = list.partition_point(|other| {
-                    policies
-                        .get(*other as usize)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|p| p.precedence() < precedence)
-                });
-                list.insert(pos, id);
-            }
-            entry.walks = admin_walks(policies, &entry.admin);
         }
     }
 
@@ -1110,41 +1116,55 @@ fn admin_lists(
 /// live rules (see [`AdminStep`]).
 fn admin_walks(policies: &[Option<CompiledAdmin>], lists: &AdminLists) -> AdminWalks {
     let mut walks = AdminWalks::default();
-    let mut seen = HashSet::new();
+    let mut seen = Vec::new();
     for (t, per_direction) in lists.iter().enumerate() {
-        for (d, direction) in [Direction::Ingress, Direction::Egress]
-            .into_iter()
-            .enumerate()
-        {
-            seen.clear();
-            let (Some(ids), Some(walk)) = (
-                per_direction.get(d),
-                walks.get_mut(t).and_then(|w| w.get_mut(d)),
-            ) else {
-                continue;
-            };
-            for id in ids {
-                let Some(policy) = policies.get(*id as usize).and_then(Option::as_ref) else {
-                    continue;
-                };
-                let rules = policy.rules(direction);
-                let mut live = 0u64;
-                for (i, rule) in rules.iter().enumerate().take(64) {
-                    if matches!(rule.peers, AdminPeers::Nothing) {
-                        continue;
-                    }
-                    // NO_ID (out of ids): never deduplicated.
-                    if rule.cond == PeerSelector::NO_ID || seen.insert(rule.cond) {
-                        live |= 1 << i;
-                    }
-                }
-                // Rules from 64 on are always tried; their conditions count as seen only when
-                // tried, which is after every rule before them: nothing to record.
-                if live != 0 || rules.len() > 64 {
-                    walk.push(AdminStep::new(*id, live, rules));
-                }
+        for (d, ids) in per_direction.iter().enumerate() {
+            if let Some(walk) = walks.get_mut(t).and_then(|w| w.get_mut(d)) {
+                *walk = admin_walk(policies, ids, d, &mut seen);
             }
         }
     }
     walks
+}
+
+/// One walk (direction index `d`) from its admin list; `seen` is scratch.
+fn admin_walk(
+    policies: &[Option<CompiledAdmin>],
+    ids: &[AdminId],
+    d: usize,
+    seen: &mut Vec<u32>,
+) -> Vec<AdminStep> {
+    let direction = if d == 0 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    seen.clear();
+    let mut walk = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(policy) = policies.get(*id as usize).and_then(Option::as_ref) else {
+            continue;
+        };
+        let rules = policy.rules(direction);
+        let mut live = 0u64;
+        for (i, rule) in rules.iter().enumerate().take(64) {
+            if matches!(rule.peers, AdminPeers::Nothing) {
+                continue;
+            }
+            // NO_ID (out of ids): never deduplicated. A walk holds tens of conditions: a
+            // linear scan beats hashing them.
+            if rule.cond == PeerSelector::NO_ID {
+                live |= 1 << i;
+            } else if !seen.contains(&rule.cond) {
+                seen.push(rule.cond);
+                live |= 1 << i;
+            }
+        }
+        // Rules from 64 on are always tried; their conditions count as seen only when
+        // tried, which is after every rule before them: nothing to record.
+        if live != 0 || rules.len() > 64 {
+            walk.push(AdminStep::new(*id, live, rules));
+        }
+    }
+    walk
 }
