@@ -146,39 +146,156 @@ impl AdminSubject {
     }
 }
 
-/// One entry of `from` / `to` that the engine can decide.
+/// The label selector of an admin peer, and the engine-wide id of its content: identical
+/// selectors (in any rule of any admin policy) share one id, so that one decision evaluates each
+/// at most once per label set (see [`SelectorMemo`]). [`PeerSelector::NO_ID`] (never memoized)
+/// until the engine interns it.
 #[derive(Clone, Debug)]
+pub(crate) struct PeerSelector {
+    pub selector: Selector,
+    pub id: u32,
+}
+
+/// Equal when the selectors are: the id is where the engine keeps it, not what it matches.
+impl PartialEq for PeerSelector {
+    fn eq(&self, other: &Self) -> bool {
+        self.selector == other.selector
+    }
+}
+
+impl Eq for PeerSelector {}
+
+impl std::hash::Hash for PeerSelector {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.selector.hash(state);
+    }
+}
+
+impl PeerSelector {
+    /// Not interned: evaluated every time.
+    pub(crate) const NO_ID: u32 = u32::MAX;
+    /// Ids at or above this are not memoized (the memo key needs one more bit).
+    pub(crate) const MAX_ID: u32 = u32::MAX >> 1;
+
+    pub(crate) fn new(selector: Selector) -> Self {
+        Self {
+            selector,
+            id: Self::NO_ID,
+        }
+    }
+}
+
+/// Which label set of the peer a selector is matched against (part of the memo key).
+#[derive(Clone, Copy)]
+pub(crate) enum LabelSet {
+    Namespace = 0,
+    Pod = 1,
+}
+
+/// Per decision: the results of the interned peer selectors already evaluated against this
+/// peer's labels. A small direct-mapped cache on the stack (no allocation); a collision only
+/// costs a re-evaluation. Valid for one peer only.
+pub(crate) struct SelectorMemo {
+    keys: [u32; Self::SLOTS],
+    results: u64,
+}
+
+impl SelectorMemo {
+    const SLOTS: usize = 64;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            keys: [u32::MAX; Self::SLOTS],
+            results: 0,
+        }
+    }
+
+    pub(crate) fn matches(&mut self, s: &PeerSelector, set: LabelSet, labels: &Labels) -> bool {
+        if s.id >= PeerSelector::MAX_ID {
+            return s.selector.matches(labels);
+        }
+        // Below u32::MAX (the empty slot) since id < MAX_ID.
+        let key = (s.id << 1) | set as u32;
+        let slot = key as usize % Self::SLOTS;
+        if self.keys.get(slot) == Some(&key) {
+            return self.results & (1 << slot) != 0;
+        }
+        let result = s.selector.matches(labels);
+        if let Some(k) = self.keys.get_mut(slot) {
+            *k = key;
+            if result {
+                self.results |= 1 << slot;
+            } else {
+                self.results &= !(1 << slot);
+            }
+        }
+        result
+    }
+}
+
+/// One entry of `from` / `to` that the engine can decide.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPeer {
     /// Every (non-host-network) pod of the matching namespaces.
-    Namespaces(Selector),
+    Namespaces(PeerSelector),
     /// Pods matching both selectors.
     Pods {
-        namespaces: Selector,
-        pods: Selector,
+        namespaces: PeerSelector,
+        pods: PeerSelector,
     },
     /// Any peer whose address is in one of the CIDRs (pods included).
     Networks(Vec<IpNet>),
 }
 
 impl AdminPeer {
-    fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
+    fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, memo: &mut SelectorMemo) -> bool {
         match self {
-            AdminPeer::Namespaces(ns) => {
-                matches!(peer, Peer::Workload(id) if ns.matches(&id.namespace_labels))
-            }
+            AdminPeer::Namespaces(ns) => matches!(
+                peer,
+                Peer::Workload(id) if memo.matches(ns, LabelSet::Namespace, &id.namespace_labels)
+            ),
             AdminPeer::Pods { namespaces, pods } => matches!(
                 peer,
-                Peer::Workload(id) if namespaces.matches(&id.namespace_labels) && pods.matches(&id.labels)
+                Peer::Workload(id)
+                    if memo.matches(namespaces, LabelSet::Namespace, &id.namespace_labels)
+                        && memo.matches(pods, LabelSet::Pod, &id.labels)
             ),
             AdminPeer::Networks(nets) => {
                 peer_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
             }
         }
     }
+
+    /// Without the memo: the reference evaluation the optimized one must agree with.
+    #[cfg(test)]
+    fn matches_plain(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
+        match self {
+            AdminPeer::Namespaces(ns) => {
+                matches!(peer, Peer::Workload(id) if ns.selector.matches(&id.namespace_labels))
+            }
+            AdminPeer::Pods { namespaces, pods } => matches!(
+                peer,
+                Peer::Workload(id) if namespaces.selector.matches(&id.namespace_labels)
+                    && pods.selector.matches(&id.labels)
+            ),
+            AdminPeer::Networks(nets) => {
+                peer_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+            }
+        }
+    }
+
+    fn selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
+        let (a, b) = match self {
+            AdminPeer::Namespaces(ns) => (Some(ns), None),
+            AdminPeer::Pods { namespaces, pods } => (Some(namespaces), Some(pods)),
+            AdminPeer::Networks(_) => (None, None),
+        };
+        a.into_iter().chain(b)
+    }
 }
 
 /// Which peers a rule matches.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPeers {
     /// Any of these (never empty).
     Any(Vec<AdminPeer>),
@@ -190,7 +307,7 @@ pub(crate) enum AdminPeers {
 }
 
 /// One entry of `ports` (v1alpha1) / `protocols` (v1alpha2).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum AdminPort {
     /// Inclusive range (a single port is `lo == hi`).
     Range(Protocol, u16, u16),
@@ -223,17 +340,111 @@ pub(crate) struct AdminRule {
     pub ports: Vec<AdminPort>,
     /// The rule was rewritten to fail closed.
     pub fail_closed: bool,
+    /// The engine-wide id of what the rule matches (`peers` and `ports`; rules that match
+    /// the same traffic share it), [`PeerSelector::NO_ID`] until the engine interns it. In one
+    /// walk, a rule whose condition an earlier rule had can never be the first match.
+    pub cond: u32,
 }
 
 impl AdminRule {
     /// Ports first: integer comparisons rule most rules out before any label lookup.
-    pub(crate) fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
+    pub(crate) fn matches(
+        &self,
+        peer: &Peer,
+        peer_ip: Option<IpAddr>,
+        q: &PortQuery<'_>,
+        memo: &mut SelectorMemo,
+    ) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
             && match &self.peers {
-                AdminPeers::Any(list) => list.iter().any(|m| m.matches(peer, peer_ip)),
+                AdminPeers::Any(list) => list.iter().any(|m| m.matches(peer, peer_ip, memo)),
                 AdminPeers::Nothing => false,
                 AdminPeers::Everything => true,
             }
+    }
+
+    /// The rule as written, without memo or prefilter: the reference evaluation.
+    #[cfg(test)]
+    pub(crate) fn matches_plain(
+        &self,
+        peer: &Peer,
+        peer_ip: Option<IpAddr>,
+        q: &PortQuery<'_>,
+    ) -> bool {
+        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
+            && match &self.peers {
+                AdminPeers::Any(list) => list.iter().any(|m| m.matches_plain(peer, peer_ip)),
+                AdminPeers::Nothing => false,
+                AdminPeers::Everything => true,
+            }
+    }
+}
+
+/// What the rules of one direction of an admin policy can match at all, so that a decision
+/// skips a policy none of whose rules can match the question without looking at its rules: a
+/// superset (it may admit a question no rule matches, never the reverse).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RulesFilter {
+    /// Some rule that can match has no ports: every port and protocol.
+    every_port: bool,
+    /// Some rule that can match has a named port.
+    named: bool,
+    /// The port ranges of the rules that can match.
+    ranges: Vec<(Protocol, u16, u16)>,
+    /// Some rule matches every peer (a fail-closed deny-all).
+    every_peer: bool,
+    /// Some rule has a `namespaces` or `pods` peer (matches only peers with an identity).
+    identities: bool,
+    /// Some rule has a `networks` peer (matches only peers with an address).
+    addresses: bool,
+}
+
+impl RulesFilter {
+    pub(crate) fn of(rules: &[AdminRule]) -> Self {
+        let mut f = Self::default();
+        for rule in rules {
+            match &rule.peers {
+                // Matches nothing: contributes nothing.
+                AdminPeers::Nothing => continue,
+                AdminPeers::Everything => f.every_peer = true,
+                AdminPeers::Any(list) => {
+                    for p in list {
+                        match p {
+                            AdminPeer::Networks(_) => f.addresses = true,
+                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => {
+                                f.identities = true;
+                            }
+                        }
+                    }
+                }
+            }
+            if rule.ports.is_empty() {
+                f.every_port = true;
+            }
+            for p in &rule.ports {
+                match p {
+                    AdminPort::Range(proto, lo, hi) => f.ranges.push((*proto, *lo, *hi)),
+                    AdminPort::Named(_) => f.named = true,
+                }
+            }
+        }
+        f
+    }
+
+    /// Whether some rule may match (false: none does).
+    pub(crate) fn admits(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
+        let peer_ok = self.every_peer
+            || (self.identities && matches!(peer, Peer::Workload(_)))
+            || (self.addresses && peer_ip.is_some());
+        peer_ok
+            && (self.every_port
+                || self
+                    .ranges
+                    .iter()
+                    .any(|(p, lo, hi)| *p == q.protocol && (*lo..=*hi).contains(&q.port))
+                // A named port needs the destination's names: on ingress its container ports,
+                // on egress the name the handshake carried.
+                || (self.named && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
     }
 }
 
@@ -248,6 +459,9 @@ pub(crate) struct CompiledAdmin {
     /// Empty: the policy does not affect ingress.
     pub ingress: Vec<AdminRule>,
     pub egress: Vec<AdminRule>,
+    /// [`RulesFilter::of`] `ingress` and `egress`.
+    pub ingress_filter: RulesFilter,
+    pub egress_filter: RulesFilter,
     pub warnings: Vec<AdminWarning>,
 }
 
@@ -257,6 +471,29 @@ impl CompiledAdmin {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
         }
+    }
+
+    pub(crate) fn filter(&self, direction: Direction) -> &RulesFilter {
+        match direction {
+            Direction::Ingress => &self.ingress_filter,
+            Direction::Egress => &self.egress_filter,
+        }
+    }
+
+    pub(crate) fn rules_mut(&mut self) -> impl Iterator<Item = &mut AdminRule> {
+        self.ingress.iter_mut().chain(self.egress.iter_mut())
+    }
+
+    /// Every selector of every peer of every rule (not the subject's).
+    pub(crate) fn peer_selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
+        self.ingress
+            .iter_mut()
+            .chain(self.egress.iter_mut())
+            .flat_map(|r| match &mut r.peers {
+                AdminPeers::Any(list) => list.as_mut_slice(),
+                AdminPeers::Nothing | AdminPeers::Everything => &mut [],
+            })
+            .flat_map(AdminPeer::selectors_mut)
     }
 
     /// Evaluation order within a tier: priority (none last), then name, then kind. The API

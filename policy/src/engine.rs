@@ -9,11 +9,15 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
-use crate::compiled::{AdminRule, CompiledAdmin, CompiledPolicy, PortQuery};
+use crate::compiled::{
+    AdminPeer, AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerSelector,
+    PortQuery, SelectorMemo,
+};
 use crate::model::{
     AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
-    Labels, PodKey, PolicyKey, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
+    Labels, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
 };
+use crate::selector::Selector;
 use crate::validate::{
     NAMESPACE_NAME_LABEL, check_workload, compile_policy, namespace_labels, workload_from_pod,
 };
@@ -21,6 +25,9 @@ use crate::validate_admin::{
     compile_admin_network_policy, compile_baseline_admin_network_policy,
     compile_cluster_network_policy,
 };
+
+#[cfg(test)]
+mod reference_tests;
 
 /// Index of a compiled policy in the engine's slab.
 type PolicyId = u32;
@@ -31,6 +38,162 @@ type AdminId = u32;
 /// Per tier (Admin, Baseline) and direction (ingress, egress): the admin policies selecting a
 /// workload that have rules for that direction, in evaluation order (priority, name, kind).
 type AdminLists = [[Vec<AdminId>; 2]; 2];
+
+/// One admin policy of a workload's walk (tier and direction) and which of its rules can be
+/// the first match there: bit `i` for rule `i < 64` (rules from 64 on are always tried). A rule
+/// is dead when it matches nothing (a fail-closed Allow) or when an earlier rule of the walk
+/// has the same condition (`AdminRule::cond`): whenever it would match, that earlier rule
+/// matched first and ended the walk. Policies with no live rule are left out.
+///
+/// The step also carries what its live rules can match, coarsely (a superset), so that a
+/// decision passes over most policies that cannot match without fetching them.
+#[derive(Clone, Copy, Debug)]
+struct AdminStep {
+    id: AdminId,
+    live: u64,
+    /// `STEP_*` bits.
+    kinds: u8,
+    /// Protocols ([`protocol_bit`]) of the live rules' port ranges.
+    protocols: u8,
+    /// The smallest interval holding every port range of the live rules.
+    lo: u16,
+    hi: u16,
+}
+
+/// A live rule matches every peer (fail-closed deny-all).
+const STEP_EVERY_PEER: u8 = 1;
+/// A live rule has a `namespaces` or `pods` peer.
+const STEP_IDENTITIES: u8 = 2;
+/// A live rule has a `networks` peer.
+const STEP_ADDRESSES: u8 = 4;
+/// A live rule has no ports: every port and protocol.
+const STEP_EVERY_PORT: u8 = 8;
+/// A live rule has a named port.
+const STEP_NAMED: u8 = 16;
+/// Rules from index 64 on are always tried: no filter.
+const STEP_ALWAYS: u8 = 32;
+
+fn protocol_bit(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 1,
+        Protocol::Udp => 2,
+        Protocol::Sctp => 4,
+        Protocol::Other(_) => 8,
+    }
+}
+
+impl AdminStep {
+    fn new(id: AdminId, live: u64, rules: &[AdminRule]) -> Self {
+        let mut step = AdminStep {
+            id,
+            live,
+            kinds: 0,
+            protocols: 0,
+            lo: u16::MAX,
+            hi: 0,
+        };
+        if rules.len() > 64 {
+            step.kinds |= STEP_ALWAYS;
+        }
+        for (i, rule) in rules.iter().enumerate().take(64) {
+            if live & (1 << i) == 0 {
+                continue;
+            }
+            match &rule.peers {
+                AdminPeers::Nothing => continue,
+                AdminPeers::Everything => step.kinds |= STEP_EVERY_PEER,
+                AdminPeers::Any(list) => {
+                    for p in list {
+                        step.kinds |= match p {
+                            AdminPeer::Networks(_) => STEP_ADDRESSES,
+                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => STEP_IDENTITIES,
+                        };
+                    }
+                }
+            }
+            if rule.ports.is_empty() {
+                step.kinds |= STEP_EVERY_PORT;
+            }
+            for p in &rule.ports {
+                match p {
+                    AdminPort::Range(proto, lo, hi) => {
+                        step.protocols |= protocol_bit(*proto);
+                        step.lo = step.lo.min(*lo);
+                        step.hi = step.hi.max(*hi);
+                    }
+                    AdminPort::Named(_) => step.kinds |= STEP_NAMED,
+                }
+            }
+        }
+        step
+    }
+
+    /// Whether one of the live rules may match (false: none does).
+    fn admits(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
+        if self.kinds & STEP_ALWAYS != 0 {
+            return true;
+        }
+        let peer_ok = self.kinds & STEP_EVERY_PEER != 0
+            || (self.kinds & STEP_IDENTITIES != 0 && matches!(peer, Peer::Workload(_)))
+            || (self.kinds & STEP_ADDRESSES != 0 && peer_ip.is_some());
+        peer_ok
+            && (self.kinds & STEP_EVERY_PORT != 0
+                || (self.protocols & protocol_bit(q.protocol) != 0
+                    && (self.lo..=self.hi).contains(&q.port))
+                || (self.kinds & STEP_NAMED != 0
+                    && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
+    }
+}
+
+/// [`AdminLists`] as decisions walk them.
+type AdminWalks = [[Vec<AdminStep>; 2]; 2];
+
+/// Engine-wide ids for equal values (selectors, rule conditions), counted by use, reused when
+/// free. Ids run below [`PeerSelector::MAX_ID`]; past it, values get [`PeerSelector::NO_ID`].
+struct Interner<K> {
+    ids: HashMap<K, (u32, usize)>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl<K> Default for Interner<K> {
+    fn default() -> Self {
+        Self {
+            ids: HashMap::new(),
+            free: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Interner<K> {
+    fn acquire(&mut self, key: &K) -> u32 {
+        if let Some((id, uses)) = self.ids.get_mut(key) {
+            *uses += 1;
+            return *id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None if self.next < PeerSelector::MAX_ID => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return PeerSelector::NO_ID,
+        };
+        self.ids.insert(key.clone(), (id, 1));
+        id
+    }
+
+    fn release(&mut self, key: &K) {
+        if let Some((id, uses)) = self.ids.get_mut(key) {
+            *uses = uses.saturating_sub(1);
+            if *uses == 0 {
+                self.free.push(*id);
+                self.ids.remove(key);
+            }
+        }
+    }
+}
 
 fn tier_index(tier: Tier) -> usize {
     match tier {
@@ -52,6 +215,8 @@ struct Entry {
     ingress: Vec<PolicyId>,
     egress: Vec<PolicyId>,
     admin: AdminLists,
+    /// `admin` with the dead rules left out, as [`Engine::decide_ref`] walks it.
+    walks: AdminWalks,
 }
 
 impl Entry {
@@ -113,6 +278,11 @@ pub struct Engine {
     admin_free: Vec<AdminId>,
     /// Admin policy key → id, in key order.
     admin_by_key: BTreeMap<AdminPolicyKey, AdminId>,
+    /// The distinct selectors of admin peers in force. Identical selectors share an id, which
+    /// a decision's [`SelectorMemo`] is keyed by.
+    admin_selectors: Interner<Selector>,
+    /// The distinct conditions (peers and ports) of admin rules in force (`AdminRule::cond`).
+    admin_conds: Interner<(Vec<AdminPort>, AdminPeers)>,
 }
 
 /// What the engine made of an admin policy it accepted.
@@ -275,6 +445,7 @@ impl Engine {
             name.clone_into(&mut pod_key.name);
             if let Some(entry) = self.workloads.get_mut(&pod_key) {
                 entry.admin = admin_lists(&self.admin_policies, &ns_labels, &entry.workload);
+                entry.walks = admin_walks(&self.admin_policies, &entry.admin);
             }
         }
     }
@@ -316,11 +487,13 @@ impl Engine {
             let ns_labels = self.namespace_labels_or_default(&workload.key.namespace);
             admin_lists(&self.admin_policies, &ns_labels, &workload)
         };
+        let walks = admin_walks(&self.admin_policies, &admin);
         let mut entry = Entry {
             workload,
             ingress: Vec::new(),
             egress: Vec::new(),
             admin,
+            walks,
         };
         if !entry.workload.host_network
             && let Some(by_name) = self.policies_by_ns.get(&entry.workload.key.namespace)
@@ -526,8 +699,11 @@ impl Engine {
             },
         };
         let d = direction_index(conn.direction);
+        // One peer per decision: selector results are shared by both tiers. Set up on the
+        // first policy a walk tries (most workloads have none).
+        let mut memo = None;
         // 1. The Admin tier: the first matching rule decides, unless it passes.
-        if let Some(hit) = self.first_admin_match(&entry.admin[0][d], conn, &query)
+        if let Some(hit) = self.first_admin_match(&entry.walks[0][d], conn, &query, &mut memo)
             && hit.rule.action != AdminAction::Pass
         {
             return hit.decision(conn.direction);
@@ -560,7 +736,7 @@ impl Engine {
             };
         }
         // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
-        if let Some(hit) = self.first_admin_match(&entry.admin[1][d], conn, &query) {
+        if let Some(hit) = self.first_admin_match(&entry.walks[1][d], conn, &query, &mut memo) {
             return hit.decision(conn.direction);
         }
         // 4. The default: not isolated.
@@ -573,20 +749,30 @@ impl Engine {
     /// The first rule, in evaluation order, of the listed admin policies that matches.
     fn first_admin_match<'a>(
         &'a self,
-        ids: &[AdminId],
+        steps: &[AdminStep],
         conn: &Connection<'a>,
         query: &PortQuery<'_>,
+        memo: &mut Option<SelectorMemo>,
     ) -> Option<AdminHit<'a>> {
-        for id in ids {
-            let Some(policy) = self.admin_policy(*id) else {
+        for step in steps {
+            if !step.admits(conn.peer, conn.peer_ip, query) {
+                continue;
+            }
+            let Some(policy) = self.admin_policy(step.id) else {
                 continue;
             };
-            let rules = policy.rules(conn.direction);
-            if let Some((index, rule)) = rules
-                .iter()
-                .enumerate()
-                .find(|(_, r)| r.matches(conn.peer, conn.peer_ip, query))
+            if !policy
+                .filter(conn.direction)
+                .admits(conn.peer, conn.peer_ip, query)
             {
+                continue;
+            }
+            let rules = policy.rules(conn.direction);
+            let memo = memo.get_or_insert_with(SelectorMemo::new);
+            if let Some((index, rule)) = rules.iter().enumerate().find(|(i, r)| {
+                (*i >= 64 || step.live & (1 << i) != 0)
+                    && r.matches(conn.peer, conn.peer_ip, query, memo)
+            }) {
                 return Some(AdminHit {
                     policy,
                     index,
@@ -640,15 +826,49 @@ impl Engine {
             return;
         };
         self.reindex_admin(id, false);
-        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
-            *slot = None;
+        let old = self
+            .admin_policies
+            .get_mut(id as usize)
+            .and_then(Option::take);
+        if let Some(mut old) = old {
+            self.release_ids(&mut old);
         }
         self.admin_free.push(id);
     }
 
+    /// Gives the peer selectors and rule conditions of a policy about to be stored their
+    /// shared ids (selectors first: they are part of the conditions).
+    fn intern_ids(&mut self, policy: &mut CompiledAdmin) {
+        for s in policy.peer_selectors_mut() {
+            s.id = self.admin_selectors.acquire(&s.selector);
+        }
+        for r in policy.rules_mut() {
+            r.cond = self
+                .admin_conds
+                .acquire(&(r.ports.clone(), r.peers.clone()));
+        }
+    }
+
+    /// Releases the ids of a policy no longer stored.
+    fn release_ids(&mut self, policy: &mut CompiledAdmin) {
+        for r in policy.rules_mut() {
+            if r.cond != PeerSelector::NO_ID {
+                self.admin_conds
+                    .release(&(r.ports.clone(), r.peers.clone()));
+                r.cond = PeerSelector::NO_ID;
+            }
+        }
+        for s in policy.peer_selectors_mut() {
+            if s.id != PeerSelector::NO_ID {
+                self.admin_selectors.release(&s.selector);
+                s.id = PeerSelector::NO_ID;
+            }
+        }
+    }
+
     /// Stores a compiled admin policy (replacing its previous version) and re-indexes every
     /// workload for it: its subject may select pods of any namespace.
-    fn index_admin(&mut self, compiled: CompiledAdmin) -> AdminApplied {
+    fn index_admin(&mut self, mut compiled: CompiledAdmin) -> AdminApplied {
         let applied = AdminApplied {
             key: compiled.key.clone(),
             warnings: compiled.warnings.clone(),
@@ -667,8 +887,13 @@ impl Engine {
                 id
             }
         };
-        if let Some(slot) = self.admin_policies.get_mut(id as usize) {
-            *slot = Some(compiled);
+        self.intern_ids(&mut compiled);
+        let old = self
+            .admin_policies
+            .get_mut(id as usize)
+            .and_then(|slot| slot.replace(compiled));
+        if let Some(mut old) = old {
+            self.release_ids(&mut old);
         }
         self.reindex_admin(id, true);
         applied
@@ -685,39 +910,54 @@ impl Engine {
             |ns: &str| Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
         let t = tier_index(policy.tier);
         let precedence = policy.precedence();
+        let mut seen = Vec::new();
         for entry in self.workloads.values_mut() {
             // Take out any previous version first: its place may differ (tier or priority
             // changed).
-            for list in entry.admin.iter_mut().flatten() {
+            // Bit 2 * tier + direction: the lists that changed, whose walks to recompute.
+            let mut touched = 0u8;
+            for (n, list) in entry.admin.iter_mut().flatten().enumerate() {
                 if let Some(i) = list.iter().position(|x| *x == id) {
                     list.remove(i);
+                    touched |= 1 << n;
                 }
             }
-            if !present || entry.workload.host_network {
-                continue;
-            }
-            let ns = entry.workload.key.namespace.as_str();
-            let selected = match self.namespaces.get(ns) {
-                Some(labels) => policy.subject.matches(labels, &entry.workload.labels),
-                None => policy
-                    .subject
-                    .matches(&default_labels(ns), &entry.workload.labels),
-            };
-            if !selected {
-                continue;
-            }
-            for direction in [Direction::Ingress, Direction::Egress] {
-                if policy.rules(direction).is_empty() {
-                    continue;
+            if present && !entry.workload.host_network {
+                let ns = entry.workload.key.namespace.as_str();
+                let selected = match self.namespaces.get(ns) {
+                    Some(labels) => policy.subject.matches(labels, &entry.workload.labels),
+                    None => policy
+                        .subject
+                        .matches(&default_labels(ns), &entry.workload.labels),
+                };
+                if selected {
+                    for direction in [Direction::Ingress, Direction::Egress] {
+                        if policy.rules(direction).is_empty() {
+                            continue;
+                        }
+                        let d = direction_index(direction);
+                        let list = &mut entry.admin[t][d];
+                        let pos = list.partition_point(|other| {
+                            policies
+                                .get(*other as usize)
+                                .and_then(Option::as_ref)
+                                .is_some_and(|p| p.precedence() < precedence)
+                        });
+                        list.insert(pos, id);
+                        touched |= 1 << (2 * t + d);
+                    }
                 }
-                let list = &mut entry.admin[t][direction_index(direction)];
-                let pos = list.partition_point(|other| {
-                    policies
-                        .get(*other as usize)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|p| p.precedence() < precedence)
-                });
-                list.insert(pos, id);
+            }
+            for (n, (ids, walk)) in entry
+                .admin
+                .iter()
+                .flatten()
+                .zip(entry.walks.iter_mut().flatten())
+                .enumerate()
+            {
+                if touched & (1 << n) != 0 {
+                    *walk = admin_walk(policies, ids, n % 2, &mut seen);
+                }
             }
         }
     }
@@ -870,4 +1110,61 @@ fn admin_lists(
         });
     }
     lists
+}
+
+/// A workload's walks from its admin lists: per tier and direction, the policies with their
+/// live rules (see [`AdminStep`]).
+fn admin_walks(policies: &[Option<CompiledAdmin>], lists: &AdminLists) -> AdminWalks {
+    let mut walks = AdminWalks::default();
+    let mut seen = Vec::new();
+    for (t, per_direction) in lists.iter().enumerate() {
+        for (d, ids) in per_direction.iter().enumerate() {
+            if let Some(walk) = walks.get_mut(t).and_then(|w| w.get_mut(d)) {
+                *walk = admin_walk(policies, ids, d, &mut seen);
+            }
+        }
+    }
+    walks
+}
+
+/// One walk (direction index `d`) from its admin list; `seen` is scratch.
+fn admin_walk(
+    policies: &[Option<CompiledAdmin>],
+    ids: &[AdminId],
+    d: usize,
+    seen: &mut Vec<u32>,
+) -> Vec<AdminStep> {
+    let direction = if d == 0 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    seen.clear();
+    let mut walk = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(policy) = policies.get(*id as usize).and_then(Option::as_ref) else {
+            continue;
+        };
+        let rules = policy.rules(direction);
+        let mut live = 0u64;
+        for (i, rule) in rules.iter().enumerate().take(64) {
+            if matches!(rule.peers, AdminPeers::Nothing) {
+                continue;
+            }
+            // NO_ID (out of ids): never deduplicated. A walk holds tens of conditions: a
+            // linear scan beats hashing them.
+            if rule.cond == PeerSelector::NO_ID {
+                live |= 1 << i;
+            } else if !seen.contains(&rule.cond) {
+                seen.push(rule.cond);
+                live |= 1 << i;
+            }
+        }
+        // Rules from 64 on are always tried; their conditions count as seen only when
+        // tried, which is after every rule before them: nothing to record.
+        if live != 0 || rules.len() > 64 {
+            walk.push(AdminStep::new(*id, live, rules));
+        }
+    }
+    walk
 }

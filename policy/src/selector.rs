@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use crate::model::Labels;
 
 /// What a requirement asks of one label key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Op {
     /// `matchLabels` entry: the key is present with exactly this value.
     Equals(String),
@@ -18,7 +18,7 @@ enum Op {
     DoesNotExist,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Requirement {
     key: String,
     op: Op,
@@ -40,7 +40,7 @@ impl Requirement {
 }
 
 /// A compiled label selector. The empty selector (`{}`) matches every label set.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Selector {
     requirements: Vec<Requirement>,
 }

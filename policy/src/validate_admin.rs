@@ -14,7 +14,10 @@ use crate::admin::{
     AdminNetworkPolicy, AdminNetworkPolicyPort, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
     ClusterNetworkPolicyProtocol, EgressPeer, IngressPeer, NamespacedPod, Subject,
 };
-use crate::compiled::{AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin};
+use crate::compiled::{
+    AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin, PeerSelector,
+    RulesFilter,
+};
 use crate::model::{AdminAction, AdminKind, AdminPolicyKey, AdminWarning, Protocol, Tier};
 use crate::selector::{Selector, is_dns1123_subdomain};
 use crate::validate::{Ctx, compile_selector, parse_cidr, parse_protocol};
@@ -275,18 +278,19 @@ fn ingress_peer(
         ],
     )?;
     if let Some(ns) = &p.namespaces {
-        return Ok(PeerOutcome::Peer(AdminPeer::Namespaces(compile_selector(
-            ctx,
-            &format!("{path}.namespaces"),
-            ns,
-        )?)));
+        return Ok(PeerOutcome::Peer(AdminPeer::Namespaces(PeerSelector::new(
+            compile_selector(ctx, &format!("{path}.namespaces"), ns)?,
+        ))));
     }
     let pods = p
         .pods
         .as_ref()
         .map_or_else(NamespacedPod::default, Clone::clone);
     let (namespaces, pods) = namespaced_pod(ctx, api, &format!("{path}.pods"), &pods)?;
-    Ok(PeerOutcome::Peer(AdminPeer::Pods { namespaces, pods }))
+    Ok(PeerOutcome::Peer(AdminPeer::Pods {
+        namespaces: PeerSelector::new(namespaces),
+        pods: PeerSelector::new(pods),
+    }))
 }
 
 /// `^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$`
@@ -341,11 +345,16 @@ fn egress_peer(
     one_of(ctx, path, &fields)?;
     if let Some(ns) = &p.namespaces {
         let sel = compile_selector(ctx, &format!("{path}.namespaces"), ns)?;
-        return Ok(PeerOutcome::Peer(AdminPeer::Namespaces(sel)));
+        return Ok(PeerOutcome::Peer(AdminPeer::Namespaces(PeerSelector::new(
+            sel,
+        ))));
     }
     if let Some(pods) = &p.pods {
         let (namespaces, pods) = namespaced_pod(ctx, api, &format!("{path}.pods"), pods)?;
-        return Ok(PeerOutcome::Peer(AdminPeer::Pods { namespaces, pods }));
+        return Ok(PeerOutcome::Peer(AdminPeer::Pods {
+            namespaces: PeerSelector::new(namespaces),
+            pods: PeerSelector::new(pods),
+        }));
     }
     if let Some(nodes) = &p.nodes {
         let field = format!("{path}.nodes");
@@ -432,6 +441,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
             peers: AdminPeers::Any(decided),
             ports: parts.ports,
             fail_closed: false,
+            cond: PeerSelector::NO_ID,
         };
     }
     let (rule, consequence) = match parts.action {
@@ -441,6 +451,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
                 peers: AdminPeers::Nothing,
                 ports: parts.ports,
                 fail_closed: true,
+                cond: PeerSelector::NO_ID,
             },
             "the rule fails closed: it matches no traffic",
         ),
@@ -450,6 +461,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
                 peers: AdminPeers::Everything,
                 ports: Vec::new(),
                 fail_closed: true,
+                cond: PeerSelector::NO_ID,
             },
             "the rule fails closed: it denies all traffic (every peer, every port)",
         ),
@@ -772,6 +784,8 @@ pub(crate) fn compile_cluster_network_policy(
         tier,
         priority: Some(priority),
         subject,
+        ingress_filter: RulesFilter::of(&ingress),
+        egress_filter: RulesFilter::of(&egress),
         ingress,
         egress,
         warnings,
@@ -832,6 +846,8 @@ fn compile_v1(
         tier,
         priority,
         subject,
+        ingress_filter: RulesFilter::of(&ingress),
+        egress_filter: RulesFilter::of(&egress),
         ingress,
         egress,
         warnings,

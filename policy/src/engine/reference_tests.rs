@@ -1,0 +1,525 @@
+//! The optimized admin evaluation (per-workload index, per-policy prefilter, per-decision
+//! selector memo with interned selectors) against a straightforward reference: every admin
+//! policy in force, its subject matched directly, every rule matched as written, on random
+//! clusters with random admin policies of the three kinds, updates and removals.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
+use crate::compiled::{LabelSet, PeerSelector, SelectorMemo};
+use crate::model::{Peer, Protocol};
+
+impl Engine {
+    /// The reference: no index for admin policies, no prefilter, no memo.
+    fn decide_reference(&self, conn: &Connection<'_>) -> Decision {
+        let Some(entry) = self.workloads.get(conn.local) else {
+            return self.decide(conn);
+        };
+        if entry.workload.host_network {
+            return self.decide(conn);
+        }
+        let query = match conn.direction {
+            Direction::Ingress => PortQuery {
+                port: conn.port,
+                protocol: conn.protocol,
+                dest_ports: Some(&entry.workload.ports),
+                dest_port_name: None,
+            },
+            Direction::Egress => PortQuery {
+                port: conn.port,
+                protocol: conn.protocol,
+                dest_ports: None,
+                dest_port_name: conn.dest_port_name,
+            },
+        };
+        let ns_labels = self.namespace_labels_or_default(&entry.workload.key.namespace);
+        let tier_hit = |tier: Tier| {
+            let mut policies: Vec<&CompiledAdmin> = self
+                .admin_policies
+                .iter()
+                .flatten()
+                .filter(|p| {
+                    p.tier == tier
+                        && p.subject.matches(&ns_labels, &entry.workload.labels)
+                        && !p.rules(conn.direction).is_empty()
+                })
+                .collect();
+            policies.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+            policies.into_iter().find_map(|policy| {
+                policy
+                    .rules(conn.direction)
+                    .iter()
+                    .enumerate()
+                    .find(|(_, r)| r.matches_plain(conn.peer, conn.peer_ip, &query))
+                    .map(|(index, rule)| AdminHit {
+                        policy,
+                        index,
+                        rule,
+                    })
+            })
+        };
+        if let Some(hit) = tier_hit(Tier::Admin)
+            && hit.rule.action != AdminAction::Pass
+        {
+            return hit.decision(conn.direction).to_decision();
+        }
+        let ids = entry.list(conn.direction);
+        if !ids.is_empty() {
+            for id in ids {
+                let policy = self.policy(*id).unwrap();
+                let rules = policy.rules(conn.direction).unwrap_or(&[]);
+                if let Some(index) = rules
+                    .iter()
+                    .position(|r| r.matches(conn.peer, conn.peer_ip, &query))
+                {
+                    return Decision {
+                        allowed: true,
+                        reason: Reason::AllowedBy(RuleRef {
+                            policy: policy.key.clone(),
+                            direction: conn.direction,
+                            index,
+                        }),
+                    };
+                }
+            }
+            return Decision {
+                allowed: false,
+                reason: Reason::Isolated(
+                    ids.iter()
+                        .map(|id| self.policy(*id).unwrap().key.clone())
+                        .collect(),
+                ),
+            };
+        }
+        if let Some(hit) = tier_hit(Tier::Baseline) {
+            return hit.decision(conn.direction).to_decision();
+        }
+        Decision {
+            allowed: true,
+            reason: Reason::NotIsolated,
+        }
+    }
+}
+
+const NAMESPACES: [&str; 3] = ["a", "b", "c"];
+
+fn selector() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({})),
+        (
+            prop::sample::select(vec!["app", "team", "env"]),
+            prop::sample::select(vec!["web", "db", "x", "y", "prod"])
+        )
+            .prop_map(|(k, v)| json!({"matchLabels": {k: v}})),
+        (
+            prop::sample::select(vec!["app", "team"]),
+            prop::sample::select(vec!["In", "NotIn"]),
+            prop::sample::subsequence(vec!["web", "db", "x"], 1..3),
+        )
+            .prop_map(
+                |(k, op, v)| json!({"matchExpressions": [{"key": k, "operator": op, "values": v}]})
+            ),
+        (
+            prop::sample::select(vec!["app", "canary"]),
+            prop::sample::select(vec!["Exists", "DoesNotExist"]),
+        )
+            .prop_map(|(k, op)| json!({"matchExpressions": [{"key": k, "operator": op}]})),
+    ]
+}
+
+/// A peer of an admin rule; `nodes` and `{}` make the rule fail closed.
+fn admin_peer(egress: bool) -> impl Strategy<Value = Value> {
+    let mut options = vec![
+        (3, selector().prop_map(|s| json!({"namespaces": s})).boxed()),
+        (
+            3,
+            (selector(), selector())
+                .prop_map(|(n, p)| json!({"pods": {"namespaceSelector": n, "podSelector": p}}))
+                .boxed(),
+        ),
+    ];
+    if egress {
+        options.push((
+            2,
+            prop::sample::select(vec![
+                "10.0.0.0/16",
+                "10.0.1.0/24",
+                "0.0.0.0/0",
+                "192.0.2.0/24",
+            ])
+            .prop_map(|n| json!({"networks": [n]}))
+            .boxed(),
+        ));
+        options.push((
+            1,
+            Just(json!({"nodes": {"matchLabels": {"x": "y"}}})).boxed(),
+        ));
+    } else {
+        options.push((1, Just(json!({})).boxed()));
+    }
+    proptest::strategy::Union::new_weighted(options)
+}
+
+/// v1alpha2 `protocols` entries.
+fn v2_port() -> impl Strategy<Value = Value> {
+    prop::sample::select(vec![
+        json!({"tcp": {"destinationPort": {"number": 80}}}),
+        json!({"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8080}}}}),
+        json!({"udp": {"destinationPort": {"number": 53}}}),
+        json!({"sctp": {"destinationPort": {"number": 80}}}),
+        json!({"destinationNamedPort": "http"}),
+        json!({"destinationNamedPort": "dns"}),
+    ])
+}
+
+/// v1alpha1 `ports` entries.
+fn v1_port() -> impl Strategy<Value = Value> {
+    prop::sample::select(vec![
+        json!({"portNumber": {"port": 80}}),
+        json!({"portNumber": {"protocol": "UDP", "port": 53}}),
+        json!({"portRange": {"start": 8000, "end": 8080}}),
+        json!({"portRange": {"protocol": "SCTP", "start": 79, "end": 81}}),
+        json!({"namedPort": "http"}),
+        json!({"namedPort": "dns"}),
+    ])
+}
+
+fn admin_rule(egress: bool, v2: bool, actions: Vec<&'static str>) -> impl Strategy<Value = Value> {
+    let port = if v2 {
+        v2_port().boxed()
+    } else {
+        v1_port().boxed()
+    };
+    (
+        prop::sample::select(actions),
+        prop::collection::vec(admin_peer(egress), 1..3),
+        prop::option::of(prop::collection::vec(port, 1..3)),
+    )
+        .prop_map(move |(action, peers, ports)| {
+            let mut r = json!({"action": action});
+            r[if egress { "to" } else { "from" }] = json!(peers);
+            if let Some(p) = ports {
+                // Named ports cannot go with networks or nodes peers (the API's rule).
+                let ip_peers = peers
+                    .iter()
+                    .any(|p| p.get("networks").is_some() || p.get("nodes").is_some());
+                let p: Vec<Value> = p
+                    .into_iter()
+                    .filter(|p| {
+                        !(ip_peers
+                            && (p.get("destinationNamedPort").is_some()
+                                || p.get("namedPort").is_some()))
+                    })
+                    .collect();
+                if !p.is_empty() {
+                    r[if v2 { "protocols" } else { "ports" }] = json!(p);
+                }
+            }
+            r
+        })
+}
+
+fn subject() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        selector().prop_map(|s| json!({"namespaces": s})),
+        (selector(), selector())
+            .prop_map(|(n, p)| json!({"pods": {"namespaceSelector": n, "podSelector": p}})),
+    ]
+}
+
+/// An admin object of one of the three kinds: (kind 0-2, name index, spec).
+fn admin_object() -> impl Strategy<Value = (usize, usize, Value)> {
+    let cnp = (
+        prop::sample::select(vec!["Admin", "Baseline"]),
+        0..4i64,
+        subject(),
+        prop::collection::vec(admin_rule(false, true, vec!["Accept", "Deny", "Pass"]), 0..3),
+        prop::collection::vec(admin_rule(true, true, vec!["Accept", "Deny", "Pass"]), 0..3),
+    )
+        .prop_map(|(tier, priority, subject, ingress, egress)| {
+            (0, json!({"tier": tier, "priority": priority, "subject": subject, "ingress": ingress, "egress": egress}))
+        });
+    let anp = (
+        0..4i64,
+        subject(),
+        prop::collection::vec(admin_rule(false, false, vec!["Allow", "Deny", "Pass"]), 0..3),
+        prop::collection::vec(admin_rule(true, false, vec!["Allow", "Deny", "Pass"]), 0..3),
+    )
+        .prop_map(|(priority, subject, ingress, egress)| {
+            (1, json!({"priority": priority, "subject": subject, "ingress": ingress, "egress": egress}))
+        });
+    let banp = (
+        subject(),
+        prop::collection::vec(admin_rule(false, false, vec!["Allow", "Deny"]), 0..3),
+        prop::collection::vec(admin_rule(true, false, vec!["Allow", "Deny"]), 0..3),
+    )
+        .prop_map(|(subject, ingress, egress)| {
+            (
+                2,
+                json!({"subject": subject, "ingress": ingress, "egress": egress}),
+            )
+        });
+    (prop_oneof![4 => cnp, 3 => anp, 1 => banp], 0..4usize)
+        .prop_map(|((kind, spec), name)| (kind, name, spec))
+}
+
+fn np_spec() -> impl Strategy<Value = Value> {
+    let peer = prop_oneof![
+        selector().prop_map(|s| json!({"podSelector": s})),
+        selector().prop_map(|s| json!({"namespaceSelector": s})),
+        Just(json!({"ipBlock": {"cidr": "10.0.0.0/16"}})),
+    ];
+    let port = prop::sample::select(vec![json!({"port": 80}), json!({"protocol": "UDP"})]);
+    (
+        selector(),
+        prop::sample::select(vec![
+            vec!["Ingress"],
+            vec!["Egress"],
+            vec!["Ingress", "Egress"],
+        ]),
+        prop::collection::vec(peer, 0..2),
+        prop::collection::vec(port, 0..2),
+    )
+        .prop_map(|(sel, types, peers, ports)| {
+            json!({"podSelector": sel, "policyTypes": types,
+                   "ingress": [{"from": peers, "ports": ports}],
+                   "egress": [{"to": peers, "ports": ports}]})
+        })
+}
+
+#[derive(Clone, Debug)]
+struct World {
+    /// Per pod: namespace, app label, canary label, container port 80 named `http`.
+    pods: Vec<(usize, &'static str, bool, bool)>,
+    netpols: Vec<(usize, Value)>,
+    /// Applied in order (a repeated name replaces the earlier version).
+    admin: Vec<(usize, usize, Value)>,
+    /// Then removed: (kind, name index).
+    removed: Vec<(usize, usize)>,
+}
+
+fn world() -> impl Strategy<Value = World> {
+    (
+        prop::collection::vec(
+            (
+                0..NAMESPACES.len(),
+                prop::sample::select(vec!["web", "db", "client"]),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            2..5,
+        ),
+        prop::collection::vec((0..NAMESPACES.len(), np_spec()), 0..3),
+        prop::collection::vec(admin_object(), 1..8),
+        prop::collection::vec((0..3usize, 0..4usize), 0..2),
+    )
+        .prop_map(|(pods, netpols, admin, removed)| World {
+            pods,
+            netpols,
+            admin,
+            removed,
+        })
+}
+
+fn admin_key(kind: usize, name: usize) -> AdminPolicyKey {
+    let (kind, name) = match kind {
+        0 => (crate::AdminKind::ClusterNetworkPolicy, format!("cnp{name}")),
+        1 => (crate::AdminKind::AdminNetworkPolicy, format!("anp{name}")),
+        _ => (
+            crate::AdminKind::BaselineAdminNetworkPolicy,
+            "default".into(),
+        ),
+    };
+    AdminPolicyKey { kind, name }
+}
+
+fn build(w: &World) -> Engine {
+    let mut e = Engine::new();
+    for (i, ns) in NAMESPACES.iter().enumerate() {
+        let labels = match i {
+            0 => json!({"team": "x", "env": "prod"}),
+            1 => json!({"team": "y"}),
+            _ => json!({"team": "x", "app": "db"}),
+        };
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
+        e.apply_namespace(&ns).unwrap();
+    }
+    for (i, (ns, app, canary, named)) in w.pods.iter().enumerate() {
+        let mut labels = json!({"app": app});
+        if *canary {
+            labels["canary"] = json!("true");
+        }
+        let http = if *named {
+            json!({"name": "http", "containerPort": 80})
+        } else {
+            json!({"containerPort": 80})
+        };
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("p{i}"), "namespace": NAMESPACES[*ns], "labels": labels},
+            "spec": {"containers": [{"name": "c", "ports": [
+                http,
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                {"name": "http", "containerPort": 80, "protocol": "SCTP"}
+            ]}]},
+            "status": {"podIP": format!("10.0.{}.{}", ns, i + 1)}
+        }))
+        .unwrap();
+        e.apply_pod(&pod).unwrap();
+    }
+    for (i, (ns, spec)) in w.netpols.iter().enumerate() {
+        let np: NetworkPolicy = serde_json::from_value(json!({
+            "metadata": {"name": format!("np{i}"), "namespace": NAMESPACES[*ns]},
+            "spec": spec
+        }))
+        .unwrap();
+        e.apply_policy(&np).unwrap();
+    }
+    for (kind, name, spec) in &w.admin {
+        let key = admin_key(*kind, *name);
+        let object = json!({"metadata": {"name": key.name}, "spec": spec});
+        match kind {
+            0 => e
+                .apply_cluster_network_policy(
+                    &serde_json::from_value::<ClusterNetworkPolicy>(object).unwrap(),
+                )
+                .unwrap(),
+            1 => e
+                .apply_admin_network_policy(
+                    &serde_json::from_value::<AdminNetworkPolicy>(object).unwrap(),
+                )
+                .unwrap(),
+            _ => e
+                .apply_baseline_admin_network_policy(
+                    &serde_json::from_value::<BaselineAdminNetworkPolicy>(object).unwrap(),
+                )
+                .unwrap(),
+        };
+    }
+    for (kind, name) in &w.removed {
+        e.remove_admin_policy(&admin_key(*kind, *name));
+    }
+    e
+}
+
+const PROBES: [(u16, Protocol); 6] = [
+    (80, Protocol::Tcp),
+    (8050, Protocol::Tcp),
+    (53, Protocol::Udp),
+    (80, Protocol::Sctp),
+    (443, Protocol::Tcp),
+    (0, Protocol::ICMP),
+];
+
+/// Every pod, in both directions, against every pod (with and without its address) and two
+/// IP-only peers, on every probe: the optimized decision equals the reference.
+fn check_all(e: &Engine) -> Result<(), TestCaseError> {
+    let pods: Vec<Workload> = e.workloads().cloned().collect();
+    let mut peers: Vec<(Peer, Option<IpAddr>, Option<&Workload>)> = Vec::new();
+    for w in &pods {
+        let id = Peer::Workload(e.identity(&w.key).unwrap());
+        peers.push((id.clone(), w.ips.first().copied(), Some(w)));
+        peers.push((id, None, Some(w)));
+    }
+    for ip in ["10.0.9.9", "192.0.2.7"] {
+        peers.push((Peer::IpOnly, Some(ip.parse().unwrap()), None));
+    }
+    for local in &pods {
+        for (peer, ip, peer_w) in &peers {
+            for (port, protocol) in PROBES {
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    let name = match (direction, peer_w) {
+                        (Direction::Egress, Some(w)) => w
+                            .ports
+                            .iter()
+                            .find(|p| p.port == port && p.protocol == protocol)
+                            .and_then(|p| p.name.as_deref()),
+                        _ => None,
+                    };
+                    let conn = Connection {
+                        local: &local.key,
+                        direction,
+                        peer,
+                        peer_ip: *ip,
+                        port,
+                        protocol,
+                        dest_port_name: name,
+                    };
+                    prop_assert_eq!(e.decide(&conn), e.decide_reference(&conn), "{:?}", conn);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn optimized_admin_evaluation_equals_the_reference(w in world()) {
+        let e = build(&w);
+        check_all(&e)?;
+        // Every selector id in use is held by exactly the selectors the policies in force use.
+        let mut uses: HashMap<u32, usize> = HashMap::new();
+        let mut policies: Vec<CompiledAdmin> = e.admin_policies.iter().flatten().cloned().collect();
+        for p in &mut policies {
+            for s in p.peer_selectors_mut() {
+                prop_assert!(s.id != PeerSelector::NO_ID);
+                *uses.entry(s.id).or_default() += 1;
+            }
+        }
+        prop_assert_eq!(uses.len(), e.admin_selectors.ids.len());
+        for (id, n) in e.admin_selectors.ids.values() {
+            prop_assert_eq!(uses.get(id), Some(n));
+        }
+        let mut conds: HashMap<u32, usize> = HashMap::new();
+        for p in &mut policies {
+            for r in p.rules_mut() {
+                prop_assert!(r.cond != PeerSelector::NO_ID);
+                *conds.entry(r.cond).or_default() += 1;
+            }
+        }
+        prop_assert_eq!(conds.len(), e.admin_conds.ids.len());
+        for (id, n) in e.admin_conds.ids.values() {
+            prop_assert_eq!(conds.get(id), Some(n));
+        }
+    }
+}
+
+/// Two selectors in one memo slot: each keeps its own result.
+#[test]
+fn memo_collisions_re_evaluate() {
+    let compile = |k: &str, v: &str| {
+        PeerSelector::new(
+            Selector::compile(
+                &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([(k.to_owned(), v.to_owned())].into()),
+                    match_expressions: None,
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let mut a = compile("app", "web");
+    a.id = 0;
+    let mut b = compile("app", "db");
+    b.id = 32; // (32 << 1) % 64 == 0: the slot of id 0
+    let labels = Labels::from([("app".to_owned(), "web".to_owned())]);
+    let mut memo = SelectorMemo::new();
+    for _ in 0..3 {
+        assert!(memo.matches(&a, LabelSet::Pod, &labels));
+        assert!(!memo.matches(&b, LabelSet::Pod, &labels));
+        assert!(memo.matches(&a, LabelSet::Pod, &labels));
+    }
+    let empty = Labels::new();
+    assert!(!memo.matches(&a, LabelSet::Namespace, &empty));
+    assert!(memo.matches(&a, LabelSet::Pod, &labels));
+}
