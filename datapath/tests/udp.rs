@@ -53,21 +53,36 @@ fn is_control(o: &Outgoing) -> bool {
 /// Runs the handshake for the datagrams `data` (sent before any answer), returning what node
 /// a released (in order) after the SYN-ACK.
 fn handshake(w: &mut World, data: &[&[u8]]) -> Vec<Outgoing> {
+    exchange(w, data).1
+}
+
+/// [`handshake`], also returning the SYN control datagram.
+fn exchange(w: &mut World, data: &[&[u8]]) -> (Outgoing, Vec<Outgoing>) {
     for d in data {
         let (v, _) = w.out_a(&udp(w.c, w.s, d));
         assert!(consumed(&v), "held: {v:?}");
     }
-    let out = take(&mut w.a);
+    let mut out = take(&mut w.a);
     assert_eq!(out.len(), 1, "one SYN control: {out:?}");
-    assert!(is_control(&out[0]));
-    let (v, _) = w.in_b(&out[0].packet);
+    let syn = out.remove(0);
+    assert!(is_control(&syn));
+    let (v, _) = w.in_b(&syn.packet);
     assert!(consumed(&v), "SYN consumed: {v:?}");
     let out = take(&mut w.b);
     assert_eq!(out.len(), 1, "one SYN-ACK: {out:?}");
     assert!(is_control(&out[0]));
     let (v, _) = w.in_a(&out[0].packet);
     assert!(consumed(&v), "SYN-ACK consumed: {v:?}");
-    take(&mut w.a)
+    (syn, take(&mut w.a))
+}
+
+/// One whole handshake for a one-datagram flow, the ACK consumed by the server: the SYN and ACK
+/// control datagrams (what an attacker could capture).
+fn prove(w: &mut World) -> (Outgoing, Outgoing) {
+    let (syn, out) = exchange(w, &[b"x"]);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert!(consumed(&v), "ACK consumed: {v:?}");
+    (syn, out[0].clone())
 }
 
 #[test]
@@ -267,15 +282,7 @@ fn workloads_cannot_send_control_datagrams_and_forgeries_fail() {
 #[test]
 fn a_replayed_handshake_authorizes_nothing() {
     let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
-    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
-    assert!(consumed(&v));
-    let syn = take(&mut w.a).remove(0);
-    let (_, _) = w.in_b(&syn.packet);
-    let synack = take(&mut w.b).remove(0);
-    let (_, _) = w.in_a(&synack.packet);
-    let ack = take(&mut w.a).remove(0);
-    let (v, _) = w.in_b(&ack.packet);
-    assert!(consumed(&v));
+    let (syn, ack) = prove(&mut w);
     // An attacker replays SYN and ACK from another port (the packets' tuple rewritten): the
     // SYN's nonce is in the replay cache since the ACK proved it, the ACK fits no handshake,
     // and the data has none.
@@ -360,15 +367,7 @@ fn a_policy_change_cuts_an_authenticated_udp_flow_at_both_ends() {
 #[test]
 fn a_new_handshake_on_a_proven_tuple_is_answered_and_a_late_syn_copy_is_a_replay() {
     let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
-    let (v, _) = w.out_a(&udp(w.c, w.s, b"x"));
-    assert!(consumed(&v));
-    let syn = take(&mut w.a).remove(0);
-    let (_, _) = w.in_b(&syn.packet);
-    let synack = take(&mut w.b).remove(0);
-    let (_, _) = w.in_a(&synack.packet);
-    let ack = take(&mut w.a).remove(0);
-    let (v, _) = w.in_b(&ack.packet);
-    assert!(consumed(&v));
+    let (syn, _) = prove(&mut w);
     // A late copy of the first SYN: refused as a replay, nothing answered.
     let (v, _) = w.in_b(&syn.packet);
     assert_eq!(reason(&v), Some("replay"), "{v:?}");
