@@ -672,6 +672,7 @@ impl Processor {
                     port,
                     protocol,
                     dest_port_name: f.port_name.as_deref(),
+                    resolved_names: &[],
                 })
             };
             let mut allowed = allows(&f.peer);
@@ -1683,6 +1684,7 @@ impl Step<'_> {
             port,
             protocol,
             dest_port_name,
+            resolved_names: &[],
         })
     }
 

@@ -337,6 +337,7 @@ impl Question {
             port: self.port,
             protocol: self.protocol,
             dest_port_name: self.dest_port_name.as_deref(),
+            resolved_names: &[],
         }
     }
 }

@@ -436,6 +436,7 @@ fn decide<'e>(
                     port: probe.port,
                     protocol: probe.protocol,
                     dest_port_name,
+                    resolved_names: &[],
                 });
                 (src_ip, Some(egress))
             }
@@ -449,6 +450,7 @@ fn decide<'e>(
         port: probe.port,
         protocol: probe.protocol,
         dest_port_name: None,
+        resolved_names: &[],
     });
     let allowed = egress.as_ref().is_none_or(|e| e.allowed) && ingress.allowed;
     VerdictRef {

@@ -134,6 +134,11 @@ pub struct Connection<'a> {
     /// egress rules match only through this. Ignored for ingress, where the engine resolves names
     /// on the local workload.
     pub dest_port_name: Option<&'a str>,
+    /// Egress only: the domain names (lowercase, without the trailing dot) that the local
+    /// workload resolved to `peer_ip` through DNS and whose answer's TTL has not run out, as the
+    /// datapath learnt them from the answers the workload received. Admin `domainNames` peers
+    /// match only through this; empty: the address was never resolved, nothing matches.
+    pub resolved_names: &'a [&'a str],
 }
 
 /// Where a rule lives: the policy, the direction and the index in `spec.ingress` / `spec.egress`.

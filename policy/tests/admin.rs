@@ -174,6 +174,7 @@ fn decide_proto(
         port,
         protocol,
         dest_port_name: dest_port_name.as_deref(),
+        resolved_names: &[],
     };
     let owned = e.decide(&conn);
     // The borrowed path says the same.
@@ -194,6 +195,7 @@ fn decide_ip(e: &Engine, local: &str, direction: Direction, ip: &str, port: u16)
         port,
         protocol: Protocol::Tcp,
         dest_port_name: None,
+        resolved_names: &[],
     })
 }
 

@@ -273,6 +273,7 @@ fn each_decision(e: &Engine, mut f: impl FnMut(&PodKey, Direction, &Connection<'
                         port: probe.port,
                         protocol: probe.protocol,
                         dest_port_name: name,
+                        resolved_names: &[],
                     };
                     f(&local.key, direction, &conn);
                 }

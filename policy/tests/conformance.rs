@@ -863,6 +863,7 @@ fn check_decide(
         port: probe.port,
         protocol: probe.protocol,
         dest_port_name,
+        resolved_names: &[],
     });
     let want_reason = d
         .reason

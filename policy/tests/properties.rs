@@ -485,6 +485,7 @@ proptest! {
             port,
             protocol: proto,
             dest_port_name: name.as_deref(),
+            resolved_names: &[],
         };
         let d = e.decide(&conn);
         prop_assert_eq!(d.allowed, e.allows(&conn));

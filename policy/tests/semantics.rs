@@ -772,6 +772,7 @@ fn named_egress_port_resolves_on_the_destination_and_never_on_an_ip() {
         port: 8080,
         protocol: Protocol::Tcp,
         dest_port_name: Some("http"),
+        resolved_names: &[],
     };
     assert!(e.decide(&conn).allowed);
     conn.dest_port_name = None;
@@ -956,6 +957,7 @@ fn an_unknown_local_workload_is_denied_with_its_reason() {
         port: 80,
         protocol: Protocol::Tcp,
         dest_port_name: None,
+        resolved_names: &[],
     });
     assert!(!d.allowed);
     assert_eq!(d.reason, Reason::UnknownWorkload(who));
@@ -996,6 +998,7 @@ fn a_verified_identity_decides_without_the_engine_knowing_the_peer() {
         port: 80,
         protocol: Protocol::Tcp,
         dest_port_name: None,
+        resolved_names: &[],
     };
     assert!(e.decide(&conn).allowed);
     assert!(e.allows(&conn));

@@ -451,6 +451,7 @@ fn check_all(e: &Engine) -> Result<(), TestCaseError> {
                         port,
                         protocol,
                         dest_port_name: name,
+                        resolved_names: &[],
                     };
                     prop_assert_eq!(e.decide(&conn), e.decide_reference(&conn), "{:?}", conn);
                 }
