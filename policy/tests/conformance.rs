@@ -1698,6 +1698,60 @@ fn conformance_corpus() {
     );
 }
 
+/// The admin corpus must keep at least this many upstream scenarios passing (pending ones do
+/// not count): a scenario marked pending, or broken, without reason shows here.
+const MIN_ADMIN_PASSED: usize = 174;
+
+#[test]
+fn admin_conformance_corpus() {
+    let (all, errors) = load_corpus();
+    assert!(
+        errors.is_empty(),
+        "corpus does not load:\n{}",
+        errors.join("\n")
+    );
+    let (upstream, ours): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .filter(|(p, _)| is_admin(p))
+        .partition(|(_, sc)| sc.upstream.is_some());
+    let up = run_corpus(&upstream);
+    let sem = run_corpus(&ours);
+    eprintln!(
+        "admin conformance: {}/{} upstream scenarios passed ({} pending)",
+        up.passed,
+        up.run,
+        up.pending.len()
+    );
+    eprintln!(
+        "admin semantics: {}/{} scenarios passed ({} pending)",
+        sem.passed,
+        sem.run,
+        sem.pending.len()
+    );
+    for p in up.pending.iter().chain(&sem.pending) {
+        eprintln!("  {}", p.replace('\n', "\n    "));
+    }
+    let failures: Vec<_> = up.failures.iter().chain(&sem.failures).collect();
+    assert!(
+        failures.is_empty(),
+        "{} admin conformance failure(s):\n\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    );
+    if std::env::var("CONFORMANCE_ONLY").is_err() {
+        assert!(
+            up.passed >= MIN_ADMIN_PASSED,
+            "only {} admin upstream scenarios passed (need at least {MIN_ADMIN_PASSED}; {} pending)",
+            up.passed,
+            up.pending.len()
+        );
+    }
+}
+
 #[test]
 fn corpus_covers_the_upstream_suite() {
     let (scenarios, errors) = load_corpus();
@@ -1715,6 +1769,18 @@ fn corpus_covers_the_upstream_suite() {
         upstream.len() >= 40,
         "only {} distinct upstream scenarios (need at least 40)",
         upstream.len()
+    );
+    // network-policy-api's conformance suite: 92 subtests at v0.1.8 (AdminNetworkPolicy and
+    // BaselineAdminNetworkPolicy) and 92 at 0eec1b0 (ClusterNetworkPolicy), one scenario each.
+    let admin: BTreeSet<&str> = scenarios
+        .iter()
+        .filter(|(p, _)| is_admin(p))
+        .filter_map(|(_, s)| s.upstream.as_deref())
+        .collect();
+    assert!(
+        admin.len() >= 184,
+        "only {} distinct admin upstream scenarios (need at least 184)",
+        admin.len()
     );
     let semantics = scenarios
         .iter()
