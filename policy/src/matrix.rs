@@ -565,6 +565,12 @@ impl<'e> Matrix<'e> {
         self.pods.iter().map(|w| &w.key)
     }
 
+    /// The destination pods as workloads (labels, host network), in the same positions as
+    /// [`Matrix::destinations`]: what a picture of the matrix draws them with.
+    pub fn workloads(&self) -> impl ExactSizeIterator<Item = &'e Workload> + '_ {
+        self.pods.iter().copied()
+    }
+
     /// The probes, in order: one block each.
     pub fn probes(&self) -> &[Probe] {
         &self.probes
