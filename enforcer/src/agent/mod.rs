@@ -348,7 +348,10 @@ impl Agent {
                 origin,
                 kind,
                 policies,
-            } => self.replace_admin(&origin, &policies, |k| k.kind == kind),
+                unparsed,
+            } => self.replace_admin(&origin, &policies, |k| {
+                k.kind == kind && !unparsed.contains(&k.name)
+            }),
             Event::AdminUpsert(p) => self.replace_admin("Kubernetes API", &[*p], |_| false),
             Event::AdminRemove(key) => {
                 lock(&self.processor).engine_mut().remove_admin_policy(&key);

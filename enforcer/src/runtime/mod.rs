@@ -101,11 +101,14 @@ pub enum Event {
         admin: Option<Vec<AdminPolicy>>,
     },
     /// The complete set of admin policies of one kind (a Kubernetes relist of that CRD; empty
-    /// when the CRD was removed): those of that kind not in it are removed.
+    /// when the CRD was removed): those of that kind not in it are removed, except those named
+    /// in `unparsed` (listed, but not readable as that kind: their previous version, if any,
+    /// stays in force).
     AdminPolicies {
         origin: String,
         kind: AdminKind,
         policies: Vec<AdminPolicy>,
+        unparsed: Vec<String>,
     },
     /// One admin policy added or changed.
     AdminUpsert(Box<AdminPolicy>),
