@@ -165,14 +165,16 @@ impl AdminPolicy {
         }
     }
 
-    /// The admin policy an object of the policy files is, if it is one.
-    pub fn from_object(object: policy::objects::Object) -> Result<Self, policy::objects::Object> {
+    /// The admin policy an object of the policy files is, if it is one (else the object back).
+    pub fn from_object(
+        object: policy::objects::Object,
+    ) -> Result<Self, Box<policy::objects::Object>> {
         use policy::objects::Object;
         match object {
             Object::ClusterNetworkPolicy(p) => Ok(AdminPolicy::Cluster(p)),
             Object::AdminNetworkPolicy(p) => Ok(AdminPolicy::Admin(p)),
             Object::BaselineAdminNetworkPolicy(p) => Ok(AdminPolicy::Baseline(p)),
-            other => Err(other),
+            other => Err(Box::new(other)),
         }
     }
 }

@@ -74,7 +74,7 @@ pub enum Message {
     /// The kind's first state is known (not served, or listed once): pods may be enforced
     /// without waiting for it.
     Settled(AdminKind),
-    Event(Event),
+    Event(Box<Event>),
 }
 
 /// An API object as the engine's type. An object that does not parse is reported (naming it
@@ -161,7 +161,7 @@ pub async fn follow(
                         policies: Vec::new(),
                         unparsed: Vec::new(),
                     };
-                    if tx.send(Message::Event(gone)).await.is_err() {
+                    if tx.send(Message::Event(Box::new(gone))).await.is_err() {
                         return;
                     }
                 }
@@ -210,12 +210,12 @@ pub async fn follow(
                     let (policies, unparsed) = relist.take().unwrap_or_default();
                     info!(kind = %res.kind, policies = policies.len(), "listed");
                     in_force = true;
-                    let mut out = vec![Message::Event(Event::AdminPolicies {
+                    let mut out = vec![Message::Event(Box::new(Event::AdminPolicies {
                         origin: res.origin(),
                         kind: res.kind,
                         policies,
                         unparsed,
-                    })];
+                    }))];
                     if !settled {
                         settled = true;
                         out.push(Message::Settled(res.kind));
@@ -223,14 +223,16 @@ pub async fn follow(
                     out
                 }
                 Ok(watcher::Event::Apply(o)) => match convert(&res, &o) {
-                    Some(p) => vec![Message::Event(Event::AdminUpsert(Box::new(p)))],
+                    Some(p) => vec![Message::Event(Box::new(Event::AdminUpsert(Box::new(p))))],
                     None => continue,
                 },
                 Ok(watcher::Event::Delete(o)) => match o.metadata.name.clone() {
-                    Some(name) => vec![Message::Event(Event::AdminRemove(AdminPolicyKey {
-                        kind: res.kind,
-                        name,
-                    }))],
+                    Some(name) => vec![Message::Event(Box::new(Event::AdminRemove(
+                        AdminPolicyKey {
+                            kind: res.kind,
+                            name,
+                        },
+                    )))],
                     None => continue,
                 },
                 Err(e) if is_not_found(&e) => break,

@@ -244,7 +244,7 @@ pub async fn run_with(
             },
             Some(m) = admin_rx.recv() => match m {
                 admin::Message::Settled(kind) => { admin_pending.remove(&kind); }
-                admin::Message::Event(ev) => out.push(ev),
+                admin::Message::Event(ev) => out.push(*ev),
             },
             Some(ev) = node_watch.next() => match ev {
                 Ok(ev) => {
