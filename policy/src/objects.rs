@@ -992,7 +992,9 @@ metadata:
         let report = load(&mut engine, &parsed.objects);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(report.implied_namespaces.is_empty());
-        let cp = engine.node("cp-1").expect("cp-1");
+        let Some(cp) = engine.node("cp-1") else {
+            panic!("cp-1 was not loaded");
+        };
         let ips: Vec<String> = cp.addresses.iter().map(ToString::to_string).collect();
         // InternalIP and ExternalIP, in order; Hostname and InternalDNS are names.
         assert_eq!(ips, ["172.18.0.2", "fc00:f853:ccd:e793::2", "203.0.113.10"]);
@@ -1001,7 +1003,9 @@ metadata:
             Some(&String::new())
         );
         // One address listed as both types is one address.
-        let worker = engine.node("worker-1").expect("worker-1");
+        let Some(worker) = engine.node("worker-1") else {
+            panic!("worker-1 was not loaded");
+        };
         assert_eq!(worker.addresses.len(), 1);
         let names: Vec<&str> = engine.nodes().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["cp-1", "worker-1"]);
