@@ -263,6 +263,11 @@ impl Entry {
 /// re-evaluates every admin subject against that namespace's workloads. A decision walks only
 /// these lists: Admin tier, then the NetworkPolicies, then the Baseline tier (see
 /// [`Engine::decide_ref`]).
+///
+/// The node inventory ([`Engine::apply_node`]) is what admin `nodes` peers select from. No
+/// index depends on it: a decision looks the peer's address up when it tries a `nodes` peer, so
+/// node changes re-index nothing and count from the next decision. Admin `domainNames` peers
+/// match [`Connection::resolved_names`].
 #[derive(Default)]
 pub struct Engine {
     namespaces: HashMap<String, Labels>,
