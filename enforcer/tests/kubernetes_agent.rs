@@ -675,4 +675,33 @@ fn admin_policies_from_the_api_are_enforced_and_followed() {
     c.until("Baseline CRD removed", "web", true);
     let m = c.agent(2).metrics();
     assert_eq!(m.sum("tessera_admin_policies"), 2.0, "{}", c.logs());
+
+    // `nodes` peers come from Node objects: a Node whose InternalIP is db's address (as for a
+    // host-network pod) and an Admin egress Deny from web to nodes labelled tier=storage.
+    let db_ip = c.tb.workload("db").ip.to_string();
+    c.emu
+        .apply(json!({"apiVersion": "v1", "kind": "Node",
+                      "metadata": {"name": "storage-1", "labels": {"tier": "storage"}},
+                      "status": {"addresses": [{"type": "InternalIP", "address": db_ip},
+                                               {"type": "Hostname", "address": "storage-1"}]}}))
+        .unwrap();
+    c.emu
+        .apply(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                      "kind": "ClusterNetworkPolicy", "metadata": {"name": "no-storage"},
+                      "spec": {"tier": "Admin", "priority": 1,
+                               "subject": {"pods": {"namespaceSelector": {},
+                                           "podSelector": {"matchLabels": {"role": "web"}}}},
+                               "egress": [{"name": "storage", "action": "Deny",
+                                           "to": [{"nodes": {"matchLabels": {"tier": "storage"}}}]}]}}))
+        .unwrap();
+    c.until("admin egress Deny to nodes tier=storage", "web", false);
+    c.emu
+        .merge_patch(
+            "nodes",
+            None,
+            "storage-1",
+            &json!({"metadata": {"labels": {"tier": "compute"}}}),
+        )
+        .unwrap();
+    c.until("node relabelled out of the nodes peer", "web", true);
 }

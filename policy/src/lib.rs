@@ -36,3 +36,4 @@ pub use model::{
     Decision, Direction, Labels, NamespaceKey, Node, Peer, PodKey, PolicyKey, Protocol, Reason,
     RuleRef, Tier, Workload, WorkloadIdentity,
 };
+pub use nodes::node_from_object;

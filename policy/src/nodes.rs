@@ -180,7 +180,7 @@ const IP_ADDRESS_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
 
 /// A Kubernetes Node object (`v1`, cluster-scoped) as the engine sees it: `metadata.name`,
 /// `metadata.labels`, and the `InternalIP` / `ExternalIP` entries of `status.addresses`.
-pub(crate) fn node_from_object(object: &NodeObject) -> Result<Node, PolicyError> {
+pub fn node_from_object(object: &NodeObject) -> Result<Node, PolicyError> {
     let name = object.metadata.name.clone().unwrap_or_default();
     let ctx = Ctx {
         kind: "Node",

@@ -118,6 +118,16 @@ pub enum Event {
     PolicyUpsert(Box<NetworkPolicy>),
     /// One NetworkPolicy deleted.
     PolicyRemove(PolicyKey),
+    /// The complete node inventory (`nodes` peers of admin policies match node addresses):
+    /// nodes not in it are forgotten. From Kubernetes Node objects, or the static inventory.
+    Nodes {
+        origin: String,
+        nodes: Vec<policy::Node>,
+    },
+    /// One node added or changed.
+    NodeUpsert(policy::Node),
+    /// One node gone.
+    NodeRemove(String),
     /// A peer node's certificate (PEM) appeared or changed (PKI mode); `None` revokes it: its
     /// tokens are rejected from then on.
     PeerCertificate { node: String, pem: Option<String> },

@@ -192,6 +192,10 @@ pub async fn run_with(
     } else {
         futures_util::stream::pending().boxed()
     };
+    // Full Node objects (labels and addresses) for the node inventory of admin `nodes` peers.
+    let mut inventory_watch: Watch<Node> =
+        watch_all(Api::all(client.clone()), watcher::Config::default());
+    let mut inventory = objects::NodeInventory::default();
     let republish = Arc::new(Notify::new());
     let mut node_state = None;
     let _publisher = cfg.publish_certificate.as_ref().map(|pem| {
@@ -224,11 +228,12 @@ pub async fn run_with(
     let mut pods = pods::Pods::new(finder);
     info!(node = %node, policies_from_api = cfg.policies_from_api, pki, "kubernetes runtime: watching");
 
-    let mut failing = [false; 4];
+    let mut failing = [false; 5];
     let mut out: Vec<Event> = Vec::new();
     loop {
         // The pods wait until everything they depend on was listed once.
         let ready = namespaces.synced()
+            && inventory.synced()
             && (!cfg.policies_from_api || (policies.synced() && admin_pending.is_empty()))
             && node_state.as_ref().is_none_or(|n| n.synced());
         let retry_at = pods.next_retry();
@@ -241,6 +246,10 @@ pub async fn run_with(
             Some(ev) = policy_watch.next() => match ev {
                 Ok(ev) => { watch_ok("networkpolicy", &mut failing[1]); policies.handle(ev, &mut out) }
                 Err(e) => watch_error("networkpolicy", &mut failing[1], &e),
+            },
+            Some(ev) = inventory_watch.next() => match ev {
+                Ok(ev) => { watch_ok("node inventory", &mut failing[4]); inventory.handle(ev, &mut out) }
+                Err(e) => watch_error("node inventory", &mut failing[4], &e),
             },
             Some(m) = admin_rx.recv() => match m {
                 admin::Message::Settled(kind) => { admin_pending.remove(&kind); }

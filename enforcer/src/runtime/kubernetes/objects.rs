@@ -141,6 +141,87 @@ impl Policies {
     }
 }
 
+/// Where node inventory events come from, in the agent's log lines.
+pub const NODE_ORIGIN: &str = "Kubernetes API (Nodes)";
+
+/// Nodes as the engine's inventory (name, labels, InternalIP/ExternalIP addresses) for admin
+/// `nodes` peers. Only changes of those are sent: a Node's status changes every few seconds
+/// (heartbeats) and each event sent re-checks the established flows.
+#[derive(Default)]
+pub struct NodeInventory {
+    known: BTreeMap<String, policy::Node>,
+    relist: Option<Vec<policy::Node>>,
+    synced: bool,
+}
+
+fn inventory_node(n: &k8s_openapi::api::core::v1::Node) -> Option<policy::Node> {
+    match policy::node_from_object(n) {
+        Ok(node) => Some(node),
+        Err(e) => {
+            tracing::error!(
+                "Node {}: {}: {} (refused; its previous version, if any, stays in force)",
+                n.metadata.name.as_deref().unwrap_or_default(),
+                e.field,
+                e.message
+            );
+            None
+        }
+    }
+}
+
+impl NodeInventory {
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn handle(
+        &mut self,
+        ev: watcher::Event<k8s_openapi::api::core::v1::Node>,
+        out: &mut Vec<Event>,
+    ) {
+        match ev {
+            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::InitApply(n) => {
+                if let Some(node) = inventory_node(&n) {
+                    self.relist.get_or_insert_with(Vec::new).push(node);
+                } else if let Some(old) = n.metadata.name.as_ref().and_then(|k| self.known.get(k)) {
+                    // Refused: its previous version stays.
+                    let old = old.clone();
+                    self.relist.get_or_insert_with(Vec::new).push(old);
+                }
+            }
+            watcher::Event::InitDone => {
+                let nodes = self.relist.take().unwrap_or_default();
+                let now: BTreeMap<String, policy::Node> =
+                    nodes.iter().map(|n| (n.name.clone(), n.clone())).collect();
+                if !self.synced || now != self.known {
+                    out.push(Event::Nodes {
+                        origin: NODE_ORIGIN.to_owned(),
+                        nodes,
+                    });
+                }
+                self.known = now;
+                self.synced = true;
+            }
+            watcher::Event::Apply(n) => {
+                if let Some(node) = inventory_node(&n)
+                    && self.known.get(&node.name) != Some(&node)
+                {
+                    self.known.insert(node.name.clone(), node.clone());
+                    out.push(Event::NodeUpsert(node));
+                }
+            }
+            watcher::Event::Delete(n) => {
+                if let Some(name) = n.metadata.name
+                    && self.known.remove(&name).is_some()
+                {
+                    out.push(Event::NodeRemove(name));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
