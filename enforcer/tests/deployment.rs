@@ -558,9 +558,10 @@ fn kubernetes_three_tier_example_matrix() {
         cell("external", "frontend", 80, true),
         cell("backend", "frontend", 80, false),
         cell("database", "frontend", 80, false),
-        // backend (api, 8080): from WebFrontend and BusinessBackend only.
+        // backend (api, 8080): from WebFrontend and BusinessBackend (its NetworkPolicy), and
+        // from External (the uptime probe: the Admin tier ClusterNetworkPolicy 34-*.yaml).
         cell("frontend", "backend", 8080, true),
-        cell("external", "backend", 8080, false),
+        cell("external", "backend", 8080, true),
         cell("database", "backend", 8080, false),
         // database (5432): from BusinessBackend and Database only.
         cell("backend", "database", 5432, true),
