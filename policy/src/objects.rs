@@ -146,7 +146,31 @@ impl fmt::Display for LoadWarning {
     }
 }
 
+/// The annotation that stages a NetworkPolicy or an admin policy: `"true"` means it is evaluated
+/// beside the enforced policies (what it would change is shown: `tessera policy matrix
+/// --staged`, the agent's flow log) but not enforced.
+pub const STAGED_ANNOTATION: &str = "tessera.dev/staged";
+
 impl Object {
+    /// Whether this is a policy (NetworkPolicy or an admin kind) annotated
+    /// [`STAGED_ANNOTATION`]`: "true"`.
+    pub fn is_staged(&self) -> bool {
+        let policy = matches!(
+            self,
+            Object::NetworkPolicy(_)
+                | Object::ClusterNetworkPolicy(_)
+                | Object::AdminNetworkPolicy(_)
+                | Object::BaselineAdminNetworkPolicy(_)
+        );
+        policy
+            && self
+                .metadata()
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(STAGED_ANNOTATION))
+                .is_some_and(|v| v == "true")
+    }
+
     /// `Namespace`, `Node`, `Pod`, `NetworkPolicy`, `ClusterNetworkPolicy`,
     /// `AdminNetworkPolicy` or `BaselineAdminNetworkPolicy`.
     pub fn kind(&self) -> &'static str {
