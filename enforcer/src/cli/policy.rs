@@ -422,7 +422,15 @@ impl Input {
         let mut first_seen: BTreeMap<(&str, String), &objects::Origin> = BTreeMap::new();
         for located in &parsed.objects {
             let key = (located.value.kind(), located.value.name());
-            if let Some(earlier) = first_seen.insert(key.clone(), &located.origin) {
+            if located.value.is_staged() {
+                if let Some(earlier) = first_seen.get(&key) {
+                    eprintln!(
+                        "tessera: {} {} from {} is staged: it replaces the one from {earlier} \
+                         in the staged view only",
+                        key.0, key.1, located.origin
+                    );
+                }
+            } else if let Some(earlier) = first_seen.insert(key.clone(), &located.origin) {
                 eprintln!(
                     "tessera: {} {} from {} replaces the one from {earlier}",
                     key.0, key.1, located.origin
