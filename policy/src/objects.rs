@@ -151,6 +151,14 @@ impl fmt::Display for LoadWarning {
 /// --staged`, the agent's flow log) but not enforced.
 pub const STAGED_ANNOTATION: &str = "tessera.dev/staged";
 
+/// Whether metadata carries [`STAGED_ANNOTATION`]`: "true"`.
+pub fn is_staged_meta(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(STAGED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 impl Object {
     /// Whether this is a policy (NetworkPolicy or an admin kind) annotated
     /// [`STAGED_ANNOTATION`]`: "true"`.
@@ -162,13 +170,7 @@ impl Object {
                 | Object::AdminNetworkPolicy(_)
                 | Object::BaselineAdminNetworkPolicy(_)
         );
-        policy
-            && self
-                .metadata()
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(STAGED_ANNOTATION))
-                .is_some_and(|v| v == "true")
+        policy && is_staged_meta(self.metadata())
     }
 
     /// `Namespace`, `Node`, `Pod`, `NetworkPolicy`, `ClusterNetworkPolicy`,

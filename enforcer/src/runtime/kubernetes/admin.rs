@@ -200,6 +200,10 @@ pub async fn follow(
                 }
                 Ok(watcher::Event::InitApply(o)) => {
                     let (good, bad) = relist.get_or_insert_with(Default::default);
+                    if policy::objects::is_staged_meta(&o.metadata) {
+                        // Staged: evaluated offline, never enforced.
+                        continue;
+                    }
                     match convert(&res, &o) {
                         Some(p) => good.push(p),
                         None => bad.extend(o.metadata.name.clone()),
@@ -221,6 +225,18 @@ pub async fn follow(
                         out.push(Message::Settled(res.kind));
                     }
                     out
+                }
+                Ok(watcher::Event::Apply(o)) if policy::objects::is_staged_meta(&o.metadata) => {
+                    // Staged now: no longer enforced (if it was).
+                    match o.metadata.name.clone() {
+                        Some(name) => vec![Message::Event(Box::new(Event::AdminRemove(
+                            AdminPolicyKey {
+                                kind: res.kind,
+                                name,
+                            },
+                        )))],
+                        None => continue,
+                    }
                 }
                 Ok(watcher::Event::Apply(o)) => match convert(&res, &o) {
                     Some(p) => vec![Message::Event(Box::new(Event::AdminUpsert(Box::new(p))))],

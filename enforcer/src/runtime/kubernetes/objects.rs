@@ -115,7 +115,12 @@ impl Policies {
     pub fn handle(&mut self, ev: watcher::Event<NetworkPolicy>, out: &mut Vec<Event>) {
         match ev {
             watcher::Event::Init => self.relist = Some(Vec::new()),
-            watcher::Event::InitApply(p) => self.relist.get_or_insert_with(Vec::new).push(p),
+            watcher::Event::InitApply(p) => {
+                // Staged (tessera.dev/staged: "true"): evaluated offline, never enforced.
+                if !policy::objects::is_staged_meta(&p.metadata) {
+                    self.relist.get_or_insert_with(Vec::new).push(p);
+                }
+            }
             watcher::Event::InitDone => {
                 let mut policies = self.relist.take().unwrap_or_default();
                 policies.sort_by(|a, b| {
@@ -128,6 +133,14 @@ impl Policies {
                     policies,
                     admin: None,
                 });
+            }
+            watcher::Event::Apply(p) if policy::objects::is_staged_meta(&p.metadata) => {
+                // Staged now: no longer enforced (if it was).
+                if let (Some(namespace), Some(name)) =
+                    (p.metadata.namespace.clone(), p.metadata.name.clone())
+                {
+                    out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                }
             }
             watcher::Event::Apply(p) => out.push(Event::PolicyUpsert(Box::new(p))),
             watcher::Event::Delete(p) => {
@@ -341,6 +354,41 @@ mod tests {
                 namespace: "b".into(),
                 name: "deny".into()
             })
+        );
+    }
+
+    /// A staged NetworkPolicy is never enforced: left out of a relist, and a policy that
+    /// becomes staged is removed.
+    #[test]
+    fn staged_policies_are_not_enforced() {
+        let staged = |mut p: NetworkPolicy| {
+            p.metadata.annotations = Some(BTreeMap::from([(
+                policy::objects::STAGED_ANNOTATION.to_owned(),
+                "true".to_owned(),
+            )]));
+            p
+        };
+        let mut p = Policies::default();
+        let mut out = Vec::new();
+        p.handle(watcher::Event::Init, &mut out);
+        p.handle(watcher::Event::InitApply(np("a", "kept")), &mut out);
+        p.handle(
+            watcher::Event::InitApply(staged(np("a", "trial"))),
+            &mut out,
+        );
+        p.handle(watcher::Event::InitDone, &mut out);
+        let [Event::Policies { policies, .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(policies.len(), 1);
+        out.clear();
+        p.handle(watcher::Event::Apply(staged(np("a", "kept"))), &mut out);
+        assert_eq!(
+            out,
+            [Event::PolicyRemove(PolicyKey {
+                namespace: "a".into(),
+                name: "kept".into()
+            })]
         );
     }
 }
