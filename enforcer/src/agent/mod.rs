@@ -912,6 +912,8 @@ pub async fn run(opts: Options) -> Result<()> {
             queue_num: opts.queue_num,
             auth_mark: opts.auth_mark,
             fail_open: opts.fail_open,
+            // DNS answers are not learnt yet (admin `domainNames` peers are not enforced).
+            dns_queue_num: None,
         },
         mode: if opts.accept_all {
             Mode::AcceptAll
