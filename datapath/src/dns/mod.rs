@@ -179,10 +179,7 @@ pub fn parse_answer(payload: &[u8]) -> Result<Answer, DnsError> {
     // CNAME from chain[i] to chain[i + 1].
     let mut chain: Vec<&Name<'_>> = vec![&question.qname];
     let mut links: Vec<u32> = Vec::new();
-    loop {
-        let Some(current) = chain.last().copied() else {
-            break;
-        };
+    while let Some(current) = chain.last().copied() {
         let next = packet.answers.iter().find_map(|rr| match &rr.rdata {
             RData::CNAME(target) if rr.class == CLASS::IN && rr.name == *current => {
                 Some((&target.0, ttl_of(rr.ttl)))
