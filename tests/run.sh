@@ -27,10 +27,13 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 # --- packages -----------------------------------------------------------------------------------
 # The Docker tests use Debian's 20.10 client (API 1.41), not a newer docker that may be on PATH.
+# Graphviz and Chromium: the policy matrix pictures are read back by `dot` and screenshot in
+# headless Chromium (enforcer/tests/cli_policy_picture.rs).
 tests/need.sh ip=iproute2 ss=iproute2 iptables=iptables ip6tables=iptables \
   iptables-save=iptables iptables-restore=iptables conntrack=conntrack nsenter=util-linux \
   unshare=util-linux busybox=busybox-static sysctl=procps modprobe=kmod tcpdump=tcpdump \
-  dockerd=docker.io /usr/bin/docker=docker.io || die "missing packages (above)"
+  dockerd=docker.io /usr/bin/docker=docker.io dot=graphviz chromium=chromium ||
+  die "missing packages (above)"
 # Rust >= 1.90 (Debian's own cargo is too old for edition 2024).
 cargo=$(tests/ensure-rust.sh) || die "no Rust toolchain >= 1.90 (tests/ensure-rust.sh, above)"
 PATH="$(dirname "$cargo"):$PATH"

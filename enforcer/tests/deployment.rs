@@ -288,8 +288,8 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-/// The ClusterRole grants exactly get/list/watch on pods, namespaces, networkpolicies and nodes
-/// plus patch on nodes, and is bound to the ServiceAccount the DaemonSet runs as.
+/// The ClusterRole grants exactly get/list/watch on pods, namespaces, networkpolicies and nodes,
+/// list/watch on the three admin policy kinds, plus patch on nodes, and is bound to the ServiceAccount the DaemonSet runs as.
 #[test]
 fn kubernetes_rbac_is_exactly_what_the_agent_needs() {
     let objs = objects("deployment/kubernetes");
@@ -328,6 +328,27 @@ fn kubernetes_rbac_is_exactly_what_the_agent_needs() {
         (
             ("networking.k8s.io".into(), "networkpolicies".into()),
             read(),
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "clusternetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "adminnetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "baselineadminnetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
         ),
     ]);
     assert_eq!(granted, expected);

@@ -74,6 +74,10 @@ pub struct Status {
     pub identity: String,
     pub runtime: String,
     pub policies: usize,
+    /// Cluster-wide admin policies in force (ClusterNetworkPolicy, AdminNetworkPolicy,
+    /// BaselineAdminNetworkPolicy).
+    #[serde(default)]
+    pub admin_policies: usize,
     pub workloads: Vec<WorkloadInfo>,
     /// Workloads the runtime wants that could not be enforced, with the reason.
     #[serde(default)]
@@ -146,6 +150,7 @@ pub fn status_of(shared: &Shared) -> Status {
         },
         runtime: shared.runtime.into(),
         policies: shared.policies.load(Ordering::Relaxed),
+        admin_policies: shared.admin_policies.load(Ordering::Relaxed),
         workloads,
         not_enforced: lock(&shared.failing).clone(),
         peers: p
@@ -213,6 +218,16 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
         out,
         "tessera_policies {}",
         shared.policies.load(Ordering::Relaxed)
+    )?;
+    writeln!(
+        out,
+        "# HELP tessera_admin_policies Cluster-wide admin policies in force (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy)."
+    )?;
+    writeln!(out, "# TYPE tessera_admin_policies gauge")?;
+    writeln!(
+        out,
+        "tessera_admin_policies {}",
+        shared.admin_policies.load(Ordering::Relaxed)
     )?;
     writeln!(
         out,

@@ -8,7 +8,7 @@
 //! serves /metrics, /healthz and /status. The [`Processor`] is shared behind a mutex that is only
 //! ever held synchronously, so it is never contended across an `await`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -26,13 +26,13 @@ use identity::Claims;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use policy::{PodKey, PolicyKey, Workload};
+use policy::{AdminPolicyKey, PodKey, PolicyKey, Workload};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::runtime::{self, Desired, Event, NetnsRef};
+use crate::runtime::{self, AdminPolicy, Desired, Event, NetnsRef};
 
 pub mod http;
 pub mod keys;
@@ -126,6 +126,8 @@ pub struct Shared {
     pub processor: Arc<Mutex<Processor>>,
     pub workloads: Mutex<BTreeMap<String, WorkloadStatus>>,
     pub policies: AtomicUsize,
+    /// Cluster-wide admin policies in force.
+    pub admin_policies: AtomicUsize,
     pub reload_failures: AtomicU64,
     /// Datagrams of the agent's own (UDP control, released) that could not be sent.
     pub udp_send_errors: Arc<AtomicU64>,
@@ -176,6 +178,8 @@ struct Agent {
     /// Namespace labels learned from Namespace events (Kubernetes).
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policy_keys: Vec<PolicyKey>,
+    /// The admin policies in force (every kind).
+    admin_keys: BTreeSet<AdminPolicyKey>,
     qcfg: QueueConfig,
     rules: RuleConfig,
     mode: Mode,
@@ -330,7 +334,33 @@ impl Agent {
             Event::Upsert(d) => self.upsert(d),
             Event::Remove(key) => self.remove(&key),
             Event::Namespace { name, labels } => self.namespace(name, labels),
-            Event::Policies { origin, policies } => self.replace_policies(&origin, &policies),
+            Event::Policies {
+                origin,
+                policies,
+                admin,
+            } => {
+                self.replace_policies(&origin, &policies);
+                if let Some(admin) = admin {
+                    self.replace_admin(&origin, &admin, |_| true);
+                }
+            }
+            Event::AdminPolicies {
+                origin,
+                kind,
+                policies,
+                unparsed,
+            } => self.replace_admin(&origin, &policies, |k| {
+                k.kind == kind && !unparsed.contains(&k.name)
+            }),
+            Event::AdminUpsert(p) => self.replace_admin("Kubernetes API", &[*p], |_| false),
+            Event::AdminRemove(key) => {
+                lock(&self.processor).engine_mut().remove_admin_policy(&key);
+                self.admin_keys.remove(&key);
+                self.shared
+                    .admin_policies
+                    .store(self.admin_keys.len(), Ordering::Relaxed);
+                tracing::info!(policy = %key, "admin policy removed");
+            }
             Event::PolicyUpsert(p) => self.policy_upsert(&p),
             Event::PolicyRemove(key) => {
                 lock(&self.processor).engine_mut().remove_policy(&key);
@@ -638,6 +668,36 @@ impl Agent {
         }
     }
 
+    /// Apply admin policies; those in force that `scope` covers and that are not in `set` go.
+    fn replace_admin(
+        &mut self,
+        origin: &str,
+        set: &[AdminPolicy],
+        scope: impl Fn(&AdminPolicyKey) -> bool,
+    ) {
+        let r = {
+            let mut p = lock(&self.processor);
+            policies::replace_admin(p.engine_mut(), set, &mut self.admin_keys, scope)
+        };
+        self.shared
+            .admin_policies
+            .store(self.admin_keys.len(), Ordering::Relaxed);
+        for e in &r.refused {
+            self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "{origin}: {e} (refused; its previous version, if any, stays in force)"
+            );
+        }
+        tracing::info!(
+            source = %origin,
+            applied = r.applied,
+            removed = r.removed,
+            refused = r.refused.len(),
+            in_force = self.admin_keys.len(),
+            "admin policies"
+        );
+    }
+
     fn policy_upsert(&mut self, policy: &NetworkPolicy) {
         let applied = lock(&self.processor).engine_mut().apply_policy(policy);
         match applied {
@@ -806,6 +866,9 @@ impl Agent {
 fn changes_decisions(event: &Event, enforced: &HashMap<PodKey, Enforced>) -> bool {
     match event {
         Event::Policies { .. }
+        | Event::AdminPolicies { .. }
+        | Event::AdminUpsert(_)
+        | Event::AdminRemove(_)
         | Event::PolicyUpsert(_)
         | Event::PolicyRemove(_)
         | Event::Namespace { .. }
@@ -858,11 +921,17 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let mut engine = policy::Engine::new();
     let mut policy_keys = Vec::new();
+    let mut admin_keys = BTreeSet::new();
     let mut snapshot = policies::Snapshot::new();
     if let Some(dir) = &opts.policies {
         snapshot = policies::snapshot(dir)?;
         let set = policies::load_dir(dir)?;
-        policy_keys = policies::replace(&mut engine, &set, &[])?.0;
+        policy_keys = policies::replace(&mut engine, &set.network, &[])?.0;
+        let r = policies::replace_admin(&mut engine, &set.admin, &mut admin_keys, |_| true);
+        if let Some(e) = r.refused.first() {
+            // load_dir validated them all: this is a bug, not an input error.
+            bail!("{}: {e}", dir.display());
+        }
     }
     let config = ProcessorConfig {
         auth_mark: opts.auth_mark,
@@ -874,6 +943,7 @@ pub async fn run(opts: Options) -> Result<()> {
         peers,
         runtime = opts.runtime.name(),
         policies = policy_keys.len(),
+        admin_policies = admin_keys.len(),
         mode = if opts.accept_all { "accept-all" } else { "enforce" },
         "tessera agent starting"
     );
@@ -883,6 +953,7 @@ pub async fn run(opts: Options) -> Result<()> {
         processor: processor.clone(),
         workloads: Mutex::new(BTreeMap::new()),
         policies: AtomicUsize::new(policy_keys.len()),
+        admin_policies: AtomicUsize::new(admin_keys.len()),
         reload_failures: AtomicU64::new(0),
         udp_send_errors: Arc::new(AtomicU64::new(0)),
         workload_failures: AtomicU64::new(0),
@@ -902,6 +973,7 @@ pub async fn run(opts: Options) -> Result<()> {
         next_id: 0,
         namespaces: BTreeMap::new(),
         policy_keys,
+        admin_keys,
         qcfg: QueueConfig {
             queue_num: opts.queue_num,
             max_len: opts.queue_max_len,
@@ -1197,9 +1269,11 @@ pub fn check_only(opts: &Options) -> Result<()> {
     if let RuntimeOptions::Static { inventory } = &opts.runtime {
         workloads = Some(runtime::inventory::load(inventory)?.len());
     }
-    let mut n_policies = None;
+    let (mut n_policies, mut n_admin) = (None, None);
     if let Some(dir) = &opts.policies {
-        n_policies = Some(policies::load_dir(dir)?.len());
+        let set = policies::load_dir(dir)?;
+        n_policies = Some(set.network.len());
+        n_admin = Some(set.admin.len());
     }
     tracing::info!(
         node = %opts.node_name,
@@ -1207,6 +1281,7 @@ pub fn check_only(opts: &Options) -> Result<()> {
         runtime = opts.runtime.name(),
         workloads,
         policies = n_policies,
+        admin_policies = n_admin,
         "configuration checked"
     );
     Ok(())

@@ -1,5 +1,6 @@
-//! NetworkPolicies from a directory of YAML files, reloaded when a file changes. A bad file is
-//! reported by name and the last good set stays in force.
+//! NetworkPolicies and cluster-wide admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
+//! BaselineAdminNetworkPolicy) from a directory of YAML files, reloaded when a file changes. A
+//! bad file is reported by name and the last good set stays in force.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,16 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::objects::{self, Object};
-use policy::{Engine, PolicyKey};
+use policy::{AdminPolicyKey, Engine, PolicyKey};
+
+use crate::runtime::AdminPolicy;
+
+/// What a policy directory holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicySet {
+    pub network: Vec<NetworkPolicy>,
+    pub admin: Vec<AdminPolicy>,
+}
 
 /// The `.yaml` / `.yml` / `.json` files of a directory with their modification times: a change
 /// in this map (a file added, removed, touched) triggers a reload.
@@ -32,13 +42,15 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot> {
     Ok(out)
 }
 
-/// Read every policy file of `dir`; every NetworkPolicy is validated against a scratch engine.
-/// Any error (naming file, object and field) refuses the whole set.
-pub fn load_dir(dir: &Path) -> Result<Vec<NetworkPolicy>> {
+/// Read every policy file of `dir`; every NetworkPolicy and admin policy is validated against a
+/// scratch engine. Any error (naming file, object and field) refuses the whole set. Two admin
+/// policies of one kind and name in the directory are an error too (which one would win?).
+pub fn load_dir(dir: &Path) -> Result<PolicySet> {
     let snap = snapshot(dir)?;
-    let mut policies = Vec::new();
+    let mut set = PolicySet::default();
     let mut problems = Vec::new();
     let mut scratch = Engine::new();
+    let mut admin_origin: BTreeMap<AdminPolicyKey, String> = BTreeMap::new();
     for path in snap.keys() {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {source}"))?;
@@ -46,45 +58,60 @@ pub fn load_dir(dir: &Path) -> Result<Vec<NetworkPolicy>> {
         problems.extend(parsed.errors.iter().map(ToString::to_string));
         for skipped in &parsed.skipped {
             tracing::warn!(
-                "{}: {} {} ignored: only NetworkPolicy objects are read from the policy directory",
+                "{}: {} {} ignored: the policy directory holds NetworkPolicy and admin policy \
+                 objects only",
                 skipped.origin,
                 skipped.kind,
                 skipped.name
             );
         }
         for located in parsed.objects {
+            let origin = located.origin.to_string();
             match located.value {
                 Object::NetworkPolicy(p) => match scratch.apply_policy(&p) {
-                    Ok(_) => policies.push(p),
+                    Ok(_) => set.network.push(p),
                     Err(e) => problems.push(format!(
-                        "{} (NetworkPolicy {}): {}: {}",
-                        located.origin, e.object, e.field, e.message
+                        "{origin} (NetworkPolicy {}): {}: {}",
+                        e.object, e.field, e.message
                     )),
                 },
-                // An admin Deny that the agent skipped would be a silent hole: refuse the set.
-                admin @ (Object::ClusterNetworkPolicy(_)
-                | Object::AdminNetworkPolicy(_)
-                | Object::BaselineAdminNetworkPolicy(_)) => problems.push(format!(
-                    "{} ({} {}): admin policies are evaluated by `tessera policy matrix/explain` \
-                     but not enforced by the agent yet; the policy directory is refused rather \
-                     than enforced without them",
-                    located.origin,
-                    admin.kind(),
-                    admin.name()
-                )),
-                other => tracing::warn!(
-                    "{}: {} {} ignored: only NetworkPolicy objects are read from the policy directory",
-                    located.origin,
-                    other.kind(),
-                    other.name()
-                ),
+                other => match AdminPolicy::from_object(other) {
+                    Ok(admin) => {
+                        let key = admin.key();
+                        match admin.apply(&mut scratch) {
+                            Ok(applied) => {
+                                for w in &applied.warnings {
+                                    tracing::warn!("{origin} ({key}): {w}");
+                                }
+                                if let Some(first) =
+                                    admin_origin.insert(key.clone(), origin.clone())
+                                {
+                                    problems.push(format!(
+                                        "{origin} ({key}): defined twice, first in {first}"
+                                    ));
+                                }
+                                set.admin.push(admin);
+                            }
+                            Err(e) => problems.push(format!(
+                                "{origin} ({} {}): {}: {}",
+                                key.kind, e.object, e.field, e.message
+                            )),
+                        }
+                    }
+                    Err(other) => tracing::warn!(
+                        "{origin}: {} {} ignored: the policy directory holds NetworkPolicy and \
+                         admin policy objects only",
+                        other.kind(),
+                        other.name()
+                    ),
+                },
             }
         }
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
-    Ok(policies)
+    Ok(set)
 }
 
 /// Watch the directory (polled every second) and send the whole set after every change that
@@ -116,10 +143,11 @@ pub async fn watch(
         }
         seen = now;
         match load_dir(&dir) {
-            Ok(policies) => {
+            Ok(set) => {
                 let event = crate::runtime::Event::Policies {
                     origin: origin.clone(),
-                    policies,
+                    policies: set.network,
+                    admin: Some(set.admin),
                 };
                 if tx.send(event).await.is_err() {
                     return;
@@ -161,6 +189,57 @@ pub fn replace(
     Ok((keys, removed))
 }
 
+/// Admin policies now in force, for [`replace_admin`]: what was applied, what was removed, and
+/// the objects refused (their previous version, if any, stays in force).
+#[derive(Debug, Default)]
+pub struct AdminReplaced {
+    pub applied: usize,
+    pub removed: usize,
+    pub refused: Vec<String>,
+}
+
+/// Make `policies` the admin policies in force among those `scope` accepts (their kinds):
+/// apply each, remove the previous ones in scope that are not in the set. `keys` is the set
+/// of admin policies in force, updated. One refused object does not refuse the others: its
+/// previous version stays in force (and is not removed).
+pub fn replace_admin(
+    engine: &mut Engine,
+    policies: &[AdminPolicy],
+    keys: &mut std::collections::BTreeSet<AdminPolicyKey>,
+    scope: impl Fn(&AdminPolicyKey) -> bool,
+) -> AdminReplaced {
+    let mut out = AdminReplaced::default();
+    let mut wanted = std::collections::BTreeSet::new();
+    for p in policies {
+        let key = p.key();
+        wanted.insert(key.clone());
+        match p.apply(engine) {
+            Ok(applied) => {
+                for w in &applied.warnings {
+                    tracing::warn!(policy = %applied.key, "{w}");
+                }
+                keys.insert(applied.key);
+                out.applied += 1;
+            }
+            Err(e) => out.refused.push(format!(
+                "{} {}: {}: {}",
+                key.kind, e.object, e.field, e.message
+            )),
+        }
+    }
+    let gone: Vec<AdminPolicyKey> = keys
+        .iter()
+        .filter(|k| scope(k) && !wanted.contains(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        engine.remove_admin_policy(&k);
+        keys.remove(&k);
+        out.removed += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -176,14 +255,29 @@ spec:
     - from: [{podSelector: {matchLabels: {role: web}}}]
 ";
 
+    const GUARD: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard}
+spec:
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - name: no-one
+    action: Deny
+    from: [{namespaces: {}}]
+";
+
     #[test]
     fn a_directory_of_policies_loads() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), ALLOW).unwrap();
+        std::fs::write(dir.path().join("guard.yaml"), GUARD).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
         let p = load_dir(dir.path()).unwrap();
-        assert_eq!(p.len(), 1);
-        assert_eq!(snapshot(dir.path()).unwrap().len(), 1);
+        assert_eq!((p.network.len(), p.admin.len()), (1, 1));
+        assert_eq!(p.admin[0].key().to_string(), "AdminNetworkPolicy/guard");
+        assert_eq!(snapshot(dir.path()).unwrap().len(), 2);
     }
 
     #[test]
@@ -200,29 +294,64 @@ spec:
         assert!(!e.contains("good.yaml"), "{e}");
     }
 
+    /// An invalid admin policy refuses the set naming file, kind, object and field; so does
+    /// one defined twice.
     #[test]
-    fn an_admin_policy_refuses_the_directory_rather_than_being_skipped() {
+    fn a_bad_admin_policy_is_named_with_its_field() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), ALLOW).unwrap();
         std::fs::write(
             dir.path().join("guard.yaml"),
-            "\
-apiVersion: policy.networking.k8s.io/v1alpha1
-kind: AdminNetworkPolicy
-metadata: {name: guard}
-spec:
-  priority: 10
-  subject: {namespaces: {}}
-  ingress:
-  - name: no-one
-    action: Deny
-    from: [{namespaces: {}}]
-",
+            GUARD.replace("action: Deny", "action: Drop"),
         )
         .unwrap();
         let e = format!("{:#}", load_dir(dir.path()).unwrap_err());
-        assert!(e.contains("guard.yaml") && e.contains("guard"), "{e}");
-        assert!(e.contains("not enforced by the agent"), "{e}");
+        assert!(e.contains("guard.yaml"), "{e}");
+        assert!(e.contains("AdminNetworkPolicy guard"), "{e}");
+        assert!(e.contains("spec.ingress[0].action"), "{e}");
+
+        std::fs::write(dir.path().join("guard.yaml"), GUARD).unwrap();
+        std::fs::write(dir.path().join("guard-again.yaml"), GUARD).unwrap();
+        let e = format!("{:#}", load_dir(dir.path()).unwrap_err());
+        assert!(e.contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn replacing_admin_policies_keeps_other_kinds_and_refused_ones() {
+        let mut engine = Engine::new();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("guard.yaml"), GUARD).unwrap();
+        let set = load_dir(dir.path()).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        let r = replace_admin(&mut engine, &set.admin, &mut keys, |_| true);
+        assert_eq!((r.applied, r.removed, r.refused.len()), (1, 0, 0));
+        assert_eq!(engine.admin_policy_count(), 1);
+        // A relist of another kind leaves it alone.
+        let r = replace_admin(&mut engine, &[], &mut keys, |k| {
+            k.kind == policy::AdminKind::ClusterNetworkPolicy
+        });
+        assert_eq!(r.removed, 0);
+        assert_eq!(engine.admin_policy_count(), 1);
+        // An invalid new version is refused; the old one stays.
+        let AdminPolicy::Admin(mut bad) = set.admin[0].clone() else {
+            panic!("an AdminNetworkPolicy")
+        };
+        if let Some(spec) = bad.spec.as_mut() {
+            spec.priority = Some(5000);
+        }
+        let r = replace_admin(&mut engine, &[AdminPolicy::Admin(bad)], &mut keys, |k| {
+            k.kind == policy::AdminKind::AdminNetworkPolicy
+        });
+        assert_eq!((r.applied, r.removed, r.refused.len()), (0, 0, 1));
+        assert!(r.refused[0].contains("spec.priority"), "{:?}", r.refused);
+        assert_eq!(engine.admin_policy_count(), 1);
+        // Its relist without it removes it.
+        let r = replace_admin(&mut engine, &[], &mut keys, |k| {
+            k.kind == policy::AdminKind::AdminNetworkPolicy
+        });
+        assert_eq!(r.removed, 1);
+        assert_eq!(engine.admin_policy_count(), 0);
+        assert!(keys.is_empty());
     }
 
     #[test]
@@ -231,7 +360,7 @@ spec:
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), ALLOW).unwrap();
         let first = load_dir(dir.path()).unwrap();
-        let (keys, removed) = replace(&mut engine, &first, &[]).unwrap();
+        let (keys, removed) = replace(&mut engine, &first.network, &[]).unwrap();
         assert_eq!((keys.len(), removed), (1, 0));
         assert_eq!(engine.policy_count(), 1);
         let (keys, removed) = replace(&mut engine, &[], &keys).unwrap();

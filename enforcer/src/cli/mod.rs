@@ -1,3 +1,4 @@
+pub mod picture;
 pub mod pki;
 pub mod policy;
 pub mod run;

@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::matrix::{self, CellRef, Matrix, Probe, Source, Verdict};
+
+use super::picture;
 use policy::objects::{self, Object, Parsed};
 use policy::{
     ContainerPort, Decision, Direction, Engine, Labels, PodKey, PolicyKey, ProbeParseError, Reason,
@@ -74,6 +76,11 @@ enum Output {
     Table,
     /// `{"probes":[{"from","to","port","protocol","allowed","reason"}]}`.
     Json,
+    /// Graphviz DOT: a cluster per namespace, a node per pod, an arrow per allowed pair
+    /// labelled with its ports (`tessera policy matrix -o dot ... | dot -Tsvg > matrix.svg`).
+    Dot,
+    /// One self-contained HTML page: a coloured grid per probe, what decided each cell on hover.
+    Html,
 }
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
@@ -108,17 +115,7 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
                 )?;
             }
             if matrix.is_empty() {
-                let pods = input.engine.workloads().count();
-                let why = if pods == 0 {
-                    "the input has no pods".to_owned()
-                } else if args.probe.is_empty() {
-                    format!(
-                        "none of the {pods} pods declares a container port: name one with --probe PORT/PROTOCOL"
-                    )
-                } else {
-                    format!("{pods} pod{} and no --from-ip", plural(pods))
-                };
-                return writeln!(out, "nothing to show: {why}");
+                return writeln!(out, "nothing to show: {}", nothing_to_show(&input, &args));
             }
             for i in 0..matrix.probes().len() {
                 if i > 0 {
@@ -132,7 +129,62 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
             serde_json::to_writer_pretty(&mut *out, &JsonMatrix { matrix: &matrix })?;
             writeln!(out)
         }
+        Output::Dot => out.write_all(picture::dot(&matrix).as_bytes()),
+        Output::Html => {
+            let about = picture::About {
+                inputs: input.files.clone(),
+                notes: matrix_notes(&args),
+                empty: nothing_to_show(&input, &args),
+            };
+            out.write_all(picture::html(&matrix, &about).as_bytes())
+        }
     })
+}
+
+/// Why a matrix has no cell.
+fn nothing_to_show(input: &Input, args: &MatrixArgs) -> String {
+    let pods = input.engine.workloads().count();
+    if pods == 0 {
+        "the input has no pods".to_owned()
+    } else if args.probe.is_empty() {
+        format!(
+            "none of the {pods} pods declares a container port: name one with --probe PORT/PROTOCOL"
+        )
+    } else {
+        format!("{pods} pod{} and no --from-ip", plural(pods))
+    }
+}
+
+/// How the matrix was made, for the page: which probes, which extra sources.
+fn matrix_notes(args: &MatrixArgs) -> Vec<String> {
+    let mut notes = Vec::new();
+    if args.probe.is_empty() {
+        notes.push(
+            "Probes: each destination on the ports its containers declare; a port's grid has a \
+             column only for the pods that declare it (--probe probes every pod on a port)."
+                .to_owned(),
+        );
+    } else {
+        let mut probes = args.probe.clone();
+        probes.sort();
+        probes.dedup();
+        let probes: Vec<String> = probes.iter().map(ToString::to_string).collect();
+        notes.push(format!(
+            "Probes (--probe): every pod on {}.",
+            probes.join(", ")
+        ));
+    }
+    if !args.from_ip.is_empty() {
+        let mut ips = args.from_ip.clone();
+        ips.sort();
+        ips.dedup();
+        let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        notes.push(format!(
+            "IP-only sources (--from-ip), the last rows: {}; only ipBlock rules can match them.",
+            ips.join(", ")
+        ));
+    }
+    notes
 }
 
 /// Writes to standard output, buffered. A reader that goes away (`| head`) ends the output
@@ -202,6 +254,8 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 /// The objects read from `-f` paths, loaded into an engine.
 struct Input {
     engine: Engine,
+    /// The files read, in order, as named in messages (`<stdin>` for standard input).
+    files: Vec<String>,
     /// The policies as read (the last one of each key, as the engine keeps it), to quote rules.
     policies: BTreeMap<PolicyKey, NetworkPolicy>,
 }
@@ -219,6 +273,7 @@ impl Input {
             );
         }
         let mut parsed = Parsed::default();
+        let mut names = Vec::new();
         for file in &files {
             let (name, bytes) = if file.as_os_str() == "-" {
                 let mut bytes = Vec::new();
@@ -234,6 +289,7 @@ impl Input {
             let text = String::from_utf8(bytes)
                 .map_err(|e| anyhow::anyhow!("{name}: not UTF-8 text: {e}"))?;
             parsed.extend(objects::parse(&name, &text));
+            names.push(name);
         }
         if !parsed.errors.is_empty() {
             bail!(error_list(
@@ -295,7 +351,11 @@ impl Input {
                 policies.insert(key, p);
             }
         }
-        Ok(Input { engine, policies })
+        Ok(Input {
+            engine,
+            files: names,
+            policies,
+        })
     }
 
     fn known_pod(&self, key: &PodKey) -> anyhow::Result<()> {

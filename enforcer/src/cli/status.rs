@@ -69,8 +69,8 @@ pub fn render(s: &Status, now: SystemTime) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "node {} ({} identity, {} runtime), {} NetworkPolicies in force",
-        s.node, s.identity, s.runtime, s.policies
+        "node {} ({} identity, {} runtime), {} NetworkPolicies and {} admin policies in force",
+        s.node, s.identity, s.runtime, s.policies, s.admin_policies
     );
     let _ = writeln!(out, "\nWORKLOADS ({})", s.workloads.len());
     let width = s

@@ -19,7 +19,10 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use policy::{ContainerPort, PodKey, PolicyKey};
+use policy::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
+use policy::{
+    AdminApplied, AdminKind, AdminPolicyKey, ContainerPort, Engine, PodKey, PolicyError, PolicyKey,
+};
 
 pub mod docker;
 pub mod inventory;
@@ -88,10 +91,29 @@ pub enum Event {
     /// The complete set of NetworkPolicies from one source (the policy directory after a good
     /// reload, a Kubernetes relist). `origin` names the source in errors. An invalid policy is
     /// reported and refused; the rest applies.
+    ///
+    /// `admin`: `Some`: the complete set of cluster-wide admin policies too, replacing every
+    /// admin policy in force (the policy directory, which holds both); `None`: admin policies
+    /// are left as they are (a Kubernetes NetworkPolicy relist; they have watches of their own).
     Policies {
         origin: String,
         policies: Vec<NetworkPolicy>,
+        admin: Option<Vec<AdminPolicy>>,
     },
+    /// The complete set of admin policies of one kind (a Kubernetes relist of that CRD; empty
+    /// when the CRD was removed): those of that kind not in it are removed, except those named
+    /// in `unparsed` (listed, but not readable as that kind: their previous version, if any,
+    /// stays in force).
+    AdminPolicies {
+        origin: String,
+        kind: AdminKind,
+        policies: Vec<AdminPolicy>,
+        unparsed: Vec<String>,
+    },
+    /// One admin policy added or changed.
+    AdminUpsert(Box<AdminPolicy>),
+    /// One admin policy deleted.
+    AdminRemove(AdminPolicyKey),
     /// One NetworkPolicy added or changed.
     PolicyUpsert(Box<NetworkPolicy>),
     /// One NetworkPolicy deleted.
@@ -99,6 +121,62 @@ pub enum Event {
     /// A peer node's certificate (PEM) appeared or changed (PKI mode); `None` revokes it: its
     /// tokens are rejected from then on.
     PeerCertificate { node: String, pem: Option<String> },
+}
+
+/// A cluster-wide admin policy of any of the kinds the engine evaluates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminPolicy {
+    /// `policy.networking.k8s.io/v1alpha2`, Admin or Baseline tier.
+    Cluster(ClusterNetworkPolicy),
+    /// `policy.networking.k8s.io/v1alpha1`, Admin tier.
+    Admin(AdminNetworkPolicy),
+    /// `policy.networking.k8s.io/v1alpha1`, Baseline tier (the singleton `default`).
+    Baseline(BaselineAdminNetworkPolicy),
+}
+
+impl AdminPolicy {
+    pub fn kind(&self) -> AdminKind {
+        match self {
+            AdminPolicy::Cluster(_) => AdminKind::ClusterNetworkPolicy,
+            AdminPolicy::Admin(_) => AdminKind::AdminNetworkPolicy,
+            AdminPolicy::Baseline(_) => AdminKind::BaselineAdminNetworkPolicy,
+        }
+    }
+
+    /// The engine's key: kind and name (empty if the object has none; the engine refuses it).
+    pub fn key(&self) -> AdminPolicyKey {
+        let meta = match self {
+            AdminPolicy::Cluster(p) => &p.metadata,
+            AdminPolicy::Admin(p) => &p.metadata,
+            AdminPolicy::Baseline(p) => &p.metadata,
+        };
+        AdminPolicyKey {
+            kind: self.kind(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Validate, compile and index it (the previous version stays in force on error).
+    pub fn apply(&self, engine: &mut Engine) -> Result<AdminApplied, PolicyError> {
+        match self {
+            AdminPolicy::Cluster(p) => engine.apply_cluster_network_policy(p),
+            AdminPolicy::Admin(p) => engine.apply_admin_network_policy(p),
+            AdminPolicy::Baseline(p) => engine.apply_baseline_admin_network_policy(p),
+        }
+    }
+
+    /// The admin policy an object of the policy files is, if it is one (else the object back).
+    pub fn from_object(
+        object: policy::objects::Object,
+    ) -> Result<Self, Box<policy::objects::Object>> {
+        use policy::objects::Object;
+        match object {
+            Object::ClusterNetworkPolicy(p) => Ok(AdminPolicy::Cluster(p)),
+            Object::AdminNetworkPolicy(p) => Ok(AdminPolicy::Admin(p)),
+            Object::BaselineAdminNetworkPolicy(p) => Ok(AdminPolicy::Baseline(p)),
+            other => Err(Box::new(other)),
+        }
+    }
 }
 
 /// The sending half a runtime gets.

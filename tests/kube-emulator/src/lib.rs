@@ -1,8 +1,8 @@
 //! A loopback Kubernetes API emulator for tests: real list/watch semantics, no apiserver.
 //!
 //! It serves plain HTTP on `127.0.0.1:<ephemeral>` with the API server's paths for core/v1
-//! `pods`, `namespaces`, `nodes`, `secrets`, `configmaps` and networking.k8s.io/v1
-//! `networkpolicies`, so the real `kube` client (and `kube_runtime::watcher`) can be pointed at
+//! `pods`, `namespaces`, `nodes`, `secrets`, `configmaps`, networking.k8s.io/v1
+//! `networkpolicies` and the custom resources below, so the real `kube` client (and `kube_runtime::watcher`) can be pointed at
 //! it through a kubeconfig ([`Emulator::write_kubeconfig`]).
 //!
 //! # What is emulated
@@ -27,7 +27,14 @@
 //!   `strategic-merge-patch+json` (treated as a JSON merge patch), `json-patch+json`, and
 //!   `apply-patch+yaml` (server-side apply emulated as a merge that may create).
 //! - Errors are `Status` objects with the upstream `reason` and `code`.
-//! - `/version`, `/api`, `/apis`, `/api/v1`, `/apis/networking.k8s.io/v1` discovery.
+//! - `/version`, `/api`, `/apis`, `/api/v1`, `/apis/GROUP/VERSION` discovery.
+//! - Custom resources: apiextensions.k8s.io/v1 `customresourcedefinitions` are stored as any
+//!   object; the cluster-wide admin policies of policy.networking.k8s.io (v1alpha2
+//!   `clusternetworkpolicies`, v1alpha1 `adminnetworkpolicies` and
+//!   `baselineadminnetworkpolicies`) are served (paths, discovery, apply) only while their
+//!   definition (`<plural>.policy.networking.k8s.io`) exists, as on a real cluster. Deleting a
+//!   definition deletes its objects (DELETED events), then ends the watches of its kind; the
+//!   definition's schema is not read. [`Emulator::install_admin_crds`] creates all three.
 //!
 //! # What is not
 //! Authentication, authorization, admission, validation beyond names/namespaces, defaulting,
@@ -348,11 +355,13 @@ impl Emulator {
             text("/metadata/name"),
             text("/metadata/namespace"),
         );
-        let res = store::by_kind(&api_version, &kind).ok_or_else(|| {
-            EmuError::BadRequest(format!(
-                "apply: apiVersion {api_version:?} kind {kind:?} is not served"
-            ))
-        })?;
+        let res = store::by_kind(&api_version, &kind)
+            .filter(|r| self.shared.store().served(r))
+            .ok_or_else(|| {
+                EmuError::BadRequest(format!(
+                    "apply: apiVersion {api_version:?} kind {kind:?} is not served"
+                ))
+            })?;
         let ns = (res.namespaced).then(|| {
             if ns.is_empty() {
                 "default".to_string()
@@ -370,6 +379,27 @@ impl Emulator {
             store.create(res, ns.as_deref(), obj)?
         };
         Ok((*stored).clone())
+    }
+
+    /// Creates the CustomResourceDefinitions of the three admin policy kinds (names, group,
+    /// versions and scope as upstream's; no schema), so that they are served.
+    pub fn install_admin_crds(&self) -> Result<(), EmuError> {
+        for r in store::RESOURCES.iter().filter(|r| r.crd) {
+            self.apply(json!({
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": r.crd_name()},
+                "spec": {
+                    "group": r.group,
+                    "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                    "names": {"plural": r.plural, "kind": r.kind,
+                              "singular": r.kind.to_lowercase(),
+                              "listKind": format!("{}List", r.kind)},
+                    "versions": [{"name": r.version, "served": true, "storage": true}],
+                },
+            }))?;
+        }
+        Ok(())
     }
 
     /// Applies a JSON merge patch to an object, as `kubectl patch --type merge` does.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::select::{FieldSelector, LabelSelector};
-use crate::store::{Filter, PatchKind, RESOURCES, ResourceType, by_plural};
+use crate::store::{Filter, PatchKind, RESOURCES, ResourceType, Store, by_plural};
 use crate::{EmuError, Shared, WatchGate};
 
 /// What a path names.
@@ -48,7 +48,8 @@ async fn handle(
     let flag = |k: &str| matches!(param(k), Some("true" | "1"));
 
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
-    let (group, rest) = match segments.as_slice() {
+    let served = |r: &&'static ResourceType| shared.store().served(r);
+    let (group, version, rest) = match segments.as_slice() {
         ["version"] => return json_response(StatusCode::OK, &version()),
         ["api"] => {
             return json_response(
@@ -56,24 +57,35 @@ async fn handle(
                 &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
             );
         }
-        ["apis"] => return json_response(StatusCode::OK, &api_groups()),
-        ["api", "v1"] => return json_response(StatusCode::OK, &resource_list("")),
-        ["apis", "networking.k8s.io", "v1"] => {
-            return json_response(StatusCode::OK, &resource_list("networking.k8s.io"));
+        ["apis"] => return json_response(StatusCode::OK, &api_groups(&shared.store())),
+        ["api", "v1"] => {
+            return json_response(StatusCode::OK, &resource_list(&shared.store(), "", "v1"));
         }
-        ["api", "v1", rest @ ..] => ("", rest),
-        ["apis", "networking.k8s.io", "v1", rest @ ..] => ("networking.k8s.io", rest),
+        ["apis", group, version] => {
+            let list = resource_list(&shared.store(), group, version);
+            if list["resources"].as_array().is_some_and(Vec::is_empty) {
+                return no_route();
+            }
+            return json_response(StatusCode::OK, &list);
+        }
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return no_route(),
     };
     let target = match rest {
-        ["namespaces", ns, plural] => by_plural(group, plural)
+        ["namespaces", ns, plural] => by_plural(group, version, plural)
+            .filter(served)
             .filter(|r| r.namespaced)
             .map(|r| Target::Collection(r, Some(ns.to_string()))),
-        ["namespaces", ns, plural, name] => by_plural(group, plural)
+        ["namespaces", ns, plural, name] => by_plural(group, version, plural)
+            .filter(served)
             .filter(|r| r.namespaced)
             .map(|r| Target::Item(r, Some(ns.to_string()), name.to_string())),
-        [plural] => by_plural(group, plural).map(|r| Target::Collection(r, None)),
-        [plural, name] => by_plural(group, plural)
+        [plural] => by_plural(group, version, plural)
+            .filter(served)
+            .map(|r| Target::Collection(r, None)),
+        [plural, name] => by_plural(group, version, plural)
+            .filter(served)
             .filter(|r| !r.namespaced)
             .map(|r| Target::Item(r, None, name.to_string())),
         _ => None,
@@ -313,6 +325,15 @@ async fn run_watch(
                         return;
                     }
                     seen = change.rv;
+                    // The definition of this custom resource was deleted (after its objects,
+                    // whose DELETED events this watch has sent): the watch ends.
+                    if filter.res.crd
+                        && change.res == crate::store::crd_type()
+                        && change.kind == crate::store::ChangeKind::Deleted
+                        && change.obj["metadata"]["name"] == filter.res.crd_name()
+                    {
+                        return;
+                    }
                     match filter.event_for(&change) {
                         Some((kind, obj)) => event_line(kind, obj),
                         None => continue,
@@ -375,27 +396,50 @@ fn version() -> Value {
     })
 }
 
-fn api_groups() -> Value {
-    let version = json!({"groupVersion": "networking.k8s.io/v1", "version": "v1"});
-    json!({
-        "kind": "APIGroupList", "apiVersion": "v1",
-        "groups": [{"name": "networking.k8s.io", "versions": [version], "preferredVersion": version}]
-    })
+fn api_groups(store: &Store) -> Value {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| !r.group.is_empty() && store.served(r))
+    {
+        match groups.iter_mut().find(|(g, _)| *g == r.group) {
+            Some((_, versions)) => {
+                if !versions.contains(&r.version) {
+                    versions.push(r.version);
+                }
+            }
+            None => groups.push((r.group, vec![r.version])),
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(name, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+                .collect();
+            // Newest first, as the apiserver orders them (v1alpha2 before v1alpha1).
+            let mut versions = versions;
+            versions.sort_by(|a, b| b["version"].as_str().cmp(&a["version"].as_str()));
+            json!({"name": name, "versions": versions.clone(), "preferredVersion": versions[0]})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-fn resource_list(group: &str) -> Value {
+fn resource_list(store: &Store, group: &str, version: &str) -> Value {
     let verbs = [
         "create", "delete", "get", "list", "patch", "update", "watch",
     ];
     let resources: Vec<Value> = RESOURCES
         .iter()
-        .filter(|r| r.group == group)
+        .filter(|r| r.group == group && r.version == version && store.served(r))
         .map(|r| json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}))
         .collect();
     let group_version = if group.is_empty() {
-        "v1".to_string()
+        version.to_string()
     } else {
-        format!("{group}/v1")
+        format!("{group}/{version}")
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }

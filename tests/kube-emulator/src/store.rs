@@ -13,61 +13,117 @@ use crate::select::{FieldSelector, LabelSelector};
 /// A resource type the emulator serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResourceType {
-    /// Plural name as it appears in paths: `pods`.
+    /// Plural name as it appears in paths: `pods`. Unique among [`RESOURCES`].
     pub plural: &'static str,
     /// API group: `""` for core, `networking.k8s.io`.
     pub group: &'static str,
+    /// API version within the group: `v1`, `v1alpha2`.
+    pub version: &'static str,
     /// Kind: `Pod`.
     pub kind: &'static str,
     /// Whether objects live in a namespace.
     pub namespaced: bool,
+    /// A custom resource: served only while its CustomResourceDefinition (named
+    /// `<plural>.<group>`) exists; deleting the definition deletes its objects.
+    pub crd: bool,
 }
 
 impl ResourceType {
     /// `v1` or `networking.k8s.io/v1`.
-    pub fn api_version(&self) -> &'static str {
+    pub fn api_version(&self) -> String {
         if self.group.is_empty() {
-            "v1"
+            self.version.to_string()
         } else {
-            "networking.k8s.io/v1"
+            format!("{}/{}", self.group, self.version)
         }
+    }
+
+    /// The name of its CustomResourceDefinition: `clusternetworkpolicies.policy.networking.k8s.io`.
+    pub fn crd_name(&self) -> String {
+        format!("{}.{}", self.plural, self.group)
     }
 }
 
 const fn resource(
     plural: &'static str,
     group: &'static str,
+    version: &'static str,
     kind: &'static str,
     namespaced: bool,
+    crd: bool,
 ) -> ResourceType {
     ResourceType {
         plural,
         group,
+        version,
         kind,
         namespaced,
+        crd,
     }
 }
 
-/// Every resource type served.
-pub static RESOURCES: [ResourceType; 6] = [
-    resource("pods", "", "Pod", true),
-    resource("namespaces", "", "Namespace", false),
-    resource("nodes", "", "Node", false),
-    resource("secrets", "", "Secret", true),
-    resource("configmaps", "", "ConfigMap", true),
+/// The group of the cluster-wide admin policies.
+pub const POLICY_GROUP: &str = "policy.networking.k8s.io";
+
+/// Every resource type known. Custom resources are served only while their definition exists.
+pub static RESOURCES: [ResourceType; 10] = [
+    resource("pods", "", "v1", "Pod", true, false),
+    resource("namespaces", "", "v1", "Namespace", false, false),
+    resource("nodes", "", "v1", "Node", false, false),
+    resource("secrets", "", "v1", "Secret", true, false),
+    resource("configmaps", "", "v1", "ConfigMap", true, false),
     resource(
         "networkpolicies",
         "networking.k8s.io",
+        "v1",
         "NetworkPolicy",
+        true,
+        false,
+    ),
+    resource(
+        "customresourcedefinitions",
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        false,
+        false,
+    ),
+    resource(
+        "clusternetworkpolicies",
+        POLICY_GROUP,
+        "v1alpha2",
+        "ClusterNetworkPolicy",
+        false,
+        true,
+    ),
+    resource(
+        "adminnetworkpolicies",
+        POLICY_GROUP,
+        "v1alpha1",
+        "AdminNetworkPolicy",
+        false,
+        true,
+    ),
+    resource(
+        "baselineadminnetworkpolicies",
+        POLICY_GROUP,
+        "v1alpha1",
+        "BaselineAdminNetworkPolicy",
+        false,
         true,
     ),
 ];
 
-/// Looks a resource type up by group and plural.
-pub fn by_plural(group: &str, plural: &str) -> Option<&'static ResourceType> {
+/// The CustomResourceDefinition type.
+pub fn crd_type() -> &'static ResourceType {
+    &RESOURCES[6]
+}
+
+/// Looks a resource type up by group, version and plural.
+pub fn by_plural(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
     RESOURCES
         .iter()
-        .find(|r| r.group == group && r.plural == plural)
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 /// Looks a resource type up by apiVersion and kind.
@@ -78,6 +134,14 @@ pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
 }
 
 type Key = (&'static str, String, String);
+
+impl Store {
+    /// Whether a resource type is served now: always, or for a custom resource while its
+    /// definition exists.
+    pub fn served(&self, res: &ResourceType) -> bool {
+        !res.crd || self.get(crd_type(), None, &res.crd_name()).is_ok()
+    }
+}
 
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,6 +452,19 @@ impl Store {
             .get(&k)
             .cloned()
             .ok_or_else(|| not_found(res, name))?;
+        if res.plural == crd_type().plural
+            && let Some(custom) = RESOURCES.iter().find(|r| r.crd && r.crd_name() == name)
+        {
+            let inside: Vec<Key> = self
+                .objects
+                .keys()
+                .filter(|(plural, _, _)| *plural == custom.plural)
+                .cloned()
+                .collect();
+            for (_, _, member) in inside {
+                self.delete(custom, None, &member)?;
+            }
+        }
         if res.plural == "namespaces" {
             let inside: Vec<Key> = self
                 .objects
@@ -451,7 +528,10 @@ impl Store {
                 "{what}: the body is not a JSON object"
             )));
         };
-        for (field, want) in [("kind", res.kind), ("apiVersion", res.api_version())] {
+        for (field, want) in [
+            ("kind", res.kind),
+            ("apiVersion", res.api_version().as_str()),
+        ] {
             match map.get(field).and_then(Value::as_str) {
                 Some(got) if got != want => {
                     return Err(EmuError::BadRequest(format!(

@@ -492,3 +492,90 @@ async fn watch_ends_at_its_timeout_and_is_uncounted_when_the_client_leaves() {
             .any(|(_, p)| p.contains("timeoutSeconds=1"))
     );
 }
+
+/// Admin policy kinds are served only while their CustomResourceDefinition exists, as on a real
+/// cluster: before, discovery and paths are 404 and apply is refused; after, they list and
+/// watch like any kind; deleting the definition deletes the objects and ends the watches.
+#[tokio::test]
+async fn admin_policy_kinds_are_served_while_their_definition_exists() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let emu = Emulator::start().await.unwrap();
+    let c = client(&emu);
+    let cnp = json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                     "kind": "ClusterNetworkPolicy", "metadata": {"name": "guard"},
+                     "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}}});
+    assert!(emu.apply(cnp.clone()).is_err());
+    assert!(
+        c.list_api_group_resources("policy.networking.k8s.io/v1alpha2")
+            .await
+            .is_err()
+    );
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            "ClusterNetworkPolicy",
+        ),
+        "clusternetworkpolicies",
+    );
+    let api: Api<DynamicObject> = Api::all_with(c.clone(), &ar);
+    assert!(api.list(&ListParams::default()).await.is_err());
+
+    emu.install_admin_crds().unwrap();
+    let groups = c.list_api_groups().await.unwrap();
+    let policy = groups
+        .groups
+        .iter()
+        .find(|g| g.name == "policy.networking.k8s.io")
+        .unwrap();
+    let versions: Vec<&str> = policy.versions.iter().map(|v| v.version.as_str()).collect();
+    assert_eq!(versions, ["v1alpha2", "v1alpha1"]);
+    let v1 = c
+        .list_api_group_resources("policy.networking.k8s.io/v1alpha1")
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = v1.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["adminnetworkpolicies", "baselineadminnetworkpolicies"]
+    );
+
+    emu.apply(cnp).unwrap();
+    let listed = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(listed.items[0].data["spec"]["tier"], "Admin");
+
+    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+    loop {
+        if let Ok(watcher::Event::InitDone) = events.next().await.unwrap() {
+            break;
+        }
+    }
+    // Poll the stream until its watch request is open.
+    let _ = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(emu.wait_for_watches(1, Duration::from_secs(10)));
+    emu.delete(
+        "customresourcedefinitions",
+        None,
+        "clusternetworkpolicies.policy.networking.k8s.io",
+    )
+    .unwrap();
+    assert!(emu.list("clusternetworkpolicies", None).is_empty());
+    // The watch sees the object go, then cannot list the kind any more.
+    let mut deleted = false;
+    loop {
+        match events.next().await.unwrap() {
+            Ok(watcher::Event::Delete(o)) => deleted = o.metadata.name.as_deref() == Some("guard"),
+            Err(
+                watcher::Error::InitialListFailed(kube::Error::Api(s))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(s)),
+            ) => {
+                assert_eq!(s.code, 404);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(deleted);
+}

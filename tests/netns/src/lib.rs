@@ -45,6 +45,31 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Whether a test's program is installed: `command` (a name looked up on `PATH`, or an absolute
+/// path) from the Debian package `package`, which tests/run.sh installs with tests/need.sh.
+/// Missing and `CI=true`: panics (CI must run the test). Missing locally: prints a loud SKIP
+/// line naming the install command and returns `false`.
+pub fn have_command(test: &str, command: &str, package: &str) -> bool {
+    let found = if command.starts_with('/') {
+        std::path::Path::new(command).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+    };
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{test}: {command} is missing and CI=true: refusing to skip (tests/run.sh installs it: tests/need.sh {command}={package})"
+        );
+    }
+    eprintln!(
+        "\n**************** SKIP {test}: needs {command} (as root: tests/need.sh {command}={package}) ****************\n"
+    );
+    false
+}
+
 /// Runs a command, panicking with its output if it cannot start or exits non-zero.
 pub fn run(args: &[&str]) -> String {
     let out = run_status(args);

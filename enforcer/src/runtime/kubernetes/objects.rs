@@ -126,6 +126,7 @@ impl Policies {
                 out.push(Event::Policies {
                     origin: POLICY_ORIGIN.to_owned(),
                     policies,
+                    admin: None,
                 });
             }
             watcher::Event::Apply(p) => out.push(Event::PolicyUpsert(Box::new(p))),
@@ -231,7 +232,14 @@ mod tests {
         }
         assert!(out.is_empty());
         p.handle(watcher::Event::InitDone, &mut out);
-        let [Event::Policies { policies, origin }] = out.as_slice() else {
+        let [
+            Event::Policies {
+                policies,
+                origin,
+                admin: None,
+            },
+        ] = out.as_slice()
+        else {
             panic!("{out:?}")
         };
         assert_eq!(origin, POLICY_ORIGIN);
