@@ -4,14 +4,14 @@
 //! unchanged; the workload's later egress decisions to the resolved addresses carry the names
 //! until their TTL runs out; answers that reach the processor any other way, answers about
 //! other names, answers from resolvers not trusted and malformed answers teach nothing and
-//! still pass.
+//! still pass; with an admin `domainNames` policy, what was resolved is what is allowed.
 
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use common::*;
-use datapath::{Hook, ProcessorConfig, Verdict, WorkloadId};
+use datapath::{ProcessorConfig, Verdict, WorkloadId};
 use simple_dns::rdata::{A, AAAA, CNAME, RData};
 use simple_dns::{CLASS, Name, Packet, QCLASS, QTYPE, Question, ResourceRecord, TYPE};
 
@@ -411,33 +411,34 @@ fn arbitrary_bytes_as_a_dns_answer_always_pass() {
     assert!(w.a.dns_cache_len() <= ProcessorConfig::default().dns.max_entries);
 }
 
-/// With the engine's `domainNames` matching (another branch), an admin policy that allows
-/// `*.example.com` and denies the rest: a connection is allowed only to an address the
-/// workload resolved for such a name, until the TTL runs out; an established connection is not
-/// cut when it does (only when policy changes deny the names it was allowed with).
+/// An admin policy that allows `*.example.com` and denies the rest: a connection is allowed
+/// only to an address the workload resolved for such a name, until the TTL runs out; an
+/// established connection is not cut when it does (only when policy changes deny the names it
+/// was allowed with).
 #[test]
-#[ignore = "needs the policy engine's domainNames matching (branch nodes, not on main yet): until then an Accept rule with domainNames matches nothing"]
 fn a_domain_names_policy_allows_only_what_was_resolved() {
-    let policy = "
+    let policy = |pattern: &str| {
+        format!(
+            "
 apiVersion: policy.networking.k8s.io/v1alpha2
 kind: ClusterNetworkPolicy
-metadata: {name: egress-allowlist}
+metadata: {{name: egress-allowlist}}
 spec:
   tier: Admin
   priority: 10
-  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}
+  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: shop}}}}}}
   egress:
   - action: Accept
-    to: [{domainNames: ['*.example.com']}]
+    to: [{{domainNames: ['{pattern}']}}]
   - action: Deny
-    to: [{networks: ['0.0.0.0/0']}]
-";
-    let mut w = World::new(Mode::Psk, policy);
+    to: [{{networks: ['0.0.0.0/0']}}]
+"
+        )
+    };
+    let refused = |v: &Verdict| v.reason.as_ref().map(|r| r.as_str()) == Some("policy_egress");
+    let mut w = World::new(Mode::Psk, &policy("*.example.com"));
     let v = connect_out(&mut w, sa(EXT), 40001);
-    assert!(
-        !v.accept || v.reason.is_some(),
-        "not resolved: denied, {v:?}"
-    );
+    assert!(refused(&v), "not resolved: denied, {v:?}");
     learn(
         &mut w,
         &answer(
@@ -447,7 +448,12 @@ spec:
     );
     let v = connect_out(&mut w, sa(EXT), 40002);
     assert!(v.accept && v.mark_authorized && v.reason.is_none(), "{v:?}");
-    // Another name to another address is not allowed by this one.
+    // UDP to the resolved address too; to another one, not.
+    let (v, _) = w.out_a(&udp(SocketAddr::new(WEB.ip, 40010), sa(EXT), b"quic"));
+    assert!(v.accept && v.mark_authorized, "{v:?}");
+    let (v, _) = w.out_a(&udp(SocketAddr::new(WEB.ip, 40011), sa(EXT2), b"quic"));
+    assert!(refused(&v), "{v:?}");
+    // A name the pattern does not match, resolved to another address, does not allow it.
     learn(
         &mut w,
         &answer(
@@ -456,11 +462,20 @@ spec:
         ),
     );
     let v = connect_out(&mut w, sa(EXT2), 40003);
-    assert!(!v.accept || v.reason.is_some(), "{v:?}");
-    // TTL runs out: new connections are denied, the established one is not cut by a re-check.
+    assert!(refused(&v), "{v:?}");
+    // The TTL runs out: new connections are refused; the established ones are not cut by a
+    // re-check (they keep the names they were allowed with).
     w.now += 31_000;
     let v = connect_out(&mut w, sa(EXT), 40004);
-    assert!(!v.accept || v.reason.is_some(), "{v:?}");
+    assert!(refused(&v), "{v:?}");
     assert!(w.a.recheck(w.now).is_empty());
-    let _ = Hook::Output;
+    // A policy change that no longer allows those names cuts them.
+    let parsed = policy::objects::parse("p.yaml", &policy("*.example.net"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let report = policy::objects::load(w.a.engine_mut(), &parsed.objects);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let cuts = w.a.recheck(w.now);
+    let mut cut: Vec<u16> = cuts.iter().map(|c| c.local.port()).collect();
+    cut.sort();
+    assert_eq!(cut, [40002, 40010], "{cuts:?}");
 }
