@@ -47,7 +47,8 @@ pub struct QueueConfig {
     /// The queue number the rules send DNS answers to
     /// ([`RuleConfig::dns_queue_num`](super::RuleConfig::dns_queue_num), the same value),
     /// bound by the same socket; its packets reach the handler as [`Direction::DnsAnswer`].
-    /// That queue always fails open when full: its packets belong to authorized flows.
+    /// That queue always fails open when full: its packets belong to authorized flows. The
+    /// same number as `queue_num` is ignored (as the rules ignore it).
     pub dns_queue_num: Option<u16>,
 }
 

@@ -28,8 +28,9 @@ pub struct RuleConfig {
     /// authorized) are queued on this queue number, read by the same socket
     /// ([`QueueConfig::dns_queue_num`](super::QueueConfig::dns_queue_num) must say the same)
     /// and handed to [`Processor::learn_dns_answer`](crate::Processor::learn_dns_answer).
-    /// `None`: no such rule; answers pass unseen and no name is ever learnt (a `domainNames`
-    /// peer then matches nothing).
+    /// `None` (or the same number as `queue_num`, which could not tell the answers apart):
+    /// no such rule; answers pass unseen and no name is ever learnt (a `domainNames` peer then
+    /// matches nothing).
     pub dns_queue_num: Option<u16>,
 }
 
@@ -153,7 +154,7 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
                 "-A {chain} -p udp -m u32 --u32 \"{}\" -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n",
                 udp_control_u32(family)
             ));
-            if let Some(dns) = cfg.dns_queue_num {
+            if let Some(dns) = cfg.dns_queue_num.filter(|d| *d != q) {
                 out.push_str(&dns_answer_rule(chain, cfg.auth_mark, dns));
             }
         }
@@ -611,6 +612,15 @@ COMMIT
             assert!(!text.contains("-A TESSERA-OUTPUT -p udp --sport 53"));
             assert!(!text.contains("--dport 53"));
         }
+        // The main queue's number cannot serve: no rule (the queue ignores it the same way).
+        let same = RuleConfig {
+            dns_queue_num: Some(7),
+            ..RuleConfig::default()
+        };
+        assert_eq!(
+            render(&same, Family::V4, Jumps::default()),
+            render(&RuleConfig::default(), Family::V4, Jumps::default())
+        );
         // Without it, the rule set is exactly the one without DNS learning.
         let off = render(&RuleConfig::default(), Family::V4, Jumps::default());
         let on = render(&cfg, Family::V4, Jumps::default());
