@@ -48,23 +48,25 @@ struct Pair {
 }
 
 impl Pair {
-    fn new() -> Pair {
+    /// `tag`: one digit telling the tests of one process apart.
+    fn new(tag: u8) -> Pair {
         let id = std::process::id() % 100_000;
         let p = Pair {
-            workload: format!("tdns-w{id}"),
-            resolver: format!("tdns-r{id}"),
+            workload: format!("tdns-w{id}-{tag}"),
+            resolver: format!("tdns-r{id}-{tag}"),
         };
-        let (a, b) = (format!("tdw{id}"), format!("tdr{id}"));
+        let (a, b) = (format!("tdw{id}{tag}"), format!("tdr{id}{tag}"));
         run(&["ip", "netns", "add", &p.workload]);
         run(&["ip", "netns", "add", &p.resolver]);
         run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
         run(&["ip", "link", "set", &a, "netns", &p.workload]);
         run(&["ip", "link", "set", &b, "netns", &p.resolver]);
-        for (ns, dev, addr) in [
-            (&p.workload, &a, "10.199.0.2/24"),
-            (&p.resolver, &b, "10.199.0.53/24"),
+        for (ns, dev, v4, v6) in [
+            (&p.workload, &a, "10.199.0.2/24", "fd00:199::2/64"),
+            (&p.resolver, &b, "10.199.0.53/24", "fd00:199::53/64"),
         ] {
-            run(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            run(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+            run(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
             run(&["ip", "-n", ns, "link", "set", dev, "up"]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
@@ -114,7 +116,10 @@ fn processor() -> Processor {
             key: key.clone(),
             labels: Default::default(),
             ports: vec![],
-            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 199, 0, 2))],
+            ips: vec![
+                IpAddr::V4(Ipv4Addr::new(10, 199, 0, 2)),
+                "fd00:199::2".parse().unwrap(),
+            ],
             host_network: false,
         })
         .unwrap();
@@ -133,11 +138,25 @@ fn processor() -> Processor {
 }
 
 #[test]
-fn netns_dns_answers_reach_the_dns_queue_and_are_learnt() {
-    if !privileged("netns_dns_answers_reach_the_dns_queue_and_are_learnt") {
-        return;
+fn netns_dns_answers_reach_the_dns_queue_and_are_learnt_ipv4() {
+    if privileged("netns_dns_answers_reach_the_dns_queue_and_are_learnt_ipv4") {
+        answers_are_learnt("10.199.0.2", "10.199.0.53");
     }
-    let pair = Pair::new();
+}
+
+#[test]
+fn netns_dns_answers_reach_the_dns_queue_and_are_learnt_ipv6() {
+    if privileged("netns_dns_answers_reach_the_dns_queue_and_are_learnt_ipv6") {
+        answers_are_learnt("fd00:199::2", "fd00:199::53");
+    }
+}
+
+/// The workload at `wl_ip` queries the resolver at `res_ip` (one family).
+fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
+    let wl_ip: IpAddr = wl_ip.parse().unwrap();
+    let res_ip: IpAddr = res_ip.parse().unwrap();
+    let at = |ip: IpAddr, port: u16| std::net::SocketAddr::new(ip, port);
+    let pair = Pair::new(if wl_ip.is_ipv4() { 4 } else { 6 });
     let (wl, res) = (Pair::ns(&pair.workload), Pair::ns(&pair.resolver));
     let rule_cfg = RuleConfig {
         dns_queue_num: Some(8),
@@ -154,15 +173,15 @@ fn netns_dns_answers_reach_the_dns_queue_and_are_learnt() {
     .unwrap();
     // Sockets opened inside each namespace stay there.
     let client = wl
-        .run(|| UdpSocket::bind("10.199.0.2:40000"))
+        .run(move || UdpSocket::bind(at(wl_ip, 40000)))
         .unwrap()
         .unwrap();
     let other = wl
-        .run(|| UdpSocket::bind("10.199.0.2:40001"))
+        .run(move || UdpSocket::bind(at(wl_ip, 40001)))
         .unwrap()
         .unwrap();
     let server = res
-        .run(|| UdpSocket::bind("10.199.0.53:53"))
+        .run(move || UdpSocket::bind(at(res_ip, 53)))
         .unwrap()
         .unwrap();
     for s in [&client, &other, &server] {
@@ -174,7 +193,7 @@ fn netns_dns_answers_reach_the_dns_queue_and_are_learnt() {
         let done = done.clone();
         std::thread::spawn(move || {
             client
-                .send_to(b"\x42\x42\x01\x00query", "10.199.0.53:53")
+                .send_to(b"\x42\x42\x01\x00query", at(res_ip, 53))
                 .unwrap();
             let mut buf = [0u8; 1500];
             let (n, from) = server.recv_from(&mut buf).unwrap();
@@ -183,7 +202,7 @@ fn netns_dns_answers_reach_the_dns_queue_and_are_learnt() {
             let (n, _) = client.recv_from(&mut buf).unwrap();
             let got = buf[..n].to_vec();
             // From port 53, but no query asked for it: it opens a flow of its own.
-            server.send_to(&answer(0x4343), "10.199.0.2:40001").unwrap();
+            server.send_to(&answer(0x4343), at(wl_ip, 40001)).unwrap();
             let (m, _) = other.recv_from(&mut buf).unwrap();
             done.store(true, Ordering::SeqCst);
             (got, m)
