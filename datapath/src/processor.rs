@@ -1786,24 +1786,29 @@ impl Step<'_> {
         protocol: Protocol,
         dest_port_name: Option<&str>,
     ) -> bool {
-        let mut names = [""; MAX_NAMES_PER_ADDRESS];
-        let n = match direction {
-            Direction::Egress => self.dns.names(self.id, peer_ip, self.now, &mut names),
-            Direction::Ingress => 0,
+        let engine = self.engine;
+        let local = &self.wl.key;
+        let allows = |resolved_names: &[&str]| {
+            engine.allows(&Connection {
+                local,
+                direction,
+                peer,
+                peer_ip: Some(peer_ip),
+                port,
+                protocol,
+                dest_port_name,
+                resolved_names,
+            })
         };
+        if direction == Direction::Ingress || self.dns.is_empty() {
+            return allows(&[]);
+        }
+        let mut names = [""; MAX_NAMES_PER_ADDRESS];
+        let n = self.dns.names(self.id, peer_ip, self.now, &mut names);
         if n > 0 {
             self.metrics.count_dns_decision();
         }
-        self.engine.allows(&Connection {
-            local: &self.wl.key,
-            direction,
-            peer,
-            peer_ip: Some(peer_ip),
-            port,
-            protocol,
-            dest_port_name,
-            resolved_names: &names[..n],
-        })
+        allows(&names[..n])
     }
 
     /// Client OUTPUT SYN: attach a new SYN token, or the same one on retransmission.
