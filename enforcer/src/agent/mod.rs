@@ -1027,6 +1027,9 @@ pub async fn run(opts: Options) -> Result<()> {
             queue_num: opts.queue_num,
             auth_mark: opts.auth_mark,
             fail_open: opts.fail_open,
+            // DNS answers are not learnt yet (the agent does not turn the datapath's DNS
+            // learning on): admin `domainNames` Accept rules match nothing.
+            dns_queue_num: None,
         },
         mode: if opts.accept_all {
             Mode::AcceptAll
