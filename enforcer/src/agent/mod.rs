@@ -72,6 +72,10 @@ pub struct Options {
     pub queue_num: u16,
     pub queue_max_len: u32,
     pub auth_mark: u32,
+    /// The queue of DNS answers (names learnt for admin `domainNames` peers); `None`: off.
+    pub dns_queue_num: Option<u16>,
+    /// Answers are learnt only from these servers (empty: from any).
+    pub dns_servers: Vec<ipnet::IpNet>,
     pub metrics_addr: Option<SocketAddr>,
     pub accept_all: bool,
 }
@@ -980,7 +984,9 @@ pub async fn run(opts: Options) -> Result<()> {
         auth_mark: opts.auth_mark,
         ..ProcessorConfig::default()
     };
-    let processor = Arc::new(Mutex::new(Processor::new(node, engine, config)));
+    let mut processor = Processor::new(node, engine, config);
+    processor.set_dns_servers(opts.dns_servers.clone());
+    let processor = Arc::new(Mutex::new(processor));
     tracing::info!(
         node = %opts.node_name,
         peers,
@@ -1021,15 +1027,15 @@ pub async fn run(opts: Options) -> Result<()> {
             queue_num: opts.queue_num,
             max_len: opts.queue_max_len,
             fail_open: opts.fail_open,
+            dns_queue_num: opts.dns_queue_num,
             ..QueueConfig::default()
         },
         rules: RuleConfig {
             queue_num: opts.queue_num,
             auth_mark: opts.auth_mark,
             fail_open: opts.fail_open,
-            // DNS answers are not learnt yet (the agent does not turn the datapath's DNS
-            // learning on): admin `domainNames` Accept rules match nothing.
-            dns_queue_num: None,
+            // DNS answers to the workloads' own queries are learnt (admin `domainNames`).
+            dns_queue_num: opts.dns_queue_num,
         },
         mode: if opts.accept_all {
             Mode::AcceptAll
@@ -1335,6 +1341,13 @@ pub fn check_only(opts: &Options) -> Result<()> {
 pub fn check(opts: &Options) -> Result<()> {
     if opts.auth_mark == 0 {
         bail!("--auth-mark must not be 0");
+    }
+    if opts.dns_queue_num == Some(opts.queue_num) {
+        bail!(
+            "--dns-queue-num must differ from --queue-num ({}): the agent tells DNS answers \
+             apart by their queue",
+            opts.queue_num
+        );
     }
     Ok(())
 }

@@ -105,6 +105,24 @@ pub struct RunArgs {
     /// above it is used too (re-auth) [default: 0x10000000].
     #[arg(long, env = "TESSERA_AUTH_MARK", value_parser = parse_mark)]
     pub auth_mark: Option<u32>,
+    /// NFQUEUE number for the DNS answers workloads receive (learnt for admin `domainNames`
+    /// peers) in every workload namespace [default: --queue-num + 1].
+    #[arg(long, env = "TESSERA_DNS_QUEUE_NUM")]
+    pub dns_queue_num: Option<u16>,
+    /// Do not learn names from DNS answers (one rule fewer per workload; admin `domainNames`
+    /// peers then match nothing).
+    #[arg(long, env = "TESSERA_NO_DNS_LEARNING")]
+    pub no_dns_learning: bool,
+    /// Learn names only from answers sent from these addresses (CIDRs, comma-separated or
+    /// repeated): the cluster's DNS Service and node-local caches. Without it, answers from any
+    /// server the workload may query are learnt.
+    #[arg(
+        long,
+        env = "TESSERA_DNS_SERVERS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub dns_servers: Vec<ipnet::IpNet>,
     /// Address for /metrics, /healthz, /readyz and /status; "off" disables it [default: 127.0.0.1:9090].
     #[arg(long, env = "TESSERA_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -136,6 +154,9 @@ pub struct FileConfig {
     queue_num: Option<u16>,
     queue_max_len: Option<u32>,
     auth_mark: Option<MarkValue>,
+    dns_queue_num: Option<u16>,
+    dns_learning: Option<bool>,
+    dns_servers: Option<Vec<ipnet::IpNet>>,
     metrics_addr: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -307,15 +328,26 @@ impl RunArgs {
             }
             (None, None) => 0x1000_0000,
         };
+        let queue_num = self.queue_num.or(file.queue_num).unwrap_or(7);
         let opts = Options {
             node_name,
             runtime,
             policies: pick(&self.policies, &file.policies),
             keys,
             fail_open: self.fail_open || file.fail_open.unwrap_or(false),
-            queue_num: self.queue_num.or(file.queue_num).unwrap_or(7),
+            queue_num,
             queue_max_len: self.queue_max_len.or(file.queue_max_len).unwrap_or(8192),
             auth_mark,
+            dns_queue_num: (!self.no_dns_learning && file.dns_learning != Some(false)).then(|| {
+                self.dns_queue_num
+                    .or(file.dns_queue_num)
+                    .unwrap_or(queue_num.wrapping_add(1))
+            }),
+            dns_servers: if self.dns_servers.is_empty() {
+                file.dns_servers.clone().unwrap_or_default()
+            } else {
+                self.dns_servers.clone()
+            },
             metrics_addr,
             accept_all: self.accept_all,
         };
