@@ -252,11 +252,11 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
         .unwrap_or_else(|e| panic!("frontend -> backend:8080 must connect: {e}\n{}", logs()));
     echo_once(&mut s, 7).unwrap();
     drop(s);
-    // Denied by the backend's ingress: its SYN is dropped, the client times out.
-    match tb.connect("external", "backend", 8080, DENIED_TIMEOUT) {
+    // Denied by the frontend's ingress: its SYN is dropped, the client times out.
+    match tb.connect("backend", "frontend", 80, DENIED_TIMEOUT) {
         Err(e) if e.kind() == ErrorKind::TimedOut => {}
         other => panic!(
-            "external -> backend:8080 must time out, got {other:?}\n{}",
+            "backend -> frontend:80 must time out, got {other:?}\n{}",
             logs()
         ),
     }
@@ -271,8 +271,8 @@ fn agent_container_enforces_and_cleans_up_on_docker_stop() {
     }
     // Nothing enforces any more: the connection denied before goes through.
     let mut s = tb
-        .connect("external", "backend", 8080, OK_TIMEOUT)
-        .expect("without the agent, external -> backend connects");
+        .connect("backend", "frontend", 80, OK_TIMEOUT)
+        .expect("without the agent, backend -> frontend connects");
     echo_once(&mut s, 9).unwrap();
 }
 
@@ -408,9 +408,10 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     );
 
     // The API server's view: the example's Namespace, Pods (scheduled on this node, with the
-    // testbed's IPs as status) and NetworkPolicies, as `kubectl apply -f` would send them
-    // (the Services play no part in the agent's decisions).
+    // testbed's IPs as status), NetworkPolicies and admin policies (their CRDs installed), as
+    // `kubectl apply -f` would send them (the Services play no part in the agent's decisions).
     let emu = kube_emulator::Emulator::start_blocking().unwrap();
+    emu.install_admin_crds().unwrap();
     let mut example = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/three-tier/kubernetes"))
         .unwrap()
@@ -559,10 +560,12 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     let healthz = testbed::agent::http_get(metrics, probe["path"].as_str().unwrap());
     assert_eq!(healthz.as_deref(), Some("ok\n"));
 
-    // The walk-through of examples/three-tier/kubernetes/README.md.
+    // The walk-through of examples/three-tier/kubernetes/README.md (external reaches the
+    // backend through the Admin-tier uptime-probe policy).
     for (from, to, port, allowed) in [
         ("external", "frontend", 80, true),
-        ("external", "backend", 8080, false),
+        ("external", "backend", 8080, true),
+        ("backend", "frontend", 80, false),
         ("frontend", "backend", 8080, true),
         ("frontend", "database", 5432, false),
         ("backend", "database", 5432, true),

@@ -743,7 +743,9 @@ fn systemd_unit_runs_under_systemd() {
     for (i, (name, role, port)) in [
         ("frontend", "WebFrontend", "[{name: http, port: 80}]"),
         ("backend", "BusinessBackend", "[{name: api, port: 8080}]"),
-        ("external", "External", "[]"),
+        // A database may only connect to databases (its egress) and the backend admits
+        // frontends and backends (External would get in: the demo's admin uptime probe).
+        ("database", "Database", "[]"),
     ]
     .iter()
     .enumerate()
@@ -760,7 +762,7 @@ fn systemd_unit_runs_under_systemd() {
     let sd = BootedSystemd::boot(tmp);
     let setup = sd.sh(
         "set -e; ip link add br0 type bridge; ip link set br0 up; i=1; \
-         for n in frontend backend external; do \
+         for n in frontend backend database; do \
            ip netns add $n; ip -n $n link set lo up; \
            ip link add v-$n type veth peer name eth0 netns $n; ip link set v-$n master br0 up; \
            ip -n $n addr add 10.251.0.$i/24 dev eth0; ip -n $n link set eth0 up; i=$((i+1)); \
@@ -774,7 +776,7 @@ fn systemd_unit_runs_under_systemd() {
 
     let rules = |n: &str| sd.sh(&format!("ip netns exec {n} iptables-save -t mangle"));
     let start = std::time::Instant::now();
-    while !["frontend", "backend", "external"]
+    while !["frontend", "backend", "database"]
         .iter()
         .all(|n| rules(n).contains("-j TESSERA-INPUT"))
     {
@@ -799,10 +801,10 @@ fn systemd_unit_runs_under_systemd() {
         ))
     };
     assert_eq!(nc("frontend").trim(), "hi", "frontend -> backend:8080");
-    let denied = nc("external");
+    let denied = nc("database");
     assert!(
         !denied.contains("hi"),
-        "external -> backend:8080 must be refused: {denied}"
+        "database -> backend:8080 must be refused: {denied}"
     );
 
     // A namespace mounted under /run/netns after the service started (and added to the
@@ -836,8 +838,8 @@ fn systemd_unit_runs_under_systemd() {
         sd.sh("journalctl -u tessera --no-pager")
             .contains("stopped cleanly")
     );
-    for n in ["frontend", "backend", "external", "late"] {
+    for n in ["frontend", "backend", "database", "late"] {
         assert!(!rules(n).contains("TESSERA"), "rules left in {n}");
     }
-    assert_eq!(nc("external").trim(), "hi", "no enforcement after stop");
+    assert_eq!(nc("database").trim(), "hi", "no enforcement after stop");
 }

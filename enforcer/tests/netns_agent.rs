@@ -60,7 +60,7 @@ fn inventory_is_followed(mode: Mode) {
         .policies(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/policies"))
         .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
         .workload(WorkloadSpec::new("backend-1", 1, "BusinessBackend").port(Some("api"), 8080))
-        .workload(WorkloadSpec::new("external-2", 2, "External").port(None, 9000))
+        .workload(WorkloadSpec::new("database-2", 2, "Database").port(None, 5432))
         .agents(AgentConfig::new(Path::new(TESSERA), mode))
         .build();
     let full = tb.inventory_yaml(1);
@@ -74,11 +74,11 @@ fn inventory_is_followed(mode: Mode) {
     );
     assert!(text.contains("WORKLOADS (2)"), "{text}");
 
-    // External may not reach the backend: enforced.
+    // A database may not reach the backend (its egress, the backend's ingress): enforced.
     assert!(
-        tb.connect("external-2", "backend-1", 8080, Duration::from_secs(2))
+        tb.connect("database-2", "backend-1", 8080, Duration::from_secs(2))
             .is_err(),
-        "external -> backend got through"
+        "database -> backend got through"
     );
 
     // The backend leaves the inventory: its rules go, so nothing isolates it any more.
@@ -118,9 +118,9 @@ fn inventory_is_followed(mode: Mode) {
         status(&tb, 1, false).contains("shop/backend-1")
     });
     assert!(
-        tb.connect("external-2", "backend-1", 8080, Duration::from_secs(2))
+        tb.connect("database-2", "backend-1", 8080, Duration::from_secs(2))
             .is_err(),
-        "external -> backend got through after re-enforcement"
+        "database -> backend got through after re-enforcement"
     );
     let mut s = tb
         .connect("frontend-1", "backend-1", 8080, OK_TIMEOUT)
