@@ -88,6 +88,10 @@ pub(crate) struct Authorized {
     pub(crate) port_name: Option<Box<str>>,
     /// When it was authorized (unix ms).
     pub(crate) since_ms: u64,
+    /// Egress only: the names the workload had resolved to the peer's address (DNS, TTL
+    /// valid) when the flow was authorized. Re-checks use these: a flow is not cut because
+    /// the TTL ran out since, only when policy no longer allows the names.
+    pub(crate) resolved_names: Box<[Arc<str>]>,
     /// Insertion number (eviction order).
     seq: u64,
 }
@@ -106,8 +110,15 @@ impl Authorized {
             peer_pod,
             port_name: port_name.map(Box::from),
             since_ms,
+            resolved_names: Box::default(),
             seq: 0,
         }
+    }
+
+    /// With the names the workload had resolved to the peer (see `resolved_names`).
+    pub(crate) fn with_names(mut self, names: Box<[Arc<str>]>) -> Self {
+        self.resolved_names = names;
+        self
     }
 }
 

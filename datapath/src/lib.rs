@@ -7,6 +7,8 @@
 //! - [`packet`]: parse IPv4/IPv6 + TCP without trusting any length field, attach / strip the
 //!   Tessera TCP option and token, recompute checksums, rewrite a SYN-ACK into a RST.
 //! - [`flow`]: the bounded, expiring per-flow handshake table (workload + 5-tuple).
+//! - [`dns`]: the names each workload resolved, learnt from the DNS answers it receives
+//!   (for admin `domainNames` egress peers): the answer parser and the bounded TTL cache.
 //! - [`established`]: the authorized flows remembered for [`Processor::recheck`], which cuts
 //!   those a policy or label change now denies.
 //! - [`processor`]: the state machine from the design brief, one [`Processor`] per node.
@@ -14,6 +16,7 @@
 //! - [`flowlog`]: flow records (docs/flow-log.md) and the bounded recorder the processor
 //!   writes them into, with the per-policy verdict counts.
 
+pub mod dns;
 pub mod established;
 pub mod flow;
 pub mod flowlog;

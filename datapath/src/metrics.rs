@@ -110,6 +110,11 @@ pub struct Metrics {
     cut_remembered: usize,
     established_evicted: u64,
     established_pruned: u64,
+    dns_answers: BTreeMap<&'static str, u64>,
+    dns_decisions: u64,
+    dns_cache_entries: usize,
+    dns_cache_evicted: u64,
+    dns_cache_expired: u64,
 }
 
 fn hook_index(hook: Hook) -> usize {
@@ -216,6 +221,38 @@ impl Metrics {
     /// Remembered flows evicted and pruned so far.
     pub fn established_dropped(&self) -> (u64, u64) {
         (self.established_evicted, self.established_pruned)
+    }
+
+    /// Count a DNS answer the rules queued for learning, under its result: `learnt`,
+    /// `no_address`, or why nothing was learnt.
+    pub fn count_dns_answer(&mut self, result: &'static str) {
+        *self.dns_answers.entry(result).or_insert(0) += 1;
+    }
+    /// DNS answers under one result label (0 if never).
+    pub fn dns_answers(&self, result: &str) -> u64 {
+        self.dns_answers.get(result).copied().unwrap_or(0)
+    }
+    /// Count an egress decision that carried names the workload resolved to the peer.
+    pub fn count_dns_decision(&mut self) {
+        self.dns_decisions += 1;
+    }
+    /// Egress decisions that carried resolved names, so far.
+    pub fn dns_decisions(&self) -> u64 {
+        self.dns_decisions
+    }
+    /// Set the DNS name cache's size and how many entries it evicted (full) and expired so far.
+    pub fn set_dns_cache(&mut self, entries: usize, evicted: u64, expired: u64) {
+        self.dns_cache_entries = entries;
+        self.dns_cache_evicted = evicted;
+        self.dns_cache_expired = expired;
+    }
+    /// DNS name cache: (entries, evicted, expired) at the last update.
+    pub fn dns_cache(&self) -> (usize, u64, u64) {
+        (
+            self.dns_cache_entries,
+            self.dns_cache_evicted,
+            self.dns_cache_expired,
+        )
     }
 
     /// Accepted packets of one hook and kind.
@@ -405,6 +442,50 @@ impl Metrics {
             out,
             "tessera_established_pruned_total {}",
             self.established_pruned
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_dns_answers_total DNS answers to workloads looked at for domainNames peers, by result: learnt, no_address, or why nothing was learnt (the answer passes either way)."
+        )?;
+        writeln!(out, "# TYPE tessera_dns_answers_total counter")?;
+        for (result, n) in &self.dns_answers {
+            writeln!(out, "tessera_dns_answers_total{{result=\"{result}\"}} {n}")?;
+        }
+        writeln!(
+            out,
+            "# HELP tessera_dns_egress_decisions_total Egress decisions that carried names the workload resolved to the peer's address."
+        )?;
+        writeln!(out, "# TYPE tessera_dns_egress_decisions_total counter")?;
+        writeln!(
+            out,
+            "tessera_dns_egress_decisions_total {}",
+            self.dns_decisions
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_dns_cache_entries (workload, address, name) entries learnt from DNS answers and held."
+        )?;
+        writeln!(out, "# TYPE tessera_dns_cache_entries gauge")?;
+        writeln!(out, "tessera_dns_cache_entries {}", self.dns_cache_entries)?;
+        writeln!(
+            out,
+            "# HELP tessera_dns_cache_evicted_total DNS cache entries dropped (or not added) because a bound was reached; the earliest to run out goes first."
+        )?;
+        writeln!(out, "# TYPE tessera_dns_cache_evicted_total counter")?;
+        writeln!(
+            out,
+            "tessera_dns_cache_evicted_total {}",
+            self.dns_cache_evicted
+        )?;
+        writeln!(
+            out,
+            "# HELP tessera_dns_cache_expired_total DNS cache entries removed because their TTL ran out."
+        )?;
+        writeln!(out, "# TYPE tessera_dns_cache_expired_total counter")?;
+        writeln!(
+            out,
+            "tessera_dns_cache_expired_total {}",
+            self.dns_cache_expired
         )
     }
 }

@@ -53,6 +53,7 @@ use identity::rand_core::CryptoRng;
 use identity::{Claims, ClientAwaitingSynAck, HandshakeError, Node, PeerIdentity};
 use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIdentity};
 
+use crate::dns::{self, MAX_NAMES_PER_ADDRESS, NameCache};
 use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
 use crate::metrics::{Metrics, PacketKind};
@@ -138,6 +139,9 @@ pub struct ProcessorConfig {
     /// How long a UDP flow's proven state lingers after its handshake (to mark the flow at its
     /// first datagram, and answer a re-sent SYN-ACK or ACK of a lost control datagram).
     pub udp_linger_ms: u64,
+    /// The names learnt from the DNS answers the workloads receive
+    /// ([`Processor::learn_dns_answer`]): TTL clamp and bounds.
+    pub dns: dns::CacheConfig,
 }
 
 impl Default for ProcessorConfig {
@@ -159,6 +163,7 @@ impl Default for ProcessorConfig {
             udp_held_total: 1024,
             udp_max_flows: 65_536,
             udp_linger_ms: 2_000,
+            dns: dns::CacheConfig::default(),
         }
     }
 }
@@ -417,6 +422,10 @@ pub struct Processor {
     peer_agents: ahash::HashMap<IpAddr, (bool, u64)>,
     /// The keys of the enforced workloads (to know a same-node peer by its address).
     local_keys: ahash::HashSet<PodKey>,
+    /// What each workload resolved through DNS (for admin `domainNames` peers).
+    dns: NameCache,
+    /// The resolvers whose answers are learnt (empty: any).
+    dns_servers: Vec<ipnet::IpNet>,
 }
 
 /// Peer addresses remembered (agent or not) before the map starts over.
@@ -447,6 +456,8 @@ impl Processor {
             outgoing: Vec::new(),
             peer_agents: Default::default(),
             local_keys: Default::default(),
+            dns: NameCache::new(config.dns),
+            dns_servers: Vec::new(),
         }
     }
 
@@ -496,13 +507,89 @@ impl Processor {
         self.flows.remove_workload(id);
         self.established.remove_workload(id);
         self.cut.remove_workload(id);
+        self.dns.remove_workload(id);
         self.metrics.set_flows(self.flows.len());
         self.update_established_metrics();
+        self.update_dns_metrics();
     }
 
     /// Whether `id` is enforced.
     pub fn has_workload(&self, id: WorkloadId) -> bool {
         self.workloads.contains_key(&id)
+    }
+
+    /// A DNS answer that arrives at workload `id` on a UDP flow the workload opened to port 53
+    /// and that its agent already authorized (the rules queue those on a queue of their own,
+    /// [`RuleConfig::dns_queue_num`](crate::shell::RuleConfig::dns_queue_num)): learn which
+    /// addresses it resolved for which names, until their TTL runs out, for the workload's
+    /// later egress decisions (admin `domainNames` peers). The verdict is always a plain
+    /// accept: the answer belongs to an authorized flow and passes as it would have without
+    /// being looked at. Counted in `tessera_dns_answers_total{result}`: `learnt`,
+    /// `no_address` (a valid answer without A/AAAA records for the question), or why nothing
+    /// was learnt ([`crate::dns::DnsError::as_str`], `untrusted_server`, `unknown_workload`,
+    /// `not_dns`, a packet error).
+    pub fn learn_dns_answer(&mut self, id: WorkloadId, packet: &[u8], now_ms: u64) -> Verdict {
+        let result = match self.learn_dns(id, packet, now_ms) {
+            Ok(0) => "no_address",
+            Ok(_) => "learnt",
+            Err(reason) => reason,
+        };
+        self.metrics.count_dns_answer(result);
+        self.update_dns_metrics();
+        Verdict::accept(false)
+    }
+
+    fn learn_dns(
+        &mut self,
+        id: WorkloadId,
+        packet: &[u8],
+        now_ms: u64,
+    ) -> Result<usize, &'static str> {
+        if !self.workloads.contains_key(&id) {
+            return Err(Reason::UnknownWorkload.as_str());
+        }
+        let d = IpDatagram::parse(packet).map_err(|e| e.as_str())?;
+        if d.protocol != Protocol::Udp.ip_number() || d.src_port != 53 {
+            return Err("not_dns");
+        }
+        if !self.dns_servers.is_empty() && !self.dns_servers.iter().any(|n| n.contains(&d.src)) {
+            return Err("untrusted_server");
+        }
+        let payload = udp_payload(packet, &d).map_err(|e| e.as_str())?;
+        let answer = dns::parse_answer(payload).map_err(dns::DnsError::as_str)?;
+        let names: Vec<Arc<str>> = answer.names.iter().map(|n| Arc::from(n.as_str())).collect();
+        for r in &answer.resolved {
+            if let Some(name) = names.get(r.name) {
+                self.dns.insert(id, r.ip, name, r.ttl_s, now_ms);
+            }
+        }
+        Ok(answer.resolved.len())
+    }
+
+    /// Learn only the answers of these resolvers (addresses or ranges, as the workloads see
+    /// the answer's source: the cluster DNS Service address, a node-local cache, or, where
+    /// Services are translated at the socket, the resolver pods' range). Empty (the default):
+    /// answers from any address are learnt, so a workload allowed to query a DNS server of its
+    /// choosing can make any address stand for any name in its own egress decisions
+    /// (docs/threat-model.md).
+    pub fn set_dns_servers(&mut self, servers: Vec<ipnet::IpNet>) {
+        self.dns_servers = servers;
+    }
+
+    /// The resolvers whose answers are learnt (empty: any).
+    pub fn dns_servers(&self) -> &[ipnet::IpNet] {
+        &self.dns_servers
+    }
+
+    /// The names workload `id` resolved to `ip` whose TTL has not run out at `now_ms`, sorted:
+    /// what its egress decisions to `ip` carry (for status pages and tests).
+    pub fn resolved_names(&self, id: WorkloadId, ip: IpAddr, now_ms: u64) -> Vec<String> {
+        self.dns.names_vec(id, ip, now_ms)
+    }
+
+    /// (workload, address, name) entries in the DNS name cache.
+    pub fn dns_cache_len(&self) -> usize {
+        self.dns.len()
     }
 
     /// Decide on one queued packet of workload `id` (a full IPv4 or IPv6 packet, modified in
@@ -594,6 +681,8 @@ impl Processor {
             outgoing,
             peer_agents,
             local_keys,
+            dns,
+            dns_servers: _,
         } = self;
         let wl = workloads.get(&id)?;
         let mut step = Step {
@@ -611,6 +700,7 @@ impl Processor {
             outgoing,
             peer_agents,
             local_keys,
+            dns,
             id,
             now: now_ms,
         };
@@ -627,8 +717,15 @@ impl Processor {
             self.metrics.count_rejected(Reason::UdpHoldFull.as_str());
         }
         self.peer_agents.retain(|_, (_, until)| *until > now_ms);
+        self.dns.expire(now_ms);
         self.metrics.set_flows(self.flows.len());
         self.update_established_metrics();
+        self.update_dns_metrics();
+    }
+
+    fn update_dns_metrics(&mut self) {
+        self.metrics
+            .set_dns_cache(self.dns.len(), self.dns.evicted(), self.dns.expired());
     }
 
     fn update_established_metrics(&mut self) {
@@ -663,6 +760,13 @@ impl Processor {
                 Direction::Egress => key.remote.port(),
             };
             let protocol = key.protocol;
+            // The names the workload had resolved to the peer when the flow was authorized: a
+            // flow is not cut because their TTL ran out since, only if policy now denies them.
+            let mut names = [""; MAX_NAMES_PER_ADDRESS];
+            for (slot, name) in names.iter_mut().zip(f.resolved_names.iter()) {
+                *slot = name;
+            }
+            let resolved_names = &names[..f.resolved_names.len().min(MAX_NAMES_PER_ADDRESS)];
             let allows = |peer: &Peer| {
                 self.engine.allows(&Connection {
                     local: &wl.key,
@@ -672,7 +776,7 @@ impl Processor {
                     port,
                     protocol,
                     dest_port_name: f.port_name.as_deref(),
-                    resolved_names: &[],
+                    resolved_names,
                 })
             };
             let mut allowed = allows(&f.peer);
@@ -785,6 +889,7 @@ struct Step<'a> {
     outgoing: &'a mut Vec<Outgoing>,
     peer_agents: &'a mut ahash::HashMap<IpAddr, (bool, u64)>,
     local_keys: &'a ahash::HashSet<PodKey>,
+    dns: &'a NameCache,
     id: WorkloadId,
     now: u64,
 }
@@ -1615,9 +1720,13 @@ impl Step<'_> {
             Some((peer, pod)) => (peer, Some(pod)),
             None => (self.ip_only.clone(), None),
         };
+        let names = match direction {
+            Direction::Egress => self.dns.names_shared(self.id, key.remote.ip(), self.now),
+            Direction::Ingress => Box::default(),
+        };
         self.established.insert(
             key,
-            Authorized::new(direction, peer, pod, port_name, self.now),
+            Authorized::new(direction, peer, pod, port_name, self.now).with_names(names),
         );
     }
 
@@ -1630,7 +1739,7 @@ impl Step<'_> {
     }
 
     fn decide(
-        &self,
+        &mut self,
         direction: Direction,
         peer: &Peer,
         peer_ip: IpAddr,
@@ -1666,9 +1775,10 @@ impl Step<'_> {
             .unwrap_or("")
     }
 
-    /// [`Step::decide`] for another protocol than TCP.
+    /// [`Step::decide`] for another protocol than TCP. Egress carries the names the workload
+    /// resolved to `peer_ip` whose TTL has not run out (for admin `domainNames` peers).
     fn decide_protocol(
-        &self,
+        &mut self,
         direction: Direction,
         peer: &Peer,
         peer_ip: IpAddr,
@@ -1676,16 +1786,29 @@ impl Step<'_> {
         protocol: Protocol,
         dest_port_name: Option<&str>,
     ) -> bool {
-        self.engine.allows(&Connection {
-            local: &self.wl.key,
-            direction,
-            peer,
-            peer_ip: Some(peer_ip),
-            port,
-            protocol,
-            dest_port_name,
-            resolved_names: &[],
-        })
+        let engine = self.engine;
+        let local = &self.wl.key;
+        let allows = |resolved_names: &[&str]| {
+            engine.allows(&Connection {
+                local,
+                direction,
+                peer,
+                peer_ip: Some(peer_ip),
+                port,
+                protocol,
+                dest_port_name,
+                resolved_names,
+            })
+        };
+        if direction == Direction::Ingress || self.dns.is_empty() {
+            return allows(&[]);
+        }
+        let mut names = [""; MAX_NAMES_PER_ADDRESS];
+        let n = self.dns.names(self.id, peer_ip, self.now, &mut names);
+        if n > 0 {
+            self.metrics.count_dns_decision();
+        }
+        allows(&names[..n])
     }
 
     /// Client OUTPUT SYN: attach a new SYN token, or the same one on retransmission.

@@ -1049,3 +1049,78 @@ fn an_input_without_connections_says_why() {
         run.stdout
     );
 }
+
+/// A staged policy is not evaluated by the plain matrix; `--staged` prints exactly the cells it
+/// would flip, with both reasons (table and JSON), and a staged copy of an enforced policy
+/// replaces it in the staged view. Without any staged policy, `--staged` says how to stage one.
+#[test]
+fn staged_policies_show_the_cells_they_would_flip() {
+    let dir = scratch("staged");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/kubernetes"),
+        &dir,
+    );
+    let d = dir.to_str().unwrap();
+    let before = json_matrix(&["-f", d]);
+    let err = fails(&["policy", "matrix", "--staged", "-f", d]);
+    assert!(
+        err.contains("no staged policy") && err.contains("tessera.dev/staged"),
+        "{err}"
+    );
+
+    // Stage a replacement of the backend policy that drops the frontends.
+    let backend = std::fs::read_to_string(dir.join("32-policy-backend.yaml")).unwrap();
+    assert!(backend.contains("role: WebFrontend"), "{backend}");
+    let staged = backend
+        .replace("role: WebFrontend", "role: Nobody")
+        .replace(
+            "metadata: {name: backend, namespace: demo}",
+            "metadata:\n  name: backend\n  namespace: demo\n  annotations: {tessera.dev/staged: \"true\"}",
+        );
+    assert!(staged.contains("tessera.dev/staged"), "{staged}");
+    std::fs::write(dir.join("99-staged-backend.yaml"), staged).unwrap();
+
+    let plain = tessera(&["policy", "matrix", "-o", "json", "-f", d]);
+    assert_eq!(plain.code, Some(0), "{}", plain.stderr);
+    assert!(
+        plain.stderr.contains("1 staged policy not enforced"),
+        "{}",
+        plain.stderr
+    );
+    assert_eq!(
+        json_matrix(&["-f", d]),
+        before,
+        "a staged policy changed enforcement"
+    );
+
+    let table = ok(&["policy", "matrix", "--staged", "-f", d]);
+    assert!(
+        table
+            .stdout
+            .starts_with("staged policies (NetworkPolicy demo/backend) would flip 1 of "),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .contains("demo/frontend -> demo/backend 8080/TCP: allowed -> DENIED"),
+        "{}",
+        table.stdout
+    );
+    let json: Value =
+        serde_json::from_str(&ok(&["policy", "matrix", "--staged", "-o", "json", "-f", d]).stdout)
+            .unwrap();
+    let flips = json["flips"].as_array().unwrap();
+    assert_eq!(flips.len(), 1, "{json}");
+    assert_eq!(flips[0]["from"], "demo/frontend");
+    assert_eq!(flips[0]["enforced"]["allowed"], true);
+    assert_eq!(flips[0]["staged"]["allowed"], false);
+    assert!(
+        flips[0]["enforced"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allowed by demo/backend"),
+        "{json}"
+    );
+}

@@ -288,8 +288,8 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-/// The ClusterRole grants exactly get/list/watch on pods, namespaces, networkpolicies and nodes
-/// plus patch on nodes, and is bound to the ServiceAccount the DaemonSet runs as.
+/// The ClusterRole grants exactly get/list/watch on pods, namespaces, networkpolicies and nodes,
+/// list/watch on the three admin policy kinds, plus patch on nodes, and is bound to the ServiceAccount the DaemonSet runs as.
 #[test]
 fn kubernetes_rbac_is_exactly_what_the_agent_needs() {
     let objs = objects("deployment/kubernetes");
@@ -328,6 +328,27 @@ fn kubernetes_rbac_is_exactly_what_the_agent_needs() {
         (
             ("networking.k8s.io".into(), "networkpolicies".into()),
             read(),
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "clusternetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "adminnetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
+        ),
+        (
+            (
+                "policy.networking.k8s.io".into(),
+                "baselineadminnetworkpolicies".into(),
+            ),
+            vec!["list".to_owned(), "watch".into()],
         ),
     ]);
     assert_eq!(granted, expected);
@@ -537,9 +558,10 @@ fn kubernetes_three_tier_example_matrix() {
         cell("external", "frontend", 80, true),
         cell("backend", "frontend", 80, false),
         cell("database", "frontend", 80, false),
-        // backend (api, 8080): from WebFrontend and BusinessBackend only.
+        // backend (api, 8080): from WebFrontend and BusinessBackend (its NetworkPolicy), and
+        // from External (the uptime probe: the Admin tier ClusterNetworkPolicy 34-*.yaml).
         cell("frontend", "backend", 8080, true),
-        cell("external", "backend", 8080, false),
+        cell("external", "backend", 8080, true),
         cell("database", "backend", 8080, false),
         // database (5432): from BusinessBackend and Database only.
         cell("backend", "database", 5432, true),

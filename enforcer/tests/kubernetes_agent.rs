@@ -554,3 +554,154 @@ fn pki_peers_come_from_node_annotations() {
         c.logs()
     );
 }
+
+fn admin_db_rule(kind: &str, name: &str, priority: Option<i64>, action: &str, role: &str) -> Value {
+    let (api, tier) = if kind == "ClusterNetworkPolicy" {
+        ("policy.networking.k8s.io/v1alpha2", Some("Admin"))
+    } else {
+        ("policy.networking.k8s.io/v1alpha1", None)
+    };
+    let mut spec = json!({
+        "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "db"}}}},
+        "ingress": [{"name": format!("{action}-{role}"), "action": action,
+                     "from": [{"pods": {"namespaceSelector": {},
+                                        "podSelector": {"matchLabels": {"role": role}}}}]}]
+    });
+    if let Some(t) = tier {
+        spec["tier"] = json!(t);
+    }
+    if let Some(p) = priority {
+        spec["priority"] = json!(p);
+    }
+    json!({"apiVersion": api, "kind": kind, "metadata": {"name": name}, "spec": spec})
+}
+
+/// Admin policies from the API, on the real kernel: the agents start on a cluster without the
+/// admin CRDs (NetworkPolicy alone decides), pick the CRDs up once installed, and then an
+/// Admin Deny overrides a NetworkPolicy allow (cutting the established connection), an Admin
+/// Allow (v1alpha1) overrides NetworkPolicy isolation, a Pass hands back to NetworkPolicy, a
+/// Baseline Deny applies where no NetworkPolicy isolates, and removing a CRD removes its
+/// policies.
+#[test]
+fn admin_policies_from_the_api_are_enforced_and_followed() {
+    if !testbed::privileged("admin_policies_from_the_api_are_enforced_and_followed") {
+        return;
+    }
+    let mut c = Cluster::new(false, &["node-n1", "node-n2"]);
+    c.emu.apply(db_policy("web")).unwrap();
+    c.start_agent(1);
+    c.start_agent(2);
+    c.stays("web", true);
+    c.stays("other", false);
+
+    // The CRDs appear; an Admin Deny from web to db (priority 10) beats the NetworkPolicy
+    // allow, and the established connection is cut.
+    let mut live = c.tb.connect("web", "db", 5432, OK_TIMEOUT).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    echo_once(&mut live, b'a').unwrap();
+    c.emu.install_admin_crds().unwrap();
+    let changed = Instant::now();
+    c.emu
+        .apply(admin_db_rule(
+            "ClusterNetworkPolicy",
+            "guard",
+            Some(10),
+            "Deny",
+            "web",
+        ))
+        .unwrap();
+    while echo_once(&mut live, b'b').is_ok() {
+        assert!(
+            changed.elapsed() < WAIT,
+            "the established web -> db connection survived the admin Deny; logs:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "flip: CRDs installed + admin Deny -> established connection cut: {} ms",
+        changed.elapsed().as_millis()
+    );
+    c.until("admin Deny (ClusterNetworkPolicy)", "web", false);
+
+    // An AdminNetworkPolicy (v1alpha1) Allow beats NetworkPolicy isolation for `other`.
+    c.emu
+        .apply(admin_db_rule(
+            "AdminNetworkPolicy",
+            "let-other",
+            Some(5),
+            "Allow",
+            "other",
+        ))
+        .unwrap();
+    c.until("admin Allow (AdminNetworkPolicy)", "other", true);
+    c.stays("web", false);
+
+    // Pass hands web back to the NetworkPolicy, which allows it.
+    c.emu
+        .apply(admin_db_rule(
+            "ClusterNetworkPolicy",
+            "guard",
+            Some(10),
+            "Pass",
+            "web",
+        ))
+        .unwrap();
+    c.until("admin Pass", "web", true);
+
+    // A Baseline Deny for web applies once no NetworkPolicy isolates db.
+    c.emu
+        .apply(json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+                      "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
+                      "spec": {"subject": {"namespaces": {}},
+                               "ingress": [{"name": "no-web", "action": "Deny",
+                                            "from": [{"pods": {"namespaceSelector": {},
+                                                      "podSelector": {"matchLabels": {"role": "web"}}}}]}]}}))
+        .unwrap();
+    c.stays("web", true);
+    c.emu
+        .delete("networkpolicies", Some(NS), "db-ingress")
+        .unwrap();
+    c.until("NetworkPolicy gone: Baseline Deny", "web", false);
+
+    // Its CRD removed, the Baseline policy goes with it.
+    c.emu
+        .delete(
+            "customresourcedefinitions",
+            None,
+            "baselineadminnetworkpolicies.policy.networking.k8s.io",
+        )
+        .unwrap();
+    c.until("Baseline CRD removed", "web", true);
+    let m = c.agent(2).metrics();
+    assert_eq!(m.sum("tessera_admin_policies"), 2.0, "{}", c.logs());
+
+    // `nodes` peers come from Node objects: a Node whose InternalIP is db's address (as for a
+    // host-network pod) and an Admin egress Deny from web to nodes labelled tier=storage.
+    let db_ip = c.tb.workload("db").ip.to_string();
+    c.emu
+        .apply(json!({"apiVersion": "v1", "kind": "Node",
+                      "metadata": {"name": "storage-1", "labels": {"tier": "storage"}},
+                      "status": {"addresses": [{"type": "InternalIP", "address": db_ip},
+                                               {"type": "Hostname", "address": "storage-1"}]}}))
+        .unwrap();
+    c.emu
+        .apply(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                      "kind": "ClusterNetworkPolicy", "metadata": {"name": "no-storage"},
+                      "spec": {"tier": "Admin", "priority": 1,
+                               "subject": {"pods": {"namespaceSelector": {},
+                                           "podSelector": {"matchLabels": {"role": "web"}}}},
+                               "egress": [{"name": "storage", "action": "Deny",
+                                           "to": [{"nodes": {"matchLabels": {"tier": "storage"}}}]}]}}))
+        .unwrap();
+    c.until("admin egress Deny to nodes tier=storage", "web", false);
+    c.emu
+        .merge_patch(
+            "nodes",
+            None,
+            "storage-1",
+            &json!({"metadata": {"labels": {"tier": "compute"}}}),
+        )
+        .unwrap();
+    c.until("node relabelled out of the nodes peer", "web", true);
+}

@@ -11,8 +11,17 @@
 //! one BaselineAdminNetworkPolicy; see `admin_spec`), so that the two figures compare as a
 //! ratio; and the re-index after one admin policy change.
 //!
+//! And once more with a node inventory (one node per namespace) and admin policies with
+//! `nodes` and `domainNames` peers (see `nodes_and_names`): the same questions, then a mix
+//! that asks egress to node addresses and to external addresses with resolved names.
+//!
 //! Under `cargo test --benches` (criterion's test mode, no `--bench` argument) the cluster is
 //! 10x smaller so that the debug build sets up in well under a second.
+//!
+//! Instruction counts: with `TESSERA_BENCH_CALLGRIND` set to `np`, `admin`, `nodes` or
+//! `nodes-mix`, the bench builds that case, asks its 4,096 questions once each through
+//! `decide_ref` and exits, for `valgrind --tool=callgrind --toggle-collect='*decide_ref*'`
+//! (instructions in `decide_ref` / 4,096).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -22,7 +31,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
-use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, Tier};
+use policy::{Connection, Direction, Engine, Labels, Node, Peer, PodKey, Protocol, Tier};
 use serde_json::{Value, json};
 
 struct Size {
@@ -260,6 +269,72 @@ fn apply_admin(e: &mut Engine, a: &AdminObject) {
     assert!(applied.warnings.is_empty());
 }
 
+/// Node `k` of the inventory: the first three are the control plane; addresses 172.20.0.k+1
+/// and fd00:20::k+1.
+fn node(k: usize) -> Node {
+    let role = if k < 3 { "control-plane" } else { "worker" };
+    Node {
+        name: format!("node-{k}"),
+        labels: Labels::from([
+            ("node-role".to_owned(), role.to_owned()),
+            ("zone".to_owned(), format!("z{}", k % 3)),
+        ]),
+        addresses: vec![
+            format!("172.20.{}.{}", k / 250, k % 250 + 1)
+                .parse()
+                .unwrap(),
+            format!("fd00:20::{:x}", k + 1).parse().unwrap(),
+        ],
+    }
+}
+
+/// Names the synthetic workloads resolve; the first four are in the allowlists below.
+const NAMES: [&str; 6] = [
+    "api.partner.io",
+    "img.cdn.example.com",
+    "a.b.cdn.example.com",
+    "registry.example.com",
+    "tracker.example.net",
+    "cdn.example.com",
+];
+
+/// Admin policies with `nodes` and `domainNames` peers, added to the 1,000: one cluster-wide
+/// guardrail (no pod reaches the control plane's API and etcd ports; every pod reaches every
+/// kubelet), and per tenth namespace an egress allowlist by name on 443/TCP.
+fn nodes_and_names(namespaces: usize) -> Vec<AdminObject> {
+    let mut out = vec![AdminObject::Cluster(
+        serde_json::from_value(json!({
+            "metadata": {"name": "nodes-guardrail"},
+            "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {}},
+                "egress": [
+                    {"action": "Deny", "to": [{"nodes": {"matchLabels": {"node-role": "control-plane"}}}],
+                     "protocols": [{"tcp": {"destinationPort": {"number": 6443}}},
+                                   {"tcp": {"destinationPort": {"range": {"start": 2379, "end": 2380}}}}]},
+                    {"action": "Accept", "to": [{"nodes": {}}],
+                     "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}]}
+                ]}
+        }))
+        .unwrap(),
+    )];
+    for n in (0..namespaces).step_by(10) {
+        out.push(AdminObject::Cluster(
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("allowlist-{n}")},
+                "spec": {"tier": "Admin", "priority": 600 + n,
+                    "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": format!("ns-{n}")}}},
+                    "egress": [
+                        {"action": "Accept", "to": [{"domainNames": ["api.partner.io", "*.cdn.example.com", "registry.example.com"]}],
+                         "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]},
+                        {"action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}],
+                         "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]}
+                    ]}
+            }))
+            .unwrap(),
+        ));
+    }
+    out
+}
+
 struct Cluster {
     namespaces: Vec<Namespace>,
     pods: Vec<Pod>,
@@ -316,6 +391,19 @@ fn build_with_admin(c: &Cluster) -> Engine {
     e
 }
 
+/// The cluster with its admin policies, its nodes, and the admin policies with nodes and names
+/// peers.
+fn build_with_nodes(c: &Cluster) -> Engine {
+    let mut e = build_with_admin(c);
+    for k in 0..c.namespaces.len() {
+        e.apply_node(node(k)).unwrap();
+    }
+    for a in &nodes_and_names(c.namespaces.len()) {
+        apply_admin(&mut e, a);
+    }
+    e
+}
+
 /// One decision's question, owned.
 struct Question {
     local: PodKey,
@@ -325,6 +413,7 @@ struct Question {
     port: u16,
     protocol: Protocol,
     dest_port_name: Option<String>,
+    names: Vec<&'static str>,
 }
 
 impl Question {
@@ -337,7 +426,7 @@ impl Question {
             port: self.port,
             protocol: self.protocol,
             dest_port_name: self.dest_port_name.as_deref(),
-            resolved_names: &[],
+            resolved_names: &self.names,
         }
     }
 }
@@ -396,15 +485,90 @@ fn questions(e: &Engine, count: usize) -> Vec<Question> {
                 port,
                 protocol,
                 dest_port_name,
+                names: Vec::new(),
             }
         })
         .collect()
+}
+
+/// A third of [`questions`], a third egress to node addresses (API, etcd, kubelet, SSH ports),
+/// a third egress to external addresses with one or two resolved names (HTTPS mostly).
+fn node_questions(e: &Engine, count: usize) -> Vec<Question> {
+    let base = questions(e, count);
+    let pods: Vec<_> = e.workloads().collect();
+    let nodes: Vec<_> = e.nodes().collect();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    base.into_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let local = pods[rng.below(pods.len())].key.clone();
+            match i % 3 {
+                0 => q,
+                1 => {
+                    let n = nodes[rng.below(nodes.len())];
+                    let ports = [6443, 2379, 10250, 22];
+                    Question {
+                        local,
+                        direction: Direction::Egress,
+                        peer: Peer::IpOnly,
+                        peer_ip: Some(n.addresses[rng.below(n.addresses.len())]),
+                        port: ports[rng.below(ports.len())],
+                        protocol: Protocol::Tcp,
+                        dest_port_name: None,
+                        names: Vec::new(),
+                    }
+                }
+                _ => {
+                    let mut names = vec![NAMES[rng.below(NAMES.len())]];
+                    if rng.below(4) == 0 {
+                        names.push(NAMES[rng.below(NAMES.len())]);
+                    }
+                    Question {
+                        local,
+                        direction: Direction::Egress,
+                        peer: Peer::IpOnly,
+                        peer_ip: Some(format!("203.0.113.{}", rng.below(250) + 1).parse().unwrap()),
+                        port: if rng.below(5) == 0 { 80 } else { 443 },
+                        protocol: Protocol::Tcp,
+                        dest_port_name: None,
+                        names,
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// `TESSERA_BENCH_CALLGRIND`: one case's 4,096 questions once each, nothing else measured.
+fn callgrind_run(case: &str, cluster: &Cluster) {
+    let engine = match case {
+        "np" => build(cluster),
+        "admin" => build_with_admin(cluster),
+        _ => build_with_nodes(cluster),
+    };
+    let qs = if case == "nodes-mix" {
+        node_questions(&engine, 4096)
+    } else {
+        questions(&engine, 4096)
+    };
+    let allowed = qs
+        .iter()
+        .filter(|q| black_box(engine.decide_ref(&q.conn()).allowed))
+        .count();
+    eprintln!(
+        "callgrind case {case}: {} questions, {allowed} allowed",
+        qs.len()
+    );
 }
 
 fn benches(c: &mut Criterion) {
     let quick = !std::env::args().any(|a| a == "--bench");
     let size = if quick { &QUICK } else { &FULL };
     let cluster = generate(size);
+    if let Ok(case) = std::env::var("TESSERA_BENCH_CALLGRIND") {
+        callgrind_run(&case, &cluster);
+        return;
+    }
     let engine = build(&cluster);
     let qs = questions(&engine, 4096);
     let allowed = qs.iter().filter(|q| engine.allows(&q.conn())).count();
@@ -486,6 +650,44 @@ fn benches(c: &mut Criterion) {
             let q = &qs[i % qs.len()];
             i = i.wrapping_add(1);
             black_box(admin_engine.decide(&q.conn()))
+        })
+    });
+    let nodes_engine = build_with_nodes(&cluster);
+    let node_qs = node_questions(&nodes_engine, 4096);
+    let decided_by = |qs: &[Question], pick: fn(&policy::AdminRuleRef) -> bool| {
+        qs.iter()
+            .filter(|q| {
+                matches!(nodes_engine.decide(&q.conn()).reason, policy::Reason::Admin(ref r) if pick(r))
+            })
+            .count()
+    };
+    eprintln!(
+        "with {} nodes and {} more admin policies (nodes, domainNames): the questions: {} decided by an admin rule; the nodes and names mix: {} of {} allowed, {} decided by the nodes guardrail, {} by an allowlist",
+        nodes_engine.node_count(),
+        nodes_engine.admin_policy_count() - admin_engine.admin_policy_count(),
+        decided_by(&qs, |_| true),
+        node_qs
+            .iter()
+            .filter(|q| nodes_engine.allows(&q.conn()))
+            .count(),
+        node_qs.len(),
+        decided_by(&node_qs, |r| r.policy.name == "nodes-guardrail"),
+        decided_by(&node_qs, |r| r.policy.name.starts_with("allowlist-")),
+    );
+    let mut i = 0usize;
+    g.bench_function("decide_ref, 1k admin policies, nodes and names", |b| {
+        b.iter(|| {
+            let q = &qs[i % qs.len()];
+            i = i.wrapping_add(1);
+            black_box(nodes_engine.decide_ref(&q.conn()).allowed)
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("decide_ref, nodes and names questions", |b| {
+        b.iter(|| {
+            let q = &node_qs[i % node_qs.len()];
+            i = i.wrapping_add(1);
+            black_box(nodes_engine.decide_ref(&q.conn()).allowed)
         })
     });
     g.finish();

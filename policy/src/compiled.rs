@@ -9,6 +9,7 @@ use crate::model::{
     AdminAction, AdminKind, AdminPolicyKey, AdminWarning, ContainerPort, Direction, Labels, Peer,
     PolicyKey, Protocol, Tier,
 };
+use crate::nodes::NodeInventory;
 use crate::selector::Selector;
 
 /// Which namespaces a pod peer looks in.
@@ -174,8 +175,8 @@ impl std::hash::Hash for PeerSelector {
 impl PeerSelector {
     /// Not interned: evaluated every time.
     pub(crate) const NO_ID: u32 = u32::MAX;
-    /// Ids at or above this are not memoized (the memo key needs one more bit).
-    pub(crate) const MAX_ID: u32 = u32::MAX >> 1;
+    /// Ids at or above this are not memoized (the memo key needs two more bits).
+    pub(crate) const MAX_ID: u32 = u32::MAX >> 2;
 
     pub(crate) fn new(selector: Selector) -> Self {
         Self {
@@ -190,11 +191,26 @@ impl PeerSelector {
 pub(crate) enum LabelSet {
     Namespace = 0,
     Pod = 1,
+    /// The labels of the nodes that hold the peer's address (a `nodes` peer).
+    Node = 2,
+}
+
+/// The peer of one decision, as admin peers see it.
+#[derive(Clone, Copy)]
+pub(crate) struct PeerQuery<'a> {
+    pub peer: &'a Peer,
+    /// The peer's address: `networks` and `nodes` peers match it.
+    pub ip: Option<IpAddr>,
+    /// Egress: the names the local workload resolved to `ip` (`domainNames` peers match them).
+    pub names: &'a [&'a str],
+    /// Where `nodes` peers look `ip` up.
+    pub nodes: &'a NodeInventory,
 }
 
 /// Per decision: the results of the interned peer selectors already evaluated against this
-/// peer's labels. A small direct-mapped cache on the stack (no allocation); a collision only
-/// costs a re-evaluation. Valid for one peer only.
+/// peer's labels (or, for `nodes` peers, the labels of the nodes holding its address). A small
+/// direct-mapped cache on the stack (no allocation); a collision only costs a re-evaluation.
+/// Valid for one peer only.
 pub(crate) struct SelectorMemo {
     keys: [u32; Self::SLOTS],
     results: u64,
@@ -211,16 +227,32 @@ impl SelectorMemo {
     }
 
     pub(crate) fn matches(&mut self, s: &PeerSelector, set: LabelSet, labels: &Labels) -> bool {
+        self.cached(s, set, || s.selector.matches(labels))
+    }
+
+    /// Whether `ip` is an address of a node whose labels `s` selects.
+    pub(crate) fn matches_node(
+        &mut self,
+        s: &PeerSelector,
+        ip: &IpAddr,
+        nodes: &NodeInventory,
+    ) -> bool {
+        self.cached(s, LabelSet::Node, || nodes.selects(ip, &s.selector))
+    }
+
+    fn cached(&mut self, s: &PeerSelector, set: LabelSet, eval: impl FnOnce() -> bool) -> bool {
         if s.id >= PeerSelector::MAX_ID {
-            return s.selector.matches(labels);
+            return eval();
         }
         // Below u32::MAX (the empty slot) since id < MAX_ID.
-        let key = (s.id << 1) | set as u32;
-        let slot = key as usize % Self::SLOTS;
+        let key = (s.id << 2) | set as u32;
+        // Consecutive ids of one label set take every other slot, as they did before nodes
+        // peers: a node selector shares the slot of the next id's namespace selector.
+        let slot = ((s.id << 1) as usize + set as usize) % Self::SLOTS;
         if self.keys.get(slot) == Some(&key) {
             return self.results & (1 << slot) != 0;
         }
-        let result = s.selector.matches(labels);
+        let result = eval();
         if let Some(k) = self.keys.get_mut(slot) {
             *k = key;
             if result {
@@ -245,52 +277,133 @@ pub(crate) enum AdminPeer {
     },
     /// Any peer whose address is in one of the CIDRs (pods included).
     Networks(Vec<IpNet>),
+    /// Any peer whose address is an address of a node whose labels match (whatever the peer:
+    /// a host-network pod, a node, or anything else at that address).
+    Nodes(PeerSelector),
+    /// Any peer one of whose resolved names matches one of the patterns (never empty).
+    DomainNames(Vec<DomainPattern>),
 }
 
 impl AdminPeer {
-    fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, memo: &mut SelectorMemo) -> bool {
+    fn matches(&self, p: &PeerQuery<'_>, memo: &mut SelectorMemo) -> bool {
         match self {
             AdminPeer::Namespaces(ns) => matches!(
-                peer,
+                p.peer,
                 Peer::Workload(id) if memo.matches(ns, LabelSet::Namespace, &id.namespace_labels)
             ),
             AdminPeer::Pods { namespaces, pods } => matches!(
-                peer,
+                p.peer,
                 Peer::Workload(id)
                     if memo.matches(namespaces, LabelSet::Namespace, &id.namespace_labels)
                         && memo.matches(pods, LabelSet::Pod, &id.labels)
             ),
             AdminPeer::Networks(nets) => {
-                peer_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+                p.ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
             }
+            AdminPeer::Nodes(sel) => p.ip.is_some_and(|ip| memo.matches_node(sel, &ip, p.nodes)),
+            AdminPeer::DomainNames(patterns) => DomainPattern::any_matches(patterns, p.names),
         }
     }
 
-    /// Without the memo: the reference evaluation the optimized one must agree with.
+    /// Without the memo: the reference evaluation the optimized one must agree with (nodes by
+    /// a scan of every node, names by a plain reading of the API's examples).
     #[cfg(test)]
-    fn matches_plain(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
+    fn matches_plain(&self, p: &PeerQuery<'_>) -> bool {
         match self {
             AdminPeer::Namespaces(ns) => {
-                matches!(peer, Peer::Workload(id) if ns.selector.matches(&id.namespace_labels))
+                matches!(p.peer, Peer::Workload(id) if ns.selector.matches(&id.namespace_labels))
             }
             AdminPeer::Pods { namespaces, pods } => matches!(
-                peer,
+                p.peer,
                 Peer::Workload(id) if namespaces.selector.matches(&id.namespace_labels)
                     && pods.selector.matches(&id.labels)
             ),
             AdminPeer::Networks(nets) => {
-                peer_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+                p.ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
             }
+            AdminPeer::Nodes(sel) => p.ip.is_some_and(|ip| {
+                p.nodes
+                    .iter()
+                    .any(|n| n.addresses.contains(&ip) && sel.selector.matches(&n.labels))
+            }),
+            AdminPeer::DomainNames(patterns) => p.names.iter().any(|name| {
+                let name = name.to_ascii_lowercase();
+                let name = name.strip_suffix('.').unwrap_or(&name);
+                patterns.iter().any(|pat| match pat.wildcard {
+                    false => name == &*pat.domain,
+                    true => {
+                        name.split_once('.')
+                            .is_some_and(|(first, _)| !first.is_empty())
+                            && name.ends_with(&format!(".{}", pat.domain))
+                    }
+                })
+            }),
         }
     }
 
     fn selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
         let (a, b) = match self {
-            AdminPeer::Namespaces(ns) => (Some(ns), None),
+            AdminPeer::Namespaces(ns) | AdminPeer::Nodes(ns) => (Some(ns), None),
             AdminPeer::Pods { namespaces, pods } => (Some(namespaces), Some(pods)),
-            AdminPeer::Networks(_) => (None, None),
+            AdminPeer::Networks(_) | AdminPeer::DomainNames(_) => (None, None),
         };
         a.into_iter().chain(b)
+    }
+}
+
+/// One entry of `domainNames`, normalized: lowercase, without the trailing dot, and for a
+/// wildcard without its `*.`.
+///
+/// The API (`DomainName` in `policy.networking.k8s.io` v1alpha1 and v1alpha2): a name matches
+/// exactly; `*.` matches one or more entire labels in front of the rest, so `*.kubernetes.io`
+/// matches `www.kubernetes.io` and `latest.blog.kubernetes.io` but not `kubernetes.io`. DNS
+/// names compare case-insensitively and a trailing dot only says the name is absolute, so
+/// neither changes what matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DomainPattern {
+    /// The exact name, or the domain under which a wildcard matches.
+    pub domain: Box<str>,
+    /// `*.` prefix: one or more labels in front of `domain`.
+    pub wildcard: bool,
+}
+
+impl DomainPattern {
+    /// `s` as written in a policy, already validated against the API's pattern.
+    pub(crate) fn parse(s: &str) -> Self {
+        let (wildcard, rest) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let rest = rest.strip_suffix('.').unwrap_or(rest);
+        Self {
+            domain: rest.to_ascii_lowercase().into(),
+            wildcard,
+        }
+    }
+
+    /// Whether `name` (a resolved name: lowercase, no trailing dot, though neither is relied
+    /// upon) matches. No allocation.
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name).as_bytes();
+        let domain = self.domain.as_bytes();
+        if !self.wildcard {
+            return name.eq_ignore_ascii_case(domain);
+        }
+        // `<one or more labels>.<domain>`: at least one byte, then a dot, then the domain.
+        let Some(split) = name.len().checked_sub(domain.len() + 1) else {
+            return false;
+        };
+        split > 0
+            && name.get(split) == Some(&b'.')
+            && name
+                .get(split + 1..)
+                .is_some_and(|tail| tail.eq_ignore_ascii_case(domain))
+    }
+
+    fn any_matches(patterns: &[DomainPattern], names: &[&str]) -> bool {
+        names
+            .iter()
+            .any(|name| patterns.iter().any(|p| p.matches(name)))
     }
 }
 
@@ -350,14 +463,13 @@ impl AdminRule {
     /// Ports first: integer comparisons rule most rules out before any label lookup.
     pub(crate) fn matches(
         &self,
-        peer: &Peer,
-        peer_ip: Option<IpAddr>,
+        p: &PeerQuery<'_>,
         q: &PortQuery<'_>,
         memo: &mut SelectorMemo,
     ) -> bool {
-        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
+        (self.ports.is_empty() || self.ports.iter().any(|port| port.matches(q)))
             && match &self.peers {
-                AdminPeers::Any(list) => list.iter().any(|m| m.matches(peer, peer_ip, memo)),
+                AdminPeers::Any(list) => list.iter().any(|m| m.matches(p, memo)),
                 AdminPeers::Nothing => false,
                 AdminPeers::Everything => true,
             }
@@ -365,15 +477,10 @@ impl AdminRule {
 
     /// The rule as written, without memo or prefilter: the reference evaluation.
     #[cfg(test)]
-    pub(crate) fn matches_plain(
-        &self,
-        peer: &Peer,
-        peer_ip: Option<IpAddr>,
-        q: &PortQuery<'_>,
-    ) -> bool {
-        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
+    pub(crate) fn matches_plain(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
+        (self.ports.is_empty() || self.ports.iter().any(|port| port.matches(q)))
             && match &self.peers {
-                AdminPeers::Any(list) => list.iter().any(|m| m.matches_plain(peer, peer_ip)),
+                AdminPeers::Any(list) => list.iter().any(|m| m.matches_plain(p)),
                 AdminPeers::Nothing => false,
                 AdminPeers::Everything => true,
             }
@@ -395,8 +502,10 @@ pub(crate) struct RulesFilter {
     every_peer: bool,
     /// Some rule has a `namespaces` or `pods` peer (matches only peers with an identity).
     identities: bool,
-    /// Some rule has a `networks` peer (matches only peers with an address).
+    /// Some rule has a `networks` or `nodes` peer (matches only peers with an address).
     addresses: bool,
+    /// Some rule has a `domainNames` peer (matches only peers with resolved names).
+    names: bool,
 }
 
 impl RulesFilter {
@@ -410,7 +519,8 @@ impl RulesFilter {
                 AdminPeers::Any(list) => {
                     for p in list {
                         match p {
-                            AdminPeer::Networks(_) => f.addresses = true,
+                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => f.addresses = true,
+                            AdminPeer::DomainNames(_) => f.names = true,
                             AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => {
                                 f.identities = true;
                             }
@@ -432,10 +542,11 @@ impl RulesFilter {
     }
 
     /// Whether some rule may match (false: none does).
-    pub(crate) fn admits(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
+    pub(crate) fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
         let peer_ok = self.every_peer
-            || (self.identities && matches!(peer, Peer::Workload(_)))
-            || (self.addresses && peer_ip.is_some());
+            || (self.identities && matches!(p.peer, Peer::Workload(_)))
+            || (self.addresses && p.ip.is_some())
+            || (self.names && !p.names.is_empty());
         peer_ok
             && (self.every_port
                 || self
@@ -504,5 +615,58 @@ impl CompiledAdmin {
             self.key.name.as_str(),
             self.key.kind,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DomainPattern;
+
+    fn matches(pattern: &str, name: &str) -> bool {
+        DomainPattern::parse(pattern).matches(name)
+    }
+
+    /// The examples of the API's `DomainName` documentation (v1alpha1 and v1alpha2).
+    #[test]
+    fn domain_names_as_the_api_documents_them() {
+        assert!(matches("kubernetes.io", "kubernetes.io"));
+        for other in [
+            "www.kubernetes.io",
+            "blog.kubernetes.io",
+            "my-kubernetes.io",
+            "wikipedia.org",
+        ] {
+            assert!(!matches("kubernetes.io", other), "{other}");
+        }
+        assert!(matches("blog.kubernetes.io", "blog.kubernetes.io"));
+        assert!(!matches("blog.kubernetes.io", "www.kubernetes.io"));
+        assert!(!matches("blog.kubernetes.io", "kubernetes.io"));
+        for sub in [
+            "www.kubernetes.io",
+            "blog.kubernetes.io",
+            "latest.blog.kubernetes.io",
+        ] {
+            assert!(matches("*.kubernetes.io", sub), "{sub}");
+        }
+        for other in ["kubernetes.io", "wikipedia.org", "my-kubernetes.io"] {
+            assert!(!matches("*.kubernetes.io", other), "{other}");
+        }
+    }
+
+    #[test]
+    fn case_and_the_trailing_dot_do_not_matter() {
+        assert!(matches("Kubernetes.IO.", "kubernetes.io"));
+        assert!(matches("*.Kubernetes.io", "www.kubernetes.io"));
+        assert!(matches("kubernetes.io", "KUBERNETES.io."));
+        assert!(matches("*.kubernetes.io.", "Www.Kubernetes.Io."));
+        // Only one trailing dot is the root; the wildcard needs a whole label.
+        assert!(!matches("kubernetes.io", "kubernetes.io.."));
+        assert!(!matches("*.kubernetes.io", ".kubernetes.io"));
+        assert!(!matches("*.kubernetes.io", "xkubernetes.io"));
+        assert!(!matches("*.kubernetes.io", ""));
+        assert!(!matches("kubernetes.io", ""));
+        // Not a byte-boundary surprise: non-ASCII names match nothing they should not.
+        assert!(!matches("*.kubernetes.io", "é.kubernetes.ioé"));
+        assert!(matches("*.kubernetes.io", "é.kubernetes.io"));
     }
 }

@@ -4,19 +4,21 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node as NodeObject, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
 use crate::compiled::{
-    AdminPeer, AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerSelector,
-    PortQuery, SelectorMemo,
+    AdminPeer, AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerQuery,
+    PeerSelector, PortQuery, SelectorMemo,
 };
 use crate::model::{
     AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
-    Labels, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
+    Labels, Node, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef, Tier, Workload,
+    WorkloadIdentity,
 };
+use crate::nodes::{NodeInventory, check_node, node_from_object};
 use crate::selector::Selector;
 use crate::validate::{
     NAMESPACE_NAME_LABEL, check_workload, compile_policy, namespace_labels, workload_from_pod,
@@ -64,7 +66,7 @@ struct AdminStep {
 const STEP_EVERY_PEER: u8 = 1;
 /// A live rule has a `namespaces` or `pods` peer.
 const STEP_IDENTITIES: u8 = 2;
-/// A live rule has a `networks` peer.
+/// A live rule has a `networks` or `nodes` peer (both match the peer's address).
 const STEP_ADDRESSES: u8 = 4;
 /// A live rule has no ports: every port and protocol.
 const STEP_EVERY_PORT: u8 = 8;
@@ -72,6 +74,8 @@ const STEP_EVERY_PORT: u8 = 8;
 const STEP_NAMED: u8 = 16;
 /// Rules from index 64 on are always tried: no filter.
 const STEP_ALWAYS: u8 = 32;
+/// A live rule has a `domainNames` peer (matches the names resolved to the peer's address).
+const STEP_NAMES: u8 = 64;
 
 fn protocol_bit(p: Protocol) -> u8 {
     match p {
@@ -105,7 +109,8 @@ impl AdminStep {
                 AdminPeers::Any(list) => {
                     for p in list {
                         step.kinds |= match p {
-                            AdminPeer::Networks(_) => STEP_ADDRESSES,
+                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => STEP_ADDRESSES,
+                            AdminPeer::DomainNames(_) => STEP_NAMES,
                             AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => STEP_IDENTITIES,
                         };
                     }
@@ -128,14 +133,16 @@ impl AdminStep {
         step
     }
 
-    /// Whether one of the live rules may match (false: none does).
-    fn admits(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
+    /// Whether one of the live rules may match (false: none does). Coarse for `nodes` peers
+    /// (any address may be a node's), so that the node inventory can change under the walks.
+    fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
         if self.kinds & STEP_ALWAYS != 0 {
             return true;
         }
         let peer_ok = self.kinds & STEP_EVERY_PEER != 0
-            || (self.kinds & STEP_IDENTITIES != 0 && matches!(peer, Peer::Workload(_)))
-            || (self.kinds & STEP_ADDRESSES != 0 && peer_ip.is_some());
+            || (self.kinds & STEP_IDENTITIES != 0 && matches!(p.peer, Peer::Workload(_)))
+            || (self.kinds & STEP_ADDRESSES != 0 && p.ip.is_some())
+            || (self.kinds & STEP_NAMES != 0 && !p.names.is_empty());
         peer_ok
             && (self.kinds & STEP_EVERY_PORT != 0
                 || (self.protocols & protocol_bit(q.protocol) != 0
@@ -256,6 +263,11 @@ impl Entry {
 /// re-evaluates every admin subject against that namespace's workloads. A decision walks only
 /// these lists: Admin tier, then the NetworkPolicies, then the Baseline tier (see
 /// [`Engine::decide_ref`]).
+///
+/// The node inventory ([`Engine::apply_node`]) is what admin `nodes` peers select from. No
+/// index depends on it: a decision looks the peer's address up when it tries a `nodes` peer, so
+/// node changes re-index nothing and count from the next decision. Admin `domainNames` peers
+/// match [`Connection::resolved_names`].
 #[derive(Default)]
 pub struct Engine {
     namespaces: HashMap<String, Labels>,
@@ -283,6 +295,9 @@ pub struct Engine {
     admin_selectors: Interner<Selector>,
     /// The distinct conditions (peers and ports) of admin rules in force (`AdminRule::cond`).
     admin_conds: Interner<(Vec<AdminPort>, AdminPeers)>,
+    /// The nodes, for admin `nodes` peers. Nothing compiled or indexed depends on it: a
+    /// decision looks the peer's address up when it tries a `nodes` peer.
+    nodes: NodeInventory,
 }
 
 /// What the engine made of an admin policy it accepted.
@@ -557,6 +572,58 @@ impl Engine {
         }
     }
 
+    /// Adds or replaces a node of the inventory that admin `nodes` peers select from (static
+    /// mode: the agent's inventory; see [`Engine::apply_node_object`] for Kubernetes Node
+    /// objects). An invalid node (a name that is not a DNS-1123 subdomain, an invalid label, an
+    /// address no connection can have: unspecified, multicast, broadcast) is an error naming
+    /// the field, and the previous version stays in force. A repeated address is kept once.
+    ///
+    /// Takes effect from the next decision: a `nodes` peer matches a connection whose peer
+    /// address is an address of a node it selects, as the inventory holds it at that moment
+    /// (relabelled, readdressed or removed nodes included). Nothing is re-indexed.
+    pub fn apply_node(&mut self, node: Node) -> Result<(), PolicyError> {
+        let node = check_node(node)?;
+        self.nodes.apply(node);
+        Ok(())
+    }
+
+    /// Adds or replaces a node from a Kubernetes Node object (`v1`, cluster-scoped): its name,
+    /// `metadata.labels`, and the `InternalIP` and `ExternalIP` entries of `status.addresses`
+    /// (the other types are names). Returns the node's name. Errors as
+    /// [`Engine::apply_node`], naming the object's fields (`status.addresses[1].address`).
+    pub fn apply_node_object(&mut self, node: &NodeObject) -> Result<String, PolicyError> {
+        let node = node_from_object(node)?;
+        let name = node.name.clone();
+        self.nodes.apply(node);
+        Ok(name)
+    }
+
+    /// Forgets a node (nothing if unknown): its addresses match no `nodes` peer any more.
+    pub fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// A node of the inventory, if known.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Every node of the inventory, in name order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter()
+    }
+
+    /// Number of nodes in the inventory.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The nodes that hold `ip` (normally one; two while an address moves between nodes), in
+    /// the order they claimed it.
+    pub fn nodes_by_ip(&self, ip: &IpAddr) -> impl Iterator<Item = &Node> {
+        self.nodes.at(ip)
+    }
+
     /// Validates (with the API server's defaulting), compiles and indexes one policy.
     pub fn apply_policy(&mut self, policy: &NetworkPolicy) -> Result<PolicyKey, PolicyError> {
         let compiled = compile_policy(policy)?;
@@ -699,12 +766,26 @@ impl Engine {
             },
         };
         let d = direction_index(conn.direction);
+        let peer = PeerQuery {
+            peer: conn.peer,
+            ip: conn.peer_ip,
+            // Names are resolved by the local workload for the addresses it connects to.
+            names: match conn.direction {
+                Direction::Egress => conn.resolved_names,
+                Direction::Ingress => &[],
+            },
+            nodes: &self.nodes,
+        };
         // One peer per decision: selector results are shared by both tiers. Set up on the
         // first policy a walk tries (most workloads have none).
         let mut memo = None;
         // 1. The Admin tier: the first matching rule decides, unless it passes.
-        if let Some(hit) = self.first_admin_match(&entry.walks[0][d], conn, &query, &mut memo)
-            && hit.rule.action != AdminAction::Pass
+        if let Some(hit) = self.first_admin_match(
+            &entry.walks[0][d],
+            (conn.direction, &peer),
+            &query,
+            &mut memo,
+        ) && hit.rule.action != AdminAction::Pass
         {
             return hit.decision(conn.direction);
         }
@@ -736,7 +817,12 @@ impl Engine {
             };
         }
         // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
-        if let Some(hit) = self.first_admin_match(&entry.walks[1][d], conn, &query, &mut memo) {
+        if let Some(hit) = self.first_admin_match(
+            &entry.walks[1][d],
+            (conn.direction, &peer),
+            &query,
+            &mut memo,
+        ) {
             return hit.decision(conn.direction);
         }
         // 4. The default: not isolated.
@@ -750,28 +836,24 @@ impl Engine {
     fn first_admin_match<'a>(
         &'a self,
         steps: &[AdminStep],
-        conn: &Connection<'a>,
+        (direction, peer): (Direction, &PeerQuery<'_>),
         query: &PortQuery<'_>,
         memo: &mut Option<SelectorMemo>,
     ) -> Option<AdminHit<'a>> {
         for step in steps {
-            if !step.admits(conn.peer, conn.peer_ip, query) {
+            if !step.admits(peer, query) {
                 continue;
             }
             let Some(policy) = self.admin_policy(step.id) else {
                 continue;
             };
-            if !policy
-                .filter(conn.direction)
-                .admits(conn.peer, conn.peer_ip, query)
-            {
+            if !policy.filter(direction).admits(peer, query) {
                 continue;
             }
-            let rules = policy.rules(conn.direction);
+            let rules = policy.rules(direction);
             let memo = memo.get_or_insert_with(SelectorMemo::new);
             if let Some((index, rule)) = rules.iter().enumerate().find(|(i, r)| {
-                (*i >= 64 || step.live & (1 << i) != 0)
-                    && r.matches(conn.peer, conn.peer_ip, query, memo)
+                (*i >= 64 || step.live & (1 << i) != 0) && r.matches(peer, query, memo)
             }) {
                 return Some(AdminHit {
                     policy,

@@ -21,6 +21,7 @@ mod engine;
 mod error;
 pub mod matrix;
 mod model;
+mod nodes;
 pub mod objects;
 mod selector;
 mod validate;
@@ -32,6 +33,7 @@ pub use error::PolicyError;
 pub use error::ProbeParseError;
 pub use model::{
     AdminAction, AdminKind, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, ContainerPort,
-    Decision, Direction, Labels, NamespaceKey, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef,
-    Tier, Workload, WorkloadIdentity,
+    Decision, Direction, Labels, NamespaceKey, Node, Peer, PodKey, PolicyKey, Protocol, Reason,
+    RuleRef, Tier, Workload, WorkloadIdentity,
 };
+pub use nodes::node_from_object;

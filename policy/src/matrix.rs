@@ -490,6 +490,39 @@ pub fn evaluate(engine: &Engine, from: &Source, to: &PodKey, probe: Probe) -> Op
     Some(decide(engine, &from, &to, probe).to_verdict())
 }
 
+/// Egress of pod `from` to an address, on `probe`, with the names `from` resolved to that
+/// address (`resolved_names`: lowercase, no trailing dot; empty if none): what admin `nodes`
+/// and `domainNames` peers need, and what [`evaluate`] cannot ask since its destinations are
+/// pods. The address may be a node's (see [`Engine::apply_node`]), an external service's, or
+/// a pod's: a known non-host-network pod at `to` is the peer with its identity and its port
+/// names, as its handshake would prove it; anything else is IP-only.
+///
+/// Only the source's egress is decided: nothing enforces ingress at an address that is no
+/// enforced pod (for a pod destination, [`evaluate`] gives both sides). `None` if `from` is
+/// unknown. A host-network `from` is never a policy target ([`crate::Reason::HostNetwork`]).
+pub fn evaluate_to_ip(
+    engine: &Engine,
+    from: &PodKey,
+    to: IpAddr,
+    probe: Probe,
+    resolved_names: &[&str],
+) -> Option<Decision> {
+    engine.workload(from)?;
+    let dest = engine.workload_by_ip(&to).filter(|w| !w.host_network);
+    let peer = dest.map_or(Peer::IpOnly, |w| peer_of(engine, w));
+    let dest_port_name = dest.and_then(|w| port_name(w, probe));
+    Some(engine.decide(&Connection {
+        local: from,
+        direction: Direction::Egress,
+        peer: &peer,
+        peer_ip: Some(to),
+        port: probe.port,
+        protocol: probe.protocol,
+        dest_port_name,
+        resolved_names,
+    }))
+}
+
 /// Every pod and every `from_ips` entry against every pod (a pod to itself left out), for each
 /// probe; with no probes, each destination's own container ports.
 ///

@@ -98,6 +98,19 @@ pub struct Workload {
     pub host_network: bool,
 }
 
+/// A cluster node as admin `nodes` peers see it: its name, its labels, and the addresses that
+/// identify it as a peer. From a Kubernetes Node object: `metadata.name`, `metadata.labels` and
+/// the `status.addresses` of type `InternalIP` and `ExternalIP` (see
+/// [`crate::Engine::apply_node_object`]); in static mode, from the node inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// A DNS-1123 subdomain, as Kubernetes node names are.
+    pub name: String,
+    pub labels: Labels,
+    /// Unicast addresses, IPv4 or IPv6 (a repeated one is kept once).
+    pub addresses: Vec<IpAddr>,
+}
+
 /// A peer's identity as the handshake proved it (or as the engine knows it, offline).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadIdentity {
@@ -113,7 +126,9 @@ pub enum Peer {
     /// An enforced workload whose identity was verified. Pod/namespace selectors and ipBlocks
     /// (against its IP) can match it.
     Workload(WorkloadIdentity),
-    /// Known only by its IP: external, host network, a node without agent. Only ipBlocks match it.
+    /// Known only by its IP: external, host network, a node without agent. Only ipBlocks match
+    /// it (and admin `networks` peers; `nodes` peers when its IP is a node's address,
+    /// `domainNames` peers when the local workload resolved a name to it).
     IpOnly,
 }
 
@@ -198,8 +213,8 @@ pub struct AdminRuleRef {
     pub index: usize,
     /// The action applied (for a fail-closed rule, the one it was turned into: `Deny`).
     pub action: AdminAction,
-    /// The rule has a peer the engine cannot decide (nodes, domainNames, an unknown field) and
-    /// was turned into a deny-all rule as the API requires.
+    /// The rule has a peer the engine cannot decide (an unknown peer type, or `domainNames` in
+    /// a Deny or Pass rule) and was turned into a deny-all rule as the API requires.
     pub fail_closed: bool,
 }
 

@@ -8,10 +8,12 @@
 //! `x.yaml: document 2 (NetworkPolicy demo/db): spec.ingress[0].ports[0].port: invalid type ...`.
 //! Parsing continues after an invalid object; a YAML syntax error ends its stream.
 //!
-//! [`load`] feeds parsed objects into an [`Engine`]: namespaces first, then pods, then
+//! [`load`] feeds parsed objects into an [`Engine`]: namespaces and nodes first, then pods, then
 //! NetworkPolicies, then the cluster-wide admin policies (ClusterNetworkPolicy
 //! `policy.networking.k8s.io/v1alpha2`, AdminNetworkPolicy and BaselineAdminNetworkPolicy
-//! `policy.networking.k8s.io/v1alpha1`), so that every object finds what it refers to.
+//! `policy.networking.k8s.io/v1alpha1`), so that every object finds what it refers to. Nodes
+//! (`v1`, as `kubectl get nodes -o yaml` prints them) are the inventory admin `nodes` peers
+//! select from.
 //!
 //! ```
 //! let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: demo}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: demo}\n";
@@ -24,7 +26,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
@@ -44,6 +46,8 @@ use crate::{AdminPolicyKey, AdminWarning, Engine, PolicyError};
 #[derive(Clone, Debug)]
 pub enum Object {
     Namespace(Namespace),
+    /// `v1`, cluster-scoped: name, labels and `status.addresses`, for admin `nodes` peers.
+    Node(Node),
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     /// `policy.networking.k8s.io/v1alpha2`
@@ -142,12 +146,39 @@ impl fmt::Display for LoadWarning {
     }
 }
 
+/// The annotation that stages a NetworkPolicy or an admin policy: `"true"` means it is evaluated
+/// beside the enforced policies (what it would change is shown: `tessera policy matrix
+/// --staged`, the agent's flow log) but not enforced.
+pub const STAGED_ANNOTATION: &str = "tessera.dev/staged";
+
+/// Whether metadata carries [`STAGED_ANNOTATION`]`: "true"`.
+pub fn is_staged_meta(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(STAGED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 impl Object {
-    /// `Namespace`, `Pod`, `NetworkPolicy`, `ClusterNetworkPolicy`, `AdminNetworkPolicy` or
-    /// `BaselineAdminNetworkPolicy`.
+    /// Whether this is a policy (NetworkPolicy or an admin kind) annotated
+    /// [`STAGED_ANNOTATION`]`: "true"`.
+    pub fn is_staged(&self) -> bool {
+        let policy = matches!(
+            self,
+            Object::NetworkPolicy(_)
+                | Object::ClusterNetworkPolicy(_)
+                | Object::AdminNetworkPolicy(_)
+                | Object::BaselineAdminNetworkPolicy(_)
+        );
+        policy && is_staged_meta(self.metadata())
+    }
+
+    /// `Namespace`, `Node`, `Pod`, `NetworkPolicy`, `ClusterNetworkPolicy`,
+    /// `AdminNetworkPolicy` or `BaselineAdminNetworkPolicy`.
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Namespace(_) => "Namespace",
+            Object::Node(_) => "Node",
             Object::Pod(_) => "Pod",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::ClusterNetworkPolicy(_) => "ClusterNetworkPolicy",
@@ -159,6 +190,7 @@ impl Object {
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Object::Namespace(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
             Object::ClusterNetworkPolicy(o) => &o.metadata,
@@ -172,13 +204,14 @@ impl Object {
         matches!(
             self,
             Object::Namespace(_)
+                | Object::Node(_)
                 | Object::ClusterNetworkPolicy(_)
                 | Object::AdminNetworkPolicy(_)
                 | Object::BaselineAdminNetworkPolicy(_)
         )
     }
 
-    /// `namespace/name` for pods and policies, `name` for namespaces and admin policies.
+    /// `namespace/name` for pods and policies, `name` for namespaces, nodes and admin policies.
     pub fn name(&self) -> String {
         meta_name(self.metadata())
     }
@@ -344,7 +377,7 @@ fn parse_list(parsed: &mut Parsed, origin: Origin, header: &Header, mut value: V
 
 fn parse_object(parsed: &mut Parsed, origin: Origin, header: Header, value: Value) {
     let expected_api_version = match header.kind.as_str() {
-        "Namespace" | "Pod" => "v1",
+        "Namespace" | "Node" | "Pod" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
         "ClusterNetworkPolicy" => API_VERSION_V1ALPHA2,
         "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => API_VERSION_V1ALPHA1,
@@ -380,6 +413,7 @@ fn parse_object(parsed: &mut Parsed, origin: Origin, header: Header, value: Valu
     }
     let object = match header.kind.as_str() {
         "Namespace" => typed(value).map(Object::Namespace),
+        "Node" => typed(value).map(Object::Node),
         "Pod" => typed(value).map(Object::Pod),
         "ClusterNetworkPolicy" => typed(value).map(Object::ClusterNetworkPolicy),
         "AdminNetworkPolicy" => typed(value).map(Object::AdminNetworkPolicy),
@@ -475,6 +509,7 @@ impl Header {
             (Some(ns), Some(name)) => format!("{ns}/{name}"),
             (None, Some(name))
                 if kind == "Namespace"
+                    || kind == "Node"
                     || kind.starts_with("Cluster")
                     || kind.ends_with("AdminNetworkPolicy") =>
             {
@@ -510,8 +545,8 @@ fn meta_name(meta: &ObjectMeta) -> String {
     }
 }
 
-/// Applies objects to `engine`: namespaces first, then pods, then NetworkPolicies, then admin
-/// policies, each in input order.
+/// Applies objects to `engine`: namespaces and nodes first, then pods, then NetworkPolicies, then
+/// admin policies, each in input order.
 /// Namespaces that pods or policies live in but that `objects` lacks are applied first with no
 /// labels but their name (reported in [`LoadReport::implied_namespaces`]). Every refused object
 /// is reported with its origin; the others are applied all the same.
@@ -548,6 +583,7 @@ pub fn load(engine: &mut Engine, objects: &[Located<Object>]) -> LoadReport {
         for located in objects {
             let result = match (&located.value, rank) {
                 (Object::Namespace(ns), 0) => engine.apply_namespace(ns),
+                (Object::Node(node), 0) => engine.apply_node_object(node).map(drop),
                 (Object::Pod(pod), 1) => engine.apply_pod(pod).map(drop),
                 (Object::NetworkPolicy(policy), 2) => engine.apply_policy(policy).map(drop),
                 (Object::ClusterNetworkPolicy(p), 3) => engine
@@ -898,6 +934,160 @@ metadata: {name: monitoring, labels: {team: ops}}
         // The namespace's labels were known when the policy was compiled.
         let verdict = crate::matrix::evaluate(&engine, &from, &key("demo", "web"), probe);
         assert_eq!(verdict.map(|v| v.allowed), Some(true));
+    }
+
+    /// `kubectl get nodes -o yaml`, trimmed of nothing the parser should choke on.
+    const KUBECTL_NODES: &str = r#"
+apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Node
+  metadata:
+    annotations:
+      node.alpha.kubernetes.io/ttl: "0"
+      volumes.kubernetes.io/controller-managed-attach-detach: "true"
+    creationTimestamp: "2024-05-02T09:12:44Z"
+    labels:
+      beta.kubernetes.io/arch: amd64
+      kubernetes.io/hostname: cp-1
+      node-role.kubernetes.io/control-plane: ""
+      topology.kubernetes.io/zone: eu-1a
+    name: cp-1
+    resourceVersion: "123456"
+    uid: 0b8e2a52-5b6a-4c1e-9a7e-3c1f3c2d9d11
+  spec:
+    podCIDR: 10.244.0.0/24
+    podCIDRs: [10.244.0.0/24, fd00:10:244::/64]
+    taints:
+    - effect: NoSchedule
+      key: node-role.kubernetes.io/control-plane
+  status:
+    addresses:
+    - address: 172.18.0.2
+      type: InternalIP
+    - address: fc00:f853:ccd:e793::2
+      type: InternalIP
+    - address: 203.0.113.10
+      type: ExternalIP
+    - address: cp-1
+      type: Hostname
+    - address: cp-1.eu-1a.internal
+      type: InternalDNS
+    allocatable: {cpu: "8", memory: 32817052Ki, pods: "110"}
+    capacity: {cpu: "8", memory: 32817052Ki, pods: "110"}
+    conditions:
+    - lastHeartbeatTime: "2024-05-02T10:00:00Z"
+      lastTransitionTime: "2024-05-02T09:13:10Z"
+      message: kubelet is posting ready status
+      reason: KubeletReady
+      status: "True"
+      type: Ready
+    daemonEndpoints:
+      kubeletEndpoint: {Port: 10250}
+    nodeInfo:
+      architecture: amd64
+      bootID: 6c2d
+      containerRuntimeVersion: containerd://1.7.15
+      kernelVersion: 6.8.0
+      kubeProxyVersion: v1.30.0
+      kubeletVersion: v1.30.0
+      machineID: 9f1e
+      operatingSystem: linux
+      osImage: Debian GNU/Linux 12 (bookworm)
+      systemUUID: 9f1e
+- apiVersion: v1
+  kind: Node
+  metadata:
+    labels: {kubernetes.io/hostname: worker-1, topology.kubernetes.io/zone: eu-1b}
+    name: worker-1
+  status:
+    addresses:
+    - {address: 172.18.0.3, type: InternalIP}
+    - {address: 172.18.0.3, type: ExternalIP}
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+
+    #[test]
+    fn nodes_as_kubectl_prints_them_feed_the_inventory() {
+        let parsed = parse("nodes.yaml", KUBECTL_NODES);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(names(&parsed), ["Node cp-1", "Node worker-1"]);
+        let mut engine = Engine::new();
+        let report = load(&mut engine, &parsed.objects);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(report.implied_namespaces.is_empty());
+        let Some(cp) = engine.node("cp-1") else {
+            panic!("cp-1 was not loaded");
+        };
+        let ips: Vec<String> = cp.addresses.iter().map(ToString::to_string).collect();
+        // InternalIP and ExternalIP, in order; Hostname and InternalDNS are names.
+        assert_eq!(ips, ["172.18.0.2", "fc00:f853:ccd:e793::2", "203.0.113.10"]);
+        assert_eq!(
+            cp.labels.get("node-role.kubernetes.io/control-plane"),
+            Some(&String::new())
+        );
+        // One address listed as both types is one address.
+        let Some(worker) = engine.node("worker-1") else {
+            panic!("worker-1 was not loaded");
+        };
+        assert_eq!(worker.addresses.len(), 1);
+        let names: Vec<&str> = engine.nodes().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["cp-1", "worker-1"]);
+    }
+
+    #[test]
+    fn node_errors_name_the_field() {
+        let text = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: bad}
+status:
+  addresses:
+  - {address: cp-1, type: Hostname}
+  - {address: 10.0.0.300, type: InternalIP}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: multicast}
+status: {addresses: [{address: "224.0.0.1", type: ExternalIP}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: Upper}
+---
+apiVersion: v1beta1
+kind: Node
+metadata: {name: old}
+"#;
+        let parsed = parse("n.yaml", text);
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+        assert_eq!(parsed.errors[0].field, "apiVersion");
+        let mut engine = Engine::new();
+        let report = load(&mut engine, &parsed.objects);
+        let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "n.yaml: document 1 (Node bad): status.addresses[1].address: \"10.0.0.300\" is not a valid IP address"
+            ),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].contains(
+                "(Node multicast): status.addresses[0].address: 224.0.0.1 is not a unicast address"
+            ),
+            "{}",
+            errors[1]
+        );
+        assert!(
+            errors[2].contains("(Node Upper): metadata.name: "),
+            "{}",
+            errors[2]
+        );
+        assert_eq!(engine.node_count(), 0);
     }
 
     proptest! {

@@ -71,7 +71,7 @@ fn namespaced_name(kind: &'static str, meta: &ObjectMeta) -> Result<(String, Str
     Ok((namespace, name))
 }
 
-fn check_labels(ctx: &Ctx, field: &str, labels: &Labels) -> Result<(), PolicyError> {
+pub(crate) fn check_labels(ctx: &Ctx, field: &str, labels: &Labels) -> Result<(), PolicyError> {
     for (k, v) in labels {
         check_key(k).map_err(|m| ctx.err(format!("{field}[{k}]"), m))?;
         check_value(v).map_err(|m| ctx.err(format!("{field}[{k}]"), m))?;

@@ -4,7 +4,8 @@
 //! Peers the engine cannot decide fail closed, as the API requires of an implementation that
 //! does not support a peer type: an Allow/Accept rule with such a peer matches no traffic; a
 //! Deny or Pass rule with one becomes a deny-all rule (every peer, every port). Each such rule
-//! leaves an [`AdminWarning`] naming the field.
+//! leaves an [`AdminWarning`] naming the field. These are peers of an unknown type and
+//! `domainNames` in a Deny or Pass rule (the API supports names only in Accept/Allow rules).
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -15,8 +16,8 @@ use crate::admin::{
     ClusterNetworkPolicyProtocol, EgressPeer, IngressPeer, NamespacedPod, Subject,
 };
 use crate::compiled::{
-    AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin, PeerSelector,
-    RulesFilter,
+    AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin, DomainPattern,
+    PeerSelector, RulesFilter,
 };
 use crate::model::{AdminAction, AdminKind, AdminPolicyKey, AdminWarning, Protocol, Tier};
 use crate::selector::{Selector, is_dns1123_subdomain};
@@ -293,26 +294,36 @@ fn ingress_peer(
     }))
 }
 
-/// `^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$`
+/// The API's pattern for `DomainName`, exactly as the CRDs (v1alpha1 and v1alpha2) have it:
+/// `^(\*\.)?([a-zA-z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$`.
+/// Note `A-z` in a label's first character: the range from `A` to `z` also holds `[`, `\`,
+/// `]`, `^`, `_` and `` ` ``, so the API server admits `_sip._tcp.example.com`; so does the
+/// engine (a name the API server admits must not make the engine refuse the whole policy).
 fn is_domain_name(s: &str) -> bool {
     let s = s.strip_prefix("*.").unwrap_or(s);
     let s = s.strip_suffix('.').unwrap_or(s);
-    let labels: Vec<&str> = s.split('.').collect();
-    labels.len() >= 2
-        && labels.iter().all(|l| {
-            let b = l.as_bytes();
-            !b.is_empty()
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
-        })
+    let mut labels = 0usize;
+    let well_formed = s.split('.').all(|l| {
+        labels += 1;
+        let b = l.as_bytes();
+        match (b.first(), b.last()) {
+            (Some(first), Some(last)) => {
+                (first.is_ascii_digit() || (b'A'..=b'z').contains(first))
+                    && (b.len() == 1 || last.is_ascii_alphanumeric())
+                    && b.iter()
+                        .skip(1)
+                        .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+            }
+            _ => false,
+        }
+    });
+    well_formed && labels >= 2
 }
 
 fn egress_peer(
     ctx: &Ctx,
     api: &Api,
-    path: &str,
+    (path, action): (&str, AdminAction),
     p: &EgressPeer,
 ) -> Result<PeerOutcome, PolicyError> {
     // BaselineAdminNetworkPolicy has no `domainNames`: to it, that is an unknown field.
@@ -357,12 +368,8 @@ fn egress_peer(
         }));
     }
     if let Some(nodes) = &p.nodes {
-        let field = format!("{path}.nodes");
-        compile_selector(ctx, &field, nodes)?;
-        return Ok(PeerOutcome::Unsupported(AdminWarning {
-            field,
-            message: "nodes peers need a node inventory, which this engine does not have".into(),
-        }));
+        let sel = compile_selector(ctx, &format!("{path}.nodes"), nodes)?;
+        return Ok(PeerOutcome::Peer(AdminPeer::Nodes(PeerSelector::new(sel))));
     }
     if let Some(networks) = &p.networks {
         let field = format!("{path}.networks");
@@ -392,11 +399,25 @@ fn egress_peer(
                 format!("{d:?} is not a domain name (optionally prefixed by \"*.\")"),
             ));
         }
+        // `listType=set`: the API server refuses a repeated item (as written).
+        if names.iter().take(i).any(|earlier| earlier == d) {
+            return Err(ctx.err(format!("{field}[{i}]"), format!("duplicate value {d:?}")));
+        }
     }
-    Ok(PeerOutcome::Unsupported(AdminWarning {
-        field,
-        message: "domainNames peers need name resolution the engine does not see".into(),
-    }))
+    if action != AdminAction::Allow {
+        // The API supports names only in Accept/Allow rules: a deny by name is unsafe (an
+        // address of the name the workload did not resolve through DNS would get through).
+        return Ok(PeerOutcome::Unsupported(AdminWarning {
+            field,
+            message: format!(
+                "the API supports domainNames only in {} rules",
+                api.kind.action_name(AdminAction::Allow)
+            ),
+        }));
+    }
+    Ok(PeerOutcome::Peer(AdminPeer::DomainNames(
+        names.iter().map(|d| DomainPattern::parse(d)).collect(),
+    )))
 }
 
 fn action(ctx: &Ctx, api: &Api, path: &str, a: Option<&str>) -> Result<AdminAction, PolicyError> {
@@ -684,22 +705,9 @@ fn egress_rule(
     let peers = to
         .iter()
         .enumerate()
-        .map(|(i, p)| egress_peer(ctx, api, &format!("{field}[{i}]"), p))
+        .map(|(i, p)| egress_peer(ctx, api, (&format!("{field}[{i}]"), action), p))
         .collect::<Result<Vec<_>, _>>()?;
     check_named_with_ip_peers(ctx, api, path, named, to)?;
-    if api.domain_names && action != AdminAction::Allow {
-        for (i, p) in to.iter().enumerate() {
-            if p.domain_names.is_some() {
-                warnings.push(AdminWarning {
-                    field: format!("{field}[{i}].domainNames"),
-                    message: format!(
-                        "the API supports domainNames only in {} rules",
-                        api.kind.action_name(AdminAction::Allow)
-                    ),
-                });
-            }
-        }
-    }
     Ok(assemble(
         path,
         RuleParts {
@@ -906,4 +914,46 @@ pub(crate) fn compile_baseline_admin_network_policy(
             egress: spec.egress.as_deref().unwrap_or(&[]),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_domain_name;
+
+    /// The API's pattern, `A-z` in the first character of a label included.
+    #[test]
+    fn domain_names_follow_the_api_pattern() {
+        for ok in [
+            "example.com",
+            "*.example.com",
+            "example.com.",
+            "*.a.b.example.com.",
+            "Example.COM",
+            "_sip._tcp.example.com",
+            "x.y",
+            "1.2",
+            "a-b_c.example.com",
+        ] {
+            assert!(is_domain_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "com",
+            "*.com",
+            "*example.com",
+            "**.example.com",
+            "*.*.example.com",
+            "example..com",
+            ".example.com",
+            "example.com..",
+            "-a.example.com",
+            "a-.example.com",
+            "a_.example.com",
+            "ex ample.com",
+            "exämple.com",
+            "example.*",
+        ] {
+            assert!(!is_domain_name(bad), "{bad}");
+        }
+    }
 }

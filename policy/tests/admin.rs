@@ -694,23 +694,25 @@ fn pod_and_namespace_peers_match_only_workloads_networks_match_addresses() {
 #[test]
 fn unsupported_peers_fail_closed_and_are_reported() {
     let mut e = cluster();
-    // Deny with a nodes peer: a deny-all rule, every peer and port.
+    // Deny with a domainNames peer (the API supports names only in Accept rules): a deny-all
+    // rule, every peer and port.
     let applied = e
         .apply_cluster_network_policy(&cnp(
-            "no-nodes",
+            "deny-by-name",
             json!({"tier": "Admin", "priority": 5, "subject": ns_subject("b"),
-                   "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "control-plane"}}}],
-                               "protocols": [{"tcp": {"destinationPort": {"number": 6443}}}]}]}),
+                   "egress": [{"action": "Deny", "to": [{"domainNames": ["evil.example.com"]}],
+                               "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]}]}),
         ))
         .unwrap();
-    assert_eq!(applied.warnings.len(), 1);
-    assert_eq!(applied.warnings[0].field, "spec.egress[0].to[0].nodes");
-    assert!(
-        applied.warnings[0].message.contains("denies all traffic"),
-        "{}",
-        applied.warnings[0]
+    assert_eq!(applied.warnings.len(), 1, "{:?}", applied.warnings);
+    assert_eq!(
+        applied.warnings[0].field,
+        "spec.egress[0].to[0].domainNames"
     );
-    assert_eq!(e.admin_warnings(&cnp_key("no-nodes")), applied.warnings);
+    let message = &applied.warnings[0].message;
+    assert!(message.contains("only in Accept rules"), "{message}");
+    assert!(message.contains("denies all traffic"), "{message}");
+    assert_eq!(e.admin_warnings(&cnp_key("deny-by-name")), applied.warnings);
     let d = decide(&e, "b/client", Direction::Egress, "a/web", 80);
     assert!(!d.allowed);
     assert!(admin_reason(&d).fail_closed);
@@ -719,19 +721,17 @@ fn unsupported_peers_fail_closed_and_are_reported() {
     // Ingress of b is not affected.
     assert!(allowed(&e, "a/web", "b/web", 8080));
 
-    // Accept with domainNames: matches nothing (the lower-precedence deny still applies).
+    // Accept with a peer of no known field (`{}`): matches nothing, its other peers included
+    // (the lower-precedence deny still applies).
     let applied = e
         .apply_cluster_network_policy(&cnp(
-            "dns-allowlist",
+            "future-allowlist",
             json!({"tier": "Admin", "priority": 1, "subject": ns_subject("a"),
-                   "egress": [{"action": "Accept", "to": [{"domainNames": ["*.example.com"]}, {"pods": {"podSelector": {}}}]}]}),
+                   "egress": [{"action": "Accept", "to": [{}, {"pods": {"podSelector": {}}}]}]}),
         ))
         .unwrap();
     assert_eq!(applied.warnings.len(), 1);
-    assert_eq!(
-        applied.warnings[0].field,
-        "spec.egress[0].to[0].domainNames"
-    );
+    assert_eq!(applied.warnings[0].field, "spec.egress[0].to[0]");
     assert!(applied.warnings[0].message.contains("matches no traffic"));
     apply_cnp(
         &mut e,

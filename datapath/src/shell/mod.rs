@@ -102,6 +102,14 @@ pub fn decide<R: CryptoRng + ?Sized>(
     let auth_mark = processor.config().auth_mark;
     let start = Instant::now();
     let action = match mode {
+        // A DNS answer on an authorized flow: accepted as the connmark bypass would have (no
+        // mark: the flow has it).
+        Mode::AcceptAll if direction == Direction::DnsAnswer => Action {
+            accept: true,
+            modified: false,
+            mark: 0,
+            requeue: false,
+        },
         Mode::AcceptAll => Action {
             accept: true,
             modified: false,
@@ -115,12 +123,17 @@ pub fn decide<R: CryptoRng + ?Sized>(
             requeue: false,
         },
         Mode::Enforce => {
-            let hook = match direction {
-                Direction::Output => Hook::Output,
-                Direction::Input => Hook::Input,
+            let now = queue::unix_ms();
+            let verdict = match direction {
+                Direction::Output => {
+                    processor.process(id, Hook::Output, packet, checksum_ready, now, rng)
+                }
+                Direction::Input => {
+                    processor.process(id, Hook::Input, packet, checksum_ready, now, rng)
+                }
+                // Learnt from, then accepted as the connmark bypass would have.
+                Direction::DnsAnswer => processor.learn_dns_answer(id, packet, now),
             };
-            let verdict =
-                processor.process(id, hook, packet, checksum_ready, queue::unix_ms(), rng);
             Action {
                 accept: verdict.accept,
                 modified: verdict.modified,
@@ -229,6 +242,39 @@ mod tests {
         assert!(!a.accept);
         assert_eq!(a.mark, 0);
         assert_eq!(p.metrics().decision_count(), 1);
+    }
+
+    #[test]
+    fn dns_answers_are_accepted_unmarked_in_both_modes() {
+        let mut p = processor();
+        let mut rng = identity::testing::SeededRng::new(b"shell");
+        let mut udp = v4_tcp(0);
+        udp[9] = 17;
+        for mode in [Mode::Enforce, Mode::AcceptAll] {
+            // Even for a workload the processor does not know, and a packet that is no answer.
+            let a = decide(
+                &mut p,
+                mode,
+                WorkloadId(1),
+                Direction::DnsAnswer,
+                &mut udp,
+                false,
+                &mut rng,
+            );
+            assert_eq!(
+                a,
+                Action {
+                    accept: true,
+                    modified: false,
+                    mark: 0,
+                    requeue: false,
+                },
+                "{mode:?}"
+            );
+        }
+        assert_eq!(p.metrics().dns_answers("unknown_workload"), 1);
+        assert_eq!(p.metrics().rejected_total(), 0);
+        assert_eq!(p.metrics().decision_count(), 2);
     }
 
     #[test]

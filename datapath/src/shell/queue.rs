@@ -44,6 +44,12 @@ pub struct QueueConfig {
     pub rcvbuf_bytes: usize,
     /// Let the kernel accept packets when the queue is full instead of dropping them.
     pub fail_open: bool,
+    /// The queue number the rules send DNS answers to
+    /// ([`RuleConfig::dns_queue_num`](super::RuleConfig::dns_queue_num), the same value),
+    /// bound by the same socket; its packets reach the handler as [`Direction::DnsAnswer`].
+    /// That queue always fails open when full: its packets belong to authorized flows. The
+    /// same number as `queue_num` is ignored (as the rules ignore it).
+    pub dns_queue_num: Option<u16>,
 }
 
 impl Default for QueueConfig {
@@ -53,6 +59,7 @@ impl Default for QueueConfig {
             max_len: 8192,
             rcvbuf_bytes: 16 << 20,
             fail_open: false,
+            dns_queue_num: None,
         }
     }
 }
@@ -63,6 +70,7 @@ pub struct OpenedQueue {
     socket: OwnedFd,
     stats: Option<File>,
     queue_num: u16,
+    dns_queue_num: Option<u16>,
 }
 
 impl std::fmt::Debug for OpenedQueue {
@@ -70,6 +78,7 @@ impl std::fmt::Debug for OpenedQueue {
         f.debug_struct("OpenedQueue")
             .field("socket", &self.socket)
             .field("queue_num", &self.queue_num)
+            .field("dns_queue_num", &self.dns_queue_num)
             .finish()
     }
 }
@@ -156,6 +165,19 @@ fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
     queue
         .set_fail_open(q, cfg.fail_open)
         .map_err(ShellError::Queue)?;
+    if let Some(d) = cfg.dns_queue_num.filter(|d| *d != q) {
+        queue.bind(d).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(nix::libc::EBUSY | nix::libc::EPERM)) {
+                ShellError::QueueBusy(d)
+            } else {
+                ShellError::Queue(e)
+            }
+        })?;
+        queue
+            .set_queue_max_len(d, cfg.max_len)
+            .map_err(ShellError::Queue)?;
+        queue.set_fail_open(d, true).map_err(ShellError::Queue)?;
+    }
     queue.set_nonblocking(true);
     sockopt::set_socket_recv_buffer_size_force(&socket, cfg.rcvbuf_bytes).map_err(io)?;
     // Opened here, the file reads this namespace's counters for as long as it stays open.
@@ -165,6 +187,7 @@ fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
         socket,
         stats,
         queue_num: q,
+        dns_queue_num: cfg.dns_queue_num.filter(|d| *d != q),
     })
 }
 
@@ -176,6 +199,7 @@ pub struct WorkloadQueue {
     queue: nfq::Queue,
     stats: Option<File>,
     queue_num: u16,
+    dns_queue_num: Option<u16>,
     /// Socket-level receive errors (ENOBUFS: the socket buffer overflowed; ENOSPC: a message
     /// larger than the buffer), counted and survived.
     pub recv_errors: u64,
@@ -192,6 +216,7 @@ impl OpenedQueue {
             queue: self.queue,
             stats: self.stats,
             queue_num: self.queue_num,
+            dns_queue_num: self.dns_queue_num,
             recv_errors: 0,
         })
     }
@@ -219,6 +244,9 @@ pub enum Direction {
     Output,
     /// mangle INPUT: the workload receives it.
     Input,
+    /// mangle INPUT, from the DNS answer queue: an answer on a flow the workload opened and
+    /// its agent authorized, to learn from and accept.
+    DnsAnswer,
 }
 
 impl WorkloadQueue {
@@ -233,6 +261,7 @@ impl WorkloadQueue {
             ready,
             queue,
             recv_errors,
+            dns_queue_num,
             ..
         } = self;
         ready.readable().await.map_err(ShellError::Queue)?;
@@ -255,6 +284,9 @@ impl WorkloadQueue {
             };
             handled += 1;
             let direction = match msg.get_hook() {
+                NF_INET_LOCAL_IN if Some(msg.get_queue_num()) == *dns_queue_num => {
+                    Some(Direction::DnsAnswer)
+                }
                 NF_INET_LOCAL_OUT => Some(Direction::Output),
                 NF_INET_LOCAL_IN => Some(Direction::Input),
                 _ => None,
@@ -296,17 +328,27 @@ impl WorkloadQueue {
         Ok(handled)
     }
 
-    /// The kernel's counters for this queue: (queue_dropped, user_dropped).
+    /// The kernel's counters for this queue (and its DNS answer queue, summed):
+    /// (queue_dropped, user_dropped).
     pub fn kernel_drops(&mut self) -> Option<(u64, u64)> {
         let file = self.stats.as_mut()?;
         file.rewind().ok()?;
         let mut text = String::new();
         file.read_to_string(&mut text).ok()?;
-        parse_queue_stats(&text, self.queue_num)
+        let (q, u) = parse_queue_stats(&text, self.queue_num)?;
+        let (dq, du) = self
+            .dns_queue_num
+            .and_then(|d| parse_queue_stats(&text, d))
+            .unwrap_or((0, 0));
+        Some((q + dq, u + du))
     }
 
-    /// Unbind the queue (the kernel drops, or with `--queue-bypass` accepts, what it held).
+    /// Unbind the queue (the kernel drops, or with `--queue-bypass` accepts, what it held),
+    /// and the DNS answer queue.
     pub fn unbind(&mut self) -> Result<(), ShellError> {
+        if let Some(d) = self.dns_queue_num {
+            self.queue.unbind(d).map_err(ShellError::Queue)?;
+        }
         self.queue.unbind(self.queue_num).map_err(ShellError::Queue)
     }
 }

@@ -23,6 +23,15 @@ pub struct RuleConfig {
     pub auth_mark: u32,
     /// `--queue-bypass`: let packets through while no reader listens.
     pub fail_open: bool,
+    /// Learn the names workloads resolve (for admin `domainNames` peers): DNS answers (UDP
+    /// from port 53, in the reply direction of a flow the workload opened, already
+    /// authorized) are queued on this queue number, read by the same socket
+    /// ([`QueueConfig::dns_queue_num`](super::QueueConfig::dns_queue_num) must say the same)
+    /// and handed to [`Processor::learn_dns_answer`](crate::Processor::learn_dns_answer).
+    /// `None` (or the same number as `queue_num`, which could not tell the answers apart):
+    /// no such rule; answers pass unseen and no name is ever learnt (a `domainNames` peer then
+    /// matches nothing).
+    pub dns_queue_num: Option<u16>,
 }
 
 impl Default for RuleConfig {
@@ -31,6 +40,7 @@ impl Default for RuleConfig {
             queue_num: 7,
             auth_mark: 0x1000_0000,
             fail_open: false,
+            dns_queue_num: None,
         }
     }
 }
@@ -91,6 +101,9 @@ pub struct Jumps {
 /// flow, both ways (and ICMP errors about it, which conntrack relates to it), bypasses
 /// userspace. IPv6 neighbour discovery and multicast listener messages (ICMPv6 130-137, 143)
 /// always pass: without them no IPv6 address works, and they never leave the link.
+///
+/// With [`RuleConfig::dns_queue_num`], one more rule on INPUT, before the connmark bypass,
+/// queues DNS answers on authorized flows there (see [`dns_answer_rule`]).
 pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
     let auth = format!("{0:#x}/{0:#x}", cfg.auth_mark);
     let mask = format!("{:#x}", cfg.auth_mark);
@@ -141,6 +154,9 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
                 "-A {chain} -p udp -m u32 --u32 \"{}\" -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n",
                 udp_control_u32(family)
             ));
+            if let Some(dns) = cfg.dns_queue_num.filter(|d| *d != q) {
+                out.push_str(&dns_answer_rule(chain, cfg.auth_mark, dns));
+            }
         }
         out.push_str(&format!("-A {chain} -m connmark --mark {auth} -j RETURN\n"));
         out.push_str(&format!(
@@ -167,6 +183,21 @@ pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+/// The rule that queues DNS answers for learning: UDP from port 53, on a flow whose connmark
+/// has the AUTH bit (answers on flows not authorized yet are queued anyway, to the main
+/// queue), in conntrack's reply direction of an established flow, i.e. the answer to a query
+/// the workload itself sent on that 5-tuple. A datagram from port 53 that opens a flow
+/// (conntrack's original direction) is not an answer and never matches. Queued on a queue
+/// number of its own so the reader knows the packet's flow is already authorized (its verdict
+/// is a plain accept, as the connmark bypass would have given it), with `--queue-bypass`
+/// whatever `fail_open` says: without a reader the answer passes as it did before the rule
+/// (only the learning is lost, which fails closed: no name matches).
+pub fn dns_answer_rule(chain: &str, auth_mark: u32, queue_num: u16) -> String {
+    format!(
+        "-A {chain} -p udp --sport 53 -m connmark --mark {auth_mark:#x}/{auth_mark:#x} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j NFQUEUE --queue-num {queue_num} --queue-bypass\n"
+    )
 }
 
 /// The `u32` match of a UDP payload that starts with the control magic (IPv4: after the
@@ -499,6 +530,7 @@ COMMIT
             fail_open: true,
             queue_num: 9,
             auth_mark: 0x4,
+            dns_queue_num: None,
         };
         let text = render(&cfg, Family::V6, Jumps::default());
         let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
@@ -543,6 +575,59 @@ COMMIT
         assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 19);
         let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
         assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 37);
+        // Learning DNS answers adds one rule per family, whatever the peers and policies.
+        let dns = RuleConfig {
+            dns_queue_num: Some(8),
+            ..RuleConfig::default()
+        };
+        let v4 = render(&dns, Family::V4, Jumps::default());
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 20);
+        let v6 = render(&dns, Family::V6, Jumps::default());
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 38);
+    }
+
+    #[test]
+    fn dns_answers_on_authorized_flows_are_queued_before_the_connmark_bypass() {
+        let cfg = RuleConfig {
+            dns_queue_num: Some(8),
+            ..RuleConfig::default()
+        };
+        let rule = "-A TESSERA-INPUT -p udp --sport 53 -m connmark --mark 0x10000000/0x10000000 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j NFQUEUE --queue-num 8 --queue-bypass";
+        for family in Family::ALL {
+            let text = render(&cfg, family, Jumps::default());
+            let input: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("-A TESSERA-INPUT "))
+                .collect();
+            let at = input.iter().position(|l| *l == rule).expect("the DNS rule");
+            let bypass = input
+                .iter()
+                .position(|l| l.contains("-m connmark --mark") && l.ends_with("-j RETURN"))
+                .unwrap();
+            assert!(at < bypass, "{family:?}: {text}");
+            // After the loopback return and the UDP control rule.
+            assert!(input[..at].iter().any(|l| l.contains(" -i lo ")));
+            assert!(input[at - 1].contains("-m u32"), "{family:?}");
+            // Only on INPUT: a query the workload sends is never queued for it.
+            assert!(!text.contains("-A TESSERA-OUTPUT -p udp --sport 53"));
+            assert!(!text.contains("--dport 53"));
+        }
+        // The main queue's number cannot serve: no rule (the queue ignores it the same way).
+        let same = RuleConfig {
+            dns_queue_num: Some(7),
+            ..RuleConfig::default()
+        };
+        assert_eq!(
+            render(&same, Family::V4, Jumps::default()),
+            render(&RuleConfig::default(), Family::V4, Jumps::default())
+        );
+        // Without it, the rule set is exactly the one without DNS learning.
+        let off = render(&RuleConfig::default(), Family::V4, Jumps::default());
+        let on = render(&cfg, Family::V4, Jumps::default());
+        assert_eq!(on.replace(&format!("{rule}\n"), ""), off);
+        // The bypass holds even for a fail-closed rule set: without a reader the answer passes
+        // as the connmark bypass let it pass before.
+        assert!(!off.contains("--queue-bypass"));
     }
 
     #[test]

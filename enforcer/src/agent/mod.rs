@@ -386,7 +386,10 @@ impl Agent {
                 origin,
                 kind,
                 policies,
-            } => self.replace_admin(&origin, &policies, |k| k.kind == kind),
+                unparsed,
+            } => self.replace_admin(&origin, &policies, |k| {
+                k.kind == kind && !unparsed.contains(&k.name)
+            }),
             Event::AdminUpsert(p) => self.replace_admin("Kubernetes API", &[*p], |_| false),
             Event::AdminRemove(key) => {
                 lock(&self.processor).engine_mut().remove_admin_policy(&key);
@@ -406,6 +409,19 @@ impl Agent {
                 tracing::info!(policy = %format!("{}/{}", key.namespace, key.name), "policy removed");
             }
             Event::PeerCertificate { node, pem } => self.peer_certificate(&node, pem.as_deref()),
+            Event::Nodes { origin, nodes } => self.replace_nodes(&origin, nodes),
+            Event::NodeUpsert(node) => {
+                let name = node.name.clone();
+                if let Err(e) = lock(&self.processor).engine_mut().apply_node(node) {
+                    self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        "Node {name}: {}: {} (refused; its previous version, if any, stays in force)",
+                        e.field,
+                        e.message
+                    );
+                }
+            }
+            Event::NodeRemove(name) => lock(&self.processor).engine_mut().remove_node(&name),
         }
         if recheck {
             self.cut_denied_flows();
@@ -733,6 +749,33 @@ impl Agent {
         );
     }
 
+    /// Make `nodes` the node inventory; a refused node keeps its previous version.
+    fn replace_nodes(&mut self, origin: &str, nodes: Vec<policy::Node>) {
+        let mut p = lock(&self.processor);
+        let engine = p.engine_mut();
+        let wanted: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let gone: Vec<String> = engine
+            .nodes()
+            .filter(|n| !wanted.contains(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        for name in &gone {
+            engine.remove_node(name);
+        }
+        for node in nodes {
+            let name = node.name.clone();
+            if let Err(e) = engine.apply_node(node) {
+                self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "{origin}: node {name}: {}: {} (refused; its previous version, if any, stays in force)",
+                    e.field,
+                    e.message
+                );
+            }
+        }
+        tracing::info!(source = %origin, nodes = engine.node_count(), removed = gone.len(), "node inventory");
+    }
+
     fn policy_upsert(&mut self, policy: &NetworkPolicy) {
         let applied = lock(&self.processor).engine_mut().apply_policy(policy);
         match applied {
@@ -907,6 +950,9 @@ fn changes_decisions(event: &Event, enforced: &HashMap<PodKey, Enforced>) -> boo
         | Event::PolicyUpsert(_)
         | Event::PolicyRemove(_)
         | Event::Namespace { .. }
+        | Event::Nodes { .. }
+        | Event::NodeUpsert(_)
+        | Event::NodeRemove(_)
         | Event::Sync(_) => true,
         Event::Upsert(d) => enforced.get(&d.key).is_some_and(|e| e.desired != *d),
         Event::Remove(_) | Event::PeerCertificate { .. } => false,
@@ -1024,6 +1070,9 @@ pub async fn run(opts: Options) -> Result<()> {
             queue_num: opts.queue_num,
             auth_mark: opts.auth_mark,
             fail_open: opts.fail_open,
+            // DNS answers are not learnt yet (the agent does not turn the datapath's DNS
+            // learning on): admin `domainNames` Accept rules match nothing.
+            dns_queue_num: None,
         },
         mode: if opts.accept_all {
             Mode::AcceptAll

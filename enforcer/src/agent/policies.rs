@@ -18,6 +18,9 @@ use crate::runtime::AdminPolicy;
 pub struct PolicySet {
     pub network: Vec<NetworkPolicy>,
     pub admin: Vec<AdminPolicy>,
+    /// Policies annotated `tessera.dev/staged: "true"`: validated, not enforced (as
+    /// `Kind name`).
+    pub staged: Vec<String>,
 }
 
 /// The `.yaml` / `.yml` / `.json` files of a directory with their modification times: a change
@@ -67,6 +70,31 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
         }
         for located in parsed.objects {
             let origin = located.origin.to_string();
+            if located.value.is_staged() {
+                // Validated like the others, never enforced.
+                let what = format!("{} {}", located.value.kind(), located.value.name());
+                let mut check = Engine::new();
+                let checked = match &located.value {
+                    Object::NetworkPolicy(p) => check.apply_policy(p).map(|_| ()),
+                    other => match AdminPolicy::from_object(other.clone()) {
+                        Ok(admin) => admin.apply(&mut check).map(|_| ()),
+                        Err(_) => Ok(()),
+                    },
+                };
+                match checked {
+                    Ok(()) => {
+                        tracing::info!(
+                            "{origin}: {what} is staged: evaluated offline, not enforced"
+                        );
+                        set.staged.push(what);
+                    }
+                    Err(e) => problems.push(format!(
+                        "{origin} ({what}, staged): {}: {}",
+                        e.field, e.message
+                    )),
+                }
+                continue;
+            }
             match located.value {
                 Object::NetworkPolicy(p) => match scratch.apply_policy(&p) {
                     Ok(_) => set.network.push(p),
@@ -278,6 +306,28 @@ spec:
         assert_eq!((p.network.len(), p.admin.len()), (1, 1));
         assert_eq!(p.admin[0].key().to_string(), "AdminNetworkPolicy/guard");
         assert_eq!(snapshot(dir.path()).unwrap().len(), 2);
+    }
+
+    /// A staged policy is validated and set aside, never enforced.
+    #[test]
+    fn a_staged_policy_is_not_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), ALLOW).unwrap();
+        let staged = GUARD.replace(
+            "metadata: {name: guard}",
+            "metadata: {name: guard, annotations: {tessera.dev/staged: \"true\"}}",
+        );
+        std::fs::write(dir.path().join("guard.yaml"), &staged).unwrap();
+        let p = load_dir(dir.path()).unwrap();
+        assert_eq!((p.network.len(), p.admin.len()), (1, 0));
+        assert_eq!(p.staged, ["AdminNetworkPolicy guard"]);
+        std::fs::write(
+            dir.path().join("guard.yaml"),
+            staged.replace("action: Deny", "action: Drop"),
+        )
+        .unwrap();
+        let e = format!("{:#}", load_dir(dir.path()).unwrap_err());
+        assert!(e.contains("guard.yaml") && e.contains("staged"), "{e}");
     }
 
     #[test]

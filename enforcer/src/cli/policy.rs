@@ -52,6 +52,13 @@ pub struct MatrixArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Print only the cells that the staged policies (annotated `tessera.dev/staged: "true"`)
+    /// would flip: the matrix of the enforced policies against the matrix with the staged ones
+    /// added (a staged object replaces an enforced one of the same kind and name). With `-o
+    /// json`: `{"flips":[{"from","to","port","protocol","enforced":{"allowed","reason"},
+    /// "staged":{"allowed","reason"}}]}`. Without this flag staged policies are not evaluated.
+    #[arg(long)]
+    staged: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +99,9 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     let input = Input::load(&args.input.files)?;
+    if args.staged {
+        return run_staged(&input, &args);
+    }
     let matrix = Matrix::new(&input.engine, &args.probe, &args.from_ip);
     emit(|out| match args.output {
         Output::Table => {
@@ -137,6 +147,96 @@ fn run_matrix(args: MatrixArgs) -> anyhow::Result<ExitCode> {
                 empty: nothing_to_show(&input, &args),
             };
             out.write_all(picture::html(&matrix, &about).as_bytes())
+        }
+    })
+}
+
+/// One cell a staged change flips.
+#[derive(Serialize)]
+struct Flip {
+    from: String,
+    to: String,
+    port: u16,
+    protocol: String,
+    enforced: FlipSide,
+    staged: FlipSide,
+}
+
+#[derive(Serialize)]
+struct FlipSide {
+    allowed: bool,
+    reason: String,
+}
+
+/// `--staged`: the cells whose verdict the staged policies change.
+fn run_staged(input: &Input, args: &MatrixArgs) -> anyhow::Result<ExitCode> {
+    let Some(staged) = &input.staged else {
+        bail!(
+            "--staged: no staged policy in the input (annotate a NetworkPolicy or admin policy \
+             with metadata.annotations.\"{}\": \"true\")",
+            objects::STAGED_ANNOTATION
+        );
+    };
+    let enforced = Matrix::new(&input.engine, &args.probe, &args.from_ip);
+    let with_staged = Matrix::new(staged, &args.probe, &args.from_ip);
+    let key = |c: &CellRef<'_>| (c.from.to_string(), c.to.to_string(), c.probe);
+    let mut after: BTreeMap<(String, String, Probe), CellRef<'_>> = BTreeMap::new();
+    for c in with_staged.cells() {
+        after.insert(key(&c), c);
+    }
+    let mut flips = Vec::new();
+    let mut cells = 0usize;
+    for c in enforced.cells() {
+        cells += 1;
+        let Some(s) = after.get(&key(&c)) else {
+            continue;
+        };
+        if s.verdict.allowed != c.verdict.allowed {
+            flips.push(Flip {
+                from: c.from.to_string(),
+                to: c.to.to_string(),
+                port: c.probe.port,
+                protocol: c.probe.protocol.to_string(),
+                enforced: FlipSide {
+                    allowed: c.verdict.allowed,
+                    reason: c.verdict.detailed().to_string(),
+                },
+                staged: FlipSide {
+                    allowed: s.verdict.allowed,
+                    reason: s.verdict.detailed().to_string(),
+                },
+            });
+        }
+    }
+    emit(|out| match args.output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut *out, &serde_json::json!({ "flips": flips }))?;
+            writeln!(out)
+        }
+        _ => {
+            writeln!(
+                out,
+                "staged policies ({}) would flip {} of {cells} cell{}",
+                input.staged_names.join(", "),
+                flips.len(),
+                plural(cells)
+            )?;
+            for f in &flips {
+                let verdict = |a: bool| if a { "allowed" } else { "denied" };
+                writeln!(
+                    out,
+                    "{} -> {} {}/{}: {} -> {}\n    enforced: {}\n    staged:   {}",
+                    f.from,
+                    f.to,
+                    f.port,
+                    f.protocol,
+                    verdict(f.enforced.allowed),
+                    verdict(f.staged.allowed).to_uppercase(),
+                    f.enforced.reason,
+                    f.staged.reason
+                )?;
+            }
+            Ok(())
         }
     })
 }
@@ -253,7 +353,13 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 
 /// The objects read from `-f` paths, loaded into an engine.
 struct Input {
+    /// The enforced objects (staged policies left out).
     engine: Engine,
+    /// Every object, staged policies included (a staged one replacing an enforced one of the
+    /// same kind and name); `None` when the input stages nothing.
+    staged: Option<Engine>,
+    /// The staged policies, as `Kind namespace/name`.
+    staged_names: Vec<String>,
     /// The files read, in order, as named in messages (`<stdin>` for standard input).
     files: Vec<String>,
     /// The policies as read (the last one of each key, as the engine keeps it), to quote rules.
@@ -316,7 +422,15 @@ impl Input {
         let mut first_seen: BTreeMap<(&str, String), &objects::Origin> = BTreeMap::new();
         for located in &parsed.objects {
             let key = (located.value.kind(), located.value.name());
-            if let Some(earlier) = first_seen.insert(key.clone(), &located.origin) {
+            if located.value.is_staged() {
+                if let Some(earlier) = first_seen.get(&key) {
+                    eprintln!(
+                        "tessera: {} {} from {} is staged: it replaces the one from {earlier} \
+                         in the staged view only",
+                        key.0, key.1, located.origin
+                    );
+                }
+            } else if let Some(earlier) = first_seen.insert(key.clone(), &located.origin) {
                 eprintln!(
                     "tessera: {} {} from {} replaces the one from {earlier}",
                     key.0, key.1, located.origin
@@ -324,8 +438,30 @@ impl Input {
             }
         }
 
+        let (staged_objects, enforced_objects): (Vec<_>, Vec<_>) = parsed
+            .objects
+            .iter()
+            .cloned()
+            .partition(|o| o.value.is_staged());
+        let staged_names: Vec<String> = staged_objects
+            .iter()
+            .map(|o| format!("{} {}", o.value.kind(), o.value.name()))
+            .collect();
+        let staged = if staged_objects.is_empty() {
+            None
+        } else {
+            let mut all = Engine::new();
+            let report = objects::load(&mut all, &parsed.objects);
+            if !report.errors.is_empty() {
+                bail!(error_list(
+                    "invalid input",
+                    report.errors.iter().map(|e| e.to_string())
+                ));
+            }
+            Some(all)
+        };
         let mut engine = Engine::new();
-        let report = objects::load(&mut engine, &parsed.objects);
+        let report = objects::load(&mut engine, &enforced_objects);
         if !report.errors.is_empty() {
             bail!(error_list(
                 "invalid input",
@@ -342,7 +478,7 @@ impl Input {
         }
 
         let mut policies = BTreeMap::new();
-        for located in parsed.objects {
+        for located in enforced_objects {
             if let Object::NetworkPolicy(p) = located.value {
                 let key = PolicyKey {
                     namespace: p.metadata.namespace.clone().unwrap_or_default(),
@@ -351,8 +487,23 @@ impl Input {
                 policies.insert(key, p);
             }
         }
+        if staged.is_some() {
+            eprintln!(
+                "tessera: {} staged polic{} not enforced ({}): --staged shows what {} would change",
+                staged_names.len(),
+                if staged_names.len() == 1 { "y" } else { "ies" },
+                staged_names.join(", "),
+                if staged_names.len() == 1 {
+                    "it"
+                } else {
+                    "they"
+                }
+            );
+        }
         Ok(Input {
             engine,
+            staged,
+            staged_names,
             files: names,
             policies,
         })

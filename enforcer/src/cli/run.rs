@@ -316,6 +316,7 @@ impl RunArgs {
                 // Filled in by the agent from the PKI node certificate.
                 publish_certificate: None,
                 policies_from_api: pick(&self.policies, &file.policies).is_none(),
+                ..KubernetesConfig::default()
             }),
         };
         let metrics = self

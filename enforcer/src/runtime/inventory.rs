@@ -16,6 +16,37 @@ use super::{Desired, Event, NetnsRef, Sender};
 #[serde(deny_unknown_fields)]
 struct File {
     workloads: Vec<WorkloadSpec>,
+    /// The cluster's nodes, for admin `nodes` peers (optional).
+    #[serde(default)]
+    nodes: Vec<NodeSpec>,
+}
+
+/// One node of the inventory: what admin policies' `nodes` peers select (by labels) and match
+/// (by address).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeSpec {
+    pub fn to_node(&self) -> policy::Node {
+        policy::Node {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+/// A whole inventory file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    pub workloads: Vec<WorkloadSpec>,
+    pub nodes: Vec<NodeSpec>,
 }
 
 /// One workload of the inventory.
@@ -115,12 +146,8 @@ pub async fn run(
 ) -> Result<()> {
     let source = path.display().to_string();
     let mut seen = mtime(&path);
-    let specs = load(&path)?;
-    if tx
-        .send(Event::Sync(desired(&source, &specs)))
-        .await
-        .is_err()
-    {
+    let inv = load_inventory(&path)?;
+    if send(&tx, &source, inv).await.is_err() {
         return Ok(());
     }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -134,14 +161,15 @@ pub async fn run(
             continue;
         }
         seen = now;
-        match load(&path) {
-            Ok(specs) => {
-                tracing::info!(file = %source, workloads = specs.len(), "inventory reloaded");
-                if tx
-                    .send(Event::Sync(desired(&source, &specs)))
-                    .await
-                    .is_err()
-                {
+        match load_inventory(&path) {
+            Ok(inv) => {
+                tracing::info!(
+                    file = %source,
+                    workloads = inv.workloads.len(),
+                    nodes = inv.nodes.len(),
+                    "inventory reloaded"
+                );
+                if send(&tx, &source, inv).await.is_err() {
                     return Ok(());
                 }
             }
@@ -152,8 +180,21 @@ pub async fn run(
     }
 }
 
-/// Parse inventory text; `source` names it in errors (`FILE: workloads[2].netns: ...`).
-pub fn parse(source: &str, text: &str) -> Result<Vec<WorkloadSpec>> {
+/// The node inventory, then the workloads.
+async fn send(tx: &Sender, source: &str, inv: Inventory) -> Result<(), ()> {
+    let nodes = Event::Nodes {
+        origin: source.to_owned(),
+        nodes: inv.nodes.iter().map(NodeSpec::to_node).collect(),
+    };
+    tx.send(nodes).await.map_err(|_| ())?;
+    tx.send(Event::Sync(desired(source, &inv.workloads)))
+        .await
+        .map_err(|_| ())
+}
+
+/// Parse a whole inventory (workloads and nodes); `source` names it in errors
+/// (`FILE: workloads[2].netns: ...`, `FILE: nodes[1] (name): addresses[0]: ...`).
+pub fn parse_inventory(source: &str, text: &str) -> Result<Inventory> {
     let de = serde_norway::Deserializer::from_str(text);
     let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -209,14 +250,36 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<WorkloadSpec>> {
             }
         }
     }
-    Ok(file.workloads)
+    let mut scratch = policy::Engine::new();
+    let mut names = BTreeMap::new();
+    for (i, n) in file.nodes.iter().enumerate() {
+        if let Some(j) = names.insert(n.name.as_str(), i) {
+            bail!(
+                "{source}: nodes[{i}].name: {} already defined by nodes[{j}]",
+                n.name
+            );
+        }
+        if let Err(e) = scratch.apply_node(n.to_node()) {
+            let field = e.field.strip_prefix("spec.").unwrap_or(&e.field).to_owned();
+            bail!("{source}: nodes[{i}] ({}): {field}: {}", n.name, e.message);
+        }
+    }
+    Ok(Inventory {
+        workloads: file.workloads,
+        nodes: file.nodes,
+    })
 }
 
-/// Read and parse an inventory file.
+/// Read and parse an inventory file's workloads.
 pub fn load(path: &Path) -> Result<Vec<WorkloadSpec>> {
+    load_inventory(path).map(|i| i.workloads)
+}
+
+/// Read and parse a whole inventory file.
+pub fn load_inventory(path: &Path) -> Result<Inventory> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse(&path.display().to_string(), &text)
+    parse_inventory(&path.display().to_string(), &text)
 }
 
 #[cfg(test)]
@@ -241,12 +304,31 @@ workloads:
 ";
 
     fn err(text: &str) -> String {
-        format!("{:#}", parse("inv.yaml", text).unwrap_err())
+        format!("{:#}", parse_inventory("inv.yaml", text).unwrap_err())
+    }
+
+    #[test]
+    fn nodes_are_read_and_bad_ones_named() {
+        let text = format!(
+            "{GOOD}nodes:\n  - name: node-a\n    labels: {{zone: a}}\n    addresses: [192.0.2.1, 2001:db8::1]\n"
+        );
+        let inv = parse_inventory("inv.yaml", &text).unwrap();
+        assert_eq!(inv.nodes.len(), 1);
+        assert_eq!(inv.nodes[0].to_node().addresses.len(), 2);
+        let bad = text.replace("node-a", "Node_A");
+        let e = format!("{:#}", parse_inventory("inv.yaml", &bad).unwrap_err());
+        assert!(e.contains("inv.yaml: nodes[0] (Node_A)"), "{e}");
+        let bad = text.replace("192.0.2.1", "224.0.0.1");
+        let e = format!("{:#}", parse_inventory("inv.yaml", &bad).unwrap_err());
+        assert!(e.contains("nodes[0]") && e.contains("addresses"), "{e}");
+        let twice = format!("{text}  - name: node-a\n    addresses: [192.0.2.9]\n");
+        let e = format!("{:#}", parse_inventory("inv.yaml", &twice).unwrap_err());
+        assert!(e.contains("already defined by nodes[0]"), "{e}");
     }
 
     #[test]
     fn example_inventory_parses() {
-        let w = parse("inv.yaml", GOOD).unwrap();
+        let w = parse_inventory("inv.yaml", GOOD).unwrap().workloads;
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].labels["role"], "WebFrontend");
         assert_eq!(w[0].ips, ["10.1.1.2".parse::<IpAddr>().unwrap()]);

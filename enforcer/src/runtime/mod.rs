@@ -101,11 +101,14 @@ pub enum Event {
         admin: Option<Vec<AdminPolicy>>,
     },
     /// The complete set of admin policies of one kind (a Kubernetes relist of that CRD; empty
-    /// when the CRD was removed): those of that kind not in it are removed.
+    /// when the CRD was removed): those of that kind not in it are removed, except those named
+    /// in `unparsed` (listed, but not readable as that kind: their previous version, if any,
+    /// stays in force).
     AdminPolicies {
         origin: String,
         kind: AdminKind,
         policies: Vec<AdminPolicy>,
+        unparsed: Vec<String>,
     },
     /// One admin policy added or changed.
     AdminUpsert(Box<AdminPolicy>),
@@ -115,6 +118,16 @@ pub enum Event {
     PolicyUpsert(Box<NetworkPolicy>),
     /// One NetworkPolicy deleted.
     PolicyRemove(PolicyKey),
+    /// The complete node inventory (`nodes` peers of admin policies match node addresses):
+    /// nodes not in it are forgotten. From Kubernetes Node objects, or the static inventory.
+    Nodes {
+        origin: String,
+        nodes: Vec<policy::Node>,
+    },
+    /// One node added or changed.
+    NodeUpsert(policy::Node),
+    /// One node gone.
+    NodeRemove(String),
     /// A peer node's certificate (PEM) appeared or changed (PKI mode); `None` revokes it: its
     /// tokens are rejected from then on.
     PeerCertificate { node: String, pem: Option<String> },
@@ -162,14 +175,16 @@ impl AdminPolicy {
         }
     }
 
-    /// The admin policy an object of the policy files is, if it is one.
-    pub fn from_object(object: policy::objects::Object) -> Result<Self, policy::objects::Object> {
+    /// The admin policy an object of the policy files is, if it is one (else the object back).
+    pub fn from_object(
+        object: policy::objects::Object,
+    ) -> Result<Self, Box<policy::objects::Object>> {
         use policy::objects::Object;
         match object {
             Object::ClusterNetworkPolicy(p) => Ok(AdminPolicy::Cluster(p)),
             Object::AdminNetworkPolicy(p) => Ok(AdminPolicy::Admin(p)),
             Object::BaselineAdminNetworkPolicy(p) => Ok(AdminPolicy::Baseline(p)),
-            other => Err(other),
+            other => Err(Box::new(other)),
         }
     }
 }

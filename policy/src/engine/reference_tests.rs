@@ -1,7 +1,9 @@
 //! The optimized admin evaluation (per-workload index, per-policy prefilter, per-decision
-//! selector memo with interned selectors) against a straightforward reference: every admin
-//! policy in force, its subject matched directly, every rule matched as written, on random
-//! clusters with random admin policies of the three kinds, updates and removals.
+//! selector memo with interned selectors, node lookup by address) against a straightforward
+//! reference: every admin policy in force, its subject matched directly, every rule matched as
+//! written (`nodes` peers by a scan of every node, `domainNames` by a plain reading of the
+//! API's examples), on random clusters with nodes and host-network pods, random admin policies
+//! of the three kinds, updates and removals of policies, then of nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::IpAddr;
@@ -14,7 +16,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
 use crate::compiled::{LabelSet, PeerSelector, SelectorMemo};
-use crate::model::{Peer, Protocol};
+use crate::model::{Node, Peer, Protocol};
 
 impl Engine {
     /// The reference: no index for admin policies, no prefilter, no memo.
@@ -40,6 +42,15 @@ impl Engine {
             },
         };
         let ns_labels = self.namespace_labels_or_default(&entry.workload.key.namespace);
+        let peer = PeerQuery {
+            peer: conn.peer,
+            ip: conn.peer_ip,
+            names: match conn.direction {
+                Direction::Egress => conn.resolved_names,
+                Direction::Ingress => &[],
+            },
+            nodes: &self.nodes,
+        };
         let tier_hit = |tier: Tier| {
             let mut policies: Vec<&CompiledAdmin> = self
                 .admin_policies
@@ -57,7 +68,7 @@ impl Engine {
                     .rules(conn.direction)
                     .iter()
                     .enumerate()
-                    .find(|(_, r)| r.matches_plain(conn.peer, conn.peer_ip, &query))
+                    .find(|(_, r)| r.matches_plain(&peer, &query))
                     .map(|(index, rule)| AdminHit {
                         policy,
                         index,
@@ -134,7 +145,46 @@ fn selector() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// A peer of an admin rule; `nodes` and `{}` make the rule fail closed.
+/// A selector on node labels (`role`, `zone`).
+fn node_selector() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({})),
+        (
+            prop::sample::select(vec!["role", "zone"]),
+            prop::sample::select(vec!["control-plane", "worker", "a", "b"])
+        )
+            .prop_map(|(k, v)| json!({"matchLabels": {k: v}})),
+        prop::sample::select(vec!["control-plane", "worker"]).prop_map(
+            |v| json!({"matchExpressions": [{"key": "role", "operator": "NotIn", "values": [v]}]})
+        ),
+        Just(json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]})),
+    ]
+}
+
+/// `domainNames` patterns: exact, wildcard, uppercase and absolute spellings.
+const PATTERNS: [&str; 6] = [
+    "example.com",
+    "*.example.com",
+    "API.Example.COM.",
+    "*.b.example.com",
+    "other.org",
+    "_svc._tcp.example.com",
+];
+
+/// Names resolved to the peer's address, as the datapath would give them (and two spellings it
+/// would not: the matching does not rely on lowercase or on the dot being gone).
+const NAME_SETS: [&[&str]; 7] = [
+    &[],
+    &[".example.com", "example.org"],
+    &["example.com"],
+    &["www.example.com"],
+    &["a.b.example.com", "other.org"],
+    &["api.example.com", "_svc._tcp.example.com"],
+    &["WWW.Example.com."],
+];
+
+/// A peer of an admin rule; `{}` makes the rule fail closed, and so does `domainNames` in a
+/// Deny or Pass rule or in a BaselineAdminNetworkPolicy.
 fn admin_peer(egress: bool) -> impl Strategy<Value = Value> {
     let mut options = vec![
         (3, selector().prop_map(|s| json!({"namespaces": s})).boxed()),
@@ -157,9 +207,12 @@ fn admin_peer(egress: bool) -> impl Strategy<Value = Value> {
             .prop_map(|n| json!({"networks": [n]}))
             .boxed(),
         ));
+        options.push((2, node_selector().prop_map(|s| json!({"nodes": s})).boxed()));
         options.push((
-            1,
-            Just(json!({"nodes": {"matchLabels": {"x": "y"}}})).boxed(),
+            2,
+            prop::sample::subsequence(PATTERNS.to_vec(), 1..4)
+                .prop_map(|d| json!({"domainNames": d}))
+                .boxed(),
         ));
     } else {
         options.push((1, Just(json!({})).boxed()));
@@ -206,10 +259,13 @@ fn admin_rule(egress: bool, v2: bool, actions: Vec<&'static str>) -> impl Strate
             let mut r = json!({"action": action});
             r[if egress { "to" } else { "from" }] = json!(peers);
             if let Some(p) = ports {
-                // Named ports cannot go with networks or nodes peers (the API's rule).
-                let ip_peers = peers
-                    .iter()
-                    .any(|p| p.get("networks").is_some() || p.get("nodes").is_some());
+                // Named ports cannot go with networks, nodes or domainNames peers (the API's
+                // rule).
+                let ip_peers = peers.iter().any(|p| {
+                    p.get("networks").is_some()
+                        || p.get("nodes").is_some()
+                        || p.get("domainNames").is_some()
+                });
                 let p: Vec<Value> = p
                     .into_iter()
                     .filter(|p| {
@@ -294,18 +350,55 @@ fn np_spec() -> impl Strategy<Value = Value> {
         })
 }
 
+/// Node addresses: a pool small enough that nodes share some (an address moving between
+/// nodes) and that host-network pods sit on them.
+const NODE_IPS: [&str; 5] = [
+    "172.16.0.1",
+    "172.16.0.2",
+    "172.16.0.3",
+    "fd00::1",
+    "fd00::2",
+];
+
+/// A node: role, zone (if any), addresses (indexes into [`NODE_IPS`]).
+type NodeSpec = (&'static str, Option<&'static str>, Vec<usize>);
+
+fn node_spec() -> impl Strategy<Value = NodeSpec> {
+    (
+        prop::sample::select(vec!["control-plane", "worker"]),
+        prop::option::of(prop::sample::select(vec!["a", "b"])),
+        prop::collection::vec(0..NODE_IPS.len(), 0..3),
+    )
+}
+
+/// A change to the inventory after the policies: node `i` (of 3) replaced, or removed.
+#[derive(Clone, Debug)]
+enum NodeOp {
+    Apply(usize, NodeSpec),
+    Remove(usize),
+}
+
 #[derive(Clone, Debug)]
 struct World {
-    /// Per pod: namespace, app label, canary label, container port 80 named `http`.
-    pods: Vec<(usize, &'static str, bool, bool)>,
+    /// Per pod: namespace, app label, canary label, container port 80 named `http`, and
+    /// host network on a node address (an index into [`NODE_IPS`]).
+    pods: Vec<(usize, &'static str, bool, bool, Option<usize>)>,
     netpols: Vec<(usize, Value)>,
+    /// Nodes `n0`, `n1`, ... applied before the pods.
+    nodes: Vec<NodeSpec>,
     /// Applied in order (a repeated name replaces the earlier version).
     admin: Vec<(usize, usize, Value)>,
     /// Then removed: (kind, name index).
     removed: Vec<(usize, usize)>,
+    /// Then the inventory changes: relabels, readdresses, removals, new nodes.
+    node_ops: Vec<NodeOp>,
 }
 
 fn world() -> impl Strategy<Value = World> {
+    let node_op = prop_oneof![
+        3 => (0..3usize, node_spec()).prop_map(|(i, n)| NodeOp::Apply(i, n)),
+        1 => (0..3usize).prop_map(NodeOp::Remove),
+    ];
     (
         prop::collection::vec(
             (
@@ -313,19 +406,46 @@ fn world() -> impl Strategy<Value = World> {
                 prop::sample::select(vec!["web", "db", "client"]),
                 any::<bool>(),
                 any::<bool>(),
+                prop::option::weighted(0.2, 0..NODE_IPS.len()),
             ),
             2..5,
         ),
         prop::collection::vec((0..NAMESPACES.len(), np_spec()), 0..3),
+        prop::collection::vec(node_spec(), 0..3),
         prop::collection::vec(admin_object(), 1..8),
         prop::collection::vec((0..3usize, 0..4usize), 0..2),
+        prop::collection::vec(node_op, 0..3),
     )
-        .prop_map(|(pods, netpols, admin, removed)| World {
+        .prop_map(|(pods, netpols, nodes, admin, removed, node_ops)| World {
             pods,
             netpols,
+            nodes,
             admin,
             removed,
+            node_ops,
         })
+}
+
+fn node(i: usize, (role, zone, ips): &NodeSpec) -> Node {
+    let mut labels = Labels::from([("role".to_owned(), (*role).to_owned())]);
+    if let Some(z) = zone {
+        labels.insert("zone".to_owned(), (*z).to_owned());
+    }
+    Node {
+        name: format!("n{i}"),
+        labels,
+        addresses: ips.iter().map(|i| NODE_IPS[*i].parse().unwrap()).collect(),
+    }
+}
+
+/// The inventory changes of `w`, after [`build`].
+fn change_nodes(e: &mut Engine, w: &World) {
+    for op in &w.node_ops {
+        match op {
+            NodeOp::Apply(i, spec) => e.apply_node(node(*i, spec)).unwrap(),
+            NodeOp::Remove(i) => e.remove_node(&format!("n{i}")),
+        }
+    }
 }
 
 fn admin_key(kind: usize, name: usize) -> AdminPolicyKey {
@@ -352,7 +472,10 @@ fn build(w: &World) -> Engine {
             serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
         e.apply_namespace(&ns).unwrap();
     }
-    for (i, (ns, app, canary, named)) in w.pods.iter().enumerate() {
+    for (i, spec) in w.nodes.iter().enumerate() {
+        e.apply_node(node(i, spec)).unwrap();
+    }
+    for (i, (ns, app, canary, named, host)) in w.pods.iter().enumerate() {
         let mut labels = json!({"app": app});
         if *canary {
             labels["canary"] = json!("true");
@@ -364,12 +487,15 @@ fn build(w: &World) -> Engine {
         };
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": format!("p{i}"), "namespace": NAMESPACES[*ns], "labels": labels},
-            "spec": {"containers": [{"name": "c", "ports": [
+            "spec": {"hostNetwork": host.is_some(), "containers": [{"name": "c", "ports": [
                 http,
                 {"name": "dns", "containerPort": 53, "protocol": "UDP"},
                 {"name": "http", "containerPort": 80, "protocol": "SCTP"}
             ]}]},
-            "status": {"podIP": format!("10.0.{}.{}", ns, i + 1)}
+            "status": {"podIP": match host {
+                Some(n) => NODE_IPS[*n].to_owned(),
+                None => format!("10.0.{}.{}", ns, i + 1),
+            }}
         }))
         .unwrap();
         e.apply_pod(&pod).unwrap();
@@ -418,17 +544,22 @@ const PROBES: [(u16, Protocol); 6] = [
     (0, Protocol::ICMP),
 ];
 
-/// Every pod, in both directions, against every pod (with and without its address) and two
-/// IP-only peers, on every probe: the optimized decision equals the reference.
+/// Every pod, in both directions, against every pod (with and without its address; a
+/// host-network pod by its address only), two IP-only peers and every node address, on every
+/// probe, egress with every set of resolved names: the optimized decision equals the reference.
 fn check_all(e: &Engine) -> Result<(), TestCaseError> {
     let pods: Vec<Workload> = e.workloads().cloned().collect();
     let mut peers: Vec<(Peer, Option<IpAddr>, Option<&Workload>)> = Vec::new();
     for w in &pods {
+        if w.host_network {
+            peers.push((Peer::IpOnly, w.ips.first().copied(), Some(w)));
+            continue;
+        }
         let id = Peer::Workload(e.identity(&w.key).unwrap());
         peers.push((id.clone(), w.ips.first().copied(), Some(w)));
         peers.push((id, None, Some(w)));
     }
-    for ip in ["10.0.9.9", "192.0.2.7"] {
+    for ip in ["10.0.9.9", "192.0.2.7"].iter().chain(&NODE_IPS) {
         peers.push((Peer::IpOnly, Some(ip.parse().unwrap()), None));
     }
     for local in &pods {
@@ -436,24 +567,31 @@ fn check_all(e: &Engine) -> Result<(), TestCaseError> {
             for (port, protocol) in PROBES {
                 for direction in [Direction::Ingress, Direction::Egress] {
                     let name = match (direction, peer_w) {
-                        (Direction::Egress, Some(w)) => w
+                        (Direction::Egress, Some(w)) if !w.host_network => w
                             .ports
                             .iter()
                             .find(|p| p.port == port && p.protocol == protocol)
                             .and_then(|p| p.name.as_deref()),
                         _ => None,
                     };
-                    let conn = Connection {
-                        local: &local.key,
-                        direction,
-                        peer,
-                        peer_ip: *ip,
-                        port,
-                        protocol,
-                        dest_port_name: name,
-                        resolved_names: &[],
+                    // Ingress ignores names: one set is enough there.
+                    let name_sets = match direction {
+                        Direction::Egress => &NAME_SETS[..],
+                        Direction::Ingress => &NAME_SETS[4..5],
                     };
-                    prop_assert_eq!(e.decide(&conn), e.decide_reference(&conn), "{:?}", conn);
+                    for names in name_sets {
+                        let conn = Connection {
+                            local: &local.key,
+                            direction,
+                            peer,
+                            peer_ip: *ip,
+                            port,
+                            protocol,
+                            dest_port_name: name,
+                            resolved_names: names,
+                        };
+                        prop_assert_eq!(e.decide(&conn), e.decide_reference(&conn), "{:?}", conn);
+                    }
                 }
             }
         }
@@ -466,8 +604,13 @@ proptest! {
 
     #[test]
     fn optimized_admin_evaluation_equals_the_reference(w in world()) {
-        let e = build(&w);
+        let mut e = build(&w);
         check_all(&e)?;
+        // The inventory changes under the compiled policies: decisions follow at once.
+        if !w.node_ops.is_empty() {
+            change_nodes(&mut e, &w);
+            check_all(&e)?;
+        }
         // Every selector id in use is held by exactly the selectors the policies in force use.
         let mut uses: HashMap<u32, usize> = HashMap::new();
         let mut policies: Vec<CompiledAdmin> = e.admin_policies.iter().flatten().cloned().collect();

@@ -29,13 +29,14 @@ use tracing::{debug, info, warn};
 
 use super::{Event, Sender};
 
+pub mod admin;
 pub mod netns;
 pub mod nodes;
 pub mod objects;
 pub mod pods;
 
 /// What the Kubernetes runtime needs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KubernetesConfig {
     /// This node's name: pods with `spec.nodeName` equal to it are enforced; its Node object
     /// carries our certificate.
@@ -45,8 +46,25 @@ pub struct KubernetesConfig {
     /// PKI mode: our certificate (PEM), published on our Node; peers are learned from theirs.
     /// `None` (PSK mode): Nodes are not watched.
     pub publish_certificate: Option<String>,
-    /// Whether NetworkPolicies come from the API (no `--policies` directory).
+    /// Whether NetworkPolicies and the admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
+    /// BaselineAdminNetworkPolicy, when their CRDs are installed) come from the API (no
+    /// `--policies` directory).
     pub policies_from_api: bool,
+    /// How often discovery is asked whether an admin policy CRD that is not installed is now
+    /// ([`admin::DISCOVERY_EVERY`]).
+    pub discovery_every: std::time::Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            node_name: String::new(),
+            kubeconfig: None,
+            publish_certificate: None,
+            policies_from_api: false,
+            discovery_every: admin::DISCOVERY_EVERY,
+        }
+    }
 }
 
 /// A client from the kubeconfig given, else the inferred one (KUBECONFIG, ~/.kube/config,
@@ -174,6 +192,10 @@ pub async fn run_with(
     } else {
         futures_util::stream::pending().boxed()
     };
+    // Full Node objects (labels and addresses) for the node inventory of admin `nodes` peers.
+    let mut inventory_watch: Watch<Node> =
+        watch_all(Api::all(client.clone()), watcher::Config::default());
+    let mut inventory = objects::NodeInventory::default();
     let republish = Arc::new(Notify::new());
     let mut node_state = None;
     let _publisher = cfg.publish_certificate.as_ref().map(|pem| {
@@ -185,17 +207,34 @@ pub async fn run_with(
             republish.clone(),
         )))
     });
+    // Admin policies (custom resources that may or may not be installed): a task per kind.
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(64);
+    let mut admin_tasks = Vec::new();
+    let mut admin_pending: std::collections::BTreeSet<policy::AdminKind> = Default::default();
+    if cfg.policies_from_api {
+        for res in admin::KINDS {
+            admin_pending.insert(res.kind);
+            admin_tasks.push(AbortOnDrop(tokio::spawn(admin::follow(
+                client.clone(),
+                res,
+                admin_tx.clone(),
+                cfg.discovery_every,
+            ))));
+        }
+    }
+    drop(admin_tx);
     let mut namespaces = objects::Namespaces::default();
     let mut policies = objects::Policies::default();
     let mut pods = pods::Pods::new(finder);
     info!(node = %node, policies_from_api = cfg.policies_from_api, pki, "kubernetes runtime: watching");
 
-    let mut failing = [false; 4];
+    let mut failing = [false; 5];
     let mut out: Vec<Event> = Vec::new();
     loop {
         // The pods wait until everything they depend on was listed once.
         let ready = namespaces.synced()
-            && (!cfg.policies_from_api || policies.synced())
+            && inventory.synced()
+            && (!cfg.policies_from_api || (policies.synced() && admin_pending.is_empty()))
             && node_state.as_ref().is_none_or(|n| n.synced());
         let retry_at = pods.next_retry();
         tokio::select! {
@@ -207,6 +246,14 @@ pub async fn run_with(
             Some(ev) = policy_watch.next() => match ev {
                 Ok(ev) => { watch_ok("networkpolicy", &mut failing[1]); policies.handle(ev, &mut out) }
                 Err(e) => watch_error("networkpolicy", &mut failing[1], &e),
+            },
+            Some(ev) = inventory_watch.next() => match ev {
+                Ok(ev) => { watch_ok("node inventory", &mut failing[4]); inventory.handle(ev, &mut out) }
+                Err(e) => watch_error("node inventory", &mut failing[4], &e),
+            },
+            Some(m) = admin_rx.recv() => match m {
+                admin::Message::Settled(kind) => { admin_pending.remove(&kind); }
+                admin::Message::Event(ev) => out.push(*ev),
             },
             Some(ev) = node_watch.next() => match ev {
                 Ok(ev) => {
@@ -349,6 +396,7 @@ mod tests {
             kubeconfig: None,
             publish_certificate: Some("MY-PEM".into()),
             policies_from_api: true,
+            ..KubernetesConfig::default()
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -420,6 +468,146 @@ mod tests {
             }
         }
         stop_tx.send_replace(true);
+        task.await.unwrap().unwrap();
+    }
+
+    fn cnp(name: &str, priority: i64) -> serde_json::Value {
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+               "metadata": {"name": name},
+               "spec": {"tier": "Admin", "priority": priority,
+                        "subject": {"namespaces": {}},
+                        "ingress": [{"name": "no-one", "action": "Deny",
+                                     "from": [{"namespaces": {}}]}]}})
+    }
+
+    fn start_runtime(
+        emu: &Emulator,
+    ) -> (
+        tokio::sync::mpsc::Receiver<Event>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
+        let cfg = KubernetesConfig {
+            node_name: "me".into(),
+            policies_from_api: true,
+            discovery_every: Duration::from_millis(50),
+            ..KubernetesConfig::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_with(
+            client(emu),
+            cfg,
+            Arc::new(Everywhere),
+            tx,
+            stop_rx,
+        ));
+        (rx, stop_tx, task)
+    }
+
+    /// Admin policies whose CRDs are installed are listed before the first pod list; a
+    /// relabel-free update and a delete arrive as single events.
+    #[tokio::test]
+    async fn admin_policies_are_listed_before_pods_and_followed() {
+        let emu = Emulator::start().await.unwrap();
+        emu.install_admin_crds().unwrap();
+        emu.apply(cnp("guard", 10)).unwrap();
+        emu.apply(json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+                         "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
+                         "spec": {"subject": {"namespaces": {}},
+                                  "ingress": [{"name": "deny", "action": "Deny",
+                                               "from": [{"namespaces": {}}]}]}}))
+            .unwrap();
+        let (mut rx, stop, task) = start_runtime(&emu);
+        let mut before = Vec::new();
+        loop {
+            match next(&mut rx).await {
+                Event::Sync(_) => break,
+                e => before.push(e),
+            }
+        }
+        let listed = |kind: policy::AdminKind, n: usize| {
+            before.iter().any(|e| {
+                matches!(e, Event::AdminPolicies { kind: k, policies, .. }
+                         if *k == kind && policies.len() == n)
+            })
+        };
+        assert!(
+            listed(policy::AdminKind::ClusterNetworkPolicy, 1),
+            "{before:?}"
+        );
+        assert!(
+            listed(policy::AdminKind::BaselineAdminNetworkPolicy, 1),
+            "{before:?}"
+        );
+        assert!(
+            listed(policy::AdminKind::AdminNetworkPolicy, 0),
+            "{before:?}"
+        );
+
+        emu.apply(cnp("guard", 20)).unwrap();
+        loop {
+            if let Event::AdminUpsert(p) = next(&mut rx).await {
+                let crate::runtime::AdminPolicy::Cluster(c) = *p else {
+                    panic!("a ClusterNetworkPolicy")
+                };
+                assert_eq!(c.spec.unwrap().priority, Some(20));
+                break;
+            }
+        }
+        emu.delete("clusternetworkpolicies", None, "guard").unwrap();
+        loop {
+            if let Event::AdminRemove(k) = next(&mut rx).await {
+                assert_eq!(k.to_string(), "ClusterNetworkPolicy/guard");
+                break;
+            }
+        }
+        stop.send_replace(true);
+        task.await.unwrap().unwrap();
+    }
+
+    /// Without the CRDs the runtime works as before (pods are not held back); CRDs installed
+    /// later are picked up, and removing one removes its policies.
+    #[tokio::test]
+    async fn admin_crds_installed_later_are_picked_up_and_removal_removes_policies() {
+        let emu = Emulator::start().await.unwrap();
+        let (mut rx, stop, task) = start_runtime(&emu);
+        loop {
+            if let Event::Sync(_) = next(&mut rx).await {
+                break;
+            }
+        }
+        emu.install_admin_crds().unwrap();
+        emu.apply(cnp("late", 5)).unwrap();
+        loop {
+            match next(&mut rx).await {
+                Event::AdminPolicies { kind, policies, .. }
+                    if kind == policy::AdminKind::ClusterNetworkPolicy && policies.len() == 1 =>
+                {
+                    break;
+                }
+                Event::AdminUpsert(p) if p.key().name == "late" => break,
+                _ => {}
+            }
+        }
+        emu.delete(
+            "customresourcedefinitions",
+            None,
+            "clusternetworkpolicies.policy.networking.k8s.io",
+        )
+        .unwrap();
+        loop {
+            match next(&mut rx).await {
+                Event::AdminRemove(k) if k.name == "late" => break,
+                Event::AdminPolicies { kind, policies, .. }
+                    if kind == policy::AdminKind::ClusterNetworkPolicy && policies.is_empty() =>
+                {
+                    break;
+                }
+                _ => {}
+            }
+        }
+        stop.send_replace(true);
         task.await.unwrap().unwrap();
     }
 }

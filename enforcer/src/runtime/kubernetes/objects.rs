@@ -115,7 +115,12 @@ impl Policies {
     pub fn handle(&mut self, ev: watcher::Event<NetworkPolicy>, out: &mut Vec<Event>) {
         match ev {
             watcher::Event::Init => self.relist = Some(Vec::new()),
-            watcher::Event::InitApply(p) => self.relist.get_or_insert_with(Vec::new).push(p),
+            watcher::Event::InitApply(p) => {
+                // Staged (tessera.dev/staged: "true"): evaluated offline, never enforced.
+                if !policy::objects::is_staged_meta(&p.metadata) {
+                    self.relist.get_or_insert_with(Vec::new).push(p);
+                }
+            }
             watcher::Event::InitDone => {
                 let mut policies = self.relist.take().unwrap_or_default();
                 policies.sort_by(|a, b| {
@@ -129,12 +134,101 @@ impl Policies {
                     admin: None,
                 });
             }
+            watcher::Event::Apply(p) if policy::objects::is_staged_meta(&p.metadata) => {
+                // Staged now: no longer enforced (if it was).
+                if let (Some(namespace), Some(name)) =
+                    (p.metadata.namespace.clone(), p.metadata.name.clone())
+                {
+                    out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                }
+            }
             watcher::Event::Apply(p) => out.push(Event::PolicyUpsert(Box::new(p))),
             watcher::Event::Delete(p) => {
                 if let (Some(namespace), Some(name)) =
                     (p.metadata.namespace.clone(), p.metadata.name.clone())
                 {
                     out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                }
+            }
+        }
+    }
+}
+
+/// Where node inventory events come from, in the agent's log lines.
+pub const NODE_ORIGIN: &str = "Kubernetes API (Nodes)";
+
+/// Nodes as the engine's inventory (name, labels, InternalIP/ExternalIP addresses) for admin
+/// `nodes` peers. Only changes of those are sent: a Node's status changes every few seconds
+/// (heartbeats) and each event sent re-checks the established flows.
+#[derive(Default)]
+pub struct NodeInventory {
+    known: BTreeMap<String, policy::Node>,
+    relist: Option<Vec<policy::Node>>,
+    synced: bool,
+}
+
+fn inventory_node(n: &k8s_openapi::api::core::v1::Node) -> Option<policy::Node> {
+    match policy::node_from_object(n) {
+        Ok(node) => Some(node),
+        Err(e) => {
+            tracing::error!(
+                "Node {}: {}: {} (refused; its previous version, if any, stays in force)",
+                n.metadata.name.as_deref().unwrap_or_default(),
+                e.field,
+                e.message
+            );
+            None
+        }
+    }
+}
+
+impl NodeInventory {
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn handle(
+        &mut self,
+        ev: watcher::Event<k8s_openapi::api::core::v1::Node>,
+        out: &mut Vec<Event>,
+    ) {
+        match ev {
+            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::InitApply(n) => {
+                if let Some(node) = inventory_node(&n) {
+                    self.relist.get_or_insert_with(Vec::new).push(node);
+                } else if let Some(old) = n.metadata.name.as_ref().and_then(|k| self.known.get(k)) {
+                    // Refused: its previous version stays.
+                    let old = old.clone();
+                    self.relist.get_or_insert_with(Vec::new).push(old);
+                }
+            }
+            watcher::Event::InitDone => {
+                let nodes = self.relist.take().unwrap_or_default();
+                let now: BTreeMap<String, policy::Node> =
+                    nodes.iter().map(|n| (n.name.clone(), n.clone())).collect();
+                if !self.synced || now != self.known {
+                    out.push(Event::Nodes {
+                        origin: NODE_ORIGIN.to_owned(),
+                        nodes,
+                    });
+                }
+                self.known = now;
+                self.synced = true;
+            }
+            watcher::Event::Apply(n) => {
+                if let Some(node) = inventory_node(&n)
+                    && self.known.get(&node.name) != Some(&node)
+                {
+                    self.known.insert(node.name.clone(), node.clone());
+                    out.push(Event::NodeUpsert(node));
+                }
+            }
+            watcher::Event::Delete(n) => {
+                if let Some(name) = n.metadata.name
+                    && self.known.remove(&name).is_some()
+                {
+                    out.push(Event::NodeRemove(name));
                 }
             }
         }
@@ -260,6 +354,41 @@ mod tests {
                 namespace: "b".into(),
                 name: "deny".into()
             })
+        );
+    }
+
+    /// A staged NetworkPolicy is never enforced: left out of a relist, and a policy that
+    /// becomes staged is removed.
+    #[test]
+    fn staged_policies_are_not_enforced() {
+        let staged = |mut p: NetworkPolicy| {
+            p.metadata.annotations = Some(BTreeMap::from([(
+                policy::objects::STAGED_ANNOTATION.to_owned(),
+                "true".to_owned(),
+            )]));
+            p
+        };
+        let mut p = Policies::default();
+        let mut out = Vec::new();
+        p.handle(watcher::Event::Init, &mut out);
+        p.handle(watcher::Event::InitApply(np("a", "kept")), &mut out);
+        p.handle(
+            watcher::Event::InitApply(staged(np("a", "trial"))),
+            &mut out,
+        );
+        p.handle(watcher::Event::InitDone, &mut out);
+        let [Event::Policies { policies, .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(policies.len(), 1);
+        out.clear();
+        p.handle(watcher::Event::Apply(staged(np("a", "kept"))), &mut out);
+        assert_eq!(
+            out,
+            [Event::PolicyRemove(PolicyKey {
+                namespace: "a".into(),
+                name: "kept".into()
+            })]
         );
     }
 }

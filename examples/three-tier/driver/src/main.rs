@@ -745,33 +745,55 @@ fn node_of(name: &str) -> u8 {
 }
 
 /// `allowed by shop/backend` / `denied: ingress` / `denied: egress+ingress`, from the engine's
-/// reason (`tessera policy explain` gives it in full).
+/// reason (`tessera policy explain` gives it in full); a cluster-wide admin policy that decided
+/// is named with its tier (`allowed by Admin uptime-probe`, `denied: egress by Baseline
+/// frontends-baseline`).
 fn why(c: &Cell) -> String {
     if c.allowed {
         let by = c
             .reason
             .split("ingress: allowed by ")
             .nth(1)
-            .map(|r| r.split(" ingress rule").next().unwrap_or(r))
-            .unwrap_or("no policy");
+            .map(|r| {
+                admin_name(r)
+                    .unwrap_or_else(|| r.split(" ingress rule").next().unwrap_or(r).to_owned())
+            })
+            .unwrap_or_else(|| "no policy".to_owned());
         return format!("allowed by {by}");
     }
     let egress = c.reason.contains("egress: denied");
     let ingress = c.reason.contains("ingress: denied");
+    let by = c
+        .reason
+        .split("denied by ")
+        .nth(1)
+        .and_then(admin_name)
+        .map(|a| format!(" by {a}"))
+        .unwrap_or_default();
     match (egress, ingress) {
-        (true, true) => "denied: egress+ingress".to_owned(),
-        (true, false) => "denied: egress".to_owned(),
-        _ => "denied: ingress".to_owned(),
+        (true, true) => format!("denied: egress+ingress{by}"),
+        (true, false) => format!("denied: egress{by}"),
+        _ => format!("denied: ingress{by}"),
     }
+}
+
+/// `Admin ClusterNetworkPolicy/uptime-probe (priority 10) ...` -> `Admin uptime-probe`.
+fn admin_name(reason: &str) -> Option<String> {
+    let (tier, rest) = reason.split_once(' ')?;
+    if tier != "Admin" && tier != "Baseline" {
+        return None;
+    }
+    let name = rest.split_once('/')?.1.split([' ', ';']).next()?;
+    Some(format!("{tier} {name}"))
 }
 
 /// The side-by-side table; true when every cell matches.
 fn report(cells: &[Cell], observed: &[Observed]) -> bool {
     println!(
-        "\n{:<11} {:<20} {:<8} {:<24} {:<20} result",
+        "\n{:<11} {:<20} {:<8} {:<42} {:<20} result",
         "client", "server:port", "nodes", "expected (policy)", "observed"
     );
-    println!("{}", "-".repeat(96));
+    println!("{}", "-".repeat(114));
     let mut mismatches = 0;
     let mut cross = 0;
     let mut allowed = 0;
@@ -788,7 +810,7 @@ fn report(cells: &[Cell], observed: &[Observed]) -> bool {
             mismatches += 1;
         }
         println!(
-            "{:<11} {:<20} {:<8} {:<24} {:<20} {}",
+            "{:<11} {:<20} {:<8} {:<42} {:<20} {}",
             c.from,
             format!("{}:{}", c.to, c.port),
             format!("n{a}->n{b}"),
@@ -803,7 +825,7 @@ fn report(cells: &[Cell], observed: &[Observed]) -> bool {
             if ok { "ok" } else { "MISMATCH" }
         );
     }
-    println!("{}", "-".repeat(96));
+    println!("{}", "-".repeat(114));
     println!(
         "{} cells ({} allowed, {} denied; {} across nodes): {} match, {} MISMATCH",
         cells.len(),
@@ -1017,6 +1039,19 @@ mod tests {
             "denied: egress: denied: isolated for egress by shop/database (no rule matches); ingress: denied: isolated for ingress by shop/default-deny-ingress (no rule matches)",
         );
         assert_eq!(why(&both), "denied: egress+ingress");
+        let admin = cell(
+            true,
+            "allowed: egress: allowed: not isolated for egress (no policy selects it); ingress: allowed by Admin ClusterNetworkPolicy/uptime-probe (priority 10) ingress rule 0 (Accept)",
+        );
+        assert_eq!(why(&admin), "allowed by Admin uptime-probe");
+        let baseline = cell(
+            false,
+            "denied: egress: denied by Baseline ClusterNetworkPolicy/frontends-baseline (priority 10) egress rule 0 (Deny); ingress: allowed by shop/frontend ingress rule 0",
+        );
+        assert_eq!(
+            why(&baseline),
+            "denied: egress by Baseline frontends-baseline"
+        );
     }
 
     #[test]
