@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use datapath::Processor;
 use datapath::flowlog::{self, FlowRecord, FlowVerdict};
 use policy::Protocol;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use super::lock;
 
@@ -164,6 +165,7 @@ impl FlowHub {
     }
 
     /// Records in the ring.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.ring).entries.len()
     }
@@ -220,6 +222,45 @@ impl FlowHub {
             Ok(())
         })();
     }
+}
+
+/// Every [`DRAIN_INTERVAL`], move the processor's flow records into the hub (the processor's
+/// lock is held only to take them). Ends, after a last drain, when `stop` turns true.
+pub async fn drain(
+    processor: Arc<Mutex<Processor>>,
+    hub: Arc<FlowHub>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        let mut records = Vec::new();
+        let overflow = {
+            let mut p = lock(&processor);
+            p.drain_flow_records(&mut records);
+            p.flow_log().stats().overflow
+        };
+        if overflow > 0 && !warned {
+            warned = true;
+            tracing::warn!(
+                max_series = processor_max_series(&processor),
+                "tessera_policy_verdicts_total reached its series cap: decisions of further policies are counted under policy=\"other\""
+            );
+        }
+        hub.publish(records);
+        if stopping || *stop.borrow() {
+            return;
+        }
+    }
+}
+
+fn processor_max_series(processor: &Mutex<Processor>) -> usize {
+    lock(processor).flow_log().config().max_series
 }
 
 fn select(entries: &VecDeque<Arc<Entry>>, query: &FlowQuery, now_ms: u64) -> Vec<Arc<Entry>> {
@@ -515,7 +556,7 @@ impl FlowQuery {
 /// `key=value` or `key`.
 pub fn parse_label(s: &str) -> Result<(String, Option<String>)> {
     match s.split_once('=') {
-        Some((k, _)) if k.is_empty() => bail!("label {s:?}: empty key"),
+        Some(("", _)) => bail!("label {s:?}: empty key"),
         Some((k, v)) => Ok((k.to_owned(), Some(v.to_owned()))),
         None if s.is_empty() => bail!("empty label"),
         None => Ok((s.to_owned(), None)),

@@ -330,9 +330,11 @@ impl Drop for Follower {
 /// The processor's metrics plus the agent's own.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::with_capacity(4096);
-    lock(&shared.processor)
-        .metrics()
-        .render_prometheus(&mut out);
+    {
+        let p = lock(&shared.processor);
+        p.metrics().render_prometheus(&mut out);
+        p.flow_log().render_prometheus(&mut out);
+    }
     let _ = render_agent(shared, &mut out);
     shared.flows.render_prometheus(&mut out);
     out

@@ -1018,7 +1018,9 @@ pub async fn run(opts: Options) -> Result<()> {
         auth_mark: opts.auth_mark,
         ..ProcessorConfig::default()
     };
-    let processor = Arc::new(Mutex::new(Processor::new(node, engine, config)));
+    let mut processor = Processor::new(node, engine, config);
+    processor.flow_log_mut().set_config(opts.flow_log.config());
+    let processor = Arc::new(Mutex::new(processor));
     tracing::info!(
         node = %opts.node_name,
         peers,
@@ -1097,6 +1099,11 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::spawn(udp_timers(
         agent.processor.clone(),
         udp.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(flows::drain(
+        agent.processor.clone(),
+        shared.flows.clone(),
         stop_rx.clone(),
     ));
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
