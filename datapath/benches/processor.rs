@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use datapath::flowlog::FlowLogConfig;
 use datapath::{Hook, Processor, ProcessorConfig, TcpSegment, WorkloadId};
 use fixture::{CLIENT, SERVER, policies};
@@ -236,4 +236,41 @@ fn denied(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench, denied);
-criterion_main!(benches);
+
+/// `TESSERA_BENCH_ONCE=N`: N handshakes, then N denied SYNs (PSK), nothing timed, for
+/// `valgrind --tool=callgrind --toggle-collect='*Processor::process*'` (instructions per
+/// handshake and per denied SYN; `TESSERA_BENCH_ONLY=handshake|denied`: only one of them;
+/// `TESSERA_BENCH_RECORD_ALL=1`: every denial recorded).
+fn once(n: usize) {
+    let only = std::env::var("TESSERA_BENCH_ONLY").unwrap_or_default();
+    let mut w = World::new(Mode::Psk);
+    for _ in 0..if only == "denied" { 0 } else { n } {
+        w.handshake();
+    }
+    let n = if only == "handshake" { 0 } else { n };
+    let mut w = World::new(Mode::Psk);
+    if std::env::var_os("TESSERA_BENCH_RECORD_ALL").is_some() {
+        w.b.flow_log_mut().set_config(FlowLogConfig {
+            denied_per_second: 0,
+            ..FlowLogConfig::default()
+        });
+    }
+    let mut drained = Vec::new();
+    for _ in 0..n {
+        w.denied_syn();
+        w.b.drain_flow_records(&mut drained);
+        drained.clear();
+    }
+}
+
+fn main() {
+    if let Some(n) = std::env::var("TESSERA_BENCH_ONCE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        once(n);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
