@@ -201,8 +201,8 @@ pub fn render(r: &FlowRecord) -> String {
         "{} {} {} -> {} {} {} {} {}",
         flowlog::rfc3339::format(r.time),
         r.node,
-        endpoint(&r.source),
-        endpoint(&r.destination),
+        endpoint(&r.source, r.policy.is_none()),
+        endpoint(&r.destination, r.policy.is_none()),
         r.protocol,
         r.destination
             .port
@@ -231,9 +231,14 @@ pub fn render(r: &FlowRecord) -> String {
     s
 }
 
-/// `shop/web-1 [pki@node-a]`, `10.0.0.7 [ip]`.
-fn endpoint(e: &Endpoint) -> String {
-    let who = e.pod().unwrap_or_else(|| e.ip.to_string());
+/// `shop/web-1 [pki@node-a]`, `10.0.0.7 [ip]`; with `address` (a refused packet, whose
+/// addresses are the point: a spoofed source, say) `shop/web-1 (10.0.1.2) [local]`.
+fn endpoint(e: &Endpoint, address: bool) -> String {
+    let who = match e.pod() {
+        Some(pod) if address => format!("{pod} ({})", e.ip),
+        Some(pod) => pod,
+        None => e.ip.to_string(),
+    };
     match (&e.node, e.identity) {
         (Some(node), IdentitySource::Pki | IdentitySource::Psk) => {
             format!("{who} [{}@{node}]", e.identity.as_str())
@@ -403,6 +408,21 @@ mod tests {
         r.detail = Some("handshake: MAC verification failed".into());
         assert!(
             render(&r).ends_with("DENIED (bad_mac): handshake: MAC verification failed"),
+            "{}",
+            render(&r)
+        );
+        // A refusal shows the packet's addresses beside the names.
+        assert!(
+            render(&r).contains(" shop/web-1 (10.0.1.2) [none] -> 192.0.2.9 [ip] "),
+            "{}",
+            render(&r)
+        );
+        r.source = r.destination.clone();
+        r.destination.namespace = Some("shop".into());
+        r.destination.workload = Some("web-1".into());
+        r.destination.identity = IdentitySource::Local;
+        assert!(
+            render(&r).contains(" 192.0.2.9 [ip] -> shop/web-1 (192.0.2.9) [local] "),
             "{}",
             render(&r)
         );
