@@ -430,8 +430,32 @@ pub struct FlowLog {
     buckets: ahash::HashMap<Box<str>, Bucket>,
     series: ahash::HashMap<Box<str>, usize>,
     series_list: Vec<VerdictSeries>,
+    /// Where in `series_list` the `other` series of each kind, verdict and direction is.
+    others: [Option<usize>; OTHER_SLOTS],
     /// Scratch for series and bucket keys (no allocation once warm).
     key: String,
+}
+
+/// Kinds × verdicts × directions.
+const OTHER_SLOTS: usize = 5 * 2 * 2;
+
+fn other_slot(kind: PolicyKind, verdict: FlowVerdict, direction: Direction) -> usize {
+    let k = match kind {
+        PolicyKind::NetworkPolicy => 0,
+        PolicyKind::ClusterNetworkPolicy => 1,
+        PolicyKind::AdminNetworkPolicy => 2,
+        PolicyKind::BaselineAdminNetworkPolicy => 3,
+        PolicyKind::Default => 4,
+    };
+    let v = match verdict {
+        FlowVerdict::Allowed => 0,
+        FlowVerdict::Denied => 1,
+    };
+    let d = match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    };
+    k * 4 + v * 2 + d
 }
 
 /// The key of the rate-limit bucket every key beyond [`MAX_LIMITER_KEYS`] shares.
@@ -449,6 +473,7 @@ impl FlowLog {
             buckets: Default::default(),
             series: Default::default(),
             series_list: Vec::new(),
+            others: [None; OTHER_SLOTS],
             key: String::with_capacity(128),
         }
     }
@@ -581,34 +606,38 @@ impl FlowLog {
             }
             return;
         }
-        let policy = if self.series.len() < self.config.max_series {
-            key.get(label_start..).unwrap_or_default().to_owned()
-        } else {
-            self.stats.overflow += 1;
-            // One "other" series per kind, verdict and direction: 20 at most.
-            let other = self.series_list.iter_mut().find(|s| {
-                s.policy == "other"
-                    && s.kind == kind
-                    && s.verdict == verdict
-                    && s.direction == direction
+        if self.series.len() < self.config.max_series {
+            self.series.insert(key.into(), self.series_list.len());
+            self.series_list.push(VerdictSeries {
+                policy: key.get(label_start..).unwrap_or_default().to_owned(),
+                kind,
+                verdict,
+                direction,
+                count: 1,
             });
-            if let Some(s) = other {
-                s.count += 1;
-                return;
+            return;
+        }
+        // Past the cap: one "other" series per kind, verdict and direction (20 at most).
+        self.stats.overflow += 1;
+        let slot = other_slot(kind, verdict, direction);
+        match self.others.get(slot).copied().flatten() {
+            Some(i) => {
+                if let Some(s) = self.series_list.get_mut(i) {
+                    s.count += 1;
+                }
             }
-            "other".to_owned()
-        };
-        let new_key = policy == "other";
-        self.series_list.push(VerdictSeries {
-            policy,
-            kind,
-            verdict,
-            direction,
-            count: 1,
-        });
-        if !new_key {
-            self.series
-                .insert(key.into(), self.series_list.len().saturating_sub(1));
+            None => {
+                if let Some(o) = self.others.get_mut(slot) {
+                    *o = Some(self.series_list.len());
+                }
+                self.series_list.push(VerdictSeries {
+                    policy: "other".to_owned(),
+                    kind,
+                    verdict,
+                    direction,
+                    count: 1,
+                });
+            }
         }
     }
 
