@@ -8,6 +8,11 @@
 //! in-memory nodes and times only the step named by the benchmark, so each step sees the state
 //! it has in real life. After criterion, the bench prints per-step p50 / p99 over 20,000
 //! handshakes (individual calls timed with `Instant`).
+//!
+//! The `denied SYN` group times the server's INPUT SYN of a connection its ingress denies
+//! (port 9999: isolated, no rule), with flow records off, on for denials as the agent runs
+//! them (rate limited: after the burst nearly every one is suppressed), and with every
+//! denial recorded (no limit: the cost of building a record).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,7 +26,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
+use datapath::flowlog::FlowLogConfig;
 use datapath::{Hook, Processor, ProcessorConfig, TcpSegment, WorkloadId};
 use fixture::{CLIENT, SERVER, policies};
 use identity::testing::SeededRng;
@@ -98,6 +104,43 @@ impl World {
     }
 }
 
+impl World {
+    /// A client SYN to a port the server's ingress denies; returns the server's INPUT time.
+    fn denied_syn(&mut self) -> Duration {
+        self.now += 1;
+        self.port = if self.port == u16::MAX {
+            1024
+        } else {
+            self.port + 1
+        };
+        if self.port.is_multiple_of(1000) {
+            self.a.expire(self.now);
+        }
+        let c = SocketAddr::new(CLIENT.ip, self.port);
+        let s = SocketAddr::new(SERVER.ip, 9999);
+        let mut p = tcp_packet(c, s, 1000, 0, SYN, &linux_syn_options(1, 0), &[]);
+        let v = self
+            .a
+            .process(ID, Hook::Output, &mut p, true, self.now, &mut self.rng);
+        assert!(v.accept, "{v:?}");
+        let t = Instant::now();
+        let v = self.b.process(
+            ID,
+            Hook::Input,
+            black_box(&mut p),
+            true,
+            self.now,
+            &mut self.rng,
+        );
+        let d = t.elapsed();
+        assert_eq!(
+            v.reason.as_ref().map(|r| r.as_str()),
+            Some("policy_ingress")
+        );
+        d
+    }
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * q) as usize]
 }
@@ -151,5 +194,83 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+fn denied(c: &mut Criterion) {
+    let mut g = c.benchmark_group("denied SYN (server INPUT: verify, ingress denied)");
+    for (name, config) in [
+        (
+            "records off",
+            FlowLogConfig {
+                records: false,
+                ..FlowLogConfig::default()
+            },
+        ),
+        (
+            "records of denials, rate limited (default)",
+            FlowLogConfig::default(),
+        ),
+        (
+            "every denial recorded",
+            FlowLogConfig {
+                denied_per_second: 0,
+                ..FlowLogConfig::default()
+            },
+        ),
+    ] {
+        let mut w = World::new(Mode::Psk);
+        w.b.flow_log_mut().set_config(config);
+        let mut drained = Vec::new();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += w.denied_syn();
+                    // The shell drains them on another task: not timed here.
+                    w.b.drain_flow_records(&mut drained);
+                    drained.clear();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, denied);
+
+/// `TESSERA_BENCH_ONCE=N`: N handshakes, then N denied SYNs (PSK), nothing timed, for
+/// `valgrind --tool=callgrind --toggle-collect='*Processor::process*'` (instructions per
+/// handshake and per denied SYN; `TESSERA_BENCH_ONLY=handshake|denied`: only one of them;
+/// `TESSERA_BENCH_RECORD_ALL=1`: every denial recorded).
+fn once(n: usize) {
+    let only = std::env::var("TESSERA_BENCH_ONLY").unwrap_or_default();
+    let mut w = World::new(Mode::Psk);
+    for _ in 0..if only == "denied" { 0 } else { n } {
+        w.handshake();
+    }
+    let n = if only == "handshake" { 0 } else { n };
+    let mut w = World::new(Mode::Psk);
+    if std::env::var_os("TESSERA_BENCH_RECORD_ALL").is_some() {
+        w.b.flow_log_mut().set_config(FlowLogConfig {
+            denied_per_second: 0,
+            ..FlowLogConfig::default()
+        });
+    }
+    let mut drained = Vec::new();
+    for _ in 0..n {
+        w.denied_syn();
+        w.b.drain_flow_records(&mut drained);
+        drained.clear();
+    }
+}
+
+fn main() {
+    if let Some(n) = std::env::var("TESSERA_BENCH_ONCE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        once(n);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -13,10 +13,13 @@
 //!   those a policy or label change now denies.
 //! - [`processor`]: the state machine from the design brief, one [`Processor`] per node.
 //! - [`metrics`]: counters and the decision-time histogram, Prometheus text format.
+//! - [`flowlog`]: flow records (docs/flow-log.md) and the bounded recorder the processor
+//!   writes them into, with the per-policy verdict counts.
 
 pub mod dns;
 pub mod established;
 pub mod flow;
+pub mod flowlog;
 pub mod metrics;
 pub mod packet;
 pub mod processor;

@@ -56,11 +56,16 @@ use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIden
 use crate::dns::{self, MAX_NAMES_PER_ADDRESS, NameCache};
 use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
+use crate::flowlog::{FlowLog, FlowLogConfig};
 use crate::metrics::{Metrics, PacketKind};
 use crate::packet::{self, IpDatagram, PacketError, TcpSegment};
 use crate::udp::{
     EmitMark, Outgoing, UdpFlow, UdpState, UdpTable, build_udp, set_udp_checksum, udp_payload,
 };
+
+mod flows;
+
+use flows::Who;
 
 /// The netfilter hook a packet was queued from, as seen from the workload: `Output` for
 /// packets the workload sends, `Input` for packets it is about to receive.
@@ -426,6 +431,8 @@ pub struct Processor {
     dns: NameCache,
     /// The resolvers whose answers are learnt (empty: any).
     dns_servers: Vec<ipnet::IpNet>,
+    /// Flow records and the per-policy verdict counts (see [`crate::flowlog`]).
+    flowlog: FlowLog,
 }
 
 /// Peer addresses remembered (agent or not) before the map starts over.
@@ -440,6 +447,7 @@ const PEER_CACHE_ENTRIES: usize = 4096;
 impl Processor {
     /// A processor over a node's keys and a policy engine.
     pub fn new(node: Node, engine: Engine, config: ProcessorConfig) -> Self {
+        let flowlog = FlowLog::new(node.name(), FlowLogConfig::default());
         Processor {
             node,
             engine,
@@ -458,6 +466,7 @@ impl Processor {
             local_keys: Default::default(),
             dns: NameCache::new(config.dns),
             dns_servers: Vec::new(),
+            flowlog,
         }
     }
 
@@ -613,6 +622,7 @@ impl Processor {
             .unwrap_or((Verdict::drop(Reason::UnknownWorkload), None));
         if let Some(reason) = &verdict.reason {
             self.metrics.count_rejected(reason.as_str());
+            self.note_rejection(id, hook, packet, reason, now_ms);
         }
         if verdict.requeue {
             self.metrics.count_requeued();
@@ -683,6 +693,7 @@ impl Processor {
             local_keys,
             dns,
             dns_servers: _,
+            flowlog,
         } = self;
         let wl = workloads.get(&id)?;
         let mut step = Step {
@@ -701,6 +712,7 @@ impl Processor {
             peer_agents,
             local_keys,
             dns,
+            flowlog,
             id,
             now: now_ms,
         };
@@ -810,7 +822,9 @@ impl Processor {
                 local: c.local,
                 remote: c.remote,
             };
-            self.established.remove(&key);
+            if let Some(f) = self.established.remove(&key) {
+                self.note_cut(&key, &f, now_ms);
+            }
             self.flows.remove(&key);
             // A UDP flow's lingering handshake state would authorize its next datagram again.
             self.udp.remove(&key);
@@ -890,6 +904,7 @@ struct Step<'a> {
     peer_agents: &'a mut ahash::HashMap<IpAddr, (bool, u64)>,
     local_keys: &'a ahash::HashSet<PodKey>,
     dns: &'a NameCache,
+    flowlog: &'a mut FlowLog,
     id: WorkloadId,
     now: u64,
 }
@@ -1379,12 +1394,11 @@ impl Step<'_> {
         };
         let (peer, _pod) = self.peer_of(server.tentative_peer());
         let port = key.local.port();
-        if !self.decide_protocol(
+        if !self.decide(
+            &key,
             Direction::Ingress,
             &peer,
-            key.remote.ip(),
-            port,
-            Protocol::Udp,
+            Who::Tentative(server.tentative_peer()),
             None,
         ) {
             // Tell the client's agent at once (it would otherwise wait, then take us as
@@ -1446,13 +1460,11 @@ impl Step<'_> {
         };
         self.learn_agent(key.remote.ip(), true);
         let view = self.peer_of(&server);
-        let port = key.remote.port();
-        let allowed = self.decide_protocol(
+        let allowed = self.decide(
+            &key,
             Direction::Egress,
             &view.0,
-            key.remote.ip(),
-            port,
-            Protocol::Udp,
+            Who::Proven(&server),
             server.port_name.as_deref(),
         );
         let Some(UdpFlow {
@@ -1576,12 +1588,11 @@ impl Step<'_> {
         };
         self.learn_agent(key.remote.ip(), true);
         let view = self.peer_of(&client);
-        if !self.decide_protocol(
+        if !self.decide(
+            &key,
             Direction::Ingress,
             &view.0,
-            key.remote.ip(),
-            key.local.port(),
-            Protocol::Udp,
+            Who::Proven(&client),
             None,
         ) {
             self.udp.remove(&key);
@@ -1671,12 +1682,11 @@ impl Step<'_> {
             Some((p, _)) => p,
             None => self.ip_only,
         };
-        let allowed = self.decide_protocol(
+        let allowed = self.decide(
+            &key,
             direction,
             peer,
-            remote.ip(),
-            d.dst_port,
-            protocol,
+            Who::Address(view.as_ref().map(|(_, pod)| &**pod)),
             port_name.as_deref(),
         );
         if !allowed {
@@ -1738,24 +1748,6 @@ impl Step<'_> {
         self.now.saturating_add(self.config.authorized_linger_ms)
     }
 
-    fn decide(
-        &mut self,
-        direction: Direction,
-        peer: &Peer,
-        peer_ip: IpAddr,
-        port: u16,
-        dest_port_name: Option<&str>,
-    ) -> bool {
-        self.decide_protocol(
-            direction,
-            peer,
-            peer_ip,
-            port,
-            Protocol::Tcp,
-            dest_port_name,
-        )
-    }
-
     /// The name of a local TCP port among the workload's container ports ("" if unnamed).
     fn local_port_name(&self, port: u16) -> &str {
         self.local_port_name_of(port, Protocol::Tcp)
@@ -1773,42 +1765,6 @@ impl Step<'_> {
             })
             .and_then(|p| p.name.as_deref())
             .unwrap_or("")
-    }
-
-    /// [`Step::decide`] for another protocol than TCP. Egress carries the names the workload
-    /// resolved to `peer_ip` whose TTL has not run out (for admin `domainNames` peers).
-    fn decide_protocol(
-        &mut self,
-        direction: Direction,
-        peer: &Peer,
-        peer_ip: IpAddr,
-        port: u16,
-        protocol: Protocol,
-        dest_port_name: Option<&str>,
-    ) -> bool {
-        let engine = self.engine;
-        let local = &self.wl.key;
-        let allows = |resolved_names: &[&str]| {
-            engine.allows(&Connection {
-                local,
-                direction,
-                peer,
-                peer_ip: Some(peer_ip),
-                port,
-                protocol,
-                dest_port_name,
-                resolved_names,
-            })
-        };
-        if direction == Direction::Ingress || self.dns.is_empty() {
-            return allows(&[]);
-        }
-        let mut names = [""; MAX_NAMES_PER_ADDRESS];
-        let n = self.dns.names(self.id, peer_ip, self.now, &mut names);
-        if n > 0 {
-            self.metrics.count_dns_decision();
-        }
-        allows(&names[..n])
     }
 
     /// Client OUTPUT SYN: attach a new SYN token, or the same one on retransmission.
@@ -1882,10 +1838,10 @@ impl Step<'_> {
         let Some(token) = token else {
             // No token: a peer without agent, known only by its IP.
             if !self.decide(
+                &key,
                 Direction::Ingress,
                 &Peer::IpOnly,
-                seg.src,
-                seg.dst_port,
+                Who::Address(None),
                 None,
             ) {
                 return Verdict::drop(Reason::PolicyIngress);
@@ -1904,7 +1860,13 @@ impl Step<'_> {
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
         let (peer, _) = self.peer_of(received.tentative_peer());
-        if !self.decide(Direction::Ingress, &peer, seg.src, seg.dst_port, None) {
+        if !self.decide(
+            &key,
+            Direction::Ingress,
+            &peer,
+            Who::Tentative(received.tentative_peer()),
+            None,
+        ) {
             return Verdict::drop(Reason::PolicyIngress);
         }
         let syn_token: Box<[u8]> = token.into();
@@ -2061,10 +2023,10 @@ impl Step<'_> {
         let Some(token) = token else {
             // No token: a server without agent; egress on its IP only.
             if !self.decide(
+                &key,
                 Direction::Egress,
                 &Peer::IpOnly,
-                seg.src,
-                seg.src_port,
+                Who::Address(None),
                 None,
             ) {
                 self.flows.remove(&key);
@@ -2084,10 +2046,10 @@ impl Step<'_> {
         };
         let view = self.peer_of(&server);
         if !self.decide(
+            &key,
             Direction::Egress,
             &view.0,
-            seg.src,
-            seg.src_port,
+            Who::Proven(&server),
             server.port_name.as_deref(),
         ) {
             self.flows.remove(&key);
@@ -2217,7 +2179,8 @@ impl Step<'_> {
                 let peer_token: Box<[u8]> = token.into();
                 // Policy may have changed since the SYN: decide again on the proven identity.
                 let view = self.peer_of(&peer);
-                let allowed = self.decide(Direction::Ingress, &view.0, seg.src, seg.dst_port, None);
+                let allowed =
+                    self.decide(&key, Direction::Ingress, &view.0, Who::Proven(&peer), None);
                 if !allowed {
                     self.flows.remove(&key);
                     return Verdict::drop(Reason::PolicyIngress);

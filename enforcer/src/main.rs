@@ -31,6 +31,8 @@ enum Command {
     Run(Box<cli::run::RunArgs>),
     /// Show a running agent's workloads, peer nodes and counters.
     Status(cli::status::StatusArgs),
+    /// Show a running agent's flow records: what it decided, about whom, by which policy.
+    Flows(cli::flows::FlowsArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => cli::pki::run(cmd),
         Command::Run(args) => cli::run::run(*args),
         Command::Status(args) => cli::status::run(args),
+        Command::Flows(args) => cli::flows::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,5 @@
-//! `/metrics` (Prometheus text format), `/healthz` and `/status` (JSON, read by
-//! `tessera status`).
+//! `/metrics` (Prometheus text format), `/healthz`, `/status` (JSON, read by
+//! `tessera status`) and `/flows` (flow records as JSON lines, read by `tessera flows`).
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -8,12 +8,14 @@ use std::time::UNIX_EPOCH;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
+use super::flows::{self, Entry, FlowFilter, FlowQuery, HubStats};
 use super::{ENFORCE_BUCKETS_S, Shared, lock};
 
 /// Serve until the listener fails; errors are logged.
@@ -23,6 +25,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/flows", get(flows))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("metrics server: {e}");
@@ -180,13 +183,160 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
     Json(status_of(&shared))
 }
 
+/// How long a follower of `/flows` may go without a byte: then it gets a blank line, so a
+/// client that went away is noticed (and its slot freed) even while no record comes.
+const FOLLOW_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Lines of the backlog per chunk of a `/flows` stream.
+const BACKLOG_CHUNK: usize = 64;
+
+/// Bytes a chunk of live records gathers at most.
+const LIVE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// `GET /flows`: the ring's records that the query selects, as JSON lines; with `follow=1`,
+/// then the live records too. Each follower has a buffer of [`flows::CLIENT_BUFFER`] lines
+/// between the hub and its connection: a client that lets it fill up (it reads too slowly, or
+/// not at all) is dropped and counted, gets what its buffer holds and then the end of the
+/// stream. Blank lines are keep-alives. Query: see [`FlowQuery`].
+async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    let q = match FlowQuery::parse(query.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:#}\n")).into_response(),
+    };
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    let hub = &shared.flows;
+    let now = super::now_ms();
+    if !q.follow {
+        let body: String = hub
+            .recent(&q, now)
+            .iter()
+            .map(|e| e.line.as_str())
+            .collect();
+        return (ndjson, body).into_response();
+    }
+    let Some(slot) = Follower::take(&hub.stats) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} clients already follow the flow records\n",
+                flows::MAX_FOLLOWERS
+            ),
+        )
+            .into_response();
+    };
+    let (backlog, live) = hub.follow(&q, now);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(flows::CLIENT_BUFFER);
+    tokio::spawn(forward(backlog, live, q.filter, tx, slot));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let first = rx.recv().await?;
+        if first.len() >= LIVE_CHUNK_BYTES {
+            return Some((Ok::<_, std::convert::Infallible>(first), rx));
+        }
+        // Whatever else is already there goes in the same chunk.
+        let mut chunk = Vec::from(first);
+        while chunk.len() < LIVE_CHUNK_BYTES {
+            match rx.try_recv() {
+                Ok(b) => chunk.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(Bytes::from(chunk)), rx))
+    });
+    (ndjson, Body::from_stream(stream)).into_response()
+}
+
+/// A follower's pump: its backlog, then the live records its filter selects, into its
+/// connection's buffer, until the client goes (the buffer's receiver is dropped), the buffer
+/// is full or the hub's records overtake it (the client is too slow: dropped, counted).
+async fn forward(
+    backlog: Vec<Arc<Entry>>,
+    mut live: tokio::sync::broadcast::Receiver<Arc<Entry>>,
+    filter: FlowFilter,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    slot: Follower,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    use tokio::sync::mpsc::error::TrySendError;
+    for chunk in backlog.chunks(BACKLOG_CHUNK) {
+        let bytes: String = chunk.iter().map(|e| e.line.as_str()).collect();
+        // The backlog is bounded (the ring): waiting for the client here is fine; meanwhile
+        // the live records queue up for it in the hub, where it may be overtaken.
+        if tx.send(Bytes::from(bytes)).await.is_err() {
+            return;
+        }
+    }
+    let mut quiet_until = tokio::time::Instant::now() + FOLLOW_KEEPALIVE;
+    let slow = loop {
+        let e = tokio::select! {
+            r = live.recv() => r,
+            () = tx.closed() => break false,
+            () = tokio::time::sleep_until(quiet_until) => {
+                quiet_until = tokio::time::Instant::now() + FOLLOW_KEEPALIVE;
+                match tx.try_send(Bytes::from_static(b"\n")) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(_)) => break true,
+                    Err(TrySendError::Closed(_)) => break false,
+                }
+            }
+        };
+        match e {
+            Ok(e) if filter.matches(&e.record) => {
+                quiet_until = tokio::time::Instant::now() + FOLLOW_KEEPALIVE;
+                match tx.try_send(Bytes::from(e.line.clone())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => break true,
+                    Err(TrySendError::Closed(_)) => break false,
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => break true,
+            Err(RecvError::Closed) => break false,
+        }
+    };
+    if slow {
+        slot.0.followers_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            buffer = flows::CLIENT_BUFFER,
+            "a /flows follower fell behind and was dropped"
+        );
+    }
+}
+
+/// A follower's slot among [`flows::MAX_FOLLOWERS`]; freed when its pump ends.
+struct Follower(Arc<HubStats>);
+
+impl Follower {
+    fn take(stats: &Arc<HubStats>) -> Option<Follower> {
+        let taken = stats
+            .followers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < flows::MAX_FOLLOWERS).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            stats.followers_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Follower(stats.clone()))
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The processor's metrics plus the agent's own.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::with_capacity(4096);
-    lock(&shared.processor)
-        .metrics()
-        .render_prometheus(&mut out);
+    {
+        let p = lock(&shared.processor);
+        p.metrics().render_prometheus(&mut out);
+        p.flow_log().render_prometheus(&mut out);
+    }
     let _ = render_agent(shared, &mut out);
+    shared.flows.render_prometheus(&mut out);
     out
 }
 
@@ -299,4 +449,256 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
     writeln!(out, "tessera_workload_enforce_seconds_sum {}", h.sum_s)?;
     writeln!(out, "tessera_workload_enforce_seconds_count {}", h.count)?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::agent::flows::tests::record;
+    use crate::agent::flows::{CLIENT_BUFFER, FlowHub, RING_RECORDS};
+    use crate::cli::flows::FlowsArgs;
+    use crate::cli::status::Output;
+    use datapath::flowlog::{FlowRecord, FlowVerdict};
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+    use std::sync::{Arc, Mutex};
+
+    /// An agent's shared state over a PSK node without workloads, serving on a local port.
+    async fn agent() -> (Arc<Shared>, String) {
+        let psk = identity::Psk::new(b"flows test key, 32 bytes or more!!").unwrap();
+        let node = identity::Node::new_psk("node-b", psk, identity::Config::default()).unwrap();
+        let processor = datapath::Processor::new(
+            node,
+            policy::Engine::new(),
+            datapath::ProcessorConfig::default(),
+        );
+        let shared = Arc::new(Shared {
+            node_name: "node-b".into(),
+            runtime: "static",
+            processor: Arc::new(Mutex::new(processor)),
+            workloads: Mutex::new(BTreeMap::new()),
+            policies: AtomicUsize::new(0),
+            admin_policies: AtomicUsize::new(0),
+            reload_failures: AtomicU64::new(0),
+            udp_send_errors: Arc::new(AtomicU64::new(0)),
+            workload_failures: AtomicU64::new(0),
+            enforce_latency: Mutex::new(Default::default()),
+            failing: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(true),
+            flows: Arc::new(FlowHub::new(RING_RECORDS, CLIENT_BUFFER, None).unwrap()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve(listener, shared.clone()));
+        (shared, addr)
+    }
+
+    fn args(addr: &str, output: Output) -> FlowsArgs {
+        FlowsArgs {
+            addr: addr.into(),
+            follow: false,
+            since: None,
+            last: None,
+            namespace: vec![],
+            pod: vec![],
+            label: vec![],
+            verdict: None,
+            protocol: None,
+            port: None,
+            output,
+        }
+    }
+
+    /// Run `tessera flows` (its code, on a blocking thread) and return what it printed.
+    async fn flows_cli(a: FlowsArgs) -> (anyhow::Result<()>, String) {
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let r = crate::cli::flows::stream(&a, &mut out);
+            (r, String::from_utf8(out).unwrap())
+        })
+        .await
+        .unwrap()
+    }
+
+    fn allowed(time: u64) -> FlowRecord {
+        let mut r = record(time);
+        r.verdict = FlowVerdict::Allowed;
+        r.reason = None;
+        r
+    }
+
+    #[tokio::test]
+    async fn flows_cli_reads_the_endpoint_with_its_filters() {
+        let (shared, addr) = agent().await;
+        let records: Vec<FlowRecord> = (1..=30)
+            .map(|t| if t % 3 == 0 { allowed(t) } else { record(t) })
+            .collect();
+        shared.flows.publish(records.clone());
+
+        // JSON: the last 20 by default, exactly as published.
+        let (r, out) = flows_cli(args(&addr, Output::Json)).await;
+        r.unwrap();
+        let got: Vec<FlowRecord> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got, records[10..]);
+
+        // Filters are applied by the agent.
+        let mut a = args(&addr, Output::Json);
+        a.verdict = Some(FlowVerdict::Allowed);
+        a.last = Some(1000);
+        let (r, out) = flows_cli(a).await;
+        r.unwrap();
+        let times: Vec<u64> = out
+            .lines()
+            .map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().time)
+            .collect();
+        assert_eq!(times, [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]);
+        let mut a = args(&addr, Output::Text);
+        a.pod = vec!["shop/db-0".into()];
+        a.port = Some(5432);
+        a.last = Some(2);
+        let (r, out) = flows_cli(a).await;
+        r.unwrap();
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(
+            out.lines()
+                .all(|l| l.contains("shop/web-1 [pki@node-a] -> shop/db-0 [local] TCP 5432")),
+            "{out}"
+        );
+        let mut a = args(&addr, Output::Json);
+        a.namespace = vec!["elsewhere".into()];
+        let (r, out) = flows_cli(a).await;
+        r.unwrap();
+        assert_eq!(out, "");
+
+        // A bad query is the agent's 400, shown with its reason.
+        let url = format!("http://{addr}/flows?port=none");
+        let resp = tokio::task::spawn_blocking(move || {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent()
+                .get(&url)
+                .call()
+                .unwrap()
+                .status()
+        })
+        .await
+        .unwrap();
+        assert_eq!(resp, 400);
+    }
+
+    /// A writer that takes `n` lines, then says the pipe is broken (as `| head -n` would).
+    struct Head {
+        text: Arc<Mutex<String>>,
+        n: usize,
+    }
+
+    impl Write for Head {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut text = self.text.lock().unwrap();
+            if text.matches('\n').count() >= self.n {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            text.push_str(&String::from_utf8_lossy(buf));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn flows_cli_follows_new_records() {
+        let (shared, addr) = agent().await;
+        shared.flows.publish(vec![record(1), record(2)]);
+        let text = Arc::new(Mutex::new(String::new()));
+        let mut a = args(&addr, Output::Json);
+        a.follow = true;
+        a.last = Some(1);
+        a.verdict = Some(FlowVerdict::Denied);
+        let mut head = Head {
+            text: text.clone(),
+            n: 3,
+        };
+        let cli = tokio::task::spawn_blocking(move || crate::cli::flows::stream(&a, &mut head));
+        // The backlog (the last one), then live records, the allowed one filtered out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.flows.stats.followers.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no follower");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        shared.flows.publish(vec![allowed(3), record(4)]);
+        shared.flows.publish(vec![record(5), record(6)]);
+        let err = cli.await.unwrap().unwrap_err();
+        assert!(
+            err.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe),
+            "{err:#}"
+        );
+        let times: Vec<u64> = text
+            .lock()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().time)
+            .collect();
+        assert_eq!(times, [2, 4, 5]);
+        // The follower's slot is given back once its connection is gone.
+        while shared.flows.stats.followers.load(Ordering::Relaxed) != 0 {
+            assert!(std::time::Instant::now() < deadline, "slot kept");
+            shared.flows.publish(vec![record(7)]);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_does_not_read_is_dropped_and_counted() {
+        let (shared, addr) = agent().await;
+        // A raw client: asks to follow, reads the headers, then stops reading.
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            conn,
+            "GET /flows?follow=1 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while shared.flows.stats.followers.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no follower");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Far more than the socket buffers and the client buffer hold.
+        let mut big = record(1);
+        big.detail = Some("x".repeat(2000));
+        while shared.flows.stats.followers_dropped.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never dropped");
+            shared.flows.publish(vec![big.clone(); 512]);
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        while shared.flows.stats.followers.load(Ordering::Relaxed) != 0 {
+            assert!(std::time::Instant::now() < deadline, "slot kept");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // It got what fit, then the end of the stream.
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut r = BufReader::new(conn);
+            let mut status = String::new();
+            r.read_line(&mut status).unwrap();
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest);
+            (status, rest.len())
+        });
+        let (status, body) = reader.await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(body > 0);
+        let mut text = String::new();
+        crate::agent::flows::FlowHub::render_prometheus(&shared.flows, &mut text);
+        assert!(
+            text.contains("tessera_flow_stream_followers_dropped_total{reason=\"slow\"} 1"),
+            "{text}"
+        );
+    }
 }

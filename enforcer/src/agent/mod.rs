@@ -34,6 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::runtime::{self, AdminPolicy, Desired, Event, NetnsRef};
 
+pub mod flows;
 pub mod http;
 pub mod keys;
 pub mod policies;
@@ -78,6 +79,41 @@ pub struct Options {
     pub dns_servers: Vec<ipnet::IpNet>,
     pub metrics_addr: Option<SocketAddr>,
     pub accept_all: bool,
+    /// Flow records: where to write them (`--flow-log`) and which to make.
+    pub flow_log: FlowLogOptions,
+}
+
+/// `--flow-log*`: flow records (docs/flow-log.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowLogOptions {
+    /// JSON lines to this file or stdout; the ring of `GET /flows` is kept either way.
+    pub sink: Option<flows::FlowSink>,
+    /// Allowed flows: one in N recorded (0: none).
+    pub allowed_sample: u32,
+    /// Denials: records per second per deciding policy or rejection reason (burst: twice).
+    pub deny_rate: u32,
+}
+
+impl Default for FlowLogOptions {
+    fn default() -> Self {
+        FlowLogOptions {
+            sink: None,
+            allowed_sample: 0,
+            deny_rate: 10,
+        }
+    }
+}
+
+impl FlowLogOptions {
+    /// The datapath recorder's configuration.
+    pub fn config(&self) -> datapath::flowlog::FlowLogConfig {
+        datapath::flowlog::FlowLogConfig {
+            allowed_sample: self.allowed_sample,
+            denied_per_second: self.deny_rate,
+            denied_burst: self.deny_rate.saturating_mul(2),
+            ..datapath::flowlog::FlowLogConfig::default()
+        }
+    }
 }
 
 /// Per-workload queue counters, written by its task and read by the tick and /metrics.
@@ -141,6 +177,8 @@ pub struct Shared {
     pub failing: Mutex<BTreeMap<String, String>>,
     /// The runtime's first complete list has been applied (/healthz answers 200 from then on).
     pub ready: AtomicBool,
+    /// Flow records: the ring and followers of `GET /flows`, and `--flow-log`.
+    pub flows: Arc<flows::FlowHub>,
 }
 
 /// Lock the processor or one of the shared tables. A panic while holding a lock cannot leave
@@ -986,6 +1024,7 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mut processor = Processor::new(node, engine, config);
     processor.set_dns_servers(opts.dns_servers.clone());
+    processor.flow_log_mut().set_config(opts.flow_log.config());
     let processor = Arc::new(Mutex::new(processor));
     tracing::info!(
         node = %opts.node_name,
@@ -1009,6 +1048,11 @@ pub async fn run(opts: Options) -> Result<()> {
         enforce_latency: Mutex::new(EnforceLatency::default()),
         ready: AtomicBool::new(false),
         failing: Mutex::new(BTreeMap::new()),
+        flows: Arc::new(flows::FlowHub::new(
+            flows::RING_RECORDS,
+            flows::CLIENT_BUFFER,
+            opts.flow_log.sink.as_ref(),
+        )?),
     });
     let udp = Arc::new(UdpSender {
         errors: shared.udp_send_errors.clone(),
@@ -1060,6 +1104,11 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::spawn(udp_timers(
         agent.processor.clone(),
         udp.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(flows::drain(
+        agent.processor.clone(),
+        shared.flows.clone(),
         stop_rx.clone(),
     ));
     let (tx, mut rx) = mpsc::channel::<Event>(1024);

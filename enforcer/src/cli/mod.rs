@@ -1,3 +1,4 @@
+pub mod flows;
 pub mod picture;
 pub mod pki;
 pub mod policy;

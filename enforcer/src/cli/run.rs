@@ -133,6 +133,18 @@ pub struct RunArgs {
     /// no policy).
     #[arg(long, env = "TESSERA_ACCEPT_ALL")]
     pub accept_all: bool,
+    /// Write flow records (docs/flow-log.md) as JSON lines to this file (appended), or to
+    /// stdout with `-`. The last 10,000 are served at /flows (`tessera flows`) either way.
+    #[arg(long, env = "TESSERA_FLOW_LOG", value_name = "PATH")]
+    pub flow_log: Option<String>,
+    /// Record allowed flows too: one in N (1: every one; 0 or "off": none) [default: off].
+    #[arg(long, env = "TESSERA_FLOW_LOG_ALLOWED", value_name = "N", value_parser = parse_sample)]
+    pub flow_log_allowed: Option<u32>,
+    /// Denied flows are always recorded, at most this many a second per deciding policy (or
+    /// rejection reason), after a burst of twice as many; the next record says how many were
+    /// suppressed. 0: no limit [default: 10].
+    #[arg(long, env = "TESSERA_FLOW_LOG_DENY_RATE", value_name = "N")]
+    pub flow_log_deny_rate: Option<u32>,
 }
 
 /// The config file: the same settings as the flags, in camelCase.
@@ -159,6 +171,17 @@ pub struct FileConfig {
     dns_servers: Option<Vec<ipnet::IpNet>>,
     metrics_addr: Option<String>,
     log_format: Option<LogFormat>,
+    flow_log: Option<String>,
+    flow_log_allowed: Option<SampleValue>,
+    flow_log_deny_rate: Option<u32>,
+}
+
+/// `flowLogAllowed` in the config file: a number, or `off`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SampleValue {
+    Number(u32),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +223,16 @@ pub fn load_config(path: &Path) -> Result<FileConfig> {
             anyhow::anyhow!("{}: {field}: {message}", path.display())
         }
     })
+}
+
+/// `--flow-log-allowed`: `off` (0) or N, one in N.
+fn parse_sample(s: &str) -> Result<u32, String> {
+    match s {
+        "off" | "none" => Ok(0),
+        n => n
+            .parse()
+            .map_err(|e| format!("{n:?}: {e} (expected a number N, one in N, or off)")),
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -329,6 +362,27 @@ impl RunArgs {
             (None, None) => 0x1000_0000,
         };
         let queue_num = self.queue_num.or(file.queue_num).unwrap_or(7);
+        let allowed_sample = match (self.flow_log_allowed, &file.flow_log_allowed) {
+            (Some(n), _) => n,
+            (None, Some(SampleValue::Number(n))) => *n,
+            (None, Some(SampleValue::Text(t))) => {
+                parse_sample(t).map_err(|e| anyhow::anyhow!("{}: {e}", origin("flowLogAllowed")))?
+            }
+            (None, None) => 0,
+        };
+        let flow_log = agent::FlowLogOptions {
+            sink: self
+                .flow_log
+                .clone()
+                .or(file.flow_log.clone())
+                .filter(|s| !s.is_empty())
+                .map(|s| agent::flows::FlowSink::parse(&s)),
+            allowed_sample,
+            deny_rate: self
+                .flow_log_deny_rate
+                .or(file.flow_log_deny_rate)
+                .unwrap_or(agent::FlowLogOptions::default().deny_rate),
+        };
         let opts = Options {
             node_name,
             runtime,
@@ -350,6 +404,7 @@ impl RunArgs {
             },
             metrics_addr,
             accept_all: self.accept_all,
+            flow_log,
         };
         agent::check(&opts)?;
         Ok(opts)
@@ -435,6 +490,60 @@ mod tests {
         assert_eq!(o.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
         assert!(!o.fail_open && !o.accept_all);
         assert!(matches!(o.keys, KeySource::Psk(_)));
+        assert_eq!(o.flow_log, agent::FlowLogOptions::default());
+        assert_eq!(
+            (
+                o.flow_log.sink,
+                o.flow_log.allowed_sample,
+                o.flow_log.deny_rate
+            ),
+            (None, 0, 10)
+        );
+    }
+
+    #[test]
+    fn flow_log_flags_and_config_keys() {
+        let mut args = BASE.to_vec();
+        args.extend([
+            "--flow-log",
+            "-",
+            "--flow-log-allowed",
+            "100",
+            "--flow-log-deny-rate",
+            "5",
+        ]);
+        let o = parse(&args).unwrap().options().unwrap();
+        assert_eq!(o.flow_log.sink, Some(agent::flows::FlowSink::Stdout));
+        assert_eq!((o.flow_log.allowed_sample, o.flow_log.deny_rate), (100, 5));
+        let c = o.flow_log.config();
+        assert_eq!((c.denied_per_second, c.denied_burst), (5, 10));
+        let o = parse(&[&BASE[..], &["--flow-log-allowed", "off"]].concat())
+            .unwrap()
+            .options()
+            .unwrap();
+        assert_eq!(o.flow_log.allowed_sample, 0);
+        assert!(parse(&[&BASE[..], &["--flow-log-allowed", "some"]].concat()).is_err());
+        let f = config_file(
+            "nodeName: n\npskFile: p\ninventory: i\nflowLog: /var/log/flows.jsonl\nflowLogAllowed: 'off'\nflowLogDenyRate: 0\n",
+        );
+        let o = parse(&["--config", f.path().to_str().unwrap()])
+            .unwrap()
+            .options()
+            .unwrap();
+        assert_eq!(
+            o.flow_log.sink,
+            Some(agent::flows::FlowSink::File("/var/log/flows.jsonl".into()))
+        );
+        assert_eq!((o.flow_log.allowed_sample, o.flow_log.deny_rate), (0, 0));
+        let f = config_file("nodeName: n\npskFile: p\ninventory: i\nflowLogAllowed: sometimes\n");
+        let e = format!(
+            "{:#}",
+            parse(&["--config", f.path().to_str().unwrap()])
+                .unwrap()
+                .options()
+                .unwrap_err()
+        );
+        assert!(e.contains("flowLogAllowed"), "{e}");
     }
 
     #[test]
