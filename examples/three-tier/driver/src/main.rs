@@ -15,6 +15,7 @@
 //! interrupted. Everything is torn down on the way out, also on SIGINT/SIGTERM/SIGHUP;
 //! `three-tier-demo sweep --pid PID` removes what a run that was killed outright left behind.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -335,6 +336,7 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
     let udp_observed = probe_udp_all(&tb, &udp_cells)?;
     ok &= report(&udp_cells, &udp_observed);
     checkpoint(stop)?;
+    ok &= flows_logged(&tb, &cells, &udp_cells);
     counters(&tb);
     println!(
         "\n-- tessera status --addr {} (node-n1)",
@@ -366,6 +368,78 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
     drop(tb);
     drop(daemon);
     Ok(ok)
+}
+
+/// The denied cells' flow records: each denied cell (TCP and UDP) must appear in the flow log
+/// (`GET /flows`) of the node that denied it, as a denied record of that client address, server
+/// address and port naming the policy or default that decided. Prints
+/// `flows: N/N denied cells logged` and the cells missing, if any.
+fn flows_logged(tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> bool {
+    let mut records: Vec<(u8, serde_json::Value)> = Vec::new();
+    for node in 1..=2u8 {
+        let body = testbed::agent::http_get(
+            tb.agent(node).metrics_addr(),
+            "/flows?verdict=denied&last=10000",
+        )
+        .unwrap_or_default();
+        records.extend(
+            body.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|r| (node, r)),
+        );
+    }
+    let denied: Vec<(&Cell, &str)> = tcp
+        .iter()
+        .map(|c| (c, "TCP"))
+        .chain(udp.iter().map(|c| (c, "UDP")))
+        .filter(|(c, _)| !c.allowed)
+        .collect();
+    let mut missing = Vec::new();
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for (c, proto) in &denied {
+        let (from, to) = (
+            tb.workload(&c.from).ip.to_string(),
+            tb.workload(&c.to).ip.to_string(),
+        );
+        let found = records.iter().find(|(_, r)| {
+            r["protocol"] == *proto
+                && r["source"]["ip"] == from.as_str()
+                && r["destination"]["ip"] == to.as_str()
+                && r["destination"]["port"] == c.port
+                && r["policy"].is_object()
+        });
+        match found {
+            Some((node, r)) => {
+                let p = &r["policy"];
+                let name = match p["namespace"].as_str() {
+                    Some(ns) => format!("{ns}/{}", p["name"].as_str().unwrap_or_default()),
+                    None => format!(
+                        "{}/{}",
+                        p["kind"].as_str().unwrap_or_default(),
+                        p["name"].as_str().unwrap_or_default()
+                    ),
+                };
+                *by.entry(format!(
+                    "node-n{node} {} by {name}",
+                    r["direction"].as_str().unwrap_or_default()
+                ))
+                .or_default() += 1;
+            }
+            None => missing.push(format!("{} -> {}:{}/{proto}", c.from, c.to, c.port)),
+        }
+    }
+    println!(
+        "\nflows: {}/{} denied cells logged (GET /flows of the node that denied each)",
+        denied.len() - missing.len(),
+        denied.len()
+    );
+    for (what, n) in &by {
+        println!("   {n:>3}  {what}");
+    }
+    for m in &missing {
+        println!("   MISSING  {m}");
+    }
+    missing.is_empty()
 }
 
 /// `--hold`: what to try while the demo stays up.
