@@ -318,6 +318,9 @@ pub struct FlowRecord {
     /// Allowed flows are sampled: this record stands for about this many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rate: Option<u32>,
+    /// Audit mode: this policy denial was recorded, not applied (the flow went through).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 impl FlowRecord {
@@ -1438,6 +1441,7 @@ mod tests {
             detail: None,
             suppressed: 0,
             sample_rate: None,
+            audit: false,
         }
     }
 

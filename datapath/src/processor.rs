@@ -94,6 +94,11 @@ pub struct WorkloadId(pub u32);
 /// Tunables of the processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessorConfig {
+    /// Audit mode: policy decisions are made and recorded (flow records marked `audit`,
+    /// verdict counts) but a denial is not applied: the flow proceeds as if allowed, and a
+    /// re-check cuts nothing. Authentication still applies (a forged, replayed or
+    /// unverifiable token is refused: that is no policy question).
+    pub audit: bool,
     /// Handshake flows held at most, over all workloads. A new SYN beyond it is dropped
     /// (reason `flow_table_full`).
     pub max_flows: usize,
@@ -152,6 +157,7 @@ pub struct ProcessorConfig {
 impl Default for ProcessorConfig {
     fn default() -> Self {
         ProcessorConfig {
+            audit: false,
             max_flows: 65_536,
             handshake_timeout_ms: 30_000,
             authorized_linger_ms: 10_000,
@@ -760,6 +766,10 @@ impl Processor {
     /// current labels: the flow is cut if either is denied (fresher knowledge only ever cuts).
     pub fn recheck(&mut self, now_ms: u64) -> Vec<Cut> {
         let mut cuts = Vec::new();
+        if self.config.audit {
+            // Audit mode applies no denial, to new flows or established ones.
+            return cuts;
+        }
         // The current identity of each peer pod, built once per recheck (flows with the same
         // peer share its `Arc<PodKey>` from the peer cache; keyed by address).
         let mut current: HashMap<usize, Option<Peer>> = HashMap::new();

@@ -549,3 +549,47 @@ fn recording_can_be_turned_off_and_counting_stays() {
         2
     );
 }
+
+/// Audit mode: the SYN the policy denies goes through, the handshake completes, and the flow
+/// record says denied, by which policy, marked `audit`; the verdict counts say denied too.
+/// Authentication still applies: a tampered token is refused as in enforce mode.
+#[test]
+fn audit_mode_records_denials_and_applies_none() {
+    let audit = datapath::ProcessorConfig {
+        audit: true,
+        ..datapath::ProcessorConfig::default()
+    };
+    let mut w = World::with(Mode::Pki, INGRESS_DENY, &WEB, &DB, audit);
+    w.connect();
+    let records = drain(&mut w.b);
+    let denied: Vec<&FlowRecord> = records
+        .iter()
+        .filter(|r| r.verdict == FlowVerdict::Denied)
+        .collect();
+    assert!(!denied.is_empty(), "{records:#?}");
+    for r in &denied {
+        assert!(r.audit, "{r:#?}");
+        assert_eq!(r.policy, Some(isolated("shop", "db")));
+    }
+    let line = serde_json::to_string(denied[0]).unwrap();
+    assert!(line.contains("\"audit\":true"), "{line}");
+    assert!(
+        w.b.flow_log()
+            .verdict_count("shop/db", FlowVerdict::Denied, Direction::Ingress)
+            >= 1
+    );
+    // Nothing to cut: a re-check in audit mode applies no denial.
+    assert!(w.b.recheck(NOW).is_empty());
+
+    let mut w = World::with(Mode::Psk, ALLOW, &WEB, &DB, audit);
+    let (_, syn) = w.out_a(&w.syn());
+    w.in_b(&syn);
+    let (_, sa) = w.out_b(&w.syn_ack());
+    let (v, _) = w.in_a(&tamper(&sa));
+    assert_eq!(
+        reason(&v),
+        Some("bad_mac"),
+        "a tampered token passed in audit mode"
+    );
+    assert!(!v.accept);
+}

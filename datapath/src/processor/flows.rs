@@ -74,7 +74,8 @@ impl Step<'_> {
         {
             self.record_decision(key, direction, peer, who, &d, admit);
         }
-        d.allowed
+        // Audit mode: a policy denial is recorded (above, marked `audit`) and not applied.
+        d.allowed || self.config.audit
     }
 
     fn record_decision(
@@ -128,7 +129,8 @@ impl Step<'_> {
             reason,
             admit,
         );
-        self.flowlog.push(record);
+        let audit = self.config.audit && !d.allowed;
+        self.flowlog.push(FlowRecord { audit, ..record });
     }
 }
 
@@ -361,5 +363,6 @@ fn record(
         detail: None,
         suppressed: admit.suppressed,
         sample_rate: admit.sample_rate,
+        audit: false,
     }
 }

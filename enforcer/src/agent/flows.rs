@@ -662,6 +662,7 @@ pub(crate) mod tests {
             detail: None,
             suppressed: 0,
             sample_rate: None,
+            audit: false,
         }
     }
 

@@ -79,6 +79,8 @@ pub struct Options {
     pub dns_servers: Vec<ipnet::IpNet>,
     pub metrics_addr: Option<SocketAddr>,
     pub accept_all: bool,
+    /// Audit mode: policy denials are recorded, not applied.
+    pub audit: bool,
     /// Flow records: where to write them (`--flow-log`) and which to make.
     pub flow_log: FlowLogOptions,
 }
@@ -1020,6 +1022,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let config = ProcessorConfig {
         auth_mark: opts.auth_mark,
+        audit: opts.audit,
         ..ProcessorConfig::default()
     };
     let mut processor = Processor::new(node, engine, config);
@@ -1032,7 +1035,13 @@ pub async fn run(opts: Options) -> Result<()> {
         runtime = opts.runtime.name(),
         policies = policy_keys.len(),
         admin_policies = admin_keys.len(),
-        mode = if opts.accept_all { "accept-all" } else { "enforce" },
+        mode = if opts.accept_all {
+            "accept-all"
+        } else if opts.audit {
+            "audit"
+        } else {
+            "enforce"
+        },
         "tessera agent starting"
     );
     let shared = Arc::new(Shared {

@@ -129,6 +129,10 @@ pub struct RunArgs {
     /// Log format [default: text].
     #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Audit mode: decide and record every flow (the flow log marks policy denials `audit`),
+    /// drop nothing that policy denies (authentication still applies).
+    #[arg(long, env = "TESSERA_AUDIT")]
+    pub audit: bool,
     /// Debug/benchmark only: same rules, but the queue reader accepts everything (no tokens,
     /// no policy).
     #[arg(long, env = "TESSERA_ACCEPT_ALL")]
@@ -163,6 +167,7 @@ pub struct FileConfig {
     node_key: Option<PathBuf>,
     peer_certs: Option<PathBuf>,
     fail_open: Option<bool>,
+    audit: Option<bool>,
     queue_num: Option<u16>,
     queue_max_len: Option<u32>,
     auth_mark: Option<MarkValue>,
@@ -404,6 +409,7 @@ impl RunArgs {
             },
             metrics_addr,
             accept_all: self.accept_all,
+            audit: self.audit || file.audit.unwrap_or(false),
             flow_log,
         };
         agent::check(&opts)?;
