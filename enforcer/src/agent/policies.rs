@@ -53,6 +53,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
     let mut set = PolicySet::default();
     let mut problems = Vec::new();
     let mut scratch = Engine::new();
+    let mut staged_scratch = Engine::new();
     let mut admin_origin: BTreeMap<AdminPolicyKey, String> = BTreeMap::new();
     for path in snap.keys() {
         let source = path.display().to_string();
@@ -71,15 +72,14 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
         for located in parsed.objects {
             let origin = located.origin.to_string();
             if located.value.is_staged() {
-                // Validated like the others, never enforced.
+                // Validated like the others (in an engine of their own: a staged policy may
+                // share its kind and name with an enforced one), never enforced.
                 let what = format!("{} {}", located.value.kind(), located.value.name());
-                let mut check = Engine::new();
-                let checked = match &located.value {
-                    Object::NetworkPolicy(p) => check.apply_policy(p).map(|_| ()),
-                    other => match AdminPolicy::from_object(other.clone()) {
-                        Ok(admin) => admin.apply(&mut check).map(|_| ()),
-                        Err(_) => Ok(()),
-                    },
+                let checked = match located.value {
+                    Object::NetworkPolicy(p) => staged_scratch.apply_policy(&p).map(drop),
+                    // Only policies are ever staged: `from_object` cannot refuse these.
+                    other => AdminPolicy::from_object(other)
+                        .map_or(Ok(()), |admin| admin.apply(&mut staged_scratch).map(drop)),
                 };
                 match checked {
                     Ok(()) => {

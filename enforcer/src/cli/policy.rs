@@ -287,6 +287,21 @@ fn matrix_notes(args: &MatrixArgs) -> Vec<String> {
     notes
 }
 
+/// A fresh engine with `objects` applied; any invalid object is an error listing them all.
+fn load_engine(
+    objects: &[objects::Located<Object>],
+) -> anyhow::Result<(Engine, objects::LoadReport)> {
+    let mut engine = Engine::new();
+    let report = objects::load(&mut engine, objects);
+    if !report.errors.is_empty() {
+        bail!(error_list(
+            "invalid input",
+            report.errors.iter().map(|e| e.to_string())
+        ));
+    }
+    Ok((engine, report))
+}
+
 /// Writes to standard output, buffered. A reader that goes away (`| head`) ends the output
 /// quietly instead of with a panic.
 fn emit(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> anyhow::Result<ExitCode> {
@@ -438,36 +453,25 @@ impl Input {
             }
         }
 
-        let (staged_objects, enforced_objects): (Vec<_>, Vec<_>) = parsed
+        let staged_names: Vec<String> = parsed
             .objects
             .iter()
-            .cloned()
-            .partition(|o| o.value.is_staged());
-        let staged_names: Vec<String> = staged_objects
-            .iter()
+            .filter(|o| o.value.is_staged())
             .map(|o| format!("{} {}", o.value.kind(), o.value.name()))
             .collect();
-        let staged = if staged_objects.is_empty() {
-            None
+        // The staged view: every object; the enforced one: all but the staged policies.
+        let (staged, enforced_objects) = if staged_names.is_empty() {
+            (None, parsed.objects)
         } else {
-            let mut all = Engine::new();
-            let report = objects::load(&mut all, &parsed.objects);
-            if !report.errors.is_empty() {
-                bail!(error_list(
-                    "invalid input",
-                    report.errors.iter().map(|e| e.to_string())
-                ));
-            }
-            Some(all)
+            let (all, _) = load_engine(&parsed.objects)?;
+            let enforced = parsed
+                .objects
+                .into_iter()
+                .filter(|o| !o.value.is_staged())
+                .collect();
+            (Some(all), enforced)
         };
-        let mut engine = Engine::new();
-        let report = objects::load(&mut engine, &enforced_objects);
-        if !report.errors.is_empty() {
-            bail!(error_list(
-                "invalid input",
-                report.errors.iter().map(|e| e.to_string())
-            ));
-        }
+        let (engine, report) = load_engine(&enforced_objects)?;
         if !report.implied_namespaces.is_empty() {
             eprintln!(
                 "tessera: namespace{} {} not in the input: assumed to have no labels but \

@@ -1,5 +1,6 @@
-//! The Kubernetes runtime: this node's pods, every Namespace, every NetworkPolicy (when policies
-//! come from the API) and every Node (PKI mode), followed with kube_runtime watchers.
+//! The Kubernetes runtime: this node's pods, every Namespace, every NetworkPolicy and admin
+//! policy (when policies come from the API) and every Node (the node inventory of admin `nodes`
+//! peers; in PKI mode also the peers' certificates), followed with kube_runtime watchers.
 //!
 //! Each watcher lists, then watches from the list's resourceVersion; a watch that expired
 //! (410 Gone) relists, a broken connection is retried with the watcher's default backoff. A
@@ -121,8 +122,7 @@ where
         .boxed()
 }
 
-/// Metadata only (`PartialObjectMetadata`): labels and annotations are all we read of
-/// Namespaces and Nodes, and a Node's status is large.
+/// Metadata only (`PartialObjectMetadata`): labels are all we read of Namespaces.
 fn watch_meta<K>(client: &Client) -> Watch<PartialObjectMeta<K>>
 where
     K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
@@ -187,13 +187,9 @@ pub async fn run_with(
     } else {
         futures_util::stream::pending().boxed()
     };
-    let mut node_watch: Watch<_> = if pki {
-        watch_meta::<Node>(&client)
-    } else {
-        futures_util::stream::pending().boxed()
-    };
-    // Full Node objects (labels and addresses) for the node inventory of admin `nodes` peers.
-    let mut inventory_watch: Watch<Node> =
+    // One watch of the full Node objects serves both the node inventory of admin `nodes`
+    // peers (labels and addresses) and, in PKI mode, the peer certificates (annotations).
+    let mut node_watch: Watch<Node> =
         watch_all(Api::all(client.clone()), watcher::Config::default());
     let mut inventory = objects::NodeInventory::default();
     let republish = Arc::new(Notify::new());
@@ -228,7 +224,7 @@ pub async fn run_with(
     let mut pods = pods::Pods::new(finder);
     info!(node = %node, policies_from_api = cfg.policies_from_api, pki, "kubernetes runtime: watching");
 
-    let mut failing = [false; 5];
+    let mut failing = [false; 4];
     let mut out: Vec<Event> = Vec::new();
     loop {
         // The pods wait until everything they depend on was listed once.
@@ -247,10 +243,6 @@ pub async fn run_with(
                 Ok(ev) => { watch_ok("networkpolicy", &mut failing[1]); policies.handle(ev, &mut out) }
                 Err(e) => watch_error("networkpolicy", &mut failing[1], &e),
             },
-            Some(ev) = inventory_watch.next() => match ev {
-                Ok(ev) => { watch_ok("node inventory", &mut failing[4]); inventory.handle(ev, &mut out) }
-                Err(e) => watch_error("node inventory", &mut failing[4], &e),
-            },
             Some(m) = admin_rx.recv() => match m {
                 admin::Message::Settled(kind) => { admin_pending.remove(&kind); }
                 admin::Message::Event(ev) => out.push(*ev),
@@ -259,10 +251,11 @@ pub async fn run_with(
                 Ok(ev) => {
                     watch_ok("node", &mut failing[2]);
                     if let Some(n) = node_state.as_mut()
-                        && n.handle(ev, &mut out)
+                        && n.handle(metadata_event(&ev), &mut out)
                     {
                         republish.notify_one();
                     }
+                    inventory.handle(ev, &mut out);
                 }
                 Err(e) => watch_error("node", &mut failing[2], &e),
             },
@@ -278,6 +271,23 @@ pub async fn run_with(
                 return Ok(());
             }
         }
+    }
+}
+
+/// A Node watch event as its metadata alone, for the certificate handling (which reads
+/// annotations only).
+fn metadata_event(ev: &watcher::Event<Node>) -> watcher::Event<PartialObjectMeta<Node>> {
+    let meta = |n: &Node| PartialObjectMeta {
+        types: None,
+        metadata: n.metadata.clone(),
+        _phantom: std::marker::PhantomData,
+    };
+    match ev {
+        watcher::Event::Apply(n) => watcher::Event::Apply(meta(n)),
+        watcher::Event::Delete(n) => watcher::Event::Delete(meta(n)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(n) => watcher::Event::InitApply(meta(n)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 
