@@ -416,17 +416,12 @@ impl Agent {
             }
             Event::PeerCertificate { node, pem } => self.peer_certificate(&node, pem.as_deref()),
             Event::Nodes { origin, nodes } => self.replace_nodes(&origin, nodes),
-            Event::NodeUpsert(node) => {
-                let name = node.name.clone();
-                if let Err(e) = lock(&self.processor).engine_mut().apply_node(node) {
-                    self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        "Node {name}: {}: {} (refused; its previous version, if any, stays in force)",
-                        e.field,
-                        e.message
-                    );
-                }
-            }
+            Event::NodeUpsert(node) => apply_node(
+                &self.shared,
+                lock(&self.processor).engine_mut(),
+                crate::runtime::kubernetes::objects::NODE_ORIGIN,
+                node,
+            ),
             Event::NodeRemove(name) => lock(&self.processor).engine_mut().remove_node(&name),
         }
         if recheck {
@@ -769,15 +764,7 @@ impl Agent {
             engine.remove_node(name);
         }
         for node in nodes {
-            let name = node.name.clone();
-            if let Err(e) = engine.apply_node(node) {
-                self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "{origin}: node {name}: {}: {} (refused; its previous version, if any, stays in force)",
-                    e.field,
-                    e.message
-                );
-            }
+            apply_node(&self.shared, engine, origin, node);
         }
         tracing::info!(source = %origin, nodes = engine.node_count(), removed = gone.len(), "node inventory");
     }
@@ -942,6 +929,20 @@ impl Agent {
                 tracing::warn!(workload = %pod_name(&e.desired.key), "unbinding queue: {err}");
             }
         }
+    }
+}
+
+/// Adds or replaces one node of the inventory; a refused one is reported (naming `origin`, the
+/// node and the field) and its previous version, if any, stays in force.
+fn apply_node(shared: &Shared, engine: &mut policy::Engine, origin: &str, node: policy::Node) {
+    let name = node.name.clone();
+    if let Err(e) = engine.apply_node(node) {
+        shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            "{origin}: node {name}: {}: {} (refused; its previous version, if any, stays in force)",
+            e.field,
+            e.message
+        );
     }
 }
 
