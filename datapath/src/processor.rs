@@ -267,6 +267,11 @@ pub enum Reason {
     /// A plain datagram from the peer while our SYN control awaits its answer.
     #[error("UDP datagram before the handshake completed")]
     UdpHandshakePending,
+    /// Our SYN control got no answer from a peer whose agent answered recently (loss or load,
+    /// not a peer without agent): the datagrams held for the flow are dropped, and the
+    /// application's next datagram starts a new handshake.
+    #[error("UDP handshake with a known agent unanswered")]
+    UdpNoAnswer,
     /// The server agent refused our UDP flow (its ingress policy denies it).
     #[error("UDP flow refused by the peer's agent")]
     UdpRefused,
@@ -300,6 +305,7 @@ impl Reason {
             Reason::UdpUnauthenticated => "udp_unauthenticated",
             Reason::UdpHoldFull => "udp_hold_full",
             Reason::UdpHandshakePending => "udp_handshake_pending",
+            Reason::UdpNoAnswer => "udp_no_answer",
             Reason::UdpRefused => "udp_refused",
         }
     }
@@ -1535,6 +1541,22 @@ impl Step<'_> {
         if let Some((syn, next_ms)) = resend {
             self.udp.reschedule(&key, next_ms);
             self.emit_udp(key.local, key.remote, &syn, EmitMark::Control);
+            return;
+        }
+        if self.udp_requires_handshake(key.remote.ip()) {
+            // An agent answered at this address recently (or it is a workload of this node):
+            // its silence now is loss or load, not evidence that it has none. Taking it as
+            // agentless would decide this flow, and every flow to it for `udp_agentless_ms`,
+            // on the address instead of the proven identity.
+            if let Some(UdpFlow {
+                state: UdpState::ClientHello { held, .. },
+                ..
+            }) = self.udp.remove(&key)
+            {
+                for _ in 0..held.len() {
+                    self.metrics.count_rejected(Reason::UdpNoAnswer.as_str());
+                }
+            }
             return;
         }
         self.udp_give_up(key);

@@ -387,3 +387,36 @@ fn a_new_handshake_on_a_proven_tuple_is_answered_and_a_late_syn_copy_is_a_replay
     assert!(consumed(&v), "{v:?}");
     assert_eq!(take(&mut w.b).len(), 1, "a SYN-ACK for the new handshake");
 }
+
+/// A peer whose agent answered before and now does not (loss, or a loaded node) is not taken
+/// for agentless: the unanswered flow's held datagrams are dropped (`udp_no_answer`), nothing
+/// is decided on the address, and the next flow to it is proven by a handshake again.
+#[test]
+fn a_known_agent_that_does_not_answer_is_not_taken_for_agentless() {
+    let mut w = World::new(Mode::Psk, "");
+    prove(&mut w);
+    let by_address = w.a.metrics().authorized_by_address();
+    let mut second = w.c;
+    second.set_port(40001);
+    let (v, _) = w.out_a(&udp(second, w.s, b"lost"));
+    assert!(consumed(&v), "held: {v:?}");
+    // Every SYN control of this flow is lost: the server never sees them.
+    while let Some(t) = w.a.next_udp_timer() {
+        w.now = t;
+        w.a.poll_udp(t, &mut w.rng);
+        assert!(
+            take(&mut w.a).iter().all(is_control),
+            "nothing released on the address"
+        );
+    }
+    assert_eq!(w.a.metrics().rejected("udp_no_answer"), 1);
+    assert_eq!(w.a.metrics().authorized_by_address(), by_address);
+    // The next flow still gets a handshake (one SYN control, its datagram held).
+    let mut third = w.c;
+    third.set_port(40002);
+    let (v, _) = w.out_a(&udp(third, w.s, b"next"));
+    assert!(consumed(&v), "held for a handshake: {v:?}");
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 1);
+    assert!(is_control(&out[0]));
+}
