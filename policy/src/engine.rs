@@ -30,6 +30,9 @@ use crate::validate_admin::{
 
 #[cfg(test)]
 mod reference_tests;
+mod staged;
+
+pub use staged::StagedKey;
 
 /// Index of a compiled policy in the engine's slab.
 type PolicyId = u32;
@@ -157,6 +160,7 @@ type AdminWalks = [[Vec<AdminStep>; 2]; 2];
 
 /// Engine-wide ids for equal values (selectors, rule conditions), counted by use, reused when
 /// free. Ids run below [`PeerSelector::MAX_ID`]; past it, values get [`PeerSelector::NO_ID`].
+#[derive(Clone)]
 struct Interner<K> {
     ids: HashMap<K, (u32, usize)>,
     free: Vec<u32>,
@@ -217,6 +221,7 @@ fn direction_index(direction: Direction) -> usize {
 }
 
 /// A known workload and the policies selecting it, per direction, in policy key order.
+#[derive(Clone)]
 struct Entry {
     workload: Workload,
     ingress: Vec<PolicyId>,
@@ -298,6 +303,9 @@ pub struct Engine {
     /// The nodes, for admin `nodes` peers. Nothing compiled or indexed depends on it: a
     /// decision looks the peer's address up when it tries a `nodes` peer.
     nodes: NodeInventory,
+    /// Staged policies and the view that evaluates them (see [`Engine::staged_view`]);
+    /// `None` while nothing is staged.
+    staging: Option<Box<staged::Staging>>,
 }
 
 /// What the engine made of an admin policy it accepted.
@@ -433,12 +441,18 @@ impl Engine {
         if old.as_ref() != self.namespaces.get(&name) {
             self.reindex_namespace_admin(&name);
         }
+        if let Some(view) = self.staged_view_mut() {
+            let _ = view.apply_namespace(ns);
+        }
         Ok(())
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
         if self.namespaces.remove(name).is_some() {
             self.reindex_namespace_admin(name);
+        }
+        if let Some(view) = self.staged_view_mut() {
+            view.remove_namespace(name);
         }
     }
 
@@ -483,6 +497,9 @@ impl Engine {
     pub fn apply_pod(&mut self, pod: &Pod) -> Result<PodKey, PolicyError> {
         let workload = workload_from_pod(pod)?;
         let key = workload.key.clone();
+        if let Some(view) = self.staged_view_mut() {
+            view.index_workload(workload.clone());
+        }
         self.index_workload(workload);
         Ok(key)
     }
@@ -490,6 +507,9 @@ impl Engine {
     /// Adds or replaces a workload known by other means (Docker, static inventory).
     pub fn apply_workload(&mut self, workload: Workload) -> Result<(), PolicyError> {
         check_workload(&workload)?;
+        if let Some(view) = self.staged_view_mut() {
+            view.index_workload(workload.clone());
+        }
         self.index_workload(workload);
         Ok(())
     }
@@ -560,6 +580,9 @@ impl Engine {
     }
 
     pub fn remove_workload(&mut self, key: &PodKey) {
+        if let Some(view) = self.staged_view_mut() {
+            view.remove_workload(key);
+        }
         self.unindex_ips(key);
         if self.workloads.remove(key).is_some()
             && self.workload_order.remove(key)
@@ -583,6 +606,9 @@ impl Engine {
     /// (relabelled, readdressed or removed nodes included). Nothing is re-indexed.
     pub fn apply_node(&mut self, node: Node) -> Result<(), PolicyError> {
         let node = check_node(node)?;
+        if let Some(view) = self.staged_view_mut() {
+            view.nodes.apply(node.clone());
+        }
         self.nodes.apply(node);
         Ok(())
     }
@@ -594,12 +620,18 @@ impl Engine {
     pub fn apply_node_object(&mut self, node: &NodeObject) -> Result<String, PolicyError> {
         let node = node_from_object(node)?;
         let name = node.name.clone();
+        if let Some(view) = self.staged_view_mut() {
+            view.nodes.apply(node.clone());
+        }
         self.nodes.apply(node);
         Ok(name)
     }
 
     /// Forgets a node (nothing if unknown): its addresses match no `nodes` peer any more.
     pub fn remove_node(&mut self, name: &str) {
+        if let Some(view) = self.staged_view_mut() {
+            view.nodes.remove(name);
+        }
         self.nodes.remove(name);
     }
 
@@ -628,6 +660,17 @@ impl Engine {
     pub fn apply_policy(&mut self, policy: &NetworkPolicy) -> Result<PolicyKey, PolicyError> {
         let compiled = compile_policy(policy)?;
         let key = compiled.key.clone();
+        if let Some(view) = self.staged_view_for(&StagedKey::NetworkPolicy(key.clone())) {
+            view.index_policy(compiled.clone());
+        }
+        self.index_policy(compiled);
+        Ok(key)
+    }
+
+    /// Stores a compiled policy (replacing its previous version) and re-indexes the pods of
+    /// its namespace for it.
+    fn index_policy(&mut self, compiled: CompiledPolicy) {
+        let key = compiled.key.clone();
         let existing = self
             .policies_by_ns
             .get(&key.namespace)
@@ -655,10 +698,12 @@ impl Engine {
             *slot = Some(compiled);
         }
         self.reindex_policy(&key, id, true);
-        Ok(key)
     }
 
     pub fn remove_policy(&mut self, key: &PolicyKey) {
+        if let Some(view) = self.staged_view_for(&StagedKey::NetworkPolicy(key.clone())) {
+            view.remove_policy(key);
+        }
         let Some(by_name) = self.policies_by_ns.get_mut(&key.namespace) else {
             return;
         };
@@ -879,7 +924,7 @@ impl Engine {
         policy: &ClusterNetworkPolicy,
     ) -> Result<AdminApplied, PolicyError> {
         let compiled = compile_cluster_network_policy(policy)?;
-        Ok(self.index_admin(compiled))
+        Ok(self.index_admin_and_view(compiled))
     }
 
     /// Validates and compiles a `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy (the
@@ -889,7 +934,7 @@ impl Engine {
         policy: &AdminNetworkPolicy,
     ) -> Result<AdminApplied, PolicyError> {
         let compiled = compile_admin_network_policy(policy)?;
-        Ok(self.index_admin(compiled))
+        Ok(self.index_admin_and_view(compiled))
     }
 
     /// Validates and compiles a `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy
@@ -899,11 +944,14 @@ impl Engine {
         policy: &BaselineAdminNetworkPolicy,
     ) -> Result<AdminApplied, PolicyError> {
         let compiled = compile_baseline_admin_network_policy(policy)?;
-        Ok(self.index_admin(compiled))
+        Ok(self.index_admin_and_view(compiled))
     }
 
     /// Removes an admin policy of any kind (nothing if unknown).
     pub fn remove_admin_policy(&mut self, key: &AdminPolicyKey) {
+        if let Some(view) = self.staged_view_for(&StagedKey::Admin(key.clone())) {
+            view.remove_admin_policy(key);
+        }
         let Some(id) = self.admin_by_key.remove(key) else {
             return;
         };
@@ -946,6 +994,14 @@ impl Engine {
                 s.id = PeerSelector::NO_ID;
             }
         }
+    }
+
+    /// [`Engine::index_admin`], in the staged view too unless it holds a staged version.
+    fn index_admin_and_view(&mut self, compiled: CompiledAdmin) -> AdminApplied {
+        if let Some(view) = self.staged_view_for(&StagedKey::Admin(compiled.key.clone())) {
+            view.index_admin(compiled.clone());
+        }
+        self.index_admin(compiled)
     }
 
     /// Stores a compiled admin policy (replacing its previous version) and re-indexes every

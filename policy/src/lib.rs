@@ -28,7 +28,7 @@ mod validate;
 mod validate_admin;
 
 pub use engine::Engine;
-pub use engine::{AdminApplied, DecisionRef, IsolatingPolicies, ReasonRef};
+pub use engine::{AdminApplied, DecisionRef, IsolatingPolicies, ReasonRef, StagedKey};
 pub use error::PolicyError;
 pub use error::ProbeParseError;
 pub use model::{

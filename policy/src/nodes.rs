@@ -20,7 +20,7 @@ use crate::validate::{Ctx, check_labels};
 pub(crate) type NodeId = u32;
 
 /// The nodes the engine knows, by name and by address.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct NodeInventory {
     /// `None` slots are free.
     slab: Vec<Option<Node>>,
