@@ -72,6 +72,14 @@ impl FlowVerdict {
             FlowVerdict::Denied => "denied",
         }
     }
+
+    pub fn of(allowed: bool) -> FlowVerdict {
+        if allowed {
+            FlowVerdict::Allowed
+        } else {
+            FlowVerdict::Denied
+        }
+    }
 }
 
 /// One end of a flow, as the agent saw it.
@@ -321,6 +329,29 @@ pub struct FlowRecord {
     /// Audit mode: this policy denial was recorded, not applied (the flow went through).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub audit: bool,
+    /// While policies are staged: the verdict the enforced set with the staged policies over
+    /// it would give, and what would decide it (policy decisions only). A decision the staged
+    /// set would flip is always recorded (under the staged policy's rate limit), whatever the
+    /// sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedVerdict>,
+}
+
+/// What the staged policies would decide (see [`FlowRecord::staged`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedVerdict {
+    pub verdict: FlowVerdict,
+    pub policy: PolicyRef,
+}
+
+impl StagedVerdict {
+    pub fn of(decision: &DecisionRef<'_>) -> StagedVerdict {
+        StagedVerdict {
+            verdict: FlowVerdict::of(decision.allowed),
+            policy: PolicyRef::from_reason(&decision.reason),
+        }
+    }
 }
 
 impl FlowRecord {
@@ -396,9 +427,13 @@ struct Bucket {
     suppressed: u64,
 }
 
-/// One series of `tessera_policy_verdicts_total`.
+/// One series of `tessera_policy_verdicts_total` (or, `staged`,
+/// `tessera_staged_verdict_flips_total`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerdictSeries {
+    /// A flip the staged policies would make: `verdict` is the staged one, `policy` what in
+    /// the staged set decides it.
+    pub staged: bool,
     /// `ns/name`, `Kind/name`, `default`, or `other` (past the series cap).
     pub policy: String,
     pub kind: PolicyKind,
@@ -433,8 +468,9 @@ pub struct FlowLog {
     buckets: ahash::HashMap<Box<str>, Bucket>,
     series: ahash::HashMap<Box<str>, usize>,
     series_list: Vec<VerdictSeries>,
-    /// Where in `series_list` the `other` series of each kind, verdict and direction is.
-    others: [Option<usize>; OTHER_SLOTS],
+    /// Where in `series_list` the `other` series of each kind, verdict and direction is
+    /// (enforced, then staged flips).
+    others: [Option<usize>; 2 * OTHER_SLOTS],
     /// Scratch for series and bucket keys (no allocation once warm).
     key: String,
 }
@@ -476,7 +512,7 @@ impl FlowLog {
             buckets: Default::default(),
             series: Default::default(),
             series_list: Vec::new(),
-            others: [None; OTHER_SLOTS],
+            others: [None; 2 * OTHER_SLOTS],
             key: String::with_capacity(128),
         }
     }
@@ -527,7 +563,7 @@ impl FlowLog {
         });
         let label_start = key.len();
         write_label(&mut key, &decision.reason);
-        self.count(&key, label_start, kind, verdict, direction);
+        self.count(&key, label_start, kind, verdict, direction, false);
         let admit = if !self.config.records {
             None
         } else if decision.allowed {
@@ -536,6 +572,42 @@ impl FlowLog {
             // Rate limit per deciding policy, both directions together.
             key.replace_range(..label_start, "p");
             self.limit(now_ms, &key)
+        };
+        self.key = key;
+        admit
+    }
+
+    /// A final policy decision that the staged policies would flip (`staged` is the staged
+    /// view's decision, its verdict the opposite of the enforced one): counted in
+    /// `tessera_staged_verdict_flips_total`; `Some` when a record is to be made of it (rate
+    /// limited per staged deciding policy, never sampled).
+    pub fn staged_flip(
+        &mut self,
+        now_ms: u64,
+        direction: Direction,
+        staged: &DecisionRef<'_>,
+    ) -> Option<Admit> {
+        let kind = PolicyKind::of(&staged.reason);
+        let verdict = FlowVerdict::of(staged.allowed);
+        let mut key = std::mem::take(&mut self.key);
+        key.clear();
+        key.push('s');
+        key.push(match verdict {
+            FlowVerdict::Allowed => 'a',
+            FlowVerdict::Denied => 'd',
+        });
+        key.push(match direction {
+            Direction::Ingress => 'i',
+            Direction::Egress => 'e',
+        });
+        let label_start = key.len();
+        write_label(&mut key, &staged.reason);
+        self.count(&key, label_start, kind, verdict, direction, true);
+        let admit = if self.config.records {
+            key.replace_range(..label_start, "S");
+            self.limit(now_ms, &key)
+        } else {
+            None
         };
         self.key = key;
         admit
@@ -602,6 +674,7 @@ impl FlowLog {
         kind: PolicyKind,
         verdict: FlowVerdict,
         direction: Direction,
+        staged: bool,
     ) {
         if let Some(i) = self.series.get(key) {
             if let Some(s) = self.series_list.get_mut(*i) {
@@ -612,6 +685,7 @@ impl FlowLog {
         if self.series.len() < self.config.max_series {
             self.series.insert(key.into(), self.series_list.len());
             self.series_list.push(VerdictSeries {
+                staged,
                 policy: key.get(label_start..).unwrap_or_default().to_owned(),
                 kind,
                 verdict,
@@ -622,7 +696,7 @@ impl FlowLog {
         }
         // Past the cap: one "other" series per kind, verdict and direction (20 at most).
         self.stats.overflow += 1;
-        let slot = other_slot(kind, verdict, direction);
+        let slot = other_slot(kind, verdict, direction) + if staged { OTHER_SLOTS } else { 0 };
         match self.others.get(slot).copied().flatten() {
             Some(i) => {
                 if let Some(s) = self.series_list.get_mut(i) {
@@ -634,6 +708,7 @@ impl FlowLog {
                     *o = Some(self.series_list.len());
                 }
                 self.series_list.push(VerdictSeries {
+                    staged,
                     policy: "other".to_owned(),
                     kind,
                     verdict,
@@ -719,32 +794,13 @@ impl FlowLog {
             self.config.max_series
         )?;
         writeln!(out, "# TYPE tessera_policy_verdicts_total counter")?;
-        let mut series: Vec<&VerdictSeries> = self.series_list.iter().collect();
-        series.sort_by(|a, b| {
-            (
-                &a.policy,
-                a.kind,
-                a.verdict.as_str(),
-                a.direction.to_string(),
-            )
-                .cmp(&(
-                    &b.policy,
-                    b.kind,
-                    b.verdict.as_str(),
-                    b.direction.to_string(),
-                ))
-        });
-        for s in series {
-            writeln!(
-                out,
-                "tessera_policy_verdicts_total{{policy=\"{}\",kind=\"{}\",verdict=\"{}\",direction=\"{}\"}} {}",
-                escape_label(&s.policy),
-                s.kind.as_str(),
-                s.verdict.as_str(),
-                s.direction,
-                s.count
-            )?;
-        }
+        self.render_series(out, "tessera_policy_verdicts_total", false)?;
+        writeln!(
+            out,
+            "# HELP tessera_staged_verdict_flips_total Flow decisions the staged policies would flip, by what would decide them in the staged set (policy, kind), the verdict they would give, and direction. Shares the series cap of tessera_policy_verdicts_total."
+        )?;
+        writeln!(out, "# TYPE tessera_staged_verdict_flips_total counter")?;
+        self.render_series(out, "tessera_staged_verdict_flips_total", true)?;
         writeln!(
             out,
             "# HELP tessera_policy_verdict_series_overflow_total Decisions counted under policy=\"other\" because tessera_policy_verdicts_total reached its series cap."
@@ -770,6 +826,41 @@ impl FlowLog {
             ("unsampled", self.stats.unsampled),
         ] {
             writeln!(out, "tessera_flow_records_total{{result=\"{what}\"}} {n}")?;
+        }
+        Ok(())
+    }
+
+    /// One metric's series (enforced verdicts, or staged flips), sorted.
+    fn render_series(&self, out: &mut String, name: &str, staged: bool) -> std::fmt::Result {
+        let mut series: Vec<&VerdictSeries> = self
+            .series_list
+            .iter()
+            .filter(|s| s.staged == staged)
+            .collect();
+        series.sort_by(|a, b| {
+            (
+                &a.policy,
+                a.kind,
+                a.verdict.as_str(),
+                a.direction.to_string(),
+            )
+                .cmp(&(
+                    &b.policy,
+                    b.kind,
+                    b.verdict.as_str(),
+                    b.direction.to_string(),
+                ))
+        });
+        for s in series {
+            writeln!(
+                out,
+                "{name}{{policy=\"{}\",kind=\"{}\",verdict=\"{}\",direction=\"{}\"}} {}",
+                escape_label(&s.policy),
+                s.kind.as_str(),
+                s.verdict.as_str(),
+                s.direction,
+                s.count
+            )?;
         }
         Ok(())
     }
@@ -1442,6 +1533,7 @@ mod tests {
             suppressed: 0,
             sample_rate: None,
             audit: false,
+            staged: None,
         }
     }
 

@@ -593,3 +593,81 @@ fn audit_mode_records_denials_and_applies_none() {
     );
     assert!(!v.accept);
 }
+
+/// One NetworkPolicy object of YAML (`metadata` and `spec` lines).
+fn np_object(body: &str) -> policy::objects::Object {
+    let text = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n{body}");
+    let mut parsed = policy::objects::parse("test", &text);
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    parsed.objects.remove(0).value
+}
+
+/// Staged policies: a staged deny of an allowed flow changes nothing on the wire, and the flow
+/// is recorded (allowed flows are not sampled here: the flip alone makes the record) with the
+/// verdict the staged set would give; the flips are counted per staged policy; a flow the
+/// staged set decides alike is not recorded for it. A staged allow of a denied flow shows on
+/// the denial's record.
+#[test]
+fn staged_policies_show_their_verdict_and_enforce_nothing() {
+    let mut w = World::new(Mode::Psk, ALLOW);
+    let staged_deny = np_object(
+        "metadata: {name: db, namespace: shop, annotations: {tessera.dev/staged: \"true\"}}
+spec: {podSelector: {matchLabels: {app: db}}, policyTypes: [Ingress]}",
+    );
+    w.b.engine_mut().stage(staged_deny).unwrap();
+    w.connect();
+    let r = one(&mut w.b);
+    assert_eq!(r.verdict, FlowVerdict::Allowed);
+    assert_eq!(r.policy, Some(rule("shop", "db", 0)));
+    let staged = r.staged.as_ref().unwrap();
+    assert_eq!(
+        (staged.verdict, &staged.policy),
+        (FlowVerdict::Denied, &isolated("shop", "db"))
+    );
+    let line = serde_json::to_string(&r).unwrap();
+    assert!(
+        line.contains("\"staged\":{\"verdict\":\"denied\",\"policy\":{\"kind\":\"NetworkPolicy\""),
+        "{line}"
+    );
+    assert!(drain(&mut w.a).is_empty(), "the client stages nothing");
+    let mut text = String::new();
+    w.b.flow_log().render_prometheus(&mut text);
+    assert!(
+        text.contains("tessera_staged_verdict_flips_total{policy=\"shop/db\",kind=\"NetworkPolicy\",verdict=\"denied\",direction=\"ingress\"} 1"),
+        "{text}"
+    );
+
+    // Decided alike by both: nothing recorded (not sampled), nothing counted as a flip.
+    let mut w = World::new(Mode::Psk, ALLOW);
+    let same = np_object(
+        "metadata: {name: db, namespace: shop}
+spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {}}]}]}",
+    );
+    w.b.engine_mut().stage(same).unwrap();
+    w.connect();
+    assert!(drain(&mut w.b).is_empty());
+    let mut text = String::new();
+    w.b.flow_log().render_prometheus(&mut text);
+    assert!(
+        !text.contains("tessera_staged_verdict_flips_total{"),
+        "{text}"
+    );
+
+    // A staged allow of a denied SYN: the denial's record carries it; the SYN is dropped.
+    let mut w = World::new(Mode::Pki, INGRESS_DENY);
+    let staged_allow = np_object(
+        "metadata: {name: db, namespace: shop}
+spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]}",
+    );
+    w.b.engine_mut().stage(staged_allow).unwrap();
+    let (_, syn) = w.out_a(&w.syn());
+    let (v, _) = w.in_b(&syn);
+    assert!(!v.accept, "a staged allow was enforced");
+    let r = one(&mut w.b);
+    assert_eq!(r.verdict, FlowVerdict::Denied);
+    let staged = r.staged.as_ref().unwrap();
+    assert_eq!(
+        (staged.verdict, &staged.policy),
+        (FlowVerdict::Allowed, &rule("shop", "db", 0))
+    );
+}

@@ -742,6 +742,23 @@ fn benches(c: &mut Criterion) {
     g.bench_function("full cluster with 1k admin policies", |b| {
         b.iter(|| black_box(build_with_admin(&cluster)))
     });
+    // Staged policies: a staged change rebuilds the staged view (a copy of the engine); an
+    // enforced change is made in both views.
+    let staged = policy::objects::Object::NetworkPolicy(netpol(
+        mid,
+        12,
+        policy_spec(mid, 27, size.namespaces),
+    ));
+    g.bench_function("stage one policy, 1k admin policies", |b| {
+        b.iter(|| e.stage(staged.clone()).unwrap())
+    });
+    g.sample_size(50);
+    g.bench_function("one policy changed, 1 staged", |b| {
+        b.iter(|| {
+            t += 1;
+            e.apply_policy(&versions[t % 2]).unwrap()
+        })
+    });
     g.finish();
 }
 

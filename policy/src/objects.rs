@@ -43,7 +43,7 @@ use crate::{AdminPolicyKey, AdminWarning, Engine, PolicyError};
 // Objects are parsed once and applied once; boxing the pod would only add an allocation and
 // change the contract's shape.
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Namespace(Namespace),
     /// `v1`, cluster-scoped: name, labels and `status.addresses`, for admin `nodes` peers.

@@ -17,6 +17,7 @@ use crate::established::Authorized;
 use crate::flow::FlowKey;
 use crate::flowlog::{
     Admit, Endpoint, FlowLog, FlowRecord, FlowVerdict, IdentitySource, PolicyRef, SCHEMA_VERSION,
+    StagedVerdict,
 };
 use crate::packet::IpDatagram;
 
@@ -56,7 +57,7 @@ impl Step<'_> {
         if n > 0 {
             self.metrics.count_dns_decision();
         }
-        let d = engine.decide_ref(&Connection {
+        let conn = Connection {
             local: &wl.key,
             direction,
             peer,
@@ -68,16 +69,28 @@ impl Step<'_> {
             protocol: key.protocol,
             dest_port_name,
             resolved_names: &names[..n],
-        });
-        if !(d.allowed && matches!(who, Who::Tentative(_)))
-            && let Some(admit) = self.flowlog.decision(self.now, direction, &d)
-        {
-            self.record_decision(key, direction, peer, who, &d, admit);
+        };
+        let d = engine.decide_ref(&conn);
+        // A tentative allowance is no decision yet: the ACK decides again.
+        if !(d.allowed && matches!(who, Who::Tentative(_))) {
+            let admit = self.flowlog.decision(self.now, direction, &d);
+            // Staged policies: what they would decide, beside; a flip is always recorded.
+            let staged = engine.staged_view().map(|view| view.decide_ref(&conn));
+            let flip = match &staged {
+                Some(s) if s.allowed != d.allowed => {
+                    self.flowlog.staged_flip(self.now, direction, s)
+                }
+                _ => None,
+            };
+            if let Some(admit) = admit.or(flip) {
+                self.record_decision(key, direction, peer, who, &d, staged.as_ref(), admit);
+            }
         }
         // Audit mode: a policy denial is recorded (above, marked `audit`) and not applied.
         d.allowed || self.config.audit
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record_decision(
         &mut self,
         key: &FlowKey,
@@ -85,6 +98,7 @@ impl Step<'_> {
         peer: &Peer,
         who: Who<'_>,
         d: &DecisionRef<'_>,
+        staged: Option<&DecisionRef<'_>>,
         admit: Admit,
     ) {
         let mode = self.node.mode();
@@ -130,7 +144,11 @@ impl Step<'_> {
             admit,
         );
         let audit = self.config.audit && !d.allowed;
-        self.flowlog.push(FlowRecord { audit, ..record });
+        self.flowlog.push(FlowRecord {
+            audit,
+            staged: staged.map(StagedVerdict::of),
+            ..record
+        });
     }
 }
 
@@ -364,5 +382,6 @@ fn record(
         suppressed: admit.suppressed,
         sample_rate: admit.sample_rate,
         audit: false,
+        staged: None,
     }
 }

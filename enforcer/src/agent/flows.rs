@@ -356,6 +356,8 @@ pub struct FlowFilter {
     pub protocol: Option<Protocol>,
     /// Either end's port.
     pub port: Option<u16>,
+    /// Only decisions the staged policies would flip.
+    pub staged: bool,
 }
 
 impl FlowFilter {
@@ -390,6 +392,7 @@ impl FlowFilter {
             && self
                 .port
                 .is_none_or(|p| ends.iter().any(|e| e.port == Some(p)))
+            && (!self.staged || r.staged.as_ref().is_some_and(|s| s.verdict != r.verdict))
     }
 }
 
@@ -506,6 +509,13 @@ impl FlowQuery {
                     })?)
                 }
                 "port" => q.filter.port = Some(v.parse().with_context(|| format!("port={v:?}"))?),
+                "staged" => {
+                    q.filter.staged = match v.as_str() {
+                        "" | "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        _ => bail!("staged={v:?}: expected 1 or 0"),
+                    }
+                }
                 other => bail!("unknown parameter {other:?}"),
             }
         }
@@ -544,6 +554,9 @@ impl FlowQuery {
         }
         if let Some(p) = f.port {
             pairs.push(("port", p.to_string()));
+        }
+        if f.staged {
+            pairs.push(("staged", "1".into()));
         }
         pairs
             .iter()
@@ -663,6 +676,7 @@ pub(crate) mod tests {
             suppressed: 0,
             sample_rate: None,
             audit: false,
+            staged: None,
         }
     }
 

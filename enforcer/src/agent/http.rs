@@ -81,6 +81,10 @@ pub struct Status {
     /// BaselineAdminNetworkPolicy).
     #[serde(default)]
     pub admin_policies: usize,
+    /// Staged policies: evaluated beside those in force (the flow log shows what they would
+    /// decide), not enforced.
+    #[serde(default)]
+    pub staged_policies: usize,
     pub workloads: Vec<WorkloadInfo>,
     /// Workloads the runtime wants that could not be enforced, with the reason.
     #[serde(default)]
@@ -154,6 +158,7 @@ pub fn status_of(shared: &Shared) -> Status {
         runtime: shared.runtime.into(),
         policies: shared.policies.load(Ordering::Relaxed),
         admin_policies: shared.admin_policies.load(Ordering::Relaxed),
+        staged_policies: shared.staged_policies.load(Ordering::Relaxed),
         workloads,
         not_enforced: lock(&shared.failing).clone(),
         peers: p
@@ -381,6 +386,16 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
+        "# HELP tessera_staged_policies Staged policies (annotated tessera.dev/staged: \"true\"): evaluated beside those in force, not enforced (see tessera_staged_verdict_flips_total)."
+    )?;
+    writeln!(out, "# TYPE tessera_staged_policies gauge")?;
+    writeln!(
+        out,
+        "tessera_staged_policies {}",
+        shared.staged_policies.load(Ordering::Relaxed)
+    )?;
+    writeln!(
+        out,
         "# HELP tessera_udp_send_errors_total Datagrams of the agent's own (UDP control datagrams, released held datagrams) that could not be sent."
     )?;
     writeln!(out, "# TYPE tessera_udp_send_errors_total counter")?;
@@ -481,6 +496,7 @@ mod tests {
             workloads: Mutex::new(BTreeMap::new()),
             policies: AtomicUsize::new(0),
             admin_policies: AtomicUsize::new(0),
+            staged_policies: AtomicUsize::new(0),
             reload_failures: AtomicU64::new(0),
             udp_send_errors: Arc::new(AtomicU64::new(0)),
             workload_failures: AtomicU64::new(0),
@@ -507,6 +523,7 @@ mod tests {
             verdict: None,
             protocol: None,
             port: None,
+            staged: false,
             output,
         }
     }

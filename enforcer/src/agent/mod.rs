@@ -170,6 +170,8 @@ pub struct Shared {
     pub policies: AtomicUsize,
     /// Cluster-wide admin policies in force.
     pub admin_policies: AtomicUsize,
+    /// Staged policies: evaluated beside the enforced ones, not enforced.
+    pub staged_policies: AtomicUsize,
     pub reload_failures: AtomicU64,
     /// Datagrams of the agent's own (UDP control, released) that could not be sent.
     pub udp_send_errors: Arc<AtomicU64>,
@@ -423,6 +425,46 @@ impl Agent {
                 node,
             ),
             Event::NodeRemove(name) => lock(&self.processor).engine_mut().remove_node(&name),
+            Event::Staged {
+                origin,
+                scope,
+                objects,
+            } => {
+                let refused = lock(&self.processor)
+                    .engine_mut()
+                    .replace_staged(objects, |k| scope.covers(k));
+                for e in &refused {
+                    self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        "{origin}: {e} (staged; refused, its previous staged version, if any, stays)"
+                    );
+                }
+                self.staged_changed(&origin);
+            }
+            Event::StagedUpsert(object) => {
+                let staged = lock(&self.processor).engine_mut().stage(*object);
+                match staged {
+                    Ok(key) => {
+                        tracing::info!(policy = %key, "staged: evaluated beside the enforced policies, not enforced")
+                    }
+                    Err(e) => {
+                        self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "Kubernetes API: {e} (staged; refused, its previous staged version, if any, stays)"
+                        );
+                    }
+                }
+                self.staged_changed("Kubernetes API");
+            }
+            Event::StagedRemove(key) => {
+                let mut p = lock(&self.processor);
+                if p.engine().is_staged(&key) {
+                    p.engine_mut().unstage(&key);
+                    drop(p);
+                    tracing::info!(policy = %key, "no longer staged");
+                    self.staged_changed("Kubernetes API");
+                }
+            }
         }
         if recheck {
             self.cut_denied_flows();
@@ -750,6 +792,19 @@ impl Agent {
         );
     }
 
+    /// The staged set changed: counted for `/status` and the metrics.
+    fn staged_changed(&self, origin: &str) {
+        let staged: Vec<String> = lock(&self.processor)
+            .engine()
+            .staged()
+            .map(ToString::to_string)
+            .collect();
+        self.shared
+            .staged_policies
+            .store(staged.len(), Ordering::Relaxed);
+        tracing::info!(source = %origin, staged = ?staged, "staged policies (evaluated, not enforced)");
+    }
+
     /// Make `nodes` the node inventory; a refused node keeps its previous version.
     fn replace_nodes(&mut self, origin: &str, nodes: Vec<policy::Node>) {
         let mut p = lock(&self.processor);
@@ -962,7 +1017,12 @@ fn changes_decisions(event: &Event, enforced: &HashMap<PodKey, Enforced>) -> boo
         | Event::NodeRemove(_)
         | Event::Sync(_) => true,
         Event::Upsert(d) => enforced.get(&d.key).is_some_and(|e| e.desired != *d),
-        Event::Remove(_) | Event::PeerCertificate { .. } => false,
+        // Staged policies are never enforced: nothing established is judged by them.
+        Event::Remove(_)
+        | Event::PeerCertificate { .. }
+        | Event::Staged { .. }
+        | Event::StagedUpsert(_)
+        | Event::StagedRemove(_) => false,
     }
 }
 
@@ -1020,6 +1080,9 @@ pub async fn run(opts: Options) -> Result<()> {
             // load_dir validated them all: this is a bug, not an input error.
             bail!("{}: {e}", dir.display());
         }
+        if let Some(e) = engine.replace_staged(set.staged, |_| true).first() {
+            bail!("{}: {e} (staged)", dir.display());
+        }
     }
     let config = ProcessorConfig {
         auth_mark: opts.auth_mark,
@@ -1052,6 +1115,7 @@ pub async fn run(opts: Options) -> Result<()> {
         workloads: Mutex::new(BTreeMap::new()),
         policies: AtomicUsize::new(policy_keys.len()),
         admin_policies: AtomicUsize::new(admin_keys.len()),
+        staged_policies: AtomicUsize::new(lock(&processor).engine().staged_count()),
         reload_failures: AtomicU64::new(0),
         udp_send_errors: Arc::new(AtomicU64::new(0)),
         workload_failures: AtomicU64::new(0),

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::objects::{self, Object};
-use policy::{AdminPolicyKey, Engine, PolicyKey};
+use policy::{AdminPolicyKey, Engine, PolicyKey, StagedKey};
 
 use crate::runtime::AdminPolicy;
 
@@ -18,9 +18,9 @@ use crate::runtime::AdminPolicy;
 pub struct PolicySet {
     pub network: Vec<NetworkPolicy>,
     pub admin: Vec<AdminPolicy>,
-    /// Policies annotated `tessera.dev/staged: "true"`: validated, not enforced (as
-    /// `Kind name`).
-    pub staged: Vec<String>,
+    /// Policies annotated `tessera.dev/staged: "true"`: validated, evaluated beside the
+    /// enforced ones, not enforced.
+    pub staged: Vec<Object>,
 }
 
 /// The `.yaml` / `.yml` / `.json` files of a directory with their modification times: a change
@@ -55,6 +55,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
     let mut scratch = Engine::new();
     let mut staged_scratch = Engine::new();
     let mut admin_origin: BTreeMap<AdminPolicyKey, String> = BTreeMap::new();
+    let mut staged_origin: BTreeMap<StagedKey, String> = BTreeMap::new();
     for path in snap.keys() {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {source}"))?;
@@ -73,20 +74,37 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
             let origin = located.origin.to_string();
             if located.value.is_staged() {
                 // Validated like the others (in an engine of their own: a staged policy may
-                // share its kind and name with an enforced one), never enforced.
+                // share its kind and name with an enforced one, which it replaces in the
+                // staged view), never enforced.
                 let what = format!("{} {}", located.value.kind(), located.value.name());
-                let checked = match located.value {
-                    Object::NetworkPolicy(p) => staged_scratch.apply_policy(&p).map(drop),
-                    // Only policies are ever staged: `from_object` cannot refuse these.
-                    other => AdminPolicy::from_object(other)
-                        .map_or(Ok(()), |admin| admin.apply(&mut staged_scratch).map(drop)),
+                let checked = match &located.value {
+                    Object::NetworkPolicy(p) => staged_scratch.apply_policy(p).map(drop),
+                    Object::ClusterNetworkPolicy(p) => {
+                        staged_scratch.apply_cluster_network_policy(p).map(drop)
+                    }
+                    Object::AdminNetworkPolicy(p) => {
+                        staged_scratch.apply_admin_network_policy(p).map(drop)
+                    }
+                    Object::BaselineAdminNetworkPolicy(p) => staged_scratch
+                        .apply_baseline_admin_network_policy(p)
+                        .map(drop),
+                    // `is_staged` holds for policies only.
+                    Object::Namespace(_) | Object::Node(_) | Object::Pod(_) => Ok(()),
                 };
                 match checked {
                     Ok(()) => {
+                        if let Some(key) = StagedKey::of(&located.value)
+                            && let Some(first) = staged_origin.insert(key, origin.clone())
+                        {
+                            problems.push(format!(
+                                "{origin} ({what}, staged): defined twice, first in {first}"
+                            ));
+                        }
                         tracing::info!(
-                            "{origin}: {what} is staged: evaluated offline, not enforced"
+                            "{origin}: {what} is staged: evaluated beside the enforced \
+                             policies (flow log), not enforced"
                         );
-                        set.staged.push(what);
+                        set.staged.push(located.value);
                     }
                     Err(e) => problems.push(format!(
                         "{origin} ({what}, staged): {}: {}",
@@ -177,7 +195,12 @@ pub async fn watch(
                     policies: set.network,
                     admin: Some(set.admin),
                 };
-                if tx.send(event).await.is_err() {
+                let staged = crate::runtime::Event::Staged {
+                    origin: origin.clone(),
+                    scope: crate::runtime::StagedScope::All,
+                    objects: set.staged,
+                };
+                if tx.send(event).await.is_err() || tx.send(staged).await.is_err() {
                     return;
                 }
             }
@@ -320,7 +343,12 @@ spec:
         std::fs::write(dir.path().join("guard.yaml"), &staged).unwrap();
         let p = load_dir(dir.path()).unwrap();
         assert_eq!((p.network.len(), p.admin.len()), (1, 0));
-        assert_eq!(p.staged, ["AdminNetworkPolicy guard"]);
+        let names: Vec<String> = p
+            .staged
+            .iter()
+            .map(|o| format!("{} {}", o.kind(), o.name()))
+            .collect();
+        assert_eq!(names, ["AdminNetworkPolicy guard"]);
         std::fs::write(
             dir.path().join("guard.yaml"),
             staged.replace("action: Deny", "action: Drop"),

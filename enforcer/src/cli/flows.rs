@@ -53,6 +53,10 @@ pub struct FlowsArgs {
     /// Either end's port.
     #[arg(long)]
     pub port: Option<u16>,
+    /// Only the decisions that the staged policies (annotated `tessera.dev/staged: "true"`)
+    /// would flip.
+    #[arg(long)]
+    pub staged: bool,
     /// Output format: text (one line per record) or json (the records as the agent wrote them,
     /// one per line).
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
@@ -87,6 +91,7 @@ impl FlowsArgs {
                 verdict: self.verdict,
                 protocol: self.protocol,
                 port: self.port,
+                staged: self.staged,
             },
             follow: self.follow,
             since: self.since,
@@ -227,6 +232,25 @@ pub fn render(r: &FlowRecord) -> String {
     }
     if let Some(n) = r.sample_rate {
         let _ = write!(s, " [1 in {n}]");
+    }
+    if r.audit {
+        s.push_str(" [audit: not applied]");
+    }
+    if let Some(staged) = &r.staged {
+        let flips = if staged.verdict == r.verdict {
+            "same"
+        } else {
+            "FLIPS"
+        };
+        let _ = write!(
+            s,
+            " [staged, {flips}: {} by {}]",
+            match staged.verdict {
+                FlowVerdict::Allowed => "ALLOWED",
+                FlowVerdict::Denied => "DENIED",
+            },
+            policy(&staged.policy)
+        );
     }
     s
 }

@@ -72,6 +72,14 @@ pub fn render(s: &Status, now: SystemTime) -> String {
         "node {} ({} identity, {} runtime), {} NetworkPolicies and {} admin policies in force",
         s.node, s.identity, s.runtime, s.policies, s.admin_policies
     );
+    if s.staged_policies > 0 {
+        let _ = writeln!(
+            out,
+            "{} staged polic{} evaluated beside, not enforced (tessera flows --staged)",
+            s.staged_policies,
+            if s.staged_policies == 1 { "y" } else { "ies" }
+        );
+    }
     let _ = writeln!(out, "\nWORKLOADS ({})", s.workloads.len());
     let width = s
         .workloads

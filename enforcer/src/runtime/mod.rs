@@ -124,6 +124,19 @@ pub enum Event {
         origin: String,
         nodes: Vec<policy::Node>,
     },
+    /// The complete set of staged policies (annotated `tessera.dev/staged: "true"`) that
+    /// `scope` covers, from one source: evaluated beside the enforced set (the flow log shows
+    /// what they would decide), never enforced. Staged policies in scope and not in `objects`
+    /// are unstaged; a refused one keeps its previous staged version.
+    Staged {
+        origin: String,
+        scope: StagedScope,
+        objects: Vec<policy::objects::Object>,
+    },
+    /// One staged policy added or changed.
+    StagedUpsert(Box<policy::objects::Object>),
+    /// One policy no longer staged (deleted, or no longer annotated); nothing if it was not.
+    StagedRemove(policy::StagedKey),
     /// One node added or changed.
     NodeUpsert(policy::Node),
     /// One node gone.
@@ -131,6 +144,28 @@ pub enum Event {
     /// A peer node's certificate (PEM) appeared or changed (PKI mode); `None` revokes it: its
     /// tokens are rejected from then on.
     PeerCertificate { node: String, pem: Option<String> },
+}
+
+/// Which staged policies an [`Event::Staged`] replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagedScope {
+    /// Every one (the policy directory holds all kinds).
+    All,
+    /// The NetworkPolicies (a Kubernetes relist).
+    NetworkPolicies,
+    /// Those of one admin kind (a Kubernetes relist of that kind).
+    Admin(AdminKind),
+}
+
+impl StagedScope {
+    pub fn covers(self, key: &policy::StagedKey) -> bool {
+        match (self, key) {
+            (StagedScope::All, _) => true,
+            (StagedScope::NetworkPolicies, policy::StagedKey::NetworkPolicy(_)) => true,
+            (StagedScope::Admin(kind), policy::StagedKey::Admin(k)) => k.kind == kind,
+            _ => false,
+        }
+    }
 }
 
 /// A cluster-wide admin policy of any of the kinds the engine evaluates.
@@ -172,6 +207,16 @@ impl AdminPolicy {
             AdminPolicy::Cluster(p) => engine.apply_cluster_network_policy(p),
             AdminPolicy::Admin(p) => engine.apply_admin_network_policy(p),
             AdminPolicy::Baseline(p) => engine.apply_baseline_admin_network_policy(p),
+        }
+    }
+
+    /// The object this policy is.
+    pub fn into_object(self) -> policy::objects::Object {
+        use policy::objects::Object;
+        match self {
+            AdminPolicy::Cluster(p) => Object::ClusterNetworkPolicy(p),
+            AdminPolicy::Admin(p) => Object::AdminNetworkPolicy(p),
+            AdminPolicy::Baseline(p) => Object::BaselineAdminNetworkPolicy(p),
         }
     }
 

@@ -16,11 +16,12 @@ use futures_util::StreamExt;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{WatchStreamExt, watcher};
-use policy::{AdminKind, AdminPolicyKey};
+use policy::objects::Object;
+use policy::{AdminKind, AdminPolicyKey, StagedKey};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::runtime::{AdminPolicy, Event};
+use crate::runtime::{AdminPolicy, Event, StagedScope};
 
 /// How often discovery is asked whether a missing kind is served now.
 pub const DISCOVERY_EVERY: Duration = Duration::from_secs(10);
@@ -161,7 +162,14 @@ pub async fn follow(
                         policies: Vec::new(),
                         unparsed: Vec::new(),
                     };
-                    if tx.send(Message::Event(Box::new(gone))).await.is_err() {
+                    let unstaged = Event::Staged {
+                        origin: res.origin(),
+                        scope: StagedScope::Admin(res.kind),
+                        objects: Vec::new(),
+                    };
+                    if tx.send(Message::Event(Box::new(gone))).await.is_err()
+                        || tx.send(Message::Event(Box::new(unstaged))).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -191,17 +199,21 @@ pub async fn follow(
             .default_backoff()
             .boxed();
         let mut relist: Option<(Vec<AdminPolicy>, Vec<String>)> = None;
+        let mut staged: Vec<Object> = Vec::new();
         let mut failing = false;
         while let Some(ev) = stream.next().await {
             let out = match ev {
                 Ok(watcher::Event::Init) => {
                     relist = Some((Vec::new(), Vec::new()));
+                    staged.clear();
                     continue;
                 }
                 Ok(watcher::Event::InitApply(o)) => {
                     let (good, bad) = relist.get_or_insert_with(Default::default);
                     if policy::objects::is_staged_meta(&o.metadata) {
-                        // Staged: evaluated offline, never enforced.
+                        // Staged: evaluated beside, never enforced. One that does not parse
+                        // as its kind keeps its previous staged version, if any.
+                        staged.extend(convert(&res, &o).map(AdminPolicy::into_object));
                         continue;
                     }
                     match convert(&res, &o) {
@@ -214,12 +226,19 @@ pub async fn follow(
                     let (policies, unparsed) = relist.take().unwrap_or_default();
                     info!(kind = %res.kind, policies = policies.len(), "listed");
                     in_force = true;
-                    let mut out = vec![Message::Event(Box::new(Event::AdminPolicies {
-                        origin: res.origin(),
-                        kind: res.kind,
-                        policies,
-                        unparsed,
-                    }))];
+                    let mut out = vec![
+                        Message::Event(Box::new(Event::AdminPolicies {
+                            origin: res.origin(),
+                            kind: res.kind,
+                            policies,
+                            unparsed,
+                        })),
+                        Message::Event(Box::new(Event::Staged {
+                            origin: res.origin(),
+                            scope: StagedScope::Admin(res.kind),
+                            objects: std::mem::take(&mut staged),
+                        })),
+                    ];
                     if !settled {
                         settled = true;
                         out.push(Message::Settled(res.kind));
@@ -227,28 +246,44 @@ pub async fn follow(
                     out
                 }
                 Ok(watcher::Event::Apply(o)) if policy::objects::is_staged_meta(&o.metadata) => {
-                    // Staged now: no longer enforced (if it was).
-                    match o.metadata.name.clone() {
-                        Some(name) => vec![Message::Event(Box::new(Event::AdminRemove(
-                            AdminPolicyKey {
-                                kind: res.kind,
-                                name,
-                            },
-                        )))],
-                        None => continue,
-                    }
-                }
-                Ok(watcher::Event::Apply(o)) => match convert(&res, &o) {
-                    Some(p) => vec![Message::Event(Box::new(Event::AdminUpsert(Box::new(p))))],
-                    None => continue,
-                },
-                Ok(watcher::Event::Delete(o)) => match o.metadata.name.clone() {
-                    Some(name) => vec![Message::Event(Box::new(Event::AdminRemove(
+                    // Staged now: no longer enforced (if it was), evaluated beside.
+                    let Some(name) = o.metadata.name.clone() else {
+                        continue;
+                    };
+                    let mut out = vec![Message::Event(Box::new(Event::AdminRemove(
                         AdminPolicyKey {
                             kind: res.kind,
                             name,
                         },
-                    )))],
+                    )))];
+                    if let Some(p) = convert(&res, &o) {
+                        out.push(Message::Event(Box::new(Event::StagedUpsert(Box::new(
+                            p.into_object(),
+                        )))));
+                    }
+                    out
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    let Some(p) = convert(&res, &o) else {
+                        continue;
+                    };
+                    let unstaged = Event::StagedRemove(StagedKey::Admin(p.key()));
+                    vec![
+                        Message::Event(Box::new(unstaged)),
+                        Message::Event(Box::new(Event::AdminUpsert(Box::new(p)))),
+                    ]
+                }
+                Ok(watcher::Event::Delete(o)) => match o.metadata.name.clone() {
+                    Some(name) => {
+                        let key = AdminPolicyKey {
+                            kind: res.kind,
+                            name,
+                        };
+                        vec![
+                            Message::Event(Box::new(Event::AdminRemove(key.clone()))),
+                            Message::Event(Box::new(Event::StagedRemove(StagedKey::Admin(key)))),
+                        ]
+                    }
                     None => continue,
                 },
                 Err(e) if is_not_found(&e) => break,

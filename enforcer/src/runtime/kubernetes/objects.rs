@@ -7,10 +7,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use policy::PolicyKey;
+use policy::objects::Object;
+use policy::{PolicyKey, StagedKey};
 use tracing::info;
 
-use crate::runtime::Event;
+use crate::runtime::{Event, StagedScope};
 
 /// Where API policies come from, in the agent's log lines and errors.
 pub const POLICY_ORIGIN: &str = "Kubernetes API (NetworkPolicies)";
@@ -104,6 +105,8 @@ impl Namespaces {
 #[derive(Default)]
 pub struct Policies {
     relist: Option<Vec<NetworkPolicy>>,
+    /// The staged ones of the relist.
+    staged: Vec<NetworkPolicy>,
     synced: bool,
 }
 
@@ -114,10 +117,15 @@ impl Policies {
 
     pub fn handle(&mut self, ev: watcher::Event<NetworkPolicy>, out: &mut Vec<Event>) {
         match ev {
-            watcher::Event::Init => self.relist = Some(Vec::new()),
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                self.staged.clear();
+            }
             watcher::Event::InitApply(p) => {
-                // Staged (tessera.dev/staged: "true"): evaluated offline, never enforced.
-                if !policy::objects::is_staged_meta(&p.metadata) {
+                // Staged (tessera.dev/staged: "true"): evaluated beside, never enforced.
+                if policy::objects::is_staged_meta(&p.metadata) {
+                    self.staged.push(p);
+                } else {
                     self.relist.get_or_insert_with(Vec::new).push(p);
                 }
             }
@@ -133,25 +141,43 @@ impl Policies {
                     policies,
                     admin: None,
                 });
+                out.push(Event::Staged {
+                    origin: POLICY_ORIGIN.to_owned(),
+                    scope: StagedScope::NetworkPolicies,
+                    objects: std::mem::take(&mut self.staged)
+                        .into_iter()
+                        .map(Object::NetworkPolicy)
+                        .collect(),
+                });
             }
             watcher::Event::Apply(p) if policy::objects::is_staged_meta(&p.metadata) => {
-                // Staged now: no longer enforced (if it was).
-                if let (Some(namespace), Some(name)) =
-                    (p.metadata.namespace.clone(), p.metadata.name.clone())
-                {
-                    out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                // Staged now: no longer enforced (if it was), evaluated beside.
+                if let Some(key) = policy_key(&p) {
+                    out.push(Event::PolicyRemove(key));
                 }
+                out.push(Event::StagedUpsert(Box::new(Object::NetworkPolicy(p))));
             }
-            watcher::Event::Apply(p) => out.push(Event::PolicyUpsert(Box::new(p))),
+            watcher::Event::Apply(p) => {
+                if let Some(key) = policy_key(&p) {
+                    out.push(Event::StagedRemove(StagedKey::NetworkPolicy(key)));
+                }
+                out.push(Event::PolicyUpsert(Box::new(p)));
+            }
             watcher::Event::Delete(p) => {
-                if let (Some(namespace), Some(name)) =
-                    (p.metadata.namespace.clone(), p.metadata.name.clone())
-                {
-                    out.push(Event::PolicyRemove(PolicyKey { namespace, name }));
+                if let Some(key) = policy_key(&p) {
+                    out.push(Event::PolicyRemove(key.clone()));
+                    out.push(Event::StagedRemove(StagedKey::NetworkPolicy(key)));
                 }
             }
         }
     }
+}
+
+fn policy_key(p: &NetworkPolicy) -> Option<PolicyKey> {
+    Some(PolicyKey {
+        namespace: p.metadata.namespace.clone()?,
+        name: p.metadata.name.clone()?,
+    })
 }
 
 /// Where node inventory events come from, in the agent's log lines.
@@ -332,11 +358,17 @@ mod tests {
                 origin,
                 admin: None,
             },
+            Event::Staged {
+                scope: StagedScope::NetworkPolicies,
+                objects: staged,
+                ..
+            },
         ] = out.as_slice()
         else {
             panic!("{out:?}")
         };
         assert_eq!(origin, POLICY_ORIGIN);
+        assert!(staged.is_empty());
         let names: Vec<_> = policies
             .iter()
             .map(|p| p.metadata.name.clone().unwrap())
@@ -345,20 +377,29 @@ mod tests {
         out.clear();
         p.handle(watcher::Event::Apply(np("a", "new")), &mut out);
         p.handle(watcher::Event::Delete(np("b", "deny")), &mut out);
+        let key = |ns: &str, name: &str| PolicyKey {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        // An enforced policy is not staged (any more); a deleted one neither.
+        assert_eq!(
+            out[0],
+            Event::StagedRemove(StagedKey::NetworkPolicy(key("a", "new")))
+        );
         assert!(
-            matches!(&out[0], Event::PolicyUpsert(x) if x.metadata.name.as_deref() == Some("new"))
+            matches!(&out[1], Event::PolicyUpsert(x) if x.metadata.name.as_deref() == Some("new"))
         );
         assert_eq!(
-            out[1],
-            Event::PolicyRemove(PolicyKey {
-                namespace: "b".into(),
-                name: "deny".into()
-            })
+            out[2..],
+            [
+                Event::PolicyRemove(key("b", "deny")),
+                Event::StagedRemove(StagedKey::NetworkPolicy(key("b", "deny")))
+            ]
         );
     }
 
-    /// A staged NetworkPolicy is never enforced: left out of a relist, and a policy that
-    /// becomes staged is removed.
+    /// A staged NetworkPolicy is never enforced but staged: left out of a relist's enforced
+    /// set and in its staged set, and a policy that becomes staged is removed and staged.
     #[test]
     fn staged_policies_are_not_enforced() {
         let staged = |mut p: NetworkPolicy| {
@@ -377,18 +418,26 @@ mod tests {
             &mut out,
         );
         p.handle(watcher::Event::InitDone, &mut out);
-        let [Event::Policies { policies, .. }] = out.as_slice() else {
+        let [
+            Event::Policies { policies, .. },
+            Event::Staged { objects: trial, .. },
+        ] = out.as_slice()
+        else {
             panic!("{out:?}")
         };
         assert_eq!(policies.len(), 1);
+        assert_eq!(*trial, [Object::NetworkPolicy(staged(np("a", "trial")))]);
         out.clear();
         p.handle(watcher::Event::Apply(staged(np("a", "kept"))), &mut out);
         assert_eq!(
             out,
-            [Event::PolicyRemove(PolicyKey {
-                namespace: "a".into(),
-                name: "kept".into()
-            })]
+            [
+                Event::PolicyRemove(PolicyKey {
+                    namespace: "a".into(),
+                    name: "kept".into()
+                }),
+                Event::StagedUpsert(Box::new(Object::NetworkPolicy(staged(np("a", "kept")))))
+            ]
         );
     }
 }
