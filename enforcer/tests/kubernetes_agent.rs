@@ -704,4 +704,46 @@ fn admin_policies_from_the_api_are_enforced_and_followed() {
         )
         .unwrap();
     c.until("node relabelled out of the nodes peer", "web", true);
+
+    // A staged Admin Deny (annotated tessera.dev/staged: "true"): nothing changes on the wire,
+    // db's agent records web's flows with the verdict the staged policy would give. Removing
+    // the annotation enforces it.
+    let mut trial = admin_db_rule("ClusterNetworkPolicy", "trial", Some(2), "Deny", "web");
+    trial["metadata"]["annotations"] = json!({"tessera.dev/staged": "true"});
+    c.emu.apply(trial).unwrap();
+    let start = Instant::now();
+    while c.agent(2).metrics().sum("tessera_staged_policies") != 1.0 {
+        assert!(start.elapsed() < WAIT, "not staged; logs:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.stays("web", true);
+    let start = Instant::now();
+    loop {
+        let body = http_get(c.agent(2).metrics, "/flows?staged=1&last=100").unwrap_or_default();
+        let flip = body
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["verdict"] == "allowed" && r["staged"]["policy"]["name"] == "trial");
+        if let Some(r) = flip {
+            assert_eq!(r["staged"]["verdict"], "denied", "{r}");
+            assert_eq!(r["source"]["workload"], "web", "{r}");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no staged verdict recorded: {body}\nlogs:\n{}",
+            c.logs()
+        );
+        c.stays("web", true);
+    }
+    c.emu
+        .merge_patch(
+            "clusternetworkpolicies",
+            None,
+            "trial",
+            &json!({"metadata": {"annotations": {"tessera.dev/staged": null}}}),
+        )
+        .unwrap();
+    c.until("staged Deny promoted (annotation removed)", "web", false);
+    assert_eq!(c.agent(2).metrics().sum("tessera_staged_policies"), 0.0);
 }
