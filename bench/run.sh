@@ -3,6 +3,7 @@
 # per-packet decision time and throughput for (a) no rules, (b) the same rules with
 # `tessera run --accept-all`, (c) full enforcement (PSK and PKI). Not part of the tests.
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki]
+# Builds into (and runs from) $CARGO_TARGET_DIR when set, target/ otherwise.
 set -Eeuo pipefail
 trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
 cd "$(dirname "$0")/.."
@@ -11,5 +12,6 @@ tests/need.sh ip=iproute2 ss=iproute2 iptables=iptables ip6tables=iptables iptab
   conntrack=conntrack nsenter=util-linux sysctl=procps
 cargo=$(tests/ensure-rust.sh)
 "$cargo" build --release --locked -p tessera -p tessera-bench-netns
-exec target/release/netns-connrate --tessera target/release/tessera \
+target="${CARGO_TARGET_DIR:-target}"
+exec "$target/release/netns-connrate" --tessera "$target/release/tessera" \
   --policies examples/three-tier/policies "$@"
