@@ -9,6 +9,7 @@ use identity::rand_core::CryptoRng;
 
 use crate::{Hook, Processor, WorkloadId};
 
+pub mod busypoll;
 pub mod conntrack;
 pub mod inject;
 pub mod netns;

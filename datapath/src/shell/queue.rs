@@ -250,6 +250,13 @@ pub enum Direction {
 }
 
 impl WorkloadQueue {
+    /// The queue's socket, to watch it (readable: a packet waits), e.g. with
+    /// [`super::busypoll::BusyPoll`].
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.ready.as_fd()
+    }
+
     /// Wait for packets and hand each to `handle(direction, packet, checksum_ready)`; returns
     /// after one batch so the caller can interleave other work. Errors other than the counted
     /// socket overflows end the queue.

@@ -404,6 +404,24 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
         "tessera_udp_send_errors_total {}",
         shared.udp_send_errors.load(Ordering::Relaxed)
     )?;
+    if let Some(bp) = &shared.busy_poll {
+        let st = bp.stats();
+        writeln!(
+            out,
+            "# HELP tessera_busy_poll_spins_total Looks at the queues before the agent's thread slept (--busy-poll-us), by whether a packet came before the budget ran out (hit: a sleep and its wake-up saved)."
+        )?;
+        writeln!(out, "# TYPE tessera_busy_poll_spins_total counter")?;
+        writeln!(
+            out,
+            "tessera_busy_poll_spins_total{{result=\"hit\"}} {}",
+            st.hits
+        )?;
+        writeln!(
+            out,
+            "tessera_busy_poll_spins_total{{result=\"miss\"}} {}",
+            st.spins.saturating_sub(st.hits)
+        )?;
+    }
     writeln!(
         out,
         "# HELP tessera_policy_reload_failures_total Policy reloads refused (the previous set stayed in force)."
@@ -499,6 +517,7 @@ mod tests {
             staged_policies: AtomicUsize::new(0),
             reload_failures: AtomicU64::new(0),
             udp_send_errors: Arc::new(AtomicU64::new(0)),
+            busy_poll: None,
             workload_failures: AtomicU64::new(0),
             enforce_latency: Mutex::new(Default::default()),
             failing: Mutex::new(BTreeMap::new()),

@@ -83,6 +83,9 @@ pub struct Options {
     pub audit: bool,
     /// Flow records: where to write them (`--flow-log`) and which to make.
     pub flow_log: FlowLogOptions,
+    /// Busy polling of the queues before the agent's thread sleeps, while packets are coming
+    /// (`--busy-poll-us`); `None`: off.
+    pub busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
 }
 
 /// `--flow-log*`: flow records (docs/flow-log.md).
@@ -175,6 +178,8 @@ pub struct Shared {
     pub reload_failures: AtomicU64,
     /// Datagrams of the agent's own (UDP control, released) that could not be sent.
     pub udp_send_errors: Arc<AtomicU64>,
+    /// Busy polling of the queues (`--busy-poll-us`), for its counters.
+    pub busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
     pub workload_failures: AtomicU64,
     pub enforce_latency: Mutex<EnforceLatency>,
     /// Workloads a runtime wants that could not be enforced, with the reason (by name).
@@ -239,6 +244,8 @@ struct Agent {
     synced_once: bool,
     /// Workloads of the first list still being installed (`/healthz` is 503 until they are).
     awaiting_ready: Option<HashSet<PodKey>>,
+    /// Busy polling of the queues (`--busy-poll-us`).
+    busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
 }
 
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
@@ -663,6 +670,7 @@ impl Agent {
             self.udp.clone(),
             self.mode,
             stats,
+            self.busy_poll.clone(),
             stop_rx,
         ));
         self.workloads.insert(
@@ -1118,6 +1126,7 @@ pub async fn run(opts: Options) -> Result<()> {
         staged_policies: AtomicUsize::new(lock(&processor).engine().staged_count()),
         reload_failures: AtomicU64::new(0),
         udp_send_errors: Arc::new(AtomicU64::new(0)),
+        busy_poll: opts.busy_poll.clone(),
         workload_failures: AtomicU64::new(0),
         enforce_latency: Mutex::new(EnforceLatency::default()),
         ready: AtomicBool::new(false),
@@ -1166,6 +1175,7 @@ pub async fn run(opts: Options) -> Result<()> {
         permits: Arc::new(Semaphore::new(8)),
         synced_once: false,
         awaiting_ready: None,
+        busy_poll: opts.busy_poll.clone(),
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -1296,13 +1306,49 @@ enum Served {
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    mut queue: WorkloadQueue,
+    queue: WorkloadQueue,
     id: WorkloadId,
     name: String,
     processor: Arc<Mutex<Processor>>,
     udp: Arc<UdpSender>,
     mode: Mode,
     stats: Arc<QueueStats>,
+    busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
+    stop: watch::Receiver<bool>,
+) -> Option<WorkloadQueue> {
+    if let Some(bp) = &busy_poll
+        && let Err(e) = bp.add(queue.as_fd())
+    {
+        tracing::warn!(workload = %name, "busy polling off for this queue: {e}");
+    }
+    let mut queue = serve_queue(
+        queue,
+        id,
+        &name,
+        processor,
+        udp,
+        mode,
+        stats,
+        busy_poll.as_deref(),
+        stop,
+    )
+    .await;
+    if let (Some(bp), Some(q)) = (&busy_poll, &mut queue) {
+        bp.remove(q.as_fd());
+    }
+    queue
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_queue(
+    mut queue: WorkloadQueue,
+    id: WorkloadId,
+    name: &str,
+    processor: Arc<Mutex<Processor>>,
+    udp: Arc<UdpSender>,
+    mode: Mode,
+    stats: Arc<QueueStats>,
+    busy_poll: Option<&shell::busypoll::BusyPoll>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<WorkloadQueue> {
     // Nonces (two per handshake) come from ChaCha12 seeded from the OS and re-seeded every
@@ -1338,7 +1384,13 @@ async fn serve(
             udp.timer.notify_one();
         }
         match event {
-            Served::Batch(Ok(_)) => {}
+            Served::Batch(Ok(n)) => {
+                if n > 0
+                    && let Some(bp) = busy_poll
+                {
+                    bp.touch();
+                }
+            }
             Served::Batch(Err(e)) => {
                 // Fail-closed: the rules stay and the kernel drops what it cannot queue.
                 tracing::error!(workload = %name, "queue reader stopped: {e}");
