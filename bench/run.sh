@@ -4,6 +4,8 @@
 # `tessera run --accept-all`, (c) full enforcement (PSK and PKI), (k) an IP-based NFQUEUE
 # enforcer of the bench's own, and (c) under a flood of spoofed SYNs. Not part of the tests.
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki,k,flood]
+#        sudo ./bench/run.sh --all   # every case (one and four clients, flood, scale, Docker
+#                                    # agent), then one table of each figure against its target
 # Builds into (and runs from) $CARGO_TARGET_DIR when set, target/ otherwise.
 set -Eeuo pipefail
 trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
@@ -14,5 +16,80 @@ tests/need.sh ip=iproute2 ss=iproute2 iptables=iptables ip6tables=iptables iptab
 cargo=$(tests/ensure-rust.sh)
 "$cargo" build --release --locked -p tessera -p tessera-bench-netns
 target="${CARGO_TARGET_DIR:-target}"
-exec "$target/release/netns-connrate" --tessera "$target/release/tessera" \
-  --policies examples/three-tier/policies "$@"
+bench() {
+  "$target/release/netns-connrate" --tessera "$target/release/tessera" \
+    --policies examples/three-tier/policies "$@"
+}
+[ "${1:-}" = "--all" ] || { bench "$@"; exit; }
+shift
+
+# --all: each part's output is kept in $out; the table at the end is read from it.
+out=$(mktemp -d /tmp/tessera-bench-all.XXXXXX)
+echo "bench/run.sh --all: outputs in $out (about 25 minutes on 2 cores)"
+ROUNDS=${ROUNDS:-5}
+echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
+bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
+  --cases a,b,c-psk,c-pki,k,flood,flood-pki --summary "$out/one.txt" "$@" | tee "$out/one.log"
+echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
+bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
+  --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
+echo "== 3/4 scale: the policy engine with 10k NetworkPolicies, 1k admin policies, 5k pods (criterion)"
+"$cargo" bench --locked -p tessera-policy --bench engine -- --warm-up-time 1 --measurement-time 3 \
+  '^(decision/decide_ref, 1k admin policies|compile/one policy changed|compile/one admin policy changed)$' \
+  2>&1 | tee "$out/engine.log"
+echo "== 4/4 the Docker agent with 200 containers, 4 started at a time"
+tests/need.sh dockerd=docker.io docker=docker.io busybox=busybox-static
+TESSERA="$target/release/tessera" bench/docker-agent/run.sh --containers 200 --parallel 4 \
+  | tee "$out/docker.log"
+
+# The table: figure, measured (median over rounds, min..max), target, met.
+fig() { awk -v c="$2" -v f="$3" '$1 == c && $2 == f { printf "%.2f (%.2f..%.2f)", $3, $4, $5; found = 1 }
+  END { if (!found) printf "-" }' "$1"; }
+val() { awk -v c="$2" -v f="$3" '$1 == c && $2 == f { print $3; found = 1 } END { if (!found) print "" }' "$1"; }
+# Criterion's middle estimate of one bench, in microseconds.
+crit() { awk -v name="$1" '
+  $0 == name { want = 1; next }
+  want && /time:/ { gsub(/[\[\]]/, ""); v = $4; u = $5
+    if (u == "ns") v /= 1000; else if (u == "ms") v *= 1000; else if (u == "s") v *= 1e6
+    print v; exit }' "$out/engine.log"; }
+row() { # figure measured target op value
+  local met="-"
+  if [ -n "$5" ]; then
+    met=$(awk -v x="$5" -v t="$4" -v op="$3" 'BEGIN { ok = (op == ">=") ? x >= t : x <= t; print ok ? "yes" : "NO" }')
+  fi
+  printf "%-58s %-24s %-10s %s\n" "$1" "$2" "$3 $4" "$met"
+}
+{
+  echo
+  echo "== bench/run.sh --all: each figure against its target (issue 16; medians of same-round ratios)"
+  printf "%-58s %-24s %-10s %s\n" figure measured target met
+  for c in c-psk c-pki; do
+    row "TCP conn/s ($c)/(b), 1 client" "$(fig "$out/one.txt" $c conn/b)" ">=" 0.95 "$(val "$out/one.txt" $c conn/b)"
+    row "TCP conn/s ($c)/(b), 4 clients" "$(fig "$out/four.txt" $c conn/b)" ">=" 0.95 "$(val "$out/four.txt" $c conn/b)"
+    row "TCP conn/s ($c)/(a), 1 client" "$(fig "$out/one.txt" $c conn/a)" ">=" 0.5 "$(val "$out/one.txt" $c conn/a)"
+    row "TCP conn/s ($c)/(k), 1 client" "$(fig "$out/one.txt" $c conn/k)" ">=" 0.75 "$(val "$out/one.txt" $c conn/k)"
+    row "UDP new flows/s ($c)/(b), 1 client" "$(fig "$out/one.txt" $c udp/b)" ">=" 0.95 "$(val "$out/one.txt" $c udp/b)"
+    row "UDP new flows/s ($c)/(a), 1 client" "$(fig "$out/one.txt" $c udp/a)" ">=" 0.5 "$(val "$out/one.txt" $c udp/a)"
+    row "throughput ($c)/(a)" "$(fig "$out/one.txt" $c gbit/a)" ">=" 0.98 "$(val "$out/one.txt" $c gbit/a)"
+    row "agents' decision p50, µs ($c)" "$(fig "$out/one.txt" $c decide_p50_us)" "<=" 10 "$(val "$out/one.txt" $c decide_p50_us)"
+    row "agents' decision p99, µs ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
+    row "agents' CPU per connection, µs ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
+  done
+  for c in flood flood-pki; do
+    row "conn/s under a SYN flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
+    rss=$(val "$out/one.txt" $c flood_rss_kib)
+    row "agent RSS during the flood, MiB ($c)" "${rss:+$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')}" "<=" 40 \
+      "${rss:+$(awk -v k="$rss" 'BEGIN { print k / 1024 }')}"
+  done
+  d=$(crit "decision/decide_ref, 1k admin policies")
+  row "engine decision, 10k NP + 1k admin + 5k pods, µs (mean)" "${d:--}" "<=" 1 "$d"
+  p=$(crit "compile/one policy changed"); a=$(crit "compile/one admin policy changed")
+  row "incremental rebuild, one NetworkPolicy, ms" "${p:+$(awk -v x="$p" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
+    "${p:+$(awk -v x="$p" 'BEGIN { print x / 1000 }')}"
+  row "incremental rebuild, one admin policy, ms" "${a:+$(awk -v x="$a" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
+    "${a:+$(awk -v x="$a" 'BEGIN { print x / 1000 }')}"
+  m=$(awk '/agent memory with [1-9][0-9]* containers/ { for (i = 1; i <= NF; i++) if ($i == "VmRSS") print $(i + 1) }' "$out/docker.log")
+  row "agent RSS with 200 enforced containers, MiB" "${m:--}" "<=" 40 "$m"
+  e=$(awk '/start event -> enforced \(agent log/ { for (i = 1; i <= NF; i++) if ($i == "p99") print $(i + 1) }' "$out/docker.log")
+  row "start -> enforced p99, 4 containers at a time, ms" "${e:--}" "<=" 100 "$e"
+} | tee "$out/table.txt"

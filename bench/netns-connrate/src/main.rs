@@ -81,6 +81,10 @@ struct Args {
         default_value = "a,a-ct,b,c-psk,c-pki,k,flood"
     )]
     cases: Vec<String>,
+    /// Also write the medians over rounds, one figure a line (`case figure median min max`), to
+    /// this file: what `bench/run.sh --all` builds its table of targets from.
+    #[arg(long)]
+    summary: Option<PathBuf>,
 }
 
 /// What a case sets up.
@@ -153,6 +157,9 @@ struct Row {
     udp: Option<(f64, f64)>,
     /// The flood case's own figures.
     flood: Option<FloodReport>,
+    /// CPU time (user + system) of both agents over the measured connection loop, per
+    /// connection, in µs (cases with agents).
+    agent_cpu_us: Option<f64>,
 }
 
 /// What the flood case measured besides its row (whose connection figures are those under the
@@ -218,7 +225,81 @@ fn main() -> Result<()> {
     if rounds.len() > 1 {
         print_medians(&rounds);
     }
+    if let Some(path) = &args.summary {
+        std::fs::write(path, summary(&rounds))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// `case figure median min max` lines over the rounds: same-round ratios (`conn/b`, `conn/a`,
+/// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`), the flood's `flood` ratio and the largest
+/// agent RSS during it (`flood_rss_kib`), the agents' `decide_p50_us`, `decide_p99_us` and CPU
+/// per connection (`agent_cpu_us`).
+fn summary(rounds: &[Vec<Row>]) -> String {
+    type Field = fn(&Row) -> Option<f64>;
+    let rate: Field = |r| Some(r.rate);
+    let udp: Field = |r| r.udp.map(|u| u.0);
+    let gbits: Field = |r| r.gbits.map(|g| g.0);
+    let ratios: [(&str, &str, Field); 7] = [
+        ("conn/b", "b", rate),
+        ("conn/a", "a", rate),
+        ("conn/k", "k", rate),
+        ("udp/b", "b", udp),
+        ("udp/a", "a", udp),
+        ("udp/k", "k", udp),
+        ("gbit/a", "a", gbits),
+    ];
+    let own: [(&str, Field); 5] = [
+        ("decide_p50_us", |r| r.decision.map(|d| d.0)),
+        ("decide_p99_us", |r| r.decision.map(|d| d.1)),
+        ("agent_cpu_us", |r| r.agent_cpu_us),
+        ("flood", |r| r.flood.as_ref().map(|f| r.rate / f.unloaded())),
+        ("flood_rss_kib", |r| {
+            r.flood
+                .as_ref()
+                .and_then(|f| f.rss_during.iter().flatten().max().map(|v| *v as f64))
+        }),
+    ];
+    let mut out = String::new();
+    let Some(first) = rounds.first() else {
+        return out;
+    };
+    let mut line = |case: &str, name: &str, mut v: Vec<f64>| {
+        if v.is_empty() {
+            return;
+        }
+        v.sort_unstable_by(f64::total_cmp);
+        out.push_str(&format!(
+            "{case} {name} {:.4} {:.4} {:.4}\n",
+            median(&v),
+            v[0],
+            v[v.len() - 1]
+        ));
+    };
+    for case in first.iter().map(|r| r.case.as_str()) {
+        fn row<'r>(round: &'r [Row], case: &str) -> Option<&'r Row> {
+            round.iter().find(|r| r.case == case)
+        }
+        for (name, base, f) in &ratios {
+            let v = rounds
+                .iter()
+                .filter_map(|round| {
+                    let b = round.iter().find(|r| r.case == *base)?;
+                    Some(f(row(round, case)?)? / f(b)?)
+                })
+                .collect();
+            line(case, name, v);
+        }
+        for (name, f) in &own {
+            let v = rounds
+                .iter()
+                .filter_map(|round| f(row(round, case)?))
+                .collect();
+            line(case, name, v);
+        }
+    }
+    out
 }
 
 fn nix_root() -> bool {
@@ -405,7 +486,17 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
     }
     let mark = decisions.mark();
     let duration = Duration::from_secs_f64(args.duration);
+    let agent_pids: Vec<u32> = if agents {
+        [1, 2].iter().filter_map(|n| tb.agent(*n).pid()).collect()
+    } else {
+        Vec::new()
+    };
+    let cpu_before = cpu_ticks(&agent_pids);
     let mut lat = conn_loops(&client, server, duration, args.clients)?;
+    let agent_cpu_us = cpu_before
+        .zip(cpu_ticks(&agent_pids))
+        .filter(|_| !lat.is_empty())
+        .map(|(b, a)| (a - b) as f64 * 1e6 / clock_ticks_per_second() / lat.len() as f64);
     let (mut decision, mut decision_mean) = decisions.since(mark);
     let mut flood_report = None;
     if matches!(setup, Setup::Flood(_)) {
@@ -454,7 +545,34 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         queued_per_transfer,
         udp,
         flood: flood_report,
+        agent_cpu_us,
     })
+}
+
+/// User + system CPU time of `pids`, in clock ticks, from /proc/<pid>/stat (`None` if any
+/// cannot be read, or for none).
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command (in parentheses, which may hold spaces): state is field 3,
+        // utime 14, stime 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        total += utime + stime;
+    }
+    Some(total)
+}
+
+/// USER_HZ, the unit of /proc/<pid>/stat's times: 100 on every architecture Linux exports it
+/// for (the kernel converts from its own HZ).
+fn clock_ticks_per_second() -> f64 {
+    100.0
 }
 
 /// UDP new flows (the policies let frontends send UDP 8125 to backends): flows/s and the p50
@@ -875,7 +993,7 @@ fn print_table(rows: &[Row]) {
     let gbits = |r: &Row| r.gbits.map(|g| g.0);
     let dash = || "-".to_owned();
     println!(
-        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9}",
+        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11}",
         "case",
         "conns",
         "conn/s",
@@ -896,7 +1014,8 @@ fn print_table(rows: &[Row]) {
         "/(a)",
         "/(b)",
         "/(k)",
-        "udp p50"
+        "udp p50",
+        "agent cpu/c"
     );
     for r in rows {
         let (dp50, dp99) = r.decision.map_or((dash(), dash()), |(x, y)| {
@@ -909,7 +1028,7 @@ fn print_table(rows: &[Row]) {
             (format!("{rate:.0}"), format!("{p50:.0}us"))
         });
         println!(
-            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9}",
+            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11}",
             r.case,
             r.conns,
             r.rate,
@@ -931,6 +1050,7 @@ fn print_table(rows: &[Row]) {
             ratio(udp(r), b, udp),
             ratio(udp(r), k, udp),
             u_p50,
+            r.agent_cpu_us.map_or(dash(), |c| format!("{c:.0}us")),
         );
     }
     println!(
