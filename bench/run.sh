@@ -71,9 +71,9 @@ row() { # figure measured target op value
     row "UDP new flows/s ($c)/(b), 1 client" "$(fig "$out/one.txt" $c udp/b)" ">=" 0.95 "$(val "$out/one.txt" $c udp/b)"
     row "UDP new flows/s ($c)/(a), 1 client" "$(fig "$out/one.txt" $c udp/a)" ">=" 0.5 "$(val "$out/one.txt" $c udp/a)"
     row "throughput ($c)/(a)" "$(fig "$out/one.txt" $c gbit/a)" ">=" 0.98 "$(val "$out/one.txt" $c gbit/a)"
-    row "agents' decision p50, µs ($c)" "$(fig "$out/one.txt" $c decide_p50_us)" "<=" 10 "$(val "$out/one.txt" $c decide_p50_us)"
-    row "agents' decision p99, µs ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
-    row "agents' CPU per connection, µs ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
+    row "agents' decision p50, us ($c)" "$(fig "$out/one.txt" $c decide_p50_us)" "<=" 10 "$(val "$out/one.txt" $c decide_p50_us)"
+    row "agents' decision p99, us ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
+    row "agents' CPU per connection, us ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
   done
   for c in flood flood-pki; do
     row "conn/s under a SYN flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
@@ -82,13 +82,13 @@ row() { # figure measured target op value
       "${rss:+$(awk -v k="$rss" 'BEGIN { print k / 1024 }')}"
   done
   d=$(crit "decision/decide_ref, 1k admin policies")
-  row "engine decision, 10k NP + 1k admin + 5k pods, µs (mean)" "${d:--}" "<=" 1 "$d"
+  row "engine decision, 10k NP + 1k admin + 5k pods, us (mean)" "${d:--}" "<=" 1 "$d"
   p=$(crit "compile/one policy changed"); a=$(crit "compile/one admin policy changed")
   row "incremental rebuild, one NetworkPolicy, ms" "${p:+$(awk -v x="$p" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
     "${p:+$(awk -v x="$p" 'BEGIN { print x / 1000 }')}"
   row "incremental rebuild, one admin policy, ms" "${a:+$(awk -v x="$a" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
     "${a:+$(awk -v x="$a" 'BEGIN { print x / 1000 }')}"
-  m=$(awk '/agent memory with [1-9][0-9]* containers/ { for (i = 1; i <= NF; i++) if ($i == "VmRSS") print $(i + 1) }' "$out/docker.log")
+  m=$(awk '/agent memory with [1-9][0-9]* containers/ { for (i = 1; i <= NF; i++) if ($i == "VmRSS:") print $(i + 1) }' "$out/docker.log")
   row "agent RSS with 200 enforced containers, MiB" "${m:--}" "<=" 40 "$m"
   e=$(awk '/start event -> enforced \(agent log/ { for (i = 1; i <= NF; i++) if ($i == "p99") print $(i + 1) }' "$out/docker.log")
   row "start -> enforced p99, 4 containers at a time, ms" "${e:--}" "<=" 100 "$e"
