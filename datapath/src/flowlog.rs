@@ -545,24 +545,11 @@ impl FlowLog {
         direction: Direction,
         decision: &DecisionRef<'_>,
     ) -> Option<Admit> {
-        let kind = PolicyKind::of(&decision.reason);
-        let verdict = if decision.allowed {
-            FlowVerdict::Allowed
-        } else {
-            FlowVerdict::Denied
-        };
-        let mut key = std::mem::take(&mut self.key);
-        key.clear();
-        key.push(match verdict {
-            FlowVerdict::Allowed => 'a',
-            FlowVerdict::Denied => 'd',
-        });
-        key.push(match direction {
-            Direction::Ingress => 'i',
-            Direction::Egress => 'e',
-        });
-        let label_start = key.len();
-        write_label(&mut key, &decision.reason);
+        let (kind, verdict) = (
+            PolicyKind::of(&decision.reason),
+            FlowVerdict::of(decision.allowed),
+        );
+        let (mut key, label_start) = self.series_key("", verdict, direction, &decision.reason);
         self.count(&key, label_start, kind, verdict, direction, false);
         let admit = if !self.config.records {
             None
@@ -587,21 +574,11 @@ impl FlowLog {
         direction: Direction,
         staged: &DecisionRef<'_>,
     ) -> Option<Admit> {
-        let kind = PolicyKind::of(&staged.reason);
-        let verdict = FlowVerdict::of(staged.allowed);
-        let mut key = std::mem::take(&mut self.key);
-        key.clear();
-        key.push('s');
-        key.push(match verdict {
-            FlowVerdict::Allowed => 'a',
-            FlowVerdict::Denied => 'd',
-        });
-        key.push(match direction {
-            Direction::Ingress => 'i',
-            Direction::Egress => 'e',
-        });
-        let label_start = key.len();
-        write_label(&mut key, &staged.reason);
+        let (kind, verdict) = (
+            PolicyKind::of(&staged.reason),
+            FlowVerdict::of(staged.allowed),
+        );
+        let (mut key, label_start) = self.series_key("s", verdict, direction, &staged.reason);
         self.count(&key, label_start, kind, verdict, direction, true);
         let admit = if self.config.records {
             key.replace_range(..label_start, "S");
@@ -611,6 +588,32 @@ impl FlowLog {
         };
         self.key = key;
         admit
+    }
+
+    /// The series key of a decision in the reused scratch buffer (give it back to `self.key`):
+    /// `prefix`, the verdict's and the direction's letters, then the deciding policy's label,
+    /// which starts at the returned index.
+    fn series_key(
+        &mut self,
+        prefix: &str,
+        verdict: FlowVerdict,
+        direction: Direction,
+        reason: &ReasonRef<'_>,
+    ) -> (String, usize) {
+        let mut key = std::mem::take(&mut self.key);
+        key.clear();
+        key.push_str(prefix);
+        key.push(match verdict {
+            FlowVerdict::Allowed => 'a',
+            FlowVerdict::Denied => 'd',
+        });
+        key.push(match direction {
+            Direction::Ingress => 'i',
+            Direction::Egress => 'e',
+        });
+        let label_start = key.len();
+        write_label(&mut key, reason);
+        (key, label_start)
     }
 
     /// A rejection the datapath made before (or without) a policy decision, under its label
