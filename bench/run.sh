@@ -29,7 +29,7 @@ echo "bench/run.sh --all: outputs in $out (about 25 minutes on 2 cores)"
 ROUNDS=${ROUNDS:-5}
 echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
 bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
-  --cases a,b,c-psk,c-pki,k,flood,flood-pki --summary "$out/one.txt" "$@" | tee "$out/one.log"
+  --cases a,b,c-psk,c-pki,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
 echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
 bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
@@ -75,8 +75,8 @@ row() { # figure measured target op value
     row "agents' decision p99, us ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
     row "agents' CPU per connection, us ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
   done
-  for c in flood flood-pki; do
-    row "conn/s under a SYN flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
+  for c in flood flood-pki flood-udp; do
+    row "conn/s under a flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
     rss=$(val "$out/one.txt" $c flood_rss_kib)
     row "agent RSS during the flood, MiB ($c)" "${rss:+$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')}" "<=" 40 \
       "${rss:+$(awk -v k="$rss" 'BEGIN { print k / 1024 }')}"

@@ -1,4 +1,5 @@
-//! The flood case: untokened TCP SYNs with spoofed sources, paced, at an isolated workload.
+//! The flood cases: untokened TCP SYNs (or plain UDP datagrams, each a new flow) with spoofed
+//! sources, paced, at an isolated workload.
 //!
 //! The flooder is a netns of the bench's own, `ts-<testbed id>-flooder` (so a crashed run's is
 //! swept like the testbed's), attached to a node's netns by a veth pair of its own on
@@ -79,14 +80,15 @@ impl Flooder {
         Ok(me)
     }
 
-    /// Starts sending SYNs to `dst` at `pps` packets per second until `stop`.
+    /// Starts sending `kind` packets to `dst` at `pps` packets per second until `stop`.
     pub fn start(
         &self,
         dst: SocketAddrV4,
         pps: f64,
+        kind: Kind,
         stop: Arc<AtomicBool>,
     ) -> JoinHandle<Result<Sent>> {
-        testbed::spawn_in_netns(&self.ns, move || flood(dst, pps, &stop))
+        testbed::spawn_in_netns(&self.ns, move || flood(dst, pps, kind, &stop))
     }
 }
 
@@ -94,6 +96,16 @@ impl Drop for Flooder {
     fn drop(&mut self) {
         let _ = crate::cmd(&["ip", "netns", "del", &self.ns]);
     }
+}
+
+/// What a flood sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP SYNs without a token.
+    Syn,
+    /// Plain UDP datagrams (8 bytes of payload), each from a new source address and port: a
+    /// new flow each, as an agent sees them.
+    Udp,
 }
 
 /// What a flood sent.
@@ -117,7 +129,7 @@ impl Sent {
 /// Most packets sent back to back before the pacing looks at the clock again.
 const BURST: u64 = 32;
 
-fn flood(dst: SocketAddrV4, pps: f64, stop: &AtomicBool) -> Result<Sent> {
+fn flood(dst: SocketAddrV4, pps: f64, kind: Kind, stop: &AtomicBool) -> Result<Sent> {
     // IPPROTO_RAW implies IP_HDRINCL: the header below goes out as written (the kernel fills
     // in the header checksum and the total length).
     let fd = socket(
@@ -141,9 +153,15 @@ fn flood(dst: SocketAddrV4, pps: f64, stop: &AtomicBool) -> Result<Sent> {
             continue;
         }
         for _ in 0..(due - attempts).min(BURST) {
-            syn(&mut packet, &mut rng, dst);
+            let len = match kind {
+                Kind::Syn => {
+                    syn(&mut packet, &mut rng, dst);
+                    packet.len()
+                }
+                Kind::Udp => udp(&mut packet, &mut rng, dst),
+            };
             attempts += 1;
-            match sendto(fd.as_raw_fd(), &packet, &to, MsgFlags::empty()) {
+            match sendto(fd.as_raw_fd(), &packet[..len], &to, MsgFlags::empty()) {
                 Ok(_) => sent.packets += 1,
                 Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => sent.errors += 1,
                 Err(e) => return Err(e).context(format!("sendto {dst}")),
@@ -154,14 +172,56 @@ fn flood(dst: SocketAddrV4, pps: f64, stop: &AtomicBool) -> Result<Sent> {
     Ok(sent)
 }
 
+/// A spoofed source address of 198.18.0.0/15 and port (>= 1024), from one random draw.
+fn spoofed(r: u64) -> (Ipv4Addr, u16) {
+    let host = (r as u32) & 0x1_ffff;
+    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) | host.max(1));
+    (src, 1024 + ((r >> 32) as u16 % (65535 - 1024)))
+}
+
+/// The pseudo-header sum of `src`, `dst`, `protocol` and the transport length.
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -> u32 {
+    let mut sum = u32::from(protocol) + u32::from(len);
+    for pair in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    sum
+}
+
+/// Writes into the first 36 bytes of `p` an IPv4 UDP datagram with 8 bytes of payload to `dst`
+/// from a random address of 198.18.0.0/15 and port, valid checksums; returns its length.
+fn udp(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) -> usize {
+    let r = rng.next();
+    let (src, sport) = spoofed(r);
+    let id = (r >> 48) as u16;
+    p[..20].copy_from_slice(&[
+        0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    let ip_sum = checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    p[24..26].copy_from_slice(&16u16.to_be_bytes());
+    p[26..28].copy_from_slice(&[0, 0]);
+    p[28..36].copy_from_slice(b"flooding");
+    let sum = match checksum(&p[20..36], pseudo_sum(src, *dst.ip(), 17, 16)) {
+        // UDP sends a computed 0 as all ones (0 means "no checksum").
+        0 => 0xffff,
+        s => s,
+    };
+    p[26..28].copy_from_slice(&sum.to_be_bytes());
+    36
+}
+
 /// Writes into `p` a 44-byte IPv4 TCP SYN (MSS option) to `dst` from a random address of
 /// 198.18.0.0/15 and a random port, random sequence number and IP id, with a valid TCP
 /// checksum (conntrack drops a bad one as INVALID before the queue would see it).
 fn syn(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) {
     let r = rng.next();
-    let host = (r as u32) & 0x1_ffff;
-    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) | host.max(1));
-    let sport = 1024 + ((r >> 32) as u16 % (65535 - 1024));
+    let (src, sport) = spoofed(r);
     let seq = (r >> 17) as u32;
     let id = (r >> 48) as u16;
     p[..20].copy_from_slice(&[
@@ -179,13 +239,7 @@ fn syn(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) {
     tcp[8..12].copy_from_slice(&[0; 4]);
     // Data offset 6 words, SYN, window 64240, checksum 0 for now, no urgent pointer, MSS 1460.
     tcp[12..24].copy_from_slice(&[0x60, 0x02, 0xfa, 0xf0, 0, 0, 0, 0, 2, 4, 0x05, 0xb4]);
-    // Pseudo-header: source, destination, zero, protocol 6, TCP length 24.
-    let mut pseudo = 0u32;
-    for pair in src.octets().chunks(2).chain(dst.ip().octets().chunks(2)) {
-        pseudo += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    pseudo += 6 + 24;
-    let sum = checksum(&p[20..], pseudo);
+    let sum = checksum(&p[20..], pseudo_sum(src, *dst.ip(), 6, 24));
     p[36..38].copy_from_slice(&sum.to_be_bytes());
 }
 
@@ -277,6 +331,22 @@ mod tests {
             assert_eq!(p[33], 0x02, "SYN only");
             let sport = u16::from_be_bytes([p[20], p[21]]);
             assert!(sport >= 1024);
+        }
+    }
+
+    #[test]
+    fn udp_checksums_verify() {
+        let mut rng = Rng::seeded();
+        let mut p = [0u8; 44];
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 70, 3, 2), 5432);
+        for _ in 0..1000 {
+            let len = udp(&mut p, &mut rng, dst);
+            assert_eq!(len, 36);
+            assert_eq!(checksum(&p[..20], 0), 0);
+            let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+            assert_eq!(checksum(&p[20..36], pseudo_sum(src, *dst.ip(), 17, 16)), 0);
+            assert_eq!(p[9], 17);
+            assert_eq!(u16::from_be_bytes([p[22], p[23]]), 5432);
         }
     }
 }

@@ -74,7 +74,7 @@ struct Args {
     /// now and then falls a little short of its pace).
     #[arg(long, default_value_t = 11.0)]
     flood_factor: f64,
-    /// Cases to run, in order (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki).
+    /// Cases to run, in order (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki, flood-udp).
     #[arg(
         long,
         value_delimiter = ',',
@@ -98,8 +98,9 @@ enum Setup {
     Agents { mode: Mode, accept_all: bool },
     /// (k): the bench's own IP-based NFQUEUE enforcer at the receiving workloads.
     IpQueue,
-    /// (flood): as (c), plus an isolated database workload flooded with spoofed SYNs.
-    Flood(Mode),
+    /// (flood): as (c), plus an isolated database workload flooded with spoofed SYNs (or
+    /// UDP datagrams).
+    Flood(Mode, flood::Kind),
 }
 
 impl Setup {
@@ -120,10 +121,13 @@ impl Setup {
                 accept_all: false,
             },
             "k" => Setup::IpQueue,
-            "flood" => Setup::Flood(Mode::Psk),
-            "flood-pki" => Setup::Flood(Mode::Pki),
+            "flood" => Setup::Flood(Mode::Psk, flood::Kind::Syn),
+            "flood-pki" => Setup::Flood(Mode::Pki, flood::Kind::Syn),
+            "flood-udp" => Setup::Flood(Mode::Psk, flood::Kind::Udp),
             other => {
-                bail!("unknown case {other:?} (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki)")
+                bail!(
+                    "unknown case {other:?} (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki, flood-udp)"
+                )
             }
         })
     }
@@ -132,7 +136,7 @@ impl Setup {
     fn agents(self) -> Option<(Mode, bool)> {
         match self {
             Setup::Agents { mode, accept_all } => Some((mode, accept_all)),
-            Setup::Flood(mode) => Some((mode, false)),
+            Setup::Flood(mode, _) => Some((mode, false)),
             Setup::Bare | Setup::Conntrack | Setup::IpQueue => None,
         }
     }
@@ -419,7 +423,7 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         .workload(WorkloadSpec::new("client", 1, "WebFrontend"))
         .workload(WorkloadSpec::new("server", 2, "BusinessBackend").port(Some("api"), 8080))
         .workload(WorkloadSpec::new("sink", 2, "BusinessBackend").sink_port(Some("api"), 8080));
-    if matches!(setup, Setup::Flood(_)) {
+    if matches!(setup, Setup::Flood(..)) {
         // Isolated: the database admits backends and databases only (30-database.yaml).
         b = b.workload(WorkloadSpec::new("db", 2, "Database").port(None, 5432));
     }
@@ -499,9 +503,9 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         .map(|(b, a)| (a - b) as f64 * 1e6 / clock_ticks_per_second() / lat.len() as f64);
     let (mut decision, mut decision_mean) = decisions.since(mark);
     let mut flood_report = None;
-    if matches!(setup, Setup::Flood(_)) {
+    if let Setup::Flood(_, kind) = setup {
         let unloaded_rate = lat.len() as f64 / duration.as_secs_f64();
-        let (flooded, report) = flood_phase(&tb, args, unloaded_rate, &decisions)?;
+        let (flooded, report) = flood_phase(&tb, args, kind, unloaded_rate, &decisions)?;
         lat = flooded.0;
         (decision, decision_mean) = (flooded.1, flooded.2);
         flood_report = Some(report);
@@ -617,6 +621,7 @@ type Flooded = (Vec<Duration>, Option<(f64, f64)>, Option<f64>);
 fn flood_phase(
     tb: &Testbed,
     args: &Args,
+    kind: flood::Kind,
     unloaded_rate: f64,
     decisions: &Decisions<'_>,
 ) -> Result<(Flooded, FloodReport)> {
@@ -629,7 +634,7 @@ fn flood_phase(
     let counters_before = flood_counters(&tb.agent(2).metrics());
     let target_pps = args.flood_factor * unloaded_rate;
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = flooder.start(db, target_pps, stop.clone());
+    let sender = flooder.start(db, target_pps, kind, stop.clone());
     let sampler = flood::sample_rss(pids.iter().flatten().copied().collect(), stop.clone());
     // Let the flood reach its pace (and the database's queue its steady state).
     std::thread::sleep(Duration::from_millis(300));
@@ -1086,8 +1091,8 @@ fn print_flood(rows: &[Row]) {
         "flooded",
         "after",
         "ratio",
-        "SYN/s set",
-        "SYN/s",
+        "pkt/s set",
+        "pkt/s",
         "x conn",
         "rejected",
         "/sent",
@@ -1124,7 +1129,7 @@ fn print_flood(rows: &[Row]) {
         }
     }
     println!(
-        "flood: untokened SYNs from random 198.18.0.0/15 sources and ports to an isolated database \
+        "flood: untokened SYNs (flood-udp: plain UDP datagrams, each a new flow) from random 198.18.0.0/15 sources and ports to an isolated database \
          behind n2 (the server's node), paced at --flood-factor x the conn/s before it \
          (x conn: the rate achieved, in those units); before, flooded, after: conn/s of one testbed \
          back to back; ratio: flooded / mean(before, after) (target >= 0.50); rejected, denied: the n2 agent's \
