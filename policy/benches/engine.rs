@@ -539,6 +539,26 @@ fn node_questions(e: &Engine, count: usize) -> Vec<Question> {
         .collect()
 }
 
+/// The distribution of single decisions over the question mix (criterion gives means): 8
+/// passes over `qs`, each decision timed alone (so the clock read is in every sample).
+fn decision_percentiles(engine: &Engine, qs: &[Question]) -> (u128, u128) {
+    let mut ns: Vec<u128> = Vec::with_capacity(qs.len() * 8);
+    for _ in 0..8 {
+        for q in qs {
+            let t = std::time::Instant::now();
+            black_box(engine.decide_ref(&q.conn()).allowed);
+            ns.push(t.elapsed().as_nanos());
+        }
+    }
+    ns.sort_unstable();
+    let at = |f: f64| {
+        ns.get(((ns.len() as f64 - 1.0) * f) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    (at(0.5), at(0.99))
+}
+
 /// `TESSERA_BENCH_CALLGRIND`: one case's 4,096 questions once each, nothing else measured.
 fn callgrind_run(case: &str, cluster: &Cluster) {
     let engine = match case {
@@ -618,6 +638,18 @@ fn benches(c: &mut Criterion) {
         qs.len(),
         admin_decided
     );
+
+    for (name, e) in [
+        ("NetworkPolicies only", &engine),
+        ("1k admin policies", &admin_engine),
+    ] {
+        let (p50, p99) = decision_percentiles(e, &qs);
+        eprintln!(
+            "decision latency, {name}: p50 {p50} ns, p99 {p99} ns (each of 8 x {} decisions timed \
+             alone, the clock's cost included)",
+            qs.len()
+        );
+    }
 
     let mut g = c.benchmark_group("decision");
     let mut i = 0usize;
