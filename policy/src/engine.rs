@@ -1,6 +1,10 @@
 //! The compiled policy set and its index.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+// aHash with per-process random keys (as the datapath's tables): SipHash of the pod and
+// namespace keys was about a tenth of a decision's instructions.
+use ahash::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -170,7 +174,7 @@ struct Interner<K> {
 impl<K> Default for Interner<K> {
     fn default() -> Self {
         Self {
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             free: Vec::new(),
             next: 0,
         }

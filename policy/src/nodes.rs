@@ -6,7 +6,9 @@
 //! decision looks the peer's address up here when (and only when) it tries a `nodes` peer. A
 //! node relabelled, readdressed or removed changes the next decision, with no re-indexing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::HashMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Node as NodeObject;

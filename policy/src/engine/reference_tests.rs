@@ -612,7 +612,7 @@ proptest! {
             check_all(&e)?;
         }
         // Every selector id in use is held by exactly the selectors the policies in force use.
-        let mut uses: HashMap<u32, usize> = HashMap::new();
+        let mut uses: HashMap<u32, usize> = HashMap::default();
         let mut policies: Vec<CompiledAdmin> = e.admin_policies.iter().flatten().cloned().collect();
         for p in &mut policies {
             for s in p.peer_selectors_mut() {
@@ -624,7 +624,7 @@ proptest! {
         for (id, n) in e.admin_selectors.ids.values() {
             prop_assert_eq!(uses.get(id), Some(n));
         }
-        let mut conds: HashMap<u32, usize> = HashMap::new();
+        let mut conds: HashMap<u32, usize> = HashMap::default();
         for p in &mut policies {
             for r in p.rules_mut() {
                 prop_assert!(r.cond != PeerSelector::NO_ID);
