@@ -236,29 +236,71 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// A figure of a row, when the row has it.
+type Field = fn(&Row) -> Option<f64>;
+
+fn rate(r: &Row) -> Option<f64> {
+    Some(r.rate)
+}
+
+fn udp_rate(r: &Row) -> Option<f64> {
+    r.udp.map(|u| u.0)
+}
+
+fn gbits(r: &Row) -> Option<f64> {
+    r.gbits.map(|g| g.0)
+}
+
+/// A flood row's conn/s under the flood over its unloaded rate.
+fn flood_ratio(r: &Row) -> Option<f64> {
+    r.flood.as_ref().map(|f| r.rate / f.unloaded())
+}
+
+fn row<'r>(round: &'r [Row], case: &str) -> Option<&'r Row> {
+    round.iter().find(|r| r.case == case)
+}
+
+/// `f` of `case` over `f` of `base`, one per round that has both.
+fn round_ratios(rounds: &[Vec<Row>], case: &str, base: &str, f: Field) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|round| Some(f(row(round, case)?)? / f(row(round, base)?)?))
+        .collect()
+}
+
+/// `f` of `case`, one per round that has it.
+fn round_values(rounds: &[Vec<Row>], case: &str, f: Field) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|round| f(row(round, case)?))
+        .collect()
+}
+
+/// Median, min and max (`None` for no value).
+fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    v.sort_unstable_by(f64::total_cmp);
+    Some((median(&v), *v.first()?, *v.last()?))
+}
+
 /// `case figure median min max` lines over the rounds: same-round ratios (`conn/b`, `conn/a`,
 /// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`), the flood's `flood` ratio and the largest
 /// agent RSS during it (`flood_rss_kib`), the agents' `decide_p50_us`, `decide_p99_us` and CPU
 /// per connection (`agent_cpu_us`).
 fn summary(rounds: &[Vec<Row>]) -> String {
-    type Field = fn(&Row) -> Option<f64>;
-    let rate: Field = |r| Some(r.rate);
-    let udp: Field = |r| r.udp.map(|u| u.0);
-    let gbits: Field = |r| r.gbits.map(|g| g.0);
     let ratios: [(&str, &str, Field); 7] = [
         ("conn/b", "b", rate),
         ("conn/a", "a", rate),
         ("conn/k", "k", rate),
-        ("udp/b", "b", udp),
-        ("udp/a", "a", udp),
-        ("udp/k", "k", udp),
+        ("udp/b", "b", udp_rate),
+        ("udp/a", "a", udp_rate),
+        ("udp/k", "k", udp_rate),
         ("gbit/a", "a", gbits),
     ];
     let own: [(&str, Field); 5] = [
         ("decide_p50_us", |r| r.decision.map(|d| d.0)),
         ("decide_p99_us", |r| r.decision.map(|d| d.1)),
         ("agent_cpu_us", |r| r.agent_cpu_us),
-        ("flood", |r| r.flood.as_ref().map(|f| r.rate / f.unloaded())),
+        ("flood", flood_ratio),
         ("flood_rss_kib", |r| {
             r.flood
                 .as_ref()
@@ -269,38 +311,17 @@ fn summary(rounds: &[Vec<Row>]) -> String {
     let Some(first) = rounds.first() else {
         return out;
     };
-    let mut line = |case: &str, name: &str, mut v: Vec<f64>| {
-        if v.is_empty() {
-            return;
+    let mut line = |case: &str, name: &str, v: Vec<f64>| {
+        if let Some((median, min, max)) = spread(v) {
+            out.push_str(&format!("{case} {name} {median:.4} {min:.4} {max:.4}\n"));
         }
-        v.sort_unstable_by(f64::total_cmp);
-        out.push_str(&format!(
-            "{case} {name} {:.4} {:.4} {:.4}\n",
-            median(&v),
-            v[0],
-            v[v.len() - 1]
-        ));
     };
     for case in first.iter().map(|r| r.case.as_str()) {
-        fn row<'r>(round: &'r [Row], case: &str) -> Option<&'r Row> {
-            round.iter().find(|r| r.case == case)
-        }
         for (name, base, f) in &ratios {
-            let v = rounds
-                .iter()
-                .filter_map(|round| {
-                    let b = round.iter().find(|r| r.case == *base)?;
-                    Some(f(row(round, case)?)? / f(b)?)
-                })
-                .collect();
-            line(case, name, v);
+            line(case, name, round_ratios(rounds, case, base, *f));
         }
         for (name, f) in &own {
-            let v = rounds
-                .iter()
-                .filter_map(|round| f(row(round, case)?))
-                .collect();
-            line(case, name, v);
+            line(case, name, round_values(rounds, case, *f));
         }
     }
     out
@@ -915,31 +936,21 @@ fn decision_hist(tb: &Testbed, agents: bool) -> Option<Vec<(f64, f64)>> {
 /// Per case, the median (and min..max) over rounds of its conn/s, throughput and UDP ratios to
 /// (a), (b) and (k) of the same round; then the flood case's conn/s under the flood / unloaded.
 fn print_medians(rounds: &[Vec<Row>]) {
-    type Field = fn(&Row) -> Option<f64>;
-    let ratio = |rows: &[Row], case: &str, base: &str, f: Field| {
-        let x = rows.iter().find(|r| r.case == case)?;
-        let b = rows.iter().find(|r| r.case == base)?;
-        Some(f(x)? / f(b)?)
+    let spread = |v: Vec<f64>| -> String {
+        spread(v).map_or_else(
+            || "-".to_owned(),
+            |(median, min, max)| format!("{median:.2} ({min:.2}..{max:.2})"),
+        )
     };
-    let spread = |mut v: Vec<f64>| -> String {
-        if v.is_empty() {
-            return "-".to_owned();
-        }
-        v.sort_unstable_by(f64::total_cmp);
-        format!("{:.2} ({:.2}..{:.2})", median(&v), v[0], v[v.len() - 1])
-    };
-    let rate: Field = |r| Some(r.rate);
-    let gbits: Field = |r| r.gbits.map(|g| g.0);
-    let udp: Field = |r| r.udp.map(|u| u.0);
     let columns: [(&str, &str, Field); 8] = [
         ("conn/s / (b)", "b", rate),
         ("conn/s / (a)", "a", rate),
         ("conn/s / (k)", "k", rate),
         ("Gbit/s / (a)", "a", gbits),
         ("Gbit/s / (k)", "k", gbits),
-        ("UDP flows/s / (b)", "b", udp),
-        ("UDP flows/s / (a)", "a", udp),
-        ("UDP flows/s / (k)", "k", udp),
+        ("UDP flows/s / (b)", "b", udp_rate),
+        ("UDP flows/s / (a)", "a", udp_rate),
+        ("UDP flows/s / (k)", "k", udp_rate),
     ];
     print!(
         "\nmedian over {} rounds of same-round ratios (min..max)\n{:<9}",
@@ -954,20 +965,12 @@ fn print_medians(rounds: &[Vec<Row>]) {
     for case in &cases {
         print!("{case:<9}");
         for (_, base, f) in &columns {
-            let v = rounds
-                .iter()
-                .filter_map(|r| ratio(r, case, base, *f))
-                .collect();
-            print!(" {:>20}", spread(v));
+            print!(" {:>20}", spread(round_ratios(rounds, case, base, *f)));
         }
         println!();
     }
     for case in &cases {
-        let v: Vec<f64> = rounds
-            .iter()
-            .filter_map(|r| r.iter().find(|x| x.case == *case))
-            .filter_map(|r| r.flood.as_ref().map(|f| r.rate / f.unloaded()))
-            .collect();
+        let v = round_values(rounds, case, flood_ratio);
         if !v.is_empty() {
             println!(
                 "{case}: conn/s under the flood / unloaded (mean of before and after, one testbed): {} (target >= 0.50)",
@@ -993,9 +996,6 @@ fn print_table(rows: &[Row]) {
     }
     let ratio =
         |x: Option<f64>, base: Option<&Row>, f: fn(&Row) -> Option<f64>| ratio_to(2, x, base, f);
-    let rate = |r: &Row| Some(r.rate);
-    let udp = |r: &Row| r.udp.map(|u| u.0);
-    let gbits = |r: &Row| r.gbits.map(|g| g.0);
     let dash = || "-".to_owned();
     println!(
         "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11}",
@@ -1051,9 +1051,9 @@ fn print_table(rows: &[Row]) {
             ratio_to(3, gbits(r), k, gbits),
             r.queued_per_transfer.map_or(dash(), |q| format!("{q:.1}")),
             u,
-            ratio(udp(r), a, udp),
-            ratio(udp(r), b, udp),
-            ratio(udp(r), k, udp),
+            ratio(udp_rate(r), a, udp_rate),
+            ratio(udp_rate(r), b, udp_rate),
+            ratio(udp_rate(r), k, udp_rate),
             u_p50,
             r.agent_cpu_us.map_or(dash(), |c| format!("{c:.0}us")),
         );
