@@ -464,10 +464,8 @@ impl Agent {
                 self.staged_changed("Kubernetes API");
             }
             Event::StagedRemove(key) => {
-                let mut p = lock(&self.processor);
-                if p.engine().is_staged(&key) {
-                    p.engine_mut().unstage(&key);
-                    drop(p);
+                let unstaged = lock(&self.processor).engine_mut().unstage(&key);
+                if unstaged {
                     tracing::info!(policy = %key, "no longer staged");
                     self.staged_changed("Kubernetes API");
                 }

@@ -157,35 +157,46 @@ impl Engine {
         objects: Vec<Object>,
         scope: impl Fn(&StagedKey) -> bool,
     ) -> Vec<PolicyError> {
-        let mut old = self.staging.take().map(|s| s.objects).unwrap_or_default();
-        let mut kept: BTreeMap<StagedKey, Object> = BTreeMap::new();
-        old.retain(|k, o| {
-            if scope(k) {
-                true
-            } else {
-                kept.insert(k.clone(), o.clone());
-                false
-            }
-        });
-        // `old` now holds the staged objects in scope: the fallbacks of refused ones.
+        // In scope: replaced, and the fallbacks of refused objects. Out of scope: kept.
+        let (mut fallbacks, mut held): (BTreeMap<_, _>, BTreeMap<_, _>) = self
+            .staging
+            .take()
+            .map(|s| s.objects)
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|(k, _)| scope(k));
+        if held.is_empty() && objects.is_empty() {
+            return Vec::new();
+        }
+        // Each object is validated by applying it to the view: a refused one leaves the
+        // view's version of its key as it was.
+        let mut view = self.clone_enforced();
+        held.retain(|_, o| apply(&mut view, o).is_ok());
         let mut refused = Vec::new();
         for object in objects {
             let key = StagedKey::of(&object);
-            let mut check = Engine::new();
-            match (key, apply(&mut check, &object)) {
+            match (key, apply(&mut view, &object)) {
                 (Some(key), Ok(())) => {
-                    kept.insert(key, object);
+                    held.insert(key, object);
                 }
                 (key, Err(error)) => {
-                    if let Some((k, previous)) = key.and_then(|k| old.remove_entry(&k)) {
-                        kept.insert(k, previous);
+                    if let Some((k, previous)) = key.and_then(|k| fallbacks.remove_entry(&k))
+                        && apply(&mut view, &previous).is_ok()
+                    {
+                        held.insert(k, previous);
                     }
                     refused.push(error);
                 }
+                // `apply` refuses what is not a policy.
                 (None, Ok(())) => {}
             }
         }
-        self.staging = self.build_staging(kept);
+        self.staging = (!held.is_empty()).then(|| {
+            Box::new(Staging {
+                view,
+                objects: held,
+            })
+        });
         refused
     }
 
@@ -200,31 +211,14 @@ impl Engine {
         }
     }
 
-    /// Unstage one policy (nothing if it is not staged): the view has the enforced version
-    /// back, if there is one.
-    pub fn unstage(&mut self, key: &StagedKey) {
-        if self.is_staged(key) {
+    /// Unstage one policy: the view has the enforced version back, if there is one. Whether it
+    /// was staged (if not, nothing changes).
+    pub fn unstage(&mut self, key: &StagedKey) -> bool {
+        let staged = self.is_staged(key);
+        if staged {
             self.replace_staged(Vec::new(), |k| k == key);
         }
-    }
-
-    /// A staging of `objects` over the enforced state (`None` for none). Each object was
-    /// validated; one the view still refuses is left out.
-    fn build_staging(&self, objects: BTreeMap<StagedKey, Object>) -> Option<Box<Staging>> {
-        if objects.is_empty() {
-            return None;
-        }
-        let mut view = self.clone_enforced();
-        let mut held = BTreeMap::new();
-        for (key, object) in objects {
-            if apply(&mut view, &object).is_ok() {
-                held.insert(key, object);
-            }
-        }
-        Some(Box::new(Staging {
-            view,
-            objects: held,
-        }))
+        staged
     }
 
     /// A copy of the enforced state (nothing staged).
