@@ -178,7 +178,7 @@ pub struct Shared {
     pub reload_failures: AtomicU64,
     /// Datagrams of the agent's own (UDP control, released) that could not be sent.
     pub udp_send_errors: Arc<AtomicU64>,
-    /// Busy polling of the queues (`--busy-poll-us`), for its counters.
+    /// Busy polling of the queues (`--busy-poll-us`): registered queues, and its counters.
     pub busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
     pub workload_failures: AtomicU64,
     pub enforce_latency: Mutex<EnforceLatency>,
@@ -244,8 +244,6 @@ struct Agent {
     synced_once: bool,
     /// Workloads of the first list still being installed (`/healthz` is 503 until they are).
     awaiting_ready: Option<HashSet<PodKey>>,
-    /// Busy polling of the queues (`--busy-poll-us`).
-    busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
 }
 
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
@@ -668,7 +666,7 @@ impl Agent {
             self.udp.clone(),
             self.mode,
             stats,
-            self.busy_poll.clone(),
+            self.shared.busy_poll.clone(),
             stop_rx,
         ));
         self.workloads.insert(
@@ -1173,7 +1171,6 @@ pub async fn run(opts: Options) -> Result<()> {
         permits: Arc::new(Semaphore::new(8)),
         synced_once: false,
         awaiting_ready: None,
-        busy_poll: opts.busy_poll.clone(),
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
