@@ -26,37 +26,6 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// A UDP datagram (IPv4 or IPv6) with a zero checksum.
-fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    l4.extend_from_slice(&[0, 0]);
-    l4.extend_from_slice(payload);
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            p.extend_from_slice(&l4);
-            let len = p.len() as u16;
-            p[2..4].copy_from_slice(&len.to_be_bytes());
-            p
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut p = vec![0x60, 0, 0, 0];
-            p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-            p.extend_from_slice(&[17, 64]);
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            p.extend_from_slice(&l4);
-            p
-        }
-        _ => panic!("mixed families"),
-    }
-}
-
 enum Rd {
     A(&'static str),
     Aaaa(&'static str),

@@ -330,29 +330,6 @@ fn the_recorder_holds_a_bounded_number_of_records() {
     assert_eq!(w.b.flow_log().stats().dropped, 7);
 }
 
-fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
-        panic!("IPv4 only here");
-    };
-    let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, protocol, 0, 0];
-    p.extend_from_slice(&s.octets());
-    p.extend_from_slice(&d.octets());
-    p.extend_from_slice(l4);
-    let len = p.len() as u16;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    p
-}
-
-fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    l4.extend_from_slice(&[0, 0]);
-    l4.extend_from_slice(payload);
-    ip_packet(src.ip(), dst.ip(), 17, &l4)
-}
-
 #[test]
 fn other_protocols_are_recorded_with_the_identity_of_the_address() {
     let mut w = World::new(Mode::Psk, INGRESS_DENY);

@@ -12,42 +12,6 @@ use common::*;
 use datapath::{Hook, IpDatagram, PacketKind, ProcessorConfig, Verdict};
 use policy::Protocol;
 
-/// An IPv4 or IPv6 packet of `protocol` with `l4` as its payload (the transport header and
-/// data), as the kernel queues it.
-fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, protocol, 0, 0];
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            p.extend_from_slice(l4);
-            let len = p.len() as u16;
-            p[2..4].copy_from_slice(&len.to_be_bytes());
-            p
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut p = vec![0x60, 0, 0, 0];
-            p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-            p.extend_from_slice(&[protocol, 64]);
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
-            p.extend_from_slice(l4);
-            p
-        }
-        _ => panic!("mixed families"),
-    }
-}
-
-fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    l4.extend_from_slice(&[0, 0]);
-    l4.extend_from_slice(payload);
-    ip_packet(src.ip(), dst.ip(), 17, &l4)
-}
-
 fn icmp_echo(src: IpAddr, dst: IpAddr) -> Vec<u8> {
     ip_packet(
         src,
