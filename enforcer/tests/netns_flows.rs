@@ -12,9 +12,12 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod flows_cli;
 
 use datapath::flowlog::{FlowRecord, FlowVerdict, IdentitySource, PolicyKind};
+use flows_cli::{flows, wait_record};
 use policy::{Direction, Protocol};
 use testbed::packet;
 use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once};
@@ -34,52 +37,6 @@ fn testbed(mode: Mode) -> Testbed {
         .workload(WorkloadSpec::new("db-2", 2, "Database").port(None, 5432))
         .agents(agents)
         .build()
-}
-
-/// `tessera flows` against node `node`'s agent with `args`; its stdout.
-fn flows(tb: &Testbed, node: u8, args: &[&str]) -> String {
-    let addr = tb.agent(node).metrics_addr().to_string();
-    let out = Command::new(TESSERA)
-        .args(["flows", "--addr", &addr])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tessera flows: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Every record node `node` holds, parsed.
-fn records(tb: &Testbed, node: u8) -> Vec<FlowRecord> {
-    flows(tb, node, &["--output", "json", "--last", "10000"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// Waits (records are drained every 100 ms) for a record of node `node` that `f` accepts.
-fn wait_record(tb: &Testbed, node: u8, what: &str, f: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
-    let start = Instant::now();
-    loop {
-        let all = records(tb, node);
-        if let Some(r) = all.iter().find(|r| f(r)) {
-            return r.clone();
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            panic!(
-                "node {node}: no record of {what}; it holds:\n{}\n{}",
-                all.iter()
-                    .map(|r| serde_json::to_string(r).unwrap())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                tb.agent_logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn ip(tb: &Testbed, w: &str) -> IpAddr {

@@ -16,12 +16,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use datapath::flowlog::{FlowRecord, FlowVerdict, PolicyKind};
+use datapath::flowlog::{FlowVerdict, PolicyKind};
 use policy::Direction;
 use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, echo_once};
+
+mod flows_cli;
+
+use flows_cli::{flows, wait_record};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 const DENIED_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,47 +67,6 @@ spec:
     protocols:
     - tcp: {destinationPort: {number: 8080}}
 "#;
-
-/// `tessera flows` against node `node`'s agent with `args`; its stdout.
-fn flows(tb: &Testbed, node: u8, args: &[&str]) -> String {
-    let addr = tb.agent(node).metrics_addr().to_string();
-    let out = Command::new(TESSERA)
-        .args(["flows", "--addr", &addr, "--last", "10000"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tessera flows: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Waits (records are drained every 100 ms) for a record of node `node` that `f` accepts.
-fn wait_record(tb: &Testbed, node: u8, what: &str, f: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
-    let start = Instant::now();
-    loop {
-        let all: Vec<FlowRecord> = flows(tb, node, &["--output", "json"])
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect();
-        if let Some(r) = all.iter().find(|r| f(r)) {
-            return r.clone();
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            panic!(
-                "node {node}: no record of {what}; it holds:\n{}\n{}",
-                all.iter()
-                    .map(|r| serde_json::to_string(r).unwrap())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                tb.agent_logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn log_of(tb: &Testbed, node: u8) -> String {
     std::fs::read_to_string(tb.dir().join(format!("agent-n{node}.log"))).unwrap_or_default()
@@ -188,14 +150,14 @@ fn staged_policies_show_their_verdicts_and_change_nothing() {
     assert_eq!(staged.policy.action.as_deref(), Some("Accept"), "{r:?}");
 
     // As an operator reads them.
-    let text = flows(&tb, 2, &["--staged"]);
+    let text = flows(&tb, 2, &["--staged", "--last", "10000"]);
     assert!(
         text.lines().any(|l| l.contains("frontend-1")
             && l.contains("ALLOWED")
             && l.contains("[staged, FLIPS: DENIED by NetworkPolicy shop/backend, ")),
         "{text}"
     );
-    let text = flows(&tb, 2, &["--staged"]);
+    let text = flows(&tb, 2, &["--staged", "--last", "10000"]);
     assert!(
         text.lines().any(|l| l.contains("db-1")
             && l.contains("DENIED")
