@@ -74,15 +74,21 @@ impl World {
         d
     }
 
-    /// One full handshake on a fresh flow; returns the time of each step.
-    fn handshake(&mut self) -> [Duration; 7] {
+    /// A millisecond later and the next client port (1024.. again after 65535); whether it is
+    /// time to expire the flow tables (every 1000 ports).
+    fn next_flow(&mut self) -> bool {
         self.now += 1;
         self.port = if self.port == u16::MAX {
             1024
         } else {
             self.port + 1
         };
-        if self.port.is_multiple_of(1000) {
+        self.port.is_multiple_of(1000)
+    }
+
+    /// One full handshake on a fresh flow; returns the time of each step.
+    fn handshake(&mut self) -> [Duration; 7] {
+        if self.next_flow() {
             self.a.expire(self.now);
             self.b.expire(self.now);
         }
@@ -107,13 +113,7 @@ impl World {
 impl World {
     /// A client SYN to a port the server's ingress denies; returns the server's INPUT time.
     fn denied_syn(&mut self) -> Duration {
-        self.now += 1;
-        self.port = if self.port == u16::MAX {
-            1024
-        } else {
-            self.port + 1
-        };
-        if self.port.is_multiple_of(1000) {
+        if self.next_flow() {
             self.a.expire(self.now);
         }
         let c = SocketAddr::new(CLIENT.ip, self.port);
