@@ -76,7 +76,21 @@ cargo fmt --all -- --check || die "cargo fmt --check: run cargo fmt"
 log "deployment files: offline validation (Kubernetes manifests, systemd unit)"
 deployment/validate.sh || die "deployment/validate.sh failed (above)"
 
-log "building every test (the first build from scratch takes ~6 min on 2 cores)"
+# Disk: a clean build of every test, the demo and clippy takes about 3 GB in target/ (line
+# tables only, see [profile.dev] in Cargo.toml); incremental caches would double it and buy
+# nothing on a one-shot run. Say so before the build rather than let the linker die half way
+# with "No space left on device".
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+target_dir=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target_dir"
+need_mb=4096
+free_mb=$(df -Pm "$target_dir" | awk 'NR==2 {print $4}')
+if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+  die "only ${free_mb} MB free on the disk of $target_dir; the build and the tests need about ${need_mb} MB (free some, or point CARGO_TARGET_DIR at a larger disk)"
+fi
+echo "disk: ${free_mb:-?} MB free on the disk of $target_dir (about ${need_mb} MB needed)"
+
+log "building every test (the first build from scratch takes ~3 min on 2 cores)"
 cargo test --workspace --all-targets --locked --no-run || die "the build failed"
 cargo build --locked -p tessera -p tessera-three-tier || die "the demo's build failed"
 
