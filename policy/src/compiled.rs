@@ -2,8 +2,11 @@
 //! pre-parsed, CIDRs as `ipnet`, port ranges as numbers, named ports with their protocol.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use crate::model::{
     AdminAction, AdminKind, AdminPolicyKey, AdminWarning, ContainerPort, Direction, Labels, Peer,
@@ -16,19 +19,24 @@ use crate::selector::Selector;
 #[derive(Clone, Debug)]
 pub(crate) enum NsScope {
     /// `podSelector` alone: the policy's own namespace.
-    Own(String),
+    Own(CompactString),
     /// `namespaceSelector` (alone or with `podSelector`): namespaces whose labels match.
     Matching(Selector),
 }
 
 /// One entry of `from` / `to`.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "inline on purpose: a decision reads the selectors without following a pointer"
+)]
 pub(crate) enum PeerMatcher {
     Pods { namespaces: NsScope, pods: Selector },
     IpBlock { cidr: IpNet, except: Vec<IpNet> },
 }
 
 impl PeerMatcher {
+    #[inline]
     fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
         match self {
             PeerMatcher::Pods { namespaces, pods } => {
@@ -57,7 +65,7 @@ pub(crate) enum PortMatcher {
     /// `port` (and `endPort`), inclusive.
     Range(Protocol, u16, u16),
     /// A named port, resolved on the destination workload.
-    Named(Protocol, String),
+    Named(Protocol, CompactString),
 }
 
 /// What a port matcher is checked against.
@@ -71,6 +79,7 @@ pub(crate) struct PortQuery<'a> {
 }
 
 impl PortMatcher {
+    #[inline]
     fn matches(&self, q: &PortQuery<'_>) -> bool {
         match self {
             PortMatcher::AnyPort(p) => *p == q.protocol,
@@ -94,13 +103,17 @@ impl PortMatcher {
 }
 
 /// One ingress or egress rule. Empty `peers` = every peer; empty `ports` = every port.
+///
+/// The common shapes (one peer, up to two ports) are stored inline, so that the rules of a
+/// policy are one contiguous array a decision reads without following pointers.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Rule {
-    pub peers: Vec<PeerMatcher>,
-    pub ports: Vec<PortMatcher>,
+    pub peers: SmallVec<[PeerMatcher; 1]>,
+    pub ports: SmallVec<[PortMatcher; 2]>,
 }
 
 impl Rule {
+    #[inline]
     pub(crate) fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
             && (self.peers.is_empty() || self.peers.iter().any(|m| m.matches(peer, peer_ip)))
@@ -113,9 +126,10 @@ pub(crate) struct CompiledPolicy {
     pub key: PolicyKey,
     pub pod_selector: Selector,
     /// `None`: the policy does not apply to ingress (`Ingress` not in policyTypes).
-    /// `Some(empty)`: isolates and allows nothing.
-    pub ingress: Option<Vec<Rule>>,
-    pub egress: Option<Vec<Rule>>,
+    /// `Some(empty)`: isolates and allows nothing. Shared with the engine's dense rule slab
+    /// (`Engine::policy_rules`), which is what decisions read.
+    pub ingress: Option<Arc<[Rule]>>,
+    pub egress: Option<Arc<[Rule]>>,
 }
 
 impl CompiledPolicy {
@@ -409,9 +423,13 @@ impl DomainPattern {
 
 /// Which peers a rule matches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "inline on purpose: a decision reads the first peer without following a pointer"
+)]
 pub(crate) enum AdminPeers {
-    /// Any of these (never empty).
-    Any(Vec<AdminPeer>),
+    /// Any of these (never empty; one is stored inline).
+    Any(SmallVec<[AdminPeer; 1]>),
     /// No peer: an Allow rule with a peer the engine cannot decide (fails closed).
     Nothing,
     /// Every peer: a Deny or Pass rule with a peer the engine cannot decide, turned into a
@@ -425,10 +443,11 @@ pub(crate) enum AdminPort {
     /// Inclusive range (a single port is `lo == hi`).
     Range(Protocol, u16, u16),
     /// A container port name of the destination, whatever protocol it is declared with.
-    Named(String),
+    Named(CompactString),
 }
 
 impl AdminPort {
+    #[inline]
     fn matches(&self, q: &PortQuery<'_>) -> bool {
         match self {
             AdminPort::Range(p, lo, hi) => *p == q.protocol && (*lo..=*hi).contains(&q.port),
@@ -450,7 +469,8 @@ impl AdminPort {
 pub(crate) struct AdminRule {
     pub action: AdminAction,
     pub peers: AdminPeers,
-    pub ports: Vec<AdminPort>,
+    /// Up to two inline, as [`Rule`]'s.
+    pub ports: SmallVec<[AdminPort; 2]>,
     /// The rule was rewritten to fail closed.
     pub fail_closed: bool,
     /// The engine-wide id of what the rule matches (`peers` and `ports`; rules that match

@@ -170,7 +170,7 @@ fn compile_port(
                 return Err(ctx.err(end_field, "may not be specified when `port` is non-numeric"));
             }
             check_port_name(name).map_err(|m| ctx.err(format!("{path}.port"), m))?;
-            Ok(PortMatcher::Named(protocol, name.clone()))
+            Ok(PortMatcher::Named(protocol, name.as_str().into()))
         }
     }
 }
@@ -237,7 +237,7 @@ fn compile_peer(
             &format!("{path}.namespaceSelector"),
             s,
         )?),
-        None if peer.pod_selector.is_some() => NsScope::Own(own_ns.to_string()),
+        None if peer.pod_selector.is_some() => NsScope::Own(own_ns.into()),
         None => return Err(ctx.err(path, "must specify a peer")),
     };
     Ok(PeerMatcher::Pods { namespaces, pods })
@@ -345,8 +345,8 @@ pub(crate) fn compile_policy(policy: &NetworkPolicy) -> Result<CompiledPolicy, P
     Ok(CompiledPolicy {
         key: PolicyKey { namespace, name },
         pod_selector,
-        ingress: want_ingress.then_some(ingress),
-        egress: want_egress.then_some(egress),
+        ingress: want_ingress.then(|| ingress.into()),
+        egress: want_egress.then(|| egress.into()),
     })
 }
 

@@ -9,6 +9,7 @@
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use smallvec::SmallVec;
 
 use crate::PolicyError;
 use crate::admin::{
@@ -230,6 +231,10 @@ fn subject(ctx: &Ctx, api: &Api, s: Option<&Subject>) -> Result<AdminSubject, Po
 }
 
 /// A peer compiled, or the reason it cannot be decided (the rule fails closed).
+#[allow(
+    clippy::large_enum_variant,
+    reason = "short-lived, at compile time; the peer moves into its rule"
+)]
 enum PeerOutcome {
     Peer(AdminPeer),
     Unsupported(AdminWarning),
@@ -459,8 +464,8 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
     if unsupported.is_empty() {
         return AdminRule {
             action: parts.action,
-            peers: AdminPeers::Any(decided),
-            ports: parts.ports,
+            peers: AdminPeers::Any(decided.into()),
+            ports: parts.ports.into(),
             fail_closed: false,
             cond: PeerSelector::NO_ID,
         };
@@ -470,7 +475,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
             AdminRule {
                 action: AdminAction::Allow,
                 peers: AdminPeers::Nothing,
-                ports: parts.ports,
+                ports: parts.ports.into(),
                 fail_closed: true,
                 cond: PeerSelector::NO_ID,
             },
@@ -480,7 +485,7 @@ fn assemble(path: &str, parts: RuleParts, warnings: &mut Vec<AdminWarning>) -> A
             AdminRule {
                 action: AdminAction::Deny,
                 peers: AdminPeers::Everything,
-                ports: Vec::new(),
+                ports: SmallVec::new(),
                 fail_closed: true,
                 cond: PeerSelector::NO_ID,
             },
@@ -540,7 +545,7 @@ fn v2_ports(
                     return Err(ctx.err(format!("{at}.destinationNamedPort"), "must not be empty"));
                 }
                 named = true;
-                out.push(AdminPort::Named(n.to_owned()));
+                out.push(AdminPort::Named(n.into()));
                 continue;
             }
         };
@@ -626,7 +631,7 @@ fn v1_ports(
                 return Err(ctx.err(format!("{at}.namedPort"), "must not be empty"));
             }
             named = true;
-            out.push(AdminPort::Named(n.to_owned()));
+            out.push(AdminPort::Named(n.into()));
         }
     }
     Ok((out, named))

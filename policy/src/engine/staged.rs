@@ -229,6 +229,7 @@ impl Engine {
             workload_order: self.workload_order.clone(),
             pods_by_ns: self.pods_by_ns.clone(),
             policies: self.policies.clone(),
+            policy_rules: self.policy_rules.clone(),
             free: self.free.clone(),
             policies_by_ns: self.policies_by_ns.clone(),
             by_ip: self.by_ip.clone(),
