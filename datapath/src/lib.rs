@@ -15,6 +15,8 @@
 //! - [`metrics`]: counters and the decision-time histogram, Prometheus text format.
 //! - [`flowlog`]: flow records (docs/flow-log.md) and the bounded recorder the processor
 //!   writes them into, with the per-policy verdict counts.
+//! - [`tunnel`]: encryption between nodes, the WireGuard tunnel's peer table, cryptokey
+//!   routing and counters (`boringtun` sessions); `shell::tunnel` runs it over TUN and UDP.
 
 pub mod dns;
 pub mod established;
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod packet;
 pub mod processor;
 pub mod shell;
+pub mod tunnel;
 pub mod udp;
 
 pub use established::{Cut, CutReason};

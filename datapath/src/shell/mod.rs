@@ -1,6 +1,7 @@
 //! The kernel shell around the pure core: network namespaces, the fixed iptables rule set, and
-//! NFQUEUE sockets driven by one tokio event loop. Everything here does I/O; the decisions are
-//! the [`Processor`](crate::Processor)'s.
+//! NFQUEUE sockets driven by one tokio event loop; and the node-to-node tunnel's TUN device,
+//! socket and routes ([`tunnel`]). Everything here does I/O; the decisions are the
+//! [`Processor`](crate::Processor)'s (and the [`Tunnel`](crate::tunnel::Tunnel)'s).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,10 +16,12 @@ pub mod inject;
 pub mod netns;
 pub mod queue;
 pub mod rules;
+pub mod tunnel;
 
 pub use netns::Netns;
 pub use queue::{Action, Direction, OpenedQueue, QueueConfig, WorkloadQueue};
 pub use rules::{Installed, RuleConfig};
+pub use tunnel::{TunnelConfig, TunnelHandle};
 
 /// Errors of the shell; each names what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,48 @@ pub enum ShellError {
         "nfqueue {0}: bind refused: another process (agent?) holds this queue in the namespace, or we lack CAP_NET_ADMIN"
     )]
     QueueBusy(u16),
+    /// The tunnel's peer set was refused (nothing changed).
+    #[error("tunnel peers: {0}")]
+    TunnelPeers(#[from] crate::tunnel::ConfigError),
+    /// The tunnel's TUN device could not be made or configured.
+    #[error(
+        "TUN device {name}: {source} (needs CAP_NET_ADMIN and /dev/net/tun; is a device of that name already there?)"
+    )]
+    TunDevice {
+        /// The device name.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The tunnel's UDP socket could not be opened.
+    #[error("tunnel UDP socket {addr}: {source}")]
+    TunnelSocket {
+        /// The address it was to be bound to.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The tunnel's loop stopped on an I/O error.
+    #[error("tunnel: {what}: {source}")]
+    TunnelIo {
+        /// What it was doing.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The tunnel's routing table already holds routes (another tunnel or program uses it).
+    #[error(
+        "tunnel: routing table {table} already has routes (another tunnel or program uses it; choose another table): {routes}"
+    )]
+    TunnelTableInUse {
+        /// The table.
+        table: String,
+        /// What `ip route show table` listed.
+        routes: String,
+    },
+    /// The tunnel's thread is no longer running (shut down, or stopped on an error).
+    #[error("the tunnel has stopped")]
+    TunnelStopped,
 }
 
 /// How the queue reader decides.

@@ -41,6 +41,16 @@ impl Netns {
         })
     }
 
+    /// Moves the calling thread into this namespace for good: for a thread of its own that
+    /// lives there (its sockets, devices and child processes are made in the namespace).
+    pub fn enter_current_thread(&self) -> Result<(), ShellError> {
+        let file = self.open()?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| ShellError::Netns {
+            path: self.path.clone(),
+            source: std::io::Error::from(errno),
+        })
+    }
+
     /// Run `f` on a fresh thread that has joined this namespace; the thread exits when `f`
     /// returns, so no thread per workload survives. Sockets created by `f` stay in this namespace.
     pub fn run<T, F>(&self, f: F) -> Result<T, ShellError>
@@ -48,15 +58,11 @@ impl Netns {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let file = self.open()?;
-        let path = self.path.clone();
+        let ns = self.clone();
         let handle = std::thread::Builder::new()
             .name("tessera-netns".into())
             .spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| ShellError::Netns {
-                    path,
-                    source: std::io::Error::from(errno),
-                })?;
+                ns.enter_current_thread()?;
                 Ok(f())
             })
             .map_err(ShellError::Thread)?;

@@ -1,0 +1,561 @@
+//! The node-to-node WireGuard tunnel's shell: a TUN device, one UDP socket, the routes that
+//! send the peer nodes' pod prefixes into the device, and the tokio loop that feeds the
+//! [`Tunnel`](crate::tunnel::Tunnel) state machine.
+//!
+//! Everything runs on one thread of its own (a current-thread tokio runtime), in the network
+//! namespace given by [`TunnelConfig::netns`] (or the caller's): the device, the socket and
+//! every `ip` command are made there. The [`TunnelHandle`] talks to it over a channel.
+//!
+//! Routing, all in that namespace and all removed on shutdown:
+//! - one policy rule per address family in use, `pref <rule_priority> lookup <table>` (before
+//!   the `main` table's rule, 32766), so the tunnel's routes win over the routes the cluster's
+//!   network plugin has for the same prefixes, without touching those;
+//! - in that table only, one route per allowed prefix of a peer: `PREFIX dev <device>` (with
+//!   `src` when [`TunnelConfig::route_sources`] gives an address of the family).
+//!
+//! Anything not in a peer's prefixes finds no route in the table and falls through to `main`
+//! as before. A peer's endpoint can never be inside the prefixes (the table refuses it), so
+//! the tunnel's own datagrams are never routed into it. The device is not persistent: if the
+//! process dies, the kernel removes it and every route through it; only the rule (which then
+//! matches nothing) remains, and the next start takes it over. A table that already holds
+//! routes is refused (another tunnel or program uses it).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Netns, ShellError};
+use crate::tunnel::{
+    DEFAULT_MTU, DEFAULT_PORT, Outputs, PeerChanges, PeerConfig, StaticSecret, Tunnel, TunnelStats,
+};
+
+/// The protocol timers' period (`boringtun` rounds its timers to a second; WireGuard's
+/// retransmission jitter is a third of one).
+const TICK: Duration = Duration::from_millis(250);
+
+/// Packets read from the TUN device or datagrams from the socket in a row, at most, before
+/// the loop looks at its other sources.
+const BATCH: usize = 64;
+
+/// The largest TUN packet or datagram read.
+const READ_BUF: usize = 65_536;
+
+/// How to run the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// The TUN device's name (at most 15 bytes).
+    pub device: String,
+    /// Its MTU.
+    pub mtu: u16,
+    /// The UDP address the tunnel listens and sends on (port 0: any free port, see
+    /// [`TunnelHandle::local_addr`]). Bind the node's own address when it has several, so that
+    /// peers see datagrams come from the endpoint they know it by.
+    pub listen: SocketAddr,
+    /// The routing table the peers' prefixes are routed in.
+    pub table: u32,
+    /// The priority of the rule that looks that table up (before `main`, 32766).
+    pub rule_priority: u32,
+    /// Source addresses for the routes, at most one per family: the node's own address inside
+    /// its pod prefix, so that traffic the node itself sends to a peer's pods leaves with a
+    /// source the peer accepts (it is in this node's allowed prefixes there). Without one, the
+    /// kernel picks the node's address, which the peer's cryptokey routing refuses.
+    pub route_sources: Vec<IpAddr>,
+    /// The network namespace to run in; `None`: the caller's.
+    pub netns: Option<Netns>,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> TunnelConfig {
+        TunnelConfig {
+            device: "tsr-wg0".into(),
+            mtu: DEFAULT_MTU,
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
+            table: u32::from(DEFAULT_PORT),
+            rule_priority: 32000,
+            route_sources: Vec::new(),
+            netns: None,
+        }
+    }
+}
+
+enum Request {
+    SetPeers(
+        Vec<PeerConfig>,
+        oneshot::Sender<Result<PeerChanges, ShellError>>,
+    ),
+    Stats(oneshot::Sender<TunnelStats>),
+}
+
+/// A running tunnel. Dropping it shuts the tunnel down (as [`TunnelHandle::shutdown`], with
+/// errors logged instead of returned).
+#[derive(Debug)]
+pub struct TunnelHandle {
+    requests: Option<mpsc::UnboundedSender<Request>>,
+    thread: Option<JoinHandle<Result<(), ShellError>>>,
+    device: String,
+    local_addr: SocketAddr,
+}
+
+/// Starts a tunnel with this node's `secret` and its first `peers`: the device, the socket,
+/// the rule and routes are in place when this returns. On an error nothing is left behind.
+pub fn start(
+    config: TunnelConfig,
+    secret: &StaticSecret,
+    peers: Vec<PeerConfig>,
+) -> Result<TunnelHandle, ShellError> {
+    // Checked before anything is created.
+    let tunnel = Tunnel::new(secret, peers)?;
+    let (requests, receiver) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let device = config.device.clone();
+    let thread = std::thread::Builder::new()
+        .name("tessera-wg".into())
+        .spawn(move || run_thread(config, tunnel, receiver, ready_tx))
+        .map_err(ShellError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(local_addr)) => Ok(TunnelHandle {
+            requests: Some(requests),
+            thread: Some(thread),
+            device,
+            local_addr,
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        // The thread ended without a word: it panicked.
+        Err(_) => Err(thread_result(thread.join())
+            .err()
+            .unwrap_or(ShellError::TunnelStopped)),
+    }
+}
+
+impl TunnelHandle {
+    /// The TUN device's name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// The UDP address the tunnel is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn request(&self, r: Request) -> Result<(), ShellError> {
+        self.requests
+            .as_ref()
+            .and_then(|s| s.send(r).ok())
+            .ok_or(ShellError::TunnelStopped)
+    }
+
+    /// Replaces the peer set (see [`Tunnel::set_peers`]: a peer whose key is unchanged keeps
+    /// its session) and the routes to match. An invalid set changes nothing.
+    pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetPeers(peers, tx))?;
+        rx.await.map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// [`TunnelHandle::set_peers`] for callers outside an async runtime.
+    pub fn set_peers_blocking(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetPeers(peers, tx))?;
+        rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// Every peer's counters now.
+    pub async fn stats(&self) -> Result<TunnelStats, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::Stats(tx))?;
+        rx.await.map_err(|_| ShellError::TunnelStopped)
+    }
+
+    /// [`TunnelHandle::stats`] for callers outside an async runtime.
+    pub fn stats_blocking(&self) -> Result<TunnelStats, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::Stats(tx))?;
+        rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)
+    }
+
+    /// Stops the loop, removes the routes and rules it added and the TUN device, and waits for
+    /// that to be done. Blocks (briefly: a few `ip` commands).
+    pub fn shutdown(mut self) -> Result<(), ShellError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ShellError> {
+        // Closing the channel ends the loop.
+        self.requests = None;
+        match self.thread.take() {
+            Some(t) => thread_result(t.join()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TunnelHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(device = %self.device, "tunnel shutdown: {e}");
+        }
+    }
+}
+
+fn thread_result(r: std::thread::Result<Result<(), ShellError>>) -> Result<(), ShellError> {
+    r.map_err(|_| ShellError::Thread(std::io::Error::other("tunnel thread panicked")))?
+}
+
+/// The tunnel's thread: enter the namespace, set up, report, loop, clean up.
+fn run_thread(
+    config: TunnelConfig,
+    tunnel: Tunnel,
+    requests: mpsc::UnboundedReceiver<Request>,
+    ready: std::sync::mpsc::Sender<Result<SocketAddr, ShellError>>,
+) -> Result<(), ShellError> {
+    if let Some(ns) = &config.netns
+        && let Err(e) = ns.enter_current_thread()
+    {
+        let _ = ready.send(Err(e));
+        return Ok(());
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(ShellError::Thread(e)));
+            return Ok(());
+        }
+    };
+    runtime.block_on(async move {
+        let mut routing = Routing::new(&config);
+        let setup = async {
+            let tun = tun_rs::DeviceBuilder::new()
+                .name(&config.device)
+                .mtu(config.mtu)
+                .enable(true)
+                .build_async()
+                .map_err(|source| ShellError::TunDevice {
+                    name: config.device.clone(),
+                    source,
+                })?;
+            let udp = bind(config.listen)?;
+            let local = udp
+                .local_addr()
+                .map_err(|source| ShellError::TunnelSocket {
+                    addr: config.listen,
+                    source,
+                })?;
+            routing.sync(&tunnel.table().prefixes())?;
+            Ok::<_, ShellError>((tun, udp, local))
+        };
+        let (tun, udp, local) = match setup.await {
+            Ok(x) => x,
+            Err(e) => {
+                // The device (if made) is gone with its fd; routes and rules are undone here.
+                if let Err(undo) = routing.clear() {
+                    tracing::warn!("tunnel setup failed ({e}); undoing it: {undo}");
+                }
+                let _ = ready.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = ready.send(Ok(local));
+        let result = run_loop(tunnel, &tun, &udp, &mut routing, requests).await;
+        let cleared = routing.clear();
+        drop(tun);
+        result.and(cleared)
+    })
+}
+
+fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
+    let err = |source| ShellError::TunnelSocket { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    tokio::net::UdpSocket::from_std(socket).map_err(err)
+}
+
+/// The shell's side of [`Outputs`]: non-blocking writes (a full buffer drops, and is counted).
+struct Io<'a> {
+    udp: &'a tokio::net::UdpSocket,
+    tun: &'a tun_rs::AsyncDevice,
+}
+
+impl Outputs for Io<'_> {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.udp.try_send_to(datagram, to).is_ok()
+    }
+
+    fn deliver(&mut self, packet: &[u8]) -> bool {
+        self.tun.try_send(packet).is_ok()
+    }
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+    )
+}
+
+async fn run_loop(
+    mut tunnel: Tunnel,
+    tun: &tun_rs::AsyncDevice,
+    udp: &tokio::net::UdpSocket,
+    routing: &mut Routing,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+) -> Result<(), ShellError> {
+    let mut tun_buf = vec![0u8; READ_BUF];
+    let mut udp_buf = vec![0u8; READ_BUF];
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut io = Io { udp, tun };
+        tokio::select! {
+            r = tun.readable() => {
+                r.map_err(|source| ShellError::TunnelIo { what: "reading the TUN device", source })?;
+                for _ in 0..BATCH {
+                    match tun.try_recv(&mut tun_buf) {
+                        Ok(n) => tunnel.handle_tun_packet(&tun_buf[..n], &mut io),
+                        Err(e) if would_block(&e) => break,
+                        Err(source) => {
+                            return Err(ShellError::TunnelIo { what: "reading the TUN device", source });
+                        }
+                    }
+                }
+            }
+            r = udp.readable() => {
+                r.map_err(|source| ShellError::TunnelIo { what: "reading the UDP socket", source })?;
+                let now = super::queue::unix_ms();
+                for _ in 0..BATCH {
+                    match udp.try_recv_from(&mut udp_buf) {
+                        Ok((n, from)) => tunnel.handle_datagram(now, from, &udp_buf[..n], &mut io),
+                        Err(e) if would_block(&e) => break,
+                        // An ICMP error queued on the socket (with IP_RECVERR only); the next
+                        // read goes on.
+                        Err(e) => {
+                            tracing::debug!("tunnel UDP socket: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = ticker.tick() => tunnel.tick(&mut io),
+            request = requests.recv() => match request {
+                Some(Request::SetPeers(peers, reply)) => {
+                    let _ = reply.send(set_peers(&mut tunnel, routing, peers));
+                }
+                Some(Request::Stats(reply)) => {
+                    let _ = reply.send(tunnel.stats(super::queue::unix_ms()));
+                }
+                // The handle is gone or shut down.
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// New peers first (a packet routed to a new prefix finds its peer), then the routes.
+fn set_peers(
+    tunnel: &mut Tunnel,
+    routing: &mut Routing,
+    peers: Vec<PeerConfig>,
+) -> Result<PeerChanges, ShellError> {
+    let changes = tunnel.set_peers(peers)?;
+    routing.sync(&tunnel.table().prefixes())?;
+    Ok(changes)
+}
+
+/// The rules and routes this tunnel added, exactly: each is recorded once its command
+/// succeeded, and only those are removed.
+#[derive(Debug)]
+struct Routing {
+    device: String,
+    table: String,
+    priority: String,
+    sources: Vec<IpAddr>,
+    rules: BTreeSet<Family>,
+    routes: BTreeSet<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(prefix: &IpNet) -> Family {
+        match prefix {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+}
+
+impl Routing {
+    fn new(config: &TunnelConfig) -> Routing {
+        Routing {
+            device: config.device.clone(),
+            table: config.table.to_string(),
+            priority: config.rule_priority.to_string(),
+            sources: config.route_sources.clone(),
+            rules: BTreeSet::new(),
+            routes: BTreeSet::new(),
+        }
+    }
+
+    fn ip(family: Family, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.arg(family.flag()).args(args);
+        cmd
+    }
+
+    /// Makes the routes exactly `wanted` (adding first, then removing), with the rule of each
+    /// family that has a route.
+    fn sync(&mut self, wanted: &BTreeSet<IpNet>) -> Result<(), ShellError> {
+        for family in wanted.iter().map(Family::of).collect::<BTreeSet<_>>() {
+            if !self.rules.contains(&family) {
+                self.add_rule(family)?;
+            }
+        }
+        for prefix in wanted.difference(&self.routes.clone()) {
+            let p = prefix.to_string();
+            let mut args = vec![
+                "route",
+                "add",
+                &p,
+                "dev",
+                &self.device,
+                "table",
+                &self.table,
+            ];
+            let src = self
+                .sources
+                .iter()
+                .find(|s| s.is_ipv4() == matches!(prefix, IpNet::V4(_)))
+                .map(|s| s.to_string());
+            if let Some(src) = &src {
+                args.extend(["src", src]);
+            }
+            super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
+            self.routes.insert(*prefix);
+        }
+        for prefix in self.routes.clone().difference(wanted) {
+            self.del_route(prefix)?;
+        }
+        Ok(())
+    }
+
+    fn add_rule(&mut self, family: Family) -> Result<(), ShellError> {
+        // The table must be this tunnel's alone: a route already in it belongs to a running
+        // tunnel with the same table, or to another program.
+        let show = ["route", "show", "table", &self.table];
+        let routes = match super::netns::run_command(Self::ip(family, &show), None) {
+            Ok((out, _)) => out,
+            Err(ShellError::Command { stderr, .. }) if stderr.contains("does not exist") => {
+                String::new()
+            }
+            Err(e) => return Err(e),
+        };
+        if !routes.trim().is_empty() {
+            return Err(ShellError::TunnelTableInUse {
+                table: self.table.clone(),
+                routes: routes.trim().to_owned(),
+            });
+        }
+        let args = ["rule", "add", "pref", &self.priority, "lookup", &self.table];
+        match super::netns::run_command(Self::ip(family, &args), None) {
+            Ok(_) => {}
+            // The same rule, before an empty table: left by a tunnel that was killed (its
+            // routes went with its device). Taken over, and removed on shutdown.
+            Err(ShellError::Command { stderr, .. }) if stderr.contains("File exists") => {}
+            Err(e) => return Err(e),
+        }
+        self.rules.insert(family);
+        Ok(())
+    }
+
+    fn del_route(&mut self, prefix: &IpNet) -> Result<(), ShellError> {
+        let p = prefix.to_string();
+        let args = [
+            "route",
+            "del",
+            &p,
+            "dev",
+            &self.device,
+            "table",
+            &self.table,
+        ];
+        super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
+        self.routes.remove(prefix);
+        Ok(())
+    }
+
+    /// Removes every route and rule added; goes on after an error and returns the first.
+    fn clear(&mut self) -> Result<(), ShellError> {
+        let mut first = Ok(());
+        for prefix in self.routes.clone() {
+            if let Err(e) = self.del_route(&prefix) {
+                first = first.and(Err(e));
+                self.routes.remove(&prefix);
+            }
+        }
+        for family in std::mem::take(&mut self.rules) {
+            let args = ["rule", "del", "pref", &self.priority, "lookup", &self.table];
+            if let Err(e) = super::netns::run_command(Self::ip(family, &args), None) {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = TunnelConfig::default();
+        assert_eq!(c.device, "tsr-wg0");
+        assert_eq!(c.mtu, 1420);
+        assert_eq!(c.listen, "0.0.0.0:51871".parse().unwrap());
+        assert!(c.rule_priority < 32766, "before main");
+    }
+
+    #[test]
+    fn an_invalid_peer_set_fails_before_anything_is_made() {
+        let s = StaticSecret::from_bytes([1; 32]);
+        let own = PeerConfig {
+            name: "me".into(),
+            public_key: s.public_key(),
+            endpoint: "10.0.0.1:51871".parse().unwrap(),
+            allowed_ips: vec![],
+        };
+        let err = start(
+            TunnelConfig {
+                device: "never-made".into(),
+                ..TunnelConfig::default()
+            },
+            &s,
+            vec![own],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("own public key"), "{err}");
+    }
+}
