@@ -10,15 +10,20 @@
 //! - one policy rule per address family in use, `pref <rule_priority> lookup <table>` (before
 //!   the `main` table's rule, 32766), so the tunnel's routes win over the routes the cluster's
 //!   network plugin has for the same prefixes, without touching those;
-//! - in that table only, one route per allowed prefix of a peer: `PREFIX dev <device>` (with
-//!   `src` when [`TunnelConfig::route_sources`] gives an address of the family).
+//! - in that table only, two routes per allowed prefix of a peer: `PREFIX dev <device>` (with
+//!   `src` when [`TunnelConfig::route_sources`] gives an address of the family), and under it
+//!   `blackhole PREFIX metric 4096`.
 //!
 //! Anything not in a peer's prefixes finds no route in the table and falls through to `main`
 //! as before. A peer's endpoint can never be inside the prefixes (the table refuses it), so
-//! the tunnel's own datagrams are never routed into it. The device is not persistent: if the
-//! process dies, the kernel removes it and every route through it; only the rule (which then
-//! matches nothing) remains, and the next start takes it over. A table that already holds
-//! routes is refused (another tunnel or program uses it).
+//! the tunnel's own datagrams are never routed into it.
+//!
+//! **Fails closed.** The device is not persistent: if the process dies (killed, crashed), the
+//! kernel removes it and the routes through it, and what is left in the table is the rule and
+//! the blackhole routes: traffic to the peers' pods is dropped, never sent in clear by the
+//! plugin's routes, until a tunnel starts again. That start takes the leftover rule and
+//! blackholes over (a table holding anything else is refused: another tunnel or program uses
+//! it). Only a deliberate shutdown removes them, and with them the encryption.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -382,7 +387,14 @@ struct Routing {
     sources: Vec<IpAddr>,
     rules: BTreeSet<Family>,
     routes: BTreeSet<IpNet>,
+    /// The blackhole route under each route through the device (and, after a start that took
+    /// a killed tunnel's table over, its leftovers until the next sync).
+    blackholes: BTreeSet<IpNet>,
 }
+
+/// The metric of the blackhole routes: any route through the device (metric 0) wins while the
+/// device exists.
+const BLACKHOLE_METRIC: &str = "4096";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Family {
@@ -415,6 +427,7 @@ impl Routing {
             sources: config.route_sources.clone(),
             rules: BTreeSet::new(),
             routes: BTreeSet::new(),
+            blackholes: BTreeSet::new(),
         }
     }
 
@@ -431,6 +444,21 @@ impl Routing {
             if !self.rules.contains(&family) {
                 self.add_rule(family)?;
             }
+        }
+        for prefix in wanted.difference(&self.blackholes.clone()) {
+            let p = prefix.to_string();
+            let args = [
+                "route",
+                "add",
+                "blackhole",
+                &p,
+                "table",
+                &self.table,
+                "metric",
+                BLACKHOLE_METRIC,
+            ];
+            super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
+            self.blackholes.insert(*prefix);
         }
         for prefix in wanted.difference(&self.routes.clone()) {
             let p = prefix.to_string();
@@ -457,6 +485,9 @@ impl Routing {
         for prefix in self.routes.clone().difference(wanted) {
             self.del_route(prefix)?;
         }
+        for prefix in self.blackholes.clone().difference(wanted) {
+            self.del_blackhole(prefix)?;
+        }
         Ok(())
     }
 
@@ -471,12 +502,31 @@ impl Routing {
             }
             Err(e) => return Err(e),
         };
-        if !routes.trim().is_empty() {
-            return Err(ShellError::TunnelTableInUse {
-                table: self.table.clone(),
-                routes: routes.trim().to_owned(),
+        // Only blackholes: left by a tunnel that was killed (they kept its peers' traffic from
+        // going out in clear). Taken over: replaced by this tunnel's routes at its first sync.
+        let mut leftovers = BTreeSet::new();
+        for line in routes.lines().filter(|l| !l.trim().is_empty()) {
+            let mut words = line.split_whitespace();
+            let kind = words.next();
+            // `ip` prints a host route without its length (`blackhole 10.1.2.3`).
+            let prefix = words.next().and_then(|w| {
+                w.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| w.parse::<IpAddr>().ok().map(IpNet::from))
             });
+            match (kind, prefix) {
+                (Some("blackhole"), Some(prefix)) => {
+                    leftovers.insert(prefix);
+                }
+                _ => {
+                    return Err(ShellError::TunnelTableInUse {
+                        table: self.table.clone(),
+                        routes: routes.trim().to_owned(),
+                    });
+                }
+            }
         }
+        self.blackholes.extend(leftovers);
         let args = ["rule", "add", "pref", &self.priority, "lookup", &self.table];
         match super::netns::run_command(Self::ip(family, &args), None) {
             Ok(_) => {}
@@ -505,6 +555,23 @@ impl Routing {
         Ok(())
     }
 
+    fn del_blackhole(&mut self, prefix: &IpNet) -> Result<(), ShellError> {
+        let p = prefix.to_string();
+        let args = [
+            "route",
+            "del",
+            "blackhole",
+            &p,
+            "table",
+            &self.table,
+            "metric",
+            BLACKHOLE_METRIC,
+        ];
+        super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
+        self.blackholes.remove(prefix);
+        Ok(())
+    }
+
     /// Removes every route and rule added; goes on after an error and returns the first.
     fn clear(&mut self) -> Result<(), ShellError> {
         let mut first = Ok(());
@@ -512,6 +579,12 @@ impl Routing {
             if let Err(e) = self.del_route(&prefix) {
                 first = first.and(Err(e));
                 self.routes.remove(&prefix);
+            }
+        }
+        for prefix in self.blackholes.clone() {
+            if let Err(e) = self.del_blackhole(&prefix) {
+                first = first.and(Err(e));
+                self.blackholes.remove(&prefix);
             }
         }
         for family in std::mem::take(&mut self.rules) {
