@@ -2,7 +2,8 @@
 # Real-kernel benchmark, one command, one run (as root): connection rate, connect latency,
 # per-packet decision time and throughput for (a) no rules, (b) the same rules with
 # `tessera run --accept-all`, (c) full enforcement (PSK and PKI), (k) an IP-based NFQUEUE
-# enforcer of the bench's own, and (c) under a flood of spoofed SYNs. Not part of the tests.
+# enforcer of the bench's own, (c) under a flood of spoofed SYNs, and (a-wg) the node-to-node
+# WireGuard tunnel alone. Not part of the tests.
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki,k,flood]
 #        sudo ./bench/run.sh --all   # every case (one and four clients, flood, scale, Docker
 #                                    # agent), then one table of each figure against its target
@@ -29,7 +30,7 @@ echo "bench/run.sh --all: outputs in $out (about 25 minutes on 2 cores)"
 ROUNDS=${ROUNDS:-5}
 echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
 bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
-  --cases a,b,c-psk,c-pki,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
+  --cases a,a-wg,b,c-psk,c-pki,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
 echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
 bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
@@ -75,6 +76,9 @@ row() { # figure measured target op value
     row "agents' decision p99, us ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
     row "agents' CPU per connection, us ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
   done
+  # Issue 17: what the node-to-node tunnel costs (no target).
+  row "encryption: TCP conn/s (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg conn/a)" "" "" ""
+  row "encryption: throughput (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg gbit/a)" "" "" ""
   for c in flood flood-pki flood-udp; do
     row "conn/s under a flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
     rss=$(val "$out/one.txt" $c flood_rss_kib)

@@ -4,8 +4,9 @@
 //! `tessera run --accept-all`, (c) full enforcement with the three-tier policies, in PSK and in
 //! PKI mode, (k) an IP-based NFQUEUE enforcer of the bench's own (the first packet of each new
 //! flow queued at the receiving workload and decided on its addresses with the same policy
-//! engine, as kubernetes-sigs/kube-network-policies does), and (flood) full enforcement while
-//! untokened, spoofed-source SYNs flood an isolated workload on the server's node. Run it as
+//! engine, as kubernetes-sigs/kube-network-policies does), (flood) full enforcement while
+//! untokened, spoofed-source SYNs flood an isolated workload on the server's node, and (a-wg)
+//! no agent but the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in both nodes. Run it as
 //! root: `sudo ./bench/run.sh`.
 //!
 //! Topology (per case, fresh): node netns n1 and n2 linked by veth; a client workload behind
@@ -74,7 +75,7 @@ struct Args {
     /// now and then falls a little short of its pace).
     #[arg(long, default_value_t = 11.0)]
     flood_factor: f64,
-    /// Cases to run, in order (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki, flood-udp).
+    /// Cases to run, in order (a, a-ct, a-wg, b, c-psk, c-pki, k, flood, flood-pki, flood-udp).
     #[arg(
         long,
         value_delimiter = ',',
@@ -98,6 +99,9 @@ enum Setup {
     Agents { mode: Mode, accept_all: bool },
     /// (k): the bench's own IP-based NFQUEUE enforcer at the receiving workloads.
     IpQueue,
+    /// (a-wg): no agent, the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in each
+    /// node: what encryption alone costs, against (a).
+    Tunnel,
     /// (flood): as (c), plus an isolated database workload flooded with spoofed SYNs (or
     /// UDP datagrams).
     Flood(Mode, flood::Kind),
@@ -121,12 +125,13 @@ impl Setup {
                 accept_all: false,
             },
             "k" => Setup::IpQueue,
+            "a-wg" => Setup::Tunnel,
             "flood" => Setup::Flood(Mode::Psk, flood::Kind::Syn),
             "flood-pki" => Setup::Flood(Mode::Pki, flood::Kind::Syn),
             "flood-udp" => Setup::Flood(Mode::Psk, flood::Kind::Udp),
             other => {
                 bail!(
-                    "unknown case {other:?} (a, a-ct, b, c-psk, c-pki, k, flood, flood-pki, flood-udp)"
+                    "unknown case {other:?} (a, a-ct, a-wg, b, c-psk, c-pki, k, flood, flood-pki, flood-udp)"
                 )
             }
         })
@@ -137,7 +142,7 @@ impl Setup {
         match self {
             Setup::Agents { mode, accept_all } => Some((mode, accept_all)),
             Setup::Flood(mode, _) => Some((mode, false)),
-            Setup::Bare | Setup::Conntrack | Setup::IpQueue => None,
+            Setup::Bare | Setup::Conntrack | Setup::IpQueue | Setup::Tunnel => None,
         }
     }
 }
@@ -433,6 +438,50 @@ impl Decisions<'_> {
     }
 }
 
+/// Case (a-wg): a tunnel in each node, the other node its peer with the /24s of its workloads.
+fn tunnels(tb: &Testbed) -> Result<Vec<datapath::shell::tunnel::TunnelHandle>> {
+    use datapath::shell::Netns;
+    use datapath::shell::tunnel::{self, TunnelConfig};
+    use datapath::tunnel::{DEFAULT_PORT, PeerConfig, StaticSecret};
+    let secrets = [1u8, 2].map(|n| {
+        let mut b = [0u8; 32];
+        testbed::topo::getrandom_fill(&mut b);
+        b[0] ^= n;
+        StaticSecret::from_bytes(b)
+    });
+    let link = tb.link();
+    let peer = |n: u8| -> Result<PeerConfig> {
+        let i = usize::from(n - 1);
+        let allowed_ips = tb
+            .workloads
+            .iter()
+            .filter(|w| w.spec.node == n)
+            .map(|w| ipnet::Ipv4Net::new(w.ip, 24).map(|p| ipnet::IpNet::V4(p.trunc())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PeerConfig {
+            name: format!("n{n}"),
+            public_key: secrets[i].public_key(),
+            endpoint: SocketAddr::new(link[i].into(), DEFAULT_PORT),
+            allowed_ips,
+        })
+    };
+    let mut handles = Vec::new();
+    for (n, other) in [(1u8, 2u8), (2, 1)] {
+        let i = usize::from(n - 1);
+        let handle = tunnel::start(
+            TunnelConfig {
+                netns: Some(Netns::from_path(format!("/run/netns/{}", tb.nodes[i]))),
+                ..TunnelConfig::default()
+            },
+            &secrets[i],
+            vec![peer(other)?],
+        )
+        .with_context(|| format!("the tunnel in node {n}"))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
 fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Row> {
     let mut b = Testbed::builder()
         .policies(policies)
@@ -479,6 +528,12 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
             }
         }
     }
+    // Declared after the testbed: stopped (devices, routes and rules removed) before it goes.
+    let _tunnels = if setup == Setup::Tunnel {
+        Some(tunnels(&tb)?)
+    } else {
+        None
+    };
     // Declared after the testbed: dropped (its readers stopped) before the testbed goes.
     let k = if setup == Setup::IpQueue {
         let engine = ipqueue::engine(policies, &tb.cluster_yaml())?;

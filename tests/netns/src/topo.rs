@@ -294,7 +294,8 @@ impl Testbed {
     }
 
     /// Addresses of the nodes on their link.
-    fn link(&self) -> [Ipv4Addr; 2] {
+    /// The nodes' addresses on their link (`uplink`), node 1 then node 2.
+    pub fn link(&self) -> [Ipv4Addr; 2] {
         [
             Ipv4Addr::new(10, self.x, self.yb, 1),
             Ipv4Addr::new(10, self.x, self.yb, 2),
