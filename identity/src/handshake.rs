@@ -21,10 +21,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use hmac::Mac;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::claims::{Claims, ClaimsCache, check_port_name, is_dns_subdomain};
 use crate::error::{CertError, HandshakeError, PkiError};
-use crate::keys::{PairKeys, pair_keys, pki_pair_secret, psk_pair_secret};
+use crate::keys::{PairKeys, pair_keys, pki_pair_secret, psk_pair_secret, psk_tunnel_secret};
 use crate::pki::{NodeCertificate, NodeCredentials, TrustAnchor, check_validity};
 use crate::psk::Psk;
 use crate::replay::{ReplayCache, ReplayConfig};
@@ -229,6 +230,52 @@ impl Node {
         }
         out.sort_by(|a, b| a.node.cmp(&b.node).then(a.key_id.0.cmp(&b.key_id.0)));
         out
+    }
+
+    /// This node's static X25519 secret for the WireGuard tunnel between nodes (see
+    /// docs/wire-format.md, "Tunnel keys"). PKI: the certified key itself (the node
+    /// certificate's subject key is the node's tunnel key: its binding, publication, rotation
+    /// and revocation are the certificate's). PSK: derived from the PSK and this node's name,
+    /// so every PSK holder can compute it, as it can make every node's tokens.
+    pub fn tunnel_secret(&self) -> Zeroizing<[u8; 32]> {
+        match &self.keying {
+            Keying::Pki { creds, .. } => Zeroizing::new(creds.secret().to_bytes()),
+            Keying::Psk { psk } => psk_tunnel_secret(psk, &self.name),
+        }
+    }
+
+    /// The X25519 public key a peer node's tunnel must have, if this node trusts one for it at
+    /// `now_ms`. PKI: the key of that node's trusted, unrevoked certificate valid at `now_ms`
+    /// (of two, the one that expires last; the CA must be valid too); `None` without one. PSK:
+    /// the public key of the secret derived for that name (`None` for a name that is not a
+    /// DNS-1123 subdomain, which no node can have).
+    pub fn peer_tunnel_key(&self, node: &str, now_ms: u64) -> Option<[u8; 32]> {
+        match &self.keying {
+            Keying::Pki {
+                peers,
+                revoked,
+                trust,
+                ..
+            } => {
+                trust.verify_validity_only(now_ms).ok()?;
+                peers
+                    .iter()
+                    .filter(|(id, c)| {
+                        c.node_name() == node
+                            && !revoked.contains(*id)
+                            && check_validity(c.not_before_ms(), c.not_after_ms(), now_ms).is_ok()
+                    })
+                    .max_by_key(|(id, c)| (c.not_after_ms(), id.0))
+                    .map(|(_, c)| *c.x25519_public())
+            }
+            Keying::Psk { psk } => {
+                if !is_dns_subdomain(node) {
+                    return None;
+                }
+                let secret = x25519_dalek::StaticSecret::from(*psk_tunnel_secret(psk, node));
+                Some(x25519_dalek::PublicKey::from(&secret).to_bytes())
+            }
+        }
     }
 
     /// PKI mode: trust a peer node's certificate, learned e.g. from its node annotation. It

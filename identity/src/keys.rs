@@ -18,6 +18,10 @@ pub const PKI_PAIR_SALT: &[u8] = b"tessera/v1/pki-pair";
 pub const PSK_PAIR_SALT: &[u8] = b"tessera/v1/psk-pair";
 /// Prefix of the MAC key info strings.
 pub const MAC_KEY_INFO: &[u8] = b"tessera/v1/mac";
+/// Salt of the PSK-mode tunnel key derivation.
+pub const TUNNEL_SALT: &[u8] = b"tessera/v1/tunnel-salt";
+/// Prefix of the PSK-mode tunnel key info string (followed by the length-prefixed node name).
+pub const TUNNEL_KEY_INFO: &[u8] = b"tessera/v1/tunnel-key";
 
 /// The four MAC keys of one node pair, seen from the local node, already keyed (the HMAC inner
 /// and outer pads are precomputed once, so a token costs only its own blocks).
@@ -110,6 +114,19 @@ pub(crate) fn psk_pair_secret(psk: &Psk, a: &str, b: &str) -> Zeroizing<[u8; 32]
     lp(&mut info, lo.as_bytes());
     lp(&mut info, hi.as_bytes());
     let hk = Hkdf::<Sha256>::new(Some(PSK_PAIR_SALT), psk.bytes());
+    let mut out = Zeroizing::new([0u8; 32]);
+    let _ = hk.expand(&info, out.as_mut());
+    out
+}
+
+/// PSK mode: a node's static X25519 secret for the tunnel between nodes,
+/// HKDF-SHA256(salt = TUNNEL_SALT, IKM = PSK, info = TUNNEL_KEY_INFO || lp(node name), L = 32).
+/// Every PSK holder can compute it for every node name (the PSK's trust, as for tokens).
+pub(crate) fn psk_tunnel_secret(psk: &Psk, node: &str) -> Zeroizing<[u8; 32]> {
+    let mut info = Vec::with_capacity(TUNNEL_KEY_INFO.len() + 1 + node.len());
+    info.extend_from_slice(TUNNEL_KEY_INFO);
+    lp(&mut info, node.as_bytes());
+    let hk = Hkdf::<Sha256>::new(Some(TUNNEL_SALT), psk.bytes());
     let mut out = Zeroizing::new([0u8; 32]);
     let _ = hk.expand(&info, out.as_mut());
     out
