@@ -21,7 +21,7 @@ pub mod tunnel;
 pub use netns::Netns;
 pub use queue::{Action, Direction, OpenedQueue, QueueConfig, WorkloadQueue};
 pub use rules::{Installed, RuleConfig};
-pub use tunnel::{TunnelConfig, TunnelHandle};
+pub use tunnel::{NodeRoutes, TunnelConfig, TunnelHandle, TunnelStatsReader};
 
 /// Errors of the shell; each names what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,19 @@ pub enum ShellError {
         table: String,
         /// What `ip route show table` listed.
         routes: String,
+    },
+    /// A blocked prefix (routed into the tunnel for no peer) holds a peer's endpoint: the
+    /// tunnel's own datagrams to it would be routed into the device.
+    #[error(
+        "tunnel: blocked prefix {prefix} holds the endpoint {endpoint} of peer {peer} (a routing loop)"
+    )]
+    TunnelBlockedEndpoint {
+        /// The blocked prefix.
+        prefix: ipnet::IpNet,
+        /// The peer.
+        peer: String,
+        /// Its endpoint.
+        endpoint: std::net::SocketAddr,
     },
     /// The tunnel's thread is no longer running (shut down, or stopped on an error).
     #[error("the tunnel has stopped")]

@@ -10,11 +10,14 @@
 //! - one policy rule per address family in use, `pref <rule_priority> lookup <table>` (before
 //!   the `main` table's rule, 32766), so the tunnel's routes win over the routes the cluster's
 //!   network plugin has for the same prefixes, without touching those;
-//! - in that table only, two routes per allowed prefix of a peer: `PREFIX dev <device>` (with
-//!   `src` when [`TunnelConfig::route_sources`] gives an address of the family), and under it
-//!   `blackhole PREFIX metric 4096`.
+//! - in that table only, for each allowed prefix of a peer and each *blocked* prefix
+//!   ([`NodeRoutes::blocked`]: the pod prefixes of known nodes that are not peers, whose
+//!   packets the tunnel drops as `no_peer` rather than let them leave in clear), two routes:
+//!   `PREFIX dev <device>`, with `src` when [`TunnelConfig::route_sources`] gives an address
+//!   of the family, or else the namespace has one inside [`NodeRoutes::own_prefixes`]; and
+//!   under it `blackhole PREFIX metric 4096`.
 //!
-//! Anything not in a peer's prefixes finds no route in the table and falls through to `main`
+//! Anything not in those prefixes finds no route in the table and falls through to `main`
 //! as before. A peer's endpoint can never be inside the prefixes (the table refuses it), so
 //! the tunnel's own datagrams are never routed into it.
 //!
@@ -25,7 +28,7 @@
 //! blackholes over (a table holding anything else is refused: another tunnel or program uses
 //! it). Only a deliberate shutdown removes them, and with them the encryption.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::thread::JoinHandle;
@@ -43,6 +46,10 @@ use crate::tunnel::{
 /// retransmission jitter is a third of one).
 const TICK: Duration = Duration::from_millis(250);
 
+/// How often the route sources taken from [`NodeRoutes::own_prefixes`] are looked up again
+/// (the address inside the node's pod prefix may come after the tunnel, with the first pod).
+const SOURCES_EVERY: Duration = Duration::from_secs(5);
+
 /// Packets read from the TUN device or datagrams from the socket in a row, at most, before
 /// the loop looks at its other sources.
 const BATCH: usize = 64;
@@ -59,7 +66,8 @@ pub struct TunnelConfig {
     pub mtu: u16,
     /// The UDP address the tunnel listens and sends on (port 0: any free port, see
     /// [`TunnelHandle::local_addr`]). Bind the node's own address when it has several, so that
-    /// peers see datagrams come from the endpoint they know it by.
+    /// peers see datagrams come from the endpoint they know it by. `[::]` is dual-stack
+    /// (`IPV6_V6ONLY` off): it serves IPv4 and IPv6 peers alike.
     pub listen: SocketAddr,
     /// The routing table the peers' prefixes are routed in.
     pub table: u32,
@@ -88,12 +96,46 @@ impl Default for TunnelConfig {
     }
 }
 
+/// Routes beside the peers' prefixes, and where their source address comes from (see
+/// [`TunnelHandle::set_peers_and_routes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeRoutes {
+    /// Prefixes routed into the device although no peer allows them: their packets are
+    /// dropped there (`no_peer`), never sent in clear by the namespace's other routes. For the
+    /// pod prefixes of nodes that are known but not peers (no trusted key, no endpoint). None
+    /// may hold a peer's endpoint.
+    pub blocked: Vec<IpNet>,
+    /// This node's own pod prefixes (not routed): the source of the routes of each family is
+    /// the namespace's first address inside them, unless [`TunnelConfig::route_sources`] gives
+    /// one; looked up again every few seconds.
+    pub own_prefixes: Vec<IpNet>,
+}
+
 enum Request {
     SetPeers(
         Vec<PeerConfig>,
+        Option<NodeRoutes>,
         oneshot::Sender<Result<PeerChanges, ShellError>>,
     ),
     Stats(oneshot::Sender<TunnelStats>),
+}
+
+/// Reads a running tunnel's counters from anywhere (a clone per reader); the tunnel is shut
+/// down by its [`TunnelHandle`] alone.
+#[derive(Debug, Clone)]
+pub struct TunnelStatsReader {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl TunnelStatsReader {
+    /// Every peer's counters now; [`ShellError::TunnelStopped`] once the tunnel is gone.
+    pub async fn stats(&self) -> Result<TunnelStats, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Stats(tx))
+            .map_err(|_| ShellError::TunnelStopped)?;
+        rx.await.map_err(|_| ShellError::TunnelStopped)
+    }
 }
 
 /// A running tunnel. Dropping it shuts the tunnel down (as [`TunnelHandle::shutdown`], with
@@ -159,18 +201,51 @@ impl TunnelHandle {
     }
 
     /// Replaces the peer set (see [`Tunnel::set_peers`]: a peer whose key is unchanged keeps
-    /// its session) and the routes to match. An invalid set changes nothing.
+    /// its session) and the routes to match; the [`NodeRoutes`] in force stay. An invalid set
+    /// changes nothing.
     pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
         let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, tx))?;
+        self.request(Request::SetPeers(peers, None, tx))?;
         rx.await.map_err(|_| ShellError::TunnelStopped)?
     }
 
     /// [`TunnelHandle::set_peers`] for callers outside an async runtime.
     pub fn set_peers_blocking(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
         let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, tx))?;
+        self.request(Request::SetPeers(peers, None, tx))?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// Replaces the peer set and the [`NodeRoutes`] together: routes are added before the
+    /// ones no longer wanted are removed, so a prefix that moves from blocked to a peer (or
+    /// back) is never without a route into the device. An invalid set (a blocked prefix that
+    /// holds a peer's endpoint included) changes nothing.
+    pub async fn set_peers_and_routes(
+        &self,
+        peers: Vec<PeerConfig>,
+        routes: NodeRoutes,
+    ) -> Result<PeerChanges, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetPeers(peers, Some(routes), tx))?;
+        rx.await.map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// [`TunnelHandle::set_peers_and_routes`] for callers outside an async runtime.
+    pub fn set_peers_and_routes_blocking(
+        &self,
+        peers: Vec<PeerConfig>,
+        routes: NodeRoutes,
+    ) -> Result<PeerChanges, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetPeers(peers, Some(routes), tx))?;
+        rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// A reader of the counters, for tasks that do not own the handle.
+    pub fn stats_reader(&self) -> Option<TunnelStatsReader> {
+        self.requests.as_ref().map(|r| TunnelStatsReader {
+            requests: r.clone(),
+        })
     }
 
     /// Every peer's counters now.
@@ -257,6 +332,9 @@ fn run_thread(
                     addr: config.listen,
                     source,
                 })?;
+            // Started without peers (an agent, which learns them a moment later): a killed
+            // tunnel's blackholes stay until the first peer set says which are still wanted.
+            routing.leftovers_kept = tunnel.table().peers().is_empty();
             routing.sync(&tunnel.table().prefixes())?;
             Ok::<_, ShellError>((tun, udp, local))
         };
@@ -279,9 +357,25 @@ fn run_thread(
     })
 }
 
+/// The tunnel's socket; `[::]` dual-stack (IPv4 peers are then reached at their IPv4-mapped
+/// address, see [`Io::send`]).
 fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
     let err = |source| ShellError::TunnelSocket { addr, source };
-    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    let socket = if addr.is_ipv6() && addr.ip().is_unspecified() {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let fd = rustix::net::socket_with(
+            AddressFamily::INET6,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| err(e.into()))?;
+        rustix::net::sockopt::set_ipv6_v6only(&fd, false).map_err(|e| err(e.into()))?;
+        rustix::net::bind(&fd, &addr).map_err(|e| err(e.into()))?;
+        std::net::UdpSocket::from(fd)
+    } else {
+        std::net::UdpSocket::bind(addr).map_err(err)?
+    };
     socket.set_nonblocking(true).map_err(err)?;
     tokio::net::UdpSocket::from_std(socket).map_err(err)
 }
@@ -290,10 +384,19 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
 struct Io<'a> {
     udp: &'a tokio::net::UdpSocket,
     tun: &'a tun_rs::AsyncDevice,
+    /// The socket is IPv6 (dual-stack): IPv4 destinations are given IPv4-mapped.
+    v6: bool,
 }
 
 impl Outputs for Io<'_> {
+    /// Sends to `to`; an IPv4 `to` on the dual-stack socket goes to its IPv4-mapped address.
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        let to = match to {
+            SocketAddr::V4(v4) if self.v6 => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
+        };
         self.udp.try_send_to(datagram, to).is_ok()
     }
 
@@ -320,8 +423,10 @@ async fn run_loop(
     let mut udp_buf = vec![0u8; READ_BUF];
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sources_checked = tokio::time::Instant::now();
+    let v6 = udp.local_addr().is_ok_and(|a| a.is_ipv6());
     loop {
-        let mut io = Io { udp, tun };
+        let mut io = Io { udp, tun, v6 };
         tokio::select! {
             r = tun.readable() => {
                 r.map_err(|source| ShellError::TunnelIo { what: "reading the TUN device", source })?;
@@ -351,10 +456,19 @@ async fn run_loop(
                     }
                 }
             }
-            _ = ticker.tick() => tunnel.tick(&mut io),
+            _ = ticker.tick() => {
+                tunnel.tick(&mut io);
+                if sources_checked.elapsed() >= SOURCES_EVERY {
+                    sources_checked = tokio::time::Instant::now();
+                    // An address inside our pod prefixes may have come (or gone).
+                    if let Err(e) = routing.refresh_sources(&tunnel) {
+                        tracing::warn!("tunnel routes: new source address: {e}");
+                    }
+                }
+            }
             request = requests.recv() => match request {
-                Some(Request::SetPeers(peers, reply)) => {
-                    let _ = reply.send(set_peers(&mut tunnel, routing, peers));
+                Some(Request::SetPeers(peers, routes, reply)) => {
+                    let _ = reply.send(set_peers(&mut tunnel, routing, peers, routes));
                 }
                 Some(Request::Stats(reply)) => {
                     let _ = reply.send(tunnel.stats(super::queue::unix_ms()));
@@ -371,9 +485,32 @@ fn set_peers(
     tunnel: &mut Tunnel,
     routing: &mut Routing,
     peers: Vec<PeerConfig>,
+    routes: Option<NodeRoutes>,
 ) -> Result<PeerChanges, ShellError> {
+    let (blocked, own) = match routes {
+        Some(r) => (
+            r.blocked.iter().map(IpNet::trunc).collect(),
+            r.own_prefixes.iter().map(IpNet::trunc).collect(),
+        ),
+        None => (routing.blocked.clone(), routing.own_prefixes.clone()),
+    };
+    // Checked before anything changes: a blocked prefix holding a peer's endpoint would route
+    // the tunnel's own datagrams to that peer into the device.
+    for p in &peers {
+        if let Some(prefix) = blocked.iter().find(|b| b.contains(&p.endpoint.ip())) {
+            return Err(ShellError::TunnelBlockedEndpoint {
+                prefix: *prefix,
+                peer: p.name.clone(),
+                endpoint: p.endpoint,
+            });
+        }
+    }
     let changes = tunnel.set_peers(peers)?;
-    routing.sync(&tunnel.table().prefixes())?;
+    routing.blocked = blocked;
+    routing.own_prefixes = own;
+    routing.sources = routing.wanted_sources();
+    routing.leftovers_kept = false;
+    routing.sync(&routing.wanted(tunnel))?;
     Ok(changes)
 }
 
@@ -384,12 +521,22 @@ struct Routing {
     device: String,
     table: String,
     priority: String,
+    /// Sources given by the configuration (win over those found in `own_prefixes`).
+    fixed_sources: Vec<IpAddr>,
+    /// The sources of the routes to add, at most one per family.
     sources: Vec<IpAddr>,
+    /// Routed into the device for no peer (see [`NodeRoutes::blocked`]).
+    blocked: BTreeSet<IpNet>,
+    /// Where the sources are looked for (see [`NodeRoutes::own_prefixes`]).
+    own_prefixes: BTreeSet<IpNet>,
     rules: BTreeSet<Family>,
-    routes: BTreeSet<IpNet>,
+    /// Each route through the device added, with the source it was added with.
+    routes: BTreeMap<IpNet, Option<IpAddr>>,
     /// The blackhole route under each route through the device (and, after a start that took
-    /// a killed tunnel's table over, its leftovers until the next sync).
+    /// a killed tunnel's table over, its leftovers until the first peer set).
     blackholes: BTreeSet<IpNet>,
+    /// Blackholes not wanted are kept (from the start to the first peer set).
+    leftovers_kept: bool,
 }
 
 /// The metric of the blackhole routes: any route through the device (metric 0) wins while the
@@ -424,11 +571,73 @@ impl Routing {
             device: config.device.clone(),
             table: config.table.to_string(),
             priority: config.rule_priority.to_string(),
+            fixed_sources: config.route_sources.clone(),
             sources: config.route_sources.clone(),
+            blocked: BTreeSet::new(),
+            own_prefixes: BTreeSet::new(),
             rules: BTreeSet::new(),
-            routes: BTreeSet::new(),
+            routes: BTreeMap::new(),
             blackholes: BTreeSet::new(),
+            leftovers_kept: false,
         }
+    }
+
+    /// Every prefix routed into the device: the peers' and the blocked ones.
+    fn wanted(&self, tunnel: &Tunnel) -> BTreeSet<IpNet> {
+        let mut all = tunnel.table().prefixes();
+        all.extend(self.blocked.iter().copied());
+        all
+    }
+
+    /// One source per family: the configured one, else the namespace's first address inside
+    /// our own pod prefixes (none if it has none, or its addresses cannot be listed).
+    fn wanted_sources(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        for v4 in [true, false] {
+            if let Some(s) = self.fixed_sources.iter().find(|s| s.is_ipv4() == v4) {
+                out.push(*s);
+            }
+        }
+        if self.own_prefixes.is_empty() {
+            return out;
+        }
+        let local = match local_addresses() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("tunnel: listing this namespace's addresses: {e}");
+                return out;
+            }
+        };
+        for v4 in [true, false] {
+            if out.iter().any(|s| s.is_ipv4() == v4) {
+                continue;
+            }
+            if let Some(a) = local
+                .iter()
+                .find(|a| a.is_ipv4() == v4 && self.own_prefixes.iter().any(|p| p.contains(*a)))
+            {
+                out.push(*a);
+            }
+        }
+        out
+    }
+
+    /// Looks the sources up again; the routes get the new ones (`ip route replace`).
+    fn refresh_sources(&mut self, tunnel: &Tunnel) -> Result<(), ShellError> {
+        let sources = self.wanted_sources();
+        if sources == self.sources {
+            return Ok(());
+        }
+        tracing::info!(?sources, "tunnel routes: source addresses");
+        self.sources = sources;
+        self.sync(&self.wanted(tunnel))
+    }
+
+    fn source_for(&self, prefix: &IpNet) -> Option<IpAddr> {
+        self.sources
+            .iter()
+            .find(|s| s.is_ipv4() == matches!(prefix, IpNet::V4(_)))
+            .copied()
     }
 
     fn ip(family: Family, args: &[&str]) -> Command {
@@ -437,7 +646,8 @@ impl Routing {
         cmd
     }
 
-    /// Makes the routes exactly `wanted` (adding first, then removing), with the rule of each
+    /// Makes the routes exactly `wanted` (adding first, then removing), each with the source
+    /// of its family (a route whose source changed is replaced in place), with the rule of each
     /// family that has a route.
     fn sync(&mut self, wanted: &BTreeSet<IpNet>) -> Result<(), ShellError> {
         for family in wanted.iter().map(Family::of).collect::<BTreeSet<_>>() {
@@ -460,33 +670,35 @@ impl Routing {
             super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
             self.blackholes.insert(*prefix);
         }
-        for prefix in wanted.difference(&self.routes.clone()) {
+        for prefix in wanted {
+            let src = self.source_for(prefix);
+            let verb = match self.routes.get(prefix) {
+                None => "add",
+                Some(had) if *had != src => "replace",
+                Some(_) => continue,
+            };
             let p = prefix.to_string();
-            let mut args = vec![
-                "route",
-                "add",
-                &p,
-                "dev",
-                &self.device,
-                "table",
-                &self.table,
-            ];
-            let src = self
-                .sources
-                .iter()
-                .find(|s| s.is_ipv4() == matches!(prefix, IpNet::V4(_)))
-                .map(|s| s.to_string());
-            if let Some(src) = &src {
-                args.extend(["src", src]);
+            let mut args = vec!["route", verb, &p, "dev", &self.device, "table", &self.table];
+            let src_text = src.map(|s| s.to_string());
+            if let Some(s) = &src_text {
+                args.extend(["src", s]);
             }
             super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
-            self.routes.insert(*prefix);
+            self.routes.insert(*prefix, src);
         }
-        for prefix in self.routes.clone().difference(wanted) {
+        let gone: Vec<IpNet> = self
+            .routes
+            .keys()
+            .filter(|p| !wanted.contains(*p))
+            .copied()
+            .collect();
+        for prefix in &gone {
             self.del_route(prefix)?;
         }
-        for prefix in self.blackholes.clone().difference(wanted) {
-            self.del_blackhole(prefix)?;
+        if !self.leftovers_kept {
+            for prefix in self.blackholes.clone().difference(wanted) {
+                self.del_blackhole(prefix)?;
+            }
         }
         Ok(())
     }
@@ -575,7 +787,8 @@ impl Routing {
     /// Removes every route and rule added; goes on after an error and returns the first.
     fn clear(&mut self) -> Result<(), ShellError> {
         let mut first = Ok(());
-        for prefix in self.routes.clone() {
+        let added: Vec<IpNet> = self.routes.keys().copied().collect();
+        for prefix in added {
             if let Err(e) = self.del_route(&prefix) {
                 first = first.and(Err(e));
                 self.routes.remove(&prefix);
@@ -595,6 +808,23 @@ impl Routing {
         }
         first
     }
+}
+
+/// The addresses of the calling thread's network namespace (every interface).
+pub fn local_addresses() -> Result<Vec<IpAddr>, ShellError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| ShellError::TunnelIo {
+        what: "listing the namespace's addresses",
+        source: e.into(),
+    })?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect())
 }
 
 #[cfg(test)]
