@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
+use datapath::tunnel::TunnelStats;
+
 use super::flows::{self, Entry, FlowFilter, FlowQuery, HubStats};
 use super::{ENFORCE_BUCKETS_S, Shared, lock};
 
@@ -63,10 +65,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let tunnel = tunnel_stats(&shared).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render(&shared),
+        render(&shared, tunnel.as_ref()),
     )
+}
+
+/// The tunnel's counters now (`--encrypt`): `None` without a tunnel, an error if it stopped.
+pub async fn tunnel_stats(shared: &Shared) -> Option<Result<TunnelStats, String>> {
+    let t = shared.tunnel.as_ref()?;
+    Some(t.stats.stats().await.map_err(|e| e.to_string()))
 }
 
 /// What `/status` returns.
@@ -91,6 +100,95 @@ pub struct Status {
     pub not_enforced: std::collections::BTreeMap<String, String>,
     pub peers: Vec<PeerInfo>,
     pub counters: Counters,
+    /// The tunnel between nodes (`--encrypt`); absent when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelStatus>,
+}
+
+/// The tunnel between nodes in `/status`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelStatus {
+    pub device: String,
+    /// The UDP address it listens on.
+    pub listen: String,
+    /// This node's tunnel public key (hex); absent if the counters could not be read.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// Why the counters could not be read (the tunnel stopped).
+    #[serde(default)]
+    pub error: Option<String>,
+    pub peers: Vec<TunnelPeerInfo>,
+    /// Known nodes that are not peers, with why.
+    pub not_peers: std::collections::BTreeMap<String, String>,
+    /// Drops that belong to no peer, by reason (`no_peer`: a packet to the pods of a node that
+    /// is not a peer; `unknown_key`: a handshake from a key no peer has; ...).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// One peer node of the tunnel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelPeerInfo {
+    pub node: String,
+    pub endpoint: String,
+    /// Its tunnel public key (hex).
+    pub public_key: String,
+    pub allowed_ips: Vec<String>,
+    /// Handshakes completed with it (this session's key; a new key starts from 0).
+    pub handshakes: u64,
+    /// Seconds since the last completed handshake; absent before the first.
+    pub handshake_age_seconds: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Its datagrams and packets dropped, by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+fn tunnel_status(
+    t: &super::tunnel::TunnelShared,
+    stats: &Result<TunnelStats, String>,
+) -> TunnelStatus {
+    let reasons = |v: &[(datapath::tunnel::Reason, u64)]| {
+        v.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect()
+    };
+    let not_peers = lock(&t.not_peers).clone();
+    let mut out = TunnelStatus {
+        device: t.device.clone(),
+        listen: t.listen.to_string(),
+        public_key: None,
+        error: None,
+        peers: Vec::new(),
+        not_peers,
+        dropped: Default::default(),
+    };
+    match stats {
+        Err(e) => out.error = Some(e.clone()),
+        Ok(s) => {
+            out.public_key = Some(s.public_key.to_string());
+            out.dropped = reasons(&s.dropped);
+            out.peers = s
+                .peers
+                .iter()
+                .map(|p| TunnelPeerInfo {
+                    node: p.name.clone(),
+                    endpoint: p.endpoint.to_string(),
+                    public_key: p.public_key.to_string(),
+                    allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                    handshakes: p.handshakes,
+                    handshake_age_seconds: p.handshake_age.map(|d| d.as_secs_f64()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    rx_packets: p.rx_packets,
+                    tx_packets: p.tx_packets,
+                    drops: reasons(&p.errors),
+                })
+                .collect();
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,7 +226,7 @@ pub struct Counters {
     pub policy_reload_failures: u64,
 }
 
-pub fn status_of(shared: &Shared) -> Status {
+pub fn status_of(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) -> Status {
     let workloads = lock(&shared.workloads)
         .iter()
         .map(|(name, w)| WorkloadInfo {
@@ -181,11 +279,17 @@ pub fn status_of(shared: &Shared) -> Status {
             workload_failures: shared.workload_failures.load(Ordering::Relaxed),
             policy_reload_failures: shared.reload_failures.load(Ordering::Relaxed),
         },
+        tunnel: shared
+            .tunnel
+            .as_ref()
+            .zip(tunnel)
+            .map(|(t, stats)| tunnel_status(t, stats)),
     }
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
-    Json(status_of(&shared))
+    let tunnel = tunnel_stats(&shared).await;
+    Json(status_of(&shared, tunnel.as_ref()))
 }
 
 /// How long a follower of `/flows` may go without a byte: then it gets a blank line, so a
@@ -332,8 +436,8 @@ impl Drop for Follower {
     }
 }
 
-/// The processor's metrics plus the agent's own.
-pub fn render(shared: &Shared) -> String {
+/// The processor's metrics plus the agent's own, and the tunnel's when it runs.
+pub fn render(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) -> String {
     let mut out = String::with_capacity(4096);
     {
         let p = lock(&shared.processor);
@@ -342,7 +446,114 @@ pub fn render(shared: &Shared) -> String {
     }
     let _ = render_agent(shared, &mut out);
     shared.flows.render_prometheus(&mut out);
+    if let Some(t) = &shared.tunnel {
+        let not_peers = lock(&t.not_peers).len();
+        let stats = tunnel.and_then(|s| s.as_ref().ok());
+        let _ = render_tunnel(stats, not_peers, &mut out);
+    }
     out
+}
+
+/// `tessera_tunnel_*`: label values are node names and drop reasons only.
+fn render_tunnel(
+    stats: Option<&TunnelStats>,
+    not_peers: usize,
+    out: &mut String,
+) -> std::fmt::Result {
+    use datapath::tunnel::Reason;
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_up Whether the tunnel between nodes runs (--encrypt; 0: it stopped)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_up gauge")?;
+    writeln!(out, "tessera_tunnel_up {}", u8::from(stats.is_some()))?;
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_nodes Known nodes by tunnel state: peer, or not a peer (no pod CIDRs, address or trusted key; see tessera status)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_nodes gauge")?;
+    let peers = stats.map_or(0, |s| s.peers.len());
+    writeln!(out, "tessera_tunnel_nodes{{state=\"peer\"}} {peers}")?;
+    writeln!(
+        out,
+        "tessera_tunnel_nodes{{state=\"not_peer\"}} {not_peers}"
+    )?;
+    let Some(s) = stats else { return Ok(()) };
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_bytes_total IP bytes through the tunnel per peer node, before encryption (tx) and after decryption (rx); restarts from 0 when the peer's key changes."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_bytes_total counter")?;
+    for p in &s.peers {
+        writeln!(
+            out,
+            "tessera_tunnel_bytes_total{{peer=\"{}\",direction=\"rx\"}} {}",
+            p.name, p.rx_bytes
+        )?;
+        writeln!(
+            out,
+            "tessera_tunnel_bytes_total{{peer=\"{}\",direction=\"tx\"}} {}",
+            p.name, p.tx_bytes
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_packets_total Packets through the tunnel per peer node (tx: data messages sent, keepalives included; rx: packets delivered)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_packets_total counter")?;
+    for p in &s.peers {
+        writeln!(
+            out,
+            "tessera_tunnel_packets_total{{peer=\"{}\",direction=\"rx\"}} {}",
+            p.name, p.rx_packets
+        )?;
+        writeln!(
+            out,
+            "tessera_tunnel_packets_total{{peer=\"{}\",direction=\"tx\"}} {}",
+            p.name, p.tx_packets
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_handshakes_total WireGuard handshakes completed per peer node (either side initiating)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_handshakes_total counter")?;
+    for p in &s.peers {
+        writeln!(
+            out,
+            "tessera_tunnel_handshakes_total{{peer=\"{}\"}} {}",
+            p.name, p.handshakes
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_handshake_age_seconds Time since the last completed handshake per peer node (absent before the first; sessions are renewed every 2 minutes while in use)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_handshake_age_seconds gauge")?;
+    for p in &s.peers {
+        if let Some(age) = p.handshake_age {
+            writeln!(
+                out,
+                "tessera_tunnel_handshake_age_seconds{{peer=\"{}\"}} {}",
+                p.name,
+                age.as_secs_f64()
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "# HELP tessera_tunnel_dropped_total Datagrams and packets the tunnel dropped, by reason (no_peer: to the pods of a node that is not a peer; unknown_key: a handshake from a key of no peer; disallowed_source: a peer speaking for addresses not its own; ...)."
+    )?;
+    writeln!(out, "# TYPE tessera_tunnel_dropped_total counter")?;
+    for r in Reason::ALL {
+        let n = s.dropped_for(r) + s.peers.iter().map(|p| p.errors_for(r)).sum::<u64>();
+        writeln!(
+            out,
+            "tessera_tunnel_dropped_total{{reason=\"{}\"}} {n}",
+            r.as_str()
+        )?;
+    }
+    Ok(())
 }
 
 fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
@@ -523,6 +734,7 @@ mod tests {
             failing: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(true),
             flows: Arc::new(FlowHub::new(RING_RECORDS, CLIENT_BUFFER, None).unwrap()),
+            tunnel: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -736,5 +948,57 @@ mod tests {
             text.contains("tessera_flow_stream_followers_dropped_total{reason=\"slow\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tunnel_metrics_are_labelled_by_peer_node_and_reason_only() {
+        use datapath::tunnel::{PeerStats, PublicKey, Reason, TunnelStats};
+        let stats = TunnelStats {
+            public_key: PublicKey([1; 32]),
+            peers: vec![PeerStats {
+                name: "node-b".into(),
+                public_key: PublicKey([2; 32]),
+                endpoint: "192.0.2.2:51871".parse().unwrap(),
+                allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
+                tx_bytes: 100,
+                rx_bytes: 200,
+                tx_packets: 3,
+                rx_packets: 4,
+                handshakes: 1,
+                last_handshake_ms: Some(1),
+                handshake_age: Some(std::time::Duration::from_millis(1500)),
+                errors: vec![(Reason::Replay, 2)],
+            }],
+            dropped: vec![(Reason::NoPeer, 5), (Reason::Replay, 1)],
+        };
+        let mut out = String::new();
+        render_tunnel(Some(&stats), 1, &mut out).unwrap();
+        for line in [
+            "tessera_tunnel_up 1",
+            "tessera_tunnel_nodes{state=\"peer\"} 1",
+            "tessera_tunnel_nodes{state=\"not_peer\"} 1",
+            "tessera_tunnel_bytes_total{peer=\"node-b\",direction=\"rx\"} 200",
+            "tessera_tunnel_bytes_total{peer=\"node-b\",direction=\"tx\"} 100",
+            "tessera_tunnel_handshakes_total{peer=\"node-b\"} 1",
+            "tessera_tunnel_handshake_age_seconds{peer=\"node-b\"} 1.5",
+            "tessera_tunnel_dropped_total{reason=\"no_peer\"} 5",
+            "tessera_tunnel_dropped_total{reason=\"replay\"} 3",
+            "tessera_tunnel_dropped_total{reason=\"decrypt\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
+        }
+        // Every series' labels are peer (a node name), direction, state or reason.
+        for l in out.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((_, labels)) = l.split_once('{') {
+                for kv in labels.split('}').next().unwrap().split(',') {
+                    let k = kv.split('=').next().unwrap();
+                    assert!(["peer", "direction", "state", "reason"].contains(&k), "{l}");
+                }
+            }
+        }
+        let mut out = String::new();
+        render_tunnel(None, 0, &mut out).unwrap();
+        assert!(out.contains("tessera_tunnel_up 0"), "{out}");
+        assert!(!out.contains("bytes_total{"), "{out}");
     }
 }

@@ -32,12 +32,13 @@ use rand::rngs::StdRng;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::runtime::{self, AdminPolicy, Desired, Event, NetnsRef};
+use crate::runtime::{self, AdminPolicy, Desired, Event, NetnsRef, NodeInfo};
 
 pub mod flows;
 pub mod http;
 pub mod keys;
 pub mod policies;
+pub mod tunnel;
 
 use keys::KeySource;
 
@@ -86,6 +87,8 @@ pub struct Options {
     /// Busy polling of the queues before the agent's thread sleeps, while packets are coming
     /// (`--busy-poll-us`); `None`: off.
     pub busy_poll: Option<Arc<shell::busypoll::BusyPoll>>,
+    /// Encryption between nodes (`--encrypt` and `--tunnel-*`); `None`: off.
+    pub encrypt: Option<tunnel::TunnelOptions>,
 }
 
 /// `--flow-log*`: flow records (docs/flow-log.md).
@@ -188,6 +191,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Flow records: the ring and followers of `GET /flows`, and `--flow-log`.
     pub flows: Arc<flows::FlowHub>,
+    /// The tunnel between nodes (`--encrypt`).
+    pub tunnel: Option<tunnel::TunnelShared>,
 }
 
 /// Lock the processor or one of the shared tables. A panic while holding a lock cannot leave
@@ -244,6 +249,22 @@ struct Agent {
     synced_once: bool,
     /// Workloads of the first list still being installed (`/healthz` is 503 until they are).
     awaiting_ready: Option<HashSet<PodKey>>,
+    /// The nodes as the engine accepted them, with their pod ranges (for the tunnel).
+    nodes: BTreeMap<String, NodeInfo>,
+    /// The tunnel between nodes (`--encrypt`).
+    tunnel: Option<AgentTunnel>,
+    /// Ticks since the tunnel's plan was last computed.
+    ticks: u32,
+}
+
+/// The event loop's side of the tunnel: where plans go, and the last one.
+struct AgentTunnel {
+    port: u16,
+    own_key: datapath::tunnel::PublicKey,
+    plans: watch::Sender<tunnel::Plan>,
+    last: tunnel::Plan,
+    /// PSK mode: each node's tunnel key (derived once: it depends on the name alone).
+    psk_keys: HashMap<String, Option<[u8; 32]>>,
 }
 
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
@@ -421,15 +442,31 @@ impl Agent {
                     .store(self.policy_keys.len(), Ordering::Relaxed);
                 tracing::info!(policy = %format!("{}/{}", key.namespace, key.name), "policy removed");
             }
-            Event::PeerCertificate { node, pem } => self.peer_certificate(&node, pem.as_deref()),
-            Event::Nodes { origin, nodes } => self.replace_nodes(&origin, nodes),
-            Event::NodeUpsert(node) => apply_node(
-                &self.shared,
-                lock(&self.processor).engine_mut(),
-                crate::runtime::kubernetes::objects::NODE_ORIGIN,
-                node,
-            ),
-            Event::NodeRemove(name) => lock(&self.processor).engine_mut().remove_node(&name),
+            Event::PeerCertificate { node, pem } => {
+                self.peer_certificate(&node, pem.as_deref());
+                self.plan_tunnel();
+            }
+            Event::Nodes { origin, nodes } => {
+                self.replace_nodes(&origin, nodes);
+                self.plan_tunnel();
+            }
+            Event::NodeUpsert(node) => {
+                let name = node.name().to_owned();
+                if apply_node(
+                    &self.shared,
+                    lock(&self.processor).engine_mut(),
+                    crate::runtime::kubernetes::objects::NODE_ORIGIN,
+                    &node,
+                ) {
+                    self.nodes.insert(name, node);
+                }
+                self.plan_tunnel();
+            }
+            Event::NodeRemove(name) => {
+                lock(&self.processor).engine_mut().remove_node(&name);
+                self.nodes.remove(&name);
+                self.plan_tunnel();
+            }
             Event::Staged {
                 origin,
                 scope,
@@ -810,10 +847,10 @@ impl Agent {
     }
 
     /// Make `nodes` the node inventory; a refused node keeps its previous version.
-    fn replace_nodes(&mut self, origin: &str, nodes: Vec<policy::Node>) {
+    fn replace_nodes(&mut self, origin: &str, nodes: Vec<NodeInfo>) {
         let mut p = lock(&self.processor);
         let engine = p.engine_mut();
-        let wanted: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+        let wanted: HashSet<String> = nodes.iter().map(|n| n.name().to_owned()).collect();
         let gone: Vec<String> = engine
             .nodes()
             .filter(|n| !wanted.contains(&n.name))
@@ -822,10 +859,64 @@ impl Agent {
         for name in &gone {
             engine.remove_node(name);
         }
+        self.nodes.retain(|name, _| wanted.contains(name));
         for node in nodes {
-            apply_node(&self.shared, engine, origin, node);
+            if apply_node(&self.shared, engine, origin, &node) {
+                self.nodes.insert(node.name().to_owned(), node);
+            }
         }
         tracing::info!(source = %origin, nodes = engine.node_count(), removed = gone.len(), "node inventory");
+    }
+
+    /// Recompute the tunnel's peers from the nodes and the keys trusted now; a plan that
+    /// differs is handed to the tunnel's task, and what changed for each node is logged once.
+    fn plan_tunnel(&mut self) {
+        self.ticks = 0;
+        let Some(t) = &mut self.tunnel else { return };
+        let plan = {
+            let p = lock(&self.processor);
+            let node = p.node();
+            let now = now_ms();
+            let pki = node.mode() == identity::Mode::Pki;
+            if !pki {
+                t.psk_keys.retain(|name, _| self.nodes.contains_key(name));
+                for name in self.nodes.keys() {
+                    if !t.psk_keys.contains_key(name) {
+                        t.psk_keys
+                            .insert(name.clone(), node.peer_tunnel_key(name, now));
+                    }
+                }
+            }
+            let no_key = if pki {
+                "no trusted tunnel key (no certificate of it from the cluster CA, valid and unrevoked)"
+            } else {
+                "no tunnel key for its name"
+            };
+            let psk_keys = &t.psk_keys;
+            tunnel::plan(
+                &self.shared.node_name,
+                &self.nodes,
+                t.port,
+                t.own_key,
+                |name| {
+                    if pki {
+                        node.peer_tunnel_key(name, now)
+                    } else {
+                        psk_keys.get(name).copied().flatten()
+                    }
+                },
+                no_key,
+            )
+        };
+        if plan == t.last {
+            return;
+        }
+        tunnel::log_changes(&t.last, &plan);
+        if let Some(shared) = &self.shared.tunnel {
+            *lock(&shared.not_peers) = plan.not_peers.clone();
+        }
+        t.last = plan.clone();
+        t.plans.send_replace(plan);
     }
 
     fn policy_upsert(&mut self, policy: &NetworkPolicy) {
@@ -875,7 +966,13 @@ impl Agent {
         }
     }
 
-    fn housekeeping(&self) {
+    fn housekeeping(&mut self) {
+        // Certificates expire and become valid with time alone (PKI): the tunnel's peers are
+        // recomputed every 10 s too (PSK keys depend on names alone).
+        self.ticks = self.ticks.saturating_add(1);
+        if self.ticks >= 10 && lock(&self.processor).node().mode() == identity::Mode::Pki {
+            self.plan_tunnel();
+        }
         let (mut qd, mut ud) = (0, 0);
         for s in lock(&self.shared.workloads).values() {
             qd += s.stats.queue_dropped.load(Ordering::Relaxed);
@@ -992,16 +1089,20 @@ impl Agent {
 }
 
 /// Adds or replaces one node of the inventory; a refused one is reported (naming `origin`, the
-/// node and the field) and its previous version, if any, stays in force.
-fn apply_node(shared: &Shared, engine: &mut policy::Engine, origin: &str, node: policy::Node) {
-    let name = node.name.clone();
-    if let Err(e) = engine.apply_node(node) {
-        shared.reload_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            "{origin}: node {name}: {}: {} (refused; its previous version, if any, stays in force)",
-            e.field,
-            e.message
-        );
+/// node and the field) and its previous version, if any, stays in force. True if applied.
+fn apply_node(shared: &Shared, engine: &mut policy::Engine, origin: &str, node: &NodeInfo) -> bool {
+    let name = node.name();
+    match engine.apply_node(node.node.clone()) {
+        Ok(()) => true,
+        Err(e) => {
+            shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "{origin}: node {name}: {}: {} (refused; its previous version, if any, stays in force)",
+                e.field,
+                e.message
+            );
+            false
+        }
     }
 }
 
@@ -1093,6 +1194,21 @@ pub async fn run(opts: Options) -> Result<()> {
         audit: opts.audit,
         ..ProcessorConfig::default()
     };
+    // The tunnel starts before anything else touches the kernel: if it cannot, the agent
+    // stops here rather than run without the encryption asked for.
+    let mut tunnel_parts = None;
+    if let Some(t) = &opts.encrypt {
+        let secret = datapath::tunnel::StaticSecret::from_bytes(*node.tunnel_secret());
+        let own_key = secret.public_key();
+        let handle = tunnel::start(t, &secret)?;
+        tracing::info!(
+            device = %handle.device(),
+            listen = %handle.local_addr(),
+            key = %own_key,
+            "tunnel between nodes started (--encrypt)"
+        );
+        tunnel_parts = Some((t.clone(), own_key, handle));
+    }
     let mut processor = Processor::new(node, engine, config);
     processor.set_dns_servers(opts.dns_servers.clone());
     processor.flow_log_mut().set_config(opts.flow_log.config());
@@ -1132,7 +1248,29 @@ pub async fn run(opts: Options) -> Result<()> {
             flows::CLIENT_BUFFER,
             opts.flow_log.sink.as_ref(),
         )?),
+        tunnel: tunnel_parts.as_ref().and_then(|(_, _, h)| {
+            h.stats_reader().map(|stats| tunnel::TunnelShared {
+                device: h.device().to_owned(),
+                listen: h.local_addr(),
+                stats,
+                not_peers: Mutex::new(BTreeMap::new()),
+            })
+        }),
     });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tunnel_task = None;
+    let mut agent_tunnel = None;
+    if let Some((t, own_key, handle)) = tunnel_parts {
+        let (plans, plans_rx) = watch::channel(tunnel::Plan::default());
+        tunnel_task = Some(tokio::spawn(tunnel::run(handle, plans_rx, stop_rx.clone())));
+        agent_tunnel = Some(AgentTunnel {
+            port: t.port,
+            own_key,
+            plans,
+            last: tunnel::Plan::default(),
+            psk_keys: HashMap::new(),
+        });
+    }
     let udp = Arc::new(UdpSender {
         errors: shared.udp_send_errors.clone(),
         ..UdpSender::default()
@@ -1171,6 +1309,9 @@ pub async fn run(opts: Options) -> Result<()> {
         permits: Arc::new(Semaphore::new(8)),
         synced_once: false,
         awaiting_ready: None,
+        nodes: BTreeMap::new(),
+        tunnel: agent_tunnel,
+        ticks: 0,
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -1179,7 +1320,6 @@ pub async fn run(opts: Options) -> Result<()> {
         tracing::info!(%addr, "serving /metrics, /healthz and /status");
         tokio::spawn(http::serve(listener, shared.clone()));
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(udp_timers(
         agent.processor.clone(),
         udp.clone(),
@@ -1231,12 +1371,33 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some(joined) = agent.tasks.join_next_with_id(), if !agent.tasks.is_empty() => agent.completed(joined),
             _ = tick.tick() => agent.housekeeping(),
+            // The tunnel stopped on its own: the agent does not go on unencrypted.
+            r = async {
+                match tunnel_task.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            }, if tunnel_task.is_some() => {
+                tunnel_task = None;
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("--encrypt: the tunnel ended")),
+                    Ok(Err(e)) => Err(e.context("--encrypt")),
+                    Err(e) => Err(anyhow::anyhow!("--encrypt: tunnel task: {e}")),
+                };
+            }
             s = &mut signal => break s,
         }
     };
     tracing::info!("stopping: removing rules");
     stop_tx.send_replace(true);
     agent.shutdown().await;
+    if let Some(task) = tunnel_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e:#}"),
+            Err(e) => tracing::error!("tunnel task: {e}"),
+        }
+    }
     if outcome.is_ok() {
         tracing::info!("stopped cleanly");
     }

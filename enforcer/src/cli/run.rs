@@ -159,6 +159,20 @@ pub struct RunArgs {
     /// machines. Spins that keep finding nothing back off. 0: off [default: 0].
     #[arg(long, env = "TESSERA_BUSY_POLL_US", value_name = "MICROSECONDS")]
     pub busy_poll_us: Option<u32>,
+    /// Encrypt pod traffic between nodes: a WireGuard tunnel to every known node (static
+    /// inventory `nodes:` with `podCIDRs`, or Kubernetes Nodes) keyed by the node identities.
+    /// If the tunnel cannot start, the agent does not run [default: off].
+    #[arg(long, env = "TESSERA_ENCRYPT")]
+    pub encrypt: bool,
+    /// UDP port of the tunnel, the same on every node [default: 51871].
+    #[arg(long, env = "TESSERA_TUNNEL_PORT", value_name = "PORT")]
+    pub tunnel_port: Option<u16>,
+    /// Name of the tunnel's TUN device [default: tsr-wg0].
+    #[arg(long, env = "TESSERA_TUNNEL_DEVICE", value_name = "NAME")]
+    pub tunnel_device: Option<String>,
+    /// MTU of the tunnel's TUN device [default: 1420].
+    #[arg(long, env = "TESSERA_TUNNEL_MTU", value_name = "BYTES")]
+    pub tunnel_mtu: Option<u16>,
 }
 
 /// The config file: the same settings as the flags, in camelCase.
@@ -190,6 +204,10 @@ pub struct FileConfig {
     flow_log_allowed: Option<SampleValue>,
     busy_poll_us: Option<u32>,
     flow_log_deny_rate: Option<u32>,
+    encrypt: Option<bool>,
+    tunnel_port: Option<u16>,
+    tunnel_device: Option<String>,
+    tunnel_mtu: Option<u16>,
 }
 
 /// `flowLogAllowed` in the config file: a number, or `off`.
@@ -399,7 +417,40 @@ impl RunArgs {
                 .or(file.flow_log_deny_rate)
                 .unwrap_or(agent::FlowLogOptions::default().deny_rate),
         };
+        let encrypt = if self.encrypt || file.encrypt.unwrap_or(false) {
+            let defaults = agent::tunnel::TunnelOptions::default();
+            let t = agent::tunnel::TunnelOptions {
+                port: self
+                    .tunnel_port
+                    .or(file.tunnel_port)
+                    .unwrap_or(defaults.port),
+                device: self
+                    .tunnel_device
+                    .clone()
+                    .or(file.tunnel_device.clone())
+                    .unwrap_or(defaults.device),
+                mtu: self.tunnel_mtu.or(file.tunnel_mtu).unwrap_or(defaults.mtu),
+            };
+            let from_flag = |flag: &str| match flag {
+                "port" => self.tunnel_port.is_some() || file.tunnel_port.is_none(),
+                "device" => self.tunnel_device.is_some() || file.tunnel_device.is_none(),
+                _ => self.tunnel_mtu.is_some() || file.tunnel_mtu.is_none(),
+            };
+            t.check_named(|flag| {
+                if from_flag(flag) {
+                    format!("--tunnel-{flag}")
+                } else {
+                    let mut key = flag.to_owned();
+                    key[..1].make_ascii_uppercase();
+                    origin(&format!("tunnel{key}"))
+                }
+            })?;
+            Some(t)
+        } else {
+            None
+        };
         let opts = Options {
+            encrypt,
             node_name,
             runtime,
             policies: pick(&self.policies, &file.policies),
@@ -794,6 +845,54 @@ mod tests {
         args.extend(["--config", f.path().to_str().unwrap()]);
         let e = format!("{:#}", parse(&args).unwrap().options().unwrap_err());
         assert!(e.contains("kubernetes") && e.contains("kubeconfg"), "{e}");
+    }
+
+    #[test]
+    fn encrypt_is_off_by_default_and_its_settings_come_from_flags_or_the_file() {
+        let o = parse(&BASE).unwrap().options().unwrap();
+        assert_eq!(o.encrypt, None);
+        let mut args = BASE.to_vec();
+        args.push("--encrypt");
+        let o = parse(&args).unwrap().options().unwrap();
+        assert_eq!(o.encrypt, Some(agent::tunnel::TunnelOptions::default()));
+        let t = o.encrypt.unwrap();
+        assert_eq!((t.port, t.device.as_str(), t.mtu), (51871, "tsr-wg0", 1420));
+        args.extend(["--tunnel-port", "5000", "--tunnel-mtu", "1380"]);
+        let t = parse(&args).unwrap().options().unwrap().encrypt.unwrap();
+        assert_eq!((t.port, t.mtu), (5000, 1380));
+        let e = format!(
+            "{:#}",
+            parse(&[&BASE[..], &["--encrypt", "--tunnel-port", "0"]].concat())
+                .unwrap()
+                .options()
+                .unwrap_err()
+        );
+        assert!(e.starts_with("--tunnel-port: must not be 0"), "{e}");
+        // Without --encrypt the tunnel settings are not used.
+        let o = parse(&[&BASE[..], &["--tunnel-port", "0"]].concat())
+            .unwrap()
+            .options()
+            .unwrap();
+        assert_eq!(o.encrypt, None);
+        let f = config_file(
+            "nodeName: n\npskFile: p\ninventory: i\nencrypt: true\ntunnelDevice: wg-x\ntunnelMtu: 100\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&["--config", path]).unwrap().options().unwrap_err()
+        );
+        assert!(
+            e.starts_with(&format!("{path} (tunnelMtu): 100 is out of range")),
+            "{e}"
+        );
+        let t = parse(&["--config", path, "--tunnel-mtu", "1400"])
+            .unwrap()
+            .options()
+            .unwrap()
+            .encrypt
+            .unwrap();
+        assert_eq!((t.device.as_str(), t.mtu), ("wg-x", 1400));
     }
 
     /// The documented surface (examples/static/README.md) names every flag.

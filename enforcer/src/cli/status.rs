@@ -64,6 +64,81 @@ fn ago(now: SystemTime, unix: u64) -> String {
     }
 }
 
+/// Bytes in binary units (`12.3 KiB`).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn reasons(m: &std::collections::BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    m.iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn render_tunnel(t: &crate::agent::http::TunnelStatus, out: &mut String) {
+    let key = t
+        .public_key
+        .as_deref()
+        .map(|k| format!(", key {}…", &k[..k.len().min(16)]))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nTUNNEL {} on UDP {}{key}: {} peer{}, {} node{} not a peer",
+        t.device,
+        t.listen,
+        t.peers.len(),
+        if t.peers.len() == 1 { "" } else { "s" },
+        t.not_peers.len(),
+        if t.not_peers.len() == 1 { "" } else { "s" },
+    );
+    if let Some(e) = &t.error {
+        let _ = writeln!(out, "  STOPPED: {e}");
+    }
+    let width = t
+        .peers
+        .iter()
+        .map(|p| p.node.len())
+        .chain(t.not_peers.keys().map(String::len))
+        .max()
+        .unwrap_or(0);
+    for p in &t.peers {
+        let handshake = match p.handshake_age_seconds {
+            Some(age) => format!("handshake {:.0}s ago", age.floor()),
+            None => "no handshake yet".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:width$}  {}  {handshake}  rx {}  tx {}  drops: {}",
+            p.node,
+            p.endpoint,
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+            reasons(&p.drops)
+        );
+    }
+    for (node, why) in &t.not_peers {
+        let _ = writeln!(out, "  {node:width$}  NOT A PEER: {why}");
+    }
+    if !t.dropped.is_empty() {
+        let _ = writeln!(out, "  dropped for no peer: {}", reasons(&t.dropped));
+    }
+}
+
 /// The human form.
 pub fn render(s: &Status, now: SystemTime) -> String {
     let mut out = String::new();
@@ -128,6 +203,9 @@ pub fn render(s: &Status, now: SystemTime) -> String {
             p.node, p.key_id
         );
     }
+    if let Some(t) = &s.tunnel {
+        render_tunnel(t, &mut out);
+    }
     let c = &s.counters;
     let _ = writeln!(out, "\nCOUNTERS");
     let _ = writeln!(
@@ -146,4 +224,57 @@ pub fn render(s: &Status, now: SystemTime) -> String {
         c.queue_dropped, c.workload_failures, c.policy_reload_failures
     );
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tunnel_section_shows_peers_and_the_nodes_that_are_not() {
+        let json = r#"{
+          "node": "node-a", "identity": "pki", "runtime": "static", "policies": 1,
+          "workloads": [], "peers": [],
+          "counters": {"authorizedVerified": 0, "authorizedIpOnly": 0, "rejected": {},
+                       "flows": 0, "queueDropped": 0, "workloadFailures": 0,
+                       "policyReloadFailures": 0},
+          "tunnel": {"device": "tsr-wg0", "listen": "[::]:51871",
+            "publicKey": "07f75c407a59ed8e7be83c1d9758c9a77893d1583840b27085532cd9503cb05e",
+            "peers": [{"node": "node-b", "endpoint": "192.0.2.2:51871", "publicKey": "ab",
+                       "allowedIps": ["10.2.0.0/24"], "handshakes": 2,
+                       "handshakeAgeSeconds": 3.7, "rxBytes": 12600, "txBytes": 80,
+                       "rxPackets": 9, "txPackets": 2, "drops": {"replay": 1}}],
+            "notPeers": {"node-c": "no trusted tunnel key"},
+            "dropped": {"no_peer": 4}}
+        }"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        let text = render(&s, SystemTime::now());
+        assert!(
+            text.contains(
+                "TUNNEL tsr-wg0 on UDP [::]:51871, key 07f75c407a59ed8e…: 1 peer, 1 node not a peer"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  node-b  192.0.2.2:51871  handshake 3s ago  rx 12.3 KiB  tx 80 B  drops: replay 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  node-c  NOT A PEER: no trusted tunnel key"),
+            "{text}"
+        );
+        assert!(text.contains("dropped for no peer: no_peer 4"), "{text}");
+        // An agent without --encrypt has no section (and older agents' JSON still reads).
+        let off = json
+            .split(",\n          \"tunnel\"")
+            .next()
+            .unwrap()
+            .to_owned()
+            + "}";
+        let s: Status = serde_json::from_str(&off).unwrap();
+        assert!(!render(&s, SystemTime::now()).contains("TUNNEL"));
+    }
 }

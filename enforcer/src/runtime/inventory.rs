@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use policy::{ContainerPort, PodKey, Protocol};
 use serde::Deserialize;
 
-use super::{Desired, Event, NetnsRef, Sender};
+use super::{Desired, Event, NetnsRef, NodeInfo, Sender};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,14 +22,18 @@ struct File {
 }
 
 /// One node of the inventory: what admin policies' `nodes` peers select (by labels) and match
-/// (by address).
+/// (by address), and, for the tunnel between nodes (`--encrypt`), where its agent is reached
+/// (its first address of our family) and which pod ranges are behind it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NodeSpec {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<IpAddr>,
+    /// Its pods' ranges (CIDRs), checked by [`parse_inventory`].
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
 }
 
 impl NodeSpec {
@@ -38,6 +42,20 @@ impl NodeSpec {
             name: self.name.clone(),
             labels: self.labels.clone(),
             addresses: self.addresses.clone(),
+        }
+    }
+
+    /// The node for the agent; the pod ranges were checked by [`parse_inventory`] (one that
+    /// does not parse is left out).
+    pub fn to_info(&self) -> NodeInfo {
+        NodeInfo {
+            node: self.to_node(),
+            tunnel_addresses: self.addresses.clone(),
+            pod_cidrs: self
+                .pod_cidrs
+                .iter()
+                .filter_map(|c| super::parse_pod_cidr(c).ok())
+                .collect(),
         }
     }
 }
@@ -184,7 +202,7 @@ pub async fn run(
 async fn send(tx: &Sender, source: &str, inv: Inventory) -> Result<(), ()> {
     let nodes = Event::Nodes {
         origin: source.to_owned(),
-        nodes: inv.nodes.iter().map(NodeSpec::to_node).collect(),
+        nodes: inv.nodes.iter().map(NodeSpec::to_info).collect(),
     };
     tx.send(nodes).await.map_err(|_| ())?;
     tx.send(Event::Sync(desired(source, &inv.workloads)))
@@ -193,7 +211,8 @@ async fn send(tx: &Sender, source: &str, inv: Inventory) -> Result<(), ()> {
 }
 
 /// Parse a whole inventory (workloads and nodes); `source` names it in errors
-/// (`FILE: workloads[2].netns: ...`, `FILE: nodes[1] (name): addresses[0]: ...`).
+/// (`FILE: workloads[2].netns: ...`, `FILE: nodes[1] (name): addresses[0]: ...`,
+/// `FILE: nodes[1] (name): podCIDRs[0]: ...`).
 pub fn parse_inventory(source: &str, text: &str) -> Result<Inventory> {
     let de = serde_norway::Deserializer::from_str(text);
     let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -264,6 +283,24 @@ pub fn parse_inventory(source: &str, text: &str) -> Result<Inventory> {
             bail!("{source}: nodes[{i}] ({}): {field}: {}", n.name, e.message);
         }
     }
+    // Pod ranges: each a network, none claimed twice (a range is behind one node).
+    let mut ranges: Vec<(ipnet::IpNet, usize, usize)> = Vec::new();
+    for (i, n) in file.nodes.iter().enumerate() {
+        for (j, text) in n.pod_cidrs.iter().enumerate() {
+            let at = format!("{source}: nodes[{i}] ({}): podCIDRs[{j}]", n.name);
+            let net = super::parse_pod_cidr(text).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+            if let Some(&(other, k, m)) = ranges
+                .iter()
+                .find(|(o, _, _)| o.contains(&net.network()) || net.contains(&o.network()))
+            {
+                bail!(
+                    "{at}: {net} overlaps {other} of nodes[{k}] ({}): podCIDRs[{m}]",
+                    file.nodes[k].name
+                );
+            }
+            ranges.push((net, i, j));
+        }
+    }
     Ok(Inventory {
         workloads: file.workloads,
         nodes: file.nodes,
@@ -324,6 +361,44 @@ workloads:
         let twice = format!("{text}  - name: node-a\n    addresses: [192.0.2.9]\n");
         let e = format!("{:#}", parse_inventory("inv.yaml", &twice).unwrap_err());
         assert!(e.contains("already defined by nodes[0]"), "{e}");
+    }
+
+    #[test]
+    fn pod_cidrs_are_read_and_bad_ones_named() {
+        let text = format!(
+            "{GOOD}nodes:\n  - name: node-a\n    addresses: [192.0.2.1]\n    podCIDRs: [10.1.1.0/24, 'fd00:1::/64']\n  - name: node-b\n    addresses: [192.0.2.2]\n    podCIDRs: [10.1.2.0/24]\n"
+        );
+        let inv = parse_inventory("inv.yaml", &text).unwrap();
+        let a = inv.nodes[0].to_info();
+        assert_eq!(
+            a.pod_cidrs,
+            [
+                "10.1.1.0/24".parse::<ipnet::IpNet>().unwrap(),
+                "fd00:1::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(a.tunnel_addresses, a.node.addresses);
+        assert!(inv.nodes[1].to_info().pod_cidrs.len() == 1);
+        for (bad, why) in [
+            ("10.1.2.0/33", "not a CIDR"),
+            ("10.1.2.7/24", "host bits"),
+            ("0.0.0.0/0", "whole address space"),
+            ("224.0.0.0/24", "not a unicast range"),
+            (
+                "10.1.1.128/25",
+                "overlaps 10.1.1.0/24 of nodes[0] (node-a): podCIDRs[0]",
+            ),
+        ] {
+            let e = err(&text.replace("[10.1.2.0/24]", &format!("[{bad}]")));
+            assert!(
+                e.starts_with("inv.yaml: nodes[1] (node-b): podCIDRs[0]: ") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        // Optional: a node without pod ranges is still a node.
+        let plain = format!("{GOOD}nodes:\n  - name: node-a\n    addresses: [192.0.2.1]\n");
+        let inv = parse_inventory("inv.yaml", &plain).unwrap();
+        assert!(inv.nodes[0].to_info().pod_cidrs.is_empty());
     }
 
     #[test]

@@ -15,6 +15,8 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -72,6 +74,51 @@ pub struct Desired {
     pub started_at: Option<SystemTime>,
 }
 
+/// A node as a runtime reports it: what the policy engine matches (admin `nodes` peers) and
+/// what the tunnel between nodes needs. The pod prefixes and tunnel addresses stay out of
+/// `policy::Node`: no decision reads them, and the engine stays about policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node: policy::Node,
+    /// Where its agent's tunnel is reached, in order: Kubernetes, its `InternalIP` addresses;
+    /// the inventory, its `addresses`.
+    pub tunnel_addresses: Vec<IpAddr>,
+    /// Its pods' address ranges (Kubernetes `spec.podCIDRs`, else `spec.podCIDR`; the
+    /// inventory's `podCIDRs`), host bits clear.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl NodeInfo {
+    pub fn name(&self) -> &str {
+        &self.node.name
+    }
+}
+
+/// A pod range as a node states it: a network (host bits clear), not the whole address
+/// space; the error says what is wrong with it.
+pub fn parse_pod_cidr(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a CIDR (address/length)"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set (the network is {})",
+            net.trunc()
+        ));
+    }
+    if net.prefix_len() == 0 {
+        return Err(format!("{text:?} is the whole address space"));
+    }
+    let addr = net.network();
+    if addr.is_loopback() || addr.is_multicast() || addr.is_unspecified() {
+        return Err(format!(
+            "{text:?} is not a unicast range (loopback, multicast or unspecified)"
+        ));
+    }
+    Ok(net)
+}
+
 /// What a runtime tells the agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -122,7 +169,7 @@ pub enum Event {
     /// nodes not in it are forgotten. From Kubernetes Node objects, or the static inventory.
     Nodes {
         origin: String,
-        nodes: Vec<policy::Node>,
+        nodes: Vec<NodeInfo>,
     },
     /// The complete set of staged policies (annotated `tessera.dev/staged: "true"`) that
     /// `scope` covers, from one source: evaluated beside the enforced set (the flow log shows
@@ -138,7 +185,7 @@ pub enum Event {
     /// One policy no longer staged (deleted, or no longer annotated); nothing if it was not.
     StagedRemove(policy::StagedKey),
     /// One node added or changed.
-    NodeUpsert(policy::Node),
+    NodeUpsert(NodeInfo),
     /// One node gone.
     NodeRemove(String),
     /// A peer node's certificate (PEM) appeared or changed (PKI mode); `None` revokes it: its

@@ -11,7 +11,7 @@ use policy::objects::Object;
 use policy::{PolicyKey, StagedKey};
 use tracing::info;
 
-use crate::runtime::{Event, StagedScope};
+use crate::runtime::{Event, NodeInfo, StagedScope};
 
 /// Where API policies come from, in the agent's log lines and errors.
 pub const POLICY_ORIGIN: &str = "Kubernetes API (NetworkPolicies)";
@@ -184,24 +184,64 @@ fn policy_key(p: &NetworkPolicy) -> Option<PolicyKey> {
 pub const NODE_ORIGIN: &str = "Kubernetes API (Nodes)";
 
 /// Nodes as the engine's inventory (name, labels, InternalIP/ExternalIP addresses) for admin
-/// `nodes` peers. Only changes of those are sent: a Node's status changes every few seconds
-/// (heartbeats) and each event sent re-checks the established flows.
+/// `nodes` peers, with what the tunnel between nodes needs (InternalIP addresses, pod ranges).
+/// Only changes of those are sent: a Node's status changes every few seconds (heartbeats) and
+/// each event sent re-checks the established flows.
 #[derive(Default)]
 pub struct NodeInventory {
-    known: BTreeMap<String, policy::Node>,
-    relist: Option<Vec<policy::Node>>,
+    known: BTreeMap<String, NodeInfo>,
+    relist: Option<Vec<NodeInfo>>,
     synced: bool,
 }
 
-fn inventory_node(n: &k8s_openapi::api::core::v1::Node) -> Option<policy::Node> {
-    match policy::node_from_object(n) {
+/// A Node's name, labels and addresses, its `InternalIP` addresses (where its agent's tunnel
+/// listens) and its pod ranges (`spec.podCIDRs`, else `spec.podCIDR`). Errors name the field.
+fn node_info(n: &k8s_openapi::api::core::v1::Node) -> Result<NodeInfo, (String, String)> {
+    let node = policy::node_from_object(n).map_err(|e| (e.field, e.message))?;
+    let tunnel_addresses = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .filter(|ip| node.addresses.contains(ip))
+        .collect();
+    let spec = n.spec.as_ref();
+    let listed: Vec<(String, &String)> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(cidrs) if !cidrs.is_empty() => cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c))
+            .collect(),
+        _ => spec
+            .and_then(|s| s.pod_cidr.as_ref())
+            .map(|c| ("spec.podCIDR".to_owned(), c))
+            .into_iter()
+            .collect(),
+    };
+    let mut pod_cidrs = Vec::new();
+    for (field, text) in listed {
+        let net = crate::runtime::parse_pod_cidr(text).map_err(|e| (field, e))?;
+        if !pod_cidrs.contains(&net) {
+            pod_cidrs.push(net);
+        }
+    }
+    Ok(NodeInfo {
+        node,
+        tunnel_addresses,
+        pod_cidrs,
+    })
+}
+
+fn inventory_node(n: &k8s_openapi::api::core::v1::Node) -> Option<NodeInfo> {
+    match node_info(n) {
         Ok(node) => Some(node),
-        Err(e) => {
+        Err((field, message)) => {
             tracing::error!(
-                "Node {}: {}: {} (refused; its previous version, if any, stays in force)",
+                "Node {}: {field}: {message} (refused; its previous version, if any, stays in force)",
                 n.metadata.name.as_deref().unwrap_or_default(),
-                e.field,
-                e.message
             );
             None
         }
@@ -231,8 +271,10 @@ impl NodeInventory {
             }
             watcher::Event::InitDone => {
                 let nodes = self.relist.take().unwrap_or_default();
-                let now: BTreeMap<String, policy::Node> =
-                    nodes.iter().map(|n| (n.name.clone(), n.clone())).collect();
+                let now: BTreeMap<String, NodeInfo> = nodes
+                    .iter()
+                    .map(|n| (n.name().to_owned(), n.clone()))
+                    .collect();
                 if !self.synced || now != self.known {
                     out.push(Event::Nodes {
                         origin: NODE_ORIGIN.to_owned(),
@@ -244,9 +286,9 @@ impl NodeInventory {
             }
             watcher::Event::Apply(n) => {
                 if let Some(node) = inventory_node(&n)
-                    && self.known.get(&node.name) != Some(&node)
+                    && self.known.get(node.name()) != Some(&node)
                 {
-                    self.known.insert(node.name.clone(), node.clone());
+                    self.known.insert(node.name().to_owned(), node.clone());
                     out.push(Event::NodeUpsert(node));
                 }
             }
@@ -283,6 +325,61 @@ mod tests {
             "metadata": {"namespace": ns, "name": name}, "spec": {"podSelector": {}}
         }))
         .unwrap()
+    }
+
+    fn k8s_node(v: serde_json::Value) -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn nodes_carry_their_internal_addresses_and_pod_cidrs() {
+        let n = k8s_node(serde_json::json!({
+            "metadata": {"name": "node-b", "labels": {"zone": "b"}},
+            "spec": {"podCIDR": "10.2.0.0/24", "podCIDRs": ["10.2.0.0/24", "fd00:2::/64"]},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node-b"},
+                {"type": "ExternalIP", "address": "203.0.113.2"},
+                {"type": "InternalIP", "address": "192.0.2.2"}]}
+        }));
+        let info = node_info(&n).unwrap();
+        assert_eq!(info.node.addresses.len(), 2);
+        assert_eq!(
+            info.tunnel_addresses,
+            ["192.0.2.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(info.pod_cidrs.len(), 2);
+        // Only the singular field (older clusters).
+        let n = k8s_node(serde_json::json!({
+            "metadata": {"name": "node-c"}, "spec": {"podCIDR": "10.3.0.0/24"}
+        }));
+        let info = node_info(&n).unwrap();
+        assert_eq!(
+            info.pod_cidrs,
+            ["10.3.0.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert!(info.tunnel_addresses.is_empty());
+        // A bad one names the field, and the watcher keeps the node's previous version.
+        let bad = k8s_node(serde_json::json!({
+            "metadata": {"name": "node-c"}, "spec": {"podCIDRs": ["10.3.0.0/24", "10.4.0.9/24"]}
+        }));
+        let (field, message) = node_info(&bad).unwrap_err();
+        assert_eq!(field, "spec.podCIDRs[1]");
+        assert!(message.contains("host bits"), "{message}");
+        let mut inv = NodeInventory::default();
+        let mut out = Vec::new();
+        inv.handle(watcher::Event::Init, &mut out);
+        inv.handle(watcher::Event::InitApply(n.clone()), &mut out);
+        inv.handle(watcher::Event::InitDone, &mut out);
+        assert!(matches!(&out[..], [Event::Nodes { nodes, .. }] if nodes[0].pod_cidrs.len() == 1));
+        out.clear();
+        inv.handle(watcher::Event::Apply(bad), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // A change of pod ranges alone is a change.
+        let wider = k8s_node(serde_json::json!({
+            "metadata": {"name": "node-c"}, "spec": {"podCIDR": "10.3.0.0/23"}
+        }));
+        inv.handle(watcher::Event::Apply(wider), &mut out);
+        assert!(matches!(&out[..], [Event::NodeUpsert(n)] if n.pod_cidrs[0].prefix_len() == 23));
     }
 
     #[test]
