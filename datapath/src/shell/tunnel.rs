@@ -18,15 +18,18 @@
 //!   under it `blackhole PREFIX metric 4096`.
 //!
 //! Anything not in those prefixes finds no route in the table and falls through to `main`
-//! as before. A peer's endpoint can never be inside the prefixes (the table refuses it), so
-//! the tunnel's own datagrams are never routed into it.
+//! as before. The device gets no address, not even an IPv6 link-local one (`addrgenmode
+//! none`), so the kernel sends nothing of its own into it. A peer's endpoint can never be
+//! inside the prefixes (the table refuses it), so the tunnel's own datagrams are never routed
+//! into it.
 //!
 //! **Fails closed.** The device is not persistent: if the process dies (killed, crashed), the
 //! kernel removes it and the routes through it, and what is left in the table is the rule and
 //! the blackhole routes: traffic to the peers' pods is dropped, never sent in clear by the
 //! plugin's routes, until a tunnel starts again. That start takes the leftover rule and
 //! blackholes over (a table holding anything else is refused: another tunnel or program uses
-//! it). Only a deliberate shutdown removes them, and with them the encryption.
+//! it); a tunnel started without peers keeps the leftovers until its first peer set. Only a
+//! deliberate shutdown removes them, and with them the encryption.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -118,6 +121,8 @@ enum Request {
         oneshot::Sender<Result<PeerChanges, ShellError>>,
     ),
     Stats(oneshot::Sender<TunnelStats>),
+    /// End the loop (the handle's shutdown; stats readers may still hold the channel).
+    Stop,
 }
 
 /// Reads a running tunnel's counters from anywhere (a clone per reader); the tunnel is shut
@@ -269,8 +274,10 @@ impl TunnelHandle {
     }
 
     fn stop(&mut self) -> Result<(), ShellError> {
-        // Closing the channel ends the loop.
-        self.requests = None;
+        // Readers may hold clones of the channel: ask the loop to end, then close our end.
+        if let Some(r) = self.requests.take() {
+            let _ = r.send(Request::Stop);
+        }
         match self.thread.take() {
             Some(t) => thread_result(t.join()),
             None => Ok(()),
@@ -316,15 +323,25 @@ fn run_thread(
     runtime.block_on(async move {
         let mut routing = Routing::new(&config);
         let setup = async {
+            let tun_err = |source| ShellError::TunDevice {
+                name: config.device.clone(),
+                source,
+            };
             let tun = tun_rs::DeviceBuilder::new()
                 .name(&config.device)
                 .mtu(config.mtu)
-                .enable(true)
+                .enable(false)
                 .build_async()
-                .map_err(|source| ShellError::TunDevice {
-                    name: config.device.clone(),
-                    source,
-                })?;
+                .map_err(tun_err)?;
+            // No IPv6 link-local address on the device: the kernel would send its router
+            // solicitations and multicast listener reports into the tunnel, which has no peer
+            // for them (counted as no_peer drops). Best effort: without IPv6 there is none.
+            let mut nolocal = Command::new("ip");
+            nolocal.args(["link", "set", "dev", &config.device, "addrgenmode", "none"]);
+            if let Err(e) = super::netns::run_command(nolocal, None) {
+                tracing::debug!(device = %config.device, "addrgenmode none: {e}");
+            }
+            tun.enabled(true).map_err(tun_err)?;
             let udp = bind(config.listen)?;
             let local = udp
                 .local_addr()
@@ -473,8 +490,8 @@ async fn run_loop(
                 Some(Request::Stats(reply)) => {
                     let _ = reply.send(tunnel.stats(super::queue::unix_ms()));
                 }
-                // The handle is gone or shut down.
-                None => return Ok(()),
+                // The handle is shut down, or gone with every reader.
+                Some(Request::Stop) | None => return Ok(()),
             },
         }
     }
