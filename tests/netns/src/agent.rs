@@ -1,4 +1,5 @@
-//! One `tessera run` process per node, in the host netns.
+//! One `tessera run` process per node, in the host netns (or, with
+//! [`AgentConfig::in_node_netns`], in its node's netns, as a host-network pod runs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,6 +33,13 @@ pub struct AgentConfig {
     pub fail_open: bool,
     /// Any further arguments.
     pub extra: Vec<String>,
+    /// Run each agent inside its node's netns (`ip netns exec`), as a host-network pod runs in
+    /// its node's: what the agent does to "its own" namespace (the tunnel of `--encrypt`)
+    /// happens there. Its /metrics is then reached from inside that netns ([`Agent::get`]).
+    pub in_node_netns: bool,
+    /// Write both nodes into every inventory (`nodes:`, with their link address and, as
+    /// `podCIDRs`, the /24 of each of their workloads), as `--encrypt` needs.
+    pub list_nodes: bool,
 }
 
 impl AgentConfig {
@@ -42,6 +50,19 @@ impl AgentConfig {
             accept_all: false,
             fail_open: false,
             extra: Vec::new(),
+            in_node_netns: false,
+            list_nodes: false,
+        }
+    }
+
+    /// Agents with `--encrypt` (and `extra` after it), in their nodes' netns, with the nodes
+    /// listed in the inventories.
+    pub fn encrypted(tessera: &Path, mode: Mode) -> AgentConfig {
+        AgentConfig {
+            extra: vec!["--encrypt".into()],
+            in_node_netns: true,
+            list_nodes: true,
+            ..AgentConfig::new(tessera, mode)
         }
     }
 }
@@ -52,12 +73,21 @@ pub struct Agent {
     node: String,
     metrics_addr: SocketAddr,
     log: PathBuf,
+    /// The netns it runs in, when not the host's.
+    netns: Option<String>,
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Agent {
-    pub(crate) fn spawn(cfg: &AgentConfig, node: &str, mut args: Vec<String>, log: &Path) -> Agent {
+    /// Starts `tessera ARGS` (inside `netns` when given).
+    pub(crate) fn spawn(
+        cfg: &AgentConfig,
+        node: &str,
+        mut args: Vec<String>,
+        log: &Path,
+        netns: Option<&str>,
+    ) -> Agent {
         let metrics_addr = free_port();
         args.push("--metrics-addr".into());
         args.push(metrics_addr.to_string());
@@ -74,7 +104,16 @@ impl Agent {
             .open(log)
             .expect("agent log");
         let _ = writeln!(logf, "==== {} {}", cfg.tessera.display(), args.join(" "));
-        let child = Command::new(&cfg.tessera)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child's pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&cfg.tessera);
+                c
+            }
+            None => Command::new(&cfg.tessera),
+        };
+        let child = cmd
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -90,7 +129,26 @@ impl Agent {
             node: node.to_owned(),
             metrics_addr,
             log: log.to_owned(),
+            netns: netns.map(str::to_owned),
         }
+    }
+
+    /// GET `path` from the agent's HTTP endpoint (from inside its netns if it runs in one);
+    /// `None` on any failure or a non-200 answer.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let addr = self.metrics_addr;
+        match &self.netns {
+            None => http_get(addr, path),
+            Some(ns) => {
+                let path = path.to_owned();
+                crate::netns::in_netns(ns, move || http_get(addr, &path))
+            }
+        }
+    }
+
+    /// The netns the agent runs in, when not the host's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Waits until /readyz says ready (every workload enforced) and `rules_installed()` holds; panics with the log if the
@@ -105,7 +163,7 @@ impl Agent {
                     self.log_tail()
                 );
             }
-            let ready = http_get(self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"));
+            let ready = self.get("/readyz").is_some_and(|b| b.starts_with("ok"));
             if ready && rules_installed() {
                 return;
             }
@@ -145,7 +203,7 @@ impl Agent {
 
     /// Scrapes /metrics, `None` if it does not answer.
     pub fn try_metrics(&self) -> Option<Metrics> {
-        http_get(self.metrics_addr, "/metrics").map(|t| Metrics::parse(&t))
+        self.get("/metrics").map(|t| Metrics::parse(&t))
     }
 
     /// Waits (up to `timeout`) until the sum of every sample labelled `reason="REASON"`

@@ -91,12 +91,16 @@ impl Workload {
 }
 
 /// Builds a [`Testbed`].
+/// Runs after the keys and inventories are written, before the agents start.
+type BeforeAgents = Box<dyn FnOnce(&Testbed)>;
+
 pub struct TestbedBuilder {
     workloads: Vec<WorkloadSpec>,
     agent: Option<AgentConfig>,
     policies: Option<PathBuf>,
     serve: Serve,
     ipv6: bool,
+    before_agents: Option<BeforeAgents>,
 }
 
 impl TestbedBuilder {
@@ -124,6 +128,15 @@ impl TestbedBuilder {
     /// list both addresses.
     pub fn ipv6(mut self, on: bool) -> Self {
         self.ipv6 = on;
+        self
+    }
+
+    /// Runs `f` once the keys and inventories are written, before the agents start: to change
+    /// a node's key material, e.g. give node 2 another CA. A node's agent takes its CA from
+    /// `keys-n<N>/ca.crt` and its peer certificates from `peers-n<N>/` when `f` makes them
+    /// (else the shared `ca/ca.crt` and `peers/`).
+    pub fn before_agents(mut self, f: impl FnOnce(&Testbed) + 'static) -> Self {
+        self.before_agents = Some(Box::new(f));
         self
     }
 
@@ -237,6 +250,11 @@ impl TestbedBuilder {
             tb.write_keys(cfg.mode);
             for node in 1..=2u8 {
                 tb.write_inventory(node);
+            }
+            if let Some(f) = self.before_agents {
+                f(&tb);
+            }
+            for node in 1..=2u8 {
                 let agent = tb.spawn_agent(node, &cfg);
                 tb.agents.push(agent);
             }
@@ -275,6 +293,7 @@ impl Testbed {
             policies: None,
             serve: Serve::Threaded,
             ipv6: false,
+            before_agents: None,
         }
     }
 
@@ -606,7 +625,51 @@ impl Testbed {
         format!("node-{n}")
     }
 
-    /// The inventory of `node` (1 or 2): its enforced workloads, YAML.
+    /// The pod ranges behind `node` (1 or 2): the /24 (and /64 when dual-stack) of each of its
+    /// workloads, enforced or not.
+    pub fn pod_cidrs(&self, node: u8) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in self.workloads.iter().filter(|w| w.spec.node == node) {
+            let o = w.ip.octets();
+            out.push(format!("{}.{}.{}.0/24", o[0], o[1], o[2]));
+            if let Some(ip6) = w.ip6 {
+                let s = ip6.segments();
+                out.push(format!(
+                    "{}/64",
+                    Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)
+                ));
+            }
+        }
+        out
+    }
+
+    /// The address of node 1 or 2 on the link between them (where its tunnel is reached).
+    pub fn node_addr(&self, node: u8) -> Ipv4Addr {
+        self.link()[usize::from(node - 1)]
+    }
+
+    /// Both nodes as inventory `nodes:` entries (link addresses, pod ranges), YAML.
+    pub fn nodes_yaml(&self) -> String {
+        let mut y = String::from("nodes:\n");
+        for node in 1..=2u8 {
+            let _ = writeln!(y, "- name: {}", self.node_name(&format!("n{node}")));
+            let mut addrs = vec![self.link()[usize::from(node - 1)].to_string()];
+            if self.ipv6 {
+                addrs.push(format!("\"{}\"", self.link6()[usize::from(node - 1)]));
+            }
+            let _ = writeln!(y, "  addresses: [{}]", addrs.join(", "));
+            let cidrs: Vec<String> = self
+                .pod_cidrs(node)
+                .into_iter()
+                .map(|c| format!("\"{c}\""))
+                .collect();
+            let _ = writeln!(y, "  podCIDRs: [{}]", cidrs.join(", "));
+        }
+        y
+    }
+
+    /// The inventory of `node` (1 or 2): its enforced workloads, YAML (and both nodes, with
+    /// [`AgentConfig::list_nodes`]).
     pub fn inventory_yaml(&self, node: u8) -> String {
         let mut y = String::from("workloads:\n");
         for w in self
@@ -645,6 +708,9 @@ impl Testbed {
                     }
                 }
             }
+        }
+        if self.agent_cfg.as_ref().is_some_and(|c| c.list_nodes) {
+            y.push_str(&self.nodes_yaml());
         }
         y
     }
@@ -748,18 +814,37 @@ impl Testbed {
             }
             Mode::Pki => {
                 let name = self.node_name(&n);
+                // A node's own CA or peer set, when a test made one (before_agents).
+                let own_or = |own: PathBuf, shared: &str| {
+                    if own.exists() { own } else { d.join(shared) }
+                };
                 for (flag, path) in [
-                    ("--ca-cert", d.join("ca/ca.crt")),
+                    (
+                        "--ca-cert",
+                        own_or(d.join(format!("keys-{n}/ca.crt")), "ca/ca.crt"),
+                    ),
                     ("--node-cert", d.join(format!("keys-{n}/{name}.crt"))),
                     ("--node-key", d.join(format!("keys-{n}/{name}.key"))),
-                    ("--peer-certs", d.join("peers")),
+                    (
+                        "--peer-certs",
+                        own_or(d.join(format!("peers-{n}")), "peers"),
+                    ),
                 ] {
                     args.push(flag.into());
                     args.push(path.display().to_string());
                 }
             }
         }
-        Agent::spawn(cfg, &n, args, &d.join(format!("agent-{n}.log")))
+        let netns = cfg
+            .in_node_netns
+            .then(|| self.nodes[usize::from(node - 1)].clone());
+        Agent::spawn(
+            cfg,
+            &n,
+            args,
+            &d.join(format!("agent-{n}.log")),
+            netns.as_deref(),
+        )
     }
 
     fn wait_agent_ready(&mut self, i: usize) {
