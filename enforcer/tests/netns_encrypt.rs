@@ -595,3 +595,90 @@ fn netns_encrypt_pki_a_node_of_another_ca_gets_no_session_and_nothing_in_clear()
     assert_eq!(p["handshakes"], 0, "{t2:#}");
     assert!(p["handshakeAgeSeconds"].is_null(), "{t2:#}");
 }
+
+/// `--encrypt` whose tunnel cannot start (its UDP port taken; a device name that is not a
+/// TUN device's): the agent exits at once, naming the flag and the cause, and leaves nothing.
+#[test]
+fn netns_encrypt_the_agent_refuses_to_run_without_its_tunnel() {
+    let test = "netns_encrypt_the_agent_refuses_to_run_without_its_tunnel";
+    if !testbed::privileged(test) {
+        return;
+    }
+    // Two bare node namespaces; nothing else.
+    let tb = Testbed::builder().build();
+    let ns = tb.nodes[0].clone();
+    let d = tb.dir();
+    std::fs::write(d.join("inventory.yaml"), "workloads: []\n").unwrap();
+    std::fs::write(
+        d.join("psk"),
+        "c1a3f0e2d9b85764a0b1c2d3e4f5a6b7-tessera-test\n",
+    )
+    .unwrap();
+    let agent = |extra: &[&str]| {
+        let started = Instant::now();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                TESSERA,
+                "run",
+                "--node-name",
+                "node-n1",
+            ])
+            .arg("--inventory")
+            .arg(d.join("inventory.yaml"))
+            .arg("--psk-file")
+            .arg(d.join("psk"))
+            .args(["--metrics-addr", "off", "--encrypt"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the agent took {:?} to give up",
+            started.elapsed()
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // The tunnel's port is taken (an IPv4 socket: the tunnel's [::] is dual-stack).
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = testbed::spawn_in_netns(&ns, move || {
+        let s = UdpSocket::bind(("0.0.0.0", PORT)).unwrap();
+        held_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        drop(s);
+    });
+    held_rx.recv().unwrap();
+    let (code, stderr) = agent(&[]);
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--encrypt: the tunnel cannot start")
+            && stderr.contains(&format!("UDP port {PORT}"))
+            && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+
+    // A device name taken by a device that is not a TUN device.
+    let (code, stderr) = agent(&["--tunnel-device", "lo"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--encrypt: the tunnel cannot start") && stderr.contains("TUN device lo"),
+        "{stderr}"
+    );
+    eprintln!("{stderr}");
+
+    // Nothing left behind: no device, no rule.
+    let links = testbed::run(&["ip", "-n", &ns, "link", "show"]);
+    assert!(!links.contains("tsr-wg0"), "{links}");
+    let rules = testbed::run(&["ip", "-n", &ns, "rule", "show"]);
+    assert!(!rules.contains("51871"), "{rules}");
+}

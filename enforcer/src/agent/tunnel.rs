@@ -258,7 +258,10 @@ pub fn start(opts: &TunnelOptions, secret: &StaticSecret) -> Result<TunnelHandle
     } else {
         IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
     };
-    tunnel::start(config(listen), secret, Vec::new()).with_context(|| {
+    // The shell's error already says its cause (its source would be printed twice).
+    tunnel::start(config(listen), secret, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| {
         format!(
             "--encrypt: the tunnel cannot start (device {}, UDP port {}); refusing to run without the encryption asked for",
             opts.device, opts.port
