@@ -102,9 +102,16 @@ fn peer<'a>(tunnel: &'a Value, node: &str) -> Option<&'a Value> {
 
 // --- traffic ------------------------------------------------------------------------------------
 
-/// TCP: `from` sends the marker to `to:port` (an echo server) and reads it back.
-fn tcp_marker(tb: &Testbed, from: &str, to: &str, port: u16) -> std::io::Result<()> {
-    let mut s = tb.connect(from, to, port, OK_TIMEOUT)?;
+/// TCP: `from` sends the marker to `to:port` (an echo server) and reads it back, connecting
+/// within `timeout`.
+fn tcp_marker(
+    tb: &Testbed,
+    from: &str,
+    to: &str,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let mut s = tb.connect(from, to, port, timeout)?;
     s.write_all(TCP_MARKER)?;
     let mut back = vec![0u8; TCP_MARKER.len()];
     s.read_exact(&mut back)?;
@@ -120,7 +127,8 @@ fn udp_marker(tb: &Testbed, from: &str, to: &str, port: u16) -> bool {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let echo = testbed::spawn_in_netns(&tb.workload(to).ns, move || {
         let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(2500)))
+            .unwrap();
         ready_tx.send(()).unwrap();
         let mut buf = [0u8; 2048];
         while let Ok((n, peer)) = s.recv_from(&mut buf) {
@@ -303,9 +311,10 @@ fn only_tunnel_datagrams(frames: &[Vec<u8>], nodes: [Ipv4Addr; 2]) -> usize {
     tunnel
 }
 
-/// The three markers, from node 1's pods to node 2's: (TCP echoed, UDP echoed, ICMP answered).
-fn exchange(tb: &Testbed) -> (bool, bool, bool) {
-    let tcp = tcp_marker(tb, "frontend-1", "backend-2", 8080).is_ok();
+/// The three markers, from node 1's pods to node 2's: (TCP echoed, UDP echoed, ICMP answered);
+/// the TCP connection is given `timeout`.
+fn exchange(tb: &Testbed, timeout: Duration) -> (bool, bool, bool) {
+    let tcp = tcp_marker(tb, "frontend-1", "backend-2", 8080, timeout).is_ok();
     let udp = udp_marker(tb, "frontend-1", "backend-2", 8125);
     let icmp = ping_marker(&tb.workload("frontend-1").ns, tb.workload("external-2").ip);
     (tcp, udp, icmp)
@@ -324,7 +333,7 @@ fn encrypted_between_nodes(mode: Mode) {
     assert!(!dev.contains("inet"), "{dev}");
     let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
     let started = Instant::now();
-    let (tcp, udp, icmp) = exchange(&tb);
+    let (tcp, udp, icmp) = exchange(&tb, OK_TIMEOUT);
     assert!(
         tcp && udp && icmp,
         "tcp {tcp} udp {udp} icmp {icmp}\n{}",
@@ -444,7 +453,7 @@ fn netns_encrypt_off_the_payloads_cross_in_clear() {
     }
     let tb = builder(agents(Mode::Psk, false)).build();
     let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
-    let (tcp, udp, icmp) = exchange(&tb);
+    let (tcp, udp, icmp) = exchange(&tb, OK_TIMEOUT);
     assert!(
         tcp && udp && icmp,
         "tcp {tcp} udp {udp} icmp {icmp}\n{}",
@@ -534,7 +543,7 @@ fn netns_encrypt_pki_a_node_of_another_ca_gets_no_session_and_nothing_in_clear()
     let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
     // Node 1 -> node 2: the pod range of a node without a trusted key is routed into the
     // tunnel and dropped there.
-    let (tcp, udp, icmp) = exchange(&tb);
+    let (tcp, udp, icmp) = exchange(&tb, DENIED_TIMEOUT);
     assert!(!tcp && !udp && !icmp, "tcp {tcp} udp {udp} icmp {icmp}");
     // Node 2 -> node 1: the rogue encrypts for node 1's real key, node 1 refuses its
     // handshakes. (frontend-1 admits External pods on its http port.)
@@ -546,7 +555,7 @@ fn netns_encrypt_pki_a_node_of_another_ca_gets_no_session_and_nothing_in_clear()
             std::thread::sleep(Duration::from_millis(300));
         }
     });
-    assert!(tcp_marker(&tb, "external-2", "frontend-1", 80).is_err());
+    assert!(tcp_marker(&tb, "external-2", "frontend-1", 80, DENIED_TIMEOUT).is_err());
     let frames = capture.stop();
     for (name, m) in [
         ("TCP", TCP_MARKER),
