@@ -30,7 +30,7 @@ echo "bench/run.sh --all: outputs in $out (about 25 minutes on 2 cores)"
 ROUNDS=${ROUNDS:-5}
 echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
 bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
-  --cases a,a-wg,b,c-psk,c-pki,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
+  --cases a,a-wg,b,c-psk,c-pki,c-enc,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
 echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
 bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
@@ -79,6 +79,8 @@ row() { # figure measured target op value
   # Issue 17: what the node-to-node tunnel costs (no target).
   row "encryption: TCP conn/s (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg conn/a)" "" "" ""
   row "encryption: throughput (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg gbit/a)" "" "" ""
+  row "encryption: TCP conn/s (c-enc)/(c-psk), same agents" "$(fig "$out/one.txt" c-enc conn/c)" "" "" ""
+  row "encryption: throughput (c-enc)/(c-psk), same agents" "$(fig "$out/one.txt" c-enc gbit/c)" "" "" ""
   for c in flood flood-pki flood-udp; do
     row "conn/s under a flood (>= 10x) / unloaded ($c)" "$(fig "$out/one.txt" $c flood)" ">=" 0.5 "$(val "$out/one.txt" $c flood)"
     rss=$(val "$out/one.txt" $c flood_rss_kib)

@@ -5,8 +5,9 @@
 //! PKI mode, (k) an IP-based NFQUEUE enforcer of the bench's own (the first packet of each new
 //! flow queued at the receiving workload and decided on its addresses with the same policy
 //! engine, as kubernetes-sigs/kube-network-policies does), (flood) full enforcement while
-//! untokened, spoofed-source SYNs flood an isolated workload on the server's node, and (a-wg)
-//! no agent but the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in both nodes. Run it as
+//! untokened, spoofed-source SYNs flood an isolated workload on the server's node, (a-wg)
+//! no agent but the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in both nodes,
+//! and (c-enc, c-enc-pki) full enforcement with `tessera run --encrypt`. Run it as
 //! root: `sudo ./bench/run.sh`.
 //!
 //! Topology (per case, fresh): node netns n1 and n2 linked by veth; a client workload behind
@@ -75,7 +76,8 @@ struct Args {
     /// now and then falls a little short of its pace).
     #[arg(long, default_value_t = 11.0)]
     flood_factor: f64,
-    /// Cases to run, in order (a, a-ct, a-wg, b, c-psk, c-pki, k, flood, flood-pki, flood-udp).
+    /// Cases to run, in order (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, flood,
+    /// flood-pki, flood-udp).
     #[arg(
         long,
         value_delimiter = ',',
@@ -95,8 +97,13 @@ enum Setup {
     Bare,
     /// (a-ct): no agent, conntrack on in every workload netns.
     Conntrack,
-    /// (b) and (c): an agent per node.
-    Agents { mode: Mode, accept_all: bool },
+    /// (b) and (c): an agent per node; (c-enc): (c) with `--encrypt` (the agents in their
+    /// nodes' netns, the nodes in the inventories), what a user who turns encryption on keeps.
+    Agents {
+        mode: Mode,
+        accept_all: bool,
+        encrypt: bool,
+    },
     /// (k): the bench's own IP-based NFQUEUE enforcer at the receiving workloads.
     IpQueue,
     /// (a-wg): no agent, the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in each
@@ -115,14 +122,27 @@ impl Setup {
             "b" => Setup::Agents {
                 mode: Mode::Psk,
                 accept_all: true,
+                encrypt: false,
             },
             "c-psk" => Setup::Agents {
                 mode: Mode::Psk,
                 accept_all: false,
+                encrypt: false,
             },
             "c-pki" => Setup::Agents {
                 mode: Mode::Pki,
                 accept_all: false,
+                encrypt: false,
+            },
+            "c-enc" => Setup::Agents {
+                mode: Mode::Psk,
+                accept_all: false,
+                encrypt: true,
+            },
+            "c-enc-pki" => Setup::Agents {
+                mode: Mode::Pki,
+                accept_all: false,
+                encrypt: true,
             },
             "k" => Setup::IpQueue,
             "a-wg" => Setup::Tunnel,
@@ -131,7 +151,7 @@ impl Setup {
             "flood-udp" => Setup::Flood(Mode::Psk, flood::Kind::Udp),
             other => {
                 bail!(
-                    "unknown case {other:?} (a, a-ct, a-wg, b, c-psk, c-pki, k, flood, flood-pki, flood-udp)"
+                    "unknown case {other:?} (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, flood, flood-pki, flood-udp)"
                 )
             }
         })
@@ -140,7 +160,9 @@ impl Setup {
     /// The agents' key mode and accept-all flag, if agents run.
     fn agents(self) -> Option<(Mode, bool)> {
         match self {
-            Setup::Agents { mode, accept_all } => Some((mode, accept_all)),
+            Setup::Agents {
+                mode, accept_all, ..
+            } => Some((mode, accept_all)),
             Setup::Flood(mode, _) => Some((mode, false)),
             Setup::Bare | Setup::Conntrack | Setup::IpQueue | Setup::Tunnel => None,
         }
@@ -288,12 +310,15 @@ fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
 }
 
 /// `case figure median min max` lines over the rounds: same-round ratios (`conn/b`, `conn/a`,
-/// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`), the flood's `flood` ratio and the largest
+/// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`, and against (c-psk) `conn/c`, `gbit/c`), the flood's `flood` ratio and the largest
 /// agent RSS during it (`flood_rss_kib`), the agents' `decide_p50_us`, `decide_p99_us` and CPU
 /// per connection (`agent_cpu_us`).
 fn summary(rounds: &[Vec<Row>]) -> String {
-    let ratios: [(&str, &str, Field); 7] = [
+    let ratios: [(&str, &str, Field); 9] = [
         ("conn/b", "b", rate),
+        // Encryption's cost to enforcement: (c-enc) against (c-psk), same round.
+        ("conn/c", "c-psk", rate),
+        ("gbit/c", "c-psk", gbits),
         ("conn/a", "a", rate),
         ("conn/k", "k", rate),
         ("udp/b", "b", udp_rate),
@@ -498,7 +523,10 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         b = b.workload(WorkloadSpec::new("db", 2, "Database").port(None, 5432));
     }
     if let Some((mode, accept_all)) = setup.agents() {
-        let mut cfg = AgentConfig::new(&args.tessera, mode);
+        let mut cfg = match setup {
+            Setup::Agents { encrypt: true, .. } => AgentConfig::encrypted(&args.tessera, mode),
+            _ => AgentConfig::new(&args.tessera, mode),
+        };
         cfg.accept_all = accept_all;
         b = b.agents(cfg);
     }
