@@ -1158,9 +1158,17 @@ struct Started {
 /// Run the agent until SIGTERM/SIGINT; then remove every rule it installed.
 pub async fn run(opts: Options) -> Result<()> {
     let (node, peers) = keys::load(&opts.node_name, &opts.keys, now_ms())?;
-    if let RuntimeOptions::Static { inventory } = &opts.runtime {
+    match &opts.runtime {
         // Refuse a bad inventory before touching the kernel.
-        runtime::inventory::load(inventory)?;
+        RuntimeOptions::Static { inventory } => {
+            runtime::inventory::load(inventory)?;
+        }
+        RuntimeOptions::Docker(runtime::docker::DockerConfig {
+            nodes: Some(nodes), ..
+        }) => {
+            runtime::inventory::load_nodes(nodes)?;
+        }
+        _ => {}
     }
     let mut runtime_opts = opts.runtime.clone();
     if let (RuntimeOptions::Kubernetes(k), KeySource::Pki { node_cert, .. }) =
@@ -1419,7 +1427,15 @@ async fn run_runtime(
 ) -> Result<()> {
     match r {
         RuntimeOptions::Static { inventory } => runtime::inventory::run(inventory, tx, stop).await,
-        RuntimeOptions::Docker(cfg) => runtime::docker::run(cfg, tx, stop).await,
+        RuntimeOptions::Docker(cfg) => match cfg.nodes.clone() {
+            // The daemon's containers, and the node list beside them.
+            Some(nodes) => tokio::try_join!(
+                runtime::docker::run(cfg, tx.clone(), stop.clone()),
+                runtime::inventory::run_nodes(nodes, tx, stop),
+            )
+            .map(|_| ()),
+            None => runtime::docker::run(cfg, tx, stop).await,
+        },
         RuntimeOptions::Kubernetes(cfg) => runtime::kubernetes::run(cfg, tx, stop).await,
     }
 }
@@ -1647,8 +1663,16 @@ async fn wait_for_signal() -> Result<()> {
 pub fn check_only(opts: &Options) -> Result<()> {
     let (_, peers) = keys::load(&opts.node_name, &opts.keys, now_ms())?;
     let mut workloads = None;
-    if let RuntimeOptions::Static { inventory } = &opts.runtime {
-        workloads = Some(runtime::inventory::load(inventory)?.len());
+    match &opts.runtime {
+        RuntimeOptions::Static { inventory } => {
+            workloads = Some(runtime::inventory::load(inventory)?.len());
+        }
+        RuntimeOptions::Docker(runtime::docker::DockerConfig {
+            nodes: Some(nodes), ..
+        }) => {
+            runtime::inventory::load_nodes(nodes)?;
+        }
+        _ => {}
     }
     let (mut n_policies, mut n_admin) = (None, None);
     if let Some(dir) = &opts.policies {

@@ -54,7 +54,9 @@ pub struct RunArgs {
     /// Where workloads come from [default: static with --inventory].
     #[arg(long, env = "TESSERA_RUNTIME", value_enum)]
     pub runtime: Option<RuntimeKind>,
-    /// Static inventory of the workloads to enforce (YAML), reloaded when it changes.
+    /// Static inventory of the workloads to enforce (YAML), reloaded when it changes. With
+    /// `--runtime docker`: the node list only (`nodes:`, for admin `nodes` peers and
+    /// `--encrypt`), the workloads being the daemon's.
     #[arg(long, env = "TESSERA_INVENTORY", value_name = "FILE")]
     pub inventory: Option<PathBuf>,
     /// Docker daemon to follow [default: unix:///var/run/docker.sock].
@@ -360,8 +362,12 @@ impl RunArgs {
                         .or(docker_file.namespace_label)
                         .unwrap_or(defaults.namespace_label),
                     filters,
+                    nodes: inventory,
                 })
             }
+            RuntimeKind::Kubernetes if inventory.is_some() => bail!(
+                "--inventory is for --runtime static (workloads and nodes) and --runtime docker (the node list); with --runtime kubernetes the nodes come from the API"
+            ),
             RuntimeKind::Kubernetes => RuntimeOptions::Kubernetes(KubernetesConfig {
                 node_name: node_name.clone(),
                 kubeconfig: self
@@ -747,6 +753,23 @@ mod tests {
             panic!("{:?}", o.runtime)
         };
         assert_eq!(d.host, "tcp://127.0.0.1:2375");
+    }
+
+    #[test]
+    fn inventory_beside_docker_is_the_node_list_and_refused_beside_kubernetes() {
+        let o = parse(&[&BASE[..], &["--runtime", "docker"]].concat())
+            .unwrap()
+            .options()
+            .unwrap();
+        let RuntimeOptions::Docker(d) = &o.runtime else {
+            panic!("{:?}", o.runtime)
+        };
+        assert_eq!(d.nodes.as_deref(), Some(Path::new("inv.yaml")));
+        let e = parse(&[&BASE[..], &["--runtime", "kubernetes"]].concat())
+            .unwrap()
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("--inventory"), "{e}");
     }
 
     #[test]

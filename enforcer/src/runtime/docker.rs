@@ -72,6 +72,9 @@ pub struct DockerConfig {
     /// Docker `label=` filters restricting what is enforced (`KEY` or `KEY=VALUE`, all must
     /// hold), e.g. `tessera.dev/enforce=true`; empty: every container.
     pub filters: Vec<String>,
+    /// `--inventory FILE` beside the daemon: the node list (`nodes:` only), reloaded on change,
+    /// for admin `nodes` peers and the tunnel between nodes (`--encrypt`).
+    pub nodes: Option<std::path::PathBuf>,
 }
 
 impl Default for DockerConfig {
@@ -80,6 +83,7 @@ impl Default for DockerConfig {
             host: "unix:///var/run/docker.sock".to_owned(),
             namespace_label: DEFAULT_NAMESPACE_LABEL.to_owned(),
             filters: Vec::new(),
+            nodes: None,
         }
     }
 }

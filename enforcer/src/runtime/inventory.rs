@@ -15,6 +15,9 @@ use super::{Desired, Event, NetnsRef, NodeInfo, Sender};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// None is an empty list: a node with nothing enforced yet, or, beside `--runtime docker`,
+    /// a file of nodes only.
+    #[serde(default)]
     workloads: Vec<WorkloadSpec>,
     /// The cluster's nodes, for admin `nodes` peers (optional).
     #[serde(default)]
@@ -160,12 +163,61 @@ fn mtime(path: &Path) -> Option<std::time::SystemTime> {
 pub async fn run(
     path: PathBuf,
     tx: Sender,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    watch(path, tx, stop, Contents::All).await
+}
+
+/// Beside another runtime (`--runtime docker --inventory FILE`): the file's nodes only, for admin
+/// `nodes` peers and the tunnel between nodes; workloads come from that runtime, and a file that
+/// lists any is refused (at start: the agent stops; on reload: the last good list stays).
+pub async fn run_nodes(
+    path: PathBuf,
+    tx: Sender,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    watch(path, tx, stop, Contents::NodesOnly).await
+}
+
+/// What a watched inventory file gives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    All,
+    NodesOnly,
+}
+
+/// [`load_inventory`] for `--runtime docker --inventory FILE`: nodes only.
+pub fn load_nodes(path: &Path) -> Result<Vec<NodeSpec>> {
+    let inv = load_inventory(path)?;
+    if !inv.workloads.is_empty() {
+        bail!(
+            "{}: workloads[0]: with --runtime docker the workloads come from the Docker daemon; this file may list nodes only",
+            path.display()
+        );
+    }
+    Ok(inv.nodes)
+}
+
+fn load_contents(path: &Path, contents: Contents) -> Result<Inventory> {
+    match contents {
+        Contents::All => load_inventory(path),
+        Contents::NodesOnly => load_nodes(path).map(|nodes| Inventory {
+            workloads: Vec::new(),
+            nodes,
+        }),
+    }
+}
+
+async fn watch(
+    path: PathBuf,
+    tx: Sender,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    contents: Contents,
 ) -> Result<()> {
     let source = path.display().to_string();
     let mut seen = mtime(&path);
-    let inv = load_inventory(&path)?;
-    if send(&tx, &source, inv).await.is_err() {
+    let inv = load_contents(&path, contents)?;
+    if send(&tx, &source, inv, contents).await.is_err() {
         return Ok(());
     }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -179,7 +231,7 @@ pub async fn run(
             continue;
         }
         seen = now;
-        match load_inventory(&path) {
+        match load_contents(&path, contents) {
             Ok(inv) => {
                 tracing::info!(
                     file = %source,
@@ -187,7 +239,7 @@ pub async fn run(
                     nodes = inv.nodes.len(),
                     "inventory reloaded"
                 );
-                if send(&tx, &source, inv).await.is_err() {
+                if send(&tx, &source, inv, contents).await.is_err() {
                     return Ok(());
                 }
             }
@@ -198,13 +250,16 @@ pub async fn run(
     }
 }
 
-/// The node inventory, then the workloads.
-async fn send(tx: &Sender, source: &str, inv: Inventory) -> Result<(), ()> {
+/// The node inventory, then the workloads (unless the workloads are another runtime's).
+async fn send(tx: &Sender, source: &str, inv: Inventory, contents: Contents) -> Result<(), ()> {
     let nodes = Event::Nodes {
         origin: source.to_owned(),
         nodes: inv.nodes.iter().map(NodeSpec::to_info).collect(),
     };
     tx.send(nodes).await.map_err(|_| ())?;
+    if contents == Contents::NodesOnly {
+        return Ok(());
+    }
     tx.send(Event::Sync(desired(source, &inv.workloads)))
         .await
         .map_err(|_| ())
@@ -399,6 +454,26 @@ workloads:
         let plain = format!("{GOOD}nodes:\n  - name: node-a\n    addresses: [192.0.2.1]\n");
         let inv = parse_inventory("inv.yaml", &plain).unwrap();
         assert!(inv.nodes[0].to_info().pod_cidrs.is_empty());
+    }
+
+    #[test]
+    fn beside_docker_the_file_gives_nodes_only_and_a_workload_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = dir.path().join("nodes.yaml");
+        std::fs::write(
+            &nodes,
+            "nodes:\n  - name: node-a\n    addresses: [192.0.2.1]\n    podCIDRs: [10.1.1.0/24]\n",
+        )
+        .unwrap();
+        let n = load_nodes(&nodes).unwrap();
+        assert_eq!((n.len(), n[0].name.as_str()), (1, "node-a"));
+        let both = dir.path().join("both.yaml");
+        std::fs::write(&both, GOOD).unwrap();
+        let e = format!("{:#}", load_nodes(&both).unwrap_err());
+        assert!(
+            e.contains("both.yaml: workloads[0]") && e.contains("nodes only"),
+            "{e}"
+        );
     }
 
     #[test]
