@@ -101,6 +101,9 @@ in_fresh_netns cargo test --workspace --doc --locked --offline || die "the doc t
 
 log "the three-tier demo, README's first command (fresh netns)"
 in_fresh_netns examples/three-tier/run.sh --debug --no-build || die "the three-tier demo failed (above)"
+log "the three-tier demo with encryption between the nodes (--encrypt; fresh netns)"
+in_fresh_netns examples/three-tier/run.sh --debug --no-build --encrypt ||
+  die "the three-tier demo with --encrypt failed (above)"
 
 log "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings || die "clippy found warnings (above)"

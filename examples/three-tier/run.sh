@@ -5,6 +5,8 @@
 #   sudo ./examples/three-tier/run.sh --debug   # dev build (what tests/run.sh has built already)
 #   sudo ./examples/three-tier/run.sh --no-build  # the binaries already in target/ (or $CARGO_TARGET_DIR) as they are
 #   sudo ./examples/three-tier/run.sh --hold    # keep it all up after the report, until Ctrl-C
+#   sudo ./examples/three-tier/run.sh --encrypt # the agents with --encrypt (WireGuard between the
+#                                               # nodes), proven by a capture on the nodes' link
 #
 # Installs what it needs (apt), builds `tessera` and the demo driver, then the driver builds two
 # simulated nodes (network namespaces): node-n1 with real Docker containers of a PRIVATE dockerd
@@ -22,13 +24,15 @@ root=$(cd "$here/../.." && pwd)
 profile=release
 no_build=0
 hold=()
+encrypt=()
 for arg in "$@"; do
   case "$arg" in
     --debug) profile=debug ;;
     --no-build) no_build=1 ;;
     --hold) hold=(--hold) ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown argument '$arg' (expected --debug, --no-build, --hold)" >&2; exit 2 ;;
+    --encrypt) encrypt=(--encrypt) ;;
+    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument '$arg' (expected --debug, --no-build, --hold, --encrypt)" >&2; exit 2 ;;
   esac
 done
 
@@ -42,7 +46,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 # The fixture uses Debian's 20.10 client (API 1.41), not a newer docker that may be on PATH.
 "$root/tests/need.sh" ip=iproute2 ss=iproute2 iptables=iptables iptables-save=iptables \
   ip6tables-save=iptables iptables-restore=iptables conntrack=conntrack nsenter=util-linux \
-  dockerd=docker.io containerd=containerd /usr/bin/docker=docker.io tar=tar modprobe=kmod ||
+  dockerd=docker.io containerd=containerd /usr/bin/docker=docker.io tar=tar modprobe=kmod \
+  tcpdump=tcpdump ||
   die "missing packages (above)"
 # The containers' image is /bin/busybox copied into an empty rootfs: it must be the static one.
 if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
@@ -141,7 +146,7 @@ trap finish EXIT
 trap on_signal INT TERM HUP
 
 log "running the demo (driver: $driver)"
-"$driver" run --tessera "$tessera" --policies "$here/policies" "${hold[@]}" &
+"$driver" run --tessera "$tessera" --policies "$here/policies" "${hold[@]}" "${encrypt[@]}" &
 pid=$!
 rc=""
 while [ -z "$rc" ]; do

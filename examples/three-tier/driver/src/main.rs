@@ -102,6 +102,11 @@ enum Cmd {
         /// to try by hand.
         #[arg(long)]
         hold: bool,
+        /// Encryption between the nodes: both agents with `--encrypt` (in their nodes' netns,
+        /// the node list in their inventories), and a capture on node-n1's uplink during the
+        /// probes that must hold tunnel datagrams and no pod packet in clear.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Remove what a killed run (process PID, no longer running) left behind: its namespaces,
     /// its dockerd and containers, agents, mounts and scratch directories. Exits 3 when it found
@@ -139,11 +144,12 @@ fn main() -> ExitCode {
             tessera,
             policies,
             hold,
-        } => demo(&tessera, &policies, hold),
+            encrypt,
+        } => demo(&tessera, &policies, hold, encrypt),
     }
 }
 
-fn demo(tessera: &Path, policies: &Path, hold: bool) -> ExitCode {
+fn demo(tessera: &Path, policies: &Path, hold: bool, encrypt: bool) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
         signal_hook::consts::SIGINT,
@@ -165,8 +171,9 @@ fn demo(tessera: &Path, policies: &Path, hold: bool) -> ExitCode {
             default_hook(info);
         }
     }));
-    let outcome =
-        std::panic::catch_unwind(AssertUnwindSafe(|| run(tessera, policies, hold, &stop)));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        run(tessera, policies, hold, encrypt, &stop)
+    }));
     match outcome {
         Ok(Ok(true)) => ExitCode::SUCCESS,
         Ok(Ok(false)) => ExitCode::from(1),
@@ -201,7 +208,13 @@ fn step(what: &str) {
 /// The whole demo; `Ok(true)` when observed matches expected everywhere. Whatever it built is
 /// torn down when it returns or unwinds: the testbed (agents, namespaces) first, then the
 /// daemon (containers, mounts, directories).
-fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result<bool> {
+fn run(
+    tessera: &Path,
+    policies: &Path,
+    hold: bool,
+    encrypt: bool,
+    stop: &AtomicBool,
+) -> Result<bool> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "needs root (network namespaces, iptables, a private dockerd): sudo ./examples/three-tier/run.sh"
@@ -281,22 +294,34 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
         );
     }
 
-    step("agents: node-n1 follows the dockerd, node-n2 reads an inventory; one PSK");
-    let cfg = AgentConfig::new(&tessera, Mode::Psk);
+    let cfg = if encrypt {
+        step(
+            "agents, --encrypt: node-n1 follows the dockerd, node-n2 reads an inventory; one PSK; each agent in its node's netns with a WireGuard tunnel to the other (the node list: both nodes, their link addresses, their pods' /24s)",
+        );
+        AgentConfig::encrypted(&tessera, Mode::Psk)
+    } else {
+        step("agents: node-n1 follows the dockerd, node-n2 reads an inventory; one PSK");
+        AgentConfig::new(&tessera, Mode::Psk)
+    };
     let host = daemon.host();
     let agents_started = Instant::now();
-    tb.start_agent_with(
-        1,
-        &cfg,
-        &[
-            "--runtime",
-            "docker",
-            "--docker-host",
-            &host,
-            "--docker-filter",
-            &format!("{NAMESPACE_LABEL}={NAMESPACE}"),
-        ],
-    );
+    let mut n1_args = vec![
+        "--runtime".to_owned(),
+        "docker".to_owned(),
+        "--docker-host".to_owned(),
+        host.clone(),
+        "--docker-filter".to_owned(),
+        format!("{NAMESPACE_LABEL}={NAMESPACE}"),
+    ];
+    if encrypt {
+        // Beside the Docker runtime, --inventory is the node list alone.
+        let nodes = tb.dir().join("nodes-n1.yaml");
+        std::fs::write(&nodes, tb.nodes_yaml())
+            .with_context(|| format!("write {}", nodes.display()))?;
+        n1_args.extend(["--inventory".to_owned(), nodes.display().to_string()]);
+    }
+    let n1_args: Vec<&str> = n1_args.iter().map(String::as_str).collect();
+    tb.start_agent_with(1, &cfg, &n1_args);
     checkpoint(stop)?;
     let inventory = tb.dir().join("inventory-n2.yaml");
     std::fs::write(&inventory, tb.inventory_yaml(2))
@@ -320,6 +345,7 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
         "observed: {} real TCP connections (connect + 1 byte echoed), all at once; denied = no handshake within {PROBE_TIMEOUT:?}",
         cells.len()
     ));
+    let capture = encrypt.then(|| UplinkCapture::start(&tb)).transpose()?;
     let observed = probe_all(&tb, &cells)?;
     checkpoint(stop)?;
 
@@ -336,16 +362,27 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
     let udp_observed = probe_udp_all(&tb, &udp_cells)?;
     ok &= report(&udp_cells, &udp_observed);
     checkpoint(stop)?;
+    if let Some(capture) = capture {
+        ok &= capture.finish(&tb, &cells, &udp_cells)?;
+    }
     ok &= flows_logged(&tb, &cells, &udp_cells);
     counters(&tb);
     println!(
         "\n-- tessera status --addr {} (node-n1)",
         tb.agent(1).metrics_addr()
     );
-    let status = Command::new(&tessera)
-        .args(["status", "--addr", &tb.agent(1).metrics_addr().to_string()])
-        .output()
-        .context("tessera status")?;
+    let addr = tb.agent(1).metrics_addr().to_string();
+    let status = match tb.agent(1).netns() {
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&tessera)
+            .args(["status", "--addr", &addr])
+            .output(),
+        None => Command::new(&tessera)
+            .args(["status", "--addr", &addr])
+            .output(),
+    }
+    .context("tessera status")?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
     eprint!("{}", String::from_utf8_lossy(&status.stderr));
 
@@ -377,11 +414,10 @@ fn run(tessera: &Path, policies: &Path, hold: bool, stop: &AtomicBool) -> Result
 fn flows_logged(tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> bool {
     let mut records: Vec<(u8, serde_json::Value)> = Vec::new();
     for node in 1..=2u8 {
-        let body = testbed::agent::http_get(
-            tb.agent(node).metrics_addr(),
-            "/flows?verdict=denied&last=10000",
-        )
-        .unwrap_or_default();
+        let body = tb
+            .agent(node)
+            .get("/flows?verdict=denied&last=10000")
+            .unwrap_or_default();
         records.extend(
             body.lines()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -1141,5 +1177,110 @@ mod tests {
         assert!(y.contains("{name: http, containerPort: 80, protocol: TCP}"));
         assert!(y.contains("{name: api, containerPort: 8080, protocol: TCP}"));
         assert!(y.contains("metadata: {name: external-2, namespace: shop, labels: {role: External}}\nspec:\n  nodeName: node-n2\n  containers: [{name: app, image: busybox, ports: []}]"));
+    }
+}
+
+/// `--encrypt`: tcpdump on node-n1's uplink (the only link between the nodes) while the
+/// probes run. Afterwards no packet from or to a pod may be on it outside the tunnel (UDP
+/// between the nodes' tunnel ports), and some must be in it: a pod packet in clear is a FAIL.
+struct UplinkCapture {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+impl UplinkCapture {
+    fn start(tb: &Testbed) -> Result<UplinkCapture> {
+        let file = tb.dir().join("uplink-n1.pcap");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &tb.nodes[0],
+                "tcpdump",
+                "-i",
+                "uplink",
+                "-nn",
+                "-U",
+            ])
+            .arg("-w")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("tcpdump on node-n1's uplink (Debian package tcpdump)")?;
+        // tcpdump opens its capture before it writes the file header.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !file.exists() {
+            if Instant::now() > deadline {
+                bail!("tcpdump did not start on node-n1's uplink");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(UplinkCapture { child, file })
+    }
+
+    /// Stops the capture and prints what crossed between the nodes.
+    fn finish(mut self, tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> Result<bool> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+        let _ = self.child.wait();
+        let read = |filter: &str| -> Result<Vec<String>> {
+            let out = Command::new("tcpdump")
+                .args(["-nn", "-r"])
+                .arg(&self.file)
+                .arg(filter)
+                .output()
+                .context("tcpdump -r")?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect())
+        };
+        let port = "51871";
+        let tunnel = read(&format!("udp src port {port} and udp dst port {port}"))?.len();
+        // Pod packets: from or to a workload's /24. (The nodes' own link-local IPv6 chatter,
+        // router solicitations and listener reports, is not pod traffic.)
+        let mut nets: Vec<String> = tb
+            .workloads
+            .iter()
+            .map(|w| {
+                let [a, b, c, _] = w.ip.octets();
+                format!("net {a}.{b}.{c}.0/24")
+            })
+            .collect();
+        nets.sort();
+        nets.dedup();
+        let outside = read(&format!(
+            "({}) and not (udp src port {port} and udp dst port {port})",
+            nets.join(" or ")
+        ))?;
+        let clear = outside.len();
+        let cross = |cells: &[Cell]| {
+            cells
+                .iter()
+                .filter(|c| tb.workload(&c.from).spec.node != tb.workload(&c.to).spec.node)
+                .count()
+        };
+        println!(
+            "\n-- encryption: tcpdump on node-n1's uplink while the {} cross-node TCP and {} UDP cells were probed",
+            cross(tcp),
+            cross(udp)
+        );
+        println!(
+            "   {tunnel} WireGuard datagrams (UDP {port} between the nodes), {clear} pod packets outside the tunnel"
+        );
+        for line in outside.iter().take(5) {
+            println!("   outside the tunnel: {line}");
+        }
+        let ok = tunnel > 0 && clear == 0;
+        println!(
+            "   {}",
+            if ok {
+                "encrypted: no pod packet crossed between the nodes in clear"
+            } else {
+                "NOT ENCRYPTED: packets crossed outside the tunnel (or none through it)"
+            }
+        );
+        Ok(ok)
     }
 }
