@@ -1072,6 +1072,111 @@ fn sweep(pid: u32) -> Result<usize> {
     Ok(found.len())
 }
 
+/// `--encrypt`: tcpdump on node-n1's uplink (the only link between the nodes) while the
+/// probes run. Afterwards no packet from or to a pod may be on it outside the tunnel (UDP
+/// between the nodes' tunnel ports), and some must be in it: a pod packet in clear is a FAIL.
+struct UplinkCapture {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+impl UplinkCapture {
+    fn start(tb: &Testbed) -> Result<UplinkCapture> {
+        let file = tb.dir().join("uplink-n1.pcap");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &tb.nodes[0],
+                "tcpdump",
+                "-i",
+                "uplink",
+                "-nn",
+                "-U",
+            ])
+            .arg("-w")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("tcpdump on node-n1's uplink (Debian package tcpdump)")?;
+        // tcpdump opens its capture before it writes the file header.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !file.exists() {
+            if Instant::now() > deadline {
+                bail!("tcpdump did not start on node-n1's uplink");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(UplinkCapture { child, file })
+    }
+
+    /// Stops the capture and prints what crossed between the nodes.
+    fn finish(mut self, tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> Result<bool> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+        let _ = self.child.wait();
+        let read = |filter: &str| -> Result<Vec<String>> {
+            let out = Command::new("tcpdump")
+                .args(["-nn", "-r"])
+                .arg(&self.file)
+                .arg(filter)
+                .output()
+                .context("tcpdump -r")?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect())
+        };
+        let port = "51871";
+        let tunnel = read(&format!("udp src port {port} and udp dst port {port}"))?.len();
+        // Pod packets: from or to a workload's /24. (The nodes' own link-local IPv6 chatter,
+        // router solicitations and listener reports, is not pod traffic.)
+        let mut nets: Vec<String> = tb
+            .workloads
+            .iter()
+            .map(|w| {
+                let [a, b, c, _] = w.ip.octets();
+                format!("net {a}.{b}.{c}.0/24")
+            })
+            .collect();
+        nets.sort();
+        nets.dedup();
+        let outside = read(&format!(
+            "({}) and not (udp src port {port} and udp dst port {port})",
+            nets.join(" or ")
+        ))?;
+        let clear = outside.len();
+        let cross = |cells: &[Cell]| {
+            cells
+                .iter()
+                .filter(|c| tb.workload(&c.from).spec.node != tb.workload(&c.to).spec.node)
+                .count()
+        };
+        println!(
+            "\n-- encryption: tcpdump on node-n1's uplink while the {} cross-node TCP and {} UDP cells were probed",
+            cross(tcp),
+            cross(udp)
+        );
+        println!(
+            "   {tunnel} WireGuard datagrams (UDP {port} between the nodes), {clear} pod packets outside the tunnel"
+        );
+        for line in outside.iter().take(5) {
+            println!("   outside the tunnel: {line}");
+        }
+        let ok = tunnel > 0 && clear == 0;
+        println!(
+            "   {}",
+            if ok {
+                "encrypted: no pod packet crossed between the nodes in clear"
+            } else {
+                "NOT ENCRYPTED: packets crossed outside the tunnel (or none through it)"
+            }
+        );
+        Ok(ok)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1177,110 +1282,5 @@ mod tests {
         assert!(y.contains("{name: http, containerPort: 80, protocol: TCP}"));
         assert!(y.contains("{name: api, containerPort: 8080, protocol: TCP}"));
         assert!(y.contains("metadata: {name: external-2, namespace: shop, labels: {role: External}}\nspec:\n  nodeName: node-n2\n  containers: [{name: app, image: busybox, ports: []}]"));
-    }
-}
-
-/// `--encrypt`: tcpdump on node-n1's uplink (the only link between the nodes) while the
-/// probes run. Afterwards no packet from or to a pod may be on it outside the tunnel (UDP
-/// between the nodes' tunnel ports), and some must be in it: a pod packet in clear is a FAIL.
-struct UplinkCapture {
-    child: std::process::Child,
-    file: PathBuf,
-}
-
-impl UplinkCapture {
-    fn start(tb: &Testbed) -> Result<UplinkCapture> {
-        let file = tb.dir().join("uplink-n1.pcap");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &tb.nodes[0],
-                "tcpdump",
-                "-i",
-                "uplink",
-                "-nn",
-                "-U",
-            ])
-            .arg("-w")
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("tcpdump on node-n1's uplink (Debian package tcpdump)")?;
-        // tcpdump opens its capture before it writes the file header.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !file.exists() {
-            if Instant::now() > deadline {
-                bail!("tcpdump did not start on node-n1's uplink");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(UplinkCapture { child, file })
-    }
-
-    /// Stops the capture and prints what crossed between the nodes.
-    fn finish(mut self, tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> Result<bool> {
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
-        let _ = self.child.wait();
-        let read = |filter: &str| -> Result<Vec<String>> {
-            let out = Command::new("tcpdump")
-                .args(["-nn", "-r"])
-                .arg(&self.file)
-                .arg(filter)
-                .output()
-                .context("tcpdump -r")?;
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_owned)
-                .collect())
-        };
-        let port = "51871";
-        let tunnel = read(&format!("udp src port {port} and udp dst port {port}"))?.len();
-        // Pod packets: from or to a workload's /24. (The nodes' own link-local IPv6 chatter,
-        // router solicitations and listener reports, is not pod traffic.)
-        let mut nets: Vec<String> = tb
-            .workloads
-            .iter()
-            .map(|w| {
-                let [a, b, c, _] = w.ip.octets();
-                format!("net {a}.{b}.{c}.0/24")
-            })
-            .collect();
-        nets.sort();
-        nets.dedup();
-        let outside = read(&format!(
-            "({}) and not (udp src port {port} and udp dst port {port})",
-            nets.join(" or ")
-        ))?;
-        let clear = outside.len();
-        let cross = |cells: &[Cell]| {
-            cells
-                .iter()
-                .filter(|c| tb.workload(&c.from).spec.node != tb.workload(&c.to).spec.node)
-                .count()
-        };
-        println!(
-            "\n-- encryption: tcpdump on node-n1's uplink while the {} cross-node TCP and {} UDP cells were probed",
-            cross(tcp),
-            cross(udp)
-        );
-        println!(
-            "   {tunnel} WireGuard datagrams (UDP {port} between the nodes), {clear} pod packets outside the tunnel"
-        );
-        for line in outside.iter().take(5) {
-            println!("   outside the tunnel: {line}");
-        }
-        let ok = tunnel > 0 && clear == 0;
-        println!(
-            "   {}",
-            if ok {
-                "encrypted: no pod packet crossed between the nodes in clear"
-            } else {
-                "NOT ENCRYPTED: packets crossed outside the tunnel (or none through it)"
-            }
-        );
-        Ok(ok)
     }
 }
