@@ -11,13 +11,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datapath::shell::Netns;
 use datapath::shell::tunnel::{self, TunnelConfig, TunnelHandle};
 use datapath::tunnel::{PeerConfig, PublicKey, Reason, StaticSecret};
+use testbed::tcpdump::{Tcpdump, contains};
 
 const PORT: u16 = 51871;
 const NODE_A: &str = "10.201.0.1";
@@ -412,113 +412,13 @@ fn ping(ns: &str, to: &str, payload: &[u8], timeout: Duration) -> bool {
 
 // --- capture ------------------------------------------------------------------------------------
 
-/// tcpdump on one interface of a namespace, writing a pcap file; stopped by [`Capture::stop`]
-/// (or killed on drop).
-struct Capture {
-    child: Option<Child>,
-    path: PathBuf,
-}
-
-impl Capture {
-    fn start(ns: &str, iface: &str, name: &str) -> Capture {
-        let path = std::env::temp_dir().join(format!(
-            "tessera-netns-tunnel-{}-{name}.pcap",
-            std::process::id()
-        ));
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "tcpdump",
-                "-i",
-                iface,
-                "-n",
-                "-U",
-                "--immediate-mode",
-                "-s",
-                "0",
-                "-Z",
-                "root",
-                "-w",
-            ])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Immediate mode: without it, packets wait in the kernel's ring block (up to a second)
-        // and those of the last block are lost when tcpdump is stopped.
-        // tcpdump says "listening on ..." once the capture runs.
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&seen).contains("listening on") {
-                    let _ = tx.send(());
-                }
-            }
-            let _ = tx.send(());
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("tcpdump did not start listening within 5 s");
-        Capture {
-            child: Some(child),
-            path,
-        }
-    }
-
-    /// Stops tcpdump (SIGINT: it flushes the file) and returns the frames it captured.
-    fn stop(mut self) -> Vec<Vec<u8>> {
-        let mut child = self.child.take().unwrap();
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-        // Let the last packets reach the capture.
-        std::thread::sleep(Duration::from_millis(200));
-        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "tcpdump: {status}");
-        read_pcap(&std::fs::read(&self.path).unwrap())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The frames of a pcap file (microsecond or nanosecond, little-endian, as tcpdump writes).
-fn read_pcap(b: &[u8]) -> Vec<Vec<u8>> {
-    assert!(b.len() >= 24, "pcap too short: {} bytes", b.len());
-    let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
-    assert!(
-        magic == 0xa1b2_c3d4 || magic == 0xa1b2_3c4d,
-        "pcap magic {magic:#x}"
-    );
-    assert_eq!(
-        u32::from_le_bytes(b[20..24].try_into().unwrap()),
-        1,
-        "Ethernet"
-    );
-    let mut frames = Vec::new();
-    let mut at = 24;
-    while at + 16 <= b.len() {
-        let len = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
-        at += 16;
-        frames.push(b[at..at + len].to_vec());
-        at += len;
-    }
-    frames
+/// tcpdump on one interface of a namespace (`testbed::tcpdump`), its file in the temp dir.
+fn capture(ns: &str, iface: &str, name: &str) -> Tcpdump {
+    let path = std::env::temp_dir().join(format!(
+        "tessera-netns-tunnel-{}-{name}.pcap",
+        std::process::id()
+    ));
+    Tcpdump::start(ns, iface, &path)
 }
 
 /// An IPv4 packet of a captured Ethernet frame.
@@ -551,12 +451,6 @@ impl<'a> Ip<'a> {
             )
         })
     }
-}
-
-fn contains(frames: &[Vec<u8>], needle: &[u8]) -> bool {
-    frames
-        .iter()
-        .any(|f| f.windows(needle.len()).any(|w| w == needle))
 }
 
 /// The IPv4 packets of the capture that are not tunnel datagrams (UDP from and to the tunnel
@@ -620,7 +514,7 @@ fn netns_tunnel_carries_tcp_udp_icmp_between_pods_and_the_wire_shows_no_plaintex
     let t = Topo::new(1);
 
     // Without the tunnel: plain routing, and the capture sees every marker.
-    let cap = Capture::start(&t.node_a, &t.link_a, "1-plain");
+    let cap = capture(&t.node_a, &t.link_a, "1-plain");
     send_markers(&t, 8001, 9001);
     let frames = cap.stop();
     for m in [TCP_MARKER, UDP_MARKER, ICMP_MARKER] {
@@ -683,7 +577,7 @@ fn netns_tunnel_carries_tcp_udp_icmp_between_pods_and_the_wire_shows_no_plaintex
     let link = run(&["ip", "-n", &t.node_a, "link", "show", "tsr-wg0"]);
     assert!(link.contains("mtu 1420") && link.contains(",UP"), "{link}");
 
-    let cap = Capture::start(&t.node_a, &t.link_a, "1-tunnel");
+    let cap = capture(&t.node_a, &t.link_a, "1-tunnel");
     send_markers(&t, 8002, 9002);
     // The node itself reaches pod b through the tunnel too (the route's source is its address
     // in its own pod prefix, which b accepts from a).
@@ -768,7 +662,7 @@ fn netns_tunnel_garbage_replays_and_forgeries_to_the_port_are_counted_and_the_se
             s.write_all(&buf).unwrap();
         }
     });
-    let cap = Capture::start(&t.node_a, &t.link_a, "2");
+    let cap = capture(&t.node_a, &t.link_a, "2");
     let mut c = connect_tcp(&t.pod_a, addr(POD_B, 8010), Duration::from_secs(5)).unwrap();
     let mut echo = [0u8; 5];
     c.write_all(b"first").unwrap();
@@ -945,7 +839,7 @@ fn netns_tunnel_set_peers_moves_an_endpoint_under_a_running_transfer() {
         "blackhole",
         "10.201.0.2/32",
     ]);
-    let cap = Capture::start(&t.node_a, &t.link_a, "4");
+    let cap = capture(&t.node_a, &t.link_a, "4");
     client.join().unwrap();
     let got = server.join().unwrap();
     let frames = cap.stop();
@@ -1077,7 +971,7 @@ fn netns_tunnel_killed_fails_closed_and_a_restart_keeps_the_established_flow() {
         "ip", "-n", &t.node_a, "-4", "route", "show", "table", "51871",
     ]);
     assert_eq!(routes.trim(), "blackhole 10.202.2.0/24 metric 4096");
-    let cap = Capture::start(&t.node_a, &t.link_a, "5-killed");
+    let cap = capture(&t.node_a, &t.link_a, "5-killed");
     c.write_all(TCP_MARKER).unwrap();
     let udp = udp_socket(&t.pod_a, POD_A, 0);
     udp.send_to(UDP_MARKER, addr(POD_B, 9051)).unwrap();

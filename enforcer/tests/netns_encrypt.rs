@@ -22,10 +22,11 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use testbed::tcpdump::{Tcpdump, contains};
 use testbed::{AgentConfig, Mode, Testbed, WorkloadSpec, run_status};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
@@ -181,92 +182,9 @@ fn ping_marker(ns: &str, to: Ipv4Addr) -> bool {
 
 // --- capture ------------------------------------------------------------------------------------
 
-/// tcpdump on one interface of a netns, writing a pcap file; [`Capture::stop`] returns the
-/// frames (killed on drop).
-struct Capture {
-    child: Option<Child>,
-    path: PathBuf,
-}
-
-impl Capture {
-    fn start(ns: &str, iface: &str, dir: &Path) -> Capture {
-        let path = dir.join(format!("{iface}.pcap"));
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-U"])
-            // Without immediate mode the last ring block is lost when tcpdump stops.
-            .args(["--immediate-mode", "-s", "0", "-Z", "root", "-w"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&seen).contains("listening on") {
-                    let _ = tx.send(());
-                }
-            }
-            let _ = tx.send(());
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("tcpdump did not start listening within 5 s");
-        Capture {
-            child: Some(child),
-            path,
-        }
-    }
-
-    /// Stops tcpdump (SIGINT: it flushes the file) and returns the frames it captured.
-    fn stop(mut self) -> Vec<Vec<u8>> {
-        let mut child = self.child.take().unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        run_status(&["kill", "-INT", &child.id().to_string()]);
-        let status = child.wait().unwrap();
-        assert!(status.success(), "tcpdump: {status}");
-        read_pcap(&std::fs::read(&self.path).unwrap())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The frames of a pcap file (little-endian, Ethernet, as tcpdump writes here).
-fn read_pcap(b: &[u8]) -> Vec<Vec<u8>> {
-    assert!(b.len() >= 24, "pcap too short: {} bytes", b.len());
-    let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
-    assert!(
-        matches!(magic, 0xa1b2_c3d4 | 0xa1b2_3c4d),
-        "pcap magic {magic:#x}"
-    );
-    let mut frames = Vec::new();
-    let mut at = 24;
-    while at + 16 <= b.len() {
-        let len = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
-        at += 16;
-        frames.push(b[at..(at + len).min(b.len())].to_vec());
-        at += len;
-    }
-    frames
-}
-
-fn contains(frames: &[Vec<u8>], needle: &[u8]) -> bool {
-    frames
-        .iter()
-        .any(|f| f.windows(needle.len()).any(|w| w == needle))
+/// tcpdump on `iface` of `ns`, its file in `dir`.
+fn capture(ns: &str, iface: &str, dir: &Path) -> Tcpdump {
+    Tcpdump::start(ns, iface, &dir.join(format!("{iface}.pcap")))
 }
 
 /// Every IPv4 frame is UDP between the two node addresses with the tunnel port on one side;
@@ -331,7 +249,7 @@ fn encrypted_between_nodes(mode: Mode) {
     // No address on the device, not even IPv6 link-local: the kernel sends nothing into it.
     let dev = testbed::run(&["ip", "-n", &tb.nodes[0], "addr", "show", "dev", "tsr-wg0"]);
     assert!(!dev.contains("inet"), "{dev}");
-    let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
+    let capture = capture(&tb.nodes[0], "uplink", tb.dir());
     let started = Instant::now();
     let (tcp, udp, icmp) = exchange(&tb, OK_TIMEOUT);
     assert!(
@@ -452,7 +370,7 @@ fn netns_encrypt_off_the_payloads_cross_in_clear() {
         return;
     }
     let tb = builder(agents(Mode::Psk, false)).build();
-    let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
+    let capture = capture(&tb.nodes[0], "uplink", tb.dir());
     let (tcp, udp, icmp) = exchange(&tb, OK_TIMEOUT);
     assert!(
         tcp && udp && icmp,
@@ -540,7 +458,7 @@ fn netns_encrypt_pki_a_node_of_another_ca_gets_no_session_and_nothing_in_clear()
         peer(t, "node-n1").is_some()
     });
 
-    let capture = Capture::start(&tb.nodes[0], "uplink", tb.dir());
+    let capture = capture(&tb.nodes[0], "uplink", tb.dir());
     // Node 1 -> node 2: the pod range of a node without a trusted key is routed into the
     // tunnel and dropped there.
     let (tcp, udp, icmp) = exchange(&tb, DENIED_TIMEOUT);

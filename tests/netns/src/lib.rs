@@ -21,6 +21,7 @@ pub mod docker;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod tcpdump;
 pub mod topo;
 
 pub use agent::{Agent, AgentConfig, Mode};
