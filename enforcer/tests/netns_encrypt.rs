@@ -609,3 +609,70 @@ fn netns_encrypt_the_agent_refuses_to_run_without_its_tunnel() {
     let rules = testbed::run(&["ip", "-n", &ns, "rule", "show"]);
     assert!(!rules.contains("51871"), "{rules}");
 }
+
+/// The agent of node 1 killed with SIGKILL under an established cross-node connection: while
+/// it is down nothing of that connection crosses the link in clear (its tunnel's blackhole
+/// routes outlive it), and once it is restarted (same key) the connection carries on.
+#[test]
+fn netns_encrypt_agent_killed_with_sigkill_fails_closed_and_the_established_flow_survives() {
+    let test =
+        "netns_encrypt_agent_killed_with_sigkill_fails_closed_and_the_established_flow_survives";
+    if skip(test) {
+        return;
+    }
+    let mut tb = builder(agents(Mode::Psk, true)).build();
+    for (node, other) in [(1, "node-n2"), (2, "node-n1")] {
+        wait_tunnel(&tb, node, "the peer", |t| peer(t, other).is_some());
+    }
+    let mut s = tb
+        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
+        .unwrap_or_else(|e| panic!("frontend-1 -> backend-2:8080: {e}\n{}", tb.agent_logs()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let round_trip = |s: &mut std::net::TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    round_trip(&mut s, b"before the kill");
+
+    tb.agent_mut(1).kill9();
+    let routes = testbed::run(&[
+        "ip",
+        "-n",
+        &tb.nodes[0],
+        "-4",
+        "route",
+        "show",
+        "table",
+        "51871",
+    ]);
+    assert!(
+        !routes.is_empty() && routes.lines().all(|l| l.starts_with("blackhole ")),
+        "after the kill, table 51871 must hold the blackholes only:\n{routes}"
+    );
+    let capture = capture(&tb.nodes[0], "uplink", tb.dir());
+    s.write_all(TCP_MARKER).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let frames = capture.stop();
+    assert!(
+        !contains(&frames, TCP_MARKER),
+        "the marker crossed in clear with the agent dead"
+    );
+
+    let down = Instant::now();
+    tb.restart_agent(1);
+    let mut back = vec![0u8; TCP_MARKER.len()];
+    s.read_exact(&mut back).unwrap_or_else(|e| {
+        panic!(
+            "the connection did not survive the restart: {e}\n{}",
+            tb.agent_logs()
+        )
+    });
+    assert_eq!(back, TCP_MARKER);
+    eprintln!(
+        "{test}: the write made while the agent was dead echoed {:?} after the restart began",
+        down.elapsed()
+    );
+    round_trip(&mut s, b"after the restart");
+}
