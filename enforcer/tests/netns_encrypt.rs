@@ -182,6 +182,20 @@ fn ping_marker(ns: &str, to: Ipv4Addr) -> bool {
 
 // --- capture ------------------------------------------------------------------------------------
 
+/// None of the three markers is in the captured frames.
+fn assert_no_marker(frames: &[Vec<u8>]) {
+    for (name, m) in [
+        ("TCP", TCP_MARKER),
+        ("UDP", UDP_MARKER),
+        ("ICMP", ICMP_MARKER),
+    ] {
+        assert!(
+            !contains(frames, m),
+            "the {name} marker crossed the link in clear"
+        );
+    }
+}
+
 /// tcpdump on `iface` of `ns`, its file in `dir`.
 fn capture(ns: &str, iface: &str, dir: &Path) -> Tcpdump {
     Tcpdump::start(ns, iface, &dir.join(format!("{iface}.pcap")))
@@ -270,16 +284,7 @@ fn encrypted_between_nodes(mode: Mode) {
     );
     let frames = capture.stop();
     let nodes = [tb.node_addr(1), tb.node_addr(2)];
-    for (name, m) in [
-        ("TCP", TCP_MARKER),
-        ("UDP", UDP_MARKER),
-        ("ICMP", ICMP_MARKER),
-    ] {
-        assert!(
-            !contains(&frames, m),
-            "the {name} marker crossed the link in clear"
-        );
-    }
+    assert_no_marker(&frames);
     let tunnel = only_tunnel_datagrams(&frames, nodes);
     assert!(tunnel >= 6, "{tunnel} tunnel datagrams on the link");
     eprintln!(
@@ -475,16 +480,7 @@ fn netns_encrypt_pki_a_node_of_another_ca_gets_no_session_and_nothing_in_clear()
     });
     assert!(tcp_marker(&tb, "external-2", "frontend-1", 80, DENIED_TIMEOUT).is_err());
     let frames = capture.stop();
-    for (name, m) in [
-        ("TCP", TCP_MARKER),
-        ("UDP", UDP_MARKER),
-        ("ICMP", ICMP_MARKER),
-    ] {
-        assert!(
-            !contains(&frames, m),
-            "the {name} marker crossed the link in clear"
-        );
-    }
+    assert_no_marker(&frames);
     let tunnel = only_tunnel_datagrams(&frames, [tb.node_addr(1), tb.node_addr(2)]);
     assert!(
         tunnel >= 1,

@@ -673,18 +673,7 @@ impl Routing {
             }
         }
         for prefix in wanted.difference(&self.blackholes.clone()) {
-            let p = prefix.to_string();
-            let args = [
-                "route",
-                "add",
-                "blackhole",
-                &p,
-                "table",
-                &self.table,
-                "metric",
-                BLACKHOLE_METRIC,
-            ];
-            super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
+            self.blackhole("add", prefix)?;
             self.blackholes.insert(*prefix);
         }
         for prefix in wanted {
@@ -785,10 +774,17 @@ impl Routing {
     }
 
     fn del_blackhole(&mut self, prefix: &IpNet) -> Result<(), ShellError> {
+        self.blackhole("del", prefix)?;
+        self.blackholes.remove(prefix);
+        Ok(())
+    }
+
+    /// `ip route VERB blackhole PREFIX table TABLE metric 4096`.
+    fn blackhole(&self, verb: &str, prefix: &IpNet) -> Result<(), ShellError> {
         let p = prefix.to_string();
         let args = [
             "route",
-            "del",
+            verb,
             "blackhole",
             &p,
             "table",
@@ -796,9 +792,7 @@ impl Routing {
             "metric",
             BLACKHOLE_METRIC,
         ];
-        super::netns::run_command(Self::ip(Family::of(prefix), &args), None)?;
-        self.blackholes.remove(prefix);
-        Ok(())
+        super::netns::run_command(Self::ip(Family::of(prefix), &args), None).map(|_| ())
     }
 
     /// Removes every route and rule added; goes on after an error and returns the first.
