@@ -345,7 +345,7 @@ fn run(
         "observed: {} real TCP connections (connect + 1 byte echoed), all at once; denied = no handshake within {PROBE_TIMEOUT:?}",
         cells.len()
     ));
-    let capture = encrypt.then(|| UplinkCapture::start(&tb)).transpose()?;
+    let capture = encrypt.then(|| UplinkCapture::start(&tb));
     let observed = probe_all(&tb, &cells)?;
     checkpoint(stop)?;
 
@@ -363,7 +363,7 @@ fn run(
     ok &= report(&udp_cells, &udp_observed);
     checkpoint(stop)?;
     if let Some(capture) = capture {
-        ok &= capture.finish(&tb, &cells, &udp_cells)?;
+        ok &= capture.finish(&tb, &cells, &udp_cells);
     }
     ok &= flows_logged(&tb, &cells, &udp_cells);
     counters(&tb);
@@ -1075,77 +1075,60 @@ fn sweep(pid: u32) -> Result<usize> {
 /// `--encrypt`: tcpdump on node-n1's uplink (the only link between the nodes) while the
 /// probes run. Afterwards no packet from or to a pod may be on it outside the tunnel (UDP
 /// between the nodes' tunnel ports), and some must be in it: a pod packet in clear is a FAIL.
-struct UplinkCapture {
-    child: std::process::Child,
-    file: PathBuf,
-}
+struct UplinkCapture(testbed::tcpdump::Tcpdump);
+
+/// The nodes' tunnel port (`tessera run --tunnel-port`'s default).
+const TUNNEL_PORT: u16 = 51871;
 
 impl UplinkCapture {
-    fn start(tb: &Testbed) -> Result<UplinkCapture> {
+    fn start(tb: &Testbed) -> UplinkCapture {
         let file = tb.dir().join("uplink-n1.pcap");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &tb.nodes[0],
-                "tcpdump",
-                "-i",
-                "uplink",
-                "-nn",
-                "-U",
-            ])
-            .arg("-w")
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("tcpdump on node-n1's uplink (Debian package tcpdump)")?;
-        // tcpdump opens its capture before it writes the file header.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !file.exists() {
-            if Instant::now() > deadline {
-                bail!("tcpdump did not start on node-n1's uplink");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(UplinkCapture { child, file })
+        UplinkCapture(testbed::tcpdump::Tcpdump::start(
+            &tb.nodes[0],
+            "uplink",
+            &file,
+        ))
     }
 
     /// Stops the capture and prints what crossed between the nodes.
-    fn finish(mut self, tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> Result<bool> {
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
-        let _ = self.child.wait();
-        let read = |filter: &str| -> Result<Vec<String>> {
-            let out = Command::new("tcpdump")
-                .args(["-nn", "-r"])
-                .arg(&self.file)
-                .arg(filter)
-                .output()
-                .context("tcpdump -r")?;
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_owned)
-                .collect())
-        };
-        let port = "51871";
-        let tunnel = read(&format!("udp src port {port} and udp dst port {port}"))?.len();
+    fn finish(self, tb: &Testbed, tcp: &[Cell], udp: &[Cell]) -> bool {
+        let frames = self.0.stop();
         // Pod packets: from or to a workload's /24. (The nodes' own link-local IPv6 chatter,
         // router solicitations and listener reports, is not pod traffic.)
-        let mut nets: Vec<String> = tb
+        let nets: Vec<[u8; 3]> = tb
             .workloads
             .iter()
             .map(|w| {
                 let [a, b, c, _] = w.ip.octets();
-                format!("net {a}.{b}.{c}.0/24")
+                [a, b, c]
             })
             .collect();
-        nets.sort();
-        nets.dedup();
-        let outside = read(&format!(
-            "({}) and not (udp src port {port} and udp dst port {port})",
-            nets.join(" or ")
-        ))?;
+        let in_pods = |ip: &[u8]| nets.iter().any(|n| ip.get(..3) == Some(&n[..]));
+        let mut tunnel = 0;
+        let mut outside = Vec::new();
+        for f in &frames {
+            // Ethernet, IPv4: the header length, protocol and addresses.
+            if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let ip = &f[14..];
+            let l4 = usize::from(ip[0] & 0x0f) * 4;
+            let ports = (ip[9] == 17 && ip.len() >= l4 + 4).then(|| {
+                (
+                    u16::from_be_bytes([ip[l4], ip[l4 + 1]]),
+                    u16::from_be_bytes([ip[l4 + 2], ip[l4 + 3]]),
+                )
+            });
+            let (src, dst) = (&ip[12..16], &ip[16..20]);
+            if ports == Some((TUNNEL_PORT, TUNNEL_PORT)) {
+                tunnel += 1;
+            } else if in_pods(src) || in_pods(dst) {
+                outside.push(format!(
+                    "protocol {} {}.{}.{}.{} > {}.{}.{}.{}",
+                    ip[9], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]
+                ));
+            }
+        }
         let clear = outside.len();
         let cross = |cells: &[Cell]| {
             cells
@@ -1159,7 +1142,7 @@ impl UplinkCapture {
             cross(udp)
         );
         println!(
-            "   {tunnel} WireGuard datagrams (UDP {port} between the nodes), {clear} pod packets outside the tunnel"
+            "   {tunnel} WireGuard datagrams (UDP {TUNNEL_PORT} between the nodes), {clear} pod packets outside the tunnel"
         );
         for line in outside.iter().take(5) {
             println!("   outside the tunnel: {line}");
@@ -1173,7 +1156,7 @@ impl UplinkCapture {
                 "NOT ENCRYPTED: packets crossed outside the tunnel (or none through it)"
             }
         );
-        Ok(ok)
+        ok
     }
 }
 
