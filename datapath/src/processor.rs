@@ -279,6 +279,13 @@ pub enum Reason {
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
     UnexpectedToken,
+    /// A packet between a workload that requires encryption and another node's pod that did
+    /// not go through the tunnel between nodes (queued by the node's guard rules, see
+    /// [`crate::shell::encrypted`]; [`Processor::refuse_unencrypted`]).
+    #[error(
+        "a cross-node packet of a workload that requires encryption did not go through the tunnel"
+    )]
+    NotEncrypted,
 }
 
 impl Reason {
@@ -307,6 +314,7 @@ impl Reason {
             Reason::UdpHandshakePending => "udp_handshake_pending",
             Reason::UdpNoAnswer => "udp_no_answer",
             Reason::UdpRefused => "udp_refused",
+            Reason::NotEncrypted => "not_encrypted",
         }
     }
 }

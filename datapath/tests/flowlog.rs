@@ -648,3 +648,69 @@ spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {m
         (FlowVerdict::Allowed, &rule("shop", "db", 0))
     );
 }
+
+#[test]
+fn a_packet_outside_the_tunnel_is_refused_and_recorded_in_both_directions() {
+    let mut w = World::new(Mode::Psk, ALLOW);
+    // Node b knows web (another node's pod) by its address.
+    w.b.engine_mut().apply_workload(WEB.workload()).unwrap();
+    let to_db = udp(
+        SocketAddr::new(WEB.ip, 40000),
+        SocketAddr::new(DB.ip, 5432),
+        b"in clear",
+    );
+    let v = w.b.refuse_unencrypted(&to_db, w.now);
+    assert!(!v.accept, "{v:?}");
+    assert_eq!(reason(&v), Some("not_encrypted"));
+    let r = one(&mut w.b);
+    assert_eq!(
+        (
+            r.direction,
+            r.verdict,
+            r.reason.as_deref(),
+            r.policy.is_none()
+        ),
+        (
+            Direction::Ingress,
+            FlowVerdict::Denied,
+            Some("not_encrypted"),
+            true
+        )
+    );
+    assert_eq!(
+        (r.destination.pod().as_deref(), r.destination.identity),
+        (Some("shop/db-0"), IdentitySource::Local)
+    );
+    assert_eq!(
+        (
+            r.source.pod().as_deref(),
+            r.source.identity,
+            r.source.port,
+            r.destination.port
+        ),
+        (
+            Some("shop/web-1"),
+            IdentitySource::Ip,
+            Some(40000),
+            Some(5432)
+        )
+    );
+    assert!(
+        r.detail.as_deref().unwrap_or("").contains("tunnel"),
+        "{r:?}"
+    );
+    // From our workload: egress, ours is the source.
+    let from_db = ip_packet(DB.ip, WEB.ip, 1, &[8, 0, 0, 0, 0, 7, 0, 1]);
+    let v = w.b.refuse_unencrypted(&from_db, w.now);
+    assert_eq!(reason(&v), Some("not_encrypted"));
+    let r = one(&mut w.b);
+    assert_eq!(
+        (r.direction, r.protocol, r.source.pod().as_deref()),
+        (Direction::Egress, Protocol::ICMP, Some("shop/db-0"))
+    );
+    // Garbage is counted, never recorded, never a panic.
+    let v = w.b.refuse_unencrypted(&[0x45, 0, 1], w.now);
+    assert!(!v.accept);
+    assert!(drain(&mut w.b).is_empty());
+    assert_eq!(w.b.metrics().rejected("not_encrypted"), 3);
+}

@@ -240,6 +240,9 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
                             requeue: false,
                         }
                     }
+                    Direction::Forward => {
+                        panic!("a workload namespace queues nothing from FORWARD")
+                    }
                 }
             });
             let _ = tokio::time::timeout(Duration::from_millis(100), batch).await;

@@ -70,6 +70,11 @@ fn feed(st: &mut Stage, packet: &[u8], checksum_ready: bool, may_authorize: bool
             assert!(v.reason.is_some() && !v.mark_authorized && !v.modified);
         }
     }
+    // The encryption guard's packets: whatever the bytes, refused, never authorized.
+    for proc in [&mut st.a, &mut st.b] {
+        let v = proc.refuse_unencrypted(packet, NOW);
+        assert!(!v.accept && !v.mark_authorized && !v.modified && v.reason.is_some());
+    }
     if !may_authorize {
         // Altered tokens never authorize a flow with a verified identity.
         assert_eq!(st.a.metrics().authorized().0, before.0.0);

@@ -217,6 +217,72 @@ impl Processor {
         self.flowlog.push(r);
     }
 
+    /// A packet the node's guard queued (see [`crate::shell::encrypted`]): between a local
+    /// workload that requires encryption and another node's pod, and not through the tunnel
+    /// between nodes. Always refused: counted as `not_encrypted` and recorded (if admitted)
+    /// with the local workload as its end (the destination when it is one of ours, else the
+    /// source) and the peer as the engine knows its address. The peer's identity is never
+    /// established: nothing outside the tunnel proves where the packet came from.
+    pub fn refuse_unencrypted(&mut self, packet: &[u8], now_ms: u64) -> super::Verdict {
+        let reason = Reason::NotEncrypted;
+        self.metrics.count_rejected(reason.as_str());
+        let verdict = super::Verdict::drop(reason);
+        let Some(admit) = self
+            .flowlog
+            .rejection(now_ms, Reason::NotEncrypted.as_str())
+        else {
+            return verdict;
+        };
+        // A packet that does not parse has no addresses to show: counted, not recorded.
+        let Ok(d) = IpDatagram::parse(packet) else {
+            return verdict;
+        };
+        let protocol = Protocol::from_ip(d.protocol);
+        let src = SocketAddr::new(d.src, d.src_port);
+        let dst = SocketAddr::new(d.dst, d.dst_port);
+        let ours = |ip: &std::net::IpAddr| {
+            self.engine
+                .workload_by_ip(ip)
+                .map(|w| &w.key)
+                .filter(|k| self.local_keys.contains(*k))
+        };
+        let (direction, local, remote, key) = match (ours(&d.dst), ours(&d.src)) {
+            (Some(k), _) => (Direction::Ingress, dst, src, Some(k)),
+            (None, Some(k)) => (Direction::Egress, src, dst, Some(k)),
+            // The workload went meanwhile: shown as the destination, by address.
+            (None, None) => (Direction::Ingress, dst, src, None),
+        };
+        let local = match key {
+            Some(k) => local_endpoint(&self.engine, k, local, protocol),
+            None => Endpoint::address(local.ip(), port_of(local, protocol), IdentitySource::None),
+        };
+        let mut peer =
+            Endpoint::address(remote.ip(), port_of(remote, protocol), IdentitySource::Ip);
+        if let Some(w) = self.engine.workload_by_ip(&remote.ip()) {
+            peer.namespace = Some(w.key.namespace.clone());
+            peer.workload = Some(w.key.name.clone());
+            peer.labels = w.labels.clone();
+        }
+        let mut r = record(
+            &self.flowlog,
+            now_ms,
+            direction,
+            protocol,
+            local,
+            peer,
+            false,
+            None,
+            Some(Cow::Borrowed(Reason::NotEncrypted.as_str())),
+            admit,
+        );
+        r.detail = Some(
+            "a cross-node packet outside the tunnel between nodes: the workload requires encryption"
+                .into(),
+        );
+        self.flowlog.push(r);
+        verdict
+    }
+
     /// An established flow [`Processor::recheck`] cuts: recorded (if admitted, under the
     /// deciding policy's rate limit) with the decision that cuts it, `reason: flow_cut`.
     /// Not counted in the verdicts: it is no new flow.

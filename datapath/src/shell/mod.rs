@@ -12,6 +12,7 @@ use crate::{Hook, Processor, WorkloadId};
 
 pub mod busypoll;
 pub mod conntrack;
+pub mod encrypted;
 pub mod inject;
 pub mod netns;
 pub mod queue;
@@ -161,6 +162,14 @@ pub fn decide<R: CryptoRng + ?Sized>(
     let auth_mark = processor.config().auth_mark;
     let start = Instant::now();
     let action = match mode {
+        // Workload rules never queue from FORWARD (only the node's encryption guard does, to a
+        // queue of its own): nothing to pass.
+        _ if direction == Direction::Forward => Action {
+            accept: false,
+            modified: false,
+            mark: 0,
+            requeue: false,
+        },
         // A DNS answer on an authorized flow: accepted as the connmark bypass would have (no
         // mark: the flow has it).
         Mode::AcceptAll if direction == Direction::DnsAnswer => Action {
@@ -192,6 +201,8 @@ pub fn decide<R: CryptoRng + ?Sized>(
                 }
                 // Learnt from, then accepted as the connmark bypass would have.
                 Direction::DnsAnswer => processor.learn_dns_answer(id, packet, now),
+                // Answered above; a drop all the same.
+                Direction::Forward => crate::Verdict::drop(crate::Reason::UnknownWorkload),
             };
             Action {
                 accept: verdict.accept,

@@ -28,6 +28,7 @@ use super::netns::Netns;
 /// netfilter hook numbers as reported in queued packets.
 const NF_INET_LOCAL_IN: u8 = 1;
 const NF_INET_LOCAL_OUT: u8 = 3;
+const NF_INET_FORWARD: u8 = 2;
 /// Messages handled per readiness event before yielding to the other queues.
 const BATCH: usize = 256;
 
@@ -247,6 +248,9 @@ pub enum Direction {
     /// mangle INPUT, from the DNS answer queue: an answer on a flow the workload opened and
     /// its agent authorized, to learn from and accept.
     DnsAnswer,
+    /// mangle FORWARD of the node's namespace: a packet the node routes (only the guard of
+    /// workloads that require encryption queues there, see [`super::encrypted`]).
+    Forward,
 }
 
 impl WorkloadQueue {
@@ -296,6 +300,7 @@ impl WorkloadQueue {
                 }
                 NF_INET_LOCAL_OUT => Some(Direction::Output),
                 NF_INET_LOCAL_IN => Some(Direction::Input),
+                NF_INET_FORWARD => Some(Direction::Forward),
                 _ => None,
             };
             let action = match direction {
@@ -307,7 +312,8 @@ impl WorkloadQueue {
                     }
                     action
                 }
-                // Only our INPUT/OUTPUT rules queue here; anything else is not ours to pass.
+                // Only our INPUT/OUTPUT/FORWARD rules queue here; anything else is not ours to
+                // pass.
                 None => Action {
                     accept: false,
                     modified: false,

@@ -58,14 +58,14 @@ impl Family {
     /// Both families, in install order.
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
-    fn iptables(self) -> &'static str {
+    pub(crate) fn iptables(self) -> &'static str {
         match self {
             Family::V4 => "iptables",
             Family::V6 => "ip6tables",
         }
     }
 
-    fn restore(self) -> &'static str {
+    pub(crate) fn restore(self) -> &'static str {
         match self {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
