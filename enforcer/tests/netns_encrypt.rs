@@ -672,3 +672,226 @@ fn netns_encrypt_agent_killed_with_sigkill_fails_closed_and_the_established_flow
     );
     round_trip(&mut s, b"after the restart");
 }
+
+// --- workloads that require encryption ----------------------------------------------------------
+
+/// Node `node`'s flow records with `reason` (waits up to 5 s for at least `at_least`).
+fn records_with_reason(tb: &Testbed, node: u8, reason: &str, at_least: usize) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let body = tb.agent(node).get("/flows?last=500").unwrap_or_default();
+        let found: Vec<Value> = body
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["reason"] == reason)
+            .collect();
+        if found.len() >= at_least || start.elapsed() > Duration::from_secs(5) {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ip rule` in `ns` that sends traffic to `workload`'s /24 through the `main` table, before
+/// the tunnel's rule: as a network plugin's own rule, or a tampered node, would; the traffic
+/// then leaves in clear over the plugin's routes.
+fn bypass_tunnel(tb: &Testbed, ns: &str, workload: &str, verb: &str) {
+    let o = tb.workload(workload).ip.octets();
+    let prefix = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    testbed::run(&[
+        "ip", "-n", ns, "rule", verb, "pref", "100", "to", &prefix, "lookup", "main",
+    ]);
+}
+
+/// backend-2 requires encryption. Through the tunnel it is reached as before. When node 1
+/// sends its traffic in clear (a rule before the tunnel's), node 2 drops TCP, UDP and ICMP to
+/// backend-2 and records each as `not_encrypted`, while the same clear path still reaches a
+/// workload that does not require encryption; when node 2's own route to node 1's pods skips
+/// the tunnel, backend-2's answers are refused on their way out (egress). Lifting the
+/// requirement (the inventory reloaded) lets the clear path through again. SIGTERM removes the
+/// guard's rules.
+#[test]
+fn netns_encrypt_a_workload_that_requires_encryption_refuses_what_bypasses_the_tunnel() {
+    let test = "netns_encrypt_a_workload_that_requires_encryption_refuses_what_bypasses_the_tunnel";
+    if skip(test) {
+        return;
+    }
+    let mut tb = Testbed::builder()
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(
+            WorkloadSpec::new("backend-2", 2, "BusinessBackend")
+                .port(Some("api"), 8080)
+                .require_encryption(),
+        )
+        .workload(WorkloadSpec::new("db-2", 2, "Database").port(None, 5432))
+        .workload(WorkloadSpec::new("external-2", 2, "External").unenforced())
+        .agents(agents(Mode::Psk, true))
+        .build();
+    for (node, other) in [(1, "node-n2"), (2, "node-n1")] {
+        wait_tunnel(&tb, node, "the peer", |t| peer(t, other).is_some());
+    }
+    let guard = status(&tb, 2)["encryptionGuard"].clone();
+    assert_eq!(
+        guard["workloads"],
+        serde_json::json!(["shop/backend-2"]),
+        "{guard:#}"
+    );
+    let backend = tb.workload("backend-2").ip;
+    assert_eq!(guard["addresses"], serde_json::json!([backend.to_string()]));
+    let n1 = tb.pod_cidrs(1);
+    assert_eq!(guard["remotePrefixes"], serde_json::json!(n1), "{guard:#}");
+    assert!(
+        status(&tb, 1).get("encryptionGuard").is_none(),
+        "node 1 guards nothing: nothing installed"
+    );
+
+    // Through the tunnel: all three as before.
+    assert_eq!(
+        exchange(&tb, OK_TIMEOUT),
+        (true, true, true),
+        "{}",
+        tb.agent_logs()
+    );
+
+    // Node 1 sends to node 2's pods in clear.
+    let (node1, node2) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    bypass_tunnel(&tb, &node1, "backend-2", "add");
+    bypass_tunnel(&tb, &node1, "external-2", "add");
+    let capture = capture(&node1, "uplink", tb.dir());
+    let frontend = tb.workload("frontend-1").ns.clone();
+    let tcp = tcp_marker(&tb, "frontend-1", "backend-2", 8080, DENIED_TIMEOUT);
+    let udp = udp_marker(&tb, "frontend-1", "backend-2", 8125);
+    let icmp = ping_marker(&frontend, backend);
+    let control = ping_marker(&frontend, tb.workload("external-2").ip);
+    let frames = capture.stop();
+    assert!(
+        contains(&frames, ICMP_MARKER),
+        "the bypass did send in clear (else this test proves nothing)"
+    );
+    assert!(
+        control,
+        "in clear, a workload that does not require encryption is reached\n{}",
+        tb.agent_logs()
+    );
+    assert!(
+        tcp.is_err() && !udp && !icmp,
+        "tcp {tcp:?}, udp {udp}, icmp {icmp}"
+    );
+    let records = records_with_reason(&tb, 2, "not_encrypted", 3);
+    for protocol in ["TCP", "UDP", "ICMP"] {
+        let r = records
+            .iter()
+            .find(|r| r["protocol"] == protocol)
+            .unwrap_or_else(|| panic!("no not_encrypted {protocol} record: {records:#?}"));
+        assert_eq!(r["direction"], "ingress", "{r}");
+        assert_eq!(r["destination"]["workload"], "backend-2", "{r}");
+        assert_eq!(
+            r["source"]["ip"],
+            tb.workload("frontend-1").ip.to_string(),
+            "{r}"
+        );
+        assert_eq!(r["verdict"], "denied", "{r}");
+    }
+    let m = tb.agent(2).metrics();
+    assert!(
+        m.sum_with_label("reason", "not_encrypted") >= 3.0,
+        "tessera_packets_rejected_total{{reason=\"not_encrypted\"}}"
+    );
+
+    // Node 1 back on the tunnel; node 2's way back to node 1's pods skips it: backend-2's
+    // SYN-ACK is refused on its way out.
+    bypass_tunnel(&tb, &node1, "backend-2", "del");
+    bypass_tunnel(&tb, &node1, "external-2", "del");
+    bypass_tunnel(&tb, &node2, "frontend-1", "add");
+    let before = records_with_reason(&tb, 2, "not_encrypted", 0).len();
+    assert!(
+        tcp_marker(&tb, "frontend-1", "backend-2", 8080, DENIED_TIMEOUT).is_err(),
+        "backend-2 answered in clear"
+    );
+    let records = records_with_reason(&tb, 2, "not_encrypted", before + 1);
+    let egress = records
+        .iter()
+        .find(|r| r["direction"] == "egress")
+        .unwrap_or_else(|| panic!("no egress not_encrypted record: {records:#?}"));
+    assert_eq!(egress["source"]["workload"], "backend-2", "{egress}");
+    assert_eq!(
+        egress["destination"]["ip"],
+        tb.workload("frontend-1").ip.to_string()
+    );
+
+    // The requirement lifted: the clear way back works again.
+    tb.set_require_encryption("backend-2", false);
+    let start = Instant::now();
+    while tcp_marker(&tb, "frontend-1", "backend-2", 8080, DENIED_TIMEOUT).is_err() {
+        assert!(
+            start.elapsed() < WAIT,
+            "the requirement lifted, backend-2 is still refused\n{}",
+            tb.agent_logs()
+        );
+    }
+    assert_eq!(
+        status(&tb, 2)["encryptionGuard"]["addresses"],
+        serde_json::json!([])
+    );
+    bypass_tunnel(&tb, &node2, "frontend-1", "del");
+
+    let st = tb.agent_mut(2).terminate();
+    assert!(st.success(), "agent 2 exit: {st}\n{}", tb.agent_logs());
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = testbed::run(&["ip", "netns", "exec", &node2, save, "-t", "mangle"]);
+        assert!(!rules.contains("TESSERA-ENCRYPTED"), "{save}: {rules}");
+    }
+}
+
+/// Without `--encrypt` nothing crosses between nodes encrypted: a workload that requires
+/// encryption is reached from its own node only (and records the refusals), while the others
+/// talk across nodes as before.
+#[test]
+fn netns_encrypt_off_a_workload_that_requires_encryption_is_reached_from_its_own_node_only() {
+    let test =
+        "netns_encrypt_off_a_workload_that_requires_encryption_is_reached_from_its_own_node_only";
+    if skip(test) {
+        return;
+    }
+    let tb = Testbed::builder()
+        .policies(&policies())
+        .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
+        .workload(
+            WorkloadSpec::new("backend-2", 2, "BusinessBackend")
+                .port(Some("api"), 8080)
+                .require_encryption(),
+        )
+        .workload(WorkloadSpec::new("db-2", 2, "Database").port(None, 5432))
+        .workload(WorkloadSpec::new("external-2", 2, "External").unenforced())
+        .agents(agents(Mode::Psk, false))
+        .build();
+    // The guard is up once node 2 knows node 1's pods.
+    let start = Instant::now();
+    while status(&tb, 2)["encryptionGuard"]["remotePrefixes"] != serde_json::json!(tb.pod_cidrs(1))
+    {
+        assert!(start.elapsed() < WAIT, "{:#}", status(&tb, 2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        tcp_marker(&tb, "frontend-1", "backend-2", 8080, DENIED_TIMEOUT).is_err(),
+        "backend-2 was reached in clear from node 1"
+    );
+    let records = records_with_reason(&tb, 2, "not_encrypted", 1);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["protocol"] == "TCP" && r["direction"] == "ingress"),
+        "{records:#?}"
+    );
+    tcp_marker(&tb, "backend-2", "db-2", 5432, OK_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "backend-2 -> db-2 on the same node: {e}\n{}",
+            tb.agent_logs()
+        )
+    });
+    assert!(
+        ping_marker(&tb.workload("frontend-1").ns, tb.workload("external-2").ip),
+        "a workload that does not require encryption is reached across nodes"
+    );
+}

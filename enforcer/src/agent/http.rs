@@ -103,6 +103,24 @@ pub struct Status {
     /// The tunnel between nodes (`--encrypt`); absent when off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelStatus>,
+    /// The guard of workloads that require encryption; absent until one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_guard: Option<GuardInfo>,
+}
+
+/// The guard of workloads that require encryption, in `/status`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuardInfo {
+    /// `namespace/name` of each workload that requires encryption.
+    pub workloads: Vec<String>,
+    /// Their addresses the rules guard.
+    pub addresses: Vec<String>,
+    /// The other nodes' pod prefixes: what is cross-node.
+    pub remote_prefixes: Vec<String>,
+    /// Why the last change could not be applied (the previous rules stay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The tunnel between nodes in `/status`.
@@ -284,6 +302,12 @@ pub fn status_of(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) 
             .as_ref()
             .zip(tunnel)
             .map(|(t, stats)| tunnel_status(t, stats)),
+        encryption_guard: lock(&shared.guard).as_ref().map(|g| GuardInfo {
+            workloads: g.workloads.clone(),
+            addresses: g.guarded.local.iter().map(|a| a.to_string()).collect(),
+            remote_prefixes: g.guarded.remote.iter().map(|n| n.to_string()).collect(),
+            error: g.error.clone(),
+        }),
     }
 }
 
@@ -735,6 +759,7 @@ mod tests {
             ready: AtomicBool::new(true),
             flows: Arc::new(FlowHub::new(RING_RECORDS, CLIENT_BUFFER, None).unwrap()),
             tunnel: None,
+            guard: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();

@@ -35,6 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::runtime::{self, AdminPolicy, Desired, Event, NetnsRef, NodeInfo};
 
 pub mod flows;
+pub mod guard;
 pub mod http;
 pub mod keys;
 pub mod policies;
@@ -76,6 +77,8 @@ pub struct Options {
     pub auth_mark: u32,
     /// The queue of DNS answers (names learnt for admin `domainNames` peers); `None`: off.
     pub dns_queue_num: Option<u16>,
+    /// The queue, in the node's namespace, of the guard of workloads that require encryption.
+    pub guard_queue_num: u16,
     /// Answers are learnt only from these servers (empty: from any).
     pub dns_servers: Vec<ipnet::IpNet>,
     pub metrics_addr: Option<SocketAddr>,
@@ -193,6 +196,8 @@ pub struct Shared {
     pub flows: Arc<flows::FlowHub>,
     /// The tunnel between nodes (`--encrypt`).
     pub tunnel: Option<tunnel::TunnelShared>,
+    /// The guard of workloads that require encryption; `None` until one does.
+    pub guard: Arc<Mutex<Option<guard::GuardStatus>>>,
 }
 
 /// Lock the processor or one of the shared tables. A panic while holding a lock cannot leave
@@ -255,6 +260,19 @@ struct Agent {
     tunnel: Option<AgentTunnel>,
     /// Ticks since the tunnel's plan was last computed.
     ticks: u32,
+    /// Namespaces whose every workload requires encryption (Kubernetes annotation).
+    encrypted_namespaces: BTreeSet<String>,
+    /// The guard of workloads that require encryption.
+    guard: AgentGuard,
+}
+
+/// The event loop's side of the guard: started with the first workload that requires
+/// encryption, then told every change.
+struct AgentGuard {
+    cfg: datapath::shell::encrypted::GuardConfig,
+    stop: watch::Receiver<bool>,
+    want: Option<watch::Sender<datapath::shell::encrypted::Guarded>>,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
 /// The event loop's side of the tunnel: where plans go, and the last one.
@@ -405,7 +423,18 @@ impl Agent {
             }
             Event::Upsert(d) => self.upsert(d),
             Event::Remove(key) => self.remove(&key),
-            Event::Namespace { name, labels } => self.namespace(name, labels),
+            Event::Namespace {
+                name,
+                labels,
+                require_encryption,
+            } => {
+                if require_encryption {
+                    self.encrypted_namespaces.insert(name.clone());
+                } else {
+                    self.encrypted_namespaces.remove(&name);
+                }
+                self.namespace(name, labels);
+            }
             Event::Policies {
                 origin,
                 policies,
@@ -509,6 +538,60 @@ impl Agent {
         if recheck {
             self.cut_denied_flows();
         }
+        self.update_guard();
+    }
+
+    /// Whether a workload requires encryption: its own annotation or label, or its namespace's.
+    fn requires_encryption(&self, d: &Desired) -> bool {
+        d.require_encryption || self.encrypted_namespaces.contains(&d.key.namespace)
+    }
+
+    /// Tell the guard what it covers now; started with the first workload that requires
+    /// encryption (nothing is installed in the node's namespace before).
+    fn update_guard(&mut self) {
+        let mut names = Vec::new();
+        let mut addresses = Vec::new();
+        for e in self.workloads.values() {
+            if self.requires_encryption(&e.desired) {
+                names.push(pod_name(&e.desired.key));
+                addresses.push(e.desired.ips.as_slice());
+            }
+        }
+        names.sort();
+        let want = guard::want(addresses.into_iter(), &self.nodes, &self.shared.node_name);
+        if let Some(st) = lock(&self.shared.guard).as_mut() {
+            st.workloads = names.clone();
+        }
+        match &self.guard.want {
+            Some(tx) => {
+                tx.send_if_modified(|g| {
+                    let changed = *g != want;
+                    *g = want;
+                    changed
+                });
+            }
+            None if names.is_empty() => {}
+            None => {
+                tracing::info!(
+                    workloads = ?names,
+                    "a workload requires encryption: starting the guard in the node's namespace"
+                );
+                *lock(&self.shared.guard) = Some(guard::GuardStatus {
+                    workloads: names,
+                    ..Default::default()
+                });
+                let (tx, rx) = watch::channel(want);
+                self.guard.task = Some(tokio::spawn(guard::run(
+                    Netns::from_pid(std::process::id()),
+                    self.guard.cfg.clone(),
+                    rx,
+                    self.processor.clone(),
+                    self.shared.guard.clone(),
+                    self.guard.stop.clone(),
+                )));
+                self.guard.want = Some(tx);
+            }
+        }
     }
 
     /// Enforce exactly `list`: what is not in it is removed (also when its installation is still
@@ -576,6 +659,7 @@ impl Agent {
         };
         if let Some(started) = started {
             self.finish(started);
+            self.update_guard();
         }
         let Some(key) = key else { return };
         if let Some(waiting) = &mut self.awaiting_ready {
@@ -626,6 +710,15 @@ impl Agent {
                             }
                         }
                         Err(err) => self.refuse(&d, &err),
+                    }
+                } else if e.desired.require_encryption != d.require_encryption {
+                    tracing::info!(
+                        workload = %pod_name(&d.key),
+                        require_encryption = d.require_encryption,
+                        "workload updated"
+                    );
+                    if let Some(e) = self.workloads.get_mut(&d.key) {
+                        e.desired.require_encryption = d.require_encryption;
                     }
                 }
                 return Prepared::Done;
@@ -1264,6 +1357,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 not_peers: Mutex::new(BTreeMap::new()),
             })
         }),
+        guard: Arc::new(Mutex::new(None)),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tunnel_task = None;
@@ -1320,6 +1414,19 @@ pub async fn run(opts: Options) -> Result<()> {
         nodes: BTreeMap::new(),
         tunnel: agent_tunnel,
         ticks: 0,
+        encrypted_namespaces: BTreeSet::new(),
+        guard: AgentGuard {
+            cfg: datapath::shell::encrypted::GuardConfig {
+                device: opts.encrypt.as_ref().map_or_else(
+                    || tunnel::TunnelOptions::default().device,
+                    |t| t.device.clone(),
+                ),
+                queue_num: opts.guard_queue_num,
+            },
+            stop: stop_rx.clone(),
+            want: None,
+            task: None,
+        },
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -1393,12 +1500,33 @@ pub async fn run(opts: Options) -> Result<()> {
                     Err(e) => Err(anyhow::anyhow!("--encrypt: tunnel task: {e}")),
                 };
             }
+            // The guard's queue failed: packets it should refuse would wait there for ever.
+            r = async {
+                match agent.guard.task.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            }, if agent.guard.task.is_some() => {
+                agent.guard.task = None;
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the encryption guard ended")),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(anyhow::anyhow!("encryption guard task: {e}")),
+                };
+            }
             s = &mut signal => break s,
         }
     };
     tracing::info!("stopping: removing rules");
     stop_tx.send_replace(true);
     agent.shutdown().await;
+    if let Some(task) = agent.guard.task.take() {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e:#}"),
+            Err(e) => tracing::error!("encryption guard task: {e}"),
+        }
+    }
     if let Some(task) = tunnel_task {
         match task.await {
             Ok(Ok(())) => {}

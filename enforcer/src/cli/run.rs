@@ -115,6 +115,11 @@ pub struct RunArgs {
     /// peers) in every workload namespace [default: --queue-num + 1].
     #[arg(long, env = "TESSERA_DNS_QUEUE_NUM")]
     pub dns_queue_num: Option<u16>,
+    /// NFQUEUE number, in the node's own namespace, of the guard of workloads that require
+    /// encryption (`tessera.dev/require-encryption`): their cross-node packets outside the
+    /// tunnel are queued there to be dropped and recorded [default: 51871].
+    #[arg(long, env = "TESSERA_GUARD_QUEUE_NUM")]
+    pub guard_queue_num: Option<u16>,
     /// Do not learn names from DNS answers (one rule fewer per workload; admin `domainNames`
     /// peers then match nothing).
     #[arg(long, env = "TESSERA_NO_DNS_LEARNING")]
@@ -198,6 +203,7 @@ pub struct FileConfig {
     queue_max_len: Option<u32>,
     auth_mark: Option<MarkValue>,
     dns_queue_num: Option<u16>,
+    guard_queue_num: Option<u16>,
     dns_learning: Option<bool>,
     dns_servers: Option<Vec<ipnet::IpNet>>,
     metrics_addr: Option<String>,
@@ -470,6 +476,10 @@ impl RunArgs {
                     .or(file.dns_queue_num)
                     .unwrap_or(queue_num.wrapping_add(1))
             }),
+            guard_queue_num: self
+                .guard_queue_num
+                .or(file.guard_queue_num)
+                .unwrap_or(datapath::shell::encrypted::DEFAULT_QUEUE),
             dns_servers: if self.dns_servers.is_empty() {
                 file.dns_servers.clone().unwrap_or_default()
             } else {

@@ -206,6 +206,25 @@ pub fn render(s: &Status, now: SystemTime) -> String {
     if let Some(t) = &s.tunnel {
         render_tunnel(t, &mut out);
     }
+    if let Some(g) = &s.encryption_guard {
+        let _ = writeln!(
+            out,
+            "\nENCRYPTION REQUIRED ({} workload(s); cross-node packets outside the tunnel are dropped)",
+            g.workloads.len()
+        );
+        for w in &g.workloads {
+            let _ = writeln!(out, "  {w}");
+        }
+        let _ = writeln!(
+            out,
+            "  guarded addresses: {}; other nodes' pod prefixes: {}",
+            g.addresses.len(),
+            g.remote_prefixes.len()
+        );
+        if let Some(e) = &g.error {
+            let _ = writeln!(out, "  LAST UPDATE REFUSED (previous rules stay): {e}");
+        }
+    }
     let c = &s.counters;
     let _ = writeln!(out, "\nCOUNTERS");
     let _ = writeln!(

@@ -29,7 +29,7 @@ use policy::{ContainerPort, PodKey, Protocol};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{Desired, Event, NetnsRef, Sender};
+use super::{Desired, Event, NetnsRef, REQUIRE_ENCRYPTION, Sender, requires_encryption};
 
 /// Label naming a container's named ports: `http=80,api=8080/TCP,dns=53/UDP`.
 pub const PORTS_LABEL: &str = "tessera.dev/ports";
@@ -144,6 +144,8 @@ pub enum Note {
     /// the workload is named `name` instead (the name made valid, plus the short id, so it
     /// cannot collide with another container's).
     Renamed { name: String, reason: String },
+    /// The [`REQUIRE_ENCRYPTION`] label's value is neither `true` nor `false`: taken as `true`.
+    RequireEncryption(String),
 }
 
 /// What [`map_container`] decided (short-lived: one per inspect, so not boxed).
@@ -267,6 +269,10 @@ pub fn map_container(
         }
     }
 
+    let (require_encryption, note) =
+        requires_encryption(labels.get(REQUIRE_ENCRYPTION).map(String::as_str));
+    notes.extend(note.map(Note::RequireEncryption));
+
     let mut ports = match labels.get(PORTS_LABEL) {
         Some(value) => match parse_ports_label(value) {
             Ok(p) => p,
@@ -317,6 +323,7 @@ pub fn map_container(
             netns: NetnsRef::Pid(pid),
             origin: format!("docker container {short} ({name})"),
             started_at,
+            require_encryption,
         },
         notes,
     }
@@ -796,6 +803,9 @@ async fn inspect(
                         item,
                         "docker: ports label ignored (the container is enforced without its named ports): {reason}"
                     ),
+                    Note::RequireEncryption(note) => {
+                        warn!(container = short, name, "docker: {note}")
+                    }
                 }
             }
             Ok(Some(desired))
@@ -983,7 +993,9 @@ mod tests {
             .iter()
             .map(|n| match n {
                 Note::InvalidLabel { key, .. } => key.as_str(),
-                Note::BadPorts { .. } | Note::Renamed { .. } => panic!("{n:?}"),
+                Note::BadPorts { .. } | Note::Renamed { .. } | Note::RequireEncryption(_) => {
+                    panic!("{n:?}")
+                }
             })
             .collect();
         assert_eq!(dropped, ["Bad_Prefix.com/x", "maintainer", "tier"]);
@@ -1230,6 +1242,20 @@ mod tests {
             .desired()
             .unwrap();
         assert_eq!(d.started_at, Some(t));
+    }
+
+    #[test]
+    fn the_require_encryption_label_is_read_and_kept_out_of_the_identity() {
+        let c = container("web", &[("app", "web"), (REQUIRE_ENCRYPTION, "true")]);
+        let d = map_container(&c, DEFAULT_NAMESPACE_LABEL, None)
+            .desired()
+            .unwrap();
+        assert!(d.require_encryption);
+        assert_eq!(d.labels, labels(&[("app", "web")]));
+        let plain = map_container(&container("web", &[]), DEFAULT_NAMESPACE_LABEL, None)
+            .desired()
+            .unwrap();
+        assert!(!plain.require_encryption);
     }
 
     fn desired(name: &str, pid: i64) -> Desired {

@@ -88,6 +88,11 @@ pub struct WorkloadSpec {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Its packets to and from other nodes' pods must go through the tunnel between nodes
+    /// (else they are dropped and recorded), as the `tessera.dev/require-encryption`
+    /// annotation says in Kubernetes.
+    #[serde(default)]
+    pub require_encryption: bool,
 }
 
 /// A container port.
@@ -149,6 +154,7 @@ pub fn desired(source: &str, specs: &[WorkloadSpec]) -> Vec<Desired> {
             netns: w.netns_ref(),
             origin: format!("{source}: workloads[{i}]"),
             started_at: None,
+            require_encryption: w.require_encryption,
         })
         .collect()
 }

@@ -72,6 +72,31 @@ pub struct Desired {
     /// When the runtime saw the workload start (the Docker event's time), if it knows: the agent
     /// records the time from there to enforcement in a histogram.
     pub started_at: Option<SystemTime>,
+    /// The workload requires encryption ([`REQUIRE_ENCRYPTION`] on it): its packets to and from
+    /// other nodes' pods that do not go through the tunnel between nodes are dropped and
+    /// recorded. (Kubernetes: also when its namespace says so, see [`Event::Namespace`].)
+    pub require_encryption: bool,
+}
+
+/// The annotation (Kubernetes pods and namespaces) or label (Docker containers) that makes a
+/// workload require encryption; the static inventory's `requireEncryption: true` says the same.
+pub const REQUIRE_ENCRYPTION: &str = "tessera.dev/require-encryption";
+
+/// Whether a [`REQUIRE_ENCRYPTION`] value asks for encryption: `"true"` (any case) yes,
+/// `"false"` or absent no. Any other value is taken as yes (whoever wrote it meant to require
+/// something, and a typo must not leave the workload in clear), and the error says so.
+pub fn requires_encryption(value: Option<&str>) -> (bool, Option<String>) {
+    match value.map(str::trim) {
+        None => (false, None),
+        Some(v) if v.eq_ignore_ascii_case("true") => (true, None),
+        Some(v) if v.eq_ignore_ascii_case("false") => (false, None),
+        Some(v) => (
+            true,
+            Some(format!(
+                "{REQUIRE_ENCRYPTION}: {v:?} is neither \"true\" nor \"false\": taken as \"true\""
+            )),
+        ),
+    }
 }
 
 /// A node as a runtime reports it: what the policy engine matches (admin `nodes` peers) and
@@ -134,6 +159,9 @@ pub enum Event {
     Namespace {
         name: String,
         labels: Option<BTreeMap<String, String>>,
+        /// Its [`REQUIRE_ENCRYPTION`] annotation asks for encryption: every workload in it
+        /// requires it.
+        require_encryption: bool,
     },
     /// The complete set of NetworkPolicies from one source (the policy directory after a good
     /// reload, a Kubernetes relist). `origin` names the source in errors. An invalid policy is
@@ -283,3 +311,24 @@ impl AdminPolicy {
 
 /// The sending half a runtime gets.
 pub type Sender = tokio::sync::mpsc::Sender<Event>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_encryption_values() {
+        assert_eq!(requires_encryption(None), (false, None));
+        assert_eq!(requires_encryption(Some("true")), (true, None));
+        assert_eq!(requires_encryption(Some(" TRUE ")), (true, None));
+        assert_eq!(requires_encryption(Some("false")), (false, None));
+        // A typo requires encryption, and says so.
+        let (on, note) = requires_encryption(Some("yes"));
+        assert!(on);
+        assert!(
+            note.is_some_and(|n| n.contains(REQUIRE_ENCRYPTION) && n.contains("\"yes\"")),
+            "names the annotation and the value"
+        );
+    }
+}

@@ -28,6 +28,8 @@ pub struct WorkloadSpec {
     pub enforced: bool,
     /// Declared ports served by a sink (reads to EOF, answers one byte) instead of an echo.
     pub sinks: Vec<u16>,
+    /// `requireEncryption: true` in its inventory entry.
+    pub require_encryption: bool,
 }
 
 impl WorkloadSpec {
@@ -40,7 +42,14 @@ impl WorkloadSpec {
             ports: Vec::new(),
             enforced: true,
             sinks: Vec::new(),
+            require_encryption: false,
         }
+    }
+
+    /// Requires encryption (the inventory's `requireEncryption: true`).
+    pub fn require_encryption(mut self) -> WorkloadSpec {
+        self.require_encryption = true;
+        self
     }
 
     /// Declares a container port (named or not).
@@ -693,6 +702,9 @@ impl Testbed {
                 }
             }
             let _ = writeln!(y, "  netns: /run/netns/{}", w.ns);
+            if w.spec.require_encryption {
+                y.push_str("  requireEncryption: true\n");
+            }
             y.push_str("  ports:");
             if w.spec.ports.is_empty() {
                 y.push_str(" []");
@@ -713,6 +725,19 @@ impl Testbed {
             y.push_str(&self.nodes_yaml());
         }
         y
+    }
+
+    /// Makes workload `name` require encryption or not, and rewrites its node's inventory
+    /// (the agent reloads it).
+    pub fn set_require_encryption(&mut self, name: &str, on: bool) {
+        let w = self
+            .workloads
+            .iter_mut()
+            .find(|w| w.spec.name == name)
+            .unwrap_or_else(|| panic!("no workload {name}"));
+        w.spec.require_encryption = on;
+        let node = w.spec.node;
+        self.write_inventory(node);
     }
 
     fn write_inventory(&self, node: u8) {

@@ -430,7 +430,8 @@ mod tests {
                 labels: Some(std::collections::BTreeMap::from([(
                     "team".into(),
                     "a".into()
-                )]))
+                )])),
+                require_encryption: false,
             }),
             "{before:?}"
         );

@@ -9,26 +9,41 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use policy::objects::Object;
 use policy::{PolicyKey, StagedKey};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::runtime::{Event, NodeInfo, StagedScope};
+use crate::runtime::{Event, NodeInfo, REQUIRE_ENCRYPTION, StagedScope, requires_encryption};
 
 /// Where API policies come from, in the agent's log lines and errors.
 pub const POLICY_ORIGIN: &str = "Kubernetes API (NetworkPolicies)";
 
 type Labels = BTreeMap<String, String>;
 
-/// Namespace labels as the agent was told them.
+/// Namespace labels, and whether the namespace requires encryption, as the agent was told.
 #[derive(Default)]
 pub struct Namespaces {
-    known: BTreeMap<String, Labels>,
-    relist: Option<Vec<(String, Labels)>>,
+    known: BTreeMap<String, NsState>,
+    relist: Option<Vec<(String, NsState)>>,
     synced: bool,
 }
 
-fn ns_entry(n: &PartialObjectMeta<Namespace>) -> Option<(String, Labels)> {
+/// A namespace's labels and its [`REQUIRE_ENCRYPTION`] annotation.
+type NsState = (Labels, bool);
+
+fn ns_entry(n: &PartialObjectMeta<Namespace>) -> Option<(String, NsState)> {
     let name = n.metadata.name.clone().filter(|s| !s.is_empty())?;
-    Some((name, n.metadata.labels.clone().unwrap_or_default()))
+    let annotation = n
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REQUIRE_ENCRYPTION));
+    let (require, note) = requires_encryption(annotation.map(String::as_str));
+    if let Some(note) = note {
+        warn!(namespace = %name, "{note}");
+    }
+    Some((
+        name,
+        (n.metadata.labels.clone().unwrap_or_default(), require),
+    ))
 }
 
 impl Namespaces {
@@ -36,20 +51,25 @@ impl Namespaces {
         self.synced
     }
 
-    fn set(&mut self, name: String, labels: Option<Labels>, out: &mut Vec<Event>) {
-        match labels {
-            Some(l) => {
-                if self.known.get(&name) != Some(&l) {
-                    self.known.insert(name.clone(), l.clone());
+    fn set(&mut self, name: String, state: Option<NsState>, out: &mut Vec<Event>) {
+        match state {
+            Some(st) => {
+                if self.known.get(&name) != Some(&st) {
+                    self.known.insert(name.clone(), st.clone());
                     out.push(Event::Namespace {
                         name,
-                        labels: Some(l),
+                        labels: Some(st.0),
+                        require_encryption: st.1,
                     });
                 }
             }
             None => {
                 if self.known.remove(&name).is_some() {
-                    out.push(Event::Namespace { name, labels: None });
+                    out.push(Event::Namespace {
+                        name,
+                        labels: None,
+                        require_encryption: false,
+                    });
                 }
             }
         }
@@ -79,8 +99,8 @@ impl Namespaces {
                 for name in gone {
                     self.set(name, None, out);
                 }
-                for (name, labels) in listed {
-                    self.set(name, Some(labels), out);
+                for (name, state) in listed {
+                    self.set(name, Some(state), out);
                 }
                 if !self.synced {
                     info!(namespaces = self.known.len(), "namespaces listed");
@@ -88,8 +108,8 @@ impl Namespaces {
                 self.synced = true;
             }
             watcher::Event::Apply(n) => {
-                if let Some((name, labels)) = ns_entry(&n) {
-                    self.set(name, Some(labels), out);
+                if let Some((name, state)) = ns_entry(&n) {
+                    self.set(name, Some(state), out);
                 }
             }
             watcher::Event::Delete(n) => {
@@ -411,15 +431,18 @@ mod tests {
             [
                 Event::Namespace {
                     name: "b".into(),
-                    labels: None
+                    labels: None,
+                    require_encryption: false
                 },
                 Event::Namespace {
                     name: "a".into(),
-                    labels: Some(BTreeMap::from([("team".into(), "y".into())]))
+                    labels: Some(BTreeMap::from([("team".into(), "y".into())])),
+                    require_encryption: false
                 },
                 Event::Namespace {
                     name: "c".into(),
-                    labels: Some(BTreeMap::new())
+                    labels: Some(BTreeMap::new()),
+                    require_encryption: false
                 },
             ]
         );
@@ -431,8 +454,34 @@ mod tests {
             out,
             [Event::Namespace {
                 name: "c".into(),
-                labels: None
+                labels: None,
+                require_encryption: false
             }]
+        );
+    }
+
+    #[test]
+    fn a_namespace_annotated_to_require_encryption_says_so_and_its_removal_too() {
+        let mut n = Namespaces::default();
+        let mut out = Vec::new();
+        let mut annotated = ns("shop", &[]);
+        annotated.metadata.annotations = Some(BTreeMap::from([(
+            REQUIRE_ENCRYPTION.to_owned(),
+            "true".to_owned(),
+        )]));
+        n.handle(watcher::Event::Apply(annotated), &mut out);
+        n.handle(watcher::Event::Apply(ns("shop", &[])), &mut out);
+        assert_eq!(
+            out.iter()
+                .map(|e| match e {
+                    Event::Namespace {
+                        require_encryption, ..
+                    } => *require_encryption,
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<_>>(),
+            [true, false],
+            "the annotation alone changing is a change"
         );
     }
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::netns::{Found, Missing, NetnsFinder};
-use crate::runtime::{Desired, Event, NetnsRef};
+use crate::runtime::{Desired, Event, NetnsRef, REQUIRE_ENCRYPTION, requires_encryption};
 
 /// Why a pod is not enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct PodWant {
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<ContainerPort>,
     pub ips: Vec<IpAddr>,
+    /// Its [`REQUIRE_ENCRYPTION`] annotation asks for encryption.
+    pub require_encryption: bool,
     /// Fields dropped as malformed (`spec.containers[0].ports[1].protocol: ...`): logged.
     pub notes: Vec<String>,
 }
@@ -66,6 +68,7 @@ impl PodWant {
             netns: NetnsRef::Pid(found.pid),
             origin: format!("pod {}", pod_name(&self.key)),
             started_at: None,
+            require_encryption: self.require_encryption,
         }
     }
 }
@@ -148,11 +151,19 @@ pub fn map_pod(p: &Pod) -> PodMapping {
             container_ports(&path, c, &mut ports, &mut notes);
         }
     }
+    let annotation = p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REQUIRE_ENCRYPTION));
+    let (require_encryption, note) = requires_encryption(annotation.map(String::as_str));
+    notes.extend(note);
     PodMapping::Enforce(PodWant {
         key,
         labels: p.metadata.labels.clone().unwrap_or_default(),
         ports,
         ips,
+        require_encryption,
         notes,
     })
 }
@@ -589,6 +600,28 @@ mod tests {
         assert_eq!(d.netns, NetnsRef::Pid(42));
         assert_eq!(d.origin, "pod shop/web-1");
         assert_eq!(d.namespace_labels, None);
+        assert!(!d.require_encryption);
+    }
+
+    #[test]
+    fn the_require_encryption_annotation_is_read_and_a_typo_requires_it() {
+        for (value, want, noted) in [
+            ("true", true, false),
+            ("false", false, false),
+            ("yes", true, true),
+        ] {
+            let mut p = web("web-1", "10.1.0.5");
+            p.metadata.annotations = Some(BTreeMap::from([(
+                REQUIRE_ENCRYPTION.to_owned(),
+                value.to_owned(),
+            )]));
+            let PodMapping::Enforce(w) = map_pod(&p) else {
+                panic!()
+            };
+            assert_eq!(w.require_encryption, want, "{value}");
+            assert_eq!(!w.notes.is_empty(), noted, "{value}: {:?}", w.notes);
+            assert_eq!(w.desired(Found { pid: 1, ino: 1 }).require_encryption, want);
+        }
     }
 
     #[test]
