@@ -36,6 +36,8 @@ struct K8sAgent {
     metrics: SocketAddr,
     log: PathBuf,
     node: String,
+    /// The netns it runs in (its node's), when not the test's.
+    netns: Option<String>,
 }
 
 impl K8sAgent {
@@ -43,15 +45,27 @@ impl K8sAgent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// GET `path` from its HTTP endpoint (from inside its netns if it runs in one).
+    fn get(&self, path: &str) -> Option<String> {
+        let addr = self.metrics;
+        match &self.netns {
+            None => http_get(addr, path),
+            Some(ns) => {
+                let path = path.to_owned();
+                testbed::in_netns(ns, move || http_get(addr, &path))
+            }
+        }
+    }
+
     fn metrics(&self) -> Metrics {
-        Metrics::parse(&http_get(self.metrics, "/metrics").unwrap_or_default())
+        Metrics::parse(&self.get("/metrics").unwrap_or_default())
     }
 
     fn ready(&mut self) -> bool {
         if let Ok(Some(st)) = self.child.try_wait() {
             panic!("agent {} exited ({st}); log:\n{}", self.node, self.log());
         }
-        http_get(self.metrics, "/healthz").is_some_and(|b| b.starts_with("ok"))
+        self.get("/healthz").is_some_and(|b| b.starts_with("ok"))
     }
 }
 
@@ -204,9 +218,29 @@ impl Cluster {
 
     /// Starts the agent of node `n` (1 or 2); waits until it is ready and its pods' rules are in.
     fn start_agent(&mut self, n: u8) {
+        self.start_agent_with(n, false, &[]);
+    }
+
+    /// [`Cluster::start_agent`], inside its node's netns if `in_node_netns` (as a
+    /// host-network pod runs: its tunnel and routes are the node's; the API is reached
+    /// through a proxy on the node's loopback), with `extra` arguments.
+    fn start_agent_with(&mut self, n: u8, in_node_netns: bool, extra: &[&str]) {
         let d = self.tb.dir().to_owned();
         let node = self.tb.node_name(&format!("n{n}"));
-        let metrics = free_addr();
+        let node_ns = self.tb.nodes[usize::from(n - 1)].clone();
+        let (metrics, kubeconfig) = if in_node_netns {
+            let proxy = api_proxy(&node_ns, self.emu.url());
+            let path = d.join(format!("kubeconfig-n{n}"));
+            let text = self
+                .emu
+                .kubeconfig()
+                .replace(&self.emu.url(), &format!("http://{proxy}"));
+            std::fs::write(&path, text).unwrap();
+            // The node's loopback: any port is free there but the proxy's.
+            (SocketAddr::from(([127, 0, 0, 1], 9090)), path)
+        } else {
+            (free_addr(), self.kubeconfig.clone())
+        };
         let log = d.join(format!("agent-n{n}.log"));
         let mut args: Vec<String> = [
             "run",
@@ -215,12 +249,13 @@ impl Cluster {
             "--runtime",
             "kubernetes",
             "--kubeconfig",
-            self.kubeconfig.to_str().unwrap(),
+            kubeconfig.to_str().unwrap(),
             "--metrics-addr",
             &metrics.to_string(),
         ]
         .map(str::to_owned)
         .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
         if self.pki {
             let keys = d.join(format!("keys-n{n}"));
             for (flag, path) in [
@@ -236,7 +271,14 @@ impl Cluster {
             args.push(d.join("psk").display().to_string());
         }
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(TESSERA)
+        let mut cmd = if in_node_netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &node_ns, TESSERA]);
+            c
+        } else {
+            Command::new(TESSERA)
+        };
+        let child = cmd
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -252,6 +294,7 @@ impl Cluster {
             metrics,
             log,
             node,
+            netns: in_node_netns.then_some(node_ns),
         };
         let pods: Vec<String> = self
             .tb
@@ -345,6 +388,45 @@ impl Cluster {
             );
         }
     }
+}
+
+/// A TCP proxy listening on `ns`'s loopback (an ephemeral port, returned) to `upstream` (the
+/// emulator, in the test's netns): each accepted connection is handed to a thread of the
+/// test's netns, which connects upstream and copies both ways. Its threads end with the
+/// process.
+fn api_proxy(ns: &str, upstream: String) -> SocketAddr {
+    let upstream: SocketAddr = upstream
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the emulator's URL is http://ADDR");
+    let (conns_tx, conns_rx) = std::sync::mpsc::channel::<std::net::TcpStream>();
+    std::thread::spawn(move || {
+        for down in conns_rx {
+            let Ok(up) = std::net::TcpStream::connect(upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, down),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let _listener = testbed::spawn_in_netns(ns, move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        addr_tx.send(l.local_addr().unwrap()).unwrap();
+        for c in l.incoming().flatten() {
+            if conns_tx.send(c).is_err() {
+                break;
+            }
+        }
+    });
+    addr_rx.recv().unwrap()
 }
 
 fn rules_in(ns: &str) -> bool {
@@ -746,4 +828,151 @@ fn admin_policies_from_the_api_are_enforced_and_followed() {
         .unwrap();
     c.until("staged Deny promoted (annotation removed)", "web", false);
     assert_eq!(c.agent(2).metrics().sum("tessera_staged_policies"), 0.0);
+}
+
+/// `--encrypt` in Kubernetes mode, PKI: each agent runs in its node's netns (as the
+/// host-network DaemonSet does) and takes its tunnel peers from the Node objects (`InternalIP`,
+/// `spec.podCIDRs`) and their keys from the certificates the agents publish in the Node
+/// annotations. A payload between the nodes' pods crosses the link only inside the tunnel.
+/// Annotating the namespace `tessera.dev/require-encryption: "true"` guards its pods: with a
+/// route around the tunnel on node 1, node 2 refuses web -> db and records it; removing the
+/// annotation lets the same clear path through.
+#[test]
+fn encrypt_peers_from_node_objects_and_a_namespace_that_requires_encryption() {
+    let test = "encrypt_peers_from_node_objects_and_a_namespace_that_requires_encryption";
+    if !testbed::privileged(test) || !testbed::have_command(test, "tcpdump", "tcpdump") {
+        return;
+    }
+    const MARKER: &[u8] = b"TESSERA-K8S-MARKER-5be0d1";
+    let mut c = Cluster::new(true, &[]);
+    for n in [1u8, 2] {
+        let name = c.tb.node_name(&format!("n{n}"));
+        c.emu
+            .apply(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"podCIDRs": c.tb.pod_cidrs(n)},
+                "status": {"addresses": [{"type": "InternalIP", "address": c.tb.node_addr(n).to_string()}]}}))
+            .unwrap();
+    }
+    c.start_agent_with(1, true, &["--encrypt"]);
+    c.start_agent_with(2, true, &["--encrypt"]);
+    let status = |n: u8| -> Value {
+        serde_json::from_str(&c.agent(n).get("/status").unwrap_or_default()).unwrap_or(Value::Null)
+    };
+    for (n, other) in [(1, "node-n2"), (2, "node-n1")] {
+        let start = Instant::now();
+        while !status(n)["tunnel"]["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["node"] == other))
+        {
+            assert!(
+                start.elapsed() < WAIT,
+                "node {n}: no tunnel peer {other}: {:#}\n{}",
+                status(n)["tunnel"],
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    let node1 = c.tb.nodes[0].clone();
+    let capture =
+        testbed::tcpdump::Tcpdump::start(&node1, "uplink", &c.tb.dir().join("uplink.pcap"));
+    let marker = |timeout: Duration| -> bool {
+        let Ok(mut s) = c.tb.connect("web", "db", 5432, timeout) else {
+            return false;
+        };
+        s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+        let mut back = vec![0u8; MARKER.len()];
+        use std::io::{Read, Write};
+        s.write_all(MARKER).is_ok() && s.read_exact(&mut back).is_ok() && back == MARKER
+    };
+    // The first connection also waits for the tunnel's handshake.
+    assert!(
+        marker(Duration::from_secs(5)),
+        "web -> db through the tunnel\n{}",
+        c.logs()
+    );
+    let frames = capture.stop();
+    assert!(
+        !testbed::tcpdump::contains(&frames, MARKER),
+        "the marker crossed the link in clear"
+    );
+    let peer = status(1)["tunnel"]["peers"][0].clone();
+    assert!(
+        peer["txBytes"].as_u64() > Some(0) && peer["rxBytes"].as_u64() > Some(0),
+        "{peer:#}"
+    );
+
+    // The namespace requires encryption; node 1 routes around the tunnel.
+    let ns_object = |annotations: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS},
+                            "annotations": annotations}})
+    };
+    c.emu
+        .apply(ns_object(json!({"tessera.dev/require-encryption": "true"})))
+        .unwrap();
+    // Guarded once the rules are in: the addresses are shown after they are applied.
+    let db_ip = c.tb.workload("db").ip.to_string();
+    let start = Instant::now();
+    while status(2)["encryptionGuard"]["workloads"] != json!([format!("{NS}/db")])
+        || status(2)["encryptionGuard"]["addresses"] != json!([db_ip])
+        || status(1)["encryptionGuard"]["addresses"]
+            .as_array()
+            .map(Vec::len)
+            != Some(2)
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the namespace's pods are not guarded: {:#} {:#}\n{}",
+            status(1)["encryptionGuard"],
+            status(2)["encryptionGuard"],
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = c.tb.workload("db").ip.octets();
+    let db_prefix = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let rule = |verb: &str| {
+        run_ip(&[
+            "-n", &node1, "rule", verb, "pref", "100", "to", &db_prefix, "lookup", "main",
+        ])
+    };
+    rule("add");
+    assert!(
+        !marker(DENIED_TIMEOUT),
+        "db reached in clear although its namespace requires encryption"
+    );
+    // Both pods are in the namespace: node 1 refuses web's packet on its way out.
+    let start = Instant::now();
+    loop {
+        let body = c.agent(1).get("/flows?last=200").unwrap_or_default();
+        if body.lines().any(|l| {
+            l.contains("\"not_encrypted\"") && l.contains("\"egress\"") && l.contains("\"web\"")
+        }) {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no not_encrypted record on node 1:\n{body}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.emu.apply(ns_object(json!({}))).unwrap();
+    let start = Instant::now();
+    while !marker(DENIED_TIMEOUT) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the annotation removed, db is still refused\n{}",
+            c.logs()
+        );
+    }
+    rule("del");
+}
+
+fn run_ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).output().unwrap();
+    assert!(st.status.success(), "ip {args:?}: {st:?}");
 }

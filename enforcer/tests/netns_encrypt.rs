@@ -731,14 +731,20 @@ fn netns_encrypt_a_workload_that_requires_encryption_refuses_what_bypasses_the_t
     for (node, other) in [(1, "node-n2"), (2, "node-n1")] {
         wait_tunnel(&tb, node, "the peer", |t| peer(t, other).is_some());
     }
+    // The addresses are shown once the rules guarding them are in.
+    let backend = tb.workload("backend-2").ip;
+    let start = Instant::now();
+    while status(&tb, 2)["encryptionGuard"]["addresses"] != serde_json::json!([backend.to_string()])
+    {
+        assert!(start.elapsed() < WAIT, "{:#}", status(&tb, 2));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let guard = status(&tb, 2)["encryptionGuard"].clone();
     assert_eq!(
         guard["workloads"],
         serde_json::json!(["shop/backend-2"]),
         "{guard:#}"
     );
-    let backend = tb.workload("backend-2").ip;
-    assert_eq!(guard["addresses"], serde_json::json!([backend.to_string()]));
     let n1 = tb.pod_cidrs(1);
     assert_eq!(guard["remotePrefixes"], serde_json::json!(n1), "{guard:#}");
     assert!(

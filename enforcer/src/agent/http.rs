@@ -114,7 +114,7 @@ pub struct Status {
 pub struct GuardInfo {
     /// `namespace/name` of each workload that requires encryption.
     pub workloads: Vec<String>,
-    /// Their addresses the rules guard.
+    /// The addresses the rules in force guard (updated once a change is applied).
     pub addresses: Vec<String>,
     /// The other nodes' pod prefixes: what is cross-node.
     pub remote_prefixes: Vec<String>,
