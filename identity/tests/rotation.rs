@@ -30,10 +30,12 @@ fn new_credentials_replace_the_old_and_keep_peers_and_revocations() {
     let b_copy = copy(&b);
     let mut na = Node::new_pki(a, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
     let mut nb = Node::new_pki(b, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
-    let mut nb_self = Node::new_pki(b_copy, ca.trust_anchor().clone(), Config::default(), NOW)
+    let mut nb_self =
+        Node::new_pki(b_copy, ca.trust_anchor().clone(), Config::default(), NOW).unwrap();
+    na.add_peer_certificate("node-b", b_cert.clone(), NOW)
         .unwrap();
-    na.add_peer_certificate("node-b", b_cert.clone(), NOW).unwrap();
-    nb.add_peer_certificate("node-a", a_cert.clone(), NOW).unwrap();
+    nb.add_peer_certificate("node-a", a_cert.clone(), NOW)
+        .unwrap();
     // b revoked node-c's certificate before rotating.
     nb.add_peer_certificate("node-c", c.certificate().clone(), NOW)
         .unwrap();
@@ -67,7 +69,10 @@ fn new_credentials_replace_the_old_and_keep_peers_and_revocations() {
         .unwrap();
     handshake(&mut nb, &mut na, &mut rng, NOW, &NO_TAMPER).unwrap();
     handshake(&mut na, &mut nb, &mut rng, NOW, &NO_TAMPER).unwrap();
-    assert_eq!(na.peer_tunnel_key("node-b", NOW), Some(*b2_cert.x25519_public()));
+    assert_eq!(
+        na.peer_tunnel_key("node-b", NOW),
+        Some(*b2_cert.x25519_public())
+    );
 
     // b's revocation of node-c is still in force.
     let err = nb
@@ -108,7 +113,9 @@ fn credentials_that_are_not_this_nodes_change_nothing() {
     let err = b.replace_credentials(rogue, NOW).unwrap_err();
     assert_eq!(err.as_str(), "cert_untrusted_issuer");
     // Expired at `now`.
-    let late = ca.issue_node(&mut rng, "node-b", NOW - 3 * DAY, NOW - DAY).unwrap();
+    let late = ca
+        .issue_node(&mut rng, "node-b", NOW - 3 * DAY, NOW - DAY)
+        .unwrap();
     let err = b.replace_credentials(late, NOW).unwrap_err();
     assert_eq!(err.as_str(), "cert_expired");
     // Nothing changed: the old credentials still work both ways.

@@ -497,7 +497,10 @@ fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again
     let (sa, new) = (secret(1), secret(9));
     // A peer's key is refused as our own, and nothing changes.
     let err = b.set_static_secret(&sa).unwrap_err();
-    assert!(matches!(err, ConfigError::OwnKey(ref p) if p == "a"), "{err}");
+    assert!(
+        matches!(err, ConfigError::OwnKey(ref p) if p == "a"),
+        "{err}"
+    );
     assert_eq!(b.public_key(), secret(2).public_key());
 
     b.set_static_secret(&new).unwrap();
@@ -506,7 +509,11 @@ fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again
     // The same key again changes nothing.
     b.set_static_secret(&new).unwrap();
     // a still sends in the old session: b has none any more, nothing is delivered.
-    let old = data_message(&mut a, B_EP, &ipv4("10.202.1.5", "10.202.2.5", b"old session"));
+    let old = data_message(
+        &mut a,
+        B_EP,
+        &ipv4("10.202.1.5", "10.202.2.5", b"old session"),
+    );
     let before = drops(&b);
     let mut wb = Wire::default();
     b.handle_datagram(net.now, ep(A_EP), &old, &mut wb);
@@ -535,17 +542,28 @@ fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again
         &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)],
         &hello,
     );
-    assert!(net.delivered.contains(&(ep(B_EP), hello)), "{:?}", net.delivered);
+    assert!(
+        net.delivered.contains(&(ep(B_EP), hello)),
+        "{:?}",
+        net.delivered
+    );
     let back = ipv4("10.202.2.5", "10.202.1.5", b"answer under the new key");
     net.send(
         ep(B_EP),
         &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)],
         &back,
     );
-    assert!(net.delivered.contains(&(ep(A_EP), back)), "{:?}", net.delivered);
+    assert!(
+        net.delivered.contains(&(ep(A_EP), back)),
+        "{:?}",
+        net.delivered
+    );
     let s = b.stats(net.now);
     let pa = s.peer("a").unwrap();
-    assert!(pa.handshakes >= 2, "one before, at least one after the new key");
+    assert!(
+        pa.handshakes >= 2,
+        "one before, at least one after the new key"
+    );
     assert_eq!(pa.last_handshake_ms, Some(net.now));
 }
 
