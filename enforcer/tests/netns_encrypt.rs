@@ -901,3 +901,178 @@ fn netns_encrypt_off_a_workload_that_requires_encryption_is_reached_from_its_own
         "a workload that does not require encryption is reached across nodes"
     );
 }
+
+/// Byte `i` of the long transfer: period 251, so a lost, repeated or reordered chunk shows.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Node 2's credentials rotated in the middle of a long transfer between a pod of node 1 and a
+/// pod of node 2 (through the tunnel, both ways: the echo server sends everything back): a
+/// fresh `tessera pki issue-node` certificate and key written over node 2's `--node-cert` /
+/// `--node-key`, and the certificate into the peer certificate directory node 1 reads. The
+/// transfer completes with every byte right; node 1's tunnel then has node 2's new key; a new
+/// connection works (tokens under node 2's new key accepted). The longest gap in the echoed
+/// stream around the rotation is printed.
+#[test]
+fn netns_encrypt_pki_key_rotation_keeps_a_long_transfer_alive() {
+    let test = "netns_encrypt_pki_key_rotation_keeps_a_long_transfer_alive";
+    if skip(test) {
+        return;
+    }
+    rotation_under_transfer(test, Duration::ZERO);
+}
+
+/// The same with node 1's copy of the new certificate written 1 s after node 2's files (the
+/// largest offset between two agents' once-a-second polls): the gap node 1 is without node
+/// 2's new key.
+#[test]
+fn netns_encrypt_pki_key_rotation_with_the_peer_a_second_late_keeps_the_transfer_alive() {
+    let test =
+        "netns_encrypt_pki_key_rotation_with_the_peer_a_second_late_keeps_the_transfer_alive";
+    if skip(test) {
+        return;
+    }
+    rotation_under_transfer(test, Duration::from_secs(1));
+}
+
+/// `peer_delay`: how long after node 2's files node 1's peer directory gets the certificate.
+fn rotation_under_transfer(test: &str, peer_delay: Duration) {
+    use identity::NodeCertificate;
+    let tb = builder(agents(Mode::Pki, true)).build();
+    for (node, other) in [(1, "node-n2"), (2, "node-n1")] {
+        wait_tunnel(&tb, node, "the peer", |t| peer(t, other).is_some());
+    }
+    let d = tb.dir().to_owned();
+    let old_cert =
+        NodeCertificate::from_pem(&std::fs::read_to_string(d.join("keys-n2/node-n2.crt")).unwrap())
+            .unwrap();
+    let old_key = hex(old_cert.x25519_public());
+
+    const CHUNK: usize = 4096;
+    const STREAM: Duration = Duration::from_secs(8);
+    const ROTATE_AT: Duration = Duration::from_millis(2500);
+    let mut s = tb
+        .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
+        .unwrap_or_else(|e| panic!("frontend-1 -> backend-2:8080: {e}\n{}", tb.agent_logs()));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let start = Instant::now();
+    // The writer: CHUNK bytes every 5 ms (about 800 KB/s) for STREAM.
+    let writer = std::thread::spawn(move || {
+        let mut sent: u64 = 0;
+        let mut buf = vec![0u8; CHUNK];
+        while start.elapsed() < STREAM {
+            for (j, b) in buf.iter_mut().enumerate() {
+                *b = pattern(sent + j as u64);
+            }
+            w.write_all(&buf).unwrap();
+            sent += CHUNK as u64;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        sent
+    });
+    // The rotation, on its own thread at ROTATE_AT.
+    let rotation = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let rot = d.join("rotated-n2");
+            let rot_s = rot.to_str().unwrap().to_owned();
+            let ca = d.join("ca");
+            testbed::run(&[
+                TESSERA,
+                "pki",
+                "issue-node",
+                "--ca",
+                ca.to_str().unwrap(),
+                "--node",
+                "node-n2",
+                "--out",
+                &rot_s,
+            ]);
+            let cert = std::fs::read(rot.join("node-n2.crt")).unwrap();
+            let key = std::fs::read(rot.join("node-n2.key")).unwrap();
+            std::thread::sleep(ROTATE_AT.saturating_sub(start.elapsed()));
+            let at = start.elapsed();
+            // Written in place, one file after the other, as `cp` would.
+            std::fs::write(d.join("keys-n2/node-n2.crt"), &cert).unwrap();
+            std::fs::write(d.join("keys-n2/node-n2.key"), &key).unwrap();
+            std::thread::sleep(peer_delay);
+            std::fs::write(d.join("peers/node-n2.crt"), &cert).unwrap();
+            (
+                at,
+                NodeCertificate::from_pem(&String::from_utf8(cert).unwrap()).unwrap(),
+            )
+        })
+    };
+    // The reader: every echoed byte checked, and the longest time between two reads.
+    let mut received: u64 = 0;
+    let mut buf = vec![0u8; 65536];
+    let mut last = Instant::now();
+    let (mut gap, mut gap_at) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        let n = s.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "the transfer broke after {received} bytes ({:?}): {e}\n{}",
+                start.elapsed(),
+                tb.agent_logs()
+            )
+        });
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        if now - last > gap {
+            gap = now - last;
+            gap_at = last - start;
+        }
+        last = now;
+        for (j, b) in buf[..n].iter().enumerate() {
+            let i = received + j as u64;
+            assert_eq!(*b, pattern(i), "byte {i} of the transfer is wrong");
+        }
+        received += n as u64;
+    }
+    let sent = writer.join().unwrap();
+    let (rotated_at, new_cert) = rotation.join().unwrap();
+    let took = start.elapsed();
+    assert_eq!(received, sent, "every byte sent came back");
+    let new_key = hex(new_cert.x25519_public());
+    assert_ne!(new_key, old_key);
+    eprintln!(
+        "{test}: {sent} bytes each way in {took:?}, every byte right; rotation written at {rotated_at:?}; \
+         node 1's copy {peer_delay:?} later; longest gap in the echoed stream {gap:?} (from {gap_at:?})"
+    );
+    assert!(
+        gap_at + gap >= rotated_at || gap < Duration::from_millis(500),
+        "the longest gap ({gap:?} at {gap_at:?}) is not around the rotation ({rotated_at:?})"
+    );
+
+    // Node 1's tunnel has node 2's new key, node 2's its own new one.
+    let t1 = wait_tunnel(&tb, 1, "node-n2's new key", |t| {
+        peer(t, "node-n2").is_some_and(|p| p["publicKey"] == new_key.as_str())
+    });
+    wait_tunnel(&tb, 2, "its own new key", |t| {
+        t["publicKey"] == new_key.as_str()
+    });
+    let p = peer(&t1, "node-n2").unwrap();
+    eprintln!("node 1's peer node-n2 after the rotation: {p:#}");
+    // A new connection: tokens under node 2's new key, and node 1's checked with it.
+    tcp_marker(&tb, "frontend-1", "backend-2", 8080, OK_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "a new connection after the rotation: {e}\n{}",
+            tb.agent_logs()
+        )
+    });
+    let t1 = wait_tunnel(&tb, 1, "a handshake with node 2's new key", |t| {
+        peer(t, "node-n2").is_some_and(|p| p["handshakes"].as_u64() >= Some(1))
+    });
+    assert_eq!(peer(&t1, "node-n2").unwrap()["publicKey"], new_key.as_str());
+    let logs = tb.agent_logs();
+    assert!(logs.contains("node credentials rotated"), "{logs}");
+}

@@ -278,6 +278,54 @@ impl Node {
         }
     }
 
+    /// PKI mode: replace this node's own credentials (certificate and key rotation) in place.
+    /// The new certificate must chain to the CA, name this node and be valid at `now_ms`,
+    /// and its key id must not be revoked; otherwise nothing changes. Peers, revocations and
+    /// the replay cache are kept; the old own certificate is no longer trusted for this
+    /// node's own tokens; every cached pair key is dropped (they depend on our key and
+    /// certificate). From then on tokens are made and checked with the new key, and
+    /// [`Node::tunnel_secret`] is the new key. Peers that still know only the old certificate
+    /// refuse this node's tokens (`unknown_key`: the new key id) until they learn the new one. Returns the
+    /// new key id (the same credentials again change nothing).
+    pub fn replace_credentials(
+        &mut self,
+        creds: NodeCredentials,
+        now_ms: u64,
+    ) -> Result<KeyId, CertError> {
+        let Keying::Pki {
+            creds: own,
+            trust,
+            peers,
+            revoked,
+            ..
+        } = &mut self.keying
+        else {
+            return Err(CertError::WrongKeyType("node is in PSK mode"));
+        };
+        trust.verify(creds.certificate(), Some(&self.name), now_ms)?;
+        let new_id = creds.certificate().key_id();
+        if new_id == self.key_id {
+            return Ok(new_id);
+        }
+        if revoked.contains(&new_id) {
+            return Err(CertError::Revoked(new_id.to_string()));
+        }
+        peers.remove(&self.key_id);
+        peers.insert(new_id, creds.certificate().clone());
+        **own = creds;
+        self.key_id = new_id;
+        self.clear_pair_cache();
+        Ok(new_id)
+    }
+
+    /// PKI mode: this node's own certificate (`None` in PSK mode).
+    pub fn own_certificate(&self) -> Option<&NodeCertificate> {
+        match &self.keying {
+            Keying::Pki { creds, .. } => Some(creds.certificate()),
+            Keying::Psk { .. } => None,
+        }
+    }
+
     /// PKI mode: trust a peer node's certificate, learned e.g. from its node annotation. It
     /// must chain to the CA, name `expected_node` and be valid at `now_ms`. A PSK-mode node
     /// refuses certificates.

@@ -121,6 +121,8 @@ enum Request {
         oneshot::Sender<Result<PeerChanges, ShellError>>,
     ),
     Stats(oneshot::Sender<TunnelStats>),
+    /// Replace the tunnel's own static key.
+    SetSecret(StaticSecret, oneshot::Sender<Result<(), ShellError>>),
     /// End the loop (the handle's shutdown; stats readers may still hold the channel).
     Stop,
 }
@@ -243,6 +245,23 @@ impl TunnelHandle {
     ) -> Result<PeerChanges, ShellError> {
         let (tx, rx) = oneshot::channel();
         self.request(Request::SetPeers(peers, Some(routes), tx))?;
+        rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// Replaces this node's static key (its credentials were rotated; see
+    /// [`Tunnel::set_static_secret`]): every peer's session ends and the next packet to a peer
+    /// makes a handshake under the new key. Peers, routes and counters stay. Refused, changing
+    /// nothing, when a peer has that key.
+    pub async fn set_static_secret(&self, secret: StaticSecret) -> Result<(), ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetSecret(secret, tx))?;
+        rx.await.map_err(|_| ShellError::TunnelStopped)?
+    }
+
+    /// [`TunnelHandle::set_static_secret`] for callers outside an async runtime.
+    pub fn set_static_secret_blocking(&self, secret: StaticSecret) -> Result<(), ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(Request::SetSecret(secret, tx))?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
     }
 
@@ -489,6 +508,9 @@ async fn run_loop(
                 }
                 Some(Request::Stats(reply)) => {
                     let _ = reply.send(tunnel.stats(super::queue::unix_ms()));
+                }
+                Some(Request::SetSecret(secret, reply)) => {
+                    let _ = reply.send(tunnel.set_static_secret(&secret).map_err(ShellError::from));
                 }
                 // The handle is shut down, or gone with every reader.
                 Some(Request::Stop) | None => return Ok(()),

@@ -219,6 +219,30 @@ impl Tunnel {
         Ok(changes)
     }
 
+    /// Replaces this tunnel's own static key (the node's credentials were rotated). Every
+    /// peer's session ends (its keys came from a handshake under the old key): the next packet
+    /// to a peer starts a handshake under the new key, which that peer accepts once it has our
+    /// new public key. Counters and peers are kept. Refused, changing nothing, when a peer has
+    /// the new key. The same key again changes nothing.
+    pub fn set_static_secret(&mut self, secret: &StaticSecret) -> Result<(), ConfigError> {
+        let public = x25519::PublicKey::from(&secret.0);
+        if public == self.public {
+            return Ok(());
+        }
+        if let Some(p) = self.table.by_key(&PublicKey(public.to_bytes())) {
+            return Err(ConfigError::OwnKey(self.table.peers()[p].name.clone()));
+        }
+        for slot in &mut self.slots {
+            slot.tunn.set_static_private(secret.0.clone(), public, None);
+            slot.initiating = false;
+            slot.expired = false;
+        }
+        self.limiter = RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT);
+        self.secret = secret.0.clone();
+        self.public = public;
+        Ok(())
+    }
+
     /// The next 24-bit index not in `in_use` (nor 0). Indices are not reused soon after a
     /// peer's removal, so a late datagram of its session finds no peer rather than another's.
     fn allocate_index(&mut self, in_use: &ahash::HashSet<u32>) -> u32 {

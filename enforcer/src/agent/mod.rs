@@ -260,6 +260,8 @@ struct Agent {
     tunnel: Option<AgentTunnel>,
     /// Ticks since the tunnel's plan was last computed.
     ticks: u32,
+    /// Kubernetes, PKI: our certificate as published on our Node (a new one after rotation).
+    own_pem: Option<watch::Sender<String>>,
     /// Namespaces whose every workload requires encryption (Kubernetes annotation).
     encrypted_namespaces: BTreeSet<String>,
     /// The guard of workloads that require encryption.
@@ -283,6 +285,8 @@ struct AgentTunnel {
     last: tunnel::Plan,
     /// PSK mode: each node's tunnel key (derived once: it depends on the name alone).
     psk_keys: HashMap<String, Option<[u8; 32]>>,
+    /// Our tunnel's static key after a rotation of the node's credentials.
+    secrets: watch::Sender<Option<datapath::tunnel::StaticSecret>>,
 }
 
 /// Open a runtime's netns reference and name it by our own fd, so every later entry (setns,
@@ -1059,6 +1063,50 @@ impl Agent {
         }
     }
 
+    /// Our own credentials changed to a valid pair (`--node-cert` / `--node-key` rewritten):
+    /// replaced in place. New tokens are signed with the new key, the tunnel's static key is
+    /// replaced (its sessions restart under it), and in Kubernetes mode the new certificate is
+    /// published on our Node. Until each peer has the new certificate, new connections with it
+    /// are refused and the tunnel to it has no session (established TCP retransmits through
+    /// the gap). Refused (logged, the old credentials stay) if the identity refuses them.
+    fn own_credentials(&mut self, new: keys::OwnCredentials, files: &str) {
+        let keys::OwnCredentials { creds, cert_pem } = new;
+        let (old_id, rotated, secret) = {
+            let mut p = lock(&self.processor);
+            let old_id = p.node().key_id();
+            match p.node_mut().replace_credentials(creds, now_ms()) {
+                Ok(id) => (
+                    old_id,
+                    id,
+                    datapath::tunnel::StaticSecret::from_bytes(*p.node().tunnel_secret()),
+                ),
+                Err(e) => {
+                    self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        "{files}: new node credentials refused, the credentials in force stay: {e}"
+                    );
+                    return;
+                }
+            }
+        };
+        if rotated == old_id {
+            return;
+        }
+        tracing::info!(
+            old_key = %old_id,
+            key = %rotated,
+            "node credentials rotated: new tokens are signed with the new key; peers accept them once they have the new certificate"
+        );
+        if let Some(t) = &mut self.tunnel {
+            t.own_key = secret.public_key();
+            t.secrets.send_replace(Some(secret));
+        }
+        if let Some(own_pem) = &self.own_pem {
+            own_pem.send_replace(cert_pem);
+        }
+        self.plan_tunnel();
+    }
+
     fn housekeeping(&mut self) {
         // Certificates expire and become valid with time alone (PKI): the tunnel's peers are
         // recomputed every 10 s too (PSK keys depend on names alone).
@@ -1250,7 +1298,7 @@ struct Started {
 
 /// Run the agent until SIGTERM/SIGINT; then remove every rule it installed.
 pub async fn run(opts: Options) -> Result<()> {
-    let (node, peers) = keys::load(&opts.node_name, &opts.keys, now_ms())?;
+    let (node, peers, key_watch) = keys::load_watched(&opts.node_name, &opts.keys, now_ms())?;
     match &opts.runtime {
         // Refuse a bad inventory before touching the kernel.
         RuntimeOptions::Static { inventory } => {
@@ -1264,14 +1312,16 @@ pub async fn run(opts: Options) -> Result<()> {
         _ => {}
     }
     let mut runtime_opts = opts.runtime.clone();
-    if let (RuntimeOptions::Kubernetes(k), KeySource::Pki { node_cert, .. }) =
-        (&mut runtime_opts, &opts.keys)
+    let mut own_pem = None;
+    if let (RuntimeOptions::Kubernetes(k), Some(cert)) = (&mut runtime_opts, node.own_certificate())
     {
-        // PKI: our certificate is published on our Node for the peers.
-        k.publish_certificate = Some(
-            std::fs::read_to_string(node_cert)
-                .with_context(|| format!("reading {}", node_cert.display()))?,
-        );
+        // PKI: our certificate is published on our Node for the peers (again after a
+        // rotation of our credentials).
+        let pem = cert.to_pem();
+        let (tx, rx) = watch::channel(pem.clone());
+        k.publish_certificate = Some(pem);
+        k.certificate_updates = Some(rx);
+        own_pem = Some(tx);
     }
     let mut engine = policy::Engine::new();
     let mut policy_keys = Vec::new();
@@ -1364,13 +1414,20 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut agent_tunnel = None;
     if let Some((t, own_key, handle)) = tunnel_parts {
         let (plans, plans_rx) = watch::channel(tunnel::Plan::default());
-        tunnel_task = Some(tokio::spawn(tunnel::run(handle, plans_rx, stop_rx.clone())));
+        let (secrets, secrets_rx) = watch::channel(None);
+        tunnel_task = Some(tokio::spawn(tunnel::run(
+            handle,
+            plans_rx,
+            secrets_rx,
+            stop_rx.clone(),
+        )));
         agent_tunnel = Some(AgentTunnel {
             port: t.port,
             own_key,
             plans,
             last: tunnel::Plan::default(),
             psk_keys: HashMap::new(),
+            secrets,
         });
     }
     let udp = Arc::new(UdpSender {
@@ -1427,6 +1484,7 @@ pub async fn run(opts: Options) -> Result<()> {
             want: None,
             task: None,
         },
+        own_pem,
     };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -1455,6 +1513,19 @@ pub async fn run(opts: Options) -> Result<()> {
             tx.clone(),
             stop_rx.clone(),
         ));
+    }
+    // PKI: our credentials and the peer certificate directory are watched.
+    let (own_tx, mut own_rx) = mpsc::channel::<keys::OwnCredentials>(4);
+    let own_files = match &opts.keys {
+        KeySource::Pki {
+            node_cert,
+            node_key,
+            ..
+        } => format!("{} / {}", node_cert.display(), node_key.display()),
+        KeySource::Psk(_) => String::new(),
+    };
+    if let Some(kw) = key_watch {
+        tokio::spawn(keys::watch(kw, tx.clone(), own_tx, stop_rx.clone()));
     }
     drop(tx);
     let signal = wait_for_signal();
@@ -1485,6 +1556,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             Some(joined) = agent.tasks.join_next_with_id(), if !agent.tasks.is_empty() => agent.completed(joined),
+            Some(own) = own_rx.recv() => agent.own_credentials(own, &own_files),
             _ = tick.tick() => agent.housekeeping(),
             // The tunnel stopped on its own: the agent does not go on unencrypted.
             r = async {

@@ -273,9 +273,13 @@ pub fn start(opts: &TunnelOptions, secret: &StaticSecret) -> Result<TunnelHandle
 /// that the tunnel still runs, and shuts it down (routes, rule and device removed) when `stop`
 /// turns true. Returns an error if the tunnel stopped on its own (the agent then stops too:
 /// it never runs unencrypted when encryption was asked for).
+///
+/// `secrets`: our static key after a rotation of the node's credentials; applied before any
+/// plan that came with it (a plan may need the new key: a peer cannot have our own).
 pub async fn run(
     handle: TunnelHandle,
     mut plans: watch::Receiver<Plan>,
+    mut secrets: watch::Receiver<Option<StaticSecret>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let reader = handle.stats_reader();
@@ -283,6 +287,25 @@ pub async fn run(
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let outcome = loop {
         tokio::select! {
+            biased;
+            Ok(()) = secrets.changed() => {
+                let Some(secret) = secrets.borrow_and_update().clone() else {
+                    continue;
+                };
+                let key = secret.public_key();
+                match handle.set_static_secret(secret).await {
+                    Ok(()) => tracing::info!(
+                        %key,
+                        "tunnel static key replaced (node credentials rotated): sessions restart under it"
+                    ),
+                    Err(datapath::shell::ShellError::TunnelStopped) => {
+                        break Err(anyhow::anyhow!("the tunnel stopped"));
+                    }
+                    Err(e) => tracing::error!(
+                        "the tunnel's new static key was refused, the old one stays: {e}"
+                    ),
+                }
+            }
             changed = plans.changed() => {
                 if changed.is_err() {
                     break Ok(());

@@ -490,6 +490,84 @@ fn set_peers_keeps_the_sessions_of_unchanged_keys() {
 }
 
 #[test]
+fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again() {
+    let (mut a, mut b) = pair();
+    let mut net = Net::new();
+    handshake(&mut a, &mut b, &mut net);
+    let (sa, new) = (secret(1), secret(9));
+    // A peer's key is refused as our own, and nothing changes.
+    let err = b.set_static_secret(&sa).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::OwnKey(ref p) if p == "a"),
+        "{err}"
+    );
+    assert_eq!(b.public_key(), secret(2).public_key());
+
+    b.set_static_secret(&new).unwrap();
+    assert_eq!(b.public_key(), new.public_key());
+    assert_eq!(b.stats(net.now).public_key, new.public_key());
+    // The same key again changes nothing.
+    b.set_static_secret(&new).unwrap();
+    // a still sends in the old session: b has none any more, nothing is delivered.
+    let old = data_message(
+        &mut a,
+        B_EP,
+        &ipv4("10.202.1.5", "10.202.2.5", b"old session"),
+    );
+    let before = drops(&b);
+    let mut wb = Wire::default();
+    b.handle_datagram(net.now, ep(A_EP), &old, &mut wb);
+    assert!(wb.delivered.is_empty());
+    assert_eq!(drops(&b), before + 1);
+    // b's next packet starts a handshake under its new key, which a does not know yet.
+    let mut wb = Wire::default();
+    b.handle_tun_packet(&ipv4("10.202.2.5", "10.202.1.5", b"queued"), &mut wb);
+    assert_eq!(wb.sent.len(), 1);
+    assert_eq!(wb.sent[0].1[0], MSG_INIT);
+    let mut wa = Wire::default();
+    a.handle_datagram(net.now, ep(B_EP), &wb.sent[0].1, &mut wa);
+    assert!(wa.sent.is_empty() && wa.delivered.is_empty());
+    assert!(drops(&a) >= 1, "{:?}", a.stats(net.now));
+
+    // a learns b's new key: a new session, data both ways again.
+    let changes = a
+        .set_peers(vec![peer("b", new.public_key(), B_EP, &["10.202.2.0/24"])])
+        .unwrap();
+    assert_eq!(changes.added, ["b"]);
+    net.now += 1_000;
+    net.delivered.clear();
+    let hello = ipv4("10.202.1.5", "10.202.2.5", b"hello under the new key");
+    net.send(
+        ep(A_EP),
+        &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)],
+        &hello,
+    );
+    assert!(
+        net.delivered.contains(&(ep(B_EP), hello)),
+        "{:?}",
+        net.delivered
+    );
+    let back = ipv4("10.202.2.5", "10.202.1.5", b"answer under the new key");
+    net.send(
+        ep(B_EP),
+        &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)],
+        &back,
+    );
+    assert!(
+        net.delivered.contains(&(ep(A_EP), back)),
+        "{:?}",
+        net.delivered
+    );
+    let s = b.stats(net.now);
+    let pa = s.peer("a").unwrap();
+    assert!(
+        pa.handshakes >= 2,
+        "one before, at least one after the new key"
+    );
+    assert_eq!(pa.last_handshake_ms, Some(net.now));
+}
+
+#[test]
 fn secrets_and_keys_print_without_the_secret() {
     let s = secret(7);
     let printed = format!("{s:?}");

@@ -47,6 +47,10 @@ pub struct KubernetesConfig {
     /// PKI mode: our certificate (PEM), published on our Node; peers are learned from theirs.
     /// `None` (PSK mode): Nodes are not watched.
     pub publish_certificate: Option<String>,
+    /// PKI: our certificate after a rotation of the node's credentials (the agent watches
+    /// `--node-cert` / `--node-key`): each new value is published on our Node at once.
+    /// `None`: the certificate never changes.
+    pub certificate_updates: Option<watch::Receiver<String>>,
     /// Whether NetworkPolicies and the admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
     /// BaselineAdminNetworkPolicy, when their CRDs are installed) come from the API (no
     /// `--policies` directory).
@@ -62,6 +66,7 @@ impl Default for KubernetesConfig {
             node_name: String::new(),
             kubeconfig: None,
             publish_certificate: None,
+            certificate_updates: None,
             policies_from_api: false,
             discovery_every: admin::DISCOVERY_EVERY,
         }
@@ -194,15 +199,29 @@ pub async fn run_with(
     let mut inventory = objects::NodeInventory::default();
     let republish = Arc::new(Notify::new());
     let mut node_state = None;
-    let _publisher = cfg.publish_certificate.as_ref().map(|pem| {
-        node_state = Some(nodes::Nodes::new(&node, pem));
-        AbortOnDrop(tokio::spawn(nodes::publish(
-            Api::all(client.clone()),
-            node.clone(),
-            pem.clone(),
-            republish.clone(),
-        )))
-    });
+    // Our certificate as it changes (rotation); without updates, a channel that never does.
+    let (_unchanging, own_pem) = match (&cfg.publish_certificate, &cfg.certificate_updates) {
+        (_, Some(updates)) => (None, Some(updates.clone())),
+        (Some(pem), None) => {
+            let (tx, rx) = watch::channel(pem.clone());
+            (Some(tx), Some(rx))
+        }
+        (None, None) => (None, None),
+    };
+    let mut own_pem_changes = own_pem.clone();
+    let _publisher = cfg
+        .publish_certificate
+        .as_ref()
+        .zip(own_pem)
+        .map(|(pem, updates)| {
+            node_state = Some(nodes::Nodes::new(&node, pem));
+            AbortOnDrop(tokio::spawn(nodes::publish(
+                Api::all(client.clone()),
+                node.clone(),
+                updates,
+                republish.clone(),
+            )))
+        });
     // Admin policies (custom resources that may or may not be installed): a task per kind.
     let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(64);
     let mut admin_tasks = Vec::new();
@@ -264,6 +283,12 @@ pub async fn run_with(
                 Err(e) => watch_error("pod", &mut failing[3], &e),
             },
             () = sleep_until(retry_at), if ready && retry_at.is_some() => pods.retry(&mut out).await,
+            Some(pem) = pem_changed(&mut own_pem_changes) => {
+                // Our credentials were rotated: our annotation must now hold the new one.
+                if let Some(n) = node_state.as_mut() {
+                    n.set_own_pem(&pem);
+                }
+            }
         }
         for ev in out.drain(..) {
             if tx.send(ev).await.is_err() {
@@ -288,6 +313,21 @@ fn metadata_event(ev: &watcher::Event<Node>) -> watcher::Event<PartialObjectMeta
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitApply(n) => watcher::Event::InitApply(meta(n)),
         watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// The next value of our certificate; never resolves without updates (or once their sender
+/// is gone).
+async fn pem_changed(updates: &mut Option<watch::Receiver<String>>) -> Option<String> {
+    match updates {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => {
+                *updates = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -401,10 +441,12 @@ mod tests {
                              "status": {"phase": "Running", "podIP": "10.9.0.1"}}))
                 .unwrap();
         }
+        let (cert_tx, cert_rx) = watch::channel("MY-PEM".to_owned());
         let cfg = KubernetesConfig {
             node_name: "me".into(),
             kubeconfig: None,
             publish_certificate: Some("MY-PEM".into()),
+            certificate_updates: Some(cert_rx),
             policies_from_api: true,
             ..KubernetesConfig::default()
         };
@@ -469,6 +511,23 @@ mod tests {
                 [nodes::CERT_ANNOTATION],
             "MY-PEM"
         );
+
+        // Our credentials are rotated: the new certificate is published at once.
+        cert_tx.send_replace("MY-NEW-PEM".into());
+        let mut published = false;
+        for _ in 0..500 {
+            let ann = emu
+                .get("nodes", None, "me")
+                .and_then(|n| n["metadata"]["annotations"].as_object().cloned())
+                .unwrap_or_default();
+            if ann.get(nodes::CERT_ANNOTATION).and_then(|v| v.as_str()) == Some("MY-NEW-PEM") {
+                assert_eq!(ann["keep"], "this");
+                published = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(published, "the rotated certificate was not published");
 
         // A live change: the policy goes.
         emu.delete("networkpolicies", Some("shop"), "deny").unwrap();

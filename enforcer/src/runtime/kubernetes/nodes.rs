@@ -85,6 +85,15 @@ impl Nodes {
         }
     }
 
+    /// Our certificate changed (the node's credentials were rotated): our annotation must
+    /// hold the new one from now on (the publisher puts it there).
+    pub fn set_own_pem(&mut self, pem: &str) {
+        if self.own_pem != pem {
+            self.own_pem = pem.to_owned();
+            self.own_seen = false;
+        }
+    }
+
     /// Whether a complete list of Nodes was applied.
     pub fn synced(&self) -> bool {
         self.synced
@@ -259,12 +268,21 @@ impl Spacing {
 /// API down, RBAC) are retried with backoff. Re-publishing is spaced out, the gap doubling from
 /// 1 s to 5 min while our annotation keeps being replaced (two agents under one node name would
 /// otherwise patch each other's certificate away in a tight loop).
-pub async fn publish(api: Api<Node>, node: String, pem: String, again: Arc<Notify>) {
-    let patch = serde_json::json!({"metadata": {"annotations": {CERT_ANNOTATION: pem}}});
+///
+/// `pem` is our certificate as it changes: a new value (the node's credentials were rotated)
+/// is published at once, without waiting for the spacing.
+pub async fn publish(
+    api: Api<Node>,
+    node: String,
+    mut pem: tokio::sync::watch::Receiver<String>,
+    again: Arc<Notify>,
+) {
     let mut delay = PUBLISH_RETRY_MIN;
     let mut failing = false;
     let mut spacing = Spacing::default();
     loop {
+        let current = pem.borrow_and_update().clone();
+        let patch = serde_json::json!({"metadata": {"annotations": {CERT_ANNOTATION: current}}});
         match api
             .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -274,7 +292,14 @@ pub async fn publish(api: Api<Node>, node: String, pem: String, again: Arc<Notif
                 delay = PUBLISH_RETRY_MIN;
                 failing = false;
                 let (next, gap) = spacing.published(std::time::Instant::now());
-                again.notified().await;
+                let rotated = tokio::select! {
+                    () = again.notified() => false,
+                    Ok(()) = pem.changed() => true,
+                };
+                if rotated {
+                    info!(node = %node, "node credentials rotated: publishing the new certificate");
+                    continue;
+                }
                 if gap >= REPUBLISH_WARN_GAP {
                     warn!(node = %node, "our Node's {CERT_ANNOTATION} keeps being replaced (another agent with node name {node}?); publishing ours again in {}s steps", gap.as_secs());
                 }
@@ -427,6 +452,18 @@ mod tests {
             out.is_empty(),
             "our own certificate is never a peer's: {out:?}"
         );
+    }
+
+    #[test]
+    fn after_a_rotation_our_annotation_must_hold_the_new_certificate() {
+        let mut n = Nodes::new("me", "MINE");
+        let mut out = Vec::new();
+        assert!(!n.handle(watcher::Event::Apply(node("me", Some("MINE"))), &mut out));
+        n.set_own_pem("MINE-2");
+        // The previous certificate is now another one: ours is published again.
+        assert!(n.handle(watcher::Event::Apply(node("me", Some("MINE"))), &mut out));
+        assert!(!n.handle(watcher::Event::Apply(node("me", Some("MINE-2"))), &mut out));
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
