@@ -490,8 +490,10 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
             format!("{}={value}", e["name"].as_str().unwrap()),
         ]);
     }
-    // Additions: the emulator's kubeconfig, and a free port instead of the ConfigMap's 9090
-    // (the probes' port is checked against the ConfigMap by deployment.rs).
+    // Additions: the emulator's kubeconfig, a free port instead of the ConfigMap's 9090
+    // (the probes' port is checked against the ConfigMap by deployment.rs), and encryption
+    // between nodes on (the ConfigMap's `encrypt: true`, here as its environment variable): the
+    // tunnel must start inside the confined container, on the mounted TUN device.
     let kubeconfig = dir.join("kubeconfig");
     std::fs::create_dir_all(&dir).unwrap();
     emu.write_kubeconfig(&kubeconfig).unwrap();
@@ -502,6 +504,8 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
         "TESSERA_KUBECONFIG=/etc/tessera/kubeconfig".into(),
         "-e".into(),
         format!("TESSERA_METRICS_ADDR={metrics}"),
+        "-e".into(),
+        "TESSERA_ENCRYPT=true".into(),
     ]);
     for m in c["volumeMounts"].as_array().unwrap() {
         let vname = m["name"].as_str().unwrap();
@@ -511,6 +515,15 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
             .iter()
             .find(|v| v["name"] == vname)
             .unwrap();
+        if let Some(host) = vol["hostPath"]["path"].as_str() {
+            // The TUN device: the host's node, bind-mounted as a kubelet would.
+            assert_eq!(vol["hostPath"]["type"], "CharDevice", "{vol}");
+            run.extend([
+                "-v".into(),
+                format!("{host}:{}", m["mountPath"].as_str().unwrap()),
+            ]);
+            continue;
+        }
         let src = dir.join(vname);
         std::fs::create_dir_all(&src).unwrap();
         if let Some(cm) = vol["configMap"]["name"].as_str() {
@@ -559,6 +572,17 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     let probe = &c["readinessProbe"]["httpGet"];
     let healthz = testbed::agent::http_get(metrics, probe["path"].as_str().unwrap());
     assert_eq!(healthz.as_deref(), Some("ok\n"));
+    // The tunnel runs in the confined container (host network: the device is the node's).
+    let status: Value =
+        serde_json::from_str(&testbed::agent::http_get(metrics, "/status").unwrap()).unwrap();
+    assert_eq!(status["tunnel"]["device"], "tsr-wg0", "{status:#}");
+    assert!(
+        testbed::run_status(&["ip", "link", "show", "tsr-wg0"])
+            .status
+            .success(),
+        "no tunnel device on the node\n{}",
+        agent.logs()
+    );
 
     // The walk-through of examples/three-tier/kubernetes/README.md (external reaches the
     // backend through the Admin-tier uptime-probe policy).
@@ -589,4 +613,10 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     for ns in &namespaces {
         assert!(!enforced(ns), "rules left in {ns} after the pod stopped");
     }
+    assert!(
+        !testbed::run_status(&["ip", "link", "show", "tsr-wg0"])
+            .status
+            .success(),
+        "the tunnel device outlived the pod"
+    );
 }

@@ -385,10 +385,18 @@ fn kubernetes_daemonset_agrees_with_its_config() {
         ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
         1
     );
-    // No host path at all: pods' namespaces are found through /proc (hostPID).
-    for v in pod["volumes"].as_array().unwrap() {
-        assert!(v.get("hostPath").is_none(), "hostPath volume {v}");
-    }
+    // One host path, the TUN device for --encrypt: pods' namespaces are found through /proc
+    // (hostPID).
+    let host_paths: Vec<&Value> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.get("hostPath"))
+        .collect();
+    assert_eq!(
+        host_paths,
+        [&serde_json::json!({"path": "/dev/net/tun", "type": "CharDevice"})]
+    );
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
