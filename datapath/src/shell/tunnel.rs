@@ -60,6 +60,10 @@ const BATCH: usize = 64;
 /// The largest TUN packet or datagram read.
 const READ_BUF: usize = 65_536;
 
+/// A packet split from an offloaded TUN read: at most the largest MTU the tunnel takes (9000)
+/// plus room.
+const SEGMENT_BUF: usize = 9216;
+
 /// How to run the tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelConfig {
@@ -346,9 +350,13 @@ fn run_thread(
                 name: config.device.clone(),
                 source,
             };
+            // Offload (IFF_VNET_HDR with TSO/GRO): the kernel hands the tunnel up to 64 KB TCP
+            // segments in one read, split here into MTU-sized packets, and takes coalesced
+            // ones in one write: a system call per batch rather than per packet.
             let tun = tun_rs::DeviceBuilder::new()
                 .name(&config.device)
                 .mtu(config.mtu)
+                .offload(true)
                 .enable(false)
                 .build_async()
                 .map_err(tun_err)?;
@@ -416,12 +424,74 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
     tokio::net::UdpSocket::from_std(socket).map_err(err)
 }
 
-/// The shell's side of [`Outputs`]: non-blocking writes (a full buffer drops, and is counted).
+/// The shell's side of [`Outputs`]: non-blocking sends (a full buffer drops, and is counted);
+/// decrypted packets are collected into `rx` and written to the device in one batch
+/// ([`RxBatch::flush`]).
 struct Io<'a> {
     udp: &'a tokio::net::UdpSocket,
-    tun: &'a tun_rs::AsyncDevice,
+    rx: &'a mut RxBatch,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are given IPv4-mapped.
     v6: bool,
+}
+
+/// Headroom before each packet written to the device: its virtio-net header (offload).
+const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Decrypted packets waiting to be written to the TUN device, each after [`VNET`] bytes of
+/// headroom. At most [`RX_BATCH`]; the buffers are kept from batch to batch (one a coalesced
+/// TCP segment grew to 64 KB stays that large: at most `RX_BATCH` × 64 KB).
+struct RxBatch {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+    gro: tun_rs::GROTable,
+}
+
+/// Decrypted packets written to the device in one batch, at most.
+const RX_BATCH: usize = BATCH;
+
+impl RxBatch {
+    fn new() -> RxBatch {
+        RxBatch {
+            bufs: Vec::new(),
+            len: 0,
+            gro: tun_rs::GROTable::default(),
+        }
+    }
+
+    fn push(&mut self, packet: &[u8]) -> bool {
+        if self.len == self.bufs.len() {
+            if self.len == RX_BATCH {
+                return false;
+            }
+            self.bufs.push(Vec::with_capacity(VNET + packet.len()));
+        }
+        let buf = &mut self.bufs[self.len];
+        buf.clear();
+        buf.resize(VNET, 0);
+        buf.extend_from_slice(packet);
+        self.len += 1;
+        true
+    }
+
+    /// Writes the batch (TCP and UDP packets of one flow coalesced); returns how many packets
+    /// could not be written (the whole batch when the write failed).
+    async fn flush(&mut self, tun: &tun_rs::AsyncDevice) -> u64 {
+        if self.len == 0 {
+            return 0;
+        }
+        let n = self.len;
+        self.len = 0;
+        match tun
+            .send_multiple(&mut self.gro, &mut self.bufs[..n], VNET)
+            .await
+        {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::debug!("tunnel: writing {n} packets to the device: {e}");
+                n as u64
+            }
+        }
+    }
 }
 
 impl Outputs for Io<'_> {
@@ -437,7 +507,7 @@ impl Outputs for Io<'_> {
     }
 
     fn deliver(&mut self, packet: &[u8]) -> bool {
-        self.tun.try_send(packet).is_ok()
+        self.rx.push(packet)
     }
 }
 
@@ -455,23 +525,45 @@ async fn run_loop(
     routing: &mut Routing,
     mut requests: mpsc::UnboundedReceiver<Request>,
 ) -> Result<(), ShellError> {
-    let mut tun_buf = vec![0u8; READ_BUF];
+    // One read: a virtio-net header and a packet of up to 64 KB, split into `segments`.
+    let mut tun_buf = vec![0u8; VNET + READ_BUF];
+    let mut segments = vec![vec![0u8; usize::from(u16::MAX)]; 1];
+    segments.extend(
+        std::iter::repeat_with(|| vec![0u8; SEGMENT_BUF]).take(tun_rs::IDEAL_BATCH_SIZE - 1),
+    );
+    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    let mut rx = RxBatch::new();
     let mut udp_buf = vec![0u8; READ_BUF];
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sources_checked = tokio::time::Instant::now();
     let v6 = udp.local_addr().is_ok_and(|a| a.is_ipv6());
     loop {
-        let mut io = Io { udp, tun, v6 };
+        let mut io = Io {
+            udp,
+            rx: &mut rx,
+            v6,
+        };
         tokio::select! {
             r = tun.readable() => {
                 r.map_err(|source| ShellError::TunnelIo { what: "reading the TUN device", source })?;
                 for _ in 0..BATCH {
-                    match tun.try_recv(&mut tun_buf) {
-                        Ok(n) => tunnel.handle_tun_packet(&tun_buf[..n], &mut io),
+                    match tun.try_recv_multiple(&mut tun_buf, &mut segments, &mut sizes, 0) {
+                        Ok(n) => {
+                            for (seg, size) in segments.iter().zip(&sizes).take(n) {
+                                tunnel.handle_tun_packet(&seg[..*size], &mut io);
+                            }
+                        }
                         Err(e) if would_block(&e) => break,
-                        Err(source) => {
+                        // The device is gone (or worse): the tunnel ends.
+                        Err(source) if source.raw_os_error().is_some() => {
                             return Err(ShellError::TunnelIo { what: "reading the TUN device", source });
+                        }
+                        // A packet the offload could not split (a malformed virtio-net header
+                        // or segment): dropped, counted.
+                        Err(e) => {
+                            tracing::debug!("tunnel: a packet from the device dropped: {e}");
+                            tunnel.count_malformed_from_host();
                         }
                     }
                 }
@@ -515,6 +607,10 @@ async fn run_loop(
                 // The handle is shut down, or gone with every reader.
                 Some(Request::Stop) | None => return Ok(()),
             },
+        }
+        let failed = rx.flush(tun).await;
+        if failed > 0 {
+            tunnel.count_deliver_failed(failed);
         }
     }
 }

@@ -219,6 +219,20 @@ impl Tunnel {
         Ok(changes)
     }
 
+    /// A packet read from the host that the shell could not take apart (a malformed offload
+    /// segment): counted as `malformed`, to no peer.
+    pub fn count_malformed_from_host(&mut self) {
+        self.dropped.add(Reason::Malformed);
+    }
+
+    /// Decrypted packets handed to [`Outputs::deliver`] that the shell's batch write to the
+    /// host then failed to write: counted as `deliver_failed`, to no peer.
+    pub fn count_deliver_failed(&mut self, packets: u64) {
+        for _ in 0..packets {
+            self.dropped.add(Reason::DeliverFailed);
+        }
+    }
+
     /// Replaces this tunnel's own static key (the node's credentials were rotated). Every
     /// peer's session ends (its keys came from a handshake under the old key): the next packet
     /// to a peer starts a handshake under the new key, which that peer accepts once it has our
