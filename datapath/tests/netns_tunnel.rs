@@ -593,9 +593,11 @@ fn netns_tunnel_carries_tcp_udp_icmp_between_pods_and_the_wire_shows_no_plaintex
             String::from_utf8_lossy(m)
         );
     }
+    // Frames, not datagrams: the tunnel sends its datagrams in UDP GSO batches, which cross
+    // the veth (and the capture) as one frame each.
     assert!(
-        tunnel_datagrams(&frames) > 100,
-        "{} tunnel datagrams",
+        tunnel_datagrams(&frames) > 10,
+        "{} tunnel frames",
         tunnel_datagrams(&frames)
     );
     assert_eq!(

@@ -421,6 +421,13 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
         std::net::UdpSocket::bind(addr).map_err(err)?
     };
     socket.set_nonblocking(true).map_err(err)?;
+    // UDP GRO: a peer's GSO batch (see TxBatch) is read back in one call. Without it (an old
+    // kernel) each datagram is read on its own.
+    if let Err(e) =
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &true)
+    {
+        tracing::info!("tunnel: no UDP GRO on the socket ({e}); datagrams are read one by one");
+    }
     tokio::net::UdpSocket::from_std(socket).map_err(err)
 }
 
@@ -430,8 +437,172 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::UdpSocket, ShellError> {
 struct Io<'a> {
     udp: &'a tokio::net::UdpSocket,
     rx: &'a mut RxBatch,
+    tx: &'a mut TxBatch,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are given IPv4-mapped.
     v6: bool,
+    /// Datagrams of batches sent meanwhile that the socket refused.
+    failed_sends: u64,
+}
+
+/// Encrypted datagrams waiting to be sent. Consecutive ones to the same peer of one size (the
+/// last may be shorter) leave in one system call with UDP GSO (`UDP_SEGMENT`): the kernel
+/// segments them, and over a veth or a NIC with offloads they stay one buffer until the
+/// peer's socket, which takes them back in one read with UDP GRO.
+struct TxBatch {
+    buf: Vec<u8>,
+    to: Option<SocketAddr>,
+    /// The size of each datagram in `buf` (the last may be shorter).
+    seg: usize,
+    count: usize,
+    /// The last datagram was shorter than `seg`: nothing may follow it in this batch.
+    closed: bool,
+    /// UDP GSO works on this socket (turned off, for good, when the kernel refuses it).
+    gso: bool,
+}
+
+/// At most this many datagrams in one GSO send (the kernel's limit is 64), and bytes (an IP
+/// packet's payload).
+const TX_SEGMENTS: usize = 64;
+const TX_BYTES: usize = 65_000;
+
+impl TxBatch {
+    fn new() -> TxBatch {
+        TxBatch {
+            buf: Vec::with_capacity(TX_BYTES),
+            to: None,
+            seg: 0,
+            count: 0,
+            closed: false,
+            gso: true,
+        }
+    }
+
+    /// Adds a datagram (sending the batch first when it cannot join it); returns how many
+    /// datagrams of that earlier batch could not be sent.
+    fn push(&mut self, udp: &tokio::net::UdpSocket, to: SocketAddr, datagram: &[u8]) -> u64 {
+        let mut failed = 0;
+        if self.count > 0
+            && (self.to != Some(to)
+                || self.closed
+                || datagram.len() > self.seg
+                || self.count == TX_SEGMENTS
+                || self.buf.len() + datagram.len() > TX_BYTES)
+        {
+            failed = self.flush(udp);
+        }
+        if self.count == 0 {
+            self.to = Some(to);
+            self.seg = datagram.len();
+        } else if datagram.len() < self.seg {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+        failed
+    }
+
+    /// Sends the batch; returns how many datagrams could not be sent (a full socket buffer).
+    fn flush(&mut self, udp: &tokio::net::UdpSocket) -> u64 {
+        let (count, to) = (self.count, self.to);
+        self.count = 0;
+        self.closed = false;
+        let Some(to) = to.filter(|_| count > 0) else {
+            self.buf.clear();
+            return 0;
+        };
+        let mut failed = 0;
+        let mut sent = false;
+        if count > 1 && self.gso {
+            match send_gso(udp, to, &self.buf, self.seg) {
+                Ok(()) => sent = true,
+                Err(e) if would_block(&e) => {
+                    failed = count as u64;
+                    sent = true;
+                }
+                // No UDP GSO here (an old kernel, a device without checksum offload): every
+                // datagram on its own from now on.
+                Err(e) => {
+                    tracing::info!("tunnel: UDP GSO refused ({e}); sending datagrams one by one");
+                    self.gso = false;
+                }
+            }
+        }
+        if !sent {
+            for d in self.buf.chunks(self.seg.max(1)) {
+                if udp.try_send_to(d, to).is_err() {
+                    failed += 1;
+                }
+            }
+        }
+        self.buf.clear();
+        failed
+    }
+}
+
+/// One `sendmsg` of `buf`, datagrams of `seg` bytes (the last may be shorter), to `to`.
+fn send_gso(
+    udp: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    buf: &[u8],
+    seg: usize,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let seg = u16::try_from(seg).map_err(|_| std::io::Error::other("segment over 64 KiB"))?;
+    let addr = SockaddrStorage::from(to);
+    let iov = [std::io::IoSlice::new(buf)];
+    let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+    udp.try_io(tokio::io::Interest::WRITABLE, || {
+        sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr))
+            .map(drop)
+            .map_err(std::io::Error::from)
+    })
+}
+
+/// One read from the socket: the datagrams (several when UDP GRO coalesced them: each of the
+/// returned segment size, the last maybe shorter) are in `buf[..len]`. Returns (len, segment
+/// size, source).
+fn recv_gro(
+    udp: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, usize, SocketAddr)> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage, recvmsg,
+    };
+    use std::os::fd::AsRawFd;
+    udp.try_io(tokio::io::Interest::READABLE, || {
+        let mut cmsg = nix::cmsg_space!(i32);
+        let mut iov = [std::io::IoSliceMut::new(&mut *buf)];
+        let msg = recvmsg::<SockaddrStorage>(
+            udp.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let len = msg.bytes;
+        let mut seg = len;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::UdpGroSegments(s) = c {
+                    seg = usize::try_from(s).unwrap_or(len);
+                }
+            }
+        }
+        let from = msg
+            .address
+            .and_then(|a| match a.family() {
+                Some(AddressFamily::Inet) => a
+                    .as_sockaddr_in()
+                    .map(|v4| SocketAddr::V4(std::net::SocketAddrV4::from(*v4))),
+                Some(AddressFamily::Inet6) => a
+                    .as_sockaddr_in6()
+                    .map(|v6| SocketAddr::V6(std::net::SocketAddrV6::from(*v6))),
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
+        Ok((len, seg.max(1), from))
+    })
 }
 
 /// Headroom before each packet written to the device: its virtio-net header (offload).
@@ -481,10 +652,16 @@ impl RxBatch {
         }
         let n = self.len;
         self.len = 0;
-        match tun
-            .send_multiple(&mut self.gro, &mut self.bufs[..n], VNET)
-            .await
-        {
+        // One packet: written as it is, behind an empty virtio-net header (no offload), without
+        // the coalescing pass.
+        let written = if n == 1 {
+            tun.send(&self.bufs[0]).await.map(drop)
+        } else {
+            tun.send_multiple(&mut self.gro, &mut self.bufs[..n], VNET)
+                .await
+                .map(drop)
+        };
+        match written {
             Ok(_) => 0,
             Err(e) => {
                 tracing::debug!("tunnel: writing {n} packets to the device: {e}");
@@ -503,7 +680,8 @@ impl Outputs for Io<'_> {
             }
             other => other,
         };
-        self.udp.try_send_to(datagram, to).is_ok()
+        self.failed_sends += self.tx.push(self.udp, to, datagram);
+        true
     }
 
     fn deliver(&mut self, packet: &[u8]) -> bool {
@@ -533,6 +711,7 @@ async fn run_loop(
     );
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut rx = RxBatch::new();
+    let mut tx = TxBatch::new();
     let mut udp_buf = vec![0u8; READ_BUF];
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -542,7 +721,9 @@ async fn run_loop(
         let mut io = Io {
             udp,
             rx: &mut rx,
+            tx: &mut tx,
             v6,
+            failed_sends: 0,
         };
         tokio::select! {
             r = tun.readable() => {
@@ -572,8 +753,14 @@ async fn run_loop(
                 r.map_err(|source| ShellError::TunnelIo { what: "reading the UDP socket", source })?;
                 let now = super::queue::unix_ms();
                 for _ in 0..BATCH {
-                    match udp.try_recv_from(&mut udp_buf) {
-                        Ok((n, from)) => tunnel.handle_datagram(now, from, &udp_buf[..n], &mut io),
+                    match recv_gro(udp, &mut udp_buf) {
+                        // An empty datagram is one too (malformed, counted).
+                        Ok((0, _, from)) => tunnel.handle_datagram(now, from, &[], &mut io),
+                        Ok((n, seg, from)) => {
+                            for d in udp_buf[..n].chunks(seg) {
+                                tunnel.handle_datagram(now, from, d, &mut io);
+                            }
+                        }
                         Err(e) if would_block(&e) => break,
                         // An ICMP error queued on the socket (with IP_RECVERR only); the next
                         // read goes on.
@@ -607,6 +794,10 @@ async fn run_loop(
                 // The handle is shut down, or gone with every reader.
                 Some(Request::Stop) | None => return Ok(()),
             },
+        }
+        let failed_sends = io.failed_sends + tx.flush(udp);
+        if failed_sends > 0 {
+            tunnel.count_send_failed(failed_sends);
         }
         let failed = rx.flush(tun).await;
         if failed > 0 {

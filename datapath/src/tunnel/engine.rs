@@ -225,6 +225,14 @@ impl Tunnel {
         self.dropped.add(Reason::Malformed);
     }
 
+    /// Datagrams handed to [`Outputs::send`] that the shell's batch send then could not
+    /// send: counted as `send_failed`, to no peer.
+    pub fn count_send_failed(&mut self, datagrams: u64) {
+        for _ in 0..datagrams {
+            self.dropped.add(Reason::SendFailed);
+        }
+    }
+
     /// Decrypted packets handed to [`Outputs::deliver`] that the shell's batch write to the
     /// host then failed to write: counted as `deliver_failed`, to no peer.
     pub fn count_deliver_failed(&mut self, packets: u64) {
