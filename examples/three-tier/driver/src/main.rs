@@ -1142,7 +1142,7 @@ impl UplinkCapture {
             cross(udp)
         );
         println!(
-            "   {tunnel} WireGuard datagrams (UDP {TUNNEL_PORT} between the nodes), {clear} pod packets outside the tunnel"
+            "   {tunnel} WireGuard frames (UDP {TUNNEL_PORT} between the nodes; a GSO batch of datagrams is one frame), {clear} pod packets outside the tunnel"
         );
         for line in outside.iter().take(5) {
             println!("   outside the tunnel: {line}");
