@@ -201,6 +201,21 @@ impl Processor {
         };
         let remote =
             Endpoint::address(remote.ip(), port_of(remote, protocol), IdentitySource::None);
+        self.push_rejection(now_ms, direction, protocol, local, remote, reason, admit);
+    }
+
+    /// Records a refusal made before any policy decision, with its label and words.
+    #[allow(clippy::too_many_arguments)]
+    fn push_rejection(
+        &mut self,
+        now_ms: u64,
+        direction: Direction,
+        protocol: Protocol,
+        local: Endpoint,
+        remote: Endpoint,
+        reason: &Reason,
+        admit: Admit,
+    ) {
         let mut r = record(
             &self.flowlog,
             now_ms,
@@ -263,23 +278,15 @@ impl Processor {
             peer.workload = Some(w.key.name.clone());
             peer.labels = w.labels.clone();
         }
-        let mut r = record(
-            &self.flowlog,
+        self.push_rejection(
             now_ms,
             direction,
             protocol,
             local,
             peer,
-            false,
-            None,
-            Some(Cow::Borrowed(Reason::NotEncrypted.as_str())),
+            &Reason::NotEncrypted,
             admit,
         );
-        r.detail = Some(
-            "a cross-node packet outside the tunnel between nodes: the workload requires encryption"
-                .into(),
-        );
-        self.flowlog.push(r);
         verdict
     }
 
@@ -388,6 +395,10 @@ fn detail(reason: &Reason) -> Option<String> {
         | Reason::LocalHandshake(_)
         | Reason::Packet(_)
         | Reason::UdpControl(_) => Some(reason.to_string()),
+        Reason::NotEncrypted => Some(
+            "a cross-node packet outside the tunnel between nodes: the workload requires encryption"
+                .into(),
+        ),
         _ => None,
     }
 }
