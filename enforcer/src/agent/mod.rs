@@ -561,6 +561,10 @@ impl Agent {
                 addresses.push(e.desired.ips.as_slice());
             }
         }
+        // Nothing to guard and no guard: nothing to compute (the node list can be long).
+        if names.is_empty() && self.guard.want.is_none() {
+            return;
+        }
         names.sort();
         let want = guard::want(addresses.into_iter(), &self.nodes, &self.shared.node_name);
         if let Some(st) = lock(&self.shared.guard).as_mut() {
@@ -574,7 +578,6 @@ impl Agent {
                     changed
                 });
             }
-            None if names.is_empty() => {}
             None => {
                 tracing::info!(
                     workloads = ?names,
