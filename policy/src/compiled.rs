@@ -116,7 +116,13 @@ impl Rule {
     #[inline]
     pub(crate) fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
-            && (self.peers.is_empty() || self.peers.iter().any(|m| m.matches(peer, peer_ip)))
+            && self.peers_match(peer, peer_ip)
+    }
+
+    /// The peer half of [`Rule::matches`].
+    #[inline]
+    pub(crate) fn peers_match(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
+        self.peers.is_empty() || self.peers.iter().any(|m| m.matches(peer, peer_ip))
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Node as NodeObject, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use self::walk::{RuleStep, StepQuery};
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
 use crate::compiled::{
@@ -37,6 +38,7 @@ use crate::validate_admin::{
 #[cfg(test)]
 mod reference_tests;
 mod staged;
+mod walk;
 
 pub use staged::StagedKey;
 
@@ -235,9 +237,25 @@ struct Entry {
     admin: AdminLists,
     /// `admin` with the dead rules left out, as [`Engine::decide_ref`] walks it.
     walks: AdminWalks,
+    /// Per direction (ingress, egress): the rules of the policies of `ingress` / `egress`, as
+    /// [`Engine::decide_ref`] walks them (see [`walk`]).
+    np_walks: [Vec<RuleStep>; 2],
 }
 
 impl Entry {
+    /// Rebuilds the NetworkPolicy walk of one direction from its list.
+    fn rewalk(&mut self, policy_rules: &[[Option<Arc<[Rule]>>; 2]], direction: Direction) {
+        let d = direction_index(direction);
+        let local_ports = match direction {
+            Direction::Ingress => Some(self.workload.ports.as_slice()),
+            Direction::Egress => None,
+        };
+        let walk = walk::np_walk(policy_rules, self.list(direction), d, local_ports);
+        if let Some(slot) = self.np_walks.get_mut(d) {
+            *slot = walk;
+        }
+    }
+
     fn list(&self, direction: Direction) -> &[PolicyId] {
         match direction {
             Direction::Ingress => &self.ingress,
@@ -541,6 +559,7 @@ impl Engine {
             egress: Vec::new(),
             admin,
             walks,
+            np_walks: Default::default(),
         };
         if !entry.workload.host_network
             && let Some(by_name) = self.policies_by_ns.get(&entry.workload.key.namespace)
@@ -557,6 +576,9 @@ impl Engine {
                         entry.egress.push(*id);
                     }
                 }
+            }
+            for direction in [Direction::Ingress, Direction::Egress] {
+                entry.rewalk(&self.policy_rules, direction);
             }
         }
         self.pods_by_ns
@@ -749,6 +771,7 @@ impl Engine {
             return;
         };
         let policies = &self.policies;
+        let policy_rules = &self.policy_rules;
         let Some(policy) = policies.get(id as usize).and_then(Option::as_ref) else {
             return;
         };
@@ -774,13 +797,17 @@ impl Engine {
                         .map_or("", |p| p.key.name.as_str());
                     other_name.cmp(key.name.as_str())
                 });
+                // The walk changes when the policy enters or leaves the list, and when it stays
+                // (its rules may have changed).
                 match (pos, wanted) {
                     (Ok(i), false) => {
                         list.remove(i);
                     }
                     (Err(i), true) => list.insert(i, id),
-                    _ => {}
+                    (Err(_), false) => continue,
+                    (Ok(_), true) => {}
                 }
+                entry.rewalk(policy_rules, direction);
             }
         }
     }
@@ -857,30 +884,35 @@ impl Engine {
             return hit.decision(conn.direction);
         }
         // 2. NetworkPolicy: a workload isolated in this direction is decided here.
+        // Its rules in order, each read only if its summary admits the question.
         let ids = entry.list(conn.direction);
         if !ids.is_empty() {
-            for id in ids {
-                let Some(rules) = self
+            let sq = StepQuery::new(&query, conn.peer, conn.peer_ip.is_some());
+            for step in entry.np_walks.get(d).map_or(&[][..], Vec::as_slice) {
+                if !step.admits(sq) {
+                    continue;
+                }
+                let Some(rule) = self
                     .policy_rules
-                    .get(*id as usize)
+                    .get(step.id as usize)
                     .and_then(|r| r.get(d))
                     .and_then(Option::as_deref)
+                    .and_then(|rules| rules.get(step.index as usize))
                 else {
                     continue;
                 };
-                if let Some(index) = rules
-                    .iter()
-                    .position(|r| r.matches(conn.peer, conn.peer_ip, &query))
-                {
-                    let Some(policy) = self.policy(*id) else {
-                        continue;
-                    };
+                let matched = if step.ports_exact() {
+                    rule.peers_match(conn.peer, conn.peer_ip)
+                } else {
+                    rule.matches(conn.peer, conn.peer_ip, &query)
+                };
+                if matched && let Some(policy) = self.policy(step.id) {
                     return DecisionRef {
                         allowed: true,
                         reason: ReasonRef::AllowedBy {
                             policy: &policy.key,
                             direction: conn.direction,
-                            index,
+                            index: step.index as usize,
                         },
                     };
                 }
