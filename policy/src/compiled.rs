@@ -494,11 +494,16 @@ impl AdminRule {
         memo: &mut SelectorMemo,
     ) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|port| port.matches(q)))
-            && match &self.peers {
-                AdminPeers::Any(list) => list.iter().any(|m| m.matches(p, memo)),
-                AdminPeers::Nothing => false,
-                AdminPeers::Everything => true,
-            }
+            && self.peers_match(p, memo)
+    }
+
+    /// The peer half of [`AdminRule::matches`].
+    pub(crate) fn peers_match(&self, p: &PeerQuery<'_>, memo: &mut SelectorMemo) -> bool {
+        match &self.peers {
+            AdminPeers::Any(list) => list.iter().any(|m| m.matches(p, memo)),
+            AdminPeers::Nothing => false,
+            AdminPeers::Everything => true,
+        }
     }
 
     /// The rule as written, without memo or prefilter: the reference evaluation.
@@ -513,78 +518,6 @@ impl AdminRule {
     }
 }
 
-/// What the rules of one direction of an admin policy can match at all, so that a decision
-/// skips a policy none of whose rules can match the question without looking at its rules: a
-/// superset (it may admit a question no rule matches, never the reverse).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct RulesFilter {
-    /// Some rule that can match has no ports: every port and protocol.
-    every_port: bool,
-    /// Some rule that can match has a named port.
-    named: bool,
-    /// The port ranges of the rules that can match.
-    ranges: Vec<(Protocol, u16, u16)>,
-    /// Some rule matches every peer (a fail-closed deny-all).
-    every_peer: bool,
-    /// Some rule has a `namespaces` or `pods` peer (matches only peers with an identity).
-    identities: bool,
-    /// Some rule has a `networks` or `nodes` peer (matches only peers with an address).
-    addresses: bool,
-    /// Some rule has a `domainNames` peer (matches only peers with resolved names).
-    names: bool,
-}
-
-impl RulesFilter {
-    pub(crate) fn of(rules: &[AdminRule]) -> Self {
-        let mut f = Self::default();
-        for rule in rules {
-            match &rule.peers {
-                // Matches nothing: contributes nothing.
-                AdminPeers::Nothing => continue,
-                AdminPeers::Everything => f.every_peer = true,
-                AdminPeers::Any(list) => {
-                    for p in list {
-                        match p {
-                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => f.addresses = true,
-                            AdminPeer::DomainNames(_) => f.names = true,
-                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => {
-                                f.identities = true;
-                            }
-                        }
-                    }
-                }
-            }
-            if rule.ports.is_empty() {
-                f.every_port = true;
-            }
-            for p in &rule.ports {
-                match p {
-                    AdminPort::Range(proto, lo, hi) => f.ranges.push((*proto, *lo, *hi)),
-                    AdminPort::Named(_) => f.named = true,
-                }
-            }
-        }
-        f
-    }
-
-    /// Whether some rule may match (false: none does).
-    pub(crate) fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
-        let peer_ok = self.every_peer
-            || (self.identities && matches!(p.peer, Peer::Workload(_)))
-            || (self.addresses && p.ip.is_some())
-            || (self.names && !p.names.is_empty());
-        peer_ok
-            && (self.every_port
-                || self
-                    .ranges
-                    .iter()
-                    .any(|(p, lo, hi)| *p == q.protocol && (*lo..=*hi).contains(&q.port))
-                // A named port needs the destination's names: on ingress its container ports,
-                // on egress the name the handshake carried.
-                || (self.named && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
-    }
-}
-
 /// A validated and compiled admin policy of any of the three kinds.
 #[derive(Clone, Debug)]
 pub(crate) struct CompiledAdmin {
@@ -596,9 +529,6 @@ pub(crate) struct CompiledAdmin {
     /// Empty: the policy does not affect ingress.
     pub ingress: Vec<AdminRule>,
     pub egress: Vec<AdminRule>,
-    /// [`RulesFilter::of`] `ingress` and `egress`.
-    pub ingress_filter: RulesFilter,
-    pub egress_filter: RulesFilter,
     pub warnings: Vec<AdminWarning>,
 }
 
@@ -607,13 +537,6 @@ impl CompiledAdmin {
         match direction {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
-        }
-    }
-
-    pub(crate) fn filter(&self, direction: Direction) -> &RulesFilter {
-        match direction {
-            Direction::Ingress => &self.ingress_filter,
-            Direction::Egress => &self.egress_filter,
         }
     }
 

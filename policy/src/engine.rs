@@ -17,13 +17,12 @@ use self::walk::{RuleStep, StepQuery};
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
 use crate::compiled::{
-    AdminPeer, AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerQuery,
-    PeerSelector, PortQuery, Rule, SelectorMemo,
+    AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerQuery, PeerSelector,
+    PortQuery, Rule, SelectorMemo,
 };
 use crate::model::{
     AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
-    Labels, Node, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef, Tier, Workload,
-    WorkloadIdentity,
+    Labels, Node, PodKey, PolicyKey, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
 };
 use crate::nodes::{NodeInventory, check_node, node_from_object};
 use crate::selector::Selector;
@@ -52,119 +51,9 @@ type AdminId = u32;
 /// workload that have rules for that direction, in evaluation order (priority, name, kind).
 type AdminLists = [[Vec<AdminId>; 2]; 2];
 
-/// One admin policy of a workload's walk (tier and direction) and which of its rules can be
-/// the first match there: bit `i` for rule `i < 64` (rules from 64 on are always tried). A rule
-/// is dead when it matches nothing (a fail-closed Allow) or when an earlier rule of the walk
-/// has the same condition (`AdminRule::cond`): whenever it would match, that earlier rule
-/// matched first and ended the walk. Policies with no live rule are left out.
-///
-/// The step also carries what its live rules can match, coarsely (a superset), so that a
-/// decision passes over most policies that cannot match without fetching them.
-#[derive(Clone, Copy, Debug)]
-struct AdminStep {
-    id: AdminId,
-    live: u64,
-    /// `STEP_*` bits.
-    kinds: u8,
-    /// Protocols ([`protocol_bit`]) of the live rules' port ranges.
-    protocols: u8,
-    /// The smallest interval holding every port range of the live rules.
-    lo: u16,
-    hi: u16,
-}
-
-/// A live rule matches every peer (fail-closed deny-all).
-const STEP_EVERY_PEER: u8 = 1;
-/// A live rule has a `namespaces` or `pods` peer.
-const STEP_IDENTITIES: u8 = 2;
-/// A live rule has a `networks` or `nodes` peer (both match the peer's address).
-const STEP_ADDRESSES: u8 = 4;
-/// A live rule has no ports: every port and protocol.
-const STEP_EVERY_PORT: u8 = 8;
-/// A live rule has a named port.
-const STEP_NAMED: u8 = 16;
-/// Rules from index 64 on are always tried: no filter.
-const STEP_ALWAYS: u8 = 32;
-/// A live rule has a `domainNames` peer (matches the names resolved to the peer's address).
-const STEP_NAMES: u8 = 64;
-
-fn protocol_bit(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 1,
-        Protocol::Udp => 2,
-        Protocol::Sctp => 4,
-        Protocol::Other(_) => 8,
-    }
-}
-
-impl AdminStep {
-    fn new(id: AdminId, live: u64, rules: &[AdminRule]) -> Self {
-        let mut step = AdminStep {
-            id,
-            live,
-            kinds: 0,
-            protocols: 0,
-            lo: u16::MAX,
-            hi: 0,
-        };
-        if rules.len() > 64 {
-            step.kinds |= STEP_ALWAYS;
-        }
-        for (i, rule) in rules.iter().enumerate().take(64) {
-            if live & (1 << i) == 0 {
-                continue;
-            }
-            match &rule.peers {
-                AdminPeers::Nothing => continue,
-                AdminPeers::Everything => step.kinds |= STEP_EVERY_PEER,
-                AdminPeers::Any(list) => {
-                    for p in list {
-                        step.kinds |= match p {
-                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => STEP_ADDRESSES,
-                            AdminPeer::DomainNames(_) => STEP_NAMES,
-                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => STEP_IDENTITIES,
-                        };
-                    }
-                }
-            }
-            if rule.ports.is_empty() {
-                step.kinds |= STEP_EVERY_PORT;
-            }
-            for p in &rule.ports {
-                match p {
-                    AdminPort::Range(proto, lo, hi) => {
-                        step.protocols |= protocol_bit(*proto);
-                        step.lo = step.lo.min(*lo);
-                        step.hi = step.hi.max(*hi);
-                    }
-                    AdminPort::Named(_) => step.kinds |= STEP_NAMED,
-                }
-            }
-        }
-        step
-    }
-
-    /// Whether one of the live rules may match (false: none does). Coarse for `nodes` peers
-    /// (any address may be a node's), so that the node inventory can change under the walks.
-    fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
-        if self.kinds & STEP_ALWAYS != 0 {
-            return true;
-        }
-        let peer_ok = self.kinds & STEP_EVERY_PEER != 0
-            || (self.kinds & STEP_IDENTITIES != 0 && matches!(p.peer, Peer::Workload(_)))
-            || (self.kinds & STEP_ADDRESSES != 0 && p.ip.is_some())
-            || (self.kinds & STEP_NAMES != 0 && !p.names.is_empty());
-        peer_ok
-            && (self.kinds & STEP_EVERY_PORT != 0
-                || (self.protocols & protocol_bit(q.protocol) != 0
-                    && (self.lo..=self.hi).contains(&q.port))
-                || (self.kinds & STEP_NAMED != 0
-                    && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
-    }
-}
-
-/// [`AdminLists`] as decisions walk them.
-type AdminWalks = [[Vec<AdminStep>; 2]; 2];
+/// [`AdminLists`] as decisions walk them: per tier and direction, the rules that may be the
+/// first match, with their summaries (see [`walk::admin_walk`]).
+type AdminWalks = [[Vec<RuleStep>; 2]; 2];
 
 /// Engine-wide ids for equal values (selectors, rule conditions), counted by use, reused when
 /// free. Ids run below [`PeerSelector::MAX_ID`]; past it, values get [`PeerSelector::NO_ID`].
@@ -235,7 +124,7 @@ struct Entry {
     ingress: Vec<PolicyId>,
     egress: Vec<PolicyId>,
     admin: AdminLists,
-    /// `admin` with the dead rules left out, as [`Engine::decide_ref`] walks it.
+    /// The rules of `admin`, as [`Engine::decide_ref`] walks them.
     walks: AdminWalks,
     /// Per direction (ingress, egress): the rules of the policies of `ingress` / `egress`, as
     /// [`Engine::decide_ref`] walks them (see [`walk`]).
@@ -246,10 +135,7 @@ impl Entry {
     /// Rebuilds the NetworkPolicy walk of one direction from its list.
     fn rewalk(&mut self, policy_rules: &[[Option<Arc<[Rule]>>; 2]], direction: Direction) {
         let d = direction_index(direction);
-        let local_ports = match direction {
-            Direction::Ingress => Some(self.workload.ports.as_slice()),
-            Direction::Egress => None,
-        };
+        let local_ports = walk::local_ports(d, &self.workload.ports);
         let walk = walk::np_walk(policy_rules, self.list(direction), d, local_ports);
         if let Some(slot) = self.np_walks.get_mut(d) {
             *slot = walk;
@@ -504,7 +390,7 @@ impl Engine {
             name.clone_into(&mut pod_key.name);
             if let Some(entry) = self.workloads.get_mut(&pod_key) {
                 entry.admin = admin_lists(&self.admin_policies, &ns_labels, &entry.workload);
-                entry.walks = admin_walks(&self.admin_policies, &entry.admin);
+                entry.walks = admin_walks(&self.admin_policies, &entry.admin, &entry.workload);
             }
         }
     }
@@ -552,7 +438,7 @@ impl Engine {
             let ns_labels = self.namespace_labels_or_default(&workload.key.namespace);
             admin_lists(&self.admin_policies, &ns_labels, &workload)
         };
-        let walks = admin_walks(&self.admin_policies, &admin);
+        let walks = admin_walks(&self.admin_policies, &admin, &workload);
         let mut entry = Entry {
             workload,
             ingress: Vec::new(),
@@ -873,10 +759,11 @@ impl Engine {
         // One peer per decision: selector results are shared by both tiers. Set up on the
         // first policy a walk tries (most workloads have none).
         let mut memo = None;
+        let sq = StepQuery::new(&query, &peer);
         // 1. The Admin tier: the first matching rule decides, unless it passes.
         if let Some(hit) = self.first_admin_match(
             &entry.walks[0][d],
-            (conn.direction, &peer),
+            (conn.direction, &peer, sq),
             &query,
             &mut memo,
         ) && hit.rule.action != AdminAction::Pass
@@ -887,7 +774,6 @@ impl Engine {
         // Its rules in order, each read only if its summary admits the question.
         let ids = entry.list(conn.direction);
         if !ids.is_empty() {
-            let sq = StepQuery::new(&query, conn.peer, conn.peer_ip.is_some());
             for step in entry.np_walks.get(d).map_or(&[][..], Vec::as_slice) {
                 if !step.admits(sq) {
                     continue;
@@ -925,7 +811,7 @@ impl Engine {
         // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
         if let Some(hit) = self.first_admin_match(
             &entry.walks[1][d],
-            (conn.direction, &peer),
+            (conn.direction, &peer, sq),
             &query,
             &mut memo,
         ) {
@@ -938,29 +824,32 @@ impl Engine {
         }
     }
 
-    /// The first rule, in evaluation order, of the listed admin policies that matches.
+    /// The first rule of an admin walk that matches.
     fn first_admin_match<'a>(
         &'a self,
-        steps: &[AdminStep],
-        (direction, peer): (Direction, &PeerQuery<'_>),
+        steps: &[RuleStep],
+        (direction, peer, sq): (Direction, &PeerQuery<'_>, StepQuery),
         query: &PortQuery<'_>,
         memo: &mut Option<SelectorMemo>,
     ) -> Option<AdminHit<'a>> {
         for step in steps {
-            if !step.admits(peer, query) {
+            if !step.admits(sq) {
                 continue;
             }
             let Some(policy) = self.admin_policy(step.id) else {
                 continue;
             };
-            if !policy.filter(direction).admits(peer, query) {
+            let index = step.index as usize;
+            let Some(rule) = policy.rules(direction).get(index) else {
                 continue;
-            }
-            let rules = policy.rules(direction);
+            };
             let memo = memo.get_or_insert_with(SelectorMemo::new);
-            if let Some((index, rule)) = rules.iter().enumerate().find(|(i, r)| {
-                (*i >= 64 || step.live & (1 << i) != 0) && r.matches(peer, query, memo)
-            }) {
+            let matched = if step.ports_exact() {
+                rule.peers_match(peer, memo)
+            } else {
+                rule.matches(peer, query, memo)
+            };
+            if matched {
                 return Some(AdminHit {
                     policy,
                     index,
@@ -1155,7 +1044,8 @@ impl Engine {
                 .enumerate()
             {
                 if touched & (1 << n) != 0 {
-                    *walk = admin_walk(policies, ids, n % 2, &mut seen);
+                    let local_ports = walk::local_ports(n % 2, &entry.workload.ports);
+                    *walk = walk::admin_walk(policies, ids, n % 2, local_ports, &mut seen);
                 }
             }
         }
@@ -1311,59 +1201,22 @@ fn admin_lists(
     lists
 }
 
-/// A workload's walks from its admin lists: per tier and direction, the policies with their
-/// live rules (see [`AdminStep`]).
-fn admin_walks(policies: &[Option<CompiledAdmin>], lists: &AdminLists) -> AdminWalks {
+/// A workload's walks from its admin lists: per tier and direction, the rules that may be the
+/// first match (see [`walk::admin_walk`]).
+fn admin_walks(
+    policies: &[Option<CompiledAdmin>],
+    lists: &AdminLists,
+    workload: &Workload,
+) -> AdminWalks {
     let mut walks = AdminWalks::default();
     let mut seen = Vec::new();
     for (t, per_direction) in lists.iter().enumerate() {
         for (d, ids) in per_direction.iter().enumerate() {
             if let Some(walk) = walks.get_mut(t).and_then(|w| w.get_mut(d)) {
-                *walk = admin_walk(policies, ids, d, &mut seen);
+                let local_ports = walk::local_ports(d, &workload.ports);
+                *walk = walk::admin_walk(policies, ids, d, local_ports, &mut seen);
             }
         }
     }
     walks
-}
-
-/// One walk (direction index `d`) from its admin list; `seen` is scratch.
-fn admin_walk(
-    policies: &[Option<CompiledAdmin>],
-    ids: &[AdminId],
-    d: usize,
-    seen: &mut Vec<u32>,
-) -> Vec<AdminStep> {
-    let direction = if d == 0 {
-        Direction::Ingress
-    } else {
-        Direction::Egress
-    };
-    seen.clear();
-    let mut walk = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(policy) = policies.get(*id as usize).and_then(Option::as_ref) else {
-            continue;
-        };
-        let rules = policy.rules(direction);
-        let mut live = 0u64;
-        for (i, rule) in rules.iter().enumerate().take(64) {
-            if matches!(rule.peers, AdminPeers::Nothing) {
-                continue;
-            }
-            // NO_ID (out of ids): never deduplicated. A walk holds tens of conditions: a
-            // linear scan beats hashing them.
-            if rule.cond == PeerSelector::NO_ID {
-                live |= 1 << i;
-            } else if !seen.contains(&rule.cond) {
-                seen.push(rule.cond);
-                live |= 1 << i;
-            }
-        }
-        // Rules from 64 on are always tried; their conditions count as seen only when
-        // tried, which is after every rule before them: nothing to record.
-        if live != 0 || rules.len() > 64 {
-            walk.push(AdminStep::new(*id, live, rules));
-        }
-    }
-    walk
 }

@@ -18,7 +18,7 @@ use crate::admin::{
 };
 use crate::compiled::{
     AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin, DomainPattern,
-    PeerSelector, RulesFilter,
+    PeerSelector,
 };
 use crate::model::{AdminAction, AdminKind, AdminPolicyKey, AdminWarning, Protocol, Tier};
 use crate::selector::{Selector, is_dns1123_subdomain};
@@ -797,8 +797,6 @@ pub(crate) fn compile_cluster_network_policy(
         tier,
         priority: Some(priority),
         subject,
-        ingress_filter: RulesFilter::of(&ingress),
-        egress_filter: RulesFilter::of(&egress),
         ingress,
         egress,
         warnings,
@@ -859,8 +857,6 @@ fn compile_v1(
         tier,
         priority,
         subject,
-        ingress_filter: RulesFilter::of(&ingress),
-        egress_filter: RulesFilter::of(&egress),
         ingress,
         egress,
         warnings,
