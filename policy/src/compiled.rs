@@ -361,6 +361,15 @@ impl AdminPeer {
         }
     }
 
+    fn selectors(&self) -> impl Iterator<Item = &PeerSelector> {
+        let (a, b) = match self {
+            AdminPeer::Namespaces(ns) | AdminPeer::Nodes(ns) => (Some(ns), None),
+            AdminPeer::Pods { namespaces, pods } => (Some(namespaces), Some(pods)),
+            AdminPeer::Networks(_) | AdminPeer::DomainNames(_) => (None, None),
+        };
+        a.into_iter().chain(b)
+    }
+
     fn selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
         let (a, b) = match self {
             AdminPeer::Namespaces(ns) | AdminPeer::Nodes(ns) => (Some(ns), None),
@@ -527,8 +536,10 @@ pub(crate) struct CompiledAdmin {
     pub priority: Option<u16>,
     pub subject: AdminSubject,
     /// Empty: the policy does not affect ingress.
-    pub ingress: Vec<AdminRule>,
-    pub egress: Vec<AdminRule>,
+    /// Shared with the engine's dense admin rule slab (`Engine::admin_rules`), which is what
+    /// decisions read.
+    pub ingress: Arc<[AdminRule]>,
+    pub egress: Arc<[AdminRule]>,
     pub warnings: Vec<AdminWarning>,
 }
 
@@ -540,15 +551,31 @@ impl CompiledAdmin {
         }
     }
 
+    /// The rules of both directions, for writing (copied first if shared).
     pub(crate) fn rules_mut(&mut self) -> impl Iterator<Item = &mut AdminRule> {
-        self.ingress.iter_mut().chain(self.egress.iter_mut())
+        Arc::make_mut(&mut self.ingress)
+            .iter_mut()
+            .chain(Arc::make_mut(&mut self.egress).iter_mut())
+    }
+
+    /// The rules of both directions.
+    pub(crate) fn all_rules(&self) -> impl Iterator<Item = &AdminRule> {
+        self.ingress.iter().chain(self.egress.iter())
     }
 
     /// Every selector of every peer of every rule (not the subject's).
+    pub(crate) fn peer_selectors(&self) -> impl Iterator<Item = &PeerSelector> {
+        self.all_rules()
+            .flat_map(|r| match &r.peers {
+                AdminPeers::Any(list) => list.as_slice(),
+                AdminPeers::Nothing | AdminPeers::Everything => &[],
+            })
+            .flat_map(AdminPeer::selectors)
+    }
+
+    /// Every selector of every peer of every rule (not the subject's), for writing.
     pub(crate) fn peer_selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
-        self.ingress
-            .iter_mut()
-            .chain(self.egress.iter_mut())
+        self.rules_mut()
             .flat_map(|r| match &mut r.peers {
                 AdminPeers::Any(list) => list.as_mut_slice(),
                 AdminPeers::Nothing | AdminPeers::Everything => &mut [],

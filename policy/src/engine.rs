@@ -208,6 +208,10 @@ pub struct Engine {
     by_ip: HashMap<IpAddr, PodKey>,
     /// Slab of compiled admin policies (all three kinds); `None` slots are free.
     admin_policies: Vec<Option<CompiledAdmin>>,
+    /// The rules of `admin_policies[id]`, per direction (ingress, egress), in a slab of their
+    /// own as `policy_rules` (32 bytes a slot against a few hundred): what a decision reads;
+    /// the policy itself only for the reason, once a rule matched.
+    admin_rules: Vec<[Arc<[AdminRule]>; 2]>,
     admin_free: Vec<AdminId>,
     /// Admin policy key → id, in key order.
     admin_by_key: BTreeMap<AdminPolicyKey, AdminId>,
@@ -836,11 +840,13 @@ impl Engine {
             if !step.admits(sq) {
                 continue;
             }
-            let Some(policy) = self.admin_policy(step.id) else {
-                continue;
-            };
             let index = step.index as usize;
-            let Some(rule) = policy.rules(direction).get(index) else {
+            let Some(rule) = self
+                .admin_rules
+                .get(step.id as usize)
+                .and_then(|r| r.get(direction_index(direction)))
+                .and_then(|rules| rules.get(index))
+            else {
                 continue;
             };
             let memo = memo.get_or_insert_with(SelectorMemo::new);
@@ -849,7 +855,7 @@ impl Engine {
             } else {
                 rule.matches(peer, query, memo)
             };
-            if matched {
+            if matched && let Some(policy) = self.admin_policy(step.id) {
                 return Some(AdminHit {
                     policy,
                     index,
@@ -910,8 +916,11 @@ impl Engine {
             .admin_policies
             .get_mut(id as usize)
             .and_then(Option::take);
-        if let Some(mut old) = old {
-            self.release_ids(&mut old);
+        if let Some(slot) = self.admin_rules.get_mut(id as usize) {
+            *slot = Default::default();
+        }
+        if let Some(old) = old {
+            self.release_ids(&old);
         }
         self.admin_free.push(id);
     }
@@ -929,19 +938,17 @@ impl Engine {
         }
     }
 
-    /// Releases the ids of a policy no longer stored.
-    fn release_ids(&mut self, policy: &mut CompiledAdmin) {
-        for r in policy.rules_mut() {
+    /// Releases the ids of a policy no longer stored (dropped right after).
+    fn release_ids(&mut self, policy: &CompiledAdmin) {
+        for r in policy.all_rules() {
             if r.cond != PeerSelector::NO_ID {
                 self.admin_conds
                     .release(&(r.ports.clone(), r.peers.clone()));
-                r.cond = PeerSelector::NO_ID;
             }
         }
-        for s in policy.peer_selectors_mut() {
+        for s in policy.peer_selectors() {
             if s.id != PeerSelector::NO_ID {
                 self.admin_selectors.release(&s.selector);
-                s.id = PeerSelector::NO_ID;
             }
         }
     }
@@ -976,12 +983,19 @@ impl Engine {
             }
         };
         self.intern_ids(&mut compiled);
+        if self.admin_rules.len() < self.admin_policies.len() {
+            self.admin_rules
+                .resize_with(self.admin_policies.len(), Default::default);
+        }
+        if let Some(slot) = self.admin_rules.get_mut(id as usize) {
+            *slot = [compiled.ingress.clone(), compiled.egress.clone()];
+        }
         let old = self
             .admin_policies
             .get_mut(id as usize)
             .and_then(|slot| slot.replace(compiled));
-        if let Some(mut old) = old {
-            self.release_ids(&mut old);
+        if let Some(old) = old {
+            self.release_ids(&old);
         }
         self.reindex_admin(id, true);
         applied

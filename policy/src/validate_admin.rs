@@ -797,8 +797,8 @@ pub(crate) fn compile_cluster_network_policy(
         tier,
         priority: Some(priority),
         subject,
-        ingress,
-        egress,
+        ingress: ingress.into(),
+        egress: egress.into(),
         warnings,
     })
 }
@@ -857,8 +857,8 @@ fn compile_v1(
         tier,
         priority,
         subject,
-        ingress,
-        egress,
+        ingress: ingress.into(),
+        egress: egress.into(),
         warnings,
     })
 }
