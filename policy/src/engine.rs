@@ -170,13 +170,20 @@ impl Entry {
 /// workload's label change re-evaluates only the policies of its namespace; a namespace label
 /// change re-indexes nothing for NetworkPolicies (peers carry their namespace labels).
 ///
+/// From each list the engine builds the workload's walk ([`walk`]): the rules of those
+/// policies in evaluation order, each with a summary of the ports (ingress named ports resolved
+/// on the workload) and kinds of peer it can match, so that a decision reads only the rules
+/// whose summary admits the question. A walk is rebuilt with its list, and for the pods that
+/// hold a policy whose rules changed.
+///
 /// Cluster-wide admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
 /// BaselineAdminNetworkPolicy) are indexed the same way: each workload carries, per tier and
 /// direction, the ids of the admin policies whose subject selects it, in evaluation order
 /// (priority, then name, then kind). Their subjects select by namespace labels too, so applying
 /// or removing one re-evaluates its subject against every workload, and a namespace label change
 /// re-evaluates every admin subject against that namespace's workloads. A decision walks only
-/// these lists: Admin tier, then the NetworkPolicies, then the Baseline tier (see
+/// these lists, as walks of rule summaries too (without the rules that can never be the first
+/// match): Admin tier, then the NetworkPolicies, then the Baseline tier (see
 /// [`Engine::decide_ref`]).
 ///
 /// The node inventory ([`Engine::apply_node`]) is what admin `nodes` peers select from. No

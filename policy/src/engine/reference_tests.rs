@@ -1,4 +1,4 @@
-//! The optimized admin evaluation (per-workload index, per-policy prefilter, per-decision
+//! The optimized admin evaluation (per-workload index, walks of rule summaries, per-decision
 //! selector memo with interned selectors, node lookup by address) against a straightforward
 //! reference: every admin policy in force, its subject matched directly, every rule matched as
 //! written (`nodes` peers by a scan of every node, `domainNames` by a plain reading of the
