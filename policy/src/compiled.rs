@@ -116,7 +116,13 @@ impl Rule {
     #[inline]
     pub(crate) fn matches(&self, peer: &Peer, peer_ip: Option<IpAddr>, q: &PortQuery<'_>) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(q)))
-            && (self.peers.is_empty() || self.peers.iter().any(|m| m.matches(peer, peer_ip)))
+            && self.peers_match(peer, peer_ip)
+    }
+
+    /// The peer half of [`Rule::matches`].
+    #[inline]
+    pub(crate) fn peers_match(&self, peer: &Peer, peer_ip: Option<IpAddr>) -> bool {
+        self.peers.is_empty() || self.peers.iter().any(|m| m.matches(peer, peer_ip))
     }
 }
 
@@ -355,6 +361,15 @@ impl AdminPeer {
         }
     }
 
+    fn selectors(&self) -> impl Iterator<Item = &PeerSelector> {
+        let (a, b) = match self {
+            AdminPeer::Namespaces(ns) | AdminPeer::Nodes(ns) => (Some(ns), None),
+            AdminPeer::Pods { namespaces, pods } => (Some(namespaces), Some(pods)),
+            AdminPeer::Networks(_) | AdminPeer::DomainNames(_) => (None, None),
+        };
+        a.into_iter().chain(b)
+    }
+
     fn selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
         let (a, b) = match self {
             AdminPeer::Namespaces(ns) | AdminPeer::Nodes(ns) => (Some(ns), None),
@@ -488,11 +503,16 @@ impl AdminRule {
         memo: &mut SelectorMemo,
     ) -> bool {
         (self.ports.is_empty() || self.ports.iter().any(|port| port.matches(q)))
-            && match &self.peers {
-                AdminPeers::Any(list) => list.iter().any(|m| m.matches(p, memo)),
-                AdminPeers::Nothing => false,
-                AdminPeers::Everything => true,
-            }
+            && self.peers_match(p, memo)
+    }
+
+    /// The peer half of [`AdminRule::matches`].
+    pub(crate) fn peers_match(&self, p: &PeerQuery<'_>, memo: &mut SelectorMemo) -> bool {
+        match &self.peers {
+            AdminPeers::Any(list) => list.iter().any(|m| m.matches(p, memo)),
+            AdminPeers::Nothing => false,
+            AdminPeers::Everything => true,
+        }
     }
 
     /// The rule as written, without memo or prefilter: the reference evaluation.
@@ -507,78 +527,6 @@ impl AdminRule {
     }
 }
 
-/// What the rules of one direction of an admin policy can match at all, so that a decision
-/// skips a policy none of whose rules can match the question without looking at its rules: a
-/// superset (it may admit a question no rule matches, never the reverse).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct RulesFilter {
-    /// Some rule that can match has no ports: every port and protocol.
-    every_port: bool,
-    /// Some rule that can match has a named port.
-    named: bool,
-    /// The port ranges of the rules that can match.
-    ranges: Vec<(Protocol, u16, u16)>,
-    /// Some rule matches every peer (a fail-closed deny-all).
-    every_peer: bool,
-    /// Some rule has a `namespaces` or `pods` peer (matches only peers with an identity).
-    identities: bool,
-    /// Some rule has a `networks` or `nodes` peer (matches only peers with an address).
-    addresses: bool,
-    /// Some rule has a `domainNames` peer (matches only peers with resolved names).
-    names: bool,
-}
-
-impl RulesFilter {
-    pub(crate) fn of(rules: &[AdminRule]) -> Self {
-        let mut f = Self::default();
-        for rule in rules {
-            match &rule.peers {
-                // Matches nothing: contributes nothing.
-                AdminPeers::Nothing => continue,
-                AdminPeers::Everything => f.every_peer = true,
-                AdminPeers::Any(list) => {
-                    for p in list {
-                        match p {
-                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => f.addresses = true,
-                            AdminPeer::DomainNames(_) => f.names = true,
-                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => {
-                                f.identities = true;
-                            }
-                        }
-                    }
-                }
-            }
-            if rule.ports.is_empty() {
-                f.every_port = true;
-            }
-            for p in &rule.ports {
-                match p {
-                    AdminPort::Range(proto, lo, hi) => f.ranges.push((*proto, *lo, *hi)),
-                    AdminPort::Named(_) => f.named = true,
-                }
-            }
-        }
-        f
-    }
-
-    /// Whether some rule may match (false: none does).
-    pub(crate) fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
-        let peer_ok = self.every_peer
-            || (self.identities && matches!(p.peer, Peer::Workload(_)))
-            || (self.addresses && p.ip.is_some())
-            || (self.names && !p.names.is_empty());
-        peer_ok
-            && (self.every_port
-                || self
-                    .ranges
-                    .iter()
-                    .any(|(p, lo, hi)| *p == q.protocol && (*lo..=*hi).contains(&q.port))
-                // A named port needs the destination's names: on ingress its container ports,
-                // on egress the name the handshake carried.
-                || (self.named && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
-    }
-}
-
 /// A validated and compiled admin policy of any of the three kinds.
 #[derive(Clone, Debug)]
 pub(crate) struct CompiledAdmin {
@@ -588,11 +536,10 @@ pub(crate) struct CompiledAdmin {
     pub priority: Option<u16>,
     pub subject: AdminSubject,
     /// Empty: the policy does not affect ingress.
-    pub ingress: Vec<AdminRule>,
-    pub egress: Vec<AdminRule>,
-    /// [`RulesFilter::of`] `ingress` and `egress`.
-    pub ingress_filter: RulesFilter,
-    pub egress_filter: RulesFilter,
+    /// Shared with the engine's dense admin rule slab (`Engine::admin_rules`), which is what
+    /// decisions read.
+    pub ingress: Arc<[AdminRule]>,
+    pub egress: Arc<[AdminRule]>,
     pub warnings: Vec<AdminWarning>,
 }
 
@@ -604,22 +551,31 @@ impl CompiledAdmin {
         }
     }
 
-    pub(crate) fn filter(&self, direction: Direction) -> &RulesFilter {
-        match direction {
-            Direction::Ingress => &self.ingress_filter,
-            Direction::Egress => &self.egress_filter,
-        }
+    /// The rules of both directions, for writing (copied first if shared).
+    pub(crate) fn rules_mut(&mut self) -> impl Iterator<Item = &mut AdminRule> {
+        Arc::make_mut(&mut self.ingress)
+            .iter_mut()
+            .chain(Arc::make_mut(&mut self.egress).iter_mut())
     }
 
-    pub(crate) fn rules_mut(&mut self) -> impl Iterator<Item = &mut AdminRule> {
-        self.ingress.iter_mut().chain(self.egress.iter_mut())
+    /// The rules of both directions.
+    pub(crate) fn all_rules(&self) -> impl Iterator<Item = &AdminRule> {
+        self.ingress.iter().chain(self.egress.iter())
     }
 
     /// Every selector of every peer of every rule (not the subject's).
+    pub(crate) fn peer_selectors(&self) -> impl Iterator<Item = &PeerSelector> {
+        self.all_rules()
+            .flat_map(|r| match &r.peers {
+                AdminPeers::Any(list) => list.as_slice(),
+                AdminPeers::Nothing | AdminPeers::Everything => &[],
+            })
+            .flat_map(AdminPeer::selectors)
+    }
+
+    /// Every selector of every peer of every rule (not the subject's), for writing.
     pub(crate) fn peer_selectors_mut(&mut self) -> impl Iterator<Item = &mut PeerSelector> {
-        self.ingress
-            .iter_mut()
-            .chain(self.egress.iter_mut())
+        self.rules_mut()
             .flat_map(|r| match &mut r.peers {
                 AdminPeers::Any(list) => list.as_mut_slice(),
                 AdminPeers::Nothing | AdminPeers::Everything => &mut [],

@@ -13,16 +13,16 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Node as NodeObject, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use self::walk::{RuleStep, StepQuery};
 use crate::PolicyError;
 use crate::admin::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
 use crate::compiled::{
-    AdminPeer, AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerQuery,
-    PeerSelector, PortQuery, Rule, SelectorMemo,
+    AdminPeers, AdminPort, AdminRule, CompiledAdmin, CompiledPolicy, PeerQuery, PeerSelector,
+    PortQuery, Rule, SelectorMemo,
 };
 use crate::model::{
     AdminAction, AdminPolicyKey, AdminRuleRef, AdminWarning, Connection, Decision, Direction,
-    Labels, Node, Peer, PodKey, PolicyKey, Protocol, Reason, RuleRef, Tier, Workload,
-    WorkloadIdentity,
+    Labels, Node, PodKey, PolicyKey, Reason, RuleRef, Tier, Workload, WorkloadIdentity,
 };
 use crate::nodes::{NodeInventory, check_node, node_from_object};
 use crate::selector::Selector;
@@ -37,6 +37,7 @@ use crate::validate_admin::{
 #[cfg(test)]
 mod reference_tests;
 mod staged;
+mod walk;
 
 pub use staged::StagedKey;
 
@@ -50,119 +51,9 @@ type AdminId = u32;
 /// workload that have rules for that direction, in evaluation order (priority, name, kind).
 type AdminLists = [[Vec<AdminId>; 2]; 2];
 
-/// One admin policy of a workload's walk (tier and direction) and which of its rules can be
-/// the first match there: bit `i` for rule `i < 64` (rules from 64 on are always tried). A rule
-/// is dead when it matches nothing (a fail-closed Allow) or when an earlier rule of the walk
-/// has the same condition (`AdminRule::cond`): whenever it would match, that earlier rule
-/// matched first and ended the walk. Policies with no live rule are left out.
-///
-/// The step also carries what its live rules can match, coarsely (a superset), so that a
-/// decision passes over most policies that cannot match without fetching them.
-#[derive(Clone, Copy, Debug)]
-struct AdminStep {
-    id: AdminId,
-    live: u64,
-    /// `STEP_*` bits.
-    kinds: u8,
-    /// Protocols ([`protocol_bit`]) of the live rules' port ranges.
-    protocols: u8,
-    /// The smallest interval holding every port range of the live rules.
-    lo: u16,
-    hi: u16,
-}
-
-/// A live rule matches every peer (fail-closed deny-all).
-const STEP_EVERY_PEER: u8 = 1;
-/// A live rule has a `namespaces` or `pods` peer.
-const STEP_IDENTITIES: u8 = 2;
-/// A live rule has a `networks` or `nodes` peer (both match the peer's address).
-const STEP_ADDRESSES: u8 = 4;
-/// A live rule has no ports: every port and protocol.
-const STEP_EVERY_PORT: u8 = 8;
-/// A live rule has a named port.
-const STEP_NAMED: u8 = 16;
-/// Rules from index 64 on are always tried: no filter.
-const STEP_ALWAYS: u8 = 32;
-/// A live rule has a `domainNames` peer (matches the names resolved to the peer's address).
-const STEP_NAMES: u8 = 64;
-
-fn protocol_bit(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 1,
-        Protocol::Udp => 2,
-        Protocol::Sctp => 4,
-        Protocol::Other(_) => 8,
-    }
-}
-
-impl AdminStep {
-    fn new(id: AdminId, live: u64, rules: &[AdminRule]) -> Self {
-        let mut step = AdminStep {
-            id,
-            live,
-            kinds: 0,
-            protocols: 0,
-            lo: u16::MAX,
-            hi: 0,
-        };
-        if rules.len() > 64 {
-            step.kinds |= STEP_ALWAYS;
-        }
-        for (i, rule) in rules.iter().enumerate().take(64) {
-            if live & (1 << i) == 0 {
-                continue;
-            }
-            match &rule.peers {
-                AdminPeers::Nothing => continue,
-                AdminPeers::Everything => step.kinds |= STEP_EVERY_PEER,
-                AdminPeers::Any(list) => {
-                    for p in list {
-                        step.kinds |= match p {
-                            AdminPeer::Networks(_) | AdminPeer::Nodes(_) => STEP_ADDRESSES,
-                            AdminPeer::DomainNames(_) => STEP_NAMES,
-                            AdminPeer::Namespaces(_) | AdminPeer::Pods { .. } => STEP_IDENTITIES,
-                        };
-                    }
-                }
-            }
-            if rule.ports.is_empty() {
-                step.kinds |= STEP_EVERY_PORT;
-            }
-            for p in &rule.ports {
-                match p {
-                    AdminPort::Range(proto, lo, hi) => {
-                        step.protocols |= protocol_bit(*proto);
-                        step.lo = step.lo.min(*lo);
-                        step.hi = step.hi.max(*hi);
-                    }
-                    AdminPort::Named(_) => step.kinds |= STEP_NAMED,
-                }
-            }
-        }
-        step
-    }
-
-    /// Whether one of the live rules may match (false: none does). Coarse for `nodes` peers
-    /// (any address may be a node's), so that the node inventory can change under the walks.
-    fn admits(&self, p: &PeerQuery<'_>, q: &PortQuery<'_>) -> bool {
-        if self.kinds & STEP_ALWAYS != 0 {
-            return true;
-        }
-        let peer_ok = self.kinds & STEP_EVERY_PEER != 0
-            || (self.kinds & STEP_IDENTITIES != 0 && matches!(p.peer, Peer::Workload(_)))
-            || (self.kinds & STEP_ADDRESSES != 0 && p.ip.is_some())
-            || (self.kinds & STEP_NAMES != 0 && !p.names.is_empty());
-        peer_ok
-            && (self.kinds & STEP_EVERY_PORT != 0
-                || (self.protocols & protocol_bit(q.protocol) != 0
-                    && (self.lo..=self.hi).contains(&q.port))
-                || (self.kinds & STEP_NAMED != 0
-                    && (q.dest_ports.is_some() || q.dest_port_name.is_some())))
-    }
-}
-
-/// [`AdminLists`] as decisions walk them.
-type AdminWalks = [[Vec<AdminStep>; 2]; 2];
+/// [`AdminLists`] as decisions walk them: per tier and direction, the rules that may be the
+/// first match, with their summaries (see [`walk::admin_walk`]).
+type AdminWalks = [[Vec<RuleStep>; 2]; 2];
 
 /// Engine-wide ids for equal values (selectors, rule conditions), counted by use, reused when
 /// free. Ids run below [`PeerSelector::MAX_ID`]; past it, values get [`PeerSelector::NO_ID`].
@@ -233,11 +124,24 @@ struct Entry {
     ingress: Vec<PolicyId>,
     egress: Vec<PolicyId>,
     admin: AdminLists,
-    /// `admin` with the dead rules left out, as [`Engine::decide_ref`] walks it.
+    /// The rules of `admin`, as [`Engine::decide_ref`] walks them.
     walks: AdminWalks,
+    /// Per direction (ingress, egress): the rules of the policies of `ingress` / `egress`, as
+    /// [`Engine::decide_ref`] walks them (see [`walk`]).
+    np_walks: [Vec<RuleStep>; 2],
 }
 
 impl Entry {
+    /// Rebuilds the NetworkPolicy walk of one direction from its list.
+    fn rewalk(&mut self, policy_rules: &[[Option<Arc<[Rule]>>; 2]], direction: Direction) {
+        let d = direction_index(direction);
+        let local_ports = walk::local_ports(d, &self.workload.ports);
+        let walk = walk::np_walk(policy_rules, self.list(direction), d, local_ports);
+        if let Some(slot) = self.np_walks.get_mut(d) {
+            *slot = walk;
+        }
+    }
+
     fn list(&self, direction: Direction) -> &[PolicyId] {
         match direction {
             Direction::Ingress => &self.ingress,
@@ -266,13 +170,20 @@ impl Entry {
 /// workload's label change re-evaluates only the policies of its namespace; a namespace label
 /// change re-indexes nothing for NetworkPolicies (peers carry their namespace labels).
 ///
+/// From each list the engine builds the workload's walk ([`walk`]): the rules of those
+/// policies in evaluation order, each with a summary of the ports (ingress named ports resolved
+/// on the workload) and kinds of peer it can match, so that a decision reads only the rules
+/// whose summary admits the question. A walk is rebuilt with its list, and for the pods that
+/// hold a policy whose rules changed.
+///
 /// Cluster-wide admin policies (ClusterNetworkPolicy, AdminNetworkPolicy,
 /// BaselineAdminNetworkPolicy) are indexed the same way: each workload carries, per tier and
 /// direction, the ids of the admin policies whose subject selects it, in evaluation order
 /// (priority, then name, then kind). Their subjects select by namespace labels too, so applying
 /// or removing one re-evaluates its subject against every workload, and a namespace label change
 /// re-evaluates every admin subject against that namespace's workloads. A decision walks only
-/// these lists: Admin tier, then the NetworkPolicies, then the Baseline tier (see
+/// these lists, as walks of rule summaries too (without the rules that can never be the first
+/// match): Admin tier, then the NetworkPolicies, then the Baseline tier (see
 /// [`Engine::decide_ref`]).
 ///
 /// The node inventory ([`Engine::apply_node`]) is what admin `nodes` peers select from. No
@@ -304,6 +215,10 @@ pub struct Engine {
     by_ip: HashMap<IpAddr, PodKey>,
     /// Slab of compiled admin policies (all three kinds); `None` slots are free.
     admin_policies: Vec<Option<CompiledAdmin>>,
+    /// The rules of `admin_policies[id]`, per direction (ingress, egress), in a slab of their
+    /// own as `policy_rules` (32 bytes a slot against a few hundred): what a decision reads;
+    /// the policy itself only for the reason, once a rule matched.
+    admin_rules: Vec<[Arc<[AdminRule]>; 2]>,
     admin_free: Vec<AdminId>,
     /// Admin policy key → id, in key order.
     admin_by_key: BTreeMap<AdminPolicyKey, AdminId>,
@@ -486,7 +401,7 @@ impl Engine {
             name.clone_into(&mut pod_key.name);
             if let Some(entry) = self.workloads.get_mut(&pod_key) {
                 entry.admin = admin_lists(&self.admin_policies, &ns_labels, &entry.workload);
-                entry.walks = admin_walks(&self.admin_policies, &entry.admin);
+                entry.walks = admin_walks(&self.admin_policies, &entry.admin, &entry.workload);
             }
         }
     }
@@ -534,13 +449,14 @@ impl Engine {
             let ns_labels = self.namespace_labels_or_default(&workload.key.namespace);
             admin_lists(&self.admin_policies, &ns_labels, &workload)
         };
-        let walks = admin_walks(&self.admin_policies, &admin);
+        let walks = admin_walks(&self.admin_policies, &admin, &workload);
         let mut entry = Entry {
             workload,
             ingress: Vec::new(),
             egress: Vec::new(),
             admin,
             walks,
+            np_walks: Default::default(),
         };
         if !entry.workload.host_network
             && let Some(by_name) = self.policies_by_ns.get(&entry.workload.key.namespace)
@@ -557,6 +473,9 @@ impl Engine {
                         entry.egress.push(*id);
                     }
                 }
+            }
+            for direction in [Direction::Ingress, Direction::Egress] {
+                entry.rewalk(&self.policy_rules, direction);
             }
         }
         self.pods_by_ns
@@ -749,6 +668,7 @@ impl Engine {
             return;
         };
         let policies = &self.policies;
+        let policy_rules = &self.policy_rules;
         let Some(policy) = policies.get(id as usize).and_then(Option::as_ref) else {
             return;
         };
@@ -774,13 +694,17 @@ impl Engine {
                         .map_or("", |p| p.key.name.as_str());
                     other_name.cmp(key.name.as_str())
                 });
+                // The walk changes when the policy enters or leaves the list, and when it stays
+                // (its rules may have changed).
                 match (pos, wanted) {
                     (Ok(i), false) => {
                         list.remove(i);
                     }
                     (Err(i), true) => list.insert(i, id),
-                    _ => {}
+                    (Err(_), false) => continue,
+                    (Ok(_), true) => {}
                 }
+                entry.rewalk(policy_rules, direction);
             }
         }
     }
@@ -846,10 +770,11 @@ impl Engine {
         // One peer per decision: selector results are shared by both tiers. Set up on the
         // first policy a walk tries (most workloads have none).
         let mut memo = None;
+        let sq = StepQuery::new(&query, &peer);
         // 1. The Admin tier: the first matching rule decides, unless it passes.
         if let Some(hit) = self.first_admin_match(
             &entry.walks[0][d],
-            (conn.direction, &peer),
+            (conn.direction, &peer, sq),
             &query,
             &mut memo,
         ) && hit.rule.action != AdminAction::Pass
@@ -857,30 +782,34 @@ impl Engine {
             return hit.decision(conn.direction);
         }
         // 2. NetworkPolicy: a workload isolated in this direction is decided here.
+        // Its rules in order, each read only if its summary admits the question.
         let ids = entry.list(conn.direction);
         if !ids.is_empty() {
-            for id in ids {
-                let Some(rules) = self
+            for step in entry.np_walks.get(d).map_or(&[][..], Vec::as_slice) {
+                if !step.admits(sq) {
+                    continue;
+                }
+                let Some(rule) = self
                     .policy_rules
-                    .get(*id as usize)
+                    .get(step.id as usize)
                     .and_then(|r| r.get(d))
                     .and_then(Option::as_deref)
+                    .and_then(|rules| rules.get(step.index as usize))
                 else {
                     continue;
                 };
-                if let Some(index) = rules
-                    .iter()
-                    .position(|r| r.matches(conn.peer, conn.peer_ip, &query))
-                {
-                    let Some(policy) = self.policy(*id) else {
-                        continue;
-                    };
+                let matched = if step.ports_exact() {
+                    rule.peers_match(conn.peer, conn.peer_ip)
+                } else {
+                    rule.matches(conn.peer, conn.peer_ip, &query)
+                };
+                if matched && let Some(policy) = self.policy(step.id) {
                     return DecisionRef {
                         allowed: true,
                         reason: ReasonRef::AllowedBy {
                             policy: &policy.key,
                             direction: conn.direction,
-                            index,
+                            index: step.index as usize,
                         },
                     };
                 }
@@ -893,7 +822,7 @@ impl Engine {
         // 3. The Baseline tier: the first matching rule decides; Pass goes to the default.
         if let Some(hit) = self.first_admin_match(
             &entry.walks[1][d],
-            (conn.direction, &peer),
+            (conn.direction, &peer, sq),
             &query,
             &mut memo,
         ) {
@@ -906,29 +835,34 @@ impl Engine {
         }
     }
 
-    /// The first rule, in evaluation order, of the listed admin policies that matches.
+    /// The first rule of an admin walk that matches.
     fn first_admin_match<'a>(
         &'a self,
-        steps: &[AdminStep],
-        (direction, peer): (Direction, &PeerQuery<'_>),
+        steps: &[RuleStep],
+        (direction, peer, sq): (Direction, &PeerQuery<'_>, StepQuery),
         query: &PortQuery<'_>,
         memo: &mut Option<SelectorMemo>,
     ) -> Option<AdminHit<'a>> {
         for step in steps {
-            if !step.admits(peer, query) {
+            if !step.admits(sq) {
                 continue;
             }
-            let Some(policy) = self.admin_policy(step.id) else {
+            let index = step.index as usize;
+            let Some(rule) = self
+                .admin_rules
+                .get(step.id as usize)
+                .and_then(|r| r.get(direction_index(direction)))
+                .and_then(|rules| rules.get(index))
+            else {
                 continue;
             };
-            if !policy.filter(direction).admits(peer, query) {
-                continue;
-            }
-            let rules = policy.rules(direction);
             let memo = memo.get_or_insert_with(SelectorMemo::new);
-            if let Some((index, rule)) = rules.iter().enumerate().find(|(i, r)| {
-                (*i >= 64 || step.live & (1 << i) != 0) && r.matches(peer, query, memo)
-            }) {
+            let matched = if step.ports_exact() {
+                rule.peers_match(peer, memo)
+            } else {
+                rule.matches(peer, query, memo)
+            };
+            if matched && let Some(policy) = self.admin_policy(step.id) {
                 return Some(AdminHit {
                     policy,
                     index,
@@ -989,8 +923,11 @@ impl Engine {
             .admin_policies
             .get_mut(id as usize)
             .and_then(Option::take);
-        if let Some(mut old) = old {
-            self.release_ids(&mut old);
+        if let Some(slot) = self.admin_rules.get_mut(id as usize) {
+            *slot = Default::default();
+        }
+        if let Some(old) = old {
+            self.release_ids(&old);
         }
         self.admin_free.push(id);
     }
@@ -1008,19 +945,17 @@ impl Engine {
         }
     }
 
-    /// Releases the ids of a policy no longer stored.
-    fn release_ids(&mut self, policy: &mut CompiledAdmin) {
-        for r in policy.rules_mut() {
+    /// Releases the ids of a policy no longer stored (dropped right after).
+    fn release_ids(&mut self, policy: &CompiledAdmin) {
+        for r in policy.all_rules() {
             if r.cond != PeerSelector::NO_ID {
                 self.admin_conds
                     .release(&(r.ports.clone(), r.peers.clone()));
-                r.cond = PeerSelector::NO_ID;
             }
         }
-        for s in policy.peer_selectors_mut() {
+        for s in policy.peer_selectors() {
             if s.id != PeerSelector::NO_ID {
                 self.admin_selectors.release(&s.selector);
-                s.id = PeerSelector::NO_ID;
             }
         }
     }
@@ -1055,12 +990,19 @@ impl Engine {
             }
         };
         self.intern_ids(&mut compiled);
+        if self.admin_rules.len() < self.admin_policies.len() {
+            self.admin_rules
+                .resize_with(self.admin_policies.len(), Default::default);
+        }
+        if let Some(slot) = self.admin_rules.get_mut(id as usize) {
+            *slot = [compiled.ingress.clone(), compiled.egress.clone()];
+        }
         let old = self
             .admin_policies
             .get_mut(id as usize)
             .and_then(|slot| slot.replace(compiled));
-        if let Some(mut old) = old {
-            self.release_ids(&mut old);
+        if let Some(old) = old {
+            self.release_ids(&old);
         }
         self.reindex_admin(id, true);
         applied
@@ -1123,7 +1065,8 @@ impl Engine {
                 .enumerate()
             {
                 if touched & (1 << n) != 0 {
-                    *walk = admin_walk(policies, ids, n % 2, &mut seen);
+                    let local_ports = walk::local_ports(n % 2, &entry.workload.ports);
+                    *walk = walk::admin_walk(policies, ids, n % 2, local_ports, &mut seen);
                 }
             }
         }
@@ -1279,59 +1222,22 @@ fn admin_lists(
     lists
 }
 
-/// A workload's walks from its admin lists: per tier and direction, the policies with their
-/// live rules (see [`AdminStep`]).
-fn admin_walks(policies: &[Option<CompiledAdmin>], lists: &AdminLists) -> AdminWalks {
+/// A workload's walks from its admin lists: per tier and direction, the rules that may be the
+/// first match (see [`walk::admin_walk`]).
+fn admin_walks(
+    policies: &[Option<CompiledAdmin>],
+    lists: &AdminLists,
+    workload: &Workload,
+) -> AdminWalks {
     let mut walks = AdminWalks::default();
     let mut seen = Vec::new();
     for (t, per_direction) in lists.iter().enumerate() {
         for (d, ids) in per_direction.iter().enumerate() {
             if let Some(walk) = walks.get_mut(t).and_then(|w| w.get_mut(d)) {
-                *walk = admin_walk(policies, ids, d, &mut seen);
+                let local_ports = walk::local_ports(d, &workload.ports);
+                *walk = walk::admin_walk(policies, ids, d, local_ports, &mut seen);
             }
         }
     }
     walks
-}
-
-/// One walk (direction index `d`) from its admin list; `seen` is scratch.
-fn admin_walk(
-    policies: &[Option<CompiledAdmin>],
-    ids: &[AdminId],
-    d: usize,
-    seen: &mut Vec<u32>,
-) -> Vec<AdminStep> {
-    let direction = if d == 0 {
-        Direction::Ingress
-    } else {
-        Direction::Egress
-    };
-    seen.clear();
-    let mut walk = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(policy) = policies.get(*id as usize).and_then(Option::as_ref) else {
-            continue;
-        };
-        let rules = policy.rules(direction);
-        let mut live = 0u64;
-        for (i, rule) in rules.iter().enumerate().take(64) {
-            if matches!(rule.peers, AdminPeers::Nothing) {
-                continue;
-            }
-            // NO_ID (out of ids): never deduplicated. A walk holds tens of conditions: a
-            // linear scan beats hashing them.
-            if rule.cond == PeerSelector::NO_ID {
-                live |= 1 << i;
-            } else if !seen.contains(&rule.cond) {
-                seen.push(rule.cond);
-                live |= 1 << i;
-            }
-        }
-        // Rules from 64 on are always tried; their conditions count as seen only when
-        // tried, which is after every rule before them: nothing to record.
-        if live != 0 || rules.len() > 64 {
-            walk.push(AdminStep::new(*id, live, rules));
-        }
-    }
-    walk
 }

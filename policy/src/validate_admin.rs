@@ -18,7 +18,7 @@ use crate::admin::{
 };
 use crate::compiled::{
     AdminPeer, AdminPeers, AdminPort, AdminRule, AdminSubject, CompiledAdmin, DomainPattern,
-    PeerSelector, RulesFilter,
+    PeerSelector,
 };
 use crate::model::{AdminAction, AdminKind, AdminPolicyKey, AdminWarning, Protocol, Tier};
 use crate::selector::{Selector, is_dns1123_subdomain};
@@ -797,10 +797,8 @@ pub(crate) fn compile_cluster_network_policy(
         tier,
         priority: Some(priority),
         subject,
-        ingress_filter: RulesFilter::of(&ingress),
-        egress_filter: RulesFilter::of(&egress),
-        ingress,
-        egress,
+        ingress: ingress.into(),
+        egress: egress.into(),
         warnings,
     })
 }
@@ -859,10 +857,8 @@ fn compile_v1(
         tier,
         priority,
         subject,
-        ingress_filter: RulesFilter::of(&ingress),
-        egress_filter: RulesFilter::of(&egress),
-        ingress,
-        egress,
+        ingress: ingress.into(),
+        egress: egress.into(),
         warnings,
     })
 }

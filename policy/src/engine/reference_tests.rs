@@ -1,4 +1,4 @@
-//! The optimized admin evaluation (per-workload index, per-policy prefilter, per-decision
+//! The optimized admin evaluation (per-workload index, walks of rule summaries, per-decision
 //! selector memo with interned selectors, node lookup by address) against a straightforward
 //! reference: every admin policy in force, its subject matched directly, every rule matched as
 //! written (`nodes` peers by a scan of every node, `domainNames` by a plain reading of the
@@ -666,4 +666,221 @@ fn memo_collisions_re_evaluate() {
     let empty = Labels::new();
     assert!(!memo.matches(&a, LabelSet::Namespace, &empty));
     assert!(memo.matches(&a, LabelSet::Pod, &labels));
+}
+
+// ----------------------------------------------------------------------------------------------
+// NetworkPolicy walks (`walk.rs`) against the policies' rule lists, under changes.
+// ----------------------------------------------------------------------------------------------
+
+/// A NetworkPolicy port: numbers, ranges, protocols alone and named ports, some of which the
+/// pods declare and some not.
+fn np_port() -> impl Strategy<Value = Value> {
+    prop::sample::select(vec![
+        json!({"port": 80}),
+        json!({"port": 8080}),
+        json!({"port": 8000, "endPort": 8100}),
+        json!({"protocol": "UDP"}),
+        json!({"port": 53, "protocol": "UDP"}),
+        json!({"port": "http"}),
+        json!({"port": "http", "protocol": "SCTP"}),
+        json!({"port": "dns", "protocol": "UDP"}),
+        json!({"port": "metrics"}),
+        json!({"port": "none"}),
+    ])
+}
+
+fn np_peer() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        selector().prop_map(|s| json!({"podSelector": s})),
+        selector().prop_map(|s| json!({"namespaceSelector": s})),
+        (selector(), selector())
+            .prop_map(|(n, p)| json!({"namespaceSelector": n, "podSelector": p})),
+        Just(json!({"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/24"]}})),
+        Just(json!({"ipBlock": {"cidr": "192.0.2.0/24"}})),
+    ]
+}
+
+/// A NetworkPolicy with up to three rules a direction, each with up to two peers and up to
+/// four ports (more than a rule summary holds).
+fn np_spec_rich() -> impl Strategy<Value = Value> {
+    let rule = || {
+        (
+            prop::collection::vec(np_peer(), 0..3),
+            prop::collection::vec(np_port(), 0..5),
+        )
+    };
+    (
+        selector(),
+        prop::sample::select(vec![
+            vec!["Ingress"],
+            vec!["Egress"],
+            vec!["Ingress", "Egress"],
+        ]),
+        prop::collection::vec(rule(), 0..4),
+        prop::collection::vec(rule(), 0..4),
+    )
+        .prop_map(|(sel, types, ingress, egress)| {
+            let ingress: Vec<Value> = ingress
+                .into_iter()
+                .map(|(from, ports)| json!({"from": from, "ports": ports}))
+                .collect();
+            let egress: Vec<Value> = egress
+                .into_iter()
+                .map(|(to, ports)| json!({"to": to, "ports": ports}))
+                .collect();
+            json!({"podSelector": sel, "policyTypes": types, "ingress": ingress, "egress": egress})
+        })
+}
+
+/// The container ports a pod may declare.
+const POD_PORTS: [(&str, u16, &str); 6] = [
+    ("http", 80, "TCP"),
+    ("", 80, "TCP"),
+    ("http", 8080, "TCP"),
+    ("dns", 53, "UDP"),
+    ("http", 80, "SCTP"),
+    ("metrics", 9090, "TCP"),
+];
+
+#[derive(Clone, Debug)]
+enum NpOp {
+    /// Policy `np{name}` in a namespace, (re)applied.
+    Apply(usize, usize, Value),
+    Remove(usize, usize),
+    /// Pod `p{name}` in a namespace, (re)applied: app label, canary, which container ports.
+    Pod(usize, usize, &'static str, bool, Vec<usize>),
+    RemovePod(usize, usize),
+}
+
+fn np_op() -> impl Strategy<Value = NpOp> {
+    prop_oneof![
+        4 => (0..4usize, 0..2usize, np_spec_rich()).prop_map(|(n, ns, s)| NpOp::Apply(n, ns, s)),
+        1 => (0..4usize, 0..2usize).prop_map(|(n, ns)| NpOp::Remove(n, ns)),
+        2 => (
+            0..4usize,
+            0..2usize,
+            prop::sample::select(vec!["web", "db", "client"]),
+            any::<bool>(),
+            prop::sample::subsequence((0..POD_PORTS.len()).collect::<Vec<_>>(), 0..4),
+        )
+            .prop_map(|(n, ns, app, canary, ports)| NpOp::Pod(n, ns, app, canary, ports)),
+        1 => (0..4usize, 0..2usize).prop_map(|(n, ns)| NpOp::RemovePod(n, ns)),
+    ]
+}
+
+fn apply_np_op(e: &mut Engine, op: &NpOp) {
+    match op {
+        NpOp::Apply(n, ns, spec) => {
+            let np: NetworkPolicy = serde_json::from_value(json!({
+                "metadata": {"name": format!("np{n}"), "namespace": NAMESPACES[*ns]},
+                "spec": spec
+            }))
+            .unwrap();
+            e.apply_policy(&np).unwrap();
+        }
+        NpOp::Remove(n, ns) => e.remove_policy(&PolicyKey {
+            namespace: NAMESPACES[*ns].to_owned(),
+            name: format!("np{n}"),
+        }),
+        NpOp::Pod(n, ns, app, canary, ports) => {
+            let mut labels = json!({"app": app});
+            if *canary {
+                labels["canary"] = json!("true");
+            }
+            let ports: Vec<Value> = ports
+                .iter()
+                .map(|i| {
+                    let (name, port, protocol) = POD_PORTS[*i];
+                    if name.is_empty() {
+                        json!({"containerPort": port, "protocol": protocol})
+                    } else {
+                        json!({"name": name, "containerPort": port, "protocol": protocol})
+                    }
+                })
+                .collect();
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("p{n}"), "namespace": NAMESPACES[*ns], "labels": labels},
+                "spec": {"containers": [{"name": "c", "ports": ports}]},
+                "status": {"podIP": format!("10.0.{}.{}", ns, n + 1)}
+            }))
+            .unwrap();
+            e.apply_pod(&pod).unwrap();
+        }
+        NpOp::RemovePod(n, ns) => e.remove_workload(&PodKey {
+            namespace: NAMESPACES[*ns].to_owned(),
+            name: format!("p{n}"),
+        }),
+    }
+}
+
+const NP_PROBES: [(u16, Protocol); 9] = [
+    (80, Protocol::Tcp),
+    (8080, Protocol::Tcp),
+    (8050, Protocol::Tcp),
+    (9090, Protocol::Tcp),
+    (53, Protocol::Udp),
+    (5353, Protocol::Udp),
+    (80, Protocol::Sctp),
+    (0, Protocol::ICMP),
+    (53, Protocol::Tcp),
+];
+
+/// Every pod, both directions, against every pod (with and without its address, with and
+/// without the name of the port) and two IP-only peers, on every probe.
+fn check_np(e: &Engine) -> Result<(), TestCaseError> {
+    let pods: Vec<Workload> = e.workloads().cloned().collect();
+    let mut peers: Vec<(Peer, Option<IpAddr>)> = Vec::new();
+    for w in &pods {
+        let id = Peer::Workload(e.identity(&w.key).unwrap());
+        peers.push((id.clone(), w.ips.first().copied()));
+        peers.push((id, None));
+    }
+    for ip in ["10.0.1.9", "192.0.2.7"] {
+        peers.push((Peer::IpOnly, Some(ip.parse().unwrap())));
+    }
+    for local in &pods {
+        for (peer, ip) in &peers {
+            for (port, protocol) in NP_PROBES {
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    for name in [None, Some("http"), Some("dns"), Some("metrics")] {
+                        let conn = Connection {
+                            local: &local.key,
+                            direction,
+                            peer,
+                            peer_ip: *ip,
+                            port,
+                            protocol,
+                            dest_port_name: name,
+                            resolved_names: &[],
+                        };
+                        prop_assert_eq!(e.decide(&conn), e.decide_reference(&conn), "{:?}", conn);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The walks (one array of rule summaries per workload and direction, built when a policy
+    /// or a pod changes) decide as the policies' rule lists do, after every change.
+    #[test]
+    fn np_walks_equal_the_rule_lists_under_changes(
+        ops in prop::collection::vec(np_op(), 1..12)
+    ) {
+        let mut e = Engine::new();
+        for (n, ns) in NAMESPACES.iter().enumerate() {
+            let labels = if n == 0 { json!({"team": "x"}) } else { json!({"team": "y"}) };
+            let ns: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
+            e.apply_namespace(&ns).unwrap();
+        }
+        for op in &ops {
+            apply_np_op(&mut e, op);
+            check_np(&e)?;
+        }
+    }
 }

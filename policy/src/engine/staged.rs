@@ -234,6 +234,7 @@ impl Engine {
             policies_by_ns: self.policies_by_ns.clone(),
             by_ip: self.by_ip.clone(),
             admin_policies: self.admin_policies.clone(),
+            admin_rules: self.admin_rules.clone(),
             admin_free: self.admin_free.clone(),
             admin_by_key: self.admin_by_key.clone(),
             admin_selectors: self.admin_selectors.clone(),
