@@ -1,7 +1,8 @@
 //! Arbitrary bytes as a queued packet, at every hook of a client and a server node whose flow
 //! state was first driven to a chosen handshake stage by genuine packets. The parser, the
-//! rewriters and `Processor::process` must never panic, and a packet may grow by at most the
-//! option block plus the largest token.
+//! rewriters, `Processor::process` and `Processor::refuse_unencrypted` must never panic, a
+//! packet may grow by at most the option block plus the largest token, and the guard refuses
+//! everything.
 #![no_main]
 
 use datapath::packet::{attach_token, rewrite_to_rst, strip_token};
@@ -118,5 +119,10 @@ fuzz_target!(|data: &[u8]| {
         let mut p = bytes.to_vec();
         proc.process(ID, hook, &mut p, checksum_ready, NOW, &mut rng);
         assert!(p.len() <= bytes.len() + 8 + identity::MAX_TOKEN_LEN);
+    }
+    // The encryption guard's packets: always refused, whatever the bytes.
+    for proc in [&mut a, &mut b] {
+        let v = proc.refuse_unencrypted(bytes, NOW);
+        assert!(!v.accept && !v.mark_authorized && !v.modified);
     }
 });
