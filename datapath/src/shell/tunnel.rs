@@ -211,19 +211,27 @@ impl TunnelHandle {
             .ok_or(ShellError::TunnelStopped)
     }
 
+    /// Sends the request `make` builds around a reply channel; the reply's receiver.
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<oneshot::Receiver<T>, ShellError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(make(tx))?;
+        Ok(rx)
+    }
+
     /// Replaces the peer set (see [`Tunnel::set_peers`]: a peer whose key is unchanged keeps
     /// its session) and the routes to match; the [`NodeRoutes`] in force stay. An invalid set
     /// changes nothing.
     pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, None, tx))?;
+        let rx = self.ask(|tx| Request::SetPeers(peers, None, tx))?;
         rx.await.map_err(|_| ShellError::TunnelStopped)?
     }
 
     /// [`TunnelHandle::set_peers`] for callers outside an async runtime.
     pub fn set_peers_blocking(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, None, tx))?;
+        let rx = self.ask(|tx| Request::SetPeers(peers, None, tx))?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
     }
 
@@ -236,8 +244,7 @@ impl TunnelHandle {
         peers: Vec<PeerConfig>,
         routes: NodeRoutes,
     ) -> Result<PeerChanges, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, Some(routes), tx))?;
+        let rx = self.ask(|tx| Request::SetPeers(peers, Some(routes), tx))?;
         rx.await.map_err(|_| ShellError::TunnelStopped)?
     }
 
@@ -247,8 +254,7 @@ impl TunnelHandle {
         peers: Vec<PeerConfig>,
         routes: NodeRoutes,
     ) -> Result<PeerChanges, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetPeers(peers, Some(routes), tx))?;
+        let rx = self.ask(|tx| Request::SetPeers(peers, Some(routes), tx))?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
     }
 
@@ -257,15 +263,13 @@ impl TunnelHandle {
     /// makes a handshake under the new key. Peers, routes and counters stay. Refused, changing
     /// nothing, when a peer has that key.
     pub async fn set_static_secret(&self, secret: StaticSecret) -> Result<(), ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetSecret(secret, tx))?;
+        let rx = self.ask(|tx| Request::SetSecret(secret, tx))?;
         rx.await.map_err(|_| ShellError::TunnelStopped)?
     }
 
     /// [`TunnelHandle::set_static_secret`] for callers outside an async runtime.
     pub fn set_static_secret_blocking(&self, secret: StaticSecret) -> Result<(), ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::SetSecret(secret, tx))?;
+        let rx = self.ask(|tx| Request::SetSecret(secret, tx))?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)?
     }
 
@@ -278,15 +282,13 @@ impl TunnelHandle {
 
     /// Every peer's counters now.
     pub async fn stats(&self) -> Result<TunnelStats, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::Stats(tx))?;
+        let rx = self.ask(Request::Stats)?;
         rx.await.map_err(|_| ShellError::TunnelStopped)
     }
 
     /// [`TunnelHandle::stats`] for callers outside an async runtime.
     pub fn stats_blocking(&self) -> Result<TunnelStats, ShellError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(Request::Stats(tx))?;
+        let rx = self.ask(Request::Stats)?;
         rx.blocking_recv().map_err(|_| ShellError::TunnelStopped)
     }
 

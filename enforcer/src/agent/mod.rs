@@ -1562,12 +1562,7 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(own) = own_rx.recv() => agent.own_credentials(own, &own_files),
             _ = tick.tick() => agent.housekeeping(),
             // The tunnel stopped on its own: the agent does not go on unencrypted.
-            r = async {
-                match tunnel_task.as_mut() {
-                    Some(t) => t.await,
-                    None => std::future::pending().await,
-                }
-            }, if tunnel_task.is_some() => {
+            r = task_end(&mut tunnel_task), if tunnel_task.is_some() => {
                 tunnel_task = None;
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("--encrypt: the tunnel ended")),
@@ -1576,12 +1571,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 };
             }
             // The guard's queue failed: packets it should refuse would wait there for ever.
-            r = async {
-                match agent.guard.task.as_mut() {
-                    Some(t) => t.await,
-                    None => std::future::pending().await,
-                }
-            }, if agent.guard.task.is_some() => {
+            r = task_end(&mut agent.guard.task), if agent.guard.task.is_some() => {
                 agent.guard.task = None;
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("the encryption guard ended")),
@@ -1595,24 +1585,33 @@ pub async fn run(opts: Options) -> Result<()> {
     tracing::info!("stopping: removing rules");
     stop_tx.send_replace(true);
     agent.shutdown().await;
-    if let Some(task) = agent.guard.task.take() {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("{e:#}"),
-            Err(e) => tracing::error!("encryption guard task: {e}"),
-        }
-    }
-    if let Some(task) = tunnel_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("{e:#}"),
-            Err(e) => tracing::error!("tunnel task: {e}"),
-        }
-    }
+    log_task_end("encryption guard", agent.guard.task.take()).await;
+    log_task_end("tunnel", tunnel_task).await;
     if outcome.is_ok() {
         tracing::info!("stopped cleanly");
     }
     outcome
+}
+
+/// The end of a task the agent cannot run without (the tunnel, the encryption guard); never,
+/// while there is none.
+async fn task_end(
+    task: &mut Option<JoinHandle<Result<()>>>,
+) -> Result<Result<()>, tokio::task::JoinError> {
+    match task.as_mut() {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for such a task to end after the stop signal; logs how it ended if not cleanly.
+async fn log_task_end(what: &str, task: Option<JoinHandle<Result<()>>>) {
+    let Some(task) = task else { return };
+    match task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{e:#}"),
+        Err(e) => tracing::error!("{what} task: {e}"),
+    }
 }
 
 fn runtime_result(opts: &Options, r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
