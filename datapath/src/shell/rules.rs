@@ -252,8 +252,13 @@ pub struct Installed {
 /// re-apply (after a crash) nothing is grandfathered: a connection that became established
 /// while no agent listened did so without our check.
 ///
-/// Every command runs from a thread inside the namespace (no `nsenter`), the two families side
-/// by side: installs are on a container's start path.
+/// Everything runs from a thread inside the namespace (no `nsenter`), the two families side by
+/// side: installs are on a container's start path. A namespace without any TCP socket (the
+/// start path, read from its `sockstat` counters) takes one round of two processes,
+/// `iptables-restore` and `ip6tables-restore`, whose input creates our chains with `-N`: where
+/// a chain of ours exists already that transaction fails and changes nothing, and the install
+/// falls back to the general path: the jumps in place (`iptables-save`, `ip6tables-save`) and
+/// the established sockets (`ss`) first, then the restores.
 pub fn install(ns: &Netns, cfg: &RuleConfig) -> Result<Installed, ShellError> {
     let cfg = *cfg;
     let path = ns.path().display().to_string();
@@ -262,7 +267,7 @@ pub fn install(ns: &Netns, cfg: &RuleConfig) -> Result<Installed, ShellError> {
 }
 
 /// Name the namespace in an error of a command that ran inside it.
-fn in_netns(e: ShellError, path: &str) -> ShellError {
+pub(crate) fn in_netns(e: ShellError, path: &str) -> ShellError {
     match e {
         ShellError::Command {
             command,
@@ -281,7 +286,29 @@ fn in_netns(e: ShellError, path: &str) -> ShellError {
     }
 }
 
-fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
+/// [`install`] from a thread already inside the namespace (errors do not name it).
+pub fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
+    // Which families the fresh attempt installed (chains and jumps, one transaction each); a
+    // family it did not install holds what it held before.
+    let mut fresh = [false; 2];
+    if tcp_sockets_here() == Some(0) {
+        let restores = Family::ALL
+            .map(|family| {
+                let mut cmd = Command::new(family.restore());
+                cmd.args(["-w", "--noflush"]);
+                (cmd, Some(render_fresh(cfg, family)))
+            })
+            .into();
+        for (slot, result) in fresh.iter_mut().zip(run_commands(restores)) {
+            *slot = result.is_ok();
+        }
+        if fresh == [true; 2] {
+            return Ok(Installed {
+                reapplied: false,
+                grandfathered: 0,
+            });
+        }
+    }
     // Both families' jumps and the established sockets (needed only at a first install), at once.
     let mut probes: Vec<(Command, Option<String>)> = Family::ALL
         .map(|family| {
@@ -299,7 +326,11 @@ fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
         let dump = results.next().unwrap_or_else(|| Ok(Default::default()))?;
         *slot = jumps_in(&dump.0);
     }
-    let first = present.iter().all(|p| !p.output && !p.input);
+    // First install: no family held a jump of ours before this call.
+    let first = present
+        .iter()
+        .zip(fresh)
+        .all(|(p, fresh)| fresh || (!p.output && !p.input));
     let grandfathered = if first {
         let (established, _) = results.next().unwrap_or_else(|| Ok(Default::default()))?;
         grandfather_sockets(&established, cfg.auth_mark)?
@@ -322,6 +353,40 @@ fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
         reapplied: !first,
         grandfathered,
     })
+}
+
+/// How many TCP sockets (IPv4 and IPv6, any state but time-wait) the calling thread's network
+/// namespace has, from the `inuse` counters of `/proc/thread-self/net/sockstat{,6}` (the
+/// namespace's own counters; `/proc/net` would give the process's namespace). `None` when a
+/// file cannot be read or parsed. Reading the counters costs microseconds, where a listing of
+/// sockets (`ss`, `/proc/net/tcp`) walks the host's whole connection table.
+fn tcp_sockets_here() -> Option<u64> {
+    let v4 = std::fs::read_to_string("/proc/thread-self/net/sockstat").ok()?;
+    let v6 = std::fs::read_to_string("/proc/thread-self/net/sockstat6").ok()?;
+    Some(sockstat_in_use(&v4, "TCP:")? + sockstat_in_use(&v6, "TCP6:")?)
+}
+
+/// The `inuse` count of the line that starts with `proto` in a `sockstat` file.
+pub fn sockstat_in_use(sockstat: &str, proto: &str) -> Option<u64> {
+    let line = sockstat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(proto))?;
+    let mut words = line.split_whitespace().skip(1);
+    while let Some(word) = words.next() {
+        if word == "inuse" {
+            return words.next()?.parse().ok();
+        }
+        words.next()?;
+    }
+    None
+}
+
+/// [`render`] for a namespace without any chain or jump of ours: the chains are created with
+/// `-N`, so the transaction fails, and changes nothing, where one already exists.
+pub fn render_fresh(cfg: &RuleConfig, family: Family) -> String {
+    let declared = format!(":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n");
+    let created = format!("-N {CHAIN_OUTPUT}\n-N {CHAIN_INPUT}\n");
+    render(cfg, family, Jumps::default()).replacen(&declared, &created, 1)
 }
 
 /// One established TCP connection of the namespace, in conntrack's original direction.
@@ -685,6 +750,45 @@ garbage
                 },
             ]
         );
+    }
+
+    #[test]
+    fn tcp_sockets_in_use_are_read_from_sockstat() {
+        let v4 =
+            "sockets: used 12\nTCP: inuse 3 orphan 0 tw 7 alloc 40 mem 93\nUDP: inuse 1 mem 26\n";
+        let v6 = "TCP6: inuse 2\nUDP6: inuse 0\n";
+        assert_eq!(sockstat_in_use(v4, "TCP:"), Some(3));
+        assert_eq!(sockstat_in_use(v4, "UDP:"), Some(1));
+        assert_eq!(sockstat_in_use(v6, "TCP6:"), Some(2));
+        assert_eq!(sockstat_in_use(v6, "TCP:"), None);
+        for bad in [
+            "",
+            "TCP:",
+            "TCP: inuse",
+            "TCP: inuse x",
+            "TCP: orphan 0",
+            "TCP: orphan",
+        ] {
+            assert_eq!(sockstat_in_use(bad, "TCP:"), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_fresh_install_creates_the_chains_and_is_otherwise_the_same_rule_set() {
+        let cfg = RuleConfig::default();
+        for family in Family::ALL {
+            let fresh = render_fresh(&cfg, family);
+            let full = render(&cfg, family, Jumps::default());
+            assert!(
+                fresh.starts_with(&format!("*mangle\n-N {CHAIN_OUTPUT}\n-N {CHAIN_INPUT}\n")),
+                "{fresh}"
+            );
+            assert!(!fresh.contains(&format!(":{CHAIN_OUTPUT}")), "{fresh}");
+            assert_eq!(
+                fresh.lines().skip(3).collect::<Vec<_>>(),
+                full.lines().skip(3).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]

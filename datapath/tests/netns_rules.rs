@@ -1,0 +1,246 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `shell::rules::install` on the real kernel, below the agent: a fresh namespace gets the rule
+//! set in one transaction per family, a second install changes nothing (one jump each, the same
+//! rules), a namespace with one family's rules already in place is completed, and connections
+//! established before the first install keep working under fail-closed rules with no queue
+//! reader, while new ones are held. Needs root (tests/run.sh runs it); without root it prints a
+//! SKIP line, and fails under CI=true.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use datapath::shell::Netns;
+use datapath::shell::rules::{self, CHAIN_INPUT, CHAIN_OUTPUT, RuleConfig};
+
+fn privileged(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: the real-kernel tests need root and CI=true: refusing to skip them");
+    }
+    eprintln!("\n**** SKIP {test}: real-kernel test needs root ****\n");
+    false
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A workload namespace and a peer namespace joined by a veth, removed on drop.
+struct Pair {
+    workload: String,
+    peer: String,
+    tag: u8,
+}
+
+impl Pair {
+    /// `tag`: one digit telling the tests of one process apart (also the subnet's third byte).
+    fn new(tag: u8) -> Pair {
+        let id = std::process::id() % 100_000;
+        let p = Pair {
+            workload: format!("trul-w{id}-{tag}"),
+            peer: format!("trul-p{id}-{tag}"),
+            tag,
+        };
+        let (a, b) = (format!("trw{id}{tag}"), format!("trp{id}{tag}"));
+        run(&["ip", "netns", "add", &p.workload]);
+        run(&["ip", "netns", "add", &p.peer]);
+        run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+        run(&["ip", "link", "set", &a, "netns", &p.workload]);
+        run(&["ip", "link", "set", &b, "netns", &p.peer]);
+        for (ns, dev, host) in [(&p.workload, &a, 2), (&p.peer, &b, 1)] {
+            let v4 = format!("10.198.{tag}.{host}/24");
+            let v6 = format!("fd00:198:{tag}::{host}/64");
+            run(&["ip", "-n", ns, "addr", "add", &v4, "dev", dev]);
+            run(&["ip", "-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        p
+    }
+
+    fn addr(&self, host: u8, v6: bool, port: u16) -> SocketAddr {
+        let tag = self.tag;
+        let s = if v6 {
+            format!("[fd00:198:{tag}::{host}]:{port}")
+        } else {
+            format!("10.198.{tag}.{host}:{port}")
+        };
+        s.parse().unwrap()
+    }
+
+    fn ns(name: &str) -> Netns {
+        Netns::from_path(format!("/run/netns/{name}"))
+    }
+
+    /// `iptables-save -t mangle` (or `ip6tables-save`) of the workload, comments and counters
+    /// left out.
+    fn mangle(&self, save: &str) -> Vec<String> {
+        run(&["ip", "netns", "exec", &self.workload, save, "-t", "mangle"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.split_once(" [") {
+                Some((chain, _)) if l.starts_with(':') => chain.to_owned(),
+                _ => l.to_owned(),
+            })
+            .collect()
+    }
+
+    /// How many times each of our two jumps is in the workload's `save` dump.
+    fn jumps(&self, save: &str) -> (usize, usize) {
+        let dump = self.mangle(save);
+        let count = |rule: String| dump.iter().filter(|l| **l == rule).count();
+        (
+            count(format!("-A OUTPUT -j {CHAIN_OUTPUT}")),
+            count(format!("-A INPUT -j {CHAIN_INPUT}")),
+        )
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.workload, &self.peer] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A listener bound inside `ns`.
+fn listen(ns: &str, addr: SocketAddr) -> TcpListener {
+    Pair::ns(ns)
+        .run(move || TcpListener::bind(addr))
+        .unwrap()
+        .unwrap()
+}
+
+/// A connection opened from inside `ns`.
+fn connect(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    Pair::ns(ns)
+        .run(move || TcpStream::connect_timeout(&addr, timeout))
+        .unwrap()
+}
+
+/// Each side writes, the other reads it back, within 3 s.
+fn exchange(a: &mut TcpStream, b: &mut TcpStream, what: &str) {
+    send(a, b, b"ping", what);
+    send(b, a, b"pong", what);
+}
+
+fn send(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8; 4], what: &str) {
+    to.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    from.write_all(msg).unwrap();
+    let mut got = [0u8; 4];
+    to.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(&got, msg, "{what}");
+}
+
+#[test]
+fn netns_rules_a_fresh_install_is_one_transaction_and_a_second_changes_nothing() {
+    if !privileged("netns_rules_a_fresh_install_is_one_transaction_and_a_second_changes_nothing") {
+        return;
+    }
+    let p = Pair::new(1);
+    let ns = Pair::ns(&p.workload);
+    let cfg = RuleConfig::default();
+    let first = rules::install(&ns, &cfg).unwrap();
+    assert!(!first.reapplied, "{first:?}");
+    assert_eq!(first.grandfathered, 0);
+    let (v4, v6) = (p.mangle("iptables-save"), p.mangle("ip6tables-save"));
+    for save in ["iptables-save", "ip6tables-save"] {
+        assert_eq!(p.jumps(save), (1, 1), "{save}: {:?}", p.mangle(save));
+    }
+    assert!(v4.contains(&format!(":{CHAIN_OUTPUT} -")), "{v4:?}");
+    assert!(v6.iter().any(|l| l.contains("ipv6-icmp")), "{v6:?}");
+
+    // An agent restart: the same rules, no jump twice.
+    let second = rules::install(&ns, &cfg).unwrap();
+    assert!(second.reapplied, "{second:?}");
+    assert_eq!(p.mangle("iptables-save"), v4);
+    assert_eq!(p.mangle("ip6tables-save"), v6);
+
+    // Only IPv4 still holds our rules (IPv6's removed by hand): the install completes IPv6 and
+    // leaves IPv4 as it was.
+    let ip6 = |args: &[&str]| {
+        let mut all = vec![
+            "ip",
+            "netns",
+            "exec",
+            &p.workload,
+            "ip6tables",
+            "-t",
+            "mangle",
+        ];
+        all.extend_from_slice(args);
+        run(&all);
+    };
+    ip6(&["-D", "OUTPUT", "-j", CHAIN_OUTPUT]);
+    ip6(&["-D", "INPUT", "-j", CHAIN_INPUT]);
+    for chain in [CHAIN_OUTPUT, CHAIN_INPUT] {
+        ip6(&["-F", chain]);
+        ip6(&["-X", chain]);
+    }
+    assert_eq!(p.jumps("ip6tables-save"), (0, 0));
+    let third = rules::install(&ns, &cfg).unwrap();
+    assert!(third.reapplied, "IPv4 held our rules: {third:?}");
+    assert_eq!(p.mangle("iptables-save"), v4);
+    assert_eq!(p.mangle("ip6tables-save"), v6);
+
+    rules::remove(&ns).unwrap();
+    for save in ["iptables-save", "ip6tables-save"] {
+        assert_eq!(p.jumps(save), (0, 0), "{save}");
+    }
+}
+
+#[test]
+fn netns_rules_connections_established_before_the_first_install_keep_working() {
+    if !privileged("netns_rules_connections_established_before_the_first_install_keep_working") {
+        return;
+    }
+    let p = Pair::new(2);
+    let t = Duration::from_secs(3);
+    // The workload opens a connection over IPv4 and one over IPv6 to the peer, and accepts one.
+    let peer_v4 = listen(&p.peer, p.addr(1, false, 7001));
+    let peer_v6 = listen(&p.peer, p.addr(1, true, 7002));
+    let own = listen(&p.workload, p.addr(2, false, 7003));
+    let mut out_v4 = connect(&p.workload, p.addr(1, false, 7001), t).unwrap();
+    let (mut out_v4_peer, _) = peer_v4.accept().unwrap();
+    let mut out_v6 = connect(&p.workload, p.addr(1, true, 7002), t).unwrap();
+    let (mut out_v6_peer, _) = peer_v6.accept().unwrap();
+    let mut inbound_peer = connect(&p.peer, p.addr(2, false, 7003), t).unwrap();
+    let (mut inbound, _) = own.accept().unwrap();
+
+    // Fail-closed rules and nobody reading the queue: whatever is not authorized is dropped.
+    let ns = Pair::ns(&p.workload);
+    let installed = rules::install(&ns, &RuleConfig::default()).unwrap();
+    assert!(!installed.reapplied, "{installed:?}");
+    assert_eq!(installed.grandfathered, 3, "{installed:?}");
+
+    exchange(
+        &mut out_v4,
+        &mut out_v4_peer,
+        "IPv4, opened by the workload",
+    );
+    exchange(
+        &mut out_v6,
+        &mut out_v6_peer,
+        "IPv6, opened by the workload",
+    );
+    exchange(&mut inbound, &mut inbound_peer, "IPv4, opened by the peer");
+
+    // New connections, either way, wait for a verdict that never comes.
+    let short = Duration::from_millis(700);
+    assert!(connect(&p.workload, p.addr(1, false, 7001), short).is_err());
+    assert!(connect(&p.peer, p.addr(2, false, 7003), short).is_err());
+    rules::remove(&ns).unwrap();
+}
