@@ -140,6 +140,16 @@ awk -v n="$N" -v a="$start" -v b="$started" -v c="$done_at" 'BEGIN {
     p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1]
     printf "start event -> enforced (agent log, %d workloads): p50 %d ms, p99 %d ms, max %d ms\n", NR, p50, p99, v[NR]
   }'
+# Where the agent's part of it went (the same log lines): waiting for an installation slot, the
+# raw and queue sockets in the netns, the rules, and the event loop taking the result up.
+for phase in slot_wait_ms sockets_ms rules_ms loop_wait_ms; do
+  { grep -o "$phase=[0-9]*" "$DIR/agent.log" || true; } | cut -d= -f2 | sort -n | awk -v phase="$phase" '
+    { v[NR] = $1 }
+    END {
+      if (NR == 0) exit
+      printf "  of which %-13s p50 %d ms, p99 %d ms, max %d ms\n", phase ":", v[int((NR - 1) * 0.50) + 1], v[int((NR - 1) * 0.99) + 1], v[NR]
+    }'
+done
 # The histogram, interpolated within buckets.
 metrics | awk '
   /^tessera_workload_enforce_seconds_bucket/ {

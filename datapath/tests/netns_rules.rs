@@ -244,3 +244,119 @@ fn netns_rules_connections_established_before_the_first_install_keep_working() {
     assert!(connect(&p.peer, p.addr(2, false, 7003), short).is_err());
     rules::remove(&ns).unwrap();
 }
+
+/// A namespace with a veth pair of its own (10.197.`i`.1/24 on one end), removed on drop.
+struct Lone(String);
+
+impl Lone {
+    fn new(i: u8) -> Lone {
+        let name = format!("trul-q{}-{i}", std::process::id() % 100_000);
+        run(&["ip", "netns", "add", &name]);
+        let ns = Lone(name);
+        let n = &ns.0;
+        run(&[
+            "ip", "-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]);
+        let addr = format!("10.197.{i}.1/24");
+        run(&["ip", "-n", n, "addr", "add", &addr, "dev", "v0"]);
+        run(&["ip", "-n", n, "link", "set", "v0", "up"]);
+        run(&["ip", "-n", n, "link", "set", "v1", "up"]);
+        ns
+    }
+}
+
+impl Drop for Lone {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Queues opened side by side while other threads open and close fds (so fd numbers are
+/// reused between an opener's listings) each get their own socket: the packet a namespace
+/// queues is read from that namespace's queue, woken by its own socket's readiness.
+#[test]
+fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_namespace() {
+    if !privileged(
+        "netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_namespace",
+    ) {
+        return;
+    }
+    use datapath::shell::QueueConfig;
+    use datapath::shell::queue::{self, Action};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const N: u8 = 6;
+    let spaces: Vec<Lone> = (0..N).map(Lone::new).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let files: Vec<_> = (0..16)
+                        .filter_map(|_| std::fs::File::open("/proc/self/stat").ok())
+                        .collect();
+                    drop(files);
+                }
+            })
+        })
+        .collect();
+    let opened: Vec<_> = spaces
+        .iter()
+        .map(|s| {
+            let ns = Pair::ns(&s.0);
+            std::thread::spawn(move || {
+                rules::install(&ns, &RuleConfig::default()).unwrap();
+                queue::open(&ns, QueueConfig::default()).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    for c in churn {
+        c.join().unwrap();
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (i, opened) in opened.into_iter().enumerate() {
+        let ns = Pair::ns(&spaces[i].0);
+        let dst: SocketAddr = format!("10.197.{i}.2:9").parse().unwrap();
+        rt.block_on(async {
+            let mut q = opened.attach().unwrap();
+            ns.run(move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.send_to(b"which queue", dst).unwrap();
+            })
+            .unwrap();
+            let mut seen = Vec::new();
+            let batch = q.serve_batch(|_, packet, _| {
+                seen.push(packet.clone());
+                Action {
+                    accept: false,
+                    modified: false,
+                    mark: 0,
+                    requeue: false,
+                }
+            });
+            let got = tokio::time::timeout(Duration::from_secs(5), batch).await;
+            assert!(
+                matches!(got, Ok(Ok(n)) if n >= 1),
+                "namespace {i}: its queue was not woken: {got:?}"
+            );
+            // The IPv4 destination of what was read: this namespace's.
+            assert!(
+                seen.iter()
+                    .all(|p| p.get(16..20) == Some(&[10, 197, i as u8, 2][..])),
+                "namespace {i} read another's packet"
+            );
+            q.unbind().unwrap();
+        });
+        rules::remove(&ns).unwrap();
+    }
+}

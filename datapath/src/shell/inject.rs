@@ -30,21 +30,23 @@ pub struct Injector {
 impl Injector {
     /// Open the sockets inside `ns`. `auth_mark` is the AUTH bit of the rules.
     pub fn open(ns: &Netns, auth_mark: u32) -> Result<Injector, ShellError> {
-        let (v4, v6) = ns.run(|| -> Result<(OwnedFd, OwnedFd), ShellError> {
-            let raw = |family| {
-                socket(
-                    family,
-                    SockType::Raw,
-                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                    SockProtocol::Raw,
-                )
-                .map_err(|e| ShellError::RawOpen(e.into()))
-            };
-            Ok((raw(AddressFamily::Inet)?, raw(AddressFamily::Inet6)?))
-        })??;
+        ns.run(move || Injector::open_here(auth_mark))?
+    }
+
+    /// [`Injector::open`] from a thread already inside the namespace.
+    pub fn open_here(auth_mark: u32) -> Result<Injector, ShellError> {
+        let raw = |family| {
+            socket(
+                family,
+                SockType::Raw,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                SockProtocol::Raw,
+            )
+            .map_err(|e| ShellError::RawOpen(e.into()))
+        };
         Ok(Injector {
-            v4,
-            v6,
+            v4: raw(AddressFamily::Inet)?,
+            v6: raw(AddressFamily::Inet6)?,
             auth_mark,
             control_mark: crate::control_mark(auth_mark),
         })

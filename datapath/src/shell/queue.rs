@@ -125,33 +125,61 @@ fn is_netfilter_socket(fd: &OwnedFd) -> bool {
         && sockopt::socket_protocol(fd).is_ok_and(|p| p == Some(netlink::NETFILTER))
 }
 
-fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
+/// How many times [`open_socket`] tries the cheap way before it lists every socket.
+const CHEAP_TRIES: usize = 4;
+
+/// Open an nfq queue and get our own duplicate of its socket, which the crate does not expose.
+///
+/// Only this function creates netfilter sockets in the process, under `OPEN_LOCK`, and a new
+/// socket takes the lowest free fd number. The cheap way holds that number (a duplicate of a
+/// fd we own), frees it, and lets the crate open its socket: if a netfilter socket is then under
+/// that number, it is the queue's (every older netfilter socket was open, so elsewhere, while
+/// we held the number). It misses when another thread opened or closed a fd in between; then
+/// the queue is closed and opened again. After [`CHEAP_TRIES`] misses the exact way runs: every
+/// socket's inode before and after, one link read per fd (milliseconds with a few hundred
+/// workloads, where the cheap way takes microseconds whatever their number).
+fn open_socket() -> Result<(nfq::Queue, OwnedFd), ShellError> {
+    use std::os::fd::AsRawFd;
     let io = |e: rustix::io::Errno| ShellError::Queue(e.into());
     let me = pidfd_open(getpid(), PidfdFlags::empty()).map_err(io)?;
-    let (mut queue, socket) = {
-        // A poisoned lock only means another opener panicked; the fd listing is still valid.
-        let _guard = OPEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let before = sockets()?;
+    // A poisoned lock only means another opener panicked; the fd listing is still valid.
+    let _guard = OPEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..CHEAP_TRIES {
+        let held = rustix::io::dup(&me).map_err(io)?;
+        let slot = held.as_raw_fd();
+        drop(held);
         let queue = nfq::Queue::open().map_err(ShellError::Queue)?;
-        let after = sockets()?;
-        let mut found = Vec::new();
-        let mut notes = Vec::new();
-        for (inode, fd) in after.iter().filter(|(i, _)| !before.contains_key(i)) {
-            match pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()) {
-                // The fd number may have been closed and reused since the listing: check the
-                // duplicate is still that socket.
-                Ok(dup) if is_netfilter_socket(&dup) && inode_of(&dup) == Some(*inode) => {
-                    found.push(dup)
-                }
-                Ok(_) => notes.push(format!("fd {fd}: not the netfilter socket")),
-                Err(e) => notes.push(format!("fd {fd}: pidfd_getfd: {e}")),
+        match pidfd_getfd(&me, slot, PidfdGetfdFlags::empty()) {
+            Ok(socket) if is_netfilter_socket(&socket) => return Ok((queue, socket)),
+            _ => {}
+        }
+    }
+    let before = sockets()?;
+    let queue = nfq::Queue::open().map_err(ShellError::Queue)?;
+    let after = sockets()?;
+    let mut found = Vec::new();
+    let mut notes = Vec::new();
+    for (inode, fd) in after.iter().filter(|(i, _)| !before.contains_key(i)) {
+        match pidfd_getfd(&me, *fd, PidfdGetfdFlags::empty()) {
+            // The fd number may have been closed and reused since the listing: check the
+            // duplicate is still that socket.
+            Ok(dup) if is_netfilter_socket(&dup) && inode_of(&dup) == Some(*inode) => {
+                found.push(dup)
             }
+            Ok(_) => notes.push(format!("fd {fd}: not the netfilter socket")),
+            Err(e) => notes.push(format!("fd {fd}: pidfd_getfd: {e}")),
         }
-        match (found.pop(), found.is_empty()) {
-            (Some(socket), true) => (queue, socket),
-            _ => return Err(ShellError::QueueFd(notes.join("; "))),
-        }
-    };
+    }
+    match (found.pop(), found.is_empty()) {
+        (Some(socket), true) => Ok((queue, socket)),
+        _ => Err(ShellError::QueueFd(notes.join("; "))),
+    }
+}
+
+/// [`open`] from a thread already inside the namespace.
+pub fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
+    let io = |e: rustix::io::Errno| ShellError::Queue(e.into());
+    let (mut queue, socket) = open_socket()?;
     let q = cfg.queue_num;
     queue.bind(q).map_err(|e| {
         if matches!(e.raw_os_error(), Some(nix::libc::EBUSY | nix::libc::EPERM)) {

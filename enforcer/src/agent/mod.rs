@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use datapath::shell::inject::Injector;
@@ -643,14 +643,25 @@ impl Agent {
         let key = s.desired.key.clone();
         let (qcfg, rules, permits) = (self.qcfg, self.rules, self.permits.clone());
         let handle = self.tasks.spawn(async move {
+            let launched = Instant::now();
             let _permit = permits.acquire_owned().await;
+            let mut timings = InstallTimings {
+                waited: launched.elapsed(),
+                ..InstallTimings::default()
+            };
             let result = async {
                 let (file, ino, netns) = open_netns(&s.desired.netns)?;
-                let (queue, installed, injector) = start_workload(&netns, qcfg, rules).await?;
+                let (queue, installed, injector) =
+                    start_workload(&netns, qcfg, rules, &mut timings).await?;
                 Ok((file, ino, netns, queue, installed, injector))
             }
             .await;
-            Started { start: *s, result }
+            Started {
+                start: *s,
+                result,
+                timings,
+                ended: Instant::now(),
+            }
         });
         self.inflight.insert(handle.id(), key);
     }
@@ -741,7 +752,12 @@ impl Agent {
     }
 
     fn finish(&mut self, started: Started) {
-        let Started { start, result } = started;
+        let Started {
+            start,
+            result,
+            timings,
+            ended,
+        } = started;
         let d = start.desired;
         let (file, ino, netns, queue, installed, injector) = match result {
             Ok(x) => x,
@@ -778,6 +794,10 @@ impl Agent {
             reapplied = installed.reapplied,
             grandfathered = installed.grandfathered,
             since_start_ms = latency.map(|l| l.as_millis() as u64),
+            slot_wait_ms = timings.waited.as_millis() as u64,
+            sockets_ms = timings.sockets.as_millis() as u64,
+            rules_ms = timings.rules.as_millis() as u64,
+            loop_wait_ms = ended.elapsed().as_millis() as u64,
             "workload enforced"
         );
         let stats = Arc::new(QueueStats::default());
@@ -1297,6 +1317,20 @@ type StartedParts = (
 struct Started {
     start: Start,
     result: Result<StartedParts>,
+    timings: InstallTimings,
+    /// When the installation task ended (the event loop takes it up later).
+    ended: Instant,
+}
+
+/// Where a workload's installation spent its time (logged with "workload enforced").
+#[derive(Debug, Default, Clone, Copy)]
+struct InstallTimings {
+    /// Waiting for one of the installation slots.
+    waited: Duration,
+    /// The raw socket and the queue socket in the workload's netns.
+    sockets: Duration,
+    /// The rules (`shell::rules::install`).
+    rules: Duration,
 }
 
 /// Run the agent until SIGTERM/SIGINT; then remove every rule it installed.
@@ -1646,30 +1680,25 @@ async fn start_workload(
     netns: &Netns,
     qcfg: QueueConfig,
     rules: RuleConfig,
+    timings: &mut InstallTimings,
 ) -> Result<(WorkloadQueue, shell::Installed, Injector)> {
     let ns = netns.clone();
-    let injector = tokio::task::spawn_blocking(move || Injector::open(&ns, rules.auth_mark))
-        .await
-        .context("raw socket thread")??;
-    // The queue listens before the rules send anything to it.
-    let ns = netns.clone();
-    let opened = tokio::task::spawn_blocking(move || shell::queue::open(&ns, qcfg))
-        .await
-        .context("queue thread")??;
-    let queue = opened.attach()?;
-    let ns = netns.clone();
-    let installed = tokio::task::spawn_blocking(move || {
-        let result = shell::rules::install(&ns, &rules);
-        if result.is_err() {
-            // We hold the queue, so no other agent serves this netns: rules left half in
-            // place (IPv4 without IPv6) are ours to take out.
+    let started = tokio::task::spawn_blocking(move || {
+        let result = shell::start_workload(&ns, rules.auth_mark, qcfg, rules);
+        if let Err(shell::ShellError::Command { .. } | shell::ShellError::Spawn { .. }) = &result {
+            // The rules failed after our queue was bound, so no other agent serves this netns:
+            // rules left half in place (IPv4 without IPv6) are ours to take out.
             let _ = shell::rules::remove(&ns);
         }
         result
     })
     .await
-    .context("rules thread")??;
-    Ok((queue, installed, injector))
+    .context("workload setup thread")??;
+    timings.sockets = started.sockets;
+    timings.rules = started.rules;
+    // The queue listens before the rules send anything to it.
+    let queue = started.queue.attach()?;
+    Ok((queue, started.installed, started.injector))
 }
 
 enum Served {
