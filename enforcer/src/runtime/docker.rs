@@ -25,6 +25,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, EventMessage};
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use policy::{ContainerPort, PodKey, Protocol};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -706,9 +707,24 @@ async fn session(cfg: &DockerConfig, tx: &Sender, up: &mut bool, was_down: bool)
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    // Events are taken in order, and their effects applied in that order, but the inspections
+    // of the containers they name run side by side: when several containers start at once,
+    // the last one's `start` does not wait for the daemon to answer about each before it.
+    let mut pending = FuturesOrdered::new();
     loop {
         let next = tokio::select! {
-            next = erx.recv() => next,
+            next = erx.recv(), if pending.len() < INSPECTS_IN_FLIGHT => next,
+            Some(step) = pending.next(), if !pending.is_empty() => {
+                match step {
+                    Ok(step) => {
+                        if let Err(e) = apply_step(tx, &mut known, step).await {
+                            return e;
+                        }
+                    }
+                    Err(e) => return e,
+                }
+                continue;
+            }
             _ = ping.tick() => {
                 match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
                     Ok(Ok(_)) => continue,
@@ -727,11 +743,16 @@ async fn session(cfg: &DockerConfig, tx: &Sender, up: &mut bool, was_down: bool)
             }
             None => return Lost::retry("event stream ended"),
         };
-        if let Err(e) = handle_event(&docker, cfg, tx, &mut known, &ev).await {
-            return e;
-        }
+        pending.push_back(prepare_step(
+            docker.clone(),
+            cfg.namespace_label.clone(),
+            ev,
+        ));
     }
 }
+
+/// How many containers the event loop inspects at once.
+const INSPECTS_IN_FLIGHT: usize = 16;
 
 /// Inspects one container and maps it, logging why it is skipped and what was dropped.
 /// `Ok(None)`: not enforced, or gone already (its die/destroy follows).
@@ -845,29 +866,76 @@ fn on_gone(known: &mut Known, id: &str) -> Option<Event> {
     known.remove(id).map(|(key, _)| Event::Remove(key))
 }
 
-async fn handle_event(
-    docker: &Docker,
-    cfg: &DockerConfig,
-    tx: &Sender,
-    known: &mut Known,
-    ev: &EventMessage,
-) -> std::result::Result<(), Lost> {
-    let Some(id) = ev.actor.as_ref().and_then(|a| a.id.as_deref()) else {
-        return Ok(());
+/// One event, with what the daemon said about its container: applied to the session's state in
+/// the events' order by [`apply_step`].
+enum Step {
+    /// A start or unpause, inspected and mapped.
+    Started {
+        id: String,
+        action: &'static str,
+        mapped: Option<Box<Desired>>,
+    },
+    /// A die or destroy.
+    Gone { id: String, action: &'static str },
+    /// Nothing to do.
+    Ignored,
+}
+
+/// What an event needs from the daemon (the inspection of a started container), without
+/// touching the session's state.
+async fn prepare_step(
+    docker: Docker,
+    namespace_label: String,
+    ev: EventMessage,
+) -> std::result::Result<Step, Lost> {
+    let Some(id) = ev.actor.as_ref().and_then(|a| a.id.clone()) else {
+        return Ok(Step::Ignored);
     };
-    let short = id.get(..12).unwrap_or(id);
-    let send = |e: Event| async move { tx.send(e).await.map_err(|_| Lost::AgentGone) };
-    match event_action(ev) {
+    let short = id.get(..12).unwrap_or(&id);
+    Ok(match event_action(&ev) {
         // An unpause changes nothing in enforcement (the netns stays); it is checked like a
         // start only in case the container was missed (paused across a resync).
         action @ ("start" | "unpause") => {
+            let action = if action == "start" {
+                "start"
+            } else {
+                "unpause"
+            };
             let started_at = if action == "start" {
-                event_time(ev)
+                event_time(&ev)
             } else {
                 None
             };
-            let mapped = inspect(docker, id, &cfg.namespace_label, started_at).await?;
-            let events = on_start(known, id, mapped);
+            let mapped = inspect(&docker, &id, &namespace_label, started_at)
+                .await?
+                .map(Box::new);
+            Step::Started { id, action, mapped }
+        }
+        action @ ("die" | "destroy") => Step::Gone {
+            action: if action == "die" { "die" } else { "destroy" },
+            id,
+        },
+        "pause" => {
+            debug!(
+                container = short,
+                "docker: pause: nothing changes (the netns stays)"
+            );
+            Step::Ignored
+        }
+        other => {
+            debug!(container = short, action = other, "docker: event ignored");
+            Step::Ignored
+        }
+    })
+}
+
+/// Apply one [`Step`] to what the session knows, and send the agent what changed.
+async fn apply_step(tx: &Sender, known: &mut Known, step: Step) -> std::result::Result<(), Lost> {
+    let send = |e: Event| async move { tx.send(e).await.map_err(|_| Lost::AgentGone) };
+    match step {
+        Step::Started { id, action, mapped } => {
+            let short = id.get(..12).unwrap_or(&id);
+            let events = on_start(known, &id, mapped.map(|d| *d));
             if events.is_empty() {
                 debug!(container = short, "docker: {action}: nothing new");
             }
@@ -878,19 +946,16 @@ async fn handle_event(
                 send(e).await?;
             }
         }
-        action @ ("die" | "destroy") => {
-            if let Some(e) = on_gone(known, id) {
-                debug!(container = short, "docker: {action}: forget");
+        Step::Gone { id, action } => {
+            if let Some(e) = on_gone(known, &id) {
+                debug!(
+                    container = id.get(..12).unwrap_or(&id),
+                    "docker: {action}: forget"
+                );
                 send(e).await?;
             }
         }
-        "pause" => {
-            debug!(
-                container = short,
-                "docker: pause: nothing changes (the netns stays)"
-            );
-        }
-        other => debug!(container = short, action = other, "docker: event ignored"),
+        Step::Ignored => {}
     }
     Ok(())
 }
