@@ -8,82 +8,30 @@
 //! fails under CI=true.
 
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use datapath::shell::queue::{self, Action};
 use datapath::shell::rules::{self, RuleConfig};
-use datapath::shell::{Direction, Netns, QueueConfig};
+use datapath::shell::{Direction, QueueConfig};
 use datapath::{Processor, ProcessorConfig, WorkloadId};
 use simple_dns::rdata::{A, RData};
 use simple_dns::{CLASS, Name, Packet, QCLASS, QTYPE, Question, ResourceRecord, TYPE};
 
-fn privileged(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: the real-kernel tests need root and CI=true: refusing to skip them");
-    }
-    eprintln!("\n**** SKIP {test}: real-kernel test needs root ****\n");
-    false
-}
+mod kernel;
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use kernel::{netns, privileged};
 
-/// Two namespaces joined by a veth, removed on drop.
-struct Pair {
-    workload: String,
-    resolver: String,
-}
-
-impl Pair {
-    /// `tag`: one digit telling the tests of one process apart.
-    fn new(tag: u8) -> Pair {
-        let id = std::process::id() % 100_000;
-        let p = Pair {
-            workload: format!("tdns-w{id}-{tag}"),
-            resolver: format!("tdns-r{id}-{tag}"),
-        };
-        let (a, b) = (format!("tdw{id}{tag}"), format!("tdr{id}{tag}"));
-        run(&["ip", "netns", "add", &p.workload]);
-        run(&["ip", "netns", "add", &p.resolver]);
-        run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
-        run(&["ip", "link", "set", &a, "netns", &p.workload]);
-        run(&["ip", "link", "set", &b, "netns", &p.resolver]);
-        for (ns, dev, v4, v6) in [
-            (&p.workload, &a, "10.199.0.2/24", "fd00:199::2/64"),
-            (&p.resolver, &b, "10.199.0.53/24", "fd00:199::53/64"),
-        ] {
-            run(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
-            run(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
-            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        p
-    }
-
-    fn ns(name: &str) -> Netns {
-        Netns::from_path(format!("/run/netns/{name}"))
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.workload, &self.resolver] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
+/// The workload namespace (10.199.0.2, fd00:199::2) and the resolver's (.53, ::53), joined by
+/// a veth, removed on drop. `tag`: one digit telling the tests of one process apart.
+fn pair(tag: u8) -> kernel::Pair {
+    kernel::Pair::new(
+        "tdns",
+        tag,
+        &["10.199.0.2/24", "fd00:199::2/64"],
+        &["10.199.0.53/24", "fd00:199::53/64"],
+    )
 }
 
 fn answer(id: u16) -> Vec<u8> {
@@ -156,8 +104,8 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
     let wl_ip: IpAddr = wl_ip.parse().unwrap();
     let res_ip: IpAddr = res_ip.parse().unwrap();
     let at = |ip: IpAddr, port: u16| std::net::SocketAddr::new(ip, port);
-    let pair = Pair::new(if wl_ip.is_ipv4() { 4 } else { 6 });
-    let (wl, res) = (Pair::ns(&pair.workload), Pair::ns(&pair.resolver));
+    let pair = pair(if wl_ip.is_ipv4() { 4 } else { 6 });
+    let (wl, res) = (netns(&pair.a), netns(&pair.b));
     let rule_cfg = RuleConfig {
         dns_queue_num: Some(8),
         ..RuleConfig::default()

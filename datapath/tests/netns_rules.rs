@@ -11,62 +11,43 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use datapath::shell::Netns;
 use datapath::shell::rules::{self, CHAIN_INPUT, CHAIN_OUTPUT, RuleConfig};
 
-fn privileged(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: the real-kernel tests need root and CI=true: refusing to skip them");
-    }
-    eprintln!("\n**** SKIP {test}: real-kernel test needs root ****\n");
-    false
-}
+mod kernel;
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use kernel::{netns, privileged, run};
 
-/// A workload namespace and a peer namespace joined by a veth, removed on drop.
+/// A workload namespace (10.198.`tag`.2, fd00:198:`tag`::2) and a peer namespace (.1, ::1)
+/// joined by a veth, removed on drop.
 struct Pair {
-    workload: String,
-    peer: String,
+    ns: kernel::Pair,
     tag: u8,
 }
 
 impl Pair {
     /// `tag`: one digit telling the tests of one process apart (also the subnet's third byte).
     fn new(tag: u8) -> Pair {
-        let id = std::process::id() % 100_000;
-        let p = Pair {
-            workload: format!("trul-w{id}-{tag}"),
-            peer: format!("trul-p{id}-{tag}"),
+        let ns = kernel::Pair::new(
+            "trul",
             tag,
-        };
-        let (a, b) = (format!("trw{id}{tag}"), format!("trp{id}{tag}"));
-        run(&["ip", "netns", "add", &p.workload]);
-        run(&["ip", "netns", "add", &p.peer]);
-        run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
-        run(&["ip", "link", "set", &a, "netns", &p.workload]);
-        run(&["ip", "link", "set", &b, "netns", &p.peer]);
-        for (ns, dev, host) in [(&p.workload, &a, 2), (&p.peer, &b, 1)] {
-            let v4 = format!("10.198.{tag}.{host}/24");
-            let v6 = format!("fd00:198:{tag}::{host}/64");
-            run(&["ip", "-n", ns, "addr", "add", &v4, "dev", dev]);
-            run(&["ip", "-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
-            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        p
+            &[
+                &format!("10.198.{tag}.2/24"),
+                &format!("fd00:198:{tag}::2/64"),
+            ],
+            &[
+                &format!("10.198.{tag}.1/24"),
+                &format!("fd00:198:{tag}::1/64"),
+            ],
+        );
+        Pair { ns, tag }
+    }
+
+    fn workload(&self) -> &str {
+        &self.ns.a
+    }
+
+    fn peer(&self) -> &str {
+        &self.ns.b
     }
 
     fn addr(&self, host: u8, v6: bool, port: u16) -> SocketAddr {
@@ -79,14 +60,10 @@ impl Pair {
         s.parse().unwrap()
     }
 
-    fn ns(name: &str) -> Netns {
-        Netns::from_path(format!("/run/netns/{name}"))
-    }
-
     /// `iptables-save -t mangle` (or `ip6tables-save`) of the workload, comments and counters
     /// left out.
     fn mangle(&self, save: &str) -> Vec<String> {
-        run(&["ip", "netns", "exec", &self.workload, save, "-t", "mangle"])
+        run(&["ip", "netns", "exec", self.workload(), save, "-t", "mangle"])
             .lines()
             .filter(|l| !l.starts_with('#'))
             .map(|l| match l.split_once(" [") {
@@ -107,17 +84,9 @@ impl Pair {
     }
 }
 
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.workload, &self.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// A listener bound inside `ns`.
 fn listen(ns: &str, addr: SocketAddr) -> TcpListener {
-    Pair::ns(ns)
+    netns(ns)
         .run(move || TcpListener::bind(addr))
         .unwrap()
         .unwrap()
@@ -125,7 +94,7 @@ fn listen(ns: &str, addr: SocketAddr) -> TcpListener {
 
 /// A connection opened from inside `ns`.
 fn connect(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    Pair::ns(ns)
+    netns(ns)
         .run(move || TcpStream::connect_timeout(&addr, timeout))
         .unwrap()
 }
@@ -151,7 +120,7 @@ fn netns_rules_a_fresh_install_is_one_transaction_and_a_second_changes_nothing()
         return;
     }
     let p = Pair::new(1);
-    let ns = Pair::ns(&p.workload);
+    let ns = netns(p.workload());
     let cfg = RuleConfig::default();
     let first = rules::install(&ns, &cfg).unwrap();
     assert!(!first.reapplied, "{first:?}");
@@ -176,7 +145,7 @@ fn netns_rules_a_fresh_install_is_one_transaction_and_a_second_changes_nothing()
             "ip",
             "netns",
             "exec",
-            &p.workload,
+            p.workload(),
             "ip6tables",
             "-t",
             "mangle",
@@ -210,18 +179,18 @@ fn netns_rules_connections_established_before_the_first_install_keep_working() {
     let p = Pair::new(2);
     let t = Duration::from_secs(3);
     // The workload opens a connection over IPv4 and one over IPv6 to the peer, and accepts one.
-    let peer_v4 = listen(&p.peer, p.addr(1, false, 7001));
-    let peer_v6 = listen(&p.peer, p.addr(1, true, 7002));
-    let own = listen(&p.workload, p.addr(2, false, 7003));
-    let mut out_v4 = connect(&p.workload, p.addr(1, false, 7001), t).unwrap();
+    let peer_v4 = listen(p.peer(), p.addr(1, false, 7001));
+    let peer_v6 = listen(p.peer(), p.addr(1, true, 7002));
+    let own = listen(p.workload(), p.addr(2, false, 7003));
+    let mut out_v4 = connect(p.workload(), p.addr(1, false, 7001), t).unwrap();
     let (mut out_v4_peer, _) = peer_v4.accept().unwrap();
-    let mut out_v6 = connect(&p.workload, p.addr(1, true, 7002), t).unwrap();
+    let mut out_v6 = connect(p.workload(), p.addr(1, true, 7002), t).unwrap();
     let (mut out_v6_peer, _) = peer_v6.accept().unwrap();
-    let mut inbound_peer = connect(&p.peer, p.addr(2, false, 7003), t).unwrap();
+    let mut inbound_peer = connect(p.peer(), p.addr(2, false, 7003), t).unwrap();
     let (mut inbound, _) = own.accept().unwrap();
 
     // Fail-closed rules and nobody reading the queue: whatever is not authorized is dropped.
-    let ns = Pair::ns(&p.workload);
+    let ns = netns(p.workload());
     let installed = rules::install(&ns, &RuleConfig::default()).unwrap();
     assert!(!installed.reapplied, "{installed:?}");
     assert_eq!(installed.grandfathered, 3, "{installed:?}");
@@ -240,8 +209,8 @@ fn netns_rules_connections_established_before_the_first_install_keep_working() {
 
     // New connections, either way, wait for a verdict that never comes.
     let short = Duration::from_millis(700);
-    assert!(connect(&p.workload, p.addr(1, false, 7001), short).is_err());
-    assert!(connect(&p.peer, p.addr(2, false, 7003), short).is_err());
+    assert!(connect(p.workload(), p.addr(1, false, 7001), short).is_err());
+    assert!(connect(p.peer(), p.addr(2, false, 7003), short).is_err());
     rules::remove(&ns).unwrap();
 }
 
@@ -305,7 +274,7 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
     let opened: Vec<_> = spaces
         .iter()
         .map(|s| {
-            let ns = Pair::ns(&s.0);
+            let ns = netns(&s.0);
             std::thread::spawn(move || {
                 rules::install(&ns, &RuleConfig::default()).unwrap();
                 queue::open(&ns, QueueConfig::default()).unwrap()
@@ -325,7 +294,7 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
         .build()
         .unwrap();
     for (i, opened) in opened.into_iter().enumerate() {
-        let ns = Pair::ns(&spaces[i].0);
+        let ns = netns(&spaces[i].0);
         let dst: SocketAddr = format!("10.197.{i}.2:9").parse().unwrap();
         rt.block_on(async {
             let mut q = opened.attach().unwrap();

@@ -25,13 +25,12 @@ const NODE_B: &str = "10.201.0.2";
 const POD_A: &str = "10.202.1.2";
 const POD_B: &str = "10.202.2.2";
 
+mod kernel;
+
+use kernel::run;
+
 fn privileged(test: &str) -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if !rustix::process::geteuid().is_root() {
-        if ci {
-            panic!("{test}: the real-kernel tests need root and CI=true: refusing to skip them");
-        }
-        eprintln!("\n**** SKIP {test}: real-kernel test needs root ****\n");
+    if !kernel::privileged(test) {
         return false;
     }
     let tcpdump = Command::new("tcpdump")
@@ -41,7 +40,7 @@ fn privileged(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !tcpdump {
-        if ci {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!(
                 "{test}: tcpdump is missing and CI=true: refusing to skip (tests/need.sh tcpdump=tcpdump)"
             );
@@ -50,17 +49,6 @@ fn privileged(test: &str) -> bool {
         return false;
     }
     true
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
