@@ -152,11 +152,7 @@ pub fn apply(ns: &Netns, cfg: &GuardConfig, g: &Guarded) -> Result<(), ShellErro
     ns.run(move || {
         let restores = Family::ALL
             .into_iter()
-            .map(|family| {
-                let mut cmd = Command::new(family.restore());
-                cmd.args(["-w", "--noflush"]);
-                (cmd, Some(render(&cfg, &g, family, jump_present(family))))
-            })
+            .map(|family| family.restore_noflush(render(&cfg, &g, family, jump_present(family))))
             .collect();
         run_commands(restores)
             .into_iter()

@@ -13,7 +13,6 @@ use nix::sys::socket::{
 };
 
 use super::ShellError;
-use super::netns::Netns;
 use crate::packet::IpDatagram;
 use crate::udp::EmitMark;
 
@@ -28,12 +27,8 @@ pub struct Injector {
 }
 
 impl Injector {
-    /// Open the sockets inside `ns`. `auth_mark` is the AUTH bit of the rules.
-    pub fn open(ns: &Netns, auth_mark: u32) -> Result<Injector, ShellError> {
-        ns.run(move || Injector::open_here(auth_mark))?
-    }
-
-    /// [`Injector::open`] from a thread already inside the namespace.
+    /// Open the sockets from a thread inside the workload's namespace (where they stay).
+    /// `auth_mark` is the AUTH bit of the rules.
     pub fn open_here(auth_mark: u32) -> Result<Injector, ShellError> {
         let raw = |family| {
             socket(

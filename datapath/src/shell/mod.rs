@@ -39,7 +39,7 @@ pub struct StartedWorkload {
 }
 
 /// Everything a new workload needs in its namespace, from one thread inside it: the raw
-/// sockets ([`inject::Injector::open`]), the queue ([`queue::open`]), then the rules
+/// sockets ([`inject::Injector::open_here`]), the queue ([`queue::open`]), then the rules
 /// ([`rules::install`]). One entry into the namespace instead of three: on a container's start
 /// path, under load, every hand-off between threads waits for a CPU.
 pub fn start_workload(

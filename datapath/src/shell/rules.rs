@@ -72,6 +72,14 @@ impl Family {
         }
     }
 
+    /// An `iptables-restore --noflush` (or `ip6tables-`) command, waiting for the xtables lock,
+    /// with `input` for its stdin, as [`run_commands`] takes it.
+    pub(crate) fn restore_noflush(self, input: String) -> (Command, Option<String>) {
+        let mut cmd = Command::new(self.restore());
+        cmd.args(["-w", "--noflush"]);
+        (cmd, Some(input))
+    }
+
     fn save(self) -> &'static str {
         match self {
             Family::V4 => "iptables-save",
@@ -105,15 +113,31 @@ pub struct Jumps {
 /// With [`RuleConfig::dns_queue_num`], one more rule on INPUT, before the connmark bypass,
 /// queues DNS answers on authorized flows there (see [`dns_answer_rule`]).
 pub fn render(cfg: &RuleConfig, family: Family, present: Jumps) -> String {
+    render_as(cfg, family, present, false)
+}
+
+/// [`render`] for a namespace without any chain or jump of ours: the chains are created with
+/// `-N`, so the transaction fails, and changes nothing, where one already exists.
+fn render_fresh(cfg: &RuleConfig, family: Family) -> String {
+    render_as(cfg, family, Jumps::default(), true)
+}
+
+/// [`render`], our chains declared (`:`, which creates or resets them) or, with `create`,
+/// created (`-N`, which fails where one exists).
+fn render_as(cfg: &RuleConfig, family: Family, present: Jumps, create: bool) -> String {
     let auth = format!("{0:#x}/{0:#x}", cfg.auth_mark);
     let mask = format!("{:#x}", cfg.auth_mark);
     let bypass = if cfg.fail_open { " --queue-bypass" } else { "" };
     let q = cfg.queue_num;
     let reauth = crate::reauth_mark(cfg.auth_mark);
     let mut out = String::from("*mangle\n");
-    out.push_str(&format!(
-        ":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n"
-    ));
+    if create {
+        out.push_str(&format!("-N {CHAIN_OUTPUT}\n-N {CHAIN_INPUT}\n"));
+    } else {
+        out.push_str(&format!(
+            ":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n"
+        ));
+    }
     let control = crate::control_mark(cfg.auth_mark);
     for (chain, iface) in [(CHAIN_OUTPUT, "-o"), (CHAIN_INPUT, "-i")] {
         out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
@@ -293,11 +317,7 @@ pub fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
     let mut fresh = [false; 2];
     if tcp_sockets_here() == Some(0) {
         let restores = Family::ALL
-            .map(|family| {
-                let mut cmd = Command::new(family.restore());
-                cmd.args(["-w", "--noflush"]);
-                (cmd, Some(render_fresh(cfg, family)))
-            })
+            .map(|family| family.restore_noflush(render_fresh(cfg, family)))
             .into();
         for (slot, result) in fresh.iter_mut().zip(run_commands(restores)) {
             *slot = result.is_ok();
@@ -340,11 +360,7 @@ pub fn install_here(cfg: &RuleConfig) -> Result<Installed, ShellError> {
     let restores = Family::ALL
         .into_iter()
         .zip(present)
-        .map(|(family, present)| {
-            let mut cmd = Command::new(family.restore());
-            cmd.args(["-w", "--noflush"]);
-            (cmd, Some(render(cfg, family, present)))
-        })
+        .map(|(family, present)| family.restore_noflush(render(cfg, family, present)))
         .collect();
     for result in run_commands(restores) {
         result?;
@@ -367,7 +383,7 @@ fn tcp_sockets_here() -> Option<u64> {
 }
 
 /// The `inuse` count of the line that starts with `proto` in a `sockstat` file.
-pub fn sockstat_in_use(sockstat: &str, proto: &str) -> Option<u64> {
+fn sockstat_in_use(sockstat: &str, proto: &str) -> Option<u64> {
     let line = sockstat
         .lines()
         .find(|l| l.split_whitespace().next() == Some(proto))?;
@@ -379,14 +395,6 @@ pub fn sockstat_in_use(sockstat: &str, proto: &str) -> Option<u64> {
         words.next()?;
     }
     None
-}
-
-/// [`render`] for a namespace without any chain or jump of ours: the chains are created with
-/// `-N`, so the transaction fails, and changes nothing, where one already exists.
-pub fn render_fresh(cfg: &RuleConfig, family: Family) -> String {
-    let declared = format!(":{CHAIN_OUTPUT} - [0:0]\n:{CHAIN_INPUT} - [0:0]\n");
-    let created = format!("-N {CHAIN_OUTPUT}\n-N {CHAIN_INPUT}\n");
-    render(cfg, family, Jumps::default()).replacen(&declared, &created, 1)
 }
 
 /// One established TCP connection of the namespace, in conntrack's original direction.

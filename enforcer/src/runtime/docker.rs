@@ -872,11 +872,11 @@ enum Step {
     /// A start or unpause, inspected and mapped.
     Started {
         id: String,
-        action: &'static str,
+        action: String,
         mapped: Option<Box<Desired>>,
     },
     /// A die or destroy.
-    Gone { id: String, action: &'static str },
+    Gone { id: String, action: String },
     /// Nothing to do.
     Ignored,
 }
@@ -896,11 +896,6 @@ async fn prepare_step(
         // An unpause changes nothing in enforcement (the netns stays); it is checked like a
         // start only in case the container was missed (paused across a resync).
         action @ ("start" | "unpause") => {
-            let action = if action == "start" {
-                "start"
-            } else {
-                "unpause"
-            };
             let started_at = if action == "start" {
                 event_time(&ev)
             } else {
@@ -909,10 +904,14 @@ async fn prepare_step(
             let mapped = inspect(&docker, &id, &namespace_label, started_at)
                 .await?
                 .map(Box::new);
-            Step::Started { id, action, mapped }
+            Step::Started {
+                action: action.to_owned(),
+                id,
+                mapped,
+            }
         }
         action @ ("die" | "destroy") => Step::Gone {
-            action: if action == "die" { "die" } else { "destroy" },
+            action: action.to_owned(),
             id,
         },
         "pause" => {
