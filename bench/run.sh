@@ -34,10 +34,15 @@ bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
 echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
 bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
-echo "== 3/4 scale: the policy engine with 10k NetworkPolicies, 1k admin policies, 5k pods (criterion)"
-"$cargo" bench --locked -p tessera-policy --bench engine -- --warm-up-time 1 --measurement-time 3 \
-  '^(decision/decide_ref, 1k admin policies|compile/one policy changed|compile/one admin policy changed)$' \
-  2>&1 | tee "$out/engine.log"
+# This host's speed moves by up to 2x from one minute to the next (the same binary gave a
+# decision p50 of 0.41-1.2 us within ten minutes): the table gives the median of the runs.
+ENGINE_RUNS=${ENGINE_RUNS:-3}
+echo "== 3/4 scale: the policy engine with 10k NetworkPolicies, 1k admin policies, 5k pods (criterion), $ENGINE_RUNS runs"
+for _ in $(seq "$ENGINE_RUNS"); do
+  "$cargo" bench --locked -p tessera-policy --bench engine -- --warm-up-time 1 --measurement-time 3 \
+    '^(decision/decide_ref, 1k admin policies|compile/one policy changed|compile/one admin policy changed)$' \
+    2>&1 | tee -a "$out/engine.log"
+done
 echo "== 4/4 the Docker agent with 200 containers, 4 started at a time"
 tests/need.sh dockerd=docker.io docker=docker.io busybox=busybox-static
 TESSERA="$target/release/tessera" bench/docker-agent/run.sh --containers 200 --parallel 4 \
@@ -47,12 +52,17 @@ TESSERA="$target/release/tessera" bench/docker-agent/run.sh --containers 200 --p
 fig() { awk -v c="$2" -v f="$3" '$1 == c && $2 == f { printf "%.2f (%.2f..%.2f)", $3, $4, $5; found = 1 }
   END { if (!found) printf "-" }' "$1"; }
 val() { awk -v c="$2" -v f="$3" '$1 == c && $2 == f { print $3; found = 1 } END { if (!found) print "" }' "$1"; }
-# Criterion's middle estimate of one bench, in microseconds.
+# Criterion's middle estimate of one bench, in microseconds, one line per run.
 crit() { awk -v name="$1" '
   $0 == name { want = 1; next }
   want && /time:/ { gsub(/[\[\]]/, ""); v = $4; u = $5
     if (u == "ns") v /= 1000; else if (u == "ms") v *= 1000; else if (u == "s") v *= 1e6
-    print v; exit }' "$out/engine.log"; }
+    print v; want = 0 }' "$out/engine.log"; }
+# Numbers on stdin, one per line: "median min max" (nothing if none).
+mid() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2), v[1], v[NR] }'; }
+# "median (min..max)" of `mid`'s output, scaled by $2 and printed with $1 decimals.
+span() { awk -v d="$1" -v k="$2" '{ f = "%." d "f"; printf f " (" f ".." f ")", $1 * k, $2 * k, $3 * k; n = 1 }
+  END { if (!n) printf "-" }'; }
 row() { # figure measured target op value
   local met="-"
   if [ -n "$5" ]; then
@@ -87,15 +97,17 @@ row() { # figure measured target op value
     row "agent RSS during the flood, MiB ($c)" "${rss:+$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')}" "<=" 40 \
       "${rss:+$(awk -v k="$rss" 'BEGIN { print k / 1024 }')}"
   done
-  d50=$(awk '/^decision latency, 1k admin policies:/ { print $7 / 1000; exit }' "$out/engine.log")
-  row "engine decision p50, 10k NP + 1k admin + 5k pods, us" "${d50:--}" "<=" 1 "$d50"
-  d=$(crit "decision/decide_ref, 1k admin policies")
-  row "engine decision mean (criterion), same cluster, us" "${d:--}" "<=" 1 "$d"
-  p=$(crit "compile/one policy changed"); a=$(crit "compile/one admin policy changed")
-  row "incremental rebuild, one NetworkPolicy, ms" "${p:+$(awk -v x="$p" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
-    "${p:+$(awk -v x="$p" 'BEGIN { print x / 1000 }')}"
-  row "incremental rebuild, one admin policy, ms" "${a:+$(awk -v x="$a" 'BEGIN { printf "%.3f", x / 1000 }')}" "<=" 50 \
-    "${a:+$(awk -v x="$a" 'BEGIN { print x / 1000 }')}"
+  # The engine's figures: median (min..max) over its runs; the criterion ones in us, shown in ms
+  # for the rebuilds.
+  d50=$(awk '/^decision latency, 1k admin policies:/ { print $7 / 1000 }' "$out/engine.log" | mid)
+  row "engine decision p50, 10k NP + 1k admin + 5k pods, us" "$(printf %s "$d50" | span 3 1)" "<=" 1 "${d50%% *}"
+  d=$(crit "decision/decide_ref, 1k admin policies" | mid)
+  row "engine decision mean (criterion), same cluster, us" "$(printf %s "$d" | span 3 1)" "<=" 1 "${d%% *}"
+  p=$(crit "compile/one policy changed" | mid); a=$(crit "compile/one admin policy changed" | mid)
+  row "incremental rebuild, one NetworkPolicy, ms" "$(printf %s "$p" | span 3 0.001)" "<=" 50 \
+    "${p:+$(awk -v x="${p%% *}" 'BEGIN { print x / 1000 }')}"
+  row "incremental rebuild, one admin policy, ms" "$(printf %s "$a" | span 3 0.001)" "<=" 50 \
+    "${a:+$(awk -v x="${a%% *}" 'BEGIN { print x / 1000 }')}"
   m=$(awk '/agent memory with [1-9][0-9]* containers/ { for (i = 1; i <= NF; i++) if ($i == "VmRSS:") print $(i + 1) }' "$out/docker.log")
   row "agent RSS with 200 enforced containers, MiB" "${m:--}" "<=" 40 "$m"
   e=$(awk '/start event -> enforced \(agent log/ { for (i = 1; i <= NF; i++) if ($i == "p99") print $(i + 1) }' "$out/docker.log")
