@@ -51,7 +51,6 @@ pub fn start_workload(
     let path = ns.path().display().to_string();
     ns.run(move || {
         let begun = std::time::Instant::now();
-        raise_priority();
         let injector = inject::Injector::open_here(auth_mark)?;
         let queue = queue::open_here(queue)?;
         let sockets = begun.elapsed();
@@ -66,21 +65,6 @@ pub fn start_workload(
         })
     })?
     .map_err(|e| rules::in_netns(e, &path))
-}
-
-/// The nice value of the thread that starts a workload, and so of the rule restores it spawns
-/// (a child takes its parent thread's nice value).
-const START_NICE: i32 = -10;
-
-/// Runs the calling thread (and the processes it spawns) at [`START_NICE`]: until its rules
-/// are in, a new workload's traffic is not enforced, and on a busy host the container runtime
-/// starting the next containers would otherwise get the CPU first. Best effort: without
-/// `CAP_SYS_NICE` the thread keeps its priority.
-fn raise_priority() {
-    // `who = 0` with `PRIO_PROCESS` is the calling thread on Linux.
-    if let Err(e) = rustix::process::setpriority_process(None, START_NICE) {
-        tracing::debug!("start path: no nice {START_NICE} ({e}); the default priority stays");
-    }
 }
 
 /// Errors of the shell; each names what it was doing.
@@ -305,44 +289,6 @@ fn tcp_flags(packet: &[u8]) -> Option<u8> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    /// The nice value (field 19 of `/proc/<pid>/stat`) a `cat` spawned from this thread reports.
-    fn spawned_nice() -> i32 {
-        let out = std::process::Command::new("cat")
-            .arg("/proc/self/stat")
-            .output()
-            .unwrap();
-        let stat = String::from_utf8(out.stdout).unwrap();
-        // Fields after the command name, which ends at the last ')': state is field 3.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split(' ').nth(16).unwrap().parse().unwrap()
-    }
-
-    #[test]
-    fn the_start_thread_and_its_restores_run_at_start_nice_and_nothing_else_does() {
-        if !rustix::process::geteuid().is_root() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "CI=true: this test needs root (CAP_SYS_NICE): refusing to skip it"
-            );
-            eprintln!("**** SKIP: raising the start thread's priority needs root ****");
-            return;
-        }
-        let before = spawned_nice();
-        let (thread, child) = std::thread::spawn(|| {
-            raise_priority();
-            (
-                rustix::process::getpriority_process(None).unwrap(),
-                spawned_nice(),
-            )
-        })
-        .join()
-        .unwrap();
-        assert_eq!((thread, child), (START_NICE, START_NICE));
-        // Per thread: the test's own thread, and what it spawns, keep their priority.
-        assert_eq!(spawned_nice(), before);
-    }
 
     fn v4_tcp(flags: u8) -> Vec<u8> {
         let mut p = vec![0u8; 40];
