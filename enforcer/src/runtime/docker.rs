@@ -313,7 +313,7 @@ pub fn map_container(
     ips.sort();
     ips.dedup();
 
-    let short = id.get(..12).unwrap_or(id);
+    let short = short_id(id);
     Mapping::Enforce {
         desired: Desired {
             key,
@@ -328,6 +328,11 @@ pub fn map_container(
         },
         notes,
     }
+}
+
+/// A container id as Docker shows it: its first 12 characters (all of it if shorter).
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 /// A valid workload name for a container whose name is not one: lower case, every run of
@@ -780,7 +785,7 @@ async fn inspect(
         .as_deref()
         .unwrap_or_default()
         .trim_start_matches('/');
-    let short = id.get(..12).unwrap_or(id);
+    let short = short_id(id);
     match map_container(&c, namespace_label, started_at) {
         Mapping::Skip(why @ Skip::InvalidNamespace { .. }) => {
             error!(container = short, name, "docker: not enforced: {why}");
@@ -891,7 +896,7 @@ async fn prepare_step(
     let Some(id) = ev.actor.as_ref().and_then(|a| a.id.clone()) else {
         return Ok(Step::Ignored);
     };
-    let short = id.get(..12).unwrap_or(&id);
+    let short = short_id(&id);
     Ok(match event_action(&ev) {
         // An unpause changes nothing in enforcement (the netns stays); it is checked like a
         // start only in case the container was missed (paused across a resync).
@@ -933,7 +938,7 @@ async fn apply_step(tx: &Sender, known: &mut Known, step: Step) -> std::result::
     let send = |e: Event| async move { tx.send(e).await.map_err(|_| Lost::AgentGone) };
     match step {
         Step::Started { id, action, mapped } => {
-            let short = id.get(..12).unwrap_or(&id);
+            let short = short_id(&id);
             let events = on_start(known, &id, mapped.map(|d| *d));
             if events.is_empty() {
                 debug!(container = short, "docker: {action}: nothing new");
@@ -947,10 +952,7 @@ async fn apply_step(tx: &Sender, known: &mut Known, step: Step) -> std::result::
         }
         Step::Gone { id, action } => {
             if let Some(e) = on_gone(known, &id) {
-                debug!(
-                    container = id.get(..12).unwrap_or(&id),
-                    "docker: {action}: forget"
-                );
+                debug!(container = short_id(&id), "docker: {action}: forget");
                 send(e).await?;
             }
         }
