@@ -60,9 +60,8 @@ crit() { awk -v name="$1" '
     print v; want = 0 }' "$out/engine.log"; }
 # Numbers on stdin, one per line: "median min max" (nothing if none).
 mid() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2), v[1], v[NR] }'; }
-# "median (min..max)" of `mid`'s output, scaled by $2 and printed with $1 decimals.
-span() { awk -v d="$1" -v k="$2" '{ f = "%." d "f"; printf f " (" f ".." f ")", $1 * k, $2 * k, $3 * k; n = 1 }
-  END { if (!n) printf "-" }'; }
+# "median (min..max)" of `mid`'s output, printed with 3 decimals ("-" if none).
+span() { awk '{ printf "%.3f (%.3f..%.3f)", $1, $2, $3; n = 1 } END { if (!n) printf "-" }'; }
 row() { # figure measured target op value
   local met="-"
   if [ -n "$5" ]; then
@@ -97,17 +96,15 @@ row() { # figure measured target op value
     row "agent RSS during the flood, MiB ($c)" "${rss:+$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')}" "<=" 40 \
       "${rss:+$(awk -v k="$rss" 'BEGIN { print k / 1024 }')}"
   done
-  # The engine's figures: median (min..max) over its runs; the criterion ones in us, shown in ms
-  # for the rebuilds.
+  # The engine's figures: median (min..max) over its runs; the rebuilds in ms.
+  ms() { awk '{ print $1 / 1000 }'; }
   d50=$(awk '/^decision latency, 1k admin policies:/ { print $7 / 1000 }' "$out/engine.log" | mid)
-  row "engine decision p50, 10k NP + 1k admin + 5k pods, us" "$(printf %s "$d50" | span 3 1)" "<=" 1 "${d50%% *}"
+  row "engine decision p50, 10k NP + 1k admin + 5k pods, us" "$(printf %s "$d50" | span)" "<=" 1 "${d50%% *}"
   d=$(crit "decision/decide_ref, 1k admin policies" | mid)
-  row "engine decision mean (criterion), same cluster, us" "$(printf %s "$d" | span 3 1)" "<=" 1 "${d%% *}"
-  p=$(crit "compile/one policy changed" | mid); a=$(crit "compile/one admin policy changed" | mid)
-  row "incremental rebuild, one NetworkPolicy, ms" "$(printf %s "$p" | span 3 0.001)" "<=" 50 \
-    "${p:+$(awk -v x="${p%% *}" 'BEGIN { print x / 1000 }')}"
-  row "incremental rebuild, one admin policy, ms" "$(printf %s "$a" | span 3 0.001)" "<=" 50 \
-    "${a:+$(awk -v x="${a%% *}" 'BEGIN { print x / 1000 }')}"
+  row "engine decision mean (criterion), same cluster, us" "$(printf %s "$d" | span)" "<=" 1 "${d%% *}"
+  p=$(crit "compile/one policy changed" | ms | mid); a=$(crit "compile/one admin policy changed" | ms | mid)
+  row "incremental rebuild, one NetworkPolicy, ms" "$(printf %s "$p" | span)" "<=" 50 "${p%% *}"
+  row "incremental rebuild, one admin policy, ms" "$(printf %s "$a" | span)" "<=" 50 "${a%% *}"
   m=$(awk '/agent memory with [1-9][0-9]* containers/ { for (i = 1; i <= NF; i++) if ($i == "VmRSS:") print $(i + 1) }' "$out/docker.log")
   row "agent RSS with 200 enforced containers, MiB" "${m:--}" "<=" 40 "$m"
   e=$(awk '/start event -> enforced \(agent log/ { for (i = 1; i <= NF; i++) if ($i == "p99") print $(i + 1) }' "$out/docker.log")

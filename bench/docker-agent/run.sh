@@ -132,23 +132,26 @@ echo "agent memory with 0 containers:   $MEM0"
 echo "agent memory with $N containers: $MEMN"
 awk -v n="$N" -v a="$start" -v b="$started" -v c="$done_at" 'BEGIN {
   printf "docker run of %d containers: %.1f s; all enforced %.1f s after the first docker run\n", n, b - a, c - a }'
+# The values of FIELD=N in the agent's log lines: "count p50 p99 max" (nothing if none).
+log_pcts() {
+  { grep -o "$1=[0-9]*" "$DIR/agent.log" || true; } | cut -d= -f2 | sort -n | awk '
+    { v[NR] = $1 }
+    END { if (NR) print NR, v[int((NR - 1) * 0.50) + 1], v[int((NR - 1) * 0.99) + 1], v[NR] }'
+}
 # Exact, from the agent's log: start event -> rules and queue in place.
-{ grep -o 'since_start_ms=[0-9]*' "$DIR/agent.log" || true; } | cut -d= -f2 | sort -n | awk '
-  { v[NR] = $1 }
-  END {
-    if (NR == 0) { print "no since_start_ms in the agent log"; exit }
-    p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1]
-    printf "start event -> enforced (agent log, %d workloads): p50 %d ms, p99 %d ms, max %d ms\n", NR, p50, p99, v[NR]
-  }'
+read -r n p50 p99 max <<<"$(log_pcts since_start_ms)" || true
+if [ -n "${n:-}" ]; then
+  printf "start event -> enforced (agent log, %d workloads): p50 %d ms, p99 %d ms, max %d ms\n" "$n" "$p50" "$p99" "$max"
+else
+  echo "no since_start_ms in the agent log"
+fi
 # Where the agent's part of it went (the same log lines): waiting for an installation slot, the
 # raw and queue sockets in the netns, the rules, and the event loop taking the result up.
 for phase in slot_wait_ms sockets_ms rules_ms loop_wait_ms; do
-  { grep -o "$phase=[0-9]*" "$DIR/agent.log" || true; } | cut -d= -f2 | sort -n | awk -v phase="$phase" '
-    { v[NR] = $1 }
-    END {
-      if (NR == 0) exit
-      printf "  of which %-13s p50 %d ms, p99 %d ms, max %d ms\n", phase ":", v[int((NR - 1) * 0.50) + 1], v[int((NR - 1) * 0.99) + 1], v[NR]
-    }'
+  read -r n p50 p99 max <<<"$(log_pcts "$phase")" || true
+  if [ -n "${n:-}" ]; then
+    printf "  of which %-13s p50 %d ms, p99 %d ms, max %d ms\n" "$phase:" "$p50" "$p99" "$max"
+  fi
 done
 # The histogram, interpolated within buckets.
 metrics | awk '
