@@ -2,8 +2,9 @@
 # Real-kernel benchmark, one command, one run (as root): connection rate, connect latency,
 # per-packet decision time and throughput for (a) no rules, (b) the same rules with
 # `tessera run --accept-all`, (c) full enforcement (PSK and PKI), (k) an IP-based NFQUEUE
-# enforcer of the bench's own, (c) under a flood of spoofed SYNs, and (a-wg) the node-to-node
-# WireGuard tunnel alone. Not part of the tests.
+# enforcer of the bench's own, (q4) four empty queue trips (the floor of a handshake that proves
+# both ends), (c) under a flood of spoofed SYNs, and (a-wg) the node-to-node WireGuard tunnel
+# alone. Not part of the tests.
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki,k,flood]
 #        sudo ./bench/run.sh --all   # every case (one and four clients, flood, scale, Docker
 #                                    # agent), then one table of each figure against its target
@@ -30,7 +31,7 @@ echo "bench/run.sh --all: outputs in $out (about 25 minutes on 2 cores)"
 ROUNDS=${ROUNDS:-5}
 echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
 bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
-  --cases a,a-wg,b,c-psk,c-pki,c-enc,k,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
+  --cases a,a-wg,b,c-psk,c-pki,c-enc,k,q4,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
 echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
 bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
@@ -85,6 +86,12 @@ row() { # figure measured target op value
     row "agents' decision p99, us ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
     row "agents' CPU per connection, us ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
   done
+  # What no handshake code could beat on this host (no target): the six trips of (c) with
+  # nothing done in them (b), and the four of any handshake that proves both ends (q4).
+  row "floor: TCP conn/s (b)/(a), 1 client, 6 empty trips" "$(fig "$out/one.txt" b conn/a)" "" "" ""
+  row "floor: TCP conn/s (q4)/(a), 1 client, 4 empty trips" "$(fig "$out/one.txt" q4 conn/a)" "" "" ""
+  row "floor: TCP conn/s (q4)/(k), 1 client, 4 empty trips" "$(fig "$out/one.txt" q4 conn/k)" "" "" ""
+  row "floor: UDP new flows/s (q4)/(b), 1 client, 4 empty trips" "$(fig "$out/one.txt" q4 udp/b)" "" "" ""
   # Issue 17: what the node-to-node tunnel costs (no target).
   row "encryption: TCP conn/s (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg conn/a)" "" "" ""
   row "encryption: throughput (a-wg)/(a), tunnel alone" "$(fig "$out/one.txt" a-wg gbit/a)" "" "" ""

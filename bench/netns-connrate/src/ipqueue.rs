@@ -9,6 +9,15 @@
 //! One queue trip per flow has to answer both directions, so the decision is the destination's
 //! ingress and, when the source is a known workload, the source's egress (an IP-based enforcer
 //! that queues at each end would decide each direction at its own end, paying a trip at each).
+//!
+//! Case (q4): a floor, not an enforcer. The same readers accept every packet at once, doing
+//! nothing, on the queue trips that any handshake must make in which each end adds its own proof
+//! to what it sends and checks the peer's in what it receives: in every workload netns, TCP
+//! packets with SYN set on OUTPUT and INPUT (the SYN leaving the client and reaching the server,
+//! the SYN-ACK leaving the server and reaching the client: four trips per connection), and the
+//! first UDP datagram each way (conntrack NEW, and the reply direction: the bench's UDP flows are
+//! one datagram each way, so four trips per flow too). What (q4) reaches against (a) and (k) in
+//! the same round bounds what a token design with fewer trips than Tessera's six could reach.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,13 +63,15 @@ impl Stats {
         v
     }
 
-    fn record(&self, allowed: bool, ns: u64) {
+    fn record(&self, allowed: bool, ns: Option<u64>) {
         if allowed {
             self.accepted.fetch_add(1, Ordering::Relaxed);
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        if let Ok(mut v) = self.decisions_ns.lock() {
+        if let Some(ns) = ns
+            && let Ok(mut v) = self.decisions_ns.lock()
+        {
             v.push(ns);
         }
     }
@@ -102,45 +113,86 @@ pub fn engine(dir: &std::path::Path, cluster_yaml: &str) -> Result<Engine> {
     Ok(engine)
 }
 
-/// The readers of case (k), one per workload netns. Stopped on drop.
+/// What the readers do with a queued packet, and which packets the rules queue.
+pub enum Kind {
+    /// (k): the first packet of each new flow at the receiving end, decided on its addresses.
+    Policy(Box<Engine>),
+    /// (q4): SYN and SYN-ACK, and the first UDP datagram each way, at both ends; accepted at
+    /// once, nothing decided (no decision time is recorded).
+    Floor,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Policy(_) => "k",
+            Kind::Floor => "q4",
+        }
+    }
+
+    /// The iptables rules of this kind (mangle table, each followed by `-j NFQUEUE`), in each
+    /// netns.
+    fn rules(&self) -> &'static [&'static str] {
+        match self {
+            Kind::Policy(_) => &[
+                "-A INPUT -p tcp --syn -m conntrack --ctstate NEW",
+                "-A INPUT -p udp -m conntrack --ctstate NEW",
+            ],
+            Kind::Floor => &[
+                "-A OUTPUT -p tcp --tcp-flags SYN SYN",
+                "-A INPUT -p tcp --tcp-flags SYN SYN",
+                "-A OUTPUT -p udp -m conntrack --ctstate NEW",
+                "-A INPUT -p udp -m conntrack --ctstate NEW",
+                "-A OUTPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY",
+                "-A INPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY",
+            ],
+        }
+    }
+}
+
+/// The readers of case (k) or (q4), one per workload netns. Stopped on drop.
 pub struct IpEnforcer {
+    /// The case's name, for errors.
+    name: &'static str,
     stop: Arc<AtomicBool>,
     readers: Vec<(String, JoinHandle<Result<()>>)>,
     stats: Arc<Stats>,
 }
 
 impl IpEnforcer {
-    /// Opens and binds [`QUEUE_NUM`] in each netns of `namespaces`, then installs the rules that
-    /// queue new flows there.
-    pub fn start(engine: Engine, namespaces: &[String]) -> Result<IpEnforcer> {
-        let engine = Arc::new(engine);
+    /// Opens and binds [`QUEUE_NUM`] in each netns of `namespaces`, then installs the rules of
+    /// `kind` there.
+    pub fn start(kind: Kind, namespaces: &[String]) -> Result<IpEnforcer> {
+        let name = kind.name();
+        let rules = kind.rules();
+        let kind = Arc::new(kind);
         let mut me = IpEnforcer {
+            name,
             stop: Arc::new(AtomicBool::new(false)),
             readers: Vec::new(),
             stats: Arc::new(Stats::default()),
         };
         for ns in namespaces {
             let (ready_tx, ready_rx) = mpsc::channel();
-            let (engine, stop, stats) = (engine.clone(), me.stop.clone(), me.stats.clone());
+            let (kind, stop, stats) = (kind.clone(), me.stop.clone(), me.stats.clone());
             let handle = testbed::spawn_in_netns(ns, move || {
                 let queue = open_queue();
                 let failed = queue.as_ref().err().map(|e| format!("{e:#}"));
                 let _ = ready_tx.send(failed);
-                serve(queue?, &engine, &stop, &stats)
+                serve(queue?, &kind, &stop, &stats)
             });
             me.readers.push((ns.clone(), handle));
             match ready_rx.recv_timeout(Duration::from_secs(5)) {
                 Ok(None) => {}
-                Ok(Some(e)) => bail!("case k: queue {QUEUE_NUM} in {ns}: {e}"),
-                Err(_) => bail!("case k: queue {QUEUE_NUM} in {ns} not open after 5 s"),
+                Ok(Some(e)) => bail!("case {name}: queue {QUEUE_NUM} in {ns}: {e}"),
+                Err(_) => bail!("case {name}: queue {QUEUE_NUM} in {ns} not open after 5 s"),
             }
             // Only now: a rule queueing to a queue nobody has bound drops the packet.
-            for proto in [&["-p", "tcp", "--syn"][..], &["-p", "udp"][..]] {
-                let mut rule = vec!["iptables", "-t", "mangle", "-A", "INPUT"];
-                rule.extend_from_slice(proto);
-                let num = QUEUE_NUM.to_string();
-                rule.extend_from_slice(&["-m", "conntrack", "--ctstate", "NEW", "-j", "NFQUEUE"]);
-                rule.extend_from_slice(&["--queue-num", &num]);
+            let num = QUEUE_NUM.to_string();
+            for matches in rules {
+                let mut rule = vec!["iptables", "-t", "mangle"];
+                rule.extend(matches.split_whitespace());
+                rule.extend_from_slice(&["-j", "NFQUEUE", "--queue-num", &num]);
                 crate::cmd_in(ns, &rule)?;
             }
         }
@@ -172,18 +224,21 @@ impl IpEnforcer {
             }
             if !handle.is_finished() {
                 // Left blocked; its netns goes with the testbed, the thread with the process.
-                first_error
-                    .get_or_insert_with(|| anyhow::anyhow!("case k: reader in {ns} did not stop"));
+                first_error.get_or_insert_with(|| {
+                    anyhow::anyhow!("case {}: reader in {ns} did not stop", self.name)
+                });
                 continue;
             }
             match handle.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    first_error.get_or_insert(e.context(format!("case k: reader in {ns}")));
+                    first_error
+                        .get_or_insert(e.context(format!("case {}: reader in {ns}", self.name)));
                 }
                 Err(_) => {
-                    first_error
-                        .get_or_insert_with(|| anyhow::anyhow!("case k: reader in {ns} panicked"));
+                    first_error.get_or_insert_with(|| {
+                        anyhow::anyhow!("case {}: reader in {ns} panicked", self.name)
+                    });
                 }
             }
         }
@@ -209,7 +264,7 @@ fn open_queue() -> Result<nfq::Queue> {
     Ok(q)
 }
 
-fn serve(mut queue: nfq::Queue, engine: &Engine, stop: &AtomicBool, stats: &Stats) -> Result<()> {
+fn serve(mut queue: nfq::Queue, kind: &Kind, stop: &AtomicBool, stats: &Stats) -> Result<()> {
     while !stop.load(Ordering::SeqCst) {
         let mut msg = match queue.recv() {
             Ok(m) => m,
@@ -223,10 +278,19 @@ fn serve(mut queue: nfq::Queue, engine: &Engine, stop: &AtomicBool, stats: &Stat
             }
             Err(e) => return Err(e).context("recv"),
         };
-        let t = Instant::now();
-        let allowed = decide(engine, msg.get_payload());
-        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        stats.record(allowed, ns);
+        let allowed = match kind {
+            Kind::Policy(engine) => {
+                let t = Instant::now();
+                let allowed = decide(engine, msg.get_payload());
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                stats.record(allowed, Some(ns));
+                allowed
+            }
+            Kind::Floor => {
+                stats.record(true, None);
+                true
+            }
+        };
         msg.set_verdict(if allowed {
             nfq::Verdict::Accept
         } else {

@@ -4,7 +4,10 @@
 //! `tessera run --accept-all`, (c) full enforcement with the three-tier policies, in PSK and in
 //! PKI mode, (k) an IP-based NFQUEUE enforcer of the bench's own (the first packet of each new
 //! flow queued at the receiving workload and decided on its addresses with the same policy
-//! engine, as kubernetes-sigs/kube-network-policies does), (flood) full enforcement while
+//! engine, as kubernetes-sigs/kube-network-policies does), (q4) no agent, the SYN and SYN-ACK
+//! (and the first UDP datagram each way) queued at both ends and accepted at once by readers of
+//! the bench's own: the four empty trips that any handshake proving both ends in its packets
+//! must make, a floor for such designs, (flood) full enforcement while
 //! untokened, spoofed-source SYNs flood an isolated workload on the server's node, (a-wg)
 //! no agent but the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in both nodes,
 //! and (c-enc, c-enc-pki) full enforcement with `tessera run --encrypt`. Run it as
@@ -76,7 +79,7 @@ struct Args {
     /// now and then falls a little short of its pace).
     #[arg(long, default_value_t = 11.0)]
     flood_factor: f64,
-    /// Cases to run, in order (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, flood,
+    /// Cases to run, in order (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, q4, flood,
     /// flood-pki, flood-udp).
     #[arg(
         long,
@@ -106,6 +109,9 @@ enum Setup {
     },
     /// (k): the bench's own IP-based NFQUEUE enforcer at the receiving workloads.
     IpQueue,
+    /// (q4): no agent; SYN and SYN-ACK (and the first UDP datagram each way) queued at both ends
+    /// and accepted at once: the fewest empty trips of a handshake that proves both ends.
+    Floor,
     /// (a-wg): no agent, the node-to-node WireGuard tunnel (`datapath::shell::tunnel`) in each
     /// node: what encryption alone costs, against (a).
     Tunnel,
@@ -145,13 +151,14 @@ impl Setup {
                 encrypt: true,
             },
             "k" => Setup::IpQueue,
+            "q4" => Setup::Floor,
             "a-wg" => Setup::Tunnel,
             "flood" => Setup::Flood(Mode::Psk, flood::Kind::Syn),
             "flood-pki" => Setup::Flood(Mode::Pki, flood::Kind::Syn),
             "flood-udp" => Setup::Flood(Mode::Psk, flood::Kind::Udp),
             other => {
                 bail!(
-                    "unknown case {other:?} (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, flood, flood-pki, flood-udp)"
+                    "unknown case {other:?} (a, a-ct, a-wg, b, c-psk, c-pki, c-enc, c-enc-pki, k, q4, flood, flood-pki, flood-udp)"
                 )
             }
         })
@@ -164,7 +171,7 @@ impl Setup {
                 mode, accept_all, ..
             } => Some((mode, accept_all)),
             Setup::Flood(mode, _) => Some((mode, false)),
-            Setup::Bare | Setup::Conntrack | Setup::IpQueue | Setup::Tunnel => None,
+            Setup::Bare | Setup::Conntrack | Setup::IpQueue | Setup::Floor | Setup::Tunnel => None,
         }
     }
 }
@@ -180,8 +187,8 @@ struct Row {
     decision_mean: Option<f64>,
     /// Median, min and max Gbit/s over the transfers (not measured under the flood).
     gbits: Option<(f64, f64, f64)>,
-    /// Packets the agents (or case k's readers) handled (accepted, rejected or requeued) per
-    /// throughput transfer.
+    /// Packets the agents (or the readers of case k or q4) handled (accepted, rejected or
+    /// requeued) per throughput transfer.
     queued_per_transfer: Option<f64>,
     /// UDP new flows per second, and the median send-to-echo time (µs) (not measured under
     /// the flood).
@@ -563,15 +570,20 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         None
     };
     // Declared after the testbed: dropped (its readers stopped) before the testbed goes.
-    let k = if setup == Setup::IpQueue {
-        let engine = ipqueue::engine(policies, &tb.cluster_yaml())?;
-        let receivers = [
-            tb.workload("server").ns.clone(),
-            tb.workload("sink").ns.clone(),
-        ];
-        Some(ipqueue::IpEnforcer::start(engine, &receivers)?)
-    } else {
-        None
+    let k = match setup {
+        Setup::IpQueue => {
+            let engine = ipqueue::engine(policies, &tb.cluster_yaml())?;
+            let receivers = ["server", "sink"].map(|w| tb.workload(w).ns.clone());
+            Some(ipqueue::IpEnforcer::start(
+                ipqueue::Kind::Policy(Box::new(engine)),
+                &receivers,
+            )?)
+        }
+        Setup::Floor => {
+            let all = ["client", "server", "sink"].map(|w| tb.workload(w).ns.clone());
+            Some(ipqueue::IpEnforcer::start(ipqueue::Kind::Floor, &all)?)
+        }
+        _ => None,
     };
     let agents = setup.agents().is_some();
     let decisions = match &k {
@@ -959,7 +971,8 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// Packets both agents (or case k's readers) handled so far (accepted + rejected + requeued).
+/// Packets both agents (or the readers of case k or q4) handled so far (accepted + rejected +
+/// requeued).
 fn queued_packets(tb: &Testbed, agents: bool, k: Option<&ipqueue::IpEnforcer>) -> Option<f64> {
     if let Some(k) = k {
         return Some(k.stats().handled() as f64);
@@ -1147,8 +1160,8 @@ fn print_table(rows: &[Row]) {
     );
     println!(
         "* median of --transfers connections of --bytes each (min..max beside it); pkts/tx: packets \
-         the agents (case k: its readers) handled per transfer (the handshake's, if established \
-         flows stay in the kernel)"
+         the agents (cases k and q4: their readers) handled per transfer (the handshake's, if \
+         established flows stay in the kernel)"
     );
     println!(
         "targets: (c) conn/s >= 0.90 x (b); decision p50 <= 10us, p99 <= 50us; (c) throughput >= 0.98 x (a)"
