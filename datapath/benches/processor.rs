@@ -13,6 +13,11 @@
 //! (port 9999: isolated, no rule), with flow records off, on for denials as the agent runs
 //! them (rate limited: after the burst nearly every one is suppressed), and with every
 //! denial recorded (no limit: the cost of building a record).
+//!
+//! Cold caches: `TESSERA_BENCH_COLD=4194304` evicts the caches before every timed call (see
+//! [`cold_bytes`]). A running agent wakes up for each packet after the kernel has run the
+//! network stack for other processes, so its decisions are closer to this than to the warm
+//! figures (bench/README.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -33,6 +38,34 @@ use fixture::{CLIENT, SERVER, policies};
 use identity::testing::SeededRng;
 
 const ID: WorkloadId = WorkloadId(1);
+
+/// `TESSERA_BENCH_COLD=BYTES`: before every timed call, write one byte in every cache line of a
+/// buffer this large (4194304 is twice this VM's L2), so each step starts with the caches an
+/// agent has when it wakes up after the kernel's work, not warm from the previous step.
+fn cold_bytes() -> Option<usize> {
+    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("TESSERA_BENCH_COLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+    })
+}
+
+/// Evict the caches: touch every cache line of an `n`-byte buffer (kept between calls).
+fn evict(n: usize) {
+    thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() != n {
+            *b = vec![1u8; n];
+        }
+        for byte in b.iter_mut().step_by(64) {
+            *byte = byte.wrapping_add(1);
+        }
+        black_box(&*b);
+    });
+}
 
 const STEPS: [&str; 7] = [
     "1 client OUTPUT SYN (attach)",
@@ -66,6 +99,9 @@ impl World {
     }
 
     fn process(&mut self, on_a: bool, hook: Hook, p: &mut Vec<u8>) -> Duration {
+        if let Some(n) = cold_bytes() {
+            evict(n);
+        }
         let proc = if on_a { &mut self.a } else { &mut self.b };
         let t = Instant::now();
         let v = proc.process(ID, hook, black_box(p), true, self.now, &mut self.rng);
@@ -123,6 +159,9 @@ impl World {
             .a
             .process(ID, Hook::Output, &mut p, true, self.now, &mut self.rng);
         assert!(v.accept, "{v:?}");
+        if let Some(n) = cold_bytes() {
+            evict(n);
+        }
         let t = Instant::now();
         let v = self.b.process(
             ID,
