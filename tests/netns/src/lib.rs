@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod flood;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
