@@ -86,18 +86,57 @@ pub(crate) struct Flow {
     pub(crate) state: FlowState,
     /// Forgotten after this time (unix ms).
     pub(crate) deadline_ms: u64,
+    /// Insertion number, set by [`FlowTable::insert`]: a full table evicts the oldest first.
+    seq: u64,
+}
+
+impl Flow {
+    pub(crate) fn new(state: FlowState, deadline_ms: u64) -> Self {
+        Flow {
+            state,
+            deadline_ms,
+            seq: 0,
+        }
+    }
+}
+
+impl FlowState {
+    /// Whether forgetting this flow before its deadline costs at most a retransmission: the
+    /// server's side of a handshake that is not proven yet (anyone can open one: a SYN whose
+    /// claims pass ingress, or a token-less SYN to a port open to its address), and an
+    /// authorized flow kept only for the packets still queued behind its proof. The client's
+    /// states are its own workload's, not the network's, and are never evicted.
+    fn evictable(&self) -> bool {
+        matches!(
+            self,
+            FlowState::ServerSynReceived { .. }
+                | FlowState::ServerAwaitingAck { .. }
+                | FlowState::ServerTokenless { .. }
+                | FlowState::Authorized { .. }
+        )
+    }
 }
 
 /// The bounded table.
+///
+/// A full table first forgets expired flows (at most once a second). If it is still full, it
+/// evicts the older half of its evictable flows ([`FlowState::evictable`]): so a flood of SYNs
+/// that pass ingress (spoofed sources, forged claims, a public port), or more new flows than the
+/// linger time allows, cannot lock the node's workloads out of new connections. A genuine
+/// handshake needs its entry for a round trip; it is among the newest and outlives the flood's
+/// for as long as the table takes to fill by half again.
 #[derive(Debug)]
 pub(crate) struct FlowTable {
     flows: ahash::HashMap<FlowKey, Flow>,
     max: usize,
     /// How long a `ClientAckPending` flow is kept as `ClientVerified` after its deadline.
     client_idle_ms: u64,
+    /// The next flow's insertion number.
+    next_seq: u64,
     /// Last time a full table swept itself (at most once a second, so a SYN flood against a
     /// full table costs no more than a lookup per packet).
     last_sweep_ms: u64,
+    pub(crate) evictor: Evictor,
 }
 
 impl FlowTable {
@@ -106,7 +145,9 @@ impl FlowTable {
             flows: Default::default(),
             max,
             client_idle_ms,
+            next_seq: 0,
             last_sweep_ms: 0,
+            evictor: Evictor::default(),
         }
     }
 
@@ -135,14 +176,31 @@ impl FlowTable {
             self.last_sweep_ms = now_ms;
             self.expire(now_ms);
         }
+        if self.flows.len() >= self.max {
+            self.evict_older_half();
+        }
         self.flows.len() < self.max
     }
 
+    /// Forget the older half of the evictable flows (see [`Evictor`]).
+    fn evict_older_half(&mut self) {
+        let evictable = self.flows.values().filter(|f| f.state.evictable());
+        let Some(cut) = self.evictor.cut(self.max, evictable.map(|f| f.seq)) else {
+            return;
+        };
+        let before = self.flows.len();
+        self.flows
+            .retain(|_, f| !f.state.evictable() || f.seq > cut);
+        self.evictor.evicted += (before - self.flows.len()) as u64;
+    }
+
     /// Insert or replace. A new key beyond the bound is refused: returns `false`.
-    pub(crate) fn insert(&mut self, key: FlowKey, flow: Flow, now_ms: u64) -> bool {
+    pub(crate) fn insert(&mut self, key: FlowKey, mut flow: Flow, now_ms: u64) -> bool {
         if !self.has_room(&key, now_ms) {
             return false;
         }
+        flow.seq = self.next_seq;
+        self.next_seq += 1;
         self.flows.insert(key, flow);
         true
     }
@@ -161,6 +219,38 @@ impl FlowTable {
     }
 }
 
+/// When a full table evicts, and how many it evicted: the older half of its evictable flows
+/// (by insertion number), or nothing when they are under an eighth of the table. After such a
+/// pass that found too little, the next `max / 8` calls give up at once: a table full of flows
+/// that cannot be evicted costs a lookup per new flow, not a pass. A pass that evicts frees at
+/// least `max / 16`, so passes come at most once per `max / 16` new flows.
+#[derive(Debug, Default)]
+pub(crate) struct Evictor {
+    holdoff: usize,
+    /// Flows evicted so far (`tessera_handshake_flows_evicted_total`).
+    pub(crate) evicted: u64,
+}
+
+impl Evictor {
+    /// For a full table of `max` flows whose evictable ones have the insertion numbers `seqs`:
+    /// the number up to which to evict (their median), or `None` to refuse instead. `seqs` is
+    /// not read while holding off.
+    pub(crate) fn cut(&mut self, max: usize, seqs: impl Iterator<Item = u64>) -> Option<u64> {
+        if self.holdoff > 0 {
+            self.holdoff -= 1;
+            return None;
+        }
+        let mut seqs: Vec<u64> = seqs.collect();
+        if seqs.len() < (max / 8).max(1) {
+            self.holdoff = max / 8;
+            return None;
+        }
+        let middle = (seqs.len() - 1) / 2;
+        let (_, &mut cut, _) = seqs.select_nth_unstable(middle);
+        Some(cut)
+    }
+}
+
 /// Apply the passing of time to a flow: `false` if it is to be forgotten. A client flow whose
 /// handshake deadline passed while waiting for the server's first packet becomes
 /// `ClientVerified` for `client_idle_ms` more.
@@ -174,4 +264,29 @@ fn lapse(flow: &mut Flow, now_ms: u64, client_idle_ms: u64) -> bool {
         return flow.deadline_ms >= now_ms;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Evictor;
+
+    #[test]
+    fn the_older_half_goes_and_too_few_evictable_flows_hold_passes_off() {
+        let mut e = Evictor::default();
+        // 64 flows, 10 evictable (numbers 0..10, in any order): the cut is their median.
+        let seqs = [7, 3, 9, 0, 5, 1, 8, 2, 6, 4];
+        assert_eq!(e.cut(64, seqs.iter().copied()), Some(4));
+        // Under an eighth of the table: no pass, and none for the next 8 calls, which do not
+        // even read the numbers.
+        assert_eq!(e.cut(64, [1, 2].into_iter()), None);
+        for _ in 0..8 {
+            assert_eq!(
+                e.cut(64, std::iter::from_fn(|| panic!("read while holding off"))),
+                None
+            );
+        }
+        assert_eq!(e.cut(64, (0..8).rev()), Some(3));
+        // A table of one.
+        assert_eq!(Evictor::default().cut(1, [5].into_iter()), Some(5));
+    }
 }

@@ -100,6 +100,7 @@ pub struct Metrics {
     authorized_by_address: u64,
     requeued: u64,
     flows: usize,
+    flows_evicted: u64,
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
     decision_sum_ns: u64,
     decision_count: u64,
@@ -172,9 +173,15 @@ impl Metrics {
     pub fn requeued(&self) -> u64 {
         self.requeued
     }
-    /// Set the number of flows in the handshake table.
-    pub fn set_flows(&mut self, flows: usize) {
+    /// Set the number of flows in the handshake table, and how many a full table evicted so
+    /// far.
+    pub fn set_flows(&mut self, flows: usize, evicted: u64) {
         self.flows = flows;
+        self.flows_evicted = evicted;
+    }
+    /// Flows a full handshake table evicted so far, at the last update.
+    pub fn flows_evicted(&self) -> u64 {
+        self.flows_evicted
     }
     /// Record one `process` call's duration.
     pub fn record_decision_time(&mut self, ns: u64) {
@@ -354,6 +361,16 @@ impl Metrics {
         )?;
         writeln!(out, "# TYPE tessera_handshake_flows gauge")?;
         writeln!(out, "tessera_handshake_flows {}", self.flows)?;
+        writeln!(
+            out,
+            "# HELP tessera_handshake_flows_evicted_total Flows a full TCP or UDP handshake table forgot before their time: the older half of the unproven server-side and lingering authorized ones (a flood that ingress admits, or more new flows than the linger time allows)."
+        )?;
+        writeln!(out, "# TYPE tessera_handshake_flows_evicted_total counter")?;
+        writeln!(
+            out,
+            "tessera_handshake_flows_evicted_total {}",
+            self.flows_evicted
+        )?;
         writeln!(
             out,
             "# HELP tessera_decision_seconds Time to decide on one queued packet."

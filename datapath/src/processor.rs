@@ -99,8 +99,10 @@ pub struct ProcessorConfig {
     /// re-check cuts nothing. Authentication still applies (a forged, replayed or
     /// unverifiable token is refused: that is no policy question).
     pub audit: bool,
-    /// Handshake flows held at most, over all workloads. A new SYN beyond it is dropped
-    /// (reason `flow_table_full`).
+    /// Handshake flows held at most, over all workloads. A full table evicts the older half of
+    /// its unproven server-side and lingering authorized flows (a flood that ingress admits
+    /// cannot lock the node out); a new SYN that still finds no room is dropped (reason
+    /// `flow_table_full`).
     pub max_flows: usize,
     /// A flow in handshake is forgotten this long after its first packet. Equal to the token
     /// skew window (identity's `max_skew_ms`, 30 s by default): a stored token older than that
@@ -144,7 +146,8 @@ pub struct ProcessorConfig {
     pub udp_held_per_flow: usize,
     /// Application datagrams held over all UDP flows.
     pub udp_held_total: usize,
-    /// UDP flows in handshake (or lingering after it) at most.
+    /// UDP flows in handshake (or lingering after it) at most. A full table evicts the older
+    /// half of its server-side flows first, as for `max_flows`.
     pub udp_max_flows: usize,
     /// How long a UDP flow's proven state lingers after its handshake (to mark the flow at its
     /// first datagram, and answer a re-sent SYN-ACK or ACK of a lost control datagram).
@@ -537,7 +540,7 @@ impl Processor {
         self.established.remove_workload(id);
         self.cut.remove_workload(id);
         self.dns.remove_workload(id);
-        self.metrics.set_flows(self.flows.len());
+        self.update_flow_metrics();
         self.update_established_metrics();
         self.update_dns_metrics();
     }
@@ -653,7 +656,7 @@ impl Processor {
         {
             self.metrics.count_accepted(hook, kind);
         }
-        self.metrics.set_flows(self.flows.len());
+        self.update_flow_metrics();
         self.update_established_metrics();
         verdict
     }
@@ -750,9 +753,16 @@ impl Processor {
         }
         self.peer_agents.retain(|_, (_, until)| *until > now_ms);
         self.dns.expire(now_ms);
-        self.metrics.set_flows(self.flows.len());
+        self.update_flow_metrics();
         self.update_established_metrics();
         self.update_dns_metrics();
+    }
+
+    fn update_flow_metrics(&mut self) {
+        self.metrics.set_flows(
+            self.flows.len(),
+            self.flows.evictor.evicted + self.udp.evictor.evicted,
+        );
     }
 
     fn update_dns_metrics(&mut self) {
@@ -855,7 +865,7 @@ impl Processor {
             self.cut.insert(key, until, now_ms);
             self.metrics.count_cut(c.reason.as_str());
         }
-        self.metrics.set_flows(self.flows.len());
+        self.update_flow_metrics();
         self.update_established_metrics();
         cuts
     }
@@ -1294,7 +1304,7 @@ impl Step<'_> {
         if !self.udp_authenticate(key.remote.ip()) {
             return self.datagram(Hook::Output, Protocol::Udp, d);
         }
-        if self.udp.len() >= self.config.udp_max_flows {
+        if !self.udp.has_room(self.config.udp_max_flows) {
             return Verdict::drop(Reason::FlowTableFull);
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
@@ -1307,16 +1317,16 @@ impl Step<'_> {
         };
         self.udp.insert(
             key,
-            UdpFlow {
-                state: UdpState::ClientHello {
+            UdpFlow::new(
+                UdpState::ClientHello {
                     client,
                     syn,
                     held: Vec::new(),
                     tries: 1,
                     next_ms: self.now.saturating_add(self.config.udp_hello_rto_ms),
                 },
-                deadline_ms: self.handshake_deadline(),
-            },
+                self.handshake_deadline(),
+            ),
         );
         self.udp_hold(&key, packet)
     }
@@ -1409,7 +1419,7 @@ impl Step<'_> {
             }
             None => {}
         }
-        if self.udp.len() >= self.config.udp_max_flows {
+        if !self.udp.has_room(self.config.udp_max_flows) {
             return Verdict::drop(Reason::FlowTableFull);
         }
         let server = match self.node.server_syn(token, self.now) {
@@ -1448,16 +1458,16 @@ impl Step<'_> {
         };
         self.udp.insert(
             key,
-            UdpFlow {
-                state: UdpState::ServerAwaitingAck {
+            UdpFlow::new(
+                UdpState::ServerAwaitingAck {
                     server: awaiting,
                     syn_token: token.into(),
                     synack,
                     last_sent_ms: self.now,
                     deferrals: 0,
                 },
-                deadline_ms: self.handshake_deadline(),
-            },
+                self.handshake_deadline(),
+            ),
         );
         Verdict::consumed()
     }
@@ -1517,13 +1527,13 @@ impl Step<'_> {
         );
         self.udp.insert(
             key,
-            UdpFlow {
-                state: UdpState::ClientDone {
+            UdpFlow::new(
+                UdpState::ClientDone {
                     synack: token.into(),
                     ack,
                 },
-                deadline_ms: self.now.saturating_add(self.config.udp_linger_ms),
-            },
+                self.now.saturating_add(self.config.udp_linger_ms),
+            ),
         );
         Verdict::consumed()
     }
@@ -1642,12 +1652,12 @@ impl Step<'_> {
         self.remember(key, Direction::Ingress, Some(view), None);
         self.udp.insert(
             key,
-            UdpFlow {
-                state: UdpState::ServerAuthorized {
+            UdpFlow::new(
+                UdpState::ServerAuthorized {
                     ack_token: token.into(),
                 },
-                deadline_ms: self.now.saturating_add(self.config.udp_linger_ms),
-            },
+                self.now.saturating_add(self.config.udp_linger_ms),
+            ),
         );
         Verdict::consumed()
     }
@@ -1836,14 +1846,14 @@ impl Step<'_> {
         if let Err(e) = packet::attach_token(packet, seg, &token) {
             return Verdict::drop(Reason::Packet(e));
         }
-        let flow = Flow {
-            state: FlowState::ClientSynSent {
+        let flow = Flow::new(
+            FlowState::ClientSynSent {
                 client,
                 isn: seg.seq,
                 syn_token: token.into_boxed_slice(),
             },
-            deadline_ms: self.handshake_deadline(),
-        };
+            self.handshake_deadline(),
+        );
         if !self.flows.insert(key, flow, self.now) {
             return Verdict::drop(Reason::FlowTableFull);
         }
@@ -1886,10 +1896,10 @@ impl Step<'_> {
             ) {
                 return Verdict::drop(Reason::PolicyIngress);
             }
-            let flow = Flow {
-                state: FlowState::ServerTokenless { isn: seg.seq },
-                deadline_ms: self.handshake_deadline(),
-            };
+            let flow = Flow::new(
+                FlowState::ServerTokenless { isn: seg.seq },
+                self.handshake_deadline(),
+            );
             if !self.flows.insert(key, flow, self.now) {
                 return Verdict::drop(Reason::FlowTableFull);
             }
@@ -1913,14 +1923,14 @@ impl Step<'_> {
         if let Err(e) = packet::strip_token(packet, seg) {
             return Verdict::drop(Reason::Packet(e));
         }
-        let flow = Flow {
-            state: FlowState::ServerSynReceived {
+        let flow = Flow::new(
+            FlowState::ServerSynReceived {
                 server: Some(Box::new(received)),
                 isn: seg.seq,
                 syn_token,
             },
-            deadline_ms: self.handshake_deadline(),
-        };
+            self.handshake_deadline(),
+        );
         if !self.flows.insert(key, flow, self.now) {
             return Verdict::drop(Reason::FlowTableFull);
         }

@@ -31,7 +31,7 @@ use pnet_packet::ipv4::{self, MutableIpv4Packet};
 use pnet_packet::ipv6::MutableIpv6Packet;
 use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 
-use crate::flow::FlowKey;
+use crate::flow::{Evictor, FlowKey};
 use crate::packet::{IpDatagram, PacketError};
 use crate::processor::WorkloadId;
 
@@ -97,11 +97,35 @@ impl UdpState {
     }
 }
 
+impl UdpState {
+    /// Whether a full table may forget this flow early: the server's side, which anyone can
+    /// open with a SYN control that ingress admits (as `FlowState::evictable` for TCP). The
+    /// client's states are its own workload's doing, and hold its datagrams.
+    fn evictable(&self) -> bool {
+        matches!(
+            self,
+            UdpState::ServerAwaitingAck { .. } | UdpState::ServerAuthorized { .. }
+        )
+    }
+}
+
 /// One UDP flow and when to forget it.
 #[derive(Debug)]
 pub(crate) struct UdpFlow {
     pub(crate) state: UdpState,
     pub(crate) deadline_ms: u64,
+    /// Insertion number, set by [`UdpTable::insert`]: a full table evicts the oldest first.
+    seq: u64,
+}
+
+impl UdpFlow {
+    pub(crate) fn new(state: UdpState, deadline_ms: u64) -> Self {
+        UdpFlow {
+            state,
+            deadline_ms,
+            seq: 0,
+        }
+    }
 }
 
 /// The bounded table of UDP flows in handshake (or just authorized), with the count of held
@@ -112,13 +136,11 @@ pub(crate) struct UdpTable {
     flows: ahash::HashMap<FlowKey, UdpFlow>,
     timers: BTreeSet<(u64, FlowKey)>,
     pub(crate) held: usize,
+    next_seq: u64,
+    pub(crate) evictor: Evictor,
 }
 
 impl UdpTable {
-    pub(crate) fn len(&self) -> usize {
-        self.flows.len()
-    }
-
     pub(crate) fn get(&self, key: &FlowKey) -> Option<&UdpFlow> {
         self.flows.get(key)
     }
@@ -129,9 +151,27 @@ impl UdpTable {
         self.flows.get_mut(key)
     }
 
+    /// Whether a new flow fits under `max`. A full table first evicts the older half of its
+    /// server-side flows (see [`Evictor`]), so a flood of SYN controls that ingress
+    /// admits cannot lock the node out of new UDP flows.
+    pub(crate) fn has_room(&mut self, max: usize) -> bool {
+        if self.flows.len() < max {
+            return true;
+        }
+        let evictable = self.flows.values().filter(|f| f.state.evictable());
+        if let Some(cut) = self.evictor.cut(max, evictable.map(|f| f.seq)) {
+            let before = self.flows.len();
+            self.retain(|_, f| !f.state.evictable() || f.seq > cut);
+            self.evictor.evicted += (before - self.flows.len()) as u64;
+        }
+        self.flows.len() < max
+    }
+
     /// Add (or replace) a flow. Held datagrams of the replaced one, if any, are dropped.
-    pub(crate) fn insert(&mut self, key: FlowKey, flow: UdpFlow) {
+    pub(crate) fn insert(&mut self, key: FlowKey, mut flow: UdpFlow) {
         self.remove(&key);
+        flow.seq = self.next_seq;
+        self.next_seq += 1;
         if let UdpState::ClientHello { next_ms, .. } = flow.state {
             self.timers.insert((next_ms, key));
         }

@@ -662,6 +662,145 @@ fn token_carrying_syn_to_a_server_without_agent() {
     assert_eq!(flags(&rst), RST_ACK);
 }
 
+/// db accepts web on 5432 (as ALLOW) and anyone at all on 80: a public port, which a flood of
+/// spoofed, token-less SYNs passes.
+const ALLOW_AND_PUBLIC: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+  - from: [{ipBlock: {cidr: 0.0.0.0/0}}]
+    ports: [{port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 5432}]
+";
+
+/// Rewrite an IPv4 TCP packet's addresses and ports, with valid checksums again.
+fn set_addresses(p: &mut Vec<u8>, src: SocketAddr, dst: SocketAddr) {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    p[12..16].copy_from_slice(&src.ip().octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    p[ihl..ihl + 2].copy_from_slice(&src.port().to_be_bytes());
+    p[ihl + 2..ihl + 4].copy_from_slice(&dst.port().to_be_bytes());
+    let seg = datapath::TcpSegment::parse(p).unwrap().unwrap();
+    datapath::packet::fix_checksums(p, &seg).unwrap();
+    assert!(checksums_ok(p));
+}
+
+/// The table's bound in the flood tests below.
+const FLOOD_MAX_FLOWS: usize = 64;
+
+/// One flood SYN reaching the server's node, answered by its kernel (SYN cookies answer every
+/// SYN): the flow that the agent then holds is the flood's. `tokened`: the SYN carries a
+/// genuine-looking token (claims `app: web`, a fresh nonce) that never gets its ACK, which
+/// anyone who has seen one SYN on the wire can make (the SYN is not MACed); otherwise a bare
+/// SYN to the public port 80. Both pass ingress.
+fn flood_syn(w: &mut World, source: &mut World, n: u32) {
+    let c = SocketAddr::new(
+        std::net::Ipv4Addr::new(203, 0, 113, (n % 250) as u8 + 1).into(),
+        1024 + (n % 60_000) as u16,
+    );
+    let tokened = n.is_multiple_of(2);
+    let s = if tokened {
+        w.s
+    } else {
+        SocketAddr::new(w.s.ip(), 80)
+    };
+    let syn = tcp_packet(c, s, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[]);
+    let syn = if tokened {
+        // Made by a node with the client's key, whose state is thrown away.
+        source.port(c.port());
+        let (v, with_token) = source.out_a(&source.syn());
+        assert!(v.accept, "{v:?}");
+        // Moved to the flood's own addresses (tokens do not bind them).
+        let mut p = with_token;
+        set_addresses(&mut p, c, s);
+        p
+    } else {
+        syn
+    };
+    let (v, _) = w.in_b(&syn);
+    assert!(v.accept, "the flood passes ingress: {v:?}");
+    let syn_ack = tcp_packet(
+        s,
+        c,
+        ISN_S,
+        ISN_C + 1,
+        SYN_ACK,
+        &linux_syn_options(2, 1),
+        &[],
+    );
+    let (v, _) = w.out_b(&syn_ack);
+    assert!(v.accept, "{v:?}");
+}
+
+#[test]
+fn a_flood_of_syns_that_pass_ingress_does_not_lock_the_node_out() {
+    for mode in [Mode::Psk, Mode::Pki] {
+        let config = ProcessorConfig {
+            max_flows: FLOOD_MAX_FLOWS,
+            ..ProcessorConfig::default()
+        };
+        let mut w = World::with(mode, ALLOW_AND_PUBLIC, &WEB, &DB, config);
+        let mut source = World::with(
+            mode,
+            ALLOW_AND_PUBLIC,
+            &WEB,
+            &DB,
+            ProcessorConfig::default(),
+        );
+        // Ten times the table's bound, within a second: nothing has expired.
+        let mut n = 0;
+        for _ in 0..10 * FLOOD_MAX_FLOWS {
+            flood_syn(&mut w, &mut source, n);
+            n += 1;
+        }
+        assert!(w.b.flow_count() <= FLOOD_MAX_FLOWS);
+        // A genuine client still connects, while the flood goes on between its packets.
+        for port in [41000, 41001, 41002] {
+            w.port(port);
+            let (v, syn) = w.out_a(&w.syn());
+            accepted(&v, true, false);
+            let (v, _) = w.in_b(&syn);
+            accepted(&v, true, false);
+            for _ in 0..FLOOD_MAX_FLOWS / 4 {
+                flood_syn(&mut w, &mut source, n);
+                n += 1;
+            }
+            let (v, syn_ack) = w.out_b(&w.syn_ack());
+            accepted(&v, true, false);
+            let (v, _) = w.in_a(&syn_ack);
+            accepted(&v, true, false);
+            let (v, ack) = w.out_a(&w.ack());
+            accepted(&v, true, true);
+            for _ in 0..FLOOD_MAX_FLOWS / 4 {
+                flood_syn(&mut w, &mut source, n);
+                n += 1;
+            }
+            let (v, _) = w.in_b(&ack);
+            accepted(&v, true, true);
+        }
+        assert_eq!(w.b.metrics().rejected("flow_table_full"), 0);
+        assert!(w.b.metrics().flows_evicted() > 0);
+        assert!(w.b.flow_count() <= FLOOD_MAX_FLOWS);
+    }
+}
+
 #[test]
 fn flow_table_full_refuses_new_handshakes_until_flows_expire() {
     let config = ProcessorConfig {
@@ -680,7 +819,10 @@ fn flow_table_full_refuses_new_handshakes_until_flows_expire() {
     // A retransmission of a held flow still works.
     w.port(40000);
     accepted(&w.out_a(&w.syn()).0, true, false);
-    // Server side too.
+    // The server's side of unproven handshakes is the network's to open, so a full table makes
+    // room by forgetting the older half of them instead of refusing (see
+    // `a_flood_of_syns_that_pass_ingress_does_not_lock_the_node_out`): the next SYN is decided
+    // (here: a token-less one, which ingress denies).
     for port in [40000, 40001] {
         w.port(port);
         let (_, syn) = w.out_a(&w.syn());
@@ -689,12 +831,15 @@ fn flow_table_full_refuses_new_handshakes_until_flows_expire() {
     w.port(40002);
     let syn = tcp_packet(w.c, w.s, ISN_C, 0, SYN, &[], &[]);
     let (v, _) = w.in_b(&syn);
-    assert_eq!(dropped(&v), "flow_table_full");
+    assert_eq!(dropped(&v), "policy_ingress");
+    assert_eq!(w.b.metrics().flows_evicted(), 1);
+    assert_eq!(w.b.flow_count(), 1);
     // After the handshake timeout, room again (even without an explicit expire call).
     w.now += ProcessorConfig::default().handshake_timeout_ms + 2_000;
     accepted(&w.out_a(&w.syn()).0, true, false);
     assert_eq!(w.a.metrics().rejected("flow_table_full"), 1);
-    assert_eq!(w.b.metrics().rejected("flow_table_full"), 1);
+    assert_eq!(w.a.metrics().flows_evicted(), 0);
+    assert_eq!(w.b.metrics().rejected("flow_table_full"), 0);
 }
 
 #[test]

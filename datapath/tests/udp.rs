@@ -403,3 +403,57 @@ fn a_known_agent_that_does_not_answer_is_not_taken_for_agentless() {
     assert_eq!(out.len(), 1);
     assert!(is_control(&out[0]));
 }
+
+#[test]
+fn a_flood_of_syn_controls_that_pass_ingress_does_not_lock_udp_out() {
+    const MAX: usize = 16;
+    for mode in [Mode::Psk, Mode::Pki] {
+        let config = datapath::ProcessorConfig {
+            udp_max_flows: MAX,
+            ..datapath::ProcessorConfig::default()
+        };
+        let mut w = World::with(mode, DB_UDP_FROM_WEB, &WEB, &DB, config);
+        // SYN controls with genuine-looking tokens (claims of web, fresh nonces) that never
+        // get their ACK: made by a node with the client's key, whose state is thrown away, and
+        // sent from ports of the attacker's choosing. Each passes ingress and holds a flow.
+        let mut source = World::new(mode, DB_UDP_FROM_WEB);
+        let mut flood = |w: &mut World, n: u16| {
+            source.port(20_000 + n);
+            let (v, _) = source.out_a(&udp(source.c, source.s, b"x"));
+            assert!(consumed(&v));
+            let syn = take(&mut source.a).remove(0);
+            let mut p = syn.packet;
+            p[20..22].copy_from_slice(&(30_000 + n).to_be_bytes());
+            let (v, _) = w.in_b(&p);
+            assert!(consumed(&v), "the flood passes ingress: {v:?}");
+            take(&mut w.b);
+        };
+        for n in 0..10 * MAX as u16 {
+            flood(&mut w, n);
+        }
+        // A genuine flow still gets its handshake, with the flood going on between its steps.
+        let (v, _) = w.out_a(&udp(w.c, w.s, b"one"));
+        assert!(consumed(&v));
+        let syn = take(&mut w.a).remove(0);
+        let (v, _) = w.in_b(&syn.packet);
+        assert!(consumed(&v), "{v:?}");
+        let synack = take(&mut w.b).remove(0);
+        for n in 0..MAX as u16 / 4 {
+            flood(&mut w, 1000 + n);
+        }
+        let (v, _) = w.in_a(&synack.packet);
+        assert!(consumed(&v), "{v:?}");
+        let out = take(&mut w.a);
+        assert_eq!(out.len(), 2, "the ACK and the held datagram: {out:?}");
+        for n in 0..MAX as u16 / 4 {
+            flood(&mut w, 2000 + n);
+        }
+        let (v, _) = w.in_b(&out[0].packet);
+        assert!(consumed(&v), "ACK: {v:?}");
+        let (v, _) = w.in_b(&out[1].packet);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+        assert_eq!(payload(&out[1].packet), b"one");
+        assert_eq!(w.b.metrics().rejected("flow_table_full"), 0);
+        assert!(w.b.metrics().flows_evicted() > 0);
+    }
+}
