@@ -619,8 +619,13 @@ struct RxBatch {
     gro: tun_rs::GROTable,
 }
 
-/// Decrypted packets written to the device in one batch, at most.
-const RX_BATCH: usize = BATCH;
+/// Datagrams one UDP GRO read returns at most (the kernel's `UDP_GRO_CNT_MAX`).
+const UDP_GRO_MAX: usize = 64;
+
+/// Decrypted packets written to the device in one batch, at most. The socket loop stops
+/// reading while the batch has no room for one more read's datagrams, so a burst waits in the
+/// socket for the next turn instead of overflowing the batch (dropped as `deliver_failed`).
+const RX_BATCH: usize = 2 * UDP_GRO_MAX;
 
 impl RxBatch {
     fn new() -> RxBatch {
@@ -755,6 +760,9 @@ async fn run_loop(
                 r.map_err(|source| ShellError::TunnelIo { what: "reading the UDP socket", source })?;
                 let now = super::queue::unix_ms();
                 for _ in 0..BATCH {
+                    if io.rx.len > RX_BATCH - UDP_GRO_MAX {
+                        break;
+                    }
                     match recv_gro(udp, &mut udp_buf) {
                         // An empty datagram is one too (malformed, counted).
                         Ok((0, _, from)) => tunnel.handle_datagram(now, from, &[], &mut io),
