@@ -95,9 +95,7 @@ impl UdpState {
             _ => 0,
         }
     }
-}
 
-impl UdpState {
     /// Whether a full table may forget this flow early: the server's side, which anyone can
     /// open with a SYN control that ingress admits (as `FlowState::evictable` for TCP). The
     /// client's states are its own workload's doing, and hold its datagrams.

@@ -710,18 +710,16 @@ fn flood_syn(w: &mut World, source: &mut World, n: u32) {
     } else {
         SocketAddr::new(w.s.ip(), 80)
     };
-    let syn = tcp_packet(c, s, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[]);
     let syn = if tokened {
         // Made by a node with the client's key, whose state is thrown away.
         source.port(c.port());
-        let (v, with_token) = source.out_a(&source.syn());
+        let (v, mut p) = source.out_a(&source.syn());
         assert!(v.accept, "{v:?}");
         // Moved to the flood's own addresses (tokens do not bind them).
-        let mut p = with_token;
         set_addresses(&mut p, c, s);
         p
     } else {
-        syn
+        tcp_packet(c, s, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[])
     };
     let (v, _) = w.in_b(&syn);
     assert!(v.accept, "the flood passes ingress: {v:?}");
