@@ -1,5 +1,7 @@
 //! Floods: untokened TCP SYNs (or plain UDP datagrams, each a new flow) with spoofed sources,
-//! paced, at a workload (the bench's flood cases and the real-kernel flood tests).
+//! paced, at a workload (the bench's flood cases and the real-kernel flood tests); or the same
+//! sent by a workload itself, standing for a compromised one, to addresses that never answer
+//! ([`start_from_workload`]).
 //!
 //! The flooder is a netns of the caller's own, by convention `ts-<testbed id>-flooder` (so a
 //! crashed run's is swept like the testbed's), attached to a node's netns by a veth pair of its own on
@@ -93,7 +95,57 @@ impl Flooder {
         kind: Kind,
         stop: Arc<AtomicBool>,
     ) -> JoinHandle<io::Result<Sent>> {
-        crate::netns::spawn_in_netns(&self.ns, move || flood(dst, pps, kind, &stop))
+        let spread = Spread::FromSpoofed(dst);
+        crate::netns::spawn_in_netns(&self.ns, move || flood(spread, pps, kind, &stop))
+    }
+}
+
+/// Starts sending `kind` packets from inside netns `ns` (a workload's: the packets are its own
+/// outgoing ones, as its agent sees them) at `pps` packets per second until `stop`: from `src`
+/// (the workload's address) and random ports, to port `port` of random addresses of the /16 of
+/// `net` (which should route nowhere: nothing answers).
+pub fn start_from_workload(
+    ns: &str,
+    src: Ipv4Addr,
+    net: Ipv4Addr,
+    port: u16,
+    pps: f64,
+    kind: Kind,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<io::Result<Sent>> {
+    let spread = Spread::ToNet { src, net, port };
+    crate::netns::spawn_in_netns(ns, move || flood(spread, pps, kind, &stop))
+}
+
+/// Where a flood's packets come from and go.
+#[derive(Clone, Copy, Debug)]
+enum Spread {
+    /// To one address, from random addresses of 198.18.0.0/15 and random ports.
+    FromSpoofed(SocketAddrV4),
+    /// From one address's random ports to one port of random addresses of a /16.
+    ToNet {
+        src: Ipv4Addr,
+        net: Ipv4Addr,
+        port: u16,
+    },
+}
+
+impl Spread {
+    /// One packet's source and destination, from one random draw.
+    fn draw(self, r: u64) -> (SocketAddrV4, SocketAddrV4) {
+        let port = 1024 + ((r >> 32) as u16 % (65535 - 1024));
+        match self {
+            Spread::FromSpoofed(dst) => {
+                let host = (r as u32) & 0x1_ffff;
+                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) | host.max(1));
+                (SocketAddrV4::new(src, port), dst)
+            }
+            Spread::ToNet { src, net, port: to } => {
+                let host = (r as u32) & 0xffff;
+                let dst = Ipv4Addr::from(u32::from(net) & 0xffff_0000 | host.clamp(1, 0xfffe));
+                (SocketAddrV4::new(src, port), SocketAddrV4::new(dst, to))
+            }
+        }
     }
 }
 
@@ -134,7 +186,7 @@ impl Sent {
 /// Most packets sent back to back before the pacing looks at the clock again.
 const BURST: u64 = 32;
 
-fn flood(dst: SocketAddrV4, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Result<Sent> {
+fn flood(spread: Spread, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Result<Sent> {
     // IPPROTO_RAW implies IP_HDRINCL: the header below goes out as written (the kernel fills
     // in the header checksum and the total length).
     let fd = socket(
@@ -144,7 +196,6 @@ fn flood(dst: SocketAddrV4, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Resu
         SockProtocol::Raw,
     )
     .map_err(|e| io::Error::other(format!("raw socket (needs CAP_NET_RAW): {e}")))?;
-    let to = SockaddrIn::from(dst);
     let mut rng = Rng::seeded();
     let mut packet = [0u8; 44];
     let start = Instant::now();
@@ -158,14 +209,17 @@ fn flood(dst: SocketAddrV4, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Resu
             continue;
         }
         for _ in 0..(due - attempts).min(BURST) {
+            let r = rng.next();
+            let (src, dst) = spread.draw(r);
             let len = match kind {
                 Kind::Syn => {
-                    syn(&mut packet, &mut rng, dst);
+                    syn(&mut packet, r, src, dst);
                     packet.len()
                 }
-                Kind::Udp => udp(&mut packet, &mut rng, dst),
+                Kind::Udp => udp(&mut packet, r, src, dst),
             };
             attempts += 1;
+            let to = SockaddrIn::from(dst);
             match sendto(fd.as_raw_fd(), &packet[..len], &to, MsgFlags::empty()) {
                 Ok(_) => sent.packets += 1,
                 Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => sent.errors += 1,
@@ -177,13 +231,6 @@ fn flood(dst: SocketAddrV4, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Resu
     Ok(sent)
 }
 
-/// A spoofed source address of 198.18.0.0/15 and port (>= 1024), from one random draw.
-fn spoofed(r: u64) -> (Ipv4Addr, u16) {
-    let host = (r as u32) & 0x1_ffff;
-    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) | host.max(1));
-    (src, 1024 + ((r >> 32) as u16 % (65535 - 1024)))
-}
-
 /// The pseudo-header sum of `src`, `dst`, `protocol` and the transport length.
 fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -> u32 {
     let mut sum = u32::from(protocol) + u32::from(len);
@@ -193,11 +240,10 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -> u32 {
     sum
 }
 
-/// Writes into the first 36 bytes of `p` an IPv4 UDP datagram with 8 bytes of payload to `dst`
-/// from a random address of 198.18.0.0/15 and port, valid checksums; returns its length.
-fn udp(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) -> usize {
-    let r = rng.next();
-    let (src, sport) = spoofed(r);
+/// Writes into the first 36 bytes of `p` an IPv4 UDP datagram with 8 bytes of payload from
+/// `src` to `dst`, IP id from the random draw `r`, valid checksums; returns its length.
+fn udp(p: &mut [u8; 44], r: u64, src: SocketAddrV4, dst: SocketAddrV4) -> usize {
+    let (src, sport) = (*src.ip(), src.port());
     let id = (r >> 48) as u16;
     p[..20].copy_from_slice(&[
         0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -221,12 +267,11 @@ fn udp(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) -> usize {
     36
 }
 
-/// Writes into `p` a 44-byte IPv4 TCP SYN (MSS option) to `dst` from a random address of
-/// 198.18.0.0/15 and a random port, random sequence number and IP id, with a valid TCP
-/// checksum (conntrack drops a bad one as INVALID before the queue would see it).
-fn syn(p: &mut [u8; 44], rng: &mut Rng, dst: SocketAddrV4) {
-    let r = rng.next();
-    let (src, sport) = spoofed(r);
+/// Writes into `p` a 44-byte IPv4 TCP SYN (MSS option) from `src` to `dst`, sequence number
+/// and IP id from the random draw `r`, with a valid TCP checksum (conntrack drops a bad one as
+/// INVALID before the queue would see it).
+fn syn(p: &mut [u8; 44], r: u64, src: SocketAddrV4, dst: SocketAddrV4) {
+    let (src, sport) = (*src.ip(), src.port());
     let seq = (r >> 17) as u32;
     let id = (r >> 48) as u16;
     p[..20].copy_from_slice(&[
@@ -295,7 +340,9 @@ mod tests {
         let mut p = [0u8; 44];
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 70, 3, 2), 5432);
         for _ in 0..1000 {
-            syn(&mut p, &mut rng, dst);
+            let r = rng.next();
+            let (src, dst) = Spread::FromSpoofed(dst).draw(r);
+            syn(&mut p, r, src, dst);
             // A header with its checksum in sums to 0xffff: checksum() of it is 0.
             assert_eq!(checksum(&p[..20], 0), 0);
             let mut pseudo = 0u32;
@@ -317,7 +364,9 @@ mod tests {
         let mut p = [0u8; 44];
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 70, 3, 2), 5432);
         for _ in 0..1000 {
-            let len = udp(&mut p, &mut rng, dst);
+            let r = rng.next();
+            let (src, dst) = Spread::FromSpoofed(dst).draw(r);
+            let len = udp(&mut p, r, src, dst);
             assert_eq!(len, 36);
             assert_eq!(checksum(&p[..20], 0), 0);
             let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
@@ -325,5 +374,26 @@ mod tests {
             assert_eq!(p[9], 17);
             assert_eq!(u16::from_be_bytes([p[22], p[23]]), 5432);
         }
+    }
+
+    #[test]
+    fn a_workload_flood_goes_from_its_address_to_random_hosts_of_the_net() {
+        let mut rng = Rng::seeded();
+        let spread = Spread::ToNet {
+            src: Ipv4Addr::new(10, 70, 2, 3),
+            net: Ipv4Addr::new(10, 250, 0, 0),
+            port: 443,
+        };
+        let mut hosts = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let (src, dst) = spread.draw(rng.next());
+            assert_eq!(*src.ip(), Ipv4Addr::new(10, 70, 2, 3));
+            assert!(src.port() >= 1024);
+            assert_eq!(dst.ip().octets()[..2], [10, 250]);
+            assert!(!matches!(dst.ip().octets()[2..], [0, 0] | [255, 255]));
+            assert_eq!(dst.port(), 443);
+            hosts.insert(*dst.ip());
+        }
+        assert!(hosts.len() > 900, "{} hosts of 1000", hosts.len());
     }
 }
