@@ -105,7 +105,8 @@ impl FlowState {
     /// server's side of a handshake that is not proven yet (anyone can open one: a SYN whose
     /// claims pass ingress, or a token-less SYN to a port open to its address), and an
     /// authorized flow kept only for the packets still queued behind its proof. The client's
-    /// states are its own workload's, not the network's, and are never evicted.
+    /// states are its own workload's, not the network's: a full table takes them only from the
+    /// workload that holds the most ([`Evictor::choose`]).
     fn evictable(&self) -> bool {
         matches!(
             self,
@@ -124,7 +125,10 @@ impl FlowState {
 /// that pass ingress (spoofed sources, forged claims, a public port), or more new flows than the
 /// linger time allows, cannot lock the node's workloads out of new connections. A genuine
 /// handshake needs its entry for a round trip; it is among the newest and outlives the flood's
-/// for as long as the table takes to fill by half again.
+/// for as long as the table takes to fill by half again. When too few flows are evictable, it
+/// evicts the older half of the flows of the workload holding the most: a local workload's
+/// flood of SYNs costs that workload its own oldest handshakes, not the node's others their
+/// connections ([`Evictor::choose`]).
 #[derive(Debug)]
 pub(crate) struct FlowTable {
     flows: ahash::HashMap<FlowKey, Flow>,
@@ -182,16 +186,20 @@ impl FlowTable {
         self.flows.len() < self.max
     }
 
-    /// Forget the older half of the evictable flows (see [`Evictor`]).
+    /// Forget the older half of the evictable flows, or else of the flows of the workload that
+    /// holds the most (see [`Evictor::choose`]).
     fn evict_older_half(&mut self) {
-        let evictable = self.flows.values().filter(|f| f.state.evictable());
-        let Some(cut) = self.evictor.cut(self.max, evictable.map(|f| f.seq)) else {
+        let flows = self
+            .flows
+            .iter()
+            .map(|(k, f)| (k, f.state.evictable(), f.seq));
+        let Some(cut) = self.evictor.choose(self.max, flows) else {
             return;
         };
         let before = self.flows.len();
         self.flows
-            .retain(|_, f| !f.state.evictable() || f.seq > cut);
-        self.evictor.evicted += (before - self.flows.len()) as u64;
+            .retain(|k, f| !cut.takes(k, f.state.evictable(), f.seq));
+        self.evictor.count(cut, before - self.flows.len());
     }
 
     /// Insert or replace. A new key beyond the bound is refused: returns `false`.
@@ -219,36 +227,107 @@ impl FlowTable {
     }
 }
 
-/// When a full table evicts, and how many it evicted: the older half of its evictable flows
-/// (by insertion number), or nothing when they are under an eighth of the table. After such a
-/// pass that found too little, the next `max / 8` calls give up at once: a table full of flows
-/// that cannot be evicted costs a lookup per new flow, not a pass. A pass that evicts frees at
-/// least `max / 16`, so passes come at most once per `max / 16` new flows.
+/// When a full table evicts, what, and how many it evicted so far. A pass that evicts frees at
+/// least `max / 16`, so passes come at most once per `max / 16` new flows; after a pass that
+/// found too little to evict, the next `max / 8` calls give up at once, so a table that cannot
+/// make room costs a lookup per new flow, not a pass.
 #[derive(Debug, Default)]
 pub(crate) struct Evictor {
     holdoff: usize,
-    /// Flows evicted so far (`tessera_handshake_flows_evicted_total`).
-    pub(crate) evicted: u64,
+    /// Flows evicted so far, by whose they were (`tessera_handshake_flows_evicted_total`).
+    pub(crate) evicted: Evicted,
+}
+
+/// Flows a full table evicted so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    /// The network's: unproven server-side handshakes and lingering authorized flows.
+    pub(crate) network: u64,
+    /// A workload's own, taken from the workload that held the most.
+    pub(crate) workload: u64,
+}
+
+/// The flows one eviction pass forgets: those for which [`Cut::takes`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// The evictable flows numbered up to this one.
+    Network(u64),
+    /// The workload's own (not evictable) flows numbered up to this one.
+    Workload(WorkloadId, u64),
+}
+
+impl Cut {
+    /// Whether the flow of `key`, evictable or not, with insertion number `seq`, goes.
+    pub(crate) fn takes(self, key: &FlowKey, evictable: bool, seq: u64) -> bool {
+        match self {
+            Cut::Network(cut) => evictable && seq <= cut,
+            Cut::Workload(w, cut) => !evictable && key.workload == w && seq <= cut,
+        }
+    }
 }
 
 impl Evictor {
-    /// For a full table of `max` flows whose evictable ones have the insertion numbers `seqs`:
-    /// the number up to which to evict (their median), or `None` to refuse instead. `seqs` is
-    /// not read while holding off.
-    pub(crate) fn cut(&mut self, max: usize, seqs: impl Iterator<Item = u64>) -> Option<u64> {
+    /// For a full table of `max` flows, given as (key, evictable, insertion number): what to
+    /// evict, or `None` to refuse the new flow instead.
+    ///
+    /// First the older half of the evictable flows, which anyone on the network can open and
+    /// whose loss costs at most a retransmission. When they are under an eighth of the table,
+    /// the older half of the own flows of the workload that holds the most: a workload that
+    /// opens more flows than the table holds (a compromised one, flooding SYNs at addresses
+    /// that never answer) loses its own oldest handshakes, and the node's other workloads keep
+    /// connecting. When no workload holds an eighth either (eight or more workloads busy at
+    /// once), refuse. `flows` is not read while holding off.
+    pub(crate) fn choose<'a, I>(&mut self, max: usize, flows: I) -> Option<Cut>
+    where
+        I: Iterator<Item = (&'a FlowKey, bool, u64)> + Clone,
+    {
         if self.holdoff > 0 {
             self.holdoff -= 1;
             return None;
         }
-        let mut seqs: Vec<u64> = seqs.collect();
-        if seqs.len() < (max / 8).max(1) {
-            self.holdoff = max / 8;
-            return None;
+        let enough = (max / 8).max(1);
+        let network = flows.clone().filter(|f| f.1).map(|f| f.2);
+        if let Some(cut) = older_half(network, enough) {
+            return Some(Cut::Network(cut));
         }
-        let middle = (seqs.len() - 1) / 2;
-        let (_, &mut cut, _) = seqs.select_nth_unstable(middle);
-        Some(cut)
+        let mut held: ahash::HashMap<WorkloadId, usize> = Default::default();
+        for (key, _, _) in flows.clone().filter(|f| !f.1) {
+            *held.entry(key.workload).or_default() += 1;
+        }
+        // The one holding the most; of equals, the lowest id (so a pass is reproducible).
+        let hog = held
+            .into_iter()
+            .max_by_key(|&(w, n)| (n, std::cmp::Reverse(w.0)))
+            .map(|(w, _)| w);
+        if let Some(hog) = hog {
+            let own = flows.filter(|f| !f.1 && f.0.workload == hog).map(|f| f.2);
+            if let Some(cut) = older_half(own, enough) {
+                return Some(Cut::Workload(hog, cut));
+            }
+        }
+        self.holdoff = max / 8;
+        None
     }
+
+    /// Count what a pass of `cut` evicted.
+    pub(crate) fn count(&mut self, cut: Cut, evicted: usize) {
+        match cut {
+            Cut::Network(_) => self.evicted.network += evicted as u64,
+            Cut::Workload(..) => self.evicted.workload += evicted as u64,
+        }
+    }
+}
+
+/// The median of the insertion numbers `seqs` (the older half is up to it), if there are at
+/// least `enough` of them.
+fn older_half(seqs: impl Iterator<Item = u64>, enough: usize) -> Option<u64> {
+    let mut seqs: Vec<u64> = seqs.collect();
+    if seqs.len() < enough {
+        return None;
+    }
+    let middle = (seqs.len() - 1) / 2;
+    let (_, &mut cut, _) = seqs.select_nth_unstable(middle);
+    Some(cut)
 }
 
 /// Apply the passing of time to a flow: `false` if it is to be forgotten. A client flow whose
@@ -268,25 +347,99 @@ fn lapse(flow: &mut Flow, now_ms: u64, client_idle_ms: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::Evictor;
+    use super::{Cut, Evicted, Evictor, Flow, FlowKey, FlowState, FlowTable};
+    use crate::processor::WorkloadId;
+    use policy::Protocol;
+    use std::net::SocketAddr;
+
+    fn key(workload: u32, port: u16) -> FlowKey {
+        FlowKey {
+            workload: WorkloadId(workload),
+            protocol: Protocol::Tcp,
+            local: SocketAddr::from(([10, 0, 0, workload as u8], port)),
+            remote: SocketAddr::from(([10, 9, 9, 9], 443)),
+        }
+    }
 
     #[test]
     fn the_older_half_goes_and_too_few_evictable_flows_hold_passes_off() {
         let mut e = Evictor::default();
+        let k = key(1, 1);
         // 64 flows, 10 evictable (numbers 0..10, in any order): the cut is their median.
         let seqs = [7, 3, 9, 0, 5, 1, 8, 2, 6, 4];
-        assert_eq!(e.cut(64, seqs.iter().copied()), Some(4));
-        // Under an eighth of the table: no pass, and none for the next 8 calls, which do not
-        // even read the numbers.
-        assert_eq!(e.cut(64, [1, 2].into_iter()), None);
+        let flows = seqs.iter().map(|&s| (&k, true, s));
+        assert_eq!(e.choose(64, flows), Some(Cut::Network(4)));
+        // Under an eighth of the table, and no workload's own flows: no pass, and none for the
+        // next 8 calls, which do not even read the flows.
+        assert_eq!(
+            e.choose(64, [(&k, true, 1), (&k, true, 2)].into_iter()),
+            None
+        );
         for _ in 0..8 {
-            assert_eq!(
-                e.cut(64, std::iter::from_fn(|| panic!("read while holding off"))),
-                None
-            );
+            let unread = std::iter::from_fn(|| -> Option<(&FlowKey, bool, u64)> {
+                panic!("read while holding off")
+            });
+            assert_eq!(e.choose(64, unread), None);
         }
-        assert_eq!(e.cut(64, (0..8).rev()), Some(3));
+        assert_eq!(
+            e.choose(64, (0..8).rev().map(|s| (&k, true, s))),
+            Some(Cut::Network(3))
+        );
         // A table of one.
-        assert_eq!(Evictor::default().cut(1, [5].into_iter()), Some(5));
+        assert_eq!(
+            Evictor::default().choose(1, [(&k, true, 5)].into_iter()),
+            Some(Cut::Network(5))
+        );
+    }
+
+    /// A full table of client flows: the workload that opened the most loses the older half of
+    /// its own, the others keep theirs; with no workload holding an eighth, a new flow is
+    /// refused.
+    #[test]
+    fn a_workload_that_fills_the_table_loses_its_own_older_half() {
+        let now = 1_000;
+        let client = || Flow::new(FlowState::ClientVerified { server_isn: 1 }, now + 60_000);
+        let mut t = FlowTable::new(64, 0);
+        // Workload 1 opens 8 flows, workload 2 opens 56: the table is full.
+        for port in 0..8 {
+            assert!(t.insert(key(1, port), client(), now));
+        }
+        for port in 0..56 {
+            assert!(t.insert(key(2, port), client(), now));
+        }
+        // One unproven server-side flow is too few to evict.
+        t.remove(&key(2, 55));
+        assert!(t.insert(
+            key(3, 1),
+            Flow::new(FlowState::ServerTokenless { isn: 1 }, now + 60_000),
+            now
+        ));
+        // Workload 3's next flow takes room from workload 2's oldest 28 (of its 55).
+        assert!(t.insert(key(3, 2), client(), now));
+        assert_eq!(
+            t.evictor.evicted,
+            Evicted {
+                network: 0,
+                workload: 28
+            }
+        );
+        assert_eq!(t.len(), 64 - 28 + 1);
+        assert!((0..8).all(|p| t.live_mut(&key(1, p), now).is_some()));
+        assert!((0..28).all(|p| t.live_mut(&key(2, p), now).is_none()));
+        assert!((28..55).all(|p| t.live_mut(&key(2, p), now).is_some()));
+        assert!(t.live_mut(&key(3, 1), now).is_some());
+
+        // Nine workloads holding 7 flows each, and a tenth: nobody holds an eighth, refuse.
+        let mut t = FlowTable::new(64, 0);
+        for w in 0..10u32 {
+            for port in 0..7 {
+                if t.len() < 64 {
+                    assert!(t.insert(key(w, port), client(), now));
+                }
+            }
+        }
+        assert!(!t.insert(key(11, 1), client(), now));
+        assert_eq!(t.evictor.evicted, Evicted::default());
+        assert_eq!(t.len(), 64);
     }
 }

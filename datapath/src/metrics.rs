@@ -100,7 +100,8 @@ pub struct Metrics {
     authorized_by_address: u64,
     requeued: u64,
     flows: usize,
-    flows_evicted: u64,
+    /// Evicted from the network's flows, and from a workload's own.
+    flows_evicted: [u64; 2],
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
     decision_sum_ns: u64,
     decision_count: u64,
@@ -173,15 +174,21 @@ impl Metrics {
     pub fn requeued(&self) -> u64 {
         self.requeued
     }
-    /// Set the number of flows in the handshake table, and how many a full table evicted so
-    /// far.
-    pub fn set_flows(&mut self, flows: usize, evicted: u64) {
+    /// Set the number of flows in the handshake tables, and how many a full table evicted so
+    /// far: of the network's (unproven server-side and lingering authorized flows), and of a
+    /// workload's own (taken from the workload that held the most).
+    pub fn set_flows(&mut self, flows: usize, evicted_network: u64, evicted_workload: u64) {
         self.flows = flows;
-        self.flows_evicted = evicted;
+        self.flows_evicted = [evicted_network, evicted_workload];
     }
-    /// Flows a full handshake table evicted so far, at the last update.
+    /// Flows a full handshake table evicted so far, at the last update: the network's, and
+    /// workloads' own.
     pub fn flows_evicted(&self) -> u64 {
-        self.flows_evicted
+        self.flows_evicted[0] + self.flows_evicted[1]
+    }
+    /// Of [`Metrics::flows_evicted`], those that were a workload's own.
+    pub fn flows_evicted_from_workloads(&self) -> u64 {
+        self.flows_evicted[1]
     }
     /// Record one `process` call's duration.
     pub fn record_decision_time(&mut self, ns: u64) {
@@ -363,14 +370,15 @@ impl Metrics {
         writeln!(out, "tessera_handshake_flows {}", self.flows)?;
         writeln!(
             out,
-            "# HELP tessera_handshake_flows_evicted_total Flows a full TCP or UDP handshake table forgot before their time: the older half of the unproven server-side and lingering authorized ones (a flood that ingress admits, or more new flows than the linger time allows)."
+            "# HELP tessera_handshake_flows_evicted_total Flows a full TCP or UDP handshake table forgot before their time, by whose they were: network (the older half of the unproven server-side and lingering authorized ones: a flood that ingress admits, or more new flows than the linger time allows) or workload (when those are too few, the older half of the own flows of the workload holding the most: a local workload opening flows without end)."
         )?;
         writeln!(out, "# TYPE tessera_handshake_flows_evicted_total counter")?;
-        writeln!(
-            out,
-            "tessera_handshake_flows_evicted_total {}",
-            self.flows_evicted
-        )?;
+        for (whose, n) in ["network", "workload"].iter().zip(self.flows_evicted) {
+            writeln!(
+                out,
+                "tessera_handshake_flows_evicted_total{{whose=\"{whose}\"}} {n}"
+            )?;
+        }
         writeln!(
             out,
             "# HELP tessera_decision_seconds Time to decide on one queued packet."

@@ -101,7 +101,9 @@ pub struct ProcessorConfig {
     pub audit: bool,
     /// Handshake flows held at most, over all workloads. A full table evicts the older half of
     /// its unproven server-side and lingering authorized flows (a flood that ingress admits
-    /// cannot lock the node out); a new SYN that still finds no room is dropped (reason
+    /// cannot lock the node out), or, when those are under an eighth of it, the older half of
+    /// the own flows of the workload holding the most (nor can a local workload that opens
+    /// flows without end); a new SYN that still finds no room is dropped (reason
     /// `flow_table_full`).
     pub max_flows: usize,
     /// A flow in handshake is forgotten this long after its first packet. Equal to the token
@@ -146,8 +148,12 @@ pub struct ProcessorConfig {
     pub udp_held_per_flow: usize,
     /// Application datagrams held over all UDP flows.
     pub udp_held_total: usize,
-    /// UDP flows in handshake (or lingering after it) at most. A full table evicts the older
-    /// half of its server-side flows first, as for `max_flows`.
+    /// Application datagrams held over one workload's UDP flows: a workload that opens flows
+    /// without end (to peers that never answer) cannot take the whole of `udp_held_total`.
+    pub udp_held_per_workload: usize,
+    /// UDP flows in handshake (or lingering after it) at most. A full table evicts as for
+    /// `max_flows`: the older half of its server-side flows, or else of the client flows of
+    /// the workload holding the most.
     pub udp_max_flows: usize,
     /// How long a UDP flow's proven state lingers after its handshake (to mark the flow at its
     /// first datagram, and answer a re-sent SYN-ACK or ACK of a lost control datagram).
@@ -175,6 +181,7 @@ impl Default for ProcessorConfig {
             udp_agent_ms: 600_000,
             udp_held_per_flow: 8,
             udp_held_total: 1024,
+            udp_held_per_workload: 256,
             udp_max_flows: 65_536,
             udp_linger_ms: 2_000,
             dns: dns::CacheConfig::default(),
@@ -759,9 +766,11 @@ impl Processor {
     }
 
     fn update_flow_metrics(&mut self) {
+        let (tcp, udp) = (self.flows.evictor.evicted, self.udp.evictor.evicted);
         self.metrics.set_flows(
             self.flows.len(),
-            self.flows.evictor.evicted + self.udp.evictor.evicted,
+            tcp.network + udp.network,
+            tcp.workload + udp.workload,
         );
     }
 
@@ -1264,14 +1273,18 @@ impl Step<'_> {
     /// dropped, the shell sends the copy once the flow is authorized).
     fn udp_hold(&mut self, key: &FlowKey, packet: &[u8]) -> Verdict {
         let max_flow = self.config.udp_held_per_flow;
-        let room = self.udp.held < self.config.udp_held_total;
+        let room = self.udp.may_hold(
+            key.workload,
+            self.config.udp_held_total,
+            self.config.udp_held_per_workload,
+        );
         match self.udp.get_mut(key) {
             Some(UdpFlow {
                 state: UdpState::ClientHello { held, .. },
                 ..
             }) if room && held.len() < max_flow => {
                 held.push(packet.to_vec());
-                self.udp.held += 1;
+                self.udp.count_held(key.workload, 1);
                 Verdict::consumed()
             }
             _ => Verdict::drop(Reason::UdpHoldFull),

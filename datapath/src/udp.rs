@@ -98,7 +98,8 @@ impl UdpState {
 
     /// Whether a full table may forget this flow early: the server's side, which anyone can
     /// open with a SYN control that ingress admits (as `FlowState::evictable` for TCP). The
-    /// client's states are its own workload's doing, and hold its datagrams.
+    /// client's states are its own workload's doing, and hold its datagrams: a full table takes
+    /// them only from the workload that holds the most.
     fn evictable(&self) -> bool {
         matches!(
             self,
@@ -133,7 +134,9 @@ impl UdpFlow {
 pub(crate) struct UdpTable {
     flows: ahash::HashMap<FlowKey, UdpFlow>,
     timers: BTreeSet<(u64, FlowKey)>,
-    pub(crate) held: usize,
+    held: usize,
+    /// Of `held`, each workload's (no entry for none).
+    held_by: ahash::HashMap<WorkloadId, usize>,
     next_seq: u64,
     pub(crate) evictor: Evictor,
 }
@@ -150,19 +153,43 @@ impl UdpTable {
     }
 
     /// Whether a new flow fits under `max`. A full table first evicts the older half of its
-    /// server-side flows (see [`Evictor`]), so a flood of SYN controls that ingress
-    /// admits cannot lock the node out of new UDP flows.
+    /// server-side flows, or else of the client flows of the workload holding the most (see
+    /// [`Evictor::choose`]), so neither a flood of SYN controls that ingress admits nor a local
+    /// workload opening flows without end can lock the node out of new UDP flows.
     pub(crate) fn has_room(&mut self, max: usize) -> bool {
         if self.flows.len() < max {
             return true;
         }
-        let evictable = self.flows.values().filter(|f| f.state.evictable());
-        if let Some(cut) = self.evictor.cut(max, evictable.map(|f| f.seq)) {
+        let flows = self
+            .flows
+            .iter()
+            .map(|(k, f)| (k, f.state.evictable(), f.seq));
+        if let Some(cut) = self.evictor.choose(max, flows) {
             let before = self.flows.len();
-            self.retain(|_, f| !f.state.evictable() || f.seq > cut);
-            self.evictor.evicted += (before - self.flows.len()) as u64;
+            self.retain(|k, f| !cut.takes(k, f.state.evictable(), f.seq));
+            self.evictor.count(cut, before - self.flows.len());
         }
         self.flows.len() < max
+    }
+
+    /// Whether workload `w` may hold one more datagram: fewer than `total` are held over all
+    /// flows, and fewer than `per_workload` of them are `w`'s (so one workload opening flows
+    /// without end cannot take the room of the node's others).
+    pub(crate) fn may_hold(&self, w: WorkloadId, total: usize, per_workload: usize) -> bool {
+        self.held < total && self.held_by.get(&w).copied().unwrap_or(0) < per_workload
+    }
+
+    /// Count `n` more (or fewer) datagrams held for workload `w`.
+    pub(crate) fn count_held(&mut self, w: WorkloadId, n: isize) {
+        if n == 0 {
+            return;
+        }
+        self.held = self.held.saturating_add_signed(n);
+        let mine = self.held_by.entry(w).or_default();
+        *mine = mine.saturating_add_signed(n);
+        if *mine == 0 {
+            self.held_by.remove(&w);
+        }
     }
 
     /// Add (or replace) a flow. Held datagrams of the replaced one, if any, are dropped.
@@ -173,7 +200,7 @@ impl UdpTable {
         if let UdpState::ClientHello { next_ms, .. } = flow.state {
             self.timers.insert((next_ms, key));
         }
-        self.held += flow.state.held_len();
+        self.count_held(key.workload, flow.state.held_len() as isize);
         self.flows.insert(key, flow);
     }
 
@@ -209,7 +236,7 @@ impl UdpTable {
         if let UdpState::ClientHello { next_ms, .. } = f.state {
             self.timers.remove(&(next_ms, *key));
         }
-        self.held -= f.state.held_len();
+        self.count_held(key.workload, -(f.state.held_len() as isize));
         Some(f)
     }
 

@@ -783,8 +783,66 @@ fn a_flood_of_syns_that_pass_ingress_does_not_lock_the_node_out() {
     }
 }
 
+/// A full table makes room rather than refuse: from the flows of the workload that filled it
+/// (here the client's own, on node-a), and from the unproven server-side flows (on node-b).
+/// Which flows go when is `flow::Evictor`'s (its unit tests cover the refusal, when eight or
+/// more workloads hold the table between them); the floods below show it under load.
+/// A compromised workload (web-2) sends SYNs without end to private addresses that never
+/// answer. Each one is a client flow of its own in the table that web-1, on the same node,
+/// shares, and a client's flows are not the network's to evict. A full table evicts web-2's
+/// own older half, so web-1 keeps connecting.
 #[test]
-fn flow_table_full_refuses_new_handshakes_until_flows_expire() {
+fn a_local_workload_flooding_syns_does_not_lock_its_neighbours_out() {
+    for mode in [Mode::Psk, Mode::Pki] {
+        let config = ProcessorConfig {
+            max_flows: FLOOD_MAX_FLOWS,
+            ..ProcessorConfig::default()
+        };
+        let mut w = World::with_neighbour(mode, ALLOW, config);
+        let mut n = 0u32;
+        let mut flood = |w: &mut World, count: usize| {
+            for _ in 0..count {
+                let src = SocketAddr::new(WEB_2.ip, 1024 + (n % 60_000) as u16);
+                let dst = SocketAddr::new(
+                    std::net::Ipv4Addr::new(10, 9, (n / 250 % 250) as u8, (n % 250) as u8 + 1)
+                        .into(),
+                    443,
+                );
+                let syn = tcp_packet(src, dst, ISN_C, 0, SYN, &linux_syn_options(1, 0), &[]);
+                let (v, out) = w.out_a2(&syn);
+                accepted(&v, true, false);
+                assert!(token_of(&out).is_some(), "a SYN of web-2's, with its token");
+                n += 1;
+            }
+        };
+        flood(&mut w, 10 * FLOOD_MAX_FLOWS);
+        assert!(w.a.flow_count() <= FLOOD_MAX_FLOWS);
+        // web-1 connects, while the flood goes on between its packets.
+        for port in [41000, 41001, 41002] {
+            w.port(port);
+            let (v, syn) = w.out_a(&w.syn());
+            accepted(&v, true, false);
+            flood(&mut w, FLOOD_MAX_FLOWS / 4);
+            let (v, _) = w.in_b(&syn);
+            accepted(&v, true, false);
+            let (v, syn_ack) = w.out_b(&w.syn_ack());
+            accepted(&v, true, false);
+            flood(&mut w, FLOOD_MAX_FLOWS / 4);
+            let (v, _) = w.in_a(&syn_ack);
+            accepted(&v, true, false);
+            let (v, ack) = w.out_a(&w.ack());
+            accepted(&v, true, true);
+            let (v, _) = w.in_b(&ack);
+            accepted(&v, true, true);
+        }
+        assert_eq!(w.a.metrics().rejected("flow_table_full"), 0);
+        assert!(w.a.metrics().flows_evicted_from_workloads() > 0);
+        assert!(w.a.flow_count() <= FLOOD_MAX_FLOWS);
+    }
+}
+
+#[test]
+fn a_full_flow_table_evicts_the_older_half_of_the_flows_that_fill_it() {
     let config = ProcessorConfig {
         max_flows: 2,
         ..ProcessorConfig::default()
@@ -794,33 +852,39 @@ fn flow_table_full_refuses_new_handshakes_until_flows_expire() {
         w.port(port);
         accepted(&w.out_a(&w.syn()).0, true, false);
     }
+    // The client's workload holds the whole table: its next SYN costs it its oldest handshake.
     w.port(40002);
-    let (v, _) = w.out_a(&w.syn());
-    assert_eq!(dropped(&v), "flow_table_full");
-    assert_eq!(w.a.flow_count(), 2);
-    // A retransmission of a held flow still works.
-    w.port(40000);
     accepted(&w.out_a(&w.syn()).0, true, false);
+    assert_eq!(w.a.flow_count(), 2);
+    assert_eq!(w.a.metrics().flows_evicted_from_workloads(), 1);
+    // A retransmission of a held flow still works, with the token it had.
+    w.port(40001);
+    let (_, first) = w.out_a(&w.syn());
+    let (v, again) = w.out_a(&w.syn());
+    accepted(&v, true, false);
+    assert_eq!(token_of(&first), token_of(&again));
     // The server's side of unproven handshakes is the network's to open, so a full table makes
-    // room by forgetting the older half of them instead of refusing (see
+    // room by forgetting the older half of them (see
     // `a_flood_of_syns_that_pass_ingress_does_not_lock_the_node_out`): the next SYN is decided
     // (here: a token-less one, which ingress denies).
-    for port in [40000, 40001] {
+    for port in [40001, 40002] {
         w.port(port);
         let (_, syn) = w.out_a(&w.syn());
         accepted(&w.in_b(&syn).0, true, false);
     }
-    w.port(40002);
+    w.port(40003);
     let syn = tcp_packet(w.c, w.s, ISN_C, 0, SYN, &[], &[]);
     let (v, _) = w.in_b(&syn);
     assert_eq!(dropped(&v), "policy_ingress");
     assert_eq!(w.b.metrics().flows_evicted(), 1);
+    assert_eq!(w.b.metrics().flows_evicted_from_workloads(), 0);
     assert_eq!(w.b.flow_count(), 1);
-    // After the handshake timeout, room again (even without an explicit expire call).
+    // After the handshake timeout, expired flows make the room (even without an explicit
+    // expire call), and nothing more is evicted.
     w.now += ProcessorConfig::default().handshake_timeout_ms + 2_000;
     accepted(&w.out_a(&w.syn()).0, true, false);
-    assert_eq!(w.a.metrics().rejected("flow_table_full"), 1);
-    assert_eq!(w.a.metrics().flows_evicted(), 0);
+    assert_eq!(w.a.metrics().flows_evicted(), 1);
+    assert_eq!(w.a.metrics().rejected("flow_table_full"), 0);
     assert_eq!(w.b.metrics().rejected("flow_table_full"), 0);
 }
 

@@ -457,3 +457,77 @@ fn a_flood_of_syn_controls_that_pass_ingress_does_not_lock_udp_out() {
         assert!(w.b.metrics().flows_evicted() > 0);
     }
 }
+
+/// A compromised workload (web-2) sends datagrams without end to private addresses that never
+/// answer: each is a new flow in handshake, with its datagram held. It cannot take the node's
+/// UDP table (a full one evicts web-2's own older flows) nor all the room for held datagrams
+/// (a workload holds at most `udp_held_per_workload`), so web-1's next flow is proven and its
+/// datagram released.
+#[test]
+fn a_local_workload_opening_udp_flows_without_end_does_not_lock_its_neighbours_out() {
+    const MAX: usize = 16;
+    for mode in [Mode::Psk, Mode::Pki] {
+        let config = datapath::ProcessorConfig {
+            udp_max_flows: MAX,
+            udp_held_total: 8,
+            udp_held_per_workload: 4,
+            ..datapath::ProcessorConfig::default()
+        };
+        let mut n = 0u16;
+        let mut flood = |w: &mut World, count: usize| {
+            for _ in 0..count {
+                let src = SocketAddr::new(WEB_2.ip, 20_000 + n);
+                let dst = SocketAddr::new(
+                    std::net::Ipv4Addr::new(10, 9, (n / 250) as u8, (n % 250) as u8 + 1).into(),
+                    53,
+                );
+                let (v, _) = w.out_a2(&udp(src, dst, b"flood"));
+                assert!(
+                    consumed(&v) || reason(&v) == Some("udp_hold_full"),
+                    "a new flow of web-2's: {v:?}"
+                );
+                assert!(take(&mut w.a).iter().all(is_control), "SYN controls only");
+                n += 1;
+            }
+        };
+        // The room for held datagrams first, in a table with room for every flow: web-2 holds
+        // its share, and web-1 still holds its datagram (without the share, web-2 would hold
+        // all 8 and web-1's would be dropped as udp_hold_full).
+        let roomy = datapath::ProcessorConfig {
+            udp_max_flows: 64,
+            ..config
+        };
+        let mut w = World::with_neighbour(mode, DB_UDP_FROM_WEB, roomy);
+        flood(&mut w, 10);
+        assert_eq!(w.a.metrics().rejected("udp_hold_full"), 6);
+        let (v, _) = w.out_a(&udp(w.c, w.s, b"held"));
+        assert!(consumed(&v), "held: {v:?}");
+        // Then a full table.
+        let mut w = World::with_neighbour(mode, DB_UDP_FROM_WEB, config);
+        flood(&mut w, 10 * MAX);
+        // web-1's flow gets its handshake, with the flood going on between its steps.
+        let (v, _) = w.out_a(&udp(w.c, w.s, b"one"));
+        assert!(consumed(&v), "held: {v:?}");
+        let syn = take(&mut w.a).remove(0);
+        flood(&mut w, MAX / 4);
+        let (v, _) = w.in_b(&syn.packet);
+        assert!(consumed(&v), "{v:?}");
+        let synack = take(&mut w.b).remove(0);
+        flood(&mut w, MAX / 4);
+        let (v, _) = w.in_a(&synack.packet);
+        assert!(consumed(&v), "{v:?}");
+        let out = take(&mut w.a);
+        assert_eq!(out.len(), 2, "the ACK and the held datagram: {out:?}");
+        let (v, _) = w.in_b(&out[0].packet);
+        assert!(consumed(&v), "ACK: {v:?}");
+        let (v, _) = w.in_b(&out[1].packet);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+        assert_eq!(payload(&out[1].packet), b"one");
+        assert_eq!(w.a.metrics().rejected("flow_table_full"), 0);
+        assert!(w.a.metrics().flows_evicted_from_workloads() > 0);
+        assert!(
+            w.a.metrics().rejected("udp_hold_full") > 0,
+            "web-2 hit its share"
+        );
+    }
+}

@@ -264,6 +264,16 @@ pub fn nodes(mode: Mode, seed: &str) -> (Node, Node) {
     }
 }
 
+/// A second workload on the client's node (see [`World::with_neighbour`]), with the client's
+/// labels.
+pub const WEB_2: Pod = Pod {
+    name: "web-2",
+    ip: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 3)),
+    ..WEB
+};
+/// The id node-a's processor gives [`WEB_2`] in [`World::with_neighbour`].
+pub const ID_2: WorkloadId = WorkloadId(2);
+
 /// A workload of the test cluster.
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -411,6 +421,18 @@ impl World {
     }
     pub fn new(mode: Mode, policies: &str) -> Self {
         World::with(mode, policies, &WEB, &DB, ProcessorConfig::default())
+    }
+    /// As [`World::with`] for WEB and DB, with [`WEB_2`] enforced on node-a too, as [`ID_2`].
+    pub fn with_neighbour(mode: Mode, policies: &str, config: ProcessorConfig) -> Self {
+        let mut w = World::with(mode, policies, &WEB, &DB, config);
+        let (na, _) = nodes(mode, "world");
+        let yaml = format!("{NS}\n---\n{policies}");
+        w.a = processor(na, &yaml, &[&WEB, &WEB_2], config);
+        w
+    }
+    /// The neighbour workload sends (OUTPUT on node-a).
+    pub fn out_a2(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.a, ID_2, Hook::Output, p, self.now, &mut self.rng)
     }
 
     /// Client workload sends (OUTPUT on node-a).
