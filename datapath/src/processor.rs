@@ -60,7 +60,8 @@ use crate::flowlog::{FlowLog, FlowLogConfig};
 use crate::metrics::{Metrics, PacketKind};
 use crate::packet::{self, IpDatagram, PacketError, TcpSegment};
 use crate::udp::{
-    EmitMark, Outgoing, UdpFlow, UdpState, UdpTable, build_udp, set_udp_checksum, udp_payload,
+    EmitMark, Outgoing, PeerAgents, UdpFlow, UdpState, UdpTable, build_udp, set_udp_checksum,
+    udp_payload,
 };
 
 mod flows;
@@ -454,7 +455,7 @@ pub struct Processor {
     /// Datagrams to send, in order (see [`Processor::take_outgoing`]).
     outgoing: Vec<Outgoing>,
     /// What the processor learned of peer addresses: whether an agent answers there, until when.
-    peer_agents: ahash::HashMap<IpAddr, (bool, u64)>,
+    peer_agents: PeerAgents,
     /// The keys of the enforced workloads (to know a same-node peer by its address).
     local_keys: ahash::HashSet<PodKey>,
     /// What each workload resolved through DNS (for admin `domainNames` peers).
@@ -464,9 +465,6 @@ pub struct Processor {
     /// Flow records and the per-policy verdict counts (see [`crate::flowlog`]).
     flowlog: FlowLog,
 }
-
-/// Peer addresses remembered (agent or not) before the map starts over.
-const PEER_AGENT_ENTRIES: usize = 4096;
 
 /// A peer's policy view and pod, shared by every flow with it.
 type PeerView = (Arc<Peer>, Arc<PodKey>);
@@ -758,7 +756,7 @@ impl Processor {
         for _ in 0..dropped {
             self.metrics.count_rejected(Reason::UdpHoldFull.as_str());
         }
-        self.peer_agents.retain(|_, (_, until)| *until > now_ms);
+        self.peer_agents.expire(now_ms);
         self.dns.expire(now_ms);
         self.update_flow_metrics();
         self.update_established_metrics();
@@ -944,7 +942,7 @@ struct Step<'a> {
     ip_only: &'a Arc<Peer>,
     udp: &'a mut UdpTable,
     outgoing: &'a mut Vec<Outgoing>,
-    peer_agents: &'a mut ahash::HashMap<IpAddr, (bool, u64)>,
+    peer_agents: &'a mut PeerAgents,
     local_keys: &'a ahash::HashSet<PodKey>,
     dns: &'a NameCache,
     flowlog: &'a mut FlowLog,
@@ -1154,10 +1152,8 @@ impl Step<'_> {
     /// private one (where cluster workloads live). Public addresses and peers that did not
     /// answer recently are decided on their address at once, without a wait.
     fn udp_authenticate(&self, ip: IpAddr) -> bool {
-        if let Some((agent, until)) = self.peer_agents.get(&ip)
-            && *until > self.now
-        {
-            return *agent;
+        if let Some(agent) = self.peer_agents.get(&ip, self.now) {
+            return agent;
         }
         if self.is_local_workload(ip) {
             return true;
@@ -1173,11 +1169,7 @@ impl Step<'_> {
     /// Whether a plain datagram from `ip` must be refused: its sender has an agent (a workload
     /// of this node, or an address whose agent answered recently), which would have proven it.
     fn udp_requires_handshake(&self, ip: IpAddr) -> bool {
-        self.is_local_workload(ip)
-            || self
-                .peer_agents
-                .get(&ip)
-                .is_some_and(|(agent, until)| *agent && *until > self.now)
+        self.is_local_workload(ip) || self.peer_agents.get(&ip, self.now) == Some(true)
     }
 
     fn is_local_workload(&self, ip: IpAddr) -> bool {
@@ -1187,16 +1179,13 @@ impl Step<'_> {
     }
 
     fn learn_agent(&mut self, ip: IpAddr, agent: bool) {
-        if self.peer_agents.len() >= PEER_AGENT_ENTRIES {
-            self.peer_agents.clear();
-        }
         let ttl = if agent {
             self.config.udp_agent_ms
         } else {
             self.config.udp_agentless_ms
         };
         self.peer_agents
-            .insert(ip, (agent, self.now.saturating_add(ttl)));
+            .learn(ip, agent, self.now, self.now.saturating_add(ttl));
     }
 
     /// Queue a UDP datagram from `from` to `to` for the shell to send from this workload.

@@ -127,6 +127,65 @@ impl UdpFlow {
     }
 }
 
+/// What the processor learned of peer addresses: where an agent proved itself (a verified
+/// SYN-ACK or ACK token, or a REFUSED echoing our nonce), and where nothing but a plain
+/// datagram answered, each until a deadline.
+///
+/// Two maps, because forgetting means opposite things. Forgetting an agentless address costs
+/// a handshake attempt (175 ms) at most, so that map is small and starts over when full.
+/// Forgetting an agent would let a plain datagram with its address be decided on the address
+/// (`udp_unauthenticated` is how it is refused), so that map is large, and only proven agents
+/// fill it: a workload talking to thousands of agentless addresses (or a compromised one doing
+/// it on purpose) does not make the agent forget which peers have agents.
+#[derive(Debug, Default)]
+pub(crate) struct PeerAgents {
+    agents: ahash::HashMap<IpAddr, u64>,
+    agentless: ahash::HashMap<IpAddr, u64>,
+}
+
+/// Addresses with a proven agent remembered at most (expired ones go first, then all).
+const AGENT_ENTRIES: usize = 65_536;
+/// Agentless addresses remembered before that map starts over.
+const AGENTLESS_ENTRIES: usize = 4096;
+
+impl PeerAgents {
+    /// Whether an agent answers at `ip` (`Some(true)`), does not (`Some(false)`), or nothing
+    /// is known at `now_ms`.
+    pub(crate) fn get(&self, ip: &IpAddr, now_ms: u64) -> Option<bool> {
+        if self.agents.get(ip).is_some_and(|until| *until > now_ms) {
+            Some(true)
+        } else if self.agentless.get(ip).is_some_and(|until| *until > now_ms) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Remember whether an agent answers at `ip`, until `until_ms` (what was known before of
+    /// `ip` goes).
+    pub(crate) fn learn(&mut self, ip: IpAddr, agent: bool, now_ms: u64, until_ms: u64) {
+        let (into, other, bound) = if agent {
+            (&mut self.agents, &mut self.agentless, AGENT_ENTRIES)
+        } else {
+            (&mut self.agentless, &mut self.agents, AGENTLESS_ENTRIES)
+        };
+        other.remove(&ip);
+        if into.len() >= bound && !into.contains_key(&ip) {
+            into.retain(|_, until| *until > now_ms);
+            if into.len() >= bound {
+                into.clear();
+            }
+        }
+        into.insert(ip, until_ms);
+    }
+
+    /// Forget what expired by `now_ms`.
+    pub(crate) fn expire(&mut self, now_ms: u64) {
+        self.agents.retain(|_, until| *until > now_ms);
+        self.agentless.retain(|_, until| *until > now_ms);
+    }
+}
+
 /// The bounded table of UDP flows in handshake (or just authorized), with the count of held
 /// datagrams over all of them and the client handshakes' timers in time order (so the next one
 /// is found without walking the table, which holds thousands of flows under load).
@@ -351,6 +410,35 @@ pub(crate) fn set_udp_checksum(packet: &mut [u8], l4_start: usize) -> Result<(),
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_are_remembered_apart_from_agentless_addresses() {
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        let mut p = PeerAgents::default();
+        p.learn(ip(1), true, 0, 100);
+        // Far more agentless addresses than that map holds: it starts over, the agent stays.
+        for n in 2..3 * AGENTLESS_ENTRIES as u32 {
+            p.learn(ip(n), false, 0, 100);
+        }
+        assert_eq!(p.get(&ip(1), 50), Some(true));
+        assert!(p.agentless.len() <= AGENTLESS_ENTRIES);
+        // What is learnt of an address replaces what was known of it.
+        p.learn(ip(1), false, 50, 100);
+        assert_eq!(p.get(&ip(1), 60), Some(false));
+        p.learn(ip(1), true, 60, 100);
+        assert_eq!(p.get(&ip(1), 70), Some(true));
+        // Deadlines.
+        assert_eq!(p.get(&ip(1), 100), None);
+        p.expire(100);
+        assert!(p.agents.is_empty() && p.agentless.is_empty());
+        // A full map of agents drops its expired ones first.
+        for n in 0..AGENT_ENTRIES as u32 {
+            p.learn(ip(n), true, 0, if n == 7 { 10 } else { 1000 });
+        }
+        p.learn(ip(AGENT_ENTRIES as u32), true, 20, 1000);
+        assert_eq!(p.agents.len(), AGENT_ENTRIES);
+        assert_eq!(p.get(&ip(0), 30), Some(true));
+    }
 
     #[test]
     fn built_datagrams_parse_back_with_their_payload() {

@@ -531,3 +531,36 @@ fn a_local_workload_opening_udp_flows_without_end_does_not_lock_its_neighbours_o
         );
     }
 }
+
+/// The agent remembers which peer addresses have an agent, so that a plain datagram with such
+/// an address is refused rather than decided on the address. A workload that talks to
+/// thousands of agentless addresses (each answers with a plain datagram, as a resolver would)
+/// does not make it forget them: the agentless ones are remembered apart.
+#[test]
+fn many_agentless_peers_do_not_make_the_agent_forget_the_peers_with_agents() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    prove(&mut w);
+    // A plain datagram with db's address, on a tuple of its own (web has no ingress policy,
+    // so only db's proven agent stands in its way).
+    let spoof = |w: &mut World| {
+        let mut local = w.c;
+        local.set_port(7000);
+        let (v, _) = w.in_a(&udp(SocketAddr::new(w.s.ip(), 6000), local, b"spoofed"));
+        reason(&v)
+    };
+    assert_eq!(spoof(&mut w), Some("udp_unauthenticated"));
+    for n in 0..10_000u32 {
+        let peer = SocketAddr::new(
+            std::net::Ipv4Addr::new(10, 9, (n / 250) as u8, (n % 250) as u8 + 1).into(),
+            53,
+        );
+        let mut local = w.c;
+        local.set_port(20_000 + (n % 40_000) as u16);
+        let (v, _) = w.out_a(&udp(local, peer, b"query"));
+        assert!(consumed(&v), "held for a handshake: {v:?}");
+        let (v, _) = w.in_a(&udp(peer, local, b"answer"));
+        assert_eq!(reason(&v), Some("udp_handshake_pending"), "{v:?}");
+        take(&mut w.a);
+    }
+    assert_eq!(spoof(&mut w), Some("udp_unauthenticated"));
+}
