@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
@@ -96,7 +97,25 @@ impl Flooder {
         stop: Arc<AtomicBool>,
     ) -> JoinHandle<io::Result<Sent>> {
         let spread = Spread::FromSpoofed(dst);
-        crate::netns::spawn_in_netns(&self.ns, move || flood(spread, pps, kind, &stop))
+        crate::netns::spawn_in_netns(&self.ns, move || {
+            flood(spread, pps, kind, (UDP_PAYLOAD, 0..0), &stop)
+        })
+    }
+
+    /// As [`Flooder::start`] with UDP datagrams that carry `payload` (say a control datagram
+    /// captured on the wire), its bytes `fresh` random in each (say a nonce).
+    pub fn start_udp_with(
+        &self,
+        dst: SocketAddrV4,
+        pps: f64,
+        payload: Vec<u8>,
+        fresh: Range<usize>,
+        stop: Arc<AtomicBool>,
+    ) -> JoinHandle<io::Result<Sent>> {
+        let spread = Spread::FromSpoofed(dst);
+        crate::netns::spawn_in_netns(&self.ns, move || {
+            flood(spread, pps, Kind::Udp, (&payload, fresh), &stop)
+        })
     }
 }
 
@@ -114,7 +133,9 @@ pub fn start_from_workload(
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<io::Result<Sent>> {
     let spread = Spread::ToNet { src, net, port };
-    crate::netns::spawn_in_netns(ns, move || flood(spread, pps, kind, &stop))
+    crate::netns::spawn_in_netns(ns, move || {
+        flood(spread, pps, kind, (UDP_PAYLOAD, 0..0), &stop)
+    })
 }
 
 /// Where a flood's packets come from and go.
@@ -186,7 +207,21 @@ impl Sent {
 /// Most packets sent back to back before the pacing looks at the clock again.
 const BURST: u64 = 32;
 
-fn flood(spread: Spread, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Result<Sent> {
+/// Sends until `stop`; UDP datagrams carry `payload.0` with its bytes `payload.1` random in each.
+fn flood(
+    spread: Spread,
+    pps: f64,
+    kind: Kind,
+    payload: (&[u8], Range<usize>),
+    stop: &AtomicBool,
+) -> io::Result<Sent> {
+    let (mut body, fresh) = (payload.0.to_vec(), payload.1);
+    if fresh.end > body.len() {
+        return Err(io::Error::other(format!(
+            "random bytes {fresh:?} past a payload of {}",
+            body.len()
+        )));
+    }
     // IPPROTO_RAW implies IP_HDRINCL: the header below goes out as written (the kernel fills
     // in the header checksum and the total length).
     let fd = socket(
@@ -197,7 +232,7 @@ fn flood(spread: Spread, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Result<
     )
     .map_err(|e| io::Error::other(format!("raw socket (needs CAP_NET_RAW): {e}")))?;
     let mut rng = Rng::seeded();
-    let mut packet = [0u8; 44];
+    let mut packet = Vec::with_capacity(44 + body.len());
     let start = Instant::now();
     let (mut attempts, mut sent) = (0u64, Sent::default());
     while !stop.load(Ordering::Relaxed) {
@@ -211,16 +246,18 @@ fn flood(spread: Spread, pps: f64, kind: Kind, stop: &AtomicBool) -> io::Result<
         for _ in 0..(due - attempts).min(BURST) {
             let r = rng.next();
             let (src, dst) = spread.draw(r);
-            let len = match kind {
-                Kind::Syn => {
-                    syn(&mut packet, r, src, dst);
-                    packet.len()
+            match kind {
+                Kind::Syn => syn(&mut packet, r, src, dst),
+                Kind::Udp => {
+                    for chunk in body[fresh.clone()].chunks_mut(8) {
+                        chunk.copy_from_slice(&rng.next().to_le_bytes()[..chunk.len()]);
+                    }
+                    udp(&mut packet, r, src, dst, &body)
                 }
-                Kind::Udp => udp(&mut packet, r, src, dst),
-            };
+            }
             attempts += 1;
             let to = SockaddrIn::from(dst);
-            match sendto(fd.as_raw_fd(), &packet[..len], &to, MsgFlags::empty()) {
+            match sendto(fd.as_raw_fd(), &packet, &to, MsgFlags::empty()) {
                 Ok(_) => sent.packets += 1,
                 Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => sent.errors += 1,
                 Err(e) => return Err(io::Error::other(format!("sendto {dst}: {e}"))),
@@ -240,38 +277,43 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: u16) -> u32 {
     sum
 }
 
-/// Writes into the first 36 bytes of `p` an IPv4 UDP datagram with 8 bytes of payload from
-/// `src` to `dst`, IP id from the random draw `r`, valid checksums; returns its length.
-fn udp(p: &mut [u8; 44], r: u64, src: SocketAddrV4, dst: SocketAddrV4) -> usize {
+/// The payload of [`Kind::Udp`]'s datagrams.
+const UDP_PAYLOAD: &[u8] = b"flooding";
+
+/// Writes into `p` (cleared first) an IPv4 UDP datagram carrying `payload` from `src` to
+/// `dst`, IP id from the random draw `r`, valid checksums.
+fn udp(p: &mut Vec<u8>, r: u64, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
     let (src, sport) = (*src.ip(), src.port());
     let id = (r >> 48) as u16;
-    p[..20].copy_from_slice(&[
-        0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ]);
+    let udp_len = 8 + payload.len() as u16;
+    p.clear();
+    p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
     p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.ip().octets());
     let ip_sum = checksum(&p[..20], 0);
     p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    p[24..26].copy_from_slice(&16u16.to_be_bytes());
-    p[26..28].copy_from_slice(&[0, 0]);
-    p[28..36].copy_from_slice(b"flooding");
-    let sum = match checksum(&p[20..36], pseudo_sum(src, *dst.ip(), 17, 16)) {
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    let sum = match checksum(&p[20..], pseudo_sum(src, *dst.ip(), 17, udp_len)) {
         // UDP sends a computed 0 as all ones (0 means "no checksum").
         0 => 0xffff,
         s => s,
     };
     p[26..28].copy_from_slice(&sum.to_be_bytes());
-    36
 }
 
 /// Writes into `p` a 44-byte IPv4 TCP SYN (MSS option) from `src` to `dst`, sequence number
 /// and IP id from the random draw `r`, with a valid TCP checksum (conntrack drops a bad one as
 /// INVALID before the queue would see it).
-fn syn(p: &mut [u8; 44], r: u64, src: SocketAddrV4, dst: SocketAddrV4) {
+fn syn(p: &mut Vec<u8>, r: u64, src: SocketAddrV4, dst: SocketAddrV4) {
     let (src, sport) = (*src.ip(), src.port());
+    p.clear();
+    p.resize(44, 0);
     let seq = (r >> 17) as u32;
     let id = (r >> 48) as u16;
     p[..20].copy_from_slice(&[
@@ -337,12 +379,13 @@ mod tests {
     #[test]
     fn syn_checksums_verify() {
         let mut rng = Rng::seeded();
-        let mut p = [0u8; 44];
+        let mut p = Vec::new();
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 70, 3, 2), 5432);
         for _ in 0..1000 {
             let r = rng.next();
             let (src, dst) = Spread::FromSpoofed(dst).draw(r);
             syn(&mut p, r, src, dst);
+            assert_eq!(p.len(), 44);
             // A header with its checksum in sums to 0xffff: checksum() of it is 0.
             assert_eq!(checksum(&p[..20], 0), 0);
             let mut pseudo = 0u32;
@@ -361,18 +404,25 @@ mod tests {
     #[test]
     fn udp_checksums_verify() {
         let mut rng = Rng::seeded();
-        let mut p = [0u8; 44];
+        let mut p = Vec::new();
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 70, 3, 2), 5432);
-        for _ in 0..1000 {
-            let r = rng.next();
-            let (src, dst) = Spread::FromSpoofed(dst).draw(r);
-            let len = udp(&mut p, r, src, dst);
-            assert_eq!(len, 36);
-            assert_eq!(checksum(&p[..20], 0), 0);
-            let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-            assert_eq!(checksum(&p[20..36], pseudo_sum(src, *dst.ip(), 17, 16)), 0);
-            assert_eq!(p[9], 17);
-            assert_eq!(u16::from_be_bytes([p[22], p[23]]), 5432);
+        // The default payload, an odd-length one (the checksum pads it), and a longer one.
+        for payload in [UDP_PAYLOAD, b"odd", &[0x7e; 301]] {
+            let udp_len = 8 + payload.len();
+            for _ in 0..1000 {
+                let r = rng.next();
+                let (src, dst) = Spread::FromSpoofed(dst).draw(r);
+                udp(&mut p, r, src, dst, payload);
+                assert_eq!(p.len(), 20 + udp_len);
+                assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), 20 + udp_len);
+                assert_eq!(checksum(&p[..20], 0), 0);
+                let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+                let pseudo = pseudo_sum(src, *dst.ip(), 17, udp_len as u16);
+                assert_eq!(checksum(&p[20..], pseudo), 0);
+                assert_eq!(p[9], 17);
+                assert_eq!(u16::from_be_bytes([p[22], p[23]]), 5432);
+                assert_eq!(&p[28..], payload);
+            }
         }
     }
 

@@ -40,6 +40,17 @@ impl Metrics {
             .sum()
     }
 
+    /// Sum of the samples of metric `name` that carry label `key="value"`.
+    pub fn sum_of(&self, name: &str, key: &str, value: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| s.labels.iter().any(|(k, v)| k == key && v == value))
+            .map(|s| s.value)
+            .sum::<f64>()
+            + 0.0
+    }
+
     /// Sum of every sample of metric `name` (all label sets).
     pub fn sum(&self, name: &str) -> f64 {
         self.samples
