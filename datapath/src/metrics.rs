@@ -99,7 +99,8 @@ pub struct Metrics {
     authorized_ip_only: u64,
     authorized_by_address: u64,
     requeued: u64,
-    flows: usize,
+    /// Flows in the TCP and in the UDP handshake table.
+    flows: [usize; 2],
     /// Evicted from the network's flows, and from a workload's own.
     flows_evicted: [u64; 2],
     buckets: [u64; DECISION_BUCKETS_NS.len() + 1],
@@ -174,11 +175,16 @@ impl Metrics {
     pub fn requeued(&self) -> u64 {
         self.requeued
     }
-    /// Set the number of flows in the handshake tables, and how many a full table evicted so
-    /// far: of the network's (unproven server-side and lingering authorized flows), and of a
-    /// workload's own (taken from the workload that held the most).
-    pub fn set_flows(&mut self, flows: usize, evicted_network: u64, evicted_workload: u64) {
-        self.flows = flows;
+    /// Set the number of flows in the TCP and UDP handshake tables, and how many a full table
+    /// evicted so far: of the network's (unproven server-side and lingering authorized flows),
+    /// and of a workload's own (taken from the workload that held the most).
+    pub fn set_flows(
+        &mut self,
+        (tcp, udp): (usize, usize),
+        evicted_network: u64,
+        evicted_workload: u64,
+    ) {
+        self.flows = [tcp, udp];
         self.flows_evicted = [evicted_network, evicted_workload];
     }
     /// Flows a full handshake table evicted so far, at the last update: the network's, and
@@ -289,9 +295,9 @@ impl Metrics {
     pub fn authorized(&self) -> (u64, u64) {
         (self.authorized_verified, self.authorized_ip_only)
     }
-    /// Flows in the handshake table at the last update.
+    /// Flows in the TCP and UDP handshake tables at the last update.
     pub fn flows(&self) -> usize {
-        self.flows
+        self.flows[0] + self.flows[1]
     }
     /// Decision times recorded.
     pub fn decision_count(&self) -> u64 {
@@ -364,10 +370,15 @@ impl Metrics {
         writeln!(out, "tessera_packets_requeued_total {}", self.requeued)?;
         writeln!(
             out,
-            "# HELP tessera_handshake_flows Flows in the handshake table."
+            "# HELP tessera_handshake_flows Flows in the TCP and the UDP handshake table (each bounded, 65,536 by default)."
         )?;
         writeln!(out, "# TYPE tessera_handshake_flows gauge")?;
-        writeln!(out, "tessera_handshake_flows {}", self.flows)?;
+        for (protocol, n) in ["tcp", "udp"].iter().zip(self.flows) {
+            writeln!(
+                out,
+                "tessera_handshake_flows{{protocol=\"{protocol}\"}} {n}"
+            )?;
+        }
         writeln!(
             out,
             "# HELP tessera_handshake_flows_evicted_total Flows a full TCP or UDP handshake table forgot before their time, by whose they were: network (the older half of the unproven server-side and lingering authorized ones: a flood that ingress admits, or more new flows than the linger time allows) or workload (when those are too few, the older half of the own flows of the workload holding the most: a local workload opening flows without end)."

@@ -766,7 +766,7 @@ impl Processor {
     fn update_flow_metrics(&mut self) {
         let (tcp, udp) = (self.flows.evictor.evicted, self.udp.evictor.evicted);
         self.metrics.set_flows(
-            self.flows.len(),
+            (self.flows.len(), self.udp.len()),
             tcp.network + udp.network,
             tcp.workload + udp.workload,
         );

@@ -205,6 +205,10 @@ impl UdpTable {
         self.flows.get(key)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+
     /// The flow, to change its state in place; a client handshake's `next_ms` must then be
     /// changed through [`UdpTable::reschedule`] only.
     pub(crate) fn get_mut(&mut self, key: &FlowKey) -> Option<&mut UdpFlow> {

@@ -1019,7 +1019,8 @@ fn prometheus_rendering_shows_counters_and_histogram() {
         "tessera_decision_seconds_count 2",
         "tessera_queue_dropped_total 2",
         "tessera_queue_user_dropped_total 5",
-        "tessera_handshake_flows 0",
+        "tessera_handshake_flows{protocol=\"tcp\"} 0",
+        "tessera_handshake_flows{protocol=\"udp\"} 0",
         "# TYPE tessera_decision_seconds histogram",
     ] {
         assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
