@@ -21,6 +21,35 @@ use super::flows::{self, Entry, FlowFilter, FlowQuery, HubStats};
 use super::{ENFORCE_BUCKETS_S, Shared, lock};
 
 /// Serve until the listener fails; errors are logged.
+/// Serve the HTTP endpoints on `addr` from a thread of their own, with a runtime of its own:
+/// the probes and the metrics answer while the packet loops are saturated (a flood larger than
+/// the agent can decide), which would otherwise hold the agent's one runtime thread between
+/// batches, and the kubelet would restart a busy agent for failing its liveness probe.
+pub fn start(addr: std::net::SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("--metrics-addr {addr}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP server's runtime")?;
+    std::thread::Builder::new()
+        .name("tessera-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, shared).await,
+                    Err(e) => tracing::error!("metrics server: {e}"),
+                }
+            })
+        })
+        .context("starting the HTTP server's thread")?;
+    Ok(())
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/metrics", get(metrics))

@@ -1524,11 +1524,8 @@ pub async fn run(opts: Options) -> Result<()> {
         own_pem,
     };
     if let Some(addr) = opts.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--metrics-addr {addr}"))?;
+        http::start(addr, shared.clone())?;
         tracing::info!(%addr, "serving /metrics, /healthz and /status");
-        tokio::spawn(http::serve(listener, shared.clone()));
     }
     tokio::spawn(udp_timers(
         agent.processor.clone(),
@@ -1792,6 +1789,12 @@ async fn serve_queue(
                     && let Some(bp) = busy_poll
                 {
                     bp.touch();
+                }
+                if n >= shell::queue::BATCH {
+                    // More is waiting (a flood, say): let the other workloads' queues, the UDP
+                    // timers and the runtime's events (new workloads, policy changes) have
+                    // their turn before the next batch.
+                    tokio::task::yield_now().await;
                 }
             }
             Served::Batch(Err(e)) => {
