@@ -747,9 +747,11 @@ impl Processor {
         Some(f(&mut step))
     }
 
-    /// Forget handshake flows past their deadline, and cut flows past
-    /// [`ProcessorConfig::cut_remember_ms`]. Call it periodically (e.g. every second).
+    /// Forget handshake flows past their deadline, cut flows past
+    /// [`ProcessorConfig::cut_remember_ms`], and replay-cache entries the timestamp window
+    /// refuses anyway. Call it periodically (e.g. every second).
     pub fn expire(&mut self, now_ms: u64) {
+        self.node.expire_replay(now_ms);
         self.flows.expire(now_ms);
         self.cut.expire(now_ms);
         let dropped = self.udp.expire(now_ms);

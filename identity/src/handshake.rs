@@ -198,6 +198,13 @@ impl Node {
         &self.replay
     }
 
+    /// Forget the replay cache's entries that the timestamp window at `now_ms` refuses anyway
+    /// ([`ReplayCache::expire`]); call it periodically. Returns the entries dropped.
+    pub fn expire_replay(&mut self, now_ms: u64) -> usize {
+        self.replay
+            .expire(now_ms.saturating_sub(self.config.max_skew_ms))
+    }
+
     /// The peer nodes this node knows, sorted by name: in PKI mode every trusted certificate
     /// (node, key id, expiry); in both modes every peer whose pair key is cached (a handshake
     /// with it happened), with `not_after_ms` unknown in PSK mode.

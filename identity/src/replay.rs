@@ -22,10 +22,17 @@ pub struct ReplayConfig {
 }
 
 impl Default for ReplayConfig {
+    /// 16,384 nonces per peer (546 handshakes a second from one node over a 30 s window), and
+    /// 5,000 peers: the largest cluster Kubernetes supports. Dropping a peer that is still
+    /// active raises the global floor to its newest timestamp, which refuses every node's
+    /// handshakes stamped at or before it, so with fewer peers tracked than nodes talk to this
+    /// one within the window, a node whose clock lags (within the allowed skew) would be
+    /// refused. Memory follows the handshakes of the window, not these bounds, as long as
+    /// [`ReplayCache::expire`] runs: a peer costs a few hundred bytes once its entries left.
     fn default() -> Self {
         ReplayConfig {
             per_peer_capacity: 16_384,
-            max_peers: 512,
+            max_peers: 5_000,
         }
     }
 }
@@ -133,6 +140,33 @@ impl ReplayCache {
         }
     }
 
+    /// Drop the entries whose timestamps are below `oldest_valid_ms`, the lower edge of the
+    /// timestamp window (the window check refuses them anyway; each peer's floor is raised to
+    /// what it drops), and the peers left with nothing a floor still guards. Call it
+    /// periodically: otherwise a peer that went quiet keeps its last entries (up to the per-peer
+    /// capacity) until it is heard from again or evicted. Returns the entries dropped.
+    pub fn expire(&mut self, oldest_valid_ms: u64) -> usize {
+        let mut dropped = 0;
+        self.peers.retain(|_, p| {
+            while let Some(&(old, ts)) = p.order.front() {
+                if ts >= oldest_valid_ms {
+                    break;
+                }
+                p.order.pop_front();
+                p.seen.remove(&old);
+                p.floor_ms = p.floor_ms.max(ts);
+                dropped += 1;
+            }
+            if p.order.len() < p.seen.capacity() / 4 {
+                p.seen.shrink_to_fit();
+                p.order.shrink_to_fit();
+            }
+            // An empty peer whose floor is below the window guards nothing the window does not.
+            !(p.order.is_empty() && p.floor_ms < oldest_valid_ms)
+        });
+        dropped
+    }
+
     /// Nonces currently stored (all peers).
     pub fn len(&self) -> usize {
         self.peers.values().map(|p| p.order.len()).sum()
@@ -220,5 +254,49 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c.check("a", &nonce(1), 1_000), Err(Replayed));
         assert_eq!(c.insert("a", nonce(2), 100_000, 70_000), Err(Replayed));
+    }
+
+    /// A thousand nodes each complete a handshake within the window; then one whose clock lags
+    /// by 20 s (within the 30 s skew). With fewer peers tracked than that, dropping a recent
+    /// one raised the global floor above the lagging timestamp and refused it.
+    #[test]
+    fn a_thousand_busy_peers_do_not_refuse_a_lagging_clock() {
+        let mut c = ReplayCache::new(ReplayConfig::default());
+        let now = 1_000_000_000u64;
+        for i in 0..1000u64 {
+            let ts = now - 1000 + i;
+            c.insert(&format!("node-{i}"), nonce(i), ts, now - 30_000)
+                .unwrap();
+        }
+        assert_eq!(
+            c.insert("node-late", nonce(5000), now - 20_000, now - 30_000),
+            Ok(())
+        );
+    }
+
+    /// Entries that left the window go at the periodic expiry, with the peers they leave
+    /// empty, and none of their nonces is accepted again within the window.
+    #[test]
+    fn expiry_frees_what_the_window_refuses_anyway() {
+        let mut c = ReplayCache::new(ReplayConfig::default());
+        let t = 1_000_000u64;
+        for i in 0..16_384u64 {
+            c.insert("busy", nonce(i), t + i, t - 30_000).unwrap();
+        }
+        c.insert("quiet", nonce(1 << 40), t, t - 30_000).unwrap();
+        assert_eq!(c.len(), 16_385);
+        // Half of busy's entries are older than the window's edge at t + 8192.
+        assert_eq!(c.expire(t + 8192), 8192 + 1);
+        assert_eq!(c.len(), 8192);
+        assert_eq!(
+            c.peer_count(),
+            1,
+            "quiet is gone: nothing of it is in the window"
+        );
+        assert_eq!(c.check("busy", &nonce(100), t + 100), Err(Replayed));
+        assert_eq!(c.check("busy", &nonce(9000), t + 9000), Err(Replayed));
+        assert_eq!(c.expire(t + 100_000), 8192);
+        assert!(c.is_empty());
+        assert_eq!(c.peer_count(), 0);
     }
 }
