@@ -122,24 +122,34 @@ impl Authorized {
     }
 }
 
-/// The bounded table of authorized flows, oldest evicted first.
+/// The bounded table of authorized flows. A full table evicts the oldest flow of the workload
+/// that holds the most: a workload that opens connections without end (a compromised one, or
+/// a busy proxy) takes its own oldest flows out of re-checks, not its neighbours' long-lived
+/// ones (which, once forgotten, a policy change could no longer cut).
 #[derive(Debug)]
 pub(crate) struct EstablishedTable {
     flows: ahash::HashMap<FlowKey, Authorized>,
-    /// Insertion order; entries whose `seq` no longer matches the map are stale (the flow was
-    /// removed or re-inserted) and skipped. Compacted when it outgrows the map.
-    order: VecDeque<(u64, FlowKey)>,
+    /// Per workload: its live entries and their insertion order. Order entries whose `seq` no
+    /// longer matches the map are stale (the flow was removed or re-inserted) and skipped;
+    /// compacted when they outgrow the live ones.
+    shares: ahash::HashMap<WorkloadId, Share>,
     next_seq: u64,
     max: usize,
     pub(crate) evicted: u64,
     pub(crate) pruned: u64,
 }
 
+#[derive(Debug, Default)]
+struct Share {
+    live: usize,
+    order: VecDeque<(u64, FlowKey)>,
+}
+
 impl EstablishedTable {
     pub(crate) fn new(max: usize) -> Self {
         EstablishedTable {
             flows: Default::default(),
-            order: VecDeque::new(),
+            shares: Default::default(),
             next_seq: 0,
             max,
             evicted: 0,
@@ -158,27 +168,65 @@ impl EstablishedTable {
             return;
         }
         while self.flows.len() >= self.max {
-            let Some((seq, old)) = self.order.pop_front() else {
+            if !self.evict_one() {
                 break;
-            };
-            if self.flows.get(&old).is_some_and(|f| f.seq == seq) {
-                self.flows.remove(&old);
-                self.evicted += 1;
             }
         }
         flow.seq = self.next_seq;
         self.next_seq += 1;
-        self.order.push_back((flow.seq, key));
+        let seq = flow.seq;
         self.flows.insert(key, flow);
-        if self.order.len() > 2 * self.max + 64 {
+        let share = self.shares.entry(key.workload).or_default();
+        share.live += 1;
+        share.order.push_back((seq, key));
+        if share.order.len() > 2 * share.live + 64 {
             let flows = &self.flows;
-            self.order
+            share
+                .order
                 .retain(|(seq, k)| flows.get(k).is_some_and(|f| f.seq == *seq));
         }
     }
 
+    /// Evict the oldest flow of the workload holding the most (of equals, the lowest id).
+    fn evict_one(&mut self) -> bool {
+        let Some((&hog, _)) = self
+            .shares
+            .iter()
+            .filter(|(_, s)| s.live > 0)
+            .max_by_key(|(w, s)| (s.live, std::cmp::Reverse(w.0)))
+        else {
+            return false;
+        };
+        let Some(share) = self.shares.get_mut(&hog) else {
+            return false;
+        };
+        while let Some((seq, old)) = share.order.pop_front() {
+            if self.flows.get(&old).is_some_and(|f| f.seq == seq) {
+                self.flows.remove(&old);
+                share.live -= 1;
+                self.evicted += 1;
+                return true;
+            }
+        }
+        // Its order held no live entry (cannot happen while `live` counts right): recount.
+        share.live = 0;
+        true
+    }
+
     pub(crate) fn remove(&mut self, key: &FlowKey) -> Option<Authorized> {
-        self.flows.remove(key)
+        let flow = self.flows.remove(key)?;
+        self.forget(key.workload, 1);
+        Some(flow)
+    }
+
+    /// `n` of `id`'s live entries are gone from the map.
+    fn forget(&mut self, id: WorkloadId, n: usize) {
+        if let Some(share) = self.shares.get_mut(&id) {
+            share.live = share.live.saturating_sub(n);
+            if share.live == 0 {
+                self.shares.remove(&id);
+            }
+        }
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Authorized)> {
@@ -187,6 +235,7 @@ impl EstablishedTable {
 
     pub(crate) fn remove_workload(&mut self, id: WorkloadId) {
         self.flows.retain(|k, _| k.workload != id);
+        self.shares.remove(&id);
     }
 
     /// Workloads with at least one remembered flow.
@@ -219,6 +268,7 @@ impl EstablishedTable {
                 || alive.contains(&(k.protocol, k.remote, k.local))
         });
         let n = before - self.flows.len();
+        self.forget(id, n);
         self.pruned += n as u64;
         n
     }
@@ -344,11 +394,47 @@ mod tests {
     #[test]
     fn order_queue_stays_bounded_under_churn() {
         let mut t = EstablishedTable::new(4);
-        for p in 0..10_000u16 {
+        t.insert(key(0), entry(0));
+        for p in 1..10_000u16 {
             t.insert(key(p), entry(0));
             t.remove(&key(p));
         }
-        assert!(t.order.len() <= 2 * 4 + 64 + 1, "{}", t.order.len());
+        let order = t.shares.get(&WorkloadId(1)).map_or(0, |s| s.order.len());
+        assert!(order <= 2 + 64 + 1, "{order}");
+        t.remove(&key(0));
+        assert!(
+            t.shares.is_empty(),
+            "no share is kept for a workload with nothing left"
+        );
+    }
+
+    /// A workload that keeps opening connections evicts its own oldest flows, never another's.
+    #[test]
+    fn a_full_table_evicts_from_the_workload_holding_the_most() {
+        let of = |w: u32, port: u16| FlowKey {
+            workload: WorkloadId(w),
+            ..key(port)
+        };
+        let mut t = EstablishedTable::new(8);
+        t.insert(of(1, 1), entry(0));
+        t.insert(of(1, 2), entry(0));
+        for p in 0..1000 {
+            t.insert(of(2, p), entry(0));
+        }
+        assert_eq!(t.len(), 8);
+        assert_eq!(t.evicted, 1000 - 6);
+        assert!(t.remove(&of(1, 1)).is_some() && t.remove(&of(1, 2)).is_some());
+        assert!(
+            (994..1000).all(|p| t.remove(&of(2, p)).is_some()),
+            "its newest"
+        );
+        // Of equal shares, the lower id gives first.
+        let mut t = EstablishedTable::new(2);
+        t.insert(of(2, 1), entry(0));
+        t.insert(of(1, 1), entry(0));
+        t.insert(of(3, 1), entry(0));
+        assert!(t.remove(&of(1, 1)).is_none());
+        assert!(t.remove(&of(2, 1)).is_some());
     }
 
     #[test]

@@ -124,7 +124,8 @@ pub struct ProcessorConfig {
     /// verdict has `mark_authorized`.
     pub auth_mark: u32,
     /// Authorized flows remembered for [`Processor::recheck`], over all workloads; beyond it the
-    /// oldest is forgotten first (it can then no longer be cut).
+    /// oldest flow of the workload that holds the most is forgotten (it can then no longer be
+    /// cut).
     pub max_established: usize,
     /// How long a cut flow's packets are answered with a RST (an idle connection is told at
     /// its first packet within this time; later its packets are dropped as of an unknown flow).

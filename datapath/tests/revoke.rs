@@ -321,6 +321,31 @@ fn remembered_flows_are_bounded_oldest_first() {
     );
 }
 
+/// web-2, on web's node, keeps opening connections to db, far more than the node remembers.
+/// web's one long-lived connection stays remembered (a full table evicts from the workload
+/// holding the most), so the egress change that denies web -> db still cuts it.
+#[test]
+fn a_workload_churning_connections_does_not_take_its_neighbours_flows_out_of_rechecks() {
+    let config = ProcessorConfig {
+        max_established: 8,
+        ..ProcessorConfig::default()
+    };
+    let mut w = World::with_neighbour(Mode::Psk, ALLOW, config);
+    w.connect();
+    for port in 41_000..41_100 {
+        w.connect_from_neighbour(port);
+    }
+    assert_eq!(w.a.established_count(), 8);
+    assert_eq!(w.a.metrics().established_dropped().0, 100 - 7);
+    policy(&mut w.a, EGRESS_DENY);
+    let cuts = w.a.recheck(w.now);
+    assert_eq!(cuts.len(), 8, "{cuts:?}");
+    assert!(
+        cuts.iter().any(|c| c.local == w.c && c.remote == w.s),
+        "web's own connection is cut: {cuts:?}"
+    );
+}
+
 #[test]
 fn flows_gone_from_conntrack_are_pruned() {
     let mut w = World::new(Mode::Psk, ALLOW);

@@ -434,6 +434,46 @@ impl World {
     pub fn out_a2(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
         run(&mut self.a, ID_2, Hook::Output, p, self.now, &mut self.rng)
     }
+    /// Arrives at the neighbour workload (INPUT on node-a).
+    pub fn in_a2(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
+        run(&mut self.a, ID_2, Hook::Input, p, self.now, &mut self.rng)
+    }
+    /// SYN, SYN-ACK, ACK from the neighbour's port `port` to the server, through both
+    /// processors; both flows end authorized.
+    pub fn connect_from_neighbour(&mut self, port: u16) {
+        let c = SocketAddr::new(WEB_2.ip, port);
+        let syn = tcp_packet(c, self.s, ISN_C, 0, SYN, &linux_syn_options(100, 0), &[]);
+        let (v, syn) = self.out_a2(&syn);
+        assert!(v.accept, "{v:?}");
+        let (v, _) = self.in_b(&syn);
+        assert!(v.accept, "{v:?}");
+        let sa = tcp_packet(
+            self.s,
+            c,
+            ISN_S,
+            ISN_C + 1,
+            SYN_ACK,
+            &linux_syn_options(200, 100),
+            &[],
+        );
+        let (v, sa) = self.out_b(&sa);
+        assert!(v.accept, "{v:?}");
+        let (v, _) = self.in_a2(&sa);
+        assert!(v.accept, "{v:?}");
+        let ack = tcp_packet(
+            c,
+            self.s,
+            ISN_C + 1,
+            ISN_S + 1,
+            ACK,
+            &linux_ack_options(101, 200),
+            &[],
+        );
+        let (v, ack) = self.out_a2(&ack);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+        let (v, _) = self.in_b(&ack);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+    }
 
     /// Client workload sends (OUTPUT on node-a).
     pub fn out_a(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
