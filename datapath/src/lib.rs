@@ -36,7 +36,7 @@ pub use packet::{IpDatagram, PacketError, TcpSegment};
 pub use processor::{
     Hook, Processor, ProcessorConfig, Reason, Verdict, WorkloadId, control_mark, reauth_mark,
 };
-pub use udp::{EmitMark, Outgoing};
+pub use udp::{EmitMark, Held, HeldLimits, Outgoing};
 
 /// The `rand_core` the processor's `rng` parameter comes from (re-exported from `identity`).
 pub use identity::rand_core;

@@ -60,8 +60,8 @@ use crate::flowlog::{FlowLog, FlowLogConfig};
 use crate::metrics::{Metrics, PacketKind};
 use crate::packet::{self, IpDatagram, PacketError, TcpSegment};
 use crate::udp::{
-    EmitMark, Outgoing, PeerAgents, UdpFlow, UdpState, UdpTable, build_udp, set_udp_checksum,
-    udp_payload,
+    EmitMark, Held, HeldLimits, Outgoing, PeerAgents, UdpFlow, UdpState, UdpTable, build_udp,
+    set_udp_checksum, udp_payload,
 };
 
 mod flows;
@@ -148,11 +148,10 @@ pub struct ProcessorConfig {
     /// Application datagrams held per UDP flow while its handshake runs (more are dropped,
     /// `udp_hold_full`).
     pub udp_held_per_flow: usize,
-    /// Application datagrams held over all UDP flows.
-    pub udp_held_total: usize,
-    /// Application datagrams held over one workload's UDP flows: a workload that opens flows
-    /// without end (to peers that never answer) cannot take the whole of `udp_held_total`.
-    pub udp_held_per_workload: usize,
+    /// Application datagrams held over all UDP flows, and over one workload's (a workload that
+    /// opens flows without end, to peers that never answer, cannot take the others' room):
+    /// counts and bytes. Beyond them, datagrams are dropped (`udp_hold_full`).
+    pub udp_held: HeldLimits,
     /// UDP flows in handshake (or lingering after it) at most. A full table evicts as for
     /// `max_flows`: the older half of its server-side flows, or else of the client flows of
     /// the workload holding the most.
@@ -182,8 +181,7 @@ impl Default for ProcessorConfig {
             udp_agentless_ms: 60_000,
             udp_agent_ms: 600_000,
             udp_held_per_flow: 8,
-            udp_held_total: 1024,
-            udp_held_per_workload: 256,
+            udp_held: HeldLimits::default(),
             udp_max_flows: 65_536,
             udp_linger_ms: 2_000,
             dns: dns::CacheConfig::default(),
@@ -1265,18 +1263,20 @@ impl Step<'_> {
     /// dropped, the shell sends the copy once the flow is authorized).
     fn udp_hold(&mut self, key: &FlowKey, packet: &[u8]) -> Verdict {
         let max_flow = self.config.udp_held_per_flow;
-        let room = self.udp.may_hold(
-            key.workload,
-            self.config.udp_held_total,
-            self.config.udp_held_per_workload,
-        );
+        let room = self
+            .udp
+            .may_hold(key.workload, packet.len(), &self.config.udp_held);
         match self.udp.get_mut(key) {
             Some(UdpFlow {
                 state: UdpState::ClientHello { held, .. },
                 ..
             }) if room && held.len() < max_flow => {
                 held.push(packet.to_vec());
-                self.udp.count_held(key.workload, 1);
+                let one = Held {
+                    count: 1,
+                    bytes: packet.len(),
+                };
+                self.udp.count_held(key.workload, one, 1);
                 Verdict::consumed()
             }
             _ => Verdict::drop(Reason::UdpHoldFull),
@@ -1465,7 +1465,7 @@ impl Step<'_> {
             key,
             UdpFlow::new(
                 UdpState::ServerAwaitingAck {
-                    server: awaiting,
+                    server: Box::new(awaiting),
                     syn_token: token.into(),
                     synack,
                     last_sent_ms: self.now,

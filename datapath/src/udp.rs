@@ -75,7 +75,9 @@ pub(crate) enum UdpState {
     ClientDone { synack: Box<[u8]>, ack: Box<[u8]> },
     /// Server: the SYN passed and ingress allowed the tentative peer; the SYN-ACK left.
     ServerAwaitingAck {
-        server: ServerAwaitingAck,
+        /// Boxed: the handshake state is the largest part, and every bucket of the table is
+        /// the size of the largest state.
+        server: Box<ServerAwaitingAck>,
         /// The SYN token, to recognise a retransmission.
         syn_token: Box<[u8]>,
         /// The SYN-ACK control datagram, re-sent as is.
@@ -89,6 +91,17 @@ pub(crate) enum UdpState {
 }
 
 impl UdpState {
+    /// Held datagrams and their bytes.
+    pub(crate) fn held_use(&self) -> Held {
+        match self {
+            UdpState::ClientHello { held, .. } => Held {
+                count: held.len(),
+                bytes: held.iter().map(Vec::len).sum(),
+            },
+            _ => Held::default(),
+        }
+    }
+
     pub(crate) fn held_len(&self) -> usize {
         match self {
             UdpState::ClientHello { held, .. } => held.len(),
@@ -123,6 +136,48 @@ impl UdpFlow {
             state,
             deadline_ms,
             seq: 0,
+        }
+    }
+}
+
+/// Datagrams held, and their bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Datagrams.
+    pub count: usize,
+    /// Their bytes (whole IP packets).
+    pub bytes: usize,
+}
+
+impl Held {
+    fn add(&mut self, n: Held, sign: isize) {
+        self.count = self.count.saturating_add_signed(sign * n.count as isize);
+        self.bytes = self.bytes.saturating_add_signed(sign * n.bytes as isize);
+    }
+}
+
+/// How much the agent holds while UDP handshakes run (see `ProcessorConfig::udp_held`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLimits {
+    /// Over all workloads.
+    pub total: Held,
+    /// Of one workload.
+    pub per_workload: Held,
+}
+
+impl Default for HeldLimits {
+    /// 1,024 datagrams and 4 MiB in all, 256 datagrams and 1 MiB per workload: a datagram
+    /// queued before fragmentation can be a 64 KiB packet, and 1,024 of those would be 64 MiB.
+    fn default() -> Self {
+        HeldLimits {
+            total: Held {
+                count: 1024,
+                bytes: 4 << 20,
+            },
+            per_workload: Held {
+                count: 256,
+                bytes: 1 << 20,
+            },
         }
     }
 }
@@ -193,9 +248,9 @@ impl PeerAgents {
 pub(crate) struct UdpTable {
     flows: ahash::HashMap<FlowKey, UdpFlow>,
     timers: BTreeSet<(u64, FlowKey)>,
-    held: usize,
+    held: Held,
     /// Of `held`, each workload's (no entry for none).
-    held_by: ahash::HashMap<WorkloadId, usize>,
+    held_by: ahash::HashMap<WorkloadId, Held>,
     next_seq: u64,
     pub(crate) evictor: Evictor,
 }
@@ -235,22 +290,26 @@ impl UdpTable {
         self.flows.len() < max
     }
 
-    /// Whether workload `w` may hold one more datagram: fewer than `total` are held over all
-    /// flows, and fewer than `per_workload` of them are `w`'s (so one workload opening flows
+    /// Whether workload `w` may hold one more datagram of `len` bytes: within `limits` over
+    /// all flows, and within their per-workload share for `w` (so one workload opening flows
     /// without end cannot take the room of the node's others).
-    pub(crate) fn may_hold(&self, w: WorkloadId, total: usize, per_workload: usize) -> bool {
-        self.held < total && self.held_by.get(&w).copied().unwrap_or(0) < per_workload
+    pub(crate) fn may_hold(&self, w: WorkloadId, len: usize, limits: &HeldLimits) -> bool {
+        let mine = self.held_by.get(&w).copied().unwrap_or_default();
+        self.held.count < limits.total.count
+            && self.held.bytes + len <= limits.total.bytes
+            && mine.count < limits.per_workload.count
+            && mine.bytes + len <= limits.per_workload.bytes
     }
 
-    /// Count `n` more (or fewer) datagrams held for workload `w`.
-    pub(crate) fn count_held(&mut self, w: WorkloadId, n: isize) {
-        if n == 0 {
+    /// Count `n` more datagrams held for workload `w` (or fewer: `sign` -1).
+    pub(crate) fn count_held(&mut self, w: WorkloadId, n: Held, sign: isize) {
+        if n.count == 0 {
             return;
         }
-        self.held = self.held.saturating_add_signed(n);
+        self.held.add(n, sign);
         let mine = self.held_by.entry(w).or_default();
-        *mine = mine.saturating_add_signed(n);
-        if *mine == 0 {
+        mine.add(n, sign);
+        if mine.count == 0 {
             self.held_by.remove(&w);
         }
     }
@@ -263,7 +322,7 @@ impl UdpTable {
         if let UdpState::ClientHello { next_ms, .. } = flow.state {
             self.timers.insert((next_ms, key));
         }
-        self.count_held(key.workload, flow.state.held_len() as isize);
+        self.count_held(key.workload, flow.state.held_use(), 1);
         self.flows.insert(key, flow);
     }
 
@@ -299,7 +358,7 @@ impl UdpTable {
         if let UdpState::ClientHello { next_ms, .. } = f.state {
             self.timers.remove(&(next_ms, *key));
         }
-        self.count_held(key.workload, -(f.state.held_len() as isize));
+        self.count_held(key.workload, f.state.held_use(), -1);
         Some(f)
     }
 

@@ -461,7 +461,7 @@ fn a_flood_of_syn_controls_that_pass_ingress_does_not_lock_udp_out() {
 /// A compromised workload (web-2) sends datagrams without end to private addresses that never
 /// answer: each is a new flow in handshake, with its datagram held. It cannot take the node's
 /// UDP table (a full one evicts web-2's own older flows) nor all the room for held datagrams
-/// (a workload holds at most `udp_held_per_workload`), so web-1's next flow is proven and its
+/// (a workload holds at most its share of `udp_held`), so web-1's next flow is proven and its
 /// datagram released.
 #[test]
 fn a_local_workload_opening_udp_flows_without_end_does_not_lock_its_neighbours_out() {
@@ -469,8 +469,16 @@ fn a_local_workload_opening_udp_flows_without_end_does_not_lock_its_neighbours_o
     for mode in [Mode::Psk, Mode::Pki] {
         let config = datapath::ProcessorConfig {
             udp_max_flows: MAX,
-            udp_held_total: 8,
-            udp_held_per_workload: 4,
+            udp_held: datapath::HeldLimits {
+                total: datapath::Held {
+                    count: 8,
+                    bytes: 1 << 20,
+                },
+                per_workload: datapath::Held {
+                    count: 4,
+                    bytes: 1 << 20,
+                },
+            },
             ..datapath::ProcessorConfig::default()
         };
         let mut n = 0u16;
@@ -563,4 +571,38 @@ fn many_agentless_peers_do_not_make_the_agent_forget_the_peers_with_agents() {
         take(&mut w.a);
     }
     assert_eq!(spoof(&mut w), Some("udp_unauthenticated"));
+}
+
+/// The room for held datagrams is counted in bytes too: large datagrams (a 64 KiB packet
+/// queued before fragmentation) fill a workload's share long before its count.
+#[test]
+fn held_datagrams_are_bounded_in_bytes() {
+    let config = datapath::ProcessorConfig {
+        udp_held: datapath::HeldLimits {
+            total: datapath::Held {
+                count: 1024,
+                bytes: 64 << 10,
+            },
+            per_workload: datapath::Held {
+                count: 256,
+                bytes: 32 << 10,
+            },
+        },
+        ..datapath::ProcessorConfig::default()
+    };
+    let mut w = World::with_neighbour(Mode::Psk, DB_UDP_FROM_WEB, config);
+    let big = vec![7u8; 8 << 10];
+    // web-2 holds four 8 KiB datagrams (its 32 KiB), the fifth is dropped.
+    for n in 0..5u16 {
+        let src = SocketAddr::new(WEB_2.ip, 20_000 + n);
+        let (v, _) = w.out_a2(&udp(src, w.s, &big));
+        if n < 3 {
+            assert!(consumed(&v), "held: {v:?}");
+        } else if n == 4 {
+            assert_eq!(reason(&v), Some("udp_hold_full"), "{v:?}");
+        }
+    }
+    // web-1 still holds its own.
+    let (v, _) = w.out_a(&udp(w.c, w.s, &big));
+    assert!(consumed(&v), "held: {v:?}");
 }
