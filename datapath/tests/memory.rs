@@ -19,18 +19,6 @@ use datapath::ProcessorConfig;
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
-/// db accepts web on TCP and UDP 5432.
-const ALLOW: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: web}}}]
-    ports: [{port: 5432}, {protocol: UDP, port: 5432}]
-";
-
 /// Entries made per table.
 const SAMPLE: usize = 4096;
 /// The DaemonSet's memory limit, read from its manifest (`limits: {..., memory: NMi}`).
@@ -95,7 +83,7 @@ fn every_table_full_fits_the_daemonsets_memory_limit() {
 
     // TCP, server side: SYN received and SYN-ACK sent, waiting for the ACK (the SYN's and the
     // SYN-ACK's tokens, and the handshake state). Only node-b's calls are measured.
-    let mut w = World::new(Mode::Psk, ALLOW);
+    let mut w = World::new(Mode::Psk, DB_TCP_AND_UDP_FROM_WEB);
     let mut tcp_server = Grown::default();
     for i in 0..SAMPLE {
         w.c = client(&w, i);
@@ -108,7 +96,7 @@ fn every_table_full_fits_the_daemonsets_memory_limit() {
     assert_eq!(w.b.flow_count(), SAMPLE);
     // TCP, client side: the SYN-ACK verified, the ACK token made (three tokens). Only
     // node-a's calls are measured.
-    let mut w = World::new(Mode::Psk, ALLOW);
+    let mut w = World::new(Mode::Psk, DB_TCP_AND_UDP_FROM_WEB);
     let mut tcp_client = Grown::default();
     for i in 0..SAMPLE {
         w.c = client(&w, i);
@@ -122,7 +110,7 @@ fn every_table_full_fits_the_daemonsets_memory_limit() {
 
     // Remembered flows (for re-checks): whole handshakes on both processors, halved. Each
     // side's handshake entry lingers too and is counted with it (an upper bound).
-    let mut w = World::new(Mode::Psk, ALLOW);
+    let mut w = World::new(Mode::Psk, DB_TCP_AND_UDP_FROM_WEB);
     let mut both = Grown::default();
     for i in 0..SAMPLE {
         w.c = client(&w, i);
@@ -132,7 +120,7 @@ fn every_table_full_fits_the_daemonsets_memory_limit() {
     let established = both.per_entry() / 2;
 
     // UDP, server side: a SYN control answered, waiting for the ACK. Only node-b's calls.
-    let mut w = World::new(Mode::Psk, ALLOW);
+    let mut w = World::new(Mode::Psk, DB_TCP_AND_UDP_FROM_WEB);
     let mut udp_server = Grown::default();
     for i in 0..SAMPLE {
         let c = client(&w, i);
@@ -146,7 +134,7 @@ fn every_table_full_fits_the_daemonsets_memory_limit() {
     assert_eq!(w.b.metrics().flows(), SAMPLE);
     // UDP, client side: the SYN control sent and kept, the datagram held (its bytes are
     // counted with the held datagrams below, not here).
-    let mut w = World::new(Mode::Psk, ALLOW);
+    let mut w = World::new(Mode::Psk, DB_TCP_AND_UDP_FROM_WEB);
     let mut udp_client = Grown::default();
     for i in 0..SAMPLE {
         let c = client(&w, i);

@@ -469,16 +469,7 @@ fn a_local_workload_opening_udp_flows_without_end_does_not_lock_its_neighbours_o
     for mode in [Mode::Psk, Mode::Pki] {
         let config = datapath::ProcessorConfig {
             udp_max_flows: MAX,
-            udp_held: datapath::HeldLimits {
-                total: datapath::Held {
-                    count: 8,
-                    bytes: 1 << 20,
-                },
-                per_workload: datapath::Held {
-                    count: 4,
-                    bytes: 1 << 20,
-                },
-            },
+            udp_held: held_limits(8, 1 << 20, 4, 1 << 20),
             ..datapath::ProcessorConfig::default()
         };
         let mut n = 0u16;
@@ -578,16 +569,7 @@ fn many_agentless_peers_do_not_make_the_agent_forget_the_peers_with_agents() {
 #[test]
 fn held_datagrams_are_bounded_in_bytes() {
     let config = datapath::ProcessorConfig {
-        udp_held: datapath::HeldLimits {
-            total: datapath::Held {
-                count: 1024,
-                bytes: 64 << 10,
-            },
-            per_workload: datapath::Held {
-                count: 256,
-                bytes: 32 << 10,
-            },
-        },
+        udp_held: held_limits(1024, 64 << 10, 256, 32 << 10),
         ..datapath::ProcessorConfig::default()
     };
     let mut w = World::with_neighbour(Mode::Psk, DB_UDP_FROM_WEB, config);

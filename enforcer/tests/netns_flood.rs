@@ -76,6 +76,19 @@ fn largest_table(tb: &Testbed) -> f64 {
     of("tcp").max(of("udp"))
 }
 
+/// The flooder's netns, attached to node 2.
+fn flooder(tb: &Testbed) -> Flooder {
+    Flooder::attach(&tb.nodes[1], &format!("ts-{}-flooder", tb.id)).expect("flooder netns")
+}
+
+/// `workload`'s IPv4 address and `port`.
+fn v4(tb: &Testbed, workload: &str, port: u16) -> SocketAddrV4 {
+    let IpAddr::V4(ip) = tb.workload(workload).addr(port).ip() else {
+        panic!("the testbed's workloads have IPv4 addresses");
+    };
+    SocketAddrV4::new(ip, port)
+}
+
 /// Node 2 with a public frontend, a backend and a database, and its agent (PSK).
 fn testbed(dir: &Path) -> Testbed {
     std::fs::write(dir.join("policies.yaml"), POLICIES).unwrap();
@@ -189,13 +202,10 @@ fn a_flood_that_ingress_admits_does_not_lock_the_node_out() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tb = testbed(dir.path());
-    let flooder =
-        Flooder::attach(&tb.nodes[1], &format!("ts-{}-flooder", tb.id)).expect("flooder netns");
-    let IpAddr::V4(frontend) = tb.workload("frontend-2").addr(80).ip() else {
-        panic!("the testbed's workloads have IPv4 addresses");
-    };
+    let flooder = flooder(&tb);
+    let frontend = v4(&tb, "frontend-2", 80);
     connects_under(&tb, "network", |stop| {
-        flooder.start(SocketAddrV4::new(frontend, 80), FLOOD_PPS, Kind::Syn, stop)
+        flooder.start(frontend, FLOOD_PPS, Kind::Syn, stop)
     });
 }
 
@@ -386,10 +396,9 @@ const NONCE: std::ops::Range<usize> = {
 /// The UDP twin of the first test: SYN control datagrams from spoofed sources, each a copy of
 /// one captured on the wire with a fresh nonce (the SYN carries no MAC; a copy with its own
 /// nonce would be refused as a replay once its handshake completed), so each passes as a new
-/// handshake. Ingress
-/// admits each (its claims are a backend's), so each holds a server-side flow in the UDP table
-/// for the handshake time; the table evicts the flood's older half, and backend-2's UDP flows
-/// to the database keep getting proven.
+/// handshake. Ingress admits each (its claims are a backend's), so each holds a server-side
+/// flow in the UDP table for the handshake time; the table evicts the flood's older half, and
+/// backend-2's UDP flows to the database keep getting proven.
 #[test]
 fn a_flood_of_syn_controls_that_ingress_admits_does_not_lock_udp_out() {
     if !testbed::privileged("a_flood_of_syn_controls_that_ingress_admits_does_not_lock_udp_out") {
@@ -400,19 +409,10 @@ fn a_flood_of_syn_controls_that_ingress_admits_does_not_lock_udp_out() {
     let _echo = UdpEcho::start(&tb);
     let syn = captured_syn_control(&tb);
 
-    let flooder =
-        Flooder::attach(&tb.nodes[1], &format!("ts-{}-flooder", tb.id)).expect("flooder netns");
-    let IpAddr::V4(database) = tb.workload("database-2").addr(5432).ip() else {
-        panic!("the testbed's workloads have IPv4 addresses");
-    };
+    let flooder = flooder(&tb);
+    let database = v4(&tb, "database-2", 5432);
     probes_under(&tb, "network", CONTROL_FLOOD_FOR, udp_exchange, |stop| {
-        flooder.start_udp_with(
-            SocketAddrV4::new(database, 5432),
-            CONTROL_FLOOD_PPS,
-            syn,
-            NONCE,
-            stop,
-        )
+        flooder.start_udp_with(database, CONTROL_FLOOD_PPS, syn, NONCE, stop)
     });
 }
 
@@ -436,21 +436,12 @@ fn the_agent_answers_its_probes_while_a_flood_saturates_it() {
     let _alone = ONE_FLOOD_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let flooder =
-        Flooder::attach(&tb.nodes[1], &format!("ts-{}-flooder", tb.id)).expect("flooder netns");
-    let IpAddr::V4(database) = tb.workload("database-2").addr(5432).ip() else {
-        panic!("the testbed's workloads have IPv4 addresses");
-    };
+    let flooder = flooder(&tb);
+    let database = v4(&tb, "database-2", 5432);
     let dropped = || metric(&tb, "tessera_queue_dropped_total");
     let dropped_before = dropped();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = flooder.start_udp_with(
-        SocketAddrV4::new(database, 5432),
-        SATURATING_PPS,
-        syn,
-        NONCE,
-        stop.clone(),
-    );
+    let sender = flooder.start_udp_with(database, SATURATING_PPS, syn, NONCE, stop.clone());
     let begin = Instant::now();
     let (mut probes, mut slowest, mut failures) = (0, Duration::ZERO, Vec::new());
     while begin.elapsed() < Duration::from_secs(8) {

@@ -652,6 +652,35 @@ spec:
   - to: [{ipBlock: {cidr: 10.0.2.0/24}}]
 ";
 
+/// db accepts web on TCP and UDP 5432.
+pub const DB_TCP_AND_UDP_FROM_WEB: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}, {protocol: UDP, port: 5432}]
+";
+
+/// Room for held UDP datagrams: `count` and `bytes` in all, `count_each` and `bytes_each`
+/// per workload.
+pub fn held_limits(
+    count: usize,
+    bytes: usize,
+    count_each: usize,
+    bytes_each: usize,
+) -> datapath::HeldLimits {
+    datapath::HeldLimits {
+        total: datapath::Held { count, bytes },
+        per_workload: datapath::Held {
+            count: count_each,
+            bytes: bytes_each,
+        },
+    }
+}
+
 /// db accepts web on UDP 5432 only.
 pub const DB_UDP_FROM_WEB: &str = "
 apiVersion: networking.k8s.io/v1
