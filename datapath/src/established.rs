@@ -470,4 +470,70 @@ mod tests {
         assert!(!c.contains(&key(2), 2_001), "expired");
         assert!(c.contains(&key(3), 2_001));
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u32, u16),
+        Remove(u32, u16),
+        Prune(u32),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0..4u32, 0..32u16).prop_map(|(w, p)| Op::Insert(w, p)),
+            2 => (0..4u32, 0..32u16).prop_map(|(w, p)| Op::Remove(w, p)),
+            1 => (0..4u32).prop_map(Op::Prune),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any sequence of inserts, removals and prunes: the table stays within its bound, each
+        /// workload's share counts exactly its entries (none kept for a workload without any),
+        /// and an insert into a full table takes its room from a workload that held the most.
+        #[test]
+        fn shares_count_right_and_the_largest_gives_way(ops in proptest::collection::vec(op(), 1..400)) {
+            let of = |w: u32, port: u16| FlowKey {
+                workload: WorkloadId(w),
+                ..key(port)
+            };
+            let mut t = EstablishedTable::new(8);
+            for op in ops {
+                let held = |t: &EstablishedTable, w: u32| {
+                    t.flows.keys().filter(|k| k.workload == WorkloadId(w)).count()
+                };
+                match op {
+                    Op::Insert(w, p) => {
+                        let before: Vec<usize> = (0..4).map(|w| held(&t, w)).collect();
+                        let (full, fresh) = (t.len() >= 8, !t.flows.contains_key(&of(w, p)));
+                        t.insert(of(w, p), entry(0));
+                        if full && fresh {
+                            let most = before.iter().copied().max().unwrap_or(0);
+                            // What each workload gave: it had `before`, plus the new
+                            // entry if it is the inserter's.
+                            let gave: Vec<u32> = (0..4u32)
+                                .filter(|&v| {
+                                    before[v as usize] + usize::from(v == w) == held(&t, v) + 1
+                                })
+                                .collect();
+                            proptest::prop_assert_eq!(gave.len(), 1, "{:?} -> {:?}", before, gave);
+                            proptest::prop_assert_eq!(before[gave[0] as usize], most);
+                        }
+                    }
+                    Op::Remove(w, p) => {
+                        t.remove(&of(w, p));
+                    }
+                    Op::Prune(w) => {
+                        t.prune(WorkloadId(w), 1, &HashSet::new());
+                    }
+                }
+                proptest::prop_assert!(t.len() <= 8);
+                for w in 0..4u32 {
+                    let live = t.shares.get(&WorkloadId(w)).map(|s| s.live);
+                    let n = held(&t, w);
+                    proptest::prop_assert_eq!(live, (n > 0).then_some(n), "workload {}", w);
+                }
+            }
+        }
+    }
 }

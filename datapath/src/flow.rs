@@ -442,4 +442,54 @@ mod tests {
         assert_eq!(t.evictor.evicted, Evicted::default());
         assert_eq!(t.len(), 64);
     }
+
+    proptest::proptest! {
+        /// Any sequence of new flows into a full table of 64: it stays within its bound; a
+        /// pass evicts either evictable flows only or one workload's own only, never a flow
+        /// younger than one it keeps of the same kind; and it refuses only when both kinds are
+        /// under an eighth of the table.
+        #[test]
+        fn a_full_table_makes_room_by_the_rules(
+            flows in proptest::collection::vec((0..10u32, proptest::bool::weighted(0.3)), 1..600)
+        ) {
+            let now = 1_000;
+            let mut t = FlowTable::new(64, 0);
+            for (i, (w, evictable)) in flows.into_iter().enumerate() {
+                let state = if evictable {
+                    FlowState::ServerTokenless { isn: 1 }
+                } else {
+                    FlowState::ClientVerified { server_isn: 1 }
+                };
+                let before: Vec<(FlowKey, bool, u64)> =
+                    t.flows.iter().map(|(k, f)| (*k, f.state.evictable(), f.seq)).collect();
+                let inserted = t.insert(key(w, i as u16), Flow::new(state, now + 60_000), now);
+                let gone: Vec<&(FlowKey, bool, u64)> =
+                    before.iter().filter(|(k, _, _)| !t.flows.contains_key(k)).collect();
+                proptest::prop_assert!(t.len() <= 64);
+                if let Some(first) = gone.first() {
+                    let (network, owner) = (first.1, first.0.workload);
+                    for g in &gone {
+                        proptest::prop_assert_eq!(g.1, network);
+                        proptest::prop_assert!(network || g.0.workload == owner);
+                    }
+                    // The kept of the same kind are all younger than the evicted.
+                    let newest_gone = gone.iter().map(|g| g.2).max().unwrap_or(0);
+                    for (k, f) in &t.flows {
+                        let same = f.state.evictable() == network
+                            && (network || k.workload == owner);
+                        proptest::prop_assert!(!same || f.seq > newest_gone);
+                    }
+                }
+                if !inserted {
+                    let evictable = before.iter().filter(|f| f.1).count();
+                    let mut own = std::collections::HashMap::new();
+                    for f in before.iter().filter(|f| !f.1) {
+                        *own.entry(f.0.workload).or_insert(0usize) += 1;
+                    }
+                    proptest::prop_assert!(evictable < 8);
+                    proptest::prop_assert!(own.values().all(|&n| n < 8), "{:?}", own);
+                }
+            }
+        }
+    }
 }
