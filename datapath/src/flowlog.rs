@@ -786,6 +786,33 @@ impl FlowLog {
     /// Append `tessera_policy_verdicts_total` and the recorder's counters in the Prometheus
     /// text format.
     pub fn render_prometheus(&self, out: &mut String) {
+        self.metrics().render_prometheus(out);
+    }
+
+    /// A copy of the counters the Prometheus text shows, to render (and sort) without holding
+    /// whatever guards the log: the agent takes it under the processor's lock, which every
+    /// packet decision needs, and renders after letting go.
+    pub fn metrics(&self) -> FlowLogMetrics {
+        FlowLogMetrics {
+            max_series: self.config.max_series,
+            stats: self.stats,
+            series: self.series_list.clone(),
+        }
+    }
+}
+
+/// The counters of a [`FlowLog`] that its Prometheus text shows ([`FlowLog::metrics`]).
+#[derive(Debug, Clone)]
+pub struct FlowLogMetrics {
+    max_series: usize,
+    stats: FlowLogStats,
+    series: Vec<VerdictSeries>,
+}
+
+impl FlowLogMetrics {
+    /// Append `tessera_policy_verdicts_total` and the recorder's counters in the Prometheus
+    /// text format.
+    pub fn render_prometheus(&self, out: &mut String) {
         // Writing to a String cannot fail.
         let _ = self.render(out);
     }
@@ -794,7 +821,7 @@ impl FlowLog {
         writeln!(
             out,
             "# HELP tessera_policy_verdicts_total Flow decisions by deciding policy (namespace/name of a NetworkPolicy, Kind/name of an admin policy, default), kind, verdict and direction. At most {} series: decisions of further policies are counted under policy=\"other\" (see tessera_policy_verdict_series_overflow_total).",
-            self.config.max_series
+            self.max_series
         )?;
         writeln!(out, "# TYPE tessera_policy_verdicts_total counter")?;
         self.render_series(out, "tessera_policy_verdicts_total", false)?;
@@ -835,11 +862,8 @@ impl FlowLog {
 
     /// One metric's series (enforced verdicts, or staged flips), sorted.
     fn render_series(&self, out: &mut String, name: &str, staged: bool) -> std::fmt::Result {
-        let mut series: Vec<&VerdictSeries> = self
-            .series_list
-            .iter()
-            .filter(|s| s.staged == staged)
-            .collect();
+        let mut series: Vec<&VerdictSeries> =
+            self.series.iter().filter(|s| s.staged == staged).collect();
         series.sort_by(|a, b| {
             (
                 &a.policy,

@@ -492,11 +492,13 @@ impl Drop for Follower {
 /// The processor's metrics plus the agent's own, and the tunnel's when it runs.
 pub fn render(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) -> String {
     let mut out = String::with_capacity(4096);
-    {
+    // Copies under the processor's lock (every packet decision waits for it), rendered after.
+    let (metrics, flow_log) = {
         let p = lock(&shared.processor);
-        p.metrics().render_prometheus(&mut out);
-        p.flow_log().render_prometheus(&mut out);
-    }
+        (p.metrics().clone(), p.flow_log().metrics())
+    };
+    metrics.render_prometheus(&mut out);
+    flow_log.render_prometheus(&mut out);
     let _ = render_agent(shared, &mut out);
     shared.flows.render_prometheus(&mut out);
     if let Some(t) = &shared.tunnel {
