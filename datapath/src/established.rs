@@ -189,27 +189,31 @@ impl EstablishedTable {
 
     /// Evict the oldest flow of the workload holding the most (of equals, the lowest id).
     fn evict_one(&mut self) -> bool {
-        let Some((&hog, _)) = self
+        let Some(hog) = self
             .shares
             .iter()
-            .filter(|(_, s)| s.live > 0)
             .max_by_key(|(w, s)| (s.live, std::cmp::Reverse(w.0)))
+            .map(|(w, _)| *w)
         else {
             return false;
         };
         let Some(share) = self.shares.get_mut(&hog) else {
             return false;
         };
-        while let Some((seq, old)) = share.order.pop_front() {
-            if self.flows.get(&old).is_some_and(|f| f.seq == seq) {
-                self.flows.remove(&old);
-                share.live -= 1;
+        let flows = &self.flows;
+        let oldest = std::iter::from_fn(|| share.order.pop_front())
+            .find(|(seq, k)| flows.get(k).is_some_and(|f| f.seq == *seq));
+        match oldest {
+            Some((_, key)) => {
+                self.flows.remove(&key);
                 self.evicted += 1;
-                return true;
+                self.forget(hog, 1);
+            }
+            // Its order held no live entry (cannot happen while `live` counts right).
+            None => {
+                self.shares.remove(&hog);
             }
         }
-        // Its order held no live entry (cannot happen while `live` counts right): recount.
-        share.live = 0;
         true
     }
 
@@ -240,13 +244,7 @@ impl EstablishedTable {
 
     /// Workloads with at least one remembered flow.
     pub(crate) fn workloads(&self) -> Vec<WorkloadId> {
-        let mut ids: Vec<WorkloadId> = self
-            .flows
-            .keys()
-            .map(|k| k.workload)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        let mut ids: Vec<WorkloadId> = self.shares.keys().copied().collect();
         ids.sort();
         ids
     }

@@ -1685,7 +1685,7 @@ impl Step<'_> {
         }
         self.learn_agent(key.remote.ip(), true);
         if let Some(f) = self.udp.remove(&key) {
-            for _ in 1..f.state.held_len() {
+            for _ in 1..f.state.held_use().count {
                 self.metrics.count_rejected(Reason::UdpRefused.as_str());
             }
         }

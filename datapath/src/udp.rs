@@ -102,13 +102,6 @@ impl UdpState {
         }
     }
 
-    pub(crate) fn held_len(&self) -> usize {
-        match self {
-            UdpState::ClientHello { held, .. } => held.len(),
-            _ => 0,
-        }
-    }
-
     /// Whether a full table may forget this flow early: the server's side, which anyone can
     /// open with a SYN control that ingress admits (as `FlowState::evictable` for TCP). The
     /// client's states are its own workload's doing, and hold its datagrams: a full table takes
@@ -256,12 +249,12 @@ pub(crate) struct UdpTable {
 }
 
 impl UdpTable {
-    pub(crate) fn get(&self, key: &FlowKey) -> Option<&UdpFlow> {
-        self.flows.get(key)
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.flows.len()
+    }
+
+    pub(crate) fn get(&self, key: &FlowKey) -> Option<&UdpFlow> {
+        self.flows.get(key)
     }
 
     /// The flow, to change its state in place; a client handshake's `next_ms` must then be
@@ -382,7 +375,7 @@ impl UdpTable {
         let mut dropped = 0;
         for k in gone {
             if let Some(f) = self.remove(&k) {
-                dropped += f.state.held_len();
+                dropped += f.state.held_use().count;
             }
         }
         dropped

@@ -46,6 +46,24 @@ struct PeerNonces {
     last_used: u64,
 }
 
+impl PeerNonces {
+    /// Drop the oldest entries until those left are all at or after `oldest_valid_ms` and at
+    /// most `keep`, raising the floor to each one dropped. Returns how many went.
+    fn drop_oldest(&mut self, oldest_valid_ms: u64, keep: usize) -> usize {
+        let mut dropped = 0;
+        while let Some(&(old, ts)) = self.order.front() {
+            if ts >= oldest_valid_ms && self.order.len() <= keep {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+            self.floor_ms = self.floor_ms.max(ts);
+            dropped += 1;
+        }
+        dropped
+    }
+}
+
 /// The cache. One per node; the handshake consults it at the SYN and records at the ACK.
 pub struct ReplayCache {
     config: ReplayConfig,
@@ -111,14 +129,8 @@ impl ReplayCache {
             return Err(Replayed);
         };
         p.last_used = tick;
-        while let Some(&(old, ts)) = p.order.front() {
-            if ts >= oldest_valid_ms && p.order.len() < cap {
-                break;
-            }
-            p.order.pop_front();
-            p.seen.remove(&old);
-            p.floor_ms = p.floor_ms.max(ts);
-        }
+        // Room for one more, within the cap.
+        p.drop_oldest(oldest_valid_ms, cap - 1);
         if ts_ms <= p.floor_ms {
             return Err(Replayed);
         }
@@ -148,15 +160,7 @@ impl ReplayCache {
     pub fn expire(&mut self, oldest_valid_ms: u64) -> usize {
         let mut dropped = 0;
         self.peers.retain(|_, p| {
-            while let Some(&(old, ts)) = p.order.front() {
-                if ts >= oldest_valid_ms {
-                    break;
-                }
-                p.order.pop_front();
-                p.seen.remove(&old);
-                p.floor_ms = p.floor_ms.max(ts);
-                dropped += 1;
-            }
+            dropped += p.drop_oldest(oldest_valid_ms, usize::MAX);
             if p.order.len() < p.seen.capacity() / 4 {
                 p.seen.shrink_to_fit();
                 p.order.shrink_to_fit();

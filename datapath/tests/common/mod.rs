@@ -434,45 +434,12 @@ impl World {
     pub fn out_a2(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
         run(&mut self.a, ID_2, Hook::Output, p, self.now, &mut self.rng)
     }
-    /// Arrives at the neighbour workload (INPUT on node-a).
-    pub fn in_a2(&mut self, p: &[u8]) -> (Verdict, Vec<u8>) {
-        run(&mut self.a, ID_2, Hook::Input, p, self.now, &mut self.rng)
-    }
-    /// SYN, SYN-ACK, ACK from the neighbour's port `port` to the server, through both
-    /// processors; both flows end authorized.
+    /// [`World::connect`] from the neighbour's port `port`.
     pub fn connect_from_neighbour(&mut self, port: u16) {
-        let c = SocketAddr::new(WEB_2.ip, port);
-        let syn = tcp_packet(c, self.s, ISN_C, 0, SYN, &linux_syn_options(100, 0), &[]);
-        let (v, syn) = self.out_a2(&syn);
-        assert!(v.accept, "{v:?}");
-        let (v, _) = self.in_b(&syn);
-        assert!(v.accept, "{v:?}");
-        let sa = tcp_packet(
-            self.s,
-            c,
-            ISN_S,
-            ISN_C + 1,
-            SYN_ACK,
-            &linux_syn_options(200, 100),
-            &[],
-        );
-        let (v, sa) = self.out_b(&sa);
-        assert!(v.accept, "{v:?}");
-        let (v, _) = self.in_a2(&sa);
-        assert!(v.accept, "{v:?}");
-        let ack = tcp_packet(
-            c,
-            self.s,
-            ISN_C + 1,
-            ISN_S + 1,
-            ACK,
-            &linux_ack_options(101, 200),
-            &[],
-        );
-        let (v, ack) = self.out_a2(&ack);
-        assert!(v.accept && v.mark_authorized, "{v:?}");
-        let (v, _) = self.in_b(&ack);
-        assert!(v.accept && v.mark_authorized, "{v:?}");
+        let client = self.c;
+        self.c = SocketAddr::new(WEB_2.ip, port);
+        self.connect_as(ID_2);
+        self.c = client;
     }
 
     /// Client workload sends (OUTPUT on node-a).
@@ -555,15 +522,21 @@ impl World {
 
     /// SYN, SYN-ACK, ACK through both processors; both flows end authorized.
     pub fn connect(&mut self) {
-        let (v, syn) = self.out_a(&self.syn());
+        self.connect_as(ID);
+    }
+
+    /// [`World::connect`] from node-a's workload `id`, at the client address `self.c`.
+    fn connect_as(&mut self, id: WorkloadId) {
+        let (now, syn, ack) = (self.now, self.syn(), self.ack());
+        let (v, syn) = run(&mut self.a, id, Hook::Output, &syn, now, &mut self.rng);
         assert!(v.accept, "{v:?}");
         let (v, _) = self.in_b(&syn);
         assert!(v.accept, "{v:?}");
         let (v, sa) = self.out_b(&self.syn_ack());
         assert!(v.accept, "{v:?}");
-        let (v, _) = self.in_a(&sa);
+        let (v, _) = run(&mut self.a, id, Hook::Input, &sa, now, &mut self.rng);
         assert!(v.accept, "{v:?}");
-        let (v, ack) = self.out_a(&self.ack());
+        let (v, ack) = run(&mut self.a, id, Hook::Output, &ack, now, &mut self.rng);
         assert!(v.accept && v.mark_authorized, "{v:?}");
         let (v, _) = self.in_b(&ack);
         assert!(v.accept && v.mark_authorized, "{v:?}");

@@ -20,7 +20,6 @@ use datapath::tunnel::TunnelStats;
 use super::flows::{self, Entry, FlowFilter, FlowQuery, HubStats};
 use super::{ENFORCE_BUCKETS_S, Shared, lock};
 
-/// Serve until the listener fails; errors are logged.
 /// Serve the HTTP endpoints on `addr` from a thread of their own, with a runtime of its own:
 /// the probes and the metrics answer while the packet loops are saturated (a flood larger than
 /// the agent can decide), which would otherwise hold the agent's one runtime thread between
@@ -50,6 +49,7 @@ pub fn start(addr: std::net::SocketAddr, shared: Arc<Shared>) -> anyhow::Result<
     Ok(())
 }
 
+/// Serve until the listener fails; errors are logged.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
