@@ -285,6 +285,13 @@ pub enum Reason {
     /// The server agent refused our UDP flow (its ingress policy denies it).
     #[error("UDP flow refused by the peer's agent")]
     UdpRefused,
+    /// The server's agent sent its SYN-ACK again for a UDP flow whose handshake our agent no
+    /// longer holds: our ACK was lost, and our state of the flow lingered out before the
+    /// server's next request for it got through. The flow's AUTH connmark is cleared, so the
+    /// application's next datagram starts a new handshake instead of going, marked, to a
+    /// server that waits for an ACK no one will send.
+    #[error("UDP handshake's ACK lost, flow unmarked to start again")]
+    UdpAckLost,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -324,6 +331,7 @@ impl Reason {
             Reason::UdpHandshakePending => "udp_handshake_pending",
             Reason::UdpNoAnswer => "udp_no_answer",
             Reason::UdpRefused => "udp_refused",
+            Reason::UdpAckLost => "udp_ack_lost",
             Reason::NotEncrypted => "not_encrypted",
         }
     }
@@ -351,6 +359,15 @@ pub struct Verdict {
     pub requeue: bool,
     /// Why the packet was dropped or rewritten (counted in the metrics); `None` for a plain accept.
     pub reason: Option<Reason>,
+    /// A dropped packet (a UDP control datagram the processor consumed, at INPUT) that settles
+    /// its flow's connmark on the way out: `Some(true)` sets AUTH (the server's agent proved the
+    /// client at its ACK: the flow is marked there and then, whichever datagram comes next and
+    /// however late), `Some(false)` clears it (the client's agent no longer knows a handshake
+    /// the server still waits on: the flow's next datagram is queued and starts a new one). The
+    /// shell issues a Repeat verdict with the control bit ([`control_mark`]) in the mark, plus
+    /// AUTH for `Some(true)`; the rules copy the AUTH bit into the connmark and drop the packet.
+    /// Only ever set with `accept == false`.
+    pub connmark_on_drop: Option<bool>,
 }
 
 impl Verdict {
@@ -363,6 +380,7 @@ impl Verdict {
             unmark: false,
             requeue: false,
             reason: None,
+            connmark_on_drop: None,
         }
     }
     /// Accept and mark the flow authorized.
@@ -374,6 +392,7 @@ impl Verdict {
             unmark: false,
             requeue: false,
             reason: None,
+            connmark_on_drop: None,
         }
     }
     /// Accept and clear the authorization mark (see [`Verdict::unmark`]).
@@ -385,6 +404,7 @@ impl Verdict {
             unmark: true,
             requeue: false,
             reason: None,
+            connmark_on_drop: None,
         }
     }
     /// Send the packet back to the tail of the queue (see [`Verdict::requeue`]).
@@ -396,6 +416,7 @@ impl Verdict {
             unmark: false,
             requeue: true,
             reason: None,
+            connmark_on_drop: None,
         }
     }
     /// Drop without a reason: the processor took the packet (a control datagram it consumed,
@@ -408,6 +429,7 @@ impl Verdict {
             unmark: false,
             requeue: false,
             reason: None,
+            connmark_on_drop: None,
         }
     }
     /// Drop with a reason.
@@ -419,6 +441,20 @@ impl Verdict {
             unmark: false,
             requeue: false,
             reason: Some(reason),
+            connmark_on_drop: None,
+        }
+    }
+    /// Consume a control datagram and set (`true`) or clear the flow's AUTH connmark bit on the
+    /// way (see [`Verdict::connmark_on_drop`]); with a reason, the drop is counted.
+    pub fn consume_marking(authorized: bool, reason: Option<Reason>) -> Self {
+        Verdict {
+            accept: false,
+            modified: false,
+            mark_authorized: false,
+            unmark: false,
+            requeue: false,
+            reason,
+            connmark_on_drop: Some(authorized),
         }
     }
 }
@@ -1096,6 +1132,7 @@ impl Step<'_> {
                     unmark: false,
                     requeue: false,
                     reason: Some(Reason::FlowCut),
+                    connmark_on_drop: None,
                 },
                 Err(_) => Verdict::drop(Reason::FlowCut),
             };
@@ -1352,11 +1389,14 @@ impl Step<'_> {
                 ..
             }) => {
                 // The client's data overtook its ACK, or the ACK was lost: send the SYN-ACK
-                // again at once (the client's agent answers it with the same ACK; at most every
-                // fifth of the SYN's retransmission time), and look at this datagram again
-                // later: at most MAX_DEFERRALS times (bounded work per datagram, even for a
-                // flood of data behind forged SYNs), then it is dropped.
-                if now.saturating_sub(*last_sent_ms) >= (rto / 5).max(1) {
+                // again at once (the client's agent answers it with the same ACK; at the first
+                // datagram, then at most every fifth of the SYN's retransmission time), and
+                // look at this datagram again later: at most MAX_DEFERRALS times (bounded work
+                // per datagram, even for a flood of data behind forged SYNs), then it is
+                // dropped. The first datagram asks at once, even right behind the SYN-ACK: it
+                // usually follows the ACK within microseconds, so the ACK is lost, and the
+                // client's agent answers only while it still holds the handshake.
+                if *deferrals == 0 || now.saturating_sub(*last_sent_ms) >= (rto / 5).max(1) {
                     *last_sent_ms = now;
                     resend = Some(synack.clone());
                 }
@@ -1489,6 +1529,16 @@ impl Step<'_> {
                 let ack = ack.clone();
                 self.emit_udp(key.local, key.remote, &ack, EmitMark::Control);
                 return Verdict::consumed();
+            }
+            None if identity::wire::SynAckToken::decode(token).is_ok() => {
+                // No handshake of ours on the tuple, yet the server's agent asks for the ACK:
+                // ours was lost and our state lingered out (the application sent nothing for
+                // a while). Our flow is marked and would go on to a server that drops its
+                // datagrams (`ack_missing`) for ever: clear the mark so the next datagram
+                // starts a new handshake. The token's MAC cannot be checked without the
+                // handshake we no longer hold, so a forged SYN-ACK (well-formed) can do the
+                // same, and no more: the new handshake proves both ends again.
+                return Verdict::consume_marking(false, Some(Reason::UdpAckLost));
             }
             _ => return Verdict::drop(Reason::UnexpectedToken),
         };
@@ -1633,7 +1683,7 @@ impl Step<'_> {
                 server.receive_ack(self.node, token, self.now)
             }
             Some(UdpState::ServerAuthorized { ack_token }) if **ack_token == *token => {
-                return Verdict::consumed();
+                return Verdict::consume_marking(true, None);
             }
             _ => return Verdict::drop(Reason::UnexpectedToken),
         };
@@ -1664,7 +1714,10 @@ impl Step<'_> {
                 self.now.saturating_add(self.config.udp_linger_ms),
             ),
         );
-        Verdict::consumed()
+        // Marked now, at the ACK: were the flow marked only by its next datagram, a datagram
+        // lost or sent after the linger would meet no state here and be refused as
+        // unauthenticated, while the client's side stays marked.
+        Verdict::consume_marking(true, None)
     }
 
     /// Client: the server's agent refused our SYN (its ingress denies the flow).
@@ -2144,6 +2197,7 @@ impl Step<'_> {
                 unmark: false,
                 requeue: false,
                 reason: Some(Reason::PolicyEgress),
+                connmark_on_drop: None,
             },
             Err(_) => Verdict::drop(Reason::PolicyEgress),
         }

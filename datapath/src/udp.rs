@@ -86,7 +86,8 @@ pub(crate) enum UdpState {
         /// Times the client's data was sent back to the queue while the ACK was awaited.
         deferrals: u8,
     },
-    /// Server: the ACK proved the client; the flow's next datagram is accepted and marked.
+    /// Server: the ACK proved the client and marked the flow; lingers to answer a duplicate ACK
+    /// and to accept the client's datagrams that were sent back to the queue before it.
     ServerAuthorized { ack_token: Box<[u8]> },
 }
 

@@ -172,6 +172,129 @@ fn lost_control_datagrams_are_recovered() {
     assert!(v.accept && v.mark_authorized, "{v:?}");
 }
 
+/// The server's agent proves the client at its ACK and marks the flow there and then: the
+/// consumed ACK settles the connmark (AUTH set) on its way out, so the flow's datagrams pass
+/// however late they come (before, only the next datagram within the 2 s linger was marked: a
+/// lost datagram and a retry 5 s later met no state and were refused as unauthenticated).
+#[test]
+fn the_servers_agent_marks_the_flow_at_the_ack() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let out = handshake(&mut w, &[b"query"]);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert_eq!(
+        v,
+        Verdict::consume_marking(true, None),
+        "the ACK marks the flow"
+    );
+    // A duplicate of it (the client answered a re-sent SYN-ACK) marks again, and is consumed.
+    let (v, _) = w.in_b(&out[0].packet);
+    assert_eq!(v, Verdict::consume_marking(true, None));
+}
+
+/// Lost ACK, recovered at once: the datagram right behind it asks for the SYN-ACK again at
+/// the first deferral, even within 5 ms of the first SYN-ACK, while the client's agent still
+/// holds the handshake.
+#[test]
+fn the_first_datagram_behind_a_lost_ack_asks_for_it_at_once() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let out = handshake(&mut w, &[b"query"]);
+    let (ack, data) = (&out[0], &out[1]);
+    let (v, _) = w.in_b(&data.packet);
+    assert!(v.requeue, "{v:?}");
+    let synack = take(&mut w.b);
+    assert_eq!(synack.len(), 1, "the SYN-ACK again, no wait");
+    // Requeued, the same datagram does not ask again within 5 ms.
+    let (v, _) = w.in_b(&data.packet);
+    assert!(v.requeue, "{v:?}");
+    assert!(take(&mut w.b).is_empty());
+    let (v, _) = w.in_a(&synack[0].packet);
+    assert!(consumed(&v));
+    let again = take(&mut w.a);
+    assert_eq!(again[0].packet, ack.packet);
+    let (v, _) = w.in_b(&again[0].packet);
+    assert_eq!(v, Verdict::consume_marking(true, None));
+    let (v, _) = w.in_b(&data.packet);
+    assert!(v.accept && v.mark_authorized, "{v:?}");
+}
+
+/// The ACK is lost, and so is the SYN-ACK the server's agent sends again at the next
+/// datagram; the application retries 5 s later (a resolver's pace), after the client's agent
+/// forgot the handshake (2 s). The server's agent asks for the ACK again: the client's agent
+/// cannot answer, so it clears the flow's mark (`udp_ack_lost`) and the next datagram starts a
+/// new handshake, which the server's agent takes in place of the one it waited on. Before, the
+/// SYN-ACK was dropped as unexpected: the client's flow stayed marked and every datagram was
+/// dropped at the server (`ack_missing`) for as long as the application kept it busy.
+#[test]
+fn a_lost_ack_the_client_forgot_starts_a_new_handshake() {
+    for mode in [Mode::Psk, Mode::Pki] {
+        let mut w = World::new(mode, DB_UDP_FROM_WEB);
+        let out = handshake(&mut w, &[b"query"]);
+        let data = out[1].clone();
+        let (v, _) = w.in_b(&data.packet);
+        assert!(v.requeue);
+        let _lost = take(&mut w.b);
+        for _ in 1..datapath::processor::MAX_DEFERRALS {
+            let (v, _) = w.in_b(&data.packet);
+            assert!(v.requeue, "{v:?}");
+        }
+        let (v, _) = w.in_b(&data.packet);
+        assert_eq!(reason(&v), Some("ack_missing"));
+        // 5 s later the client's agent has forgotten the handshake.
+        w.now += 5_000;
+        w.a.expire(w.now);
+        w.b.expire(w.now);
+        // The application's retry (its flow marked, it bypasses the client's queue) reaches
+        // the server, whose agent asks for the ACK again.
+        let (v, _) = w.in_b(&data.packet);
+        assert_eq!(reason(&v), Some("ack_missing"));
+        let synack = take(&mut w.b);
+        assert_eq!(synack.len(), 1, "{mode:?}: the SYN-ACK again");
+        let (v, _) = w.in_a(&synack[0].packet);
+        assert_eq!(
+            v,
+            Verdict::consume_marking(false, Some(datapath::Reason::UdpAckLost)),
+            "{mode:?}: unmarked"
+        );
+        assert!(take(&mut w.a).is_empty(), "no ACK: nothing to answer with");
+        assert_eq!(w.a.metrics().rejected("udp_ack_lost"), 1);
+        // The next datagram is queued again: a new handshake, answered; the flow is proven.
+        let (v, _) = w.out_a(&udp(w.c, w.s, b"query again"));
+        assert!(consumed(&v), "held: {v:?}");
+        let syn = take(&mut w.a);
+        assert_eq!(syn.len(), 1);
+        let (v, _) = w.in_b(&syn[0].packet);
+        assert!(consumed(&v), "{mode:?}: the new SYN answered: {v:?}");
+        let synack = take(&mut w.b);
+        assert_eq!(synack.len(), 1);
+        let (v, _) = w.in_a(&synack[0].packet);
+        assert!(consumed(&v), "{v:?}");
+        let out = take(&mut w.a);
+        assert_eq!(out.len(), 2, "ACK and the held datagram");
+        let (v, _) = w.in_b(&out[0].packet);
+        assert_eq!(v, Verdict::consume_marking(true, None), "{mode:?}");
+        assert_eq!(payload(&out[1].packet), b"query again");
+    }
+}
+
+/// A SYN-ACK control on a tuple where this agent is the server (a simultaneous start, or a
+/// forgery) unmarks nothing, nor does a malformed one on a tuple without state: only a
+/// well-formed SYN-ACK token on a tuple without any handshake state of ours unmarks.
+#[test]
+fn a_syn_ack_on_a_server_tuple_is_unexpected_not_an_unmark() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    prove(&mut w);
+    // The server side (node b) receiving a SYN-ACK on its proven tuple.
+    let synack = identity::encode_udp_control(identity::wire::TYPE_SYN_ACK, b"forged").unwrap();
+    let (v, _) = w.in_b(&udp(w.c, w.s, &synack));
+    assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
+    assert_eq!(v.connmark_on_drop, None);
+    let mut other = w.c;
+    other.set_port(40009);
+    let (v, _) = w.in_a(&udp(w.s, other, &synack));
+    assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
+    assert_eq!(v.connmark_on_drop, None);
+}
+
 #[test]
 fn an_agentless_peer_costs_one_bounded_wait_then_none() {
     // The server node has no agent: nothing answers. Egress is not isolated.

@@ -386,6 +386,75 @@ fn udp_flows_establish_under_loss(v6: bool) {
     );
 }
 
+/// One datagram on `s` to `dst`, up to `tries` times (`wait` each): the try that got the echo back.
+fn echo_within(s: &UdpSocket, dst: SocketAddr, tries: u32, wait: Duration) -> Option<u32> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 64];
+    (1..=tries).find(|_| {
+        s.send_to(b"query", dst).unwrap();
+        s.recv_from(&mut buf).is_ok()
+    })
+}
+
+/// Node 1's FORWARD drops (`-I`) or lets through again (`-D`) what `rule` matches.
+fn forward_rule(tb: &Testbed, op: &str, rule: &[&str]) {
+    let mut args = vec!["iptables", op, "FORWARD", "-p", "udp"];
+    args.extend_from_slice(rule);
+    args.extend_from_slice(&["-j", "DROP"]);
+    run_in(&tb.nodes[0], &args);
+}
+
+/// A UDP flow whose handshake lost the wrong datagrams recovers when the application retries
+/// after a pause longer than the agents' 2 s linger (a resolver retries after 5 s), on the
+/// real kernel, IPv4, across nodes:
+/// - the client's ACK controls are lost (node 1's FORWARD drops them) while the first query
+///   waits at the server; 3.5 s later the query is sent again. The client's agent has forgotten
+///   the handshake, so the server's request for the ACK clears the client's mark
+///   (`udp_ack_lost`) and a new handshake proves the flow. Before, the client's flow stayed
+///   marked, the server dropped every query (`ack_missing`) and none was answered.
+/// - on a second flow the ACK gets through but the query behind it is lost; the retry 3.5 s
+///   later passes at once: the server's agent marked the flow at the ACK. Before, only the
+///   next datagram within 2 s was marked, and the retry was refused (`udp_unauthenticated`).
+#[test]
+fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
+    if !testbed::privileged("udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause") {
+        return;
+    }
+    let (tb, _dir) = testbed_in(false, Mode::Psk);
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), false), 5432);
+    let echo = udp_echo(&tb, "database-2", 5432, false, Duration::from_secs(8));
+    let magic = "0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001";
+    let ack = format!("{magic}&&0>>22&0x3C@16>>24=0x3");
+    let lost_ack: [&str; 4] = ["-m", "u32", "--u32", &ack];
+    let lost_data: [&str; 7] = ["--dport", "5432", "-m", "u32", "!", "--u32", magic];
+    let pause = Duration::from_millis(3500);
+
+    let client = tb.workload("backend-1").ns.clone();
+    let s = testbed::in_netns(&client, || UdpSocket::bind("0.0.0.0:0").unwrap());
+    forward_rule(&tb, "-I", &lost_ack);
+    let first = echo_within(&s, dst, 1, Duration::from_millis(1000));
+    forward_rule(&tb, "-D", &lost_ack);
+    assert_eq!(first, None, "the ACK controls were dropped");
+    std::thread::sleep(pause);
+    let retry = echo_within(&s, dst, 4, Duration::from_millis(1000));
+    eprintln!("lost ACK, retry after {pause:?}: answered at try {retry:?}");
+    assert!(retry.is_some(), "{}", tb.agent_logs());
+    assert!(metric(&tb, 1, "reason", "udp_ack_lost") >= 1.0);
+
+    let s = testbed::in_netns(&client, || UdpSocket::bind("0.0.0.0:0").unwrap());
+    forward_rule(&tb, "-I", &lost_data);
+    let first = echo_within(&s, dst, 1, Duration::from_millis(1000));
+    forward_rule(&tb, "-D", &lost_data);
+    assert_eq!(first, None, "the query was dropped");
+    std::thread::sleep(pause);
+    let retry = echo_within(&s, dst, 4, Duration::from_millis(1000));
+    eprintln!("lost query behind the ACK, retry after {pause:?}: answered at try {retry:?}");
+    assert_eq!(retry, Some(1), "{}", tb.agent_logs());
+    assert_eq!(metric(&tb, 2, "reason", "udp_unauthenticated"), 0.0);
+    drop(s);
+    echo.join().unwrap();
+}
+
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
 /// ipBlock: queries are answered, other ports are not. Prints how long the first query to it
 /// took (the agent first tries a handshake; the resolver's answer to that shows it has no

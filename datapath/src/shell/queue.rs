@@ -262,7 +262,9 @@ pub struct Action {
     /// The buffer was changed and must be sent back.
     pub modified: bool,
     /// Repeat with nfmark |= this mark (0: none): the AUTH bit is saved into the connmark by the
-    /// rules; the re-auth bit ([`crate::reauth_mark`]) makes them clear AUTH from it.
+    /// rules; the re-auth bit ([`crate::reauth_mark`]) makes them clear AUTH from it; on INPUT,
+    /// the control bit ([`crate::control_mark`]) makes them copy the AUTH bit (set or clear)
+    /// into the connmark and drop the packet.
     pub mark: u32,
     /// Repeat without a mark: the packet goes through the rules again (back to the queue's
     /// tail unless its flow was marked meanwhile).

@@ -158,6 +158,17 @@ fn render_as(cfg: &RuleConfig, family: Family, present: Jumps, create: bool) -> 
             out.push_str(&format!(
                 "-A {chain} -m mark --mark {reauth:#x}/{reauth:#x} -j RETURN\n"
             ));
+            // A UDP control datagram the agent consumed, repeated with the control bit: its
+            // AUTH bit goes into the connmark (set: the server proved the client at its ACK;
+            // clear: the client lost a handshake the server still waits on), and it is dropped,
+            // never handed to the workload. Only our verdict sets a mark here: a packet from
+            // another namespace arrives with none.
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {control:#x}/{control:#x} -j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}\n"
+            ));
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {control:#x}/{control:#x} -j DROP\n"
+            ));
         }
         out.push_str(&format!(
             "-A {chain} -p tcp --syn -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
@@ -582,6 +593,8 @@ mod tests {
 -A TESSERA-INPUT -i lo -j RETURN
 -A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j CONNMARK --set-xmark 0x0/0x10000000
 -A TESSERA-INPUT -m mark --mark 0x20000000/0x20000000 -j RETURN
+-A TESSERA-INPUT -m mark --mark 0x40000000/0x40000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
+-A TESSERA-INPUT -m mark --mark 0x40000000/0x40000000 -j DROP
 -A TESSERA-INPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -p tcp --tcp-option 253 -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-INPUT -p udp -m u32 --u32 \"0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001\" -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
@@ -645,18 +658,18 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 19);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 21);
         let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 37);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 39);
         // Learning DNS answers adds one rule per family, whatever the peers and policies.
         let dns = RuleConfig {
             dns_queue_num: Some(8),
             ..RuleConfig::default()
         };
         let v4 = render(&dns, Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 20);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 22);
         let v6 = render(&dns, Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 38);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 40);
     }
 
     #[test]
