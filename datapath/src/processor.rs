@@ -292,6 +292,12 @@ pub enum Reason {
     /// server that waits for an ACK no one will send.
     #[error("UDP handshake's ACK lost, flow unmarked to start again")]
     UdpAckLost,
+    /// The server's agent holds no handshake for a UDP flow that is marked here (the server
+    /// workload restarted, or its conntrack entry of the flow expired before ours) and refused
+    /// a datagram of it: the flow's AUTH connmark is cleared, so the next datagram starts a new
+    /// handshake.
+    #[error("UDP flow unknown to the peer's agent, unmarked to start again")]
+    UdpRestart,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -332,6 +338,7 @@ impl Reason {
             Reason::UdpNoAnswer => "udp_no_answer",
             Reason::UdpRefused => "udp_refused",
             Reason::UdpAckLost => "udp_ack_lost",
+            Reason::UdpRestart => "udp_restart",
             Reason::NotEncrypted => "not_encrypted",
         }
     }
@@ -1290,6 +1297,7 @@ impl Step<'_> {
             (Hook::Input, Some((identity::wire::TYPE_ACK, token))) => {
                 self.udp_server_ack(key, &token)
             }
+            (Hook::Input, Some((identity::wire::TYPE_UDP_RESTART, _))) => self.udp_restart(key),
             (Hook::Input, Some((_, token))) => self.udp_refused(key, &token),
             (Hook::Output, None) => self.udp_output(key, d, packet, rng),
             (Hook::Input, None) => self.udp_input(key, d),
@@ -1417,6 +1425,19 @@ impl Step<'_> {
             }
             None => {
                 if self.udp_requires_handshake(key.remote.ip()) {
+                    // Forged, or its flow is marked at the client while we hold nothing of it:
+                    // this workload restarted (a fresh conntrack table), or its conntrack
+                    // entry expired before the client's. Either way it is refused; the RESTART
+                    // tells a genuine client's agent to clear its mark, so the next datagram
+                    // starts a new handshake instead of being refused here for as long as the
+                    // application keeps the flow busy.
+                    if self.udp.may_restart(self.now) {
+                        self.emit_control(
+                            &key,
+                            identity::wire::TYPE_UDP_RESTART,
+                            &identity::wire::UDP_RESTART_TOKEN,
+                        );
+                    }
                     return Verdict::drop(Reason::UdpUnauthenticated);
                 }
                 return self.datagram(Hook::Input, Protocol::Udp, d);
@@ -1718,6 +1739,21 @@ impl Step<'_> {
         // lost or sent after the linger would meet no state here and be refused as
         // unauthenticated, while the client's side stays marked.
         Verdict::consume_marking(true, None)
+    }
+
+    /// Client: the server's agent holds no handshake for our flow and refused a datagram of it
+    /// (the server workload restarted, or its conntrack entry expired first). Unless a
+    /// handshake of ours is under way on the tuple (its datagrams are held, none could have
+    /// been refused), the flow's mark is cleared so its next datagram starts a new handshake.
+    fn udp_restart(&mut self, key: FlowKey) -> Verdict {
+        match self.udp.get(&key).map(|f| &f.state) {
+            None => {}
+            Some(UdpState::ClientDone { .. }) => {
+                self.udp.remove(&key);
+            }
+            Some(_) => return Verdict::drop(Reason::UnexpectedToken),
+        }
+        Verdict::consume_marking(false, Some(Reason::UdpRestart))
     }
 
     /// Client: the server's agent refused our SYN (its ingress denies the flow).

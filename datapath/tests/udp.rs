@@ -295,6 +295,83 @@ fn a_syn_ack_on_a_server_tuple_is_unexpected_not_an_unmark() {
     assert_eq!(v.connmark_on_drop, None);
 }
 
+/// The server workload restarted (a fresh agent state and conntrack table; same address) while
+/// the client's flow stays marked: the client's next datagram passes its own rules unqueued and
+/// is refused at the server (`udp_unauthenticated`), whose agent answers with a RESTART. The
+/// client's agent clears the flow's mark (`udp_restart`) and the datagram after starts a new
+/// handshake, which proves the flow again. Before, every datagram was refused for as long as
+/// the application kept the flow busy.
+#[test]
+fn a_flow_the_server_no_longer_knows_is_restarted_by_a_new_handshake() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    prove(&mut w);
+    w.now += 5_000;
+    w.a.expire(w.now);
+    w.b.expire(w.now);
+    // The flow is marked at the client: its datagram reaches the server unqueued there.
+    let data = udp(w.c, w.s, b"after the restart");
+    let (v, _) = w.in_b(&data);
+    assert_eq!(reason(&v), Some("udp_unauthenticated"));
+    let restart = take(&mut w.b);
+    assert_eq!(restart.len(), 1);
+    assert!(is_control(&restart[0]));
+    assert_eq!(
+        identity::parse_udp_control(payload(&restart[0].packet)),
+        Ok(Some((identity::wire::TYPE_UDP_RESTART, &[0u8][..])))
+    );
+    let (v, _) = w.in_a(&restart[0].packet);
+    assert_eq!(
+        v,
+        Verdict::consume_marking(false, Some(datapath::Reason::UdpRestart))
+    );
+    assert_eq!(w.a.metrics().rejected("udp_restart"), 1);
+    // Unmarked, the next datagram is queued at the client: a new handshake proves the flow.
+    let out = handshake(&mut w, &[b"again"]);
+    assert_eq!(out.len(), 2);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert_eq!(v, Verdict::consume_marking(true, None));
+    assert_eq!(payload(&out[1].packet), b"again");
+}
+
+/// A RESTART cannot interrupt a handshake under way (no datagram of it left the client to be
+/// refused), nor touch a tuple where this agent is the server; and a flood of forged plain
+/// datagrams gets at most `RESTARTS_PER_SECOND` RESTARTs a second in answer.
+#[test]
+fn restarts_touch_only_settled_client_flows_and_are_bounded() {
+    let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
+    let restart = identity::encode_udp_control(identity::wire::TYPE_UDP_RESTART, &[0]).unwrap();
+    let (v, _) = w.out_a(&udp(w.c, w.s, b"held"));
+    assert!(consumed(&v));
+    let syn = take(&mut w.a);
+    let (v, _) = w.in_a(&udp(w.s, w.c, &restart));
+    assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
+    // The handshake goes on.
+    let (v, _) = w.in_b(&syn[0].packet);
+    assert!(consumed(&v));
+    let synack = take(&mut w.b);
+    let (v, _) = w.in_b(&udp(w.c, w.s, &restart));
+    assert_eq!(reason(&v), Some("unexpected_token"), "server side: {v:?}");
+    let (v, _) = w.in_a(&synack[0].packet);
+    assert!(consumed(&v));
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 2, "ACK and the held datagram");
+    let (v, _) = w.in_b(&out[0].packet);
+    assert_eq!(v, Verdict::consume_marking(true, None));
+
+    // Forged plain datagrams claiming web's address (an agent: proven above), each on a tuple
+    // of its own, within one second.
+    let per_second = datapath::udp::RESTARTS_PER_SECOND as u16;
+    w.now = (w.now / 1_000 + 1) * 1_000;
+    for port in 0..per_second + 10 {
+        let (v, _) = w.in_b(&udp(SocketAddr::new(WEB.ip, 20_000 + port), w.s, b"f"));
+        assert_eq!(reason(&v), Some("udp_unauthenticated"));
+    }
+    assert_eq!(take(&mut w.b).len(), usize::from(per_second));
+    w.now += 1_000;
+    let (_, _) = w.in_b(&udp(SocketAddr::new(WEB.ip, 19_999), w.s, b"f"));
+    assert_eq!(take(&mut w.b).len(), 1, "the next second has room again");
+}
+
 #[test]
 fn an_agentless_peer_costs_one_bounded_wait_then_none() {
     // The server node has no agent: nothing answers. Egress is not isolated.

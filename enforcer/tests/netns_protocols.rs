@@ -455,6 +455,52 @@ fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
     echo.join().unwrap();
 }
 
+/// A UDP flow the server's end forgot recovers, on the real kernel, IPv4 and IPv6, across
+/// nodes: a proven flow, then the server workload's conntrack table is flushed (as when it
+/// restarts with the same address) while the client's flow stays marked. The client's next
+/// datagram is refused at the server (`udp_unauthenticated`), whose agent answers with a
+/// RESTART control; the client's agent clears its mark (`udp_restart`) and the following
+/// datagram is proven by a new handshake. Before, every datagram of the flow was refused for
+/// as long as the application kept sending (a client's conntrack entry lives on while it does).
+fn a_udp_flow_the_server_forgot_recovers(v6: bool) {
+    let (tb, _dir) = testbed_in(v6, if v6 { Mode::Pki } else { Mode::Psk });
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
+    let echo = udp_echo(&tb, "database-2", 5432, v6, Duration::from_secs(8));
+    let client = tb.workload("backend-1").ns.clone();
+    let s = testbed::in_netns(&client, move || {
+        UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap()
+    });
+    let first = echo_within(&s, dst, 3, Duration::from_millis(500));
+    assert_eq!(first, Some(1), "{}", tb.agent_logs());
+    // Past the agents' 2 s linger: neither holds the handshake any more, only the marks.
+    std::thread::sleep(Duration::from_millis(3000));
+    run_in(&tb.workload("database-2").ns, &["conntrack", "-F"]);
+    let retry = echo_within(&s, dst, 4, Duration::from_millis(1000));
+    eprintln!(
+        "udp flow the server forgot ({}): answered at try {retry:?}",
+        if v6 { "IPv6" } else { "IPv4" }
+    );
+    assert_eq!(retry, Some(2), "{}", tb.agent_logs());
+    assert_eq!(metric(&tb, 1, "reason", "udp_restart"), 1.0);
+    assert!(metric(&tb, 2, "reason", "udp_unauthenticated") >= 1.0);
+    drop(s);
+    echo.join().unwrap();
+}
+
+#[test]
+fn a_udp_flow_the_server_forgot_recovers_ipv4() {
+    if testbed::privileged("a_udp_flow_the_server_forgot_recovers_ipv4") {
+        a_udp_flow_the_server_forgot_recovers(false);
+    }
+}
+
+#[test]
+fn a_udp_flow_the_server_forgot_recovers_ipv6() {
+    if testbed::privileged("a_udp_flow_the_server_forgot_recovers_ipv6") {
+        a_udp_flow_the_server_forgot_recovers(true);
+    }
+}
+
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
 /// ipBlock: queries are answered, other ports are not. Prints how long the first query to it
 /// took (the agent first tries a handshake; the resolver's answer to that shows it has no

@@ -422,6 +422,14 @@ pub fn parse_tcp_option(options: &[u8]) -> Result<Option<u16>, TcpOptionError> {
 /// UDP control only: the server agent refuses the client's SYN (ingress denied); the "token" is
 /// the 16-byte client nonce of that SYN, so that only someone who saw the SYN can refuse it.
 pub const TYPE_UDP_REFUSED: u8 = 4;
+/// UDP control only: the server agent holds no handshake for the tuple of a plain datagram
+/// from a peer with an agent (the server workload restarted, or its conntrack entry of the
+/// flow expired, while the client's stayed marked): the client's agent clears the flow's mark
+/// so its next datagram starts a new handshake. The "token" is one zero byte: it carries
+/// nothing (see docs/threat-model.md).
+pub const TYPE_UDP_RESTART: u8 = 5;
+/// The token of a [`TYPE_UDP_RESTART`] control datagram.
+pub const UDP_RESTART_TOKEN: [u8; 1] = [0];
 /// The first 8 bytes of every UDP control datagram: our ExID, "TSUDP", and the framing version.
 pub const UDP_CONTROL_MAGIC: [u8; 8] = [0x7E, 0x55, b'T', b'S', b'U', b'D', b'P', 0x01];
 /// Bytes before the token in a UDP control datagram: magic, type, reserved, token length.
@@ -439,7 +447,7 @@ pub enum UdpControlError {
     /// Bytes after the announced token.
     #[error("trailing bytes after the UDP control token")]
     Trailing,
-    /// The type is not SYN, SYN-ACK, ACK or REFUSED, or the reserved byte is not 0.
+    /// The type is not SYN, SYN-ACK, ACK, REFUSED or RESTART, or the reserved byte is not 0.
     #[error("UDP control type {0:#04x} or reserved byte not understood")]
     BadType(u8),
     /// The token length is 0 or over [`MAX_TOKEN_LEN`].
@@ -448,7 +456,8 @@ pub enum UdpControlError {
 }
 
 /// The payload of a UDP control datagram carrying `token` of type `kind` ([`TYPE_SYN`],
-/// [`TYPE_SYN_ACK`], [`TYPE_ACK`], or [`TYPE_UDP_REFUSED`] with the client nonce): the magic,
+/// [`TYPE_SYN_ACK`], [`TYPE_ACK`], [`TYPE_UDP_REFUSED`] with the client nonce, or
+/// [`TYPE_UDP_RESTART`] with [`UDP_RESTART_TOKEN`]): the magic,
 /// the type, a zero byte, the token length, the token. `None` if the token is empty or longer than [`MAX_TOKEN_LEN`].
 pub fn encode_udp_control(kind: u8, token: &[u8]) -> Option<Vec<u8>> {
     if token.is_empty() || token.len() > MAX_TOKEN_LEN {
@@ -474,7 +483,11 @@ pub fn parse_udp_control(payload: &[u8]) -> Result<Option<(u8, &[u8])>, UdpContr
         .get(..UDP_CONTROL_HEADER_LEN)
         .ok_or(UdpControlError::Truncated)?;
     let (kind, reserved) = (header[8], header[9]);
-    if !matches!(kind, TYPE_SYN | TYPE_SYN_ACK | TYPE_ACK | TYPE_UDP_REFUSED) || reserved != 0 {
+    if !matches!(
+        kind,
+        TYPE_SYN | TYPE_SYN_ACK | TYPE_ACK | TYPE_UDP_REFUSED | TYPE_UDP_RESTART
+    ) || reserved != 0
+    {
         return Err(UdpControlError::BadType(kind));
     }
     let len = u16::from_be_bytes([header[10], header[11]]);
@@ -532,6 +545,10 @@ mod udp_control_tests {
         let mut bad = good.clone();
         bad[8] = 4;
         assert!(parse_udp_control(&bad).unwrap().is_some(), "REFUSED");
+        bad[8] = 5;
+        assert!(parse_udp_control(&bad).unwrap().is_some(), "RESTART");
+        bad[8] = 6;
+        assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(6)));
         bad[8] = 9;
         assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(9)));
         let mut bad = good.clone();
