@@ -442,26 +442,17 @@ impl Verdict {
     /// Drop with a reason.
     pub fn drop(reason: Reason) -> Self {
         Verdict {
-            accept: false,
-            modified: false,
-            mark_authorized: false,
-            unmark: false,
-            requeue: false,
             reason: Some(reason),
-            connmark_on_drop: None,
+            ..Verdict::consumed()
         }
     }
     /// Consume a control datagram and set (`true`) or clear the flow's AUTH connmark bit on the
     /// way (see [`Verdict::connmark_on_drop`]); with a reason, the drop is counted.
     pub fn consume_marking(authorized: bool, reason: Option<Reason>) -> Self {
         Verdict {
-            accept: false,
-            modified: false,
-            mark_authorized: false,
-            unmark: false,
-            requeue: false,
             reason,
             connmark_on_drop: Some(authorized),
+            ..Verdict::consumed()
         }
     }
 }
