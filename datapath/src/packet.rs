@@ -513,6 +513,74 @@ pub fn rewrite_to_rst(packet: &mut Vec<u8>, seg: &TcpSegment) -> Result<(), Pack
     finish(packet, seg, TCP_HEADER_LEN)
 }
 
+/// The RST a kernel answers `seg` with when it has no connection for it (RFC 9293, 3.10.7.1),
+/// from the segment's destination back to its source: `SEQ = SEG.ACK` when the segment
+/// acknowledges something (what the sender expects next from us, so its kernel takes the reset
+/// at once), else `SEQ = 0, ACK = SEG.SEQ + SEG.LEN` with ACK set (`SEG.LEN` without our token,
+/// which never takes sequence space; SYN and FIN count one). No options, no payload.
+pub fn reset_reply(seg: &TcpSegment) -> Result<Vec<u8>, PacketError> {
+    let ip_len = if seg.src.is_ipv4() { 20 } else { 40 };
+    let mut buf = vec![0u8; ip_len + TCP_HEADER_LEN];
+    let (seq, ack, flags) = if seg.has_ack() {
+        (seg.ack, 0, TcpFlags::RST)
+    } else {
+        let len = u32::try_from(seg.data_len()).map_err(|_| PacketError::TooLarge)?
+            + u32::from(seg.is_syn())
+            + u32::from(seg.is_fin());
+        (0, seg.seq.wrapping_add(len), TcpFlags::RST | TcpFlags::ACK)
+    };
+    {
+        let mut tcp = MutableTcpPacket::new(&mut buf[ip_len..]).ok_or(PacketError::Truncated)?;
+        tcp.set_source(seg.dst_port);
+        tcp.set_destination(seg.src_port);
+        tcp.set_sequence(seq);
+        tcp.set_acknowledgement(ack);
+        tcp.set_data_offset((TCP_HEADER_LEN / 4) as u8);
+        tcp.set_flags(flags);
+    }
+    match (seg.dst, seg.src) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = u16::try_from(buf.len()).map_err(|_| PacketError::TooLarge)?;
+            let sum = {
+                let tcp = TcpPacket::new(&buf[ip_len..]).ok_or(PacketError::Truncated)?;
+                tcp::ipv4_checksum(&tcp, &s, &d)
+            };
+            let mut ip = MutableIpv4Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            ip.set_version(4);
+            ip.set_header_length(5);
+            ip.set_total_length(total);
+            ip.set_flags(0b010);
+            ip.set_ttl(64);
+            ip.set_next_level_protocol(pnet_packet::ip::IpNextHeaderProtocols::Tcp);
+            ip.set_source(s);
+            ip.set_destination(d);
+            let c = ipv4::checksum(&ip.to_immutable());
+            ip.set_checksum(c);
+            MutableTcpPacket::new(&mut buf[ip_len..])
+                .ok_or(PacketError::Truncated)?
+                .set_checksum(sum);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let sum = {
+                let tcp = TcpPacket::new(&buf[ip_len..]).ok_or(PacketError::Truncated)?;
+                tcp::ipv6_checksum(&tcp, &s, &d)
+            };
+            let mut ip = MutableIpv6Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            ip.set_version(6);
+            ip.set_payload_length(TCP_HEADER_LEN as u16);
+            ip.set_next_header(pnet_packet::ip::IpNextHeaderProtocols::Tcp);
+            ip.set_hop_limit(64);
+            ip.set_source(s);
+            ip.set_destination(d);
+            MutableTcpPacket::new(&mut buf[ip_len..])
+                .ok_or(PacketError::Truncated)?
+                .set_checksum(sum);
+        }
+        _ => return Err(PacketError::OptionState("mixed address families")),
+    }
+    Ok(buf)
+}
+
 /// Turn any segment into a bare ACK (no payload, no options, other flags cleared) with the same
 /// ports, sequence and acknowledgement numbers and window: nothing reaches the receiving
 /// application, and a kernel without a socket for it answers with a RST.

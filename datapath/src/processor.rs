@@ -28,7 +28,8 @@
 //! | any (OUTPUT) / first server packet (INPUT) | ClientVerified (ClientAckPending past its deadline) | accept, mark | Authorized |
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
 //! | non-SYN, non-RST (any)   | none, flow cut by [`Processor::recheck`] | first packet each way: rewrite into a RST at its sequence numbers; later ones: into a bare ACK, which the socket-less receiver answers with a RST (`flow_cut`) | = |
-//! | non-SYN (any)            | none                | drop `no_flow_state` (established flows bypass userspace) | none |
+//! | non-SYN, non-RST (INPUT) | none                | drop `no_flow_state`, and answer the sender with the RST its kernel would get from ours (this end restarted or lost the flow's conntrack entry; at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND`) | none |
+//! | non-SYN (OUTPUT)         | none                | drop `no_flow_state` (established flows bypass userspace) | none |
 //!
 //! The client marks its flow when its ACK token leaves, so neither its data nor the server's
 //! answer comes back to userspace. Should that ACK be lost, the server kernel re-sends its
@@ -210,6 +211,30 @@ pub fn control_mark(auth_mark: u32) -> u32 {
         1 << (high + 1)
     } else {
         1 << used.trailing_zeros().saturating_sub(1)
+    }
+}
+
+/// Answers the agent sends for a workload to a peer about a flow the workload no longer knows,
+/// at most per second in all: UDP RESTART controls and TCP RSTs. Each answers a packet that
+/// anyone can send (a forged source), so a flood of them reflects no more than this.
+pub const UNKNOWN_FLOW_ANSWERS_PER_SECOND: u32 = 1_000;
+
+/// The budget of [`UNKNOWN_FLOW_ANSWERS_PER_SECOND`]: (second, answers sent in it).
+#[derive(Debug, Default)]
+struct Answers(u64, u32);
+
+impl Answers {
+    /// Whether an answer may leave now; counts it.
+    fn take(&mut self, now_ms: u64) -> bool {
+        let second = now_ms / 1_000;
+        if self.0 != second {
+            *self = Answers(second, 0);
+        }
+        if self.1 >= UNKNOWN_FLOW_ANSWERS_PER_SECOND {
+            return false;
+        }
+        self.1 += 1;
+        true
     }
 }
 
@@ -485,6 +510,7 @@ pub struct Processor {
     last_prune_ms: u64,
     /// UDP flows in handshake, and what they hold.
     udp: UdpTable,
+    answers: Answers,
     /// Datagrams to send, in order (see [`Processor::take_outgoing`]).
     outgoing: Vec<Outgoing>,
     /// What the processor learned of peer addresses: whether an agent answers there, until when.
@@ -522,6 +548,7 @@ impl Processor {
             ip_only: Arc::new(Peer::IpOnly),
             last_prune_ms: 0,
             udp: UdpTable::default(),
+            answers: Answers::default(),
             outgoing: Vec::new(),
             peer_agents: Default::default(),
             local_keys: Default::default(),
@@ -749,6 +776,7 @@ impl Processor {
             ip_only,
             last_prune_ms: _,
             udp,
+            answers,
             outgoing,
             peer_agents,
             local_keys,
@@ -769,6 +797,7 @@ impl Processor {
             cut,
             ip_only,
             udp,
+            answers,
             outgoing,
             peer_agents,
             local_keys,
@@ -976,6 +1005,7 @@ struct Step<'a> {
     cut: &'a mut CutSet,
     ip_only: &'a Arc<Peer>,
     udp: &'a mut UdpTable,
+    answers: &'a mut Answers,
     outgoing: &'a mut Vec<Outgoing>,
     peer_agents: &'a mut PeerAgents,
     local_keys: &'a ahash::HashSet<PodKey>,
@@ -1422,7 +1452,7 @@ impl Step<'_> {
                     // tells a genuine client's agent to clear its mark, so the next datagram
                     // starts a new handshake instead of being refused here for as long as the
                     // application keeps the flow busy.
-                    if self.udp.may_restart(self.now) {
+                    if self.answers.take(self.now) {
                         self.emit_control(
                             &key,
                             identity::wire::TYPE_UDP_RESTART,
@@ -2291,6 +2321,23 @@ impl Step<'_> {
         let token = seg.token(packet);
         let linger = self.linger_deadline();
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            // Established flows bypass userspace: the peer sends on a flow this end does not
+            // know (the workload restarted with the same address, or the flow's conntrack
+            // entry and with it the AUTH mark went, past our state's linger). Nothing of it
+            // passes; answered with the RST the kernel would send for a socket it does not
+            // have, so the peer's application learns at once instead of retransmitting into
+            // silence for minutes. Built by us, not the kernel: a token-less segment must not
+            // reach a socket (it could complete a handshake the kernel still holds).
+            if self.answers.take(self.now) {
+                match packet::reset_reply(seg) {
+                    Ok(rst) => self.outgoing.push(Outgoing {
+                        workload: self.id,
+                        packet: rst,
+                        mark: EmitMark::Control,
+                    }),
+                    Err(e) => self.metrics.count_rejected(Reason::Packet(e).as_str()),
+                }
+            }
             return Verdict::drop(Reason::NoFlowState);
         };
         match &mut flow.state {

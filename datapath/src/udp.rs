@@ -247,29 +247,9 @@ pub(crate) struct UdpTable {
     held_by: ahash::HashMap<WorkloadId, Held>,
     next_seq: u64,
     pub(crate) evictor: Evictor,
-    /// RESTART controls sent in the current second: (second, count).
-    restarts: (u64, u32),
 }
 
-/// RESTART controls a node's agent sends at most per second, in all: each answers a plain
-/// datagram from a peer with an agent on a tuple without handshake state, so a flood of such
-/// datagrams (forged sources) reflects no more than this.
-pub const RESTARTS_PER_SECOND: u32 = 1_000;
-
 impl UdpTable {
-    /// Whether a RESTART control may leave now (see [`RESTARTS_PER_SECOND`]); counts it.
-    pub(crate) fn may_restart(&mut self, now_ms: u64) -> bool {
-        let second = now_ms / 1_000;
-        if self.restarts.0 != second {
-            self.restarts = (second, 0);
-        }
-        if self.restarts.1 >= RESTARTS_PER_SECOND {
-            return false;
-        }
-        self.restarts.1 += 1;
-        true
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.flows.len()
     }

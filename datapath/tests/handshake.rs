@@ -527,6 +527,46 @@ fn replayed_ack_is_refused() {
     }
 }
 
+/// The server's end forgot an established connection (its workload restarted with the same
+/// address, or the flow's conntrack entry and AUTH mark went after our state's linger): the
+/// client's next segment reaches the server's agent, which passes none of it and answers with
+/// the RST the client's kernel takes at once (at the sequence number the client acknowledged),
+/// instead of leaving the client to retransmit into silence. Forged segments get the same
+/// answer, at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND` a second.
+#[test]
+fn a_segment_of_a_connection_the_server_forgot_is_answered_with_a_reset() {
+    let mut w = World::new(Mode::Psk, ALLOW);
+    w.connect();
+    w.now += 60_000;
+    w.a.expire(w.now);
+    w.b.expire(w.now);
+    let (v, _) = w.in_b(&w.data_c());
+    assert_eq!(dropped(&v), "no_flow_state");
+    let out = w.b.take_outgoing();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].mark, datapath::EmitMark::Control);
+    let rst = &out[0].packet;
+    let r = datapath::TcpSegment::parse(rst).unwrap().unwrap();
+    assert_eq!((r.src_port, r.dst_port), (w.s.port(), w.c.port()));
+    assert_eq!((r.flags, r.seq), (RST, ISN_S + 1));
+    assert!(checksums_ok(rst));
+    // The client's kernel takes it: a RST, which the client's agent lets in.
+    let (v, _) = w.in_a(rst);
+    assert!(v.accept, "{v:?}");
+
+    // A flood of forged segments: answered up to the budget of the second, then not.
+    let budget = datapath::processor::UNKNOWN_FLOW_ANSWERS_PER_SECOND;
+    w.now = (w.now / 1_000 + 1) * 1_000;
+    for port in 0..budget + 10 {
+        let mut c = w.c;
+        c.set_port(10_000 + port as u16);
+        let p = tcp_packet(c, w.s, 7, 9, ACK, &[], &[]);
+        let (v, _) = w.in_b(&p);
+        assert_eq!(dropped(&v), "no_flow_state");
+    }
+    assert_eq!(w.b.take_outgoing().len(), budget as usize);
+}
+
 #[test]
 fn forged_packets_are_refused_and_counted() {
     let mut w = World::new(Mode::Psk, ALLOW);

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use common::*;
 use datapath::PacketError;
 use datapath::TcpSegment;
-use datapath::packet::{attach_token, fix_checksums, rewrite_to_rst, strip_token};
+use datapath::packet::{attach_token, fix_checksums, reset_reply, rewrite_to_rst, strip_token};
 use proptest::prelude::*;
 
 fn v4() -> (SocketAddr, SocketAddr) {
@@ -308,6 +308,42 @@ fn rst_rewrite_makes_a_bare_valid_rst_ack() {
         assert_eq!(r.payload_len(), 0);
         assert_eq!(r.tcp_header_len(), 20);
         assert!(checksums_ok(&p));
+    }
+}
+
+/// The RST a kernel without the connection answers with: back to the sender, at the sequence
+/// number the sender acknowledged (so its kernel takes the reset at once), or, for a segment
+/// without ACK, acknowledging all it sent (our token not counted: it takes no sequence space).
+#[test]
+fn reset_reply_answers_the_sender_as_its_kernel_expects() {
+    for (c, s) in [v4(), v6()] {
+        let data = tcp_packet(
+            c,
+            s,
+            1001,
+            5001,
+            PSH_ACK,
+            &linux_ack_options(1, 2),
+            b"query",
+        );
+        let seg = TcpSegment::parse(&data).unwrap().unwrap();
+        let rst = reset_reply(&seg).unwrap();
+        let r = TcpSegment::parse(&rst).unwrap().unwrap();
+        assert_eq!(
+            (r.src, r.src_port, r.dst, r.dst_port),
+            (s.ip(), s.port(), c.ip(), c.port())
+        );
+        assert_eq!((r.flags, r.seq), (RST, 5001));
+        assert_eq!((r.payload_len(), r.tcp_header_len()), (0, 20));
+        assert!(checksums_ok(&rst), "{c}");
+
+        let mut fin = tcp_packet(c, s, 1001, 0, pnet_packet::tcp::TcpFlags::FIN, &[], b"bye");
+        let seg = TcpSegment::parse(&fin).unwrap().unwrap();
+        attach_token(&mut fin, &seg, &token(40)).unwrap();
+        let seg = TcpSegment::parse(&fin).unwrap().unwrap();
+        let r = reset_reply(&seg).unwrap();
+        let r = TcpSegment::parse(&r).unwrap().unwrap();
+        assert_eq!((r.flags, r.seq, r.ack), (RST_ACK, 0, 1001 + 3 + 1));
     }
 }
 

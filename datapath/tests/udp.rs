@@ -335,7 +335,7 @@ fn a_flow_the_server_no_longer_knows_is_restarted_by_a_new_handshake() {
 
 /// A RESTART cannot interrupt a handshake under way (no datagram of it left the client to be
 /// refused), nor touch a tuple where this agent is the server; and a flood of forged plain
-/// datagrams gets at most `RESTARTS_PER_SECOND` RESTARTs a second in answer.
+/// datagrams gets at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND` RESTARTs a second in answer.
 #[test]
 fn restarts_touch_only_settled_client_flows_and_are_bounded() {
     let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
@@ -360,7 +360,7 @@ fn restarts_touch_only_settled_client_flows_and_are_bounded() {
 
     // Forged plain datagrams claiming web's address (an agent: proven above), each on a tuple
     // of its own, within one second.
-    let per_second = datapath::udp::RESTARTS_PER_SECOND as u16;
+    let per_second = datapath::processor::UNKNOWN_FLOW_ANSWERS_PER_SECOND as u16;
     w.now = (w.now / 1_000 + 1) * 1_000;
     for port in 0..per_second + 10 {
         let (v, _) = w.in_b(&udp(SocketAddr::new(WEB.ip, 20_000 + port), w.s, b"f"));

@@ -501,6 +501,84 @@ fn a_udp_flow_the_server_forgot_recovers_ipv6() {
     }
 }
 
+/// A TCP connection the server's end forgot is reset at the client, on the real kernel, IPv4,
+/// across nodes: frontend-1 talks to database-2, then, once the agents' state of the
+/// connection lingered out (10 s), the server's conntrack table is flushed (as when the
+/// connection's entry expires, or the workload restarts with the same address). The client's
+/// next segment is not passed at the server (`no_flow_state`) and its agent answers with a RST,
+/// so the client's read fails at once with ECONNRESET. Before, the client retransmitted into
+/// silence (minutes, until its kernel gave up). A new connection is proven as usual.
+#[test]
+fn a_tcp_connection_the_server_forgot_is_reset_at_the_client() {
+    if !testbed::privileged("a_tcp_connection_the_server_forgot_is_reset_at_the_client") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let (tb, _dir) = testbed(false);
+    let port = 7000;
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), false), port);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+        ready_tx.send(()).unwrap();
+        // Two connections: the one that is forgotten, then a new one. Each echoes until EOF
+        // or error; the first stays open at this end throughout.
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let (mut c, _) = l.accept().unwrap();
+            let mut copy = c.try_clone().unwrap();
+            kept.push(c.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || copy.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        drop(kept);
+    });
+    ready_rx.recv().unwrap();
+    let frontend = tb.workload("frontend-1").ns.clone();
+    let exchange = |c: &mut std::net::TcpStream| -> std::io::Result<()> {
+        c.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf)
+    };
+    let mut c = testbed::in_netns(&frontend, move || {
+        std::net::TcpStream::connect(dst).unwrap()
+    });
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    exchange(&mut c).expect("the connection works");
+    std::thread::sleep(Duration::from_millis(11_500));
+    run_in(&tb.workload("database-2").ns, &["conntrack", "-F"]);
+    let start = std::time::Instant::now();
+    let err = exchange(&mut c).expect_err("nothing passes at the server");
+    eprintln!(
+        "tcp connection the server forgot: {:?} after {:.0} ms",
+        err.kind(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{}",
+        tb.agent_logs()
+    );
+    assert!(metric(&tb, 2, "reason", "no_flow_state") >= 1.0);
+    let mut again = testbed::in_netns(&frontend, move || {
+        std::net::TcpStream::connect(dst).unwrap()
+    });
+    again
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    exchange(&mut again).expect("a new connection is proven");
+    drop((c, again));
+    server.join().unwrap();
+}
+
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
 /// ipBlock: queries are answered, other ports are not. Prints how long the first query to it
 /// took (the agent first tries a handshake; the resolver's answer to that shows it has no
