@@ -29,7 +29,7 @@
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
 //! | non-SYN, non-RST (any)   | none, flow cut by [`Processor::recheck`] | first packet each way: rewrite into a RST at its sequence numbers; later ones: into a bare ACK, which the socket-less receiver answers with a RST (`flow_cut`) | = |
 //! | non-SYN, non-RST (INPUT) | none                | drop `no_flow_state`, and answer the sender with the RST its kernel would get from ours (this end restarted or lost the flow's conntrack entry; at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND`) | none |
-//! | non-SYN (OUTPUT)         | none                | drop `no_flow_state` (established flows bypass userspace) | none |
+//! | non-SYN, non-RST (OUTPUT) | none               | drop `no_flow_state`, and answer the workload's own socket (through the loopback, only at one of its addresses) with the RST its peer would send (same budget) | none |
 //!
 //! The client marks its flow when its ACK token leaves, so neither its data nor the server's
 //! answer comes back to userspace. Should that ACK be lost, the server kernel re-sends its
@@ -2260,10 +2260,38 @@ impl Step<'_> {
         }
     }
 
+    /// Send, from the workload's netns, the RST that answers `seg` on a connection its end no
+    /// longer knows ([`packet::reset_reply`]): to the peer for a segment that arrived, to the
+    /// workload's own socket (through the loopback) for one it sent.
+    fn answer_with_reset(&mut self, seg: &TcpSegment) {
+        match packet::reset_reply(seg) {
+            Ok(rst) => self.outgoing.push(Outgoing {
+                workload: self.id,
+                packet: rst,
+                mark: EmitMark::Control,
+            }),
+            Err(e) => self.metrics.count_rejected(Reason::Packet(e).as_str()),
+        }
+    }
+
     /// OUTPUT, not a SYN: the client's first ACK gets the ACK token.
     fn output_other(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
         let linger = self.linger_deadline();
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            // The workload sends on a connection its own end no longer has marked (the
+            // flow's conntrack entry expired or was flushed after our state lingered out, or
+            // it was established while no agent listened): nothing of it passes, so the
+            // socket is told at once with the RST its peer's kernel would send, delivered to
+            // it through the loopback, instead of retransmitting into silence. Only to one of
+            // the workload's own addresses: the answer goes to the segment's source, which a
+            // raw socket could set to another host's link-local or unlisted address.
+            let own = self
+                .engine
+                .workload(&self.wl.key)
+                .is_some_and(|w| w.ips.contains(&seg.src));
+            if own && self.answers.take(self.now) {
+                self.answer_with_reset(seg);
+            }
             return Verdict::drop(Reason::NoFlowState);
         };
         match &mut flow.state {
@@ -2329,14 +2357,7 @@ impl Step<'_> {
             // silence for minutes. Built by us, not the kernel: a token-less segment must not
             // reach a socket (it could complete a handshake the kernel still holds).
             if self.answers.take(self.now) {
-                match packet::reset_reply(seg) {
-                    Ok(rst) => self.outgoing.push(Outgoing {
-                        workload: self.id,
-                        packet: rst,
-                        mark: EmitMark::Control,
-                    }),
-                    Err(e) => self.metrics.count_rejected(Reason::Packet(e).as_str()),
-                }
+                self.answer_with_reset(seg);
             }
             return Verdict::drop(Reason::NoFlowState);
         };

@@ -531,8 +531,9 @@ fn replayed_ack_is_refused() {
 /// address, or the flow's conntrack entry and AUTH mark went after our state's linger): the
 /// client's next segment reaches the server's agent, which passes none of it and answers with
 /// the RST the client's kernel takes at once (at the sequence number the client acknowledged),
-/// instead of leaving the client to retransmit into silence. Forged segments get the same
-/// answer, at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND` a second.
+/// instead of leaving the client to retransmit into silence. When the client's end forgot it,
+/// its own socket gets the RST. Forged segments get the same answer, at most
+/// `UNKNOWN_FLOW_ANSWERS_PER_SECOND` a second.
 #[test]
 fn a_segment_of_a_connection_the_server_forgot_is_answered_with_a_reset() {
     let mut w = World::new(Mode::Psk, ALLOW);
@@ -553,6 +554,27 @@ fn a_segment_of_a_connection_the_server_forgot_is_answered_with_a_reset() {
     // The client's kernel takes it: a RST, which the client's agent lets in.
     let (v, _) = w.in_a(rst);
     assert!(v.accept, "{v:?}");
+
+    // The client's end forgot it too: its next segment is not passed, and its own socket gets
+    // the RST (to its address, through the loopback).
+    let (v, _) = w.out_a(&w.data_c());
+    assert_eq!(dropped(&v), "no_flow_state");
+    let out = w.a.take_outgoing();
+    assert_eq!(out.len(), 1);
+    let r = datapath::TcpSegment::parse(&out[0].packet)
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.src, r.dst), (w.s.ip(), w.c.ip()));
+    assert_eq!((r.src_port, r.dst_port), (w.s.port(), w.c.port()));
+    assert_eq!((r.flags, r.seq), (RST, ISN_S + 1));
+    // Never to an address that is not the workload's: an IPv6 link-local source passes the
+    // source check, and the answer would go to that host.
+    let link_local: SocketAddr = "[fe80::1]:40000".parse().unwrap();
+    let server6: SocketAddr = "[fd00:2::2]:5432".parse().unwrap();
+    let p = tcp_packet(link_local, server6, 7, 9, ACK, &[], &[]);
+    let (v, _) = w.out_a(&p);
+    assert_eq!(dropped(&v), "no_flow_state");
+    assert!(w.a.take_outgoing().is_empty());
 
     // A flood of forged segments: answered up to the budget of the second, then not.
     let budget = datapath::processor::UNKNOWN_FLOW_ANSWERS_PER_SECOND;

@@ -507,10 +507,11 @@ fn a_udp_flow_the_server_forgot_recovers_ipv6() {
 /// connection's entry expires, or the workload restarts with the same address). The client's
 /// next segment is not passed at the server (`no_flow_state`) and its agent answers with a RST,
 /// so the client's read fails at once with ECONNRESET. Before, the client retransmitted into
-/// silence (minutes, until its kernel gave up). A new connection is proven as usual.
+/// silence (minutes, until its kernel gave up). A new connection is proven as usual; when the
+/// client's own end forgets it the same way, its agent resets the client's socket itself.
 #[test]
-fn a_tcp_connection_the_server_forgot_is_reset_at_the_client() {
-    if !testbed::privileged("a_tcp_connection_the_server_forgot_is_reset_at_the_client") {
+fn a_tcp_connection_one_end_forgot_is_reset_at_the_client() {
+    if !testbed::privileged("a_tcp_connection_one_end_forgot_is_reset_at_the_client") {
         return;
     }
     use std::io::{Read, Write};
@@ -575,6 +576,24 @@ fn a_tcp_connection_the_server_forgot_is_reset_at_the_client() {
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
     exchange(&mut again).expect("a new connection is proven");
+
+    // The client's end forgets the new one: its own next segment is not passed, and its socket
+    // gets the RST through the loopback.
+    std::thread::sleep(Duration::from_millis(11_500));
+    run_in(&frontend, &["conntrack", "-F"]);
+    let start = std::time::Instant::now();
+    let err = exchange(&mut again).expect_err("nothing passes at the client");
+    eprintln!(
+        "tcp connection the client forgot: {:?} after {:.0} ms",
+        err.kind(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{}",
+        tb.agent_logs()
+    );
     drop((c, again));
     server.join().unwrap();
 }
