@@ -16,6 +16,7 @@ use std::ops::Range;
 
 use identity::wire::{TCP_OPTION_EXID, TCP_OPTION_KIND, TCP_OPTION_LEN, TcpOptionError};
 use identity::{MAX_TOKEN_LEN, encode_tcp_option, parse_tcp_option};
+use pnet_packet::ip::{IpNextHeaderProtocol, IpNextHeaderProtocols};
 use pnet_packet::ipv4::{self, Ipv4Packet, MutableIpv4Packet};
 use pnet_packet::ipv6::{Ipv6Packet, MutableIpv6Packet};
 use pnet_packet::tcp::{self, MutableTcpPacket, TcpFlags, TcpPacket};
@@ -538,47 +539,59 @@ pub fn reset_reply(seg: &TcpSegment) -> Result<Vec<u8>, PacketError> {
         tcp.set_data_offset((TCP_HEADER_LEN / 4) as u8);
         tcp.set_flags(flags);
     }
-    match (seg.dst, seg.src) {
+    write_ip_header(&mut buf, seg.dst, seg.src, IpNextHeaderProtocols::Tcp)?;
+    let sum = {
+        let tcp = TcpPacket::new(&buf[ip_len..]).ok_or(PacketError::Truncated)?;
+        match (seg.dst, seg.src) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => tcp::ipv4_checksum(&tcp, &s, &d),
+            (IpAddr::V6(s), IpAddr::V6(d)) => tcp::ipv6_checksum(&tcp, &s, &d),
+            _ => return Err(PacketError::OptionState("mixed address families")),
+        }
+    };
+    MutableTcpPacket::new(&mut buf[ip_len..])
+        .ok_or(PacketError::Truncated)?
+        .set_checksum(sum);
+    Ok(buf)
+}
+
+/// Write a bare IP header for `protocol` from `src` to `dst` at the start of `buf`, which holds
+/// the whole packet (its length sets the header's): IPv4 of 20 bytes (don't fragment, TTL 64,
+/// header checksum), or IPv6 of 40 (hop limit 64). The transport checksum is the caller's.
+pub(crate) fn write_ip_header(
+    buf: &mut [u8],
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: IpNextHeaderProtocol,
+) -> Result<(), PacketError> {
+    match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let total = u16::try_from(buf.len()).map_err(|_| PacketError::TooLarge)?;
-            let sum = {
-                let tcp = TcpPacket::new(&buf[ip_len..]).ok_or(PacketError::Truncated)?;
-                tcp::ipv4_checksum(&tcp, &s, &d)
-            };
-            let mut ip = MutableIpv4Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            let mut ip = MutableIpv4Packet::new(buf).ok_or(PacketError::Truncated)?;
             ip.set_version(4);
             ip.set_header_length(5);
             ip.set_total_length(total);
             ip.set_flags(0b010);
             ip.set_ttl(64);
-            ip.set_next_level_protocol(pnet_packet::ip::IpNextHeaderProtocols::Tcp);
+            ip.set_next_level_protocol(protocol);
             ip.set_source(s);
             ip.set_destination(d);
             let c = ipv4::checksum(&ip.to_immutable());
             ip.set_checksum(c);
-            MutableTcpPacket::new(&mut buf[ip_len..])
-                .ok_or(PacketError::Truncated)?
-                .set_checksum(sum);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let sum = {
-                let tcp = TcpPacket::new(&buf[ip_len..]).ok_or(PacketError::Truncated)?;
-                tcp::ipv6_checksum(&tcp, &s, &d)
-            };
-            let mut ip = MutableIpv6Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
+            let payload =
+                u16::try_from(buf.len().saturating_sub(40)).map_err(|_| PacketError::TooLarge)?;
+            let mut ip = MutableIpv6Packet::new(buf).ok_or(PacketError::Truncated)?;
             ip.set_version(6);
-            ip.set_payload_length(TCP_HEADER_LEN as u16);
-            ip.set_next_header(pnet_packet::ip::IpNextHeaderProtocols::Tcp);
+            ip.set_payload_length(payload);
+            ip.set_next_header(protocol);
             ip.set_hop_limit(64);
             ip.set_source(s);
             ip.set_destination(d);
-            MutableTcpPacket::new(&mut buf[ip_len..])
-                .ok_or(PacketError::Truncated)?
-                .set_checksum(sum);
         }
         _ => return Err(PacketError::OptionState("mixed address families")),
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Turn any segment into a bare ACK (no payload, no options, other flags cleared) with the same

@@ -27,12 +27,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use identity::{ClientAwaitingSynAck, ServerAwaitingAck};
 use pnet_packet::ip::IpNextHeaderProtocols;
-use pnet_packet::ipv4::{self, MutableIpv4Packet};
-use pnet_packet::ipv6::MutableIpv6Packet;
 use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 
 use crate::flow::{Evictor, FlowKey};
-use crate::packet::{IpDatagram, PacketError};
+use crate::packet::{IpDatagram, PacketError, write_ip_header};
 use crate::processor::WorkloadId;
 
 /// How a datagram the processor emits is marked (see [`Outgoing`]).
@@ -413,32 +411,7 @@ pub(crate) fn build_udp(
         u.set_length(udp_len);
         u.set_payload(payload);
     }
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let total = u16::try_from(buf.len()).map_err(|_| PacketError::TooLarge)?;
-            let mut ip = MutableIpv4Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
-            ip.set_version(4);
-            ip.set_header_length(5);
-            ip.set_total_length(total);
-            ip.set_flags(0b010);
-            ip.set_ttl(64);
-            ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
-            ip.set_source(s);
-            ip.set_destination(d);
-            let c = ipv4::checksum(&ip.to_immutable());
-            ip.set_checksum(c);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = MutableIpv6Packet::new(&mut buf).ok_or(PacketError::Truncated)?;
-            ip.set_version(6);
-            ip.set_payload_length(udp_len);
-            ip.set_next_header(IpNextHeaderProtocols::Udp);
-            ip.set_hop_limit(64);
-            ip.set_source(s);
-            ip.set_destination(d);
-        }
-        _ => return Err(PacketError::OptionState("mixed address families")),
-    }
+    write_ip_header(&mut buf, src.ip(), dst.ip(), IpNextHeaderProtocols::Udp)?;
     set_udp_checksum(&mut buf, ip_len)?;
     Ok(buf)
 }
