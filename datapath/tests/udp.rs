@@ -258,17 +258,7 @@ fn a_lost_ack_the_client_forgot_starts_a_new_handshake() {
         assert!(take(&mut w.a).is_empty(), "no ACK: nothing to answer with");
         assert_eq!(w.a.metrics().rejected("udp_ack_lost"), 1);
         // The next datagram is queued again: a new handshake, answered; the flow is proven.
-        let (v, _) = w.out_a(&udp(w.c, w.s, b"query again"));
-        assert!(consumed(&v), "held: {v:?}");
-        let syn = take(&mut w.a);
-        assert_eq!(syn.len(), 1);
-        let (v, _) = w.in_b(&syn[0].packet);
-        assert!(consumed(&v), "{mode:?}: the new SYN answered: {v:?}");
-        let synack = take(&mut w.b);
-        assert_eq!(synack.len(), 1);
-        let (v, _) = w.in_a(&synack[0].packet);
-        assert!(consumed(&v), "{v:?}");
-        let out = take(&mut w.a);
+        let out = handshake(&mut w, &[b"query again"]);
         assert_eq!(out.len(), 2, "ACK and the held datagram");
         let (v, _) = w.in_b(&out[0].packet);
         assert_eq!(v, Verdict::consume_marking(true, None), "{mode:?}");

@@ -328,25 +328,16 @@ fn every_protocol_is_under_policy(v6: bool) {
 fn udp_flows_establish_under_loss(v6: bool) {
     let (tb, _dir) = testbed_in(v6, if v6 { Mode::Pki } else { Mode::Psk });
     let iptables = if v6 { "ip6tables" } else { "iptables" };
+    let loss = [
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        "0.02",
+    ];
     for node in &tb.nodes {
-        run_in(
-            node,
-            &[
-                iptables,
-                "-I",
-                "FORWARD",
-                "-p",
-                "udp",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                "0.02",
-                "-j",
-                "DROP",
-            ],
-        );
+        forward_drop(node, iptables, "-I", &loss);
     }
     let dst = SocketAddr::new(ip(tb.workload("database-2"), v6), 5432);
     let echo = udp_echo(&tb, "database-2", 5432, v6, Duration::from_secs(3));
@@ -354,16 +345,9 @@ fn udp_flows_establish_under_loss(v6: bool) {
         let (mut ok, mut tries) = (0, 0);
         for _ in 0..40 {
             let s = UdpSocket::bind(SocketAddr::new(any(v6), 0)).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(400)))
-                .unwrap();
-            let mut buf = [0u8; 64];
-            for _ in 0..6 {
-                tries += 1;
-                s.send_to(b"ping", dst).unwrap();
-                if s.recv_from(&mut buf).is_ok() {
-                    ok += 1;
-                    break;
-                }
+            match echo_within(&s, dst, 6, Duration::from_millis(400)) {
+                Some(t) => (ok, tries) = (ok + 1, tries + t),
+                None => tries += 6,
             }
         }
         (ok, tries)
@@ -396,12 +380,13 @@ fn echo_within(s: &UdpSocket, dst: SocketAddr, tries: u32, wait: Duration) -> Op
     })
 }
 
-/// Node 1's FORWARD drops (`-I`) or lets through again (`-D`) what `rule` matches.
-fn forward_rule(tb: &Testbed, op: &str, rule: &[&str]) {
-    let mut args = vec!["iptables", op, "FORWARD", "-p", "udp"];
+/// `node`'s FORWARD drops (`-I`) or lets through again (`-D`) the UDP that `rule` matches
+/// (`iptables` or `ip6tables`).
+fn forward_drop(node: &str, iptables: &str, op: &str, rule: &[&str]) {
+    let mut args = vec![iptables, op, "FORWARD", "-p", "udp"];
     args.extend_from_slice(rule);
     args.extend_from_slice(&["-j", "DROP"]);
-    run_in(&tb.nodes[0], &args);
+    run_in(node, &args);
 }
 
 /// A UDP flow whose handshake lost the wrong datagrams recovers when the application retries
@@ -431,9 +416,9 @@ fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
 
     let client = tb.workload("backend-1").ns.clone();
     let s = testbed::in_netns(&client, || UdpSocket::bind("0.0.0.0:0").unwrap());
-    forward_rule(&tb, "-I", &lost_ack);
+    forward_drop(&tb.nodes[0], "iptables", "-I", &lost_ack);
     let first = echo_within(&s, dst, 1, Duration::from_millis(1000));
-    forward_rule(&tb, "-D", &lost_ack);
+    forward_drop(&tb.nodes[0], "iptables", "-D", &lost_ack);
     assert_eq!(first, None, "the ACK controls were dropped");
     std::thread::sleep(pause);
     let retry = echo_within(&s, dst, 4, Duration::from_millis(1000));
@@ -442,9 +427,9 @@ fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
     assert!(metric(&tb, 1, "reason", "udp_ack_lost") >= 1.0);
 
     let s = testbed::in_netns(&client, || UdpSocket::bind("0.0.0.0:0").unwrap());
-    forward_rule(&tb, "-I", &lost_data);
+    forward_drop(&tb.nodes[0], "iptables", "-I", &lost_data);
     let first = echo_within(&s, dst, 1, Duration::from_millis(1000));
-    forward_rule(&tb, "-D", &lost_data);
+    forward_drop(&tb.nodes[0], "iptables", "-D", &lost_data);
     assert_eq!(first, None, "the query was dropped");
     std::thread::sleep(pause);
     let retry = echo_within(&s, dst, 4, Duration::from_millis(1000));
@@ -514,49 +499,22 @@ fn a_tcp_connection_one_end_forgot_is_reset_at_the_client() {
     if !testbed::privileged("a_tcp_connection_one_end_forgot_is_reset_at_the_client") {
         return;
     }
-    use std::io::{Read, Write};
     let (tb, _dir) = testbed(false);
     let port = 7000;
     let dst = SocketAddr::new(ip(tb.workload("database-2"), false), port);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = testbed::spawn_in_netns(&tb.workload("database-2").ns, move || {
-        let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
-        ready_tx.send(()).unwrap();
-        // Two connections: the one that is forgotten, then a new one. Each echoes until EOF
-        // or error; the first stays open at this end throughout.
-        let mut kept = Vec::new();
-        for _ in 0..2 {
-            let (mut c, _) = l.accept().unwrap();
-            let mut copy = c.try_clone().unwrap();
-            kept.push(c.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || copy.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        drop(kept);
-    });
-    ready_rx.recv().unwrap();
+    let _server = testbed::EchoServer::start(
+        &tb.workload("database-2").ns,
+        port,
+        testbed::Serve::Threaded,
+    );
     let frontend = tb.workload("frontend-1").ns.clone();
-    let exchange = |c: &mut std::net::TcpStream| -> std::io::Result<()> {
-        c.write_all(b"ping")?;
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf)
-    };
-    let mut c = testbed::in_netns(&frontend, move || {
-        std::net::TcpStream::connect(dst).unwrap()
-    });
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    exchange(&mut c).expect("the connection works");
+    let wait = Duration::from_secs(3);
+    let mut c = testbed::connect(&frontend, dst, wait).unwrap();
+    testbed::echo_once(&mut c, 1).expect("the connection works");
     std::thread::sleep(Duration::from_millis(11_500));
     run_in(&tb.workload("database-2").ns, &["conntrack", "-F"]);
     let start = std::time::Instant::now();
-    let err = exchange(&mut c).expect_err("nothing passes at the server");
+    let err = testbed::echo_once(&mut c, 2).expect_err("nothing passes at the server");
     eprintln!(
         "tcp connection the server forgot: {:?} after {:.0} ms",
         err.kind(),
@@ -569,20 +527,15 @@ fn a_tcp_connection_one_end_forgot_is_reset_at_the_client() {
         tb.agent_logs()
     );
     assert!(metric(&tb, 2, "reason", "no_flow_state") >= 1.0);
-    let mut again = testbed::in_netns(&frontend, move || {
-        std::net::TcpStream::connect(dst).unwrap()
-    });
-    again
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    exchange(&mut again).expect("a new connection is proven");
+    let mut again = testbed::connect(&frontend, dst, wait).unwrap();
+    testbed::echo_once(&mut again, 3).expect("a new connection is proven");
 
     // The client's end forgets the new one: its own next segment is not passed, and its socket
     // gets the RST through the loopback.
     std::thread::sleep(Duration::from_millis(11_500));
     run_in(&frontend, &["conntrack", "-F"]);
     let start = std::time::Instant::now();
-    let err = exchange(&mut again).expect_err("nothing passes at the client");
+    let err = testbed::echo_once(&mut again, 4).expect_err("nothing passes at the client");
     eprintln!(
         "tcp connection the client forgot: {:?} after {:.0} ms",
         err.kind(),
@@ -595,7 +548,6 @@ fn a_tcp_connection_one_end_forgot_is_reset_at_the_client() {
         tb.agent_logs()
     );
     drop((c, again));
-    server.join().unwrap();
 }
 
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its

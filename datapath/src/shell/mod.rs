@@ -250,31 +250,21 @@ pub fn decide<R: CryptoRng + ?Sized>(
             // A consumed control datagram that settles its flow's connmark: repeated through the
             // rules with the control bit, which copy its AUTH bit into the connmark and drop it
             // (INPUT only: on OUTPUT the control bit lets our own datagrams leave).
-            if let (Some(authorized), false, Direction::Input) =
-                (verdict.connmark_on_drop, verdict.accept, direction)
-            {
-                let auth = if authorized { auth_mark } else { 0 };
-                Action {
-                    accept: true,
-                    modified: false,
-                    mark: crate::control_mark(auth_mark) | auth,
-                    requeue: false,
-                }
-            } else {
-                Action {
-                    accept: verdict.accept,
-                    modified: verdict.modified,
-                    mark: if !verdict.accept {
-                        0
-                    } else if verdict.mark_authorized {
-                        auth_mark
-                    } else if verdict.unmark {
-                        crate::reauth_mark(auth_mark)
-                    } else {
-                        0
-                    },
-                    requeue: verdict.accept && verdict.requeue,
-                }
+            let settle = verdict
+                .connmark_on_drop
+                .filter(|_| !verdict.accept && direction == Direction::Input);
+            Action {
+                accept: verdict.accept || settle.is_some(),
+                modified: verdict.modified,
+                mark: match settle {
+                    Some(true) => crate::control_mark(auth_mark) | auth_mark,
+                    Some(false) => crate::control_mark(auth_mark),
+                    None if !verdict.accept => 0,
+                    None if verdict.mark_authorized => auth_mark,
+                    None if verdict.unmark => crate::reauth_mark(auth_mark),
+                    None => 0,
+                },
+                requeue: verdict.accept && verdict.requeue,
             }
         }
     };
