@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,13 +26,6 @@ fn repo() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned()
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// The `docker run` line of deployment/docker/README.md (the block under "## Run it"), as
@@ -120,7 +113,7 @@ impl<'a> AgentContainer<'a> {
         let tag = format!("tessera-test:{}", std::process::id());
         build_image(daemon, &tag);
         let etc = dir.join("etc-tessera");
-        let metrics = free_port();
+        let metrics = testbed::agent::fresh_local_addr();
         write_etc(&etc, metrics, inventory, runtime);
         let sock = daemon.host().trim_start_matches("unix://").to_owned();
         let etc_mount = format!("{}:/etc/tessera:ro", etc.display());
@@ -478,7 +471,7 @@ fn daemonset_pod_spec_enforces_pods_from_the_api() {
     if sc["allowPrivilegeEscalation"] == false {
         run.extend(["--security-opt".into(), "no-new-privileges".into()]);
     }
-    let metrics = free_port();
+    let metrics = testbed::agent::fresh_local_addr();
     for e in c["env"].as_array().unwrap() {
         let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
             (Value::String(v), _) => v.clone(),

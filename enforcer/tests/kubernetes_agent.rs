@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kube_emulator::Emulator;
 use serde_json::{Value, json};
 use testbed::agent::http_get;
-use testbed::{Metrics, Testbed, WorkloadSpec, echo_once};
+use testbed::{BoundAddr, Metrics, Testbed, WorkloadSpec, echo_once};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 const NS: &str = testbed::topo::NAMESPACE;
@@ -33,7 +33,7 @@ const CERT_ANNOTATION: &str = "tessera.dev/node-certificate";
 /// One `tessera run --runtime kubernetes`; SIGTERM (rules removed) on drop.
 struct K8sAgent {
     child: Child,
-    metrics: SocketAddr,
+    metrics: BoundAddr,
     log: PathBuf,
     node: String,
     /// The netns it runs in (its node's), when not the test's.
@@ -47,7 +47,7 @@ impl K8sAgent {
 
     /// GET `path` from its HTTP endpoint (from inside its netns if it runs in one).
     fn get(&self, path: &str) -> Option<String> {
-        let addr = self.metrics;
+        let addr = self.metrics.get()?;
         match &self.netns {
             None => http_get(addr, path),
             Some(ns) => {
@@ -104,11 +104,6 @@ impl Drop for Cluster {
             let _ = c.wait();
         }
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 fn run(args: &[&str]) {
@@ -228,7 +223,7 @@ impl Cluster {
         let d = self.tb.dir().to_owned();
         let node = self.tb.node_name(&format!("n{n}"));
         let node_ns = self.tb.nodes[usize::from(n - 1)].clone();
-        let (metrics, kubeconfig) = if in_node_netns {
+        let kubeconfig = if in_node_netns {
             let proxy = api_proxy(&node_ns, self.emu.url());
             let path = d.join(format!("kubeconfig-n{n}"));
             let text = self
@@ -236,10 +231,9 @@ impl Cluster {
                 .kubeconfig()
                 .replace(&self.emu.url(), &format!("http://{proxy}"));
             std::fs::write(&path, text).unwrap();
-            // The node's loopback: any port is free there but the proxy's.
-            (SocketAddr::from(([127, 0, 0, 1], 9090)), path)
+            path
         } else {
-            (free_addr(), self.kubeconfig.clone())
+            self.kubeconfig.clone()
         };
         let log = d.join(format!("agent-n{n}.log"));
         let mut args: Vec<String> = [
@@ -251,7 +245,7 @@ impl Cluster {
             "--kubeconfig",
             kubeconfig.to_str().unwrap(),
             "--metrics-addr",
-            &metrics.to_string(),
+            BoundAddr::ANY_PORT,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -271,6 +265,7 @@ impl Cluster {
             args.push(d.join("psk").display().to_string());
         }
         let logf = std::fs::File::create(&log).unwrap();
+        let metrics = BoundAddr::after(&log);
         let mut cmd = if in_node_netns {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", &node_ns, TESSERA]);
@@ -801,7 +796,10 @@ fn admin_policies_from_the_api_are_enforced_and_followed() {
     c.stays("web", true);
     let start = Instant::now();
     loop {
-        let body = http_get(c.agent(2).metrics, "/flows?staged=1&last=100").unwrap_or_default();
+        let body = c
+            .agent(2)
+            .get("/flows?staged=1&last=100")
+            .unwrap_or_default();
         let flip = body
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

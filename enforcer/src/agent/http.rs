@@ -24,10 +24,17 @@ use super::{ENFORCE_BUCKETS_S, Shared, lock};
 /// the probes and the metrics answer while the packet loops are saturated (a flood larger than
 /// the agent can decide), which would otherwise hold the agent's one runtime thread between
 /// batches, and the kubelet would restart a busy agent for failing its liveness probe.
-pub fn start(addr: std::net::SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
+/// Returns the address bound: with port 0 the kernel picks one, and the caller logs it.
+pub fn start(
+    addr: std::net::SocketAddr,
+    shared: Arc<Shared>,
+) -> anyhow::Result<std::net::SocketAddr> {
     use anyhow::Context;
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("--metrics-addr {addr}"))?;
     listener
         .set_nonblocking(true)
         .with_context(|| format!("--metrics-addr {addr}"))?;
@@ -46,7 +53,7 @@ pub fn start(addr: std::net::SocketAddr, shared: Arc<Shared>) -> anyhow::Result<
             })
         })
         .context("starting the HTTP server's thread")?;
-    Ok(())
+    Ok(bound)
 }
 
 /// Serve until the listener fails; errors are logged.

@@ -1524,7 +1524,7 @@ pub async fn run(opts: Options) -> Result<()> {
         own_pem,
     };
     if let Some(addr) = opts.metrics_addr {
-        http::start(addr, shared.clone())?;
+        let addr = http::start(addr, shared.clone())?;
         tracing::info!(%addr, "serving /metrics, /healthz and /status");
     }
     tokio::spawn(udp_timers(

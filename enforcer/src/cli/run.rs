@@ -134,7 +134,8 @@ pub struct RunArgs {
         value_name = "CIDR"
     )]
     pub dns_servers: Vec<ipnet::IpNet>,
-    /// Address for /metrics, /healthz, /readyz and /status; "off" disables it [default: 127.0.0.1:9090].
+    /// Address for /metrics, /healthz, /readyz and /status; "off" disables it; with port 0 the
+    /// kernel picks a free port, which the start-up log gives [default: 127.0.0.1:9090].
     #[arg(long, env = "TESSERA_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// Log format [default: text].

@@ -2,9 +2,10 @@
 //! [`AgentConfig::in_node_netns`], in its node's netns, as a host-network pod runs).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -71,7 +72,8 @@ impl AgentConfig {
 pub struct Agent {
     child: Option<Child>,
     node: String,
-    metrics_addr: SocketAddr,
+    /// Where its HTTP endpoint listens, once its log has said ([`BoundAddr`]).
+    metrics_addr: BoundAddr,
     log: PathBuf,
     /// The netns it runs in, when not the host's.
     netns: Option<String>,
@@ -88,9 +90,8 @@ impl Agent {
         log: &Path,
         netns: Option<&str>,
     ) -> Agent {
-        let metrics_addr = free_port();
         args.push("--metrics-addr".into());
-        args.push(metrics_addr.to_string());
+        args.push(BoundAddr::ANY_PORT.into());
         if cfg.accept_all {
             args.push("--accept-all".into());
         }
@@ -103,6 +104,7 @@ impl Agent {
             .append(true)
             .open(log)
             .expect("agent log");
+        let metrics_addr = BoundAddr::after(log);
         let _ = writeln!(logf, "==== {} {}", cfg.tessera.display(), args.join(" "));
         let mut cmd = match netns {
             // `ip netns exec` execs the program: the child's pid is the agent's.
@@ -136,7 +138,7 @@ impl Agent {
     /// GET `path` from the agent's HTTP endpoint (from inside its netns if it runs in one);
     /// `None` on any failure or a non-200 answer.
     pub fn get(&self, path: &str) -> Option<String> {
-        let addr = self.metrics_addr;
+        let addr = self.metrics_addr.get()?;
         match &self.netns {
             None => http_get(addr, path),
             Some(ns) => {
@@ -169,9 +171,9 @@ impl Agent {
             }
             if start.elapsed() > READY_TIMEOUT {
                 panic!(
-                    "agent {} not ready (metrics on {} and rules in every workload) after {READY_TIMEOUT:?}; log:\n{}",
+                    "agent {} not ready (metrics on {:?} and rules in every workload) after {READY_TIMEOUT:?}; log:\n{}",
                     self.node,
-                    self.metrics_addr,
+                    self.metrics_addr.get(),
                     self.log_tail()
                 );
             }
@@ -184,18 +186,25 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Where /metrics is served.
+    /// Where /metrics is served; panics (with the log) if the agent has not said yet, which
+    /// it has once [`Testbed`](crate::Testbed) found it ready.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_addr
+        self.metrics_addr.get().unwrap_or_else(|| {
+            panic!(
+                "agent {}: no metrics address in its log yet; log:\n{}",
+                self.node,
+                self.log_tail()
+            )
+        })
     }
 
     /// Scrapes /metrics; panics (with the log) if it does not answer.
     pub fn metrics(&self) -> Metrics {
         self.try_metrics().unwrap_or_else(|| {
             panic!(
-                "agent {}: /metrics on {} does not answer; log:\n{}",
+                "agent {}: /metrics on {:?} does not answer; log:\n{}",
                 self.node,
-                self.metrics_addr,
+                self.metrics_addr.get(),
                 self.log_tail()
             )
         })
@@ -279,10 +288,68 @@ impl Drop for Agent {
     }
 }
 
-/// A free port on 127.0.0.1 (bound then released).
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+/// A port on 127.0.0.1 that was free a moment ago, and that this process has not handed out
+/// before, for an agent that cannot report what it bound (one in a container whose log the
+/// test does not read); prefer [`BoundAddr`]. Two calls in a row may otherwise get the same
+/// port back from the kernel once the probe's socket is closed.
+pub fn fresh_local_addr() -> SocketAddr {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0");
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
+}
+
+/// The address an agent started with `--metrics-addr 127.0.0.1:0` listens on, read from the
+/// line its log gives at start-up. The agent binds the port itself: a port found free by the
+/// test and passed on could be taken by anyone (another agent of the same test included)
+/// before the agent binds it.
+pub struct BoundAddr {
+    log: PathBuf,
+    /// The log's length when the agent started: an earlier run's lines in an appended log
+    /// are not this one's.
+    from: u64,
+    addr: OnceLock<SocketAddr>,
+}
+
+impl BoundAddr {
+    /// The `--metrics-addr` that lets the agent's kernel pick the port.
+    pub const ANY_PORT: &str = "127.0.0.1:0";
+
+    /// For an agent about to start writing to `log`.
+    pub fn after(log: &Path) -> BoundAddr {
+        BoundAddr {
+            log: log.to_owned(),
+            from: std::fs::metadata(log).map_or(0, |m| m.len()),
+            addr: OnceLock::new(),
+        }
+    }
+
+    /// The address, once the log has said; `None` before.
+    pub fn get(&self) -> Option<SocketAddr> {
+        if let Some(a) = self.addr.get() {
+            return Some(*a);
+        }
+        let text = std::fs::read(&self.log).ok()?;
+        let start = usize::try_from(self.from).ok()?.min(text.len());
+        let found = String::from_utf8_lossy(&text[start..])
+            .lines()
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .and_then(|a| a.parse().ok())
+            })?;
+        Some(*self.addr.get_or_init(|| found))
+    }
 }
 
 /// Minimal HTTP/1.0 GET; `None` on any failure or a non-200 answer.

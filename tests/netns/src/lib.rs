@@ -25,7 +25,7 @@ pub mod packet;
 pub mod tcpdump;
 pub mod topo;
 
-pub use agent::{Agent, AgentConfig, Mode};
+pub use agent::{Agent, AgentConfig, BoundAddr, Mode};
 pub use metrics::Metrics;
 pub use netns::{EchoServer, Serve, connect, echo_once, in_netns, spawn_in_netns};
 pub use topo::{Testbed, TestbedBuilder, Workload, WorkloadSpec};
