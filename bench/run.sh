@@ -32,8 +32,8 @@ ROUNDS=${ROUNDS:-5}
 echo "== 1/4 connection, UDP, throughput, reference and flood cases, one client, $ROUNDS interleaved rounds"
 bench --rounds "$ROUNDS" --duration 3 --transfers 3 --bytes 268435456 \
   --cases a,a-wg,b,c-psk,c-pki,c-enc,k,q4,flood,flood-pki,flood-udp --summary "$out/one.txt" "$@" | tee "$out/one.log"
-echo "== 2/4 the same with four clients at once (CPU-bound), 3 rounds, no flood"
-bench --rounds 3 --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
+echo "== 2/4 the same with four clients at once (CPU-bound), $ROUNDS interleaved rounds, no flood"
+bench --rounds "$ROUNDS" --clients 4 --duration 3 --transfers 1 --bytes 67108864 \
   --cases a,b,c-psk,c-pki,k --summary "$out/four.txt" "$@" | tee "$out/four.log"
 # This host's speed moves by up to 2x from one minute to the next (the same binary gave a
 # decision p50 of 0.41-1.2 us within ten minutes): the table gives the median of the runs.
