@@ -389,6 +389,12 @@ pub struct Verdict {
     /// packet goes through the rules again and comes back at the tail of the queue (or passes,
     /// if the flow was marked meanwhile). Only ever set together with `accept`.
     pub requeue: bool,
+    /// With `requeue`: not at once but after a short pause (the shell keeps the packet,
+    /// unanswered, about [`crate::shell::queue::PAUSE`]; at most
+    /// [`crate::shell::queue::MAX_PAUSED`] per queue, beyond which it requeues at once). For a
+    /// UDP datagram whose flow's ACK control was asked for again: the answer takes a round
+    /// trip, which requeues at once would spin through in microseconds.
+    pub pause: bool,
     /// Why the packet was dropped or rewritten (counted in the metrics); `None` for a plain accept.
     pub reason: Option<Reason>,
     /// A dropped packet (a UDP control datagram the processor consumed, at INPUT) that settles
@@ -411,6 +417,7 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: false,
+            pause: false,
             reason: None,
             connmark_on_drop: None,
         }
@@ -423,6 +430,7 @@ impl Verdict {
             mark_authorized: true,
             unmark: false,
             requeue: false,
+            pause: false,
             reason: None,
             connmark_on_drop: None,
         }
@@ -435,6 +443,7 @@ impl Verdict {
             mark_authorized: false,
             unmark: true,
             requeue: false,
+            pause: false,
             reason: None,
             connmark_on_drop: None,
         }
@@ -447,8 +456,16 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: true,
+            pause: false,
             reason: None,
             connmark_on_drop: None,
+        }
+    }
+    /// Send the packet back to the queue after a pause (see [`Verdict::pause`]).
+    pub fn requeue_after_pause() -> Self {
+        Verdict {
+            pause: true,
+            ..Verdict::requeue()
         }
     }
     /// Drop without a reason: the processor took the packet (a control datagram it consumed,
@@ -460,6 +477,7 @@ impl Verdict {
             mark_authorized: false,
             unmark: false,
             requeue: false,
+            pause: false,
             reason: None,
             connmark_on_drop: None,
         }
@@ -1154,13 +1172,8 @@ impl Step<'_> {
             };
             let verdict = match rewrite {
                 Ok(()) => Verdict {
-                    accept: true,
-                    modified: true,
-                    mark_authorized: false,
-                    unmark: false,
-                    requeue: false,
                     reason: Some(Reason::FlowCut),
-                    connmark_on_drop: None,
+                    ..Verdict::accept(true)
                 },
                 Err(_) => Verdict::drop(Reason::FlowCut),
             };
@@ -1424,7 +1437,10 @@ impl Step<'_> {
                 // per datagram, even for a flood of data behind forged SYNs), then it is
                 // dropped. The first datagram asks at once, even right behind the SYN-ACK: it
                 // usually follows the ACK within microseconds, so the ACK is lost, and the
-                // client's agent answers only while it still holds the handshake.
+                // client's agent answers only while it still holds the handshake. Once at the
+                // queue's tail (an ACK right behind it is decided first), then after pauses:
+                // the answer to the SYN-ACK takes a round trip, which requeues at once would
+                // spin through within one batch, dropping the datagram before it came.
                 if *deferrals == 0 || now.saturating_sub(*last_sent_ms) >= (rto / 5).max(1) {
                     *last_sent_ms = now;
                     resend = Some(synack.clone());
@@ -1432,8 +1448,10 @@ impl Step<'_> {
                 *deferrals = deferrals.saturating_add(1);
                 if *deferrals > MAX_DEFERRALS {
                     Verdict::drop(Reason::AckMissing)
-                } else {
+                } else if *deferrals == 1 {
                     Verdict::requeue()
+                } else {
+                    Verdict::requeue_after_pause()
                 }
             }
             Some(UdpState::ClientHello { .. }) => {
@@ -2248,13 +2266,8 @@ impl Step<'_> {
     fn refuse(&mut self, packet: &mut Vec<u8>, seg: &TcpSegment) -> Verdict {
         match packet::rewrite_to_rst(packet, seg) {
             Ok(()) => Verdict {
-                accept: true,
-                modified: true,
-                mark_authorized: false,
-                unmark: false,
-                requeue: false,
                 reason: Some(Reason::PolicyEgress),
-                connmark_on_drop: None,
+                ..Verdict::accept(true)
             },
             Err(_) => Verdict::drop(Reason::PolicyEgress),
         }

@@ -173,20 +173,13 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
                 match direction {
                     // As the processor would for flows it allows: accept and mark.
                     Direction::Output | Direction::Input => Action {
-                        accept: true,
-                        modified: false,
                         mark: auth,
-                        requeue: false,
+                        ..Action::ACCEPT
                     },
                     Direction::DnsAnswer => {
                         let v = p.learn_dns_answer(WorkloadId(1), packet, queue::unix_ms());
                         assert!(v.accept && !v.mark_authorized && !v.modified);
-                        Action {
-                            accept: true,
-                            modified: false,
-                            mark: 0,
-                            requeue: false,
-                        }
+                        Action::ACCEPT
                     }
                     Direction::Forward => {
                         panic!("a workload namespace queues nothing from FORWARD")

@@ -306,12 +306,7 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
             let mut seen = Vec::new();
             let batch = q.serve_batch(|_, packet, _| {
                 seen.push(packet.clone());
-                Action {
-                    accept: false,
-                    modified: false,
-                    mark: 0,
-                    requeue: false,
-                }
+                Action::DROP
             });
             let got = tokio::time::timeout(Duration::from_secs(5), batch).await;
             assert!(

@@ -440,6 +440,60 @@ fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
     echo.join().unwrap();
 }
 
+/// The query right behind a lost ACK control is answered, not dropped, on the real kernel,
+/// IPv4, across nodes: node 1's FORWARD drops the flow's first ACK control only (an nth
+/// match). The query, released right behind it, reaches the server's agent first, which asks
+/// for the ACK again (a re-sent SYN-ACK) and keeps the query in pauses until the client's
+/// agent's answer has marked the flow. Before, the query was requeued 32 times within one
+/// batch and dropped (`ack_missing`) before the answer came, and the application waited for
+/// its own retry (5 s for a resolver).
+#[test]
+fn the_query_behind_a_lost_ack_is_answered_at_once() {
+    if !testbed::privileged("the_query_behind_a_lost_ack_is_answered_at_once") {
+        return;
+    }
+    let (tb, _dir) = testbed_in(false, Mode::Psk);
+    let dst = SocketAddr::new(ip(tb.workload("database-2"), false), 5432);
+    let echo = udp_echo(&tb, "database-2", 5432, false, Duration::from_secs(4));
+    let magic = "0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001";
+    let ack = format!("{magic}&&0>>22&0x3C@16>>24=0x3");
+    // The first ACK, then every 1000th (there is no second).
+    let first_ack = [
+        "-m",
+        "u32",
+        "--u32",
+        &ack,
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "1000",
+        "--packet",
+        "0",
+    ];
+    let client = tb.workload("backend-1").ns.clone();
+    let s = testbed::in_netns(&client, || UdpSocket::bind("0.0.0.0:0").unwrap());
+    forward_drop(&tb.nodes[0], "iptables", "-I", &first_ack);
+    let answered = echo_within(&s, dst, 1, Duration::from_millis(1500));
+    let counters = run_in(&tb.nodes[0], &["iptables", "-vnxL", "FORWARD"]);
+    forward_drop(&tb.nodes[0], "iptables", "-D", &first_ack);
+    let dropped = counters
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+    eprintln!("first ACK lost ({dropped:?} dropped): answered at try {answered:?}");
+    assert_eq!(dropped, Some(1), "{counters}");
+    assert_eq!(answered, Some(1), "{}", tb.agent_logs());
+    assert_eq!(metric(&tb, 2, "reason", "ack_missing"), 0.0);
+    assert!(
+        tb.agent(2).metrics().sum("tessera_packets_requeued_total") >= 2.0,
+        "the query waited at the server"
+    );
+    drop(s);
+    echo.join().unwrap();
+}
+
 /// A UDP flow the server's end forgot recovers, on the real kernel, IPv4 and IPv6, across
 /// nodes: a proven flow, then the server workload's conntrack table is flushed (as when it
 /// restarts with the same address) while the client's flow stays marked. The client's next

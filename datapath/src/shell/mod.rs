@@ -207,23 +207,11 @@ pub fn decide<R: CryptoRng + ?Sized>(
     let action = match mode {
         // Workload rules never queue from FORWARD (only the node's encryption guard does, to a
         // queue of its own): nothing to pass.
-        _ if direction == Direction::Forward => Action {
-            accept: false,
-            modified: false,
-            mark: 0,
-            requeue: false,
-        },
+        _ if direction == Direction::Forward => Action::DROP,
         // A DNS answer on an authorized flow: accepted as the connmark bypass would have (no
         // mark: the flow has it).
-        Mode::AcceptAll if direction == Direction::DnsAnswer => Action {
-            accept: true,
-            modified: false,
-            mark: 0,
-            requeue: false,
-        },
+        Mode::AcceptAll if direction == Direction::DnsAnswer => Action::ACCEPT,
         Mode::AcceptAll => Action {
-            accept: true,
-            modified: false,
             // Every flow is marked at its first packet that is not a TCP SYN (for a SYN the
             // connection does not exist yet): non-TCP flows at their first packet.
             mark: if tcp_flags(packet).is_none_or(|f| f & TCP_SYN == 0) {
@@ -231,7 +219,7 @@ pub fn decide<R: CryptoRng + ?Sized>(
             } else {
                 0
             },
-            requeue: false,
+            ..Action::ACCEPT
         },
         Mode::Enforce => {
             let now = queue::unix_ms();
@@ -265,6 +253,7 @@ pub fn decide<R: CryptoRng + ?Sized>(
                     None => 0,
                 },
                 requeue: verdict.accept && verdict.requeue,
+                pause: verdict.accept && verdict.requeue && verdict.pause,
             }
         }
     };
@@ -332,10 +321,8 @@ mod tests {
             assert_eq!(
                 a,
                 Action {
-                    accept: true,
-                    modified: false,
                     mark,
-                    requeue: false,
+                    ..Action::ACCEPT
                 },
                 "flags {flags:#x}"
             );
@@ -379,16 +366,7 @@ mod tests {
                 false,
                 &mut rng,
             );
-            assert_eq!(
-                a,
-                Action {
-                    accept: true,
-                    modified: false,
-                    mark: 0,
-                    requeue: false,
-                },
-                "{mode:?}"
-            );
+            assert_eq!(a, Action::ACCEPT, "{mode:?}");
         }
         assert_eq!(p.metrics().dns_answers("unknown_workload"), 1);
         assert_eq!(p.metrics().rejected_total(), 0);

@@ -8,13 +8,13 @@
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
 //! readiness; the `Queue` keeps doing the netlink I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram as StdDatagram;
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::net::sockopt;
 use rustix::net::{AddressFamily, netlink};
@@ -34,6 +34,16 @@ const NF_INET_FORWARD: u8 = 2;
 /// budget alone lets a queue that is never empty run 128 readiness waits (tens of thousands of
 /// packets) before anything else on its thread.
 pub const BATCH: usize = 256;
+
+/// How long a packet whose verdict asks for a pause ([`Action::pause`]) waits, unanswered,
+/// before it goes through the rules again: long enough for an answer from a peer on the same
+/// or a near node (a round trip through two agents), short enough that the 31 pauses a UDP
+/// datagram may take behind a lost ACK control (`MAX_DEFERRALS`) last about 60 ms.
+pub const PAUSE: Duration = Duration::from_millis(2);
+
+/// Packets one queue keeps paused at most; beyond, a pause is a requeue at once. Each holds a
+/// place in the kernel's queue (`max_len`) until it is answered.
+pub const MAX_PAUSED: usize = 128;
 
 static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
@@ -235,6 +245,9 @@ pub struct WorkloadQueue {
     /// Socket-level receive errors (ENOBUFS: the socket buffer overflowed; ENOSPC: a message
     /// larger than the buffer), counted and survived.
     pub recv_errors: u64,
+    /// Packets kept unanswered for a pause ([`Action::pause`]), oldest first, with the time
+    /// their pause ends; at most [`MAX_PAUSED`].
+    paused: VecDeque<(Instant, nfq::Message)>,
 }
 
 impl OpenedQueue {
@@ -250,6 +263,7 @@ impl OpenedQueue {
             queue_num: self.queue_num,
             dns_queue_num: self.dns_queue_num,
             recv_errors: 0,
+            paused: VecDeque::new(),
         })
     }
 }
@@ -269,6 +283,25 @@ pub struct Action {
     /// Repeat without a mark: the packet goes through the rules again (back to the queue's
     /// tail unless its flow was marked meanwhile).
     pub requeue: bool,
+    /// With `requeue`: after a pause of [`PAUSE`], not at once; the caller releases it with
+    /// [`WorkloadQueue::release_paused`] once [`WorkloadQueue::pause_ends`] has passed.
+    pub pause: bool,
+}
+
+impl Action {
+    /// Drop, nothing else.
+    pub const DROP: Action = Action {
+        accept: false,
+        modified: false,
+        mark: 0,
+        requeue: false,
+        pause: false,
+    };
+    /// Accept untouched, nothing else.
+    pub const ACCEPT: Action = Action {
+        accept: true,
+        ..Action::DROP
+    };
 }
 
 /// Where a queued packet was queued from, seen from the workload.
@@ -306,6 +339,7 @@ impl WorkloadQueue {
             queue,
             recv_errors,
             dns_queue_num,
+            paused,
             ..
         } = self;
         ready.readable().await.map_err(ShellError::Queue)?;
@@ -347,13 +381,18 @@ impl WorkloadQueue {
                 }
                 // Only our INPUT/OUTPUT/FORWARD rules queue here; anything else is not ours to
                 // pass.
-                None => Action {
-                    accept: false,
-                    modified: false,
-                    mark: 0,
-                    requeue: false,
-                },
+                None => Action::DROP,
             };
+            if action.accept
+                && action.requeue
+                && action.pause
+                && action.mark == 0
+                && !action.modified
+                && paused.len() < MAX_PAUSED
+            {
+                paused.push_back((Instant::now() + PAUSE, msg));
+                continue;
+            }
             let verdict = if !action.accept {
                 nfq::Verdict::Drop
             } else if action.mark != 0 {
@@ -372,6 +411,30 @@ impl WorkloadQueue {
             }
         }
         Ok(handled)
+    }
+
+    /// When the oldest paused packet's pause ends, if one is paused.
+    pub fn pause_ends(&self) -> Option<Instant> {
+        self.paused.front().map(|(end, _)| *end)
+    }
+
+    /// Sends every packet whose pause has ended back through the rules (a Repeat verdict: to
+    /// the queue's tail, or on, if its flow was marked meanwhile); returns how many.
+    pub fn release_paused(&mut self) -> Result<usize, ShellError> {
+        let now = Instant::now();
+        let mut released = 0;
+        while self.paused.front().is_some_and(|(end, _)| *end <= now) {
+            let Some((_, mut msg)) = self.paused.pop_front() else {
+                break;
+            };
+            msg.set_verdict(nfq::Verdict::Repeat);
+            match self.queue.verdict(msg) {
+                Ok(()) => released += 1,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => self.recv_errors += 1,
+                Err(e) => return Err(ShellError::Queue(e)),
+            }
+        }
+        Ok(released)
     }
 
     /// The kernel's counters for this queue (and its DNS answer queue, summed):

@@ -117,7 +117,7 @@ pub async fn run(
                 if direction == Direction::Forward {
                     lock(&processor).refuse_unencrypted(packet, queue::unix_ms());
                 }
-                Action { accept: false, modified: false, mark: 0, requeue: false }
+                Action::DROP
             }) => if let Err(e) = r {
                 break Err(anyhow::Error::new(e).context("encryption guard queue"));
             },

@@ -1700,8 +1700,18 @@ async fn start_workload(
 
 enum Served {
     Batch(Result<usize, shell::ShellError>),
+    /// The pause of a paused packet ended.
+    Paused,
     Tick,
     Stop,
+}
+
+/// Sleeps until `at`; never returns without one.
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1767,6 +1777,7 @@ async fn serve_queue(
             return Some(queue);
         }
         let mut outgoing: Vec<Outgoing> = Vec::new();
+        let pause_ends = queue.pause_ends();
         let event = tokio::select! {
             r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
@@ -1775,6 +1786,9 @@ async fn serve_queue(
                 outgoing.extend(p.take_outgoing());
                 action
             }) => Served::Batch(r),
+            // A packet paused for an answer (a UDP datagram behind a lost ACK control) goes
+            // through the rules again.
+            _ = sleep_until_some(pause_ends) => Served::Paused,
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
@@ -1783,7 +1797,13 @@ async fn serve_queue(
             udp.send(outgoing);
             udp.timer.notify_one();
         }
+        if let Err(e) = queue.release_paused() {
+            tracing::error!(workload = %name, "queue reader stopped: {e}");
+            stats.serving.store(false, Ordering::Relaxed);
+            return Some(queue);
+        }
         match event {
+            Served::Paused => {}
             Served::Batch(Ok(n)) => {
                 if n > 0
                     && let Some(bp) = busy_poll
