@@ -1,12 +1,14 @@
 //! Arbitrary bytes as a queued packet, at every hook of a client and a server node whose flow
-//! state was first driven to a chosen handshake stage by genuine packets. The parser, the
-//! rewriters, `Processor::process` and `Processor::refuse_unencrypted` must never panic, a
-//! packet may grow by at most the option block plus the largest token, and the guard refuses
-//! everything.
+//! state was first driven to a chosen handshake stage by genuine packets: a TCP connection and
+//! a UDP flow, each to a stage of its own. The parser, the rewriters, `Processor::process`, the
+//! UDP timers and `Processor::refuse_unencrypted` must never panic, a packet may grow by at most
+//! the option block plus the largest token, what the agents send of their own (control
+//! datagrams, released datagrams, resets) is bounded in number and size and parses as the
+//! packet it claims to be, and the guard refuses everything.
 #![no_main]
 
 use datapath::packet::{attach_token, rewrite_to_rst, strip_token};
-use datapath::{Hook, Processor, ProcessorConfig, TcpSegment, WorkloadId};
+use datapath::{Hook, Outgoing, Processor, ProcessorConfig, TcpSegment, WorkloadId};
 use identity::testing::SeededRng;
 use identity::{Claims, Config, Node, Psk};
 use libfuzzer_sys::fuzz_target;
@@ -36,6 +38,48 @@ fn packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32, ack: u32, flags: u
     p
 }
 
+/// A bare IPv4 UDP datagram (UDP checksum 0: none, as IPv4 allows).
+fn datagram(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let len = 28 + payload.len();
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.0);
+    p[16..20].copy_from_slice(&dst.0);
+    p[20..22].copy_from_slice(&src.1.to_be_bytes());
+    p[22..24].copy_from_slice(&dst.1.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// What `p` sent of its own: at most a handful per packet processed, none larger than a
+/// datagram the agent held (at most the input) or a control datagram, a reset or a released
+/// datagram that parses as IP.
+fn sent(p: &mut Processor, input_len: usize) -> Vec<Outgoing> {
+    let out = p.take_outgoing();
+    assert!(out.len() <= 16, "{} packets sent", out.len());
+    for o in &out {
+        assert!(
+            o.packet.len() <= input_len.max(60) + 8 + identity::MAX_TOKEN_LEN + 64,
+            "sent {} bytes for {} in",
+            o.packet.len(),
+            input_len
+        );
+        let protocol = match o.packet.first().map(|b| b >> 4) {
+            Some(4) => o.packet.get(9),
+            Some(6) => o.packet.get(6),
+            v => panic!("sent IP version {v:?}"),
+        };
+        if protocol == Some(&6) {
+            assert!(matches!(TcpSegment::parse(&o.packet), Ok(Some(_))));
+        }
+    }
+    out
+}
+
 fn processor(node: &str, name: &str, app: &str, ip: [u8; 4]) -> Option<Processor> {
     let key = PodKey {
         namespace: "shop".into(),
@@ -47,11 +91,18 @@ fn processor(node: &str, name: &str, app: &str, ip: [u8; 4]) -> Option<Processor
         .apply_workload(Workload {
             key: key.clone(),
             labels: labels.clone(),
-            ports: vec![ContainerPort {
-                name: Some("postgres".into()),
-                port: 5432,
-                protocol: Protocol::Tcp,
-            }],
+            ports: vec![
+                ContainerPort {
+                    name: Some("postgres".into()),
+                    port: 5432,
+                    protocol: Protocol::Tcp,
+                },
+                ContainerPort {
+                    name: Some("dns".into()),
+                    port: 5432,
+                    protocol: Protocol::Udp,
+                },
+            ],
             ips: vec![ip.into()],
             host_network: false,
         })
@@ -108,6 +159,38 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // Drive a UDP flow C -> S to stage 0..=4: nothing, the client's SYN control sent, the
+    // server's SYN-ACK sent, the client's ACK sent (and its datagram released), the ACK
+    // consumed by the server. Bits 2-4 of byte 0.
+    let udp_stage = (control >> 2) & 0x07;
+    let mut d = datagram(C, S, b"query");
+    if udp_stage >= 1 {
+        a.process(ID, Hook::Output, &mut d, false, NOW, &mut rng);
+        let mut next = a.take_outgoing();
+        assert_eq!(next.len(), 1, "a SYN control");
+        for stage in 2..=4u8 {
+            if udp_stage < stage {
+                break;
+            }
+            let (to, hook) = if stage % 2 == 0 {
+                (&mut b, Hook::Input)
+            } else {
+                (&mut a, Hook::Input)
+            };
+            let mut answers = Vec::new();
+            for mut o in next {
+                to.process(ID, hook, &mut o.packet, false, NOW, &mut rng);
+                answers.extend(to.take_outgoing());
+            }
+            // The genuine handshake goes on: a SYN-ACK, then the ACK and the released datagram.
+            match stage {
+                2 => assert_eq!(answers.len(), 1, "a SYN-ACK"),
+                3 => assert_eq!(answers.len(), 2, "the ACK and the datagram"),
+                _ => {}
+            }
+            next = answers;
+        }
+    }
     let checksum_ready = control & 0x80 != 0;
     for (on_a, hook) in [
         (true, Hook::Input),
@@ -119,6 +202,15 @@ fuzz_target!(|data: &[u8]| {
         let mut p = bytes.to_vec();
         proc.process(ID, hook, &mut p, checksum_ready, NOW, &mut rng);
         assert!(p.len() <= bytes.len() + 8 + identity::MAX_TOKEN_LEN);
+        sent(proc, bytes.len());
+    }
+    // The UDP timers (re-sent controls, held datagrams given up) and expiry, later on.
+    for proc in [&mut a, &mut b] {
+        for later in [30, 200, 3_000] {
+            proc.poll_udp(NOW + later, &mut rng);
+            sent(proc, bytes.len());
+        }
+        proc.expire(NOW + 600_000);
     }
     // The encryption guard's packets: always refused, whatever the bytes.
     for proc in [&mut a, &mut b] {
