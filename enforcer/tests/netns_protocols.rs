@@ -380,6 +380,22 @@ fn echo_within(s: &UdpSocket, dst: SocketAddr, tries: u32, wait: Duration) -> Op
     })
 }
 
+/// An `xt_u32` match (IPv4) for the agents' UDP control datagrams: their magic.
+fn control_u32() -> String {
+    let m = identity::wire::UDP_CONTROL_MAGIC;
+    let word = |i: usize| u32::from_be_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    format!("0>>22&0x3C@8={:#x}&&0>>22&0x3C@12={:#x}", word(0), word(4))
+}
+
+/// [`control_u32`] for the ACK controls only (the type byte after the magic).
+fn ack_control_u32() -> String {
+    format!(
+        "{}&&0>>22&0x3C@16>>24={:#x}",
+        control_u32(),
+        identity::wire::TYPE_ACK
+    )
+}
+
 /// `node`'s FORWARD drops (`-I`) or lets through again (`-D`) the UDP that `rule` matches
 /// (`iptables` or `ip6tables`).
 fn forward_drop(node: &str, iptables: &str, op: &str, rule: &[&str]) {
@@ -408,10 +424,9 @@ fn udp_flows_recover_from_a_lost_ack_or_datagram_after_a_pause() {
     let (tb, _dir) = testbed_in(false, Mode::Psk);
     let dst = SocketAddr::new(ip(tb.workload("database-2"), false), 5432);
     let echo = udp_echo(&tb, "database-2", 5432, false, Duration::from_secs(8));
-    let magic = "0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001";
-    let ack = format!("{magic}&&0>>22&0x3C@16>>24=0x3");
+    let (magic, ack) = (control_u32(), ack_control_u32());
     let lost_ack: [&str; 4] = ["-m", "u32", "--u32", &ack];
-    let lost_data: [&str; 7] = ["--dport", "5432", "-m", "u32", "!", "--u32", magic];
+    let lost_data: [&str; 7] = ["--dport", "5432", "-m", "u32", "!", "--u32", &magic];
     let pause = Duration::from_millis(3500);
 
     let client = tb.workload("backend-1").ns.clone();
@@ -455,8 +470,7 @@ fn the_query_behind_a_lost_ack_is_answered_at_once() {
     let (tb, _dir) = testbed_in(false, Mode::Psk);
     let dst = SocketAddr::new(ip(tb.workload("database-2"), false), 5432);
     let echo = udp_echo(&tb, "database-2", 5432, false, Duration::from_secs(4));
-    let magic = "0>>22&0x3C@8=0x7e555453&&0>>22&0x3C@12=0x55445001";
-    let ack = format!("{magic}&&0>>22&0x3C@16>>24=0x3");
+    let ack = ack_control_u32();
     // The first ACK, then every 1000th (there is no second).
     let first_ack = [
         "-m",
