@@ -421,6 +421,9 @@ impl WorkloadQueue {
     /// Sends every packet whose pause has ended back through the rules (a Repeat verdict: to
     /// the queue's tail, or on, if its flow was marked meanwhile); returns how many.
     pub fn release_paused(&mut self) -> Result<usize, ShellError> {
+        if self.paused.is_empty() {
+            return Ok(0);
+        }
         let now = Instant::now();
         let mut released = 0;
         while self.paused.front().is_some_and(|(end, _)| *end <= now) {
