@@ -1706,14 +1706,6 @@ enum Served {
     Stop,
 }
 
-/// Sleeps until `at`; never returns without one.
-async fn sleep_until_some(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     queue: WorkloadQueue,
@@ -1777,7 +1769,7 @@ async fn serve_queue(
             return Some(queue);
         }
         let mut outgoing: Vec<Outgoing> = Vec::new();
-        let pause_ends = queue.pause_ends();
+        let pause_ends = queue.pause_ends().map(tokio::time::Instant::from_std);
         let event = tokio::select! {
             r = queue.serve_batch(|direction, packet, checksum_ready| {
                 let mut p = lock(&processor);
@@ -1788,7 +1780,7 @@ async fn serve_queue(
             }) => Served::Batch(r),
             // A packet paused for an answer (a UDP datagram behind a lost ACK control) goes
             // through the rules again.
-            _ = sleep_until_some(pause_ends) => Served::Paused,
+            _ = runtime::sleep_until(pause_ends), if pause_ends.is_some() => Served::Paused,
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
@@ -1797,11 +1789,12 @@ async fn serve_queue(
             udp.send(outgoing);
             udp.timer.notify_one();
         }
-        if let Err(e) = queue.release_paused() {
-            tracing::error!(workload = %name, "queue reader stopped: {e}");
-            stats.serving.store(false, Ordering::Relaxed);
-            return Some(queue);
-        }
+        // Paused packets whose pause ended go back through the rules; a queue error there
+        // stops the reader as one in a batch does.
+        let event = match queue.release_paused() {
+            Ok(_) => event,
+            Err(e) => Served::Batch(Err(e)),
+        };
         match event {
             Served::Paused => {}
             Served::Batch(Ok(n)) => {

@@ -30,6 +30,14 @@ pub mod docker;
 pub mod inventory;
 pub mod kubernetes;
 
+/// Sleeps until `at`; without one, never returns (a `select!` branch with nothing to wait for).
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Where a workload's network namespace is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NetnsRef {

@@ -282,7 +282,7 @@ pub async fn run_with(
                 Ok(ev) => { watch_ok("pod", &mut failing[3]); pods.handle(ev, &mut out).await }
                 Err(e) => watch_error("pod", &mut failing[3], &e),
             },
-            () = sleep_until(retry_at), if ready && retry_at.is_some() => pods.retry(&mut out).await,
+            () = crate::runtime::sleep_until(retry_at), if ready && retry_at.is_some() => pods.retry(&mut out).await,
             Some(pem) = pem_changed(&mut own_pem_changes) => {
                 // Our credentials were rotated: our annotation must now hold the new one.
                 if let Some(n) = node_state.as_mut() {
@@ -334,13 +334,6 @@ async fn pem_changed(updates: &mut Option<watch::Receiver<String>>) -> Option<St
 /// Resolves when stop is true or its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
