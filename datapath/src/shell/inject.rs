@@ -16,34 +16,49 @@ use super::ShellError;
 use crate::packet::IpDatagram;
 use crate::udp::EmitMark;
 
-/// An IPv4 and an IPv6 raw socket (`IPPROTO_RAW`: the packet carries its own IP header) in one
-/// workload's netns.
+/// Raw sockets (`IPPROTO_RAW`: the packet carries its own IP header) in one workload's netns:
+/// for IPv4 and IPv6, one per mark, each with its mark set once when opened, so a send is one
+/// system call (setting `SO_MARK` before each send was a second).
 #[derive(Debug)]
 pub struct Injector {
+    control: Family,
+    authorized: Family,
+}
+
+/// An IPv4 and an IPv6 raw socket with one mark.
+#[derive(Debug)]
+struct Family {
     v4: OwnedFd,
     v6: OwnedFd,
-    auth_mark: u32,
-    control_mark: u32,
+}
+
+impl Family {
+    fn open(mark: u32) -> Result<Family, ShellError> {
+        let raw = |family| -> Result<OwnedFd, ShellError> {
+            let fd = socket(
+                family,
+                SockType::Raw,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                SockProtocol::Raw,
+            )
+            .map_err(|e| ShellError::RawOpen(e.into()))?;
+            setsockopt(&fd, sockopt::Mark, &mark).map_err(|e| ShellError::RawOpen(e.into()))?;
+            Ok(fd)
+        };
+        Ok(Family {
+            v4: raw(AddressFamily::Inet)?,
+            v6: raw(AddressFamily::Inet6)?,
+        })
+    }
 }
 
 impl Injector {
     /// Open the sockets from a thread inside the workload's namespace (where they stay).
     /// `auth_mark` is the AUTH bit of the rules.
     pub fn open_here(auth_mark: u32) -> Result<Injector, ShellError> {
-        let raw = |family| {
-            socket(
-                family,
-                SockType::Raw,
-                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                SockProtocol::Raw,
-            )
-            .map_err(|e| ShellError::RawOpen(e.into()))
-        };
         Ok(Injector {
-            v4: raw(AddressFamily::Inet)?,
-            v6: raw(AddressFamily::Inet6)?,
-            auth_mark,
-            control_mark: crate::control_mark(auth_mark),
+            control: Family::open(crate::control_mark(auth_mark))?,
+            authorized: Family::open(auth_mark)?,
         })
     }
 
@@ -54,31 +69,23 @@ impl Injector {
         let d = IpDatagram::parse(packet).map_err(|e| {
             ShellError::Raw(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         })?;
-        let mark = match mark {
-            EmitMark::Control => self.control_mark,
-            EmitMark::Authorized => self.auth_mark,
+        let family = match mark {
+            EmitMark::Control => &self.control,
+            EmitMark::Authorized => &self.authorized,
         };
         let sent = match d.dst {
-            IpAddr::V4(dst) => {
-                setsockopt(&self.v4, sockopt::Mark, &mark)
-                    .map_err(|e| ShellError::Raw(e.into()))?;
-                sendto(
-                    self.v4.as_raw_fd(),
-                    packet,
-                    &SockaddrIn::from(SocketAddrV4::new(dst, 0)),
-                    MsgFlags::MSG_DONTWAIT,
-                )
-            }
-            IpAddr::V6(dst) => {
-                setsockopt(&self.v6, sockopt::Mark, &mark)
-                    .map_err(|e| ShellError::Raw(e.into()))?;
-                sendto(
-                    self.v6.as_raw_fd(),
-                    packet,
-                    &SockaddrIn6::from(SocketAddrV6::new(dst, 0, 0, 0)),
-                    MsgFlags::MSG_DONTWAIT,
-                )
-            }
+            IpAddr::V4(dst) => sendto(
+                family.v4.as_raw_fd(),
+                packet,
+                &SockaddrIn::from(SocketAddrV4::new(dst, 0)),
+                MsgFlags::MSG_DONTWAIT,
+            ),
+            IpAddr::V6(dst) => sendto(
+                family.v6.as_raw_fd(),
+                packet,
+                &SockaddrIn6::from(SocketAddrV6::new(dst, 0, 0, 0)),
+                MsgFlags::MSG_DONTWAIT,
+            ),
         };
         match sent {
             Ok(n) if n == packet.len() => Ok(()),
