@@ -168,7 +168,7 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
         let mut q = opened.attach().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !done.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-            let batch = q.serve_batch(|direction, packet, _| {
+            let mut decide = |direction: Direction, packet: &mut Vec<u8>, _| {
                 seen.push(direction);
                 match direction {
                     // As the processor would for flows it allows: accept and mark.
@@ -185,7 +185,8 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
                         panic!("a workload namespace queues nothing from FORWARD")
                     }
                 }
-            });
+            };
+            let batch = q.serve_batch(&mut decide);
             let _ = tokio::time::timeout(Duration::from_millis(100), batch).await;
         }
         q.unbind().unwrap();

@@ -251,7 +251,7 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
         return;
     }
     use datapath::shell::QueueConfig;
-    use datapath::shell::queue::{self, Action};
+    use datapath::shell::queue::{self, Action, Direction};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -304,10 +304,11 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
             })
             .unwrap();
             let mut seen = Vec::new();
-            let batch = q.serve_batch(|_, packet, _| {
+            let mut read = |_: Direction, packet: &mut Vec<u8>, _| {
                 seen.push(packet.clone());
                 Action::DROP
-            });
+            };
+            let batch = q.serve_batch(&mut read);
             let got = tokio::time::timeout(Duration::from_secs(5), batch).await;
             assert!(
                 matches!(got, Ok(Ok(n)) if n >= 1),

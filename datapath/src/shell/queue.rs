@@ -6,13 +6,14 @@
 //! `Queue::open` (under a process-wide lock); each new fd is duplicated with `pidfd_getfd(2)`
 //! into an owned fd, and the one whose `SO_DOMAIN`/`SO_PROTOCOL` say `AF_NETLINK` /
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
-//! readiness; the `Queue` keeps doing the netlink I/O.
+//! readiness, readable only: a netlink socket signals "writable" each time a verdict sent on it
+//! is consumed, which would return every sleep's `epoll_wait` once for nothing. The `Queue`
+//! keeps doing the netlink I/O.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::{ErrorKind, Read, Seek};
+use std::io::{Read, Seek};
 use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::net::UnixDatagram as StdDatagram;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ use rustix::net::sockopt;
 use rustix::net::{AddressFamily, netlink};
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 use tokio::io::Interest;
-use tokio::net::UnixDatagram;
+use tokio::io::unix::AsyncFd;
 
 use super::ShellError;
 use super::netns::Netns;
@@ -235,9 +236,9 @@ pub fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
 
 /// A queue attached to the event loop.
 pub struct WorkloadQueue {
-    /// Our duplicate of the queue's socket, used for readiness only. tokio's datagram type is a
-    /// vessel: no datagram operation is ever called on it.
-    ready: UnixDatagram,
+    /// Our duplicate of the queue's socket, registered for readability only; no I/O is ever
+    /// done on it.
+    ready: AsyncFd<OwnedFd>,
     queue: nfq::Queue,
     stats: Option<File>,
     queue_num: u16,
@@ -253,9 +254,13 @@ pub struct WorkloadQueue {
 impl OpenedQueue {
     /// Register with the current tokio runtime.
     pub fn attach(self) -> Result<WorkloadQueue, ShellError> {
-        let std = StdDatagram::from(self.socket);
-        std.set_nonblocking(true).map_err(ShellError::Queue)?;
-        let ready = UnixDatagram::from_std(std).map_err(ShellError::Queue)?;
+        rustix::io::ioctl_fionbio(&self.socket, true).map_err(|e| ShellError::Queue(e.into()))?;
+        // `with_interest` is deprecated because it cannot check that an arbitrary `AsRawFd`
+        // keeps one open fd for as long as it is registered (tokio#8587); an `OwnedFd` does by
+        // construction. Its replacement is `unsafe`, which this workspace denies.
+        #[allow(deprecated)]
+        let ready =
+            AsyncFd::with_interest(self.socket, Interest::READABLE).map_err(ShellError::Queue)?;
         Ok(WorkloadQueue {
             ready,
             queue: self.queue,
@@ -304,6 +309,37 @@ impl Action {
     };
 }
 
+/// What [`WorkloadQueue::serve_batch`] calls for each packet. Any `FnMut(Direction, &mut
+/// Vec<u8>, bool) -> Action` closure is one (deciding only).
+pub trait Handler {
+    /// Decide one packet (`packet` may be rewritten: then say so in [`Action::modified`]);
+    /// `checksum_ready` is the kernel's "checksum complete" flag.
+    fn packet(
+        &mut self,
+        direction: Direction,
+        packet: &mut Vec<u8>,
+        checksum_ready: bool,
+    ) -> Action;
+    /// The packet just decided has its verdict (or is paused), before the next packet is
+    /// read: the time to send what deciding it asked for, so that it leaves behind that
+    /// verdict and ahead of the batch's later ones.
+    fn decided(&mut self) {}
+}
+
+impl<F> Handler for F
+where
+    F: FnMut(Direction, &mut Vec<u8>, bool) -> Action,
+{
+    fn packet(
+        &mut self,
+        direction: Direction,
+        packet: &mut Vec<u8>,
+        checksum_ready: bool,
+    ) -> Action {
+        self(direction, packet, checksum_ready)
+    }
+}
+
 /// Where a queued packet was queued from, seen from the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -324,15 +360,14 @@ impl WorkloadQueue {
     /// [`super::busypoll::BusyPoll`].
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self.ready.as_fd()
+        self.ready.get_ref().as_fd()
     }
 
-    /// Wait for packets and hand each to `handle(direction, packet, checksum_ready)`; returns
-    /// after one batch so the caller can interleave other work. Errors other than the counted
-    /// socket overflows end the queue.
-    pub async fn serve_batch<F>(&mut self, mut handle: F) -> Result<usize, ShellError>
+    /// Wait for packets and hand each to `handler`; returns after one batch so the caller can
+    /// interleave other work. Errors other than the counted socket overflows end the queue.
+    pub async fn serve_batch<H>(&mut self, handler: &mut H) -> Result<usize, ShellError>
     where
-        F: FnMut(Direction, &mut Vec<u8>, bool) -> Action,
+        H: Handler + ?Sized,
     {
         let WorkloadQueue {
             ready,
@@ -342,14 +377,14 @@ impl WorkloadQueue {
             paused,
             ..
         } = self;
-        ready.readable().await.map_err(ShellError::Queue)?;
+        let mut readable = ready.readable().await.map_err(ShellError::Queue)?;
         let mut handled = 0;
         while handled < BATCH {
             // try_io clears tokio's readiness when the receive would block.
-            let mut msg = match ready.try_io(Interest::READABLE, || queue.recv()) {
-                Ok(msg) => msg,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(handled),
-                Err(e)
+            let mut msg = match readable.try_io(|_| queue.recv()) {
+                Err(_would_block) => return Ok(handled),
+                Ok(Ok(msg)) => msg,
+                Ok(Err(e))
                     if matches!(
                         e.raw_os_error(),
                         Some(nix::libc::ENOBUFS | nix::libc::ENOSPC | nix::libc::EINTR)
@@ -358,7 +393,7 @@ impl WorkloadQueue {
                     *recv_errors += 1;
                     continue;
                 }
-                Err(e) => return Err(ShellError::Queue(e)),
+                Ok(Err(e)) => return Err(ShellError::Queue(e)),
             };
             handled += 1;
             let direction = match msg.get_hook() {
@@ -373,7 +408,7 @@ impl WorkloadQueue {
             let action = match direction {
                 Some(direction) => {
                     let mut packet = msg.get_payload().to_vec();
-                    let action = handle(direction, &mut packet, msg.is_checksum_ready());
+                    let action = handler.packet(direction, &mut packet, msg.is_checksum_ready());
                     if action.modified {
                         msg.set_payload(packet);
                     }
@@ -391,6 +426,7 @@ impl WorkloadQueue {
                 && paused.len() < MAX_PAUSED
             {
                 paused.push_back((Instant::now() + PAUSE, msg));
+                handler.decided();
                 continue;
             }
             let verdict = if !action.accept {
@@ -409,6 +445,7 @@ impl WorkloadQueue {
                 Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => *recv_errors += 1,
                 Err(e) => return Err(ShellError::Queue(e)),
             }
+            handler.decided();
         }
         Ok(handled)
     }

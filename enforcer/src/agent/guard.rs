@@ -108,17 +108,18 @@ pub async fn run(
                 }
             }
         }
+        let mut refuse = |direction, packet: &mut Vec<u8>, _| {
+            if direction == Direction::Forward {
+                lock(&processor).refuse_unencrypted(packet, queue::unix_ms());
+            }
+            Action::DROP
+        };
         tokio::select! {
             r = want.changed() => match r {
                 Ok(()) => apply = true,
                 Err(_) => break Ok(()),
             },
-            r = q.serve_batch(|direction, packet, _| {
-                if direction == Direction::Forward {
-                    lock(&processor).refuse_unencrypted(packet, queue::unix_ms());
-                }
-                Action::DROP
-            }) => if let Err(e) = r {
+            r = q.serve_batch(&mut refuse) => if let Err(e) = r {
                 break Err(anyhow::Error::new(e).context("encryption guard queue"));
             },
             _ = stop.changed() => break Ok(()),

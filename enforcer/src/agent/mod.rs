@@ -20,7 +20,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use datapath::shell::inject::Injector;
-use datapath::shell::{self, Mode, Netns, QueueConfig, RuleConfig, WorkloadQueue};
+use datapath::shell::queue::Handler as _;
+use datapath::shell::{
+    self, Action, Direction, Mode, Netns, QueueConfig, RuleConfig, WorkloadQueue,
+};
 use datapath::{Outgoing, Processor, ProcessorConfig, WorkloadId};
 use identity::Claims;
 use k8s_openapi::api::core::v1::Namespace;
@@ -1768,26 +1771,34 @@ async fn serve_queue(
         if *stop.borrow() {
             return Some(queue);
         }
-        let mut outgoing: Vec<Outgoing> = Vec::new();
+        let mut decider = Decider {
+            processor: &processor,
+            udp: &udp,
+            mode,
+            id,
+            rng: &mut rng,
+            outgoing: Vec::new(),
+            sent: false,
+        };
         let pause_ends = queue.pause_ends().map(tokio::time::Instant::from_std);
         let event = tokio::select! {
-            r = queue.serve_batch(|direction, packet, checksum_ready| {
-                let mut p = lock(&processor);
-                let action =
-                    shell::decide(&mut p, mode, id, direction, packet, checksum_ready, &mut rng);
-                outgoing.extend(p.take_outgoing());
-                action
-            }) => Served::Batch(r),
+            r = queue.serve_batch(&mut decider) => Served::Batch(r),
             // A packet paused for an answer (a UDP datagram behind a lost ACK control) goes
             // through the rules again.
             _ = runtime::sleep_until(pause_ends), if pause_ends.is_some() => Served::Paused,
             _ = tick.tick() => Served::Tick,
             _ = stop.changed() => Served::Stop,
         };
-        if !outgoing.is_empty() {
-            // After the batch's verdicts; a new UDP handshake may need the timer sooner.
-            udp.send(outgoing);
-            udp.timer.notify_one();
+        // What a batch that ended in an error left unsent.
+        decider.decided();
+        if decider.sent {
+            // A new UDP handshake may need the timer sooner than the timer task wakes; it is
+            // woken only then (a re-sent SYN is due 25 ms after its handshake began, which is
+            // seldom before the task's next wake under load).
+            let next = lock(&processor).next_udp_timer();
+            if next.is_some_and(|t| t < udp.timer_at_ms.load(Ordering::Relaxed)) {
+                udp.timer.notify_one();
+            }
         }
         // Paused packets whose pause ended go back through the rules; a queue error there
         // stops the reader as one in a batch does.
@@ -1834,12 +1845,58 @@ async fn serve_queue(
     }
 }
 
+/// Decides a workload's queued packets, and sends the datagrams a decision asks for (UDP
+/// control datagrams, released datagrams) right after that packet's verdict: not after the
+/// batch's last verdict and the read that finds the queue empty, which only delayed them.
+struct Decider<'a> {
+    processor: &'a Mutex<Processor>,
+    udp: &'a UdpSender,
+    mode: Mode,
+    id: WorkloadId,
+    rng: &'a mut StdRng,
+    outgoing: Vec<Outgoing>,
+    /// Something was sent.
+    sent: bool,
+}
+
+impl shell::queue::Handler for Decider<'_> {
+    fn packet(
+        &mut self,
+        direction: Direction,
+        packet: &mut Vec<u8>,
+        checksum_ready: bool,
+    ) -> Action {
+        let mut p = lock(self.processor);
+        let action = shell::decide(
+            &mut p,
+            self.mode,
+            self.id,
+            direction,
+            packet,
+            checksum_ready,
+            self.rng,
+        );
+        self.outgoing.extend(p.take_outgoing());
+        action
+    }
+
+    fn decided(&mut self) {
+        if !self.outgoing.is_empty() {
+            self.udp.send(self.outgoing.drain(..));
+            self.sent = true;
+        }
+    }
+}
+
 /// The raw sockets of every enforced workload, and the wake-up of the UDP timer task.
 #[derive(Default)]
 struct UdpSender {
     injectors: Mutex<HashMap<WorkloadId, Arc<Injector>>>,
-    /// Rung when a batch emitted datagrams (a UDP handshake may have started).
+    /// Rung when a batch emitted datagrams and the processor's next UDP timer comes before
+    /// `timer_at_ms` (a UDP handshake began).
     timer: Notify,
+    /// When the timer task wakes next (unix ms; `u64::MAX`: not before it is rung).
+    timer_at_ms: AtomicU64,
     /// Datagrams that could not be sent (workload gone, socket buffer full): counted, and the
     /// handshake's retransmissions recover.
     errors: Arc<AtomicU64>,
@@ -1847,7 +1904,7 @@ struct UdpSender {
 
 impl UdpSender {
     /// Send what the processor emitted, in order, each from its workload's netns.
-    fn send(&self, outgoing: Vec<Outgoing>) {
+    fn send(&self, outgoing: impl IntoIterator<Item = Outgoing>) {
         for o in outgoing {
             let injector = lock(&self.injectors).get(&o.workload).cloned();
             let sent = match injector {
@@ -1877,6 +1934,8 @@ async fn udp_timers(
     };
     loop {
         let next = lock(&processor).next_udp_timer();
+        udp.timer_at_ms
+            .store(next.unwrap_or(u64::MAX), Ordering::Relaxed);
         let wait = next.map_or(Duration::from_secs(3600), |t| {
             Duration::from_millis(t.saturating_sub(now_ms()))
         });
