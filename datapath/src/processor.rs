@@ -29,6 +29,7 @@
 //! | RST (OUTPUT, or INPUT at the flow's sequence numbers) | any | accept, forget the flow  | none              |
 //! | non-SYN, non-RST (any)   | none, flow cut by [`Processor::recheck`] | first packet each way: rewrite into a RST at its sequence numbers; later ones: into a bare ACK, which the socket-less receiver answers with a RST (`flow_cut`) | = |
 //! | non-SYN, non-RST (INPUT) | none                | drop `no_flow_state`, and answer the sender with the RST its kernel would get from ours (this end restarted or lost the flow's conntrack entry; at most `UNKNOWN_FLOW_ANSWERS_PER_SECOND`) | none |
+//! | SYN-ACK (INPUT)          | none                | drop `no_flow_state`, and answer the server with the RST its kernel would get from ours (no handshake of ours: the agent restarted, the table evicted it, the workload is gone; same budget) | none |
 //! | non-SYN, non-RST (OUTPUT) | none               | drop `no_flow_state`, and answer the workload's own socket (through the loopback, only at one of its addresses) with the RST its peer would send (same budget) | none |
 //!
 //! The client marks its flow when its ACK token leaves, so neither its data nor the server's
@@ -2150,6 +2151,14 @@ impl Step<'_> {
         let token = seg.token(packet);
         let linger = self.linger_deadline();
         let Some(flow) = self.flows.live_mut(&key, self.now) else {
+            // No handshake of ours on this tuple (this agent restarted with it in flight, a
+            // full table evicted it, the workload is gone): nothing of it passes, and the
+            // server is told at once with the RST a kernel sends for a SYN-ACK no socket
+            // waits for, instead of re-sending its SYN-ACK into silence. A client socket that
+            // still waits re-sends its SYN, which starts a new handshake.
+            if self.answers.take(self.now) {
+                self.answer_with_reset(seg);
+            }
             return Verdict::drop(Reason::NoFlowState);
         };
         let (client, isn): (ClientAwaitingSynAck, u32) = match &flow.state {

@@ -589,6 +589,45 @@ fn a_segment_of_a_connection_the_server_forgot_is_answered_with_a_reset() {
     assert_eq!(w.b.take_outgoing().len(), budget as usize);
 }
 
+/// A SYN-ACK on a tuple the client's agent holds no handshake for (the agent restarted with
+/// the handshake in flight, a full table evicted it, or the client workload is gone) is
+/// dropped and answered with the RST the client's kernel sends for a SYN-ACK no socket of it
+/// waits for, so the server drops its half-open connection at once. Dropped silently, the
+/// server's kernel re-sent its SYN-ACK into silence for about a minute when nobody would
+/// take it. A client kernel that still waits re-sends its SYN, which makes a new handshake
+/// either way.
+#[test]
+fn a_syn_ack_the_client_does_not_know_is_answered_with_a_reset() {
+    let mut w = World::new(Mode::Psk, ALLOW);
+    let (v, syn) = w.out_a(&w.syn());
+    assert!(v.accept, "{v:?}");
+    let (v, _) = w.in_b(&syn);
+    assert!(v.accept, "{v:?}");
+    let (v, syn_ack) = w.out_b(&w.syn_ack());
+    assert!(v.accept, "{v:?}");
+    // The client's agent restarts: it holds nothing of the handshake.
+    w.a = World::new(Mode::Psk, ALLOW).a;
+    let (v, _) = w.in_a(&syn_ack);
+    assert_eq!(dropped(&v), "no_flow_state");
+    let out = w.a.take_outgoing();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].mark, datapath::EmitMark::Control);
+    let rst = &out[0].packet;
+    let r = datapath::TcpSegment::parse(rst).unwrap().unwrap();
+    assert_eq!((r.src, r.dst), (w.c.ip(), w.s.ip()));
+    assert_eq!((r.src_port, r.dst_port), (w.c.port(), w.s.port()));
+    // At the sequence number the SYN-ACK acknowledged, as the kernel answers it.
+    assert_eq!((r.flags, r.seq), (RST, ISN_C + 1));
+    assert!(checksums_ok(rst));
+    // The server's agent lets it in (its kernel drops the half-open connection) and forgets
+    // the flow.
+    let (v, _) = w.in_b(rst);
+    assert!(v.accept, "{v:?}");
+    // The client kernel's next SYN: a new handshake, which completes.
+    w.connect();
+    assert_eq!(w.b.metrics().authorized(), (1, 0));
+}
+
 #[test]
 fn forged_packets_are_refused_and_counted() {
     let mut w = World::new(Mode::Psk, ALLOW);

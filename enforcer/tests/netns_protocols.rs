@@ -618,6 +618,53 @@ fn a_tcp_connection_one_end_forgot_is_reset_at_the_client() {
     drop((c, again));
 }
 
+/// A SYN-ACK on a tuple the client's agent holds no handshake for is answered with a RST, on
+/// the real kernel, IPv4, across nodes: node 2 sends, with database-2's address and port, a
+/// SYN-ACK to a port of frontend-1 that no socket and no handshake of node 1's agent knows
+/// (what reaches a client whose agent restarted with the handshake in flight, or whose
+/// workload is gone). Node 1's agent passes none of it (`no_flow_state`) and answers, from
+/// frontend-1's netns, with the RST a kernel sends for a SYN-ACK no socket waits for (at the
+/// sequence number it acknowledged), so a genuine server drops its half-open connection at
+/// once. Before, the SYN-ACK was dropped silently and the server re-sent it into silence for
+/// about a minute.
+#[test]
+fn a_syn_ack_the_client_does_not_know_is_answered_with_a_reset() {
+    if !testbed::privileged("a_syn_ack_the_client_does_not_know_is_answered_with_a_reset") {
+        return;
+    }
+    let (tb, _dir) = testbed(false);
+    let server = ip(tb.workload("database-2"), false);
+    let client = ip(tb.workload("frontend-1"), false);
+    let (sport, cport, ack) = (5432u16, 45678u16, 0x0bad_cafeu32);
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&cport.to_be_bytes());
+    l4[4..8].copy_from_slice(&0x5eed_0000u32.to_be_bytes());
+    l4[8..12].copy_from_slice(&ack.to_be_bytes());
+    l4[12] = 5 << 4;
+    l4[13] = testbed::packet::SYN | testbed::packet::ACK;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut syn_ack = testbed::packet::IpTcp(ip_packet(server, client, 6, &l4));
+    syn_ack.fix_checksums();
+    let mut cap = Capture::start(&tb.workload("database-2").ns, move |p| {
+        p.src() == client && p.sport() == cport && p.dport() == sport
+    });
+    let before = metric(&tb, 1, "reason", "no_flow_state");
+    testbed::packet::inject(&tb.nodes[1], &syn_ack);
+    let rst = cap
+        .wait_for(Duration::from_secs(3), |p| {
+            p.flags() & testbed::packet::RST != 0
+        })
+        .unwrap_or_else(|| panic!("no RST reached the server\n{}", tb.agent_logs()));
+    let seq = u32::from_be_bytes([rst.0[24], rst.0[25], rst.0[26], rst.0[27]]);
+    assert_eq!(
+        seq, ack,
+        "the RST's sequence number is the SYN-ACK's acknowledgement"
+    );
+    assert!(rst.tcp_checksum_ok());
+    assert!(metric(&tb, 1, "reason", "no_flow_state") > before);
+}
+
 /// A resolver without an agent, under default-deny egress plus a rule allowing UDP 53 to its
 /// ipBlock: queries are answered, other ports are not. Prints how long the first query to it
 /// took (the agent first tries a handshake; the resolver's answer to that shows it has no
