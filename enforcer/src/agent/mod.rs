@@ -1792,13 +1792,10 @@ async fn serve_queue(
         // What a batch that ended in an error left unsent.
         decider.decided();
         if decider.sent {
-            // A new UDP handshake may need the timer sooner than the timer task wakes; it is
-            // woken only then (a re-sent SYN is due 25 ms after its handshake began, which is
-            // seldom before the task's next wake under load).
-            let next = lock(&processor).next_udp_timer();
-            if next.is_some_and(|t| t < udp.timer_at_ms.load(Ordering::Relaxed)) {
-                udp.timer.notify_one();
-            }
+            // A new UDP handshake may need the timer sooner. (Waking the timer task only when
+            // the processor's next timer came before the task's own made the admitted-flood
+            // test's UDP handshakes miss their 175 ms, 2 runs in 3; not understood, reverted.)
+            udp.timer.notify_one();
         }
         // Paused packets whose pause ended go back through the rules; a queue error there
         // stops the reader as one in a batch does.
@@ -1892,11 +1889,8 @@ impl shell::queue::Handler for Decider<'_> {
 #[derive(Default)]
 struct UdpSender {
     injectors: Mutex<HashMap<WorkloadId, Arc<Injector>>>,
-    /// Rung when a batch emitted datagrams and the processor's next UDP timer comes before
-    /// `timer_at_ms` (a UDP handshake began).
+    /// Rung when a batch emitted datagrams (a UDP handshake may have started).
     timer: Notify,
-    /// When the timer task wakes next (unix ms; `u64::MAX`: not before it is rung).
-    timer_at_ms: AtomicU64,
     /// Datagrams that could not be sent (workload gone, socket buffer full): counted, and the
     /// handshake's retransmissions recover.
     errors: Arc<AtomicU64>,
@@ -1934,8 +1928,6 @@ async fn udp_timers(
     };
     loop {
         let next = lock(&processor).next_udp_timer();
-        udp.timer_at_ms
-            .store(next.unwrap_or(u64::MAX), Ordering::Relaxed);
         let wait = next.map_or(Duration::from_secs(3600), |t| {
             Duration::from_millis(t.saturating_sub(now_ms()))
         });
