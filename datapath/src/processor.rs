@@ -415,51 +415,28 @@ impl Verdict {
         Verdict {
             accept: true,
             modified,
-            mark_authorized: false,
-            unmark: false,
-            requeue: false,
-            pause: false,
-            reason: None,
-            connmark_on_drop: None,
+            ..Verdict::consumed()
         }
     }
     /// Accept and mark the flow authorized.
     pub fn authorize(modified: bool) -> Self {
         Verdict {
-            accept: true,
-            modified,
             mark_authorized: true,
-            unmark: false,
-            requeue: false,
-            pause: false,
-            reason: None,
-            connmark_on_drop: None,
+            ..Verdict::accept(modified)
         }
     }
     /// Accept and clear the authorization mark (see [`Verdict::unmark`]).
     pub fn reopen(modified: bool) -> Self {
         Verdict {
-            accept: true,
-            modified,
-            mark_authorized: false,
             unmark: true,
-            requeue: false,
-            pause: false,
-            reason: None,
-            connmark_on_drop: None,
+            ..Verdict::accept(modified)
         }
     }
     /// Send the packet back to the tail of the queue (see [`Verdict::requeue`]).
     pub fn requeue() -> Self {
         Verdict {
-            accept: true,
-            modified: false,
-            mark_authorized: false,
-            unmark: false,
             requeue: true,
-            pause: false,
-            reason: None,
-            connmark_on_drop: None,
+            ..Verdict::accept(false)
         }
     }
     /// Send the packet back to the queue after a pause (see [`Verdict::pause`]).

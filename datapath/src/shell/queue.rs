@@ -309,6 +309,24 @@ impl Action {
     };
 }
 
+/// Send `msg`'s verdict: `true` when sent. A full socket buffer (ENOBUFS) is counted in
+/// `errors` and survived (`false`: the kernel still holds the packet, fail-closed); any other
+/// error ends the queue.
+fn send_verdict(
+    queue: &mut nfq::Queue,
+    msg: nfq::Message,
+    errors: &mut u64,
+) -> Result<bool, ShellError> {
+    match queue.verdict(msg) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+            *errors += 1;
+            Ok(false)
+        }
+        Err(e) => Err(ShellError::Queue(e)),
+    }
+}
+
 /// What [`WorkloadQueue::serve_batch`] calls for each packet. Any `FnMut(Direction, &mut
 /// Vec<u8>, bool) -> Action` closure is one (deciding only).
 pub trait Handler {
@@ -440,11 +458,7 @@ impl WorkloadQueue {
                 nfq::Verdict::Accept
             };
             msg.set_verdict(verdict);
-            match queue.verdict(msg) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => *recv_errors += 1,
-                Err(e) => return Err(ShellError::Queue(e)),
-            }
+            send_verdict(queue, msg, recv_errors)?;
             handler.decided();
         }
         Ok(handled)
@@ -468,10 +482,8 @@ impl WorkloadQueue {
                 break;
             };
             msg.set_verdict(nfq::Verdict::Repeat);
-            match self.queue.verdict(msg) {
-                Ok(()) => released += 1,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => self.recv_errors += 1,
-                Err(e) => return Err(ShellError::Queue(e)),
+            if send_verdict(&mut self.queue, msg, &mut self.recv_errors)? {
+                released += 1;
             }
         }
         Ok(released)
