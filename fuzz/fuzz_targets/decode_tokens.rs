@@ -1,5 +1,6 @@
-//! Token decoding, the UDP control framing and the server's SYN / client's SYN-ACK / server's
-//! ACK checks on arbitrary bytes: must never panic, hang or allocate without bound.
+//! Token decoding, the UDP control framing and the server's SYN (plain and bound) / client's
+//! SYN-ACK (after a plain and after a bound SYN) / server's ACK checks on arbitrary bytes: must
+//! never panic, hang or allocate without bound.
 #![no_main]
 
 use identity::wire::{AckToken, SynAckToken, SynToken};
@@ -24,8 +25,14 @@ fuzz_target!(|data: &[u8]| {
     ) else {
         return;
     };
-    // As a SYN at the server.
+    // As a SYN at the server, plain and bound.
     let _ = b.server_syn(data, NOW);
+    let source = identity::FlowSource {
+        addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 5)),
+        port: 40_000,
+        protocol: 6,
+    };
+    let _ = b.server_syn_bound(data, &source, NOW);
     // As a SYN-ACK at a client that sent a real SYN, then as an ACK at a server that answered
     // a real SYN.
     let Ok(claims) = identity::Claims::new("ns", "w", Default::default(), Default::default()) else {
@@ -33,6 +40,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let (c, syn) = a.client_syn(&claims, [1; 16], NOW);
     let _ = c.receive_syn_ack(&mut a, data, NOW);
+    if let Ok((bound, _)) = a.client_syn_bound(&claims, "node-b", b.key_id(), &source, [3; 16], NOW)
+    {
+        let _ = bound.receive(&mut a, data, NOW);
+    }
     if let Ok(r) = b.server_syn(&syn, NOW)
         && let Ok((s, _)) = r.respond(&mut b, &claims, "", [2; 16], NOW)
     {

@@ -15,8 +15,27 @@
 //! client detects any change to its SYN; the ACK's MAC covers SHA-256(SYN) and SHA-256(SYN-ACK),
 //! so the server learns that the SYN's claims really came from the named node. The server may
 //! evaluate policy tentatively at the SYN; it authorizes only after a valid ACK.
+//!
+//! **The bound handshake: two tokens.** A client that expects a given node to answer (its
+//! agent learnt the destination's node from an earlier SYN-ACK) can MAC its SYN for that node
+//! and for the flow's source ([`Node::client_syn_bound`]). That node then authenticates the
+//! client at the SYN itself ([`Node::server_syn_bound`]: MAC, timestamp, and the nonce recorded
+//! in the replay cache at once), answers with a bound SYN-ACK, and expects no ACK:
+//!
+//! ```text
+//! client                                   server
+//! Node::client_syn_bound ── bound SYN ───▶ Node::server_syn_bound   (client identity, authorized)
+//!                                          ServerSynBound::respond
+//! ClientAwaitingSynAck::receive ◀───────── bound SYN-ACK
+//!       (server identity, verified; no ACK token)
+//! ```
+//!
+//! Any other node, a source that changed on the way (NAT) or a binding that does not verify
+//! gives a *tentative* SYN, and the three-token handshake follows with the same SYN bytes: a
+//! binding never authorizes anything by failing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 
 use hmac::Mac;
 use sha2::{Digest, Sha256};
@@ -30,8 +49,9 @@ use crate::pki::{NodeCertificate, NodeCredentials, TrustAnchor, check_validity};
 use crate::psk::Psk;
 use crate::replay::{ReplayCache, ReplayConfig};
 use crate::wire::{
-    AckToken, Header, KeyId, MAC_LEN, Mode, NONCE_LEN, SynAckToken, SynToken, TYPE_SYN,
-    TYPE_SYN_ACK, encode_header,
+    AckToken, BINDING_LEN, Header, KeyId, MAC_LEN, Mode, NONCE_LEN, RECEIVER_NAME_TAG_LEN,
+    SynAckToken, SynBinding, SynToken, TYPE_SYN, TYPE_SYN_ACK, TYPE_SYN_ACK_BOUND, TYPE_SYN_BOUND,
+    encode_header,
 };
 
 /// Tunables. `Default` gives ±30 s skew and the default replay bounds.
@@ -66,6 +86,9 @@ impl Default for Config {
 pub struct PeerIdentity {
     /// The peer's node (authenticated by its key).
     pub node: String,
+    /// The key id the peer's token carried (with `node`, what a client needs to bind a later
+    /// SYN to this peer's node: [`Node::client_syn_bound`]).
+    pub key_id: KeyId,
     /// The peer workload's claims.
     pub claims: Claims,
     /// Destination port name on the server pod (set only in the identity a client learns from a
@@ -113,6 +136,78 @@ pub struct Node {
     replay: ReplayCache,
     /// Decoded peer claims by their bytes (performance only).
     claims_cache: ClaimsCache,
+    /// The first bytes of SHA-256 of this node's name: what a bound SYN for this node carries.
+    name_tag: [u8; RECEIVER_NAME_TAG_LEN],
+}
+
+/// The first [`RECEIVER_NAME_TAG_LEN`] bytes of SHA-256 of a node name.
+fn name_tag(node: &str) -> [u8; RECEIVER_NAME_TAG_LEN] {
+    let mut tag = [0; RECEIVER_NAME_TAG_LEN];
+    tag.copy_from_slice(&h(node.as_bytes())[..RECEIVER_NAME_TAG_LEN]);
+    tag
+}
+
+/// The source of a flow as a bound SYN's MAC covers it: the client's address and port as the
+/// client sends them and the server receives them, and the IP protocol (6 TCP, 17 UDP). A bound
+/// SYN therefore authorizes only the flow it was made for; a source rewritten on the way (SNAT,
+/// masquerade) makes the binding fail, and the three-token handshake follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowSource {
+    /// The client's address.
+    pub addr: IpAddr,
+    /// The client's port.
+    pub port: u16,
+    /// The IP protocol number.
+    pub protocol: u8,
+}
+
+impl FlowSource {
+    /// The 19 bytes the MAC covers: the address as 16 bytes (IPv4 as an IPv4-mapped IPv6
+    /// address), the port, the protocol.
+    pub fn encode(&self) -> [u8; 19] {
+        let addr = match self.addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped(),
+            IpAddr::V6(a) => a,
+        };
+        let mut out = [0; 19];
+        out[..16].copy_from_slice(&addr.octets());
+        out[16..18].copy_from_slice(&self.port.to_be_bytes());
+        out[18] = self.protocol;
+        out
+    }
+}
+
+/// Why a bound SYN was taken as a plain (tentative) one. Never an error: the three-token
+/// handshake still proves the client. The datapath counts these by [`BindingMiss::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingMiss {
+    /// Bound for another node, or for another key of this node (a rotated certificate): the
+    /// destination's workload moved, or the client's memory of its node is stale.
+    OtherReceiver,
+    /// Bound for this node, but the MAC does not verify: the source was rewritten on the way
+    /// (NAT), or the token was altered or forged.
+    BadMac,
+}
+
+impl BindingMiss {
+    /// Stable label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingMiss::OtherReceiver => "binding_other_receiver",
+            BindingMiss::BadMac => "binding_bad_mac",
+        }
+    }
+}
+
+/// What [`Node::server_syn_bound`] found.
+#[derive(Debug)]
+pub enum ServerSyn {
+    /// A bound SYN for this node whose binding verified: the client is authenticated now and
+    /// its nonce recorded. Answer with [`ServerSynBound::respond`]; no ACK follows.
+    Bound(ServerSynBound),
+    /// A plain SYN (`None`), or a bound one this node cannot use (why): tentative, exactly as
+    /// from [`Node::server_syn`]; the three-token handshake follows.
+    Tentative(ServerSynReceived, Option<BindingMiss>),
 }
 
 /// Constant-time comparison of a computed MAC with the received one.
@@ -139,6 +234,7 @@ impl Node {
     ) -> Result<Node, CertError> {
         trust.verify(creds.certificate(), None, now_ms)?;
         let name = creds.certificate().node_name().to_owned();
+        let own_tag = name_tag(&name);
         let key_id = creds.certificate().key_id();
         let me = creds.certificate().clone();
         let mut peers = HashMap::new();
@@ -158,6 +254,7 @@ impl Node {
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
             claims_cache: ClaimsCache::default(),
+            name_tag: own_tag,
         })
     }
 
@@ -175,6 +272,7 @@ impl Node {
             pair_order: VecDeque::new(),
             replay: ReplayCache::new(config.replay),
             claims_cache: ClaimsCache::default(),
+            name_tag: name_tag(node_name),
         })
     }
 
@@ -433,18 +531,119 @@ impl Node {
             Vec::with_capacity(crate::wire::HEADER_LEN + self.name.len() + claims.encoded_len());
         encode_header(&mut syn, TYPE_SYN, &header, &self.name);
         claims.encode(&mut syn);
-        let state = ClientAwaitingSynAck { syn_hash: h(&syn) };
+        let state = ClientAwaitingSynAck {
+            syn_hash: h(&syn),
+            bound: false,
+        };
         (state, syn)
+    }
+
+    /// Client side: make a *bound* SYN token, MACed for the node `server_node` whose key id is
+    /// `server_key` (what an earlier SYN-ACK from the destination proved: [`PeerIdentity`]'s
+    /// `node` and `key_id`) and for the flow's `source`. If that node answers, it authorizes the
+    /// client at this SYN and answers with a bound SYN-ACK; any other node, or a rewritten
+    /// source, answers with a plain SYN-ACK and the handshake needs the ACK as usual.
+    /// [`ClientAwaitingSynAck::receive`] takes either. Fails only if no pair key can be had with
+    /// that node (PKI: its certificate is unknown, revoked or expired); make a plain SYN then.
+    pub fn client_syn_bound(
+        &mut self,
+        claims: &Claims,
+        server_node: &str,
+        server_key: KeyId,
+        source: &FlowSource,
+        nonce: [u8; NONCE_LEN],
+        now_ms: u64,
+    ) -> Result<(ClientAwaitingSynAck, Vec<u8>), HandshakeError> {
+        self.resolve_peer(server_key, server_node, now_ms)?;
+        let keys = self.pair(server_key, server_node)?;
+        let header = Header {
+            mode: self.mode(),
+            key_id: self.key_id,
+            timestamp_ms: now_ms,
+            nonce,
+            node: String::new(),
+        };
+        let mut syn = Vec::with_capacity(
+            crate::wire::HEADER_LEN + self.name.len() + claims.encoded_len() + BINDING_LEN,
+        );
+        encode_header(&mut syn, TYPE_SYN_BOUND, &header, &self.name);
+        claims.encode(&mut syn);
+        syn.extend_from_slice(&server_key.0);
+        syn.extend_from_slice(&name_tag(server_node));
+        let mut mac = keys.syn_out;
+        mac.update(&source.encode());
+        mac.update(&syn);
+        let tag: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+        syn.extend_from_slice(&tag);
+        let state = ClientAwaitingSynAck {
+            syn_hash: h(&syn),
+            bound: true,
+        };
+        Ok((state, syn))
     }
 
     /// Server side: check a SYN token. Everything checkable without the client's MAC is
     /// checked here (format, version, mode, key id, certificate, node name, timestamp, replay),
     /// so most forgeries are dropped at the SYN. The returned identity is *tentative*.
+    ///
+    /// A bound SYN is taken here as a plain one (its binding is not checked):
+    /// [`Node::server_syn_bound`] checks it.
     pub fn server_syn(
         &mut self,
         syn: &[u8],
         now_ms: u64,
     ) -> Result<ServerSynReceived, HandshakeError> {
+        self.check_syn(syn, now_ms).map(|(state, _)| state)
+    }
+
+    /// Server side: check a SYN token, plain or bound, that arrived from `source`. Every check
+    /// of [`Node::server_syn`] comes first, with the same errors. Then, for a bound SYN for this
+    /// node (its key id and name), the binding's MAC over `source` and the token: if it
+    /// verifies, the client nonce is recorded in the replay cache (the same SYN is refused from
+    /// then on, as after an ACK; the datapath answers a retransmission from its flow state) and
+    /// the client is authenticated: [`ServerSyn::Bound`]. Otherwise the SYN is tentative, with
+    /// the reason: [`ServerSyn::Tentative`].
+    pub fn server_syn_bound(
+        &mut self,
+        syn: &[u8],
+        source: &FlowSource,
+        now_ms: u64,
+    ) -> Result<ServerSyn, HandshakeError> {
+        let (state, binding) = self.check_syn(syn, now_ms)?;
+        let Some(binding) = binding else {
+            return Ok(ServerSyn::Tentative(state, None));
+        };
+        if binding.receiver_key != self.key_id || binding.receiver_tag != self.name_tag {
+            return Ok(ServerSyn::Tentative(
+                state,
+                Some(BindingMiss::OtherReceiver),
+            ));
+        }
+        let keys = self.pair(state.client_key, &state.peer.node)?;
+        let mut mac = keys.syn_in;
+        mac.update(&source.encode());
+        mac.update(&syn[..syn.len() - MAC_LEN]);
+        if check_tag(mac, &binding.mac).is_err() {
+            return Ok(ServerSyn::Tentative(state, Some(BindingMiss::BadMac)));
+        }
+        let oldest = now_ms.saturating_sub(self.config.max_skew_ms);
+        self.replay
+            .insert(
+                &state.peer.node,
+                state.client_nonce,
+                state.client_ts,
+                oldest,
+            )
+            .map_err(|_| HandshakeError::Replay)?;
+        Ok(ServerSyn::Bound(ServerSynBound(state)))
+    }
+
+    /// The checks of a SYN that need no MAC, and its binding if it is a bound SYN.
+    fn check_syn(
+        &mut self,
+        syn: &[u8],
+        now_ms: u64,
+    ) -> Result<(ServerSynReceived, Option<SynBinding>), HandshakeError> {
         let tok = SynToken::decode_with(syn, Some(&mut self.claims_cache))?;
         let hd = &tok.header;
         self.check_mode(hd.mode)?;
@@ -457,17 +656,19 @@ impl Node {
         {
             return Err(HandshakeError::Replay);
         }
-        Ok(ServerSynReceived {
+        let state = ServerSynReceived {
             syn_hash: h(syn),
             client_key: hd.key_id,
             client_nonce: hd.nonce,
             client_ts: hd.timestamp_ms,
             peer: PeerIdentity {
+                key_id: hd.key_id,
                 node: tok.header.node,
                 claims: tok.claims,
                 port_name: None,
             },
-        })
+        };
+        Ok((state, tok.binding))
     }
 
     fn check_mode(&self, mode: Mode) -> Result<(), HandshakeError> {
@@ -588,23 +789,66 @@ impl TrustAnchor {
     }
 }
 
-/// Client state after sending the SYN (one per flow; 32 bytes).
+/// Client state after sending the SYN (one per flow; 33 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientAwaitingSynAck {
     syn_hash: [u8; 32],
+    /// The SYN was bound ([`Node::client_syn_bound`]): a bound SYN-ACK may answer it.
+    bound: bool,
+}
+
+/// What a verified SYN-ACK gives the client ([`ClientAwaitingSynAck::receive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientProven {
+    /// The server's identity, authenticated by its node key and bound to this SYN.
+    pub peer: PeerIdentity,
+    /// The ACK token to send; `None` after a bound SYN-ACK: the server authorized the client at
+    /// its bound SYN and expects nothing more.
+    pub ack: Option<Vec<u8>>,
 }
 
 impl ClientAwaitingSynAck {
-    /// Check the server's SYN-ACK and make the ACK token. On success the returned identity is
-    /// the server's, authenticated by its node key and bound to this SYN (so to the client
-    /// nonce). The state is not consumed, so a forged SYN-ACK does not kill the flow.
+    /// Whether this SYN was bound.
+    pub fn is_bound(&self) -> bool {
+        self.bound
+    }
+
+    /// Check the server's plain SYN-ACK and make the ACK token: [`ClientAwaitingSynAck::receive`]
+    /// for callers that never send a bound SYN; a bound SYN-ACK is refused here
+    /// (`wrong_token_type`).
     pub fn receive_syn_ack(
         &self,
         node: &mut Node,
         synack: &[u8],
         now_ms: u64,
     ) -> Result<(PeerIdentity, Vec<u8>), HandshakeError> {
+        let proven = self.receive(node, synack, now_ms)?;
+        match proven.ack {
+            Some(ack) => Ok((proven.peer, ack)),
+            None => Err(HandshakeError::WrongTokenType {
+                expected: TYPE_SYN_ACK,
+                found: TYPE_SYN_ACK_BOUND,
+            }),
+        }
+    }
+
+    /// Check the server's SYN-ACK, plain or (after a bound SYN) bound. On success the returned
+    /// identity is the server's, authenticated by its node key and bound to this SYN (so to the
+    /// client nonce), with the ACK token to send after a plain SYN-ACK. The state is not
+    /// consumed, so a forged SYN-ACK does not kill the flow.
+    pub fn receive(
+        &self,
+        node: &mut Node,
+        synack: &[u8],
+        now_ms: u64,
+    ) -> Result<ClientProven, HandshakeError> {
         let tok = SynAckToken::decode_with(synack, Some(&mut node.claims_cache))?;
+        if tok.bound && !self.bound {
+            return Err(HandshakeError::WrongTokenType {
+                expected: TYPE_SYN_ACK,
+                found: TYPE_SYN_ACK_BOUND,
+            });
+        }
         let hd = &tok.header;
         node.check_mode(hd.mode)?;
         node.resolve_peer(hd.key_id, &hd.node, now_ms)?;
@@ -615,24 +859,28 @@ impl ClientAwaitingSynAck {
         mac.update(&self.syn_hash);
         mac.update(body);
         check_tag(mac, &tok.mac)?;
-        let ack_header = AckToken::header(node.mode());
-        let mut mac = keys.ack_out;
-        mac.update(&self.syn_hash);
-        mac.update(&tok.mac);
-        mac.update(&ack_header);
-        let tag = mac.finalize().into_bytes();
-        let mut ack = Vec::with_capacity(ack_header.len() + MAC_LEN);
-        ack.extend_from_slice(&ack_header);
-        ack.extend_from_slice(&tag);
+        let ack = (!tok.bound).then(|| {
+            let ack_header = AckToken::header(node.mode());
+            let mut mac = keys.ack_out;
+            mac.update(&self.syn_hash);
+            mac.update(&tok.mac);
+            mac.update(&ack_header);
+            let tag = mac.finalize().into_bytes();
+            let mut ack = Vec::with_capacity(ack_header.len() + MAC_LEN);
+            ack.extend_from_slice(&ack_header);
+            ack.extend_from_slice(&tag);
+            ack
+        });
         let port_name = (!tok.port_name.is_empty()).then_some(tok.port_name);
-        Ok((
-            PeerIdentity {
+        Ok(ClientProven {
+            peer: PeerIdentity {
+                key_id: tok.header.key_id,
                 node: tok.header.node,
                 claims: tok.claims,
                 port_name,
             },
             ack,
-        ))
+        })
     }
 }
 
@@ -663,6 +911,28 @@ impl ServerSynReceived {
         nonce: [u8; NONCE_LEN],
         now_ms: u64,
     ) -> Result<(ServerAwaitingAck, Vec<u8>), HandshakeError> {
+        let (tag, out) = self.synack(node, TYPE_SYN_ACK, claims, port_name, nonce, now_ms)?;
+        let state = ServerAwaitingAck {
+            syn_hash: self.syn_hash,
+            synack_mac: tag,
+            client_key: self.client_key,
+            client_nonce: self.client_nonce,
+            client_ts: self.client_ts,
+            peer: self.peer,
+        };
+        Ok((state, out))
+    }
+
+    /// The SYN-ACK of type `ty` answering this SYN, and its MAC.
+    fn synack(
+        &self,
+        node: &mut Node,
+        ty: u8,
+        claims: &Claims,
+        port_name: &str,
+        nonce: [u8; NONCE_LEN],
+        now_ms: u64,
+    ) -> Result<([u8; MAC_LEN], Vec<u8>), HandshakeError> {
         check_port_name(port_name).map_err(HandshakeError::LocalClaims)?;
         let keys = node.pair(self.client_key, &self.peer.node)?;
         let header = Header {
@@ -680,7 +950,7 @@ impl ServerSynReceived {
                 + claims.encoded_len()
                 + MAC_LEN,
         );
-        encode_header(&mut out, TYPE_SYN_ACK, &header, &node.name);
+        encode_header(&mut out, ty, &header, &node.name);
         out.push(port_name.len() as u8);
         out.extend_from_slice(port_name.as_bytes());
         claims.encode(&mut out);
@@ -689,15 +959,35 @@ impl ServerSynReceived {
         mac.update(&out);
         let tag: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
         out.extend_from_slice(&tag);
-        let state = ServerAwaitingAck {
-            syn_hash: self.syn_hash,
-            synack_mac: tag,
-            client_key: self.client_key,
-            client_nonce: self.client_nonce,
-            client_ts: self.client_ts,
-            peer: self.peer,
-        };
-        Ok((state, out))
+        Ok((tag, out))
+    }
+}
+
+/// A bound SYN that verified ([`ServerSyn::Bound`]): the client is authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSynBound(ServerSynReceived);
+
+impl ServerSynBound {
+    /// The client's identity, authenticated by its node's MAC over the SYN and the flow's
+    /// source: authorize on it.
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.0.peer
+    }
+
+    /// Make the bound SYN-ACK token for the local server workload `claims` (as
+    /// [`ServerSynReceived::respond`], with the bound type): it tells the client that it is
+    /// authorized and that no ACK token is expected.
+    pub fn respond(
+        self,
+        node: &mut Node,
+        claims: &Claims,
+        port_name: &str,
+        nonce: [u8; NONCE_LEN],
+        now_ms: u64,
+    ) -> Result<Vec<u8>, HandshakeError> {
+        self.0
+            .synack(node, TYPE_SYN_ACK_BOUND, claims, port_name, nonce, now_ms)
+            .map(|(_, out)| out)
     }
 }
 

@@ -23,10 +23,12 @@ pub const TUNNEL_SALT: &[u8] = b"tessera/v1/tunnel-salt";
 /// Prefix of the PSK-mode tunnel key info string (followed by the length-prefixed node name).
 pub const TUNNEL_KEY_INFO: &[u8] = b"tessera/v1/tunnel-key";
 
-/// The four MAC keys of one node pair, seen from the local node, already keyed (the HMAC inner
+/// The six MAC keys of one node pair, seen from the local node, already keyed (the HMAC inner
 /// and outer pads are precomputed once, so a token costs only its own blocks).
 #[derive(Clone)]
 pub(crate) struct PairKeys {
+    pub syn_out: HmacSha256,
+    pub syn_in: HmacSha256,
     pub synack_out: HmacSha256,
     pub synack_in: HmacSha256,
     pub ack_out: HmacSha256,
@@ -60,13 +62,15 @@ fn unreachable_hmac() -> HmacSha256 {
     <HmacSha256 as KeyInit>::new(&Default::default())
 }
 
-/// Derive the four MAC keys from a 32-byte pair secret.
+/// Derive the six MAC keys from a 32-byte pair secret.
 pub(crate) fn pair_keys(pair_secret: &[u8; 32], local: &str, peer: &str) -> PairKeys {
     let prk = match Hkdf::<Sha256>::from_prk(pair_secret) {
         Ok(p) => p,
         Err(_) => Hkdf::<Sha256>::new(None, pair_secret),
     };
     PairKeys {
+        syn_out: mac_key(&prk, b"syn", local, peer),
+        syn_in: mac_key(&prk, b"syn", peer, local),
         synack_out: mac_key(&prk, b"syn-ack", local, peer),
         synack_in: mac_key(&prk, b"syn-ack", peer, local),
         ack_out: mac_key(&prk, b"ack", local, peer),

@@ -6,7 +6,8 @@
 //! * [`Claims`]: a workload's canonical, bounded identity.
 //! * [`pki`]: the cluster CA, node certificates (X25519 keys certified by an Ed25519 CA).
 //! * [`Psk`]: the pre-shared-key alternative, with entropy checks.
-//! * [`Node`] and the per-flow states: the three-token handshake.
+//! * [`Node`] and the per-flow states: the three-token handshake, and the two-token bound
+//!   handshake for a client that knows which node will answer.
 //! * [`wire`]: token layouts and the RFC 6994 TCP option.
 
 pub mod claims;
@@ -22,8 +23,8 @@ pub mod wire;
 pub use claims::{Claims, MAX_CLAIMS_LEN};
 pub use error::{CertError, ClaimsError, HandshakeError, PkiError, PskError};
 pub use handshake::{
-    ClientAwaitingSynAck, Config, Node, PeerIdentity, PeerNode, ServerAwaitingAck,
-    ServerSynReceived,
+    BindingMiss, ClientAwaitingSynAck, ClientProven, Config, FlowSource, Node, PeerIdentity,
+    PeerNode, ServerAwaitingAck, ServerSyn, ServerSynBound, ServerSynReceived,
 };
 pub use pki::{CertificateAuthority, NodeCertificate, NodeCredentials, TrustAnchor};
 pub use psk::Psk;

@@ -12,6 +12,12 @@ pub const TYPE_SYN: u8 = 1;
 pub const TYPE_SYN_ACK: u8 = 2;
 /// Token type byte of the ACK token.
 pub const TYPE_ACK: u8 = 3;
+/// Token type byte of the bound SYN token: a SYN MACed for the node the client expects to
+/// answer, so that node can authorize at the SYN (docs/wire-format.md, "Bound handshake").
+pub const TYPE_SYN_BOUND: u8 = 6;
+/// Token type byte of the bound SYN-ACK token: the answer of a node that authorized the client
+/// at its bound SYN, which therefore expects no ACK token.
+pub const TYPE_SYN_ACK_BOUND: u8 = 7;
 
 /// Length of a key id.
 pub const KEY_ID_LEN: usize = 8;
@@ -29,6 +35,13 @@ pub const HEADER_LEN: usize = 4 + KEY_ID_LEN + 8 + NONCE_LEN;
 pub const ACK_LEN: usize = 4 + MAC_LEN;
 /// Largest SYN token: header + node name + claims.
 pub const MAX_SYN_LEN: usize = HEADER_LEN + MAX_NODE_NAME_LEN + crate::claims::MAX_CLAIMS_LEN;
+/// Length of the receiver tag's node part: the first 8 bytes of SHA-256 of the receiver's name.
+pub const RECEIVER_NAME_TAG_LEN: usize = 8;
+/// What a bound SYN adds to a SYN: the receiver's key id, its name tag and the MAC.
+pub const BINDING_LEN: usize = KEY_ID_LEN + RECEIVER_NAME_TAG_LEN + MAC_LEN;
+/// Largest bound SYN token: a SYN of the largest size and its binding: 1361 bytes, exactly
+/// [`MAX_TOKEN_LEN`].
+pub const MAX_SYN_BOUND_LEN: usize = MAX_SYN_LEN + BINDING_LEN;
 /// Largest token of any type (a SYN-ACK with maximal node name, port name and claims): 1361
 /// bytes. With an IPv6 header (40), a TCP header with the maximum 40 bytes of options (60) that
 /// is 1461 bytes, under a 1500-byte MTU.
@@ -140,18 +153,34 @@ pub struct Header {
     pub node: String,
 }
 
-/// A decoded SYN token (unauthenticated until the handshake completes).
+/// A decoded SYN token (unauthenticated until the handshake completes, or until its binding's
+/// MAC is checked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynToken {
     /// Header.
     pub header: Header,
     /// Client workload's claims.
     pub claims: Claims,
+    /// The binding of a bound SYN ([`TYPE_SYN_BOUND`]); `None` for a plain SYN.
+    pub binding: Option<SynBinding>,
+}
+
+/// What a bound SYN carries after the claims: the node it is MACed for and the MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynBinding {
+    /// The key id of the node the client expects to answer.
+    pub receiver_key: KeyId,
+    /// The first 8 bytes of SHA-256 of that node's name.
+    pub receiver_tag: [u8; RECEIVER_NAME_TAG_LEN],
+    /// HMAC-SHA256 over the client's address, port and protocol and the token before the MAC.
+    pub mac: [u8; MAC_LEN],
 }
 
 /// A decoded SYN-ACK token (MAC not yet checked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynAckToken {
+    /// A bound SYN-ACK ([`TYPE_SYN_ACK_BOUND`]): the server authorized at the bound SYN.
+    pub bound: bool,
     /// Header.
     pub header: Header,
     /// Name of the destination port on the server pod; empty if unnamed.
@@ -185,8 +214,14 @@ pub(crate) fn encode_header(out: &mut Vec<u8>, ty: u8, h: &Header, node: &str) {
 }
 
 /// Version, type and mode checks shared by all tokens, in that order, so the earliest byte that
-/// is wrong gives the reason.
-fn check_prefix(r: &mut Reader<'_>, total: usize, expected_ty: u8) -> Result<Mode, HandshakeError> {
+/// is wrong gives the reason. `expected_ty` is the token's plain type; `bound_ty`, if any, the
+/// bound variant of it also taken here. Returns the mode and the type found.
+fn check_prefix(
+    r: &mut Reader<'_>,
+    total: usize,
+    expected_ty: u8,
+    bound_ty: Option<u8>,
+) -> Result<(Mode, u8), HandshakeError> {
     if total > MAX_TOKEN_LEN {
         return Err(HandshakeError::Malformed("token longer than the maximum"));
     }
@@ -197,7 +232,7 @@ fn check_prefix(r: &mut Reader<'_>, total: usize, expected_ty: u8) -> Result<Mod
     let ty = r
         .u8()
         .ok_or(HandshakeError::Malformed("truncated at type"))?;
-    if ty != expected_ty {
+    if ty != expected_ty && Some(ty) != bound_ty {
         return Err(HandshakeError::WrongTokenType {
             expected: expected_ty,
             found: ty,
@@ -206,7 +241,8 @@ fn check_prefix(r: &mut Reader<'_>, total: usize, expected_ty: u8) -> Result<Mod
     let mode_byte = r
         .u8()
         .ok_or(HandshakeError::Malformed("truncated at mode"))?;
-    Mode::from_byte(mode_byte).ok_or(HandshakeError::ModeMismatch(mode_byte))
+    let mode = Mode::from_byte(mode_byte).ok_or(HandshakeError::ModeMismatch(mode_byte))?;
+    Ok((mode, ty))
 }
 
 fn decode_header(r: &mut Reader<'_>, mode: Mode) -> Result<Header, HandshakeError> {
@@ -267,21 +303,55 @@ impl SynToken {
         cache: Option<&mut ClaimsCache>,
     ) -> Result<SynToken, HandshakeError> {
         let mut r = Reader::new(bytes);
-        let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN)?;
+        let (mode, ty) = check_prefix(&mut r, bytes.len(), TYPE_SYN, Some(TYPE_SYN_BOUND))?;
         let header = decode_header(&mut r, mode)?;
         let claims = decode_claims(&mut r, cache)?;
+        let binding = if ty == TYPE_SYN_BOUND {
+            let receiver_key = KeyId(
+                r.array()
+                    .ok_or(HandshakeError::Malformed("truncated at receiver key id"))?,
+            );
+            let receiver_tag = r
+                .array()
+                .ok_or(HandshakeError::Malformed("truncated at receiver name tag"))?;
+            let mac = r
+                .array()
+                .ok_or(HandshakeError::Malformed("truncated MAC"))?;
+            Some(SynBinding {
+                receiver_key,
+                receiver_tag,
+                mac,
+            })
+        } else {
+            None
+        };
         if !r.is_empty() {
             return Err(HandshakeError::Malformed("trailing bytes after SYN token"));
         }
-        Ok(SynToken { header, claims })
+        Ok(SynToken {
+            header,
+            claims,
+            binding,
+        })
     }
 
     /// Encode (deterministic; the exact bytes are what the SYN-ACK's MAC binds).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(HEADER_LEN + self.header.node.len() + self.claims.encoded_len());
-        encode_header(&mut out, TYPE_SYN, &self.header, &self.header.node);
+        let bound = self.binding.map_or(0, |_| BINDING_LEN);
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + self.header.node.len() + self.claims.encoded_len() + bound,
+        );
+        let ty = match self.binding {
+            Some(_) => TYPE_SYN_BOUND,
+            None => TYPE_SYN,
+        };
+        encode_header(&mut out, ty, &self.header, &self.header.node);
         self.claims.encode(&mut out);
+        if let Some(b) = &self.binding {
+            out.extend_from_slice(&b.receiver_key.0);
+            out.extend_from_slice(&b.receiver_tag);
+            out.extend_from_slice(&b.mac);
+        }
         out
     }
 }
@@ -298,7 +368,7 @@ impl SynAckToken {
         cache: Option<&mut ClaimsCache>,
     ) -> Result<SynAckToken, HandshakeError> {
         let mut r = Reader::new(bytes);
-        let mode = check_prefix(&mut r, bytes.len(), TYPE_SYN_ACK)?;
+        let (mode, ty) = check_prefix(&mut r, bytes.len(), TYPE_SYN_ACK, Some(TYPE_SYN_ACK_BOUND))?;
         let header = decode_header(&mut r, mode)?;
         let port_name = r
             .str_u8()
@@ -314,6 +384,7 @@ impl SynAckToken {
             ));
         }
         Ok(SynAckToken {
+            bound: ty == TYPE_SYN_ACK_BOUND,
             header,
             port_name: port_name.to_owned(),
             claims,
@@ -326,7 +397,7 @@ impl AckToken {
     /// Decode an ACK token.
     pub fn decode(bytes: &[u8]) -> Result<AckToken, HandshakeError> {
         let mut r = Reader::new(bytes);
-        let mode = check_prefix(&mut r, bytes.len(), TYPE_ACK)?;
+        let (mode, _) = check_prefix(&mut r, bytes.len(), TYPE_ACK, None)?;
         let reserved = r
             .u8()
             .ok_or(HandshakeError::Malformed("truncated at reserved byte"))?;
