@@ -3,7 +3,7 @@
 use policy::Protocol;
 use std::net::SocketAddr;
 
-use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynReceived};
+use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynBound, ServerSynReceived};
 
 use crate::processor::WorkloadId;
 
@@ -24,11 +24,13 @@ pub struct FlowKey {
 /// Handshake state of one flow.
 #[derive(Debug)]
 pub(crate) enum FlowState {
-    /// Client: SYN sent with `syn_token`; re-sent as is on retransmission.
+    /// Client: SYN sent with `syn_token`; re-sent as is on retransmission, unless it was bound
+    /// (for the node `bound_to`): then the retransmission carries a new, plain SYN.
     ClientSynSent {
         client: ClientAwaitingSynAck,
         isn: u32,
         syn_token: Box<[u8]>,
+        bound_to: Option<Box<str>>,
     },
     /// Client: the server's SYN-ACK was verified and egress allowed; the first ACK (and any
     /// duplicate of it) carries `ack_token`.
@@ -75,6 +77,21 @@ pub(crate) enum FlowState {
     },
     /// Server: a token-less SYN from an IP-only peer passed ingress; its SYN-ACK authorizes.
     ServerTokenless { isn: u32 },
+    /// Server: a bound SYN authenticated the client and ingress allowed it; the bound SYN-ACK
+    /// is not made yet (`server` is `None` only transiently while it is made).
+    ServerBound {
+        server: Option<Box<ServerSynBound>>,
+        isn: u32,
+        syn_token: Box<[u8]>,
+    },
+    /// Server: the bound SYN-ACK left and marked the flow; no ACK token will come. A SYN on the
+    /// tuple again (its answer was lost, or the client starts over) unmarks the flow so the
+    /// kernel's next SYN-ACK is queued: it gets `synack_token` again after the same SYN.
+    ServerBoundAnswered {
+        isn: u32,
+        syn_token: Box<[u8]>,
+        synack_token: Box<[u8]>,
+    },
     /// Authorized (either side): packets still queued are accepted and marked. `peer_token` is
     /// the last token the peer sent (the ACK token on the server side, the SYN-ACK token on the
     /// client side): a duplicate of it is stripped again, any other token is refused.
@@ -113,6 +130,8 @@ impl FlowState {
             FlowState::ServerSynReceived { .. }
                 | FlowState::ServerAwaitingAck { .. }
                 | FlowState::ServerTokenless { .. }
+                | FlowState::ServerBound { .. }
+                | FlowState::ServerBoundAnswered { .. }
                 | FlowState::Authorized { .. }
         )
     }

@@ -18,6 +18,7 @@
 //! - [`tunnel`]: encryption between nodes, the WireGuard tunnel's peer table, cryptokey
 //!   routing and counters (`boringtun` sessions); `shell::tunnel` runs it over TUN and UDP.
 
+mod bound;
 pub mod dns;
 pub mod established;
 pub mod flow;

@@ -118,7 +118,19 @@ pub struct Metrics {
     dns_cache_entries: usize,
     dns_cache_evicted: u64,
     dns_cache_expired: u64,
+    bound: [u64; BOUND_EVENTS.len()],
 }
+
+/// The events of the bound handshake, as `tessera_bound_handshakes_total` labels them.
+pub const BOUND_EVENTS: [&str; 7] = [
+    "sent",
+    "authorized",
+    "completed",
+    "answered_plain",
+    "retransmitted_plain",
+    "binding_other_receiver",
+    "binding_bad_mac",
+];
 
 fn hook_index(hook: Hook) -> usize {
     match hook {
@@ -142,6 +154,19 @@ fn kind_index(kind: PacketKind) -> usize {
 }
 
 impl Metrics {
+    /// Count an event of the bound handshake (one of [`BOUND_EVENTS`]; others are ignored).
+    pub fn count_bound(&mut self, event: &str) {
+        if let Some(i) = BOUND_EVENTS.iter().position(|e| *e == event) {
+            self.bound[i] += 1;
+        }
+    }
+    /// How many times an event of the bound handshake happened.
+    pub fn bound(&self, event: &str) -> u64 {
+        BOUND_EVENTS
+            .iter()
+            .position(|e| *e == event)
+            .map_or(0, |i| self.bound[i])
+    }
     /// Count an accepted packet.
     pub fn count_accepted(&mut self, hook: Hook, kind: PacketKind) {
         self.accepted[hook_index(hook)][kind_index(kind)] += 1;
@@ -362,6 +387,17 @@ impl Metrics {
             "tessera_flows_authorized_total{{peer=\"address\"}} {}",
             self.authorized_by_address
         )?;
+        writeln!(
+            out,
+            "# HELP tessera_bound_handshakes_total The bound handshake (two tokens, for a connection to an address whose node a verified SYN-ACK named), by event: sent (a client sent a bound SYN), authorized (a server authorized at one and answered with a bound SYN-ACK), completed (a client took a bound SYN-ACK), answered_plain (a bound SYN got a plain SYN-ACK: the three tokens followed), retransmitted_plain (a bound SYN went unanswered; its retransmission went plain and the node gets plain SYNs for a while), binding_other_receiver and binding_bad_mac (why a server took a bound SYN as a plain one: bound for another node or key; a source rewritten on the way, or an altered token)."
+        )?;
+        writeln!(out, "# TYPE tessera_bound_handshakes_total counter")?;
+        for (event, n) in BOUND_EVENTS.iter().zip(self.bound) {
+            writeln!(
+                out,
+                "tessera_bound_handshakes_total{{event=\"{event}\"}} {n}"
+            )?;
+        }
         writeln!(
             out,
             "# HELP tessera_packets_requeued_total Packets without the ACK token sent back to the queue (they overtook the token), before it came or they were dropped."

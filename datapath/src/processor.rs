@@ -9,11 +9,17 @@
 //!
 //! | packet (hook)            | state before        | action                                   | state after       |
 //! |--------------------------|---------------------|------------------------------------------|-------------------|
-//! | SYN (OUTPUT)             | none / other ISN    | `client_syn`, attach                     | ClientSynSent     |
-//! | SYN (OUTPUT)             | ClientSynSent, same ISN | attach the same token                | =                 |
+//! | SYN (OUTPUT)             | none / other ISN    | `client_syn`, attach; a *bound* SYN (`client_syn_bound`) when a verified SYN-ACK from the address named its node (and `bound_handshake`, and the node is not silent) | ClientSynSent |
+//! | SYN (OUTPUT)             | ClientSynSent, same ISN | attach the same token; after a bound one: a new plain SYN, and the node is silent for `bound_silent_ms` | = |
 //! | SYN + token (INPUT)      | none                | `server_syn`, ingress on the tentative peer, strip | ServerSynReceived |
 //! | SYN, no token (INPUT)    | none                | ingress on the IP only (`Peer::IpOnly`)  | ServerTokenless   |
-//! | same SYN again (INPUT)   | ServerSyn* / ServerAwaitingAck | strip, accept (no second `server_syn`) | = |
+//! | bound SYN (INPUT)        | none                | `server_syn_bound` verifies the binding: ingress on the proven client, strip (a binding that does not verify: as a plain SYN) | ServerBound |
+//! | same SYN again (INPUT)   | ServerSyn* / ServerAwaitingAck / ServerBound* | strip, accept (no second `server_syn`); after ServerBoundAnswered, unmark | = |
+//! | another SYN (INPUT)      | ServerBoundAnswered | as a new SYN, and unmark (the kernel's next SYN-ACK must be queued) | ServerSyn* |
+//! | SYN-ACK (OUTPUT)         | ServerBound         | `respond` with the bound SYN-ACK, attach, mark (SYN-ACKs are queued even on a marked flow) | ServerBoundAnswered |
+//! | SYN-ACK (OUTPUT)         | ServerBoundAnswered | attach the same token, mark              | =                 |
+//! | bound SYN-ACK (INPUT)    | ClientSynSent (bound) | `receive`, egress on the server's identity; strip, mark (no ACK token) | Authorized |
+//! | SYN-ACK, no token (INPUT)| ClientSynSent (bound) | drop `bound_syn_ack_without_token` (the SYN's retransmission goes plain) | = |
 //! | SYN-ACK (OUTPUT)         | ServerSynReceived   | `respond` (local port name), attach      | ServerAwaitingAck |
 //! | SYN-ACK (OUTPUT)         | ServerAwaitingAck   | attach the same token                    | =                 |
 //! | SYN-ACK (OUTPUT)         | ServerTokenless     | accept, mark                             | Authorized        |
@@ -52,9 +58,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use identity::rand_core::CryptoRng;
-use identity::{Claims, ClientAwaitingSynAck, HandshakeError, Node, PeerIdentity};
+use identity::{
+    Claims, ClientAwaitingSynAck, FlowSource, HandshakeError, Node, PeerIdentity, ServerSyn,
+};
+use pnet_packet::ip::IpNextHeaderProtocols;
 use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIdentity};
 
+use crate::bound::BoundPeers;
 use crate::dns::{self, MAX_NAMES_PER_ADDRESS, NameCache};
 use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
@@ -164,6 +174,17 @@ pub struct ProcessorConfig {
     /// The names learnt from the DNS answers the workloads receive
     /// ([`Processor::learn_dns_answer`]): TTL clamp and bounds.
     pub dns: dns::CacheConfig,
+    /// The bound handshake (docs/wire-format.md, "Bound handshake"): a TCP connection to an
+    /// address whose node a verified SYN-ACK named sends a SYN MACed for that node, which
+    /// authorizes at the SYN and answers with a bound SYN-ACK: two tokens, one queued packet
+    /// fewer at each end. Bound SYNs are always *taken* (this switch only stops sending them,
+    /// e.g. while agents older than the bound handshake still run: they drop bound SYNs, and
+    /// each of them costs one connection a SYN retransmission per `bound_silent_ms`).
+    pub bound_handshake: bool,
+    /// How long an address's node, as a verified SYN-ACK named it, is used to bind SYNs.
+    pub bound_peer_ms: u64,
+    /// How long a node that did not answer a bound SYN gets plain ones.
+    pub bound_silent_ms: u64,
 }
 
 impl Default for ProcessorConfig {
@@ -187,6 +208,9 @@ impl Default for ProcessorConfig {
             udp_max_flows: 65_536,
             udp_linger_ms: 2_000,
             dns: dns::CacheConfig::default(),
+            bound_handshake: true,
+            bound_peer_ms: 600_000,
+            bound_silent_ms: 600_000,
         }
     }
 }
@@ -324,6 +348,13 @@ pub enum Reason {
     /// handshake.
     #[error("UDP flow unknown to the peer's agent, unmarked to start again")]
     UdpRestart,
+    /// A SYN-ACK without a token in answer to a bound SYN: the node the SYN was bound for has an
+    /// agent, which answers with a token; a token-less SYN-ACK there is a retransmission of a
+    /// bound SYN-ACK that was lost (the server's flow is marked, so it bypassed that agent) or a
+    /// forgery, never a server without an agent to decide on its address. The client kernel
+    /// re-sends its SYN, which then goes plain.
+    #[error("token-less SYN-ACK in answer to a bound SYN")]
+    BoundSynAckWithoutToken,
     /// A token on a packet where none belongs (e.g. data after the handshake, a pure ACK on the
     /// client side, a different ACK token on an authorized flow).
     #[error("unexpected token")]
@@ -355,6 +386,7 @@ impl Reason {
             Reason::UnknownWorkload => "unknown_workload",
             Reason::OptionFromWorkload => "option_from_workload",
             Reason::UnexpectedToken => "unexpected_token",
+            Reason::BoundSynAckWithoutToken => "bound_syn_ack_without_token",
             Reason::AckMismatch => "ack_mismatch",
             Reason::SpoofedSource => "spoofed_source",
             Reason::UdpControl(_) => "udp_control_malformed",
@@ -519,6 +551,8 @@ pub struct Processor {
     dns_servers: Vec<ipnet::IpNet>,
     /// Flow records and the per-policy verdict counts (see [`crate::flowlog`]).
     flowlog: FlowLog,
+    /// The nodes behind peers' addresses, for bound SYNs.
+    bound: BoundPeers,
 }
 
 /// A peer's policy view and pod, shared by every flow with it.
@@ -551,6 +585,7 @@ impl Processor {
             dns: NameCache::new(config.dns),
             dns_servers: Vec::new(),
             flowlog,
+            bound: BoundPeers::default(),
         }
     }
 
@@ -779,6 +814,7 @@ impl Processor {
             dns,
             dns_servers: _,
             flowlog,
+            bound,
         } = self;
         let wl = workloads.get(&id)?;
         let mut step = Step {
@@ -799,6 +835,7 @@ impl Processor {
             local_keys,
             dns,
             flowlog,
+            bound,
             id,
             now: now_ms,
         };
@@ -1007,6 +1044,7 @@ struct Step<'a> {
     local_keys: &'a ahash::HashSet<PodKey>,
     dns: &'a NameCache,
     flowlog: &'a mut FlowLog,
+    bound: &'a mut BoundPeers,
     id: WorkloadId,
     now: u64,
 }
@@ -1037,6 +1075,8 @@ fn rst_fits(state: &FlowState, seg: &TcpSegment) -> bool {
         | FlowState::ClientVerified { server_isn } => seg.seq == server_isn.wrapping_add(1),
         FlowState::ServerSynReceived { isn, .. }
         | FlowState::ServerAwaitingAck { isn, .. }
+        | FlowState::ServerBound { isn, .. }
+        | FlowState::ServerBoundAnswered { isn, .. }
         | FlowState::ServerTokenless { isn } => seg.seq == isn.wrapping_add(1),
         FlowState::Authorized { .. } => true,
     }
@@ -1937,11 +1977,31 @@ impl Step<'_> {
         rng: &mut R,
     ) -> Verdict {
         if let Some(Flow {
-            state: FlowState::ClientSynSent { isn, syn_token, .. },
+            state:
+                FlowState::ClientSynSent {
+                    client,
+                    isn,
+                    syn_token,
+                    bound_to,
+                },
             ..
         }) = self.flows.live_mut(&key, self.now)
             && *isn == seg.seq
         {
+            if let Some(node) = bound_to.take() {
+                // The bound SYN went unanswered for a retransmission timeout: an agent older
+                // than the bound handshake drops its type (or the SYN, or its answer, was
+                // lost). The retransmission carries a plain SYN with a fresh nonce, and that
+                // node gets plain SYNs for a while (a bound SYN from it ends the wait).
+                let until = self.now.saturating_add(self.config.bound_silent_ms);
+                self.bound.silent(&node, until, self.now);
+                self.metrics.count_bound("retransmitted_plain");
+                let mut nonce = [0u8; identity::wire::NONCE_LEN];
+                rng.fill_bytes(&mut nonce);
+                let (plain, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+                *client = plain;
+                *syn_token = token.into_boxed_slice();
+            }
             let token = syn_token.clone();
             return modified_or(
                 packet::attach_token(packet, seg, &token),
@@ -1953,7 +2013,32 @@ impl Step<'_> {
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+        // A bound SYN when a verified SYN-ACK from this address named its node (and the node
+        // is not silent); otherwise, or if no pair key can be had with that node, a plain one.
+        let bound = match self.bound.get(&seg.dst, self.now) {
+            Some((node, server_key)) if self.config.bound_handshake => {
+                let source = FlowSource {
+                    addr: seg.src,
+                    port: seg.src_port,
+                    protocol: IpNextHeaderProtocols::Tcp.0,
+                };
+                self.node
+                    .client_syn_bound(&self.wl.claims, node, server_key, &source, nonce, self.now)
+                    .ok()
+                    .map(|(client, token)| (client, token, Some(Box::<str>::from(node))))
+            }
+            _ => None,
+        };
+        let (client, token, bound_to) = match bound {
+            Some(b) => {
+                self.metrics.count_bound("sent");
+                b
+            }
+            None => {
+                let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+                (client, token, None)
+            }
+        };
         if let Err(e) = packet::attach_token(packet, seg, &token) {
             return Verdict::drop(Reason::Packet(e));
         }
@@ -1962,6 +2047,7 @@ impl Step<'_> {
                 client,
                 isn: seg.seq,
                 syn_token: token.into_boxed_slice(),
+                bound_to,
             },
             self.handshake_deadline(),
         );
@@ -1974,25 +2060,44 @@ impl Step<'_> {
     /// Server INPUT SYN: verify the token (or take the peer as IP-only), decide ingress, strip.
     fn server_syn(&mut self, key: FlowKey, seg: &TcpSegment, packet: &mut Vec<u8>) -> Verdict {
         let token = seg.token(packet);
+        // A SYN on a tuple whose bound SYN-ACK marked the flow: that answer was lost, or the
+        // client starts over. The flow is unmarked, so the kernel's next SYN-ACK is queued and
+        // gets its token.
+        let mut reopen = false;
         // A retransmission of the SYN we already accepted: same sequence number, same token.
         if let Some(flow) = self.flows.live_mut(&key, self.now) {
+            reopen = matches!(flow.state, FlowState::ServerBoundAnswered { .. });
             let same = match (&flow.state, token) {
                 (
                     FlowState::ServerSynReceived { isn, syn_token, .. }
-                    | FlowState::ServerAwaitingAck { isn, syn_token, .. },
+                    | FlowState::ServerAwaitingAck { isn, syn_token, .. }
+                    | FlowState::ServerBound { isn, syn_token, .. }
+                    | FlowState::ServerBoundAnswered { isn, syn_token, .. },
                     Some(t),
                 ) => *isn == seg.seq && **syn_token == *t,
                 (FlowState::ServerTokenless { isn }, None) => *isn == seg.seq,
                 _ => false,
             };
             if same {
+                let ok = if reopen {
+                    Verdict::reopen(true)
+                } else {
+                    Verdict::accept(true)
+                };
                 return if seg.has_option() {
-                    modified_or(packet::strip_token(packet, seg), Verdict::accept(true))
+                    modified_or(packet::strip_token(packet, seg), ok)
                 } else {
                     Verdict::accept(false)
                 };
             }
         }
+        let accepted = |modified| {
+            if reopen {
+                Verdict::reopen(modified)
+            } else {
+                Verdict::accept(modified)
+            }
+        };
         if !self.flows.has_room(&key, self.now) {
             return Verdict::drop(Reason::FlowTableFull);
         }
@@ -2014,10 +2119,51 @@ impl Step<'_> {
             if !self.flows.insert(key, flow, self.now) {
                 return Verdict::drop(Reason::FlowTableFull);
             }
-            return Verdict::accept(false);
+            return accepted(false);
         };
-        let received = match self.node.server_syn(token, self.now) {
-            Ok(r) => r,
+        let source = FlowSource {
+            addr: seg.src,
+            port: seg.src_port,
+            protocol: IpNextHeaderProtocols::Tcp.0,
+        };
+        let received = match self.node.server_syn_bound(token, &source, self.now) {
+            Ok(ServerSyn::Tentative(r, miss)) => {
+                if let Some(miss) = miss {
+                    self.metrics.count_bound(miss.as_str());
+                }
+                r
+            }
+            Ok(ServerSyn::Bound(bound)) => {
+                // Authenticated at the SYN: ingress decides on the proven identity, and the
+                // bound SYN-ACK will authorize the flow.
+                self.bound.heard(&bound.peer().node);
+                let view = self.peer_of(bound.peer());
+                if !self.decide(
+                    &key,
+                    Direction::Ingress,
+                    &view.0,
+                    Who::Proven(bound.peer()),
+                    None,
+                ) {
+                    return Verdict::drop(Reason::PolicyIngress);
+                }
+                let syn_token: Box<[u8]> = token.into();
+                if let Err(e) = packet::strip_token(packet, seg) {
+                    return Verdict::drop(Reason::Packet(e));
+                }
+                let flow = Flow::new(
+                    FlowState::ServerBound {
+                        server: Some(Box::new(bound)),
+                        isn: seg.seq,
+                        syn_token,
+                    },
+                    self.handshake_deadline(),
+                );
+                if !self.flows.insert(key, flow, self.now) {
+                    return Verdict::drop(Reason::FlowTableFull);
+                }
+                return accepted(true);
+            }
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
         let (peer, _) = self.peer_of(received.tentative_peer());
@@ -2045,7 +2191,7 @@ impl Step<'_> {
         if !self.flows.insert(key, flow, self.now) {
             return Verdict::drop(Reason::FlowTableFull);
         }
-        Verdict::accept(true)
+        accepted(true)
     }
 
     /// Server OUTPUT SYN-ACK: answer the SYN's token (once), re-send it on retransmission.
@@ -2076,6 +2222,54 @@ impl Step<'_> {
                 Verdict::authorize(false)
             }
             FlowState::Authorized { .. } => Verdict::authorize(false),
+            FlowState::ServerBoundAnswered { synack_token, .. } => {
+                let token = synack_token.clone();
+                modified_or(
+                    packet::attach_token(packet, seg, &token),
+                    Verdict::authorize(true),
+                )
+            }
+            FlowState::ServerBound {
+                server,
+                isn,
+                syn_token,
+            } => {
+                let Some(bound) = server.take() else {
+                    self.flows.remove(&key);
+                    return Verdict::drop(Reason::NoFlowState);
+                };
+                let (isn, syn_token) = (*isn, std::mem::take(syn_token));
+                let view = self.peer_of(bound.peer());
+                let port_name = self.local_port_name(seg.src_port).to_owned();
+                let mut nonce = [0u8; identity::wire::NONCE_LEN];
+                rng.fill_bytes(&mut nonce);
+                let token =
+                    match bound.respond(self.node, &self.wl.claims, &port_name, nonce, self.now) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.flows.remove(&key);
+                            return Verdict::drop(local_error(e));
+                        }
+                    };
+                if let Err(e) = packet::attach_token(packet, seg, &token) {
+                    self.flows.remove(&key);
+                    return Verdict::drop(Reason::Packet(e));
+                }
+                // The answer leaves: the flow is authorized, and marked, so the client's ACK
+                // and everything after it bypass userspace here.
+                if let Some(flow) = self.flows.live_mut(&key, self.now) {
+                    flow.state = FlowState::ServerBoundAnswered {
+                        isn,
+                        syn_token,
+                        synack_token: token.into_boxed_slice(),
+                    };
+                    flow.deadline_ms = linger;
+                }
+                self.metrics.count_authorized(true);
+                self.metrics.count_bound("authorized");
+                self.remember(key, Direction::Ingress, Some(view), None);
+                Verdict::authorize(true)
+            }
             FlowState::ServerSynReceived {
                 server,
                 isn,
@@ -2190,6 +2384,9 @@ impl Step<'_> {
             return Verdict::drop(Reason::AckMismatch);
         }
         let Some(token) = token else {
+            if client.is_bound() {
+                return Verdict::drop(Reason::BoundSynAckWithoutToken);
+            }
             // No token: a server without agent; egress on its IP only.
             if !self.decide(
                 &key,
@@ -2209,10 +2406,18 @@ impl Step<'_> {
             self.remember(key, Direction::Egress, None, None);
             return Verdict::authorize(false);
         };
-        let (server, ack_token) = match client.receive_syn_ack(self.node, token, self.now) {
-            Ok(r) => r,
+        let (server, ack_token) = match client.receive(self.node, token, self.now) {
+            Ok(r) => (r.peer, r.ack),
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
+        // The address's node, proven: the next connection to it can be bound.
+        self.bound.learn(
+            key.remote.ip(),
+            &server.node,
+            server.key_id,
+            self.now.saturating_add(self.config.bound_peer_ms),
+            self.now,
+        );
         let view = self.peer_of(&server);
         if !self.decide(
             &key,
@@ -2235,6 +2440,23 @@ impl Step<'_> {
         let synack_token: Box<[u8]> = token.into();
         if let Err(e) = packet::strip_token(packet, seg) {
             return Verdict::drop(Reason::Packet(e));
+        }
+        let Some(ack_token) = ack_token else {
+            // A bound SYN-ACK: the server authorized us at our bound SYN and marked the flow;
+            // no ACK token follows. Marked here too, so the client's ACK bypasses both agents.
+            if let Some(flow) = self.flows.live_mut(&key, self.now) {
+                flow.state = FlowState::Authorized {
+                    peer_token: Some(synack_token),
+                };
+                flow.deadline_ms = linger;
+            }
+            self.metrics.count_authorized(true);
+            self.metrics.count_bound("completed");
+            return Verdict::authorize(true);
+        };
+        if client.is_bound() {
+            // The bound SYN reached another node, a rotated key, or a rewritten source.
+            self.metrics.count_bound("answered_plain");
         }
         if let Some(flow) = self.flows.live_mut(&key, self.now) {
             flow.state = FlowState::ClientAckPending {
@@ -2401,7 +2623,16 @@ impl Step<'_> {
                 self.remember(key, Direction::Ingress, Some(view), None);
                 Verdict::authorize(true)
             }
-            FlowState::ServerSynReceived { .. } => Verdict::drop(Reason::AckMissing),
+            FlowState::ServerSynReceived { .. } | FlowState::ServerBound { .. } => {
+                Verdict::drop(Reason::AckMissing)
+            }
+            FlowState::ServerBoundAnswered { .. } => {
+                // Queued only while unmarked (a SYN came again); the client sends no ACK token.
+                if token.is_some() {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
+                Verdict::authorize(false)
+            }
             FlowState::ServerTokenless { .. } => {
                 if token.is_some() {
                     return Verdict::drop(Reason::UnexpectedToken);

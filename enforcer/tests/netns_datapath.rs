@@ -61,12 +61,19 @@ impl Family {
 
     /// frontend-1 (node 1) and backend-2 (node 2).
     fn pair(self, mode: Mode) -> Testbed {
+        self.pair_with(mode, &[])
+    }
+
+    /// [`Family::pair`], the agents run with `extra` arguments.
+    fn pair_with(self, mode: Mode, extra: &[&str]) -> Testbed {
+        let mut agents = AgentConfig::new(Path::new(TESSERA), mode);
+        agents.extra = extra.iter().map(|a| a.to_string()).collect();
         Testbed::builder()
             .ipv6(self == Family::V6)
             .policies(&policies())
             .workload(WorkloadSpec::new("frontend-1", 1, "WebFrontend").port(Some("http"), 80))
             .workload(WorkloadSpec::new("backend-2", 2, "BusinessBackend").port(Some("api"), 8080))
-            .agents(AgentConfig::new(Path::new(TESSERA), mode))
+            .agents(agents)
             .build()
     }
 
@@ -361,7 +368,9 @@ fn reached(a: &testbed::Agent, reason: &str, before: f64) -> f64 {
 /// counted by reason; a connection whose ACK proof never arrives never reaches the server
 /// application, and does as soon as the genuine ACK is delivered.
 fn injected_handshakes_are_rejected(mode: Mode, family: Family) {
-    let tb = family.pair(mode);
+    // The three tokens on every connection: the second one's ACK token is what this takes
+    // apart (the bound handshake, which has none, has its own scenario below).
+    let tb = family.pair_with(mode, &["--no-bound-handshake"]);
     let client = tb.workload("frontend-1").clone();
     let server = tb.workload("backend-2").clone();
     let node1 = tb.nodes[0].clone();
@@ -505,6 +514,262 @@ family_tests!(
     netns_injected_handshakes_are_rejected_pki,
     netns_ipv6_injected_handshakes_are_rejected_psk,
     netns_ipv6_injected_handshakes_are_rejected_pki
+);
+
+/// The sample of `tessera_packets_accepted_total` for `hook` and `kind`.
+fn accepted_of(m: &testbed::Metrics, hook: &str, kind: &str) -> f64 {
+    let prefix = format!("tessera_packets_accepted_total{{hook=\"{hook}\",kind=\"{kind}\"}} ");
+    m.text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The token type byte of a captured packet's token.
+fn token_type(p: &IpTcp) -> Option<u8> {
+    p.token().map(|t| p.0[t.start + 1])
+}
+
+/// The bound handshake on the real kernel. The first connection takes the three tokens and
+/// teaches node 1 backend-2's node; the second takes two: a bound SYN (type 6) and a bound
+/// SYN-ACK, after which both ends are marked, so the client's ACK reaches neither agent, and the
+/// echo works. Attacks: the second connection's SYN replayed from another port is refused
+/// (`replay`); a third connection's bound SYN, kept from the server by node 1 and sent from
+/// another port first (as someone on the path would), authorizes nothing there
+/// (`binding_bad_mac`: the server waits for an ACK token that never comes, and the client's
+/// agent answers the SYN-ACK of a flow it does not have with a RST). The genuine client's SYN
+/// is retransmitted plain and its connection completes.
+fn bound_handshake(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
+    let client = tb.workload("frontend-1").clone();
+    let server = tb.workload("backend-2").clone();
+    let node1 = tb.nodes[0].clone();
+    let sip = family.ip(&server);
+    let to = family.addr_of(&server, 8080);
+    let mut cap = Capture::start(&client.ns, move |p| p.dst() == sip && p.dport() == 8080);
+    let logs = |tb: &Testbed| {
+        format!(
+            "{}\n{}\n{}",
+            tb.agent(1).metrics().text,
+            tb.agent(2).metrics().text,
+            tb.agent_logs()
+        )
+    };
+
+    let mut s = testbed::connect(&client.ns, to, OK_TIMEOUT).unwrap();
+    echo_once(&mut s, 1).unwrap();
+    let first = s.local_addr().unwrap().port();
+    let syn = cap
+        .wait_for(Duration::from_secs(3), |p| {
+            p.sport() == first && p.flags() == SYN && p.token().is_some()
+        })
+        .expect("the first SYN left with a token");
+    assert_eq!(token_type(&syn), Some(1), "the first connection is plain");
+
+    let acks_before = accepted_of(&tb.agent(1).metrics(), "output", "ack");
+    let mut s2 = testbed::connect(&client.ns, to, OK_TIMEOUT).unwrap();
+    echo_once(&mut s2, 2).unwrap_or_else(|e| panic!("bound connection: {e}\n{}", logs(&tb)));
+    let second = s2.local_addr().unwrap().port();
+    let bound_syn = cap
+        .wait_for(Duration::from_secs(3), |p| {
+            p.sport() == second && p.flags() == SYN && p.token().is_some()
+        })
+        .expect("the second SYN left with a token");
+    assert_eq!(token_type(&bound_syn), Some(6), "the second SYN is bound");
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    let event =
+        |m: &testbed::Metrics, e: &str| m.sum_of("tessera_bound_handshakes_total", "event", e);
+    assert_eq!(event(&m1, "completed"), 1.0, "{}", logs(&tb));
+    assert_eq!(event(&m2, "authorized"), 1.0, "{}", logs(&tb));
+    assert_eq!(
+        accepted_of(&m1, "output", "ack"),
+        acks_before,
+        "the bound connection's ACK bypassed the client's agent"
+    );
+    assert_eq!(tb.server("backend-2", 8080).accepted(), 2);
+
+    // Replayed from another source port: refused.
+    let before = m2.sum_with_label("reason", "replay");
+    let mut replay = bound_syn.clone();
+    replay.set_sport(second.wrapping_add(1000).max(1024));
+    replay.fix_checksums();
+    packet::inject(&node1, &replay);
+    assert!(
+        reached(tb.agent(2), "replay", before) >= 1.0,
+        "replayed bound SYN not counted as replay:\n{}",
+        logs(&tb)
+    );
+
+    // Kept from the server and sent first from another port: node 1 drops the next SYN that
+    // carries our option to port 8080 (once).
+    run_in(
+        &node1,
+        &[
+            family.iptables(),
+            "-I",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "--syn",
+            "--tcp-option",
+            "253",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "100000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let bad_mac = m2.sum_with_label("event", "binding_bad_mac");
+    let ns = client.ns.clone();
+    let third = std::thread::spawn(move || {
+        let mut s = testbed::connect(&ns, to, OK_TIMEOUT)?;
+        echo_once(&mut s, 3)
+    });
+    let kept = cap
+        .wait_for(Duration::from_secs(3), |p| {
+            p.flags() == SYN && token_type(p) == Some(6) && p.sport() != second
+        })
+        .expect("the third connection's bound SYN");
+    let mut moved = kept.clone();
+    moved.set_sport(kept.sport().wrapping_add(1000).max(1024));
+    moved.fix_checksums();
+    packet::inject(&node1, &moved);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tb
+        .agent(2)
+        .metrics()
+        .sum_with_label("event", "binding_bad_mac")
+        < bad_mac + 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the moved bound SYN was not taken as a plain one:\n{}",
+            logs(&tb)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The genuine client connects: its SYN's retransmission went plain.
+    third
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("third connection: {e}\n{}", logs(&tb)));
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    assert_eq!(event(&m1, "retransmitted_plain"), 1.0, "{}", logs(&tb));
+    assert_eq!(
+        event(&m2, "authorized"),
+        1.0,
+        "the moved SYN authorized nothing: {}",
+        logs(&tb)
+    );
+    assert_eq!(
+        tb.server("backend-2", 8080).accepted(),
+        3,
+        "only the genuine connections reached the server application"
+    );
+}
+
+family_tests!(
+    bound_handshake:
+    netns_bound_handshake_psk,
+    netns_bound_handshake_pki,
+    netns_ipv6_bound_handshake_psk,
+    netns_ipv6_bound_handshake_pki
+);
+
+/// The bound SYN-ACK is lost (node 1 drops it once). The server kernel re-sends its SYN-ACK on a
+/// flow already marked at the server, so without a token, which the client's agent refuses
+/// (`bound_syn_ack_without_token`); the client's SYN retransmission goes plain, unmarks the
+/// flow at the server, and the three tokens complete the connection.
+fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
+    let tb = family.pair(mode);
+    let ns = tb.workload("frontend-1").ns.clone();
+    let to = family.addr(&tb, "backend-2", 8080);
+    let mut s = testbed::connect(&ns, to, OK_TIMEOUT).unwrap();
+    echo_once(&mut s, 1).unwrap();
+    run_in(
+        &tb.nodes[0],
+        &[
+            family.iptables(),
+            "-I",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--sport",
+            "8080",
+            "--tcp-flags",
+            "SYN,ACK",
+            "SYN,ACK",
+            "--tcp-option",
+            "253",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "100000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let mut s2 = testbed::connect(&ns, to, OK_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "after a lost bound SYN-ACK: {e}\n{}\n{}",
+            tb.agent(1).metrics().text,
+            tb.agent_logs()
+        )
+    });
+    s2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    echo_once(&mut s2, 2).unwrap_or_else(|e| {
+        panic!(
+            "echo after a lost bound SYN-ACK: {e}\n{}\n{}\n{}",
+            tb.agent(1).metrics().text,
+            tb.agent(2).metrics().text,
+            tb.agent_logs()
+        )
+    });
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    let rules = run_in(&tb.nodes[0], &[family.iptables(), "-nvxL", "FORWARD"]);
+    let dropped: u64 = rules
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(dropped, 1, "the bound SYN-ACK was dropped once:\n{rules}");
+    assert_eq!(
+        m2.sum_of("tessera_bound_handshakes_total", "event", "authorized"),
+        1.0,
+        "{}",
+        m2.text
+    );
+    assert_eq!(
+        m1.sum_of(
+            "tessera_bound_handshakes_total",
+            "event",
+            "retransmitted_plain"
+        ),
+        1.0,
+        "{}",
+        m1.text
+    );
+    assert_eq!(tb.server("backend-2", 8080).accepted(), 2);
+}
+
+family_tests!(
+    lost_bound_syn_ack_recovers:
+    netns_lost_bound_syn_ack_recovers_psk,
+    netns_lost_bound_syn_ack_recovers_pki,
+    netns_ipv6_lost_bound_syn_ack_recovers_psk,
+    netns_ipv6_lost_bound_syn_ack_recovers_pki
 );
 
 /// A duplicate of the client's ACK token arriving after the server authorized the flow (what

@@ -173,6 +173,14 @@ fn render_as(cfg: &RuleConfig, family: Family, present: Jumps, create: bool) -> 
         out.push_str(&format!(
             "-A {chain} -p tcp --syn -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
         ));
+        if chain == CHAIN_OUTPUT {
+            // A server's SYN-ACK is queued even on a marked flow: the bound handshake marks the
+            // flow as its SYN-ACK leaves, and a retransmission of that SYN-ACK (the first was
+            // lost) must carry the token again, never leave without one.
+            out.push_str(&format!(
+                "-A {chain} -p tcp --tcp-flags SYN,ACK SYN,ACK -m mark ! --mark {auth} -j NFQUEUE --queue-num {q}{bypass}\n"
+            ));
+        }
         if chain == CHAIN_INPUT {
             // A token can arrive again after the flow was authorized (the client answers a
             // retransmitted SYN-ACK with a second ACK token): it must be stripped, never handed
@@ -585,6 +593,7 @@ mod tests {
 -A TESSERA-OUTPUT -o lo -j RETURN
 -A TESSERA-OUTPUT -m mark --mark 0x40000000/0x40000000 -j RETURN
 -A TESSERA-OUTPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
+-A TESSERA-OUTPUT -p tcp --tcp-flags SYN,ACK SYN,ACK -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-OUTPUT -m connmark --mark 0x10000000/0x10000000 -j RETURN
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN
@@ -620,7 +629,7 @@ COMMIT
         };
         let text = render(&cfg, Family::V6, Jumps::default());
         let queue_rules: Vec<_> = text.lines().filter(|l| l.contains("NFQUEUE")).collect();
-        assert_eq!(queue_rules.len(), 8);
+        assert_eq!(queue_rules.len(), 9);
         assert!(
             queue_rules
                 .iter()
@@ -658,18 +667,18 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 21);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 22);
         let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 39);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 40);
         // Learning DNS answers adds one rule per family, whatever the peers and policies.
         let dns = RuleConfig {
             dns_queue_num: Some(8),
             ..RuleConfig::default()
         };
         let v4 = render(&dns, Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 22);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 23);
         let v6 = render(&dns, Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 40);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 41);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct Options {
     pub accept_all: bool,
     /// Audit mode: policy denials are recorded, not applied.
     pub audit: bool,
+    /// Send bound SYNs (`--no-bound-handshake` turns it off).
+    pub bound_handshake: bool,
     /// Flow records: where to write them (`--flow-log`) and which to make.
     pub flow_log: FlowLogOptions,
     /// Busy polling of the queues before the agent's thread sleeps, while packets are coming
@@ -1383,6 +1385,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let config = ProcessorConfig {
         auth_mark: opts.auth_mark,
         audit: opts.audit,
+        bound_handshake: opts.bound_handshake,
         ..ProcessorConfig::default()
     };
     // The tunnel starts before anything else touches the kernel: if it cannot, the agent

@@ -124,6 +124,11 @@ pub struct RunArgs {
     /// peers then match nothing).
     #[arg(long, env = "TESSERA_NO_DNS_LEARNING")]
     pub no_dns_learning: bool,
+    /// Send no bound SYNs: every TCP connection takes the three tokens (bound SYNs from other
+    /// agents are still answered). For a cluster that still runs agents older than the bound
+    /// handshake, which drop bound SYNs (docs/wire-format.md, "Bound handshake").
+    #[arg(long, env = "TESSERA_NO_BOUND_HANDSHAKE")]
+    pub no_bound_handshake: bool,
     /// Learn names only from answers sent from these addresses (CIDRs, comma-separated or
     /// repeated): the cluster's DNS Service and node-local caches. Without it, answers from any
     /// server the workload may query are learnt.
@@ -206,6 +211,7 @@ pub struct FileConfig {
     dns_queue_num: Option<u16>,
     guard_queue_num: Option<u16>,
     dns_learning: Option<bool>,
+    bound_handshake: Option<bool>,
     dns_servers: Option<Vec<ipnet::IpNet>>,
     metrics_addr: Option<String>,
     log_format: Option<LogFormat>,
@@ -489,6 +495,7 @@ impl RunArgs {
             metrics_addr,
             accept_all: self.accept_all,
             audit: self.audit || file.audit.unwrap_or(false),
+            bound_handshake: !self.no_bound_handshake && file.bound_handshake != Some(false),
             flow_log,
             busy_poll: match self.busy_poll_us.or(file.busy_poll_us).unwrap_or(0) {
                 0 => None,
