@@ -198,6 +198,10 @@ struct Row {
     /// CPU time (user + system) of both agents over the measured connection loop, per
     /// connection, in µs (cases with agents).
     agent_cpu_us: Option<f64>,
+    /// Packets the agents (or the readers of case k or q4) handled per connection of the
+    /// measured loop: the queue trips a connection costs (6 for the three tokens, 4 for the
+    /// bound handshake).
+    queued_per_conn: Option<f64>,
 }
 
 /// What the flood case measured besides its row (whose connection figures are those under the
@@ -612,11 +616,16 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         Vec::new()
     };
     let cpu_before = cpu_ticks(&agent_pids);
+    let queued_before = queued_packets(&tb, agents, k.as_ref());
     let mut lat = conn_loops(&client, server, duration, args.clients)?;
     let agent_cpu_us = cpu_before
         .zip(cpu_ticks(&agent_pids))
         .filter(|_| !lat.is_empty())
         .map(|(b, a)| (a - b) as f64 * 1e6 / clock_ticks_per_second() / lat.len() as f64);
+    let queued_per_conn = queued_before
+        .zip(queued_packets(&tb, agents, k.as_ref()))
+        .filter(|_| !lat.is_empty())
+        .map(|(b, a)| (a - b) / lat.len() as f64);
     let (mut decision, mut decision_mean) = decisions.since(mark);
     let mut flood_report = None;
     if let Setup::Flood(_, kind) = setup {
@@ -666,6 +675,7 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         udp,
         flood: flood_report,
         agent_cpu_us,
+        queued_per_conn,
     })
 }
 
@@ -1094,7 +1104,7 @@ fn print_table(rows: &[Row]) {
         |x: Option<f64>, base: Option<&Row>, f: fn(&Row) -> Option<f64>| ratio_to(2, x, base, f);
     let dash = || "-".to_owned();
     println!(
-        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11}",
+        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7}",
         "case",
         "conns",
         "conn/s",
@@ -1116,7 +1126,8 @@ fn print_table(rows: &[Row]) {
         "/(b)",
         "/(k)",
         "udp p50",
-        "agent cpu/c"
+        "agent cpu/c",
+        "pkts/c"
     );
     for r in rows {
         let (dp50, dp99) = r.decision.map_or((dash(), dash()), |(x, y)| {
@@ -1129,7 +1140,7 @@ fn print_table(rows: &[Row]) {
             (format!("{rate:.0}"), format!("{p50:.0}us"))
         });
         println!(
-            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11}",
+            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7}",
             r.case,
             r.conns,
             r.rate,
@@ -1152,6 +1163,7 @@ fn print_table(rows: &[Row]) {
             ratio(udp_rate(r), k, udp_rate),
             u_p50,
             r.agent_cpu_us.map_or(dash(), |c| format!("{c:.0}us")),
+            r.queued_per_conn.map_or(dash(), |q| format!("{q:.1}")),
         );
     }
     println!(
@@ -1161,7 +1173,8 @@ fn print_table(rows: &[Row]) {
     println!(
         "* median of --transfers connections of --bytes each (min..max beside it); pkts/tx: packets \
          the agents (cases k and q4: their readers) handled per transfer (the handshake's, if \
-         established flows stay in the kernel)"
+         established flows stay in the kernel); pkts/c: the same per connection of the measured \
+         loop (its queue trips)"
     );
     println!(
         "targets: (c) conn/s >= 0.90 x (b); decision p50 <= 10us, p99 <= 50us; (c) throughput >= 0.98 x (a)"
