@@ -2126,69 +2126,52 @@ impl Step<'_> {
             port: seg.src_port,
             protocol: IpNextHeaderProtocols::Tcp.0,
         };
-        let received = match self.node.server_syn_bound(token, &source, self.now) {
-            Ok(ServerSyn::Tentative(r, miss)) => {
+        let syn = match self.node.server_syn_bound(token, &source, self.now) {
+            Ok(syn) => syn,
+            Err(e) => return Verdict::drop(Reason::Handshake(e)),
+        };
+        // A plain SYN (or a bound one this node cannot use) is tentative: ingress drops what
+        // it denies, and the ACK decides. A bound SYN authenticated the client: ingress decides
+        // on the proven identity, and the bound SYN-ACK will authorize the flow.
+        let (peer, who) = match &syn {
+            ServerSyn::Tentative(received, miss) => {
                 if let Some(miss) = miss {
                     self.metrics.count_bound(miss.as_str());
                 }
-                r
+                (
+                    received.tentative_peer(),
+                    Who::Tentative(received.tentative_peer()),
+                )
             }
-            Ok(ServerSyn::Bound(bound)) => {
-                // Authenticated at the SYN: ingress decides on the proven identity, and the
-                // bound SYN-ACK will authorize the flow.
+            ServerSyn::Bound(bound) => {
                 self.bound.heard(&bound.peer().node);
-                let view = self.peer_of(bound.peer());
-                if !self.decide(
-                    &key,
-                    Direction::Ingress,
-                    &view.0,
-                    Who::Proven(bound.peer()),
-                    None,
-                ) {
-                    return Verdict::drop(Reason::PolicyIngress);
-                }
-                let syn_token: Box<[u8]> = token.into();
-                if let Err(e) = packet::strip_token(packet, seg) {
-                    return Verdict::drop(Reason::Packet(e));
-                }
-                let flow = Flow::new(
-                    FlowState::ServerBound {
-                        server: Some(Box::new(bound)),
-                        isn: seg.seq,
-                        syn_token,
-                    },
-                    self.handshake_deadline(),
-                );
-                if !self.flows.insert(key, flow, self.now) {
-                    return Verdict::drop(Reason::FlowTableFull);
-                }
-                return accepted(true);
+                (bound.peer(), Who::Proven(bound.peer()))
             }
-            Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let (peer, _) = self.peer_of(received.tentative_peer());
-        if !self.decide(
-            &key,
-            Direction::Ingress,
-            &peer,
-            Who::Tentative(received.tentative_peer()),
-            None,
-        ) {
+        let (view, _) = self.peer_of(peer);
+        if !self.decide(&key, Direction::Ingress, &view, who, None) {
             return Verdict::drop(Reason::PolicyIngress);
         }
         let syn_token: Box<[u8]> = token.into();
         if let Err(e) = packet::strip_token(packet, seg) {
             return Verdict::drop(Reason::Packet(e));
         }
-        let flow = Flow::new(
-            FlowState::ServerSynReceived {
+        let state = match syn {
+            ServerSyn::Tentative(received, _) => FlowState::ServerSynReceived {
                 server: Some(Box::new(received)),
                 isn: seg.seq,
                 syn_token,
             },
-            self.handshake_deadline(),
-        );
-        if !self.flows.insert(key, flow, self.now) {
+            ServerSyn::Bound(bound) => FlowState::ServerBound {
+                server: Some(Box::new(bound)),
+                isn: seg.seq,
+                syn_token,
+            },
+        };
+        if !self
+            .flows
+            .insert(key, Flow::new(state, self.handshake_deadline()), self.now)
+        {
             return Verdict::drop(Reason::FlowTableFull);
         }
         accepted(true)

@@ -7,44 +7,8 @@
 mod common;
 
 use common::*;
-use datapath::{PacketKind, ProcessorConfig, Verdict};
+use datapath::{PacketKind, ProcessorConfig};
 use identity::wire::{TYPE_SYN, TYPE_SYN_ACK, TYPE_SYN_ACK_BOUND, TYPE_SYN_BOUND};
-
-/// db accepts web on 5432; web may reach db on 5432.
-const ALLOW: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: web}}}]
-    ports: [{port: 5432}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: db}}}]
-    ports: [{port: 5432}]
-";
-
-fn accepted(v: &Verdict, modified: bool, mark: bool) {
-    assert!(v.accept, "expected accept, got {v:?}");
-    assert_eq!(v.modified, modified, "modified: {v:?}");
-    assert_eq!(v.mark_authorized, mark, "mark: {v:?}");
-    assert!(!v.unmark, "{v:?}");
-    assert_eq!(v.reason, None);
-}
-
-fn dropped(v: &Verdict) -> &'static str {
-    assert!(!v.accept, "expected drop, got {v:?}");
-    assert!(!v.mark_authorized);
-    v.reason.as_ref().expect("a drop has a reason").as_str()
-}
 
 fn token_type(p: &[u8]) -> u8 {
     token_of(p).expect("a token")[1]

@@ -26,28 +26,6 @@ const DB6: Pod = Pod {
     ..DB
 };
 
-/// db accepts web on 5432; web may reach db on 5432.
-const ALLOW: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: web}}}]
-    ports: [{port: 5432}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: db}}}]
-    ports: [{port: 5432}]
-";
-
 /// web may reach db on the port named postgres.
 const EGRESS_NAMED: &str = "
 apiVersion: networking.k8s.io/v1
@@ -61,14 +39,6 @@ spec:
     ports: [{port: postgres}]
 ";
 
-/// Two nodes, one workload each (id 1 on both).
-fn accepted(v: &Verdict, modified: bool, mark: bool) {
-    assert!(v.accept, "expected accept, got {v:?}");
-    assert_eq!(v.modified, modified, "modified: {v:?}");
-    assert_eq!(v.mark_authorized, mark, "mark: {v:?}");
-    assert_eq!(v.reason, None);
-}
-
 /// Accepted (stripped) with the flow's AUTH bit cleared from the connmark.
 fn reopened(v: &Verdict) {
     assert!(
@@ -77,12 +47,6 @@ fn reopened(v: &Verdict) {
     );
     assert!(!v.mark_authorized);
     assert_eq!(v.reason, None);
-}
-
-fn dropped(v: &Verdict) -> &'static str {
-    assert!(!v.accept, "expected drop, got {v:?}");
-    assert!(!v.mark_authorized);
-    v.reason.as_ref().expect("a drop has a reason").as_str()
 }
 
 /// The packets of one successful handshake as they travelled.

@@ -602,12 +602,10 @@ fn bound_handshake(mode: Mode, family: Family) {
 
     // Kept from the server and sent first from another port: node 1 drops the next SYN that
     // carries our option to port 8080 (once).
-    run_in(
+    drop_once(
         &node1,
+        family,
         &[
-            family.iptables(),
-            "-I",
-            "FORWARD",
             "-p",
             "tcp",
             "--dport",
@@ -615,16 +613,6 @@ fn bound_handshake(mode: Mode, family: Family) {
             "--syn",
             "--tcp-option",
             "253",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "100000",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
         ],
     );
     let bad_mac = m2.sum_with_label("event", "binding_bad_mac");
@@ -694,12 +682,10 @@ fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
     let to = family.addr(&tb, "backend-2", 8080);
     let mut s = testbed::connect(&ns, to, OK_TIMEOUT).unwrap();
     echo_once(&mut s, 1).unwrap();
-    run_in(
+    drop_once(
         &tb.nodes[0],
+        family,
         &[
-            family.iptables(),
-            "-I",
-            "FORWARD",
             "-p",
             "tcp",
             "--sport",
@@ -709,16 +695,6 @@ fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
             "SYN,ACK",
             "--tcp-option",
             "253",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "100000",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
         ],
     );
     let mut s2 = testbed::connect(&ns, to, OK_TIMEOUT).unwrap_or_else(|e| {
@@ -738,12 +714,7 @@ fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
         )
     });
     let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
-    let rules = run_in(&tb.nodes[0], &[family.iptables(), "-nvxL", "FORWARD"]);
-    let dropped: u64 = rules
-        .lines()
-        .find(|l| l.contains("statistic"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let (dropped, rules) = dropped_once(&tb.nodes[0], family);
     assert_eq!(dropped, 1, "the bound SYN-ACK was dropped once:\n{rules}");
     assert_eq!(
         m2.sum_of("tessera_bound_handshakes_total", "event", "authorized"),
@@ -817,6 +788,36 @@ family_tests!(
     netns_ipv6_duplicate_ack_token_is_not_data_pki
 );
 
+/// In `node`'s FORWARD chain, first: drop the first packet that `matching` matches, once.
+fn drop_once(node: &str, family: Family, matching: &[&str]) {
+    let mut rule = vec![family.iptables(), "-I", "FORWARD"];
+    rule.extend_from_slice(matching);
+    rule.extend_from_slice(&[
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "100000",
+        "--packet",
+        "0",
+        "-j",
+        "DROP",
+    ]);
+    run_in(node, &rule);
+}
+
+/// How many packets [`drop_once`]'s rule in `node` dropped, and the chain's listing.
+fn dropped_once(node: &str, family: Family) -> (u64, String) {
+    let rules = run_in(node, &[family.iptables(), "-nvxL", "FORWARD"]);
+    let dropped = rules
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (dropped, rules)
+}
+
 /// The client's flow is marked as its ACK token leaves. When that ACK is lost (dropped once on
 /// the inter-node link), the client's data bypasses its agent and the server's agent refuses it
 /// (ack_missing); the server kernel re-sends its SYN-ACK, the client's agent strips it and
@@ -824,13 +825,11 @@ family_tests!(
 /// completes. Over IPv6 this is the ip6tables CONNMARK path.
 fn lost_ack_token_recovers(mode: Mode, family: Family) {
     let tb = family.pair(mode);
-    // Drop the first pure ACK carrying our option that crosses node 1 (nth: the first match).
-    run_in(
+    // Drop the first pure ACK carrying our option that crosses node 1.
+    drop_once(
         &tb.nodes[0],
+        family,
         &[
-            family.iptables(),
-            "-A",
-            "FORWARD",
             "-p",
             "tcp",
             "--dport",
@@ -840,16 +839,6 @@ fn lost_ack_token_recovers(mode: Mode, family: Family) {
             "ACK",
             "--tcp-option",
             "253",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "100000",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
         ],
     );
     let mut s = testbed::connect(
@@ -866,12 +855,7 @@ fn lost_ack_token_recovers(mode: Mode, family: Family) {
         tb.agent(1).metrics().text,
         tb.agent(2).metrics().text
     );
-    let rules = run_in(&tb.nodes[0], &[family.iptables(), "-nvxL", "FORWARD"]);
-    let dropped: u64 = rules
-        .lines()
-        .find(|l| l.contains("statistic"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let (dropped, rules) = dropped_once(&tb.nodes[0], family);
     assert_eq!(dropped, 1, "the first ACK token was dropped once:\n{rules}");
     assert!(
         tb.agent(2)

@@ -1,6 +1,6 @@
 //! Arbitrary bytes as a queued packet, at every hook of a client and a server node whose flow
 //! state was first driven to a chosen handshake stage by genuine packets: a TCP connection and
-//! a UDP flow, each to a stage of its own. The parser, the rewriters, `Processor::process`, the
+//! a UDP flow, each to a stage of its own (the TCP one a bound handshake if byte 0 says so). The parser, the rewriters, `Processor::process`, the
 //! UDP timers and `Processor::refuse_unencrypted` must never panic, a packet may grow by at most
 //! the option block plus the largest token, what the agents send of their own (control
 //! datagrams, released datagrams, resets) is bounded in number and size and parses as the
@@ -142,6 +142,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut rng = SeededRng::new(b"fuzz");
+    // Bit 5 of byte 0: a first connection from another port completes before, so the one
+    // driven below is a bound handshake (two tokens; stage 2 is then authorized at both ends).
+    if control & 0x20 != 0 {
+        let c0 = (C.0, C.1 - 1);
+        let mut syn = packet(c0, S, 500, 0, 0x02);
+        a.process(ID, Hook::Output, &mut syn, false, NOW, &mut rng);
+        b.process(ID, Hook::Input, &mut syn, false, NOW, &mut rng);
+        let mut sa = packet(S, c0, 7000, 501, 0x12);
+        b.process(ID, Hook::Output, &mut sa, false, NOW, &mut rng);
+        a.process(ID, Hook::Input, &mut sa, false, NOW, &mut rng);
+        let mut ack = packet(c0, S, 501, 7001, 0x10);
+        a.process(ID, Hook::Output, &mut ack, false, NOW, &mut rng);
+        b.process(ID, Hook::Input, &mut ack, false, NOW, &mut rng);
+    }
     // Drive the genuine handshake to stage 0..=3.
     let stage = control & 0x03;
     let mut syn = packet(C, S, 1000, 0, 0x02);

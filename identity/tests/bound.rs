@@ -403,27 +403,8 @@ fn bound_tokens_decode_encode_and_refuse_every_truncation() {
 #[test]
 fn the_largest_bound_syn_is_exactly_the_maximum_token_size() {
     assert_eq!(MAX_SYN_BOUND_LEN, MAX_TOKEN_LEN);
-    let mut labels = std::collections::BTreeMap::new();
-    let base = Claims::new("n", "w", Default::default(), Default::default()).unwrap();
-    let mut size = base.encoded_len();
-    let mut i = 0;
-    while size + 2 + 10 + 1 + 63 <= identity::MAX_CLAIMS_LEN {
-        labels.insert(format!("key-{i:06}"), "v".repeat(63));
-        size += 2 + 10 + 1 + 63;
-        i += 1;
-    }
-    labels.insert(
-        "z".repeat(identity::MAX_CLAIMS_LEN - size - 3),
-        String::new(),
-    );
-    let claims = Claims::new("n", "w", labels, Default::default()).unwrap();
-    let long = format!(
-        "{}.{}.{}.{}",
-        "a".repeat(63),
-        "b".repeat(63),
-        "c".repeat(63),
-        "d".repeat(61)
-    );
+    let claims = Claims::new("n", "w", largest_labels().0, Default::default()).unwrap();
+    let long = longest_node_name();
     let psk = || Psk::new(PSK).unwrap();
     let mut a = Node::new_psk(&long, psk(), Config::default()).unwrap();
     let mut b = Node::new_psk(&long, psk(), Config::default()).unwrap();

@@ -541,17 +541,7 @@ fn ten_labels_of_thirty_bytes_give_a_syn_under_600_bytes() {
 #[test]
 fn the_largest_claims_give_a_token_of_exactly_the_maximum_size() {
     // Fill the claims to exactly MAX_CLAIMS_LEN.
-    let mut labels = std::collections::BTreeMap::new();
-    let base = Claims::new("n", "w", Default::default(), Default::default()).unwrap();
-    let mut size = base.encoded_len();
-    let mut i = 0;
-    while size + 2 + 10 + 1 + 63 <= MAX_CLAIMS_LEN {
-        labels.insert(format!("key-{i:06}"), "v".repeat(63));
-        size += 2 + 10 + 1 + 63;
-        i += 1;
-    }
-    let pad = MAX_CLAIMS_LEN - size - 2 - 1;
-    labels.insert("z".repeat(pad), String::new());
+    let (labels, pad) = largest_labels();
     let claims = Claims::new("n", "w", labels.clone(), Default::default()).unwrap();
     assert_eq!(claims.encoded_len(), MAX_CLAIMS_LEN);
     // One byte more is refused, not truncated.
@@ -562,13 +552,7 @@ fn the_largest_claims_give_a_token_of_exactly_the_maximum_size() {
         Err(ClaimsError::TooLarge { .. })
     ));
     // Longest node name and port name: the SYN-ACK hits MAX_TOKEN_LEN exactly.
-    let long = format!(
-        "{}.{}.{}.{}",
-        "a".repeat(63),
-        "b".repeat(63),
-        "c".repeat(63),
-        "d".repeat(61)
-    );
+    let long = longest_node_name();
     assert_eq!(long.len(), 253);
     let psk = || Psk::new(PSK).unwrap();
     let mut a = Node::new_psk(&long, psk(), Config::default()).unwrap();

@@ -198,17 +198,7 @@ fn render_bound(mode: &str, mut a: Node, mut b: Node) -> String {
 #[test]
 fn committed_bound_vectors_decode_and_verify() {
     let read = |n: &str| std::fs::read_to_string(dir().join(n)).unwrap();
-    let files: Vec<(&str, String)> = [
-        "ca.crt",
-        "ca.key",
-        "node-a.crt",
-        "node-a.key",
-        "node-b.crt",
-        "node-b.key",
-    ]
-    .iter()
-    .map(|n| (*n, read(n)))
-    .collect();
+    let files = committed_keys();
     for (file, mode) in [
         ("pki-bound-handshake.txt", identity::Mode::Pki),
         ("psk-bound-handshake.txt", identity::Mode::Psk),
@@ -288,6 +278,21 @@ fn udp_control_vectors_carry_the_handshake_tokens() {
     assert_eq!(restart, Some((5, &[0u8][..])));
 }
 
+/// The committed CA and node keys and certificates, by file name.
+fn committed_keys() -> Vec<(&'static str, String)> {
+    [
+        "ca.crt",
+        "ca.key",
+        "node-a.crt",
+        "node-a.key",
+        "node-b.crt",
+        "node-b.key",
+    ]
+    .iter()
+    .map(|n| (*n, std::fs::read_to_string(dir().join(n)).unwrap()))
+    .collect()
+}
+
 fn pki_from(files: &[(&str, String)]) -> (Node, Node) {
     let get = |n: &str| files.iter().find(|(k, _)| *k == n).unwrap().1.clone();
     let trust = TrustAnchor::from_pem(&get("ca.crt")).unwrap();
@@ -323,17 +328,7 @@ fn regenerated_vectors_match_the_committed_files() {
 #[test]
 fn committed_vectors_decode_and_verify() {
     let read = |n: &str| std::fs::read_to_string(dir().join(n)).unwrap();
-    let files: Vec<(&str, String)> = [
-        "ca.crt",
-        "ca.key",
-        "node-a.crt",
-        "node-a.key",
-        "node-b.crt",
-        "node-b.key",
-    ]
-    .iter()
-    .map(|n| (*n, read(n)))
-    .collect();
+    let files = committed_keys();
     for (file, mode) in [
         ("pki-handshake.txt", identity::Mode::Pki),
         ("psk-handshake.txt", identity::Mode::Psk),

@@ -680,3 +680,42 @@ pub fn to_port(p: &[u8], port: u16, client_is_src: bool) -> Vec<u8> {
     datapath::packet::fix_checksums(&mut q, &seg).unwrap();
     q
 }
+
+/// db accepts web on 5432; web may reach db on 5432.
+pub const ALLOW: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 5432}]
+";
+
+/// Accepted, `modified` or not, marking the flow authorized or not (never unmarking it),
+/// without a reason.
+pub fn accepted(v: &Verdict, modified: bool, mark: bool) {
+    assert!(v.accept, "expected accept, got {v:?}");
+    assert_eq!(v.modified, modified, "modified: {v:?}");
+    assert_eq!(v.mark_authorized, mark, "mark: {v:?}");
+    assert!(!v.unmark, "unmark: {v:?}");
+    assert_eq!(v.reason, None);
+}
+
+/// Dropped, with a reason: its label.
+pub fn dropped(v: &Verdict) -> &'static str {
+    assert!(!v.accept, "expected drop, got {v:?}");
+    assert!(!v.mark_authorized);
+    v.reason.as_ref().expect("a drop has a reason").as_str()
+}

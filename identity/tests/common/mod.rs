@@ -120,3 +120,31 @@ pub fn handshake(
         .map_err(|e| (Stage::ServerAck, e))?;
     Ok((client_id, server_id))
 }
+
+/// Pod labels that fill the claims of namespace "n", workload "w" to exactly
+/// `MAX_CLAIMS_LEN`, and the length of the last key (`"z"` repeated, with an empty value).
+pub fn largest_labels() -> (BTreeMap<String, String>, usize) {
+    let mut labels = BTreeMap::new();
+    let base = Claims::new("n", "w", Default::default(), Default::default()).unwrap();
+    let mut size = base.encoded_len();
+    let mut i = 0;
+    while size + 2 + 10 + 1 + 63 <= identity::MAX_CLAIMS_LEN {
+        labels.insert(format!("key-{i:06}"), "v".repeat(63));
+        size += 2 + 10 + 1 + 63;
+        i += 1;
+    }
+    let pad = identity::MAX_CLAIMS_LEN - size - 2 - 1;
+    labels.insert("z".repeat(pad), String::new());
+    (labels, pad)
+}
+
+/// The longest node name: a DNS-1123 subdomain of 253 bytes.
+pub fn longest_node_name() -> String {
+    format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    )
+}
