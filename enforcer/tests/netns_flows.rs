@@ -70,6 +70,18 @@ fn records_are_made_on_the_kernel(mode: Mode) {
         }
     });
 
+    // `--last 0`: it gets only the records made once it follows. Wait for the agent to count
+    // it (a debug binary on a loaded host can take a while to start and connect).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tb.agent(2).metrics().sum("tessera_flow_stream_followers") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never reached node 2's agent:\n{}",
+            tb.agent(2).metrics().text
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // A token peer, allowed by a NetworkPolicy rule (node 2) and by the default (node 1).
     let mut s = tb
         .connect("frontend-1", "backend-2", 8080, OK_TIMEOUT)
