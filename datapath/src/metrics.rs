@@ -156,6 +156,7 @@ fn kind_index(kind: PacketKind) -> usize {
 impl Metrics {
     /// Count an event of the bound handshake (one of [`BOUND_EVENTS`]; others are ignored).
     pub fn count_bound(&mut self, event: &str) {
+        debug_assert!(BOUND_EVENTS.contains(&event), "unknown bound event {event}");
         if let Some(i) = BOUND_EVENTS.iter().position(|e| *e == event) {
             self.bound[i] += 1;
         }

@@ -1082,6 +1082,16 @@ fn rst_fits(state: &FlowState, seg: &TcpSegment) -> bool {
     }
 }
 
+/// The source of a TCP segment as a bound SYN's MAC covers it (the client's side: the segment
+/// is a SYN).
+fn tcp_source(seg: &TcpSegment) -> FlowSource {
+    FlowSource {
+        addr: seg.src,
+        port: seg.src_port,
+        protocol: IpNextHeaderProtocols::Tcp.0,
+    }
+}
+
 /// The policy view of a handshake identity.
 fn peer_of(p: &PeerIdentity) -> Peer {
     Peer::Workload(WorkloadIdentity {
@@ -2016,17 +2026,18 @@ impl Step<'_> {
         // A bound SYN when a verified SYN-ACK from this address named its node (and the node
         // is not silent); otherwise, or if no pair key can be had with that node, a plain one.
         let bound = match self.bound.get(&seg.dst, self.now) {
-            Some((node, server_key)) if self.config.bound_handshake => {
-                let source = FlowSource {
-                    addr: seg.src,
-                    port: seg.src_port,
-                    protocol: IpNextHeaderProtocols::Tcp.0,
-                };
-                self.node
-                    .client_syn_bound(&self.wl.claims, node, server_key, &source, nonce, self.now)
-                    .ok()
-                    .map(|(client, token)| (client, token, Some(Box::<str>::from(node))))
-            }
+            Some((node, server_key)) if self.config.bound_handshake => self
+                .node
+                .client_syn_bound(
+                    &self.wl.claims,
+                    node,
+                    server_key,
+                    &tcp_source(seg),
+                    nonce,
+                    self.now,
+                )
+                .ok()
+                .map(|(client, token)| (client, token, Some(Box::<str>::from(node)))),
             _ => None,
         };
         let (client, token, bound_to) = match bound {
@@ -2063,11 +2074,11 @@ impl Step<'_> {
         // A SYN on a tuple whose bound SYN-ACK marked the flow: that answer was lost, or the
         // client starts over. The flow is unmarked, so the kernel's next SYN-ACK is queued and
         // gets its token.
-        let mut reopen = false;
+        let (mut reopen, mut same) = (false, false);
         // A retransmission of the SYN we already accepted: same sequence number, same token.
         if let Some(flow) = self.flows.live_mut(&key, self.now) {
             reopen = matches!(flow.state, FlowState::ServerBoundAnswered { .. });
-            let same = match (&flow.state, token) {
+            same = match (&flow.state, token) {
                 (
                     FlowState::ServerSynReceived { isn, syn_token, .. }
                     | FlowState::ServerAwaitingAck { isn, syn_token, .. }
@@ -2078,18 +2089,6 @@ impl Step<'_> {
                 (FlowState::ServerTokenless { isn }, None) => *isn == seg.seq,
                 _ => false,
             };
-            if same {
-                let ok = if reopen {
-                    Verdict::reopen(true)
-                } else {
-                    Verdict::accept(true)
-                };
-                return if seg.has_option() {
-                    modified_or(packet::strip_token(packet, seg), ok)
-                } else {
-                    Verdict::accept(false)
-                };
-            }
         }
         let accepted = |modified| {
             if reopen {
@@ -2098,6 +2097,14 @@ impl Step<'_> {
                 Verdict::accept(modified)
             }
         };
+        if same {
+            return if seg.has_option() {
+                modified_or(packet::strip_token(packet, seg), accepted(true))
+            } else {
+                // A token-less retransmission: only a ServerTokenless flow, never reopened.
+                accepted(false)
+            };
+        }
         if !self.flows.has_room(&key, self.now) {
             return Verdict::drop(Reason::FlowTableFull);
         }
@@ -2121,12 +2128,10 @@ impl Step<'_> {
             }
             return accepted(false);
         };
-        let source = FlowSource {
-            addr: seg.src,
-            port: seg.src_port,
-            protocol: IpNextHeaderProtocols::Tcp.0,
-        };
-        let syn = match self.node.server_syn_bound(token, &source, self.now) {
+        let syn = match self
+            .node
+            .server_syn_bound(token, &tcp_source(seg), self.now)
+        {
             Ok(syn) => syn,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };

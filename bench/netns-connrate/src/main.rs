@@ -615,8 +615,9 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
     } else {
         Vec::new()
     };
-    let cpu_before = cpu_ticks(&agent_pids);
+    // Scraped outside the CPU window: serving /metrics is not the connections' cost.
     let queued_before = queued_packets(&tb, agents, k.as_ref());
+    let cpu_before = cpu_ticks(&agent_pids);
     let mut lat = conn_loops(&client, server, duration, args.clients)?;
     let agent_cpu_us = cpu_before
         .zip(cpu_ticks(&agent_pids))
