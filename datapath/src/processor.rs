@@ -349,9 +349,9 @@ pub enum Reason {
     #[error("UDP flow unknown to the peer's agent, unmarked to start again")]
     UdpRestart,
     /// A SYN-ACK without a token in answer to a bound SYN: the node the SYN was bound for has an
-    /// agent, which answers with a token; a token-less SYN-ACK there is a retransmission of a
-    /// bound SYN-ACK that was lost (the server's flow is marked, so it bypassed that agent) or a
-    /// forgery, never a server without an agent to decide on its address. The client kernel
+    /// agent, which answers with a token (a retransmitted SYN-ACK too: the rules queue SYN-ACKs
+    /// even on a marked flow); a token-less SYN-ACK there comes from an agent that forgot the
+    /// flow, or is a forgery, never a server without an agent to decide on its address. The client kernel
     /// re-sends its SYN, which then goes plain.
     #[error("token-less SYN-ACK in answer to a bound SYN")]
     BoundSynAckWithoutToken,

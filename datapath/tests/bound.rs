@@ -117,10 +117,11 @@ fn with_the_switch_off_connections_take_three_tokens_and_bound_syns_are_still_ta
     assert_eq!(token_type(&syn_ack), TYPE_SYN_ACK_BOUND);
 }
 
-/// The bound SYN-ACK is lost. The server kernel re-sends its SYN-ACK on a flow already marked
-/// there, so without a token: the client refuses that (a bound SYN is answered with a token, and
-/// a token-less SYN-ACK must not make the server agentless). The client kernel re-sends its
-/// SYN, which goes plain with a fresh nonce; at the server it unmarks the flow, so the kernel's
+/// The bound SYN-ACK is lost, and a token-less SYN-ACK arrives instead (a forgery, or the
+/// kernel's retransmission after node-b's agent forgot the flow; a live agent re-sends the token,
+/// since the rules queue SYN-ACKs even on a marked flow): the client refuses it (a bound SYN is
+/// answered with a token, and a token-less SYN-ACK must not make the server agentless). The
+/// client kernel re-sends its SYN, which goes plain with a fresh nonce; at the server it unmarks the flow, so the kernel's
 /// answer is queued and gets a plain SYN-ACK; the three tokens follow. node-b is then silent:
 /// plain SYNs until `bound_silent_ms` has passed.
 #[test]
@@ -134,7 +135,7 @@ fn a_lost_bound_syn_ack_falls_back_to_three_tokens() {
     accepted(&w.in_b(&syn).0, true, false);
     let (v, _lost) = w.out_b(&w.syn_ack());
     accepted(&v, true, true);
-    // The kernel's retransmission bypassed node-b's agent: no token.
+    // A SYN-ACK without a token.
     let (v, _) = w.in_a(&w.syn_ack());
     assert_eq!(dropped(&v), "bound_syn_ack_without_token");
     // The client's SYN again: plain now.

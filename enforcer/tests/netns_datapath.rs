@@ -672,10 +672,12 @@ family_tests!(
     netns_ipv6_bound_handshake_pki
 );
 
-/// The bound SYN-ACK is lost (node 1 drops it once). The server kernel re-sends its SYN-ACK on a
-/// flow already marked at the server, so without a token, which the client's agent refuses
-/// (`bound_syn_ack_without_token`); the client's SYN retransmission goes plain, unmarks the
-/// flow at the server, and the three tokens complete the connection.
+/// The bound SYN-ACK is lost (node 1 drops it once). Two retransmissions race, both about a
+/// second later, and whichever comes first completes the connection: the server kernel's
+/// SYN-ACK, queued even though the flow is marked at the server, so it carries the bound token
+/// again (the client's agent completes the bound handshake); or the client's SYN, which goes
+/// plain, unmarks the flow at the server, and the three tokens follow. Exactly one of the two
+/// is counted, and the echo works either way.
 fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
     let tb = family.pair(mode);
     let ns = tb.workload("frontend-1").ns.clone();
@@ -722,14 +724,15 @@ fn lost_bound_syn_ack_recovers(mode: Mode, family: Family) {
         "{}",
         m2.text
     );
+    let event = |e: &str| m1.sum_of("tessera_bound_handshakes_total", "event", e);
     assert_eq!(
-        m1.sum_of(
-            "tessera_bound_handshakes_total",
-            "event",
-            "retransmitted_plain"
-        ),
-        1.0,
-        "{}",
+        (event("completed"), event("retransmitted_plain")),
+        if event("completed") > 0.0 {
+            (1.0, 0.0)
+        } else {
+            (0.0, 1.0)
+        },
+        "the re-sent bound SYN-ACK completed it, or the plain SYN that followed did:\n{}",
         m1.text
     );
     assert_eq!(tb.server("backend-2", 8080).accepted(), 2);
