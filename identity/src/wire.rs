@@ -518,16 +518,28 @@ pub enum UdpControlError {
     /// Bytes after the announced token.
     #[error("trailing bytes after the UDP control token")]
     Trailing,
-    /// The type is not SYN, SYN-ACK, ACK, REFUSED or RESTART, or the reserved byte is not 0.
+    /// The type is not SYN, SYN-ACK, ACK, bound SYN, bound SYN-ACK, REFUSED or RESTART, or the
+    /// reserved byte is not 0.
     #[error("UDP control type {0:#04x} or reserved byte not understood")]
     BadType(u8),
+    /// A control datagram of a handshake type (SYN, SYN-ACK, ACK and their bound variants)
+    /// whose token is of another type (the token's second byte): the framing and the token must
+    /// agree, so a datagram is handled as what its token is.
+    #[error("UDP control type {kind:#04x} carries a token of type {token:#04x}")]
+    TypeMismatch {
+        /// The control datagram's type.
+        kind: u8,
+        /// The token's type byte.
+        token: u8,
+    },
     /// The token length is 0 or over [`MAX_TOKEN_LEN`].
     #[error("UDP control token length {0} out of range")]
     BadTokenLength(u16),
 }
 
 /// The payload of a UDP control datagram carrying `token` of type `kind` ([`TYPE_SYN`],
-/// [`TYPE_SYN_ACK`], [`TYPE_ACK`], [`TYPE_UDP_REFUSED`] with the client nonce, or
+/// [`TYPE_SYN_ACK`], [`TYPE_ACK`], [`TYPE_SYN_BOUND`], [`TYPE_SYN_ACK_BOUND`] with a token of
+/// that type, [`TYPE_UDP_REFUSED`] with the client nonce, or
 /// [`TYPE_UDP_RESTART`] with [`UDP_RESTART_TOKEN`]): the magic,
 /// the type, a zero byte, the token length, the token. `None` if the token is empty or longer than [`MAX_TOKEN_LEN`].
 pub fn encode_udp_control(kind: u8, token: &[u8]) -> Option<Vec<u8>> {
@@ -554,11 +566,11 @@ pub fn parse_udp_control(payload: &[u8]) -> Result<Option<(u8, &[u8])>, UdpContr
         .get(..UDP_CONTROL_HEADER_LEN)
         .ok_or(UdpControlError::Truncated)?;
     let (kind, reserved) = (header[8], header[9]);
-    if !matches!(
+    let handshake = matches!(
         kind,
-        TYPE_SYN | TYPE_SYN_ACK | TYPE_ACK | TYPE_UDP_REFUSED | TYPE_UDP_RESTART
-    ) || reserved != 0
-    {
+        TYPE_SYN | TYPE_SYN_ACK | TYPE_ACK | TYPE_SYN_BOUND | TYPE_SYN_ACK_BOUND
+    );
+    if !(handshake || matches!(kind, TYPE_UDP_REFUSED | TYPE_UDP_RESTART)) || reserved != 0 {
         return Err(UdpControlError::BadType(kind));
     }
     let len = u16::from_be_bytes([header[10], header[11]]);
@@ -570,6 +582,12 @@ pub fn parse_udp_control(payload: &[u8]) -> Result<Option<(u8, &[u8])>, UdpContr
     if rest.len() > token.len() {
         return Err(UdpControlError::Trailing);
     }
+    if handshake && token.get(1) != Some(&kind) {
+        return Err(UdpControlError::TypeMismatch {
+            kind,
+            token: token.get(1).copied().unwrap_or(0),
+        });
+    }
     Ok(Some((kind, token)))
 }
 
@@ -580,7 +598,8 @@ mod udp_control_tests {
 
     #[test]
     fn control_datagrams_round_trip_and_are_byte_exact() {
-        let token = [0xAB; 36];
+        let mut token = [0xAB; 36];
+        token[1] = TYPE_ACK;
         let p = encode_udp_control(TYPE_ACK, &token).unwrap();
         assert_eq!(
             &p[..12],
@@ -592,7 +611,7 @@ mod udp_control_tests {
         assert_eq!(parse_udp_control(&p), Ok(Some((TYPE_ACK, &token[..]))));
         assert_eq!(encode_udp_control(TYPE_SYN, &[]), None);
         assert_eq!(encode_udp_control(TYPE_SYN, &[0; MAX_TOKEN_LEN + 1]), None);
-        let big = encode_udp_control(TYPE_SYN_ACK, &[1; MAX_TOKEN_LEN]).unwrap();
+        let big = encode_udp_control(TYPE_SYN_ACK, &[TYPE_SYN_ACK; MAX_TOKEN_LEN]).unwrap();
         assert_eq!(big.len(), MAX_UDP_CONTROL_LEN);
         assert!(parse_udp_control(&big).unwrap().is_some());
     }
@@ -618,8 +637,8 @@ mod udp_control_tests {
         assert!(parse_udp_control(&bad).unwrap().is_some(), "REFUSED");
         bad[8] = 5;
         assert!(parse_udp_control(&bad).unwrap().is_some(), "RESTART");
-        bad[8] = 6;
-        assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(6)));
+        bad[8] = 8;
+        assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(8)));
         bad[8] = 9;
         assert_eq!(parse_udp_control(&bad), Err(UdpControlError::BadType(9)));
         let mut bad = good.clone();
@@ -634,9 +653,44 @@ mod udp_control_tests {
     }
 
     #[test]
+    fn a_handshake_control_carries_a_token_of_its_own_type() {
+        for kind in [
+            TYPE_SYN,
+            TYPE_SYN_ACK,
+            TYPE_ACK,
+            TYPE_SYN_BOUND,
+            TYPE_SYN_ACK_BOUND,
+        ] {
+            let ok = encode_udp_control(kind, &[VERSION, kind, 0, 0]).unwrap();
+            assert_eq!(parse_udp_control(&ok), Ok(Some((kind, &ok[12..]))));
+            // A bound SYN framed as a plain one (or any other pair) is refused, as is a token
+            // too short to have a type.
+            let other = if kind == TYPE_SYN_BOUND {
+                TYPE_SYN
+            } else {
+                TYPE_SYN_BOUND
+            };
+            let mixed = encode_udp_control(kind, &[VERSION, other, 0, 0]).unwrap();
+            assert_eq!(
+                parse_udp_control(&mixed),
+                Err(UdpControlError::TypeMismatch { kind, token: other })
+            );
+            let short = encode_udp_control(kind, &[VERSION]).unwrap();
+            assert_eq!(
+                parse_udp_control(&short),
+                Err(UdpControlError::TypeMismatch { kind, token: 0 })
+            );
+        }
+        // REFUSED and RESTART carry no token type.
+        assert!(
+            parse_udp_control(&encode_udp_control(TYPE_UDP_REFUSED, &[9; 16]).unwrap()).is_ok()
+        );
+    }
+
+    #[test]
     fn arbitrary_payloads_never_panic() {
         // Every prefix of a valid datagram with every value of the bytes that matter.
-        let good = encode_udp_control(TYPE_SYN_ACK, &[3; 40]).unwrap();
+        let good = encode_udp_control(TYPE_SYN_ACK, &[TYPE_SYN_ACK; 40]).unwrap();
         for n in 0..=good.len() {
             let _ = parse_udp_control(&good[..n]);
         }
