@@ -174,10 +174,10 @@ pub struct ProcessorConfig {
     /// The names learnt from the DNS answers the workloads receive
     /// ([`Processor::learn_dns_answer`]): TTL clamp and bounds.
     pub dns: dns::CacheConfig,
-    /// The bound handshake (docs/wire-format.md, "Bound handshake"): a TCP connection to an
-    /// address whose node a verified SYN-ACK named sends a SYN MACed for that node, which
-    /// authorizes at the SYN and answers with a bound SYN-ACK: two tokens, one queued packet
-    /// fewer at each end. Bound SYNs are always *taken* (this switch only stops sending them,
+    /// The bound handshake (docs/wire-format.md, "Bound handshake"): a TCP connection or UDP
+    /// flow to an address whose node a verified SYN-ACK named sends a SYN MACed for that node,
+    /// which authorizes at the SYN and answers with a bound SYN-ACK: two tokens, one queued
+    /// packet fewer at each end. Bound SYNs are always *taken* (this switch only stops sending them,
     /// e.g. while agents older than the bound handshake still run: they drop bound SYNs, and
     /// each of them costs one connection a SYN retransmission per `bound_silent_ms`).
     pub bound_handshake: bool,
@@ -1350,12 +1350,14 @@ impl Step<'_> {
         match (hook, control) {
             // Only agents send control datagrams, and ours leave without being queued.
             (Hook::Output, Some(_)) => Verdict::drop(Reason::OptionFromWorkload),
-            (Hook::Input, Some((identity::wire::TYPE_SYN, token))) => {
-                self.udp_server_syn(key, &token, rng)
-            }
-            (Hook::Input, Some((identity::wire::TYPE_SYN_ACK, token))) => {
-                self.udp_client_syn_ack(key, &token)
-            }
+            (
+                Hook::Input,
+                Some((identity::wire::TYPE_SYN | identity::wire::TYPE_SYN_BOUND, token)),
+            ) => self.udp_server_syn(key, &token, rng),
+            (
+                Hook::Input,
+                Some((identity::wire::TYPE_SYN_ACK | identity::wire::TYPE_SYN_ACK_BOUND, token)),
+            ) => self.udp_client_syn_ack(key, &token),
             (Hook::Input, Some((identity::wire::TYPE_ACK, token))) => {
                 self.udp_server_ack(key, &token)
             }
@@ -1409,7 +1411,9 @@ impl Step<'_> {
                 });
                 return Verdict::consumed();
             }
-            Some(UdpState::ServerAuthorized { .. }) => return Verdict::authorize(false),
+            Some(UdpState::ServerAuthorized { .. } | UdpState::ServerBoundAnswered { .. }) => {
+                return Verdict::authorize(false);
+            }
             Some(UdpState::ServerAwaitingAck { .. }) => return Verdict::drop(Reason::AckMissing),
             None => {}
         }
@@ -1421,8 +1425,19 @@ impl Step<'_> {
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
-        let Some(syn) = self.emit_control(&key, identity::wire::TYPE_SYN, &token) else {
+        // Bound when a verified SYN-ACK from this address named its node, as for TCP.
+        let source = FlowSource {
+            addr: key.local.ip(),
+            port: key.local.port(),
+            protocol: IpNextHeaderProtocols::Udp.0,
+        };
+        let (client, token, bound_to) = self.make_syn(key.remote.ip(), &source, nonce);
+        let kind = if bound_to.is_some() {
+            identity::wire::TYPE_SYN_BOUND
+        } else {
+            identity::wire::TYPE_SYN
+        };
+        let Some(syn) = self.emit_control(&key, kind, &token) else {
             return Verdict::drop(Reason::LocalHandshake(HandshakeError::Malformed(
                 "SYN token too long for a control datagram",
             )));
@@ -1433,6 +1448,7 @@ impl Step<'_> {
                 UdpState::ClientHello {
                     client,
                     syn,
+                    bound_to,
                     held: Vec::new(),
                     tries: 1,
                     next_ms: self.now.saturating_add(self.config.udp_hello_rto_ms),
@@ -1449,7 +1465,11 @@ impl Step<'_> {
         let now = self.now;
         let mut resend = None;
         let verdict = match self.udp.get_mut(&key).map(|f| &mut f.state) {
-            Some(UdpState::ServerAuthorized { .. }) | Some(UdpState::ClientDone { .. }) => {
+            Some(
+                UdpState::ServerAuthorized { .. }
+                | UdpState::ServerBoundAnswered { .. }
+                | UdpState::ClientDone { .. },
+            ) => {
                 return Verdict::authorize(false);
             }
             Some(UdpState::ServerAwaitingAck {
@@ -1482,7 +1502,14 @@ impl Step<'_> {
                     Verdict::requeue_after_pause()
                 }
             }
-            Some(UdpState::ClientHello { .. }) => {
+            Some(UdpState::ClientHello { bound_to, .. }) => {
+                if bound_to.is_some() {
+                    // A plain answer to a bound SYN: its address's node was proven to have an
+                    // agent, so this proves nothing about the peer (it is forged, or the
+                    // address moved). Never taken as agentless here: the SYN's retransmission
+                    // is plain, and a plain SYN's silence can lead there.
+                    return Verdict::drop(Reason::BoundSynAckWithoutToken);
+                }
                 // A plain answer to our SYN control: the peer has no agent (an agent consumes
                 // control datagrams), e.g. a resolver answering what it took for a malformed
                 // query. Decide on its address now rather than after the retries; the answer
@@ -1537,7 +1564,18 @@ impl Step<'_> {
                 self.emit_udp(key.local, key.remote, &control, EmitMark::Control);
                 return Verdict::consumed();
             }
-            Some(UdpState::ClientHello { .. }) => {
+            Some(UdpState::ServerBoundAnswered { syn_token, synack }) if **syn_token == *token => {
+                // A duplicate of the bound SYN we answered (its nonce is recorded, so only the
+                // flow state knows it): the same answer, marking as before.
+                let control = synack.clone();
+                self.emit_udp(key.local, key.remote, &control, EmitMark::ControlAuthorized);
+                return Verdict::consumed();
+            }
+            Some(UdpState::ClientHello { bound_to, .. }) => {
+                if bound_to.is_some() {
+                    // Our bound SYN reflected, or forged: its address's node has an agent.
+                    return Verdict::drop(Reason::UnexpectedToken);
+                }
                 // We are the client on this tuple: a SYN coming back is our own reflected by
                 // an agentless peer (an echo service), or a simultaneous start; either way no
                 // agent answered ours. Decide on the address, like any plain answer.
@@ -1555,19 +1593,35 @@ impl Step<'_> {
         if !self.udp.has_room(self.config.udp_max_flows) {
             return Verdict::drop(Reason::FlowTableFull);
         }
-        let server = match self.node.server_syn(token, self.now) {
+        let source = FlowSource {
+            addr: key.remote.ip(),
+            port: key.remote.port(),
+            protocol: IpNextHeaderProtocols::Udp.0,
+        };
+        let syn = match self.node.server_syn_bound(token, &source, self.now) {
             Ok(s) => s,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let (peer, _pod) = self.peer_of(server.tentative_peer());
+        // As for TCP: a plain SYN (or a bound one this node cannot use) is tentative, and the
+        // ACK decides; a bound SYN authenticated the client, and ingress decides on it now.
+        let (peer, who) = match &syn {
+            ServerSyn::Tentative(received, miss) => {
+                if let Some(miss) = miss {
+                    self.metrics.count_bound(miss.as_str());
+                }
+                (
+                    received.tentative_peer(),
+                    Who::Tentative(received.tentative_peer()),
+                )
+            }
+            ServerSyn::Bound(bound) => {
+                self.bound.heard(&bound.peer().node);
+                (bound.peer(), Who::Proven(bound.peer()))
+            }
+        };
+        let view = self.peer_of(peer);
         let port = key.local.port();
-        if !self.decide(
-            &key,
-            Direction::Ingress,
-            &peer,
-            Who::Tentative(server.tentative_peer()),
-            None,
-        ) {
+        if !self.decide(&key, Direction::Ingress, &view.0, who, None) {
             // Tell the client's agent at once (it would otherwise wait, then take us as
             // agentless); the client nonce shows the refusal answers its SYN.
             if let Some(nonce) = token.get(20..36) {
@@ -1578,6 +1632,40 @@ impl Step<'_> {
         let port_name = self.local_port_name_of(port, Protocol::Udp).to_owned();
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
+        let server = match syn {
+            ServerSyn::Tentative(received, _) => received,
+            ServerSyn::Bound(bound) => {
+                let synack_token =
+                    match bound.respond(self.node, &self.wl.claims, &port_name, nonce, self.now) {
+                        Ok(t) => t,
+                        Err(e) => return Verdict::drop(Reason::LocalHandshake(e)),
+                    };
+                let Some(control) =
+                    identity::encode_udp_control(identity::wire::TYPE_SYN_ACK_BOUND, &synack_token)
+                else {
+                    return Verdict::drop(Reason::LocalHandshake(HandshakeError::Malformed(
+                        "SYN-ACK token too long for a control datagram",
+                    )));
+                };
+                // The answer marks the flow as it leaves: the client is authorized from here,
+                // and its datagrams bypass this agent from the first one.
+                self.emit_udp(key.local, key.remote, &control, EmitMark::ControlAuthorized);
+                self.metrics.count_authorized(true);
+                self.metrics.count_bound("authorized");
+                self.remember(key, Direction::Ingress, Some(view), None);
+                self.udp.insert(
+                    key,
+                    UdpFlow::new(
+                        UdpState::ServerBoundAnswered {
+                            syn_token: token.into(),
+                            synack: control.into_boxed_slice(),
+                        },
+                        self.now.saturating_add(self.config.udp_linger_ms),
+                    ),
+                );
+                return Verdict::consumed();
+            }
+        };
         let (awaiting, synack_token) =
             match server.respond(self.node, &self.wl.claims, &port_name, nonce, self.now) {
                 Ok(r) => r,
@@ -1610,12 +1698,14 @@ impl Step<'_> {
     fn udp_client_syn_ack(&mut self, key: FlowKey, token: &[u8]) -> Verdict {
         let result = match self.udp.get(&key).map(|f| &f.state) {
             Some(UdpState::ClientHello { client, .. }) => {
-                client.receive_syn_ack(self.node, token, self.now)
+                client.receive(self.node, token, self.now)
             }
             Some(UdpState::ClientDone { synack, ack }) if **synack == *token => {
-                // The server did not get our ACK: the same ACK again.
-                let ack = ack.clone();
-                self.emit_udp(key.local, key.remote, &ack, EmitMark::Control);
+                // The server did not get our ACK: the same ACK again (none after a bound
+                // SYN-ACK: the server expects none).
+                if let Some(ack) = ack.clone() {
+                    self.emit_udp(key.local, key.remote, &ack, EmitMark::Control);
+                }
                 return Verdict::consumed();
             }
             None if identity::wire::SynAckToken::decode(token).is_ok() => {
@@ -1631,11 +1721,19 @@ impl Step<'_> {
             _ => return Verdict::drop(Reason::UnexpectedToken),
         };
         let (server, ack_token) = match result {
-            Ok(r) => r,
+            Ok(r) => (r.peer, r.ack),
             // The state stays: a forged SYN-ACK does not kill the handshake.
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
         self.learn_agent(key.remote.ip(), true);
+        // The address's node, proven: the next flow to it, of either protocol, can be bound.
+        self.bound.learn(
+            key.remote.ip(),
+            &server.node,
+            server.key_id,
+            self.now.saturating_add(self.config.bound_peer_ms),
+            self.now,
+        );
         let view = self.peer_of(&server);
         let allowed = self.decide(
             &key,
@@ -1645,7 +1743,7 @@ impl Step<'_> {
             server.port_name.as_deref(),
         );
         let Some(UdpFlow {
-            state: UdpState::ClientHello { held, .. },
+            state: UdpState::ClientHello { held, bound_to, .. },
             ..
         }) = self.udp.remove(&key)
         else {
@@ -1657,8 +1755,24 @@ impl Step<'_> {
             }
             return Verdict::drop(Reason::PolicyEgress);
         }
-        let Some(ack) = self.emit_control(&key, identity::wire::TYPE_ACK, &ack_token) else {
-            return Verdict::drop(Reason::UnexpectedToken);
+        let ack = match ack_token {
+            Some(ack_token) => {
+                if bound_to.is_some() {
+                    // The bound SYN reached another node, a rotated key, or a rewritten source.
+                    self.metrics.count_bound("answered_plain");
+                }
+                let Some(ack) = self.emit_control(&key, identity::wire::TYPE_ACK, &ack_token)
+                else {
+                    return Verdict::drop(Reason::UnexpectedToken);
+                };
+                Some(ack)
+            }
+            None => {
+                // A bound SYN-ACK: the server authorized us at our bound SYN and marked the
+                // flow; no ACK follows.
+                self.metrics.count_bound("completed");
+                None
+            }
         };
         self.release(&key, held);
         self.metrics.count_authorized(true);
@@ -1682,24 +1796,51 @@ impl Step<'_> {
     }
 
     /// A UDP handshake's timer: re-send the SYN, or give up on the peer.
-    fn udp_timer<R: CryptoRng + ?Sized>(&mut self, key: FlowKey, _rng: &mut R) {
+    fn udp_timer<R: CryptoRng + ?Sized>(&mut self, key: FlowKey, rng: &mut R) {
         let rto = self.config.udp_hello_rto_ms;
         let max_tries = self.config.udp_hello_tries.max(1);
         let now = self.now;
         let mut resend = None;
         if let Some(UdpFlow {
-            state: UdpState::ClientHello { syn, tries, .. },
+            state:
+                UdpState::ClientHello {
+                    syn,
+                    tries,
+                    bound_to,
+                    ..
+                },
             ..
         }) = self.udp.get_mut(&key)
         {
             if *tries < max_tries {
                 *tries += 1;
-                resend = Some((syn.clone(), now.saturating_add(rto << (*tries - 1).min(16))));
+                let next_ms = now.saturating_add(rto << (*tries - 1).min(16));
+                resend = Some((syn.clone(), bound_to.take(), next_ms));
             }
         } else {
             return;
         }
-        if let Some((syn, next_ms)) = resend {
+        if let Some((mut syn, bound_to, next_ms)) = resend {
+            if let Some(node) = bound_to {
+                // The bound SYN went unanswered: re-sent plain, as for TCP.
+                let (plain, token) = self.plain_after_silence(&node, rng);
+                let Some(control) = identity::encode_udp_control(identity::wire::TYPE_SYN, &token)
+                else {
+                    return;
+                };
+                syn = control.into_boxed_slice();
+                if let Some(UdpFlow {
+                    state:
+                        UdpState::ClientHello {
+                            client, syn: kept, ..
+                        },
+                    ..
+                }) = self.udp.get_mut(&key)
+                {
+                    *client = plain;
+                    *kept = syn.clone();
+                }
+            }
             self.udp.reschedule(&key, next_ms);
             self.emit_udp(key.local, key.remote, &syn, EmitMark::Control);
             return;
@@ -1986,33 +2127,37 @@ impl Step<'_> {
         packet: &mut Vec<u8>,
         rng: &mut R,
     ) -> Verdict {
-        if let Some(Flow {
-            state:
-                FlowState::ClientSynSent {
-                    client,
-                    isn,
-                    syn_token,
-                    bound_to,
-                },
-            ..
-        }) = self.flows.live_mut(&key, self.now)
-            && *isn == seg.seq
-        {
-            if let Some(node) = bound_to.take() {
-                // The bound SYN went unanswered for a retransmission timeout: an agent older
-                // than the bound handshake drops its type (or the SYN, or its answer, was
-                // lost). The retransmission carries a plain SYN with a fresh nonce, and that
-                // node gets plain SYNs for a while (a bound SYN from it ends the wait).
-                let until = self.now.saturating_add(self.config.bound_silent_ms);
-                self.bound.silent(&node, until, self.now);
-                self.metrics.count_bound("retransmitted_plain");
-                let mut nonce = [0u8; identity::wire::NONCE_LEN];
-                rng.fill_bytes(&mut nonce);
-                let (plain, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
-                *client = plain;
-                *syn_token = token.into_boxed_slice();
+        // A retransmission of our SYN (same sequence number): the same token, unless it was
+        // bound, which the kernel's retransmission says went unanswered.
+        let retransmitted = match self.flows.live_mut(&key, self.now) {
+            Some(Flow {
+                state:
+                    FlowState::ClientSynSent {
+                        isn,
+                        syn_token,
+                        bound_to,
+                        ..
+                    },
+                ..
+            }) if *isn == seg.seq => Some((syn_token.clone(), bound_to.take())),
+            _ => None,
+        };
+        if let Some((mut token, bound_to)) = retransmitted {
+            if let Some(node) = bound_to {
+                let (plain, plain_token) = self.plain_after_silence(&node, rng);
+                token = plain_token.into_boxed_slice();
+                if let Some(Flow {
+                    state:
+                        FlowState::ClientSynSent {
+                            client, syn_token, ..
+                        },
+                    ..
+                }) = self.flows.live_mut(&key, self.now)
+                {
+                    *client = plain;
+                    *syn_token = token.clone();
+                }
             }
-            let token = syn_token.clone();
             return modified_or(
                 packet::attach_token(packet, seg, &token),
                 Verdict::accept(true),
@@ -2023,33 +2168,7 @@ impl Step<'_> {
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        // A bound SYN when a verified SYN-ACK from this address named its node (and the node
-        // is not silent); otherwise, or if no pair key can be had with that node, a plain one.
-        let bound = match self.bound.get(&seg.dst, self.now) {
-            Some((node, server_key)) if self.config.bound_handshake => self
-                .node
-                .client_syn_bound(
-                    &self.wl.claims,
-                    node,
-                    server_key,
-                    &tcp_source(seg),
-                    nonce,
-                    self.now,
-                )
-                .ok()
-                .map(|(client, token)| (client, token, Some(Box::<str>::from(node)))),
-            _ => None,
-        };
-        let (client, token, bound_to) = match bound {
-            Some(b) => {
-                self.metrics.count_bound("sent");
-                b
-            }
-            None => {
-                let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
-                (client, token, None)
-            }
-        };
+        let (client, token, bound_to) = self.make_syn(seg.dst, &tcp_source(seg), nonce);
         if let Err(e) = packet::attach_token(packet, seg, &token) {
             return Verdict::drop(Reason::Packet(e));
         }
@@ -2066,6 +2185,52 @@ impl Step<'_> {
             return Verdict::drop(Reason::FlowTableFull);
         }
         Verdict::accept(true)
+    }
+
+    /// The SYN token of a new flow from `source` to `dst`, TCP or UDP: bound (with the node it
+    /// is bound for) when a verified SYN-ACK from `dst` named its node and that node is not
+    /// silent; otherwise, or if no pair key can be had with that node, plain.
+    fn make_syn(
+        &mut self,
+        dst: IpAddr,
+        source: &FlowSource,
+        nonce: [u8; identity::wire::NONCE_LEN],
+    ) -> (ClientAwaitingSynAck, Vec<u8>, Option<Box<str>>) {
+        let bound = match self.bound.get(&dst, self.now) {
+            Some((node, server_key)) if self.config.bound_handshake => self
+                .node
+                .client_syn_bound(&self.wl.claims, node, server_key, source, nonce, self.now)
+                .ok()
+                .map(|(client, token)| (client, token, Some(Box::<str>::from(node)))),
+            _ => None,
+        };
+        match bound {
+            Some(b) => {
+                self.metrics.count_bound("sent");
+                b
+            }
+            None => {
+                let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
+                (client, token, None)
+            }
+        }
+    }
+
+    /// A bound SYN went unanswered for a retransmission timeout: an agent older than the bound
+    /// handshake drops its type (or the SYN, or its answer, was lost). The retransmission is a
+    /// plain SYN with a fresh nonce, and `node` gets plain SYNs for a while (a bound SYN from
+    /// it ends the wait). Returns the plain SYN.
+    fn plain_after_silence<R: CryptoRng + ?Sized>(
+        &mut self,
+        node: &str,
+        rng: &mut R,
+    ) -> (ClientAwaitingSynAck, Vec<u8>) {
+        let until = self.now.saturating_add(self.config.bound_silent_ms);
+        self.bound.silent(node, until, self.now);
+        self.metrics.count_bound("retransmitted_plain");
+        let mut nonce = [0u8; identity::wire::NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        self.node.client_syn(&self.wl.claims, nonce, self.now)
     }
 
     /// Server INPUT SYN: verify the token (or take the peer as IP-only), decide ingress, strip.

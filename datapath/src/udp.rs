@@ -14,8 +14,21 @@
 //!                    release D1.. (AUTH mark) ───────► D1 (INPUT): accept, mark  ──► D1
 //! ```
 //!
+//! When a verified SYN-ACK (of either protocol) already named the node behind the server's
+//! address (`crate::bound`), the SYN is *bound* for that node and the flow's source, and two
+//! control datagrams do it:
+//!
+//! ```text
+//!  D1 (OUTPUT) ───►  hold D1, send bound SYN ─────►  verify, ingress on the proven client
+//!                                        ◄───────────  bound SYN-ACK (AUTH mark: marks the flow)
+//!                    verify, egress on the server's
+//!                    proven identity
+//!                    release D1.. (AUTH mark) ───────► D1 bypasses the agent ──────► D1
+//! ```
+//!
 //! Held datagrams are bounded per flow and in total (overflow is dropped and counted, never
-//! passed). A lost SYN or SYN-ACK is recovered by the client's retransmission of its SYN; a
+//! passed). A lost SYN or SYN-ACK is recovered by the client's retransmission of its SYN (a
+//! bound one is re-sent plain, with a fresh nonce); a
 //! lost ACK by the server re-sending its SYN-ACK when the client's data arrives first (the
 //! rules queue control datagrams even on marked flows), which the client answers with the same
 //! ACK. A peer that never answers has no agent: after a bounded wait the flow is decided on
@@ -41,6 +54,11 @@ pub enum EmitMark {
     /// A held application datagram released after its flow was authorized: the AUTH mark, which
     /// the rules save into the connmark (so the rest of the flow bypasses userspace).
     Authorized,
+    /// A control datagram that also marks its flow: the server's bound SYN-ACK, sent once the
+    /// bound SYN authorized the client. The control bit lets it leave unqueued, and the AUTH
+    /// bit beside it is saved into the connmark on the way out, so the client's datagrams
+    /// bypass the server's agent from the first one.
+    ControlAuthorized,
 }
 
 /// A whole IP packet the processor asks the shell to send from a workload's netns, in order.
@@ -60,8 +78,13 @@ pub(crate) enum UdpState {
     /// Client: the SYN control left; the application's datagrams wait in `held`.
     ClientHello {
         client: ClientAwaitingSynAck,
-        /// The SYN control datagram, re-sent as is.
+        /// The SYN control datagram, re-sent as is (a bound one is re-sent plain, see
+        /// `bound_to`).
         syn: Box<[u8]>,
+        /// The node a bound SYN was made for (`crate::bound`); `None` for a plain SYN. A bound
+        /// SYN that goes unanswered is re-sent as a plain one with a fresh nonce, and that node
+        /// is remembered as silent, as for TCP.
+        bound_to: Option<Box<str>>,
         held: Vec<Vec<u8>>,
         /// SYN controls sent so far.
         tries: u8,
@@ -69,8 +92,11 @@ pub(crate) enum UdpState {
         next_ms: u64,
     },
     /// Client: authorized; the SYN-ACK it answered (a re-sent one is answered with `ack`, the
-    /// ACK control datagram, again).
-    ClientDone { synack: Box<[u8]>, ack: Box<[u8]> },
+    /// ACK control datagram, again; `None` after a bound SYN-ACK, which no ACK answers).
+    ClientDone {
+        synack: Box<[u8]>,
+        ack: Option<Box<[u8]>>,
+    },
     /// Server: the SYN passed and ingress allowed the tentative peer; the SYN-ACK left.
     ServerAwaitingAck {
         /// Boxed: the handshake state is the largest part, and every bucket of the table is
@@ -87,6 +113,13 @@ pub(crate) enum UdpState {
     /// Server: the ACK proved the client and marked the flow; lingers to answer a duplicate ACK
     /// and to accept the client's datagrams that were sent back to the queue before it.
     ServerAuthorized { ack_token: Box<[u8]> },
+    /// Server: a bound SYN proved the client, ingress allowed it, and the bound SYN-ACK left
+    /// with the AUTH mark (which marked the flow); lingers to answer a duplicate of that SYN
+    /// with the same SYN-ACK.
+    ServerBoundAnswered {
+        syn_token: Box<[u8]>,
+        synack: Box<[u8]>,
+    },
 }
 
 impl UdpState {
@@ -108,7 +141,9 @@ impl UdpState {
     fn evictable(&self) -> bool {
         matches!(
             self,
-            UdpState::ServerAwaitingAck { .. } | UdpState::ServerAuthorized { .. }
+            UdpState::ServerAwaitingAck { .. }
+                | UdpState::ServerAuthorized { .. }
+                | UdpState::ServerBoundAnswered { .. }
         )
     }
 }

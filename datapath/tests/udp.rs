@@ -28,9 +28,23 @@ fn take(p: &mut datapath::Processor) -> Vec<Outgoing> {
     p.take_outgoing()
 }
 
+/// A control datagram with the mark its type takes: the bound SYN-ACK marks its flow as it
+/// leaves, every other control only passes.
 fn is_control(o: &Outgoing) -> bool {
-    o.mark == EmitMark::Control
-        && payload(&o.packet).starts_with(&identity::wire::UDP_CONTROL_MAGIC)
+    let mark = match control_kind(o) {
+        Some(identity::wire::TYPE_SYN_ACK_BOUND) => EmitMark::ControlAuthorized,
+        Some(_) => EmitMark::Control,
+        None => return false,
+    };
+    o.mark == mark
+}
+
+/// The type of a control datagram the processor emitted.
+fn control_kind(o: &Outgoing) -> Option<u8> {
+    identity::parse_udp_control(payload(&o.packet))
+        .ok()
+        .flatten()
+        .map(|(kind, _)| kind)
 }
 
 /// Runs the handshake for the datagrams `data` (sent before any answer), returning what node
@@ -262,12 +276,13 @@ fn a_lost_ack_the_client_forgot_starts_a_new_handshake() {
         );
         assert!(take(&mut w.a).is_empty(), "no ACK: nothing to answer with");
         assert_eq!(w.a.metrics().rejected("udp_ack_lost"), 1);
-        // The next datagram is queued again: a new handshake, answered; the flow is proven.
+        // The next datagram is queued again: a new handshake (bound, as the first one taught
+        // node-a the server's node), answered; the flow is proven, with no ACK.
         let out = handshake(&mut w, &[b"query again"]);
-        assert_eq!(out.len(), 2, "ACK and the held datagram");
-        let (v, _) = w.in_b(&out[0].packet);
-        assert_eq!(v, Verdict::consume_marking(true, None), "{mode:?}");
-        assert_eq!(payload(&out[1].packet), b"query again");
+        assert_eq!(out.len(), 1, "the held datagram: {out:?}");
+        assert_eq!(out[0].mark, EmitMark::Authorized);
+        assert_eq!(payload(&out[0].packet), b"query again");
+        assert_eq!(w.b.metrics().bound("authorized"), 1, "{mode:?}");
     }
 }
 
@@ -279,7 +294,8 @@ fn a_syn_ack_on_a_server_tuple_is_unexpected_not_an_unmark() {
     let mut w = World::new(Mode::Psk, DB_UDP_FROM_WEB);
     prove(&mut w);
     // The server side (node b) receiving a SYN-ACK on its proven tuple.
-    let synack = identity::encode_udp_control(identity::wire::TYPE_SYN_ACK, b"forged").unwrap();
+    let synack =
+        identity::encode_udp_control(identity::wire::TYPE_SYN_ACK, b"\x01\x02forged").unwrap();
     let (v, _) = w.in_b(&udp(w.c, w.s, &synack));
     assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
     assert_eq!(v.connmark_on_drop, None);
@@ -320,12 +336,14 @@ fn a_flow_the_server_no_longer_knows_is_restarted_by_a_new_handshake() {
         Verdict::consume_marking(false, Some(datapath::Reason::UdpRestart))
     );
     assert_eq!(w.a.metrics().rejected("udp_restart"), 1);
-    // Unmarked, the next datagram is queued at the client: a new handshake proves the flow.
+    // Unmarked, the next datagram is queued at the client: a new handshake proves the flow,
+    // bound (the first one taught node-a the server's node): the server's agent marked the flow
+    // as its SYN-ACK left, and no ACK follows.
     let out = handshake(&mut w, &[b"again"]);
-    assert_eq!(out.len(), 2);
-    let (v, _) = w.in_b(&out[0].packet);
-    assert_eq!(v, Verdict::consume_marking(true, None));
-    assert_eq!(payload(&out[1].packet), b"again");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].mark, EmitMark::Authorized);
+    assert_eq!(payload(&out[0].packet), b"again");
+    assert_eq!(w.b.metrics().bound("authorized"), 1);
 }
 
 /// A RESTART cannot interrupt a handshake under way (no datagram of it left the client to be
@@ -440,7 +458,7 @@ fn workloads_cannot_send_control_datagrams_and_forgeries_fail() {
     let (v, _) = w.in_b(&udp(w.c, w.s, &control));
     assert!(!v.accept && v.reason.is_some(), "{v:?}");
     for kind in [identity::wire::TYPE_SYN_ACK, identity::wire::TYPE_ACK] {
-        let c = identity::encode_udp_control(kind, &[2; 36]).unwrap();
+        let c = identity::encode_udp_control(kind, &[kind; 36]).unwrap();
         let (v, _) = w.in_b(&udp(w.c, w.s, &c));
         assert_eq!(reason(&v), Some("unexpected_token"), "{v:?}");
     }
@@ -782,4 +800,217 @@ fn held_datagrams_are_bounded_in_bytes() {
     // web-1 still holds its own.
     let (v, _) = w.out_a(&udp(w.c, w.s, &big));
     assert!(consumed(&v), "held: {v:?}");
+}
+
+// The bound handshake for UDP: once a verified SYN-ACK (of either protocol) taught node-a the
+// node behind the server's address, a new flow there takes two control datagrams. The server's
+// agent authorizes the client at its bound SYN and marks the flow as its bound SYN-ACK leaves;
+// the client's agent releases the held datagrams at that SYN-ACK, and no ACK follows.
+
+use identity::wire::{TYPE_SYN, TYPE_SYN_ACK, TYPE_SYN_ACK_BOUND, TYPE_SYN_BOUND};
+
+/// A first flow (three tokens) taught node-a the server's node; the client then uses `port`.
+fn taught_udp(mode: Mode, port: u16) -> World {
+    let mut w = World::new(mode, DB_UDP_FROM_WEB);
+    prove(&mut w);
+    assert_eq!(w.a.metrics().bound("sent"), 0);
+    w.port(port);
+    w
+}
+
+/// The client's agent holds `data` and sends its SYN control: that control.
+fn hello(w: &mut World, data: &[u8]) -> Outgoing {
+    let (v, _) = w.out_a(&udp(w.c, w.s, data));
+    assert!(consumed(&v), "held: {v:?}");
+    let mut out = take(&mut w.a);
+    assert_eq!(out.len(), 1, "one SYN control: {out:?}");
+    assert!(is_control(&out[0]));
+    out.remove(0)
+}
+
+#[test]
+fn a_udp_flow_to_a_known_node_takes_two_control_datagrams() {
+    for mode in [Mode::Psk, Mode::Pki] {
+        let mut w = taught_udp(mode, 41000);
+        let syn = hello(&mut w, b"one");
+        assert_eq!(control_kind(&syn), Some(TYPE_SYN_BOUND), "{mode:?}");
+        let (v, _) = w.out_a(&udp(w.c, w.s, b"two"));
+        assert!(consumed(&v), "held too: {v:?}");
+        let (v, _) = w.in_b(&syn.packet);
+        assert!(consumed(&v), "{mode:?}: {v:?}");
+        let answer = take(&mut w.b);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert_eq!(control_kind(&answer[0]), Some(TYPE_SYN_ACK_BOUND));
+        assert_eq!(
+            answer[0].mark,
+            EmitMark::ControlAuthorized,
+            "the answer marks the flow at the server as it leaves"
+        );
+        assert_eq!(w.b.metrics().authorized(), (2, 0), "{mode:?}");
+        assert_eq!(w.b.metrics().bound("authorized"), 1);
+        let (v, _) = w.in_a(&answer[0].packet);
+        assert!(consumed(&v), "{v:?}");
+        let out = take(&mut w.a);
+        let released: Vec<&[u8]> = out.iter().map(|o| payload(&o.packet)).collect();
+        assert_eq!(released, [&b"one"[..], b"two"], "no ACK, the data in order");
+        assert!(out.iter().all(|o| o.mark == EmitMark::Authorized));
+        assert_eq!(w.a.metrics().authorized(), (2, 0));
+        assert_eq!(w.a.metrics().bound("sent"), 1);
+        assert_eq!(w.a.metrics().bound("completed"), 1);
+        // Were a datagram still queued at the server (marked there, it is not), it passes.
+        let (v, _) = w.in_b(&out[0].packet);
+        assert!(v.accept && v.mark_authorized, "{v:?}");
+        // A duplicate of the bound SYN gets the same answer, which authorizes nothing new; the
+        // client takes a duplicate answer silently.
+        let (v, _) = w.in_b(&syn.packet);
+        assert!(consumed(&v), "{v:?}");
+        let again = take(&mut w.b);
+        assert_eq!(again, answer);
+        assert_eq!(w.b.metrics().authorized(), (2, 0));
+        let (v, _) = w.in_a(&again[0].packet);
+        assert!(consumed(&v), "{v:?}");
+        assert!(take(&mut w.a).is_empty(), "nothing answers a bound SYN-ACK");
+        assert_eq!(w.a.metrics().rejected_total(), 0);
+        assert_eq!(w.b.metrics().rejected_total(), 0);
+    }
+}
+
+#[test]
+fn a_tcp_syn_ack_teaches_the_node_for_udp_and_a_bound_syn_can_be_refused() {
+    // ALLOW lets web reach db on TCP 5432, not UDP: the TCP connection's verified SYN-ACK
+    // teaches node-a db's node; the UDP flow's SYN is bound, proven, and refused by ingress.
+    let mut w = World::new(Mode::Psk, ALLOW);
+    w.connect();
+    w.port(41000);
+    let syn = hello(&mut w, b"x");
+    assert_eq!(control_kind(&syn), Some(TYPE_SYN_BOUND));
+    let (v, _) = w.in_b(&syn.packet);
+    assert_eq!(reason(&v), Some("policy_ingress"));
+    let refused = take(&mut w.b);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        control_kind(&refused[0]),
+        Some(identity::wire::TYPE_UDP_REFUSED)
+    );
+    let (v, _) = w.in_a(&refused[0].packet);
+    assert_eq!(reason(&v), Some("udp_refused"));
+    assert!(take(&mut w.a).is_empty(), "nothing released");
+    assert_eq!(w.b.metrics().bound("authorized"), 0);
+}
+
+#[test]
+fn a_lost_bound_syn_ack_is_recovered_by_a_plain_syn() {
+    let mut w = taught_udp(Mode::Psk, 41000);
+    let syn = hello(&mut w, b"x");
+    let (v, _) = w.in_b(&syn.packet);
+    assert!(consumed(&v));
+    let _lost = take(&mut w.b);
+    // The timer re-sends the SYN plain, with a fresh nonce: the server's agent starts a
+    // three-token handshake on the tuple, which completes.
+    w.now += 25;
+    w.a.poll_udp(w.now, &mut w.rng);
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(control_kind(&out[0]), Some(TYPE_SYN));
+    assert_eq!(w.a.metrics().bound("retransmitted_plain"), 1);
+    let (v, _) = w.in_b(&out[0].packet);
+    assert!(consumed(&v), "{v:?}");
+    let synack = take(&mut w.b);
+    assert_eq!(control_kind(&synack[0]), Some(TYPE_SYN_ACK));
+    let (v, _) = w.in_a(&synack[0].packet);
+    assert!(consumed(&v), "{v:?}");
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 2, "ACK and the datagram: {out:?}");
+    assert_eq!(payload(&out[1].packet), b"x");
+    let (v, _) = w.in_b(&out[0].packet);
+    assert_eq!(v, Verdict::consume_marking(true, None));
+    // That node stays silent for a while: the next flow to it is plain.
+    w.port(41001);
+    let next = hello(&mut w, b"y");
+    assert_eq!(control_kind(&next), Some(TYPE_SYN));
+}
+
+#[test]
+fn an_unanswered_bound_syn_goes_plain_and_a_plain_answer_to_it_proves_nothing() {
+    // A server agent older than the bound handshake drops the bound SYN's type.
+    let mut w = taught_udp(Mode::Psk, 41000);
+    let syn = hello(&mut w, b"x");
+    let old = identity::parse_udp_control(payload(&syn.packet));
+    assert!(old.is_ok());
+    // A plain datagram answering it (forged, or the address moved) is dropped: the peer is
+    // not taken as agentless, nothing is released.
+    let (v, _) = w.in_a(&udp(w.s, w.c, b"FORMERR"));
+    assert_eq!(reason(&v), Some("bound_syn_ack_without_token"));
+    assert!(take(&mut w.a).is_empty());
+    // Reflected, it is no SYN of a peer either.
+    let (v, _) = w.in_a(&udp(w.s, w.c, payload(&syn.packet)));
+    assert_eq!(reason(&v), Some("unexpected_token"));
+    assert!(take(&mut w.a).is_empty());
+    w.now += 25;
+    w.a.poll_udp(w.now, &mut w.rng);
+    let plain = take(&mut w.a);
+    assert_eq!(control_kind(&plain[0]), Some(TYPE_SYN));
+    let out = exchange_from(&mut w, &plain[0]);
+    assert_eq!(out.len(), 2, "ACK and the datagram: {out:?}");
+    assert_eq!(payload(&out[1].packet), b"x");
+}
+
+/// The server's answer to `syn`, fed back to the client: what the client emitted then.
+fn exchange_from(w: &mut World, syn: &Outgoing) -> Vec<Outgoing> {
+    let (v, _) = w.in_b(&syn.packet);
+    assert!(consumed(&v), "{v:?}");
+    let answer = take(&mut w.b);
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    let (v, _) = w.in_a(&answer[0].packet);
+    assert!(consumed(&v), "{v:?}");
+    take(&mut w.a)
+}
+
+#[test]
+fn a_bound_syn_moved_or_replayed_authorizes_nothing() {
+    let mut w = taught_udp(Mode::Psk, 41000);
+    let syn = hello(&mut w, b"x");
+    // Kept from the server and sent from another port first: the binding's MAC covers the
+    // source, so it is a plain SYN there, answered with a plain SYN-ACK that only the genuine
+    // client's agent could answer.
+    let moved = udp(SocketAddr::new(WEB.ip, 41500), w.s, payload(&syn.packet));
+    let (v, _) = w.in_b(&moved);
+    assert!(consumed(&v), "{v:?}");
+    assert_eq!(w.b.metrics().bound("binding_bad_mac"), 1);
+    let answer = take(&mut w.b);
+    assert_eq!(control_kind(&answer[0]), Some(TYPE_SYN_ACK));
+    assert_eq!(w.b.metrics().authorized(), (1, 0), "only the first flow");
+    let (v, _) = w.in_b(&udp(SocketAddr::new(WEB.ip, 41500), w.s, b"data"));
+    assert!(v.requeue && !v.mark_authorized, "waits for an ACK: {v:?}");
+    let asked = take(&mut w.b);
+    assert_eq!(
+        control_kind(&asked[0]),
+        Some(TYPE_SYN_ACK),
+        "the ACK asked for"
+    );
+    // The genuine bound SYN still works from its own source.
+    let out = exchange_from(&mut w, &syn);
+    assert_eq!(out.len(), 1, "the datagram, no ACK: {out:?}");
+    assert_eq!(w.b.metrics().bound("authorized"), 1);
+    // After the linger, a replay from its own source is a replay.
+    w.now += 5_000;
+    w.b.expire(w.now);
+    let (v, _) = w.in_b(&syn.packet);
+    assert_eq!(reason(&v), Some("replay"), "{v:?}");
+    assert!(take(&mut w.b).is_empty());
+    assert_eq!(w.b.metrics().authorized(), (2, 0));
+}
+
+#[test]
+fn without_the_bound_handshake_every_udp_flow_takes_three_tokens() {
+    let config = datapath::ProcessorConfig {
+        bound_handshake: false,
+        ..datapath::ProcessorConfig::default()
+    };
+    let mut w = World::with(Mode::Psk, DB_UDP_FROM_WEB, &WEB, &DB, config);
+    prove(&mut w);
+    w.port(41000);
+    let syn = hello(&mut w, b"x");
+    assert_eq!(control_kind(&syn), Some(TYPE_SYN));
+    assert_eq!(w.a.metrics().bound("sent"), 0);
 }

@@ -867,3 +867,197 @@ fn every_protocol_is_under_policy_ipv6() {
         every_protocol_is_under_policy(true);
     }
 }
+
+/// The bound handshake for UDP on the real kernel. The first flow from backend-1 to database-2
+/// takes the three tokens and teaches node 1 database-2's node. The second flow (a new socket)
+/// takes two control datagrams, a bound SYN (type 6) and a bound SYN-ACK (type 7), and no ACK;
+/// its datagrams and their echoes bypass the server's agent, which marked the flow as its bound
+/// SYN-ACK left. That bound SYN, sent again from another port with backend-1's address or from
+/// its own once the server's agent has forgotten the flow, is a `replay`, and the data behind
+/// it reaches nothing. A bound SYN kept from the server and sent first from another port is a
+/// plain SYN there (`binding_bad_mac`: its MAC covers the source).
+fn bound_udp_handshake(v6: bool, mode: Mode) {
+    let (tb, _dir) = testbed_in(v6, mode);
+    let magic = identity::wire::UDP_CONTROL_MAGIC;
+    let mut capture = Capture::start_any(&tb.workload("database-2").ns, move |p| {
+        p.udp_payload().is_some_and(|u| u.starts_with(&magic))
+    });
+    let kind = |t: u8| move |p: &testbed::packet::IpAny| p.udp_payload().is_some_and(|u| u[8] == t);
+    let bound =
+        |m: &testbed::Metrics, e: &str| m.sum_of("tessera_bound_handshakes_total", "event", e);
+    // Application datagrams the agent let through, or sent back to the queue.
+    let udp_seen = |m: &testbed::Metrics| {
+        m.sum_of("tessera_packets_accepted_total", "kind", "udp")
+            + m.sum("tessera_packets_requeued_total")
+    };
+    assert_eq!(
+        udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 2),
+        (2, 2),
+        "first flow\n{}",
+        tb.agent_logs()
+    );
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    assert_eq!(bound(&m1, "sent"), 0.0, "the first flow is plain");
+    assert_eq!(
+        udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 3),
+        (3, 3),
+        "bound flow\n{}",
+        tb.agent_logs()
+    );
+    let (n1, n2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    assert_eq!(bound(&n1, "sent") - bound(&m1, "sent"), 1.0, "{}", n1.text);
+    assert_eq!(bound(&n1, "completed") - bound(&m1, "completed"), 1.0);
+    assert_eq!(bound(&n2, "authorized") - bound(&m2, "authorized"), 1.0);
+    assert_eq!(
+        udp_seen(&n2) - udp_seen(&m2),
+        0.0,
+        "the bound flow's datagrams bypassed the server's agent:\n{}",
+        n2.text
+    );
+    let syn = capture
+        .wait_for(Duration::from_secs(2), kind(identity::wire::TYPE_SYN_BOUND))
+        .expect("the bound SYN control was captured");
+    assert!(
+        capture
+            .wait_for(
+                Duration::from_secs(2),
+                kind(identity::wire::TYPE_SYN_ACK_BOUND)
+            )
+            .is_some(),
+        "the bound SYN-ACK control was captured"
+    );
+    let acks = capture
+        .drain()
+        .iter()
+        .filter(|p| kind(identity::wire::TYPE_ACK)(p))
+        .count();
+    assert_eq!(acks, 1, "only the first flow sent an ACK control");
+
+    // The bound SYN from another port: no authorization, nothing delivered.
+    let backend = ip(tb.workload("backend-1"), v6);
+    let db2 = ip(tb.workload("database-2"), v6);
+    let (moved, to) = (SocketAddr::new(backend, 43001), SocketAddr::new(db2, 5432));
+    let udp_in = count_delivered(&tb, "database-2", "17", v6);
+    let before = udp_in();
+    let metric2 = |r: &str| metric(&tb, 2, "reason", r);
+    let replay0 = metric2("replay");
+    let payload = syn.udp_payload().unwrap().to_vec();
+    inject_bytes(&tb.nodes[0], db2, udp_packet(moved, to, &payload));
+    std::thread::sleep(Duration::from_millis(50));
+    inject_bytes(&tb.nodes[0], db2, udp_packet(moved, to, b"moved data"));
+    std::thread::sleep(Duration::from_millis(300));
+    // Its nonce was recorded when it authorized the genuine flow.
+    assert_eq!(
+        metric2("replay") - replay0,
+        1.0,
+        "the moved bound SYN is a replay:\n{}",
+        tb.agent_logs()
+    );
+    assert_eq!(
+        bound(&tb.agent(2).metrics(), "authorized"),
+        bound(&n2, "authorized")
+    );
+    let replay0 = metric2("replay");
+    // The same bound SYN from its own source, once the server's agent forgot the flow (a
+    // lingering state would answer it again, authorizing nothing new).
+    let replayed = (0..10).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        inject_bytes(&tb.nodes[0], db2, syn.0.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        metric2("replay") > replay0
+    });
+    assert!(
+        replayed,
+        "the bound SYN replayed from its source:\n{}",
+        tb.agent_logs()
+    );
+    assert_eq!(udp_in() - before, 0, "nothing reaches database-2");
+    assert_eq!(
+        bound(&tb.agent(2).metrics(), "authorized"),
+        bound(&n2, "authorized")
+    );
+
+    // A bound SYN kept from the server (node 1's FORWARD drops bound SYNs) and sent first from
+    // another port: the binding's MAC covers the source, so it is a plain SYN there
+    // (`binding_bad_mac`), and the data behind it reaches nothing. The genuine flow connects
+    // with the plain SYN its agent re-sends 25 ms later, and node 2 is remembered as silent.
+    let (iptables, u32) = if v6 {
+        ("ip6tables", bound_syn_u32_v6())
+    } else {
+        (
+            "iptables",
+            format!(
+                "{}&&0>>22&0x3C@16>>24={:#x}",
+                control_u32(),
+                identity::wire::TYPE_SYN_BOUND
+            ),
+        )
+    };
+    let rule = ["-m", "u32", "--u32", u32.as_str()];
+    forward_drop(&tb.nodes[0], iptables, "-I", &rule);
+    let mut at_client = Capture::start_any(&tb.workload("backend-1").ns, move |p| {
+        p.udp_payload()
+            .is_some_and(|u| u.starts_with(&magic) && u[8] == identity::wire::TYPE_SYN_BOUND)
+    });
+    let (m1, m2) = (tb.agent(1).metrics(), tb.agent(2).metrics());
+    let exchanged = udp_exchange(&tb, "backend-1", "database-2", 5432, v6, 2);
+    forward_drop(&tb.nodes[0], iptables, "-D", &rule);
+    assert_eq!(exchanged, (2, 2), "kept-away flow\n{}", tb.agent_logs());
+    let kept = at_client
+        .wait_for(Duration::from_secs(2), |_| true)
+        .expect("the kept-away bound SYN was captured");
+    assert_eq!(
+        bound(&tb.agent(1).metrics(), "retransmitted_plain") - bound(&m1, "retransmitted_plain"),
+        1.0
+    );
+    let moved = SocketAddr::new(backend, 43002);
+    let before = udp_in();
+    let payload = kept.udp_payload().unwrap().to_vec();
+    inject_bytes(&tb.nodes[0], db2, udp_packet(moved, to, &payload));
+    std::thread::sleep(Duration::from_millis(50));
+    inject_bytes(&tb.nodes[0], db2, udp_packet(moved, to, b"moved data"));
+    std::thread::sleep(Duration::from_millis(300));
+    let n2 = tb.agent(2).metrics();
+    assert_eq!(
+        bound(&n2, "binding_bad_mac") - bound(&m2, "binding_bad_mac"),
+        1.0,
+        "the moved bound SYN was taken as a plain one:\n{}",
+        tb.agent_logs()
+    );
+    assert_eq!(bound(&n2, "authorized"), bound(&m2, "authorized"));
+    assert_eq!(udp_in() - before, 0, "nothing reaches database-2");
+}
+
+/// The IPv6 twin of the IPv4 `u32` match for bound SYN controls: a bare 40-byte header, so the
+/// UDP payload starts at byte 48.
+fn bound_syn_u32_v6() -> String {
+    let m = identity::wire::UDP_CONTROL_MAGIC;
+    let word = |i: usize| u32::from_be_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    format!(
+        "48={:#x}&&52={:#x}&&56>>24={:#x}",
+        word(0),
+        word(4),
+        identity::wire::TYPE_SYN_BOUND
+    )
+}
+
+#[test]
+fn bound_udp_handshake_ipv4() {
+    if testbed::privileged("bound_udp_handshake_ipv4") {
+        bound_udp_handshake(false, Mode::Psk);
+    }
+}
+
+#[test]
+fn bound_udp_handshake_ipv6() {
+    if testbed::privileged("bound_udp_handshake_ipv6") {
+        bound_udp_handshake(true, Mode::Psk);
+    }
+}
+
+#[test]
+fn bound_udp_handshake_pki() {
+    if testbed::privileged("bound_udp_handshake_pki") {
+        bound_udp_handshake(false, Mode::Pki);
+    }
+}

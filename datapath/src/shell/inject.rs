@@ -1,7 +1,7 @@
 //! The raw sockets through which the agent sends its own datagrams from a workload's netns:
-//! UDP control datagrams (with the control mark, which the rules let pass) and the
-//! application datagrams it held during a UDP handshake (with the AUTH mark, which the rules
-//! save into the connmark). Created inside the netns by a short-lived thread, like the queue's
+//! UDP control datagrams (with the control mark, which the rules let pass), the application
+//! datagrams it held during a UDP handshake (with the AUTH mark, which the rules save into the
+//! connmark), and bound SYN-ACK controls (both marks: they pass, and mark their flow). Created inside the netns by a short-lived thread, like the queue's
 //! socket, so they send from that netns for as long as they live.
 
 use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
@@ -23,6 +23,8 @@ use crate::udp::EmitMark;
 pub struct Injector {
     control: Family,
     authorized: Family,
+    /// Both bits: a bound SYN-ACK control that marks its flow as it leaves.
+    control_authorized: Family,
 }
 
 /// An IPv4 and an IPv6 raw socket with one mark.
@@ -59,6 +61,7 @@ impl Injector {
         Ok(Injector {
             control: Family::open(crate::control_mark(auth_mark))?,
             authorized: Family::open(auth_mark)?,
+            control_authorized: Family::open(crate::control_mark(auth_mark) | auth_mark)?,
         })
     }
 
@@ -72,6 +75,7 @@ impl Injector {
         let family = match mark {
             EmitMark::Control => &self.control,
             EmitMark::Authorized => &self.authorized,
+            EmitMark::ControlAuthorized => &self.control_authorized,
         };
         let sent = match d.dst {
             IpAddr::V4(dst) => sendto(

@@ -142,6 +142,13 @@ fn render_as(cfg: &RuleConfig, family: Family, present: Jumps, create: bool) -> 
     for (chain, iface) in [(CHAIN_OUTPUT, "-o"), (CHAIN_INPUT, "-i")] {
         out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
         if chain == CHAIN_OUTPUT {
+            // A bound UDP SYN-ACK control (control and AUTH bits): the bound SYN authorized the
+            // client, so the flow is marked as the answer leaves, and the client's datagrams
+            // bypass the agent here from the first one.
+            let both = control | cfg.auth_mark;
+            out.push_str(&format!(
+                "-A {chain} -m mark --mark {both:#x}/{both:#x} -j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}\n"
+            ));
             // Our own UDP control datagrams (sent from the agent's raw socket in this netns).
             out.push_str(&format!(
                 "-A {chain} -m mark --mark {control:#x}/{control:#x} -j RETURN\n"
@@ -591,6 +598,7 @@ mod tests {
 :TESSERA-OUTPUT - [0:0]
 :TESSERA-INPUT - [0:0]
 -A TESSERA-OUTPUT -o lo -j RETURN
+-A TESSERA-OUTPUT -m mark --mark 0x50000000/0x50000000 -j CONNMARK --save-mark --nfmask 0x10000000 --ctmask 0x10000000
 -A TESSERA-OUTPUT -m mark --mark 0x40000000/0x40000000 -j RETURN
 -A TESSERA-OUTPUT -p tcp --syn -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
 -A TESSERA-OUTPUT -p tcp --tcp-flags SYN,ACK SYN,ACK -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7
@@ -667,18 +675,18 @@ COMMIT
     #[test]
     fn rule_count_is_fixed() {
         let v4 = render(&RuleConfig::default(), Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 22);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 23);
         let v6 = render(&RuleConfig::default(), Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 40);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 41);
         // Learning DNS answers adds one rule per family, whatever the peers and policies.
         let dns = RuleConfig {
             dns_queue_num: Some(8),
             ..RuleConfig::default()
         };
         let v4 = render(&dns, Family::V4, Jumps::default());
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 23);
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 24);
         let v6 = render(&dns, Family::V6, Jumps::default());
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 41);
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-A ")).count(), 42);
     }
 
     #[test]

@@ -124,8 +124,8 @@ pub struct RunArgs {
     /// peers then match nothing).
     #[arg(long, env = "TESSERA_NO_DNS_LEARNING")]
     pub no_dns_learning: bool,
-    /// Send no bound SYNs: every TCP connection takes the three tokens (bound SYNs from other
-    /// agents are still answered). For a cluster that still runs agents older than the bound
+    /// Send no bound SYNs: every TCP connection and UDP flow takes the three tokens (bound SYNs
+    /// from other agents are still answered). For a cluster that still runs agents older than the bound
     /// handshake, which drop bound SYNs (docs/wire-format.md, "Bound handshake").
     #[arg(long, env = "TESSERA_NO_BOUND_HANDSHAKE")]
     pub no_bound_handshake: bool,
