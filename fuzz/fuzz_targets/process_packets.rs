@@ -1,6 +1,6 @@
 //! Arbitrary bytes as a queued packet, at every hook of a client and a server node whose flow
 //! state was first driven to a chosen handshake stage by genuine packets: a TCP connection and
-//! a UDP flow, each to a stage of its own (the TCP one a bound handshake if byte 0 says so). The parser, the rewriters, `Processor::process`, the
+//! a UDP flow, each to a stage of its own (both bound handshakes if byte 0 says so). The parser, the rewriters, `Processor::process`, the
 //! UDP timers and `Processor::refuse_unencrypted` must never panic, a packet may grow by at most
 //! the option block plus the largest token, what the agents send of their own (control
 //! datagrams, released datagrams, resets) is bounded in number and size and parses as the
@@ -144,7 +144,8 @@ fuzz_target!(|data: &[u8]| {
     let mut rng = SeededRng::new(b"fuzz");
     // Bit 5 of byte 0: a first connection from another port completes before, so the one
     // driven below is a bound handshake (two tokens; stage 2 is then authorized at both ends).
-    if control & 0x20 != 0 {
+    let bound = control & 0x20 != 0;
+    if bound {
         let c0 = (C.0, C.1 - 1);
         let mut syn = packet(c0, S, 500, 0, 0x02);
         a.process(ID, Hook::Output, &mut syn, false, NOW, &mut rng);
@@ -175,7 +176,8 @@ fuzz_target!(|data: &[u8]| {
     }
     // Drive a UDP flow C -> S to stage 0..=4: nothing, the client's SYN control sent, the
     // server's SYN-ACK sent, the client's ACK sent (and its datagram released), the ACK
-    // consumed by the server. Bits 2-4 of byte 0.
+    // consumed by the server. Bits 2-4 of byte 0. With bit 5, the flow is bound: no ACK, and
+    // stage 4 gives the server the released datagram.
     let udp_stage = (control >> 2) & 0x07;
     let mut d = datagram(C, S, b"query");
     if udp_stage >= 1 {
@@ -196,9 +198,12 @@ fuzz_target!(|data: &[u8]| {
                 to.process(ID, hook, &mut o.packet, false, NOW, &mut rng);
                 answers.extend(to.take_outgoing());
             }
-            // The genuine handshake goes on: a SYN-ACK, then the ACK and the released datagram.
+            // The genuine handshake goes on: a SYN-ACK, then the ACK and the released datagram
+            // (bound, after the first TCP connection taught node-a the server's node: the
+            // datagram alone).
             match stage {
                 2 => assert_eq!(answers.len(), 1, "a SYN-ACK"),
+                3 if bound => assert_eq!(answers.len(), 1, "the datagram"),
                 3 => assert_eq!(answers.len(), 2, "the ACK and the datagram"),
                 _ => {}
             }

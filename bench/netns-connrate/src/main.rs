@@ -193,6 +193,10 @@ struct Row {
     /// UDP new flows per second, and the median send-to-echo time (µs) (not measured under
     /// the flood).
     udp: Option<(f64, f64)>,
+    /// Queue trips per UDP flow of the measured UDP loop: packets the agents decided (their
+    /// decision-time histogram's count, which also counts the control datagrams they consume),
+    /// or the readers of case k or q4 handled.
+    udp_trips_per_flow: Option<f64>,
     /// The flood case's own figures.
     flood: Option<FloodReport>,
     /// CPU time (user + system) of both agents over the measured connection loop, per
@@ -637,10 +641,11 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         flood_report = Some(report);
     }
     lat.sort_unstable();
-    let (udp, gbits, queued_per_transfer) = if flood_report.is_some() {
-        (None, None, None)
+    let (udp, udp_trips_per_flow, gbits, queued_per_transfer) = if flood_report.is_some() {
+        (None, None, None, None)
     } else {
-        let udp = udp_phase(case, &tb, server, duration, args.clients)?;
+        let trips = || queue_trips(&tb, agents, k.as_ref());
+        let (udp, udp_trips) = udp_phase(case, &tb, server, duration, args.clients, &trips)?;
         // Many transfers of a fixed size: the median is robust to a disturbed one, and the
         // spread says how far apart two cases must be to differ.
         let queued_before = queued_packets(&tb, agents, k.as_ref());
@@ -658,7 +663,7 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
             rates.first().copied().unwrap_or(0.0),
             rates.last().copied().unwrap_or(0.0),
         );
-        (Some(udp), Some(spread), queued)
+        (Some(udp), udp_trips, Some(spread), queued)
     };
     if let Some(k) = k {
         k.finish()?;
@@ -674,6 +679,7 @@ fn run_case(case: &str, setup: Setup, args: &Args, policies: &Path) -> Result<Ro
         gbits,
         queued_per_transfer,
         udp,
+        udp_trips_per_flow,
         flood: flood_report,
         agent_cpu_us,
         queued_per_conn,
@@ -707,25 +713,30 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// UDP new flows (the policies let frontends send UDP 8125 to backends): flows/s and the p50
-/// of send-to-echo (µs).
+/// of send-to-echo (µs), and the queue trips per flow of the measured loop (`trips`: a count
+/// read before and after it).
 fn udp_phase(
     case: &str,
     tb: &Testbed,
     server: SocketAddr,
     duration: Duration,
     clients: usize,
-) -> Result<(f64, f64)> {
+    trips: &dyn Fn() -> Option<f64>,
+) -> Result<((f64, f64), Option<f64>)> {
     let client = tb.workload("client").ns.clone();
     let udp_server = SocketAddr::new(server.ip(), 8125);
     let stop = Arc::new(AtomicBool::new(false));
     let echo = udp_echo(&tb.workload("server").ns, 8125, stop.clone())?;
     let udp = udp_flow_loops(&client, udp_server, Duration::from_millis(300), clients);
+    let mut trips_before = None;
     let udp = udp.and_then(|warm| {
         if warm.is_empty() {
             bail!("case {case}: no UDP flow completed during warm-up");
         }
+        trips_before = trips();
         udp_flow_loops(&client, udp_server, duration, clients)
     });
+    let trips_after = trips();
     stop.store(true, Ordering::SeqCst);
     let _ = echo.join();
     let mut udp = udp?;
@@ -734,7 +745,11 @@ fn udp_phase(
     let p50 = udp
         .get(udp.len() / 2)
         .map_or(0.0, |d| d.as_secs_f64() * 1e6);
-    Ok((rate, p50))
+    let per_flow = trips_before
+        .zip(trips_after)
+        .filter(|_| !udp.is_empty())
+        .map(|(b, a)| (a - b) / udp.len() as f64);
+    Ok(((rate, p50), per_flow))
 }
 
 /// Connection loops and their decision times under the flood.
@@ -1001,6 +1016,16 @@ fn queued_packets(tb: &Testbed, agents: bool, k: Option<&ipqueue::IpEnforcer>) -
     Some(n)
 }
 
+/// Packets both agents decided so far (their decision-time histogram's count: every queued
+/// packet, the control datagrams they consume included), or the readers of case k or q4
+/// handled.
+fn queue_trips(tb: &Testbed, agents: bool, k: Option<&ipqueue::IpEnforcer>) -> Option<f64> {
+    match k {
+        Some(k) => Some(k.stats().handled() as f64),
+        None => decision_sum_count(tb, agents).map(|(_, count)| count),
+    }
+}
+
 /// (sum of seconds, count) of the decision-time histogram, both agents.
 fn decision_sum_count(tb: &Testbed, agents: bool) -> Option<(f64, f64)> {
     if !agents {
@@ -1105,7 +1130,7 @@ fn print_table(rows: &[Row]) {
         |x: Option<f64>, base: Option<&Row>, f: fn(&Row) -> Option<f64>| ratio_to(2, x, base, f);
     let dash = || "-".to_owned();
     println!(
-        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7}",
+        "\n{:<9} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7} {:>7}",
         "case",
         "conns",
         "conn/s",
@@ -1128,7 +1153,8 @@ fn print_table(rows: &[Row]) {
         "/(k)",
         "udp p50",
         "agent cpu/c",
-        "pkts/c"
+        "pkts/c",
+        "trips/f"
     );
     for r in rows {
         let (dp50, dp99) = r.decision.map_or((dash(), dash()), |(x, y)| {
@@ -1141,7 +1167,7 @@ fn print_table(rows: &[Row]) {
             (format!("{rate:.0}"), format!("{p50:.0}us"))
         });
         println!(
-            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7}",
+            "{:<9} {:>7} {:>8.0} {:>6} {:>6} {:>6} {:>7.0}us {:>7.0}us {:>10} {:>10} {:>7} {:>7} {:>13} {:>6} {:>6} {:>7} {:>8} {:>6} {:>6} {:>6} {:>9} {:>11} {:>7} {:>7}",
             r.case,
             r.conns,
             r.rate,
@@ -1165,6 +1191,7 @@ fn print_table(rows: &[Row]) {
             u_p50,
             r.agent_cpu_us.map_or(dash(), |c| format!("{c:.0}us")),
             r.queued_per_conn.map_or(dash(), |q| format!("{q:.1}")),
+            r.udp_trips_per_flow.map_or(dash(), |q| format!("{q:.1}")),
         );
     }
     println!(
@@ -1175,7 +1202,8 @@ fn print_table(rows: &[Row]) {
         "* median of --transfers connections of --bytes each (min..max beside it); pkts/tx: packets \
          the agents (cases k and q4: their readers) handled per transfer (the handshake's, if \
          established flows stay in the kernel); pkts/c: the same per connection of the measured \
-         loop (its queue trips)"
+         loop (its queue trips); trips/f: packets the agents decided (consumed UDP control \
+         datagrams included) per flow of the UDP loop"
     );
     println!(
         "targets: (c) conn/s >= 0.90 x (b); decision p50 <= 10us, p99 <= 50us; (c) throughput >= 0.98 x (a)"
