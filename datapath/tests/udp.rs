@@ -1014,3 +1014,28 @@ fn without_the_bound_handshake_every_udp_flow_takes_three_tokens() {
     assert_eq!(control_kind(&syn), Some(TYPE_SYN));
     assert_eq!(w.a.metrics().bound("sent"), 0);
 }
+
+#[test]
+fn a_bound_syn_whose_source_is_rewritten_on_the_way_takes_the_three_tokens() {
+    // Port 41000 leaves the client's node as 41500 (SNAT) and comes back as 41000: the binding
+    // does not verify at the server (`binding_bad_mac`), which answers plainly; the client's
+    // agent takes the plain SYN-ACK (`answered_plain`) and the ACK proves the flow.
+    let mut w = taught_udp(Mode::Psk, 41000);
+    let natted = SocketAddr::new(w.c.ip(), 41500);
+    let syn = hello(&mut w, b"behind NAT");
+    let (v, _) = w.in_b(&udp(natted, w.s, payload(&syn.packet)));
+    assert!(consumed(&v), "{v:?}");
+    assert_eq!(w.b.metrics().bound("binding_bad_mac"), 1);
+    let answer = take(&mut w.b);
+    assert_eq!(control_kind(&answer[0]), Some(TYPE_SYN_ACK));
+    let (v, _) = w.in_a(&udp(w.s, w.c, payload(&answer[0].packet)));
+    assert!(consumed(&v), "{v:?}");
+    assert_eq!(w.a.metrics().bound("answered_plain"), 1);
+    let out = take(&mut w.a);
+    assert_eq!(out.len(), 2, "ACK and the datagram: {out:?}");
+    assert_eq!(control_kind(&out[0]), Some(identity::wire::TYPE_ACK));
+    let (v, _) = w.in_b(&udp(natted, w.s, payload(&out[0].packet)));
+    assert_eq!(v, Verdict::consume_marking(true, None));
+    assert_eq!(w.b.metrics().authorized(), (2, 0));
+    assert_eq!(w.b.metrics().bound("authorized"), 0);
+}
