@@ -1602,23 +1602,7 @@ impl Step<'_> {
             Ok(s) => s,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        // As for TCP: a plain SYN (or a bound one this node cannot use) is tentative, and the
-        // ACK decides; a bound SYN authenticated the client, and ingress decides on it now.
-        let (peer, who) = match &syn {
-            ServerSyn::Tentative(received, miss) => {
-                if let Some(miss) = miss {
-                    self.metrics.count_bound(miss.as_str());
-                }
-                (
-                    received.tentative_peer(),
-                    Who::Tentative(received.tentative_peer()),
-                )
-            }
-            ServerSyn::Bound(bound) => {
-                self.bound.heard(&bound.peer().node);
-                (bound.peer(), Who::Proven(bound.peer()))
-            }
-        };
+        let (peer, who) = self.syn_peer(&syn);
         let view = self.peer_of(peer);
         let port = key.local.port();
         if !self.decide(&key, Direction::Ingress, &view.0, who, None) {
@@ -2216,6 +2200,27 @@ impl Step<'_> {
         }
     }
 
+    /// Who sent a SYN (TCP or UDP), for the ingress decision at it. A plain SYN (or a bound one
+    /// this node cannot use, counted by why) is tentative: ingress drops what it denies, and the
+    /// ACK decides. A bound SYN authenticated the client: ingress decides on the proven
+    /// identity, and the bound SYN-ACK will authorize the flow (and its node, heard, is no
+    /// longer silent).
+    fn syn_peer<'s>(&mut self, syn: &'s ServerSyn) -> (&'s PeerIdentity, Who<'s>) {
+        match syn {
+            ServerSyn::Tentative(received, miss) => {
+                if let Some(miss) = miss {
+                    self.metrics.count_bound(miss.as_str());
+                }
+                let peer = received.tentative_peer();
+                (peer, Who::Tentative(peer))
+            }
+            ServerSyn::Bound(bound) => {
+                self.bound.heard(&bound.peer().node);
+                (bound.peer(), Who::Proven(bound.peer()))
+            }
+        }
+    }
+
     /// A bound SYN went unanswered for a retransmission timeout: an agent older than the bound
     /// handshake drops its type (or the SYN, or its answer, was lost). The retransmission is a
     /// plain SYN with a fresh nonce, and `node` gets plain SYNs for a while (a bound SYN from
@@ -2300,24 +2305,7 @@ impl Step<'_> {
             Ok(syn) => syn,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        // A plain SYN (or a bound one this node cannot use) is tentative: ingress drops what
-        // it denies, and the ACK decides. A bound SYN authenticated the client: ingress decides
-        // on the proven identity, and the bound SYN-ACK will authorize the flow.
-        let (peer, who) = match &syn {
-            ServerSyn::Tentative(received, miss) => {
-                if let Some(miss) = miss {
-                    self.metrics.count_bound(miss.as_str());
-                }
-                (
-                    received.tentative_peer(),
-                    Who::Tentative(received.tentative_peer()),
-                )
-            }
-            ServerSyn::Bound(bound) => {
-                self.bound.heard(&bound.peer().node);
-                (bound.peer(), Who::Proven(bound.peer()))
-            }
-        };
+        let (peer, who) = self.syn_peer(&syn);
         let (view, _) = self.peer_of(peer);
         if !self.decide(&key, Direction::Ingress, &view, who, None) {
             return Verdict::drop(Reason::PolicyIngress);
