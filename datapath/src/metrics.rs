@@ -118,7 +118,8 @@ pub struct Metrics {
     dns_cache_entries: usize,
     dns_cache_evicted: u64,
     dns_cache_expired: u64,
-    bound: [u64; BOUND_EVENTS.len()],
+    /// By protocol (TCP, UDP), then event.
+    bound: [[u64; BOUND_EVENTS.len()]; 2],
 }
 
 /// The events of the bound handshake, as `tessera_bound_handshakes_total` labels them.
@@ -153,20 +154,39 @@ fn kind_index(kind: PacketKind) -> usize {
     }
 }
 
+/// The protocols of the bound handshake, as `tessera_bound_handshakes_total` labels them.
+const BOUND_PROTOCOLS: [&str; 2] = ["tcp", "udp"];
+
+fn bound_protocol_index(protocol: Protocol) -> Option<usize> {
+    match protocol {
+        Protocol::Tcp => Some(0),
+        Protocol::Udp => Some(1),
+        _ => None,
+    }
+}
+
 impl Metrics {
-    /// Count an event of the bound handshake (one of [`BOUND_EVENTS`]; others are ignored).
-    pub fn count_bound(&mut self, event: &str) {
+    /// Count an event of the bound handshake of a TCP connection or a UDP flow (one of
+    /// [`BOUND_EVENTS`]; others, and other protocols, are ignored).
+    pub fn count_bound(&mut self, protocol: Protocol, event: &str) {
         debug_assert!(BOUND_EVENTS.contains(&event), "unknown bound event {event}");
-        if let Some(i) = BOUND_EVENTS.iter().position(|e| *e == event) {
-            self.bound[i] += 1;
+        debug_assert!(bound_protocol_index(protocol).is_some(), "{protocol:?}");
+        if let (Some(p), Some(i)) = (
+            bound_protocol_index(protocol),
+            BOUND_EVENTS.iter().position(|e| *e == event),
+        ) {
+            self.bound[p][i] += 1;
         }
     }
-    /// How many times an event of the bound handshake happened.
+    /// How many times an event of the bound handshake happened, both protocols.
     pub fn bound(&self, event: &str) -> u64 {
-        BOUND_EVENTS
-            .iter()
-            .position(|e| *e == event)
-            .map_or(0, |i| self.bound[i])
+        self.bound_of(Protocol::Tcp, event) + self.bound_of(Protocol::Udp, event)
+    }
+    /// How many times an event of the bound handshake happened for `protocol`.
+    pub fn bound_of(&self, protocol: Protocol, event: &str) -> u64 {
+        bound_protocol_index(protocol)
+            .zip(BOUND_EVENTS.iter().position(|e| *e == event))
+            .map_or(0, |(p, i)| self.bound[p][i])
     }
     /// Count an accepted packet.
     pub fn count_accepted(&mut self, hook: Hook, kind: PacketKind) {
@@ -390,14 +410,16 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP tessera_bound_handshakes_total The bound handshake (two tokens, for a connection to an address whose node a verified SYN-ACK named), by event: sent (a client sent a bound SYN), authorized (a server authorized at one and answered with a bound SYN-ACK), completed (a client took a bound SYN-ACK), answered_plain (a bound SYN got a plain SYN-ACK: the three tokens followed), retransmitted_plain (a bound SYN went unanswered; its retransmission went plain and the node gets plain SYNs for a while), binding_other_receiver and binding_bad_mac (why a server took a bound SYN as a plain one: bound for another node or key; a source rewritten on the way, or an altered token)."
+            "# HELP tessera_bound_handshakes_total The bound handshake (two tokens, for a TCP connection or UDP flow to an address whose node a verified SYN-ACK named), by protocol (tcp, udp) and event: sent (a client sent a bound SYN), authorized (a server authorized at one and answered with a bound SYN-ACK), completed (a client took a bound SYN-ACK), answered_plain (a bound SYN got a plain SYN-ACK: the three tokens followed), retransmitted_plain (a bound SYN went unanswered; its retransmission went plain and the node gets plain SYNs for a while), binding_other_receiver and binding_bad_mac (why a server took a bound SYN as a plain one: bound for another node or key; a source rewritten on the way, or an altered token)."
         )?;
         writeln!(out, "# TYPE tessera_bound_handshakes_total counter")?;
-        for (event, n) in BOUND_EVENTS.iter().zip(self.bound) {
-            writeln!(
-                out,
-                "tessera_bound_handshakes_total{{event=\"{event}\"}} {n}"
-            )?;
+        for (protocol, counts) in BOUND_PROTOCOLS.iter().zip(self.bound) {
+            for (event, n) in BOUND_EVENTS.iter().zip(counts) {
+                writeln!(
+                    out,
+                    "tessera_bound_handshakes_total{{protocol=\"{protocol}\",event=\"{event}\"}} {n}"
+                )?;
+            }
         }
         writeln!(
             out,

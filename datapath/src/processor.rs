@@ -1092,6 +1092,15 @@ fn tcp_source(seg: &TcpSegment) -> FlowSource {
     }
 }
 
+/// The protocol of a flow whose source a bound SYN covers (TCP or UDP).
+fn protocol_of(source: &FlowSource) -> Protocol {
+    if source.protocol == IpNextHeaderProtocols::Udp.0 {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    }
+}
+
 /// The policy view of a handshake identity.
 fn peer_of(p: &PeerIdentity) -> Peer {
     Peer::Workload(WorkloadIdentity {
@@ -1602,7 +1611,7 @@ impl Step<'_> {
             Ok(s) => s,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let (peer, who) = self.syn_peer(&syn);
+        let (peer, who) = self.syn_peer(Protocol::Udp, &syn);
         let view = self.peer_of(peer);
         let port = key.local.port();
         if !self.decide(&key, Direction::Ingress, &view.0, who, None) {
@@ -1635,7 +1644,7 @@ impl Step<'_> {
                 // and its datagrams bypass this agent from the first one.
                 self.emit_udp(key.local, key.remote, &control, EmitMark::ControlAuthorized);
                 self.metrics.count_authorized(true);
-                self.metrics.count_bound("authorized");
+                self.metrics.count_bound(Protocol::Udp, "authorized");
                 self.remember(key, Direction::Ingress, Some(view), None);
                 self.udp.insert(
                     key,
@@ -1743,7 +1752,7 @@ impl Step<'_> {
             Some(ack_token) => {
                 if bound_to.is_some() {
                     // The bound SYN reached another node, a rotated key, or a rewritten source.
-                    self.metrics.count_bound("answered_plain");
+                    self.metrics.count_bound(Protocol::Udp, "answered_plain");
                 }
                 let Some(ack) = self.emit_control(&key, identity::wire::TYPE_ACK, &ack_token)
                 else {
@@ -1754,7 +1763,7 @@ impl Step<'_> {
             None => {
                 // A bound SYN-ACK: the server authorized us at our bound SYN and marked the
                 // flow; no ACK follows.
-                self.metrics.count_bound("completed");
+                self.metrics.count_bound(Protocol::Udp, "completed");
                 None
             }
         };
@@ -1807,7 +1816,7 @@ impl Step<'_> {
         if let Some((mut syn, bound_to, next_ms)) = resend {
             if let Some(node) = bound_to {
                 // The bound SYN went unanswered: re-sent plain, as for TCP.
-                let (plain, token) = self.plain_after_silence(&node, rng);
+                let (plain, token) = self.plain_after_silence(Protocol::Udp, &node, rng);
                 let Some(control) = identity::encode_udp_control(identity::wire::TYPE_SYN, &token)
                 else {
                     return;
@@ -2128,7 +2137,7 @@ impl Step<'_> {
         };
         if let Some((mut token, bound_to)) = retransmitted {
             if let Some(node) = bound_to {
-                let (plain, plain_token) = self.plain_after_silence(&node, rng);
+                let (plain, plain_token) = self.plain_after_silence(Protocol::Tcp, &node, rng);
                 token = plain_token.into_boxed_slice();
                 if let Some(Flow {
                     state:
@@ -2190,7 +2199,7 @@ impl Step<'_> {
         };
         match bound {
             Some(b) => {
-                self.metrics.count_bound("sent");
+                self.metrics.count_bound(protocol_of(source), "sent");
                 b
             }
             None => {
@@ -2205,11 +2214,15 @@ impl Step<'_> {
     /// ACK decides. A bound SYN authenticated the client: ingress decides on the proven
     /// identity, and the bound SYN-ACK will authorize the flow (and its node, heard, is no
     /// longer silent).
-    fn syn_peer<'s>(&mut self, syn: &'s ServerSyn) -> (&'s PeerIdentity, Who<'s>) {
+    fn syn_peer<'s>(
+        &mut self,
+        protocol: Protocol,
+        syn: &'s ServerSyn,
+    ) -> (&'s PeerIdentity, Who<'s>) {
         match syn {
             ServerSyn::Tentative(received, miss) => {
                 if let Some(miss) = miss {
-                    self.metrics.count_bound(miss.as_str());
+                    self.metrics.count_bound(protocol, miss.as_str());
                 }
                 let peer = received.tentative_peer();
                 (peer, Who::Tentative(peer))
@@ -2227,12 +2240,13 @@ impl Step<'_> {
     /// it ends the wait). Returns the plain SYN.
     fn plain_after_silence<R: CryptoRng + ?Sized>(
         &mut self,
+        protocol: Protocol,
         node: &str,
         rng: &mut R,
     ) -> (ClientAwaitingSynAck, Vec<u8>) {
         let until = self.now.saturating_add(self.config.bound_silent_ms);
         self.bound.silent(node, until, self.now);
-        self.metrics.count_bound("retransmitted_plain");
+        self.metrics.count_bound(protocol, "retransmitted_plain");
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         self.node.client_syn(&self.wl.claims, nonce, self.now)
@@ -2305,7 +2319,7 @@ impl Step<'_> {
             Ok(syn) => syn,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        let (peer, who) = self.syn_peer(&syn);
+        let (peer, who) = self.syn_peer(Protocol::Tcp, &syn);
         let (view, _) = self.peer_of(peer);
         if !self.decide(&key, Direction::Ingress, &view, who, None) {
             return Verdict::drop(Reason::PolicyIngress);
@@ -2407,7 +2421,7 @@ impl Step<'_> {
                     flow.deadline_ms = linger;
                 }
                 self.metrics.count_authorized(true);
-                self.metrics.count_bound("authorized");
+                self.metrics.count_bound(Protocol::Tcp, "authorized");
                 self.remember(key, Direction::Ingress, Some(view), None);
                 Verdict::authorize(true)
             }
@@ -2592,12 +2606,12 @@ impl Step<'_> {
                 flow.deadline_ms = linger;
             }
             self.metrics.count_authorized(true);
-            self.metrics.count_bound("completed");
+            self.metrics.count_bound(Protocol::Tcp, "completed");
             return Verdict::authorize(true);
         };
         if client.is_bound() {
             // The bound SYN reached another node, a rotated key, or a rewritten source.
-            self.metrics.count_bound("answered_plain");
+            self.metrics.count_bound(Protocol::Tcp, "answered_plain");
         }
         if let Some(flow) = self.flows.live_mut(&key, self.now) {
             flow.state = FlowState::ClientAckPending {

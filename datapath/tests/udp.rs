@@ -857,6 +857,19 @@ fn a_udp_flow_to_a_known_node_takes_two_control_datagrams() {
         assert_eq!(w.a.metrics().authorized(), (2, 0));
         assert_eq!(w.a.metrics().bound("sent"), 1);
         assert_eq!(w.a.metrics().bound("completed"), 1);
+        // Counted as UDP's, none as TCP's.
+        let (udp, tcp) = (policy::Protocol::Udp, policy::Protocol::Tcp);
+        assert_eq!(w.a.metrics().bound_of(udp, "completed"), 1);
+        assert_eq!(w.b.metrics().bound_of(udp, "authorized"), 1);
+        assert_eq!(w.a.metrics().bound_of(tcp, "sent"), 0);
+        let mut text = String::new();
+        w.b.metrics().render_prometheus(&mut text);
+        assert!(
+            text.contains(
+                "tessera_bound_handshakes_total{protocol=\"udp\",event=\"authorized\"} 1\n"
+            ),
+            "{text}"
+        );
         // Were a datagram still queued at the server (marked there, it is not), it passes.
         let (v, _) = w.in_b(&out[0].packet);
         assert!(v.accept && v.mark_authorized, "{v:?}");

@@ -883,8 +883,18 @@ fn bound_udp_handshake(v6: bool, mode: Mode) {
         p.udp_payload().is_some_and(|u| u.starts_with(&magic))
     });
     let kind = |t: u8| move |p: &testbed::packet::IpAny| p.udp_payload().is_some_and(|u| u[8] == t);
-    let bound =
-        |m: &testbed::Metrics, e: &str| m.sum_of("tessera_bound_handshakes_total", "event", e);
+    // The bound handshake's UDP events (TCP has its own under the same name).
+    let bound = |m: &testbed::Metrics, e: &str| {
+        let has = |s: &testbed::metrics::Sample, k: &str, v: &str| {
+            s.labels.iter().any(|(a, b)| a == k && b == v)
+        };
+        m.samples
+            .iter()
+            .filter(|s| s.name == "tessera_bound_handshakes_total")
+            .filter(|s| has(s, "protocol", "udp") && has(s, "event", e))
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
     // Application datagrams the agent let through, or sent back to the queue.
     let udp_seen = |m: &testbed::Metrics| {
         m.sum_of("tessera_packets_accepted_total", "kind", "udp")
