@@ -1719,14 +1719,7 @@ impl Step<'_> {
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
         self.learn_agent(key.remote.ip(), true);
-        // The address's node, proven: the next flow to it, of either protocol, can be bound.
-        self.bound.learn(
-            key.remote.ip(),
-            &server.node,
-            server.key_id,
-            self.now.saturating_add(self.config.bound_peer_ms),
-            self.now,
-        );
+        self.learn_node(key.remote.ip(), &server);
         let view = self.peer_of(&server);
         let allowed = self.decide(
             &key,
@@ -2234,6 +2227,14 @@ impl Step<'_> {
         }
     }
 
+    /// A verified SYN-ACK (TCP or UDP) from `ip` proved `server`'s node: the next connection or
+    /// flow to that address, of either protocol, can be bound.
+    fn learn_node(&mut self, ip: IpAddr, server: &PeerIdentity) {
+        let until = self.now.saturating_add(self.config.bound_peer_ms);
+        self.bound
+            .learn(ip, &server.node, server.key_id, until, self.now);
+    }
+
     /// A bound SYN went unanswered for a retransmission timeout: an agent older than the bound
     /// handshake drops its type (or the SYN, or its answer, was lost). The retransmission is a
     /// plain SYN with a fresh nonce, and `node` gets plain SYNs for a while (a bound SYN from
@@ -2565,14 +2566,7 @@ impl Step<'_> {
             Ok(r) => (r.peer, r.ack),
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
-        // The address's node, proven: the next connection to it can be bound.
-        self.bound.learn(
-            key.remote.ip(),
-            &server.node,
-            server.key_id,
-            self.now.saturating_add(self.config.bound_peer_ms),
-            self.now,
-        );
+        self.learn_node(key.remote.ip(), &server);
         let view = self.peer_of(&server);
         if !self.decide(
             &key,

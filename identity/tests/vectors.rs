@@ -153,25 +153,13 @@ const BOUND_UDP_SOURCE: FlowSource = FlowSource {
 /// The bound handshake of a UDP flow (PSK), framed as the two control datagrams that carry it.
 fn render_bound_udp(mut a: Node, mut b: Node) -> String {
     use identity::wire::{TYPE_SYN_ACK_BOUND, TYPE_SYN_BOUND};
-    let mut rng = SeededRng::new(b"tessera bound udp vectors nonces");
-    let (client_nonce, server_nonce) = (rng.nonce(), rng.nonce());
-    let (c, syn) = a
-        .client_syn_bound(
-            &web_claims(),
-            "node-b",
-            b.key_id(),
-            &BOUND_UDP_SOURCE,
-            client_nonce,
-            NOW,
-        )
-        .unwrap();
-    let ServerSyn::Bound(bound) = b.server_syn_bound(&syn, &BOUND_UDP_SOURCE, NOW).unwrap() else {
-        panic!("the vectors' bound SYN must verify");
-    };
-    let synack = bound
-        .respond(&mut b, &db_claims(), "dns", server_nonce, NOW)
-        .unwrap();
-    assert_eq!(c.receive(&mut a, &synack, NOW).unwrap().ack, None);
+    let (client_nonce, server_nonce, syn, synack) = bound_exchange(
+        &mut a,
+        &mut b,
+        b"tessera bound udp vectors nonces",
+        &BOUND_UDP_SOURCE,
+        "dns",
+    );
     let c = |kind, token: &[u8]| identity::encode_udp_control(kind, token).unwrap();
     let mut out = format!(
         "# psk (ASCII) = {}\n\
@@ -247,28 +235,48 @@ const BOUND_SOURCE: FlowSource = FlowSource {
     protocol: 6,
 };
 
-/// A bound handshake (two tokens) from node-a to node-b, whose key id node-a learnt from the
-/// handshake of the plain vectors.
-fn render_bound(mode: &str, mut a: Node, mut b: Node) -> String {
-    let mut rng = SeededRng::new(b"tessera bound vectors nonces");
+/// A bound handshake from node-a (web) to node-b (db, `port_name`) for the flow `source`, its
+/// nonces from `seed`: (client nonce, server nonce, bound SYN, bound SYN-ACK), checked to
+/// complete with no ACK.
+fn bound_exchange(
+    a: &mut Node,
+    b: &mut Node,
+    seed: &[u8],
+    source: &FlowSource,
+    port_name: &str,
+) -> ([u8; 16], [u8; 16], Vec<u8>, Vec<u8>) {
+    let mut rng = SeededRng::new(seed);
     let (client_nonce, server_nonce) = (rng.nonce(), rng.nonce());
     let (c, syn) = a
         .client_syn_bound(
             &web_claims(),
             "node-b",
             b.key_id(),
-            &BOUND_SOURCE,
+            source,
             client_nonce,
             NOW,
         )
         .unwrap();
-    let ServerSyn::Bound(bound) = b.server_syn_bound(&syn, &BOUND_SOURCE, NOW).unwrap() else {
+    let ServerSyn::Bound(bound) = b.server_syn_bound(&syn, source, NOW).unwrap() else {
         panic!("the vectors' bound SYN must verify");
     };
     let synack = bound
-        .respond(&mut b, &db_claims(), "postgres", server_nonce, NOW)
+        .respond(b, &db_claims(), port_name, server_nonce, NOW)
         .unwrap();
-    assert_eq!(c.receive(&mut a, &synack, NOW).unwrap().ack, None);
+    assert_eq!(c.receive(a, &synack, NOW).unwrap().ack, None);
+    (client_nonce, server_nonce, syn, synack)
+}
+
+/// A bound handshake (two tokens) from node-a to node-b, whose key id node-a learnt from the
+/// handshake of the plain vectors.
+fn render_bound(mode: &str, mut a: Node, mut b: Node) -> String {
+    let (client_nonce, server_nonce, syn, synack) = bound_exchange(
+        &mut a,
+        &mut b,
+        b"tessera bound vectors nonces",
+        &BOUND_SOURCE,
+        "postgres",
+    );
     let mut out = format!(
         "# Tessera bound handshake test vectors (two tokens), wire version 1, {mode} mode.\n\
          # Client node-a (workload shop/web-7d9f8-x2x4q), flow source 10.1.0.5 port 40000 TCP,\n\
