@@ -188,6 +188,20 @@ impl Metrics {
             .zip(BOUND_EVENTS.iter().position(|e| *e == event))
             .map_or(0, |(p, i)| self.bound[p][i])
     }
+    /// Every event of the bound handshake that happened, as (protocol, event, count), in the
+    /// exposition's order; events that never happened are left out.
+    pub fn bound_all(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        BOUND_PROTOCOLS
+            .iter()
+            .zip(self.bound.iter())
+            .flat_map(|(p, counts)| {
+                BOUND_EVENTS
+                    .iter()
+                    .zip(counts.iter())
+                    .map(move |(e, n)| (*p, *e, *n))
+            })
+            .filter(|(_, _, n)| *n > 0)
+    }
     /// Count an accepted packet.
     pub fn count_accepted(&mut self, hook: Hook, kind: PacketKind) {
         self.accepted[hook_index(hook)][kind_index(kind)] += 1;

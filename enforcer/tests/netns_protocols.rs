@@ -918,6 +918,16 @@ fn bound_udp_handshake(v6: bool, mode: Mode) {
     assert_eq!(bound(&n1, "sent") - bound(&m1, "sent"), 1.0, "{}", n1.text);
     assert_eq!(bound(&n1, "completed") - bound(&m1, "completed"), 1.0);
     assert_eq!(bound(&n2, "authorized") - bound(&m2, "authorized"), 1.0);
+    // `tessera status` sees them too (the agents' /status, which it renders).
+    for (node, event) in [(1, "completed"), (2, "authorized")] {
+        let status = testbed::agent::http_get(tb.agent(node).metrics_addr(), "/status")
+            .expect("the agent's /status");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert!(
+            status["counters"]["bound"]["udp"][event].as_u64() >= Some(1),
+            "node {node}'s /status: {status}"
+        );
+    }
     assert_eq!(
         udp_seen(&n2) - udp_seen(&m2),
         0.0,

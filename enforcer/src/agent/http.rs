@@ -278,6 +278,10 @@ pub struct Counters {
     pub queue_dropped: u64,
     pub workload_failures: u64,
     pub policy_reload_failures: u64,
+    /// The bound handshake's events that happened, by protocol (`tcp`, `udp`), then event
+    /// (`tessera_bound_handshakes_total`). Absent from agents older than it.
+    #[serde(default)]
+    pub bound: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 pub fn status_of(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) -> Status {
@@ -332,6 +336,14 @@ pub fn status_of(shared: &Shared, tunnel: Option<&Result<TunnelStats, String>>) 
             queue_dropped: qd + ud,
             workload_failures: shared.workload_failures.load(Ordering::Relaxed),
             policy_reload_failures: shared.reload_failures.load(Ordering::Relaxed),
+            bound: m
+                .bound_all()
+                .fold(Default::default(), |mut by, (protocol, event, n)| {
+                    by.entry(protocol.to_owned())
+                        .or_insert_with(std::collections::BTreeMap::new)
+                        .insert(event.to_owned(), n);
+                    by
+                }),
         },
         tunnel: shared
             .tunnel

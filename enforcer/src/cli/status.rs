@@ -232,6 +232,13 @@ pub fn render(s: &Status, now: SystemTime) -> String {
         "  flows authorized: {} verified, {} IP-only peers; handshakes in progress: {}",
         c.authorized_verified, c.authorized_ip_only, c.flows
     );
+    // The bound handshake (two tokens to a node this one already knows), per protocol: how
+    // many this node sent and completed as a client, authorized as a server, and why any fell
+    // back to the three tokens.
+    for (protocol, events) in &c.bound {
+        let list: Vec<String> = events.iter().map(|(e, n)| format!("{e} {n}")).collect();
+        let _ = writeln!(out, "  bound handshakes, {protocol}: {}", list.join(", "));
+    }
     let total: u64 = c.rejected.values().sum();
     let _ = writeln!(out, "  rejected: {total}");
     for (reason, n) in &c.rejected {
@@ -295,5 +302,35 @@ mod tests {
             + "}";
         let s: Status = serde_json::from_str(&off).unwrap();
         assert!(!render(&s, SystemTime::now()).contains("TUNNEL"));
+    }
+
+    #[test]
+    fn bound_handshakes_are_shown_per_protocol_and_older_agents_still_read() {
+        let json = r#"{
+          "node": "node-a", "identity": "psk", "runtime": "static", "policies": 1,
+          "workloads": [], "peers": [],
+          "counters": {"authorizedVerified": 9, "authorizedIpOnly": 0, "rejected": {},
+                       "flows": 0, "queueDropped": 0, "workloadFailures": 0,
+                       "policyReloadFailures": 0,
+                       "bound": {"tcp": {"completed": 7, "sent": 8, "retransmitted_plain": 1},
+                                 "udp": {"authorized": 2}}}
+        }"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        let text = render(&s, SystemTime::now());
+        assert!(
+            text.contains("  bound handshakes, tcp: completed 7, retransmitted_plain 1, sent 8\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  bound handshakes, udp: authorized 2\n"),
+            "{text}"
+        );
+        let old = json.replace(
+            ",\n                       \"bound\": {\"tcp\": {\"completed\": 7, \"sent\": 8, \"retransmitted_plain\": 1},\n                                 \"udp\": {\"authorized\": 2}}",
+            "",
+        );
+        assert_ne!(old, json);
+        let s: Status = serde_json::from_str(&old).unwrap();
+        assert!(!render(&s, SystemTime::now()).contains("bound handshakes"));
     }
 }
