@@ -5,10 +5,11 @@
 //! Only a verified SYN-ACK teaches an address's node and key id. A wrong memory costs nothing
 //! but the bound path: a bound SYN that reaches another node, or a node with another key, is
 //! answered with a plain SYN-ACK and the three-token handshake follows. A node that does not
-//! answer a bound SYN at all (an agent older than the bound handshake drops its type) is
-//! remembered as *silent* for a while, so that only one connection to it waits for a SYN
-//! retransmission; a bound SYN from that node proves it speaks the bound handshake, and ends
-//! the wait at once.
+//! answer a bound SYN but answers the plain retransmission (an agent older than the bound
+//! handshake drops its type) is remembered as *silent* for a while, so that only one
+//! connection to it waits for a SYN retransmission; a bound SYN from that node proves it speaks
+//! the bound handshake, and ends the wait at once. A retransmission nobody answers either (the
+//! server's ingress drops a denied SYN; the server is gone) silences nothing.
 
 use std::net::IpAddr;
 

@@ -25,12 +25,15 @@ pub struct FlowKey {
 #[derive(Debug)]
 pub(crate) enum FlowState {
     /// Client: SYN sent with `syn_token`; re-sent as is on retransmission, unless it was bound
-    /// (for the node `bound_to`): then the retransmission carries a new, plain SYN.
+    /// (for the node `bound_to`): then the retransmission carries a new, plain SYN, and
+    /// `fell_back_from` keeps the node: if that plain SYN is answered, the node ignored the
+    /// bound one and gets plain SYNs for a while.
     ClientSynSent {
         client: ClientAwaitingSynAck,
         isn: u32,
         syn_token: Box<[u8]>,
         bound_to: Option<Box<str>>,
+        fell_back_from: Option<Box<str>>,
     },
     /// Client: the server's SYN-ACK was verified and egress allowed; the first ACK (and any
     /// duplicate of it) carries `ack_token`.

@@ -123,12 +123,13 @@ pub struct Metrics {
 }
 
 /// The events of the bound handshake, as `tessera_bound_handshakes_total` labels them.
-pub const BOUND_EVENTS: [&str; 7] = [
+pub const BOUND_EVENTS: [&str; 8] = [
     "sent",
     "authorized",
     "completed",
     "answered_plain",
     "retransmitted_plain",
+    "node_silenced",
     "binding_other_receiver",
     "binding_bad_mac",
 ];
@@ -424,7 +425,7 @@ impl Metrics {
         )?;
         writeln!(
             out,
-            "# HELP tessera_bound_handshakes_total The bound handshake (two tokens, for a TCP connection or UDP flow to an address whose node a verified SYN-ACK named), by protocol (tcp, udp) and event: sent (a client sent a bound SYN), authorized (a server authorized at one and answered with a bound SYN-ACK), completed (a client took a bound SYN-ACK), answered_plain (a bound SYN got a plain SYN-ACK: the three tokens followed), retransmitted_plain (a bound SYN went unanswered; its retransmission went plain and the node gets plain SYNs for a while), binding_other_receiver and binding_bad_mac (why a server took a bound SYN as a plain one: bound for another node or key; a source rewritten on the way, or an altered token)."
+            "# HELP tessera_bound_handshakes_total The bound handshake (two tokens, for a TCP connection or UDP flow to an address whose node a verified SYN-ACK named), by protocol (tcp, udp) and event: sent (a client sent a bound SYN), authorized (a server authorized at one and answered with a bound SYN-ACK), completed (a client took a bound SYN-ACK), answered_plain (a bound SYN got a plain SYN-ACK: the three tokens followed), retransmitted_plain (a bound SYN went unanswered and its retransmission went plain), node_silenced (that plain SYN was answered: the node ignores bound SYNs and gets plain ones for a while), binding_other_receiver and binding_bad_mac (why a server took a bound SYN as a plain one: bound for another node or key; a source rewritten on the way, or an altered token)."
         )?;
         writeln!(out, "# TYPE tessera_bound_handshakes_total counter")?;
         for (protocol, counts) in BOUND_PROTOCOLS.iter().zip(self.bound) {

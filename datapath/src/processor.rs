@@ -10,7 +10,7 @@
 //! | packet (hook)            | state before        | action                                   | state after       |
 //! |--------------------------|---------------------|------------------------------------------|-------------------|
 //! | SYN (OUTPUT)             | none / other ISN    | `client_syn`, attach; a *bound* SYN (`client_syn_bound`) when a verified SYN-ACK from the address named its node (and `bound_handshake`, and the node is not silent) | ClientSynSent |
-//! | SYN (OUTPUT)             | ClientSynSent, same ISN | attach the same token; after a bound one: a new plain SYN, and the node is silent for `bound_silent_ms` | = |
+//! | SYN (OUTPUT)             | ClientSynSent, same ISN | attach the same token; after a bound one: a new plain SYN (if a plain SYN-ACK answers it, the node is silent for `bound_silent_ms`) | = |
 //! | SYN + token (INPUT)      | none                | `server_syn`, ingress on the tentative peer, strip | ServerSynReceived |
 //! | SYN, no token (INPUT)    | none                | ingress on the IP only (`Peer::IpOnly`)  | ServerTokenless   |
 //! | bound SYN (INPUT)        | none                | `server_syn_bound` verifies the binding: ingress on the proven client, strip (a binding that does not verify: as a plain SYN) | ServerBound |
@@ -183,7 +183,8 @@ pub struct ProcessorConfig {
     pub bound_handshake: bool,
     /// How long an address's node, as a verified SYN-ACK named it, is used to bind SYNs.
     pub bound_peer_ms: u64,
-    /// How long a node that did not answer a bound SYN gets plain ones.
+    /// How long a node that ignored a bound SYN (and answered its plain retransmission) gets
+    /// plain ones.
     pub bound_silent_ms: u64,
 }
 
@@ -1458,6 +1459,7 @@ impl Step<'_> {
                     client,
                     syn,
                     bound_to,
+                    fell_back_from: None,
                     held: Vec::new(),
                     tries: 1,
                     next_ms: self.now.saturating_add(self.config.udp_hello_rto_ms),
@@ -1729,12 +1731,21 @@ impl Step<'_> {
             server.port_name.as_deref(),
         );
         let Some(UdpFlow {
-            state: UdpState::ClientHello { held, bound_to, .. },
+            state:
+                UdpState::ClientHello {
+                    held,
+                    bound_to,
+                    fell_back_from,
+                    ..
+                },
             ..
         }) = self.udp.remove(&key)
         else {
             return Verdict::drop(Reason::UnexpectedToken);
         };
+        if let (Some(node), Some(_)) = (&fell_back_from, &ack_token) {
+            self.silence(Protocol::Udp, node);
+        }
         if !allowed {
             for _ in 1..held.len() {
                 self.metrics.count_rejected(Reason::PolicyEgress.as_str());
@@ -1809,7 +1820,7 @@ impl Step<'_> {
         if let Some((mut syn, bound_to, next_ms)) = resend {
             if let Some(node) = bound_to {
                 // The bound SYN went unanswered: re-sent plain, as for TCP.
-                let (plain, token) = self.plain_after_silence(Protocol::Udp, &node, rng);
+                let (plain, token) = self.plain_retransmission(Protocol::Udp, rng);
                 let Some(control) = identity::encode_udp_control(identity::wire::TYPE_SYN, &token)
                 else {
                     return;
@@ -1818,13 +1829,17 @@ impl Step<'_> {
                 if let Some(UdpFlow {
                     state:
                         UdpState::ClientHello {
-                            client, syn: kept, ..
+                            client,
+                            syn: kept,
+                            fell_back_from,
+                            ..
                         },
                     ..
                 }) = self.udp.get_mut(&key)
                 {
                     *client = plain;
                     *kept = syn.clone();
+                    *fell_back_from = Some(node);
                 }
             }
             self.udp.reschedule(&key, next_ms);
@@ -2130,18 +2145,22 @@ impl Step<'_> {
         };
         if let Some((mut token, bound_to)) = retransmitted {
             if let Some(node) = bound_to {
-                let (plain, plain_token) = self.plain_after_silence(Protocol::Tcp, &node, rng);
+                let (plain, plain_token) = self.plain_retransmission(Protocol::Tcp, rng);
                 token = plain_token.into_boxed_slice();
                 if let Some(Flow {
                     state:
                         FlowState::ClientSynSent {
-                            client, syn_token, ..
+                            client,
+                            syn_token,
+                            fell_back_from,
+                            ..
                         },
                     ..
                 }) = self.flows.live_mut(&key, self.now)
                 {
                     *client = plain;
                     *syn_token = token.clone();
+                    *fell_back_from = Some(node);
                 }
             }
             return modified_or(
@@ -2164,6 +2183,7 @@ impl Step<'_> {
                 isn: seg.seq,
                 syn_token: token.into_boxed_slice(),
                 bound_to,
+                fell_back_from: None,
             },
             self.handshake_deadline(),
         );
@@ -2236,21 +2256,29 @@ impl Step<'_> {
     }
 
     /// A bound SYN went unanswered for a retransmission timeout: an agent older than the bound
-    /// handshake drops its type (or the SYN, or its answer, was lost). The retransmission is a
-    /// plain SYN with a fresh nonce, and `node` gets plain SYNs for a while (a bound SYN from
-    /// it ends the wait). Returns the plain SYN.
-    fn plain_after_silence<R: CryptoRng + ?Sized>(
+    /// handshake drops its type, or the SYN or its answer was lost, or the server's ingress
+    /// denied it (a denied SYN is dropped, not answered). The retransmission is a plain SYN
+    /// with a fresh nonce. Returns it.
+    fn plain_retransmission<R: CryptoRng + ?Sized>(
         &mut self,
         protocol: Protocol,
-        node: &str,
         rng: &mut R,
     ) -> (ClientAwaitingSynAck, Vec<u8>) {
-        let until = self.now.saturating_add(self.config.bound_silent_ms);
-        self.bound.silent(node, until, self.now);
         self.metrics.count_bound(protocol, "retransmitted_plain");
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         self.node.client_syn(&self.wl.claims, nonce, self.now)
+    }
+
+    /// A plain SYN-ACK answered the plain retransmission of a bound SYN to `node`: the node
+    /// answers plain SYNs and ignored the bound one (an agent older than the bound handshake),
+    /// so it gets plain SYNs for `bound_silent_ms` (a bound SYN from it ends the wait). A
+    /// retransmission that nobody answers either (a denied SYN, a server gone) says nothing
+    /// about the node, and silences nothing.
+    fn silence(&mut self, protocol: Protocol, node: &str) {
+        let until = self.now.saturating_add(self.config.bound_silent_ms);
+        self.bound.silent(node, until, self.now);
+        self.metrics.count_bound(protocol, "node_silenced");
     }
 
     /// Server INPUT SYN: verify the token (or take the peer as IP-only), decide ingress, strip.
@@ -2488,8 +2516,17 @@ impl Step<'_> {
             }
             return Verdict::drop(Reason::NoFlowState);
         };
+        let mut fell_back = None;
         let (client, isn): (ClientAwaitingSynAck, u32) = match &flow.state {
-            FlowState::ClientSynSent { client, isn, .. } => (client.clone(), *isn),
+            FlowState::ClientSynSent {
+                client,
+                isn,
+                fell_back_from,
+                ..
+            } => {
+                fell_back = fell_back_from.clone();
+                (client.clone(), *isn)
+            }
             FlowState::ClientAckPending {
                 client,
                 isn,
@@ -2567,6 +2604,9 @@ impl Step<'_> {
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
         self.learn_node(key.remote.ip(), &server);
+        if let (Some(node), Some(_)) = (&fell_back, &ack_token) {
+            self.silence(Protocol::Tcp, node);
+        }
         let view = self.peer_of(&server);
         if !self.decide(
             &key,

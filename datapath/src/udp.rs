@@ -82,9 +82,11 @@ pub(crate) enum UdpState {
         /// `bound_to`).
         syn: Box<[u8]>,
         /// The node a bound SYN was made for (`crate::bound`); `None` for a plain SYN. A bound
-        /// SYN that goes unanswered is re-sent as a plain one with a fresh nonce, and that node
-        /// is remembered as silent, as for TCP.
+        /// SYN that goes unanswered is re-sent as a plain one with a fresh nonce, as for TCP.
         bound_to: Option<Box<str>>,
+        /// The node of a bound SYN that went unanswered and was re-sent plain: if the plain one
+        /// is answered, that node ignored the bound one and gets plain SYNs for a while.
+        fell_back_from: Option<Box<str>>,
         held: Vec<Vec<u8>>,
         /// SYN controls sent so far.
         tries: u8,

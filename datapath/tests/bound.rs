@@ -153,7 +153,9 @@ fn a_lost_bound_syn_ack_falls_back_to_three_tokens() {
     let (v, ack) = w.out_a(&w.ack());
     accepted(&v, true, true);
     accepted(&w.in_b(&ack).0, true, true);
-    // node-b is silent for a while, then bound again.
+    // node-b is silent for a while (the plain SYN was answered where the bound one was not),
+    // then bound again.
+    assert_eq!(w.a.metrics().bound("node_silenced"), 1);
     w.port(41001);
     let (_, syn) = w.out_a(&w.syn());
     assert_eq!(token_type(&syn), TYPE_SYN);
@@ -180,9 +182,45 @@ fn a_bound_syn_nobody_answers_is_retransmitted_plain() {
     accepted(&w.in_b(&syn).0, true, false);
     let (_, syn_ack) = w.out_b(&w.syn_ack());
     accepted(&w.in_a(&syn_ack).0, true, false);
+    assert_eq!(
+        w.a.metrics().bound("node_silenced"),
+        1,
+        "it answers plain SYNs"
+    );
     let (v, ack) = w.out_a(&w.ack());
     accepted(&v, true, true);
     accepted(&w.in_b(&ack).0, true, true);
+}
+
+/// A bound SYN the server's ingress denies is dropped, as any denied SYN, and so is its plain
+/// retransmission: that silence says nothing about the node, which is not silenced. Before,
+/// every denied connection to a node turned the bound handshake off towards it for 10 minutes.
+#[test]
+fn a_denied_bound_syn_does_not_silence_the_node() {
+    let mut w = taught(Mode::Psk, ProcessorConfig::default());
+    // Port 5433 of db: ALLOW admits 5432 only.
+    w.s.set_port(5433);
+    let (_, syn) = w.out_a(&w.syn());
+    assert_eq!(token_type(&syn), TYPE_SYN_BOUND);
+    assert_eq!(dropped(&w.in_b(&syn).0), "policy_ingress");
+    for _ in 0..3 {
+        w.now += 1_000;
+        let (_, syn) = w.out_a(&w.syn());
+        assert_eq!(token_type(&syn), TYPE_SYN);
+        assert_eq!(dropped(&w.in_b(&syn).0), "policy_ingress");
+    }
+    assert_eq!(w.a.metrics().bound("retransmitted_plain"), 1);
+    assert_eq!(w.a.metrics().bound("node_silenced"), 0);
+    // The next connection, to the allowed port, is bound and takes two tokens.
+    w.s.set_port(5432);
+    w.port(41001);
+    let (_, syn) = w.out_a(&w.syn());
+    assert_eq!(token_type(&syn), TYPE_SYN_BOUND);
+    accepted(&w.in_b(&syn).0, true, false);
+    let (v, syn_ack) = w.out_b(&w.syn_ack());
+    accepted(&v, true, true);
+    accepted(&w.in_a(&syn_ack).0, true, true);
+    assert_eq!(w.a.metrics().bound("completed"), 1);
 }
 
 /// A bound SYN seen from another source (a NAT on the way, or a copy moved to another address

@@ -937,7 +937,13 @@ fn a_lost_bound_syn_ack_is_recovered_by_a_plain_syn() {
     assert_eq!(payload(&out[1].packet), b"x");
     let (v, _) = w.in_b(&out[0].packet);
     assert_eq!(v, Verdict::consume_marking(true, None));
-    // That node stays silent for a while: the next flow to it is plain.
+    // The plain SYN was answered where the bound one was not: that node gets plain SYNs for a
+    // while, and the next flow to it is plain.
+    assert_eq!(
+        w.a.metrics()
+            .bound_of(policy::Protocol::Udp, "node_silenced"),
+        1
+    );
     w.port(41001);
     let next = hello(&mut w, b"y");
     assert_eq!(control_kind(&next), Some(TYPE_SYN));
@@ -1051,4 +1057,25 @@ fn a_bound_syn_whose_source_is_rewritten_on_the_way_takes_the_three_tokens() {
     assert_eq!(v, Verdict::consume_marking(true, None));
     assert_eq!(w.b.metrics().authorized(), (2, 0));
     assert_eq!(w.b.metrics().bound("authorized"), 0);
+}
+
+#[test]
+fn a_bound_syn_and_its_plain_retransmissions_unanswered_silence_nothing() {
+    // The server is gone (nothing answers at all): the handshake gives up, and the node is not
+    // taken as one that ignores bound SYNs; the next flow to it is bound.
+    let mut w = taught_udp(Mode::Psk, 41000);
+    let syn = hello(&mut w, b"x");
+    assert_eq!(control_kind(&syn), Some(TYPE_SYN_BOUND));
+    for later in [25, 75, 175, 400, 1_000] {
+        w.a.poll_udp(w.now + later, &mut w.rng);
+        for o in take(&mut w.a) {
+            assert_ne!(control_kind(&o), Some(TYPE_SYN_BOUND), "re-sent plain");
+        }
+    }
+    assert_eq!(w.a.metrics().bound("retransmitted_plain"), 1);
+    assert_eq!(w.a.metrics().bound("node_silenced"), 0);
+    w.now += 1_000;
+    w.port(41001);
+    let next = hello(&mut w, b"y");
+    assert_eq!(control_kind(&next), Some(TYPE_SYN_BOUND));
 }
