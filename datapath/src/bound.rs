@@ -15,6 +15,49 @@ use std::net::IpAddr;
 
 use identity::wire::KeyId;
 
+/// Where a client's SYN (TCP or UDP) stands with the bound handshake.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) enum SynBinding {
+    /// A plain SYN.
+    #[default]
+    Plain,
+    /// A SYN bound for this node, not answered yet.
+    Bound(Box<str>),
+    /// A SYN bound for this node that went unanswered and was re-sent plain: if the plain one
+    /// is answered, the node ignored the bound one (it answers only plain SYNs).
+    FellBack(Box<str>),
+}
+
+impl SynBinding {
+    /// Whether the SYN now in flight is bound.
+    pub(crate) fn is_bound(&self) -> bool {
+        matches!(self, SynBinding::Bound(_))
+    }
+
+    /// The SYN is retransmitted: a bound one falls back to plain (`true`: make a plain SYN);
+    /// any other stays as it is.
+    pub(crate) fn fall_back(&mut self) -> bool {
+        match std::mem::take(self) {
+            SynBinding::Bound(node) => {
+                *self = SynBinding::FellBack(node);
+                true
+            }
+            other => {
+                *self = other;
+                false
+            }
+        }
+    }
+
+    /// The node a bound SYN fell back from, if any.
+    pub(crate) fn fell_back_from(&self) -> Option<&str> {
+        match self {
+            SynBinding::FellBack(node) => Some(node),
+            _ => None,
+        }
+    }
+}
+
 /// Addresses remembered at most. A full memory forgets its expired entries, then everything:
 /// a forgotten address costs its next connection the three-token handshake, nothing more.
 pub(crate) const BOUND_PEERS: usize = 8192;

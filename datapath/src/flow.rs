@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use identity::{ClientAwaitingSynAck, ServerAwaitingAck, ServerSynBound, ServerSynReceived};
 
+use crate::bound::SynBinding;
 use crate::processor::WorkloadId;
 
 /// One TCP flow as seen from one workload: `local` is the workload's address and port,
@@ -25,15 +26,13 @@ pub struct FlowKey {
 #[derive(Debug)]
 pub(crate) enum FlowState {
     /// Client: SYN sent with `syn_token`; re-sent as is on retransmission, unless it was bound
-    /// (for the node `bound_to`): then the retransmission carries a new, plain SYN, and
-    /// `fell_back_from` keeps the node: if that plain SYN is answered, the node ignored the
-    /// bound one and gets plain SYNs for a while.
+    /// (`binding`): then the retransmission carries a new, plain SYN, and if that one is
+    /// answered, the node ignored the bound one and gets plain SYNs for a while.
     ClientSynSent {
         client: ClientAwaitingSynAck,
         isn: u32,
         syn_token: Box<[u8]>,
-        bound_to: Option<Box<str>>,
-        fell_back_from: Option<Box<str>>,
+        binding: SynBinding,
     },
     /// Client: the server's SYN-ACK was verified and egress allowed; the first ACK (and any
     /// duplicate of it) carries `ack_token`.

@@ -64,7 +64,7 @@ use identity::{
 use pnet_packet::ip::IpNextHeaderProtocols;
 use policy::{Connection, Direction, Engine, Peer, PodKey, Protocol, WorkloadIdentity};
 
-use crate::bound::BoundPeers;
+use crate::bound::{BoundPeers, SynBinding};
 use crate::dns::{self, MAX_NAMES_PER_ADDRESS, NameCache};
 use crate::established::{Authorized, Cut, CutReason, CutSet, EstablishedTable};
 use crate::flow::{Flow, FlowKey, FlowState, FlowTable};
@@ -1093,6 +1093,15 @@ fn tcp_source(seg: &TcpSegment) -> FlowSource {
     }
 }
 
+/// The source of a UDP flow as a bound SYN's MAC covers it: the client's address and port.
+fn udp_source(client: SocketAddr) -> FlowSource {
+    FlowSource {
+        addr: client.ip(),
+        port: client.port(),
+        protocol: IpNextHeaderProtocols::Udp.0,
+    }
+}
+
 /// The protocol of a flow whose source a bound SYN covers (TCP or UDP).
 fn protocol_of(source: &FlowSource) -> Protocol {
     if source.protocol == IpNextHeaderProtocols::Udp.0 {
@@ -1436,13 +1445,9 @@ impl Step<'_> {
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         // Bound when a verified SYN-ACK from this address named its node, as for TCP.
-        let source = FlowSource {
-            addr: key.local.ip(),
-            port: key.local.port(),
-            protocol: IpNextHeaderProtocols::Udp.0,
-        };
-        let (client, token, bound_to) = self.make_syn(key.remote.ip(), &source, nonce);
-        let kind = if bound_to.is_some() {
+        let (client, token, binding) =
+            self.make_syn(key.remote.ip(), &udp_source(key.local), nonce);
+        let kind = if binding.is_bound() {
             identity::wire::TYPE_SYN_BOUND
         } else {
             identity::wire::TYPE_SYN
@@ -1458,8 +1463,7 @@ impl Step<'_> {
                 UdpState::ClientHello {
                     client,
                     syn,
-                    bound_to,
-                    fell_back_from: None,
+                    binding,
                     held: Vec::new(),
                     tries: 1,
                     next_ms: self.now.saturating_add(self.config.udp_hello_rto_ms),
@@ -1513,8 +1517,8 @@ impl Step<'_> {
                     Verdict::requeue_after_pause()
                 }
             }
-            Some(UdpState::ClientHello { bound_to, .. }) => {
-                if bound_to.is_some() {
+            Some(UdpState::ClientHello { binding, .. }) => {
+                if binding.is_bound() {
                     // A plain answer to a bound SYN: its address's node was proven to have an
                     // agent, so this proves nothing about the peer (it is forged, or the
                     // address moved). Never taken as agentless here: the SYN's retransmission
@@ -1582,8 +1586,8 @@ impl Step<'_> {
                 self.emit_udp(key.local, key.remote, &control, EmitMark::ControlAuthorized);
                 return Verdict::consumed();
             }
-            Some(UdpState::ClientHello { bound_to, .. }) => {
-                if bound_to.is_some() {
+            Some(UdpState::ClientHello { binding, .. }) => {
+                if binding.is_bound() {
                     // Our bound SYN reflected, or forged: its address's node has an agent.
                     return Verdict::drop(Reason::UnexpectedToken);
                 }
@@ -1604,12 +1608,10 @@ impl Step<'_> {
         if !self.udp.has_room(self.config.udp_max_flows) {
             return Verdict::drop(Reason::FlowTableFull);
         }
-        let source = FlowSource {
-            addr: key.remote.ip(),
-            port: key.remote.port(),
-            protocol: IpNextHeaderProtocols::Udp.0,
-        };
-        let syn = match self.node.server_syn_bound(token, &source, self.now) {
+        let syn = match self
+            .node
+            .server_syn_bound(token, &udp_source(key.remote), self.now)
+        {
             Ok(s) => s,
             Err(e) => return Verdict::drop(Reason::Handshake(e)),
         };
@@ -1731,19 +1733,13 @@ impl Step<'_> {
             server.port_name.as_deref(),
         );
         let Some(UdpFlow {
-            state:
-                UdpState::ClientHello {
-                    held,
-                    bound_to,
-                    fell_back_from,
-                    ..
-                },
+            state: UdpState::ClientHello { held, binding, .. },
             ..
         }) = self.udp.remove(&key)
         else {
             return Verdict::drop(Reason::UnexpectedToken);
         };
-        if let (Some(node), Some(_)) = (&fell_back_from, &ack_token) {
+        if let (Some(node), Some(_)) = (binding.fell_back_from(), &ack_token) {
             self.silence(Protocol::Udp, node);
         }
         if !allowed {
@@ -1754,7 +1750,7 @@ impl Step<'_> {
         }
         let ack = match ack_token {
             Some(ack_token) => {
-                if bound_to.is_some() {
+                if binding.is_bound() {
                     // The bound SYN reached another node, a rotated key, or a rewritten source.
                     self.metrics.count_bound(Protocol::Udp, "answered_plain");
                 }
@@ -1803,7 +1799,7 @@ impl Step<'_> {
                 UdpState::ClientHello {
                     syn,
                     tries,
-                    bound_to,
+                    binding,
                     ..
                 },
             ..
@@ -1812,13 +1808,13 @@ impl Step<'_> {
             if *tries < max_tries {
                 *tries += 1;
                 let next_ms = now.saturating_add(rto << (*tries - 1).min(16));
-                resend = Some((syn.clone(), bound_to.take(), next_ms));
+                resend = Some((syn.clone(), binding.fall_back(), next_ms));
             }
         } else {
             return;
         }
-        if let Some((mut syn, bound_to, next_ms)) = resend {
-            if let Some(node) = bound_to {
+        if let Some((mut syn, fell_back, next_ms)) = resend {
+            if fell_back {
                 // The bound SYN went unanswered: re-sent plain, as for TCP.
                 let (plain, token) = self.plain_retransmission(Protocol::Udp, rng);
                 let Some(control) = identity::encode_udp_control(identity::wire::TYPE_SYN, &token)
@@ -1829,17 +1825,13 @@ impl Step<'_> {
                 if let Some(UdpFlow {
                     state:
                         UdpState::ClientHello {
-                            client,
-                            syn: kept,
-                            fell_back_from,
-                            ..
+                            client, syn: kept, ..
                         },
                     ..
                 }) = self.udp.get_mut(&key)
                 {
                     *client = plain;
                     *kept = syn.clone();
-                    *fell_back_from = Some(node);
                 }
             }
             self.udp.reschedule(&key, next_ms);
@@ -2136,31 +2128,27 @@ impl Step<'_> {
                     FlowState::ClientSynSent {
                         isn,
                         syn_token,
-                        bound_to,
+                        binding,
                         ..
                     },
                 ..
-            }) if *isn == seg.seq => Some((syn_token.clone(), bound_to.take())),
+            }) if *isn == seg.seq => Some((syn_token.clone(), binding.fall_back())),
             _ => None,
         };
-        if let Some((mut token, bound_to)) = retransmitted {
-            if let Some(node) = bound_to {
+        if let Some((mut token, fell_back)) = retransmitted {
+            if fell_back {
                 let (plain, plain_token) = self.plain_retransmission(Protocol::Tcp, rng);
                 token = plain_token.into_boxed_slice();
                 if let Some(Flow {
                     state:
                         FlowState::ClientSynSent {
-                            client,
-                            syn_token,
-                            fell_back_from,
-                            ..
+                            client, syn_token, ..
                         },
                     ..
                 }) = self.flows.live_mut(&key, self.now)
                 {
                     *client = plain;
                     *syn_token = token.clone();
-                    *fell_back_from = Some(node);
                 }
             }
             return modified_or(
@@ -2173,7 +2161,7 @@ impl Step<'_> {
         }
         let mut nonce = [0u8; identity::wire::NONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        let (client, token, bound_to) = self.make_syn(seg.dst, &tcp_source(seg), nonce);
+        let (client, token, binding) = self.make_syn(seg.dst, &tcp_source(seg), nonce);
         if let Err(e) = packet::attach_token(packet, seg, &token) {
             return Verdict::drop(Reason::Packet(e));
         }
@@ -2182,8 +2170,7 @@ impl Step<'_> {
                 client,
                 isn: seg.seq,
                 syn_token: token.into_boxed_slice(),
-                bound_to,
-                fell_back_from: None,
+                binding,
             },
             self.handshake_deadline(),
         );
@@ -2201,13 +2188,13 @@ impl Step<'_> {
         dst: IpAddr,
         source: &FlowSource,
         nonce: [u8; identity::wire::NONCE_LEN],
-    ) -> (ClientAwaitingSynAck, Vec<u8>, Option<Box<str>>) {
+    ) -> (ClientAwaitingSynAck, Vec<u8>, SynBinding) {
         let bound = match self.bound.get(&dst, self.now) {
             Some((node, server_key)) if self.config.bound_handshake => self
                 .node
                 .client_syn_bound(&self.wl.claims, node, server_key, source, nonce, self.now)
                 .ok()
-                .map(|(client, token)| (client, token, Some(Box::<str>::from(node)))),
+                .map(|(client, token)| (client, token, SynBinding::Bound(node.into()))),
             _ => None,
         };
         match bound {
@@ -2217,7 +2204,7 @@ impl Step<'_> {
             }
             None => {
                 let (client, token) = self.node.client_syn(&self.wl.claims, nonce, self.now);
-                (client, token, None)
+                (client, token, SynBinding::Plain)
             }
         }
     }
@@ -2521,10 +2508,10 @@ impl Step<'_> {
             FlowState::ClientSynSent {
                 client,
                 isn,
-                fell_back_from,
+                binding,
                 ..
             } => {
-                fell_back = fell_back_from.clone();
+                fell_back = binding.fell_back_from().map(Box::<str>::from);
                 (client.clone(), *isn)
             }
             FlowState::ClientAckPending {

@@ -42,6 +42,7 @@ use identity::{ClientAwaitingSynAck, ServerAwaitingAck};
 use pnet_packet::ip::IpNextHeaderProtocols;
 use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 
+use crate::bound::SynBinding;
 use crate::flow::{Evictor, FlowKey};
 use crate::packet::{IpDatagram, PacketError, write_ip_header};
 use crate::processor::WorkloadId;
@@ -79,14 +80,11 @@ pub(crate) enum UdpState {
     ClientHello {
         client: ClientAwaitingSynAck,
         /// The SYN control datagram, re-sent as is (a bound one is re-sent plain, see
-        /// `bound_to`).
+        /// `binding`).
         syn: Box<[u8]>,
-        /// The node a bound SYN was made for (`crate::bound`); `None` for a plain SYN. A bound
-        /// SYN that goes unanswered is re-sent as a plain one with a fresh nonce, as for TCP.
-        bound_to: Option<Box<str>>,
-        /// The node of a bound SYN that went unanswered and was re-sent plain: if the plain one
-        /// is answered, that node ignored the bound one and gets plain SYNs for a while.
-        fell_back_from: Option<Box<str>>,
+        /// Whether the SYN is bound (`crate::bound`). A bound SYN that goes unanswered is
+        /// re-sent as a plain one with a fresh nonce, as for TCP.
+        binding: SynBinding,
         held: Vec<Vec<u8>>,
         /// SYN controls sent so far.
         tries: u8,
