@@ -1,8 +1,9 @@
 //! The raw sockets through which the agent sends its own datagrams from a workload's netns:
 //! UDP control datagrams (with the control mark, which the rules let pass), the application
 //! datagrams it held during a UDP handshake (with the AUTH mark, which the rules save into the
-//! connmark), and bound SYN-ACK controls (both marks: they pass, and mark their flow). Created inside the netns by a short-lived thread, like the queue's
-//! socket, so they send from that netns for as long as they live.
+//! connmark), and bound SYN-ACK controls (both marks: they pass, and mark their flow). Created
+//! inside the netns by a short-lived thread, like the queue's socket, so they send from that
+//! netns for as long as they live.
 
 use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
