@@ -85,6 +85,10 @@ row() { # figure measured target op value
     row "agents' decision p50, us ($c)" "$(fig "$out/one.txt" $c decide_p50_us)" "<=" 10 "$(val "$out/one.txt" $c decide_p50_us)"
     row "agents' decision p99, us ($c)" "$(fig "$out/one.txt" $c decide_p99_us)" "<=" 50 "$(val "$out/one.txt" $c decide_p99_us)"
     row "agents' CPU per connection, us ($c, no target)" "$(fig "$out/one.txt" $c agent_cpu_us)" "" "" ""
+    # Against the floor of the same rounds (no target): what the handshake's own work costs,
+    # apart from the wake-ups that this host charges every design with a proof at each end.
+    row "TCP conn/s ($c)/(q4), 1 client, no target" "$(fig "$out/one.txt" $c conn/q4)" "" "" ""
+    row "UDP new flows/s ($c)/(q4), 1 client, no target" "$(fig "$out/one.txt" $c udp/q4)" "" "" ""
   done
   # What no handshake code could beat on this host (no target): the six trips of (c) with
   # nothing done in them (b), and the four of any handshake that proves both ends (q4).

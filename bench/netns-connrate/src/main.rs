@@ -325,12 +325,17 @@ fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
 }
 
 /// `case figure median min max` lines over the rounds: same-round ratios (`conn/b`, `conn/a`,
-/// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`, and against (c-psk) `conn/c`, `gbit/c`), the flood's `flood` ratio and the largest
+/// `conn/k`, `udp/b`, `udp/a`, `udp/k`, `gbit/a`; against (c-psk) `conn/c`, `gbit/c`; against
+/// the floor of four empty trips `conn/q4`, `udp/q4`), the flood's `flood` ratio and the largest
 /// agent RSS during it (`flood_rss_kib`), the agents' `decide_p50_us`, `decide_p99_us` and CPU
 /// per connection (`agent_cpu_us`).
 fn summary(rounds: &[Vec<Row>]) -> String {
-    let ratios: [(&str, &str, Field); 9] = [
+    let ratios: [(&str, &str, Field); 11] = [
         ("conn/b", "b", rate),
+        // What enforcement keeps of the floor of its design on this host (the wake-ups of four
+        // trips with nothing done in them), same round.
+        ("conn/q4", "q4", rate),
+        ("udp/q4", "q4", udp_rate),
         // Encryption's cost to enforcement: (c-enc) against (c-psk), same round.
         ("conn/c", "c-psk", rate),
         ("gbit/c", "c-psk", gbits),
