@@ -885,15 +885,10 @@ fn bound_udp_handshake(v6: bool, mode: Mode) {
     let kind = |t: u8| move |p: &testbed::packet::IpAny| p.udp_payload().is_some_and(|u| u[8] == t);
     // The bound handshake's UDP events (TCP has its own under the same name).
     let bound = |m: &testbed::Metrics, e: &str| {
-        let has = |s: &testbed::metrics::Sample, k: &str, v: &str| {
-            s.labels.iter().any(|(a, b)| a == k && b == v)
-        };
-        m.samples
-            .iter()
-            .filter(|s| s.name == "tessera_bound_handshakes_total")
-            .filter(|s| has(s, "protocol", "udp") && has(s, "event", e))
-            .map(|s| s.value)
-            .sum::<f64>()
+        m.sum_of_labels(
+            "tessera_bound_handshakes_total",
+            &[("protocol", "udp"), ("event", e)],
+        )
     };
     // Application datagrams the agent let through, or sent back to the queue.
     let udp_seen = |m: &testbed::Metrics| {

@@ -42,10 +42,19 @@ impl Metrics {
 
     /// Sum of the samples of metric `name` that carry label `key="value"`.
     pub fn sum_of(&self, name: &str, key: &str, value: &str) -> f64 {
+        self.sum_of_labels(name, &[(key, value)])
+    }
+
+    /// Sum of the samples of metric `name` that carry every one of `labels` (`key`, `value`).
+    pub fn sum_of_labels(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.samples
             .iter()
             .filter(|s| s.name == name)
-            .filter(|s| s.labels.iter().any(|(k, v)| k == key && v == value))
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(key, value)| s.labels.iter().any(|(k, v)| k == key && v == value))
+            })
             .map(|s| s.value)
             .sum::<f64>()
             + 0.0
@@ -230,6 +239,11 @@ plain 7
         assert_eq!(m.sum_with_label("reason", "bad_mac"), 1.0);
         assert_eq!(m.sum_with_label("reason", "nothing"), 0.0);
         assert_eq!(m.sum("plain"), 7.0);
+        assert_eq!(m.sum_of("tessera_rejected_total", "reason", "replay"), 2.0);
+        let both = [("reason", "replay"), ("direction", "ingress")];
+        assert_eq!(m.sum_of_labels("tessera_rejected_total", &both), 2.0);
+        let other = [("reason", "bad_mac"), ("direction", "ingress")];
+        assert_eq!(m.sum_of_labels("tessera_rejected_total", &other), 0.0);
     }
 
     #[test]
