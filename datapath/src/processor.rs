@@ -2503,17 +2503,19 @@ impl Step<'_> {
             }
             return Verdict::drop(Reason::NoFlowState);
         };
-        let mut fell_back = None;
-        let (client, isn): (ClientAwaitingSynAck, u32) = match &flow.state {
+        // `fell_back`: the node a bound SYN fell back from, silenced below if a plain SYN-ACK
+        // answers its plain retransmission.
+        let (client, isn, fell_back) = match &flow.state {
             FlowState::ClientSynSent {
                 client,
                 isn,
                 binding,
                 ..
-            } => {
-                fell_back = binding.fell_back_from().map(Box::<str>::from);
-                (client.clone(), *isn)
-            }
+            } => (
+                client.clone(),
+                *isn,
+                binding.fell_back_from().map(Box::<str>::from),
+            ),
             FlowState::ClientAckPending {
                 client,
                 isn,
@@ -2527,7 +2529,7 @@ impl Step<'_> {
                     // The server re-sent its SYN-ACK (our ACK was lost): same answer again.
                     return modified_or(packet::strip_token(packet, seg), Verdict::accept(true));
                 }
-                (client.clone(), *isn)
+                (client.clone(), *isn, None)
             }
             FlowState::ClientAckSent {
                 isn, synack_token, ..
