@@ -259,9 +259,9 @@ impl TunnelHandle {
     }
 
     /// Replaces this node's static key (its credentials were rotated; see
-    /// [`Tunnel::set_static_secret`]): every peer's session ends and the next packet to a peer
-    /// makes a handshake under the new key. Peers, routes and counters stay. Refused, changing
-    /// nothing, when a peer has that key.
+    /// [`Tunnel::set_static_secret`]): every peer's session ends; a peer we had a session with
+    /// gets a handshake under the new key at once, any other at our next packet to it. Peers,
+    /// routes and counters stay. Refused, changing nothing, when a peer has that key.
     pub async fn set_static_secret(&self, secret: StaticSecret) -> Result<(), ShellError> {
         let rx = self.ask(|tx| Request::SetSecret(secret, tx))?;
         rx.await.map_err(|_| ShellError::TunnelStopped)?
@@ -794,12 +794,16 @@ async fn run_loop(
             request = requests.recv() => match request {
                 Some(Request::SetPeers(peers, routes, reply)) => {
                     let _ = reply.send(set_peers(&mut tunnel, routing, peers, routes));
+                    // A peer with a new key that we had a session with: its handshake now.
+                    tunnel.start_handshakes(&mut io);
                 }
                 Some(Request::Stats(reply)) => {
                     let _ = reply.send(tunnel.stats(super::queue::unix_ms()));
                 }
                 Some(Request::SetSecret(secret, reply)) => {
                     let _ = reply.send(tunnel.set_static_secret(&secret).map_err(ShellError::from));
+                    // The peers we had a session with: a handshake under the new key now.
+                    tunnel.start_handshakes(&mut io);
                 }
                 // The handle is shut down, or gone with every reader.
                 Some(Request::Stop) | None => return Ok(()),

@@ -31,6 +31,10 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Queued packets flushed after a handshake at most (`boringtun` queues 256 per peer).
 const MAX_FLUSH: usize = 512;
 
+/// How many names of peers removed with a session [`Tunnel`] remembers (see `ended`); more,
+/// and it forgets them all (their peers, if added back, handshake at their next packet).
+const MAX_ENDED: usize = 4096;
+
 /// Where the tunnel's output goes: the shell's UDP socket and TUN device (or a test's wire).
 pub trait Outputs {
     /// Send `datagram` to `to`; `false` if it could not be sent (counted as
@@ -67,6 +71,9 @@ struct Slot {
     initiating: bool,
     /// `boringtun` reported the session expired (reported once per expiry).
     expired: bool,
+    /// A handshake is to start now, not at the next packet: our key or the peer's changed
+    /// while a session was up (see [`Tunnel::start_handshakes`]).
+    restart: bool,
     drops: Drops,
 }
 
@@ -76,6 +83,12 @@ impl Slot {
         self.last_handshake_ms = Some(now);
         self.initiating = false;
         self.expired = false;
+    }
+
+    /// Whether `boringtun` still holds a session with this peer (established, not yet
+    /// expired), so that traffic may be flowing in it.
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
     }
 
     /// Sends a message `boringtun` produced for this peer, counting it.
@@ -115,6 +128,10 @@ pub struct Tunnel {
     slots: Vec<Slot>,
     /// Session index (24 bits) to position.
     by_index: ahash::HashMap<u32, usize>,
+    /// Names of peers removed from the table while we had a session with them (a revocation
+    /// comes as a removal, then the new key as an addition): added back, they are handshaken
+    /// with at once, as a key change in one step would be. At most `MAX_ENDED`.
+    ended: ahash::HashSet<String>,
     next_index: u32,
     /// Drops that belong to no known peer.
     dropped: Drops,
@@ -141,6 +158,7 @@ impl Tunnel {
             table: PeerTable::default(),
             slots: Vec::new(),
             by_index: ahash::HashMap::default(),
+            ended: ahash::HashSet::default(),
             next_index: 0,
             dropped: Drops::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
@@ -161,7 +179,12 @@ impl Tunnel {
 
     /// Replaces the peer set. A peer whose key was already in the table keeps its session
     /// (established keys, queued packets, counters): changing its endpoint or prefixes does not
-    /// interrupt its traffic. An invalid set is refused and the table in force stays.
+    /// interrupt its traffic. A peer whose key changed while we had a session with it (it
+    /// rotated its credentials; also in two steps, removed with the session and added back
+    /// later) gets a handshake under its new key at once (at [`Tunnel::start_handshakes`]),
+    /// rather than at our next packet to it: the packets it queued for us while we refused
+    /// its new key then flow without waiting for its retry. An invalid set is refused and the
+    /// table in force stays.
     pub fn set_peers(&mut self, peers: Vec<PeerConfig>) -> Result<PeerChanges, ConfigError> {
         let table = PeerTable::new(self.public_key(), peers)?;
         let mut old: ahash::HashMap<PublicKey, (String, Slot)> = self
@@ -177,6 +200,12 @@ impl Tunnel {
             .iter()
             .filter_map(|p| old.get(&p.public_key).map(|(_, s)| s.index))
             .collect();
+        // Names whose session ends here because their key changed or they leave the table.
+        let had_session: ahash::HashSet<String> = old
+            .values()
+            .filter(|(_, s)| s.has_session())
+            .map(|(name, _)| name.clone())
+            .collect();
         let mut changes = PeerChanges::default();
         let mut slots = Vec::with_capacity(table.peers().len());
         for p in table.peers() {
@@ -186,6 +215,7 @@ impl Tunnel {
                 continue;
             }
             let index = self.allocate_index(&in_use);
+            let ended = self.ended.remove(&p.name);
             let tunn = Tunn::new(
                 self.secret.clone(),
                 x25519::PublicKey::from(p.public_key.0),
@@ -204,11 +234,21 @@ impl Tunnel {
                 last_handshake_ms: None,
                 initiating: false,
                 expired: false,
+                restart: ended || had_session.contains(&p.name),
                 drops: Drops::default(),
             });
         }
         changes.removed = old.into_values().map(|(name, _)| name).collect();
         changes.removed.sort();
+        let added: ahash::HashSet<&String> = changes.added.iter().collect();
+        for name in &changes.removed {
+            if had_session.contains(name) && !added.contains(name) {
+                if self.ended.len() >= MAX_ENDED {
+                    self.ended.clear();
+                }
+                self.ended.insert(name.clone());
+            }
+        }
         self.by_index = slots
             .iter()
             .enumerate()
@@ -242,10 +282,13 @@ impl Tunnel {
     }
 
     /// Replaces this tunnel's own static key (the node's credentials were rotated). Every
-    /// peer's session ends (its keys came from a handshake under the old key): the next packet
-    /// to a peer starts a handshake under the new key, which that peer accepts once it has our
-    /// new public key. Counters and peers are kept. Refused, changing nothing, when a peer has
-    /// the new key. The same key again changes nothing.
+    /// peer's session ends (its keys came from a handshake under the old key). A peer we had a
+    /// session with gets a handshake under the new key at once (at
+    /// [`Tunnel::start_handshakes`]), which it accepts if it already has our new public key:
+    /// its initiations under that key, which we dropped until now, are not retried before
+    /// WireGuard's 5 s. Any other peer's handshake starts at our next packet to it. Counters
+    /// and peers are kept. Refused, changing nothing, when a peer has the new key. The same
+    /// key again changes nothing.
     pub fn set_static_secret(&mut self, secret: &StaticSecret) -> Result<(), ConfigError> {
         let public = x25519::PublicKey::from(&secret.0);
         if public == self.public {
@@ -255,6 +298,7 @@ impl Tunnel {
             return Err(ConfigError::OwnKey(self.table.peers()[p].name.clone()));
         }
         for slot in &mut self.slots {
+            slot.restart = slot.has_session();
             slot.tunn.set_static_private(secret.0.clone(), public, None);
             slot.initiating = false;
             slot.expired = false;
@@ -263,6 +307,27 @@ impl Tunnel {
         self.secret = secret.0.clone();
         self.public = public;
         Ok(())
+    }
+
+    /// Sends the handshake initiations that [`Tunnel::set_peers`] and
+    /// [`Tunnel::set_static_secret`] left to start (at most one per peer per change); the
+    /// shell calls it after either, and [`Tunnel::tick`] does too.
+    pub fn start_handshakes(&mut self, out: &mut dyn Outputs) {
+        for (pos, slot) in self.slots.iter_mut().enumerate() {
+            if !std::mem::take(&mut slot.restart) {
+                continue;
+            }
+            let endpoint = self.table.peers()[pos].endpoint;
+            // Forced: an initiation under the old key may be in progress.
+            match slot.tunn.format_handshake_initiation(&mut self.buf, true) {
+                TunnResult::WriteToNetwork(d) => slot.send(out, endpoint, d),
+                TunnResult::Done => {}
+                TunnResult::Err(e) => slot.drops.add(Reason::of(&e)),
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                    slot.drops.add(Reason::Internal)
+                }
+            }
+        }
     }
 
     /// The next 24-bit index not in `in_use` (nor 0). Indices are not reused soon after a
@@ -363,20 +428,39 @@ impl Tunnel {
             .tunn
             .decapsulate(Some(from.ip()), datagram, &mut self.buf)
         {
-            TunnResult::Done => {}
+            // A keepalive. The first one in a session we answered confirms it (`boringtun`
+            // sends in a session it answered only from then on): the packets queued while
+            // there was none go now, not at the next handshake.
+            TunnResult::Done => {
+                if kind == Some(MSG_DATA) {
+                    slot.flush(out, endpoint, &mut self.buf);
+                }
+            }
             TunnResult::Err(e) => slot.drops.add(Reason::of(&e)),
             TunnResult::WriteToNetwork(reply) => {
-                match (kind, reply.first().copied()) {
+                let answered = match (kind, reply.first().copied()) {
                     // We answered an initiation, or our initiation was answered (the reply is
                     // the keepalive that confirms the session).
-                    (Some(MSG_INIT), Some(MSG_RESPONSE)) | (Some(MSG_RESPONSE), Some(MSG_DATA)) => {
-                        slot.handshake_done(now)
+                    (Some(MSG_INIT), Some(MSG_RESPONSE)) => {
+                        slot.handshake_done(now);
+                        true
                     }
-                    (_, Some(MSG_COOKIE)) => slot.drops.add(Reason::UnderLoad),
-                    _ => {}
-                }
+                    (Some(MSG_RESPONSE), Some(MSG_DATA)) => {
+                        slot.handshake_done(now);
+                        false
+                    }
+                    (_, Some(MSG_COOKIE)) => {
+                        slot.drops.add(Reason::UnderLoad);
+                        false
+                    }
+                    _ => false,
+                };
                 slot.send(out, from, reply);
-                slot.flush(out, endpoint, &mut self.buf);
+                // A session we answered carries nothing before the initiator's keepalive:
+                // a queued packet tried now would only go back to the end of the queue.
+                if !answered {
+                    slot.flush(out, endpoint, &mut self.buf);
+                }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
                 deliver(slot, pos, &self.table, src.into(), packet, out)
@@ -391,6 +475,7 @@ impl Tunnel {
     /// keepalives, session expiry; and the handshake rate limit's reset (each second).
     pub fn tick(&mut self, out: &mut dyn Outputs) {
         self.limiter.reset_count();
+        self.start_handshakes(out);
         for (pos, slot) in self.slots.iter_mut().enumerate() {
             let endpoint = self.table.peers()[pos].endpoint;
             match slot.tunn.update_timers(&mut self.buf) {

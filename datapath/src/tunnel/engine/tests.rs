@@ -122,14 +122,31 @@ impl Net {
 
     /// `t` (at `at`) reads `packet` from its TUN device; everything that follows is run.
     fn send(&mut self, at: SocketAddr, nodes: &mut [(SocketAddr, &mut Tunnel)], packet: &[u8]) {
+        self.act(at, nodes, |t, w| t.handle_tun_packet(packet, w));
+    }
+
+    /// `t` (at `at`) starts the handshakes its last change left to start; everything that
+    /// follows is run. Returns how many datagrams `t` sent.
+    fn start(&mut self, at: SocketAddr, nodes: &mut [(SocketAddr, &mut Tunnel)]) -> usize {
+        self.act(at, nodes, |t, w| t.start_handshakes(w))
+    }
+
+    fn act(
+        &mut self,
+        at: SocketAddr,
+        nodes: &mut [(SocketAddr, &mut Tunnel)],
+        f: impl FnOnce(&mut Tunnel, &mut Wire),
+    ) -> usize {
         let mut w = Wire::default();
         let (_, t) = nodes.iter_mut().find(|(e, _)| *e == at).unwrap();
-        t.handle_tun_packet(packet, &mut w);
+        f(t, &mut w);
         assert!(w.delivered.is_empty());
+        let sent = w.sent.len();
         self.run(
             nodes,
             w.sent.into_iter().map(|(to, d)| (at, to, d)).collect(),
         );
+        sent
     }
 }
 
@@ -565,6 +582,155 @@ fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again
         "one before, at least one after the new key"
     );
     assert_eq!(pa.last_handshake_ms, Some(net.now));
+}
+
+/// A packet `t` reads while it has no session with its peer: queued, nothing sent (a
+/// handshake is already under way).
+fn queue(t: &mut Tunnel, packet: &[u8]) {
+    let mut w = Wire::default();
+    t.handle_tun_packet(packet, &mut w);
+    assert!(w.sent.is_empty() && w.delivered.is_empty());
+}
+
+/// b's credentials rotate while a and b have a session, and a learns b's new key *before* b
+/// uses it: a's initiation under the new key reaches b while b still has its old one, and b
+/// drops it. When b's key changes, b starts a handshake at once; a answers, and the packet a
+/// queued meanwhile reaches b, without a's retry (WireGuard's 5 s, which never comes here).
+#[test]
+fn a_rotated_node_whose_peer_learnt_its_key_first_handshakes_at_once() {
+    let (mut a, mut b) = pair();
+    let mut net = Net::new();
+    handshake(&mut a, &mut b, &mut net);
+    let new = secret(9);
+    a.set_peers(vec![peer("b", new.public_key(), B_EP, &["10.202.2.0/24"])])
+        .unwrap();
+    let before = drops(&b);
+    assert_eq!(
+        net.start(ep(A_EP), &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)]),
+        1,
+        "a starts a handshake with b's new key at once: it had a session with b"
+    );
+    assert_eq!(
+        drops(&b),
+        before + 1,
+        "b, still under its old key, drops it"
+    );
+    let queued = ipv4("10.202.1.5", "10.202.2.5", b"queued at a before b rotated");
+    queue(&mut a, &queued);
+
+    b.set_static_secret(&new).unwrap();
+    assert!(net.delivered.is_empty());
+    assert_eq!(
+        net.start(ep(B_EP), &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)]),
+        1
+    );
+    assert_eq!(net.delivered, [(ep(B_EP), queued)]);
+    assert!(net.lost.is_empty());
+    // Nothing is left to start; data flows both ways in the new session.
+    let mut w = Wire::default();
+    a.start_handshakes(&mut w);
+    b.start_handshakes(&mut w);
+    assert!(w.sent.is_empty());
+    net.delivered.clear();
+    let back = ipv4("10.202.2.5", "10.202.1.5", b"answer");
+    net.send(
+        ep(B_EP),
+        &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)],
+        &back,
+    );
+    assert_eq!(net.delivered, [(ep(A_EP), back)]);
+    assert_eq!(b.stats(net.now).peer("a").unwrap().handshakes, 2);
+}
+
+/// The other order: b rotates first, and its initiation under the new key reaches a, which
+/// does not know that key yet and drops it. When a learns it, a starts a handshake at once
+/// (it had a session with b), and the packet b queued reaches a without b's retry. The same
+/// when a learns it in two steps, as the agent does: b's old key revoked (b leaves the
+/// table), then b's new key trusted (b is added back).
+#[test]
+fn a_node_that_learns_a_peers_new_key_handshakes_at_once() {
+    for two_steps in [false, true] {
+        learns_a_peers_new_key(two_steps);
+    }
+}
+
+fn learns_a_peers_new_key(two_steps: bool) {
+    let (mut a, mut b) = pair();
+    let mut net = Net::new();
+    handshake(&mut a, &mut b, &mut net);
+    let new = secret(9);
+    b.set_static_secret(&new).unwrap();
+    let before = drops(&a);
+    assert_eq!(
+        net.start(ep(B_EP), &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)]),
+        1
+    );
+    assert_eq!(drops(&a), before + 1, "a does not know b's new key yet");
+    let queued = ipv4(
+        "10.202.2.5",
+        "10.202.1.5",
+        b"queued at b before a learnt its key",
+    );
+    queue(&mut b, &queued);
+
+    let new_b = || vec![peer("b", new.public_key(), B_EP, &["10.202.2.0/24"])];
+    if two_steps {
+        assert_eq!(a.set_peers(vec![]).unwrap().removed, ["b"]);
+        let mut w = Wire::default();
+        a.start_handshakes(&mut w);
+        assert!(w.sent.is_empty());
+        assert_eq!(a.set_peers(new_b()).unwrap().added, ["b"]);
+    } else {
+        let changes = a.set_peers(new_b()).unwrap();
+        assert_eq!(
+            (changes.added, changes.removed),
+            (vec!["b".into()], vec!["b".into()])
+        );
+    }
+    assert_eq!(
+        net.start(ep(A_EP), &mut [(ep(A_EP), &mut a), (ep(B_EP), &mut b)]),
+        1
+    );
+    assert_eq!(net.delivered, [(ep(A_EP), queued)]);
+    assert!(net.lost.is_empty());
+}
+
+/// Only peers with a session are restarted: a new key with no session anywhere sends nothing
+/// until there is a packet; a peer's key that changes before any session neither.
+#[test]
+fn without_a_session_a_new_key_waits_for_a_packet() {
+    let (mut a, mut b) = pair();
+    let mut w = Wire::default();
+    b.set_static_secret(&secret(9)).unwrap();
+    b.start_handshakes(&mut w);
+    a.set_peers(vec![peer(
+        "b",
+        secret(9).public_key(),
+        B_EP,
+        &["10.202.2.0/24"],
+    )])
+    .unwrap();
+    a.start_handshakes(&mut w);
+    a.tick(&mut w);
+    b.tick(&mut w);
+    assert!(w.sent.is_empty(), "{} datagrams", w.sent.len());
+    // The first packet makes the handshake.
+    handshake(&mut a, &mut b, &mut Net::new());
+}
+
+/// The tick starts what a change left, for a shell that did not call `start_handshakes`.
+#[test]
+fn the_tick_starts_the_handshakes_a_change_left() {
+    let (mut a, mut b) = pair();
+    handshake(&mut a, &mut b, &mut Net::new());
+    b.set_static_secret(&secret(9)).unwrap();
+    let mut w = Wire::default();
+    b.tick(&mut w);
+    assert_eq!(w.sent.len(), 1);
+    assert_eq!((w.sent[0].0, w.sent[0].1[0]), (ep(A_EP), MSG_INIT));
+    let mut w = Wire::default();
+    b.tick(&mut w);
+    assert!(w.sent.is_empty(), "one initiation per change");
 }
 
 #[test]
