@@ -924,7 +924,7 @@ fn netns_encrypt_pki_key_rotation_keeps_a_long_transfer_alive() {
     if skip(test) {
         return;
     }
-    rotation_under_transfer(test, Duration::ZERO);
+    rotation_under_transfer(test, PeerCopy::After(Duration::ZERO));
 }
 
 /// The same with node 1's copy of the new certificate written 1 s after node 2's files (the
@@ -937,11 +937,31 @@ fn netns_encrypt_pki_key_rotation_with_the_peer_a_second_late_keeps_the_transfer
     if skip(test) {
         return;
     }
-    rotation_under_transfer(test, Duration::from_secs(1));
+    rotation_under_transfer(test, PeerCopy::After(Duration::from_secs(1)));
 }
 
-/// `peer_delay`: how long after node 2's files node 1's peer directory gets the certificate.
-fn rotation_under_transfer(test: &str, peer_delay: Duration) {
+/// The other order: node 1's copy of the new certificate written 1 s before node 2's files.
+/// Node 1 has node 2's new key first, and its initiation under it reaches node 2 while node 2
+/// still has its old key (dropped there). The tunnel must not wait for node 1's retry
+/// (WireGuard's 5 s): node 2 starts a handshake as soon as its key is replaced.
+#[test]
+fn netns_encrypt_pki_key_rotation_with_the_peer_a_second_early_keeps_the_transfer_alive() {
+    let test =
+        "netns_encrypt_pki_key_rotation_with_the_peer_a_second_early_keeps_the_transfer_alive";
+    if skip(test) {
+        return;
+    }
+    rotation_under_transfer(test, PeerCopy::Before(Duration::from_secs(1)));
+}
+
+/// When node 1's peer directory gets node 2's new certificate, against node 2's own files.
+#[derive(Debug, Clone, Copy)]
+enum PeerCopy {
+    After(Duration),
+    Before(Duration),
+}
+
+fn rotation_under_transfer(test: &str, peer_copy: PeerCopy) {
     use identity::NodeCertificate;
     let tb = builder(agents(Mode::Pki, true)).build();
     for (node, other) in [(1, "node-n2"), (2, "node-n1")] {
@@ -962,20 +982,30 @@ fn rotation_under_transfer(test: &str, peer_delay: Duration) {
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut w = s.try_clone().unwrap();
     let start = Instant::now();
-    // The writer: CHUNK bytes every 5 ms (about 800 KB/s) for STREAM.
-    let writer = std::thread::spawn(move || {
+    // The writer: CHUNK bytes every 5 ms (about 800 KB/s) for STREAM. A write blocked for
+    // OK_TIMEOUT (the connection's write timeout) ends the transfer both ways, so that the
+    // reader stops at once and the writer's error is the one reported.
+    let writer = std::thread::spawn(move || -> Result<u64, String> {
         let mut sent: u64 = 0;
         let mut buf = vec![0u8; CHUNK];
         while start.elapsed() < STREAM {
             for (j, b) in buf.iter_mut().enumerate() {
                 *b = pattern(sent + j as u64);
             }
-            w.write_all(&buf).unwrap();
+            if let Err(e) = w.write_all(&buf) {
+                let _ = w.shutdown(std::net::Shutdown::Both);
+                return Err(format!(
+                    "a write was blocked for {OK_TIMEOUT:?} (no room in the send buffer: \
+                     nothing acknowledged) after {sent} bytes, at {:?}: {e}",
+                    start.elapsed()
+                ));
+            }
             sent += CHUNK as u64;
             std::thread::sleep(Duration::from_millis(5));
         }
-        w.shutdown(std::net::Shutdown::Write).unwrap();
-        sent
+        w.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        Ok(sent)
     });
     // The rotation, on its own thread at ROTATE_AT.
     let rotation = {
@@ -1000,10 +1030,23 @@ fn rotation_under_transfer(test: &str, peer_delay: Duration) {
             std::thread::sleep(ROTATE_AT.saturating_sub(start.elapsed()));
             let at = start.elapsed();
             // Written in place, one file after the other, as `cp` would.
-            std::fs::write(d.join("keys-n2/node-n2.crt"), &cert).unwrap();
-            std::fs::write(d.join("keys-n2/node-n2.key"), &key).unwrap();
-            std::thread::sleep(peer_delay);
-            std::fs::write(d.join("peers/node-n2.crt"), &cert).unwrap();
+            let own = || {
+                std::fs::write(d.join("keys-n2/node-n2.crt"), &cert).unwrap();
+                std::fs::write(d.join("keys-n2/node-n2.key"), &key).unwrap();
+            };
+            let peer_copy_written = || std::fs::write(d.join("peers/node-n2.crt"), &cert).unwrap();
+            match peer_copy {
+                PeerCopy::After(delay) => {
+                    own();
+                    std::thread::sleep(delay);
+                    peer_copy_written();
+                }
+                PeerCopy::Before(delay) => {
+                    peer_copy_written();
+                    std::thread::sleep(delay);
+                    own();
+                }
+            }
             (
                 at,
                 NodeCertificate::from_pem(&String::from_utf8(cert).unwrap()).unwrap(),
@@ -1015,17 +1058,12 @@ fn rotation_under_transfer(test: &str, peer_delay: Duration) {
     let mut buf = vec![0u8; 65536];
     let mut last = Instant::now();
     let (mut gap, mut gap_at) = (Duration::ZERO, Duration::ZERO);
-    loop {
-        let n = s.read(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "the transfer broke after {received} bytes ({:?}): {e}\n{}",
-                start.elapsed(),
-                tb.agent_logs()
-            )
-        });
-        if n == 0 {
-            break;
-        }
+    let read_error = loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => n,
+            Err(e) => break Some((e, start.elapsed())),
+        };
         let now = Instant::now();
         if now - last > gap {
             gap = now - last;
@@ -1037,8 +1075,19 @@ fn rotation_under_transfer(test: &str, peer_delay: Duration) {
             assert_eq!(*b, pattern(i), "byte {i} of the transfer is wrong");
         }
         received += n as u64;
+    };
+    let sent = writer.join().unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the transfer broke: {e}; {received} bytes came back\n{}",
+            tb.agent_logs()
+        )
+    });
+    if let Some((e, at)) = read_error {
+        panic!(
+            "the transfer broke after {received} bytes came back ({at:?}): {e}\n{}",
+            tb.agent_logs()
+        );
     }
-    let sent = writer.join().unwrap();
     let (rotated_at, new_cert) = rotation.join().unwrap();
     let took = start.elapsed();
     assert_eq!(received, sent, "every byte sent came back");
@@ -1046,7 +1095,7 @@ fn rotation_under_transfer(test: &str, peer_delay: Duration) {
     assert_ne!(new_key, old_key);
     eprintln!(
         "{test}: {sent} bytes each way in {took:?}, every byte right; rotation written at {rotated_at:?}; \
-         node 1's copy {peer_delay:?} later; longest gap in the echoed stream {gap:?} (from {gap_at:?})"
+         node 1's copy: {peer_copy:?}; longest gap in the echoed stream {gap:?} (from {gap_at:?})"
     );
     assert!(
         gap_at + gap >= rotated_at || gap < Duration::from_millis(500),
