@@ -424,18 +424,14 @@ impl Tunnel {
         let kind = datagram.first().copied();
         let endpoint = self.table.peers()[pos].endpoint;
         let slot = &mut self.slots[pos];
+        // A data message (or keepalive) that decrypted.
+        let mut decrypted = false;
         match slot
             .tunn
             .decapsulate(Some(from.ip()), datagram, &mut self.buf)
         {
-            // A keepalive. The first one in a session we answered confirms it (`boringtun`
-            // sends in a session it answered only from then on): the packets queued while
-            // there was none go now, not at the next handshake.
-            TunnResult::Done => {
-                if kind == Some(MSG_DATA) {
-                    slot.flush(out, endpoint, &mut self.buf);
-                }
-            }
+            // A keepalive (or a cookie reply).
+            TunnResult::Done => decrypted = kind == Some(MSG_DATA),
             TunnResult::Err(e) => slot.drops.add(Reason::of(&e)),
             TunnResult::WriteToNetwork(reply) => {
                 let answered = match (kind, reply.first().copied()) {
@@ -463,11 +459,21 @@ impl Tunnel {
                 }
             }
             TunnResult::WriteToTunnelV4(packet, src) => {
-                deliver(slot, pos, &self.table, src.into(), packet, out)
+                deliver(slot, pos, &self.table, src.into(), packet, out);
+                decrypted = true;
             }
             TunnResult::WriteToTunnelV6(packet, src) => {
-                deliver(slot, pos, &self.table, src.into(), packet, out)
+                deliver(slot, pos, &self.table, src.into(), packet, out);
+                decrypted = true;
             }
+        }
+        // The first data message (or keepalive) in a session we answered confirms it:
+        // `boringtun` sends in that session only from then on, so the packets queued while
+        // there was none go now, not at the next handshake. Otherwise the queue is empty and
+        // this is one check.
+        if decrypted {
+            let slot = &mut self.slots[pos];
+            slot.flush(out, endpoint, &mut self.buf);
         }
     }
 

@@ -695,6 +695,40 @@ fn learns_a_peers_new_key(two_steps: bool) {
     assert!(net.lost.is_empty());
 }
 
+/// The packets queued at the end that answered a handshake go at the first message that
+/// confirms the session, a data packet too when the initiator's keepalive was lost.
+#[test]
+fn an_answered_session_sends_its_queue_at_the_first_data_even_without_the_keepalive() {
+    let (mut a, mut b) = pair();
+    // b's packet: queued, and b's initiation is lost.
+    let queued = ipv4("10.202.2.5", "10.202.1.5", b"queued at b");
+    let mut wb = Wire::default();
+    b.handle_tun_packet(&queued, &mut wb);
+    assert_eq!(wb.sent.len(), 1);
+    // a's packet: a's initiation reaches b, which answers (its own packet stays queued).
+    let hello = ipv4("10.202.1.5", "10.202.2.5", b"hello");
+    let mut wa = Wire::default();
+    a.handle_tun_packet(&hello, &mut wa);
+    let (_, init) = wa.sent.pop().unwrap();
+    let mut wb = Wire::default();
+    b.handle_datagram(0, ep(A_EP), &init, &mut wb);
+    assert_eq!(wb.sent.len(), 1, "the response only");
+    assert_eq!(wb.sent[0].1[0], MSG_RESPONSE);
+    // a takes the response and sends its keepalive and queued packet: only the packet
+    // arrives (the keepalive is lost).
+    let mut wa = Wire::default();
+    a.handle_datagram(0, ep(B_EP), &wb.sent[0].1, &mut wa);
+    assert_eq!(wa.sent.len(), 2, "keepalive and hello");
+    let mut wb = Wire::default();
+    b.handle_datagram(0, ep(A_EP), &wa.sent[1].1, &mut wb);
+    assert_eq!(wb.delivered, [hello]);
+    assert_eq!(wb.sent.len(), 1, "b's queued packet, now");
+    let mut wa = Wire::default();
+    a.handle_datagram(0, ep(B_EP), &wb.sent[0].1, &mut wa);
+    assert_eq!(wa.delivered, [queued]);
+    assert_eq!(drops(&a) + drops(&b), 0);
+}
+
 /// Only peers with a session are restarted: a new key with no session anywhere sends nothing
 /// until there is a packet; a peer's key that changes before any session neither.
 #[test]
