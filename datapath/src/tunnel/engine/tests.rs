@@ -158,6 +158,14 @@ fn handshake(a: &mut Tunnel, b: &mut Tunnel, net: &mut Net) {
     net.delivered.clear();
 }
 
+/// [`pair`] with a session (a sent first), and the wire that made it.
+fn connected() -> (Tunnel, Tunnel, Net) {
+    let (mut a, mut b) = pair();
+    let mut net = Net::new();
+    handshake(&mut a, &mut b, &mut net);
+    (a, b, net)
+}
+
 /// The next data message `t` sends to the peer at `to` for `packet` (returned, not delivered).
 fn data_message(t: &mut Tunnel, to: &str, packet: &[u8]) -> Vec<u8> {
     let mut w = Wire::default();
@@ -229,9 +237,7 @@ fn a_handshake_carries_the_queued_packet_and_data_flows_both_ways() {
 
 #[test]
 fn garbage_from_anywhere_is_counted_and_never_breaks_the_session() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, mut net) = connected();
 
     // Every message type byte with a range of lengths (the real ones included), from a
     // stranger and from the peer's own endpoint; filled with xorshift noise.
@@ -291,9 +297,7 @@ fn garbage_from_anywhere_is_counted_and_never_breaks_the_session() {
 
 #[test]
 fn replayed_and_altered_data_is_counted_against_its_peer() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, net) = connected();
     let p = ipv4("10.202.1.5", "10.202.2.5", b"once");
     let d = data_message(&mut a, B_EP, &p);
     let mut w = Wire::default();
@@ -414,9 +418,7 @@ fn packets_for_no_peer_or_not_ip_or_too_long_are_counted() {
 
 #[test]
 fn failed_sends_and_deliveries_are_counted() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, net) = connected();
     let d = data_message(&mut a, B_EP, &ipv4("10.202.1.5", "10.202.2.5", b"x"));
     let mut refusing = Wire {
         refuse: true,
@@ -439,9 +441,7 @@ fn failed_sends_and_deliveries_are_counted() {
 
 #[test]
 fn set_peers_keeps_the_sessions_of_unchanged_keys() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, net) = connected();
     let sb = secret(2);
     let sc = secret(3);
     // b moves to a new endpoint and gains a prefix; c appears.
@@ -508,9 +508,7 @@ fn set_peers_keeps_the_sessions_of_unchanged_keys() {
 
 #[test]
 fn a_new_static_key_ends_the_sessions_and_a_peer_that_learns_it_handshakes_again() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, mut net) = connected();
     let (sa, new) = (secret(1), secret(9));
     // A peer's key is refused as our own, and nothing changes.
     let err = b.set_static_secret(&sa).unwrap_err();
@@ -598,9 +596,7 @@ fn queue(t: &mut Tunnel, packet: &[u8]) {
 /// queued meanwhile reaches b, without a's retry (WireGuard's 5 s, which never comes here).
 #[test]
 fn a_rotated_node_whose_peer_learnt_its_key_first_handshakes_at_once() {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, mut net) = connected();
     let new = secret(9);
     a.set_peers(vec![peer("b", new.public_key(), B_EP, &["10.202.2.0/24"])])
         .unwrap();
@@ -655,9 +651,7 @@ fn a_node_that_learns_a_peers_new_key_handshakes_at_once() {
 }
 
 fn learns_a_peers_new_key(two_steps: bool) {
-    let (mut a, mut b) = pair();
-    let mut net = Net::new();
-    handshake(&mut a, &mut b, &mut net);
+    let (mut a, mut b, mut net) = connected();
     let new = secret(9);
     b.set_static_secret(&new).unwrap();
     let before = drops(&a);
