@@ -1030,21 +1030,21 @@ fn rotation_under_transfer(test: &str, peer_copy: PeerCopy) {
             std::thread::sleep(ROTATE_AT.saturating_sub(start.elapsed()));
             let at = start.elapsed();
             // Written in place, one file after the other, as `cp` would.
-            let own = || {
+            let write_own = || {
                 std::fs::write(d.join("keys-n2/node-n2.crt"), &cert).unwrap();
                 std::fs::write(d.join("keys-n2/node-n2.key"), &key).unwrap();
             };
-            let peer_copy_written = || std::fs::write(d.join("peers/node-n2.crt"), &cert).unwrap();
+            let write_peer_copy = || std::fs::write(d.join("peers/node-n2.crt"), &cert).unwrap();
             match peer_copy {
                 PeerCopy::After(delay) => {
-                    own();
+                    write_own();
                     std::thread::sleep(delay);
-                    peer_copy_written();
+                    write_peer_copy();
                 }
                 PeerCopy::Before(delay) => {
-                    peer_copy_written();
+                    write_peer_copy();
                     std::thread::sleep(delay);
-                    own();
+                    write_own();
                 }
             }
             (
