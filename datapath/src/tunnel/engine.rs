@@ -128,9 +128,9 @@ pub struct Tunnel {
     slots: Vec<Slot>,
     /// Session index (24 bits) to position.
     by_index: ahash::HashMap<u32, usize>,
-    /// Names of peers removed from the table while we had a session with them (a revocation
-    /// comes as a removal, then the new key as an addition): added back, they are handshaken
-    /// with at once, as a key change in one step would be. At most `MAX_ENDED`.
+    /// Names of peers removed from the table while we had a session with them (a key change
+    /// removes the old key's peer; a revocation removes it, and the new key adds it back in a
+    /// later set): added back, they are handshaken with at once. At most `MAX_ENDED`.
     ended: ahash::HashSet<String>,
     next_index: u32,
     /// Drops that belong to no known peer.
@@ -195,27 +195,35 @@ impl Tunnel {
             .zip(std::mem::take(&mut self.slots))
             .map(|((key, name), slot)| (key, (name, slot)))
             .collect();
-        let in_use: ahash::HashSet<u32> = table
+        // The slots of the keys that stay, in the new table's order; what is left of `old`
+        // leaves the table.
+        let kept: Vec<Option<Slot>> = table
             .peers()
             .iter()
-            .filter_map(|p| old.get(&p.public_key).map(|(_, s)| s.index))
+            .map(|p| old.remove(&p.public_key).map(|(_, slot)| slot))
             .collect();
-        // Names whose session ends here because their key changed or they leave the table.
-        let had_session: ahash::HashSet<String> = old
-            .values()
-            .filter(|(_, s)| s.has_session())
-            .map(|(name, _)| name.clone())
-            .collect();
+        let in_use: ahash::HashSet<u32> = kept.iter().flatten().map(|s| s.index).collect();
         let mut changes = PeerChanges::default();
+        // A peer that leaves with a session is remembered, so that its name coming back (now,
+        // with a new key, or in a later set) is handshaken with at once.
+        for (name, slot) in old.values() {
+            if slot.has_session() {
+                if self.ended.len() >= MAX_ENDED {
+                    self.ended.clear();
+                }
+                self.ended.insert(name.clone());
+            }
+        }
+        changes.removed = old.into_values().map(|(name, _)| name).collect();
+        changes.removed.sort();
         let mut slots = Vec::with_capacity(table.peers().len());
-        for p in table.peers() {
-            if let Some((_, slot)) = old.remove(&p.public_key) {
+        for (p, kept) in table.peers().iter().zip(kept) {
+            if let Some(slot) = kept {
                 changes.kept.push(p.name.clone());
                 slots.push(slot);
                 continue;
             }
             let index = self.allocate_index(&in_use);
-            let ended = self.ended.remove(&p.name);
             let tunn = Tunn::new(
                 self.secret.clone(),
                 x25519::PublicKey::from(p.public_key.0),
@@ -234,20 +242,9 @@ impl Tunnel {
                 last_handshake_ms: None,
                 initiating: false,
                 expired: false,
-                restart: ended || had_session.contains(&p.name),
+                restart: self.ended.remove(&p.name),
                 drops: Drops::default(),
             });
-        }
-        changes.removed = old.into_values().map(|(name, _)| name).collect();
-        changes.removed.sort();
-        let added: ahash::HashSet<&String> = changes.added.iter().collect();
-        for name in &changes.removed {
-            if had_session.contains(name) && !added.contains(name) {
-                if self.ended.len() >= MAX_ENDED {
-                    self.ended.clear();
-                }
-                self.ended.insert(name.clone());
-            }
         }
         self.by_index = slots
             .iter()
