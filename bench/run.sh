@@ -8,6 +8,9 @@
 # Usage: sudo ./bench/run.sh [--duration SECONDS] [--bytes N] [--cases a,b,c-psk,c-pki,k,flood]
 #        sudo ./bench/run.sh --all   # every case (one and four clients, flood, scale, Docker
 #                                    # agent), then one table of each figure against its target
+#        sudo ./bench/run.sh --halt-poll-ns 200000 ...   # with the guest's halt polling set to
+#                                    # 200 us for the run (the haltpoll cpuidle driver's own
+#                                    # default), restored afterwards; without it, left as it is
 # Builds into (and runs from) $CARGO_TARGET_DIR when set, target/ otherwise.
 set -Eeuo pipefail
 trap 'echo "${BASH_SOURCE[0]}: line $LINENO: \"$BASH_COMMAND\" failed (status $?)" >&2' ERR
@@ -15,6 +18,35 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench/run.sh: needs root (network namespaces, iptables, NFQUEUE): sudo $0" >&2; exit 2; }
 tests/need.sh ip=iproute2 ss=iproute2 iptables=iptables ip6tables=iptables iptables-restore=iptables \
   conntrack=conntrack nsenter=util-linux sysctl=procps
+# --halt-poll-ns N: taken out of the arguments wherever it is.
+halt_poll=
+args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = --halt-poll-ns ]; then
+    [ $# -ge 2 ] && [[ "$2" =~ ^[0-9]+$ ]] || { echo "bench/run.sh: --halt-poll-ns needs a number of nanoseconds" >&2; exit 2; }
+    halt_poll=$2
+    shift 2
+  else
+    args+=("$1")
+    shift
+  fi
+done
+set -- ${args[@]+"${args[@]}"}
+# Every wake-up of an agent, a reader or a workload is a VM exit when the guest halts at once
+# (haltpoll driver, guest_halt_poll_ns 0): that setting moves the connection-rate ratios
+# (bench/README, "The host's idle setting"), so every run says which it had.
+hp_param=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+idle_setting() {
+  echo "cpuidle driver $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)," \
+    "guest_halt_poll_ns $(cat "$hp_param" 2>/dev/null || echo "- (no haltpoll driver)")"
+}
+if [ -n "$halt_poll" ]; then
+  [ -w "$hp_param" ] || { echo "bench/run.sh: --halt-poll-ns: $hp_param is not there to set (this host does not run the haltpoll cpuidle driver)" >&2; exit 2; }
+  hp_before=$(cat "$hp_param")
+  trap 'echo "$hp_before" > "$hp_param"; echo "bench/run.sh: guest_halt_poll_ns restored to $hp_before"' EXIT
+  echo "$halt_poll" > "$hp_param"
+fi
+echo "bench/run.sh: host idle setting: $(idle_setting)"
 cargo=$(tests/ensure-rust.sh)
 "$cargo" build --release --locked -p tessera -p tessera-bench-netns
 target="${CARGO_TARGET_DIR:-target}"
@@ -73,6 +105,7 @@ row() { # figure measured target op value
 {
   echo
   echo "== bench/run.sh --all: each figure against its target (issue 16; medians of same-round ratios)"
+  echo "   host idle setting: $(idle_setting)"
   printf "%-58s %-24s %-10s %s\n" figure measured target met
   for c in c-psk c-pki; do
     row "TCP conn/s ($c)/(b), 1 client" "$(fig "$out/one.txt" $c conn/b)" ">=" 0.95 "$(val "$out/one.txt" $c conn/b)"
