@@ -325,3 +325,157 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
         rules::remove(&ns).unwrap();
     }
 }
+
+/// The packets queue `queue_num` of namespace `ns` holds, waiting for a verdict (`queue_total`
+/// in the kernel's queue statistics).
+fn queue_total(ns: &str, queue_num: u16) -> u64 {
+    let stats = run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        "/proc/net/netfilter/nfnetlink_queue",
+    ]);
+    stats
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.first().and_then(|q| q.parse().ok()) == Some(queue_num))
+        .and_then(|c| c.get(2)?.parse().ok())
+        .unwrap_or_else(|| panic!("no statistics for queue {queue_num} in {ns}: {stats}"))
+}
+
+/// Drops in a row share one verdict message, and it drops them and nothing else: a run of
+/// denied datagrams between two allowed ones leaves nothing held in the kernel's queue, the
+/// allowed ones arrive, and far fewer messages than packets were sent. A packet paused for an
+/// answer is older than the drops read after it, and a batch would take it too: it survives
+/// them, goes back through the rules and arrives.
+#[test]
+fn netns_rules_drops_in_a_row_take_one_verdict_and_spare_a_paused_packet() {
+    if !privileged("netns_rules_drops_in_a_row_take_one_verdict_and_spare_a_paused_packet") {
+        return;
+    }
+    use datapath::shell::QueueConfig;
+    use datapath::shell::queue::{self, Action, Direction, PAUSE};
+    use std::net::UdpSocket;
+
+    let pair = Pair::new(5);
+    let ns = netns(pair.workload());
+    let cfg = QueueConfig::default();
+    rules::install(&ns, &RuleConfig::default()).unwrap();
+    let opened = queue::open(&ns, cfg).unwrap();
+    let to = pair.addr(2, false, 7000);
+    let receiver = ns
+        .run(move || {
+            let s = UdpSocket::bind(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s
+        })
+        .unwrap();
+    // Each datagram from a socket of its own: a new flow, queued at the workload's INPUT.
+    let peer = netns(pair.peer());
+    let send = |payloads: Vec<&'static [u8]>| {
+        peer.run(move || {
+            for p in payloads {
+                UdpSocket::bind("0.0.0.0:0")
+                    .unwrap()
+                    .send_to(p, to)
+                    .unwrap();
+            }
+        })
+        .unwrap()
+    };
+    let received = || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    };
+    let mut paused_once = false;
+    let mut decide = |_: Direction, packet: &mut Vec<u8>, _: bool| {
+        if packet.ends_with(b"pass") {
+            Action::ACCEPT
+        } else if packet.ends_with(b"pause") && !paused_once {
+            paused_once = true;
+            Action {
+                requeue: true,
+                pause: true,
+                ..Action::ACCEPT
+            }
+        } else if packet.ends_with(b"pause") {
+            Action::ACCEPT
+        } else {
+            Action::DROP
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut q = opened.attach().unwrap();
+        // Serve until `n` packets were handled (5 s at most).
+        async fn serve(
+            q: &mut queue::WorkloadQueue,
+            decide: &mut impl FnMut(Direction, &mut Vec<u8>, bool) -> Action,
+            n: usize,
+        ) {
+            let mut handled = 0;
+            while handled < n {
+                let got = tokio::time::timeout(Duration::from_secs(5), q.serve_batch(decide)).await;
+                match got {
+                    Ok(Ok(k)) => handled += k,
+                    other => panic!("after {handled} of {n} packets: {other:?}"),
+                }
+            }
+            assert_eq!(handled, n, "more packets queued than sent");
+        }
+
+        let mut burst: Vec<&'static [u8]> = vec![b"drop"; 10];
+        burst.push(b"pass");
+        burst.extend([b"drop" as &[u8]; 10]);
+        burst.push(b"pass");
+        burst.extend([b"drop" as &[u8]; 10]);
+        send(burst);
+        serve(&mut q, &mut decide, 32).await;
+        assert_eq!(
+            received(),
+            vec![b"pass".to_vec(); 2],
+            "the allowed datagrams"
+        );
+        assert_eq!(
+            queue_total(pair.workload(), cfg.queue_num),
+            0,
+            "held after the drops"
+        );
+        let v = q.verdicts;
+        assert_eq!(v.packets, 32, "every packet answered: {v:?}");
+        assert!(v.messages <= 8, "drops in a row share a message: {v:?}");
+
+        // Paused, then five drops read while it waits: they are answered one by one.
+        let mut burst: Vec<&'static [u8]> = vec![b"pause"];
+        burst.extend([b"drop" as &[u8]; 5]);
+        send(burst);
+        serve(&mut q, &mut decide, 6).await;
+        assert_eq!(
+            queue_total(pair.workload(), cfg.queue_num),
+            1,
+            "the paused datagram"
+        );
+        tokio::time::sleep(PAUSE * 2).await;
+        assert_eq!(q.release_paused().unwrap(), 1);
+        // Through the rules again: queued again (nothing marked its flow), and accepted.
+        serve(&mut q, &mut decide, 1).await;
+        assert_eq!(received(), vec![b"pause".to_vec()], "the paused datagram");
+        assert_eq!(
+            queue_total(pair.workload(), cfg.queue_num),
+            0,
+            "held at the end"
+        );
+        q.unbind().unwrap();
+    });
+    rules::remove(&ns).unwrap();
+}

@@ -8,7 +8,8 @@
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
 //! readiness, readable only: a netlink socket signals "writable" each time a verdict sent on it
 //! is consumed, which would return every sleep's `epoll_wait` once for nothing. The `Queue`
-//! keeps doing the netlink I/O.
+//! keeps doing the netlink I/O, but for the batch verdicts that drop a run of packets at once,
+//! which the crate does not send: those go out on the duplicate.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -236,8 +237,8 @@ pub fn open_here(cfg: QueueConfig) -> Result<OpenedQueue, ShellError> {
 
 /// A queue attached to the event loop.
 pub struct WorkloadQueue {
-    /// Our duplicate of the queue's socket, registered for readability only; no I/O is ever
-    /// done on it.
+    /// Our duplicate of the queue's socket, registered for readability only; the only I/O on it
+    /// is sending batch drop verdicts.
     ready: AsyncFd<OwnedFd>,
     queue: nfq::Queue,
     stats: Option<File>,
@@ -249,6 +250,18 @@ pub struct WorkloadQueue {
     /// Packets kept unanswered for a pause ([`Action::pause`]), oldest first, with the time
     /// their pause ends; at most [`MAX_PAUSED`].
     paused: VecDeque<(Instant, nfq::Message)>,
+    /// Verdict messages sent, and packets they answered: drops in a row share one message
+    /// (see [`WorkloadQueue::serve_batch`]).
+    pub verdicts: VerdictCounts,
+}
+
+/// What a queue's verdicts cost in messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerdictCounts {
+    /// Netlink verdict messages sent.
+    pub messages: u64,
+    /// Packets those messages answered.
+    pub packets: u64,
 }
 
 impl OpenedQueue {
@@ -269,6 +282,7 @@ impl OpenedQueue {
             dns_queue_num: self.dns_queue_num,
             recv_errors: 0,
             paused: VecDeque::new(),
+            verdicts: VerdictCounts::default(),
         })
     }
 }
@@ -307,6 +321,51 @@ impl Action {
         accept: true,
         ..Action::DROP
     };
+}
+
+/// `NFQNL_MSG_VERDICT_BATCH` to queue `queue_num`: `verdict` for every packet the queue still
+/// holds whose id is `max_id` or below (the kernel walks its list in id order and stops at the
+/// first later id). One netlink header (host order), the nfnetlink header (queue number, big
+/// endian) and one `NFQA_VERDICT_HDR` attribute (verdict and id, big endian): 32 bytes. The `nfq`
+/// crate sends verdicts one packet at a time only.
+fn batch_verdict_message(queue_num: u16, verdict: u32, max_id: u32) -> [u8; 32] {
+    use nix::libc;
+    const LEN: u32 = 32;
+    const ATTR_LEN: u16 = 4 + 8;
+    let msg_type = (libc::NFNL_SUBSYS_QUEUE as u16) << 8 | libc::NFQNL_MSG_VERDICT_BATCH as u16;
+    let mut m = [0u8; 32];
+    m[0..4].copy_from_slice(&LEN.to_ne_bytes());
+    m[4..6].copy_from_slice(&msg_type.to_ne_bytes());
+    m[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    // 8..16: sequence number and port id, 0 (to the kernel).
+    m[16] = libc::AF_UNSPEC as u8;
+    m[17] = libc::NFNETLINK_V0 as u8;
+    m[18..20].copy_from_slice(&queue_num.to_be_bytes());
+    m[20..22].copy_from_slice(&ATTR_LEN.to_ne_bytes());
+    m[22..24].copy_from_slice(&(libc::NFQA_VERDICT_HDR as u16).to_ne_bytes());
+    m[24..28].copy_from_slice(&verdict.to_be_bytes());
+    m[28..32].copy_from_slice(&max_id.to_be_bytes());
+    m
+}
+
+/// Drop every packet of queue `queue_num` whose verdict is still owed up to id `max_id`, in one
+/// message on `socket` (the queue's own socket): `true` when sent; a full socket buffer
+/// (ENOBUFS) is counted in `errors` and survived, as in [`send_verdict`].
+fn send_batch_drop(
+    socket: &OwnedFd,
+    queue_num: u16,
+    max_id: u32,
+    errors: &mut u64,
+) -> Result<bool, ShellError> {
+    let msg = batch_verdict_message(queue_num, nix::libc::NF_DROP as u32, max_id);
+    match rustix::net::send(socket, &msg, rustix::net::SendFlags::empty()) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NOBUFS) => {
+            *errors += 1;
+            Ok(false)
+        }
+        Err(e) => Err(ShellError::Queue(e.into())),
+    }
 }
 
 /// Send `msg`'s verdict: `true` when sent. A full socket buffer (ENOBUFS) is counted in
@@ -383,24 +442,52 @@ impl WorkloadQueue {
 
     /// Wait for packets and hand each to `handler`; returns after one batch so the caller can
     /// interleave other work. Errors other than the counted socket overflows end the queue.
+    ///
+    /// Drops in a row are answered together: the verdict of a dropped packet waits until the
+    /// next packet that is not dropped here, or the end of the batch, and one
+    /// `NFQNL_MSG_VERDICT_BATCH` then drops every packet up to the last of them (a flood of
+    /// denied packets costs one verdict message per read batch, not one per packet). Only while
+    /// no packet of this queue is paused: the kernel's batch takes every packet it still holds
+    /// up to that id, and a paused packet is an older one it holds. A packet whose verdict
+    /// could not be sent (ENOBUFS, counted) is held too, and the next batch drops it: it stays
+    /// unanswered, fail-closed, either way.
     pub async fn serve_batch<H>(&mut self, handler: &mut H) -> Result<usize, ShellError>
     where
         H: Handler + ?Sized,
     {
+        let mut readable = self.ready.readable().await.map_err(ShellError::Queue)?;
         let WorkloadQueue {
-            ready,
             queue,
             recv_errors,
+            queue_num,
             dns_queue_num,
             paused,
+            verdicts,
             ..
         } = self;
-        let mut readable = ready.readable().await.map_err(ShellError::Queue)?;
+        let socket = readable.get_inner();
+        // The id of the last of the drops whose verdict is owed, and how many they are.
+        let mut owed: Option<(u32, u64)> = None;
+        let pay = |owed: &mut Option<(u32, u64)>,
+                   errors: &mut u64,
+                   verdicts: &mut VerdictCounts|
+         -> Result<(), ShellError> {
+            if let Some((last, n)) = owed.take()
+                && send_batch_drop(socket, *queue_num, last, errors)?
+            {
+                verdicts.messages += 1;
+                verdicts.packets += n;
+            }
+            Ok(())
+        };
         let mut handled = 0;
         while handled < BATCH {
             // try_io clears tokio's readiness when the receive would block.
             let mut msg = match readable.try_io(|_| queue.recv()) {
-                Err(_would_block) => return Ok(handled),
+                Err(_would_block) => {
+                    pay(&mut owed, recv_errors, verdicts)?;
+                    return Ok(handled);
+                }
                 Ok(Ok(msg)) => msg,
                 Ok(Err(e))
                     if matches!(
@@ -411,7 +498,11 @@ impl WorkloadQueue {
                     *recv_errors += 1;
                     continue;
                 }
-                Ok(Err(e)) => return Err(ShellError::Queue(e)),
+                Ok(Err(e)) => {
+                    // The queue ends; what was decided is still sent, if it can be.
+                    let _ = pay(&mut owed, recv_errors, verdicts);
+                    return Err(ShellError::Queue(e));
+                }
             };
             handled += 1;
             let direction = match msg.get_hook() {
@@ -443,7 +534,15 @@ impl WorkloadQueue {
                 && !action.modified
                 && paused.len() < MAX_PAUSED
             {
+                // Drops owed before it stay owed: they are older, and their batch stops short
+                // of it.
                 paused.push_back((Instant::now() + PAUSE, msg));
+                handler.decided();
+                continue;
+            }
+            if !action.accept && paused.is_empty() && msg.get_queue_num() == *queue_num {
+                let n = owed.map_or(0, |(_, n)| n);
+                owed = Some((msg.get_packet_id(), n + 1));
                 handler.decided();
                 continue;
             }
@@ -458,9 +557,13 @@ impl WorkloadQueue {
                 nfq::Verdict::Accept
             };
             msg.set_verdict(verdict);
-            send_verdict(queue, msg, recv_errors)?;
+            if send_verdict(queue, msg, recv_errors)? {
+                verdicts.messages += 1;
+                verdicts.packets += 1;
+            }
             handler.decided();
         }
+        pay(&mut owed, recv_errors, verdicts)?;
         Ok(handled)
     }
 
@@ -540,6 +643,28 @@ pub fn elapsed_ns(start: Instant) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_drop_is_one_netlink_message_for_the_queue_up_to_the_id() {
+        let m = batch_verdict_message(7, 0, 0x0102_0304);
+        assert_eq!(m[0..4], 32u32.to_ne_bytes(), "length");
+        // NFNL_SUBSYS_QUEUE (3) << 8 | NFQNL_MSG_VERDICT_BATCH (3), a request, no ack.
+        assert_eq!(m[4..6], 0x0303u16.to_ne_bytes(), "type");
+        assert_eq!(m[6..8], 1u16.to_ne_bytes(), "flags");
+        assert_eq!(m[8..16], [0; 8], "sequence and port id");
+        assert_eq!(m[16..20], [0, 0, 0, 7], "family, version, queue number");
+        assert_eq!(m[20..22], 12u16.to_ne_bytes(), "attribute length");
+        assert_eq!(m[22..24], 2u16.to_ne_bytes(), "NFQA_VERDICT_HDR");
+        assert_eq!(m[24..32], [0, 0, 0, 0, 1, 2, 3, 4], "NF_DROP, up to id");
+        assert_eq!(batch_verdict_message(0x1234, 1, 9)[16..32], {
+            let mut tail = [0u8; 16];
+            tail[2..4].copy_from_slice(&[0x12, 0x34]);
+            tail[4..6].copy_from_slice(&12u16.to_ne_bytes());
+            tail[6..8].copy_from_slice(&2u16.to_ne_bytes());
+            tail[8..16].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 9]);
+            tail
+        });
+    }
 
     #[test]
     fn queue_overflow_counters_are_read_for_our_queue() {
