@@ -160,10 +160,7 @@ fn answers_are_learnt(wl_ip: &str, res_ip: &str) {
     let mut p = processor();
     let auth = p.config().auth_mark;
     let mut seen: Vec<Direction> = Vec::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = kernel::event_loop();
     rt.block_on(async {
         let mut q = opened.attach().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

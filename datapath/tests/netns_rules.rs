@@ -289,10 +289,7 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
         c.join().unwrap();
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = kernel::event_loop();
     for (i, opened) in opened.into_iter().enumerate() {
         let ns = netns(&spaces[i].0);
         let dst: SocketAddr = format!("10.197.{i}.2:9").parse().unwrap();
@@ -411,10 +408,7 @@ fn netns_rules_drops_in_a_row_take_one_verdict_and_spare_a_paused_packet() {
             Action::DROP
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = kernel::event_loop();
     rt.block_on(async {
         let mut q = opened.attach().unwrap();
         // Serve until `n` packets were handled (5 s at most).

@@ -31,6 +31,14 @@ pub fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A runtime like the agent's: one thread, with I/O and timers.
+pub fn event_loop() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The namespace `/run/netns/NAME`.
 pub fn netns(name: &str) -> Netns {
     Netns::from_path(format!("/run/netns/{name}"))
