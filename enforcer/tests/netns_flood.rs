@@ -11,6 +11,9 @@
 //!   one is a client flow of its own, which is not the network's to evict; the agent evicts the
 //!   older half of the flows of the workload that holds the most, the frontend's.
 //!
+//! A flood that ingress denies holds no state; it is dropped a run of packets per verdict
+//! message, and the backend keeps connecting under it.
+//!
 //! Needs root (tests/run.sh runs it in CI); without root it prints a SKIP line locally and
 //! fails under CI=true.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -217,6 +220,76 @@ fn a_flood_that_ingress_admits_does_not_lock_the_node_out() {
     connects_under(&tb, "network", |stop| {
         flooder.start(frontend, FLOOD_PPS, Kind::Syn, stop)
     });
+}
+
+/// A flood that ingress denies (untokened SYNs from spoofed sources to the database, which admits
+/// backends only) is dropped a run at a time: one verdict message answers many of its packets
+/// (`NFQNL_MSG_VERDICT_BATCH`), every packet is answered or counted (nothing left in the
+/// queue), and the backend keeps connecting to the database under it.
+#[test]
+fn a_flood_that_ingress_denies_is_dropped_a_run_at_a_time() {
+    if !testbed::privileged("a_flood_that_ingress_denies_is_dropped_a_run_at_a_time") {
+        return;
+    }
+    let _alone = ONE_FLOOD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path());
+    let flooder = flooder(&tb);
+    let database = v4(&tb, "database-2", 5432);
+    connect(&tb, Duration::from_secs(3)).expect("backend-2 -> database-2 before the flood");
+    let counts = |tb: &Testbed| {
+        let m = tb.agent(2).metrics();
+        (
+            m.sum("tessera_queue_verdict_messages_total"),
+            m.sum("tessera_queue_verdicts_total"),
+            m.sum_of("tessera_packets_rejected_total", "reason", "policy_ingress"),
+        )
+    };
+    let before = counts(&tb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = flooder.start(database, FLOOD_PPS, Kind::Syn, stop.clone());
+    let begin = Instant::now();
+    let mut failures = Vec::new();
+    let mut tries = 0;
+    while begin.elapsed() < Duration::from_secs(4) {
+        tries += 1;
+        if let Err(e) = connect(&tb, Duration::from_secs(3)) {
+            failures.push(format!("{:.1} s: {e}", begin.elapsed().as_secs_f64()));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = sender.join().expect("flood thread").expect("flood sender");
+    // The kernel's queue counters are read once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = counts(&tb);
+    let (messages, answered, denied) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    let queue_drops = metric(&tb, "tessera_workload_queue_dropped_total");
+    let report = format!(
+        "flood: {} SYNs at {:.0}/s; {messages} verdict messages answered {answered} packets; \
+         denied {denied}; dropped at a full queue {queue_drops}; connections: {tries} tried, \
+         failed: {failures:?}\n{}",
+        sent.packets,
+        sent.rate(),
+        tb.agent_logs()
+    );
+    eprintln!("{}", report.lines().next().unwrap_or_default());
+    assert!(
+        failures.is_empty(),
+        "the backend could not connect: {report}"
+    );
+    assert!(
+        denied + queue_drops >= 0.99 * sent.packets as f64,
+        "every SYN denied or dropped by the kernel: {report}"
+    );
+    assert!(answered >= denied, "every denial answered: {report}");
+    assert!(
+        messages < 0.5 * answered,
+        "drops in a row share a message: {report}"
+    );
+    connect(&tb, Duration::from_secs(3)).expect("backend-2 -> database-2 after the flood");
 }
 
 /// Where the compromised frontend sends its SYNs: a /16 that routes nowhere in the testbed

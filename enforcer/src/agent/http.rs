@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
 use axum::Json;
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use datapath::tunnel::TunnelStats;
 
 use super::flows::{self, Entry, FlowFilter, FlowQuery, HubStats};
-use super::{ENFORCE_BUCKETS_S, Shared, lock};
+use super::{ENFORCE_BUCKETS_S, QueueStats, Shared, lock};
 
 /// Serve the HTTP endpoints on `addr` from a thread of their own, with a runtime of its own:
 /// the probes and the metrics answer while the packet loops are saturated (a flood larger than
@@ -739,11 +739,38 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
         "# HELP tessera_queue_recv_errors_total Queue socket receive errors survived (ENOBUFS, ENOSPC)."
     )?;
     writeln!(out, "# TYPE tessera_queue_recv_errors_total counter")?;
-    let errors: u64 = workloads
-        .values()
-        .map(|w| w.stats.recv_errors.load(Ordering::Relaxed))
-        .sum();
-    writeln!(out, "tessera_queue_recv_errors_total {errors}")?;
+    // A counter of every workload's queue, summed.
+    let sum = |f: fn(&QueueStats) -> &AtomicU64| -> u64 {
+        workloads
+            .values()
+            .map(|w| f(&w.stats).load(Ordering::Relaxed))
+            .sum()
+    };
+    writeln!(
+        out,
+        "tessera_queue_recv_errors_total {}",
+        sum(|s| &s.recv_errors)
+    )?;
+    writeln!(
+        out,
+        "# HELP tessera_queue_verdict_messages_total Verdict messages the queues were sent; a run of drops shares one."
+    )?;
+    writeln!(out, "# TYPE tessera_queue_verdict_messages_total counter")?;
+    writeln!(
+        out,
+        "tessera_queue_verdict_messages_total {}",
+        sum(|s| &s.verdict_messages)
+    )?;
+    writeln!(
+        out,
+        "# HELP tessera_queue_verdicts_total Queued packets answered by those messages."
+    )?;
+    writeln!(out, "# TYPE tessera_queue_verdicts_total counter")?;
+    writeln!(
+        out,
+        "tessera_queue_verdicts_total {}",
+        sum(|s| &s.verdict_packets)
+    )?;
     drop(workloads);
     let h = lock(&shared.enforce_latency);
     writeln!(

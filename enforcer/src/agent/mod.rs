@@ -140,6 +140,9 @@ pub struct QueueStats {
     pub queue_dropped: AtomicU64,
     pub user_dropped: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// Verdict messages sent, and packets they answered (a run of drops shares one message).
+    pub verdict_messages: AtomicU64,
+    pub verdict_packets: AtomicU64,
 }
 
 /// What /status shows of one enforced workload.
@@ -1810,10 +1813,13 @@ async fn serve_queue(
         match event {
             Served::Paused => {}
             Served::Batch(Ok(n)) => {
-                if n > 0
-                    && let Some(bp) = busy_poll
-                {
-                    bp.touch();
+                if n > 0 {
+                    let v = queue.verdicts;
+                    stats.verdict_messages.store(v.messages, Ordering::Relaxed);
+                    stats.verdict_packets.store(v.packets, Ordering::Relaxed);
+                    if let Some(bp) = busy_poll {
+                        bp.touch();
+                    }
                 }
                 if n >= shell::queue::BATCH {
                     // More is waiting (a flood, say): let the other workloads' queues, the UDP
