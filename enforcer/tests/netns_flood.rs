@@ -11,8 +11,8 @@
 //!   one is a client flow of its own, which is not the network's to evict; the agent evicts the
 //!   older half of the flows of the workload that holds the most, the frontend's.
 //!
-//! A flood that ingress denies holds no state; it is dropped a run of packets per verdict
-//! message, and the backend keeps connecting under it.
+//! A flood that ingress denies holds no state; the packets of each read are dropped with one
+//! verdict message, and the backend keeps connecting under it.
 //!
 //! Needs root (tests/run.sh runs it in CI); without root it prints a SKIP line locally and
 //! fails under CI=true.
@@ -248,15 +248,15 @@ impl Drop for Stopped {
 }
 
 /// A flood that ingress denies (untokened SYNs from spoofed sources to the database, which admits
-/// backends only) is dropped a run at a time: one verdict message answers many of its packets
+/// backends only) is dropped a read at a time: one verdict message answers many of its packets
 /// (`NFQNL_MSG_VERDICT_BATCH`), every packet is answered or counted (nothing left in the
 /// queue), and the backend keeps connecting to the database under it. How many packets one
 /// read finds depends on the agent's speed; so the agent is also stopped for 150 ms in the
 /// middle of the flood, and the 3,000 SYNs that pile up in its queue then must take far fewer
 /// messages than packets, however fast it is.
 #[test]
-fn a_flood_that_ingress_denies_is_dropped_a_run_at_a_time() {
-    if !testbed::privileged("a_flood_that_ingress_denies_is_dropped_a_run_at_a_time") {
+fn a_flood_that_ingress_denies_is_dropped_a_read_at_a_time() {
+    if !testbed::privileged("a_flood_that_ingress_denies_is_dropped_a_read_at_a_time") {
         return;
     }
     let _alone = ONE_FLOOD_AT_A_TIME
@@ -323,7 +323,7 @@ fn a_flood_that_ingress_denies_is_dropped_a_run_at_a_time() {
     // The 150 ms stop alone piles up about 3,000 SYNs, read 256 at a time.
     assert!(
         answered - messages >= 1500.0,
-        "drops in a row share a message: {report}"
+        "the drops of a read share a message: {report}"
     );
     connect(&tb, Duration::from_secs(3)).expect("backend-2 -> database-2 after the flood");
 }

@@ -8,7 +8,7 @@
 //! `NETLINK_NETFILTER` is kept. That owned duplicate (same socket) is what tokio polls for
 //! readiness, readable only: a netlink socket signals "writable" each time a verdict sent on it
 //! is consumed, which would return every sleep's `epoll_wait` once for nothing. The `Queue`
-//! keeps doing the netlink I/O, but for the batch verdicts that drop a run of packets at once,
+//! keeps doing the netlink I/O, but for the batch verdicts that drop a read's packets at once,
 //! which the crate does not send: those go out on the duplicate.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -250,7 +250,7 @@ pub struct WorkloadQueue {
     /// Packets kept unanswered for a pause ([`Action::pause`]), oldest first, with the time
     /// their pause ends; at most [`MAX_PAUSED`].
     paused: VecDeque<(Instant, nfq::Message)>,
-    /// Verdict messages sent, and packets they answered: drops in a row share one message
+    /// Verdict messages sent, and packets they answered: the drops of a read batch share one message
     /// (see [`WorkloadQueue::serve_batch`]).
     pub verdicts: VerdictCounts,
 }
@@ -443,13 +443,15 @@ impl WorkloadQueue {
     /// Wait for packets and hand each to `handler`; returns after one batch so the caller can
     /// interleave other work. Errors other than the counted socket overflows end the queue.
     ///
-    /// Drops in a row are answered together: the verdict of a dropped packet waits until the
-    /// next packet that is not dropped here, or the end of the batch, and one
-    /// `NFQNL_MSG_VERDICT_BATCH` then drops every packet up to the last of them (a flood of
-    /// denied packets costs one verdict message per read batch, not one per packet). Only while
-    /// no packet of this queue is paused: the kernel's batch takes every packet it still holds
-    /// up to that id, and a paused packet is an older one it holds. A packet whose verdict
-    /// could not be sent (ENOBUFS, counted) is held too, and the next batch drops it: it stays
+    /// A batch's drops are answered together: a dropped packet's verdict waits for the end of
+    /// the batch, and one `NFQNL_MSG_VERDICT_BATCH` then drops every packet the queue still
+    /// holds up to the last of them, which are the batch's drops: the packets accepted or
+    /// requeued between them had their verdicts at once. A flood of denied packets costs one
+    /// verdict message per read batch, not one per packet. Only while no packet of this queue is
+    /// paused: the kernel's batch takes every packet it holds up to that id, and a paused packet
+    /// is older than the drops read after it, which are answered one by one. Drops owed from
+    /// before the pause stay owed: their batch stops short of it. A packet whose verdict could
+    /// not be sent (ENOBUFS, counted) is held too, and the next batch drops it: it stays
     /// unanswered, fail-closed, either way.
     pub async fn serve_batch<H>(&mut self, handler: &mut H) -> Result<usize, ShellError>
     where

@@ -753,7 +753,7 @@ fn render_agent(shared: &Shared, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "# HELP tessera_queue_verdict_messages_total Verdict messages the queues were sent; a run of drops shares one."
+        "# HELP tessera_queue_verdict_messages_total Verdict messages the queues were sent; the drops of a read batch share one."
     )?;
     writeln!(out, "# TYPE tessera_queue_verdict_messages_total counter")?;
     writeln!(

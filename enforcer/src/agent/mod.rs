@@ -140,7 +140,7 @@ pub struct QueueStats {
     pub queue_dropped: AtomicU64,
     pub user_dropped: AtomicU64,
     pub recv_errors: AtomicU64,
-    /// Verdict messages sent, and packets they answered (a run of drops shares one message).
+    /// Verdict messages sent, and packets they answered (the drops of a read batch share one message).
     pub verdict_messages: AtomicU64,
     pub verdict_packets: AtomicU64,
 }
