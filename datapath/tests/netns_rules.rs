@@ -323,30 +323,11 @@ fn netns_rules_queues_opened_side_by_side_under_fd_churn_each_read_their_own_nam
     }
 }
 
-/// The packets queue `queue_num` of namespace `ns` holds, waiting for a verdict (`queue_total`
-/// in the kernel's queue statistics).
-fn queue_total(ns: &str, queue_num: u16) -> u64 {
-    let stats = run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "cat",
-        "/proc/net/netfilter/nfnetlink_queue",
-    ]);
-    stats
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|c| c.first().and_then(|q| q.parse().ok()) == Some(queue_num))
-        .and_then(|c| c.get(2)?.parse().ok())
-        .unwrap_or_else(|| panic!("no statistics for queue {queue_num} in {ns}: {stats}"))
-}
-
 /// The drops of one read share one verdict message, and it drops them and nothing else: 30
 /// denied datagrams around 2 allowed ones take 3 messages, leave nothing held in the kernel's
-/// queue, and the allowed ones arrive. A packet paused for an answer is older than the drops
-/// read after it, and a batch would take it too: it survives them, goes back through the rules
-/// and arrives.
+/// queue (its own count, `queue_total`), and the allowed ones arrive. A packet paused for an
+/// answer is older than the drops read after it, and a batch would take it too: it survives
+/// them, goes back through the rules and arrives.
 #[test]
 fn netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet() {
     if !privileged("netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet") {
@@ -358,9 +339,8 @@ fn netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet() {
 
     let pair = Pair::new(5);
     let ns = netns(pair.workload());
-    let cfg = QueueConfig::default();
     rules::install(&ns, &RuleConfig::default()).unwrap();
-    let opened = queue::open(&ns, cfg).unwrap();
+    let opened = queue::open(&ns, QueueConfig::default()).unwrap();
     let to = pair.addr(2, false, 7000);
     let receiver = ns
         .run(move || {
@@ -437,7 +417,7 @@ fn netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet() {
         // All in the queue before the first read (a busy host may deliver them late), so that
         // one read finds them all: the message count below is then exact.
         let begin = std::time::Instant::now();
-        while queue_total(pair.workload(), cfg.queue_num) < 32 {
+        while q.held().unwrap() < 32 {
             assert!(
                 begin.elapsed() < Duration::from_secs(5),
                 "32 datagrams never queued"
@@ -450,11 +430,7 @@ fn netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet() {
             vec![b"pass".to_vec(); 2],
             "the allowed datagrams"
         );
-        assert_eq!(
-            queue_total(pair.workload(), cfg.queue_num),
-            0,
-            "held after the drops"
-        );
+        assert_eq!(q.held().unwrap(), 0, "held after the drops");
         let v = q.verdicts;
         assert_eq!(v.packets, 32, "every packet answered: {v:?}");
         // The two accepts, and one message for the 30 drops.
@@ -465,21 +441,13 @@ fn netns_rules_a_reads_drops_take_one_verdict_and_spare_a_paused_packet() {
         burst.extend([b"drop" as &[u8]; 5]);
         send(burst);
         serve(&mut q, &mut decide, 6).await;
-        assert_eq!(
-            queue_total(pair.workload(), cfg.queue_num),
-            1,
-            "the paused datagram"
-        );
+        assert_eq!(q.held().unwrap(), 1, "the paused datagram");
         tokio::time::sleep(PAUSE * 2).await;
         assert_eq!(q.release_paused().unwrap(), 1);
         // Through the rules again: queued again (nothing marked its flow), and accepted.
         serve(&mut q, &mut decide, 1).await;
         assert_eq!(received(), vec![b"pause".to_vec()], "the paused datagram");
-        assert_eq!(
-            queue_total(pair.workload(), cfg.queue_num),
-            0,
-            "held at the end"
-        );
+        assert_eq!(q.held().unwrap(), 0, "held at the end");
         q.unbind().unwrap();
     });
     rules::remove(&ns).unwrap();

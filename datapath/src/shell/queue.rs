@@ -250,8 +250,8 @@ pub struct WorkloadQueue {
     /// Packets kept unanswered for a pause ([`Action::pause`]), oldest first, with the time
     /// their pause ends; at most [`MAX_PAUSED`].
     paused: VecDeque<(Instant, nfq::Message)>,
-    /// Verdict messages sent, and packets they answered: the drops of a read batch share one message
-    /// (see [`WorkloadQueue::serve_batch`]).
+    /// Verdict messages sent, and packets they answered: the drops of a read batch share one
+    /// message (see [`WorkloadQueue::serve_batch`]).
     pub verdicts: VerdictCounts,
 }
 
@@ -597,16 +597,32 @@ impl WorkloadQueue {
     /// The kernel's counters for this queue (and its DNS answer queue, summed):
     /// (queue_dropped, user_dropped).
     pub fn kernel_drops(&mut self) -> Option<(u64, u64)> {
+        self.kernel_stats()
+            .map(|s| (s.queue_dropped, s.user_dropped))
+    }
+
+    /// Packets the kernel holds for this queue (and its DNS answer queue), waiting for a
+    /// verdict: read, paused, or not read yet.
+    pub fn held(&mut self) -> Option<u64> {
+        self.kernel_stats().map(|s| s.held)
+    }
+
+    /// This queue's line of the kernel's statistics, plus its DNS answer queue's.
+    fn kernel_stats(&mut self) -> Option<KernelQueueStats> {
         let file = self.stats.as_mut()?;
         file.rewind().ok()?;
         let mut text = String::new();
         file.read_to_string(&mut text).ok()?;
-        let (q, u) = parse_queue_stats(&text, self.queue_num)?;
-        let (dq, du) = self
+        let main = parse_queue_stats(&text, self.queue_num)?;
+        let dns = self
             .dns_queue_num
             .and_then(|d| parse_queue_stats(&text, d))
-            .unwrap_or((0, 0));
-        Some((q + dq, u + du))
+            .unwrap_or_default();
+        Some(KernelQueueStats {
+            held: main.held + dns.held,
+            queue_dropped: main.queue_dropped + dns.queue_dropped,
+            user_dropped: main.user_dropped + dns.user_dropped,
+        })
     }
 
     /// Unbind the queue (the kernel drops, or with `--queue-bypass` accepts, what it held),
@@ -619,12 +635,29 @@ impl WorkloadQueue {
     }
 }
 
+/// One queue's counters in `/proc/net/netfilter/nfnetlink_queue`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct KernelQueueStats {
+    /// `queue_total`: packets waiting for a verdict.
+    held: u64,
+    /// Packets dropped because the queue was full.
+    queue_dropped: u64,
+    /// Packets dropped because the socket's buffer was full.
+    user_dropped: u64,
+}
+
 /// `queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1`
-fn parse_queue_stats(text: &str, queue_num: u16) -> Option<(u64, u64)> {
+fn parse_queue_stats(text: &str, queue_num: u16) -> Option<KernelQueueStats> {
     text.lines().find_map(|line| {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        (cols.first()?.parse::<u16>().ok()? == queue_num)
-            .then(|| Some((cols.get(5)?.parse().ok()?, cols.get(6)?.parse().ok()?)))?
+        let col = |i: usize| cols.get(i)?.parse().ok();
+        (cols.first()?.parse::<u16>().ok()? == queue_num).then(|| {
+            Some(KernelQueueStats {
+                held: col(2)?,
+                queue_dropped: col(5)?,
+                user_dropped: col(6)?,
+            })
+        })?
     })
 }
 
@@ -671,7 +704,14 @@ mod tests {
     #[test]
     fn queue_overflow_counters_are_read_for_our_queue() {
         let text = "    3  4138     0 2 65531     1     0   12  1\n    7  4139     5 2 65535    42    17  900  1\n";
-        assert_eq!(parse_queue_stats(text, 7), Some((42, 17)));
+        assert_eq!(
+            parse_queue_stats(text, 7),
+            Some(KernelQueueStats {
+                held: 5,
+                queue_dropped: 42,
+                user_dropped: 17
+            })
+        );
         assert_eq!(parse_queue_stats(text, 9), None);
         assert_eq!(parse_queue_stats("7 x", 7), None);
     }
