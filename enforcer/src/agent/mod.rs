@@ -140,7 +140,8 @@ pub struct QueueStats {
     pub queue_dropped: AtomicU64,
     pub user_dropped: AtomicU64,
     pub recv_errors: AtomicU64,
-    /// Verdict messages sent, and packets they answered (the drops of a read batch share one message).
+    /// Verdict messages sent, and packets they answered (the drops of a read batch share one
+    /// message); stored every second, as the counters above.
     pub verdict_messages: AtomicU64,
     pub verdict_packets: AtomicU64,
 }
@@ -1813,13 +1814,10 @@ async fn serve_queue(
         match event {
             Served::Paused => {}
             Served::Batch(Ok(n)) => {
-                if n > 0 {
-                    let v = queue.verdicts;
-                    stats.verdict_messages.store(v.messages, Ordering::Relaxed);
-                    stats.verdict_packets.store(v.packets, Ordering::Relaxed);
-                    if let Some(bp) = busy_poll {
-                        bp.touch();
-                    }
+                if n > 0
+                    && let Some(bp) = busy_poll
+                {
+                    bp.touch();
                 }
                 if n >= shell::queue::BATCH {
                     // More is waiting (a flood, say): let the other workloads' queues, the UDP
@@ -1846,6 +1844,9 @@ async fn serve_queue(
                 stats
                     .recv_errors
                     .store(queue.recv_errors, Ordering::Relaxed);
+                let v = queue.verdicts;
+                stats.verdict_messages.store(v.messages, Ordering::Relaxed);
+                stats.verdict_packets.store(v.packets, Ordering::Relaxed);
             }
             Served::Stop => return Some(queue),
         }
