@@ -222,31 +222,6 @@ fn a_flood_that_ingress_admits_does_not_lock_the_node_out() {
     });
 }
 
-/// Sends `kill -SIGNAL pid`.
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// A stopped process (SIGSTOP), continued (SIGCONT) when dropped, even by a failing test.
-struct Stopped(u32);
-
-impl Stopped {
-    fn stop(pid: u32) -> Stopped {
-        signal(pid, "STOP");
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        signal(self.0, "CONT");
-    }
-}
-
 /// A flood that ingress denies (untokened SYNs from spoofed sources to the database, which admits
 /// backends only) is dropped a read at a time: one verdict message answers many of its packets
 /// (`NFQNL_MSG_VERDICT_BATCH`), every packet is answered or counted (nothing left in the
@@ -284,9 +259,7 @@ fn a_flood_that_ingress_denies_is_dropped_a_read_at_a_time() {
     let mut paused = false;
     while begin.elapsed() < Duration::from_secs(4) {
         if !paused && begin.elapsed() > Duration::from_secs(2) {
-            let agent = Stopped::stop(tb.agent(2).pid().expect("node 2's agent runs"));
-            std::thread::sleep(Duration::from_millis(150));
-            drop(agent);
+            tb.agent(2).freeze_for(Duration::from_millis(150));
             paused = true;
         }
         tries += 1;

@@ -228,6 +228,15 @@ impl Agent {
         }
     }
 
+    /// Stops the agent (SIGSTOP) for `how_long`, then lets it go on (SIGCONT): its queues fill
+    /// meanwhile, as behind a long scheduling delay.
+    pub fn freeze_for(&self, how_long: Duration) {
+        let pid = Pid::from_raw(self.pid().expect("agent not running") as i32);
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP the agent");
+        std::thread::sleep(how_long);
+        kill(pid, Signal::SIGCONT).expect("SIGCONT the agent");
+    }
+
     /// SIGKILL, and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
